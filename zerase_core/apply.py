@@ -1,0 +1,49 @@
+"""Putting an :class:`ErasureLoRA` onto a backend, and reading a trained one back out."""
+
+from __future__ import annotations
+
+import torch
+
+from .backends.base import Backend, LoRASet
+from .lora import LoRAConfig
+from .lora_file import ErasureLoRA, Key, check_fits
+
+
+def host_widths(backend: Backend) -> dict[Key, tuple[int, int]]:
+    """(layer, proj) -> (in_features, output width) for every projection the model can host."""
+    return {
+        (slot.layer, proj): (slot.in_features, end - start)
+        for slot in backend.host_slots()
+        for proj, (start, end) in slot.slices.items()
+    }
+
+
+def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero rank components change nothing (B A is unchanged), so factors of any rank fit one adapter."""
+    extra = rank - a.shape[0]
+    return torch.cat([a, a.new_zeros(extra, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)
+
+
+def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", strength: float | None = None) -> LoRASet:
+    """Check that ``lora`` fits, then install it gated, at its stored scale × ``strength``."""
+    check_fits(lora, backend.fingerprint(), host_widths(backend))
+    layers = lora.layers
+    config = LoRAConfig(
+        rank=lora.rank,
+        alpha=lora.scale * lora.rank,
+        targets=lora.targets,
+        layers=(layers[0], layers[-1] + 1),
+        strength=lora.strength if strength is None else strength,
+    )
+    lora_set = backend.install(config, name)
+    factors = {key: _pad_rank(a, b, lora.rank) for key, (a, b) in lora.factors.items()}
+    for key, (a, b) in lora_set.factors().items():  # slots the file leaves out stay at zero
+        factors.setdefault(key, (a.detach().clone(), torch.zeros_like(b)))
+    lora_set.load_factors(factors)
+    return lora_set
+
+
+def export_lora(lora_set: LoRASet, **describe) -> ErasureLoRA:
+    """Snapshot a trained :class:`LoRASet` as an :class:`ErasureLoRA` (fp32, on CPU)."""
+    factors = {k: (a.detach().float().cpu().clone(), b.detach().float().cpu().clone()) for k, (a, b) in lora_set.factors().items()}
+    return ErasureLoRA(factors, scale=lora_set.config.scale, strength=lora_set.config.strength, **describe)

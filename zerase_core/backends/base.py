@@ -1,0 +1,168 @@
+"""What the engine needs from a model implementation, and the LoRA bookkeeping they share.
+
+A backend knows module paths, the token layout of each call, how to get a velocity and
+how to watch attention. Conventions every backend follows (so objectives never branch):
+
+* latents ``x`` are (B, C, H, W); ``sigma`` is (B,) with σ = 1 pure noise and
+  x_σ = σ·ε + (1 − σ)·x0 (rectified flow, as both hosts use);
+* velocity is v = ε − x0 = dx_σ/dσ. Each backend converts its host's output to this
+  sign where it calls the host, and says so there.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..gate import TokenGate
+from ..lora import GatedLoRALinear, LoRAAdapter, LoRAConfig
+from ..prompts import EncodedPrompt
+
+
+@dataclass(frozen=True)
+class HostSlot:
+    """One linear layer of main layer ``layer`` that can host LoRA slices (e.g. ``to_q``: {"q": (0, d)})."""
+
+    layer: int
+    path: str  # dotted module path inside the backend's root module
+    slices: dict[str, tuple[int, int]]
+    in_features: int
+
+
+class LoRASet:
+    """The adapters one erasure LoRA installed, addressed by (main layer, projection).
+
+    Canonical names ``layers.{i}.{proj}`` are the same on every backend, so a LoRA trained
+    on diffusers loads on ComfyUI's fused ``qkv`` and back.
+    """
+
+    def __init__(self, name: str, config: LoRAConfig):
+        self.name, self.config = name, config
+        self.slots: dict[tuple[int, str], LoRAAdapter] = {}
+
+    def add(self, layer: int, proj: str, adapter: LoRAAdapter) -> None:
+        self.slots[(layer, proj)] = adapter
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for (_, proj), adapter in sorted(self.slots.items()):
+            yield adapter.A[proj]
+            yield adapter.B[proj]
+
+    def factors(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """(layer, proj) -> (A, B) fp32 tensors (views; detach before storing)."""
+        return {key: (ad.A[key[1]], ad.B[key[1]]) for key, ad in sorted(self.slots.items())}
+
+    @torch.no_grad()
+    def load_factors(self, factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        missing = sorted(set(self.slots) - set(factors))
+        if missing:
+            raise KeyError(f"no factors for {missing}")
+        for key, (a, b) in factors.items():
+            adapter = self.slots[key]
+            adapter.A[key[1]].copy_(a)
+            adapter.B[key[1]].copy_(b)
+
+    def set_strength(self, strength: float) -> None:
+        for adapter in set(self.slots.values()):
+            adapter.strength = strength
+
+
+class Backend(ABC):
+    """A Z-Image implementation as the engine sees it."""
+
+    gate: TokenGate
+
+    @property
+    @abstractmethod
+    def n_layers(self) -> int: ...
+
+    @abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """Architecture facts a LoRA depends on (family, dim, layers, heads); JSON-serialisable."""
+
+    @abstractmethod
+    def host_slots(self) -> list[HostSlot]:
+        """Every linear layer of the main layers that can carry q/k/v LoRA slices."""
+
+    @abstractmethod
+    def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
+        """Encode prompts with the host's text encoder (no grad)."""
+
+    @abstractmethod
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latent for an image of height × width pixels."""
+
+    @abstractmethod
+    def velocity(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        prompts: Sequence[EncodedPrompt],
+        *,
+        lora: bool = True,
+        concept_tokens: list[list[int]] | None = None,
+        mass_layers: set[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """v = ε − x0 for each sample, and, when ``concept_tokens`` are given, the attention mass
+        (B,) image queries put on those caption tokens, averaged over ``mass_layers``."""
+
+    @abstractmethod
+    def install(self, config: LoRAConfig, name: str = "zerase") -> LoRASet:
+        """Put a fresh (B = 0) gated adapter on the targeted slots and return it."""
+
+    @abstractmethod
+    def uninstall(self) -> None:
+        """Remove every gated layer, restoring the original modules exactly."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def _resolve(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return root.get_submodule(parent_path) if parent_path else root, attr
+
+
+class InPlaceInstaller:
+    """Swaps host linears for :class:`GatedLoRALinear` wrappers on a module the backend owns.
+
+    For hosts where the engine owns the model (diffusers, the toy). ComfyUI models are
+    shared between clones, so its backend goes through ModelPatcher object patches instead.
+    """
+
+    def __init__(self, root: nn.Module, gate: TokenGate):
+        self.root, self.gate = root, gate
+        self.originals: dict[str, nn.Module] = {}
+
+    def wrap(self, slot: HostSlot) -> GatedLoRALinear:
+        parent, attr = _resolve(self.root, slot.path)
+        current = getattr(parent, attr)
+        if isinstance(current, GatedLoRALinear):
+            return current
+        wrapped = GatedLoRALinear(current, slot.slices, self.gate)
+        self.originals[slot.path] = current
+        setattr(parent, attr, wrapped)
+        return wrapped
+
+    def install(self, slots: list[HostSlot], config: LoRAConfig, name: str, n_layers: int) -> LoRASet:
+        lora_set = LoRASet(name, config)
+        wanted = set(config.layer_indices(n_layers))
+        for slot in slots:
+            targets = tuple(t for t in config.targets if t in slot.slices)
+            if slot.layer not in wanted or not targets:
+                continue
+            adapter = self.wrap(slot).add_adapter(name, targets, config.rank, config.scale, config.strength)
+            for proj in targets:
+                lora_set.add(slot.layer, proj, adapter)
+        return lora_set
+
+    def uninstall(self) -> None:
+        for path, original in self.originals.items():
+            parent, attr = _resolve(self.root, path)
+            setattr(parent, attr, original)
+        self.originals.clear()

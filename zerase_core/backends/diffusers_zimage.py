@@ -1,0 +1,193 @@
+"""Backend for diffusers' ``ZImageTransformer2DModel`` (also the toy model, which is one).
+
+Facts this relies on (diffusers 0.42, DESIGN §3): each main-layer sequence is
+[image | caption], each segment padded to a multiple of 32, the batch padded to its
+longest sample; ``to_q``/``to_k``/``to_v`` are separate Linears; the raw output predicts
+x0 − ε with the model's time t = 1 − σ.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..attention_mass import MassRecorder
+from ..gate import TokenGate
+from ..layout import TokenLayout, pad_to_multiple
+from ..lora import LoRAConfig
+from ..prompts import EncodedPrompt, PromptEncoder
+from .base import Backend, HostSlot, InPlaceInstaller, LoRASet
+
+SEQ_MULTIPLE = 32  # both segments are padded to this in diffusers' patchify_and_embed
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """How pixels map to the transformer's latent: channels and spatial downsampling."""
+
+    channels: int = 16  # Z-Image's Flux-style VAE
+    downsample: int = 8
+
+
+class _AttentionWatch(TorchFunctionMode):
+    """Sees the q, k that one main layer's attention processor hands to SDPA.
+
+    Delegating to the stock processor and watching its SDPA call keeps diffusers'
+    norm/RoPE code the only copy; the mode is entered only around main-layer processors.
+    """
+
+    def __init__(self, recorder: MassRecorder, layer: int):
+        super().__init__()
+        self.recorder, self.layer = recorder, layer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value", "attn_mask")
+            given = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+            self.recorder.record(self.layer, given["query"], given["key"], given.get("attn_mask"))
+        return func(*args, **kwargs)
+
+
+class _WatchedProcessor:
+    """Wraps a main layer's stock processor; records attention mass while a recorder is set."""
+
+    def __init__(self, inner: Any, layer: int, backend: "DiffusersZImageBackend"):
+        self.inner, self.layer, self.backend = inner, layer, backend
+
+    def __getattr__(self, name):  # _attention_backend etc. stay the stock processor's
+        return getattr(self.inner, name)
+
+    # Explicit parameters: diffusers' Attention drops keyword arguments a processor's
+    # signature does not name (freqs_cis would silently vanish with **kwargs).
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        args = (attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+        recorder = self.backend._recorder
+        if recorder is None or not recorder.wants(self.layer):
+            return self.inner(*args)
+        with _AttentionWatch(recorder, self.layer):
+            return self.inner(*args)
+
+
+class DiffusersZImageBackend(Backend):
+    """Engine view of a ``ZImageTransformer2DModel`` plus a prompt encoder."""
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        encoder: PromptEncoder,
+        latent: LatentSpec = LatentSpec(),
+        family: str = "z-image",
+    ):
+        if type(transformer).__name__ != "ZImageTransformer2DModel":
+            from ..errors import ZEraseError
+
+            raise ZEraseError(
+                f"Expected diffusers' ZImageTransformer2DModel, got {type(transformer).__name__}. "
+                "Z-Erase needs a single-stream Z-Image transformer."
+            )
+        self.transformer = transformer.requires_grad_(False)
+        self.encoder, self.latent, self.family = encoder, latent, family
+        self.gate = TokenGate()
+        self.patch = transformer.config.all_patch_size[0]
+        self._installer = InPlaceInstaller(transformer, self.gate)
+        self._recorder: MassRecorder | None = None
+        for i, layer in enumerate(transformer.layers):
+            processor = layer.attention.processor
+            if not isinstance(processor, _WatchedProcessor):
+                layer.attention.set_processor(_WatchedProcessor(processor, i, self))
+
+    # --- facts ---------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.transformer.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.x_pad_token.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.x_pad_token.dtype
+
+    def fingerprint(self) -> dict[str, Any]:
+        c = self.transformer.config
+        return {
+            "family": self.family,
+            "dim": int(c.dim),
+            "n_layers": int(c.n_layers),
+            "n_heads": int(c.n_heads),
+            "cap_feat_dim": int(c.cap_feat_dim),
+        }
+
+    def host_slots(self) -> list[HostSlot]:
+        dim = self.transformer.config.dim
+        return [
+            HostSlot(i, f"layers.{i}.attention.to_{p}", {p: (0, dim)}, dim)
+            for i in range(self.n_layers)
+            for p in ("q", "k", "v")
+        ]
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        step = self.latent.downsample * self.patch
+        if height % step or width % step:
+            from ..errors import ZEraseError
+
+            raise ZEraseError(f"Resolution {height}×{width} must be a multiple of {step} for this model.")
+        return (self.latent.channels, height // self.latent.downsample, width // self.latent.downsample)
+
+    # --- LoRA ----------------------------------------------------------------------------
+    def install(self, config: LoRAConfig, name: str = "zerase") -> LoRASet:
+        return self._installer.install(self.host_slots(), config, name, self.n_layers)
+
+    def uninstall(self) -> None:
+        self._installer.uninstall()
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            self.transformer.enable_gradient_checkpointing(self.gate.checkpoint_fn())
+        else:
+            self.transformer.disable_gradient_checkpointing()
+
+    # --- prompts and predictions ---------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
+        return self.encoder.encode(prompts)
+
+    def layout(self, x: torch.Tensor, prompts: Sequence[EncodedPrompt]) -> TokenLayout:
+        """[image | caption] per sample, each padded to 32 (diffusers' _build_unified_sequence)."""
+        n_image = (x.shape[-2] // self.patch) * (x.shape[-1] // self.patch)
+        image_len = pad_to_multiple(n_image, SEQ_MULTIPLE)
+        text = [(image_len, image_len + pad_to_multiple(p.n_tokens, SEQ_MULTIPLE)) for p in prompts]
+        seq_len = max(end for _, end in text)
+        return TokenLayout(seq_len, tuple(text), tuple((0, image_len) for _ in prompts))
+
+    @contextmanager
+    def _watching(self, recorder: MassRecorder | None) -> Iterator[None]:
+        self._recorder = recorder
+        try:
+            yield
+        finally:
+            self._recorder = None
+
+    def velocity(self, x, sigma, prompts, *, lora=True, concept_tokens=None, mass_layers=None):
+        if x.shape[0] != len(prompts):
+            raise ValueError(f"{x.shape[0]} latents but {len(prompts)} prompts")
+        layout = self.layout(x, prompts)
+        recorder = None
+        if concept_tokens is not None:
+            recorder = MassRecorder(layout.columns(concept_tokens), layout.image_mask(), mass_layers)
+        captions = [p.features.to(self.device, self.dtype) for p in prompts]
+        latents = list(x.to(self.device, self.dtype).unsqueeze(2).unbind(0))  # B × (C, F=1, H, W)
+        t = (1.0 - sigma).to(self.device, self.dtype)  # diffusers' time runs 0 (noise) -> 1 (clean)
+        with ExitStack() as stack:
+            stack.enter_context(self.gate.active(layout, lora))
+            stack.enter_context(self._watching(recorder))
+            out = self.transformer(latents, t, captions, return_dict=False)[0]
+        # diffusers predicts x0 − ε; the engine's velocity is ε − x0, hence the minus.
+        v = -torch.stack(out).squeeze(2).float()
+        return v, (recorder.result() if recorder is not None else None)

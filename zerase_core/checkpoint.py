@@ -1,0 +1,98 @@
+"""Resumable training state: LoRA + optimizer + λ + RNG + step + history, as safetensors.
+
+Resuming from a checkpoint continues exactly where the run stopped: the same prompts,
+noise and timesteps follow, because both random generators are restored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+
+from .config import TrainConfig
+from .errors import ZEraseError
+from .files import atomic_save
+
+if TYPE_CHECKING:
+    from .trainer import ZEraseTrainer
+
+KIND = "zerase-checkpoint"
+
+
+def save_checkpoint(trainer: "ZEraseTrainer", path: Path) -> Path:
+    tensors = {"rng.torch": trainer.gen.get_state()}
+    for (layer, proj), (a, b) in trainer.lora.factors().items():
+        tensors[f"lora.{layer}.{proj}.A"] = a
+        tensors[f"lora.{layer}.{proj}.B"] = b
+    optim = trainer.optimizer.state_dict()
+    for index, state in optim["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    meta = {
+        "kind": KIND,
+        "step": trainer.step,
+        "seconds": trainer.seconds,
+        "lambda": trainer.lam.state(),
+        "python_rng": _jsonable(trainer.rng.getstate()),
+        "param_groups": optim["param_groups"],
+        "config": trainer.config.to_dict(),
+        "fingerprint": trainer.backend.fingerprint(),
+        "history": [asdict(r) for r in trainer.history],
+    }
+    return atomic_save(tensors, path, meta)
+
+
+def _jsonable(state):
+    return [_jsonable(s) for s in state] if isinstance(state, (tuple, list)) else state
+
+
+def _tupled(state):
+    return tuple(_tupled(s) for s in state) if isinstance(state, list) else state
+
+
+def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
+    from .trainer import StepRecord
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = {k: json.loads(v) if k != "kind" else v for k, v in (f.metadata() or {}).items()}
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise ZEraseError(f"Cannot read the checkpoint {path}: {err}. Start a fresh run instead.") from err
+    if meta.get("kind") != KIND:
+        raise ZEraseError(f"{path} is not a Z-Erase training checkpoint.")
+    saved = TrainConfig.from_dict(meta["config"])
+    if _comparable(saved) != _comparable(trainer.config):
+        raise ZEraseError(
+            f"The checkpoint {path.name} was made with different settings; resume with the same settings "
+            "(only the number of steps may change) or start a fresh run."
+        )
+    if meta["fingerprint"] != trainer.backend.fingerprint():
+        raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
+    factors = {}
+    for (layer, proj) in trainer.lora.factors():
+        factors[(layer, proj)] = (tensors[f"lora.{layer}.{proj}.A"], tensors[f"lora.{layer}.{proj}.B"])
+    trainer.lora.load_factors(factors)
+    state = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    trainer.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    trainer.gen.set_state(tensors["rng.torch"])
+    trainer.rng.setstate(_tupled(meta["python_rng"]))
+    trainer.lam.load_state(meta["lambda"])
+    trainer.step, trainer.seconds = int(meta["step"]), float(meta["seconds"])
+    trainer.history = [StepRecord(**r) for r in meta["history"]]
+
+
+def _comparable(config: TrainConfig) -> dict:
+    data = config.to_dict()
+    data.pop("steps")
+    data.pop("checkpoint_every")
+    return data

@@ -1,0 +1,88 @@
+"""Training settings: one frozen dataclass, each default in exactly one place.
+
+Defaults are the paper's (§5.1: AdamW, 1000 steps, α = 1e-3, β = 0.1, η = 2) and its
+Table 6 tolerances and Table 7 templates, chosen by concept type through a preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ZEraseError
+from .lagrangian import MODES
+from .lora import LoRAConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    epsilon: float  # Table 6
+    template: str  # Table 7's prompt template for the category
+
+
+PRESETS: dict[str, Preset] = {
+    "nsfw": Preset(1e-3, "{}"),  # nudity, violence: sensitive, tight preservation
+    "style": Preset(1e-3, "An art in the style of {}"),
+    "entity": Preset(1e-2, "A photo of {}"),
+    "abstract": Preset(1e-2, "A close scene of {}"),
+    "celebrity": Preset(1e-2, "A photo of {}"),
+    "utility": Preset(5e-3, "{}"),  # post-erase LoRA use: editability
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    concept: str
+    preset: str = "entity"
+    templates: tuple[str, ...] = ()  # erase prompt templates with '{}'; empty: the preset's
+    preserve: tuple[str, ...] = ()  # preservation concepts (paper's D_pr), e.g. ("person",)
+    steps: int = 1000
+    lr: float = 1e-3  # α
+    beta: float = 0.1  # β, the λ learning rate
+    eta: float = 2.0  # η, negative guidance
+    epsilon: float | None = None  # ε; None: the preset's
+    lambda_mode: str = "paper"  # paper | exact | fixed
+    fixed_lambda: float = 1.0  # λ in fixed mode
+    attn_weight: float = 1.0  # weight of L_attn in L_er (Eq. 7 uses 1); 0 switches it off
+    shuffle_pool: int = 8  # shuffled-word variants per template, encoded once (§4.1)
+    height: int = 512
+    width: int = 512
+    sample_steps: int = 8  # Euler steps of the ESD-style trajectory to x_t (Turbo: 8)
+    shift: float = 3.0  # Z-Image's flow shift
+    sample_cfg: float = 1.0  # CFG while sampling x_t (Turbo runs without: 1.0)
+    seed: int = 0
+    checkpoint_every: int = 100
+    gradient_checkpointing: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self):
+        if not self.concept.strip():
+            raise ZEraseError("The concept is empty: type the word or phrase to erase, e.g. 'red' or 'Van Gogh'.")
+        if self.preset not in PRESETS:
+            raise ZEraseError(f"Unknown concept-type preset '{self.preset}'; choose one of {sorted(PRESETS)}.")
+        if self.lambda_mode not in MODES:
+            raise ZEraseError(f"Unknown λ mode '{self.lambda_mode}'; choose one of {MODES}.")
+        if self.steps < 1 or self.lr <= 0 or self.beta < 0:
+            raise ZEraseError("steps must be ≥ 1, the learning rate > 0 and β ≥ 0.")
+        if any(not p.strip() for p in self.preserve):
+            raise ZEraseError("A preservation concept is empty; remove it or type a word.")
+
+    @property
+    def eps(self) -> float:
+        return PRESETS[self.preset].epsilon if self.epsilon is None else self.epsilon
+
+    @property
+    def erase_templates(self) -> tuple[str, ...]:
+        return self.templates or (PRESETS[self.preset].template,)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"epsilon": self.eps, "templates": list(self.erase_templates)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = dict(data)
+        lora = data.pop("lora", {})
+        lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()})
+        tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
+        return cls(**(data | tuples), lora=lora)

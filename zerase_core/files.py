@@ -1,0 +1,64 @@
+"""Atomic safetensors writes and safe output names: one way to put a file on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import ZEraseError
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
+    """Write a safetensors file via a temporary file and rename, so a crash never leaves half a file.
+
+    Metadata values that are not strings are stored as JSON.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+_SAFE_NAME = re.compile(r"^[\w\-. ]+$")
+
+
+def safe_output_path(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> Path:
+    """``folder/name`` for a user-typed name that must stay inside ``folder`` and not overwrite.
+
+    Subfolders are allowed ("nsfw/nudity"); "..", absolute paths and odd characters are not.
+    An existing file gets a numbered sibling (name_001) instead of being replaced.
+    """
+    name = name.strip()
+    if name.endswith(suffix):
+        name = name[: -len(suffix)]
+    parts = name.replace("\\", "/").split("/")
+    if not name or os.path.isabs(name) or any(p in ("", ".", "..") or not _SAFE_NAME.match(p) for p in parts):
+        raise ZEraseError(
+            f"The save name '{name}' is not allowed: use letters, digits, '-', '_', '.' and optional "
+            "subfolders, without '..' or an absolute path; files stay inside the output folder."
+        )
+    root = Path(folder).resolve()
+    path = root.joinpath(*parts[:-1], parts[-1] + suffix)
+    if root not in path.resolve().parents:
+        raise ZEraseError(f"The save name '{name}' would leave the folder {root}; choose a plain name.")
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n:03d}{suffix}")
+    return candidate

@@ -1,0 +1,68 @@
+"""The token gate S_T (paper Eq. 4): which rows of a projection the LoRA may change.
+
+One :class:`TokenGate` is shared by every gated layer of a patched model. The backend
+sets the layout of the batch about to run (``with gate.active(layout)``); the layers read
+it. Running a LoRA-carrying layer with no layout is an error rather than a silent,
+ungated update — the collapse the paper warns of.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .layout import TokenLayout
+
+
+class TokenGate:
+    """Holds the layout of the current forward call and whether the LoRA is switched on."""
+
+    def __init__(self) -> None:
+        self.layout: TokenLayout | None = None
+        self.lora_on: bool = True
+
+    @contextmanager
+    def active(self, layout: TokenLayout, lora_on: bool = True) -> Iterator["TokenGate"]:
+        previous = (self.layout, self.lora_on)
+        self.layout, self.lora_on = layout, lora_on
+        try:
+            yield self
+        finally:
+            self.layout, self.lora_on = previous
+
+    def text_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool text mask for an input ``x`` of shape (B, L, d)."""
+        if self.layout is None:
+            raise RuntimeError(
+                "A gated LoRA layer ran without a token layout; the backend must wrap every forward "
+                "in gate.active(layout). Refusing to apply the LoRA ungated."
+            )
+        if x.ndim != 3 or tuple(x.shape[:2]) != (self.layout.batch, self.layout.seq_len):
+            raise RuntimeError(
+                f"Gated LoRA input {tuple(x.shape)} does not match the layout "
+                f"(batch {self.layout.batch}, seq {self.layout.seq_len})"
+            )
+        return self.layout.text_mask(x.device)
+
+    def checkpoint_fn(self) -> Callable:
+        """A gradient-checkpointing function that replays each block under the layout it first ran with.
+
+        Recomputation happens during backward, after ``active`` has exited, so the layout
+        must travel with the checkpointed call instead of being read from the gate then.
+        """
+
+        def run(block: Callable, *args):
+            layout, lora_on = self.layout, self.lora_on
+
+            def replay(*inner):
+                if layout is None:
+                    return block(*inner)
+                with self.active(layout, lora_on):
+                    return block(*inner)
+
+            return checkpoint(replay, *args, use_reentrant=False)
+
+        return run

@@ -1,0 +1,83 @@
+"""Where the text and image tokens sit in a main-layer sequence, per sample.
+
+Backends build a :class:`TokenLayout` on every call from what the transformer is given
+(latent sizes, caption lengths, batch), because the layout depends on all of them:
+diffusers orders each sample [image | caption], ComfyUI [caption | image], both pad each
+segment to a multiple of 32 and pad the batch to its longest sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+Segment = tuple[int, int]  # [start, end) in the main-layer sequence
+
+
+def pad_to_multiple(n: int, multiple: int) -> int:
+    """Length after padding ``n`` tokens up to a multiple (both Z-Image hosts pad to 32)."""
+    return n + (-n) % multiple
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Per-sample text and image segments of a batch of main-layer sequences of length ``seq_len``.
+
+    ``text`` covers the caption *and its padding* (the paper's gate S_T is 1 on the whole
+    text segment, as the official gate is); ``image`` covers image tokens and their padding.
+    Positions in neither (batch padding) get no LoRA and no attention-loss weight.
+    """
+
+    seq_len: int
+    text: tuple[Segment, ...]
+    image: tuple[Segment, ...]
+
+    def __post_init__(self):
+        if len(self.text) != len(self.image):
+            raise ValueError("TokenLayout: text and image segments must be given per sample")
+        for (ts, te), (is_, ie) in zip(self.text, self.image):
+            if not (0 <= ts <= te <= self.seq_len and 0 <= is_ <= ie <= self.seq_len):
+                raise ValueError(f"TokenLayout: segment outside a sequence of {self.seq_len}")
+            if ts < ie and is_ < te:
+                raise ValueError("TokenLayout: text and image segments overlap")
+
+    @property
+    def batch(self) -> int:
+        return len(self.text)
+
+    @cached_property
+    def _text_mask_cpu(self) -> torch.Tensor:
+        return self._segments_mask(self.text)
+
+    @cached_property
+    def _image_mask_cpu(self) -> torch.Tensor:
+        return self._segments_mask(self.image)
+
+    def _segments_mask(self, segments: tuple[Segment, ...]) -> torch.Tensor:
+        positions = torch.arange(self.seq_len)  # (L,)
+        starts = torch.tensor([s for s, _ in segments])[:, None]  # (B, 1)
+        ends = torch.tensor([e for _, e in segments])[:, None]
+        return (positions >= starts) & (positions < ends)  # (B, L)
+
+    def text_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, L) bool, True on text rows: the paper's S_T as a mask."""
+        return self._text_mask_cpu.to(device)
+
+    def image_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, L) bool, True on image rows (including image padding)."""
+        return self._image_mask_cpu.to(device)
+
+    def columns(self, token_indices: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, L) float indicator of caption tokens ``token_indices[b]`` as sequence columns."""
+        if len(token_indices) != self.batch:
+            raise ValueError("TokenLayout.columns: one index list per sample is needed")
+        out = torch.zeros(self.batch, self.seq_len)
+        for b, indices in enumerate(token_indices):
+            start, end = self.text[b]
+            for i in indices:
+                if not 0 <= start + i < end:
+                    raise ValueError(f"caption token {i} lies outside the text segment of sample {b}")
+                out[b, start + i] = 1.0
+        return out.to(device)

@@ -1,0 +1,122 @@
+"""The gated LoRA layer (paper Eq. 4): H' = H W + S_T H ΔW, ΔW = B A on chosen output slices.
+
+:class:`GatedLoRALinear` wraps a frozen ``nn.Linear`` (kept as ``base_layer``, as peft's
+tuner layers do) whose output is one projection (diffusers' ``to_q``) or several stacked
+ones (ComfyUI's fused ``qkv``). Each named slice ("q", "k", "v") may carry a low-rank
+update. Updates are computed on text rows only and written into a copy of the base output,
+so image rows are the base projection's rows bit for bit. LoRA parameters are fp32 whatever
+the base dtype; several adapters on one layer add up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ZEraseError
+from .gate import TokenGate
+
+PROJECTIONS = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Where the erasure LoRA goes and how big it is."""
+
+    rank: int = 16
+    alpha: float | None = None  # None: alpha = rank, so the stored scale alpha/rank is 1
+    targets: tuple[str, ...] = PROJECTIONS  # subset of q, k, v (paper: W_Q, W_K, W_V)
+    layers: tuple[int, int] | None = None  # [first, stop) of the main layers; None: all
+    strength: float = 1.0  # multiplier applied at inference, stored with the weights
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ZEraseError(f"LoRA rank must be at least 1, got {self.rank}.")
+        bad = [t for t in self.targets if t not in PROJECTIONS]
+        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ZEraseError(f"LoRA targets must be a non-empty subset of q, k, v; got {self.targets}.")
+        if self.layers is not None and not (0 <= self.layers[0] < self.layers[1]):
+            raise ZEraseError(f"LoRA layer range must be [first, stop) with first < stop; got {self.layers}.")
+
+    @property
+    def scale(self) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        first, stop = self.layers or (0, n_layers)
+        if stop > n_layers:
+            raise ZEraseError(f"LoRA layer range {self.layers} exceeds the model's {n_layers} main layers.")
+        return list(range(first, stop))
+
+
+class LoRAAdapter(nn.Module):
+    """Low-rank factors for some slices of one linear layer: ΔW_s = B_s A_s, scaled.
+
+    ``A[s]`` is (rank, in_features); ``B[s]`` is (slice width, rank), zero-initialised so a
+    fresh adapter changes nothing (peft's default init).
+    """
+
+    def __init__(self, in_features: int, widths: dict[str, int], rank: int, scale: float, strength: float = 1.0):
+        super().__init__()
+        self.rank, self.scale, self.strength = rank, scale, strength
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        for name, width in widths.items():
+            a = torch.empty(rank, in_features, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.A[name] = nn.Parameter(a)
+            self.B[name] = nn.Parameter(torch.zeros(width, rank, dtype=torch.float32))
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """(N, in) fp32 -> (N, width) fp32 update for slice ``name``."""
+        return (x @ self.A[name].T) @ self.B[name].T * (self.scale * self.strength)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW for slice ``name`` as a (width, in) matrix, scale included (the merge contract)."""
+        return self.B[name] @ self.A[name] * (self.scale * self.strength)
+
+
+class GatedLoRALinear(nn.Module):
+    """A frozen linear layer plus text-gated LoRA adapters on named output slices."""
+
+    def __init__(self, base_layer: nn.Linear, slices: dict[str, tuple[int, int]], gate: TokenGate):
+        super().__init__()
+        self.base_layer = base_layer
+        self.slices = dict(sorted(slices.items(), key=lambda kv: kv[1][0]))
+        self.gate = gate
+        self.adapters = nn.ModuleDict()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def add_adapter(self, name: str, targets: tuple[str, ...], rank: int, scale: float, strength: float = 1.0):
+        widths = {t: self.slices[t][1] - self.slices[t][0] for t in targets if t in self.slices}
+        adapter = LoRAAdapter(self.in_features, widths, rank, scale, strength)
+        self.adapters[name] = adapter.to(self.base_layer.weight.device)
+        return self.adapters[name]
+
+    def _delta(self, x_text: torch.Tensor) -> torch.Tensor:
+        """Sum of all adapters' updates for text rows, laid out over the full output width."""
+        chunks = []
+        for name, (start, end) in self.slices.items():
+            parts = [a.delta(name, x_text) for a in self.adapters.values() if name in a.A and a.strength != 0]
+            zero = x_text.new_zeros(x_text.shape[0], end - start)
+            chunks.append(sum(parts, zero) if parts else zero)
+        return torch.cat(chunks, dim=-1)  # (N, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if not self.gate.lora_on or len(self.adapters) == 0:
+            return y
+        mask = self.gate.text_mask(x)  # (B, L): S_T
+        y_text = (y[mask].float() + self._delta(x[mask].float())).to(y.dtype)  # (N_text, out)
+        # Out-of-place write: image rows of the result are y's rows, untouched.
+        return y.index_put((mask,), y_text)

@@ -1,0 +1,191 @@
+"""Erasure LoRA files: the native self-describing format, official Z-Erase imports, checks.
+
+Native files are safetensors with keys ``zerase.layers.{i}.{q|k|v}.A`` (rank × in) and
+``.B`` (out × rank), ΔW = scale · strength · B A, and metadata describing the gate, the
+targets and the base architecture. The key names are deliberately unknown to stock LoRA
+loaders (ComfyUI's LoraLoader, diffusers' ``load_lora_weights``): loaded by them the LoRA
+would act on every token — the ungated collapse the paper warns of — so they must not
+recognise it at all.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import ZEraseError
+from .files import atomic_save
+
+FORMAT = "zerase-gated-lora"
+FORMAT_VERSION = 1
+GATE = {"kind": "text-tokens", "covers": "caption and caption padding", "paper": "Eq. 4, S_T"}
+
+Key = tuple[int, str]  # (main layer, projection)
+_NATIVE = re.compile(r"^zerase\.layers\.(\d+)\.([qkv])\.([AB])$")
+_OFFICIAL = re.compile(r"^(?:transformer\.)?layers\.(\d+)\.attention\.to_([qkv])\.lora_(down|up)\.weight$")
+_STOCK_HINTS = ("lora_A", "lora_B", "lora_up", "lora_down", "lora_unet", "lora_te", ".alpha", "hada_", "lokr_")
+
+
+@dataclass(frozen=True)
+class ErasureLoRA:
+    """An erasure LoRA in memory: fp32 factors per (layer, projection) plus what describes it."""
+
+    factors: dict[Key, tuple[torch.Tensor, torch.Tensor]]  # (A (r, in), B (out, r))
+    scale: float = 1.0  # alpha / rank of training
+    strength: float = 1.0
+    concept: str = ""
+    preserve: tuple[str, ...] = ()
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    source: str = "native"
+
+    def __post_init__(self):
+        if not self.factors:
+            raise ZEraseError("This erasure LoRA has no weights.")
+        for key, (a, b) in self.factors.items():
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise ZEraseError(f"LoRA factors for layer {key[0]} {key[1]} have inconsistent shapes.")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(p for p in "qkv" if any(k[1] == p for k in self.factors))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({k[0] for k in self.factors}))
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[0] for a, _ in self.factors.values())
+
+    def delta_weight(self, key: Key) -> torch.Tensor:
+        a, b = self.factors[key]
+        return (b.double() @ a.double()) * (self.scale * self.strength)
+
+    def with_strength(self, strength: float) -> "ErasureLoRA":
+        return replace(self, strength=strength)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "concept": self.concept,
+            "preserve": list(self.preserve),
+            "targets": list(self.targets),
+            "layers": list(self.layers),
+            "rank": self.rank,
+            "alpha": self.scale * self.rank,
+            "scale": self.scale,
+            "strength": self.strength,
+            "gate": GATE,
+            "fingerprint": self.fingerprint,
+            "training": self.training,
+            "source": self.source,
+        }
+
+
+def save_lora(lora: ErasureLoRA, path: str | Path) -> Path:
+    tensors = {}
+    for (layer, proj), (a, b) in sorted(lora.factors.items()):
+        tensors[f"zerase.layers.{layer}.{proj}.A"] = a.float()
+        tensors[f"zerase.layers.{layer}.{proj}.B"] = b.float()
+    return atomic_save(tensors, path, lora.metadata())
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise ZEraseError(f"LoRA file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ZEraseError(f"'{path.name}' is not a readable safetensors file ({err}); re-download or re-train it.")
+
+
+def load_lora(path: str | Path) -> ErasureLoRA:
+    """Read a native or official Z-Erase file; refuse stock LoRAs and broken files with a clear reason."""
+    path = Path(path)
+    tensors, meta = _read(path)
+    if meta.get("format") == FORMAT:
+        return _from_native(path, tensors, meta)
+    if tensors and all(_OFFICIAL.match(k) for k in tensors):
+        return _from_official(tensors)
+    if any(h in k for k in tensors for h in _STOCK_HINTS):
+        raise ZEraseError(
+            f"'{path.name}' is an ordinary LoRA, not a Z-Erase erasure LoRA. Ordinary LoRAs act on every "
+            "token; applied through the text-token gate they would be misused. Load it with ComfyUI's "
+            "LoraLoader instead, or train an erasure LoRA with Z-Erase Train."
+        )
+    raise ZEraseError(f"'{path.name}' is not a Z-Erase LoRA (no Z-Erase metadata and no known key layout).")
+
+
+def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> ErasureLoRA:
+    version = int(meta.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise ZEraseError(f"'{path.name}' uses format version {version}; update the Z-Erase pack to read it.")
+    parts: dict[Key, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        m = _NATIVE.match(name)
+        if not m:
+            raise ZEraseError(f"'{path.name}' has an unexpected tensor '{name}'; the file is damaged.")
+        parts.setdefault((int(m[1]), m[2]), {})[m[3]] = tensor.float()
+    broken = [k for k, ab in parts.items() if set(ab) != {"A", "B"}]
+    if broken:
+        raise ZEraseError(f"'{path.name}' misses half of the factors for {broken}; the file is damaged.")
+    info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    if any(not torch.isfinite(t).all() for t in tensors.values()):
+        raise ZEraseError(f"'{path.name}' contains NaN or infinite weights; it cannot be used.")
+    return ErasureLoRA(
+        factors={k: (ab["A"], ab["B"]) for k, ab in parts.items()},
+        scale=float(info["scale"]),
+        strength=float(info.get("strength", 1.0)),
+        concept=str(info.get("concept", "")),
+        preserve=tuple(info.get("preserve", ())),
+        fingerprint=dict(info.get("fingerprint", {})),
+        training=dict(info.get("training", {})),
+        source=str(info.get("source", "native")),
+    )
+
+
+def _from_official(tensors: dict[str, torch.Tensor]) -> ErasureLoRA:
+    """Official Z-Erase (diffusers) files: lora_down (r, in) is A, lora_up (out, r) is B, scale 1."""
+    parts: dict[Key, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        m = _OFFICIAL.match(name)
+        parts.setdefault((int(m[1]), m[2]), {})["A" if m[3] == "down" else "B"] = tensor.float()
+    broken = [k for k, ab in parts.items() if set(ab) != {"A", "B"}]
+    if broken:
+        raise ZEraseError(f"Official Z-Erase file misses lora_down or lora_up for {broken}.")
+    return ErasureLoRA({k: (ab["A"], ab["B"]) for k, ab in parts.items()}, source="official-z-erase")
+
+
+def check_fits(lora: ErasureLoRA, fingerprint: dict[str, Any], widths: dict[Key, tuple[int, int]]) -> None:
+    """Refuse a LoRA that does not fit the target model, saying exactly what does not fit.
+
+    ``widths`` maps each (layer, proj) the model can host to (in_features, out_width).
+    """
+    problems = []
+    for name in ("dim", "n_layers"):
+        if name in lora.fingerprint and name in fingerprint and lora.fingerprint[name] != fingerprint[name]:
+            problems.append(f"{name}: LoRA {lora.fingerprint[name]} vs model {fingerprint[name]}")
+    for key, (a, b) in sorted(lora.factors.items()):
+        if key not in widths:
+            problems.append(f"layer {key[0]} {key[1]}: the model has no such projection")
+        elif (a.shape[1], b.shape[0]) != widths[key]:
+            problems.append(
+                f"layer {key[0]} {key[1]}: LoRA maps {a.shape[1]}→{b.shape[0]}, model needs "
+                f"{widths[key][0]}→{widths[key][1]}"
+            )
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        trained = lora.fingerprint.get("family", "another model")
+        raise ZEraseError(
+            f"This erasure LoRA was made for a different architecture ({trained}) and does not fit this model: "
+            f"{shown}. Use a LoRA trained on this model."
+        )

@@ -1,0 +1,42 @@
+"""The paper's training objectives, as functions of velocity predictions.
+
+Student predictions carry the LoRA (θ + Δθ); teacher predictions are the frozen θ.
+Norms are means over elements (the squared L2 norm up to a constant, as in the official
+code and ESD), so loss scales do not depend on resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def erase_target(v_uncond: torch.Tensor, v_concept: torch.Tensor, eta: float) -> torch.Tensor:
+    """Eq. 5's negatively guided target: v_θ(x_t, ∅) − η (v_θ(x_t, c_er) − v_θ(x_t, ∅))."""
+    return v_uncond - eta * (v_concept - v_uncond)
+
+
+def loss_erase(v_student_concept: torch.Tensor, v_uncond: torch.Tensor, v_concept: torch.Tensor, eta: float):
+    """L_erase (Eq. 5): pull the erase prompt's velocity to the negatively guided target."""
+    return F.mse_loss(v_student_concept.float(), erase_target(v_uncond, v_concept, eta).float())
+
+
+def loss_attn(mass: torch.Tensor) -> torch.Tensor:
+    """L_attn (Eq. 6): attention mass image queries put on the concept's token columns.
+
+    ``mass`` is (B,) per sample, already a mean over heads, image queries and layers.
+    """
+    return mass.mean()
+
+
+def loss_preserve(
+    v_student_uncond: torch.Tensor,
+    v_uncond: torch.Tensor,
+    v_student_keep: torch.Tensor | None = None,
+    v_keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L_pr (Eq. 8): unconditional term + preservation-concept term, student vs teacher."""
+    loss = F.mse_loss(v_student_uncond.float(), v_uncond.float())
+    if v_student_keep is not None:
+        loss = loss + F.mse_loss(v_student_keep.float(), v_keep.float())
+    return loss

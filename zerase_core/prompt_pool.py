@@ -1,0 +1,50 @@
+"""All prompts a training run uses, encoded once so the text encoder can be released.
+
+The erase prompts are the templates filled with the concept plus word-shuffled variants
+(paper §4.1: shuffling keeps the concept's token indices moving); each carries its concept
+token indices, found up front so a concept missing from a template fails before training.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .backends.base import Backend
+from .config import TrainConfig
+from .prompts import EncodedPrompt, concept_token_indices, fill_template, shuffle_words
+
+
+@dataclass(frozen=True)
+class PromptPool:
+    erase: tuple[EncodedPrompt, ...]
+    erase_tokens: tuple[tuple[int, ...], ...]
+    uncond: EncodedPrompt
+    keep: tuple[EncodedPrompt, ...]
+
+    @classmethod
+    def build(cls, backend: Backend, config: TrainConfig) -> "PromptPool":
+        texts = erase_texts(config)
+        keep_texts = [fill_template(t, p) for p in config.preserve for t in config.erase_templates]
+        encoded = backend.encode([*texts, "", *keep_texts])
+        erase = tuple(encoded[: len(texts)])
+        tokens = tuple(tuple(concept_token_indices(p, config.concept)) for p in erase)
+        return cls(erase, tokens, encoded[len(texts)], tuple(encoded[len(texts) + 1 :]))
+
+
+def erase_texts(config: TrainConfig) -> list[str]:
+    """Templates filled with the concept, then distinct shuffled variants (seeded, so resumable)."""
+    rng = random.Random(config.seed)
+    texts: list[str] = []
+    for template in config.erase_templates:
+        base = fill_template(template, config.concept)
+        variants = [base]
+        n_words = len(base.split())
+        for _ in range(config.shuffle_pool * 4 if n_words > 1 else 0):
+            if len(variants) > config.shuffle_pool:
+                break
+            candidate = shuffle_words(base, rng, keep=config.concept)
+            if candidate not in variants:
+                variants.append(candidate)
+        texts.extend(variants)
+    return texts

@@ -1,0 +1,102 @@
+"""Prompts as a backend encodes them, and where a concept sits among their tokens.
+
+Every backend's text encoder returns an :class:`EncodedPrompt`: the caption features the
+transformer consumes plus, for each feature row, the character span of the user's prompt
+that produced it. Template and special tokens (Z-Image wraps prompts in a chat template)
+carry ``None``. Localising a concept is then the same for every backend: find the
+word's occurrences in the text and take every token whose span overlaps one.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from .errors import ZEraseError
+
+Span = tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """One prompt, encoded. ``features`` is (n_tokens, feat_dim); ``spans`` has n_tokens entries."""
+
+    text: str
+    features: torch.Tensor
+    spans: tuple[Span, ...]
+
+    def __post_init__(self):
+        if self.features.ndim != 2 or self.features.shape[0] != len(self.spans):
+            raise ValueError(
+                f"EncodedPrompt: features {tuple(self.features.shape)} do not match {len(self.spans)} spans"
+            )
+
+    @property
+    def n_tokens(self) -> int:
+        return self.features.shape[0]
+
+
+class PromptEncoder(Protocol):
+    """What a backend's text side provides: prompts in, EncodedPrompts out (no grad)."""
+
+    def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]: ...
+
+
+def _occurrences(text: str, word: str) -> list[tuple[int, int]]:
+    """Case-insensitive, whole-word occurrences of ``word`` (may be several words) in ``text``."""
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in word.split()) + r"(?!\w)"
+    return [m.span() for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+
+
+def concept_token_indices(prompt: EncodedPrompt, word: str) -> list[int]:
+    """Indices of the tokens of ``prompt`` that encode ``word`` (all occurrences, all sub-tokens).
+
+    Raises :class:`ZEraseError` when the word is empty or not in the prompt, since an
+    attention loss on no columns would silently do nothing.
+    """
+    word = word.strip()
+    if not word:
+        raise ZEraseError("The concept is empty: type the word or phrase to erase, e.g. 'red' or 'Van Gogh'.")
+    hits = _occurrences(prompt.text, word)
+    if not hits:
+        raise ZEraseError(
+            f"The concept '{word}' does not occur in the prompt '{prompt.text}'. "
+            "Put the concept word into every erase prompt template (use '{}' where it goes)."
+        )
+    indices = [
+        i
+        for i, span in enumerate(prompt.spans)
+        if span is not None and any(span[0] < end and start < span[1] for start, end in hits)
+    ]
+    if not indices:
+        raise ZEraseError(
+            f"The concept '{word}' is in the prompt '{prompt.text}' but no token of the encoder covers it; "
+            "this encoder cannot localise it. Report this with the prompt."
+        )
+    return indices
+
+
+def fill_template(template: str, concept: str) -> str:
+    """Put the concept into a template; a template without '{}' gets the concept appended."""
+    return template.replace("{}", concept) if "{}" in template else f"{template} {concept}".strip()
+
+
+def shuffle_words(text: str, rng: random.Random, keep: str | None = None) -> str:
+    """Shuffle the word order of ``text`` (paper §4.1: keeps the concept's token indices moving).
+
+    A multi-word ``keep`` phrase (e.g. "van gogh") moves as one unit so it stays findable.
+    """
+    units: list[str] = []
+    rest = text
+    if keep:
+        parts = re.split(r"(?i)(?<!\w)(" + r"\s+".join(re.escape(w) for w in keep.split()) + r")(?!\w)", text)
+        for i, part in enumerate(parts):
+            units.extend([part] if i % 2 else part.split())
+        rest = ""
+    units.extend(rest.split())
+    rng.shuffle(units)
+    return " ".join(units)

@@ -1,0 +1,53 @@
+"""A tiny, randomly initialised diffusers Z-Image for tests, the CLI's ``--tiny`` and benchmarks.
+
+Real architecture (context refiner, noise refiner, joint main layers), toy sizes, no weights
+to download. Deterministic by seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .backends.diffusers_zimage import DiffusersZImageBackend, LatentSpec
+from .backends.text_encoders import HashWordEncoder
+
+
+@dataclass(frozen=True)
+class TinyZImageConfig:
+    dim: int = 64
+    n_layers: int = 2
+    n_refiner_layers: int = 1
+    n_heads: int = 2  # head_dim = dim / n_heads must equal sum(axes_dims)
+    axes_dims: tuple[int, int, int] = (8, 12, 12)
+    in_channels: int = 4
+    cap_feat_dim: int = 32
+    downsample: int = 8  # pixels per latent cell, as Z-Image's VAE
+
+
+def tiny_zimage_backend(config: TinyZImageConfig = TinyZImageConfig(), seed: int = 0) -> DiffusersZImageBackend:
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=config.in_channels,
+        dim=config.dim,
+        n_layers=config.n_layers,
+        n_refiner_layers=config.n_refiner_layers,
+        n_heads=config.n_heads,
+        n_kv_heads=config.n_heads,
+        cap_feat_dim=config.cap_feat_dim,
+        axes_dims=list(config.axes_dims),
+        axes_lens=[256, 64, 64],
+    )
+    # Random init leaves the pad tokens and final layer at zero; give them values so that
+    # outputs depend on every input and tests can see a difference.
+    with torch.no_grad():
+        for p in transformer.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    encoder = HashWordEncoder(config.cap_feat_dim, seed)
+    return DiffusersZImageBackend(transformer.eval(), encoder, LatentSpec(config.in_channels, config.downsample), "z-image-tiny")

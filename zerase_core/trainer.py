@@ -1,0 +1,230 @@
+"""Algorithm 1 of the paper: Z-Erase training of a gated LoRA under an adaptive λ.
+
+Per step (defaults from :class:`TrainConfig`):
+
+1. pick an erase prompt c_er (templates and word-shuffled variants) and a preservation
+   prompt c_pr; reach x_t from noise with c_er through the frozen model (ESD style);
+2. one no-grad teacher forward for v_θ(x_t, c_er), v_θ(x_t, ∅), v_θ(x_t, c_pr);
+3. student forwards with the LoRA: c_er (with attention capture) and [∅, c_pr];
+4. L_er = L_erase + L_attn (Eq. 5-7), L_pr (Eq. 8); λ from the chosen rule; AdamW step on
+   L_er + λ L_pr. While λ = 0 the preservation graph is dropped, not back-propagated.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from .apply import export_lora
+from .backends.base import Backend
+from .config import TrainConfig
+from .errors import ZEraseError
+from .lagrangian import PaperLambda, direction, exact_lambda
+from .lora_file import ErasureLoRA
+from .objectives import loss_attn, loss_erase, loss_preserve
+from .prompt_pool import PromptPool
+from .prompts import EncodedPrompt
+from .sampling import euler, flow_sigmas
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(ZEraseError):
+    """Training produced NaN or inf; the LoRA was left at its last good state."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    erase: float  # L_erase
+    attn: float  # L_attn
+    pr: float  # L_pr
+    lam: float  # λ used in this step's loss
+    g: float  # g̃ of Eq. 15 (paper mode), else 0
+    sigma: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    lora: ErasureLoRA
+    history: tuple[StepRecord, ...]
+    seconds: float
+    completed: bool  # False when stopped early (cancelled)
+
+
+class StepCallback(Protocol):
+    def __call__(self, record: StepRecord, trainer: "ZEraseTrainer") -> None: ...
+
+
+class ZEraseTrainer:
+    """Owns one training run: prompt pool, installed LoRA, optimizer, λ, RNG, history."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: TrainConfig,
+        callbacks: Sequence[StepCallback] = (),
+        should_stop: Callable[[], bool] | None = None,
+        checkpoint_path: str | Path | None = None,
+    ):
+        self.backend, self.config = backend, config
+        self.callbacks, self.should_stop = list(callbacks), should_stop
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.pool = PromptPool.build(backend, config)  # the only use of the text encoder
+        self.lora = backend.install(config.lora, "zerase")
+        self.params = [p.requires_grad_(True) for p in self.lora.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
+        self.lam = PaperLambda(alpha=config.lr, beta=config.beta, epsilon=config.eps)
+        self.rng = random.Random(config.seed)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.step, self.seconds, self.history = 0, 0.0, []
+        self.mass_layers = set(config.lora.layer_indices(backend.n_layers))
+        self.sigmas = flow_sigmas(config.sample_steps, config.shift)
+        self.latent_shape = backend.latent_shape(config.height, config.width)
+        if config.gradient_checkpointing:
+            backend.set_gradient_checkpointing(True)
+
+    # --- one step ------------------------------------------------------------------------
+    def _sample_xt(self, prompt: EncodedPrompt) -> tuple[torch.Tensor, torch.Tensor]:
+        """ESD-style x_t: Euler from pure noise to a random σ_k with the erase prompt, frozen model."""
+        noise = torch.randn((1, *self.latent_shape), generator=self.gen).to(self.backend.device)
+        k = int(torch.randint(0, self.config.sample_steps, (1,), generator=self.gen))
+        x_t = euler(
+            self.backend, noise, self.sigmas[: k + 1], [prompt], uncond=[self.pool.uncond], cfg=self.config.sample_cfg
+        )
+        return x_t, self.sigmas[k].reshape(1)
+
+    def _teacher(self, x_t, sigma, prompts: list[EncodedPrompt]) -> torch.Tensor:
+        with torch.no_grad():
+            n = len(prompts)
+            v, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), prompts, lora=False)
+        return v
+
+    def _losses(self, er: EncodedPrompt, tokens: list[int], keep: EncodedPrompt | None):
+        cfg = self.config
+        x_t, sigma = self._sample_xt(er)
+        teacher = self._teacher(x_t, sigma, [er, self.pool.uncond, *([keep] if keep else [])])
+        want_mass = cfg.attn_weight > 0
+        v_er, mass = self.backend.velocity(
+            x_t, sigma, [er], lora=True, concept_tokens=[tokens] if want_mass else None, mass_layers=self.mass_layers
+        )
+        l_erase = loss_erase(v_er, teacher[1:2], teacher[0:1], cfg.eta)
+        l_attn = loss_attn(mass) if want_mass else l_erase.new_zeros(())
+        pr_prompts = [self.pool.uncond, *([keep] if keep else [])]
+        n = len(pr_prompts)
+        v_pr, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), pr_prompts, lora=True)
+        l_pr = loss_preserve(v_pr[:1], teacher[1:2], v_pr[1:] if keep else None, teacher[2:] if keep else None)
+        return l_erase, l_attn, l_pr, float(sigma)
+
+    def _backward(self, l_er: torch.Tensor, l_pr: torch.Tensor) -> float:
+        """Set .grad on the LoRA parameters by the λ rule; return the λ used."""
+        mode = self.config.lambda_mode
+        if mode == "exact":
+            g_er = _flat_grad(l_er, self.params)
+            g_pr = _flat_grad(l_pr, self.params)
+            lam = exact_lambda(g_er, g_pr, self.config.eps)
+            _assign_flat_grad(direction(g_er, g_pr, lam), self.params)
+            return lam
+        lam = self.config.fixed_lambda if mode == "fixed" else self.lam.update(l_pr.item())
+        (l_er + lam * l_pr if lam > 0 else l_er).backward()
+        return lam
+
+    def train_step(self) -> StepRecord:
+        start = time.perf_counter()
+        i = self.rng.randrange(len(self.pool.erase))
+        keep = self.pool.keep[self.rng.randrange(len(self.pool.keep))] if self.pool.keep else None
+        l_erase, l_attn, l_pr, sigma = self._losses(self.pool.erase[i], list(self.pool.erase_tokens[i]), keep)
+        values = {"L_erase": l_erase.item(), "L_attn": l_attn.item(), "L_pr": l_pr.item()}
+        if not all(map(_finite, values.values())):
+            raise NonFiniteLoss(self._nan_message(values))
+        lam = self._backward(l_erase + self.config.attn_weight * l_attn, l_pr)
+        if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(self._nan_message({"gradient": float("nan")}))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
+        g = self.lam.last_g if self.config.lambda_mode == "paper" else 0.0
+        record = StepRecord(self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, g, sigma, elapsed)
+        self.history.append(record)
+        return record
+
+    def _nan_message(self, values: dict[str, float]) -> str:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        return (
+            f"Training produced a non-finite value at step {self.step + 1} ({shown}). The LoRA keeps its last "
+            "good weights and no file with NaNs is written. Lower the learning rate or η, or train in fp32."
+        )
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        completed = True
+        try:
+            while self.step < self.config.steps:
+                if self.should_stop is not None and self.should_stop():
+                    completed = False
+                    break
+                record = self.train_step()
+                for callback in self.callbacks:
+                    callback(record, self)
+                if self.checkpoint_path and self.step % self.config.checkpoint_every == 0:
+                    self.save_checkpoint()
+        except BaseException:
+            # Cancel (ComfyUI raises from its progress hook), NaN or a crash: keep the last good state.
+            if self.checkpoint_path and self.params_finite():
+                self.save_checkpoint()
+            raise
+        if self.checkpoint_path:
+            self.save_checkpoint()
+        return TrainResult(self.export(), tuple(self.history), self.seconds, completed)
+
+    def params_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.params)
+
+    def export(self) -> ErasureLoRA:
+        """The current LoRA as a self-describing :class:`ErasureLoRA`."""
+        if not self.params_finite():
+            raise NonFiniteLoss("The LoRA holds NaN or inf weights; refusing to export it.")
+        training = self.config.to_dict() | {"steps_done": self.step, "seconds": round(self.seconds, 3)}
+        return export_lora(
+            self.lora,
+            concept=self.config.concept,
+            preserve=self.config.preserve,
+            fingerprint=self.backend.fingerprint(),
+            training=training,
+        )
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(self, Path(path or self.checkpoint_path))
+
+    def resume(self, path: str | Path) -> None:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(self, Path(path))
+
+
+def _finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")
+
+
+def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def _assign_flat_grad(flat: torch.Tensor, params: list[torch.Tensor]) -> None:
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
