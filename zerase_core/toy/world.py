@@ -40,10 +40,10 @@ SIZES = ("small", "large")
 POSITIONS = ("center", "left", "right", "top", "bottom")
 
 # Radii in pixels: the shape's circumradius-like extent. Far apart so size is unambiguous.
-SIZE_RADIUS = {"small": 7.0, "large": 11.0}
+SIZE_RADIUS = {"small": 7.0, "large": 10.0}
 # Unit offsets of the object's centre; scaled per size so the object stays inside the frame.
 POSITION_OFFSET = {"center": (0, 0), "left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
-MARGIN = 1.0  # pixels kept between a shifted object's extent and the border
+MARGIN = 2.0  # pixels kept between a shifted object's extent and the border
 JITTER = 0.75  # max centre jitter in pixels; small, so position classes never overlap
 
 # Synonyms per canonical value (the canonical word itself is always first).
@@ -113,8 +113,8 @@ def _polygon(kind: str) -> np.ndarray:
         s = 0.80  # a square of half-side 0.8 has about the circle's area; looks the same "size"
         return np.array([[-s, -s], [s, -s], [s, s], [-s, s]])
     if kind == "triangle":
-        # Upward triangle with its centroid lowered a bit so it fills the same box as the others.
-        return np.array([[0.0, -1.0], [0.95, 0.75], [-0.95, 0.75]])
+        # Upward triangle with its centroid at the origin, so "position" means the same for every shape.
+        return np.array([[0.0, -1.0], [1.0, 0.5], [-1.0, 0.5]])
     if kind == "star":
         angles = -np.pi / 2 + np.arange(10) * np.pi / 5
         radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
@@ -158,7 +158,7 @@ def render(labels: Labels, rng: np.random.Generator | None = None) -> np.ndarray
     radius = SIZE_RADIUS[labels.size]
     if rng is not None:
         cx, cy = cx + rng.uniform(-JITTER, JITTER), cy + rng.uniform(-JITTER, JITTER)
-        radius *= rng.uniform(0.95, 1.05)
+        radius *= rng.uniform(0.97, 1.03)
     coords = np.arange(IMAGE_SIZE) + 0.5  # pixel centres
     px, py = np.meshgrid(coords, coords)  # (H, W) each
     ux, uy = (px - cx) / radius, (py - cy) / radius

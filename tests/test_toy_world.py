@@ -1,0 +1,94 @@
+"""The toy world: deterministic rendering, labels that match the pixels, prompts that parse back."""
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from zerase_core.toy import world
+from zerase_core.toy.world import ATTRIBUTES, PROMPT_STYLES, Labels, make_prompt, parse_prompt, render, sample
+
+
+def test_same_seed_same_batch_different_seed_different_batch():
+    a, la = sample(16, seed=3)
+    b, lb = sample(16, seed=3)
+    c, _ = sample(16, seed=4)
+    assert np.array_equal(a, b) and la == lb
+    assert not np.array_equal(a, c)
+    assert a.shape == (16, world.IMAGE_SIZE, world.IMAGE_SIZE, 3) and a.dtype == np.float32
+    assert a.min() >= 0.0 and a.max() <= 1.0
+
+
+def _object_mask(image: np.ndarray, labels: Labels) -> np.ndarray:
+    """Pixels closer to the object's colour than to the background's."""
+    fg, bg = np.asarray(world.COLOURS[labels.colour]), np.asarray(world.BACKGROUNDS[labels.background])
+    return np.linalg.norm(image - fg, axis=-1) < np.linalg.norm(image - bg, axis=-1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pixels_match_labels(seed):
+    images, labels = sample(60, seed)
+    for image, lab in zip(images, labels):
+        mask = _object_mask(image, lab)
+        # The object's colour is exact at its centre and the corners show the background.
+        cx, cy = world.object_centre(lab)
+        assert np.allclose(image[int(cy), int(cx)], world.COLOURS[lab.colour], atol=1e-6) or lab.shape == "cross"
+        assert np.allclose(image[0, 0], world.BACKGROUNDS[lab.background], atol=1e-6)
+        # Position: the object's centroid is where the label says, within the jitter.
+        ys, xs = np.nonzero(mask)
+        assert abs(xs.mean() + 0.5 - cx) < 1.5 and abs(ys.mean() + 0.5 - cy) < 1.5
+        # Size: the area is nearer the un-jittered area of the labelled size than of the other size.
+        areas = {size: _object_mask(render(replace(lab, size=size)), lab).sum() for size in world.SIZES}
+        nearest = min(areas, key=lambda size: abs(np.log(mask.sum() / areas[size])))
+        assert nearest == lab.size, (lab, mask.sum(), areas)
+
+
+def test_all_labels_render_inside_the_frame():
+    rng = np.random.default_rng(0)
+    for values in np.array(np.meshgrid(*[range(len(v)) for v in ATTRIBUTES.values()])).T.reshape(-1, len(ATTRIBUTES)):
+        lab = Labels(**{name: ATTRIBUTES[name][i] for name, i in zip(ATTRIBUTES, values)})
+        mask = _object_mask(render(lab, rng), lab)
+        border = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+        assert not border.any(), lab
+
+
+def test_labels_reject_unknown_values():
+    with pytest.raises(ValueError):
+        Labels(colour="teal", shape="circle", size="small", position="left", background="black")
+
+
+@pytest.mark.parametrize("style", PROMPT_STYLES)
+def test_prompts_parse_back_to_their_labels(style):
+    rng = random.Random(style)
+    _, labels = sample(200, seed=11)
+    for lab in labels:
+        text = make_prompt(lab, style, rng)
+        assert parse_prompt(text) == vars(lab), text
+
+
+def test_omitted_attributes_are_absent_and_the_rest_parse():
+    rng = random.Random(0)
+    _, labels = sample(100, seed=12)
+    for lab in labels:
+        omit = rng.sample(list(ATTRIBUTES), 2)
+        text = make_prompt(lab, rng.choice(PROMPT_STYLES), rng, omit=omit)
+        assert parse_prompt(text) == {k: v for k, v in vars(lab).items() if k not in omit}, text
+        assert ",," not in text.replace(" ", "") and not text.startswith(",")
+
+
+def test_canonical_prompt_and_synonyms():
+    lab = Labels(colour="red", shape="circle", size="large", position="left", background="white")
+    assert make_prompt(lab) == "a large red circle on the left on a white background"
+    texts = {make_prompt(lab, "synonym", random.Random(i)) for i in range(30)}
+    assert any("crimson" in t or "scarlet" in t for t in texts)
+
+
+def test_vocabulary_covers_every_generated_word():
+    vocab = set(world.vocabulary())
+    rng = random.Random(1)
+    _, labels = sample(300, seed=13)
+    for lab in labels:
+        text = make_prompt(lab, rng.choice(PROMPT_STYLES), rng, omit=rng.sample(list(ATTRIBUTES), 1))
+        words = set(text.lower().replace(",", " , ").replace(":", " : ").split())
+        assert words <= vocab, words - vocab
