@@ -1,0 +1,92 @@
+"""The ComfyUI backend against real ComfyUI classes at tiny sizes (skipped without a checkout)."""
+
+import pytest
+from comfy_support import empty_latent, encode, ksample, require_comfyui, tiny_clip, tiny_lumina2, tiny_zimage
+
+comfy = require_comfyui()
+import torch  # noqa: E402
+
+from zerase_core.backends.comfy_zimage import ComfyZImageBackend, encode_with_clip, training_session  # noqa: E402
+from zerase_core.errors import ZEraseError  # noqa: E402
+from zerase_core.lora import LoRAConfig  # noqa: E402
+from zerase_core.prompts import concept_token_indices  # noqa: E402
+
+
+def _randomise(lora_set, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_set.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_refuses_non_zimage_models():
+    with pytest.raises(ZEraseError, match="not Z-Image"):
+        ComfyZImageBackend(tiny_lumina2(comfy))
+    with pytest.raises(ZEraseError, match="not Z-Image"):
+        ComfyZImageBackend(object())
+
+
+def test_encode_matches_clip_text_encode_and_localises_words():
+    clip = tiny_clip(comfy)
+    (p,) = encode_with_clip(clip, ["A painting by Van Gogh, swirling sky"])
+    assert torch.equal(p.features, encode(clip, "A painting by Van Gogh, swirling sky")[0][0][0])
+    assert p.spans[0] is None and p.spans[-1] is None  # chat template tokens
+    idx = concept_token_indices(p, "van gogh")
+    assert "".join(p.text[p.spans[i][0]:p.spans[i][1]] for i in idx).strip().lower().replace(" ", "") == "vangogh"
+    with pytest.raises(ZEraseError, match="does not occur"):
+        concept_token_indices(p, "cat")
+
+
+def test_gated_lora_touches_text_rows_only_and_original_is_untouched():
+    model, clip = tiny_zimage(comfy), tiny_clip(comfy)
+    before = model.model.diffusion_model.layers[0].attention.qkv
+    backend = ComfyZImageBackend(model, clip)
+    lora_set = backend.install(LoRAConfig(rank=4))
+    _randomise(lora_set)
+    prompts = backend.encode(["a photo of a cat"])
+    x = torch.randn(1, 16, 8, 12)
+    sigma = torch.tensor([0.7])
+    seen = []
+    hook = lambda m, i, o: seen.append((i[0], o))  # noqa: E731
+    handle = before.register_forward_hook(hook)
+    try:
+        v_off, _ = backend.velocity(x, sigma, prompts, lora=False)
+        v_on, _ = backend.velocity(x, sigma, prompts, lora=True)
+    finally:
+        handle.remove()
+    assert not torch.allclose(v_off, v_on)
+    text_rows = 32  # 13 caption tokens padded to 32
+    (x_off, o_off), (x_on, o_on) = seen
+    assert torch.equal(x_off, x_on)  # layer 0 sees the same input either way
+    assert torch.equal(o_on[:, text_rows:], o_off[:, text_rows:])  # image rows: bit-identical
+    assert not torch.equal(o_on[:, :text_rows], o_off[:, :text_rows])  # text rows: changed
+    assert torch.equal(o_off, torch.nn.functional.linear(x_off, before.weight))
+    assert model.model.diffusion_model.layers[0].attention.qkv is before
+    assert "diffusion_model.layers.0.attention.qkv.forward" not in model.object_patches
+
+
+def test_velocity_and_mass_shapes_mixed_caption_lengths():
+    backend = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy))
+    prompts = backend.encode(["a cat", "a very long prompt about a small cat on a mat"])
+    x = torch.randn(2, 16, 8, 8)
+    tokens = [concept_token_indices(p, "cat") for p in prompts]
+    v, mass = backend.velocity(x, torch.tensor([0.5, 0.9]), prompts, concept_tokens=tokens, mass_layers={0, 1})
+    assert v.shape == x.shape and mass.shape == (2,)
+    assert ((mass > 0) & (mass < 1)).all()
+
+
+def test_training_steps_run_on_inference_tensor_weights():
+    from zerase_core.config import TrainConfig
+    from zerase_core.trainer import ZEraseTrainer
+
+    with torch.inference_mode():
+        model = tiny_zimage(comfy, inference_tensors=True)
+    backend = ComfyZImageBackend(model, tiny_clip(comfy))
+    config = TrainConfig(concept="cat", preserve=("dog",), steps=2, height=64, width=64, sample_steps=2,
+                         lora=LoRAConfig(rank=2), shuffle_pool=2)
+    with training_session(backend):
+        trainer = ZEraseTrainer(backend, config)
+        result = trainer.run()
+    assert result.completed and len(result.history) == 2
+    assert model.model.diffusion_model.layers[0].attention.qkv.weight.is_inference()
+    assert any(b.abs().sum() > 0 for _, b in result.lora.factors.values())

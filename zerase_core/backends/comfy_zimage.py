@@ -1,0 +1,471 @@
+"""Backend for ComfyUI's Z-Image (``comfy.ldm.lumina.model.NextDiT`` with Z-Image modulation).
+
+ComfyUI is imported lazily, inside functions: ``import zerase_core`` works without it.
+Facts this relies on (ComfyUI v0.18.x, checked by running it; DESIGN §3):
+
+* the main-layer sequence is [caption | image]; the caption is padded to a multiple of
+  ``pad_tokens_multiple`` (32), then the image tokens are padded the same way. The blocks
+  are not told the caption length, so a DIFFUSION_MODEL wrapper derives the layout from the
+  conditioning of every call and hands it to the gate;
+* conditionings of different lengths are never batched together (``c_crossattn`` is a
+  CONDRegular), so one call has one caption length;
+* each main layer's attention has one fused ``qkv`` Linear: q, k, v stacked in that order;
+* ``apply_model`` returns the denoised x0, hence v = ε − x0 = (x_σ − x0)/σ;
+* attention goes through ``transformer_options["optimized_attention_override"]`` when set,
+  called as ``override(func, q, k, v, heads, mask, skip_reshape=True, transformer_options=...)``
+  with q, k, v of shape (B, H, L, D) for NextDiT.
+
+The LoRA is installed on a ModelPatcher *clone* as object patches on
+``diffusion_model.layers.N.attention.qkv.forward``: the module itself stays in place, so
+ComfyUI's own weight patches (stock LoRAs on qkv) and low-VRAM casting keep working, and
+unpatching restores the original forward. Each installation has its own gate and its own
+keyed wrapper, so several erasure LoRAs applied in a row add up.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..attention_mass import MassRecorder, column_mass
+from ..errors import ZEraseError
+from ..gate import TokenGate
+from ..layout import TokenLayout, pad_to_multiple
+from ..lora import GatedLoRALinear, LoRAConfig
+from ..prompts import EncodedPrompt, Span
+from .base import Backend, HostSlot, LoRASet
+
+log = logging.getLogger(__name__)
+
+QKV_PATH = "diffusion_model.layers.{}.attention.qkv"
+WRAPPER_PREFIX = "zerase"
+
+
+# --- recognising Z-Image --------------------------------------------------------------------
+def describe_model(patcher: Any) -> str:
+    """A short human name for what a MODEL input holds (for refusals)."""
+    base = getattr(patcher, "model", None)
+    config = getattr(base, "model_config", None)
+    names = [type(config).__name__ if config is not None else None,
+             type(getattr(base, "diffusion_model", None)).__name__ if base is not None else None]
+    return " / ".join(n for n in names if n and n != "NoneType") or type(patcher).__name__
+
+
+def check_zimage(patcher: Any, node: str = "Z-Erase") -> None:
+    """Raise :class:`ZEraseError` unless ``patcher`` is a ModelPatcher holding Z-Image's NextDiT."""
+    try:
+        import comfy.ldm.lumina.model as lumina
+        import comfy.supported_models as supported
+    except ImportError as err:  # pragma: no cover - only outside ComfyUI
+        raise ZEraseError(f"{node}: ComfyUI is not importable ({err}).") from err
+    base = getattr(patcher, "model", None)
+    dit = getattr(base, "diffusion_model", None)
+    config = getattr(base, "model_config", None)
+    unet = getattr(config, "unet_config", {}) or {}
+    ok = (
+        type(dit) is lumina.NextDiT
+        and isinstance(config, supported.ZImage)
+        and not isinstance(config, supported.ZImagePixelSpace)
+        and unet.get("z_image_modulation", False)
+        and getattr(dit, "pad_tokens_multiple", None)
+    )
+    if not ok:
+        raise ZEraseError(
+            f"{node}: this MODEL is {describe_model(patcher)}, not Z-Image. Z-Erase works only on the "
+            "single-stream Z-Image DiT (e.g. z_image_turbo_bf16.safetensors loaded with Load Diffusion Model); "
+            "SDXL, Flux, plain Lumina 2 and other models are not supported."
+        )
+
+
+# --- prompts --------------------------------------------------------------------------------
+def _inner_tokenizer(clip: Any):
+    """(SD tokenizer holding the HF tokenizer, chat template) of a Z-Image CLIP."""
+    outer = clip.tokenizer
+    inner = getattr(outer, getattr(outer, "clip", ""), None)
+    template = getattr(outer, "llama_template", None)
+    if inner is None or template is None or "{}" not in template:
+        raise ZEraseError(
+            "Z-Erase: this CLIP is not Z-Image's text encoder (Qwen3 with its chat template). Load "
+            "qwen_3_4b.safetensors with Load CLIP, type 'lumina2'."
+        )
+    return inner, template
+
+
+def token_spans(hf_tokenizer: Any, ids: list[int], text: str, start: int, end: int) -> tuple[Span, ...]:
+    """Per token: its (start, end) inside ``text[start:end]`` (the user's prompt), else None.
+
+    Character offsets come from decoding growing prefixes, which works for any tokenizer whose
+    decode round-trips (byte-level BPE does); a token that ends inside a multi-byte character
+    joins the next one.
+    """
+    spans: list[Span] = []
+    done, pending = 0, 0
+    for k in range(1, len(ids) + 1):
+        prefix = hf_tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if prefix.endswith("\ufffd") and k < len(ids):
+            pending += 1
+            continue
+        a, b = done, len(prefix)
+        inside = a < end and b > start and b > a
+        span = (max(a, start) - start, min(b, end) - start) if inside else None
+        spans.extend([span] * (pending + 1))
+        done, pending = b, 0
+    if done != len(text):
+        raise ZEraseError(
+            "Z-Erase: the text encoder's tokens do not spell out the prompt (is an embedding or weight "
+            "syntax in it?); remove 'embedding:' and '(word:1.2)' syntax from Z-Erase prompts."
+        )
+    return tuple(spans)
+
+
+def encode_with_clip(clip: Any, prompts: Sequence[str]) -> list[EncodedPrompt]:
+    """Encode like CLIPTextEncode, plus per feature row the character span of the user's prompt."""
+    inner, template = _inner_tokenizer(clip)
+    out = []
+    for prompt in prompts:
+        tokens = clip.tokenize(prompt)
+        (cond, extra), *_ = clip.encode_from_tokens_scheduled(tokens)
+        ids = [int(t[0]) for batch in tokens[inner.embedding_key] for t in batch]
+        mask = extra.get("attention_mask")
+        features = cond[0]
+        if mask is not None and mask.shape[-1] == features.shape[0]:
+            keep = mask[0].bool().to(features.device)
+            features, ids = features[keep], [i for i, k in zip(ids, keep.tolist()) if k]
+        text = template.format(prompt)
+        begin = template.index("{}")
+        spans = token_spans(inner.tokenizer, ids, text, begin, begin + len(prompt))
+        if len(spans) != features.shape[0]:
+            raise ZEraseError(
+                f"Z-Erase: {features.shape[0]} caption features but {len(spans)} tokens for '{prompt}'."
+            )
+        out.append(EncodedPrompt(prompt, features.detach().float().cpu(), spans))
+    return out
+
+
+# --- the gated forward patch ----------------------------------------------------------------
+class _PreviousForward(nn.Module):
+    """Stands in for the host Linear inside :class:`GatedLoRALinear`: calls the forward that was
+    in place before this installation (the stock Linear's, or an earlier erasure LoRA's)."""
+
+    def __init__(self, host: nn.Module, previous: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        object.__setattr__(self, "_host", host)  # not a submodule: ComfyUI owns it
+        object.__setattr__(self, "_previous", previous)
+        self.in_features, self.out_features = host.in_features, host.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._host.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._previous(x)
+
+
+class GatedForward:
+    """The object patched onto ``qkv.forward``: a plain callable (an nn.Module there would be
+    registered as a submodule instead of overriding ``forward``)."""
+
+    def __init__(self, lora: GatedLoRALinear):
+        self.lora = lora
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        adapters = self.lora.adapters
+        if len(adapters):
+            p = next(adapters.parameters())
+            if p.device != x.device:
+                adapters.to(x.device)  # keeps Parameter identity (training holds references)
+        return self.lora(x)
+
+
+def _layout(context_len: int, x: torch.Tensor, patch: int, multiple: int) -> TokenLayout:
+    """[caption | image], each padded to ``multiple`` (NextDiT.patchify_and_embed)."""
+    text = pad_to_multiple(context_len, multiple)
+    h, w = -(-x.shape[-2] // patch), -(-x.shape[-1] // patch)
+    image = pad_to_multiple(h * w, multiple)
+    b = x.shape[0]
+    return TokenLayout(text + image, ((0, text),) * b, ((text, text + image),) * b)
+
+
+class ComfyZImageBackend(Backend):
+    """Engine view of a ComfyUI Z-Image MODEL. Works on its own clone; the input is never changed."""
+
+    def __init__(self, model: Any, clip: Any = None, node: str = "Z-Erase"):
+        check_zimage(model, node)
+        self.node = node
+        self.patcher = model.clone()
+        self.clip = clip
+        self.gate = TokenGate()
+        self.key = f"{WRAPPER_PREFIX}.{uuid.uuid4().hex[:12]}"
+        self._wrapped: dict[int, GatedLoRALinear] = {}
+        self._capture: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+        self._layout: TokenLayout | None = None
+        dit = self.dit
+        self.patch = int(dit.patch_size)
+        self.multiple = int(dit.pad_tokens_multiple)
+        unet = self.patcher.model.model_config.unet_config
+        self.dim = int(unet["dim"])
+        self.n_heads = int(unet["n_heads"])
+        self.n_kv_heads = int(unet.get("n_kv_heads") or self.n_heads)
+        self.cap_feat_dim = int(unet.get("cap_feat_dim", 0))
+        from comfy.patcher_extension import WrappersMP
+
+        self.patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, self.key, self._diffusion_wrapper)
+
+    # --- facts -----------------------------------------------------------------------------
+    @property
+    def dit(self) -> nn.Module:
+        return self.patcher.model.diffusion_model
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.dit.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.patcher.load_device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patcher.model.get_dtype_inference()
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"family": "z-image", "dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads,
+                "cap_feat_dim": self.cap_feat_dim}
+
+    def host_slots(self) -> list[HostSlot]:
+        d = self.dim // self.n_heads
+        q, kv = self.n_heads * d, self.n_kv_heads * d
+        slices = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+        return [HostSlot(i, QKV_PATH.format(i), slices, self.dim) for i in range(self.n_layers)]
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        step = 8 * self.patch
+        if height % step or width % step:
+            raise ZEraseError(f"{self.node}: resolution {height}×{width} must be a multiple of {step}.")
+        channels = int(self.patcher.model.latent_format.latent_channels)
+        return (channels, height // 8, width // 8)
+
+    # --- LoRA through object patches --------------------------------------------------------
+    def _wrap(self, slot: HostSlot) -> GatedLoRALinear:
+        if slot.layer in self._wrapped:
+            return self._wrapped[slot.layer]
+        host = self.patcher.get_model_object(slot.path)
+        previous = self.patcher.get_model_object(slot.path + ".forward")
+        lora = GatedLoRALinear(_PreviousForward(host, previous), slot.slices, self.gate)
+        self.patcher.add_object_patch(slot.path + ".forward", GatedForward(lora))
+        self._wrapped[slot.layer] = lora
+        return lora
+
+    def install(self, config: LoRAConfig, name: str = "zerase") -> LoRASet:
+        lora_set = LoRASet(name, config)
+        wanted = set(config.layer_indices(self.n_layers))
+        for slot in self.host_slots():
+            targets = tuple(t for t in config.targets if t in slot.slices)
+            if slot.layer not in wanted or not targets:
+                continue
+            adapter = self._wrap(slot).add_adapter(name, targets, config.rank, config.scale, config.strength)
+            for proj in targets:
+                lora_set.add(slot.layer, proj, adapter)
+        return lora_set
+
+    def uninstall(self) -> None:
+        for layer in self._wrapped:
+            self.patcher.object_patches.pop(QKV_PATH.format(layer) + ".forward", None)
+        self._wrapped.clear()
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            raise ZEraseError(f"{self.node}: gradient checkpointing is not available on ComfyUI models yet.")
+
+    # --- per call: layout, gate, attention capture -------------------------------------------
+    def _diffusion_wrapper(self, executor, x, timesteps, context, num_tokens, attention_mask=None, **kwargs):
+        """DIFFUSION_MODEL wrapper: the layout of this call, from its conditioning, into the gate."""
+        if kwargs.get("ref_latents"):
+            raise ZEraseError(
+                f"{self.node}: erasure LoRAs do not support Z-Image reference latents (edit/omni mode)."
+            )
+        layout = _layout(context.shape[1], x, self.patch, self.multiple)
+        options = kwargs.get("transformer_options")
+        if options is not None:
+            options.pop("block_index", None)  # refiners run first; only main layers set it
+            if self._capture is not None:
+                options["optimized_attention_override"] = self._override(options.get("optimized_attention_override"))
+        previous = self._layout
+        self._layout = layout
+        try:
+            with self.gate.active(layout, self.gate.lora_on):
+                return executor(x, timesteps, context, num_tokens, attention_mask, **kwargs)
+        finally:
+            self._layout = previous
+
+    def _override(self, inner: Callable | None) -> Callable:
+        """An attention override that shows main-layer q, k to the capture, then runs the stock path."""
+
+        def override(func, q, k, v, heads, mask=None, **kwargs):
+            options = kwargs.get("transformer_options") or {}
+            layer = options.get("block_index")
+            layout = self._layout
+            if layer is not None and self._capture is not None and layout is not None:
+                qq, kk = q, k
+                if not kwargs.get("skip_reshape", False):  # (B, L, H·D) -> (B, H, L, D)
+                    b = q.shape[0]
+                    qq = q.view(b, -1, heads, q.shape[-1] // heads).transpose(1, 2)
+                    kk = k.view(b, -1, heads, k.shape[-1] // heads).transpose(1, 2)
+                if qq.shape[2] == layout.seq_len:
+                    self._capture(int(layer), qq, kk)
+            if inner is not None:
+                return inner(func, q, k, v, heads, mask, **kwargs)
+            return func(q, k, v, heads, mask, **kwargs)
+
+        return override
+
+    @contextmanager
+    def capturing(self, capture: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+        """While inside, ``capture(layer, q, k)`` sees every main layer's attention (B, H, L, D)."""
+        previous, self._capture = self._capture, capture
+        try:
+            yield
+        finally:
+            self._capture = previous
+
+    @contextmanager
+    def lora_switched(self, on: bool) -> Iterator[None]:
+        previous, self.gate.lora_on = self.gate.lora_on, on
+        try:
+            yield
+        finally:
+            self.gate.lora_on = previous
+
+    # --- prompts and predictions ------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
+        if self.clip is None:
+            raise ZEraseError(f"{self.node}: no CLIP is connected to encode prompts with.")
+        return encode_with_clip(self.clip, prompts)
+
+    def load(self) -> None:
+        """Load the clone (object patches and wrappers applied) onto the compute device."""
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([self.patcher])
+
+    def layout(self, x: torch.Tensor, prompts: Sequence[EncodedPrompt]) -> TokenLayout:
+        lengths = {p.n_tokens for p in prompts}
+        if len(lengths) != 1:
+            raise ValueError("one ComfyUI call takes captions of one length")
+        return _layout(lengths.pop(), x, self.patch, self.multiple)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """x0 from ``apply_model`` for a batch sharing one caption length; wrappers included."""
+        from comfy.patcher_extension import copy_nested_dicts, merge_nested_dicts
+
+        model = self.patcher.model
+        options = copy_nested_dicts(self.patcher.model_options.get("transformer_options", {}))
+        merge_nested_dicts(options.setdefault("wrappers", {}), self.patcher.wrappers, copy_dict1=False)
+        device = self.patcher.load_device
+        return model.apply_model(
+            x.to(device), sigma.to(device), c_crossattn=features.to(device),
+            num_tokens=features.shape[1], transformer_options=options,
+        )
+
+    def velocity(self, x, sigma, prompts, *, lora=True, concept_tokens=None, mass_layers=None):
+        if x.shape[0] != len(prompts):
+            raise ValueError(f"{x.shape[0]} latents but {len(prompts)} prompts")
+        self.load()
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p.n_tokens, []).append(i)
+        v_out: list[torch.Tensor | None] = [None] * len(prompts)
+        mass_out: list[torch.Tensor | None] = [None] * len(prompts)
+        for _, idx in groups.items():
+            xs, ss = x[idx], sigma[idx].float()
+            feats = torch.stack([prompts[i].features for i in idx])  # (b, N, cap_dim)
+            recorder = None
+            if concept_tokens is not None:
+                lay = _layout(feats.shape[1], xs, self.patch, self.multiple)
+                recorder = MassRecorder(lay.columns([concept_tokens[i] for i in idx]), lay.image_mask(), mass_layers)
+            with self.lora_switched(lora):
+                if recorder is not None:
+                    with self.capturing(lambda layer, q, k: recorder.wants(layer) and recorder.record(layer, q, k)):
+                        x0 = self.denoise(xs, ss, feats)
+                else:
+                    x0 = self.denoise(xs, ss, feats)
+            s = ss.to(x0.device).view(-1, 1, 1, 1)
+            v = (xs.to(x0.device).float() - x0.float()) / s  # ComfyUI returns x0; v = ε − x0 = (x_σ − x0)/σ
+            for j, i in enumerate(idx):
+                v_out[i] = v[j]
+                if recorder is not None:
+                    mass_out[i] = recorder.result()[j]
+        v_all = torch.stack(v_out)
+        mass = torch.stack(mass_out) if concept_tokens is not None else None
+        return v_all, mass
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor, sigma: torch.Tensor, prompt: EncodedPrompt,
+                       columns: list[list[int]], layers: set[int] | None = None) -> torch.Tensor:
+        """(n_words, h, w): mean over heads and ``layers`` of the mass each image token puts on each word."""
+        self.load()
+        feats = prompt.features[None]
+        lay = _layout(feats.shape[1], x, self.patch, self.multiple)
+        indicators = [lay.columns([cols]) for cols in columns]  # each (1, L)
+        sums: list[torch.Tensor] = [torch.zeros(lay.seq_len) for _ in columns]
+        seen: set[int] = set()
+
+        def capture(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+            if layers is not None and layer not in layers:
+                return
+            seen.add(layer)
+            for n, ind in enumerate(indicators):
+                sums[n] += column_mass(q[:1], k[:1], ind.to(q.device)).mean(dim=1)[0].float().cpu()
+
+        with self.capturing(capture):
+            self.denoise(x[:1], sigma[:1].float(), feats)
+        if not seen:
+            raise ZEraseError(f"{self.node}: no main layer in the chosen range ran (the model has {self.n_layers}).")
+        (start, _), = lay.image
+        h, w = -(-x.shape[-2] // self.patch), -(-x.shape[-1] // self.patch)
+        maps = torch.stack([s[start : start + h * w] / len(seen) for s in sums])
+        return maps.view(len(columns), h, w)
+
+
+# --- training inside a node -----------------------------------------------------------------
+@contextmanager
+def training_session(backend: ComfyZImageBackend) -> Iterator[None]:
+    """Leave inference mode, set ComfyUI's training flag, give autograd non-inference weights.
+
+    ComfyUI runs nodes under ``torch.inference_mode()``, so weights loaded by its loader nodes
+    are inference tensors, which autograd cannot save for backward. For the session, each such
+    parameter is swapped for a plain copy; the originals are put back (same objects, same
+    values) when it ends, and the copies are freed.
+    """
+    import comfy.model_management as mm
+
+    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+    with torch.inference_mode(False):
+        backend.load()
+        try:
+            with torch.no_grad():
+                for module in backend.dit.modules():
+                    for name, param in list(module._parameters.items()):
+                        if param is not None and param.is_inference():
+                            swapped.append((module, name, param))
+                            module._parameters[name] = nn.Parameter(param.clone(), requires_grad=False)
+                    for name, buf in list(module._buffers.items()):
+                        if buf is not None and buf.is_inference():
+                            swapped.append((module, name, buf))
+                            module._buffers[name] = buf.clone()
+            mm.in_training = True
+            yield
+        finally:
+            mm.in_training = False
+            for module, name, original in reversed(swapped):
+                if name in module._parameters:
+                    module._parameters[name] = original
+                else:
+                    module._buffers[name] = original
+            swapped.clear()
+            mm.soft_empty_cache()
