@@ -6,7 +6,6 @@ noise and timesteps follow, because both random generators are restored.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +15,7 @@ from safetensors import safe_open
 
 from .config import TrainConfig
 from .errors import ZEraseError
-from .files import atomic_save
+from .files import atomic_save, decode_metadata
 
 if TYPE_CHECKING:
     from .trainer import ZEraseTrainer
@@ -61,7 +60,7 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-            meta = {k: json.loads(v) if k != "kind" else v for k, v in (f.metadata() or {}).items()}
+            meta = decode_metadata(f.metadata() or {})
     except Exception as err:  # safetensors raises several types for damaged files
         raise ZEraseError(f"Cannot read the checkpoint {path}: {err}. Start a fresh run instead.") from err
     if meta.get("kind") != KIND:

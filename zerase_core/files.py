@@ -35,6 +35,17 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     return path
 
 
+def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    """Inverse of :func:`atomic_save`'s encoding: JSON where it parses, plain strings otherwise."""
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 _SAFE_NAME = re.compile(r"^[\w\-. ]+$")
 
 

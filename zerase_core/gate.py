@@ -9,10 +9,9 @@ ungated update — the collapse the paper warns of.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .layout import TokenLayout
 
@@ -46,23 +45,3 @@ class TokenGate:
                 f"(batch {self.layout.batch}, seq {self.layout.seq_len})"
             )
         return self.layout.text_mask(x.device)
-
-    def checkpoint_fn(self) -> Callable:
-        """A gradient-checkpointing function that replays each block under the layout it first ran with.
-
-        Recomputation happens during backward, after ``active`` has exited, so the layout
-        must travel with the checkpointed call instead of being read from the gate then.
-        """
-
-        def run(block: Callable, *args):
-            layout, lora_on = self.layout, self.lora_on
-
-            def replay(*inner):
-                if layout is None:
-                    return block(*inner)
-                with self.active(layout, lora_on):
-                    return block(*inner)
-
-            return checkpoint(replay, *args, use_reentrant=False)
-
-        return run

@@ -10,7 +10,6 @@ recognise it at all.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import ZEraseError
-from .files import atomic_save
+from .files import atomic_save, decode_metadata
 
 FORMAT = "zerase-gated-lora"
 FORMAT_VERSION = 1
@@ -138,7 +137,7 @@ def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
     broken = [k for k, ab in parts.items() if set(ab) != {"A", "B"}]
     if broken:
         raise ZEraseError(f"'{path.name}' misses half of the factors for {broken}; the file is damaged.")
-    info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    info = decode_metadata(meta)
     if any(not torch.isfinite(t).all() for t in tensors.values()):
         raise ZEraseError(f"'{path.name}' contains NaN or infinite weights; it cannot be used.")
     return ErasureLoRA(

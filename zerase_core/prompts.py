@@ -81,8 +81,9 @@ def concept_token_indices(prompt: EncodedPrompt, word: str) -> list[int]:
 
 
 def fill_template(template: str, concept: str) -> str:
-    """Put the concept into a template; a template without '{}' gets the concept appended."""
-    return template.replace("{}", concept) if "{}" in template else f"{template} {concept}".strip()
+    """Put the concept where the template has '{}'; a template without '{}' is used as written
+    (it must then name the concept itself, which localisation checks)."""
+    return template.replace("{}", concept)
 
 
 def shuffle_words(text: str, rng: random.Random, keep: str | None = None) -> str:

@@ -200,7 +200,7 @@ class ComfyZImageBackend(Backend):
         self.patcher = model.clone()
         self.clip = clip
         self.gate = TokenGate()
-        self.key = f"{WRAPPER_PREFIX}.{uuid.uuid4().hex[:12]}"
+        self.key = f"{WRAPPER_PREFIX}_{uuid.uuid4().hex[:12]}"
         self._wrapped: dict[int, GatedLoRALinear] = {}
         self._capture: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
         self._layout: TokenLayout | None = None

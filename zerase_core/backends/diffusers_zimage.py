@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint
 
 from ..attention_mass import MassRecorder
 from ..gate import TokenGate
@@ -150,9 +151,27 @@ class DiffusersZImageBackend(Backend):
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if enabled:
-            self.transformer.enable_gradient_checkpointing(self.gate.checkpoint_fn())
+            self.transformer.enable_gradient_checkpointing(self._checkpoint)
         else:
             self.transformer.disable_gradient_checkpointing()
+
+    def _checkpoint(self, block, *args):
+        """Checkpoint a block so that its recomputation replays the same per-call state.
+
+        Recomputation runs during backward, after ``velocity`` has left its contexts, so
+        the layout and the attention recorder travel with the call: the recomputed graph
+        must match the first one (the gate applied, the mass computed) exactly.
+        """
+        layout, lora_on, recorder = self.gate.layout, self.gate.lora_on, self._recorder
+
+        def replay(*inner):
+            with ExitStack() as stack:
+                if layout is not None:
+                    stack.enter_context(self.gate.active(layout, lora_on))
+                stack.enter_context(self._watching(recorder))
+                return block(*inner)
+
+        return checkpoint(replay, *args, use_reentrant=False)
 
     # --- prompts and predictions ---------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
@@ -168,11 +187,11 @@ class DiffusersZImageBackend(Backend):
 
     @contextmanager
     def _watching(self, recorder: MassRecorder | None) -> Iterator[None]:
-        self._recorder = recorder
+        previous, self._recorder = self._recorder, recorder
         try:
             yield
         finally:
-            self._recorder = None
+            self._recorder = previous
 
     def velocity(self, x, sigma, prompts, *, lora=True, concept_tokens=None, mass_layers=None):
         if x.shape[0] != len(prompts):

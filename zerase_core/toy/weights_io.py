@@ -21,6 +21,7 @@ def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str,
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; shipped weights are ordinary files
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     finally:
         if os.path.exists(tmp):

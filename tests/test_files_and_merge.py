@@ -1,0 +1,160 @@
+"""LoRA files (native, official import, refusals) and the App. F merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from zerase_core.apply import export_lora, host_widths, install_lora
+from zerase_core.errors import ZEraseError
+from zerase_core.files import safe_output_path
+from zerase_core.lora import LoRAConfig
+from zerase_core.lora_file import ErasureLoRA, check_fits, load_lora, save_lora
+from zerase_core.merge import merge, merge_exact, rerank
+
+
+def _random_lora(keys, d_in=64, d_out=64, rank=4, seed=0, scale=0.5, concept="red"):
+    g = torch.Generator().manual_seed(seed)
+    factors = {k: (torch.randn(rank, d_in, generator=g), torch.randn(d_out, rank, generator=g)) for k in keys}
+    return ErasureLoRA(factors, scale=scale, concept=concept, fingerprint={"family": "z-image-tiny", "dim": 64, "n_layers": 2})
+
+
+KEYS = [(0, "q"), (0, "k"), (1, "v")]
+
+
+def test_save_load_is_exact(tmp_path):
+    lora = _random_lora(KEYS)
+    path = save_lora(lora, tmp_path / "red.safetensors")
+    back = load_lora(path)
+    assert back.factors.keys() == lora.factors.keys()
+    for k in KEYS:
+        assert torch.equal(back.factors[k][0], lora.factors[k][0]) and torch.equal(back.factors[k][1], lora.factors[k][1])
+    assert (back.scale, back.concept, back.fingerprint) == (lora.scale, lora.concept, lora.fingerprint)
+    meta = json.loads(json.dumps(back.metadata()))
+    assert meta["gate"]["kind"] == "text-tokens" and meta["targets"] == ["q", "k", "v"]
+
+
+def test_official_file_imports_to_same_delta(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    tensors, expected = {}, {}
+    for layer in (0, 1):
+        for proj in ("q", "k"):
+            down, up = torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g)
+            tensors[f"layers.{layer}.attention.to_{proj}.lora_down.weight"] = down
+            tensors[f"layers.{layer}.attention.to_{proj}.lora_up.weight"] = up
+            expected[(layer, proj)] = up.double() @ down.double()
+    save_file(tensors, str(tmp_path / "official.safetensors"))
+    lora = load_lora(tmp_path / "official.safetensors")
+    assert lora.source == "official-z-erase" and lora.targets == ("q", "k")
+    for key, delta in expected.items():
+        assert torch.allclose(lora.delta_weight(key), delta, atol=1e-9)
+
+
+def test_installed_lora_round_trips_through_backend(tiny_backend, tmp_path):
+    lora = _random_lora(KEYS)
+    lora_set = install_lora(tiny_backend, lora)
+    again = export_lora(lora_set)
+    for key in KEYS:
+        assert torch.allclose(again.delta_weight(key), lora.delta_weight(key), atol=1e-6)
+    assert torch.equal(again.delta_weight((1, "q")), torch.zeros(64, 64, dtype=torch.float64))
+
+
+def test_refusals(tmp_path):
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{notjson")
+    with pytest.raises(ZEraseError, match="not a readable safetensors"):
+        load_lora(tmp_path / "broken.safetensors")
+    save_file({"transformer.layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 4)}, str(tmp_path / "stock.safetensors"))
+    with pytest.raises(ZEraseError, match="ordinary LoRA"):
+        load_lora(tmp_path / "stock.safetensors")
+    with pytest.raises(ZEraseError, match="not found"):
+        load_lora(tmp_path / "missing.safetensors")
+
+
+def test_lora_of_another_architecture_is_refused(tiny_backend):
+    wide = _random_lora(KEYS, d_in=128, d_out=128)
+    with pytest.raises(ZEraseError, match="different architecture.*layer 0 q: LoRA maps 128→128, model needs 64→64"):
+        check_fits(wide, tiny_backend.fingerprint(), host_widths(tiny_backend))
+    deep = _random_lora([(5, "q")])
+    with pytest.raises(ZEraseError, match="layer 5 q: the model has no such projection"):
+        install_lora(tiny_backend, deep)
+
+
+def test_stock_loaders_do_not_recognise_native_files(tiny_backend, tmp_path):
+    """diffusers' LoRA loading must not silently apply an erasure LoRA ungated."""
+    path = save_lora(_random_lora(KEYS), tmp_path / "red.safetensors")
+    transformer = tiny_backend.transformer
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    from safetensors.torch import load_file
+
+    try:
+        transformer.load_lora_adapter(load_file(str(path)), adapter_name="stock")
+    except (ValueError, KeyError, RuntimeError):
+        pass  # refusing is fine too
+    assert not any("lora" in name for name, _ in transformer.named_parameters())
+    assert all(torch.equal(before[k], v) for k, v in transformer.state_dict().items() if k in before)
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "", "bad:name"])
+def test_save_name_cannot_leave_its_folder(tmp_path, name):
+    with pytest.raises(ZEraseError, match="not allowed|would leave"):
+        safe_output_path(tmp_path, name)
+
+
+def test_save_name_never_overwrites(tmp_path):
+    first = safe_output_path(tmp_path, "sub/red")
+    first.parent.mkdir(parents=True)
+    first.write_bytes(b"x")
+    assert safe_output_path(tmp_path, "sub/red").name == "red_001.safetensors"
+
+
+def test_exact_merge_is_the_weighted_sum_of_products():
+    a, b = _random_lora(KEYS, seed=1, scale=0.5), _random_lora(KEYS[:2], seed=2, rank=3, scale=2.0)
+    merged, report = merge([a, b], weights=[0.3, 0.7])
+    assert report.relative_error == 0.0 and merged.rank == 7
+    for key in KEYS:
+        expected = 0.3 * a.delta_weight(key) + (0.7 * b.delta_weight(key) if key in b.factors else 0)
+        assert torch.allclose(merged.delta_weight(key), expected, atol=1e-5)
+    default = merge_exact([a, b])  # paper's w_i = 1/N
+    assert torch.allclose(default.delta_weight(KEYS[0]), 0.5 * (a.delta_weight(KEYS[0]) + b.delta_weight(KEYS[0])), atol=1e-5)
+
+
+def test_exact_merge_agrees_with_peft_cat_merge():
+    """peft's add_weighted_adapter(combination_type='cat') is the reference for the exact merge."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["0"]), adapter_name="a")
+    peft_model.add_adapter("b", LoraConfig(r=3, lora_alpha=3, target_modules=["0"]))
+    layer = peft_model.base_model.model[0]
+    ours = []
+    for name in ("a", "b"):
+        torch.nn.init.normal_(layer.lora_B[name].weight)
+        ours.append(ErasureLoRA({(0, "q"): (layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach())}, scale=layer.scaling[name]))
+    peft_model.add_weighted_adapter(["a", "b"], [0.25, 0.75], "m", combination_type="cat")
+    reference = layer.get_delta_weight("m").double()
+    merged, _ = merge(ours, [0.25, 0.75])
+    assert torch.allclose(merged.delta_weight((0, "q")), reference, atol=1e-5)
+
+
+def test_svd_rerank_reports_error_that_shrinks_with_rank():
+    merged = merge_exact([_random_lora(KEYS, seed=s) for s in range(3)])  # rank 12
+    errors = []
+    for rank in (1, 3, 6, 9, 12):
+        low, report = rerank(merged, rank)
+        true = sum((low.delta_weight(k) - merged.delta_weight(k)).square().sum() for k in KEYS) ** 0.5
+        norm = sum(merged.delta_weight(k).square().sum() for k in KEYS) ** 0.5
+        assert abs(report.relative_error - float(true / norm)) < 1e-6
+        assert low.rank == rank
+        errors.append(report.relative_error)
+    assert all(e1 > e2 for e1, e2 in zip(errors, errors[1:-1])) and errors[-1] < 1e-6
+
+
+def test_merge_refuses_different_architectures():
+    a = _random_lora(KEYS)
+    b = ErasureLoRA(_random_lora(KEYS).factors, fingerprint={"family": "z-image", "dim": 3840, "n_layers": 30})
+    with pytest.raises(ZEraseError, match="different architectures"):
+        merge([a, b])

@@ -1,0 +1,149 @@
+"""The invariant everything rests on: the LoRA never touches the image stream (paper Eq. 4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
+from zerase_core.lora import GatedLoRALinear, LoRAConfig
+
+
+def _randomise_lora(lora_set, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_set.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def _record_projections(transformer):
+    """Hook every gated layer: keep (input, output, text mask) of each call."""
+    calls = []
+    handles = []
+    for name, module in transformer.named_modules():
+        if isinstance(module, GatedLoRALinear):
+
+            def hook(mod, args, out, name=name):
+                calls.append((name, mod, args[0].detach(), out.detach(), mod.gate.text_mask(args[0]).clone()))
+
+            handles.append(module.register_forward_hook(hook))
+    return calls, handles
+
+
+def _run(backend: DiffusersZImageBackend, hw, prompts, lora=True):
+    encoded = backend.encode(prompts)
+    c, h, w = backend.latent_shape(*hw)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(len(prompts), c, h, w, generator=g)
+    sigma = torch.full((len(prompts),), 0.7)
+    with torch.no_grad():
+        v, _ = backend.velocity(x, sigma, encoded, lora=lora)
+    return v
+
+
+CASES = {
+    "64px": ((64, 64), ["a red circle"]),
+    "128x64px": ((128, 64), ["a red circle on the left of a very large blue square"]),
+    "batch of two captions": ((64, 64), ["red", "a red circle on the left of a very large blue square " * 3]),
+    "cfg pair": ((96, 96), ["a red circle", ""]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_image_rows_equal_base_and_text_rows_differ(tiny_backend, case):
+    hw, prompts = CASES[case]
+    lora_set = tiny_backend.install(LoRAConfig(rank=4))
+    _randomise_lora(lora_set)
+    calls, handles = _record_projections(tiny_backend.transformer)
+    _run(tiny_backend, hw, prompts)
+    for h in handles:
+        h.remove()
+    assert len(calls) == 3 * tiny_backend.n_layers  # every q, k, v of every main layer ran
+    for name, module, x, y, text in calls:
+        base = module.base_layer(x)
+        image = ~text
+        assert torch.equal(y[image], base[image]), f"{name}: image rows changed"
+        assert not torch.allclose(y[text], base[text]), f"{name}: text rows unchanged although B != 0"
+
+
+def test_layout_follows_the_call(tiny_backend):
+    """Text spans come from each call: two resolutions and two caption lengths give different layouts."""
+    enc = tiny_backend.encode(["red", "a red circle " * 12])
+    small = tiny_backend.layout(torch.zeros(2, 4, 8, 8), enc)
+    large = tiny_backend.layout(torch.zeros(2, 4, 16, 8), enc)
+    assert small.image == ((0, 32), (0, 32)) and small.text == ((32, 64), (32, 96))
+    assert large.image == ((0, 32), (0, 32)) or large.image[0][1] == 32
+    assert large.text[1][1] - large.text[1][0] == 64
+    assert small.seq_len == 96
+
+
+def test_zero_lora_and_lora_off_match_base(tiny_backend):
+    prompts = ["a red circle", ""]
+    base = _run(tiny_backend, (64, 64), prompts)
+    lora_set = tiny_backend.install(LoRAConfig(rank=4))
+    assert torch.equal(_run(tiny_backend, (64, 64), prompts), base)  # B = 0 changes nothing
+    _randomise_lora(lora_set)
+    assert not torch.allclose(_run(tiny_backend, (64, 64), prompts), base)
+    assert torch.equal(_run(tiny_backend, (64, 64), prompts, lora=False), base)  # switched off
+
+
+def test_unpatch_restores_modules(tiny_backend):
+    before = {n: m for n, m in tiny_backend.transformer.named_modules()}
+    v0 = _run(tiny_backend, (64, 64), ["a red circle"])
+    _randomise_lora(tiny_backend.install(LoRAConfig(rank=4)))
+    tiny_backend.uninstall()
+    after = {n: m for n, m in tiny_backend.transformer.named_modules()}
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert torch.equal(_run(tiny_backend, (64, 64), ["a red circle"]), v0)
+
+
+def test_only_lora_parameters_get_gradients(tiny_backend):
+    # Layer 0 only: in the last main layer, text-row queries feed only text outputs, which the
+    # final layer discards, so a q-LoRA there has an exactly zero gradient.
+    lora_set = tiny_backend.install(LoRAConfig(rank=4, targets=("q", "v"), layers=(0, 1)))
+    _randomise_lora(lora_set)
+    for p in lora_set.parameters():
+        p.requires_grad_(True)
+    enc = tiny_backend.encode(["a red circle"])
+    v, mass = tiny_backend.velocity(torch.randn(1, 4, 8, 8), torch.tensor([0.5]), enc, concept_tokens=[[2]])
+    (v.square().mean() + mass.sum()).backward()
+    lora_params = {id(p) for p in lora_set.parameters()}
+    for name, p in tiny_backend.transformer.named_parameters():
+        if id(p) in lora_params:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, f"{name} got a gradient"
+    # targets and layer range were honoured: layer 1 and k are untouched
+    assert {k for k in lora_set.slots} == {(0, "q"), (0, "v")}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lora_stays_fp32_on_low_precision_base(dtype):
+    base = torch.nn.Linear(16, 48, bias=False).to(dtype)
+    from zerase_core.gate import TokenGate
+    from zerase_core.layout import TokenLayout
+
+    gate = TokenGate()
+    layer = GatedLoRALinear(base, {"q": (0, 16), "k": (16, 32), "v": (32, 48)}, gate)
+    adapter = layer.add_adapter("a", ("q", "v"), rank=2, scale=1.0)
+    with torch.no_grad():
+        adapter.B["q"].fill_(0.1)
+        adapter.B["v"].fill_(0.1)
+    assert all(p.dtype == torch.float32 for p in adapter.parameters())
+    x = torch.randn(1, 8, 16).to(dtype)
+    with gate.active(TokenLayout(8, ((5, 8),), ((0, 5),))):
+        y = layer(x)
+    base_y = base(x)
+    assert y.dtype == dtype
+    assert torch.equal(y[0, :5], base_y[0, :5])
+    assert torch.equal(y[0, 5:, 16:32], base_y[0, 5:, 16:32])  # k slice has no adapter
+    assert not torch.equal(y[0, 5:, :16], base_y[0, 5:, :16])
+
+
+def test_gated_layer_refuses_to_run_without_layout():
+    from zerase_core.gate import TokenGate
+
+    layer = GatedLoRALinear(torch.nn.Linear(4, 4), {"q": (0, 4)}, TokenGate())
+    layer.add_adapter("a", ("q",), rank=1, scale=1.0)
+    with pytest.raises(RuntimeError, match="without a token layout"):
+        layer(torch.randn(1, 3, 4))

@@ -1,0 +1,146 @@
+"""Algorithm 1 end to end on a tiny diffusers Z-Image: learning, λ, resume, guards, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zerase_core.config import TrainConfig
+from zerase_core.errors import ZEraseError
+from zerase_core.lora import LoRAConfig
+from zerase_core.lora_file import load_lora, save_lora
+from zerase_core.objectives import loss_erase
+from zerase_core.tiny import tiny_zimage_backend
+from zerase_core.trainer import NonFiniteLoss, ZEraseTrainer
+
+
+def _config(**over):
+    base = dict(
+        concept="red",
+        preserve=("blue",),
+        templates=("a photo of a {} ball", "{} sky at night"),
+        steps=30,
+        height=64,
+        width=64,
+        sample_steps=4,
+        lora=LoRAConfig(rank=4),
+        checkpoint_every=10,
+    )
+    return TrainConfig(**(base | over))
+
+
+def _fixed_erase_loss(trainer: ZEraseTrainer) -> float:
+    """L_erase on a fixed batch (every erase prompt, fixed noise and σ) — a noise-free yardstick."""
+    backend, pool = trainer.backend, trainer.pool
+    g = torch.Generator().manual_seed(123)
+    n = len(pool.erase)
+    x = torch.randn(n, *trainer.latent_shape, generator=g)
+    sigma = torch.linspace(0.3, 0.9, n)
+    with torch.no_grad():
+        v_c, _ = backend.velocity(x, sigma, list(pool.erase), lora=False)
+        v_u, _ = backend.velocity(x, sigma, [pool.uncond] * n, lora=False)
+        v_s, _ = backend.velocity(x, sigma, list(pool.erase), lora=True)
+    return float(loss_erase(v_s, v_u, v_c, trainer.config.eta))
+
+
+def test_thirty_steps_lower_erase_loss_and_keep_lambda_valid():
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(lr=1e-2))
+    before = _fixed_erase_loss(trainer)
+    result = trainer.run()
+    after = _fixed_erase_loss(trainer)
+    assert after < 0.9 * before, (before, after)
+    assert len(result.history) == 30 and result.completed
+    assert all(r.lam >= 0 for r in result.history)
+    assert all(math.isfinite(v) for r in result.history for v in (r.erase, r.attn, r.pr, r.lam))
+    assert result.history[0].pr == 0.0  # B = 0 at θ₀: the student equals the teacher
+    assert any(r.lam > 0 for r in result.history)  # the constraint engaged at this learning rate
+    assert result.lora.training["steps_done"] == 30 and result.lora.concept == "red"
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    full = ZEraseTrainer(tiny_zimage_backend(), _config(steps=12, checkpoint_every=5), checkpoint_path=tmp_path / "a.ckpt")
+    reference = full.run()
+
+    first = ZEraseTrainer(tiny_zimage_backend(), _config(steps=5, checkpoint_every=5), checkpoint_path=tmp_path / "b.ckpt")
+    first.run()
+    second = ZEraseTrainer(tiny_zimage_backend(), _config(steps=12, checkpoint_every=5), checkpoint_path=tmp_path / "b.ckpt")
+    second.resume(tmp_path / "b.ckpt")
+    assert second.step == 5
+    resumed = second.run()
+
+    flat = lambda history: [v for r in history for v in (r.erase, r.attn, r.pr, r.lam)]  # noqa: E731
+    assert flat(resumed.history) == pytest.approx(flat(reference.history), rel=1e-5, abs=1e-8)
+    for key, (a, b) in reference.lora.factors.items():
+        assert torch.allclose(resumed.lora.factors[key][0], a, atol=1e-6)
+        assert torch.allclose(resumed.lora.factors[key][1], b, atol=1e-6)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=tmp_path / "c.ckpt").run()
+    other = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4, eta=5.0))
+    with pytest.raises(ZEraseError, match="different settings"):
+        other.resume(tmp_path / "c.ckpt")
+
+
+def test_exact_and_fixed_modes_run():
+    for mode in ("exact", "fixed"):
+        result = ZEraseTrainer(tiny_zimage_backend(), _config(steps=3, lambda_mode=mode, fixed_lambda=0.5)).run()
+        assert all(math.isfinite(r.erase) for r in result.history)
+        if mode == "fixed":
+            assert all(r.lam == 0.5 for r in result.history)
+
+
+def test_nan_in_a_loss_stops_without_a_broken_lora(tmp_path, monkeypatch):
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6), checkpoint_path=tmp_path / "n.ckpt")
+    for _ in range(3):
+        trainer.train_step()
+    good = {k: (a.detach().clone(), b.detach().clone()) for k, (a, b) in trainer.lora.factors().items()}
+    import zerase_core.trainer as trainer_module
+
+    real = trainer_module.loss_preserve
+    monkeypatch.setattr(trainer_module, "loss_preserve", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(NonFiniteLoss, match="non-finite value at step 4"):
+        trainer.run()
+    for key, (a, b) in trainer.lora.factors().items():
+        assert torch.equal(a, good[key][0]) and torch.equal(b, good[key][1])
+    saved = save_lora(trainer.export(), tmp_path / "ok.safetensors")
+    assert all(torch.isfinite(t).all() for ab in load_lora(saved).factors.values() for t in ab)
+
+
+def test_cancel_keeps_a_loadable_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=20), should_stop=stop, checkpoint_path=tmp_path / "k.ckpt")
+    result = trainer.run()
+    assert not result.completed and len(result.history) == 4
+    again = ZEraseTrainer(tiny_zimage_backend(), _config(steps=20))
+    again.resume(tmp_path / "k.ckpt")
+    assert again.step == 4
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, gradient_checkpointing=ckpt, lambda_mode="fixed"))
+        with torch.no_grad():
+            for p in trainer.params:
+                p.add_(0.05)
+        l_erase, l_attn, l_pr, _ = trainer._losses(trainer.pool.erase[0], list(trainer.pool.erase_tokens[0]), trainer.pool.keep[0])
+        (l_erase + l_attn + l_pr).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in trainer.params]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bad_inputs_get_clear_errors():
+    with pytest.raises(ZEraseError, match="concept is empty"):
+        _config(concept="  ")
+    with pytest.raises(ZEraseError, match="does not occur in the prompt"):
+        ZEraseTrainer(tiny_zimage_backend(), _config(concept="red", templates=("a photo of a cat",)))
+    with pytest.raises(ZEraseError, match="preset"):
+        _config(preset="nudity-ish")
