@@ -1,0 +1,1 @@
+"""ComfyUI nodes of the Z-Erase pack: one module per node; the nodes hold no math."""

@@ -1,0 +1,45 @@
+"""Apply Erasure LoRA: MODEL + erasure LoRA + strength -> MODEL (a patched clone)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from zerase_core.apply import install_lora
+from zerase_core.backends.comfy_zimage import ComfyZImageBackend
+
+from .common import NONE, ErasureLoRAType, lora_files, pick_lora
+
+NODE = "Apply Erasure LoRA"
+
+
+def apply_erasure(model, lora, strength: float):
+    """A clone of ``model`` carrying ``lora`` gated to text tokens; ``model`` itself is untouched."""
+    backend = ComfyZImageBackend(model, node=NODE)
+    install_lora(backend, lora, name=backend.key, strength=lora.strength * strength)
+    return backend.patcher
+
+
+class ApplyErasureLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZEraseApplyLoRA",
+            display_name=NODE,
+            category="Z-Erase",
+            description="Puts a Z-Erase LoRA on a Z-Image model, acting on text tokens only. Stack several "
+            "to erase several concepts; bypass the node to get the original model back.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("lora_name", options=lora_files(), default=NONE,
+                               tooltip="A Z-Erase LoRA file (native or official Z-Erase) from the loras folders."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05),
+                ErasureLoRAType.Input("erasure_lora", optional=True,
+                                      tooltip="Overrides the file: a LoRA from Z-Erase Train or Merge."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength, erasure_lora=None) -> io.NodeOutput:
+        lora = pick_lora(NODE, lora_name, erasure_lora)
+        return io.NodeOutput(apply_erasure(model, lora, strength))

@@ -1,0 +1,102 @@
+"""Attention Map Viewer: per-word heatmaps of image-token attention (paper Fig. 2), and A − B."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from zerase_core.backends.comfy_zimage import ComfyZImageBackend
+from zerase_core.errors import ZEraseError
+from zerase_core.prompts import concept_token_indices
+
+from . import _render
+
+NODE = "Attention Map Viewer"
+
+
+def parse_list(text: str, what: str, cast=str) -> list:
+    try:
+        items = [cast(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError as err:
+        raise ZEraseError(f"{NODE}: {what} must be comma-separated values ({err}).")
+    if not items:
+        raise ZEraseError(f"{NODE}: give at least one of {what}.")
+    return items
+
+
+def word_maps(backend, prompt, columns, x0, sigmas, seed, layers):
+    """(n_words, h, w) maps averaged over noise levels, each level noised from the same seed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=gen)
+    total = None
+    for s in sigmas:
+        x = s * noise + (1.0 - s) * x0  # rectified flow: σ = 1 is pure noise
+        maps = backend.attention_maps(x, torch.tensor([s]), prompt, columns, layers)
+        total = maps if total is None else total + maps
+    return total / len(sigmas)
+
+
+class AttentionMapViewer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZEraseAttentionMaps",
+            display_name=NODE,
+            category="Z-Erase",
+            description="Where image tokens attend to each chosen word of the prompt, over the picture.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.String.Input("prompt", default="a photo of a cat", multiline=True),
+                io.String.Input("words", default="cat", tooltip="Comma-separated words or phrases of the prompt."),
+                io.String.Input("sigmas", default="0.5", tooltip="Noise level(s) in (0, 1], comma-separated."),
+                io.Int.Input("layer_start", default=0, min=0, max=1000),
+                io.Int.Input("layer_end", default=-1, min=-1, max=1000, tooltip="Exclusive; -1: to the last layer."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
+                io.Latent.Input("latent", optional=True),
+                io.Image.Input("image", optional=True),
+                io.Vae.Input("vae", optional=True, tooltip="Needed to encode an IMAGE; also draws the picture."),
+                io.Model.Input("model_b", optional=True, tooltip="A second model (e.g. erased) to compare."),
+            ],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompt, words, sigmas, layer_start, layer_end, seed, latent=None, image=None,
+                vae=None, model_b=None) -> io.NodeOutput:
+        words = parse_list(words, "words")
+        sigma_list = parse_list(sigmas, "sigmas", float)
+        if any(not 0.0 < s <= 1.0 for s in sigma_list):
+            raise ZEraseError(f"{NODE}: noise levels must lie in (0, 1]; got {sigma_list}.")
+        backend = ComfyZImageBackend(model, clip, node=NODE)
+        end = backend.n_layers if layer_end < 0 else min(layer_end, backend.n_layers)
+        if not 0 <= layer_start < end:
+            raise ZEraseError(f"{NODE}: layer range {layer_start}..{layer_end} is empty; the model has {backend.n_layers} layers.")
+        layers = set(range(layer_start, end))
+        (encoded,) = backend.encode([prompt])
+        columns = [concept_token_indices(encoded, w) for w in words]
+        if latent is not None:
+            samples = latent["samples"][:1]
+        elif image is not None and vae is not None:
+            samples = vae.encode(image[:1, :, :, :3])
+        else:
+            raise ZEraseError(f"{NODE}: connect a LATENT, or an IMAGE together with a VAE.")
+        x0 = backend.patcher.model.process_latent_in(samples.float()).cpu()
+        maps = [word_maps(backend, encoded, columns, x0, sigma_list, seed, layers)]
+        labels = ["model"]
+        if model_b is not None:
+            other = ComfyZImageBackend(model_b, node=NODE)
+            maps.append(word_maps(other, encoded, columns, x0, sigma_list, seed, layers))
+            labels = ["model A", "model B"]
+        picture = _render.to_pil((image[0, :, :, :3] if image is not None else _render.decode(model, vae, samples)[0]))
+        lo = min(float(m.min()) for m in maps)
+        hi = max(float(m.max()) for m in maps)
+        rows = [[_render.heatmap(picture, m[n], lo, hi) for n in range(len(words))] for m in maps]
+        if model_b is not None:
+            diff = maps[0] - maps[1]
+            r = float(diff.abs().max()) or 1.0
+            rows.append([_render.heatmap(picture, diff[n], -r, r) for n in range(len(words))])
+            labels.append("A - B")
+        caption = f"{prompt} | σ {', '.join(f'{s:g}' for s in sigma_list)} | layers {layer_start}..{end - 1}"
+        return io.NodeOutput(_render.grid(rows, words, labels, caption=caption))

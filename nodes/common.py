@@ -1,0 +1,45 @@
+"""What the nodes share: the erasure-LoRA socket type, file lookup, progress, and save paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from comfy_api.latest import io
+
+from zerase_core.errors import ZEraseError
+from zerase_core.lora_file import ErasureLoRA, load_lora
+
+ErasureLoRAType = io.Custom("ZERASE_LORA")  # an in-memory zerase_core.lora_file.ErasureLoRA
+NONE = "(none)"
+SUBFOLDER = "zerase"
+
+
+def lora_files() -> list[str]:
+    import folder_paths
+
+    return [NONE, *folder_paths.get_filename_list("loras")]
+
+
+def read_lora_file(name: str, node: str) -> ErasureLoRA:
+    import folder_paths
+
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise ZEraseError(f"{node}: LoRA file '{name}' is not in any loras folder.")
+    return load_lora(path)
+
+
+def output_folder() -> Path:
+    """models/loras/zerase/ (the first configured loras folder)."""
+    import folder_paths
+
+    return Path(folder_paths.get_folder_paths("loras")[0]) / SUBFOLDER
+
+
+def pick_lora(node: str, lora_name: str = NONE, erasure_lora: ErasureLoRA | None = None) -> ErasureLoRA:
+    """The socket input wins over the file choice; one of them is needed."""
+    if erasure_lora is not None:
+        return erasure_lora
+    if lora_name and lora_name != NONE:
+        return read_lora_file(lora_name, node)
+    raise ZEraseError(f"{node}: choose a LoRA file or connect an erasure LoRA.")

@@ -1,0 +1,26 @@
+"""Load Erasure LoRA: a file from the loras folders -> ZERASE_LORA (for Merge and Apply)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .common import ErasureLoRAType, lora_files, read_lora_file
+
+NODE = "Load Erasure LoRA"
+
+
+class LoadErasureLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZEraseLoadLoRA",
+            display_name=NODE,
+            category="Z-Erase",
+            inputs=[io.Combo.Input("lora_name", options=lora_files()[1:] or [""])],
+            outputs=[ErasureLoRAType.Output(display_name="erasure_lora"), io.String.Output(display_name="concept")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name) -> io.NodeOutput:
+        lora = read_lora_file(lora_name, NODE)
+        return io.NodeOutput(lora, lora.concept)

@@ -1,0 +1,62 @@
+"""Merge Erasure LoRAs: two or more LoRAs with weights -> one (exact, or re-ranked by SVD)."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from zerase_core.errors import ZEraseError
+from zerase_core.files import safe_output_path
+from zerase_core.lora_file import save_lora
+from zerase_core.merge import merge
+
+from .common import ErasureLoRAType, output_folder
+
+NODE = "Merge Erasure LoRAs"
+log = logging.getLogger(__name__)
+
+
+def parse_weights(text: str, n: int) -> list[float] | None:
+    text = text.strip()
+    if not text:
+        return None  # 1/N each (paper App. F)
+    try:
+        weights = [float(w) for w in text.replace(";", ",").split(",") if w.strip()]
+    except ValueError as err:
+        raise ZEraseError(f"{NODE}: weights must be numbers separated by commas, e.g. '0.5, 0.5' ({err}).")
+    if len(weights) != n:
+        raise ZEraseError(f"{NODE}: {len(weights)} weights given for {n} connected LoRAs.")
+    return weights
+
+
+class MergeErasureLoRAs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZEraseMergeLoRAs",
+            display_name=NODE,
+            category="Z-Erase",
+            description="Σ w_i ΔW_i over the products ΔW = B·A (rank concatenation is exact); optional SVD re-rank.",
+            inputs=[
+                ErasureLoRAType.Input("lora_1"),
+                ErasureLoRAType.Input("lora_2"),
+                ErasureLoRAType.Input("lora_3", optional=True),
+                ErasureLoRAType.Input("lora_4", optional=True),
+                io.String.Input("weights", default="", tooltip="Comma-separated, one per LoRA; empty: 1/N each."),
+                io.Int.Input("rank", default=0, min=0, max=1024, tooltip="0: exact merge; else re-rank by SVD."),
+                io.String.Input("save_name", default="", tooltip="Empty: do not save. Saved under models/loras/zerase/."),
+            ],
+            outputs=[ErasureLoRAType.Output(display_name="erasure_lora"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, lora_1, lora_2, weights, rank, save_name, lora_3=None, lora_4=None) -> io.NodeOutput:
+        loras = [x for x in (lora_1, lora_2, lora_3, lora_4) if x is not None]
+        merged, report = merge(loras, parse_weights(weights, len(loras)), rank or None)
+        text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
+        if save_name.strip():
+            path = save_lora(merged, safe_output_path(output_folder(), save_name))
+            text += f"; saved {path.name}"
+            log.info("Z-Erase: %s", text)
+        return io.NodeOutput(merged, text)

@@ -1,0 +1,131 @@
+"""Z-Erase Train: MODEL + CLIP + concept -> erasure LoRA, erased MODEL, loss/λ curves, previews."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from comfy_api.latest import io
+
+from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
+from zerase_core.config import PRESETS, TrainConfig
+from zerase_core.errors import ZEraseError
+from zerase_core.files import safe_output_path
+from zerase_core.lora import LoRAConfig
+from zerase_core.lora_file import save_lora
+from zerase_core.sampling import euler, flow_sigmas
+from zerase_core.trainer import ZEraseTrainer
+
+from . import _render
+from .apply_lora import apply_erasure
+from .common import ErasureLoRAType, output_folder
+
+NODE = "Z-Erase Train"
+TARGETS = ["q,k,v", "q,k", "q", "k", "v"]
+log = logging.getLogger(__name__)
+
+
+def build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank, targets,
+                 resolution, seed) -> TrainConfig:
+    return TrainConfig(
+        concept=concept.strip(),
+        preset=preset,
+        templates=tuple(line.strip() for line in templates.splitlines() if line.strip()),
+        preserve=tuple(p.strip() for p in preserve.split(",") if p.strip()),
+        steps=steps, lr=learning_rate, beta=beta, eta=eta,
+        epsilon=None if epsilon < 0 else epsilon,
+        height=resolution, width=resolution, seed=seed,
+        lora=LoRAConfig(rank=rank, targets=tuple(targets.split(","))),
+    )
+
+
+def _previews(backend, trainer, model, vae, config):
+    """Before/after pictures of the first erase prompt from the same noise."""
+    import torch
+
+    gen = torch.Generator().manual_seed(config.seed)
+    noise = torch.randn((1, *backend.latent_shape(config.height, config.width)), generator=gen)
+    sigmas = flow_sigmas(config.sample_steps, config.shift)
+    prompt = trainer.pool.erase[0]
+    pictures = []
+    for lora in (False, True):
+        x0 = euler(backend, noise, sigmas, [prompt], lora=lora).cpu()
+        pictures.append(_render.to_pil(_render.decode(model, vae, backend.patcher.model.process_latent_out(x0))[0]))
+    return _render.grid([pictures], ["before", "after"], caption=prompt.text)
+
+
+class ZEraseTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZEraseTrain",
+            display_name=NODE,
+            category="Z-Erase",
+            description="Trains a text-token-gated erasure LoRA on Z-Image (Z-Erase, Algorithm 1). Cancel keeps "
+            "the last good LoRA; files land in models/loras/zerase/ and never overwrite.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip", tooltip="Encodes the erase, preservation and empty prompts once."),
+                io.String.Input("concept", default="cat"),
+                io.Combo.Input("preset", options=list(PRESETS), default="entity",
+                               tooltip="Concept type: sets ε (paper Table 6) and the default template."),
+                io.String.Input("templates", default="", multiline=True,
+                                tooltip="One erase prompt template per line with {} for the concept; empty: the preset's."),
+                io.String.Input("preserve", default="", tooltip="Comma-separated preservation concepts."),
+                io.Int.Input("steps", default=1000, min=1, max=100000),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-5),
+                io.Float.Input("beta", default=0.1, min=0.0, max=10.0, step=0.01),
+                io.Float.Input("eta", default=2.0, min=0.0, max=20.0, step=0.1),
+                io.Float.Input("epsilon", default=-1.0, min=-1.0, max=1.0, step=1e-4, tooltip="-1: the preset's ε."),
+                io.Int.Input("rank", default=16, min=1, max=256),
+                io.Combo.Input("targets", options=TARGETS, default="q,k,v"),
+                io.Int.Input("resolution", default=512, min=16, max=2048, step=16),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
+                io.String.Input("save_name", default="concept"),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes the previews; without it a cheap preview."),
+            ],
+            outputs=[
+                ErasureLoRAType.Output(display_name="erasure_lora"),
+                io.Model.Output(display_name="erased_model"),
+                io.Image.Output(display_name="curves"),
+                io.Image.Output(display_name="previews"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon,
+                rank, targets, resolution, seed, save_name, vae=None) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+        import folder_paths
+
+        config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
+                              targets, resolution, seed)
+        path = safe_output_path(output_folder(), save_name)  # checked before any work
+        checkpoint = Path(folder_paths.get_temp_directory()) / "zerase" / f"{path.stem}.checkpoint.safetensors"
+        backend = ComfyZImageBackend(model, clip, node=NODE)
+        pbar = comfy.utils.ProgressBar(config.steps)
+        with training_session(backend):
+            trainer = ZEraseTrainer(backend, config, callbacks=[lambda record, t: pbar.update(1)],
+                                    should_stop=mm.processing_interrupted, checkpoint_path=checkpoint)
+            backend.clip = None  # prompts are encoded; the text encoder is not needed any more
+            try:
+                result = trainer.run()
+            except BaseException:
+                if trainer.step > 0 and trainer.params_finite():
+                    save_lora(trainer.export(), path)
+                    log.warning("Z-Erase: training stopped at step %d; saved the last good LoRA to %s", trainer.step, path)
+                raise
+        save_lora(result.lora, path)
+        if not result.completed:
+            log.warning("Z-Erase: cancelled at step %d; saved the LoRA so far to %s", trainer.step, path)
+            mm.throw_exception_if_processing_interrupted()
+        history = result.history
+        curves = _render.curves(
+            {"L_erase": [r.erase for r in history], "L_attn": [r.attn for r in history],
+             "L_pr": [r.pr for r in history], "lambda": [r.lam for r in history]},
+            title=f"Z-Erase '{config.concept}': {len(history)} steps, {result.seconds:.0f}s",
+        )
+        previews = _previews(backend, trainer, model, vae, config)
+        erased = apply_erasure(model, result.lora, 1.0)
+        return io.NodeOutput(result.lora, erased, curves, previews)

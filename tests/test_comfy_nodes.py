@@ -1,0 +1,194 @@
+"""Every node of the pack, loaded through ComfyUI's own custom-node loader, on tiny real models."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from comfy_support import REPO, empty_latent, encode, ksample, require_comfyui, tiny_clip, tiny_lumina2, tiny_zimage
+
+comfy = require_comfyui()
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from zerase_core.errors import ZEraseError  # noqa: E402
+from zerase_core.lora_file import ErasureLoRA, load_lora, save_lora  # noqa: E402
+
+DIM, LAYERS = 256, 2
+
+
+@pytest.fixture(scope="module")
+def pack():
+    import nodes
+
+    assert asyncio.run(nodes.load_custom_node(str(REPO), module_parent="custom_nodes"))
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture
+def loras_dir(tmp_path):
+    fp = comfy.folder_paths
+    saved = (fp.folder_names_and_paths["loras"][0][:], fp.get_temp_directory())
+    fp.folder_names_and_paths["loras"][0][:] = [str(tmp_path / "loras")]
+    (tmp_path / "loras").mkdir()
+    fp.set_temp_directory(str(tmp_path / "temp"))
+    fp.filename_list_cache.clear()
+    yield tmp_path / "loras"
+    fp.folder_names_and_paths["loras"][0][:] = saved[0]
+    fp.set_temp_directory(saved[1])
+    fp.filename_list_cache.clear()
+
+
+def random_lora(seed=0, rank=2, dim=DIM, concept="cat") -> ErasureLoRA:
+    g = torch.Generator().manual_seed(seed)
+    factors = {(i, p): (torch.randn(rank, dim, generator=g) * 0.3, torch.randn(dim, rank, generator=g) * 0.3)
+               for i in range(LAYERS) for p in "qkv"}
+    return ErasureLoRA(factors, concept=concept, fingerprint={"family": "z-image", "dim": dim, "n_layers": LAYERS})
+
+
+def test_pack_registers_every_node(pack):
+    for node_id in ("ZEraseTrain", "ZEraseApplyLoRA", "ZEraseLoadLoRA", "ZEraseMergeLoRAs",
+                    "ZEraseAttentionMaps", "ZEraseCompare"):
+        assert node_id in pack
+
+
+def test_apply_gates_image_rows_and_leaves_original_bit_identical(pack):
+    apply = pack["ZEraseApplyLoRA"]
+    model, clip = tiny_zimage(comfy), tiny_clip(comfy)
+    pos, neg = encode(clip, "a photo of a cat"), encode(clip, "blurry")
+    latent = empty_latent(1, 64, 80)  # 8 x 10 latent, 20 image tokens (padded to 32)
+    before = ksample(comfy, model, pos, neg, latent, seed=3, steps=2, cfg=2.0)
+    (erased,) = apply.execute(model=model, lora_name="(none)", strength=1.0, erasure_lora=random_lora())
+    qkvs = [model.model.diffusion_model.layers[i].attention.qkv for i in range(LAYERS)]
+    seen = []
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, i[0], o))) for n, m in enumerate(qkvs)]
+    try:
+        after = ksample(comfy, erased, pos, neg, latent, seed=3, steps=2, cfg=2.0)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) == 2 * 2 * LAYERS  # 2 steps x (cond, uncond) x layers
+    for n, x, out in seen:
+        text = 32  # both captions (13 and 10 tokens) pad to 32
+        base = torch.nn.functional.linear(x, qkvs[n].weight)
+        assert torch.equal(out[:, text:], base[:, text:])  # image rows: the unpatched projection's
+        assert not torch.equal(out[:, :text], base[:, :text])
+    assert not torch.equal(before, after)
+    again = ksample(comfy, model, pos, neg, latent, seed=3, steps=2, cfg=2.0)
+    assert torch.equal(before, again)  # the original MODEL is untouched after the clone ran
+
+
+def test_apply_stacks_and_refuses_what_does_not_fit(pack, loras_dir):
+    apply = pack["ZEraseApplyLoRA"]
+    model, clip = tiny_zimage(comfy), tiny_clip(comfy)
+    pos, neg = encode(clip, "a photo of a cat"), encode(clip, "")
+    lat = empty_latent()
+    lora = random_lora(1)
+    (twice,) = apply.execute(model=apply.execute(model=model, lora_name="(none)", strength=0.5, erasure_lora=lora)[0],
+                             lora_name="(none)", strength=0.5, erasure_lora=lora)
+    (once,) = apply.execute(model=model, lora_name="(none)", strength=1.0, erasure_lora=lora)
+    a = ksample(comfy, twice, pos, neg, lat, seed=1)
+    b = ksample(comfy, once, pos, neg, lat, seed=1)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # files: native, stock, another architecture
+    save_lora(lora, loras_dir / "native.safetensors")
+    save_file({"diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.zeros(2, DIM),
+               "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.zeros(3 * DIM, 2)},
+              str(loras_dir / "stock.safetensors"))
+    save_lora(random_lora(2, dim=64), loras_dir / "small.safetensors")
+    comfy.folder_paths.filename_list_cache.clear()
+    (from_file,) = apply.execute(model=model, lora_name="native.safetensors", strength=1.0)
+    torch.testing.assert_close(ksample(comfy, from_file, pos, neg, lat, seed=1), b, rtol=0, atol=0)
+    with pytest.raises(ZEraseError, match="ordinary LoRA"):
+        apply.execute(model=model, lora_name="stock.safetensors", strength=1.0)
+    with pytest.raises(ZEraseError, match="different architecture"):
+        apply.execute(model=model, lora_name="small.safetensors", strength=1.0)
+    with pytest.raises(ZEraseError, match="not Z-Image"):
+        apply.execute(model=tiny_lumina2(comfy), lora_name="native.safetensors", strength=1.0)
+
+
+def _train_inputs(**over):
+    base = dict(concept="cat", preset="entity", templates="A photo of {}", preserve="dog", steps=2,
+                learning_rate=1e-3, beta=0.1, eta=2.0, epsilon=-1.0, rank=2, targets="q,k,v", resolution=64,
+                seed=0, save_name="cat")
+    return base | over
+
+
+def test_train_outputs_and_files(pack, loras_dir):
+    train = pack["ZEraseTrain"]
+    with torch.inference_mode():  # as in ComfyUI: nodes run in inference mode, loaders make inference tensors
+        model = tiny_zimage(comfy, inference_tensors=True)
+        clip = tiny_clip(comfy)
+        lora, erased, curves, previews = train.execute(model=model, clip=clip, **_train_inputs())
+    assert (loras_dir / "zerase" / "cat.safetensors").is_file()
+    loaded = load_lora(loras_dir / "zerase" / "cat.safetensors")
+    assert loaded.concept == "cat" and loaded.training["steps_done"] == 2
+    assert curves.ndim == 4 and curves.shape[-1] == 3 and previews.shape[-1] == 3
+    assert erased is not model and lora.concept == "cat"
+    with torch.inference_mode():
+        train.execute(model=model, clip=clip, **_train_inputs(steps=1))
+    assert (loras_dir / "zerase" / "cat_001.safetensors").is_file()  # never overwrites
+    with pytest.raises(ZEraseError, match="not allowed|leave"):
+        train.execute(model=model, clip=clip, **_train_inputs(save_name="../escape"))
+    with pytest.raises(ZEraseError, match="concept is empty"):
+        train.execute(model=model, clip=clip, **_train_inputs(concept="  ", save_name="x"))
+    with pytest.raises(ZEraseError, match="not Z-Image"):
+        train.execute(model=tiny_lumina2(comfy), clip=clip, **_train_inputs(save_name="y"))
+
+
+def test_cancel_during_training_leaves_a_loadable_lora(pack, loras_dir):
+    train = pack["ZEraseTrain"]
+    mm, utils = comfy.mm, comfy.utils
+    calls = []
+
+    def hook(value, total, preview, node_id=None):  # what the server's hook does, with a Cancel after step 2
+        calls.append(value)
+        if value >= 2:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    old = utils.PROGRESS_BAR_HOOK
+    utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train.execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy), **_train_inputs(steps=50, save_name="stop"))
+    finally:
+        utils.set_progress_bar_global_hook(old)
+        mm.interrupt_current_processing(False)
+    lora = load_lora(loras_dir / "zerase" / "stop.safetensors")
+    assert lora.training["steps_done"] == 2
+    assert all(torch.isfinite(b).all() for _, b in lora.factors.values())
+
+
+def test_load_and_merge(pack, loras_dir):
+    save_lora(random_lora(3, concept="cat"), loras_dir / "a.safetensors")
+    save_lora(random_lora(4, concept="dog"), loras_dir / "b.safetensors")
+    comfy.folder_paths.filename_list_cache.clear()
+    load, merge = pack["ZEraseLoadLoRA"], pack["ZEraseMergeLoRAs"]
+    a, concept = load.execute(lora_name="a.safetensors")
+    b, _ = load.execute(lora_name="b.safetensors")
+    assert concept == "cat"
+    merged, report = merge.execute(lora_1=a, lora_2=b, weights="", rank=0, save_name="both")
+    key = (0, "q")
+    torch.testing.assert_close(merged.delta_weight(key), 0.5 * a.delta_weight(key) + 0.5 * b.delta_weight(key))
+    assert (loras_dir / "zerase" / "both.safetensors").is_file() and "rank 4" in report
+    small, report = merge.execute(lora_1=a, lora_2=b, weights="1, 1", rank=2, save_name="")
+    assert small.rank == 2 and "relative error" in report
+    with pytest.raises(ZEraseError, match="weights"):
+        merge.execute(lora_1=a, lora_2=b, weights="1", rank=0, save_name="")
+
+
+def test_attention_map_viewer_and_compare(pack):
+    viewer, compare = pack["ZEraseAttentionMaps"], pack["ZEraseCompare"]
+    model, clip = tiny_zimage(comfy), tiny_clip(comfy)
+    (erased,) = pack["ZEraseApplyLoRA"].execute(model=model, lora_name="(none)", strength=1.0, erasure_lora=random_lora())
+    latent = {"samples": torch.randn(1, 16, 8, 8)}
+    (img,) = viewer.execute(model=model, clip=clip, prompt="a photo of a cat on a mat", words="cat, mat",
+                            sigmas="0.3, 0.7", layer_start=0, layer_end=-1, seed=0, latent=latent, model_b=erased)
+    assert img.ndim == 4 and img.shape[-1] == 3
+    with pytest.raises(ZEraseError, match="does not occur"):
+        viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="dog", sigmas="0.5",
+                       layer_start=0, layer_end=-1, seed=0, latent=latent)
+    pics = torch.rand(2, 64, 64, 3)
+    (grid,) = compare.execute(original=pics, erased=pics.flip(0), prompt="a photo of a cat",
+                              label_original="original", label_erased="erased")
+    assert grid.shape[0] == 1 and grid.shape[2] > 128
