@@ -1,28 +1,11 @@
-"""Pictures the nodes show: loss curves, labelled grids, heatmap overlays (PIL, no plotting library).
-
-ComfyUI IMAGE tensors are (B, H, W, 3) float in [0, 1]; these helpers take and return that.
-"""
+"""Pictures the nodes show. Generic drawing lives in zerase_core.render; this adds the
+ComfyUI-specific latent preview and VAE decode."""
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-_FONT = ImageFont.load_default()
-_COLOURS = [(220, 60, 60), (60, 120, 220), (60, 170, 90), (200, 140, 30), (150, 80, 200)]
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(H, W, 3) float [0, 1] -> PIL."""
-    return Image.fromarray((image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
-
-
-def to_image(pictures: Sequence[Image.Image]) -> torch.Tensor:
-    """PIL pictures of one size -> (B, H, W, 3) float."""
-    return torch.stack([torch.from_numpy(np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0) for p in pictures])
+from zerase_core.render import curves, grid, heatmap, to_image, to_pil  # noqa: F401  (re-exported for nodes)
 
 
 def latent_preview(model, latent: torch.Tensor) -> torch.Tensor:
@@ -41,71 +24,3 @@ def decode(model, vae, latent: torch.Tensor) -> torch.Tensor:
     if vae is not None:
         return vae.decode(latent)[..., :3].float().cpu()
     return latent_preview(model, latent)
-
-
-def curves(series: dict[str, list[float]], width: int = 640, height: int = 360, title: str = "") -> torch.Tensor:
-    """Line plot of named series (each min-max normalised, range shown in the legend)."""
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    left, top, right, bottom = 40, 30, width - 10, height - 25
-    d.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    d.text((left, 8), title, fill=(0, 0, 0), font=_FONT)
-    for n, (name, values) in enumerate(series.items()):
-        colour = _COLOURS[n % len(_COLOURS)]
-        vals = [v for v in values if v == v]
-        lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
-        span = hi - lo or 1.0
-        pts = [
-            (left + (right - left) * i / max(1, len(values) - 1), bottom - (bottom - top) * (v - lo) / span)
-            for i, v in enumerate(values)
-        ]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        elif pts:
-            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
-        d.text((left + 6, top + 4 + 12 * n), f"{name}: {lo:.3g} .. {hi:.3g}", fill=colour, font=_FONT)
-    d.text((left, bottom + 6), f"step 1 .. {max((len(v) for v in series.values()), default=0)}", fill=(0, 0, 0), font=_FONT)
-    return to_image([img])
-
-
-def grid(cells: Sequence[Sequence[Image.Image]], col_labels: Sequence[str], row_labels: Sequence[str] = (),
-         caption: str = "") -> torch.Tensor:
-    """A labelled grid: rows of equally sized pictures, column labels on top, caption below."""
-    cw, ch = cells[0][0].size
-    label_w = 90 if row_labels else 0
-    caption_lines = _wrap(caption, max(20, (cw * len(cells[0]) + label_w) // 6)) if caption else []
-    W = label_w + cw * len(cells[0])
-    H = 18 + ch * len(cells) + 14 * len(caption_lines) + (6 if caption_lines else 0)
-    img = Image.new("RGB", (W, H), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    for c, text in enumerate(col_labels):
-        d.text((label_w + c * cw + 4, 3), text, fill=(0, 0, 0), font=_FONT)
-    for r, row in enumerate(cells):
-        if r < len(row_labels):
-            d.text((4, 18 + r * ch + ch // 2), row_labels[r], fill=(0, 0, 0), font=_FONT)
-        for c, pic in enumerate(row):
-            img.paste(pic.resize((cw, ch)), (label_w + c * cw, 18 + r * ch))
-    for i, line in enumerate(caption_lines):
-        d.text((4, 18 + ch * len(cells) + 3 + 14 * i), line, fill=(0, 0, 0), font=_FONT)
-    return to_image([img])
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + ([line] if line else [])
-
-
-def heatmap(picture: Image.Image, heat: torch.Tensor, lo: float, hi: float) -> Image.Image:
-    """Overlay a (h, w) map (scaled by lo..hi) on a picture, red = more attention."""
-    h = ((heat.float() - lo) / (hi - lo or 1.0)).clamp(0, 1)
-    h = torch.nn.functional.interpolate(h[None, None], size=picture.size[::-1], mode="bilinear")[0, 0]
-    base = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
-    colour = np.stack([h.numpy(), np.zeros_like(h.numpy()), 1.0 - h.numpy()], axis=-1)
-    out = 0.45 * base + 0.55 * colour
-    return Image.fromarray((out.clip(0, 1) * 255).round().astype(np.uint8))
