@@ -1,0 +1,175 @@
+"""Writes the shipped workflows (UI and API format) from one description each.
+
+    python tools/make_workflows.py
+
+Model file names are those of ComfyUI's own Z-Image Turbo template: z_image_turbo_bf16.safetensors
+(diffusion_models), qwen_3_4b.safetensors (text_encoders, CLIPLoader type lumina2), ae.safetensors (vae).
+Outputs: workflows/<name>.json (UI), workflows/api/<name>.json (API), and a copy of the UI files in
+example_workflows/, where ComfyUI's template browser looks for a pack's examples.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+UNET, CLIP, VAE = "z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors"
+PROMPT = "A photo of a cat sitting on a wooden table, soft light"
+SEED = 42
+
+# Per node type: widget names in the order the frontend stores widgets_values, and output (name, type).
+NODES = {
+    "UNETLoader": (["unet_name", "weight_dtype"], [("MODEL", "MODEL")]),
+    "CLIPLoader": (["clip_name", "type", "device"], [("CLIP", "CLIP")]),
+    "VAELoader": (["vae_name"], [("VAE", "VAE")]),
+    "ModelSamplingAuraFlow": (["shift"], [("MODEL", "MODEL")]),
+    "CLIPTextEncode": (["text"], [("CONDITIONING", "CONDITIONING")]),
+    "EmptySD3LatentImage": (["width", "height", "batch_size"], [("LATENT", "LATENT")]),
+    "KSampler": (["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"], [("LATENT", "LATENT")]),
+    "VAEDecode": ([], [("IMAGE", "IMAGE")]),
+    "SaveImage": (["filename_prefix"], []),
+    "PreviewImage": ([], []),
+    "ZEraseTrain": (["concept", "preset", "templates", "preserve", "steps", "learning_rate", "beta", "eta", "epsilon",
+                     "rank", "targets", "resolution", "seed", "save_name"],
+                    [("erasure_lora", "ZERASE_LORA"), ("erased_model", "MODEL"), ("curves", "IMAGE"), ("previews", "IMAGE")]),
+    "ZEraseApplyLoRA": (["lora_name", "strength"], [("MODEL", "MODEL")]),
+    "ZEraseLoadLoRA": (["lora_name"], [("erasure_lora", "ZERASE_LORA"), ("concept", "STRING")]),
+    "ZEraseMergeLoRAs": (["weights", "rank", "save_name"], [("erasure_lora", "ZERASE_LORA"), ("report", "STRING")]),
+    "ZEraseAttentionMaps": (["prompt", "words", "sigmas", "layer_start", "layer_end", "seed"], [("IMAGE", "IMAGE")]),
+    "ZEraseCompare": (["prompt", "label_original", "label_erased"], [("IMAGE", "IMAGE")]),
+}
+
+
+class Graph:
+    def __init__(self):
+        self.nodes: dict[str, dict] = {}
+
+    def add(self, node_type: str, **inputs) -> str:
+        node_id = str(len(self.nodes) + 1)
+        self.nodes[node_id] = {"class_type": node_type, "inputs": inputs}
+        return node_id
+
+    def api(self) -> dict:
+        return {k: dict(v) for k, v in self.nodes.items()}
+
+    def ui(self) -> dict:
+        nodes, links = [], []
+        for n, (node_id, node) in enumerate(self.nodes.items()):
+            widgets, outputs = NODES[node["class_type"]]
+            inputs, values = [], []
+            for name, value in node["inputs"].items():
+                if isinstance(value, list):  # a link [from_id, slot]
+                    src, slot = value
+                    link_id = len(links) + 1
+                    out_type = NODES[self.nodes[src]["class_type"]][1][slot][1]
+                    links.append([link_id, int(src), slot, int(node_id), len(inputs), out_type])
+                    inputs.append({"name": name, "type": out_type, "link": link_id})
+            for name in widgets:
+                values.append(node["inputs"][name])
+                if name == "seed" and node["class_type"] == "KSampler":
+                    values.append("fixed")  # control_after_generate, stored after the seed
+            nodes.append({
+                "id": int(node_id), "type": node["class_type"], "pos": [60 + 340 * (n % 5), 60 + 420 * (n // 5)],
+                "size": [315, 200], "flags": {}, "order": n, "mode": 0, "inputs": inputs,
+                "outputs": [{"name": name, "type": typ, "links": []} for name, typ in outputs],
+                "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": values,
+            })
+        by_id = {node["id"]: node for node in nodes}
+        for link_id, src, slot, *_ in links:
+            by_id[src]["outputs"][slot]["links"].append(link_id)
+        return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+                "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def base(g: Graph):
+    """The stock Z-Image Turbo front half: loaders, shift 3, prompt, empty latent."""
+    unet = g.add("UNETLoader", unet_name=UNET, weight_dtype="default")
+    clip = g.add("CLIPLoader", clip_name=CLIP, type="lumina2", device="default")
+    vae = g.add("VAELoader", vae_name=VAE)
+    model = g.add("ModelSamplingAuraFlow", model=[unet, 0], shift=3.0)
+    pos = g.add("CLIPTextEncode", text=PROMPT, clip=[clip, 0])
+    neg = g.add("CLIPTextEncode", text="", clip=[clip, 0])
+    latent = g.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
+    return model, clip, vae, pos, neg, latent
+
+
+def sample_pair(g: Graph, original, erased, vae, pos, neg, latent, prefix: str):
+    """original | erased at the same seed, decoded, as a labelled grid."""
+    images = []
+    for model in (original, erased):
+        s = g.add("KSampler", model=[model, 0], positive=[pos, 0], negative=[neg, 0], latent_image=[latent, 0],
+                  seed=SEED, steps=8, cfg=1.0, sampler_name="res_multistep", scheduler="simple", denoise=1.0)
+        images.append(g.add("VAEDecode", samples=[s, 0], vae=[vae, 0]))
+    grid = g.add("ZEraseCompare", original=[images[0], 0], erased=[images[1], 0], prompt=PROMPT,
+                 label_original="original", label_erased="erased")
+    g.add("SaveImage", images=[grid, 0], filename_prefix=prefix)
+
+
+def train_and_compare() -> Graph:
+    g = Graph()
+    model, clip, vae, pos, neg, latent = base(g)
+    train = g.add("ZEraseTrain", model=[model, 0], clip=[clip, 0], vae=[vae, 0], concept="cat", preset="entity",
+                  templates="", preserve="dog", steps=1000, learning_rate=1e-3, beta=0.1, eta=2.0, epsilon=-1.0,
+                  rank=16, targets="q,k,v", resolution=512, seed=0, save_name="cat")
+    g.add("PreviewImage", images=[train, 2])
+    g.add("PreviewImage", images=[train, 3])
+    sample_pair(g, model, train, vae, pos, neg, latent, "zerase/train_compare")
+    # the erased model is output 1 of Train
+    for node in g.nodes.values():
+        if node["class_type"] == "KSampler" and node["inputs"]["model"] == [train, 0]:
+            node["inputs"]["model"] = [train, 1]
+    return g
+
+
+def apply_and_compare() -> Graph:
+    g = Graph()
+    model, clip, vae, pos, neg, latent = base(g)
+    erased = g.add("ZEraseApplyLoRA", model=[model, 0], lora_name="zerase/cat.safetensors", strength=1.0)
+    sample_pair(g, model, erased, vae, pos, neg, latent, "zerase/apply_compare")
+    return g
+
+
+def multi_concept_merge() -> Graph:
+    g = Graph()
+    model, clip, vae, pos, neg, latent = base(g)
+    a = g.add("ZEraseLoadLoRA", lora_name="zerase/cat.safetensors")
+    b = g.add("ZEraseLoadLoRA", lora_name="zerase/dog.safetensors")
+    merged = g.add("ZEraseMergeLoRAs", lora_1=[a, 0], lora_2=[b, 0], weights="", rank=0, save_name="cat_dog")
+    erased = g.add("ZEraseApplyLoRA", model=[model, 0], erasure_lora=[merged, 0], lora_name="(none)", strength=1.0)
+    sample_pair(g, model, erased, vae, pos, neg, latent, "zerase/merge_compare")
+    return g
+
+
+def attention_maps() -> Graph:
+    g = Graph()
+    model, clip, vae, pos, neg, latent = base(g)
+    erased = g.add("ZEraseApplyLoRA", model=[model, 0], lora_name="zerase/cat.safetensors", strength=1.0)
+    s = g.add("KSampler", model=[model, 0], positive=[pos, 0], negative=[neg, 0], latent_image=[latent, 0],
+              seed=SEED, steps=8, cfg=1.0, sampler_name="res_multistep", scheduler="simple", denoise=1.0)
+    maps = g.add("ZEraseAttentionMaps", model=[model, 0], clip=[clip, 0], latent=[s, 0], vae=[vae, 0],
+                 model_b=[erased, 0], prompt=PROMPT, words="cat, table", sigmas="0.3, 0.6", layer_start=0,
+                 layer_end=-1, seed=0)
+    g.add("SaveImage", images=[maps, 0], filename_prefix="zerase/attention_maps")
+    return g
+
+
+WORKFLOWS = {
+    "zerase_train_and_compare": train_and_compare,
+    "zerase_apply_and_compare": apply_and_compare,
+    "zerase_multi_concept_merge": multi_concept_merge,
+    "zerase_attention_maps": attention_maps,
+}
+
+
+def main() -> None:
+    for name, build in WORKFLOWS.items():
+        g = build()
+        for folder, data in ((ROOT / "workflows", g.ui()), (ROOT / "workflows" / "api", g.api()),
+                             (ROOT / "example_workflows", g.ui())):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
