@@ -1,0 +1,167 @@
+"""``python -m zerase_core``: inspect, merge and train erasure LoRAs without ComfyUI.
+
+Each subcommand is a pair (``add`` its arguments, ``run`` it) in :data:`COMMANDS`; other
+modules register theirs by importing :func:`command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .errors import ZEraseError
+
+log = logging.getLogger("zerase_core")
+
+Adder = Callable[[argparse.ArgumentParser], None]
+Runner = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[str, Adder, Runner]] = {}
+
+
+def command(name: str, help: str, add: Adder):
+    """Register ``run`` as subcommand ``name`` with arguments from ``add``."""
+
+    def register(run: Runner) -> Runner:
+        COMMANDS[name] = (help, add, run)
+        return run
+
+    return register
+
+
+# --- inspect -------------------------------------------------------------------------------
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", type=Path, help="an erasure LoRA (.safetensors)")
+
+
+@command("inspect", "print a LoRA file's metadata as JSON", _add_inspect)
+def _inspect(args: argparse.Namespace) -> int:
+    from .lora_file import load_lora
+
+    lora = load_lora(args.file)
+    print(json.dumps(lora.metadata(), indent=2, sort_keys=True))
+    return 0
+
+
+# --- merge ---------------------------------------------------------------------------------
+def _add_merge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", type=Path, nargs="+", help="two or more erasure LoRAs")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per LoRA (default 1/N each)")
+    p.add_argument("--rank", type=int, help="re-rank the exact merge to this rank by SVD")
+    p.add_argument("--out", type=Path, required=True, help="output .safetensors (never overwritten)")
+
+
+@command("merge", "merge erasure LoRAs (paper App. F): exact, or re-ranked by SVD", _add_merge)
+def _merge(args: argparse.Namespace) -> int:
+    from .lora_file import load_lora, save_lora
+    from .merge import merge
+
+    if args.out.exists():
+        raise ZEraseError(f"{args.out} exists; choose another --out (files are never overwritten).")
+    merged, report = merge([load_lora(f) for f in args.files], args.weights, args.rank)
+    save_lora(merged, args.out)
+    print(json.dumps({"out": str(args.out), "rank": report.rank, "relative_error": report.relative_error}))
+    return 0
+
+
+# --- train ---------------------------------------------------------------------------------
+def _add_train(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tiny", action="store_true", help="a tiny randomly initialised diffusers Z-Image (CPU, seconds)")
+    src.add_argument("--model", type=Path, help="a diffusers Z-Image folder (transformer/, text_encoder/, tokenizer/)")
+    p.add_argument("--concept", required=True)
+    p.add_argument("--preserve", nargs="*", default=[], help="preservation concepts")
+    p.add_argument("--template", dest="templates", action="append", help="erase prompt template with {} (repeatable)")
+    p.add_argument("--preset", default="entity", help="concept type: nsfw, style, entity, abstract, celebrity, utility")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--epsilon", type=float, default=None)
+    p.add_argument("--lambda-mode", default=None, choices=["paper", "exact", "fixed"])
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--targets", default=None, help="projections to adapt, e.g. qkv or qk")
+    p.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (square)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("out/train"))
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+
+
+def train_config_from_args(args: argparse.Namespace, **defaults):
+    """A TrainConfig from CLI flags; unset flags keep TrainConfig's (or the caller's) defaults."""
+    from .config import TrainConfig
+    from .lora import LoRAConfig
+
+    lora = {}
+    if args.rank is not None:
+        lora["rank"] = args.rank
+    if args.targets:
+        lora["targets"] = tuple(args.targets)
+    flags = {
+        "steps": args.steps,
+        "lr": args.lr,
+        "epsilon": args.epsilon,
+        "lambda_mode": args.lambda_mode,
+        "templates": tuple(args.templates) if args.templates else None,
+    }
+    if args.resolution:
+        flags["height"] = flags["width"] = args.resolution
+    chosen = defaults | {k: v for k, v in flags.items() if v is not None}
+    if lora:
+        chosen["lora"] = LoRAConfig(**(({"rank": chosen["lora"].rank} if "lora" in chosen else {}) | lora))
+    return TrainConfig(
+        concept=args.concept, preserve=tuple(args.preserve), preset=args.preset, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, **chosen,
+    )
+
+
+@command("train", "train an erasure LoRA (Algorithm 1) on a tiny random or a diffusers Z-Image", _add_train)
+def _train(args: argparse.Namespace) -> int:
+    from .lora import LoRAConfig
+    from .run import train_and_save
+
+    if args.tiny:
+        from .tiny import tiny_zimage_backend
+
+        backend = tiny_zimage_backend(seed=args.seed)
+        defaults = dict(steps=50, height=64, width=64, sample_steps=4, lora=LoRAConfig(rank=4))
+    else:
+        from .backends.diffusers_loader import load_diffusers_zimage
+
+        backend = load_diffusers_zimage(args.model)
+        defaults = {}
+    config = train_config_from_args(args, **defaults)
+    result, path = train_and_save(backend, config, args.out, resume=args.resume)
+    last = result.history[-1]
+    print(json.dumps({"lora": str(path), "steps": last.step, "L_erase": last.erase, "lambda": last.lam,
+                      "seconds": round(result.seconds, 2)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _load_plugins()
+    parser = argparse.ArgumentParser(prog="python -m zerase_core", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add, _) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args)
+    except ZEraseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _load_plugins() -> None:
+    """Import the modules that register further subcommands (toy demo, benchmarks)."""
+    import importlib
+
+    for module in ("zerase_core.toy.cli", "zerase_core.bench_cost"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:  # a missing dependency inside it is a real error
+                raise
