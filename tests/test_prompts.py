@@ -1,0 +1,99 @@
+"""Concept localisation as the backend encodes prompts: inside Z-Image's chat template,
+multi-token words, repeated words, case; shuffling; the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zerase_core.backends.text_encoders import CHAT_PREFIX, ChatTemplateEncoder
+from zerase_core.errors import ZEraseError
+from zerase_core.prompts import concept_token_indices, shuffle_words
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def chat_encoder():
+    """A Qwen3-shaped encoder with a WordPiece tokenizer built offline: 'gogh' splits into sub-tokens."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+    vocab = ["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "a", "photo", "of", "van", "go", "##gh",
+             "and", "painting", "by", "red", "ball"]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()  # offsets still point into the original text
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    config = Qwen3Config(vocab_size=len(vocab) + 2, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    return ChatTemplateEncoder(fast, Qwen3Model(config).eval())
+
+
+def test_concept_tokens_inside_chat_template(chat_encoder):
+    (enc,) = chat_encoder.encode(["A photo of Van Gogh and a painting by van gogh"])
+    assert enc.spans[0] is None  # "<|im_start|>" belongs to the template
+    hits = concept_token_indices(enc, "van gogh")
+    covered = {enc.text[enc.spans[i][0]:enc.spans[i][1]].lower() for i in hits}
+    assert covered == {"van", "go", "gh"}  # the multi-token word, all sub-tokens
+    assert len(hits) == 6  # both occurrences, whatever the case
+    assert all(enc.spans[i] is not None for i in hits)
+    assert enc.features.shape == (len(enc.spans), 32)
+
+
+def test_missing_concept_is_a_clear_error(chat_encoder):
+    (enc,) = chat_encoder.encode(["a red ball"])
+    with pytest.raises(ZEraseError, match="'gogh' does not occur in the prompt 'a red ball'"):
+        concept_token_indices(enc, "gogh")
+    with pytest.raises(ZEraseError, match="empty"):
+        concept_token_indices(enc, " ")
+    assert concept_token_indices(enc, "RED") == [i for i, s in enumerate(enc.spans) if s == (2, 5)]
+
+
+def test_word_shuffling_keeps_multiword_concepts_whole():
+    rng = random.Random(0)
+    texts = {shuffle_words("an art in the style of van gogh at night", rng, keep="Van Gogh") for _ in range(20)}
+    assert len(texts) > 5
+    assert all("van gogh" in t for t in texts)
+    assert all(sorted(t.replace("van gogh", "V").split()) == sorted("an art in the style of V at night".split()) for t in texts)
+
+
+def _cli(capsys, *args):
+    from zerase_core.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_train_inspect_merge(tmp_path, capsys):
+    code, _, err = _cli(capsys, "train", "--tiny", "--concept", "red", "--template", "a {} car", "--steps", "3",
+                        "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    lora = str(tmp_path / "a" / "erasure_lora.safetensors")
+    assert (tmp_path / "a" / "curves.png").stat().st_size > 0
+    code, out, _ = _cli(capsys, "inspect", lora)
+    meta = json.loads(out)
+    assert meta["concept"] == "red" and meta["training"]["steps_done"] == 3
+    merged = str(tmp_path / "merged.safetensors")
+    code, out, err = _cli(capsys, "merge", lora, lora, "--weights", "0.5", "0.5", "--rank", "2", "--out", merged)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["rank"] == 2 and 0 <= report["relative_error"] < 1
+    code, _, err = _cli(capsys, "merge", lora, lora, "--out", merged)
+    assert code == 2 and "exists" in err
+
+
+def test_module_entry_point_reports_user_errors_without_traceback(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"nonsense")
+    done = subprocess.run([sys.executable, "-m", "zerase_core", "inspect", str(tmp_path / "junk.safetensors")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error:") and "Traceback" not in done.stderr
