@@ -1,0 +1,75 @@
+"""The toy demo end to end at a tiny size (random toy weights, few steps): every output file,
+metrics in range, and exact metric helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zerase_core.errors import ZEraseError
+from zerase_core.toy.erasure_metrics import frechet_distance, parse_concept, prompt_sets
+
+
+@pytest.fixture(scope="module")
+def random_toy():
+    """A ToyBundle with the shipped architecture but random DiT weights and a 2-step sampler."""
+    from zerase_core.toy import ToyBundle, world
+    from zerase_core.toy.classifier import ToyClassifier
+    from zerase_core.toy.model import DiTConfig, build_transformer, to_image, to_latent
+    from zerase_core.toy.sampling import SamplerConfig
+    from zerase_core.toy.text import TextConfig, ToyTextEncoder
+    from functools import partial
+
+    torch.manual_seed(0)
+    dit = DiTConfig(dim=64, n_layers=2, n_heads=2, axes_dims=(8, 12, 12))
+    encoder = ToyTextEncoder(TextConfig(), words=world.vocabulary())
+    text_dim = encoder.encode(["red"])[0].features.shape[1]
+    dit = DiTConfig(dim=64, n_layers=2, n_heads=2, axes_dims=(8, 12, 12), cap_feat_dim=text_dim)
+    return ToyBundle(
+        transformer=build_transformer(dit).eval().requires_grad_(False),
+        encoder=encoder.eval().requires_grad_(False),
+        classifier=ToyClassifier().eval(),
+        sampling=SamplerConfig(steps=2, shift=1.0, cfg=2.0),
+        dit_config=dit,
+        latent_shape=dit.latent_shape,
+        to_latent=partial(to_latent, config=dit),
+        to_image=partial(to_image, config=dit),
+        world=world,
+        metadata={},
+    )
+
+
+def test_short_demo_writes_every_output(tmp_path, random_toy):
+    from zerase_core.toy.demo import run_demo
+
+    report = run_demo("crimson", None, steps=3, seed=0, out=tmp_path, n_eval=6, bundle=random_toy)
+    for name in ("erasure_lora.safetensors", "before_after.png", "curves.png", "report.json", "history.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["concept"] == "crimson" and saved["value"] == "red"
+    assert saved["preserve"] == ["green", "blue", "yellow", "purple", "orange"]
+    for part in ("original", "erased"):
+        for key in ("acc_e", "acc_ir", "acc_e_synonym", "acc_e_shuffled", "acc_e_paraphrase"):
+            assert 0.0 <= saved[part][key] <= 1.0
+        assert saved[part]["h_a"] == pytest.approx(saved[part]["acc_ir"] - saved[part]["acc_e"])
+    assert saved["seconds"] > 0 and saved["fd_before"] >= 0
+
+
+def test_concepts_parse_and_prompt_sets_name_them():
+    assert (parse_concept("Crimson").attribute, parse_concept("Crimson").value) == ("colour", "red")
+    assert parse_concept("left").attribute == "position"
+    with pytest.raises(ZEraseError, match="not one concept"):
+        parse_concept("dragon")
+    named, named_prompts, other, _ = prompt_sets(parse_concept("crimson"), 20, 0)
+    assert all(lab.colour == "red" for lab in named) and all(lab.colour != "red" for lab in other)
+    assert all("crimson" in p for p in named_prompts)
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 8, generator=g)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shifted = [frechet_distance(a, a + d) for d in (0.5, 1.0, 2.0)]
+    assert shifted == pytest.approx([8 * 0.25, 8 * 1.0, 8 * 4.0], rel=1e-6)
