@@ -147,3 +147,15 @@ def test_gated_layer_refuses_to_run_without_layout():
     layer.add_adapter("a", ("q",), rank=1, scale=1.0)
     with pytest.raises(RuntimeError, match="without a token layout"):
         layer(torch.randn(1, 3, 4))
+
+
+def test_ungated_ablation_changes_image_rows(tiny_backend):
+    """scope='all' is the paper's naive fine-tuning: it must touch image rows (and the gate must not)."""
+    lora_set = tiny_backend.install(LoRAConfig(rank=4, scope="all"))
+    _randomise_lora(lora_set)
+    calls, handles = _record_projections(tiny_backend.transformer)
+    _run(tiny_backend, (64, 64), ["a red circle"])
+    for h in handles:
+        h.remove()
+    name, module, x, y, text = calls[0]
+    assert not torch.allclose(y[~text], module.base_layer(x)[~text])

@@ -34,6 +34,14 @@ class TokenGate:
 
     def text_mask(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L) bool text mask for an input ``x`` of shape (B, L, d)."""
+        return self._checked(x).text_mask(x.device)
+
+    def token_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool mask of every real token, text or image (the ungated ablation's 'gate')."""
+        layout = self._checked(x)
+        return layout.text_mask(x.device) | layout.image_mask(x.device)
+
+    def _checked(self, x: torch.Tensor) -> TokenLayout:
         if self.layout is None:
             raise RuntimeError(
                 "A gated LoRA layer ran without a token layout; the backend must wrap every forward "
@@ -44,4 +52,4 @@ class TokenGate:
                 f"Gated LoRA input {tuple(x.shape)} does not match the layout "
                 f"(batch {self.layout.batch}, seq {self.layout.seq_len})"
             )
-        return self.layout.text_mask(x.device)
+        return self.layout

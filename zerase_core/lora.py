@@ -31,6 +31,9 @@ class LoRAConfig:
     targets: tuple[str, ...] = PROJECTIONS  # subset of q, k, v (paper: W_Q, W_K, W_V)
     layers: tuple[int, int] | None = None  # [first, stop) of the main layers; None: all
     strength: float = 1.0  # multiplier applied at inference, stored with the weights
+    # "text" is Z-Erase's gate S_T. "all" applies the LoRA to every token — the naive
+    # fine-tuning of shared projections the paper shows collapsing (§3); for ablations only.
+    scope: str = "text"
 
     def __post_init__(self):
         if self.rank < 1:
@@ -38,6 +41,8 @@ class LoRAConfig:
         bad = [t for t in self.targets if t not in PROJECTIONS]
         if bad or not self.targets or len(set(self.targets)) != len(self.targets):
             raise ZEraseError(f"LoRA targets must be a non-empty subset of q, k, v; got {self.targets}.")
+        if self.scope not in ("text", "all"):
+            raise ZEraseError(f"LoRA scope must be 'text' (Z-Erase) or 'all' (ungated ablation); got {self.scope!r}.")
         if self.layers is not None and not (0 <= self.layers[0] < self.layers[1]):
             raise ZEraseError(f"LoRA layer range must be [first, stop) with first < stop; got {self.layers}.")
 
@@ -82,11 +87,12 @@ class LoRAAdapter(nn.Module):
 class GatedLoRALinear(nn.Module):
     """A frozen linear layer plus text-gated LoRA adapters on named output slices."""
 
-    def __init__(self, base_layer: nn.Linear, slices: dict[str, tuple[int, int]], gate: TokenGate):
+    def __init__(self, base_layer: nn.Linear, slices: dict[str, tuple[int, int]], gate: TokenGate, scope: str = "text"):
         super().__init__()
         self.base_layer = base_layer
         self.slices = dict(sorted(slices.items(), key=lambda kv: kv[1][0]))
         self.gate = gate
+        self.scope = scope  # see LoRAConfig.scope
         self.adapters = nn.ModuleDict()
 
     @property
@@ -116,7 +122,7 @@ class GatedLoRALinear(nn.Module):
         y = self.base_layer(x)
         if not self.gate.lora_on or len(self.adapters) == 0:
             return y
-        mask = self.gate.text_mask(x)  # (B, L): S_T
+        mask = self.gate.text_mask(x) if self.scope == "text" else self.gate.token_mask(x)  # (B, L): S_T
         y_text = (y[mask].float() + self._delta(x[mask].float())).to(y.dtype)  # (N_text, out)
         # Out-of-place write: image rows of the result are y's rows, untouched.
         return y.index_put((mask,), y_text)

@@ -139,12 +139,14 @@ class InPlaceInstaller:
         self.root, self.gate = root, gate
         self.originals: dict[str, nn.Module] = {}
 
-    def wrap(self, slot: HostSlot) -> GatedLoRALinear:
+    def wrap(self, slot: HostSlot, scope: str = "text") -> GatedLoRALinear:
         parent, attr = _resolve(self.root, slot.path)
         current = getattr(parent, attr)
         if isinstance(current, GatedLoRALinear):
+            if current.scope != scope:
+                raise ValueError(f"{slot.path} already carries a LoRA with scope {current.scope!r}")
             return current
-        wrapped = GatedLoRALinear(current, slot.slices, self.gate)
+        wrapped = GatedLoRALinear(current, slot.slices, self.gate, scope)
         self.originals[slot.path] = current
         setattr(parent, attr, wrapped)
         return wrapped
@@ -156,7 +158,7 @@ class InPlaceInstaller:
             targets = tuple(t for t in config.targets if t in slot.slices)
             if slot.layer not in wanted or not targets:
                 continue
-            adapter = self.wrap(slot).add_adapter(name, targets, config.rank, config.scale, config.strength)
+            adapter = self.wrap(slot, config.scope).add_adapter(name, targets, config.rank, config.scale, config.strength)
             for proj in targets:
                 lora_set.add(slot.layer, proj, adapter)
         return lora_set
