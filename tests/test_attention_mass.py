@@ -51,3 +51,17 @@ def test_backend_mass_is_a_probability_share(tiny_backend):
     assert 0 < float(red) < float(text) < 1
     full = layout.columns([list(range(t1 - t0))])
     assert full.sum() == t1 - t0
+
+
+def test_token_zeroing_removes_the_concept_columns(tiny_backend):
+    """The §3 baseline: blocked columns get no attention mass, and outputs change only if something is blocked."""
+    enc = tiny_backend.encode(["a red circle"])
+    x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([0.5])
+    with torch.no_grad():
+        plain, mass = tiny_backend.velocity(x, sigma, enc, concept_tokens=[[2]])
+        with tiny_backend.zeroing_tokens(lambda prompts: [[2]]):
+            zeroed, zeroed_mass = tiny_backend.velocity(x, sigma, enc, concept_tokens=[[2]])
+        with tiny_backend.zeroing_tokens(lambda prompts: [[]]):
+            untouched, _ = tiny_backend.velocity(x, sigma, enc)
+    assert float(mass) > 0 and float(zeroed_mass) == 0.0
+    assert not torch.allclose(zeroed, plain) and torch.equal(untouched, plain)

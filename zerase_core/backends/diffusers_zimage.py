@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,19 +40,28 @@ class _AttentionWatch(TorchFunctionMode):
 
     Delegating to the stock processor and watching its SDPA call keeps diffusers'
     norm/RoPE code the only copy; the mode is entered only around main-layer processors.
+    It records attention mass, and, for the paper's token-zeroing baseline (§3), can remove
+    chosen key columns from attention.
     """
 
-    def __init__(self, recorder: MassRecorder, layer: int):
+    _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+    def __init__(self, recorder: MassRecorder | None, layer: int, blocked: torch.Tensor | None = None):
         super().__init__()
-        self.recorder, self.layer = recorder, layer
+        self.recorder, self.layer, self.blocked = recorder, layer, blocked
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            names = ("query", "key", "value", "attn_mask")
-            given = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        given = dict(zip(self._SDPA_ARGS, args)) | kwargs
+        if self.blocked is not None:
+            keep = ~self.blocked.to(given["query"].device)[:, None, None, :]  # (B, 1, 1, L)
+            mask = given.get("attn_mask")
+            given["attn_mask"] = keep if mask is None else mask & keep
+        if self.recorder is not None and self.recorder.wants(self.layer):
             self.recorder.record(self.layer, given["query"], given["key"], given.get("attn_mask"))
-        return func(*args, **kwargs)
+        return func(**given)
 
 
 class _WatchedProcessor:
@@ -68,15 +77,19 @@ class _WatchedProcessor:
     # signature does not name (freqs_cis would silently vanish with **kwargs).
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         args = (attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
-        recorder = self.backend._recorder
-        if recorder is None or not recorder.wants(self.layer):
+        recorder, blocked = self.backend._recorder, self.backend._blocked
+        if blocked is None and (recorder is None or not recorder.wants(self.layer)):
             return self.inner(*args)
-        with _AttentionWatch(recorder, self.layer):
+        with _AttentionWatch(recorder, self.layer, blocked):
             return self.inner(*args)
 
 
 class DiffusersZImageBackend(Backend):
     """Engine view of a ``ZImageTransformer2DModel`` plus a prompt encoder."""
+
+    # How attention mass is measured; the benchmark's official-style reference swaps in
+    # a recorder that materialises softmax maps, to compare against on the same model.
+    recorder_factory = MassRecorder
 
     def __init__(
         self,
@@ -98,6 +111,8 @@ class DiffusersZImageBackend(Backend):
         self.patch = transformer.config.all_patch_size[0]
         self._installer = InPlaceInstaller(transformer, self.gate)
         self._recorder: MassRecorder | None = None
+        self._blocked: torch.Tensor | None = None  # (B, L) key columns removed from attention
+        self._zeroing: Callable[[Sequence[EncodedPrompt]], list[list[int]]] | None = None
         for i, layer in enumerate(transformer.layers):
             processor = layer.attention.processor
             if not isinstance(processor, _WatchedProcessor):
@@ -193,20 +208,37 @@ class DiffusersZImageBackend(Backend):
         finally:
             self._recorder = previous
 
+    @contextmanager
+    def zeroing_tokens(self, token_indices: Callable[[Sequence[EncodedPrompt]], list[list[int]]]) -> Iterator[None]:
+        """The paper's §3 baseline: remove the concept's key columns from every main-layer attention.
+
+        ``token_indices`` maps each call's prompts to the caption tokens to remove (it may find
+        none, e.g. for a synonym: that is exactly the baseline's brittleness).
+        """
+        self._zeroing = token_indices
+        try:
+            yield
+        finally:
+            self._zeroing = None
+
     def velocity(self, x, sigma, prompts, *, lora=True, concept_tokens=None, mass_layers=None):
         if x.shape[0] != len(prompts):
             raise ValueError(f"{x.shape[0]} latents but {len(prompts)} prompts")
         layout = self.layout(x, prompts)
         recorder = None
         if concept_tokens is not None:
-            recorder = MassRecorder(layout.columns(concept_tokens), layout.image_mask(), mass_layers)
+            recorder = self.recorder_factory(layout.columns(concept_tokens), layout.image_mask(), mass_layers)
         captions = [p.features.to(self.device, self.dtype) for p in prompts]
         latents = list(x.to(self.device, self.dtype).unsqueeze(2).unbind(0))  # B × (C, F=1, H, W)
         t = (1.0 - sigma).to(self.device, self.dtype)  # diffusers' time runs 0 (noise) -> 1 (clean)
-        with ExitStack() as stack:
-            stack.enter_context(self.gate.active(layout, lora))
-            stack.enter_context(self._watching(recorder))
-            out = self.transformer(latents, t, captions, return_dict=False)[0]
+        self._blocked = layout.columns(self._zeroing(prompts)).bool() if self._zeroing is not None else None
+        try:
+            with ExitStack() as stack:
+                stack.enter_context(self.gate.active(layout, lora))
+                stack.enter_context(self._watching(recorder))
+                out = self.transformer(latents, t, captions, return_dict=False)[0]
+        finally:
+            self._blocked = None
         # diffusers predicts x0 − ε; the engine's velocity is ε − x0, hence the minus.
         v = -torch.stack(out).squeeze(2).float()
         return v, (recorder.result() if recorder is not None else None)
