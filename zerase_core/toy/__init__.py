@@ -45,7 +45,10 @@ class ToyBundle:
 
 
 def _frozen(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    module = module.to(device=device)
+    if next(module.parameters()).dtype != dtype:  # diffusers warns on every dtype cast, even a no-op
+        module = module.to(dtype=dtype)
+    return module.eval().requires_grad_(False)
 
 
 def load_toy(
