@@ -73,3 +73,15 @@ def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     shifted = [frechet_distance(a, a + d) for d in (0.5, 1.0, 2.0)]
     assert shifted == pytest.approx([8 * 0.25, 8 * 1.0, 8 * 4.0], rel=1e-6)
+
+
+def test_bench_runs_every_method_and_resumes(tmp_path, random_toy):
+    from zerase_core.toy.bench import METHODS, run_bench
+
+    rows = run_bench(["red"], [0], steps=2, n_eval=4, out=tmp_path, methods=None, command="test", bundle=random_toy)
+    assert [r["method"] for r in rows] == [m.name for m in METHODS]
+    assert (tmp_path / "bench.md").read_text().count("\n| ") == len(METHODS) + 1
+    cells = sorted((tmp_path / "cells").iterdir())
+    stamp = [c.stat().st_mtime_ns for c in cells]
+    run_bench(["red"], [0], steps=2, n_eval=4, out=tmp_path, methods=None, command="test", bundle=random_toy)
+    assert [c.stat().st_mtime_ns for c in sorted((tmp_path / "cells").iterdir())] == stamp  # cached, not re-run

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ..attention_mass import MassRecorder
 from ..gate import TokenGate
 from ..layout import TokenLayout, pad_to_multiple
-from ..lora import LoRAConfig
+from ..lora import GatedLoRALinear, LoRAConfig
 from ..prompts import EncodedPrompt, PromptEncoder
 from .base import Backend, HostSlot, InPlaceInstaller, LoRASet
 
@@ -113,10 +113,16 @@ class DiffusersZImageBackend(Backend):
         self._recorder: MassRecorder | None = None
         self._blocked: torch.Tensor | None = None  # (B, L) key columns removed from attention
         self._zeroing: Callable[[Sequence[EncodedPrompt]], list[list[int]]] | None = None
+        # The newest backend over a transformer owns it: hooks and gated layers report to it.
         for i, layer in enumerate(transformer.layers):
             processor = layer.attention.processor
-            if not isinstance(processor, _WatchedProcessor):
+            if isinstance(processor, _WatchedProcessor):
+                processor.backend = self
+            else:
                 layer.attention.set_processor(_WatchedProcessor(processor, i, self))
+        for module in transformer.modules():
+            if isinstance(module, GatedLoRALinear):
+                module.gate = self.gate
 
     # --- facts ---------------------------------------------------------------------------
     @property

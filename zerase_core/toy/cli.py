@@ -27,3 +27,25 @@ def _demo(args: argparse.Namespace) -> int:
     keys = ("concept", "acc_e", "acc_ir", "h_a", "fd_before", "fd_after", "seconds")
     print(json.dumps({k: report[k] for k in keys} | {"original_acc_e": report["original"]["acc_e"], "out": str(args.out)}))
     return 0
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concepts", nargs="+", default=["red", "blue", "circle", "square", "left", "top"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=int, default=300, help="Z-Erase steps per trained cell")
+    p.add_argument("--n-eval", type=int, default=64, help="prompts per evaluation set")
+    p.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all)")
+    p.add_argument("--out", type=Path, default=Path("docs/bench/toy"))
+
+
+@command("bench", "the paper's comparison table on the toy world (Markdown + JSON, resumable)", _add_bench)
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from .bench import run_bench
+
+    cmd = "python -m zerase_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run_bench(args.concepts, args.seeds, args.steps, args.n_eval, args.out, args.methods, cmd)
+    print((args.out / "bench.md").read_text())
+    return 0

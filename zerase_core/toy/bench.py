@@ -1,0 +1,155 @@
+"""``python -m zerase_core bench``: the paper's comparison (Tables 3-5, Fig. 8) on the toy world.
+
+Every (method, concept, seed) cell trains (if the method trains) and is measured exactly by
+the classifier; cells are cached as JSON under ``OUT/cells`` so an interrupted bench resumes
+where it stopped. The table reports means ± standard deviation over concepts and seeds,
+per attribute type, plus erasure under synonyms, shuffled word order and paraphrase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..backends.toy import toy_backend
+from ..config import TrainConfig
+from ..lora import LoRAConfig
+from ..prompts import concept_token_indices
+from ..trainer import ZEraseTrainer
+from .demo import toy_train_config
+from .erasure_metrics import Concept, erasure_report, parse_concept
+
+log = logging.getLogger(__name__)
+
+STYLES = ("canonical", "synonym", "shuffled", "paraphrase")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: how (and whether) a LoRA is trained, or an inference-time trick."""
+
+    name: str
+    description: str
+    train: dict[str, Any] | None = None  # TrainConfig overrides; None: nothing is trained
+    lora: dict[str, Any] = field(default_factory=dict)  # LoRAConfig overrides
+    zero_tokens: bool = False
+
+
+ESD = {"attn_weight": 0.0, "lambda_mode": "fixed", "fixed_lambda": 0.0}
+METHODS = (
+    Method("original", "the toy model as shipped"),
+    Method("token_zeroing", "concept key columns removed from attention at inference (§3)", zero_tokens=True),
+    Method("naive_ungated", "LoRA on shared q/k/v for all tokens, L_erase only (§3: collapses)", ESD, {"scope": "all"}),
+    Method("gated_erase", "gated LoRA, L_erase only (ESD in the safe subspace)", ESD),
+    Method("gated_erase_attn", "gated, L_erase + L_attn, no preservation", {"lambda_mode": "fixed", "fixed_lambda": 0.0}),
+    Method("gated_fixed_lambda", "gated, L_er + 1.0·L_pr (static weighting)", {"lambda_mode": "fixed", "fixed_lambda": 1.0}),
+    Method("zerase", "Z-Erase: gated, L_er + λ L_pr, λ by Eq. 15", {}),
+    Method("zerase_exact", "Z-Erase with the exact λ* of Eq. 12 (two backward passes)", {"lambda_mode": "exact"}),
+    Method("zerase_eps_1e-3", "Z-Erase, ε = 1e-3", {"epsilon": 1e-3}),
+    Method("zerase_eps_1e-1", "Z-Erase, ε = 1e-1", {"epsilon": 1e-1}),
+)
+
+
+def _zeroing_fn(concept: Concept):
+    """Token indices of the concept's own word in each prompt; none when it is not there (brittleness)."""
+
+    def indices(prompts):
+        found = []
+        for p in prompts:
+            try:
+                found.append(concept_token_indices(p, concept.word))
+            except Exception:  # ZEraseError: the word is absent, so this baseline removes nothing
+                found.append([])
+        return found
+
+    return indices
+
+
+def run_cell(bundle, method: Method, concept: Concept, seed: int, steps: int, n_eval: int) -> dict[str, Any]:
+    backend = toy_backend(bundle)
+    start = time.perf_counter()
+    lora_on = False
+    if method.train is not None:
+        base = toy_train_config(concept, None, steps, seed, bundle.sampling)
+        lora = dataclasses.replace(base.lora, **method.lora)
+        config = dataclasses.replace(base, lora=lora, **method.train)
+        ZEraseTrainer(backend, config).run()
+        lora_on = True
+    train_seconds = time.perf_counter() - start
+    if method.zero_tokens:
+        with backend.zeroing_tokens(_zeroing_fn(concept)):
+            report = erasure_report(backend, bundle, concept, n_eval, 10_000 + seed, lora=False, styles=STYLES)
+    else:
+        report = erasure_report(backend, bundle, concept, n_eval, 10_000 + seed, lora=lora_on, styles=STYLES)
+    backend.uninstall()
+    return report | {"train_seconds": round(train_seconds, 1)}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(cells: dict[tuple[str, str, int], dict], concepts: list[Concept]) -> list[dict[str, Any]]:
+    """Per method: mean ± sd of each metric, per attribute type and overall."""
+    rows = []
+    kinds = sorted({c.attribute for c in concepts})
+    for method in METHODS:
+        mine = {k: v for k, v in cells.items() if k[0] == method.name}
+        if not mine:
+            continue
+        row: dict[str, Any] = {"method": method.name, "description": method.description, "n": len(mine)}
+        for kind in kinds + ["all"]:
+            part = [v for (m, c, s), v in mine.items() if kind == "all" or parse_concept(c).attribute == kind]
+            for metric in ("acc_e", "acc_ir", "h_a"):
+                if part:
+                    row[f"{kind}.{metric}"] = _mean_sd([p[metric] for p in part])
+        everything = list(mine.values())
+        for metric in ("fd", "acc_e_synonym", "acc_e_shuffled", "acc_e_paraphrase", "train_seconds"):
+            row[metric] = _mean_sd([p[metric] for p in everything])
+        rows.append(row)
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]], kinds: list[str], command: str) -> str:
+    fmt = lambda ms: f"{ms[0]:.2f} ± {ms[1]:.2f}"  # noqa: E731
+    head = ["method"] + [f"{k} acc_e ↓ / h_a ↑" for k in kinds] + ["acc_e synonym", "acc_e shuffled", "acc_e paraphrase", "FD ↓", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"]]
+        cells += [f"{fmt(r[f'{k}.acc_e'])} / {fmt(r[f'{k}.h_a'])}" if f"{k}.acc_e" in r else "–" for k in kinds]
+        cells += [fmt(r[m]) for m in ("acc_e_synonym", "acc_e_shuffled", "acc_e_paraphrase", "fd")]
+        cells.append(f"{r['train_seconds'][0]:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    legend = "\n".join(f"- **{m.name}**: {m.description}" for m in METHODS)
+    return f"Produced by `{command}`; mean ± sd over concepts × seeds.\n\n" + "\n".join(lines) + "\n\n" + legend + "\n"
+
+
+def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: int, out: Path,
+              methods: list[str] | None, command: str, bundle=None) -> list[dict[str, Any]]:
+    from . import load_toy
+
+    bundle = bundle or load_toy()
+    concepts = [parse_concept(w) for w in concept_words]
+    chosen = [m for m in METHODS if methods is None or m.name in methods]
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    cells = {}
+    for method in chosen:
+        for concept in concepts:
+            for seed in seeds:
+                path = out / "cells" / f"{method.name}__{concept.word}__{seed}__{steps}__{n_eval}.json"
+                if not path.exists():
+                    log.info("bench cell: %s / %s / seed %d", method.name, concept.word, seed)
+                    path.write_text(json.dumps(run_cell(bundle, method, concept, seed, steps, n_eval)))
+                cells[(method.name, concept.word, seed)] = json.loads(path.read_text())
+    rows = summarise(cells, concepts)
+    kinds = sorted({c.attribute for c in concepts})
+    (out / "bench.json").write_text(json.dumps({"command": command, "steps": steps, "n_eval": n_eval, "seeds": seeds,
+                                                "concepts": concept_words, "rows": rows}, indent=2))
+    (out / "bench.md").write_text(to_markdown(rows, kinds, command))
+    return rows
