@@ -15,6 +15,9 @@ from .lagrangian import MODES
 from .lora import LoRAConfig
 
 
+XT_SOURCES = ("fresh", "pool")  # where x_t comes from: see trainer.py and xt_pool.py
+
+
 @dataclass(frozen=True)
 class Preset:
     epsilon: float  # Table 6
@@ -51,6 +54,8 @@ class TrainConfig:
     sample_steps: int = 8  # Euler steps of the ESD-style trajectory to x_t (Turbo: 8)
     shift: float = 3.0  # Z-Image's flow shift
     sample_cfg: float = 1.0  # CFG while sampling x_t (Turbo runs without: 1.0)
+    xt_source: str = "fresh"  # fresh: sample x_t every step (ESD); pool: trajectories sampled once
+    xt_pool: int = 32  # trajectories in the pool (each gives sample_steps training points)
     seed: int = 0
     checkpoint_every: int = 100
     gradient_checkpointing: bool = False
@@ -63,6 +68,8 @@ class TrainConfig:
             raise ZEraseError(f"Unknown concept-type preset '{self.preset}'; choose one of {sorted(PRESETS)}.")
         if self.lambda_mode not in MODES:
             raise ZEraseError(f"Unknown λ mode '{self.lambda_mode}'; choose one of {MODES}.")
+        if self.xt_source not in XT_SOURCES or self.xt_pool < 1:
+            raise ZEraseError(f"xt_source must be one of {XT_SOURCES} and xt_pool ≥ 1; got {self.xt_source!r}, {self.xt_pool}.")
         if self.steps < 1 or self.lr <= 0 or self.beta < 0:
             raise ZEraseError("steps must be ≥ 1, the learning rate > 0 and β ≥ 0.")
         if any(not p.strip() for p in self.preserve):

@@ -3,9 +3,13 @@
 Per step (defaults from :class:`TrainConfig`):
 
 1. pick an erase prompt c_er (templates and word-shuffled variants) and a preservation
-   prompt c_pr; reach x_t from noise with c_er through the frozen model (ESD style);
-2. one no-grad teacher forward for v_θ(x_t, c_er), v_θ(x_t, ∅), v_θ(x_t, c_pr);
-3. student forwards with the LoRA: c_er (with attention capture) and [∅, c_pr];
+   prompt c_pr, and x_t reached from noise with c_er through the frozen model (ESD style):
+   ``xt_source="fresh"`` samples it now; ``"pool"`` draws it from trajectories sampled
+   once (:mod:`.xt_pool`), where the teacher's predictions were computed too;
+2. fresh: one no-grad teacher forward for v_θ(x_t, c_er), v_θ(x_t, ∅), v_θ(x_t, c_pr);
+3. student predictions with the LoRA: c_er (with attention capture) and [∅, c_pr] — one
+   batched forward when λ is expected to weigh L_pr, else two so that only c_er's graph
+   needs a backward;
 4. L_er = L_erase + L_attn (Eq. 5-7), L_pr (Eq. 8); λ from the chosen rule; AdamW step on
    L_er + λ L_pr. While λ = 0 the preservation graph is dropped, not back-propagated.
 """
@@ -31,6 +35,7 @@ from .objectives import loss_attn, loss_erase, loss_preserve
 from .prompt_pool import PromptPool
 from .prompts import EncodedPrompt
 from .sampling import euler, flow_sigmas
+from .xt_pool import TrajectoryPool
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,12 @@ class ZEraseTrainer:
         self.mass_layers = set(config.lora.layer_indices(backend.n_layers))
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
         self.latent_shape = backend.latent_shape(config.height, config.width)
+        self.xt_pool = None
+        if config.xt_source == "pool":
+            self.xt_pool = TrajectoryPool(
+                backend, self.pool.erase, self.pool.uncond, self.pool.keep, self.latent_shape, self.sigmas,
+                config.xt_pool, config.sample_cfg, config.seed,
+            )
         if config.gradient_checkpointing:
             backend.set_gradient_checkpointing(True)
 
@@ -107,27 +118,48 @@ class ZEraseTrainer:
             v, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), prompts, lora=False)
         return v
 
-    def _losses(self, er: EncodedPrompt, tokens: list[int], keep: EncodedPrompt | None):
+    def _losses(self, er, tokens, keep, x_t=None, sigma=None, teacher=None):
+        """L_erase, L_attn, L_pr and σ at x_t (sampled fresh when not given) for one erase prompt."""
         cfg = self.config
-        x_t, sigma = self._sample_xt(er)
-        teacher = self._teacher(x_t, sigma, [er, self.pool.uncond, *([keep] if keep else [])])
+        if x_t is None:
+            x_t, sigma = self._sample_xt(er)
+        if teacher is None:
+            teacher = self._teacher(x_t, sigma, [er, self.pool.uncond, *([keep] if keep else [])])
         want_mass = cfg.attn_weight > 0
-        v_er, mass = self.backend.velocity(
-            x_t, sigma, [er], lora=True, concept_tokens=[tokens] if want_mass else None, mass_layers=self.mass_layers
-        )
-        l_erase = loss_erase(v_er, teacher[1:2], teacher[0:1], cfg.eta)
-        l_attn = loss_attn(mass) if want_mass else l_erase.new_zeros(())
         pr_prompts = [self.pool.uncond, *([keep] if keep else [])]
         n = len(pr_prompts)
-        v_pr, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), pr_prompts, lora=True)
+        if self._pr_gradient_expected():
+            # L_pr's gradient will count: every student prediction in one forward/backward.
+            prompts = [er, *pr_prompts]
+            v, mass = self.backend.velocity(
+                x_t.expand(n + 1, -1, -1, -1), sigma.expand(n + 1), prompts, lora=True,
+                concept_tokens=[tokens] + [[]] * n if want_mass else None, mass_layers=self.mass_layers,
+            )
+            v_er, v_pr, mass = v[:1], v[1:], (mass[:1] if want_mass else None)
+        else:
+            v_er, mass = self.backend.velocity(
+                x_t, sigma, [er], lora=True, concept_tokens=[tokens] if want_mass else None,
+                mass_layers=self.mass_layers,
+            )
+            v_pr, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), pr_prompts, lora=True)
+        teacher = teacher.to(v_er.device)
+        l_erase = loss_erase(v_er, teacher[1:2], teacher[0:1], cfg.eta)
+        l_attn = loss_attn(mass) if want_mass else l_erase.new_zeros(())
         l_pr = loss_preserve(v_pr[:1], teacher[1:2], v_pr[1:] if keep else None, teacher[2:] if keep else None)
         return l_erase, l_attn, l_pr, float(sigma)
+
+    def _pr_gradient_expected(self) -> bool:
+        """Whether this step's λ will most likely be > 0 (paper mode: it was last step)."""
+        mode = self.config.lambda_mode
+        if mode == "exact":
+            return True
+        return (self.config.fixed_lambda if mode == "fixed" else self.lam.value) > 0
 
     def _backward(self, l_er: torch.Tensor, l_pr: torch.Tensor) -> float:
         """Set .grad on the LoRA parameters by the λ rule; return the λ used."""
         mode = self.config.lambda_mode
         if mode == "exact":
-            g_er = _flat_grad(l_er, self.params)
+            g_er = _flat_grad(l_er, self.params, retain_graph=True)  # L_pr shares the batched student graph
             g_pr = _flat_grad(l_pr, self.params)
             lam = exact_lambda(g_er, g_pr, self.config.eps)
             _assign_flat_grad(direction(g_er, g_pr, lam), self.params)
@@ -138,9 +170,17 @@ class ZEraseTrainer:
 
     def train_step(self) -> StepRecord:
         start = time.perf_counter()
-        i = self.rng.randrange(len(self.pool.erase))
-        keep = self.pool.keep[self.rng.randrange(len(self.pool.keep))] if self.pool.keep else None
-        l_erase, l_attn, l_pr, sigma = self._losses(self.pool.erase[i], list(self.pool.erase_tokens[i]), keep)
+        if self.xt_pool is None:
+            i = self.rng.randrange(len(self.pool.erase))
+            keep = self.pool.keep[self.rng.randrange(len(self.pool.keep))] if self.pool.keep else None
+            l_erase, l_attn, l_pr, sigma = self._losses(self.pool.erase[i], list(self.pool.erase_tokens[i]), keep)
+        else:
+            d = self.xt_pool.draw(self.rng, self.gen, self.backend.device)
+            keep = self.pool.keep[d.keep_index] if d.keep_index is not None else None
+            l_erase, l_attn, l_pr, sigma = self._losses(
+                self.pool.erase[d.erase_index], list(self.pool.erase_tokens[d.erase_index]), keep,
+                d.x_t, d.sigma, d.teacher,
+            )
         values = {"L_erase": l_erase.item(), "L_attn": l_attn.item(), "L_pr": l_pr.item()}
         if not all(map(_finite, values.values())):
             raise NonFiniteLoss(self._nan_message(values))
@@ -218,8 +258,8 @@ def _finite(value: float) -> bool:
     return value == value and abs(value) != float("inf")
 
 
-def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool = False) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 

@@ -1,0 +1,107 @@
+"""Where x_t comes from: a pool of trajectories sampled once from the frozen model.
+
+ESD-style training (paper §4.1) reaches x_t by sampling from noise with the erase prompt
+through the frozen model, every step: on average (K − 1)/2 extra forwards per step for a
+K-step sampler, all of whose results depend only on θ, never on the LoRA. The pool does
+that work once. It samples ``T`` trajectories (one erase prompt each, cycling through the
+prompt pool) and keeps every level k = 0 … K − 1 of each. The frozen teacher's predictions
+at those points — v_θ(x_t, c_er), v_θ(x_t, ∅) and v_θ(x_t, c_pr) for one preservation
+prompt tied to the trajectory — are computed in the same batched no-grad forwards that
+advance the sampler (the sampler needs v_θ(x_t, c_er) anyway), so a training step that
+draws from the pool runs no teacher forward at all.
+
+Everything here is deterministic given the seed, so a resumed run rebuilds the same pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .backends.base import Backend
+from .prompts import EncodedPrompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolDraw:
+    """One training point: x_t (1, C, H, W), σ (1,), the prompts it belongs to and the teacher there."""
+
+    erase_index: int
+    keep_index: int | None
+    x_t: torch.Tensor
+    sigma: torch.Tensor
+    teacher: torch.Tensor  # (1 + 1 + n_keep, C, H, W): v_θ(x_t, c_er), v_θ(x_t, ∅)[, v_θ(x_t, c_pr)]
+
+
+class TrajectoryPool:
+    """``x[j, k]`` is trajectory j at σ_k; ``teacher[j, k]`` the frozen predictions there."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        erase: Sequence[EncodedPrompt],
+        uncond: EncodedPrompt,
+        keep: Sequence[EncodedPrompt],
+        latent_shape: tuple[int, int, int],
+        sigmas: torch.Tensor,
+        trajectories: int,
+        cfg: float,
+        seed: int,
+        batch: int = 8,
+    ):
+        start = time.perf_counter()
+        self.sigmas = sigmas
+        n = max(trajectories, len(erase))  # every erase prompt gets at least one trajectory
+        rng = random.Random(seed)
+        self.erase_index = [j % len(erase) for j in range(n)]
+        self.keep_index = [rng.randrange(len(keep)) if keep else None for _ in range(n)]
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn((n, *latent_shape), generator=gen)  # (T, C, H, W)
+        levels = len(sigmas) - 1
+        self.x = torch.empty((n, levels, *latent_shape))  # (T, K, C, H, W), CPU fp32
+        self.teacher = torch.empty((n, levels, 2 + (1 if keep else 0), *latent_shape))  # (T, K, P, C, H, W)
+        for first in range(0, n, batch):
+            rows = range(first, min(first + batch, n))
+            er = [erase[self.erase_index[j]] for j in rows]
+            kp = [keep[self.keep_index[j]] for j in rows] if keep else []
+            self._trajectories(backend, noise[first : rows.stop].clone(), er, uncond, kp, cfg, rows)
+        self.seconds = time.perf_counter() - start
+        log.info("x_t pool: %d trajectories × %d levels sampled in %.1f s", n, levels, self.seconds)
+
+    @torch.no_grad()
+    def _trajectories(self, backend, x, er, uncond, keep, cfg, rows) -> None:
+        """Euler from σ_0 = 1 down the schedule; one batched forward per level gives every prediction."""
+        b = x.shape[0]
+        prompts = [*er, *([uncond] * b), *keep]  # (b erase | b uncond | b keep)
+        for k in range(len(self.sigmas) - 1):
+            s, s_next = float(self.sigmas[k]), float(self.sigmas[k + 1])
+            n_p = len(prompts) // b
+            v, _ = backend.velocity(x.repeat(n_p, 1, 1, 1), torch.full((b * n_p,), s), prompts, lora=False)
+            v = v.cpu().unflatten(0, (n_p, b))  # (P, b, C, H, W)
+            self.x[rows.start : rows.stop, k] = x
+            self.teacher[rows.start : rows.stop, k] = v.transpose(0, 1)
+            v_c, v_u = v[0], v[1]
+            step_v = v_c if cfg == 1.0 else v_u + cfg * (v_c - v_u)  # the same sampler as sampling.euler
+            x = x + (s_next - s) * step_v
+
+    def __len__(self) -> int:
+        return self.x.shape[0] * self.x.shape[1]
+
+    def draw(self, rng: random.Random, gen: torch.Generator, device: torch.device) -> PoolDraw:
+        """A uniformly random (trajectory, level), as fresh sampling picks a random level."""
+        j = rng.randrange(self.x.shape[0])
+        k = int(torch.randint(0, self.x.shape[1], (1,), generator=gen))
+        return PoolDraw(
+            self.erase_index[j],
+            self.keep_index[j],
+            self.x[j, k : k + 1].to(device),
+            self.sigmas[k].reshape(1),
+            self.teacher[j, k],
+        )
