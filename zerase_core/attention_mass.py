@@ -25,8 +25,12 @@ def column_mass(
     attn_mask: None, or a mask broadcastable to (B, H, L, L) as passed to SDPA (bool: True = keep).
     Returns (B, H, L) float32.
     """
-    value = columns.to(q.dtype)[:, None, :, None].expand(q.shape[0], q.shape[1], -1, 1)  # (B, H, L, 1)
-    out = F.scaled_dot_product_attention(q, k, value, attn_mask=attn_mask)  # (B, H, L, 1)
+    # The value is as wide as a head and contiguous: fused kernels (flash on CPU and GPU)
+    # need matching head sizes, and a 1-wide or stride-0 value falls back to the math
+    # kernel, which materialises the L×L map this function exists to avoid.
+    value = q.new_zeros(q.shape)  # (B, H, L, D)
+    value[..., 0] = columns.to(q.dtype)[:, None, :]  # indicator in the first channel
+    out = F.scaled_dot_product_attention(q, k, value, attn_mask=attn_mask)  # (B, H, L, D)
     return out[..., 0].float()
 
 
@@ -47,9 +51,20 @@ class MassRecorder:
         return self.layers is None or layer in self.layers
 
     def record(self, layer: int, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None):
-        mass = column_mass(q, k, self.columns.to(q.device), attn_mask).mean(dim=1)  # (B, L)
-        rows = self.query_rows.to(q.device)
-        self.per_layer[layer] = (mass * rows).sum(dim=1) / rows.sum(dim=1).clamp_min(1.0)  # (B,)
+        columns, rows = self.columns.to(q.device), self.query_rows.to(q.device)
+        # Samples without concept columns (e.g. preservation prompts batched with the erase
+        # prompt) have mass 0 by definition: run the extra attention call on the others only.
+        wanted = columns.any(dim=1)  # (B,)
+        if not bool(wanted.any()):
+            self.per_layer[layer] = q.new_zeros(wanted.shape[0], dtype=torch.float32)
+            return
+        if not bool(wanted.all()):
+            q, k, columns, rows = q[wanted], k[wanted], columns[wanted], rows[wanted]
+            if attn_mask is not None and attn_mask.shape[0] == wanted.shape[0]:
+                attn_mask = attn_mask[wanted]
+        mass = column_mass(q, k, columns, attn_mask).mean(dim=1)  # (B', L)
+        per_sample = (mass * rows).sum(dim=1) / rows.sum(dim=1).clamp_min(1.0)  # (B',)
+        self.per_layer[layer] = per_sample.new_zeros(wanted.shape[0]).index_put((wanted,), per_sample)  # (B,)
 
     def result(self) -> torch.Tensor:
         """(B,) mean mass over recorded layers."""
