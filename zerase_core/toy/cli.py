@@ -15,7 +15,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=1000, help="Z-Erase steps (paper: 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("out/demo"))
-    p.add_argument("--n-eval", type=int, default=200, help="prompts per evaluation set")
+    p.add_argument("--n-eval", type=int, default=100, help="prompts per evaluation set (robustness sets: half)")
 
 
 @command("demo", "erase a concept from the built-in toy model and measure it exactly", _add_demo)

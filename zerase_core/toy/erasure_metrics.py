@@ -134,7 +134,8 @@ def erasure_report(backend: Backend, bundle, concept: Concept, n: int, seed: int
     for style in styles:
         if style == "canonical":
             continue
-        _, prompts, _, _ = prompt_sets(concept, n, seed + 1, style)
+        m = max(1, n // 2)  # robustness sets are half size: they estimate acc_e alone
+        _, prompts, _, _ = prompt_sets(concept, m, seed + 1, style)
         shown = bundle.classifier.predict(generate(backend, bundle, prompts, seed + 1, lora))[concept.attribute]
-        report[f"acc_e_{style}"] = sum(v == concept.value for v in shown) / n
+        report[f"acc_e_{style}"] = sum(v == concept.value for v in shown) / m
     return report
