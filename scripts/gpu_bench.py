@@ -1,0 +1,87 @@
+"""Z-Erase cost on a randomly initialised full-size Z-Image (no weights needed), on one GPU.
+
+    python scripts/gpu_bench.py --out docs/bench/gpu.json          # H100-class GPU, ~5 min
+    python scripts/gpu_bench.py --tiny                             # CPU, seconds: checks the script
+
+Measures, side by side on the same model and batch (bf16 weights, rank-16 gated LoRA on the
+main layers' q/k/v, 64 caption tokens, gradient checkpointing), at 512² and 1024²: seconds per
+step of ours (λ > 0 and λ = 0), of the official-style reference and of plain gated ESD, each
+variant's peak GPU memory above the resident weights (torch.cuda.max_memory_allocated), and
+the minutes a 1000-step run takes (pool build included). Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend, LatentSpec  # noqa: E402
+from zerase_core.bench_cost import SpeedCase, _base_config, time_case  # noqa: E402
+from zerase_core.bench_estimate import FixedLengthEncoder, scaled_zimage  # noqa: E402
+from zerase_core.lora import LoRAConfig  # noqa: E402
+
+log = logging.getLogger("gpu_bench")
+
+
+@torch.no_grad()
+def full_size_zimage(device: str) -> torch.nn.Module:
+    """diffusers' Z-Image at its real size, random weights, bf16, built directly on the device."""
+    from diffusers import ZImageTransformer2DModel
+
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel()  # the class defaults are the released model's sizes
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if "norm" in name and p.ndim == 1:
+            p.fill_(1.0)  # RMSNorm weights: identity, as trained models start
+        else:
+            p.normal_(0.0, 0.02, generator=g)
+    return model.eval()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a scaled-down model on the CPU (checks the script)")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant after one warm-up")
+    parser.add_argument("--pool", type=int, default=8, help="trajectories in the x_t pool")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if args.tiny:
+        model, device, cap_dim, res, rank = scaled_zimage(256, 2, torch.float32), "cpu", 64, [64], 4
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no GPU: run with --tiny to check the script on a CPU")
+        model, device, cap_dim, res, rank = full_size_zimage("cuda"), "cuda", 2560, args.resolutions, 16
+    resident = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
+    backend = DiffusersZImageBackend(model.to(device), FixedLengthEncoder(cap_dim, 64), LatentSpec(16, 8))
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+              "weights_gib": resident, "caption_tokens": 64, "rank": rank, "gradient_checkpointing": True, "rows": []}
+    for px in res:
+        config = _base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing=True,
+                              lora=LoRAConfig(rank=rank), shuffle_pool=2)
+        case = SpeedCase("z-image-random" if not args.tiny else "scaled-zimage", lambda: backend, config,
+                         (px // 16) ** 2)
+        row = time_case(case, args.steps)
+        log.info("%d²: %s", px, json.dumps(row["seconds_per_step"]))
+        result["rows"].append(row)
+    text = json.dumps(result, indent=2, default=str)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

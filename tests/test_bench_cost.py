@@ -1,0 +1,102 @@
+"""The cost benchmark's correctness: same losses as the reference, pool = fresh teacher, memory growth, CLI.
+
+No timings are asserted here; the benchmark itself reports them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zerase_core.bench_memory import attention_loss_bytes, growth_exponent
+from zerase_core.config import TrainConfig
+from zerase_core.lora import LoRAConfig
+from zerase_core.reference_step import reference_losses
+from zerase_core.tiny import tiny_zimage_backend
+from zerase_core.trainer import ZEraseTrainer
+
+
+def _config(**over):
+    base = dict(concept="red", preserve=("blue",), templates=("a photo of a {} ball",), steps=5, height=64,
+                width=64, sample_steps=3, lora=LoRAConfig(rank=4), shuffle_pool=1, xt_pool=2)
+    return TrainConfig(**(base | over))
+
+
+def _nudged(trainer):
+    with torch.no_grad():  # B = 0 would make student = teacher; move off it
+        for p in trainer.params:
+            p.add_(0.05)
+    return trainer
+
+
+def _grads(trainer, total):
+    for p in trainer.params:
+        p.grad = None
+    total.backward()
+    return torch.cat([p.grad.reshape(-1) for p in trainer.params])
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])  # λ = 0: separate student forwards; λ > 0: one batched forward
+def test_reference_step_computes_our_losses_and_gradients(lam):
+    trainer = _nudged(ZEraseTrainer(tiny_zimage_backend(), _config(lambda_mode="fixed", fixed_lambda=lam)))
+    pool = trainer.pool
+    er, tokens, keep = pool.erase[0], list(pool.erase_tokens[0]), pool.keep[0]
+    x_t = torch.randn(1, *trainer.latent_shape, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.6])
+    ours = trainer._losses(er, tokens, keep, x_t, sigma)[:3]
+    g_ours = _grads(trainer, ours[0] + ours[1] + ours[2])
+    ref = reference_losses(trainer, er, tokens, keep, x_t, sigma)
+    g_ref = _grads(trainer, ref[0] + ref[1] + ref[2])
+    for a, b in zip(ours, ref):
+        assert a.item() == pytest.approx(b.item(), rel=1e-4, abs=1e-7)
+    assert ours[1].item() > 0  # the attention term is really there
+    assert torch.allclose(g_ours, g_ref, rtol=1e-3, atol=1e-6)
+
+
+def test_pool_holds_the_frozen_teachers_predictions():
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool"))
+    xp, pool = trainer.xt_pool, trainer.pool
+    for j, k in ((0, 0), (1, 2)):
+        prompts = [pool.erase[xp.erase_index[j]], pool.uncond, pool.keep[xp.keep_index[j]]]
+        fresh = trainer._teacher(xp.x[j, k : k + 1], xp.sigmas[k].reshape(1), prompts)
+        assert torch.allclose(xp.teacher[j, k], fresh, atol=1e-5)
+    # consecutive levels are Euler steps of the erase prompt's velocity (cfg 1)
+    step = xp.sigmas[1] - xp.sigmas[0]
+    assert torch.allclose(xp.x[0, 1], xp.x[0, 0] + step * xp.teacher[0, 0, 0], atol=1e-5)
+
+
+def test_pool_training_runs_and_resumes_identically(tmp_path):
+    first = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", steps=4), checkpoint_path=tmp_path / "a.ckpt")
+    full = first.run()
+    second = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", steps=2), checkpoint_path=tmp_path / "b.ckpt")
+    second.run()
+    third = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", steps=4))
+    third.resume(tmp_path / "b.ckpt")
+    resumed = third.run()
+    assert [r.erase for r in resumed.history] == pytest.approx([r.erase for r in full.history], rel=1e-5)
+
+
+def test_attention_loss_memory_is_linear_for_ours_and_quadratic_for_maps():
+    tokens = [256, 1024, 4096]
+    rows = [attention_loss_bytes(n, 64, heads=1, head_dim=32) for n in tokens]
+    ours = growth_exponent(tokens, [r["ours"] for r in rows])
+    maps = growth_exponent(tokens, [r["materialised"] for r in rows])
+    assert 0.8 < ours < 1.2, ours
+    assert 1.8 < maps < 2.2, maps
+    assert rows[-1]["materialised"] > 20 * rows[-1]["ours"]
+
+
+def test_bench_cost_command_prints_json_with_the_required_keys(capsys):
+    from zerase_core.cli import main
+
+    assert main(["bench-cost", "--tiny", "--steps", "1", "--no-estimate"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    (row,) = result["speed"]
+    for key in ("speedup_vs_reference", "overhead_vs_gated_esd", "overhead_vs_gated_esd_lambda_zero", "seconds_per_step"):
+        assert key in row
+    for key in ("reference", "ours_lambda_positive", "ours_lambda_zero", "gated_esd"):
+        assert row["seconds_per_step"][key] > 0
+    assert set(result["attention_loss_memory"]["growth_exponent"]) == {"ours", "materialised"}
+    assert "min_speedup_vs_reference" in result["summary"]

@@ -1,0 +1,79 @@
+"""``python -m zerase_core bench-xt``: where x_t comes from — fresh ESD sampling vs the pool.
+
+On the toy world (``load_toy()``), for each concept and seed, trains the same Z-Erase run
+twice, once with ``xt_source="fresh"`` (x_t sampled every step) and once with ``"pool"``
+(trajectories sampled once, :mod:`.xt_pool`), and reports each run's wall time (pool build
+included) and the classifier-measured erasure: acc_e (concept still drawn; lower is better),
+acc_ir (everything else still right; higher is better) and h_a = acc_ir − acc_e.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .cli import command
+
+SOURCES = ("fresh", "pool")
+METRICS = ("acc_e", "acc_ir", "h_a")
+
+
+def compare(concepts: list[str], seeds: list[int], steps: int, n_eval: int, pool: int) -> dict:
+    from .backends.toy import toy_backend
+    from .toy import load_toy
+    from .toy.demo import toy_train_config
+    from .toy.erasure_metrics import erasure_report, parse_concept
+    from .trainer import ZEraseTrainer
+
+    bundle = load_toy()
+    cells = []
+    for word in concepts:
+        concept = parse_concept(word)
+        for seed in seeds:
+            base = toy_train_config(concept, None, steps, seed, bundle.sampling)
+            for source in SOURCES:
+                backend = toy_backend(bundle)
+                start = time.perf_counter()
+                trainer = ZEraseTrainer(backend, dataclasses.replace(base, xt_source=source, xt_pool=pool))
+                trainer.run()
+                seconds = time.perf_counter() - start
+                report = erasure_report(backend, bundle, concept, n_eval, 10_000 + seed, lora=True)
+                backend.uninstall()
+                cells.append({"concept": word, "seed": seed, "xt_source": source, "seconds": seconds,
+                              "pool_build_s": trainer.xt_pool.seconds if trainer.xt_pool else 0.0,
+                              **{m: report[m] for m in METRICS}})
+    summary = {}
+    for source in SOURCES:
+        rows = [c for c in cells if c["xt_source"] == source]
+        summary[source] = {k: statistics.mean(c[k] for c in rows) for k in ("seconds", *METRICS)}
+    summary["pool_speedup"] = summary["fresh"]["seconds"] / summary["pool"]["seconds"]
+    return {"steps": steps, "n_eval": n_eval, "pool_trajectories": pool, "cells": cells, "summary": summary}
+
+
+def _add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concepts", nargs="+", default=["red", "circle"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--n-eval", type=int, default=64)
+    p.add_argument("--pool", type=int, default=32, help="trajectories in the pool")
+    p.add_argument("--out", type=Path)
+
+
+@command("bench-xt", "toy world: erasure and cost with fresh ESD x_t vs the trajectory pool", _add)
+def _bench_xt(args: argparse.Namespace) -> int:
+    result = compare(args.concepts, args.seeds, args.steps, args.n_eval, args.pool)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    s = result["summary"]
+    for source in SOURCES:
+        print(f"{source:>6}: {s[source]['seconds']:7.1f} s  acc_e {s[source]['acc_e']:.3f}  acc_ir {s[source]['acc_ir']:.3f}"
+              f"  h_a {s[source]['h_a']:.3f}", file=sys.stderr)
+    return 0
