@@ -159,3 +159,34 @@ def test_ungated_ablation_changes_image_rows(tiny_backend):
         h.remove()
     name, module, x, y, text = calls[0]
     assert not torch.allclose(y[~text], module.base_layer(x)[~text])
+
+
+def test_fused_qkv_and_separate_projections_agree_from_the_same_weights():
+    """One set of factors on diffusers' to_q/to_k/to_v and on ComfyUI's fused qkv gives the same q, k, v."""
+    from zerase_core.gate import TokenGate
+    from zerase_core.layout import TokenLayout
+
+    torch.manual_seed(0)
+    d = 16
+    separate = {p: torch.nn.Linear(d, d, bias=False) for p in "qkv"}
+    fused = torch.nn.Linear(d, 3 * d, bias=False)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([separate[p].weight for p in "qkv"]))
+    gate = TokenGate()
+    fused_layer = GatedLoRALinear(fused, {"q": (0, d), "k": (d, 2 * d), "v": (2 * d, 3 * d)}, gate)
+    fused_adapter = fused_layer.add_adapter("e", ("q", "k", "v"), rank=3, scale=0.5)
+    outputs = []
+    for p in "qkv":
+        layer = GatedLoRALinear(separate[p], {p: (0, d)}, gate)
+        adapter = layer.add_adapter("e", (p,), rank=3, scale=0.5)
+        with torch.no_grad():
+            adapter.A[p].normal_()
+            adapter.B[p].normal_()
+            fused_adapter.A[p].copy_(adapter.A[p])
+            fused_adapter.B[p].copy_(adapter.B[p])
+        outputs.append(layer)
+    x = torch.randn(2, 10, d)
+    with gate.active(TokenLayout(10, ((6, 10), (4, 10)), ((0, 6), (0, 4)))):
+        y_fused = fused_layer(x)
+        y_separate = torch.cat([layer(x) for layer in outputs], dim=-1)
+    assert torch.allclose(y_fused, y_separate, atol=1e-6)
