@@ -7,7 +7,9 @@ import torch
 
 from zerase_core.tiny import TinyZImageConfig, tiny_zimage_backend
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Tiny models: one thread is fastest, and immune to OpenMP oversubscription when the machine is busy
+# (two threads made each small op ~25× slower while another process held a core).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

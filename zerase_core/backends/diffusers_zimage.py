@@ -120,9 +120,10 @@ class DiffusersZImageBackend(Backend):
                 processor.backend = self
             else:
                 layer.attention.set_processor(_WatchedProcessor(processor, i, self))
-        for module in transformer.modules():
+        for path, module in transformer.named_modules():
             if isinstance(module, GatedLoRALinear):
                 module.gate = self.gate
+                self._installer.originals[path] = module.base_layer  # so uninstall() restores it
 
     # --- facts ---------------------------------------------------------------------------
     @property

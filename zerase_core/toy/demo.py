@@ -91,6 +91,7 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     log.info("measuring the erased model")
     erased = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=True, styles=ROBUSTNESS_STYLES)
     to_pil(comparison_grid(backend, bundle, concept, seed)[0]).save(out / "before_after.png")
+    backend.uninstall()  # give the bundle back as it came
     report = {
         "concept": concept.word, "attribute": concept.attribute, "value": concept.value,
         "preserve": list(config.preserve), "steps": steps, "seed": seed, "n_eval": n_eval,
