@@ -33,6 +33,16 @@ def progress_bar(total: int, initial: int = 0, label: str = "Z-Erase"):
     return on_step, bar
 
 
+def every(n: int, callback):
+    """Run ``callback(record, trainer)`` every ``n`` steps (previews, logging, custom checkpoints)."""
+
+    def maybe(record, trainer) -> None:
+        if n > 0 and record.step % n == 0:
+            callback(record, trainer)
+
+    return maybe
+
+
 def write_curves(result: TrainResult, path: Path, title: str) -> Path:
     history = result.history
     image = curves(
@@ -48,7 +58,8 @@ def write_curves(result: TrainResult, path: Path, title: str) -> Path:
     return path
 
 
-def train_and_save(backend: Backend, config: TrainConfig, out: Path, resume: bool = False) -> tuple[TrainResult, Path]:
+def train_and_save(backend: Backend, config: TrainConfig, out: Path, resume: bool = False,
+                   callbacks=()) -> tuple[TrainResult, Path]:
     """Train into folder ``out``: erasure_lora.safetensors, curves.png, history.json, checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
     lora_path = out / LORA
@@ -60,7 +71,7 @@ def train_and_save(backend: Backend, config: TrainConfig, out: Path, resume: boo
             raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")
         trainer.resume(out / CHECKPOINT)
     on_step, bar = progress_bar(config.steps, trainer.step)
-    trainer.callbacks.append(on_step)
+    trainer.callbacks.extend([on_step, *callbacks])
     try:
         result = trainer.run()
     finally:

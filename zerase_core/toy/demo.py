@@ -18,7 +18,7 @@ from ..backends.toy import toy_backend
 from ..config import TrainConfig
 from ..lora import LoRAConfig
 from ..render import grid, to_pil
-from ..run import train_and_save
+from ..run import every, train_and_save
 from .erasure_metrics import Concept, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word
 from .world import make_prompt, random_labels
 
@@ -75,6 +75,22 @@ def comparison_grid(backend, bundle, concept: Concept, seed: int, n: int = 6):
                 caption=" | ".join(f"{i + 1}: {p}" for i, p in enumerate(prompts)))
 
 
+def preview(backend, bundle, concept: Concept, seed: int, out: Path):
+    """A training callback: the erased model on two prompts naming the concept, beside the original."""
+    _, prompts, _, _ = prompt_sets(concept, 2, seed + 7)
+    original = generate(backend, bundle, prompts, seed, lora=False)
+    (out / "previews").mkdir(parents=True, exist_ok=True)
+
+    def show(record, trainer) -> None:
+        now = generate(backend, bundle, prompts, seed, lora=True)
+        cells = [[to_pil(o.permute(1, 2, 0)).resize((96, 96)), to_pil(n.permute(1, 2, 0)).resize((96, 96))]
+                 for o, n in zip(original, now)]
+        to_pil(grid(cells, ["original", f"step {record.step}"], caption=" | ".join(prompts))[0]).save(
+            out / "previews" / f"step_{record.step:05d}.png")
+
+    return show
+
+
 def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, seed: int, out: Path, n_eval: int,
              bundle=None) -> dict:
     """The whole demo; ``bundle`` defaults to the shipped toy (tests pass a small random one)."""
@@ -87,7 +103,7 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     config = toy_train_config(concept, preserve, steps, seed, bundle.sampling)
     log.info("measuring the original model on %d + %d prompts", n_eval, n_eval)
     original = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=False, styles=ROBUSTNESS_STYLES)
-    result, lora_path = train_and_save(backend, config, out)
+    result, lora_path = train_and_save(backend, config, out, callbacks=[every(max(1, steps // 4), preview(backend, bundle, concept, seed, out))])
     log.info("measuring the erased model")
     erased = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=True, styles=ROBUSTNESS_STYLES)
     to_pil(comparison_grid(backend, bundle, concept, seed)[0]).save(out / "before_after.png")
