@@ -144,3 +144,13 @@ def test_bad_inputs_get_clear_errors():
         ZEraseTrainer(tiny_zimage_backend(), _config(concept="red", templates=("a photo of a cat",)))
     with pytest.raises(ZEraseError, match="preset"):
         _config(preset="nudity-ish")
+
+
+def test_text_encoder_can_be_released_after_the_prompts_are_encoded():
+    backend = tiny_zimage_backend()
+    trainer = ZEraseTrainer(backend, _config(steps=2))
+    backend.release_encoder()
+    assert backend.encoder is None
+    assert trainer.run().completed  # training never needs the encoder again
+    with pytest.raises(RuntimeError, match="released"):
+        backend.encode(["red"])

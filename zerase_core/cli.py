@@ -133,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
         backend = load_diffusers_zimage(args.model)
         defaults = {}
     config = train_config_from_args(args, **defaults)
-    result, path = train_and_save(backend, config, args.out, resume=args.resume)
+    result, path = train_and_save(backend, config, args.out, resume=args.resume, release_encoder=not args.tiny)
     last = result.history[-1]
     print(json.dumps({"lora": str(path), "steps": last.step, "L_erase": last.erase, "lambda": last.lam,
                       "seconds": round(result.seconds, 2)}))

@@ -59,13 +59,18 @@ def write_curves(result: TrainResult, path: Path, title: str) -> Path:
 
 
 def train_and_save(backend: Backend, config: TrainConfig, out: Path, resume: bool = False,
-                   callbacks=()) -> tuple[TrainResult, Path]:
-    """Train into folder ``out``: erasure_lora.safetensors, curves.png, history.json, checkpoint."""
+                   callbacks=(), release_encoder: bool = False) -> tuple[TrainResult, Path]:
+    """Train into folder ``out``: erasure_lora.safetensors, curves.png, history.json, checkpoint.
+
+    ``release_encoder`` frees the text encoder as soon as the run's prompts are encoded.
+    """
     out.mkdir(parents=True, exist_ok=True)
     lora_path = out / LORA
     if lora_path.exists() and not resume:
         raise ZEraseError(f"{lora_path} exists; choose another output folder (files are never overwritten).")
     trainer = ZEraseTrainer(backend, config, checkpoint_path=out / CHECKPOINT)
+    if release_encoder:
+        backend.release_encoder()
     if resume:
         if not (out / CHECKPOINT).exists():
             raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")

@@ -122,6 +122,9 @@ class Backend(ABC):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def release_encoder(self) -> None:
+        """Free the text encoder once every prompt a run needs is encoded (the trainer encodes up front)."""
+
 
 def _resolve(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")

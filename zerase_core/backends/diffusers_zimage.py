@@ -197,7 +197,15 @@ class DiffusersZImageBackend(Backend):
 
     # --- prompts and predictions ---------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
+        if self.encoder is None:
+            raise RuntimeError("The text encoder was released after the prompts were encoded; encode before that.")
         return self.encoder.encode(prompts)
+
+    def release_encoder(self) -> None:
+        """Drop the text encoder (Qwen3 4B: ~8 GB in bf16) so training has that memory back."""
+        self.encoder = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def layout(self, x: torch.Tensor, prompts: Sequence[EncodedPrompt]) -> TokenLayout:
         """[image | caption] per sample, each padded to 32 (diffusers' _build_unified_sequence)."""
