@@ -25,28 +25,49 @@ def to_image(pictures: Sequence[Image.Image]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0) for p in pictures])
 
 
-def curves(series: dict[str, list[float]], width: int = 640, height: int = 360, title: str = "") -> torch.Tensor:
-    """Line plot of named series (each min-max normalised, range shown in the legend)."""
-    img = Image.new("RGB", (width, height), (255, 255, 255))
+def _smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing moving average: per-step losses are noisy (a new x_t and σ every step)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def curves(series: dict[str, list[float]], width: int = 640, panel_height: int = 110, title: str = "") -> torch.Tensor:
+    """One panel per named series: raw values faint, a moving average bold, min/max/last labelled."""
+    n = max(1, len(series))
+    top_margin = 22
+    img = Image.new("RGB", (width, top_margin + n * panel_height + 16), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    left, top, right, bottom = 40, 30, width - 10, height - 25
-    d.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    d.text((left, 8), title, fill=(0, 0, 0), font=_FONT)
-    for n, (name, values) in enumerate(series.items()):
-        colour = _COLOURS[n % len(_COLOURS)]
+    d.text((8, 5), title, fill=(0, 0, 0), font=_FONT)
+    left, right = 60, width - 10
+    for k, (name, values) in enumerate(series.items()):
+        colour = _COLOURS[k % len(_COLOURS)]
+        faint = tuple(int(255 - 0.3 * (255 - c)) for c in colour)
+        top = top_margin + k * panel_height
+        bottom = top + panel_height - 18
+        d.rectangle([left, top, right, bottom], outline=(160, 160, 160))
         vals = [v for v in values if v == v]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
         span = hi - lo or 1.0
-        pts = [
-            (left + (right - left) * i / max(1, len(values) - 1), bottom - (bottom - top) * (v - lo) / span)
-            for i, v in enumerate(values)
-        ]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        elif pts:
-            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
-        d.text((left + 6, top + 4 + 12 * n), f"{name}: {lo:.3g} .. {hi:.3g}", fill=colour, font=_FONT)
-    d.text((left, bottom + 6), f"step 1 .. {max((len(v) for v in series.values()), default=0)}", fill=(0, 0, 0), font=_FONT)
+        smooth = _smoothed(values, max(1, len(values) // 50))
+
+        def point(i: int, v: float) -> tuple[float, float]:
+            return left + (right - left) * i / max(1, len(values) - 1), bottom - (bottom - top) * (v - lo) / span
+
+        for line, fill, w in ((values, faint, 1), (smooth, colour, 2)):
+            pts = [point(i, v) for i, v in enumerate(line) if v == v]
+            if len(pts) > 1:
+                d.line(pts, fill=fill, width=w)
+        d.text((4, top), f"{hi:.3g}", fill=(90, 90, 90), font=_FONT)
+        d.text((4, bottom - 10), f"{lo:.3g}", fill=(90, 90, 90), font=_FONT)
+        last = f"{smooth[-1]:.3g}" if smooth else "-"
+        d.text((left + 6, top + 3), f"{name} (smoothed, last {last})", fill=colour, font=_FONT)
+    d.text((left, img.height - 14), f"step 1 .. {max((len(v) for v in series.values()), default=0)}", fill=(0, 0, 0),
+           font=_FONT)
     return to_image([img])
 
 
