@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from zerase_core.attention_maps import word_maps
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend
 from zerase_core.errors import ZEraseError
 from zerase_core.prompts import concept_token_indices
@@ -21,20 +22,6 @@ def parse_list(text: str, what: str, cast=str) -> list:
     if not items:
         raise ZEraseError(f"{NODE}: give at least one of {what}.")
     return items
-
-
-def word_maps(backend, prompt, columns, x0, sigmas, seed, layers):
-    """(n_words, h, w) maps averaged over noise levels, each level noised from the same seed."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(x0.shape, generator=gen)
-    total = None
-    for s in sigmas:
-        x = s * noise + (1.0 - s) * x0  # rectified flow: σ = 1 is pure noise
-        maps = backend.attention_maps(x, torch.tensor([s]), prompt, columns, layers)
-        total = maps if total is None else total + maps
-    return total / len(sigmas)
 
 
 class AttentionMapViewer(io.ComfyNode):

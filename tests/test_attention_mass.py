@@ -65,3 +65,22 @@ def test_token_zeroing_removes_the_concept_columns(tiny_backend):
             untouched, _ = tiny_backend.velocity(x, sigma, enc)
     assert float(mass) > 0 and float(zeroed_mass) == 0.0
     assert not torch.allclose(zeroed, plain) and torch.equal(untouched, plain)
+
+
+def test_word_maps_are_image_shaped_shares_and_see_the_lora(tiny_backend):
+    from zerase_core.attention_maps import word_maps
+    from zerase_core.prompts import concept_token_indices
+
+    (enc,) = tiny_backend.encode(["a red circle"])
+    columns = [concept_token_indices(enc, "red"), concept_tokens := concept_token_indices(enc, "circle")]
+    x0 = torch.randn(1, 4, 12, 8)
+    before = word_maps(tiny_backend, enc, columns, x0, [0.3, 0.7], seed=0)
+    assert before.shape == (2, 6, 4) and float(before.min()) >= 0 and float(before.max()) < 1
+    lora_set = tiny_backend.install(LoRAConfig(rank=4))
+    with torch.no_grad():
+        for p in lora_set.parameters():
+            p.normal_()
+    after = word_maps(tiny_backend, enc, columns, x0, [0.3, 0.7], seed=0)
+    off = word_maps(tiny_backend, enc, columns, x0, [0.3, 0.7], seed=0, lora=False)
+    assert not torch.allclose(after, before) and torch.equal(off, before)
+    assert concept_tokens  # "circle" was found

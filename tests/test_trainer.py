@@ -77,6 +77,23 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
         assert torch.allclose(resumed.lora.factors[key][1], b, atol=1e-6)
 
 
+def test_no_grad_preservation_changes_no_update(monkeypatch):
+    """L_pr without a graph while λ_t = 0 (recomputed when λ turns > 0) = always back-propagating it."""
+    runs = []
+    for always_batched in (False, True):
+        trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=12, lr=1e-2))
+        if always_batched:
+            monkeypatch.setattr(trainer, "_pr_gradient_expected", lambda: True)
+        runs.append((trainer.run(), trainer))
+    (ours, t_ours), (batched, _) = runs
+    assert [r.lam for r in ours.history] == pytest.approx([r.lam for r in batched.history], rel=1e-4, abs=1e-8)
+    assert any(r.lam > 0 for r in ours.history)
+    assert t_ours.pr_recomputed >= 1 and t_ours.pr_recomputed == sum(r.pr_recomputed for r in ours.history)
+    for key, (a, b) in batched.lora.factors.items():
+        assert torch.allclose(ours.lora.factors[key][0], a, atol=1e-5)
+        assert torch.allclose(ours.lora.factors[key][1], b, atol=1e-5)
+
+
 def test_resume_refuses_other_settings(tmp_path):
     ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=tmp_path / "c.ckpt").run()
     other = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4, eta=5.0))

@@ -8,10 +8,12 @@ Per step (defaults from :class:`TrainConfig`):
    once (:mod:`.xt_pool`), where the teacher's predictions were computed too;
 2. fresh: one no-grad teacher forward for v_θ(x_t, c_er), v_θ(x_t, ∅), v_θ(x_t, c_pr);
 3. student predictions with the LoRA: c_er (with attention capture) and [∅, c_pr] — one
-   batched forward when λ is expected to weigh L_pr, else two so that only c_er's graph
-   needs a backward;
+   batched forward when λ is expected to weigh L_pr (λ_t > 0, ``exact``, fixed λ > 0), else
+   c_er with a graph and [∅, c_pr] under ``torch.no_grad()``: while λ_t = 0 L_pr's value is
+   needed only for g̃, so no graph is built for it;
 4. L_er = L_erase + L_attn (Eq. 5-7), L_pr (Eq. 8); λ from the chosen rule; AdamW step on
-   L_er + λ L_pr. While λ = 0 the preservation graph is dropped, not back-propagated.
+   L_er + λ L_pr. If λ_{t+1} > 0 although λ_t = 0, L_pr is recomputed with a graph for that
+   step (counted in ``pr_recomputed``); nothing is back-propagated that cannot change the update.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class StepRecord:
     g: float  # g̃ of Eq. 15 (paper mode), else 0
     sigma: float
     seconds: float
+    pr_recomputed: bool = False  # λ_t = 0 but λ_{t+1} > 0: L_pr was rerun with a graph
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class ZEraseTrainer:
         self.rng = random.Random(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.step, self.seconds, self.history = 0, 0.0, []
+        self._pr_inputs, self._recomputed = None, False  # set by _losses / _backward for one step
         self.mass_layers = set(config.lora.layer_indices(backend.n_layers))
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
         self.latent_shape = backend.latent_shape(config.height, config.width)
@@ -128,6 +132,7 @@ class ZEraseTrainer:
         want_mass = cfg.attn_weight > 0
         pr_prompts = [self.pool.uncond, *([keep] if keep else [])]
         n = len(pr_prompts)
+        v_pr, self._pr_inputs = None, None
         if self._pr_gradient_expected():
             # L_pr's gradient will count: every student prediction in one forward/backward.
             prompts = [er, *pr_prompts]
@@ -141,12 +146,30 @@ class ZEraseTrainer:
                 x_t, sigma, [er], lora=True, concept_tokens=[tokens] if want_mass else None,
                 mass_layers=self.mass_layers,
             )
-            v_pr, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), pr_prompts, lora=True)
+            # λ = 0 is expected: L_pr's value is needed (for g̃), its graph is not. If λ turns
+            # out > 0 in this step, _backward recomputes L_pr with a graph from these inputs.
+            self._pr_inputs = (x_t, sigma, keep, teacher)
+            with torch.no_grad():
+                l_pr = self._pr_loss(x_t, sigma, keep, teacher)
         teacher = teacher.to(v_er.device)
         l_erase = loss_erase(v_er, teacher[1:2], teacher[0:1], cfg.eta)
         l_attn = loss_attn(mass) if want_mass else l_erase.new_zeros(())
-        l_pr = loss_preserve(v_pr[:1], teacher[1:2], v_pr[1:] if keep else None, teacher[2:] if keep else None)
+        if v_pr is not None:
+            l_pr = loss_preserve(v_pr[:1], teacher[1:2], v_pr[1:] if keep else None, teacher[2:] if keep else None)
         return l_erase, l_attn, l_pr, float(sigma)
+
+    def _pr_loss(self, x_t, sigma, keep, teacher) -> torch.Tensor:
+        """L_pr (Eq. 8) from the student's [∅, c_pr] predictions in one batched forward."""
+        prompts = [self.pool.uncond, *([keep] if keep else [])]
+        n = len(prompts)
+        v_pr, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), prompts, lora=True)
+        teacher = teacher.to(v_pr.device)
+        return loss_preserve(v_pr[:1], teacher[1:2], v_pr[1:] if keep else None, teacher[2:] if keep else None)
+
+    @property
+    def pr_recomputed(self) -> int:
+        """Steps so far whose L_pr was recomputed with a graph (λ turned > 0 from 0)."""
+        return sum(r.pr_recomputed for r in self.history)
 
     def _pr_gradient_expected(self) -> bool:
         """Whether this step's λ will most likely be > 0 (paper mode: it was last step)."""
@@ -165,6 +188,9 @@ class ZEraseTrainer:
             _assign_flat_grad(direction(g_er, g_pr, lam), self.params)
             return lam
         lam = self.config.fixed_lambda if mode == "fixed" else self.lam.update(l_pr.item())
+        if lam > 0 and not l_pr.requires_grad:
+            # λ_t = 0 but λ_{t+1} > 0: L_pr ran without a graph; rerun it with one (rare).
+            l_pr, self._recomputed = self._pr_loss(*self._pr_inputs), True
         (l_er + lam * l_pr if lam > 0 else l_er).backward()
         return lam
 
@@ -184,7 +210,9 @@ class ZEraseTrainer:
         values = {"L_erase": l_erase.item(), "L_attn": l_attn.item(), "L_pr": l_pr.item()}
         if not all(map(_finite, values.values())):
             raise NonFiniteLoss(self._nan_message(values))
+        self._recomputed = False
         lam = self._backward(l_erase + self.config.attn_weight * l_attn, l_pr)
+        self._pr_inputs = None
         if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(self._nan_message({"gradient": float("nan")}))
@@ -194,7 +222,9 @@ class ZEraseTrainer:
         elapsed = time.perf_counter() - start
         self.seconds += elapsed
         g = self.lam.last_g if self.config.lambda_mode == "paper" else 0.0
-        record = StepRecord(self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, g, sigma, elapsed)
+        record = StepRecord(
+            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, g, sigma, elapsed, self._recomputed
+        )
         self.history.append(record)
         return record
 

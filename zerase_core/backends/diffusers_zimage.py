@@ -236,13 +236,20 @@ class DiffusersZImageBackend(Backend):
         finally:
             self._zeroing = None
 
-    def velocity(self, x, sigma, prompts, *, lora=True, concept_tokens=None, mass_layers=None):
-        if x.shape[0] != len(prompts):
-            raise ValueError(f"{x.shape[0]} latents but {len(prompts)} prompts")
-        layout = self.layout(x, prompts)
-        recorder = None
-        if concept_tokens is not None:
-            recorder = self.recorder_factory(layout.columns(concept_tokens), layout.image_mask(), mass_layers)
+    @torch.no_grad()
+    def attention_maps(self, x, sigma, prompt, columns, layers=None, lora=True) -> torch.Tensor:
+        """(n_words, h, w): mean over heads and ``layers`` of the mass each image token puts on each word."""
+        from ..attention_maps import WordMapRecorder
+
+        layout = self.layout(x[:1], [prompt])
+        recorder = WordMapRecorder([layout.columns([cols]) for cols in columns], layers)
+        self._run(x[:1], sigma[:1], [prompt], layout, lora, recorder)
+        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        (start, _), = layout.image  # [image | caption]: image tokens first, row-major
+        return recorder.per_query()[:, start : start + h * w].reshape(len(columns), h, w)
+
+    def _run(self, x, sigma, prompts, layout, lora, recorder):
+        """One transformer call under the gate, the attention watch and any token zeroing; raw output."""
         captions = [p.features.to(self.device, self.dtype) for p in prompts]
         latents = list(x.to(self.device, self.dtype).unsqueeze(2).unbind(0))  # B × (C, F=1, H, W)
         t = (1.0 - sigma).to(self.device, self.dtype)  # diffusers' time runs 0 (noise) -> 1 (clean)
@@ -251,9 +258,18 @@ class DiffusersZImageBackend(Backend):
             with ExitStack() as stack:
                 stack.enter_context(self.gate.active(layout, lora))
                 stack.enter_context(self._watching(recorder))
-                out = self.transformer(latents, t, captions, return_dict=False)[0]
+                return self.transformer(latents, t, captions, return_dict=False)[0]
         finally:
             self._blocked = None
+
+    def velocity(self, x, sigma, prompts, *, lora=True, concept_tokens=None, mass_layers=None):
+        if x.shape[0] != len(prompts):
+            raise ValueError(f"{x.shape[0]} latents but {len(prompts)} prompts")
+        layout = self.layout(x, prompts)
+        recorder = None
+        if concept_tokens is not None:
+            recorder = self.recorder_factory(layout.columns(concept_tokens), layout.image_mask(), mass_layers)
+        out = self._run(x, sigma, prompts, layout, lora, recorder)
         # diffusers predicts x0 − ε; the engine's velocity is ε − x0, hence the minus.
         v = -torch.stack(out).squeeze(2).float()
         return v, (recorder.result() if recorder is not None else None)
