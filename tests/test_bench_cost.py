@@ -96,9 +96,25 @@ def test_bench_cost_command_prints_json_with_the_required_keys(capsys):
     assert main(["bench-cost", "--tiny", "--steps", "1", "--no-estimate"]) == 0
     result = json.loads(capsys.readouterr().out)
     (row,) = result["speed"]
-    for key in ("speedup_vs_reference", "overhead_vs_gated_esd", "overhead_vs_gated_esd_lambda_zero", "seconds_per_step"):
+    for key in ("speedup_vs_reference", "overhead_vs_gated_esd", "overhead_vs_gated_esd_lambda_zero", "seconds_per_step",
+                "split_seconds", "default_xt_source"):
         assert key in row
-    for key in ("reference", "ours_lambda_positive", "ours_lambda_zero", "gated_esd"):
-        assert row["seconds_per_step"][key] > 0
+    for source in ("pool", "fresh"):  # both x_t sources, the ESD step with the same source as ours
+        for key in (f"ours_{source}_lambda_positive", f"ours_{source}_lambda_zero", f"gated_esd_{source}"):
+            assert row["seconds_per_step"][key] > 0
+        assert f"overhead_vs_gated_esd_{source}_lambda_positive" in row
+    assert row["seconds_per_step"]["reference"] > 0
+    assert row["split_seconds"]["fresh_xt_mean"] > 0 and "attn_extra_call" in row["split_seconds"]
     assert set(result["attention_loss_memory"]["growth_exponent"]) == {"ours", "materialised"}
     assert "min_speedup_vs_reference" in result["summary"]
+    assert "bench-cost --tiny" in result["command"]
+    composition = result["real_zimage_run_time_estimate"]["toy_lambda_fractions"]
+    assert set(composition["rows"]) == {"pool_ckpt", "pool_no_ckpt", "fresh_ckpt", "fresh_no_ckpt"}
+    assert all(r["minutes"] > 0 for r in composition["rows"].values())
+
+
+def test_step_kinds_count_from_lambda_history():
+    from zerase_core.bench_lambda import step_kinds
+
+    kinds = step_kinds([0.0, 0.5, 0.2, 0.0, 0.0, 0.3])
+    assert (kinds["lambda_zero"], kinds["recomputed"], kinds["batched"]) == (2, 2, 2)

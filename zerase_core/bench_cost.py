@@ -19,6 +19,7 @@ the dearer one. Timings are medians over steps after one warm-up step.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -38,6 +39,7 @@ from .lora import LoRAConfig
 from .objectives import loss_erase
 from .reference_step import reference_step
 from .trainer import ZEraseTrainer
+from .xt_pool import TrajectoryPool
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,11 @@ class SpeedCase:
 
 
 def gated_esd_step(trainer: ZEraseTrainer) -> None:
-    """A plain gated ESD step (Eq. 5 only) with our x_t source, teacher and student parts."""
+    """A plain gated ESD step (Eq. 5 only) from the same parts and the same x_t source as ours.
+
+    Fresh: x_t sampled as ours does, teacher v(c_er), v(∅) in one no-grad forward, student
+    v(c_er) forward/backward. Pool: x_t and both teacher predictions drawn from the pool.
+    """
     pool = trainer.pool
     if trainer.xt_pool is not None:
         d = trainer.xt_pool.draw(trainer.rng, trainer.gen, trainer.backend.device)
@@ -68,75 +74,171 @@ def gated_esd_step(trainer: ZEraseTrainer) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def _median_seconds(fn: Callable[[], object], steps: int) -> float:
-    fn()  # warm-up: first-call allocations and kernel selection
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _sync(backend) -> Callable[[], None]:
     device = backend.device
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS) -> dict:
-    """Seconds per step of each variant on one freshly built backend."""
+def interleaved_medians(variants: dict[str, Callable[[], object]], steps: int, repeats: int,
+                        sync: Callable[[], None], on_oom: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Median seconds per call of each variant, timed round-robin: ``repeats`` rounds of ``steps`` calls each.
+
+    Interleaving spreads a load spike on a shared machine over every variant instead of
+    one; each variant gets one untimed warm-up call first.
+    """
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    live = dict(variants)
+    for name, fn in list(live.items()):
+        try:
+            fn(), sync()
+        except torch.OutOfMemoryError:
+            del live[name]
+            if on_oom:
+                on_oom(name)
+    for _ in range(repeats):
+        for name, fn in live.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) if t else float("nan") for name, t in times.items()}
+
+
+def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[[], None]) -> dict[str, float]:
+    """Seconds of each part of a step at a fixed x_t (medians; x_t sampling: mean over random levels).
+
+    Parts: fresh x_t sampling; teacher forwards (batch 3 for ours, batch 2 for ESD); the
+    student's erase prediction forward without and with the attention-mass capture (the
+    difference is L_attn's extra call) and its backward; the no-grad [∅, c_pr] forward
+    (λ_t = 0); the batch-3 forward and backward (λ_t > 0); the AdamW step.
+    """
+    backend, pool, cfg = trainer.backend, trainer.pool, trainer.config
+    er, tokens, keep = pool.erase[0], list(pool.erase_tokens[0]), pool.keep[0] if pool.keep else None
+    x_t, sigma = trainer._sample_xt(er)
+    teacher = trainer._teacher(x_t, sigma, [er, pool.uncond, *([keep] if keep else [])])
+    pr = [pool.uncond, *([keep] if keep else [])]
+    ml = trainer.mass_layers
+
+    def student(prompts, mass: bool, backward: bool, grad: bool = True):
+        n = len(prompts)
+        with torch.set_grad_enabled(grad):
+            v, m = backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), prompts, lora=True,
+                                    concept_tokens=[tokens] + [[]] * (n - 1) if mass else None, mass_layers=ml)
+        if backward:
+            (v.float().square().mean() + (m.sum() if mass else 0)).backward()
+            trainer.optimizer.zero_grad(set_to_none=True)
+
+    def adamw():
+        for p in trainer.params:
+            p.grad = torch.zeros_like(p)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    parts = {
+        "teacher_fwd_b3": lambda: trainer._teacher(x_t, sigma, [er, *pr]),
+        "teacher_fwd_b2": lambda: trainer._teacher(x_t, sigma, [er, pool.uncond]),
+        "student_er_fwd": lambda: student([er], False, False),
+        "student_er_fwd_attn": lambda: student([er], True, False),
+        "student_er_fwd_attn_bwd": lambda: student([er], True, True),
+        "student_pr_fwd_nograd": lambda: student(pr, False, False, grad=False),
+        "student_pr_fwd_graph": lambda: student(pr, False, False),  # what λ_t = 0 steps ran before (graph dropped)
+        "student_pr_fwd_bwd": lambda: student(pr, False, True),
+        "student_b3_fwd_attn": lambda: student([er, *pr], True, False),
+        "student_b3_fwd_attn_bwd": lambda: student([er, *pr], True, True),
+        "adamw": adamw,
+    }
+    out = interleaved_medians(parts, steps, repeats, sync)
+    xt = []
+    for _ in range(max(8, steps * repeats)):  # the level is random: a mean, not a median
+        start = time.perf_counter()
+        trainer._sample_xt(er)
+        sync()
+        xt.append(time.perf_counter() - start)
+    out["fresh_xt_mean"] = statistics.mean(xt)
+    from .bench_memory import saved_bytes
+
+    n = len(pr)  # activation bytes the [∅, c_pr] forward holds when it builds a graph (none under no_grad)
+    out["student_pr_graph_saved_mib"] = saved_bytes(lambda: backend.velocity(
+        x_t.expand(n, -1, -1, -1), sigma.expand(n), pr, lora=True)[0])[0] / 2**20
+    out["attn_extra_call"] = out["student_er_fwd_attn"] - out["student_er_fwd"]
+    out["student_er_bwd"] = out["student_er_fwd_attn_bwd"] - out["student_er_fwd_attn"]
+    out["student_b3_bwd"] = out["student_b3_fwd_attn_bwd"] - out["student_b3_fwd_attn"]
+    return out
+
+
+def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: int = 1) -> dict:
+    """Seconds per step of each variant on one freshly built backend, both x_t sources.
+
+    Every pool variant shares one pool (built once, its build time spread over ``run_steps``
+    steps and added to the pool variants' per-step seconds); fresh variants sample x_t each step.
+    λ is pinned (``fixed`` at 1: the batch-3 student path; at 0: L_pr without a graph).
+    """
     backend = case.make_backend()
     sync = _sync(backend)
-
-    def trainer(**over) -> ZEraseTrainer:
-        backend.uninstall()  # each variant starts from the bare model and a fresh LoRA
-        return ZEraseTrainer(backend, dataclasses.replace(case.config, **over))
-
-    peaks: dict[str, float] = {}
     on_gpu = backend.device.type == "cuda"
+    backend.uninstall()
+    # One LoRA, optimizer and prompt pool serve every variant (the backend holds one installed
+    # LoRA); each variant is a shallow copy with its own settings and x_t source.
+    base = ZEraseTrainer(backend, dataclasses.replace(case.config, xt_source="fresh"))
+    c = base.config
+    shared_pool = TrajectoryPool(backend, base.pool.erase, base.pool.uncond, base.pool.keep, base.latent_shape,
+                                 base.sigmas, c.xt_pool, c.sample_cfg, c.seed)  # as xt_source="pool" builds it
 
-    def timed(fn, name: str):
-        if on_gpu:  # peak GiB above what is resident before the variant (weights, pool)
-            sync()
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            seconds = _median_seconds(lambda: (fn(), sync()), steps)
-        except torch.OutOfMemoryError:
-            log.warning("%s ran out of memory at %d image tokens", name, case.image_tokens)
-            peaks[name] = float("inf")
-            return float("nan")
-        if on_gpu:
-            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**30
-        return seconds
+    def trainer(source: str, **over) -> ZEraseTrainer:
+        t = copy.copy(base)
+        t.config = dataclasses.replace(c, **over)
+        t.xt_pool = shared_pool if source == "pool" else None
+        return t
 
     out: dict = {"model": case.name, "image_tokens": case.image_tokens, "batch": 1,
-                 "resolution": [case.config.height, case.config.width]}
-    ours = trainer(xt_source="pool", lambda_mode="fixed", fixed_lambda=1.0)
-    pool_s = ours.xt_pool.seconds
-    out["pool"] = {"trajectories": ours.xt_pool.x.shape[0], "levels": ours.xt_pool.x.shape[1],
-                   "build_s": pool_s, "amortised_over_steps": run_steps}
-    per_step_pool = pool_s / run_steps
-    s = {"ours_lambda_positive": timed(ours.train_step, "ours_lambda_positive") + per_step_pool}
-    zero = trainer(xt_source="pool", lambda_mode="fixed", fixed_lambda=0.0)
-    s["ours_lambda_zero"] = timed(zero.train_step, "ours_lambda_zero") + per_step_pool
-    fresh = trainer(xt_source="fresh", lambda_mode="fixed", fixed_lambda=1.0)
-    s["ours_fresh_xt_lambda_positive"] = timed(fresh.train_step, "ours_fresh_xt_lambda_positive")
-    esd = trainer(xt_source="pool", preserve=())
-    s["gated_esd"] = timed(lambda: gated_esd_step(esd), "gated_esd") + esd.xt_pool.seconds / run_steps
-    ref = trainer(xt_source="fresh")
-    s["reference"] = timed(lambda: reference_step(ref), "reference")
-    del ours, zero, fresh, esd, ref
+                 "resolution": [c.height, c.width], "timed": {"steps": steps, "repeats": repeats}}
+    trainers: dict[str, ZEraseTrainer] = {}
+    for source in ("pool", "fresh"):
+        trainers[f"ours_{source}_lambda_positive"] = trainer(source, lambda_mode="fixed", fixed_lambda=1.0)
+        trainers[f"ours_{source}_lambda_zero"] = trainer(source, lambda_mode="fixed", fixed_lambda=0.0)
+        trainers[f"gated_esd_{source}"] = trainer(source)
+    trainers["reference"] = trainer("fresh")
+    out["pool"] = {"trajectories": shared_pool.x.shape[0], "levels": shared_pool.x.shape[1],
+                   "build_s": shared_pool.seconds, "amortised_over_steps": run_steps}
+    variants = {name: (lambda t=t: gated_esd_step(t)) if name.startswith("gated_esd") else
+                (lambda t=t: reference_step(t)) if name == "reference" else t.train_step
+                for name, t in trainers.items()}
+    peaks: dict[str, float] = {}
+    if on_gpu:
+        for name, fn in variants.items():  # peak GiB above what is resident (weights, pool)
+            sync(), torch.cuda.empty_cache()
+            resident = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                fn(), sync()
+                peaks[name] = (torch.cuda.max_memory_allocated() - resident) / 2**30
+            except torch.OutOfMemoryError:
+                peaks[name] = float("inf")
+    s = interleaved_medians(variants, steps, repeats, sync,
+                            on_oom=lambda n: log.warning("%s ran out of memory at %d image tokens", n, case.image_tokens))
+    per_step_pool = shared_pool.seconds / run_steps
+    for name in s:
+        if "_pool" in name:
+            s[name] += per_step_pool
+    out["split_seconds"] = cost_split(trainers["ours_pool_lambda_positive"], steps, repeats, sync)
+    del trainers, variants
     backend.uninstall()
     out["seconds_per_step"] = s
     if on_gpu:
         out["peak_gib_above_resident"] = peaks
     out["minutes_per_run"] = {k: v * run_steps / 60 for k, v in s.items()}
-    out["speedup_vs_reference"] = s["reference"] / s["ours_lambda_positive"]
-    out["speedup_vs_reference_lambda_zero"] = s["reference"] / s["ours_lambda_zero"]
-    out["overhead_vs_gated_esd"] = s["ours_lambda_positive"] / s["gated_esd"]
-    out["overhead_vs_gated_esd_lambda_zero"] = s["ours_lambda_zero"] / s["gated_esd"]
+    for source in ("pool", "fresh"):
+        for lam in ("lambda_positive", "lambda_zero"):
+            ours = s[f"ours_{source}_{lam}"]
+            out[f"speedup_vs_reference_{source}_{lam}"] = s["reference"] / ours
+            out[f"overhead_vs_gated_esd_{source}_{lam}"] = ours / s[f"gated_esd_{source}"]
+    # Headline keys: the default configuration (TrainConfig.xt_source) at the dearer λ > 0.
+    default = TrainConfig.__dataclass_fields__["xt_source"].default
+    out["default_xt_source"] = default
+    out["speedup_vs_reference"] = out[f"speedup_vs_reference_{default}_lambda_positive"]
+    out["overhead_vs_gated_esd"] = out[f"overhead_vs_gated_esd_{default}_lambda_positive"]
+    out["overhead_vs_gated_esd_lambda_zero"] = out[f"overhead_vs_gated_esd_{default}_lambda_zero"]
     return out
 
 
@@ -192,37 +294,58 @@ def attention_memory(tokens=(256, 1024, 4096), heads: int = 2, head_dim: int = 1
             "real_zimage_all_layers_no_checkpointing": real}
 
 
-def run(tiny: bool = False, steps: int = 3, memory_estimate: bool = True) -> dict:
+def run(tiny: bool = False, steps: int = 3, memory_estimate: bool = True, repeats: int = 1,
+        models: tuple[str, ...] = ()) -> dict:
     from .bench_estimate import measure_layers, real_zimage_estimate, run_time_estimate
 
+    cases = [c for c in speed_cases(tiny) if not models or f"{c.name}-{c.image_tokens}" in models]
     result = {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
               if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-              "torch": torch.__version__, "tiny": tiny, "steps_timed": steps,
-              "speed": [time_case(c, steps) for c in speed_cases(tiny)]}
+              "torch": torch.__version__, "tiny": tiny, "steps_timed": steps, "repeats": repeats,
+              "speed": [time_case(c, steps, repeats=repeats) for c in cases]}
     result["attention_loss_memory"] = attention_memory(heads=1 if tiny else 2)
     if memory_estimate and not tiny:
         result["real_zimage_memory_estimate"] = real_zimage_estimate(measure_layers())
-        result["real_zimage_run_time_estimate"] = run_time_estimate()
+    result["real_zimage_run_time_estimate"] = run_time_estimate()
     speed = result["speed"]
-    result["summary"] = {
+    summary = {"default_xt_source": speed[0]["default_xt_source"]} if speed else {}
+    for source in ("pool", "fresh"):
+        for lam in ("lambda_positive", "lambda_zero"):
+            summary[f"min_speedup_vs_reference_{source}_{lam}"] = min(r[f"speedup_vs_reference_{source}_{lam}"] for r in speed)
+            summary[f"max_overhead_vs_gated_esd_{source}_{lam}"] = max(r[f"overhead_vs_gated_esd_{source}_{lam}"] for r in speed)
+    result["summary"] = summary | {
         "min_speedup_vs_reference": min(r["speedup_vs_reference"] for r in speed),
         "max_overhead_vs_gated_esd": max(r["overhead_vs_gated_esd"] for r in speed),
         "max_overhead_vs_gated_esd_lambda_zero": max(r["overhead_vs_gated_esd_lambda_zero"] for r in speed),
         "attention_loss_growth_ours": result["attention_loss_memory"]["growth_exponent"]["ours"],
         "attention_loss_growth_materialised": result["attention_loss_memory"]["growth_exponent"]["materialised"],
+        "h100_512_1000_steps_minutes": {k: round(r["minutes"], 2) for k, r in
+                                        result["real_zimage_run_time_estimate"]["toy_lambda_fractions"]["rows"].items()},
     }
     return result
 
 
+SPLIT_ROWS = ("fresh_xt_mean", "teacher_fwd_b3", "teacher_fwd_b2", "student_er_fwd", "attn_extra_call", "student_er_bwd",
+              "student_pr_fwd_nograd", "student_pr_fwd_graph", "student_pr_graph_saved_mib", "student_pr_fwd_bwd",
+              "student_b3_fwd_attn", "student_b3_bwd", "adamw")
+
+
 def table(result: dict) -> str:
     """A readable summary of :func:`run`'s JSON."""
-    lines = [f"device: {result['device']}", "",
-             "model            img tok  ref s/step  ours s/step (λ>0 / λ=0)  ESD s/step  speedup  overhead (λ>0 / λ=0)"]
-    for r in result["speed"]:
-        s = r["seconds_per_step"]
-        lines.append(f"{r['model']:<16} {r['image_tokens']:>7}  {s['reference']:>10.3f}  {s['ours_lambda_positive']:>10.3f} / "
-                     f"{s['ours_lambda_zero']:<10.3f}  {s['gated_esd']:>10.3f}  {r['speedup_vs_reference']:>6.2f}×  "
-                     f"{r['overhead_vs_gated_esd']:.2f} / {r['overhead_vs_gated_esd_lambda_zero']:.2f}")
+    lines = [f"device: {result['device']}", ""]
+    for source in ("pool", "fresh"):
+        lines += [f"x_t source: {source}" + (" (default)" if result["speed"] and result["speed"][0]["default_xt_source"] == source else ""),
+                  "  model            img tok  ref s/step  ours s/step (λ>0 / λ=0)  ESD s/step  speedup (λ>0 / λ=0)  overhead (λ>0 / λ=0)"]
+        for r in result["speed"]:
+            s = r["seconds_per_step"]
+            lines.append(
+                f"  {r['model']:<16} {r['image_tokens']:>7}  {s['reference']:>10.3f}  {s[f'ours_{source}_lambda_positive']:>10.3f} / "
+                f"{s[f'ours_{source}_lambda_zero']:<10.3f}  {s[f'gated_esd_{source}']:>10.3f}  "
+                f"{r[f'speedup_vs_reference_{source}_lambda_positive']:>6.2f}× / {r[f'speedup_vs_reference_{source}_lambda_zero']:.2f}×  "
+                f"{r[f'overhead_vs_gated_esd_{source}_lambda_positive']:>8.2f} / {r[f'overhead_vs_gated_esd_{source}_lambda_zero']:.2f}")
+    lines += ["", "cost split, s (median; x_t: mean over random levels): " + "  ".join(r["model"] + f"-{r['image_tokens']}" for r in result["speed"])]
+    for part in SPLIT_ROWS:
+        lines.append(f"  {part:<24}" + "".join(f"{r['split_seconds'][part]:>12.4f}" for r in result["speed"]))
     mem = result["attention_loss_memory"]
     lines += ["", "attention loss, saved bytes per layer: image tokens  ours  materialised"]
     lines += [f"  {r['image_tokens']:>6}  {r['ours'] / 2**20:9.2f} MiB  {r['materialised'] / 2**20:9.2f} MiB" for r in mem["rows"]]
@@ -232,21 +355,37 @@ def table(result: dict) -> str:
     if est:
         lines += ["", "real Z-Image (estimate): case  needs GiB  budget GB  fits"]
         lines += [f"  {k:<20} {v['needs_gib']:>6.2f}  {v['budget_gb']:>4}  {v['fits']}" for k, v in est["fits"].items()]
-        t = result["real_zimage_run_time_estimate"]
-        lines.append(f"  1000 steps at 512² on an H100: {t['minutes_all_lambda_zero']:.1f}–{t['minutes_all_lambda_positive']:.1f} min")
+    t = result["real_zimage_run_time_estimate"]
+    comp = t["toy_lambda_fractions"]
+    f = comp["fractions"]
+    lines += ["", f"1000 steps at 512² on one H100 (composed from the issue's H100 figures; λ step kinds from the toy: "
+                  f"batched {f['batched']:.2f}, recomputed {f['recomputed']:.2f}, λ=0 {f['lambda_zero']:.2f})",
+              "  config            minutes  (λ always 0 / always >0)  ESD min  overhead  peak GB  ≤10 min"]
+    for k, r in comp["rows"].items():
+        lo, hi = t["lambda_always_zero"]["rows"][k]["minutes"], t["lambda_always_positive"]["rows"][k]["minutes"]
+        lines.append(f"  {k:<16} {r['minutes']:>8.1f}  ({lo:.1f} / {hi:.1f})  {r['gated_esd_minutes']:>14.1f}  "
+                     f"{r['overhead_vs_gated_esd']:>8.2f}  {r['peak_gb_estimate']:>7.1f}  {r['meets_10_min']}")
+    lines += [f"  {k}: {v}" for k, v in comp["assumptions"].items()]
     return "\n".join(lines)
 
 
 def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny sizes, seconds: checks the command, measures nothing")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over all variants, interleaved (median of all)")
+    p.add_argument("--models", nargs="+", default=[], help="only these rows, e.g. toy-64 tiny-diffusers-256")
     p.add_argument("--no-estimate", action="store_true", help="skip the real Z-Image memory estimate")
     p.add_argument("--out", type=Path, help="also write the JSON here")
 
 
 @command("bench-cost", "seconds per Z-Erase step vs the official-style reference and gated ESD; memory", _add)
 def _bench_cost(args: argparse.Namespace) -> int:
-    result = run(tiny=args.tiny, steps=args.steps, memory_estimate=not args.no_estimate)
+    result = run(tiny=args.tiny, steps=args.steps, memory_estimate=not args.no_estimate, repeats=args.repeats,
+                 models=tuple(args.models))
+    result["command"] = " ".join(["OMP_NUM_THREADS=1 python -m zerase_core bench-cost", *(["--tiny"] if args.tiny else []),
+                                  f"--steps {args.steps} --repeats {args.repeats}",
+                                  *([f"--models {' '.join(args.models)}"] if args.models else []),
+                                  *(["--no-estimate"] if args.no_estimate else []), *([f"--out {args.out}"] if args.out else [])])
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -256,4 +395,4 @@ def _bench_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-from . import xt_compare  # noqa: E402,F401  (registers bench-xt beside bench-cost)
+from . import bench_lambda, xt_compare  # noqa: E402,F401  (register bench-lambda and bench-xt beside bench-cost)

@@ -153,23 +153,126 @@ def real_zimage_estimate(measured: dict) -> dict:
     return {"measured_layers": measured, "check_against_h100": check, "cases": cases, "fits": fits}
 
 
-def run_time_estimate(pool_trajectories: int = 32, levels: int = 8, steps: int = 1000, mass_overhead: float = 0.03) -> dict:
-    """Minutes for a 1000-step Z-Erase run at 512² on one H100, from the issue's H100 timings.
+# Share of steps of each kind under the paper's λ rule, measured on the toy world with the demo's
+# settings (docs/bench/lambda_toy.json: `python -m zerase_core bench-lambda`, 400 steps, concepts
+# red and circle, both x_t sources). How often λ > 0 on the real model was not measured.
+# λ > 0 on 91 % of steps: 1457 batched (λ_t > 0), 67 recomputed (λ_t = 0, λ_{t+1} > 0), 76 with λ = 0.
+TOY_STEP_KINDS = {"fraction_batched": 1457 / 1600, "fraction_recomputed": 67 / 1600, "source": "docs/bench/lambda_toy.json"}
 
-    Pool build: trajectories × levels forwards of batch 3 (c_er, ∅, c_pr) at the measured
-    teacher cost. Steps: with λ > 0 the student runs batch 3 forward+backward (measured,
-    with checkpointing); with λ = 0 batch 1 forward+backward plus a batch-2 forward (a third
-    of the batch-3 teacher figure per sample). ``mass_overhead`` adds the extra attention call.
+
+def h100_parts(resolution: int = 512) -> dict:
+    """Seconds of each part of a step on one H100, from the issue's figures, with every derived one named.
+
+    Measured (the issue): ``teacher_fwd_b3`` (0.19 s), ``student_fwd_bwd_b3_ckpt`` (0.56 s),
+    ``student_fwd_bwd_b1`` (0.20 s, no checkpointing). Derived:
+
+    * A1 — the base weights are frozen, so the backward computes activation gradients only,
+      about one forward: a forward of batch 1 = half of its forward+backward (0.10 s). Check:
+      batch 3 with checkpointing = 3 forwards = 3 × 0.19 = 0.57 s against 0.56 s measured.
+    * A2 — a batch-2 forward lies halfway between batch 1 and batch 3.
+    * A3 — gradient checkpointing adds one forward: batch 3 without = 0.56 − 0.19 s; batch 1
+      with = 0.20 + 0.10 s.
     """
-    t = H100_SECONDS[512]
-    pool = pool_trajectories * levels * t["teacher_fwd_b3"]
-    per_sample_fwd = t["teacher_fwd_b3"] / 3
-    step_lam_pos = t["student_fwd_bwd_b3_ckpt"] * (1 + mass_overhead)
-    step_lam_zero = t["student_fwd_bwd_b1"] * (1 + mass_overhead) + 2 * per_sample_fwd
+    t = H100_SECONDS[resolution]
+    f3 = t["teacher_fwd_b3"]
+    f1 = t["student_fwd_bwd_b1"] / 2  # A1
+    f2 = (f1 + f3) / 2  # A2
     return {
-        "pool_build_s": pool,
-        "step_s_lambda_positive": step_lam_pos,
-        "step_s_lambda_zero": step_lam_zero,
-        "minutes_all_lambda_positive": (pool + steps * step_lam_pos) / 60,
-        "minutes_all_lambda_zero": (pool + steps * step_lam_zero) / 60,
+        "fwd_b1": f1, "fwd_b2": f2, "fwd_b3": f3,
+        "fwd_bwd": {  # by checkpointing, then batch
+            True: {1: t["student_fwd_bwd_b1"] + f1, 2: 3 * f2, 3: t["student_fwd_bwd_b3_ckpt"]},  # A3
+            False: {1: t["student_fwd_bwd_b1"], 2: 2 * f2, 3: t["student_fwd_bwd_b3_ckpt"] - f3},  # A3, A1
+        },
     }
+
+
+def run_time_composition(fraction_batched: float, fraction_recomputed: float, pool_trajectories: int = 32,
+                         levels: int = 8, steps: int = 1000, mass_overhead: float = 0.03,
+                         memory_budget_gb: float = 80.0) -> dict:
+    """Minutes of a ``steps``-step Z-Erase run at 512² on one H100, per x_t source and checkpointing.
+
+    A step is one of three kinds (see :mod:`.trainer`), weighed by the given fractions:
+
+    * λ_t = 0: student erase prediction forward+backward (batch 1) + the no-grad [∅, c_pr]
+      forward (batch 2);
+    * λ_t = 0, λ_{t+1} > 0 (``recomputed``): the same + L_pr again with a graph (batch 2 fwd+bwd);
+    * λ_t > 0 (``batched``): one batch-3 student forward+backward.
+
+    ``mass_overhead`` (A4, assumed) adds the attention-mass call to the student forward+backward.
+    x_t: ``pool`` — a one-off build of trajectories × levels batched forwards of (c_er, ∅, c_pr),
+    charged at the batch-3 rate per trajectory and level (A5: the build really runs batch 24,
+    so this is high); ``fresh`` — per step the Turbo sampler (``levels`` Euler steps, no CFG)
+    to a uniformly random level, (levels − 1)/2 batch-1 forwards on average, plus the batch-3
+    teacher forward. Not counted (A6): prompt encoding and model loading (once per run), the
+    AdamW step on 2.2 M LoRA parameters, host↔device copies of pool entries. Memory (A7):
+    without checkpointing activations grow linearly with batch from the measured 7.2 GB at
+    batch 1, so batch 3 needs about 21.6 GB + 12.3 GB of weights.
+    """
+    p = h100_parts(512)
+    m = 1 + mass_overhead
+    f_b, f_r = fraction_batched, fraction_recomputed
+    f_0 = 1 - f_b - f_r
+    weights_gb = REAL["params"] * 2 / 1e9
+    act_b3_no_ckpt = 3 * next(r["gb_above_weights"] for r in H100_REPORTED if r["resolution"] == 512 and not r["checkpointing"])
+    rows = {}
+    for source in ("pool", "fresh"):
+        for ckpt in (True, False):
+            fb = p["fwd_bwd"][ckpt]
+            lam_zero = fb[1] * m + p["fwd_b2"]
+            recomputed = lam_zero + fb[2]
+            batched = fb[3] * m
+            per_step = f_0 * lam_zero + f_r * recomputed + f_b * batched
+            esd = fb[1]  # plain gated ESD: L_erase only, batch 1
+            if source == "fresh":
+                xt = (levels - 1) / 2 * p["fwd_b1"]
+                per_step += xt + p["fwd_b3"]
+                esd += xt + p["fwd_b2"]  # ESD's teacher: v(c_er), v(∅)
+                once = esd_once = 0.0
+            else:
+                once = pool_trajectories * levels * p["fwd_b3"]
+                esd_once = pool_trajectories * levels * p["fwd_b2"]  # ESD's pool keeps v(c_er), v(∅)
+            needs_gb = weights_gb + (1.6 if ckpt else act_b3_no_ckpt)  # the batch-3 step is the peak
+            minutes = (once + steps * per_step) / 60
+            rows[f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"] = {
+                "xt_source": source, "gradient_checkpointing": ckpt,
+                "step_s": {"lambda_zero": lam_zero + (0 if source == "pool" else xt + p["fwd_b3"]),
+                           "recomputed": recomputed + (0 if source == "pool" else xt + p["fwd_b3"]),
+                           "batched": batched + (0 if source == "pool" else xt + p["fwd_b3"]),
+                           "weighted": per_step},
+                "one_off_s": once, "minutes": minutes,
+                "minutes_if_lambda_always_positive": (once + steps * (per_step - f_0 * lam_zero - f_r * recomputed
+                                                                      + (f_0 + f_r) * batched)) / 60,
+                "gated_esd_minutes": (esd_once + steps * esd) / 60,
+                "overhead_vs_gated_esd": (once + steps * per_step) / (esd_once + steps * esd),
+                "peak_gb_estimate": needs_gb, "fits_memory": needs_gb <= memory_budget_gb,
+                "meets_10_min": minutes <= 10 and needs_gb <= memory_budget_gb,
+            }
+    return {
+        "resolution": 512, "steps": steps, "device": "one H100 (composed from the issue's H100 figures, not run here)",
+        "fractions": {"batched": f_b, "recomputed": f_r, "lambda_zero": f_0},
+        "parts_s": {k: v for k, v in p.items() if k != "fwd_bwd"} | {
+            "fwd_bwd_ckpt": p["fwd_bwd"][True], "fwd_bwd_no_ckpt": p["fwd_bwd"][False]},
+        "assumptions": {
+            "measured": "teacher fwd b3 0.19 s; student fwd+bwd b3 ckpt 0.56 s; b1 no ckpt 0.20 s (+7.2 GB)",
+            "A1": "frozen base: backward ≈ one forward, so fwd b1 = 0.20/2 s (checks: 3 × 0.19 ≈ 0.56)",
+            "A2": "fwd b2 = mean of fwd b1 and fwd b3",
+            "A3": "checkpointing adds one forward of the same batch",
+            "A4": f"attention-mass call adds {mass_overhead:.0%} to the student fwd+bwd",
+            "A5": f"pool: {pool_trajectories} trajectories × {levels} levels at the batch-3 forward rate",
+            "fresh": f"Turbo sampler, {levels} steps, no CFG: {(levels - 1) / 2} batch-1 forwards per step on average",
+            "A6": "not counted: prompt encoding, model load, AdamW step, pool host↔device copies",
+            "A7": "activation memory linear in batch; weights bf16 6.15 B params",
+            "lambda": "step-kind fractions from the toy world (paper λ rule); not measured on the real model",
+        },
+        "rows": rows,
+        "meets_10_min": sorted(k for k, r in rows.items() if r["meets_10_min"]),
+    }
+
+
+def run_time_estimate(fraction_batched: float | None = None, fraction_recomputed: float | None = None, **kw) -> dict:
+    """:func:`run_time_composition` at the toy-measured λ fractions, plus the two extremes (λ always 0 / > 0)."""
+    f_b = TOY_STEP_KINDS["fraction_batched"] if fraction_batched is None else fraction_batched
+    f_r = TOY_STEP_KINDS["fraction_recomputed"] if fraction_recomputed is None else fraction_recomputed
+    return {"toy_lambda_fractions": run_time_composition(f_b, f_r, **kw),
+            "lambda_always_zero": run_time_composition(0.0, 0.0, **kw),
+            "lambda_always_positive": run_time_composition(1.0, 0.0, **kw)}
