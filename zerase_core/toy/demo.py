@@ -75,6 +75,25 @@ def comparison_grid(backend, bundle, concept: Concept, seed: int, n: int = 6):
                 caption=" | ".join(f"{i + 1}: {p}" for i, p in enumerate(prompts)))
 
 
+def attention_picture(backend, bundle, concept: Concept, seed: int):
+    """Paper Fig. 2 on the toy: per-word attention of image tokens, original vs erased, over the picture."""
+    from ..attention_maps import word_maps
+    from ..prompts import concept_token_indices
+    from ..render import heatmap
+
+    labels, prompts, _, _ = prompt_sets(concept, 1, seed + 11)
+    picture = generate(backend, bundle, prompts, seed, lora=False)  # (1, 3, 32, 32)
+    (encoded,) = backend.encode(prompts)
+    words = [concept.word] + [w for w in (labels[0].shape, labels[0].position) if w != concept.word]
+    columns = [concept_token_indices(encoded, w) for w in words]
+    x0 = bundle.to_latent(picture)
+    maps = [word_maps(backend, encoded, columns, x0, (0.3, 0.6, 0.9), seed, lora=lora) for lora in (False, True)]
+    lo, hi = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
+    base = to_pil(picture[0].permute(1, 2, 0)).resize((128, 128))
+    rows = [[heatmap(base, m[i], lo, hi) for i in range(len(words))] for m in maps]
+    return grid(rows, words, ["original", "erased"], caption=f"{prompts[0]} (attention of image tokens to each word)")
+
+
 def preview(backend, bundle, concept: Concept, seed: int, out: Path):
     """A training callback: the erased model on two prompts naming the concept, beside the original."""
     _, prompts, _, _ = prompt_sets(concept, 2, seed + 7)
@@ -107,6 +126,7 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     log.info("measuring the erased model")
     erased = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=True, styles=ROBUSTNESS_STYLES)
     to_pil(comparison_grid(backend, bundle, concept, seed)[0]).save(out / "before_after.png")
+    to_pil(attention_picture(backend, bundle, concept, seed)[0]).save(out / "attention_maps.png")
     backend.uninstall()  # give the bundle back as it came
     report = {
         "concept": concept.word, "attribute": concept.attribute, "value": concept.value,
@@ -115,7 +135,8 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
         "fd_before": original["fd"], "fd_after": erased["fd"],
         "original": original, "erased": erased,
         "train_seconds": round(result.seconds, 1), "seconds": round(time.perf_counter() - start, 1),
-        "files": {"lora": lora_path.name, "grid": "before_after.png", "curves": "curves.png"},
+        "files": {"lora": lora_path.name, "grid": "before_after.png", "curves": "curves.png",
+                  "attention": "attention_maps.png", "previews": "previews/"},
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
