@@ -1,13 +1,17 @@
 """Z-Erase cost on a randomly initialised full-size Z-Image (no weights needed), on one GPU.
 
-    python scripts/gpu_bench.py --out docs/bench/gpu.json          # H100-class GPU, ~5 min
+    python scripts/gpu_bench.py --out docs/bench/gpu.json          # H100-class GPU, ~6 min
     python scripts/gpu_bench.py --tiny                             # CPU, seconds: checks the script
 
 Measures, side by side on the same model and batch (bf16 weights, rank-16 gated LoRA on the
-main layers' q/k/v, 64 caption tokens, gradient checkpointing), at 512² and 1024²: seconds per
-step of ours (λ > 0 and λ = 0), of the official-style reference and of plain gated ESD, each
-variant's peak GPU memory above the resident weights (torch.cuda.max_memory_allocated), and
-the minutes a 1000-step run takes (pool build included). Prints JSON.
+main layers' q/k/v, 64 caption tokens), at 512² and 1024² with gradient checkpointing and at
+512² also without (``--no-ckpt-resolutions``; an 80 GB card has room): for both x_t sources
+(fresh ESD sampling, the default, and the pool) seconds per step of ours at λ > 0 and λ = 0
+and of plain gated ESD with the same source, of the official-style reference, the per-part
+split (x_t, teacher, student forward/backward, attention-mass call, AdamW), each variant's
+peak GPU memory above the resident weights (torch.cuda.max_memory_allocated), and minutes
+per 1000 steps — pool build or per-step sampling included, and weighed by how often the
+paper's λ rule leaves λ > 0 on the toy (``paper_lambda_weighted``). Prints JSON.
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a scaled-down model on the CPU (checks the script)")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant after one warm-up")
-    parser.add_argument("--pool", type=int, default=8, help="trajectories in the x_t pool")
+    parser.add_argument("--pool", type=int, default=32, help="trajectories in the x_t pool (the default TrainConfig)")
+    parser.add_argument("--no-ckpt-resolutions", type=int, nargs="*", default=[512],
+                        help="also measure these resolutions without gradient checkpointing")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -66,14 +72,18 @@ def main(argv=None) -> int:
     resident = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
     backend = DiffusersZImageBackend(model.to(device), FixedLengthEncoder(cap_dim, 64), LatentSpec(16, 8))
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-              "weights_gib": resident, "caption_tokens": 64, "rank": rank, "gradient_checkpointing": True, "rows": []}
-    for px in res:
-        config = _base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing=True,
+              "weights_gib": resident, "caption_tokens": 64, "rank": rank, "rows": []}
+    runs = [(px, True) for px in res] + [(px, False) for px in res if px in args.no_ckpt_resolutions]
+    for px, ckpt in runs:
+        config = _base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing=ckpt,
                               lora=LoRAConfig(rank=rank), shuffle_pool=2)
+        backend.set_gradient_checkpointing(ckpt)
         case = SpeedCase("z-image-random" if not args.tiny else "scaled-zimage", lambda: backend, config,
                          (px // 16) ** 2)
-        row = time_case(case, args.steps)
-        log.info("%d²: %s", px, json.dumps(row["seconds_per_step"]))
+        row = time_case(case, args.steps) | {"gradient_checkpointing": ckpt}
+        log.info("%d² ckpt=%s: %s", px, ckpt, json.dumps(row["seconds_per_step"]))
+        log.info("  paper-λ weighted minutes/1000 steps: %s", {k: round(v["minutes_per_run"], 2) for k, v in
+                                                                row["paper_lambda_weighted"].items() if k != "fractions"})
         result["rows"].append(row)
     text = json.dumps(result, indent=2, default=str)
     if args.out:
