@@ -50,6 +50,10 @@ def toy_train_config(concept: Concept, preserve: tuple[str, ...] | None, steps: 
     return TrainConfig(
         concept=concept.word,
         preset="abstract" if concept.attribute == "colour" else "entity",  # Table 7 lists colours as abstractions
+        # Table 6 gives 1e-2 for abstractions; on the toy, 1e-3 (the paper's tight setting) measured
+        # better for "red" (h_a 0.73 vs 0.46 at 1000 steps, one seed): the toy's colour words share a
+        # tiny embedding space, so preservation must bind harder. The bench's ε sweep shows the range.
+        epsilon=1e-3,
         templates=toy_templates(concept, seed=seed),
         preserve=concept.others if preserve is None else preserve,
         steps=steps,
