@@ -92,6 +92,15 @@ def test_cli_train_inspect_merge(tmp_path, capsys):
     assert code == 2 and "exists" in err
 
 
+def test_cli_train_selects_the_x_t_pool(tmp_path, capsys):
+    code, _, err = _cli(capsys, "train", "--tiny", "--concept", "red", "--template", "a {} car", "--steps", "2",
+                        "--xt-source", "pool", "--xt-pool", "2", "--out", str(tmp_path / "p"))
+    assert code == 0, err
+    code, out, _ = _cli(capsys, "inspect", str(tmp_path / "p" / "erasure_lora.safetensors"))
+    training = json.loads(out)["training"]
+    assert training["xt_source"] == "pool" and training["xt_pool"] == 2
+
+
 def test_module_entry_point_reports_user_errors_without_traceback(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"nonsense")
     done = subprocess.run([sys.executable, "-m", "zerase_core", "inspect", str(tmp_path / "junk.safetensors")],

@@ -85,6 +85,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (square)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--xt-source", default=None, choices=["fresh", "pool"],
+                   help="x_t: sampled every step (fresh, ESD) or from trajectories sampled once (pool)")
+    p.add_argument("--xt-pool", type=int, default=None, help="trajectories in the x_t pool")
     p.add_argument("--out", type=Path, default=Path("out/train"))
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
 
@@ -105,6 +108,8 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
         "epsilon": args.epsilon,
         "lambda_mode": args.lambda_mode,
         "templates": tuple(args.templates) if args.templates else None,
+        "xt_source": args.xt_source,
+        "xt_pool": args.xt_pool,
     }
     if args.resolution:
         flags["height"] = flags["width"] = args.resolution
