@@ -49,10 +49,10 @@ METHODS = (
     Method("gated_erase", "gated LoRA, L_erase only (ESD in the safe subspace)", ESD),
     Method("gated_erase_attn", "gated, L_erase + L_attn, no preservation", {"lambda_mode": "fixed", "fixed_lambda": 0.0}),
     Method("gated_fixed_lambda", "gated, L_er + 1.0·L_pr (static weighting)", {"lambda_mode": "fixed", "fixed_lambda": 1.0}),
-    Method("zerase", "Z-Erase: gated, L_er + λ L_pr, λ by Eq. 15", {}),
+    Method("zerase", "Z-Erase: gated, L_er + λ L_pr, λ by Eq. 15 (ε = 1e-3)", {}),
     Method("zerase_exact", "Z-Erase with the exact λ* of Eq. 12 (two backward passes)", {"lambda_mode": "exact"}),
-    Method("zerase_eps_1e-3", "Z-Erase, ε = 1e-3", {"epsilon": 1e-3}),
-    Method("zerase_eps_1e-1", "Z-Erase, ε = 1e-1", {"epsilon": 1e-1}),
+    Method("zerase_eps_1e-4", "Z-Erase, ε = 1e-4 (tighter than the toy's 1e-3)", {"epsilon": 1e-4}),
+    Method("zerase_eps_1e-2", "Z-Erase, ε = 1e-2 (Table 6's value for abstractions and entities)", {"epsilon": 1e-2}),
 )
 
 
