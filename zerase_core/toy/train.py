@@ -157,6 +157,20 @@ class Trainer:
         os.replace(tmp, self.ckpt_path)  # a crash mid-write leaves the previous checkpoint intact
         log.info("checkpoint at step %d", self.step)
 
+    def warm_start(self, path: Path) -> None:
+        """Start from another run's live weights; tensors whose name or shape differ stay fresh.
+
+        The transformer blocks do not depend on the patch size (only the embedder and final layer
+        do), so a patch-2 run can seed a patch-1 run and keep what it learnt about the prompts.
+        """
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for module, ema, key in ((self.transformer, self.ema_transformer, "transformer"), (self.encoder, self.ema_encoder, "encoder")):
+            own = module.state_dict()
+            fits = {k: v for k, v in state[key].items() if k in own and own[k].shape == v.shape}
+            module.load_state_dict(fits, strict=False)
+            ema.load_state_dict(module.state_dict())
+            log.info("warm start %s: %d of %d tensors from %s", key, len(fits), len(own), path)
+
     def try_resume(self) -> None:
         if not self.ckpt_path.exists():
             return
@@ -233,8 +247,10 @@ class Trainer:
         }
         save_weights(path, state, metadata)
 
-    def run(self, export: Path | None, stop_at: int | None = None) -> None:
+    def run(self, export: Path | None, stop_at: int | None = None, init_from: Path | None = None) -> None:
         """Train to ``cfg.steps`` (or pause at ``stop_at``, checkpointed, e.g. to change settings there)."""
+        if init_from is not None and not self.ckpt_path.exists():
+            self.warm_start(init_from)
         self.try_resume()
         last_ckpt = time.time()
         t0, losses = time.time(), []
@@ -287,11 +303,14 @@ def _train_dit_cli(args) -> None:
     cfg = replace(cfg, **overrides)
     dit = replace(DiTConfig(), **({"patch_size": args.patch_size} if args.patch_size else {}))
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(args.run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    logging.getLogger().addHandler(handler)
+    log_file = str((args.run_dir / "train.log").resolve())
+    root = logging.getLogger()
+    if not any(getattr(h, "baseFilename", None) == log_file for h in root.handlers):  # phases share one log
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        root.addHandler(handler)
     log.info("training %s %s", cfg, dit)
-    Trainer(args.run_dir, cfg, dit, TextConfig(), SamplerConfig()).run(args.export, args.stop_at)
+    Trainer(args.run_dir, cfg, dit, TextConfig(), SamplerConfig()).run(args.export, args.stop_at, args.init_from)
 
 
 def main(argv=None) -> None:
@@ -308,6 +327,7 @@ def main(argv=None) -> None:
     for name in ("lr", "sigma_mean", "sigma_std", "caption_dropout", "omit_attribute", "ema", "edge_weight"):
         p_dit.add_argument("--" + name.replace("_", "-"), type=float)
     p_dit.add_argument("--patch-size", type=int)
+    p_dit.add_argument("--init-from", type=Path, help="checkpoint.pt of another run to start from (fresh optimizer)")
     p_dit.add_argument("--stop-at", type=int, help="pause at this step (checkpointed); resume with new settings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
