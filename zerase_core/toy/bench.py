@@ -23,7 +23,7 @@ from ..lora import LoRAConfig
 from ..prompts import concept_token_indices
 from ..trainer import ZEraseTrainer
 from .demo import toy_train_config
-from .erasure_metrics import Concept, erasure_report, parse_concept
+from .erasure_metrics import Concept, erasure_report, parse_concept, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,12 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
     chosen = [m for m in METHODS if methods is None or m.name in methods]
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells = {}
+    weights = weights_identity(bundle)["sha256_16"]
     for method in chosen:
         for concept in concepts:
             for seed in seeds:
-                path = out / "cells" / f"{method.name}__{concept.word}__{seed}__{steps}__{n_eval}.json"
+                # keyed by the weights too: a cell measured on other weights is not reused
+                path = out / "cells" / f"{method.name}__{concept.word}__{seed}__{steps}__{n_eval}__{weights}.json"
                 if not path.exists():
                     log.info("bench cell: %s / %s / seed %d", method.name, concept.word, seed)
                     path.write_text(json.dumps(run_cell(bundle, method, concept, seed, steps, n_eval)))
@@ -150,6 +152,7 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
     rows = summarise(cells, concepts)
     kinds = sorted({c.attribute for c in concepts})
     (out / "bench.json").write_text(json.dumps({"command": command, "steps": steps, "n_eval": n_eval, "seeds": seeds,
-                                                "concepts": concept_words, "rows": rows}, indent=2))
+                                                "concepts": concept_words, "toy_weights": weights_identity(bundle),
+                                                "rows": rows}, indent=2))
     (out / "bench.md").write_text(to_markdown(rows, kinds, command))
     return rows

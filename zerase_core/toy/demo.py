@@ -19,7 +19,7 @@ from ..config import TrainConfig
 from ..lora import LoRAConfig
 from ..render import grid, to_pil
 from ..run import every, train_and_save
-from .erasure_metrics import Concept, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word
+from .erasure_metrics import Concept, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word, weights_identity
 from .world import make_prompt, random_labels
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
         "fd_before": original["fd"], "fd_after": erased["fd"],
         "original": original, "erased": erased,
         "train_seconds": round(result.seconds, 1), "seconds": round(time.perf_counter() - start, 1),
+        "toy_weights": weights_identity(bundle),
         "files": {"lora": lora_path.name, "grid": "before_after.png", "curves": "curves.png",
                   "attention": "attention_maps.png", "previews": "previews/"},
     }

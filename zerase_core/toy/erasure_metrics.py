@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,16 @@ class Concept:
     def others(self) -> tuple[str, ...]:
         """The other values of the same attribute: the natural preservation set."""
         return tuple(v for v in ATTRIBUTES[self.attribute] if v != self.value)
+
+
+def weights_identity(bundle) -> dict[str, Any]:
+    """Which toy weights a result came from: training step and the DiT file's content hash."""
+    import hashlib
+
+    from . import DIT_FILE
+
+    digest = hashlib.sha256(DIT_FILE.read_bytes()).hexdigest()[:16] if DIT_FILE.exists() else "n/a"
+    return {"step": bundle.metadata.get("step"), "sha256_16": digest}
 
 
 def parse_concept(word: str) -> Concept:
