@@ -50,6 +50,8 @@ METHODS = (
     Method("gated_erase_attn", "gated, L_erase + L_attn, no preservation", {"lambda_mode": "fixed", "fixed_lambda": 0.0}),
     Method("gated_fixed_lambda", "gated, L_er + 1.0·L_pr (static weighting)", {"lambda_mode": "fixed", "fixed_lambda": 1.0}),
     Method("zerase", "Z-Erase: gated, L_er + λ L_pr, λ by Eq. 15 (ε = 1e-3)", {}),
+    Method("zerase_pool", "Z-Erase with x_t from a pool of trajectories sampled once (xt_source='pool')",
+           {"xt_source": "pool"}),
     Method("zerase_exact", "Z-Erase with the exact λ* of Eq. 12 (two backward passes)", {"lambda_mode": "exact"}),
     Method("zerase_eps_1e-4", "Z-Erase, ε = 1e-4 (tighter than the toy's 1e-3)", {"epsilon": 1e-4}),
     Method("zerase_eps_1e-2", "Z-Erase, ε = 1e-2 (Table 6's value for abstractions and entities)", {"epsilon": 1e-2}),
