@@ -155,7 +155,8 @@ def test_cancel_during_training_leaves_a_loadable_lora(pack, loras_dir):
         utils.set_progress_bar_global_hook(old)
         mm.interrupt_current_processing(False)
     lora = load_lora(loras_dir / "zerase" / "stop.safetensors")
-    assert lora.training["steps_done"] == 2
+    # ComfyUI's ProgressBar may skip hook calls between fast steps; Cancel lands at the step it saw.
+    assert lora.training["steps_done"] == calls[-1] >= 2
     assert all(torch.isfinite(b).all() for _, b in lora.factors.values())
 
 
