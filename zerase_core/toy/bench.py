@@ -133,7 +133,11 @@ def to_markdown(rows: list[dict[str, Any]], kinds: list[str], command: str) -> s
 
 
 def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: int, out: Path,
-              methods: list[str] | None, command: str, bundle=None) -> list[dict[str, Any]]:
+              methods: list[str] | None, command: str, bundle=None, assemble_only: bool = False) -> list[dict[str, Any]]:
+    """Run (or, with ``assemble_only``, only collect) every cell, then write bench.json and bench.md.
+
+    Cells are independent files, so several processes may fill one ``out`` folder in parallel.
+    """
     from . import load_toy
 
     bundle = bundle or load_toy()
@@ -148,10 +152,12 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
                 # keyed by the weights too: a cell measured on other weights is not reused
                 path = out / "cells" / f"{method.name}__{concept.word}__{seed}__{steps}__{n_eval}__{weights}.json"
                 if not path.exists():
+                    if assemble_only:
+                        continue
                     log.info("bench cell: %s / %s / seed %d", method.name, concept.word, seed)
                     path.write_text(json.dumps(run_cell(bundle, method, concept, seed, steps, n_eval)))
                 cells[(method.name, concept.word, seed)] = json.loads(path.read_text())
-    rows = summarise(cells, concepts)
+    rows = summarise(cells, [c for c in concepts if any(k[1] == c.word for k in cells)])
     kinds = sorted({c.attribute for c in concepts})
     (out / "bench.json").write_text(json.dumps({"command": command, "steps": steps, "n_eval": n_eval, "seeds": seeds,
                                                 "concepts": concept_words, "toy_weights": weights_identity(bundle),

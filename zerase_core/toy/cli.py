@@ -36,6 +36,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-eval", type=int, default=48, help="prompts per evaluation set")
     p.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all)")
     p.add_argument("--out", type=Path, default=Path("docs/bench/toy"))
+    p.add_argument("--assemble-only", action="store_true", help="write the table from the cells already measured")
 
 
 @command("bench", "the paper's comparison table on the toy world (Markdown + JSON, resumable)", _add_bench)
@@ -46,6 +47,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     cmd = "python -m zerase_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    run_bench(args.concepts, args.seeds, args.steps, args.n_eval, args.out, args.methods, cmd)
+    run_bench(args.concepts, args.seeds, args.steps, args.n_eval, args.out, args.methods, cmd,
+              assemble_only=args.assemble_only)
     print((args.out / "bench.md").read_text())
     return 0
