@@ -56,7 +56,7 @@ class TrainConfig:
     sample_cfg: float = 1.0  # CFG while sampling x_t (Turbo runs without: 1.0)
     # pool: ESD-style trajectories sampled once from the frozen model (xt_pool.py); fresh: sampled
     # every step, as ESD does. Pool is the default by the numbers: 1.7-3.6x cheaper per step
-    # (docs/performance.md) and on the toy it erased "red" at least as well (acc_e 0.08 vs 0.90
+    # (README, Performance) and on the toy it erased "red" at least as well (acc_e 0.08 vs 0.90
     # at 1000 steps, same weights and seed; the bench's zerase / zerase_pool rows compare more).
     xt_source: str = "pool"
     xt_pool: int = 32  # trajectories in the pool (each gives sample_steps training points)
