@@ -145,7 +145,8 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
     chosen = [m for m in METHODS if methods is None or m.name in methods]
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells = {}
-    weights = weights_identity(bundle)["sha256_16"]
+    identity = weights_identity(bundle)  # at load time: the file may be replaced while the bench runs
+    weights = identity["sha256_16"]
     for method in chosen:
         for concept in concepts:
             for seed in seeds:
@@ -160,7 +161,7 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
     rows = summarise(cells, [c for c in concepts if any(k[1] == c.word for k in cells)])
     kinds = sorted({c.attribute for c in concepts})
     (out / "bench.json").write_text(json.dumps({"command": command, "steps": steps, "n_eval": n_eval, "seeds": seeds,
-                                                "concepts": concept_words, "toy_weights": weights_identity(bundle),
+                                                "concepts": concept_words, "toy_weights": identity,
                                                 "rows": rows}, indent=2))
     (out / "bench.md").write_text(to_markdown(rows, kinds, command))
     return rows

@@ -121,6 +121,7 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
 
     start = time.perf_counter()
     bundle = bundle or load_toy()
+    identity = weights_identity(bundle)  # now, not at the end: the file may be replaced meanwhile
     backend = toy_backend(bundle)
     concept = parse_concept(concept_word)
     config = toy_train_config(concept, preserve, steps, seed, bundle.sampling)
@@ -139,7 +140,7 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
         "fd_before": original["fd"], "fd_after": erased["fd"],
         "original": original, "erased": erased,
         "train_seconds": round(result.seconds, 1), "seconds": round(time.perf_counter() - start, 1),
-        "toy_weights": weights_identity(bundle),
+        "toy_weights": identity,
         "files": {"lora": lora_path.name, "grid": "before_after.png", "curves": "curves.png",
                   "attention": "attention_maps.png", "previews": "previews/"},
     }
