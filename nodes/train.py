@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank, targets,
-                 resolution, seed) -> TrainConfig:
+                 resolution, seed, gradient_checkpointing=True) -> TrainConfig:
     return TrainConfig(
         concept=concept.strip(),
         preset=preset,
@@ -34,7 +34,7 @@ def build_config(concept, preset, templates, preserve, steps, learning_rate, bet
         preserve=tuple(p.strip() for p in preserve.split(",") if p.strip()),
         steps=steps, lr=learning_rate, beta=beta, eta=eta,
         epsilon=None if epsilon < 0 else epsilon,
-        height=resolution, width=resolution, seed=seed,
+        height=resolution, width=resolution, seed=seed, gradient_checkpointing=gradient_checkpointing,
         lora=LoRAConfig(rank=rank, targets=tuple(targets.split(","))),
     )
 
@@ -82,6 +82,9 @@ class ZEraseTrain(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=16, max=2048, step=16),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
                 io.String.Input("save_name", default="concept"),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Saves most activation memory (~34 GB → ~14 GB at 512² on the real model, "
+                                 "estimated) for ~20 % more time"),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the previews; without it a cheap preview."),
             ],
             outputs=[
@@ -94,13 +97,13 @@ class ZEraseTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon,
-                rank, targets, resolution, seed, save_name, vae=None) -> io.NodeOutput:
+                rank, targets, resolution, seed, save_name, gradient_checkpointing=True, vae=None) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
         import folder_paths
 
         config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
-                              targets, resolution, seed)
+                              targets, resolution, seed, gradient_checkpointing)
         path = safe_output_path(output_folder(), save_name)  # checked before any work
         checkpoint = Path(folder_paths.get_temp_directory()) / "zerase" / f"{path.stem}.checkpoint.safetensors"
         backend = ComfyZImageBackend(model, clip, node=NODE)

@@ -20,17 +20,23 @@ The LoRA is installed on a ModelPatcher *clone* as object patches on
 ComfyUI's own weight patches (stock LoRAs on qkv) and low-VRAM casting keep working, and
 unpatching restores the original forward. Each installation has its own gate and its own
 keyed wrapper, so several erasure LoRAs applied in a row add up.
+
+Gradient checkpointing is another object patch, on ``diffusion_model.layers.N.forward``: the
+layer's forward runs under ``torch.utils.checkpoint`` with the per-call state (every gate's
+layout, the attention capture, the call's ``transformer_options`` as they were for that
+layer) captured at forward time and replayed in the recomputation during backward.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..attention_mass import MassRecorder, column_mass
 from ..errors import ZEraseError
@@ -43,6 +49,7 @@ from .base import Backend, HostSlot, LoRASet
 log = logging.getLogger(__name__)
 
 QKV_PATH = "diffusion_model.layers.{}.attention.qkv"
+LAYER_FORWARD = "diffusion_model.layers.{}.forward"
 WRAPPER_PREFIX = "zerase"
 
 
@@ -182,6 +189,46 @@ class GatedForward:
         return self.lora(x)
 
 
+def _gates(forward: Any) -> list[TokenGate]:
+    """The gates of an erasure-LoRA chain on one qkv (this installation's and earlier ones')."""
+    gates = []
+    while isinstance(forward, GatedForward):
+        gates.append(forward.lora.gate)
+        forward = getattr(forward.lora.base_layer, "_previous", None)
+    return gates
+
+
+class CheckpointedForward:
+    """The object patched onto a main layer's ``forward``: the previous forward under
+    ``torch.utils.checkpoint`` (non-reentrant).
+
+    The recomputation runs during backward, after the DIFFUSION_MODEL wrappers and the
+    attention capture have exited, and after NextDiT has moved ``transformer_options
+    ["block_index"]`` on. So the state the first run saw is taken when the layer runs and
+    replayed around both runs: every gate's layout and LoRA switch, the backend's capture and
+    layout, and a copy of ``transformer_options`` (the attention override in it reads
+    ``block_index`` and calls back into the backend). The recomputed graph is then the first.
+    """
+
+    def __init__(self, backend: "ComfyZImageBackend", layer: int, previous: Callable[..., torch.Tensor]):
+        self.backend, self.layer, self.previous = backend, layer, previous
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():  # sampling, teacher passes: nothing to save
+            return self.previous(*args, **kwargs)
+        options = kwargs.get("transformer_options")
+        if options is not None:
+            kwargs["transformer_options"] = dict(options)  # this layer's block_index, kept
+        state = self.backend._call_state(self.layer)
+        previous = self.previous
+
+        def run(*inner_args, **inner_kwargs):
+            with self.backend._replaying(state):
+                return previous(*inner_args, **inner_kwargs)
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
 def _layout(context_len: int, x: torch.Tensor, patch: int, multiple: int) -> TokenLayout:
     """[caption | image], each padded to ``multiple`` (NextDiT.patchify_and_embed)."""
     text = pad_to_multiple(context_len, multiple)
@@ -204,6 +251,7 @@ class ComfyZImageBackend(Backend):
         self._wrapped: dict[int, GatedLoRALinear] = {}
         self._capture: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
         self._layout: TokenLayout | None = None
+        self._checkpointed: set[int] = set()
         dit = self.dit
         self.patch = int(dit.patch_size)
         self.multiple = int(dit.pad_tokens_multiple)
@@ -279,8 +327,41 @@ class ComfyZImageBackend(Backend):
         self._wrapped.clear()
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        if enabled:
-            raise ZEraseError(f"{self.node}: gradient checkpointing is not available on ComfyUI models yet.")
+        """Checkpoint every main layer (object patches on this clone; refiners are not touched).
+
+        Activations of a layer are recomputed in backward instead of kept; gradients are the
+        same. Switching off, or unpatching the clone, restores the layers' own forwards.
+        """
+        for layer in range(self.n_layers):
+            key = LAYER_FORWARD.format(layer)
+            if enabled and layer not in self._checkpointed:
+                previous = self.patcher.get_model_object(key)
+                if isinstance(previous, CheckpointedForward):  # inherited from the input MODEL's clone
+                    previous = previous.previous
+                self.patcher.add_object_patch(key, CheckpointedForward(self, layer, previous))
+                self._checkpointed.add(layer)
+            elif not enabled and layer in self._checkpointed:
+                self.patcher.object_patches.pop(key, None)
+                self._checkpointed.discard(layer)
+
+    def _call_state(self, layer: int) -> tuple:
+        """What a main layer's forward depends on besides its arguments (see CheckpointedForward)."""
+        qkv = self.dit.layers[layer].attention.qkv.forward  # what runs: the patched chain, if any
+        gates = [(g, g.layout, g.lora_on) for g in {id(g): g for g in [self.gate, *_gates(qkv)]}.values()]
+        return gates, self._layout, self._capture
+
+    @contextmanager
+    def _replaying(self, state: tuple) -> Iterator[None]:
+        gates, layout, capture = state
+        previous = self._layout, self._capture
+        self._layout, self._capture = layout, capture
+        try:
+            with ExitStack() as stack:
+                for gate, gate_layout, lora_on in gates:
+                    stack.enter_context(gate.active(gate_layout, lora_on))
+                yield
+        finally:
+            self._layout, self._capture = previous
 
     # --- per call: layout, gate, attention capture -------------------------------------------
     def _diffusion_wrapper(self, executor, x, timesteps, context, num_tokens, attention_mask=None, **kwargs):
@@ -390,7 +471,9 @@ class ComfyZImageBackend(Backend):
                 recorder = MassRecorder(lay.columns([concept_tokens[i] for i in idx]), lay.image_mask(), mass_layers)
             with self.lora_switched(lora):
                 if recorder is not None:
-                    with self.capturing(lambda layer, q, k: recorder.wants(layer) and recorder.record(layer, q, k)):
+                    # The recorder is bound now: a checkpointed layer replays this capture in backward,
+                    # when the loop variable names another group's recorder.
+                    with self.capturing(lambda layer, q, k, rec=recorder: rec.wants(layer) and rec.record(layer, q, k)):
                         x0 = self.denoise(xs, ss, feats)
                 else:
                     x0 = self.denoise(xs, ss, feats)

@@ -1,0 +1,166 @@
+"""Gradient checkpointing on ComfyUI's Z-Image (tiny, real ComfyUI classes; skipped without a checkout).
+
+Checkpointed main layers are recomputed during backward, after the gate's layout and the
+attention capture have left: these tests check that the recomputation replays them (same
+gradients, L_attn and the batched [c_er, ∅, c_pr] path included), that the gate still leaves
+image rows alone in the recomputation, and that unpatching gives the original model back.
+"""
+
+import asyncio
+
+import pytest
+from comfy_support import REPO, empty_latent, encode, ksample, require_comfyui, tiny_clip, tiny_zimage
+
+comfy = require_comfyui()
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from zerase_core.backends.comfy_zimage import CheckpointedForward, ComfyZImageBackend, training_session  # noqa: E402
+from zerase_core.config import TrainConfig  # noqa: E402
+from zerase_core.lora import LoRAConfig  # noqa: E402
+from zerase_core.lora_file import ErasureLoRA  # noqa: E402
+from zerase_core.prompts import concept_token_indices  # noqa: E402
+from zerase_core.trainer import ZEraseTrainer  # noqa: E402
+
+LAYERS, DIM = 2, 256
+
+
+def _qkv_calls(model):
+    """Forward hooks on every main layer's qkv: (layer, input, output, base projection) per call."""
+    qkvs = [model.model.diffusion_model.layers[i].attention.qkv for i in range(LAYERS)]
+    seen = []
+
+    def hook(module, inputs, output, n):
+        with torch.no_grad():
+            seen.append((n, inputs[0].detach(), output.detach(), F.linear(inputs[0], module.weight).detach()))
+
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n, m in enumerate(qkvs)]
+    return seen, handles
+
+
+def _erased(model):
+    """``model`` with an erasure LoRA already applied (as Apply Erasure LoRA outputs it)."""
+    from zerase_core.apply import install_lora
+
+    g = torch.Generator().manual_seed(5)
+    factors = {(i, p): (torch.randn(2, DIM, generator=g) * 0.3, torch.randn(DIM, 2, generator=g) * 0.3)
+               for i in range(LAYERS) for p in "qkv"}
+    lora = ErasureLoRA(factors, concept="dog", fingerprint={"family": "z-image", "dim": DIM, "n_layers": LAYERS})
+    backend = ComfyZImageBackend(model)
+    install_lora(backend, lora, name=backend.key)
+    return backend.patcher
+
+
+def _one_step_gradient(checkpointing: bool, mode: str, stacked: bool, layers=None):
+    """LoRA gradient of one training step at a fixed x_t; also the losses and qkv calls in backward."""
+    model = tiny_zimage(comfy)
+    backend = ComfyZImageBackend(_erased(model) if stacked else model, tiny_clip(comfy))
+    config = TrainConfig(concept="cat", preserve=("dog",), steps=1, height=64, width=64, sample_steps=2,
+                         lora=LoRAConfig(rank=2, layers=layers), shuffle_pool=2, xt_source="fresh", lambda_mode=mode,
+                         fixed_lambda=0.7, gradient_checkpointing=checkpointing)
+    with training_session(backend):
+        trainer = ZEraseTrainer(backend, config)
+        assert bool(backend._checkpointed) == checkpointing
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in trainer.params:  # a LoRA away from zero, the same in every run
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        x_t = torch.randn((1, *trainer.latent_shape), generator=g)
+        sigma = torch.tensor([0.6])
+        er, keep = trainer.pool.erase[0], trainer.pool.keep[0]
+        l_erase, l_attn, l_pr, _ = trainer._losses(er, list(trainer.pool.erase_tokens[0]), keep, x_t, sigma)
+        assert l_pr.requires_grad  # λ > 0 expected: the batched [c_er, ∅, c_pr] student forward
+        seen, handles = _qkv_calls(model)
+        try:
+            lam = trainer._backward(l_erase + config.attn_weight * l_attn, l_pr)
+        finally:
+            for h in handles:
+                h.remove()
+        grad = torch.cat([p.grad.reshape(-1) for p in trainer.params])
+    return grad, torch.stack([l_erase, l_attn, l_pr]).detach(), lam, seen
+
+
+# fixed: λ > 0, one backward; exact: two backward passes through the checkpoints (the first retains
+# the graph); stacked: training on a MODEL that already carries an erasure LoRA (its gate is replayed
+# too); layers (0, 1): L_attn on layer 0 only, so the replay must see the layer's own block_index.
+@pytest.mark.parametrize("mode,stacked,layers", [("fixed", False, None), ("exact", False, None),
+                                                 ("fixed", True, None), ("fixed", False, (0, 1))])
+def test_checkpointing_gives_the_same_gradients(mode, stacked, layers):
+    g0, losses0, lam0, recomputed0 = _one_step_gradient(False, mode, stacked, layers)
+    g1, losses1, lam1, recomputed1 = _one_step_gradient(True, mode, stacked, layers)
+    assert losses0[1] > 0 and g0.abs().sum() > 0  # L_attn is captured and there is a gradient
+    torch.testing.assert_close(losses1, losses0, rtol=1e-6, atol=1e-7)
+    assert lam1 == pytest.approx(lam0, rel=1e-5, abs=1e-9)  # exact: two backward passes, the first retaining
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+    assert not recomputed0 and recomputed1  # the layers did run again in backward
+
+
+def test_recomputed_layers_keep_image_rows_and_the_attention_capture():
+    model = tiny_zimage(comfy)
+    backend = ComfyZImageBackend(model, tiny_clip(comfy))
+    lora_set = backend.install(LoRAConfig(rank=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora_set.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    backend.set_gradient_checkpointing(True)
+    prompts = backend.encode(["a photo of a cat"])
+    tokens = [concept_token_indices(prompts[0], "cat")]
+    x, sigma = torch.randn(1, 16, 8, 12, generator=g), torch.tensor([0.7])
+    seen, handles = _qkv_calls(model)
+    try:
+        with training_session(backend):
+            v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
+            forward_calls = len(seen)
+            (v.square().mean() + mass.sum()).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert forward_calls == LAYERS and len(seen) == 2 * LAYERS  # each layer recomputed once in backward
+    text = 32  # 13 caption tokens padded to 32
+    for _, _, out, base in seen:
+        assert torch.equal(out[:, text:], base[:, text:])  # image rows: the base projection, bit for bit
+        assert not torch.equal(out[:, :text], base[:, :text])  # text rows: the LoRA's
+    for (n0, x0, out0, _), (n1, x1, out1, _) in zip(seen[:LAYERS], reversed(seen[LAYERS:])):
+        assert n0 == n1 and torch.equal(x0, x1) and torch.equal(out0, out1)  # the recomputation is the forward
+    assert sum(p.grad.abs().sum() for p in lora_set.parameters()) > 0
+    backend.set_gradient_checkpointing(False)
+    assert not any(k.endswith(".forward") and ".attention." not in k for k in backend.patcher.object_patches)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    import nodes
+
+    assert asyncio.run(nodes.load_custom_node(str(REPO), module_parent="custom_nodes"))
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+def test_train_node_with_checkpointing_leaves_the_original_bit_identical(pack, tmp_path):
+    fp = comfy.folder_paths
+    saved = (fp.folder_names_and_paths["loras"][0][:], fp.get_temp_directory())
+    fp.folder_names_and_paths["loras"][0][:] = [str(tmp_path / "loras")]
+    fp.set_temp_directory(str(tmp_path / "temp"))
+    try:
+        with torch.inference_mode():  # as in ComfyUI: nodes run in inference mode on inference-tensor weights
+            model = tiny_zimage(comfy, inference_tensors=True)
+            clip = tiny_clip(comfy)
+            pos, neg = encode(clip, "a photo of a cat"), encode(clip, "blurry")
+            latent = empty_latent(1, 64, 64)
+            before = ksample(comfy, model, pos, neg, latent, seed=3, steps=2, cfg=2.0)
+            lora, erased, _, _ = pack["ZEraseTrain"].execute(
+                model=model, clip=clip, concept="cat", preset="entity", templates="A photo of {}", preserve="dog",
+                steps=2, learning_rate=1e-2, beta=0.1, eta=2.0, epsilon=-1.0, rank=2, targets="q,k,v",
+                resolution=64, seed=0, save_name="cat", gradient_checkpointing=True)
+            assert lora.training["steps_done"] == 2
+            assert any(b.abs().sum() > 0 for _, b in lora.factors.values())
+            after = ksample(comfy, erased, pos, neg, latent, seed=3, steps=2, cfg=2.0)
+            again = ksample(comfy, model, pos, neg, latent, seed=3, steps=2, cfg=2.0)
+    finally:
+        fp.folder_names_and_paths["loras"][0][:] = saved[0]
+        fp.set_temp_directory(saved[1])
+        fp.filename_list_cache.clear()
+    assert not torch.equal(before, after)
+    assert torch.equal(before, again)  # the original MODEL samples as before training, bit for bit
+    for layer in model.model.diffusion_model.layers:
+        assert not isinstance(layer.forward, CheckpointedForward)  # the patch is gone from the shared module
