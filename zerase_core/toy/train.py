@@ -40,7 +40,11 @@ FORMAT_VERSION = "1"
 
 @dataclass(frozen=True)
 class DiTTraining:
-    """Rectified-flow training of the toy DiT and text encoder (defaults reproduce the shipped run)."""
+    """Rectified-flow training of the toy DiT and text encoder.
+
+    The shipped weights came from a run whose settings changed at a few steps; the defaults are
+    its first phase and ``scripts/train_toy.py`` lists all of them.
+    """
 
     steps: int = 7000
     batch: int = 32  # ~0.6 s/step on one core, so the whole run fits in about 80 minutes
