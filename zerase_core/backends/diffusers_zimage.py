@@ -17,14 +17,15 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
+# Both segments are padded to the host's own multiple (32): read it from diffusers, do not restate it.
+from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF as SEQ_MULTIPLE
+
 from ..attention_mass import MassRecorder
 from ..gate import TokenGate
 from ..layout import TokenLayout, pad_to_multiple
 from ..lora import GatedLoRALinear, LoRAConfig
 from ..prompts import EncodedPrompt, PromptEncoder
 from .base import Backend, HostSlot, InPlaceInstaller, LoRASet
-
-SEQ_MULTIPLE = 32  # both segments are padded to this in diffusers' patchify_and_embed
 
 
 @dataclass(frozen=True)

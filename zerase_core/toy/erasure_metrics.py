@@ -96,8 +96,7 @@ def prompt_sets(concept: Concept, n: int, seed: int, style: str = "canonical"):
 def generate(backend: Backend, bundle, prompts: list[str], seed: int, lora: bool, batch: int = 50) -> torch.Tensor:
     """(N, 3, 32, 32) images with the toy's default sampler, through the engine (LoRA on or off)."""
     s = bundle.sampling
-    sigmas = torch.linspace(1.0, 0.0, s.steps + 1)
-    sigmas = s.shift * sigmas / (1.0 + (s.shift - 1.0) * sigmas)
+    sigmas = s.sigmas()
     uncond = backend.encode([s.negative_prompt])[0]
     images = []
     for start in range(0, len(prompts), batch):

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from ..sampling import flow_sigmas
 from .model import DiTConfig, predict, to_image
 
 
@@ -28,9 +29,8 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig: need steps >= 1, shift > 0, cfg >= 0, got {self}")
 
     def sigmas(self) -> torch.Tensor:
-        """steps + 1 noise levels from 1 down to 0."""
-        s = torch.linspace(1.0, 0.0, self.steps + 1)
-        return self.shift * s / (1.0 + (self.shift - 1.0) * s)
+        """steps + 1 noise levels from 1 down to 0 (the engine's shifted schedule)."""
+        return flow_sigmas(self.steps, self.shift)
 
     def metadata(self) -> dict[str, str]:
         return {"sampler": repr(asdict(self))}
