@@ -9,7 +9,6 @@ from comfy_api.latest import io
 
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
 from zerase_core.config import PRESETS, TrainConfig
-from zerase_core.errors import ZEraseError
 from zerase_core.files import safe_output_path
 from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import save_lora

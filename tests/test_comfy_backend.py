@@ -1,7 +1,7 @@
 """The ComfyUI backend against real ComfyUI classes at tiny sizes (skipped without a checkout)."""
 
 import pytest
-from comfy_support import empty_latent, encode, ksample, require_comfyui, tiny_clip, tiny_lumina2, tiny_zimage
+from comfy_support import encode, require_comfyui, tiny_clip, tiny_lumina2, tiny_zimage
 
 comfy = require_comfyui()
 import torch  # noqa: E402

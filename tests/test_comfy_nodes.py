@@ -1,7 +1,6 @@
 """Every node of the pack, loaded through ComfyUI's own custom-node loader, on tiny real models."""
 
 import asyncio
-from pathlib import Path
 
 import pytest
 from comfy_support import REPO, empty_latent, encode, ksample, require_comfyui, tiny_clip, tiny_lumina2, tiny_zimage

@@ -44,7 +44,7 @@ def random_toy():
 def test_short_demo_writes_every_output(tmp_path, random_toy):
     from zerase_core.toy.demo import run_demo
 
-    report = run_demo("crimson", None, steps=3, seed=0, out=tmp_path, n_eval=6, bundle=random_toy)
+    run_demo("crimson", None, steps=3, seed=0, out=tmp_path, n_eval=6, bundle=random_toy)
     for name in ("erasure_lora.safetensors", "before_after.png", "curves.png", "attention_maps.png", "report.json",
                  "history.json"):
         assert (tmp_path / name).stat().st_size > 0, name

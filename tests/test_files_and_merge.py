@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 from zerase_core.apply import export_lora, host_widths, install_lora
 from zerase_core.errors import ZEraseError
 from zerase_core.files import safe_output_path
-from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import ErasureLoRA, check_fits, load_lora, save_lora
 from zerase_core.merge import merge, merge_exact, rerank
 

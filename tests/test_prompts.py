@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zerase_core.backends.text_encoders import CHAT_PREFIX, ChatTemplateEncoder
+from zerase_core.backends.text_encoders import ChatTemplateEncoder
 from zerase_core.errors import ZEraseError
 from zerase_core.prompts import concept_token_indices, shuffle_words
 

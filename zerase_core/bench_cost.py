@@ -120,10 +120,9 @@ def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[
     difference is L_attn's extra call) and its backward; the no-grad [∅, c_pr] forward
     (λ_t = 0); the batch-3 forward and backward (λ_t > 0); the AdamW step.
     """
-    backend, pool, cfg = trainer.backend, trainer.pool, trainer.config
+    backend, pool = trainer.backend, trainer.pool
     er, tokens, keep = pool.erase[0], list(pool.erase_tokens[0]), pool.keep[0] if pool.keep else None
     x_t, sigma = trainer._sample_xt(er)
-    teacher = trainer._teacher(x_t, sigma, [er, pool.uncond, *([keep] if keep else [])])
     pr = [pool.uncond, *([keep] if keep else [])]
     ml = trainer.mass_layers
 

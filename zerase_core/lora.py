@@ -11,7 +11,7 @@ the base dtype; several adapters on one layer add up.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn

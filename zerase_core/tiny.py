@@ -6,7 +6,7 @@ to download. Deterministic by seed.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 

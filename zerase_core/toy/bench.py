@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.toy import toy_backend
-from ..config import TrainConfig
-from ..lora import LoRAConfig
 from ..prompts import concept_token_indices
 from ..trainer import ZEraseTrainer
 from .demo import toy_train_config
