@@ -26,6 +26,7 @@ from ..layout import TokenLayout, pad_to_multiple
 from ..lora import GatedLoRALinear, LoRAConfig
 from ..prompts import EncodedPrompt, PromptEncoder
 from .base import Backend, HostSlot, InPlaceInstaller, LoRASet
+from .row_sharing import RowGroups, SharedRowsForward
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class DiffusersZImageBackend(Backend):
         self._recorder: MassRecorder | None = None
         self._blocked: torch.Tensor | None = None  # (B, L) key columns removed from attention
         self._zeroing: Callable[[Sequence[EncodedPrompt]], list[list[int]]] | None = None
+        self._row_groups: RowGroups | None = None  # rows of this call with equal (x_t, σ)
         # The newest backend over a transformer owns it: hooks and gated layers report to it.
         for i, layer in enumerate(transformer.layers):
             processor = layer.attention.processor
@@ -121,10 +123,18 @@ class DiffusersZImageBackend(Backend):
                 processor.backend = self
             else:
                 layer.attention.set_processor(_WatchedProcessor(processor, i, self))
+        for layer in transformer.noise_refiner:
+            if isinstance(layer.forward, SharedRowsForward):
+                layer.forward.groups = self._current_row_groups
+            else:
+                layer.forward = SharedRowsForward(layer.forward, self._current_row_groups)
         for path, module in transformer.named_modules():
             if isinstance(module, GatedLoRALinear):
                 module.gate = self.gate
                 self._installer.originals[path] = module.base_layer  # so uninstall() restores it
+
+    def _current_row_groups(self) -> RowGroups | None:
+        return self._row_groups
 
     # --- facts ---------------------------------------------------------------------------
     @property
@@ -255,13 +265,14 @@ class DiffusersZImageBackend(Backend):
         latents = list(x.to(self.device, self.dtype).unsqueeze(2).unbind(0))  # B × (C, F=1, H, W)
         t = (1.0 - sigma).to(self.device, self.dtype)  # diffusers' time runs 0 (noise) -> 1 (clean)
         self._blocked = layout.columns(self._zeroing(prompts)).bool() if self._zeroing is not None else None
+        self._row_groups = RowGroups.of(x, sigma) if x.shape[0] > 1 else None
         try:
             with ExitStack() as stack:
                 stack.enter_context(self.gate.active(layout, lora))
                 stack.enter_context(self._watching(recorder))
                 return self.transformer(latents, t, captions, return_dict=False)[0]
         finally:
-            self._blocked = None
+            self._blocked, self._row_groups = None, None
 
     def velocity(self, x, sigma, prompts, *, lora=True, concept_tokens=None, mass_layers=None):
         if x.shape[0] != len(prompts):

@@ -1,0 +1,72 @@
+"""The noise refiner runs once per distinct (x_t, σ), and sharing it changes no prediction."""
+
+from __future__ import annotations
+
+import torch
+
+from zerase_core.backends.row_sharing import RowGroups
+from zerase_core.lora import LoRAConfig
+
+
+def _count_refiner_rows(backend):
+    """Rows that reach each refiner layer's feed-forward (inside the layer, after any sharing)."""
+    seen: list[int] = []
+    hooks = [layer.feed_forward.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+             for layer in backend.transformer.noise_refiner]
+    return seen, hooks
+
+
+def test_groups_of_equal_rows():
+    x = torch.randn(2, 4, 8, 8)
+    rows = torch.stack([x[0], x[1], x[0], x[0]])
+    groups = RowGroups.of(rows, torch.tensor([0.5, 0.5, 0.5, 0.7]))  # row 3: same x, other σ
+    assert groups.first.tolist() == [0, 1, 3] and groups.inverse.tolist() == [0, 1, 0, 2]
+    assert RowGroups.of(x, torch.tensor([0.5, 0.5])) is None
+
+
+def test_shared_refiner_matches_separate_rows(tiny_backend):
+    """[c_er, ∅, c_pr] at one x_t, LoRA on: batched with sharing == three batch-1 calls."""
+    backend = tiny_backend
+    lora = backend.install(LoRAConfig(rank=4), "t")
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.1)
+    prompts = backend.encode(["a red car on a road", "", "a blue house"])
+    x = torch.randn(1, 4, 16, 16).expand(3, -1, -1, -1)
+    sigma = torch.full((3,), 0.6)
+    seen, hooks = _count_refiner_rows(backend)
+    batched, _ = backend.velocity(x, sigma, prompts, lora=True)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [1] * len(backend.transformer.noise_refiner)  # the refiner saw one row, not three
+    separate = torch.cat([backend.velocity(x[:1], sigma[:1], [p], lora=True)[0] for p in prompts])
+    assert torch.allclose(batched, separate, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)  # the prompts still differ
+
+
+def test_distinct_rows_are_not_shared(tiny_backend):
+    backend = tiny_backend
+    prompts = backend.encode(["a red car", "a red car"])
+    seen, hooks = _count_refiner_rows(backend)
+    backend.velocity(torch.randn(2, 4, 16, 16), torch.full((2,), 0.6), prompts, lora=False)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [2] * len(backend.transformer.noise_refiner)
+
+
+def test_shared_refiner_gradients_match(tiny_backend):
+    """The student's batched forward/backward gives the LoRA the same gradient with sharing."""
+    backend = tiny_backend
+    lora = backend.install(LoRAConfig(rank=4), "t")
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.1)
+    params = list(lora.parameters())
+    prompts = backend.encode(["a red car on a road", "", "a blue house"])
+    x, sigma = torch.randn(1, 4, 16, 16), torch.full((3,), 0.6)
+    v, _ = backend.velocity(x.expand(3, -1, -1, -1), sigma, prompts, lora=True)
+    shared = torch.autograd.grad(v.square().mean(), params)
+    v = torch.cat([backend.velocity(x, sigma[:1], [p], lora=True)[0] for p in prompts])
+    separate = torch.autograd.grad(v.square().mean(), params)
+    for a, b in zip(shared, separate):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
