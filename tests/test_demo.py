@@ -87,3 +87,20 @@ def test_bench_runs_every_method_and_resumes(tmp_path, random_toy):
     stamp = [c.stat().st_mtime_ns for c in cells]
     run_bench(["red"], [0], steps=2, n_eval=4, out=tmp_path, methods=None, command="test", bundle=random_toy)
     assert [c.stat().st_mtime_ns for c in sorted((tmp_path / "cells").iterdir())] == stamp  # cached, not re-run
+
+
+@pytest.mark.parametrize("word", ["red", "circle", "left"])
+def test_templates_frame_the_concept_short_and_in_full_prompts_covering_every_value(word):
+    """Short templates name only the concept; full ones show every value of each other attribute."""
+    from zerase_core.toy.demo import toy_templates
+    from zerase_core.toy.world import ATTRIBUTES, parse_prompt
+
+    concept = parse_concept(word)
+    templates = toy_templates(concept)
+    named = [parse_prompt(t.replace("{}", concept.word)) for t in templates]
+    assert all(n[concept.attribute] == concept.value for n in named)
+    assert any(set(n) == {concept.attribute} for n in named)  # a short template
+    full = [n for n in named if len(n) == len(ATTRIBUTES)]
+    for attribute, values in ATTRIBUTES.items():
+        if attribute != concept.attribute:
+            assert {n[attribute] for n in full} == set(values)

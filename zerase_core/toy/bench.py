@@ -9,6 +9,7 @@ per attribute type, plus erasure under synonyms, shuffled word order and paraphr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import statistics
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.toy import toy_backend
+from ..config import TrainConfig
 from ..prompts import concept_token_indices
 from ..trainer import ZEraseTrainer
 from .demo import toy_train_config
@@ -71,16 +73,28 @@ def _zeroing_fn(concept: Concept):
     return indices
 
 
+def cell_config(bundle, method: Method, concept: Concept, seed: int, steps: int) -> TrainConfig | None:
+    """The training settings of one cell (None for the untrained rows)."""
+    if method.train is None:
+        return None
+    base = toy_train_config(concept, None, steps, seed, bundle.sampling)
+    return dataclasses.replace(base, lora=dataclasses.replace(base.lora, **method.lora), **method.train)
+
+
+def config_key(config: TrainConfig | None) -> str:
+    """Short hash of every training setting, so a cell trained under other settings is not reused."""
+    if config is None:
+        return "untrained"
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+
+
 def run_cell(bundle, method: Method, concept: Concept, seed: int, steps: int, n_eval: int) -> dict[str, Any]:
     backend = toy_backend(bundle)
     start = time.perf_counter()
-    lora_on = False
-    if method.train is not None:
-        base = toy_train_config(concept, None, steps, seed, bundle.sampling)
-        lora = dataclasses.replace(base.lora, **method.lora)
-        config = dataclasses.replace(base, lora=lora, **method.train)
+    config = cell_config(bundle, method, concept, seed, steps)
+    lora_on = config is not None
+    if lora_on:
         ZEraseTrainer(backend, config).run()
-        lora_on = True
     train_seconds = time.perf_counter() - start
     if method.zero_tokens:
         with backend.zeroing_tokens(_zeroing_fn(concept)):
@@ -148,8 +162,9 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
     for method in chosen:
         for concept in concepts:
             for seed in seeds:
-                # keyed by the weights too: a cell measured on other weights is not reused
-                path = out / "cells" / f"{method.name}__{concept.word}__{seed}__{steps}__{n_eval}__{weights}.json"
+                # keyed by the weights and the settings too: a cell measured on other ones is not reused
+                key = config_key(cell_config(bundle, method, concept, seed, steps))
+                path = out / "cells" / f"{method.name}__{concept.word}__{seed}__{steps}__{n_eval}__{weights}__{key}.json"
                 if not path.exists():
                     if assemble_only:
                         continue

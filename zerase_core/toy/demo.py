@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 from ..backends.toy import toy_backend
 from ..config import TrainConfig
@@ -20,25 +21,58 @@ from ..lora import LoRAConfig
 from ..render import grid, to_pil
 from ..run import every, train_and_save
 from .erasure_metrics import Concept, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word, weights_identity
-from .world import make_prompt, random_labels
+from .world import ATTRIBUTES, Labels, make_prompt, random_labels
 
 log = logging.getLogger(__name__)
 
 ROBUSTNESS_STYLES = ("canonical", "synonym", "shuffled", "paraphrase")
 
 
-def toy_templates(concept: Concept, n: int = 8, seed: int = 0) -> tuple[str, ...]:
-    """Erase prompt templates from the world's grammar: prompts naming the concept, '{}' in its place."""
+def toy_templates(concept: Concept, n: int = 10, seed: int = 0) -> tuple[str, ...]:
+    """Erase prompt templates from the world's grammar, '{}' where the concept's word goes.
+
+    Two kinds, n drawn of each (duplicates dropped):
+
+    * short — the concept alone ("a {} object"), as the paper's Table 7 templates frame a
+      concept in a few words: L_erase's negative guidance then pushes away from the concept
+      only, not from the shapes and places a full prompt also names;
+    * full — whole world prompts, every other attribute's values dealt out evenly (n = 10: each
+      shape twice), so erasure reaches the contexts users write, and the preservation prompts
+      (these templates with the other values filled in) show every shape: random draws once left
+      out every triangle, and triangles were the collateral damage.
+
+    On "red", 1000 steps, seed 0 (100 prompts each): full only — acc_e 0.01, shape on other
+    prompts 0.83; short only — acc_e 0.39, shape 0.90; both — acc_e 0.17, shape 0.95 (original 0.98).
+    """
+    others = [a for a in ATTRIBUTES if a != concept.attribute]
     rng = random.Random(seed)
-    templates: list[str] = []
-    while len(templates) < n:
-        labels = random_labels(rng)
-        style = "canonical" if len(templates) % 2 == 0 else "paraphrase"
-        text = name_concept(make_prompt(replace(labels, **{concept.attribute: concept.value}), style, rng), concept)
-        template = replace_word(text, concept.word, "{}")
-        if "{}" in template:
-            templates.append(template)
-    return tuple(dict.fromkeys(templates))
+    short = [
+        _template(replace(random_labels(rng), **{concept.attribute: concept.value}), concept, i, rng, omit=others)
+        for i in range(n)
+    ]
+    rng = random.Random(seed)
+    dealt = {a: _dealt(ATTRIBUTES[a], n, rng) for a in others}
+    full = [
+        _template(Labels(**{a: v[i] for a, v in dealt.items()}, **{concept.attribute: concept.value}), concept, i, rng)
+        for i in range(n)
+    ]
+    return tuple(dict.fromkeys(t for t in short + full if "{}" in t))
+
+
+def _template(labels: Labels, concept: Concept, i: int, rng: random.Random, omit: Sequence[str] = ()) -> str:
+    """One prompt for ``labels`` (canonical and paraphrase in turn) with the concept's word as '{}'."""
+    style = "canonical" if i % 2 == 0 else "paraphrase"
+    text = name_concept(make_prompt(labels, style, rng, omit=omit), concept)
+    return replace_word(text, concept.word, "{}")
+
+
+def _dealt(values: tuple[str, ...], n: int, rng: random.Random) -> list[str]:
+    """n values, each as often as n allows, in random order."""
+    order = list(values) * (n // len(values) + 1)
+    head, tail = order[: n - n % len(values)], rng.sample(list(values), n % len(values))
+    dealt = head + tail
+    rng.shuffle(dealt)
+    return dealt
 
 
 def toy_train_config(concept: Concept, preserve: tuple[str, ...] | None, steps: int, seed: int, sampling) -> TrainConfig:
