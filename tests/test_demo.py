@@ -89,6 +89,20 @@ def test_bench_runs_every_method_and_resumes(tmp_path, random_toy):
     assert [c.stat().st_mtime_ns for c in sorted((tmp_path / "cells").iterdir())] == stamp  # cached, not re-run
 
 
+def test_bench_cells_are_keyed_by_their_training_settings(random_toy):
+    """A cell measured under other settings (templates, ε, …) must not be reused for a changed bench."""
+    import dataclasses
+
+    from zerase_core.toy.bench import METHODS, cell_config, config_key
+
+    zerase = next(m for m in METHODS if m.name == "zerase")
+    config = cell_config(random_toy, zerase, parse_concept("red"), 0, 10)
+    assert config_key(config) == config_key(cell_config(random_toy, zerase, parse_concept("red"), 0, 10))
+    assert config_key(dataclasses.replace(config, templates=config.templates[:1])) != config_key(config)
+    assert config_key(dataclasses.replace(config, epsilon=1e-2)) != config_key(config)
+    assert config_key(None) == "untrained"
+
+
 @pytest.mark.parametrize("word", ["red", "circle", "left"])
 def test_templates_frame_the_concept_short_and_in_full_prompts_covering_every_value(word):
     """Short templates name only the concept; full ones show every value of each other attribute."""
