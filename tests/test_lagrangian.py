@@ -46,3 +46,18 @@ def test_exact_lambda_matches_closed_form_on_quadratics():
     # no conflict (both losses fall along the same direction): λ* = 0, d is the erasure gradient
     assert exact_lambda(g_er, g_er, eps) == 0.0
     assert exact_lambda(g_er, torch.zeros(3, dtype=torch.float64), eps) == 0.0
+
+
+def test_paired_rule_uses_the_observed_before_and_after_pair():
+    from zerase_core.lagrangian import PairedLambda
+
+    alpha, beta, eps = 1e-3, 0.1, 1e-3
+    rule = PairedLambda(alpha=alpha, beta=beta, epsilon=eps)
+    assert rule.update(0.5) == 0.0 and rule.last_g == eps  # step 1: no update behind it yet
+    rule.observe(0.010, 0.012)  # the update raised L_pr on its own batch by 0.002
+    g = (0.010 - 0.012) / alpha + eps
+    assert rule.update(0.9) == max(0.0, -beta * g) and rule.last_g == g  # 0.9, another batch's value, is ignored
+    rule.observe(0.012, 0.011)
+    restored = PairedLambda(alpha=alpha, beta=beta, epsilon=eps)
+    restored.load_state(rule.state())
+    assert restored.update(0.0) == rule.update(0.0)  # the pending pair survives a checkpoint

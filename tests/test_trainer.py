@@ -174,3 +174,19 @@ def test_text_encoder_can_be_released_after_the_prompts_are_encoded():
     assert trainer.run().completed  # training never needs the encoder again
     with pytest.raises(RuntimeError, match="released"):
         backend.encode(["red"])
+
+
+def test_paired_lambda_measures_the_update_not_the_batch_change():
+    """g̃ of the paired rule is L_pr's change on one batch (≈ ∇L_pr·d, Eq. 14), while the paper rule's
+    difference of consecutive batches carries the batches' own L_pr difference / α."""
+    spread = {}
+    for mode in ("paper", "paired"):
+        trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=10, lr=1e-4, lambda_mode=mode))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in trainer.params:  # a LoRA that already changes L_pr, so batches differ
+                p.normal_(0, 0.2)
+        steps = trainer.run().history
+        assert all(math.isfinite(r.lam) and r.lam >= 0 for r in steps)
+        spread[mode] = max(abs(r.g - trainer.config.eps) for r in steps[1:])
+    assert spread["paired"] < 0.1 * spread["paper"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ZEraseError
+from .lagrangian import MODES
 
 log = logging.getLogger("zerase_core")
 
@@ -79,7 +80,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--epsilon", type=float, default=None)
-    p.add_argument("--lambda-mode", default=None, choices=["paper", "exact", "fixed"])
+    p.add_argument("--lambda-mode", default=None, choices=list(MODES))
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--targets", default=None, help="projections to adapt, e.g. qkv or qk")
     p.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (square)")

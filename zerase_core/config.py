@@ -45,7 +45,7 @@ class TrainConfig:
     beta: float = 0.1  # β, the λ learning rate
     eta: float = 2.0  # η, negative guidance
     epsilon: float | None = None  # ε; None: the preset's
-    lambda_mode: str = "paper"  # paper | exact | fixed
+    lambda_mode: str = "paper"  # paper | paired | exact | fixed (lagrangian.py)
     fixed_lambda: float = 1.0  # λ in fixed mode
     attn_weight: float = 1.0  # weight of L_attn in L_er (Eq. 7 uses 1); 0 switches it off
     shuffle_pool: int = 8  # shuffled-word variants per template, encoded once (§4.1)

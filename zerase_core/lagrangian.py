@@ -6,6 +6,11 @@ Three rules behind one interface:
   λ ← max(0, λ − β g̃_t), starting at λ₀ = 0. No extra backward pass.
 * ``exact`` — Eq. 12: λ* = max(0, (−∇L_er·∇L_pr − ε)/‖∇L_pr‖²) from both gradients
   (two backward passes); the update direction is ∇L_er + λ*∇L_pr (Eq. 11).
+* ``paired`` — Eq. 15 with both L_pr values on one preservation batch: L_pr of step t's
+  batch before and after step t's update (one extra no-grad forward per step). Eq. 14 reads
+  the difference as ∇L_pr · d_t, a finite difference along the update, which holds only on
+  one batch; ``paper`` pairs consecutive steps' batches, whose difference is mostly sampling
+  noise divided by α.
 * ``fixed`` — a constant λ, for ablations (linear scalarisation).
 """
 
@@ -15,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MODES = ("paper", "exact", "fixed")
+MODES = ("paper", "paired", "exact", "fixed")
 
 
 @dataclass
@@ -42,6 +47,31 @@ class PaperLambda:
 
     def load_state(self, state: dict) -> None:
         self.value, self.previous_pr, self.last_g = state["value"], state["previous_pr"], state["last_g"]
+
+
+@dataclass
+class PairedLambda(PaperLambda):
+    """Eq. 15 on one batch. ``observe`` gets L_pr of a step's preservation batch before and after that
+    step's update; the next ``update`` uses that pair, so g̃ measures what the update did to L_pr."""
+
+    pair: tuple[float, float] | None = None  # (L_pr(θ_t), L_pr(θ_{t+1})) on step t's batch
+
+    def observe(self, before: float, after: float) -> None:
+        self.pair = (before, after)
+
+    def update(self, pr_now: float) -> float:
+        # The first step has no update behind it yet: g̃ = ε, as in PaperLambda.
+        self.last_g = self.epsilon if self.pair is None else (self.pair[0] - self.pair[1]) / self.alpha + self.epsilon
+        self.value = max(0.0, self.value - self.beta * self.last_g)
+        self.previous_pr = pr_now
+        return self.value
+
+    def state(self) -> dict:
+        return super().state() | {"pair": list(self.pair) if self.pair is not None else None}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.pair = tuple(state["pair"]) if state.get("pair") is not None else None
 
 
 def exact_lambda(grad_er: torch.Tensor, grad_pr: torch.Tensor, epsilon: float) -> float:

@@ -31,7 +31,7 @@ from .apply import export_lora
 from .backends.base import Backend
 from .config import TrainConfig
 from .errors import ZEraseError
-from .lagrangian import PaperLambda, direction, exact_lambda
+from .lagrangian import PairedLambda, PaperLambda, direction, exact_lambda
 from .lora_file import ErasureLoRA
 from .objectives import loss_attn, loss_erase, loss_preserve
 from .prompt_pool import PromptPool
@@ -89,11 +89,13 @@ class ZEraseTrainer:
         self.lora = backend.install(config.lora, "zerase")
         self.params = [p.requires_grad_(True) for p in self.lora.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
-        self.lam = PaperLambda(alpha=config.lr, beta=config.beta, epsilon=config.eps)
+        rule = PairedLambda if config.lambda_mode == "paired" else PaperLambda
+        self.lam = rule(alpha=config.lr, beta=config.beta, epsilon=config.eps)
         self.rng = random.Random(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.step, self.seconds, self.history = 0, 0.0, []
         self._pr_inputs, self._recomputed = None, False  # set by _losses / _backward for one step
+        self._pr_batch = None  # this step's preservation inputs, for the paired λ rule
         self.mass_layers = set(config.lora.layer_indices(backend.n_layers))
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
         self.latent_shape = backend.latent_shape(config.height, config.width)
@@ -130,6 +132,7 @@ class ZEraseTrainer:
         if teacher is None:
             teacher = self._teacher(x_t, sigma, [er, self.pool.uncond, *([keep] if keep else [])])
         want_mass = cfg.attn_weight > 0
+        self._pr_batch = (x_t, sigma, keep, teacher)
         pr_prompts = [self.pool.uncond, *([keep] if keep else [])]
         n = len(pr_prompts)
         v_pr, self._pr_inputs = None, None
@@ -176,7 +179,7 @@ class ZEraseTrainer:
         mode = self.config.lambda_mode
         if mode == "exact":
             return True
-        return (self.config.fixed_lambda if mode == "fixed" else self.lam.value) > 0
+        return (self.config.fixed_lambda if mode == "fixed" else self.lam.value) > 0  # paper, paired
 
     def _backward(self, l_er: torch.Tensor, l_pr: torch.Tensor) -> float:
         """Set .grad on the LoRA parameters by the λ rule; return the λ used."""
@@ -218,10 +221,14 @@ class ZEraseTrainer:
             raise NonFiniteLoss(self._nan_message({"gradient": float("nan")}))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.config.lambda_mode == "paired":
+            with torch.no_grad():  # the same batch after the update: what d_t did to L_pr (Eq. 14)
+                self.lam.observe(values["L_pr"], self._pr_loss(*self._pr_batch).item())
+        self._pr_batch = None
         self.step += 1
         elapsed = time.perf_counter() - start
         self.seconds += elapsed
-        g = self.lam.last_g if self.config.lambda_mode == "paper" else 0.0
+        g = self.lam.last_g if self.config.lambda_mode in ("paper", "paired") else 0.0
         record = StepRecord(
             self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, g, sigma, elapsed, self._recomputed
         )
