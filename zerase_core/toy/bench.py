@@ -53,6 +53,8 @@ METHODS = (
     Method("zerase_fresh", "Z-Erase with x_t sampled fresh every step (ESD's way; the default is a pool)",
            {"xt_source": "fresh"}),
     Method("zerase_exact", "Z-Erase with the exact λ* of Eq. 12 (two backward passes)", {"lambda_mode": "exact"}),
+    Method("zerase_paired", "Z-Erase, Eq. 15 with both L_pr values on one batch (before/after the update)",
+           {"lambda_mode": "paired"}),
     Method("zerase_eps_1e-4", "Z-Erase, ε = 1e-4 (tighter than the toy's 1e-3)", {"epsilon": 1e-4}),
     Method("zerase_eps_1e-2", "Z-Erase, ε = 1e-2 (Table 6's value for abstractions and entities)", {"epsilon": 1e-2}),
 )
