@@ -86,7 +86,9 @@ class ZEraseTrainer:
         self.callbacks, self.should_stop = list(callbacks), should_stop
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.pool = PromptPool.build(backend, config)  # the only use of the text encoder
-        self.lora = backend.install(config.lora, "zerase")
+        with torch.random.fork_rng(devices=[]):  # LoRA A's random init, by the run's seed; global RNG untouched
+            torch.random.default_generator.manual_seed(config.seed)
+            self.lora = backend.install(config.lora, "zerase")
         self.params = [p.requires_grad_(True) for p in self.lora.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
         rule = PairedLambda if config.lambda_mode == "paired" else PaperLambda
