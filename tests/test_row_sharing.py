@@ -16,6 +16,15 @@ def _count_refiner_rows(backend):
     return seen, hooks
 
 
+def _random_lora(backend) -> list[torch.Tensor]:
+    """A LoRA whose B is not zero, so text rows really change; returns its parameters."""
+    params = list(backend.install(LoRAConfig(rank=4), "t").parameters())
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    return params
+
+
 def test_groups_of_equal_rows():
     x = torch.randn(2, 4, 8, 8)
     rows = torch.stack([x[0], x[1], x[0], x[0]])
@@ -27,10 +36,7 @@ def test_groups_of_equal_rows():
 def test_shared_refiner_matches_separate_rows(tiny_backend):
     """[c_er, ∅, c_pr] at one x_t, LoRA on: batched with sharing == three batch-1 calls."""
     backend = tiny_backend
-    lora = backend.install(LoRAConfig(rank=4), "t")
-    with torch.no_grad():
-        for p in lora.parameters():
-            p.normal_(0, 0.1)
+    _random_lora(backend)
     prompts = backend.encode(["a red car on a road", "", "a blue house"])
     x = torch.randn(1, 4, 16, 16).expand(3, -1, -1, -1)
     sigma = torch.full((3,), 0.6)
@@ -57,11 +63,7 @@ def test_distinct_rows_are_not_shared(tiny_backend):
 def test_shared_refiner_gradients_match(tiny_backend):
     """The student's batched forward/backward gives the LoRA the same gradient with sharing."""
     backend = tiny_backend
-    lora = backend.install(LoRAConfig(rank=4), "t")
-    with torch.no_grad():
-        for p in lora.parameters():
-            p.normal_(0, 0.1)
-    params = list(lora.parameters())
+    params = _random_lora(backend)
     prompts = backend.encode(["a red car on a road", "", "a blue house"])
     x, sigma = torch.randn(1, 4, 16, 16), torch.full((3,), 0.6)
     v, _ = backend.velocity(x.expand(3, -1, -1, -1), sigma, prompts, lora=True)
