@@ -96,8 +96,9 @@ class ZEraseTrainer:
         self.rng = random.Random(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.step, self.seconds, self.history = 0, 0.0, []
-        self._pr_inputs, self._recomputed = None, False  # set by _losses / _backward for one step
-        self._pr_batch = None  # this step's preservation inputs, for the paired λ rule
+        # Set by _losses / _backward for one step: the preservation inputs (x_t, σ, c_pr, teacher), kept to
+        # recompute L_pr with a graph when λ turns > 0, and for the paired λ rule's after-update value.
+        self._pr_batch, self._recomputed = None, False
         self.mass_layers = set(config.lora.layer_indices(backend.n_layers))
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
         self.latent_shape = backend.latent_shape(config.height, config.width)
@@ -137,7 +138,7 @@ class ZEraseTrainer:
         self._pr_batch = (x_t, sigma, keep, teacher)
         pr_prompts = [self.pool.uncond, *([keep] if keep else [])]
         n = len(pr_prompts)
-        v_pr, self._pr_inputs = None, None
+        v_pr = None
         if self._pr_gradient_expected():
             # L_pr's gradient will count: every student prediction in one forward/backward.
             prompts = [er, *pr_prompts]
@@ -153,7 +154,6 @@ class ZEraseTrainer:
             )
             # λ = 0 is expected: L_pr's value is needed (for g̃), its graph is not. If λ turns
             # out > 0 in this step, _backward recomputes L_pr with a graph from these inputs.
-            self._pr_inputs = (x_t, sigma, keep, teacher)
             with torch.no_grad():
                 l_pr = self._pr_loss(x_t, sigma, keep, teacher)
         teacher = teacher.to(v_er.device)
@@ -195,7 +195,7 @@ class ZEraseTrainer:
         lam = self.config.fixed_lambda if mode == "fixed" else self.lam.update(l_pr.item())
         if lam > 0 and not l_pr.requires_grad:
             # λ_t = 0 but λ_{t+1} > 0: L_pr ran without a graph; rerun it with one (rare).
-            l_pr, self._recomputed = self._pr_loss(*self._pr_inputs), True
+            l_pr, self._recomputed = self._pr_loss(*self._pr_batch), True
         (l_er + lam * l_pr if lam > 0 else l_er).backward()
         return lam
 
@@ -217,7 +217,6 @@ class ZEraseTrainer:
             raise NonFiniteLoss(self._nan_message(values))
         self._recomputed = False
         lam = self._backward(l_erase + self.config.attn_weight * l_attn, l_pr)
-        self._pr_inputs = None
         if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(self._nan_message({"gradient": float("nan")}))
