@@ -142,7 +142,8 @@ def to_markdown(rows: list[dict[str, Any]], kinds: list[str], command: str) -> s
         cells += [fmt(r[m]) for m in ("acc_e_synonym", "acc_e_shuffled", "acc_e_paraphrase", "fd")]
         cells.append(f"{r['train_seconds'][0]:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    legend = "\n".join(f"- **{m.name}**: {m.description}" for m in METHODS)
+    shown = {r["method"] for r in rows}
+    legend = "\n".join(f"- **{m.name}**: {m.description}" for m in METHODS if m.name in shown)
     return f"Produced by `{command}`; mean ± sd over concepts × seeds.\n\n" + "\n".join(lines) + "\n\n" + legend + "\n"
 
 
