@@ -59,6 +59,34 @@ def test_short_demo_writes_every_output(tmp_path, random_toy):
     assert saved["seconds"] > 0 and saved["fd_before"] >= 0
 
 
+def test_demo_with_defaults_erases_red_and_keeps_the_other_attributes(tmp_path):
+    """Issue 5's must-show on the shipped model, the demo exactly as `python -m zerase_core demo` runs it
+    (~4 min on one thread). h_a ≥ 0.6 is the issue's floor (seeds 0–2 gave 0.86 / 0.91 / 0.67). The issue's
+    "≤ 5 points" is met by the committed report (shape −5, the rest ≤ 1) but with no margin: seeds give −4 to −6
+    and 100 prompts carry ±2.5 points of sampling error, and float differences between CPUs change a training
+    run. So this guard allows 8 points — the previous default's −9 (triangles never preserved) fails it."""
+    from zerase_core.toy.demo import run_demo
+    from zerase_core.toy.world import ATTRIBUTES
+
+    report = run_demo("red", None, steps=1000, seed=0, out=tmp_path, n_eval=100)
+    assert report["original"]["acc_e"] == 1.0 and report["h_a"] >= 0.6, report["h_a"]
+    before = report["original"]["adherence_other_prompts"]
+    after = report["erased"]["adherence_other_prompts"]
+    drops = {a: before[a] - after[a] for a in ATTRIBUTES if a != "colour"}
+    assert max(drops.values()) <= 0.08 + 1e-9, drops
+
+
+def test_preserving_the_erased_concept_is_refused():
+    from zerase_core.toy.demo import toy_train_config
+    from zerase_core.toy.sampling import SamplerConfig
+
+    red = parse_concept("red")
+    with pytest.raises(ZEraseError, match="names the concept being erased"):
+        toy_train_config(red, ("blue", "crimson"), 10, 0, SamplerConfig())
+    with pytest.raises(ZEraseError, match="not one concept"):
+        toy_train_config(red, ("banana",), 10, 0, SamplerConfig())
+
+
 def test_concepts_parse_and_prompt_sets_name_them():
     assert (parse_concept("Crimson").attribute, parse_concept("Crimson").value) == ("colour", "red")
     assert parse_concept("left").attribute == "position"

@@ -105,3 +105,15 @@ def test_shipped_model_loads_frozen_and_generates_images():
     again = generate(bundle, ["a large red circle on the left on a white background", ""], seed=0, sampler=fast)
     assert torch.equal(images, again)
     assert bundle.to_latent(images).shape == (2, *bundle.latent_shape)
+
+
+@needs_weights
+def test_shipped_model_follows_colour_and_shape_at_the_default_sampler():
+    """Issue 5's floor, 0.90 for colour and shape. Measured 1.00 and 0.97 on 500 prompts; on these 100 the
+    floor sits > 3 standard errors below 0.97, so only a real loss of adherence trips it."""
+    from zerase_core.toy.evaluate import adherence
+
+    bundle = load_toy()
+    acc = adherence(bundle.transformer, bundle.encoder, bundle.dit_config, bundle.classifier, bundle.sampling,
+                    n=100, seed=31_337)
+    assert acc["colour"] >= 0.90 and acc["shape"] >= 0.90, acc

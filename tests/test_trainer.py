@@ -164,6 +164,8 @@ def test_bad_inputs_get_clear_errors():
         ZEraseTrainer(tiny_zimage_backend(), _config(concept="red", templates=("a photo of a cat",)))
     with pytest.raises(ZEraseError, match="preset"):
         _config(preset="nudity-ish")
+    with pytest.raises(ZEraseError, match="both the concept to erase and a preservation concept"):
+        _config(concept="red", preserve=("blue", " Red"))
 
 
 def test_text_encoder_can_be_released_after_the_prompts_are_encoded():

@@ -78,6 +78,11 @@ class TrainConfig:
             raise ZEraseError("steps must be ≥ 1, the learning rate > 0 and β ≥ 0.")
         if any(not p.strip() for p in self.preserve):
             raise ZEraseError("A preservation concept is empty; remove it or type a word.")
+        if any(p.strip().lower() == self.concept.strip().lower() for p in self.preserve):
+            raise ZEraseError(
+                f"'{self.concept}' is both the concept to erase and a preservation concept; "
+                "remove it from the preservation list (preserve what should stay, e.g. 'person' when erasing 'nude')."
+            )
 
     @property
     def eps(self) -> float:

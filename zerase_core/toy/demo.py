@@ -17,6 +17,7 @@ from typing import Sequence
 
 from ..backends.toy import toy_backend
 from ..config import TrainConfig
+from ..errors import ZEraseError
 from ..lora import LoRAConfig
 from ..render import grid, to_pil
 from ..run import every, train_and_save
@@ -81,6 +82,10 @@ def toy_train_config(concept: Concept, preserve: tuple[str, ...] | None, steps: 
     The preservation set defaults to the other values of the concept's attribute (erasing
     "red" must keep "blue"); x_t comes from the toy's own sampler settings.
     """
+    for word in preserve or ():
+        kept = parse_concept(word)  # a word of the world, or the pack's error naming the choices
+        if (kept.attribute, kept.value) == (concept.attribute, concept.value):
+            raise ZEraseError(f"'{word}' names the concept being erased ('{concept.word}'); drop it from --preserve.")
     return TrainConfig(
         concept=concept.word,
         preset="abstract" if concept.attribute == "colour" else "entity",  # Table 7 lists colours as abstractions
