@@ -35,12 +35,16 @@ class PaperLambda:
     last_g: float = field(default=0.0)
 
     def update(self, pr_now: float) -> float:
-        # The first step has no θ_{t−1}; L_pr(θ₀) = 0 there anyway (B = 0), so g̃ = ε.
-        previous = pr_now if self.previous_pr is None else self.previous_pr
-        self.last_g = (previous - pr_now) / self.alpha + self.epsilon
+        self.last_g = self.g_tilde(pr_now)
         self.value = max(0.0, self.value - self.beta * self.last_g)
         self.previous_pr = pr_now
         return self.value
+
+    def g_tilde(self, pr_now: float) -> float:
+        """g̃_t = (L_pr(θ_{t−1}) − L_pr(θ_t))/α + ε, with consecutive steps' values (Algorithm 1)."""
+        # The first step has no θ_{t−1}; L_pr(θ₀) = 0 there anyway (B = 0), so g̃ = ε.
+        previous = pr_now if self.previous_pr is None else self.previous_pr
+        return (previous - pr_now) / self.alpha + self.epsilon
 
     def state(self) -> dict:
         return {"value": self.value, "previous_pr": self.previous_pr, "last_g": self.last_g}
@@ -59,12 +63,10 @@ class PairedLambda(PaperLambda):
     def observe(self, before: float, after: float) -> None:
         self.pair = (before, after)
 
-    def update(self, pr_now: float) -> float:
+    def g_tilde(self, pr_now: float) -> float:
+        """g̃ from the observed pair; ``pr_now`` (another batch's value) does not enter."""
         # The first step has no update behind it yet: g̃ = ε, as in PaperLambda.
-        self.last_g = self.epsilon if self.pair is None else (self.pair[0] - self.pair[1]) / self.alpha + self.epsilon
-        self.value = max(0.0, self.value - self.beta * self.last_g)
-        self.previous_pr = pr_now
-        return self.value
+        return self.epsilon if self.pair is None else (self.pair[0] - self.pair[1]) / self.alpha + self.epsilon
 
     def state(self) -> dict:
         return super().state() | {"pair": list(self.pair) if self.pair is not None else None}

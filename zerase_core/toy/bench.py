@@ -90,10 +90,10 @@ def config_key(config: TrainConfig | None) -> str:
     return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
 
 
-def run_cell(bundle, method: Method, concept: Concept, seed: int, steps: int, n_eval: int) -> dict[str, Any]:
+def run_cell(bundle, method: Method, concept: Concept, seed: int, config: TrainConfig | None, n_eval: int) -> dict[str, Any]:
+    """Train by ``config`` (from :func:`cell_config`; None: no training) and measure."""
     backend = toy_backend(bundle)
     start = time.perf_counter()
-    config = cell_config(bundle, method, concept, seed, steps)
     lora_on = config is not None
     if lora_on:
         ZEraseTrainer(backend, config).run()
@@ -166,13 +166,14 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
         for concept in concepts:
             for seed in seeds:
                 # keyed by the weights and the settings too: a cell measured on other ones is not reused
-                key = config_key(cell_config(bundle, method, concept, seed, steps))
+                config = cell_config(bundle, method, concept, seed, steps)
+                key = config_key(config)
                 path = out / "cells" / f"{method.name}__{concept.word}__{seed}__{steps}__{n_eval}__{weights}__{key}.json"
                 if not path.exists():
                     if assemble_only:
                         continue
                     log.info("bench cell: %s / %s / seed %d", method.name, concept.word, seed)
-                    path.write_text(json.dumps(run_cell(bundle, method, concept, seed, steps, n_eval)))
+                    path.write_text(json.dumps(run_cell(bundle, method, concept, seed, config, n_eval)))
                 cells[(method.name, concept.word, seed)] = json.loads(path.read_text())
     rows = summarise(cells, [c for c in concepts if any(k[1] == c.word for k in cells)])
     kinds = sorted({c.attribute for c in concepts})

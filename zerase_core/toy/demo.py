@@ -42,8 +42,9 @@ def toy_templates(concept: Concept, n: int = 10, seed: int = 0) -> tuple[str, ..
       (these templates with the other values filled in) show every shape: random draws once left
       out every triangle, and triangles were the collateral damage.
 
-    On "red", 1000 steps, seed 0 (100 prompts each): full only — acc_e 0.01, shape on other
-    prompts 0.83; short only — acc_e 0.39, shape 0.90; both — acc_e 0.17, shape 0.95 (original 0.98).
+    On "red" at 1000 steps (100 prompts each; one run each): full only — acc_e 0.01, shape on
+    other prompts 0.83; short only — acc_e 0.39, shape 0.90; both — acc_e 0.17, shape 0.95
+    (original 0.98). The README's toy section has the seeded demo and other seeds.
     """
     others = [a for a in ATTRIBUTES if a != concept.attribute]
     rng = random.Random(seed)
@@ -69,9 +70,7 @@ def _template(labels: Labels, concept: Concept, i: int, rng: random.Random, omit
 
 def _dealt(values: tuple[str, ...], n: int, rng: random.Random) -> list[str]:
     """n values, each as often as n allows, in random order."""
-    order = list(values) * (n // len(values) + 1)
-    head, tail = order[: n - n % len(values)], rng.sample(list(values), n % len(values))
-    dealt = head + tail
+    dealt = list(values) * (n // len(values)) + rng.sample(list(values), n % len(values))
     rng.shuffle(dealt)
     return dealt
 
