@@ -104,7 +104,7 @@ def test_bench_cost_command_prints_json_with_the_required_keys(capsys):
             assert row["seconds_per_step"][key] > 0
         assert f"overhead_vs_gated_esd_{source}_lambda_positive" in row
     assert row["seconds_per_step"]["reference"] > 0
-    assert row["split_seconds"]["fresh_xt_mean"] > 0 and "attn_extra_call" in row["split_seconds"]
+    assert row["split_seconds"]["fresh_xt_mean"] > 0 and "attn_mass_fwd" in row["split_seconds"]
     assert set(result["attention_loss_memory"]["growth_exponent"]) == {"ours", "materialised"}
     assert "min_speedup_vs_reference" in result["summary"]
     assert "bench-cost --tiny" in result["command"]

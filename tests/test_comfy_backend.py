@@ -75,6 +75,27 @@ def test_velocity_and_mass_shapes_mixed_caption_lengths():
     assert ((mass > 0) & (mass < 1)).all()
 
 
+def test_mass_from_the_attention_call_matches_the_softmax_map_and_keeps_the_prediction():
+    """ComfyUI's attention override runs the stock kernel widened by the indicator: the mass equals the one read
+    off the materialised softmax map, and the prediction is the plain one up to rounding."""
+    from zerase_core.reference_step import materialised_maps
+
+    backend = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy))
+    _randomise(backend.install(LoRAConfig(rank=4)))
+    prompts = backend.encode(["a photo of a cat"])
+    tokens = [concept_token_indices(prompts[0], "cat")]
+    x, sigma = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(0)), torch.tensor([0.6])
+    with torch.no_grad():
+        bare, _ = backend.velocity(x, sigma, prompts)
+        v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
+        with materialised_maps(backend):
+            v_maps, mass_maps = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
+    assert 0 < float(mass) < 1
+    torch.testing.assert_close(mass, mass_maps, rtol=0, atol=1e-6)
+    torch.testing.assert_close(v, bare, rtol=0, atol=1e-5)
+    assert torch.equal(v_maps, bare)  # the reference reads maps beside the stock call
+
+
 def test_training_steps_run_on_inference_tensor_weights():
     from zerase_core.config import TrainConfig
     from zerase_core.trainer import ZEraseTrainer

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .attention_mass import column_mass
+from .attention_mass import attention_with_mass
 from .prompts import EncodedPrompt
 
 
@@ -26,10 +26,14 @@ class WordMapRecorder:
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
 
-    def record(self, layer: int, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None) -> None:
+    def attend(self, layer: int, attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
+        """This layer's attention output; every word's mass comes from the same call."""
         self.seen.add(layer)
-        for n, ind in enumerate(self.indicators):
-            self.sums[n] += column_mass(q[:1], k[:1], ind.to(q.device), attn_mask).mean(dim=1)[0].float().cpu()
+        columns = torch.cat(self.indicators).to(q.device)[:, None].expand(-1, q.shape[0], -1)  # (N, B, L)
+        out, mass = attention_with_mass(attention, q, k, v, columns, scale)  # mass (N, B, H, L)
+        for n in range(len(self.sums)):
+            self.sums[n] += mass[n, 0].mean(dim=0).cpu()
+        return out
 
     def per_query(self) -> torch.Tensor:
         """(n_words, L) mean over recorded layers."""

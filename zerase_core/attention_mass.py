@@ -1,44 +1,73 @@
-"""Attention probability mass on chosen key columns, without an L×L map (paper Eq. 6).
+"""Attention probability mass on chosen key columns, in the attention call itself (paper Eq. 6).
 
 softmax(QKᵀ/√d) · v with v the 0/1 indicator of the chosen columns is, per query, exactly
-the probability mass those columns receive. One extra attention call with a 1-wide value
-therefore gives Σ_idx A[:, :, idx] for every query in O(L) memory, and autograd
-differentiates it through the fused attention kernel like any other attention.
+the probability mass those columns receive. So the layer's own attention call can return the
+mass too: its value is widened by indicator channels, and q and k by zero channels (scores
+unchanged) so that fused kernels, which want one head size, still run. One call, O(L)
+memory, no L×L map; autograd differentiates the mass through the same kernel as the output.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
+# An attention call on (B, H, L, D) q, k, v with the default 1/√D scale, returning (B, H, L, D):
+# the host's own kernel, whatever it is (SDPA, a ComfyUI optimized_attention, ...).
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-def column_mass(
+CHANNEL_ALIGN = 8  # head sizes fused kernels accept: multiples of 8
+
+
+def attention_with_mass(
+    attention: Attention,
     q: torch.Tensor,
     k: torch.Tensor,
+    v: torch.Tensor,
     columns: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-query attention mass on ``columns``.
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output and, per indicator, the mass each query puts on its columns.
 
-    q, k: (B, H, L, D) after norms and RoPE, exactly as attention sees them.
-    columns: (B, L) 0/1 indicator of key columns.
-    attn_mask: None, or a mask broadcastable to (B, H, L, L) as passed to SDPA (bool: True = keep).
-    Returns (B, H, L) float32.
+    q, k, v: (B, H, L, D) as the host hands them to its kernel (after norms and RoPE).
+    columns: (N, B, L) 0/1 indicators of key columns (N words, or 1 concept).
+    scale: the host's softmax scale if not the default 1/√D.
+    Returns out (B, H, L, D) and mass (N, B, H, L) float32.
     """
-    # The value is as wide as a head and contiguous: fused kernels (flash on CPU and GPU)
-    # need matching head sizes, and a 1-wide or stride-0 value falls back to the math
-    # kernel, which materialises the L×L map this function exists to avoid.
-    value = q.new_zeros(q.shape)  # (B, H, L, D)
-    value[..., 0] = columns.to(q.dtype)[:, None, :]  # indicator in the first channel
-    out = F.scaled_dot_product_attention(q, k, value, attn_mask=attn_mask)  # (B, H, L, D)
-    return out[..., 0].float()
+    n, d, dv = columns.shape[0], q.shape[-1], v.shape[-1]
+    width = _aligned(max(d, dv + n))
+    if width != d or scale is not None:
+        # The kernel scales by 1/√width; scaling q makes that the host's scale (default 1/√D).
+        q = q * ((scale if scale is not None else d**-0.5) * width**0.5)
+    indicators = columns.to(v.device, v.dtype).permute(1, 2, 0)[:, None].expand(-1, v.shape[1], -1, -1)
+    value = torch.cat([v, indicators, v.new_zeros(*v.shape[:-1], width - dv - n)], dim=-1)  # (B, H, L, width)
+    out = attention(_widened(q, width), _widened(k, width), value)
+    return out[..., :dv], out[..., dv : dv + n].permute(3, 0, 1, 2).float()
+
+
+def _aligned(channels: int) -> int:
+    return -(-channels // CHANNEL_ALIGN) * CHANNEL_ALIGN
+
+
+def _widened(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero channels up to ``width``: q·k is unchanged."""
+    extra = width - t.shape[-1]
+    return t if extra == 0 else torch.cat([t, t.new_zeros(*t.shape[:-1], extra)], dim=-1)
+
+
+def sdpa_attention(attn_mask: torch.Tensor | None = None) -> Attention:
+    """torch's SDPA with a fixed mask, as an :data:`Attention`."""
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 class MassRecorder:
-    """Collects, per main layer, the mean mass that image queries put on the concept columns.
+    """Runs the chosen main layers' attention with the concept's mass, and keeps the mass.
 
     ``columns`` and ``query_rows`` are (B, L) masks for the batch being run; the loss is the
-    mean over recorded layers of the per-sample mean over heads and image query rows.
+    mean over recorded layers of the per-sample mean over heads and image query rows. Rows
+    without concept columns (preservation prompts batched with the erase prompt) get mass 0.
     """
 
     def __init__(self, columns: torch.Tensor, query_rows: torch.Tensor, layers: set[int] | None = None):
@@ -50,21 +79,20 @@ class MassRecorder:
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
 
-    def record(self, layer: int, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None):
-        columns, rows = self.columns.to(q.device), self.query_rows.to(q.device)
-        # Samples without concept columns (e.g. preservation prompts batched with the erase
-        # prompt) have mass 0 by definition: run the extra attention call on the others only.
-        wanted = columns.any(dim=1)  # (B,)
-        if not bool(wanted.any()):
-            self.per_layer[layer] = q.new_zeros(wanted.shape[0], dtype=torch.float32)
-            return
-        if not bool(wanted.all()):
-            q, k, columns, rows = q[wanted], k[wanted], columns[wanted], rows[wanted]
-            if attn_mask is not None and attn_mask.shape[0] == wanted.shape[0]:
-                attn_mask = attn_mask[wanted]
-        mass = column_mass(q, k, columns, attn_mask).mean(dim=1)  # (B', L)
-        per_sample = (mass * rows).sum(dim=1) / rows.sum(dim=1).clamp_min(1.0)  # (B',)
-        self.per_layer[layer] = per_sample.new_zeros(wanted.shape[0]).index_put((wanted,), per_sample)  # (B,)
+    def attend(self, layer: int, attention: Attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
+        """This layer's attention output; its mass on the concept columns is recorded on the way.
+
+        ``attention`` is the host's kernel with its mask already bound; ``attn_mask`` is given too
+        for recorders that compute scores themselves (the benchmark's materialised maps).
+        """
+        out, mass = attention_with_mass(attention, q, k, v, self.columns[None].to(q.device), scale)
+        self.keep(layer, mass[0].mean(dim=1))
+        return out
+
+    def keep(self, layer: int, mass: torch.Tensor) -> None:
+        """Record (B, L) per-query mass (mean over heads) as the per-sample mean over image queries."""
+        rows = self.query_rows.to(mass.device)
+        self.per_layer[layer] = (mass * rows).sum(dim=1) / rows.sum(dim=1).clamp_min(1.0)  # (B,)
 
     def result(self) -> torch.Tensor:
         """(B,) mean mass over recorded layers."""

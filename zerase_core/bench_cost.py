@@ -167,7 +167,7 @@ def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[
     n = len(pr)  # activation bytes the [∅, c_pr] forward holds when it builds a graph (none under no_grad)
     out["student_pr_graph_saved_mib"] = saved_bytes(lambda: backend.velocity(
         x_t.expand(n, -1, -1, -1), sigma.expand(n), pr, lora=True)[0])[0] / 2**20
-    out["attn_extra_call"] = out["student_er_fwd_attn"] - out["student_er_fwd"]
+    out["attn_mass_fwd"] = out["student_er_fwd_attn"] - out["student_er_fwd"]
     out["student_er_bwd"] = out["student_er_fwd_attn_bwd"] - out["student_er_fwd_attn"]
     out["student_b3_bwd"] = out["student_b3_fwd_attn_bwd"] - out["student_b3_fwd_attn"]
     return out
@@ -346,7 +346,7 @@ def run(tiny: bool = False, steps: int = 3, memory_estimate: bool = True, repeat
     return result
 
 
-SPLIT_ROWS = ("fresh_xt_mean", "teacher_fwd_b3", "teacher_fwd_b2", "student_er_fwd", "attn_extra_call", "student_er_bwd",
+SPLIT_ROWS = ("fresh_xt_mean", "teacher_fwd_b3", "teacher_fwd_b2", "student_er_fwd", "attn_mass_fwd", "student_er_bwd",
               "student_pr_fwd_nograd", "student_pr_fwd_graph", "student_pr_graph_saved_mib", "student_pr_fwd_bwd",
               "student_b3_fwd_attn", "student_b3_bwd", "adamw")
 

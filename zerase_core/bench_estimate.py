@@ -199,7 +199,7 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float, po
     * λ_t = 0, λ_{t+1} > 0 (``recomputed``): the same + L_pr again with a graph (batch 2 fwd+bwd);
     * λ_t > 0 (``batched``): one batch-3 student forward+backward.
 
-    ``mass_overhead`` (A4, assumed) adds the attention-mass call to the student forward+backward.
+    ``mass_overhead`` (A4, assumed) adds the attention mass to the student forward+backward.
     x_t: ``pool`` — a one-off build of trajectories × levels batched forwards of (c_er, ∅, c_pr),
     charged at the batch-3 rate per trajectory and level (A5: the build really runs batch 24,
     so this is high); ``fresh`` — per step the Turbo sampler (``levels`` Euler steps, no CFG)
@@ -263,7 +263,8 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float, po
             "A1": "frozen base: backward ≈ one forward, so fwd b1 = 0.20/2 s (checks: 3 × 0.19 ≈ 0.56)",
             "A2": "fwd b2 = mean of fwd b1 and fwd b3",
             "A3": "checkpointing adds one forward of the same batch",
-            "A4": f"attention-mass call adds {mass_overhead:.0%} to the student fwd+bwd",
+            "A4": f"attention mass adds {mass_overhead:.0%} to the student fwd+bwd (kept from the two-call "
+                  "version: an upper bound now that it rides in the attention call, +8 of 128 head channels)",
             "A5": f"pool: {pool_trajectories} trajectories × {levels} levels at the batch-3 forward rate",
             "fresh": f"Turbo sampler, {levels} steps, no CFG: {(levels - 1) / 2} batch-1 forwards per step on average",
             "A6": "not counted: prompt encoding, model load, AdamW step, pool host↔device copies",

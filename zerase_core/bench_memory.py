@@ -6,8 +6,8 @@ activation memory a training step holds between forward and backward, on any dev
 the CPU can measure what a GPU would hold. It does not see transient buffers freed during
 the forward (workspace, temporaries), which the GPU script measures with the allocator.
 
-Two uses: the attention loss per layer (ours, by one extra attention call with an indicator
-value, against the full softmax map), and per-layer activation memory of the student forward
+Two uses: the attention loss per layer (ours, by the layer's own attention call widened by an
+indicator value, against the full softmax map), and per-layer activation memory of the student forward
 on scaled-down Z-Images, extrapolated to the real model by :func:`real_zimage_estimate`.
 """
 
@@ -17,8 +17,6 @@ import math
 from typing import Callable
 
 import torch
-
-from .attention_mass import column_mass
 
 GiB = 1024**3
 
@@ -37,21 +35,23 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
     return sum(seen.values()), out
 
 
-def _qk(tokens: int, heads: int, head_dim: int, dtype: torch.dtype):
+def _qkv(tokens: int, heads: int, head_dim: int, dtype: torch.dtype):
+    """q, k, v (B, H, L, D) as attention sees them: outputs of an op, freed unless attention keeps them."""
     g = torch.Generator().manual_seed(0)
-    shape = (1, heads, tokens, head_dim)  # (B, H, L, D), as attention sees them
-    q = torch.randn(shape, generator=g).to(dtype).requires_grad_(True)
-    k = torch.randn(shape, generator=g).to(dtype).requires_grad_(True)
-    return q, k
+    shape = (1, heads, tokens, head_dim)
+    leaves = [torch.randn(shape, generator=g).to(dtype).requires_grad_(True) for _ in range(3)]
+    return [t * 1.0 for t in leaves]  # a product with a Python number saves nothing itself
 
 
 def attention_loss_bytes(image_tokens: int, text_tokens: int, heads: int, head_dim: int,
                          dtype: torch.dtype = torch.float32) -> dict[str, int]:
-    """Saved bytes of one layer's attention-mass loss: ours vs the materialised softmax map.
+    """Saved bytes one layer's attention-mass loss adds to the layer's own attention: ours
+    (the mass from the attention call itself, widened) vs the materialised softmax map.
 
-    q and k are leaves here, so neither method is charged for them (the model saves them
-    anyway); what remains is what the loss itself adds.
+    Each is measured as everything autograd keeps for the layer's attention output plus its
+    mass, minus what the attention output alone keeps.
     """
+    from .attention_mass import MassRecorder, sdpa_attention
     from .reference_step import MaterialisedMassRecorder
 
     tokens = image_tokens + text_tokens
@@ -59,27 +59,17 @@ def attention_loss_bytes(image_tokens: int, text_tokens: int, heads: int, head_d
     columns[0, image_tokens + 1] = 1.0  # one concept token in the caption
     rows = torch.zeros(1, tokens)
     rows[0, :image_tokens] = 1.0
-    result = {}
-    for name in ("ours", "materialised"):
-        q, k = _qk(tokens, heads, head_dim, dtype)
-        leaves = {q.untyped_storage().data_ptr(), k.untyped_storage().data_ptr()}
-        if name == "ours":
-            fn = lambda: column_mass(q, k, columns).mean()  # noqa: E731
-        else:
-            recorder = MaterialisedMassRecorder(columns, rows)
-            fn = lambda: (recorder.record(0, q, k), recorder.result().mean())[1]  # noqa: E731
-        seen: dict[int, int] = {}
+    attention = sdpa_attention()
 
-        def pack(t, seen=seen):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in leaves:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return t
+    def kept(recorder_type) -> int:
+        q, k, v = _qkv(tokens, heads, head_dim, dtype)
+        if recorder_type is None:
+            return saved_bytes(lambda: attention(q, k, v).sum())[0]
+        recorder = recorder_type(columns, rows)
+        return saved_bytes(lambda: recorder.attend(0, attention, q, k, v).sum() + recorder.result().sum())[0]
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        result[name] = sum(seen.values())
-    return result
+    plain = kept(None)
+    return {"ours": kept(MassRecorder) - plain, "materialised": kept(MaterialisedMassRecorder) - plain}
 
 
 def growth_exponent(tokens: list[int], values: list[float]) -> float:

@@ -16,7 +16,6 @@ what makes its seconds per step a fair yardstick.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
@@ -32,15 +31,15 @@ if TYPE_CHECKING:
 class MaterialisedMassRecorder(MassRecorder):
     """Attention mass read off the full softmax map, as the official code does."""
 
-    def record(self, layer: int, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None):
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, L, L)
+    def attend(self, layer: int, attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
+        scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (B, H, L, L)
         if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-        probs = scores.softmax(dim=-1)  # (B, H, L, L): the materialised map
+            bool_mask = attn_mask.dtype == torch.bool
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if bool_mask else scores + attn_mask
+        probs = scores.softmax(dim=-1)  # the materialised map
         columns = self.columns.to(q.device, probs.dtype)[:, None, None, :]  # (B, 1, 1, L)
-        mass = (probs * columns).sum(dim=-1).float().mean(dim=1)  # (B, L)
-        rows = self.query_rows.to(q.device)
-        self.per_layer[layer] = (mass * rows).sum(dim=1) / rows.sum(dim=1).clamp_min(1.0)  # (B,)
+        self.keep(layer, (probs * columns).sum(dim=-1).float().mean(dim=1))
+        return attention(q, k, v)  # the output by the host's kernel, as the official code keeps it
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..attention_mass import MassRecorder
 from ..gate import TokenGate
 from ..lora import GatedLoRALinear, LoRAAdapter, LoRAConfig
 from ..prompts import EncodedPrompt
@@ -75,6 +76,9 @@ class Backend(ABC):
     """A Z-Image implementation as the engine sees it."""
 
     gate: TokenGate
+    # How attention mass is measured; the benchmark's official-style reference swaps in a
+    # recorder that materialises softmax maps, to compare against on the same model.
+    recorder_factory = MassRecorder
 
     @property
     @abstractmethod

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..attention_mass import MassRecorder, column_mass
+from ..attention_maps import WordMapRecorder
 from ..errors import ZEraseError
 from ..gate import TokenGate
 from ..layout import TokenLayout, pad_to_multiple
@@ -249,7 +249,7 @@ class ComfyZImageBackend(Backend):
         self.gate = TokenGate()
         self.key = f"{WRAPPER_PREFIX}_{uuid.uuid4().hex[:12]}"
         self._wrapped: dict[int, GatedLoRALinear] = {}
-        self._capture: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+        self._recorder: Any = None  # MassRecorder / WordMapRecorder of the running call
         self._layout: TokenLayout | None = None
         self._checkpointed: set[int] = set()
         dit = self.dit
@@ -348,20 +348,20 @@ class ComfyZImageBackend(Backend):
         """What a main layer's forward depends on besides its arguments (see CheckpointedForward)."""
         qkv = self.dit.layers[layer].attention.qkv.forward  # what runs: the patched chain, if any
         gates = [(g, g.layout, g.lora_on) for g in {id(g): g for g in [self.gate, *_gates(qkv)]}.values()]
-        return gates, self._layout, self._capture
+        return gates, self._layout, self._recorder
 
     @contextmanager
     def _replaying(self, state: tuple) -> Iterator[None]:
-        gates, layout, capture = state
-        previous = self._layout, self._capture
-        self._layout, self._capture = layout, capture
+        gates, layout, recorder = state
+        previous = self._layout, self._recorder
+        self._layout, self._recorder = layout, recorder
         try:
             with ExitStack() as stack:
                 for gate, gate_layout, lora_on in gates:
                     stack.enter_context(gate.active(gate_layout, lora_on))
                 yield
         finally:
-            self._layout, self._capture = previous
+            self._layout, self._recorder = previous
 
     # --- per call: layout, gate, attention capture -------------------------------------------
     def _diffusion_wrapper(self, executor, x, timesteps, context, num_tokens, attention_mask=None, **kwargs):
@@ -374,7 +374,7 @@ class ComfyZImageBackend(Backend):
         options = kwargs.get("transformer_options")
         if options is not None:
             options.pop("block_index", None)  # refiners run first; only main layers set it
-            if self._capture is not None:
+            if self._recorder is not None:
                 options["optimized_attention_override"] = self._override(options.get("optimized_attention_override"))
         previous = self._layout
         self._layout = layout
@@ -385,34 +385,39 @@ class ComfyZImageBackend(Backend):
             self._layout = previous
 
     def _override(self, inner: Callable | None) -> Callable:
-        """An attention override that shows main-layer q, k to the capture, then runs the stock path."""
+        """An attention override that hands main-layer attention to the recorder, else runs the stock path."""
 
         def override(func, q, k, v, heads, mask=None, **kwargs):
-            options = kwargs.get("transformer_options") or {}
-            layer = options.get("block_index")
-            layout = self._layout
-            if layer is not None and self._capture is not None and layout is not None:
-                qq, kk = q, k
-                if not kwargs.get("skip_reshape", False):  # (B, L, H·D) -> (B, H, L, D)
-                    b = q.shape[0]
-                    qq = q.view(b, -1, heads, q.shape[-1] // heads).transpose(1, 2)
-                    kk = k.view(b, -1, heads, k.shape[-1] // heads).transpose(1, 2)
-                if qq.shape[2] == layout.seq_len:
-                    self._capture(int(layer), qq, kk)
-            if inner is not None:
-                return inner(func, q, k, v, heads, mask, **kwargs)
-            return func(q, k, v, heads, mask, **kwargs)
+            run = func if inner is None else (lambda *args, **kw: inner(func, *args, **kw))
+            layer = (kwargs.get("transformer_options") or {}).get("block_index")
+            recorder, layout = self._recorder, self._layout
+            if layer is None or recorder is None or layout is None or not recorder.wants(int(layer)):
+                return run(q, k, v, heads, mask, **kwargs)
+            b = q.shape[0]
+            if not kwargs.get("skip_reshape", False):  # (B, L, H·D) -> (B, H, L, D)
+                q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
+            if q.shape[2] != layout.seq_len:
+                return run(q, k, v, heads, mask, **(kwargs | {"skip_reshape": True}))
+            stock = kwargs | {"skip_reshape": True, "skip_output_reshape": False}
+
+            def attention(qq, kk, vv):  # the stock kernel on widened heads: (B, H, L, D') -> (B, H, L, D')
+                return run(qq, kk, vv, heads, mask, **stock).view(b, -1, heads, vv.shape[-1]).transpose(1, 2)
+
+            out = recorder.attend(int(layer), attention, q, k, v, None, mask)  # (B, H, L, D)
+            if kwargs.get("skip_output_reshape", False):
+                return out
+            return out.transpose(1, 2).reshape(b, -1, heads * v.shape[-1])
 
         return override
 
     @contextmanager
-    def capturing(self, capture: Callable[[int, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
-        """While inside, ``capture(layer, q, k)`` sees every main layer's attention (B, H, L, D)."""
-        previous, self._capture = self._capture, capture
+    def recording(self, recorder: Any) -> Iterator[None]:
+        """While inside, main layers' attention runs through ``recorder.attend`` where it ``wants`` the layer."""
+        previous, self._recorder = self._recorder, recorder
         try:
             yield
         finally:
-            self._capture = previous
+            self._recorder = previous
 
     @contextmanager
     def lora_switched(self, on: bool) -> Iterator[None]:
@@ -468,14 +473,10 @@ class ComfyZImageBackend(Backend):
             recorder = None
             if concept_tokens is not None:
                 lay = _layout(feats.shape[1], xs, self.patch, self.multiple)
-                recorder = MassRecorder(lay.columns([concept_tokens[i] for i in idx]), lay.image_mask(), mass_layers)
+                recorder = self.recorder_factory(lay.columns([concept_tokens[i] for i in idx]), lay.image_mask(),
+                                                 mass_layers)
             with self.lora_switched(lora):
-                if recorder is not None:
-                    # The recorder is bound now: a checkpointed layer replays this capture in backward,
-                    # when the loop variable names another group's recorder.
-                    with self.capturing(lambda layer, q, k, rec=recorder: rec.wants(layer) and rec.record(layer, q, k)):
-                        x0 = self.denoise(xs, ss, feats)
-                else:
+                with self.recording(recorder):  # a checkpointed layer replays this group's recorder in backward
                     x0 = self.denoise(xs, ss, feats)
             s = ss.to(x0.device).view(-1, 1, 1, 1)
             v = (xs.to(x0.device).float() - x0.float()) / s  # ComfyUI returns x0; v = ε − x0 = (x_σ − x0)/σ
@@ -498,25 +499,14 @@ class ComfyZImageBackend(Backend):
         self.load()
         feats = prompt.features[None]
         lay = _layout(feats.shape[1], x, self.patch, self.multiple)
-        indicators = [lay.columns([cols]) for cols in columns]  # each (1, L)
-        sums: list[torch.Tensor] = [torch.zeros(lay.seq_len) for _ in columns]
-        seen: set[int] = set()
-
-        def capture(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
-            if layers is not None and layer not in layers:
-                return
-            seen.add(layer)
-            for n, ind in enumerate(indicators):
-                sums[n] += column_mass(q[:1], k[:1], ind.to(q.device)).mean(dim=1)[0].float().cpu()
-
-        with self.capturing(capture):
+        recorder = WordMapRecorder([lay.columns([cols]) for cols in columns], layers)
+        with self.recording(recorder):
             self.denoise(x[:1], sigma[:1].float(), feats)
-        if not seen:
+        if not recorder.seen:
             raise ZEraseError(f"{self.node}: no main layer in the chosen range ran (the model has {self.n_layers}).")
         (start, _), = lay.image
         h, w = -(-x.shape[-2] // self.patch), -(-x.shape[-1] // self.patch)
-        maps = torch.stack([s[start : start + h * w] / len(seen) for s in sums])
-        return maps.view(len(columns), h, w)
+        return recorder.per_query()[:, start : start + h * w].reshape(len(columns), h, w)
 
 
 # --- training inside a node -----------------------------------------------------------------

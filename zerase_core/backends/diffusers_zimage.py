@@ -42,8 +42,8 @@ class _AttentionWatch(TorchFunctionMode):
 
     Delegating to the stock processor and watching its SDPA call keeps diffusers'
     norm/RoPE code the only copy; the mode is entered only around main-layer processors.
-    It records attention mass, and, for the paper's token-zeroing baseline (§3), can remove
-    chosen key columns from attention.
+    It hands the call to a recorder (which runs it and measures attention mass on the way),
+    and, for the paper's token-zeroing baseline (§3), can remove chosen key columns from attention.
     """
 
     _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -61,9 +61,12 @@ class _AttentionWatch(TorchFunctionMode):
             keep = ~self.blocked.to(given["query"].device)[:, None, None, :]  # (B, 1, 1, L)
             mask = given.get("attn_mask")
             given["attn_mask"] = keep if mask is None else mask & keep
-        if self.recorder is not None and self.recorder.wants(self.layer):
-            self.recorder.record(self.layer, given["query"], given["key"], given.get("attn_mask"))
-        return func(**given)
+        if self.recorder is None or not self.recorder.wants(self.layer):
+            return func(**given)
+        rest = {name: given[name] for name in given if name not in ("query", "key", "value", "scale")}
+        q, k, v = given["query"], given["key"], given["value"]
+        attention = lambda *qkv: func(*qkv, **rest)  # noqa: E731  (the host's kernel, mask included)
+        return self.recorder.attend(self.layer, attention, q, k, v, given.get("scale"), given.get("attn_mask"))
 
 
 class _WatchedProcessor:
@@ -88,10 +91,6 @@ class _WatchedProcessor:
 
 class DiffusersZImageBackend(Backend):
     """Engine view of a ``ZImageTransformer2DModel`` plus a prompt encoder."""
-
-    # How attention mass is measured; the benchmark's official-style reference swaps in
-    # a recorder that materialises softmax maps, to compare against on the same model.
-    recorder_factory = MassRecorder
 
     def __init__(
         self,
