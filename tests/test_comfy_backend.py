@@ -96,6 +96,42 @@ def test_mass_from_the_attention_call_matches_the_softmax_map_and_keeps_the_pred
     assert torch.equal(v_maps, bare)  # the reference reads maps beside the stock call
 
 
+def test_captions_that_pad_alike_share_one_call_and_equal_separate_calls():
+    """[c_er, ∅, c_pr] of three caption lengths that pad to one multiple run as one batch (one call, the noise
+    refiner once for the shared x_t), with the values and LoRA gradients of three separate calls."""
+    backend = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy))
+    lora_set = backend.install(LoRAConfig(rank=4))
+    _randomise(lora_set)
+    prompts = backend.encode(["a cat", "", "a photo of a small cat"])
+    assert len({p.n_tokens for p in prompts}) == 3 and max(p.n_tokens for p in prompts) <= 32
+    tokens = [concept_token_indices(prompts[0], "cat"), [], []]
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(1, 16, 8, 12, generator=g).expand(3, -1, -1, -1), torch.full((3,), 0.6)
+    dit = backend.dit
+    calls, refiner_rows = [], []
+    handles = [dit.register_forward_pre_hook(lambda m, a: calls.append(1)),
+               dit.noise_refiner[0].feed_forward.register_forward_pre_hook(lambda m, a: refiner_rows.append(a[0].shape[0]))]
+    with training_session(backend):
+        try:
+            v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
+            assert len(calls) == 1 and refiner_rows == [1]
+            (v.square().mean() + mass.sum()).backward()
+        finally:
+            for h in handles:
+                h.remove()
+        batched = [p.grad.clone() for p in lora_set.parameters()]
+        for p in lora_set.parameters():
+            p.grad = None
+        parts = [backend.velocity(x[i : i + 1], sigma[i : i + 1], [prompts[i]], concept_tokens=[tokens[i]],
+                                  mass_layers={0, 1}) for i in range(3)]
+        sum(vi.square().mean() / 3 + mi.sum() for vi, mi in parts).backward()
+    torch.testing.assert_close(v, torch.cat([vi for vi, _ in parts]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(mass, torch.cat([mi for _, mi in parts]), rtol=0, atol=1e-6)
+    assert float(mass[0].detach()) > 0 and float(mass[1:].detach().abs().sum()) == 0
+    for got, want in zip(batched, [p.grad for p in lora_set.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_training_steps_run_on_inference_tensor_weights():
     from zerase_core.config import TrainConfig
     from zerase_core.trainer import ZEraseTrainer

@@ -125,7 +125,8 @@ def test_recomputed_layers_keep_image_rows_and_the_attention_capture():
         assert n0 == n1 and torch.equal(x0, x1) and torch.equal(out0, out1)  # the recomputation is the forward
     assert sum(p.grad.abs().sum() for p in lora_set.parameters()) > 0
     backend.set_gradient_checkpointing(False)
-    assert not any(k.endswith(".forward") and ".attention." not in k for k in backend.patcher.object_patches)
+    assert not any(k.startswith("diffusion_model.layers.") and k.endswith(".forward") and ".attention." not in k
+                   for k in backend.patcher.object_patches)  # the refiner's row sharing stays; it is not checkpointing
 
 
 @pytest.fixture(scope="module")

@@ -45,11 +45,13 @@ from ..layout import TokenLayout, pad_to_multiple
 from ..lora import GatedLoRALinear, LoRAConfig
 from ..prompts import EncodedPrompt, Span
 from .base import Backend, HostSlot, LoRASet
+from .row_sharing import RowGroups, SharedRowsForward
 
 log = logging.getLogger(__name__)
 
 QKV_PATH = "diffusion_model.layers.{}.attention.qkv"
 LAYER_FORWARD = "diffusion_model.layers.{}.forward"
+REFINER_FORWARD = "diffusion_model.noise_refiner.{}.forward"
 WRAPPER_PREFIX = "zerase"
 
 
@@ -263,6 +265,13 @@ class ComfyZImageBackend(Backend):
         from comfy.patcher_extension import WrappersMP
 
         self.patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, self.key, self._diffusion_wrapper)
+        self._row_groups: RowGroups | None = None  # rows of the running call with equal (x_t, σ)
+        for i in range(len(self.dit.noise_refiner)):  # image tokens and t only: shareable across prompts
+            key = REFINER_FORWARD.format(i)
+            previous = self.patcher.get_model_object(key)
+            if isinstance(previous, SharedRowsForward):  # inherited from the input MODEL's clone
+                previous = previous.inner
+            self.patcher.add_object_patch(key, SharedRowsForward(previous, self._current_row_groups))
 
     # --- facts -----------------------------------------------------------------------------
     @property
@@ -427,6 +436,42 @@ class ComfyZImageBackend(Backend):
         finally:
             self.gate.lora_on = previous
 
+    @contextmanager
+    def _caption_lengths(self, lengths: list[int]) -> Iterator[None]:
+        """Let captions of different lengths that pad to the same multiple share one call, exactly.
+
+        Alone, a caption of n tokens is embedded and then padded with ``cap_pad_token`` up to the
+        multiple (positions continue through the padding). Batched, the shorter captions arrive
+        zero-padded to the longest; this hook turns their embedded rows n.. into ``cap_pad_token``,
+        so every row sees the sequence it would see alone.
+        """
+        if len(set(lengths)) == 1:
+            yield
+            return
+        lengths_t = torch.tensor(lengths)
+
+        def pad_rows(module, inputs, out):
+            beyond = torch.arange(out.shape[1], device=out.device)[None, :] >= lengths_t.to(out.device)[:, None]
+            return torch.where(beyond[..., None], self.dit.cap_pad_token.to(out), out)
+
+        handle = self.dit.cap_embedder.register_forward_hook(pad_rows)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def _sharing_rows(self, x: torch.Tensor, sigma: torch.Tensor) -> Iterator[None]:
+        """While inside, the noise refiner runs once per distinct (x, σ) row (see row_sharing)."""
+        previous, self._row_groups = self._row_groups, RowGroups.of(x, sigma) if x.shape[0] > 1 else None
+        try:
+            yield
+        finally:
+            self._row_groups = previous
+
+    def _current_row_groups(self) -> RowGroups | None:
+        return self._row_groups
+
     # --- prompts and predictions ------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
         if self.clip is None:
@@ -440,13 +485,13 @@ class ComfyZImageBackend(Backend):
         mm.load_models_gpu([self.patcher])
 
     def layout(self, x: torch.Tensor, prompts: Sequence[EncodedPrompt]) -> TokenLayout:
-        lengths = {p.n_tokens for p in prompts}
+        lengths = {pad_to_multiple(p.n_tokens, self.multiple) for p in prompts}
         if len(lengths) != 1:
-            raise ValueError("one ComfyUI call takes captions of one length")
+            raise ValueError("one ComfyUI call takes captions that pad to one length")
         return _layout(lengths.pop(), x, self.patch, self.multiple)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """x0 from ``apply_model`` for a batch sharing one caption length; wrappers included."""
+        """x0 from ``apply_model`` for a batch sharing one padded caption length; wrappers included."""
         from comfy.patcher_extension import copy_nested_dicts, merge_nested_dicts
 
         model = self.patcher.model
@@ -462,20 +507,23 @@ class ComfyZImageBackend(Backend):
         if x.shape[0] != len(prompts):
             raise ValueError(f"{x.shape[0]} latents but {len(prompts)} prompts")
         self.load()
+        # One call per padded caption length: NextDiT ignores caption masks, so only captions that
+        # pad to the same length can share a call exactly (see _caption_lengths).
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
-            groups.setdefault(p.n_tokens, []).append(i)
+            groups.setdefault(pad_to_multiple(p.n_tokens, self.multiple), []).append(i)
         v_out: list[torch.Tensor | None] = [None] * len(prompts)
         mass_out: list[torch.Tensor | None] = [None] * len(prompts)
         for _, idx in groups.items():
             xs, ss = x[idx], sigma[idx].float()
-            feats = torch.stack([prompts[i].features for i in idx])  # (b, N, cap_dim)
+            lengths = [prompts[i].n_tokens for i in idx]
+            feats = torch.nn.utils.rnn.pad_sequence([prompts[i].features for i in idx], batch_first=True)
             recorder = None
             if concept_tokens is not None:
                 lay = _layout(feats.shape[1], xs, self.patch, self.multiple)
                 recorder = self.recorder_factory(lay.columns([concept_tokens[i] for i in idx]), lay.image_mask(),
                                                  mass_layers)
-            with self.lora_switched(lora):
+            with self.lora_switched(lora), self._caption_lengths(lengths), self._sharing_rows(xs, ss):
                 with self.recording(recorder):  # a checkpointed layer replays this group's recorder in backward
                     x0 = self.denoise(xs, ss, feats)
             s = ss.to(x0.device).view(-1, 1, 1, 1)
