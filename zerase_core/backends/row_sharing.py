@@ -25,19 +25,17 @@ class RowGroups:
 
     @classmethod
     def of(cls, x: torch.Tensor, sigma: torch.Tensor) -> "RowGroups | None":
-        """Groups of equal (x, σ) rows; None when every row is distinct (nothing to share)."""
+        """Groups of equal (x, σ) rows, numbered by first appearance; None when every row is distinct."""
         rows = torch.cat([x.flatten(1), sigma.reshape(-1, 1).to(x.dtype)], dim=1)
-        first: list[int] = []
-        inverse: list[int] = []
-        for i in range(rows.shape[0]):  # a handful of rows: pairwise equality is cheapest
-            group = next((g for g, j in enumerate(first) if torch.equal(rows[i], rows[j])), None)
-            if group is None:
-                group = len(first)
-                first.append(i)
-            inverse.append(group)
-        if len(first) == len(inverse):
+        _, inverse = torch.unique(rows, dim=0, return_inverse=True)  # exact equality, on the rows' device
+        n_groups, batch = int(inverse.max()) + 1, rows.shape[0]  # the one host sync
+        if n_groups == batch:
             return None
-        return cls(torch.tensor(first), torch.tensor(inverse))
+        arange = torch.arange(batch, device=inverse.device)
+        first = torch.full((n_groups,), batch, device=inverse.device).scatter_reduce(0, inverse, arange, "amin")
+        order = first.argsort()  # unique numbers groups in sorted order; renumber by first appearance
+        renumber = torch.empty_like(order).scatter_(0, order, torch.arange(n_groups, device=order.device))
+        return cls(first[order], renumber[inverse])
 
     @property
     def batch(self) -> int:
