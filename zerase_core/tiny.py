@@ -26,22 +26,25 @@ class TinyZImageConfig:
     downsample: int = 8  # pixels per latent cell, as Z-Image's VAE
 
 
-def tiny_zimage_backend(config: TinyZImageConfig = TinyZImageConfig(), seed: int = 0) -> DiffusersZImageBackend:
+def small_zimage(*, dim: int, n_layers: int, n_refiner_layers: int, n_heads: int, axes_dims, axes_lens,
+                 in_channels: int, patch_size: int, cap_feat_dim: int):
+    """diffusers' real ``ZImageTransformer2DModel`` at a small size, randomly initialised (the tiny
+    test model here, the toy world's DiT in :mod:`.toy.model`)."""
     from diffusers import ZImageTransformer2DModel
 
+    return ZImageTransformer2DModel(
+        all_patch_size=(patch_size,), all_f_patch_size=(1,), in_channels=in_channels, dim=dim, n_layers=n_layers,
+        n_refiner_layers=n_refiner_layers, n_heads=n_heads, n_kv_heads=n_heads, cap_feat_dim=cap_feat_dim,
+        axes_dims=list(axes_dims), axes_lens=list(axes_lens),
+    )
+
+
+def tiny_zimage_backend(config: TinyZImageConfig = TinyZImageConfig(), seed: int = 0) -> DiffusersZImageBackend:
     torch.manual_seed(seed)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=config.in_channels,
-        dim=config.dim,
-        n_layers=config.n_layers,
-        n_refiner_layers=config.n_refiner_layers,
-        n_heads=config.n_heads,
-        n_kv_heads=config.n_heads,
+    transformer = small_zimage(
+        dim=config.dim, n_layers=config.n_layers, n_refiner_layers=config.n_refiner_layers, n_heads=config.n_heads,
+        axes_dims=config.axes_dims, axes_lens=(256, 64, 64), in_channels=config.in_channels, patch_size=2,
         cap_feat_dim=config.cap_feat_dim,
-        axes_dims=list(config.axes_dims),
-        axes_lens=[256, 64, 64],
     )
     # Random init leaves the pad tokens and final layer at zero; give them values so that
     # outputs depend on every input and tests can see a difference.

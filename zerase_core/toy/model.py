@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel
 
+from ..tiny import small_zimage
 from .world import IMAGE_SIZE
 
 
@@ -45,18 +46,10 @@ class DiTConfig:
 
 
 def build_transformer(config: DiTConfig) -> ZImageTransformer2DModel:
-    return ZImageTransformer2DModel(
-        all_patch_size=(config.patch_size,),
-        all_f_patch_size=(1,),
-        in_channels=config.latent_shape[0],
-        dim=config.dim,
-        n_layers=config.n_layers,
-        n_refiner_layers=config.n_refiner_layers,
-        n_heads=config.n_heads,
-        n_kv_heads=config.n_heads,
-        cap_feat_dim=config.cap_feat_dim,
-        axes_dims=list(config.axes_dims),
-        axes_lens=list(config.axes_lens),
+    return small_zimage(
+        dim=config.dim, n_layers=config.n_layers, n_refiner_layers=config.n_refiner_layers, n_heads=config.n_heads,
+        axes_dims=config.axes_dims, axes_lens=config.axes_lens, in_channels=config.latent_shape[0],
+        patch_size=config.patch_size, cap_feat_dim=config.cap_feat_dim,
     )
 
 
