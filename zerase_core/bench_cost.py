@@ -308,8 +308,8 @@ def attention_memory(tokens=(256, 1024, 4096), heads: int = 2, head_dim: int = 1
     real = [{"image_tokens": r["image_tokens"],
              "ours_gib": r["ours"] / heads * 30 * 30 / 2 / 2**30,
              "materialised_gib": r["materialised"] / heads * 30 * 30 / 2 / 2**30} for r in rows]
-    return {"method": "bytes saved for backward by one layer's attention-mass loss (saved_tensors_hooks), "
-                      f"{heads} heads × {head_dim}, fp32, q and k not counted",
+    return {"method": "bytes saved for backward (saved_tensors_hooks) by one layer's attention with its mass, minus "
+                      f"by the plain attention; {heads} heads × {head_dim}, fp32",
             "rows": rows, "growth_exponent": {"ours": growth_exponent(list(tokens), ours),
                                               "materialised": growth_exponent(list(tokens), maps)},
             "real_zimage_all_layers_no_checkpointing": real}
