@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from zerase_core.render import curves, grid, heatmap, to_image, to_pil  # noqa: F401  (re-exported for nodes)
+from zerase_core.render import curves, grid, to_image, to_pil, word_map_rows  # noqa: F401  (re-exported for nodes)
 
 
 def latent_preview(model, latent: torch.Tensor) -> torch.Tensor:

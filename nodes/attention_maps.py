@@ -77,13 +77,8 @@ class AttentionMapViewer(io.ComfyNode):
             maps.append(word_maps(other, encoded, columns, x0, sigma_list, seed, layers))
             labels = ["model A", "model B"]
         picture = _render.to_pil((image[0, :, :, :3] if image is not None else _render.decode(model, vae, samples)[0]))
-        lo = min(float(m.min()) for m in maps)
-        hi = max(float(m.max()) for m in maps)
-        rows = [[_render.heatmap(picture, m[n], lo, hi) for n in range(len(words))] for m in maps]
+        rows = _render.word_map_rows(picture, maps, difference=model_b is not None)
         if model_b is not None:
-            diff = maps[0] - maps[1]
-            r = float(diff.abs().max()) or 1.0
-            rows.append([_render.heatmap(picture, diff[n], -r, r) for n in range(len(words))])
             labels.append("A - B")
         caption = f"{prompt} | σ {', '.join(f'{s:g}' for s in sigma_list)} | layers {layer_start}..{end - 1}"
         return io.NodeOutput(_render.grid(rows, words, labels, caption=caption))

@@ -112,3 +112,15 @@ def heatmap(picture: Image.Image, heat: torch.Tensor, lo: float, hi: float) -> I
     colour = np.stack([h.numpy(), np.zeros_like(h.numpy()), 1.0 - h.numpy()], axis=-1)
     out = 0.45 * base + 0.55 * colour
     return Image.fromarray((out.clip(0, 1) * 255).round().astype(np.uint8))
+
+
+def word_map_rows(picture: Image.Image, maps: Sequence[torch.Tensor], difference: bool = False) -> list[list[Image.Image]]:
+    """One row of heatmaps per model's (n_words, h, w) maps, on one colour scale so models compare;
+    with ``difference``, a last row maps[0] − maps[1] on a scale symmetric about 0."""
+    lo, hi = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
+    rows = [[heatmap(picture, m[n], lo, hi) for n in range(m.shape[0])] for m in maps]
+    if difference:
+        diff = maps[0] - maps[1]
+        r = float(diff.abs().max()) or 1.0
+        rows.append([heatmap(picture, diff[n], -r, r) for n in range(diff.shape[0])])
+    return rows

@@ -121,7 +121,7 @@ def attention_picture(backend, bundle, concept: Concept, seed: int):
     """Paper Fig. 2 on the toy: per-word attention of image tokens, original vs erased, over the picture."""
     from ..attention_maps import word_maps
     from ..prompts import concept_token_indices
-    from ..render import heatmap
+    from ..render import word_map_rows
 
     labels, prompts, _, _ = prompt_sets(concept, 1, seed + 11)
     picture = generate(backend, bundle, prompts, seed, lora=False)  # (1, 3, 32, 32)
@@ -130,10 +130,9 @@ def attention_picture(backend, bundle, concept: Concept, seed: int):
     columns = [concept_token_indices(encoded, w) for w in words]
     x0 = bundle.to_latent(picture)
     maps = [word_maps(backend, encoded, columns, x0, (0.3, 0.6, 0.9), seed, lora=lora) for lora in (False, True)]
-    lo, hi = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
     base = to_pil(picture[0].permute(1, 2, 0)).resize((128, 128))
-    rows = [[heatmap(base, m[i], lo, hi) for i in range(len(words))] for m in maps]
-    return grid(rows, words, ["original", "erased"], caption=f"{prompts[0]} (attention of image tokens to each word)")
+    return grid(word_map_rows(base, maps), words, ["original", "erased"],
+                caption=f"{prompts[0]} (attention of image tokens to each word)")
 
 
 def preview(backend, bundle, concept: Concept, seed: int, out: Path):
