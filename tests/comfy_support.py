@@ -103,13 +103,16 @@ def _fill(module, seed: int, std: float = 0.05) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std)
+            p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float32) * std).to(p.dtype))
 
 
-def _patcher_for(comfy, model_config, seed: int, inference_tensors: bool):
+def _patcher_for(comfy, model_config, seed: int, inference_tensors: bool, weight_dtype=None):
     import torch
 
-    model_config.set_inference_dtype(torch.float32, None)
+    if weight_dtype is None or weight_dtype == torch.float32:
+        model_config.set_inference_dtype(torch.float32, None)
+    else:  # stored in weight_dtype (e.g. fp8), computed in fp32 by ComfyUI's manual-cast ops
+        model_config.set_inference_dtype(weight_dtype, torch.float32)
 
     def build():
         model = model_config.get_model({}, "")
@@ -126,10 +129,10 @@ def _patcher_for(comfy, model_config, seed: int, inference_tensors: bool):
                                             offload_device=mm.unet_offload_device())
 
 
-def tiny_zimage(comfy, seed: int = 0, inference_tensors: bool = False, **overrides):
+def tiny_zimage(comfy, seed: int = 0, inference_tensors: bool = False, weight_dtype=None, **overrides):
     """A tiny Z-Image NextDiT (``model_base.Lumina2`` with a ``supported_models.ZImage`` config) in a ModelPatcher."""
     config = comfy.supported_models.ZImage({**TINY_DIT, **overrides})
-    return _patcher_for(comfy, config, seed, inference_tensors)
+    return _patcher_for(comfy, config, seed, inference_tensors, weight_dtype)
 
 
 def tiny_lumina2(comfy, seed: int = 0):

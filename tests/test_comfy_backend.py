@@ -132,6 +132,26 @@ def test_captions_that_pad_alike_share_one_call_and_equal_separate_calls():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float8_e4m3fn], ids=["fp32", "fp8"])
+def test_training_keeps_base_weights_frozen_and_runs_on_fp8_weights(weight_dtype):
+    """A model built outside inference mode has trainable-looking parameters: the session freezes them (no base
+    gradient is computed or kept; fp8 ones could not take one) and gives them back as they were."""
+    from zerase_core.config import TrainConfig
+    from zerase_core.trainer import ZEraseTrainer
+
+    model = tiny_zimage(comfy, weight_dtype=weight_dtype)
+    base = list(model.model.diffusion_model.parameters())
+    assert all(p.requires_grad for p in base)
+    backend = ComfyZImageBackend(model, tiny_clip(comfy))
+    config = TrainConfig(concept="cat", preserve=("dog",), steps=2, height=64, width=64, sample_steps=2,
+                         lora=LoRAConfig(rank=2), shuffle_pool=2)
+    with training_session(backend):
+        result = ZEraseTrainer(backend, config).run()
+    assert result.completed and any(b.abs().sum() > 0 for _, b in result.lora.factors.values())
+    assert all(p.grad is None and p.requires_grad for p in base)
+    assert model.model.diffusion_model.layers[0].attention.qkv.weight.dtype == weight_dtype
+
+
 def test_training_steps_run_on_inference_tensor_weights():
     from zerase_core.config import TrainConfig
     from zerase_core.trainer import ZEraseTrainer

@@ -560,16 +560,19 @@ class ComfyZImageBackend(Backend):
 # --- training inside a node -----------------------------------------------------------------
 @contextmanager
 def training_session(backend: ComfyZImageBackend) -> Iterator[None]:
-    """Leave inference mode, set ComfyUI's training flag, give autograd non-inference weights.
+    """Leave inference mode, set ComfyUI's training flag, give autograd frozen, non-inference weights.
 
     ComfyUI runs nodes under ``torch.inference_mode()``, so weights loaded by its loader nodes
     are inference tensors, which autograd cannot save for backward. For the session, each such
     parameter is swapped for a plain copy; the originals are put back (same objects, same
-    values) when it ends, and the copies are freed.
+    values) when it ends, and the copies are freed. Weights that are plain parameters (a model
+    built outside inference mode) are frozen for the session instead: otherwise backward would
+    compute and keep a gradient for every base weight (and fail on fp8 ones).
     """
     import comfy.model_management as mm
 
     swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+    frozen: list[nn.Parameter] = []
     with torch.inference_mode(False):
         backend.load()
         try:
@@ -579,6 +582,8 @@ def training_session(backend: ComfyZImageBackend) -> Iterator[None]:
                         if param is not None and param.is_inference():
                             swapped.append((module, name, param))
                             module._parameters[name] = nn.Parameter(param.clone(), requires_grad=False)
+                        elif param is not None and param.requires_grad:
+                            frozen.append(param.requires_grad_(False))
                     for name, buf in list(module._buffers.items()):
                         if buf is not None and buf.is_inference():
                             swapped.append((module, name, buf))
@@ -587,6 +592,8 @@ def training_session(backend: ComfyZImageBackend) -> Iterator[None]:
             yield
         finally:
             mm.in_training = False
+            for param in frozen:
+                param.requires_grad_(True)
             for module, name, original in reversed(swapped):
                 if name in module._parameters:
                     module._parameters[name] = original
