@@ -31,6 +31,10 @@ def test_groups_of_equal_rows():
     groups = RowGroups.of(rows, torch.tensor([0.5, 0.5, 0.5, 0.7]))  # row 3: same x, other σ
     assert groups.first.tolist() == [0, 1, 3] and groups.inverse.tolist() == [0, 1, 0, 2]
     assert RowGroups.of(x, torch.tensor([0.5, 0.5])) is None
+    # σ is compared at its own precision: with bf16 latents, 0.600 and 0.601 (equal in bf16) stay apart.
+    same_x = x[:1].to(torch.bfloat16).expand(2, -1, -1, -1)
+    assert RowGroups.of(same_x, torch.tensor([0.600, 0.601])) is None
+    assert RowGroups.of(same_x, torch.tensor([0.6, 0.6])).inverse.tolist() == [0, 0]
 
 
 def test_shared_refiner_matches_separate_rows(tiny_backend):

@@ -26,16 +26,14 @@ class RowGroups:
     @classmethod
     def of(cls, x: torch.Tensor, sigma: torch.Tensor) -> "RowGroups | None":
         """Groups of equal (x, σ) rows, numbered by first appearance; None when every row is distinct."""
-        rows = torch.cat([x.flatten(1), sigma.reshape(-1, 1).to(x.dtype)], dim=1)
-        _, inverse = torch.unique(rows, dim=0, return_inverse=True)  # exact equality, on the rows' device
-        n_groups, batch = int(inverse.max()) + 1, rows.shape[0]  # the one host sync
-        if n_groups == batch:
+        rows, sigma = x.flatten(1), sigma.reshape(-1)  # σ compared at its own precision, not x's
+        # Row i against all rows: elementwise on the device; one host sync for the whole table.
+        equal = torch.stack([(rows == rows[i]).all(dim=1) & (sigma == sigma[i]) for i in range(rows.shape[0])])
+        first_equal = equal.int().argmax(dim=1).tolist()  # each row's first equal row
+        first = sorted(set(first_equal))
+        if len(first) == len(first_equal):
             return None
-        arange = torch.arange(batch, device=inverse.device)
-        first = torch.full((n_groups,), batch, device=inverse.device).scatter_reduce(0, inverse, arange, "amin")
-        order = first.argsort()  # unique numbers groups in sorted order; renumber by first appearance
-        renumber = torch.empty_like(order).scatter_(0, order, torch.arange(n_groups, device=order.device))
-        return cls(first[order], renumber[inverse])
+        return cls(torch.tensor(first), torch.tensor([first.index(j) for j in first_equal]))
 
     @property
     def batch(self) -> int:
