@@ -3,8 +3,9 @@
 softmax(QKᵀ/√d) · v with v the 0/1 indicator of the chosen columns is, per query, exactly
 the probability mass those columns receive. So the layer's own attention call can return the
 mass too: its value is widened by indicator channels, and q and k by zero channels (scores
-unchanged) so that fused kernels, which want one head size, still run. One call, O(L)
-memory, no L×L map; autograd differentiates the mass through the same kernel as the output.
+unchanged) so that fused kernels, which want one head size, still run; the softmax scale is
+passed to the kernel explicitly (rescaling q instead would round q again in bf16). One call,
+O(L) memory, no L×L map; autograd differentiates the mass through the same kernel as the output.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-# An attention call on (B, H, L, D) q, k, v with the default 1/√D scale, returning (B, H, L, D):
-# the host's own kernel, whatever it is (SDPA, a ComfyUI optimized_attention, ...).
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# An attention call on (B, H, L, D) q, k, v with an explicit softmax scale, returning (B, H, L, D):
+# the host's SDPA with its mask bound.
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 CHANNEL_ALIGN = 8  # head sizes fused kernels accept: multiples of 8
 
@@ -38,12 +39,9 @@ def attention_with_mass(
     """
     n, d, dv = columns.shape[0], q.shape[-1], v.shape[-1]
     width = _aligned(max(d, dv + n))
-    if width != d or scale is not None:
-        # The kernel scales by 1/√width; scaling q makes that the host's scale (default 1/√D).
-        q = q * ((scale if scale is not None else d**-0.5) * width**0.5)
     indicators = columns.to(v.device, v.dtype).permute(1, 2, 0)[:, None].expand(-1, v.shape[1], -1, -1)
     value = torch.cat([v, indicators, v.new_zeros(*v.shape[:-1], width - dv - n)], dim=-1)  # (B, H, L, width)
-    out = attention(_widened(q, width), _widened(k, width), value)
+    out = attention(_widened(q, width), _widened(k, width), value, scale if scale is not None else d**-0.5)
     return out[..., :dv], out[..., dv : dv + n].permute(3, 0, 1, 2).float()
 
 
@@ -59,7 +57,7 @@ def _widened(t: torch.Tensor, width: int) -> torch.Tensor:
 
 def sdpa_attention(attn_mask: torch.Tensor | None = None) -> Attention:
     """torch's SDPA with a fixed mask, as an :data:`Attention`."""
-    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return lambda q, k, v, scale: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
 class MassRecorder:
@@ -82,7 +80,7 @@ class MassRecorder:
     def attend(self, layer: int, attention: Attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
         """This layer's attention output; its mass on the concept columns is recorded on the way.
 
-        ``attention`` is the host's kernel with its mask already bound; ``attn_mask`` is given too
+        ``attention`` is the host's SDPA with its mask already bound; ``attn_mask`` is given too
         for recorders that compute scores themselves (the benchmark's materialised maps).
         """
         out, mass = attention_with_mass(attention, q, k, v, self.columns[None].to(q.device), scale)

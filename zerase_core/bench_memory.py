@@ -64,7 +64,7 @@ def attention_loss_bytes(image_tokens: int, text_tokens: int, heads: int, head_d
     def kept(recorder_type) -> int:
         q, k, v = _qkv(tokens, heads, head_dim, dtype)
         if recorder_type is None:
-            return saved_bytes(lambda: attention(q, k, v).sum())[0]
+            return saved_bytes(lambda: attention(q, k, v, head_dim**-0.5).sum())[0]
         recorder = recorder_type(columns, rows)
         return saved_bytes(lambda: recorder.attend(0, attention, q, k, v).sum() + recorder.result().sum())[0]
 

@@ -231,6 +231,21 @@ class CheckpointedForward:
         return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
+def _comfy_sdpa(mask: torch.Tensor | None):
+    """ComfyUI's SDPA with an explicit scale, for the recorded layers' widened heads.
+
+    ComfyUI's optimized attention functions take no scale (they use 1/√head size, wrong for
+    widened heads), and SageAttention rejects head sizes over 128; ComfyUI's own SDPA takes
+    both. The mask is shaped as ``attention_pytorch`` shapes it.
+    """
+    import comfy.ops
+
+    if mask is not None:
+        mask = mask[None] if mask.ndim == 2 else mask
+        mask = mask[:, None] if mask.ndim == 3 else mask
+    return lambda q, k, v, scale: comfy.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 def _layout(context_len: int, x: torch.Tensor, patch: int, multiple: int) -> TokenLayout:
     """[caption | image], each padded to ``multiple`` (NextDiT.patchify_and_embed)."""
     text = pad_to_multiple(context_len, multiple)
@@ -394,7 +409,11 @@ class ComfyZImageBackend(Backend):
             self._layout = previous
 
     def _override(self, inner: Callable | None) -> Callable:
-        """An attention override that hands main-layer attention to the recorder, else runs the stock path."""
+        """An attention override that hands main-layer attention to the recorder, else runs the stock path.
+
+        Recorded layers (the student's erase prediction while training, the Attention Map
+        Viewer) run on ComfyUI's SDPA, not on ``func`` or an earlier override (see _comfy_sdpa).
+        """
 
         def override(func, q, k, v, heads, mask=None, **kwargs):
             run = func if inner is None else (lambda *args, **kw: inner(func, *args, **kw))
@@ -407,12 +426,7 @@ class ComfyZImageBackend(Backend):
                 q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
             if q.shape[2] != layout.seq_len:
                 return run(q, k, v, heads, mask, **(kwargs | {"skip_reshape": True}))
-            stock = kwargs | {"skip_reshape": True, "skip_output_reshape": False}
-
-            def attention(qq, kk, vv):  # the stock kernel on widened heads: (B, H, L, D') -> (B, H, L, D')
-                return run(qq, kk, vv, heads, mask, **stock).view(b, -1, heads, vv.shape[-1]).transpose(1, 2)
-
-            out = recorder.attend(int(layer), attention, q, k, v, None, mask)  # (B, H, L, D)
+            out = recorder.attend(int(layer), _comfy_sdpa(mask), q, k, v, None, mask)  # (B, H, L, D)
             if kwargs.get("skip_output_reshape", False):
                 return out
             return out.transpose(1, 2).reshape(b, -1, heads * v.shape[-1])

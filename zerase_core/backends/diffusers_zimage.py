@@ -65,7 +65,7 @@ class _AttentionWatch(TorchFunctionMode):
             return func(**given)
         rest = {name: given[name] for name in given if name not in ("query", "key", "value", "scale")}
         q, k, v = given["query"], given["key"], given["value"]
-        attention = lambda *qkv: func(*qkv, **rest)  # noqa: E731  (the host's kernel, mask included)
+        attention = lambda q, k, v, scale: func(q, k, v, scale=scale, **rest)  # noqa: E731  (mask included)
         return self.recorder.attend(self.layer, attention, q, k, v, given.get("scale"), given.get("attn_mask"))
 
 
