@@ -6,9 +6,9 @@
 Measures, side by side on the same model and batch (bf16 weights, rank-16 gated LoRA on the
 main layers' q/k/v, 64 caption tokens), at 512² and 1024² with gradient checkpointing and at
 512² also without (``--no-ckpt-resolutions``; an 80 GB card has room): for both x_t sources
-(fresh ESD sampling, the default, and the pool) seconds per step of ours at λ > 0 and λ = 0
+(fresh ESD sampling, and the pool, the default) seconds per step of ours at λ > 0 and λ = 0
 and of plain gated ESD with the same source, of the official-style reference, the per-part
-split (x_t, teacher, student forward/backward, attention-mass call, AdamW), each variant's
+split (x_t, teacher, student forward/backward, attention mass, AdamW), each variant's
 peak GPU memory above the resident weights (torch.cuda.max_memory_allocated), and minutes
 per 1000 steps — pool build or per-step sampling included, and weighed by how often the
 paper's λ rule leaves λ > 0 on the toy (``paper_lambda_weighted``). Prints JSON.

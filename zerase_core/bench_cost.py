@@ -1,7 +1,7 @@
 """``python -m zerase_core bench-cost``: what a Z-Erase step costs, against two yardsticks.
 
 All measured side by side in one process, on the same model, resolution and batch, for
-both x_t sources (``fresh``: ESD sampling every step, the default; ``pool``: trajectories
+both x_t sources (``fresh``: ESD sampling every step; ``pool``, the default: trajectories
 sampled once, the build spread over a ``run_steps``-step run and included):
 
 * ``speedup_vs_reference_<source>_<λ>`` — seconds per step of :mod:`.reference_step` (the
@@ -10,7 +10,7 @@ sampled once, the build spread over a ``run_steps``-step run and included):
 * ``overhead_vs_gated_esd_<source>_<λ>`` — ours ÷ a plain gated ESD step (L_erase only)
   with the same x_t source and parts (the paper's figure: 35 / 20 minutes = 1.75);
 * ``split_seconds`` — the parts of a step (x_t, teacher, student forward/backward, the
-  attention-mass call, AdamW) so the reader sees where the time goes;
+  attention mass, AdamW) so the reader sees where the time goes;
 * ``paper_lambda_weighted`` — the two λ regimes weighed by how often the paper's λ rule
   visits them on the toy (:mod:`.bench_lambda`);
 * attention-loss memory against materialised maps, the real Z-Image memory estimate and the
@@ -116,8 +116,8 @@ def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[
     """Seconds of each part of a step at a fixed x_t (medians; x_t sampling: mean over random levels).
 
     Parts: fresh x_t sampling; teacher forwards (batch 3 for ours, batch 2 for ESD); the
-    student's erase prediction forward without and with the attention-mass capture (the
-    difference is L_attn's extra call) and its backward; the no-grad [∅, c_pr] forward
+    student's erase prediction forward without and with the attention mass (the difference
+    is what L_attn adds to the attention call) and its backward; the no-grad [∅, c_pr] forward
     (λ_t = 0); the batch-3 forward and backward (λ_t > 0); the AdamW step.
     """
     backend, pool = trainer.backend, trainer.pool

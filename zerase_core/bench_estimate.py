@@ -205,7 +205,7 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float, po
     so this is high); ``fresh`` — per step the Turbo sampler (``levels`` Euler steps, no CFG)
     to a uniformly random level, (levels − 1)/2 batch-1 forwards on average, plus the batch-3
     teacher forward. Not counted (A6): prompt encoding and model loading (once per run), the
-    AdamW step on 2.2 M LoRA parameters, host↔device copies of pool entries. Memory (A7):
+    AdamW step on the LoRA's 11 M parameters, host↔device copies of pool entries. Memory (A7):
     without checkpointing activations grow linearly with batch from the measured 7.2 GB at
     batch 1, so batch 3 needs about 21.6 GB + 12.3 GB of weights.
     """
