@@ -110,7 +110,8 @@ def test_captions_that_pad_alike_share_one_call_and_equal_separate_calls():
     dit = backend.dit
     calls, refiner_rows = [], []
     handles = [dit.register_forward_pre_hook(lambda m, a: calls.append(1)),
-               dit.noise_refiner[0].feed_forward.register_forward_pre_hook(lambda m, a: refiner_rows.append(a[0].shape[0]))]
+               dit.noise_refiner[0].feed_forward.register_forward_pre_hook(
+                   lambda m, a: refiner_rows.append(a[0].shape[0]))]
     with training_session(backend):
         try:
             v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})

@@ -39,7 +39,7 @@ class MaterialisedMassRecorder(MassRecorder):
         probs = scores.softmax(dim=-1)  # the materialised map
         columns = self.columns.to(q.device, probs.dtype)[:, None, None, :]  # (B, 1, 1, L)
         self.keep(layer, (probs * columns).sum(dim=-1).float().mean(dim=1))
-        return attention(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5)  # the output by the host's kernel
+        return attention(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5)  # output: the host's kernel
 
 
 @contextmanager

@@ -114,7 +114,8 @@ def heatmap(picture: Image.Image, heat: torch.Tensor, lo: float, hi: float) -> I
     return Image.fromarray((out.clip(0, 1) * 255).round().astype(np.uint8))
 
 
-def word_map_rows(picture: Image.Image, maps: Sequence[torch.Tensor], difference: bool = False) -> list[list[Image.Image]]:
+def word_map_rows(picture: Image.Image, maps: Sequence[torch.Tensor],
+                  difference: bool = False) -> list[list[Image.Image]]:
     """One row of heatmaps per model's (n_words, h, w) maps, on one colour scale so models compare;
     with ``difference``, a last row maps[0] − maps[1] on a scale symmetric about 0."""
     lo, hi = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
