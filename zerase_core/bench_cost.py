@@ -299,15 +299,19 @@ def _toy_case() -> SpeedCase | None:
     return SpeedCase("toy", lambda: toy_backend(bundle), config, tokens)
 
 
-def attention_memory(tokens=(256, 1024, 4096), heads: int = 2, head_dim: int = 128) -> dict:
+def attention_memory(tokens=(256, 1024, 4096), heads: int = 2) -> dict:
+    """Attention-loss memory at the real model's head size and caption length, ``heads`` heads."""
+    from .bench_estimate import HEAD_DIM as head_dim, REAL
     from .bench_memory import attention_loss_bytes, growth_exponent
 
-    rows = [{"image_tokens": n, "caption_tokens": 64} | attention_loss_bytes(n, 64, heads, head_dim) for n in tokens]
+    caption = REAL["caption_tokens"]
+    rows = [{"image_tokens": n, "caption_tokens": caption} | attention_loss_bytes(n, caption, heads, head_dim)
+            for n in tokens]
     ours, maps = [r["ours"] for r in rows], [r["materialised"] for r in rows]
-    # Saved bytes are linear in heads and layers; the real model has 30 of each, in bf16.
-    real = [{"image_tokens": r["image_tokens"],
-             "ours_gib": r["ours"] / heads * 30 * 30 / 2 / 2**30,
-             "materialised_gib": r["materialised"] / heads * 30 * 30 / 2 / 2**30} for r in rows]
+    # Saved bytes are linear in heads and layers; scaled to the real model's, in bf16 (half of fp32).
+    per_head = REAL["n_layers"] * REAL["n_heads"] / heads / 2 / 2**30
+    real = [{"image_tokens": r["image_tokens"], "ours_gib": r["ours"] * per_head,
+             "materialised_gib": r["materialised"] * per_head} for r in rows]
     return {"method": "bytes saved for backward (saved_tensors_hooks) by one layer's attention with its mass, minus "
                       f"by the plain attention; {heads} heads × {head_dim}, fp32",
             "rows": rows, "growth_exponent": {"ours": growth_exponent(list(tokens), ours),

@@ -282,11 +282,9 @@ class ComfyZImageBackend(Backend):
         self.patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, self.key, self._diffusion_wrapper)
         self._row_groups: RowGroups | None = None  # rows of the running call with equal (x_t, σ)
         for i in range(len(self.dit.noise_refiner)):  # image tokens and t only: shareable across prompts
-            key = REFINER_FORWARD.format(i)
-            previous = self.patcher.get_model_object(key)
-            if isinstance(previous, SharedRowsForward):  # inherited from the input MODEL's clone
-                previous = previous.inner
-            self.patcher.add_object_patch(key, SharedRowsForward(previous, self._current_row_groups))
+            key = REFINER_FORWARD.format(i)  # a wrapper inherited from the input MODEL's clone is replaced
+            self.patcher.add_object_patch(
+                key, SharedRowsForward.around(self.patcher.get_model_object(key), self._current_row_groups))
 
     # --- facts -----------------------------------------------------------------------------
     @property

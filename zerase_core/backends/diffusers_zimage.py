@@ -123,10 +123,7 @@ class DiffusersZImageBackend(Backend):
             else:
                 layer.attention.set_processor(_WatchedProcessor(processor, i, self))
         for layer in transformer.noise_refiner:
-            if isinstance(layer.forward, SharedRowsForward):
-                layer.forward.groups = self._current_row_groups
-            else:
-                layer.forward = SharedRowsForward(layer.forward, self._current_row_groups)
+            layer.forward = SharedRowsForward.around(layer.forward, self._current_row_groups)
         for path, module in transformer.named_modules():
             if isinstance(module, GatedLoRALinear):
                 module.gate = self.gate

@@ -59,6 +59,12 @@ class SharedRowsForward:
     def __init__(self, inner: Callable[..., torch.Tensor], groups: Callable[[], RowGroups | None]):
         self.inner, self.groups = inner, groups
 
+    @classmethod
+    def around(cls, forward: Callable[..., torch.Tensor],
+               groups: Callable[[], RowGroups | None]) -> "SharedRowsForward":
+        """Wrap a layer's forward; an earlier backend's wrapper is replaced, not nested."""
+        return cls(forward.inner if isinstance(forward, cls) else forward, groups)
+
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         groups = self.groups()
         if groups is None or not isinstance(args[0], torch.Tensor) or args[0].shape[0] != groups.batch:
