@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from .layout import TokenLayout
+from .scoped import scoped
 
 
 class TokenGate:
@@ -25,12 +26,8 @@ class TokenGate:
 
     @contextmanager
     def active(self, layout: TokenLayout, lora_on: bool = True) -> Iterator["TokenGate"]:
-        previous = (self.layout, self.lora_on)
-        self.layout, self.lora_on = layout, lora_on
-        try:
+        with scoped(self, layout=layout, lora_on=lora_on):
             yield self
-        finally:
-            self.layout, self.lora_on = previous
 
     def text_mask(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L) bool text mask for an input ``x`` of shape (B, L, d)."""

@@ -23,6 +23,7 @@ import torch
 
 from .attention_mass import MassRecorder
 from .objectives import loss_attn, loss_erase, loss_preserve
+from .scoped import scoped
 
 if TYPE_CHECKING:
     from .trainer import ZEraseTrainer
@@ -45,11 +46,8 @@ class MaterialisedMassRecorder(MassRecorder):
 @contextmanager
 def materialised_maps(backend) -> Iterator[None]:
     """Make the backend measure attention mass through full softmax maps for a while."""
-    backend.recorder_factory = MaterialisedMassRecorder  # instance attribute shadows the class default
-    try:
+    with scoped(backend, recorder_factory=MaterialisedMassRecorder):
         yield
-    finally:
-        del backend.recorder_factory
 
 
 def reference_losses(trainer: "ZEraseTrainer", er, tokens, keep, x_t, sigma):

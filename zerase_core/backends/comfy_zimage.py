@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import uuid
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ from ..gate import TokenGate
 from ..layout import TokenLayout, pad_to_multiple
 from ..lora import GatedLoRALinear, LoRAConfig
 from ..prompts import EncodedPrompt, Span
+from ..scoped import scoped
 from .base import Backend, HostSlot, LoRASet
 from .row_sharing import RowGroups, SharedRowsForward
 
@@ -375,15 +376,10 @@ class ComfyZImageBackend(Backend):
     @contextmanager
     def _replaying(self, state: tuple) -> Iterator[None]:
         gates, layout, recorder = state
-        previous = self._layout, self._recorder
-        self._layout, self._recorder = layout, recorder
-        try:
-            with ExitStack() as stack:
-                for gate, gate_layout, lora_on in gates:
-                    stack.enter_context(gate.active(gate_layout, lora_on))
-                yield
-        finally:
-            self._layout, self._recorder = previous
+        with scoped(self, _layout=layout, _recorder=recorder), ExitStack() as stack:
+            for gate, gate_layout, lora_on in gates:
+                stack.enter_context(gate.active(gate_layout, lora_on))
+            yield
 
     # --- per call: layout, gate, attention capture -------------------------------------------
     def _diffusion_wrapper(self, executor, x, timesteps, context, num_tokens, attention_mask=None, **kwargs):
@@ -398,13 +394,8 @@ class ComfyZImageBackend(Backend):
             options.pop("block_index", None)  # refiners run first; only main layers set it
             if self._recorder is not None:
                 options["optimized_attention_override"] = self._override(options.get("optimized_attention_override"))
-        previous = self._layout
-        self._layout = layout
-        try:
-            with self.gate.active(layout, self.gate.lora_on):
-                return executor(x, timesteps, context, num_tokens, attention_mask, **kwargs)
-        finally:
-            self._layout = previous
+        with scoped(self, _layout=layout), self.gate.active(layout, self.gate.lora_on):
+            return executor(x, timesteps, context, num_tokens, attention_mask, **kwargs)
 
     def _override(self, inner: Callable | None) -> Callable:
         """An attention override that hands main-layer attention to the recorder, else runs the stock path.
@@ -431,22 +422,12 @@ class ComfyZImageBackend(Backend):
 
         return override
 
-    @contextmanager
-    def recording(self, recorder: Any) -> Iterator[None]:
+    def recording(self, recorder: Any) -> ContextManager:
         """While inside, main layers' attention runs through ``recorder.attend`` where it ``wants`` the layer."""
-        previous, self._recorder = self._recorder, recorder
-        try:
-            yield
-        finally:
-            self._recorder = previous
+        return scoped(self, _recorder=recorder)
 
-    @contextmanager
-    def lora_switched(self, on: bool) -> Iterator[None]:
-        previous, self.gate.lora_on = self.gate.lora_on, on
-        try:
-            yield
-        finally:
-            self.gate.lora_on = previous
+    def lora_switched(self, on: bool) -> ContextManager:
+        return scoped(self.gate, lora_on=on)
 
     @contextmanager
     def _caption_lengths(self, lengths: list[int]) -> Iterator[None]:
@@ -472,14 +453,9 @@ class ComfyZImageBackend(Backend):
         finally:
             handle.remove()
 
-    @contextmanager
-    def _sharing_rows(self, x: torch.Tensor, sigma: torch.Tensor) -> Iterator[None]:
+    def _sharing_rows(self, x: torch.Tensor, sigma: torch.Tensor) -> ContextManager:
         """While inside, the noise refiner runs once per distinct (x, σ) row (see row_sharing)."""
-        previous, self._row_groups = self._row_groups, RowGroups.of(x, sigma) if x.shape[0] > 1 else None
-        try:
-            yield
-        finally:
-            self._row_groups = previous
+        return scoped(self, _row_groups=RowGroups.of(x, sigma) if x.shape[0] > 1 else None)
 
     def _current_row_groups(self) -> RowGroups | None:
         return self._row_groups

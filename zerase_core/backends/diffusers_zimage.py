@@ -25,6 +25,7 @@ from ..gate import TokenGate
 from ..layout import TokenLayout, pad_to_multiple
 from ..lora import GatedLoRALinear, LoRAConfig
 from ..prompts import EncodedPrompt, PromptEncoder
+from ..scoped import scoped
 from .base import Backend, HostSlot, InPlaceInstaller, LoRASet
 from .row_sharing import RowGroups, SharedRowsForward
 
@@ -197,7 +198,7 @@ class DiffusersZImageBackend(Backend):
             with ExitStack() as stack:
                 if layout is not None:
                     stack.enter_context(self.gate.active(layout, lora_on))
-                stack.enter_context(self._watching(recorder))
+                stack.enter_context(scoped(self, _recorder=recorder))
                 return block(*inner)
 
         return checkpoint(replay, *args, use_reentrant=False)
@@ -223,25 +224,14 @@ class DiffusersZImageBackend(Backend):
         return TokenLayout(seq_len, tuple(text), tuple((0, image_len) for _ in prompts))
 
     @contextmanager
-    def _watching(self, recorder: MassRecorder | None) -> Iterator[None]:
-        previous, self._recorder = self._recorder, recorder
-        try:
-            yield
-        finally:
-            self._recorder = previous
-
-    @contextmanager
     def zeroing_tokens(self, token_indices: Callable[[Sequence[EncodedPrompt]], list[list[int]]]) -> Iterator[None]:
         """The paper's §3 baseline: remove the concept's key columns from every main-layer attention.
 
         ``token_indices`` maps each call's prompts to the caption tokens to remove (it may find
         none, e.g. for a synonym: that is exactly the baseline's brittleness).
         """
-        self._zeroing = token_indices
-        try:
+        with scoped(self, _zeroing=token_indices):
             yield
-        finally:
-            self._zeroing = None
 
     @torch.no_grad()
     def attention_maps(self, x, sigma, prompt, columns, layers=None, lora=True) -> torch.Tensor:
@@ -260,15 +250,10 @@ class DiffusersZImageBackend(Backend):
         captions = [p.features.to(self.device, self.dtype) for p in prompts]
         latents = list(x.to(self.device, self.dtype).unsqueeze(2).unbind(0))  # B × (C, F=1, H, W)
         t = (1.0 - sigma).to(self.device, self.dtype)  # diffusers' time runs 0 (noise) -> 1 (clean)
-        self._blocked = layout.columns(self._zeroing(prompts)).bool() if self._zeroing is not None else None
-        self._row_groups = RowGroups.of(x, sigma) if x.shape[0] > 1 else None
-        try:
-            with ExitStack() as stack:
-                stack.enter_context(self.gate.active(layout, lora))
-                stack.enter_context(self._watching(recorder))
-                return self.transformer(latents, t, captions, return_dict=False)[0]
-        finally:
-            self._blocked, self._row_groups = None, None
+        blocked = layout.columns(self._zeroing(prompts)).bool() if self._zeroing is not None else None
+        groups = RowGroups.of(x, sigma) if x.shape[0] > 1 else None
+        with scoped(self, _blocked=blocked, _row_groups=groups, _recorder=recorder), self.gate.active(layout, lora):
+            return self.transformer(latents, t, captions, return_dict=False)[0]
 
     def velocity(self, x, sigma, prompts, *, lora=True, concept_tokens=None, mass_layers=None):
         if x.shape[0] != len(prompts):
