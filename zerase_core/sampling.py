@@ -6,7 +6,7 @@ prompt) and for previews. Z-Image Turbo samples with a shifted schedule (shift 3
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -20,6 +20,21 @@ def flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
     return shift * s / (1.0 + (shift - 1.0) * s)
 
 
+Velocity = Callable[[torch.Tensor, float], torch.Tensor]  # (x, σ) -> v
+
+
+def guide(v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg: float) -> torch.Tensor:
+    """Classifier-free guidance: v_∅ + cfg (v_c − v_∅)."""
+    return v_uncond + cfg * (v_cond - v_uncond)
+
+
+def integrate(velocity: Velocity, x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """Euler steps of dx/dσ = v from sigmas[0] to sigmas[-1]."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (s_next - s) * velocity(x, s)
+    return x
+
+
 @torch.no_grad()
 def euler(
     backend: Backend,
@@ -31,16 +46,14 @@ def euler(
     cfg: float = 1.0,
     lora: bool = False,
 ) -> torch.Tensor:
-    """Integrate dx/dσ = v from sigmas[0] to sigmas[-1]; CFG when ``uncond`` and cfg ≠ 1."""
-    x = x.float()
+    """A backend's predictions integrated from sigmas[0] to sigmas[-1]; CFG when ``uncond`` and cfg ≠ 1."""
     guided = uncond is not None and cfg != 1.0
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        sigma = torch.full((x.shape[0],), float(s))
-        if guided:
-            both, _ = backend.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), [*prompts, *uncond], lora=lora)
-            v_c, v_u = both.chunk(2)
-            v = v_u + cfg * (v_c - v_u)
-        else:
-            v, _ = backend.velocity(x, sigma, prompts, lora=lora)
-        x = x + (float(s_next) - float(s)) * v.to(x.device)
-    return x
+
+    def velocity(x: torch.Tensor, s: float) -> torch.Tensor:
+        sigma = torch.full((x.shape[0],), s)
+        if not guided:
+            return backend.velocity(x, sigma, prompts, lora=lora)[0].to(x.device)
+        both, _ = backend.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), [*prompts, *uncond], lora=lora)
+        return guide(*both.chunk(2), cfg).to(x.device)
+
+    return integrate(velocity, x.float(), sigmas.tolist())

@@ -25,6 +25,7 @@ import torch
 
 from .backends.base import Backend
 from .prompts import EncodedPrompt
+from .sampling import guide, integrate
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +81,18 @@ class TrajectoryPool:
         """Euler from σ_0 = 1 down the schedule; one batched forward per level gives every prediction."""
         b = x.shape[0]
         prompts = [*er, *([uncond] * b), *keep]  # (b erase | b uncond | b keep)
-        for k in range(len(self.sigmas) - 1):
-            s, s_next = float(self.sigmas[k]), float(self.sigmas[k + 1])
-            n_p = len(prompts) // b
+        n_p = len(prompts) // b
+        levels = iter(range(len(self.sigmas) - 1))  # integrate asks for one velocity per level, in order
+
+        def velocity(x: torch.Tensor, s: float) -> torch.Tensor:
+            k = next(levels)
             v, _ = backend.velocity(x.repeat(n_p, 1, 1, 1), torch.full((b * n_p,), s), prompts, lora=False)
             v = v.cpu().unflatten(0, (n_p, b))  # (P, b, C, H, W)
             self.x[rows.start : rows.stop, k] = x
             self.teacher[rows.start : rows.stop, k] = v.transpose(0, 1)
-            v_c, v_u = v[0], v[1]
-            step_v = v_c if cfg == 1.0 else v_u + cfg * (v_c - v_u)  # the same sampler as sampling.euler
-            x = x + (s_next - s) * step_v
+            return v[0] if cfg == 1.0 else guide(v[0], v[1], cfg)  # the sampler of sampling.euler
+
+        integrate(velocity, x, self.sigmas.tolist())
 
     def __len__(self) -> int:
         return self.x.shape[0] * self.x.shape[1]

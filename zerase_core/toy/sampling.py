@@ -1,4 +1,4 @@
-"""Euler sampling with classifier-free guidance for the toy model (evaluation and inference only).
+"""Sampling the bare toy transformer with classifier-free guidance (evaluation and inference only).
 
 Flow convention (as Z-Image): x_sigma = sigma * eps + (1 - sigma) * x0, sigma = 1 is pure noise,
 velocity v = eps - x0, and the transformer's raw output is -v.
@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ..sampling import flow_sigmas
+from ..sampling import flow_sigmas, guide, integrate
 from .model import DiTConfig, predict, to_image
 
 
@@ -54,13 +54,11 @@ def euler_sample(
     caps = [e.features.to(device, dtype) for e in encoder.encode(texts)]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((n, *dit.latent_shape), generator=gen).to(device, dtype)
-    sigmas = sampler.sigmas().tolist()
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+
+    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
         xin = torch.cat([x, x]) if guided else x
         s = torch.full((len(xin),), sigma, device=device, dtype=dtype)
-        v = -predict(transformer, xin, s, caps, dit.patch_size)
-        if guided:
-            v_cond, v_uncond = v.chunk(2)
-            v = v_uncond + sampler.cfg * (v_cond - v_uncond)
-        x = x + (sigma_next - sigma) * v
-    return to_image(x.float(), dit)
+        v = -predict(transformer, xin, s, caps, dit.patch_size)  # the bare transformer: no backend, no LoRA gate
+        return guide(*v.chunk(2), sampler.cfg) if guided else v
+
+    return to_image(integrate(velocity, x, sampler.sigmas().tolist()).float(), dit)
