@@ -112,6 +112,32 @@ def test_exact_and_fixed_modes_run():
             assert all(r.lam == 0.5 for r in result.history)
 
 
+def test_exact_mode_steps_along_eq_11_with_the_eq_12_lambda():
+    """The gradient handed to AdamW is ∇L_er + λ*∇L_pr with λ* of Eq. 12, from gradients taken here separately."""
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, lambda_mode="exact", epsilon=1e-6))
+    with torch.no_grad():  # off B = 0, where ∇L_pr = 0 and λ* is 0 whatever the wiring
+        for p in trainer.params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    pool, eps = trainer.pool, trainer.config.eps
+    x_t = torch.randn(1, *trainer.latent_shape, generator=torch.Generator().manual_seed(1))
+    args = (pool.erase[0], list(pool.erase_tokens[0]), pool.keep[0], x_t, torch.tensor([0.6]))
+
+    def losses():
+        l_erase, l_attn, l_pr, _ = trainer._losses(*args)
+        return l_erase + trainer.config.attn_weight * l_attn, l_pr
+
+    l_er, l_pr = losses()
+    g_er = torch.cat([g.reshape(-1) for g in torch.autograd.grad(l_er, trainer.params, retain_graph=True)]).double()
+    g_pr = torch.cat([g.reshape(-1) for g in torch.autograd.grad(l_pr, trainer.params)]).double()
+    lam_star = float((-g_er @ g_pr - eps) / (g_pr @ g_pr))
+    assert lam_star > 0.1  # the constraint is active here, so a λ that is ignored or mis-signed shows
+    lam = trainer._backward(*losses())
+    applied = torch.cat([p.grad.reshape(-1) for p in trainer.params]).double()
+    assert lam == pytest.approx(lam_star, rel=1e-4)
+    assert torch.allclose(applied, g_er + lam_star * g_pr, rtol=1e-4, atol=1e-9)
+    assert float(g_pr @ applied) == pytest.approx(-eps, abs=1e-8)  # Eq. 9 holds with equality (KKT)
+
+
 def test_nan_in_a_loss_stops_without_a_broken_lora(tmp_path, monkeypatch):
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6), checkpoint_path=tmp_path / "n.ckpt")
     for _ in range(3):
@@ -127,6 +153,20 @@ def test_nan_in_a_loss_stops_without_a_broken_lora(tmp_path, monkeypatch):
         assert torch.equal(a, good[key][0]) and torch.equal(b, good[key][1])
     saved = save_lora(trainer.export(), tmp_path / "ok.safetensors")
     assert all(torch.isfinite(t).all() for ab in load_lora(saved).factors.values() for t in ab)
+
+
+def test_nan_gradient_leaves_lora_lambda_and_step_as_they_were():
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, lr=1e-2))
+    for _ in range(3):
+        trainer.train_step()
+    assert trainer.lam.value > 0  # λ moves on a good step at this learning rate, so a moved λ would show
+    lam, factors = trainer.lam.state(), [p.detach().clone() for p in trainer.params]
+    trainer.params[0].register_hook(lambda g: torch.full_like(g, float("nan")))  # finite losses, NaN gradient
+    with pytest.raises(NonFiniteLoss, match="step 4"):
+        trainer.train_step()
+    assert trainer.lam.state() == lam and trainer.step == 3
+    assert all(torch.equal(p, f) for p, f in zip(trainer.params, factors))
+    assert all(p.grad is None for p in trainer.params)
 
 
 def test_cancel_keeps_a_loadable_checkpoint(tmp_path):

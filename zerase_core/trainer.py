@@ -216,9 +216,11 @@ class ZEraseTrainer:
         if not all(map(_finite, values.values())):
             raise NonFiniteLoss(self._nan_message(values))
         self._recomputed = False
+        lam_before = self.lam.state()  # a failed step must not move λ either: the checkpoint keeps the last good state
         lam = self._backward(l_erase + self.config.attn_weight * l_attn, l_pr)
         if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params):
             self.optimizer.zero_grad(set_to_none=True)
+            self.lam.load_state(lam_before)
             raise NonFiniteLoss(self._nan_message({"gradient": float("nan")}))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,35 @@
+"""Eq. 5-8 on hand-worked numbers: the sign of the negative guidance, and which terms L_pr sums."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zerase_core.objectives import erase_target, loss_attn, loss_erase, loss_preserve
+
+
+def _full(value: float) -> torch.Tensor:
+    return torch.full((1, 4, 2, 2), value)
+
+
+def test_erase_target_points_away_from_the_concept():
+    # v_∅ = 0, v_c = 1, η = 2: the target is v_∅ − η (v_c − v_∅) = −2, on the far side of ∅ from the concept.
+    assert torch.equal(erase_target(_full(0.0), _full(1.0), eta=2.0), _full(-2.0))
+    assert torch.equal(erase_target(_full(0.5), _full(1.0), eta=1.0), _full(0.0))
+
+
+def test_loss_erase_is_the_mean_squared_distance_to_that_target():
+    v_u, v_c = _full(0.0), _full(1.0)
+    assert loss_erase(_full(0.0), v_u, v_c, eta=2.0).item() == pytest.approx(4.0)  # (0 − (−2))²
+    assert loss_erase(_full(-2.0), v_u, v_c, eta=2.0).item() == 0.0
+    assert loss_erase(v_c, v_u, v_c, eta=2.0).item() == pytest.approx(9.0)  # the teacher itself is far from it
+
+
+def test_loss_preserve_sums_the_unconditional_and_the_kept_concept_terms():
+    # student ∅ off by 1, student c_pr off by 3: 1² + 3² = 10; without a kept concept only the first term.
+    assert loss_preserve(_full(1.0), _full(0.0), _full(0.0), _full(3.0)).item() == pytest.approx(10.0)
+    assert loss_preserve(_full(1.0), _full(0.0)).item() == pytest.approx(1.0)
+
+
+def test_loss_attn_is_the_mean_mass_over_the_batch():
+    assert loss_attn(torch.tensor([0.2, 0.4])).item() == pytest.approx(0.3)
