@@ -1,5 +1,7 @@
 """The ComfyUI backend against real ComfyUI classes at tiny sizes (skipped without a checkout)."""
 
+import weakref
+
 import pytest
 from comfy_support import encode, require_comfyui, tiny_clip, tiny_lumina2, tiny_zimage
 
@@ -162,9 +164,35 @@ def test_training_steps_run_on_inference_tensor_weights():
     backend = ComfyZImageBackend(model, tiny_clip(comfy))
     config = TrainConfig(concept="cat", preserve=("dog",), steps=2, height=64, width=64, sample_steps=2,
                          lora=LoRAConfig(rank=2), shuffle_pool=2)
+    qkv = model.model.diffusion_model.layers[0].attention.qkv
+    original, values = weakref.ref(qkv.weight), qkv.weight.detach().clone()
     with training_session(backend):
         trainer = ZEraseTrainer(backend, config)
         result = trainer.run()
     assert result.completed and len(result.history) == 2
-    assert model.model.diffusion_model.layers[0].attention.qkv.weight.is_inference()
     assert any(b.abs().sum() > 0 for _, b in result.lora.factors.values())
+    # The plain copy stays and the inference original is gone: the weights were never held twice.
+    assert original() is None and not qkv.weight.is_inference() and torch.equal(qkv.weight, values)
+
+
+def test_training_on_top_of_an_applied_erasure_lora():
+    """Apply Erasure LoRA runs in inference mode; Z-Erase Train on its output back-propagates through that LoRA."""
+    from zerase_core.apply import export_lora, install_lora
+    from zerase_core.config import TrainConfig
+    from zerase_core.trainer import ZEraseTrainer
+
+    with torch.inference_mode():
+        model = tiny_zimage(comfy, inference_tensors=True)
+        first = ComfyZImageBackend(model)
+        lora_set = first.install(LoRAConfig(rank=2))
+        _randomise(lora_set)
+        lora = export_lora(lora_set, concept="dog", preserve=(), fingerprint=first.fingerprint(), training={})
+        applied = ComfyZImageBackend(model)
+        applied_set = install_lora(applied, lora, name=applied.key)
+    backend = ComfyZImageBackend(applied.patcher, tiny_clip(comfy))
+    config = TrainConfig(concept="cat", preserve=("bird",), steps=2, height=64, width=64, sample_steps=2,
+                         lora=LoRAConfig(rank=2), shuffle_pool=2)
+    with training_session(backend):
+        result = ZEraseTrainer(backend, config).run()
+    assert result.completed and any(b.abs().sum() > 0 for _, b in result.lora.factors.values())
+    assert all(p.grad is None and not p.requires_grad for p in applied_set.parameters())  # applied, not trained

@@ -25,8 +25,17 @@ def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor
 
 
 def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", strength: float | None = None) -> LoRASet:
-    """Check that ``lora`` fits, then install it gated, at its stored scale × ``strength``."""
+    """Check that ``lora`` fits, then install it gated, at its stored scale × ``strength``, frozen.
+
+    Built outside inference mode (ComfyUI runs nodes inside it): a LoRA trained later on top of
+    this one back-propagates through it, and autograd cannot save inference tensors.
+    """
     check_fits(lora, backend.fingerprint(), host_widths(backend))
+    with torch.inference_mode(False), torch.no_grad():
+        return _installed(backend, lora, name, strength)
+
+
+def _installed(backend: Backend, lora: ErasureLoRA, name: str, strength: float | None) -> LoRASet:
     layers = lora.layers
     config = LoRAConfig(
         rank=lora.rank,
@@ -40,6 +49,8 @@ def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", str
     for key, (a, b) in lora_set.factors().items():  # slots the file leaves out stay at zero
         factors.setdefault(key, (a.detach().clone(), torch.zeros_like(b)))
     lora_set.load_factors(factors)
+    for p in lora_set.parameters():
+        p.requires_grad_(False)  # applied, not trained: no gradient is computed or kept for it
     return lora_set
 
 

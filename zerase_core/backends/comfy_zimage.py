@@ -550,16 +550,16 @@ class ComfyZImageBackend(Backend):
 def training_session(backend: ComfyZImageBackend) -> Iterator[None]:
     """Leave inference mode, set ComfyUI's training flag, give autograd frozen, non-inference weights.
 
-    ComfyUI runs nodes under ``torch.inference_mode()``, so weights loaded by its loader nodes
-    are inference tensors, which autograd cannot save for backward. For the session, each such
-    parameter is swapped for a plain copy; the originals are put back (same objects, same
-    values) when it ends, and the copies are freed. Weights that are plain parameters (a model
-    built outside inference mode) are frozen for the session instead: otherwise backward would
-    compute and keep a gradient for every base weight (and fail on fp8 ones).
+    ComfyUI runs nodes under ``torch.inference_mode()``, so weights loaded while sampling are
+    inference tensors, which autograd cannot save for backward. Each is replaced, one at a time,
+    by a plain copy that stays (as ComfyUI's own ops do when they move such weights): the original
+    is freed at once, so the weights never sit in memory twice, and nothing stale is put back
+    over what ComfyUI may change while the session runs. Plain parameters (a model built outside
+    inference mode) are frozen for the session and given back: otherwise backward would compute
+    and keep a gradient for every base weight (and fail on fp8 ones).
     """
     import comfy.model_management as mm
 
-    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
     frozen: list[nn.Parameter] = []
     with torch.inference_mode(False):
         backend.load()
@@ -568,13 +568,11 @@ def training_session(backend: ComfyZImageBackend) -> Iterator[None]:
                 for module in backend.dit.modules():
                     for name, param in list(module._parameters.items()):
                         if param is not None and param.is_inference():
-                            swapped.append((module, name, param))
                             module._parameters[name] = nn.Parameter(param.clone(), requires_grad=False)
                         elif param is not None and param.requires_grad:
                             frozen.append(param.requires_grad_(False))
                     for name, buf in list(module._buffers.items()):
                         if buf is not None and buf.is_inference():
-                            swapped.append((module, name, buf))
                             module._buffers[name] = buf.clone()
             mm.in_training = True
             yield
@@ -582,10 +580,4 @@ def training_session(backend: ComfyZImageBackend) -> Iterator[None]:
             mm.in_training = False
             for param in frozen:
                 param.requires_grad_(True)
-            for module, name, original in reversed(swapped):
-                if name in module._parameters:
-                    module._parameters[name] = original
-                else:
-                    module._buffers[name] = original
-            swapped.clear()
             mm.soft_empty_cache()
