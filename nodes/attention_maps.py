@@ -40,7 +40,9 @@ class AttentionMapViewer(io.ComfyNode):
                 io.String.Input("sigmas", default="0.5", tooltip="Noise level(s) in (0, 1], comma-separated."),
                 io.Int.Input("layer_start", default=0, min=0, max=1000),
                 io.Int.Input("layer_end", default=-1, min=-1, max=1000, tooltip="Exclusive; -1: to the last layer."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                             tooltip="Seeds the noise the maps are measured on. No randomize control, so the "
+                             "maps stay comparable."),
                 io.Latent.Input("latent", optional=True),
                 io.Image.Input("image", optional=True),
                 io.Vae.Input("vae", optional=True, tooltip="Needed to encode an IMAGE; also draws the picture."),

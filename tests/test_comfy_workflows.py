@@ -104,6 +104,39 @@ def test_workflow_is_consistent(name, mappings):
             assert i["vae_name"] == "ae.safetensors"
 
 
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _widget_names(cls) -> list[str]:
+    """Widget names in the order the frontend stores ``widgets_values``; its rule for INT inputs adds a control
+    widget (stored right after the value) when ``control_after_generate`` is set or, unset, the name is a seed's."""
+    names = []
+    for section in ("required", "optional"):
+        for name, entry in cls.INPUT_TYPES().get(section, {}).items():
+            kind, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+            if not (isinstance(kind, list) or kind in WIDGET_TYPES) or opts.get("forceInput"):
+                continue
+            names.append(name)
+            control = opts.get("control_after_generate")
+            if kind == "INT" and (name in ("seed", "noise_seed") if control is None else control):
+                names.append(f"{name}:control")
+    return names
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_widget_values_line_up_with_the_node_schemas(name, mappings):
+    """A value in the wrong slot loads silently (a save_name of 'True'): every slot must hold its widget's value."""
+    api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    for node in ui["nodes"]:
+        names = _widget_names(mappings[node["type"]])
+        assert len(node["widgets_values"]) == len(names), (node["type"], names, node["widgets_values"])
+        stored = dict(zip(names, node["widgets_values"]))
+        for key, value in api[str(node["id"])]["inputs"].items():
+            if not isinstance(value, list):  # links are not widgets
+                assert stored[key] == value, (node["type"], key)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_headless_on_tiny_models(name, mappings, loras_dir):  # noqa: F811
     save_lora(random_lora(0, concept="cat"), loras_dir / "zerase" / "cat.safetensors")
