@@ -142,12 +142,12 @@ def tiny_lumina2(comfy, seed: int = 0):
     return _patcher_for(comfy, comfy.supported_models.Lumina2(cfg), seed, False)
 
 
-def tiny_clip(comfy, seed: int = 1):
+def tiny_clip(comfy, seed: int = 1, width: int = TINY_QWEN3["hidden_size"]):
     """ComfyUI's Z-Image text encoder (Qwen3 class, chat template, Qwen tokenizer) at toy size, as a CLIP."""
     import torch
 
     target = comfy.supported_models_base.ClipTarget(comfy.z_image.ZImageTokenizer, comfy.z_image.te())
-    clip = comfy.sd.CLIP(target=target, model_options={"qwen3_4b_model_config": dict(TINY_QWEN3),
+    clip = comfy.sd.CLIP(target=target, model_options={"qwen3_4b_model_config": TINY_QWEN3 | {"hidden_size": width},
                                                         "dtype": torch.float32})
     _fill(clip.cond_stage_model, seed, std=0.02)
     return clip

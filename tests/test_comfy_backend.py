@@ -28,6 +28,13 @@ def test_refuses_non_zimage_models():
         ComfyZImageBackend(object())
 
 
+def test_refuses_a_text_encoder_of_another_width():
+    """Another LLM's encoder with a chat template passes the tokenizer check; its feature width does not."""
+    backend = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy, width=96), node="Z-Erase Train")
+    with pytest.raises(ZEraseError, match="Z-Erase Train: this CLIP gives 96-wide text features, the model takes 64"):
+        backend.encode(["a cat"])
+
+
 def test_encode_matches_clip_text_encode_and_localises_words():
     clip = tiny_clip(comfy)
     (p,) = encode_with_clip(clip, ["A painting by Van Gogh, swirling sky"])

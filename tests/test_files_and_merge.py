@@ -72,6 +72,48 @@ def test_refusals(tmp_path):
         load_lora(tmp_path / "missing.safetensors")
 
 
+def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
+    """A native file's tensors and metadata (as stored: strings), changed by ``tensors`` / ``meta``."""
+    stored = {f"zerase.layers.{i}.{p}.{ab}": t for (i, p), pair in lora.factors.items() for ab, t in zip("AB", pair)}
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in lora.metadata().items()}
+    return (tensors(stored) if tensors else stored), {k: v for k, v in (metadata | meta).items() if v is not None}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (dict(tensors=lambda t: t | {"zerase.extra": torch.zeros(1)}), "unexpected tensor 'zerase.extra'"),
+    (dict(tensors=lambda t: {k: v for k, v in t.items() if k != "zerase.layers.0.q.B"}), "misses half"),
+    (dict(tensors=lambda t: t | {"zerase.layers.0.q.A": torch.full_like(t["zerase.layers.0.q.A"], float("nan"))}),
+     "NaN or infinite"),
+    (dict(tensors=lambda t: t | {"zerase.layers.0.q.B": torch.zeros(64, 3)}), "inconsistent shapes"),
+    (dict(format_version="99"), "format version 99; update"),
+    (dict(format_version="two"), "damaged Z-Erase metadata"),
+    (dict(scale=None), "damaged Z-Erase metadata"),
+    (dict(scale='"half"'), "damaged Z-Erase metadata"),
+    (dict(preserve="7"), "damaged Z-Erase metadata"),
+])
+def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
+    tensors, meta = _damaged(_random_lora(KEYS), **damage)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ZEraseError, match=message):
+        load_lora(tmp_path / "bad.safetensors")
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import zerase_core.files as files
+
+    path = save_lora(_random_lora(KEYS), tmp_path / "red.safetensors")
+    before = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_lora(_random_lora(KEYS, seed=1), path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["red.safetensors"]
+
+
 def test_lora_of_another_architecture_is_refused(tiny_backend):
     wide = _random_lora(KEYS, d_in=128, d_out=128)
     with pytest.raises(ZEraseError, match="different architecture.*layer 0 q: LoRA maps 128→128, model needs 64→64"):

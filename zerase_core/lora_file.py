@@ -125,9 +125,7 @@ def load_lora(path: str | Path) -> ErasureLoRA:
 
 
 def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> ErasureLoRA:
-    version = int(meta.get("format_version", "0"))
-    if version > FORMAT_VERSION:
-        raise ZEraseError(f"'{path.name}' uses format version {version}; update the Z-Erase pack to read it.")
+    described = _description(path, meta)
     parts: dict[Key, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         m = _NATIVE.match(name)
@@ -137,19 +135,32 @@ def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
     broken = [k for k, ab in parts.items() if set(ab) != {"A", "B"}]
     if broken:
         raise ZEraseError(f"'{path.name}' misses half of the factors for {broken}; the file is damaged.")
-    info = decode_metadata(meta)
     if any(not torch.isfinite(t).all() for t in tensors.values()):
         raise ZEraseError(f"'{path.name}' contains NaN or infinite weights; it cannot be used.")
-    return ErasureLoRA(
-        factors={k: (ab["A"], ab["B"]) for k, ab in parts.items()},
-        scale=float(info["scale"]),
-        strength=float(info.get("strength", 1.0)),
-        concept=str(info.get("concept", "")),
-        preserve=tuple(info.get("preserve", ())),
-        fingerprint=dict(info.get("fingerprint", {})),
-        training=dict(info.get("training", {})),
-        source=str(info.get("source", "native")),
-    )
+    return ErasureLoRA(factors={k: (ab["A"], ab["B"]) for k, ab in parts.items()}, **described)
+
+
+def _description(path: Path, meta: dict[str, str]) -> dict[str, Any]:
+    """ErasureLoRA's describing fields from a native file's metadata; damaged metadata is refused by name."""
+    try:
+        version = int(meta.get("format_version", "0"))
+        info = decode_metadata(meta)
+        described = dict(
+            scale=float(info["scale"]),
+            strength=float(info.get("strength", 1.0)),
+            concept=str(info.get("concept", "")),
+            preserve=tuple(info.get("preserve", ())),
+            fingerprint=dict(info.get("fingerprint", {})),
+            training=dict(info.get("training", {})),
+            source=str(info.get("source", "native")),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ZEraseError(
+            f"'{path.name}' has damaged Z-Erase metadata ({type(err).__name__}: {err}); re-train or re-download it."
+        )
+    if version > FORMAT_VERSION:
+        raise ZEraseError(f"'{path.name}' uses format version {version}; update the Z-Erase pack to read it.")
+    return described
 
 
 def _from_official(tensors: dict[str, torch.Tensor]) -> ErasureLoRA:

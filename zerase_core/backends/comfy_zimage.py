@@ -464,7 +464,14 @@ class ComfyZImageBackend(Backend):
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
         if self.clip is None:
             raise ZEraseError(f"{self.node}: no CLIP is connected to encode prompts with.")
-        return encode_with_clip(self.clip, prompts)
+        encoded = encode_with_clip(self.clip, prompts)
+        width = encoded[0].features.shape[-1] if encoded else self.cap_feat_dim
+        if self.cap_feat_dim and width != self.cap_feat_dim:  # another LLM's chat template passes the tokenizer check
+            raise ZEraseError(
+                f"{self.node}: this CLIP gives {width}-wide text features, the model takes {self.cap_feat_dim} "
+                "(Z-Image's Qwen3 4B). Load qwen_3_4b.safetensors with Load CLIP, type 'lumina2'."
+            )
+        return encoded
 
     def load(self) -> None:
         """Load the clone (object patches and wrappers applied) onto the compute device."""
