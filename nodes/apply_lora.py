@@ -32,7 +32,9 @@ class ApplyErasureLoRA(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Combo.Input("lora_name", options=lora_files(), default=NONE,
                                tooltip="A Z-Erase LoRA file (native or official Z-Erase) from the loras folders."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05),
+                io.Float.Input("strength", default=1.0, min=-20.0, max=20.0, step=0.05,
+                               tooltip="Multiplies the file's own scale. Official Z-Erase files load at scale 1; "
+                               "their code applies them at 15."),
                 ErasureLoRAType.Input("erasure_lora", optional=True,
                                       tooltip="Overrides the file: a LoRA from Z-Erase Train or Merge."),
             ],

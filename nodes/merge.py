@@ -37,6 +37,7 @@ class MergeErasureLoRAs(io.ComfyNode):
             node_id="ZEraseMergeLoRAs",
             display_name=NODE,
             category="Z-Erase",
+            is_output_node=True,  # with a save_name it writes a file, wired onward or not
             description="Σ w_i ΔW_i over the products ΔW = B·A (rank concatenation is exact); optional SVD re-rank.",
             inputs=[
                 ErasureLoRAType.Input("lora_1"),

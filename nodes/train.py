@@ -60,6 +60,7 @@ class ZEraseTrain(io.ComfyNode):
             node_id="ZEraseTrain",
             display_name=NODE,
             category="Z-Erase",
+            is_output_node=True,  # it writes the LoRA file, wired onward or not
             description="Trains a text-token-gated erasure LoRA on Z-Image (Z-Erase, Algorithm 1). Cancel keeps "
             "the last good LoRA; files land in models/loras/zerase/ and never overwrite.",
             inputs=[

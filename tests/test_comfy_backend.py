@@ -28,6 +28,18 @@ def test_refuses_non_zimage_models():
         ComfyZImageBackend(object())
 
 
+def test_a_model_rebuilt_under_the_patches_is_refused_not_silently_run():
+    """clone(model_override=...) keeps object patches bound to the old model's modules: refuse, don't run them."""
+    from comfy_support import empty_latent, ksample
+
+    backend = ComfyZImageBackend(tiny_zimage(comfy))
+    _randomise(backend.install(LoRAConfig(rank=2)))
+    rebuilt = backend.patcher.clone(model_override=tiny_zimage(comfy, seed=5).get_clone_model_override())
+    cond = encode(tiny_clip(comfy), "a cat")
+    with pytest.raises(ZEraseError, match="rebuilt the model after the erasure LoRA"):
+        ksample(comfy, rebuilt, cond, cond, empty_latent())
+
+
 def test_refuses_a_text_encoder_of_another_width():
     """Another LLM's encoder with a chat template passes the tokenizer check; its feature width does not."""
     backend = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy, width=96), node="Z-Erase Train")

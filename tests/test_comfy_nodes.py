@@ -48,6 +48,9 @@ def test_pack_registers_every_node(pack):
     for node_id in ("ZEraseTrain", "ZEraseApplyLoRA", "ZEraseLoadLoRA", "ZEraseMergeLoRAs",
                     "ZEraseAttentionMaps", "ZEraseCompare"):
         assert node_id in pack
+    # Nodes that write files run on Queue even when nothing downstream is wired (as SaveLoRA does).
+    ours = {n: cls for n, cls in pack.items() if n.startswith("ZErase")}
+    assert {n for n, cls in ours.items() if cls.OUTPUT_NODE is True} == {"ZEraseTrain", "ZEraseMergeLoRAs"}
 
 
 def test_apply_gates_image_rows_and_leaves_original_bit_identical(pack):

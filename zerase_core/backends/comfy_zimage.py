@@ -388,6 +388,13 @@ class ComfyZImageBackend(Backend):
             raise ZEraseError(
                 f"{self.node}: erasure LoRAs do not support Z-Image reference latents (edit/omni mode)."
             )
+        if executor.class_obj is not None and executor.class_obj is not self.dit:
+            # ModelPatcher.clone(model_override=...) (TorchCompileModel, hooked conds under dynamic VRAM) copies
+            # object patches that call this model's modules: the new model would run the old one's layers.
+            raise ZEraseError(
+                f"{self.node}: ComfyUI rebuilt the model after the erasure LoRA was put on it (a node such as "
+                "TorchCompileModel does), which erasure LoRAs do not follow yet. Remove that node from this path."
+            )
         layout = _layout(context.shape[1], x, self.patch, self.multiple)
         options = kwargs.get("transformer_options")
         if options is not None:
