@@ -21,6 +21,7 @@ from .common import ErasureLoRAType, output_folder
 
 NODE = "Z-Erase Train"
 TARGETS = ["q,k,v", "q,k", "q", "k", "v"]
+PREVIEW_SEED_OFFSET = 1_000_003  # preview noise: a stream of its own, away from the run's x_t (see _previews)
 log = logging.getLogger(__name__)
 
 
@@ -39,10 +40,14 @@ def build_config(concept, preset, templates, preserve, steps, learning_rate, bet
 
 
 def _previews(backend, trainer, model, vae, config):
-    """Before/after pictures of the first erase prompt from the same noise."""
+    """Before/after pictures of the first erase prompt from the same noise.
+
+    The noise is not the run's: seeded alike, it would be the first x_t trajectory trained on, and the
+    "after" picture would show a training point rather than how the erasure generalises.
+    """
     import torch
 
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed + PREVIEW_SEED_OFFSET)
     noise = torch.randn((1, *backend.latent_shape(config.height, config.width)), generator=gen)
     sigmas = flow_sigmas(config.sample_steps, config.shift)
     prompt = trainer.pool.erase[0]

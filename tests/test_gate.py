@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zerase_core.attention_mass import MassRecorder
 from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
 from zerase_core.lora import GatedLoRALinear, LoRAConfig
 
@@ -73,6 +74,18 @@ def test_layout_follows_the_call(tiny_backend):
     large = tiny_backend.layout(torch.zeros(2, 4, 16, 24), enc)  # 8 × 12 patches: 96 image tokens, not square
     assert small.image == ((0, 32), (0, 32)) and small.text == ((32, 64), (32, 96)) and small.seq_len == 96
     assert large.image == ((0, 96), (0, 96)) and large.text == ((96, 128), (96, 160)) and large.seq_len == 160
+
+
+def test_attention_loss_queries_leave_image_padding_out(tiny_backend):
+    """6 × 6 patches = 36 image tokens padded to 64: L_attn averages over the 36 real image queries only."""
+    enc = tiny_backend.encode(["a red circle"])
+    layout = tiny_backend.layout(torch.zeros(1, 4, 12, 12), enc)
+    assert layout.image == ((0, 64),) and layout.image_mask().sum() == 64
+    assert layout.image_query_mask()[0, :36].all() and layout.image_query_mask().sum() == 36
+    seen = []
+    tiny_backend.recorder_factory = lambda cols, rows, layers: seen.append(rows) or MassRecorder(cols, rows, layers)
+    tiny_backend.velocity(torch.zeros(1, 4, 12, 12), torch.tensor([0.5]), enc, concept_tokens=[[0]])
+    assert torch.equal(seen[0], layout.image_query_mask())
 
 
 def test_zero_lora_and_lora_off_match_base(tiny_backend):

@@ -234,6 +234,19 @@ def test_paired_lambda_measures_the_update_not_the_batch_change():
     assert spread["paired"] < 0.1 * spread["paper"]
 
 
+def test_paired_pair_is_measured_by_one_call_shape(monkeypatch):
+    """With λ_t > 0 the step's L_pr comes from the batched mass-recording call; the pair handed to the paired rule
+    must still be two _pr_loss values (before and after the update), not one of each kind."""
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=2, lambda_mode="paired"))
+    trainer.lam.value = 0.5  # λ_t > 0: the batched path
+    values, pairs = [], []
+    real = trainer._pr_loss
+    monkeypatch.setattr(trainer, "_pr_loss", lambda *a: values.append(real(*a)) or values[-1])
+    monkeypatch.setattr(trainer.lam, "observe", lambda before, after: pairs.append((before, after)))
+    trainer.train_step()
+    assert len(values) == 2 and pairs == [(values[0].item(), values[1].item())]
+
+
 def test_same_seed_same_run_whatever_the_global_rng():
     """LoRA A's random init comes from the run's seed: two runs agree bit for bit even when something else
     drew from torch's global RNG in between (the demo's results once varied from run to run because of it)."""

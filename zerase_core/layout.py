@@ -26,13 +26,15 @@ class TokenLayout:
     """Per-sample text and image segments of a batch of main-layer sequences of length ``seq_len``.
 
     ``text`` covers the caption *and its padding* (the paper's gate S_T is 1 on the whole
-    text segment, as the official gate is); ``image`` covers image tokens and their padding.
-    Positions in neither (batch padding) get no LoRA and no attention-loss weight.
+    text segment, as the official gate is); ``image`` covers image tokens and their padding,
+    of which the first ``image_tokens[b]`` are real (all of them when not given). Positions in
+    neither (batch padding) get no LoRA and no attention-loss weight.
     """
 
     seq_len: int
     text: tuple[Segment, ...]
     image: tuple[Segment, ...]
+    image_tokens: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if len(self.text) != len(self.image):
@@ -42,6 +44,11 @@ class TokenLayout:
                 raise ValueError(f"TokenLayout: segment outside a sequence of {self.seq_len}")
             if ts < ie and is_ < te:
                 raise ValueError("TokenLayout: text and image segments overlap")
+        if self.image_tokens is not None and (
+            len(self.image_tokens) != self.batch
+            or any(not 0 <= n <= e - s for n, (s, e) in zip(self.image_tokens, self.image))
+        ):
+            raise ValueError("TokenLayout: image_tokens must give per sample a count within its image segment")
 
     @property
     def batch(self) -> int:
@@ -68,6 +75,13 @@ class TokenLayout:
     def image_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, L) bool, True on image rows (including image padding)."""
         return self._image_mask_cpu.to(device)
+
+    def image_query_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, L) bool, True on real image tokens: the queries L_attn averages over (Eq. 6), padding left out."""
+        if self.image_tokens is None:
+            return self.image_mask(device)
+        real = tuple((s, s + n) for (s, _), n in zip(self.image, self.image_tokens))
+        return self._segments_mask(real).to(device)
 
     def columns(self, token_indices: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, L) float indicator of caption tokens ``token_indices[b]`` as sequence columns."""

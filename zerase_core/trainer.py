@@ -90,7 +90,8 @@ class ZEraseTrainer:
             torch.random.default_generator.manual_seed(config.seed)
             self.lora = backend.install(config.lora, "zerase")
         self.params = [p.requires_grad_(True) for p in self.lora.parameters()]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
+        # §5.1 names AdamW at α and no weight decay: torch's default 0.01, stated so it is a choice, not an accident.
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.01)
         rule = PairedLambda if config.lambda_mode == "paired" else PaperLambda
         self.lam = rule(alpha=config.lr, beta=config.beta, epsilon=config.eps)
         self.rng = random.Random(config.seed)
@@ -222,11 +223,17 @@ class ZEraseTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.lam.load_state(lam_before)
             raise NonFiniteLoss(self._nan_message({"gradient": float("nan")}))
+        pr_before = values["L_pr"]
+        if self.config.lambda_mode == "paired" and l_pr.requires_grad:
+            # L_pr came from the batched, mass-recording forward; the after-update value comes from _pr_loss.
+            # Other call shapes run other kernels (≈ 1e-6 apart in bf16, the size of ε·α): measure both alike.
+            with torch.no_grad():
+                pr_before = self._pr_loss(*self._pr_batch).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.config.lambda_mode == "paired":
             with torch.no_grad():  # the same batch after the update: what d_t did to L_pr (Eq. 14)
-                self.lam.observe(values["L_pr"], self._pr_loss(*self._pr_batch).item())
+                self.lam.observe(pr_before, self._pr_loss(*self._pr_batch).item())
         self._pr_batch = None
         self.step += 1
         elapsed = time.perf_counter() - start

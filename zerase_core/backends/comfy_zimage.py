@@ -253,7 +253,7 @@ def _layout(context_len: int, x: torch.Tensor, patch: int, multiple: int) -> Tok
     h, w = -(-x.shape[-2] // patch), -(-x.shape[-1] // patch)
     image = pad_to_multiple(h * w, multiple)
     b = x.shape[0]
-    return TokenLayout(text + image, ((0, text),) * b, ((text, text + image),) * b)
+    return TokenLayout(text + image, ((0, text),) * b, ((text, text + image),) * b, (h * w,) * b)
 
 
 class ComfyZImageBackend(Backend):
@@ -523,8 +523,8 @@ class ComfyZImageBackend(Backend):
             recorder = None
             if concept_tokens is not None:
                 lay = _layout(feats.shape[1], xs, self.patch, self.multiple)
-                recorder = self.recorder_factory(lay.columns([concept_tokens[i] for i in idx]), lay.image_mask(),
-                                                 mass_layers)
+                recorder = self.recorder_factory(lay.columns([concept_tokens[i] for i in idx]),
+                                                 lay.image_query_mask(), mass_layers)
             with self.lora_switched(lora), self._caption_lengths(lengths), self._sharing_rows(xs, ss):
                 with self.recording(recorder):  # a checkpointed layer replays this group's recorder in backward
                     x0 = self.denoise(xs, ss, feats)

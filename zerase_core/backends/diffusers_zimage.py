@@ -221,7 +221,7 @@ class DiffusersZImageBackend(Backend):
         image_len = pad_to_multiple(n_image, SEQ_MULTIPLE)
         text = [(image_len, image_len + pad_to_multiple(p.n_tokens, SEQ_MULTIPLE)) for p in prompts]
         seq_len = max(end for _, end in text)
-        return TokenLayout(seq_len, tuple(text), tuple((0, image_len) for _ in prompts))
+        return TokenLayout(seq_len, tuple(text), tuple((0, image_len) for _ in prompts), (n_image,) * len(prompts))
 
     @contextmanager
     def zeroing_tokens(self, token_indices: Callable[[Sequence[EncodedPrompt]], list[list[int]]]) -> Iterator[None]:
@@ -261,7 +261,7 @@ class DiffusersZImageBackend(Backend):
         layout = self.layout(x, prompts)
         recorder = None
         if concept_tokens is not None:
-            recorder = self.recorder_factory(layout.columns(concept_tokens), layout.image_mask(), mass_layers)
+            recorder = self.recorder_factory(layout.columns(concept_tokens), layout.image_query_mask(), mass_layers)
         out = self._run(x, sigma, prompts, layout, lora, recorder)
         # diffusers predicts x0 − ε; the engine's velocity is ε − x0, hence the minus.
         v = -torch.stack(out).squeeze(2).float()
