@@ -14,6 +14,7 @@ from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import save_lora
 from zerase_core.sampling import euler, flow_sigmas
 from zerase_core.trainer import ZEraseTrainer
+from zerase_core.xt_pool import PoolCancelled
 
 from . import _render
 from .apply_lora import apply_erasure
@@ -116,8 +117,12 @@ class ZEraseTrain(io.ComfyNode):
         backend = ComfyZImageBackend(model, clip, node=NODE)
         pbar = comfy.utils.ProgressBar(config.steps)
         with training_session(backend):
-            trainer = ZEraseTrainer(backend, config, callbacks=[lambda record, t: pbar.update(1)],
-                                    should_stop=mm.processing_interrupted, checkpoint_path=checkpoint)
+            try:
+                trainer = ZEraseTrainer(backend, config, callbacks=[lambda record, t: pbar.update(1)],
+                                        should_stop=mm.processing_interrupted, checkpoint_path=checkpoint)
+            except PoolCancelled:  # Cancel before the first step: nothing to save
+                mm.throw_exception_if_processing_interrupted()
+                raise
             backend.clip = None  # prompts are encoded; the text encoder is not needed any more
             try:
                 result = trainer.run()

@@ -16,6 +16,7 @@ from zerase_core.lora import LoRAConfig
 from zerase_core.reference_step import reference_losses
 from zerase_core.tiny import tiny_zimage_backend
 from zerase_core.trainer import ZEraseTrainer
+from zerase_core.xt_pool import PoolCancelled
 
 
 def _config(**over):
@@ -77,6 +78,14 @@ def test_pool_covers_every_erase_and_preservation_prompt():
     assert len(trainer.pool.keep) == len(keep) and xp.x.shape[0] == len(keep)
     assert sorted(xp.keep_index) == list(range(len(keep)))
     assert set(xp.erase_index) == set(range(len(trainer.pool.erase)))
+
+
+def test_cancel_while_the_pool_is_sampled():
+    """Sampling the pool takes a while before step 1: should_stop is asked between trajectory batches."""
+    asked = []
+    with pytest.raises(PoolCancelled, match="8 of 20 trajectories"):  # batches of 8
+        ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", xt_pool=20, sample_steps=2),
+                      should_stop=lambda: asked.append(1) or len(asked) > 1)  # no to the first batch, yes after
 
 
 def test_pool_training_runs_and_resumes_identically(tmp_path):

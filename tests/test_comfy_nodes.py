@@ -162,6 +162,19 @@ def test_cancel_during_training_leaves_a_loadable_lora(pack, loras_dir):
     assert all(torch.isfinite(b).all() for _, b in lora.factors.values())
 
 
+def test_cancel_before_the_first_step_writes_nothing(pack, loras_dir):
+    """Cancel while the x_t pool is sampled: ComfyUI's interrupt, no LoRA file (nothing was trained)."""
+    mm = comfy.mm
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                        **_train_inputs(steps=5, save_name="early"))
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not (loras_dir / "zerase" / "early.safetensors").exists()
+
+
 def test_load_and_merge(pack, loras_dir):
     save_lora(random_lora(3, concept="cat"), loras_dir / "a.safetensors")
     save_lora(random_lora(4, concept="dog"), loras_dir / "b.safetensors")

@@ -107,7 +107,7 @@ class ZEraseTrainer:
         if config.xt_source == "pool":
             self.xt_pool = TrajectoryPool(
                 backend, self.pool.erase, self.pool.uncond, self.pool.keep, self.latent_shape, self.sigmas,
-                config.xt_pool, config.sample_cfg, config.seed,
+                config.xt_pool, config.sample_cfg, config.seed, should_stop=should_stop,
             )
         if config.gradient_checkpointing:
             backend.set_gradient_checkpointing(True)

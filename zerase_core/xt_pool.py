@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -29,6 +29,10 @@ from .prompts import EncodedPrompt
 from .sampling import guide, integrate
 
 log = logging.getLogger(__name__)
+
+
+class PoolCancelled(Exception):
+    """``should_stop`` said stop while the pool was being sampled: nothing has been trained yet."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class TrajectoryPool:
         cfg: float,
         seed: int,
         batch: int = 8,
+        should_stop: Callable[[], bool] | None = None,
     ):
         start = time.perf_counter()
         self.sigmas = sigmas
@@ -71,6 +76,8 @@ class TrajectoryPool:
         self.x = torch.empty((n, levels, *latent_shape))  # (T, K, C, H, W), CPU fp32
         self.teacher = torch.empty((n, levels, 2 + (1 if keep else 0), *latent_shape))  # (T, K, P, C, H, W)
         for first in range(0, n, batch):
+            if should_stop is not None and should_stop():  # sampling the pool takes a while: let Cancel in
+                raise PoolCancelled(f"cancelled while sampling the x_t pool ({first} of {n} trajectories)")
             rows = range(first, min(first + batch, n))
             er = [erase[self.erase_index[j]] for j in rows]
             kp = [keep[self.keep_index[j]] for j in rows] if keep else []
