@@ -59,6 +59,12 @@ def _previews(backend, trainer, model, vae, config):
     return _render.grid([pictures], ["before", "after"], caption=prompt.text)
 
 
+def _save(lora, planned: Path, save_name: str) -> Path:
+    """Save to the name resolved before training, unless a file appeared there meanwhile (another Train node with
+    the same save_name in this queue): then to the next free name, never over it."""
+    return save_lora(lora, safe_output_path(output_folder(), save_name) if planned.exists() else planned)
+
+
 class ZEraseTrain(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -128,10 +134,10 @@ class ZEraseTrain(io.ComfyNode):
                 result = trainer.run()
             except BaseException:
                 if trainer.step > 0 and trainer.params_finite():
-                    save_lora(trainer.export(), path)
+                    path = _save(trainer.export(), path, save_name)
                     log.warning("Z-Erase: training stopped at step %d; saved the last good LoRA to %s", trainer.step, path)
                 raise
-        save_lora(result.lora, path)
+        path = _save(result.lora, path, save_name)
         if not result.completed:
             log.warning("Z-Erase: cancelled at step %d; saved the LoRA so far to %s", trainer.step, path)
             mm.throw_exception_if_processing_interrupted()

@@ -86,14 +86,23 @@ def import_comfy(path: Path) -> SimpleNamespace:
 
 
 def require_comfyui() -> SimpleNamespace:
-    """Call at module level: skips the module with the reason, or returns the imported ComfyUI."""
+    """Call at module level: skips the module with the reason, or returns the imported ComfyUI.
+
+    With ZERASE_REQUIRE_COMFYUI=1 (a release check) a missing or broken checkout fails instead of skipping.
+    """
     path, how = find_comfyui()
     if path is None:
-        pytest.skip(how, allow_module_level=True)
+        _skip_or_fail(how)
     try:
         return import_comfy(path)
     except ImportError as exc:  # a checkout whose requirements are not installed
-        pytest.skip(f"ComfyUI at {path} ({how}) does not import: {exc}", allow_module_level=True)
+        _skip_or_fail(f"ComfyUI at {path} ({how}) does not import: {exc}")
+
+
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("ZERASE_REQUIRE_COMFYUI") == "1":
+        pytest.fail(f"ZERASE_REQUIRE_COMFYUI=1 but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def _fill(module, seed: int, std: float = 0.05) -> None:

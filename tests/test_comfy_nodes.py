@@ -162,6 +162,25 @@ def test_cancel_during_training_leaves_a_loadable_lora(pack, loras_dir):
     assert all(torch.isfinite(b).all() for _, b in lora.factors.values())
 
 
+def test_a_file_written_meanwhile_under_the_same_name_is_kept(pack, loras_dir, monkeypatch):
+    """Two Train nodes with one save_name in a queue: the name is resolved before training, so the second must
+    not overwrite what the first wrote meanwhile."""
+    import sys
+
+    module = next(mod for n, mod in sys.modules.items() if n.endswith(".nodes.train"))
+    real_run = module.ZEraseTrainer.run
+
+    def run_while_another_node_saves(self):
+        (loras_dir / "zerase").mkdir(exist_ok=True)
+        (loras_dir / "zerase" / "twin.safetensors").write_bytes(b"the other node's LoRA")
+        return real_run(self)
+
+    monkeypatch.setattr(module.ZEraseTrainer, "run", run_while_another_node_saves)
+    pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy), **_train_inputs(save_name="twin"))
+    assert (loras_dir / "zerase" / "twin.safetensors").read_bytes() == b"the other node's LoRA"
+    assert load_lora(loras_dir / "zerase" / "twin_001.safetensors").training["steps_done"] == 2
+
+
 def test_cancel_before_the_first_step_writes_nothing(pack, loras_dir):
     """Cancel while the x_t pool is sampled: ComfyUI's interrupt, no LoRA file (nothing was trained)."""
     mm = comfy.mm
