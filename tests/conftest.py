@@ -12,6 +12,12 @@ from zerase_core.tiny import TinyZImageConfig, tiny_zimage_backend
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws the same numbers from torch's global RNG whatever ran before it (order-independent)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def tiny_backend():
     """A fresh tiny diffusers Z-Image (2 main layers, dim 64) with a hashing word encoder."""

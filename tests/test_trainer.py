@@ -50,7 +50,7 @@ def test_thirty_steps_lower_erase_loss_and_keep_lambda_valid():
     before = _fixed_erase_loss(trainer)
     result = trainer.run()
     after = _fixed_erase_loss(trainer)
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.6 * before, (before, after)  # measured 0.32×: a run that learns half as well fails
     assert len(result.history) == 30 and result.completed
     assert all(r.lam >= 0 for r in result.history)
     assert all(math.isfinite(v) for r in result.history for v in (r.erase, r.attn, r.pr, r.lam))
@@ -185,15 +185,21 @@ def test_cancel_keeps_a_loadable_checkpoint(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    grads = []
+    grads, runs = [], []
     for ckpt in (False, True):
         trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, gradient_checkpointing=ckpt, lambda_mode="fixed"))
         with torch.no_grad():
             for p in trainer.params:
                 p.add_(0.05)
         l_erase, l_attn, l_pr, _ = trainer._losses(trainer.pool.erase[0], list(trainer.pool.erase_tokens[0]), trainer.pool.keep[0])
-        (l_erase + l_attn + l_pr).backward()
+        layer = trainer.backend.transformer.layers[0]
+        calls = []
+        handle = layer.register_forward_pre_hook(lambda m, a: calls.append(1))
+        (l_erase + l_attn + l_pr).backward()  # with checkpointing, backward runs each main layer again
+        handle.remove()
+        runs.append(len(calls))
         grads.append(torch.cat([p.grad.reshape(-1) for p in trainer.params]))
+    assert runs[0] == 0 and runs[1] >= 1  # checkpointing really recomputed (a no-op switch would give 0)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
