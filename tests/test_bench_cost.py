@@ -70,16 +70,6 @@ def test_pool_holds_the_frozen_teachers_predictions():
     assert torch.allclose(xp.x[0, 1], xp.x[0, 0] + step * xp.teacher[0, 0, 0], atol=1e-5)
 
 
-def test_pool_covers_every_erase_and_preservation_prompt():
-    """Five preservation concepts, a pool asked for two trajectories: each concept still gets one."""
-    keep = ("blue", "green", "yellow", "purple", "orange")
-    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", preserve=keep, sample_steps=2))
-    xp = trainer.xt_pool
-    assert len(trainer.pool.keep) == len(keep) and xp.x.shape[0] == len(keep)
-    assert sorted(xp.keep_index) == list(range(len(keep)))
-    assert set(xp.erase_index) == set(range(len(trainer.pool.erase)))
-
-
 def test_cancel_while_the_pool_is_sampled():
     """Sampling the pool takes a while before step 1: should_stop is asked between trajectory batches."""
     asked = []

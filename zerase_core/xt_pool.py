@@ -4,11 +4,10 @@ ESD-style training (paper §4.1) reaches x_t by sampling from noise with the era
 through the frozen model, every step: on average (K − 1)/2 extra forwards per step for a
 K-step sampler, all of whose results depend only on θ, never on the LoRA. The pool does
 that work once. It samples ``T`` trajectories (one erase prompt each, cycling through the
-prompt pool; one preservation prompt each, cycling through D_pr in a seeded order — T is
-raised to cover every prompt of both) and keeps every level k = 0 … K − 1 of each. The
-frozen teacher's predictions at those points — v_θ(x_t, c_er), v_θ(x_t, ∅) and v_θ(x_t, c_pr)
-for the trajectory's preservation prompt — are computed in the same batched no-grad forwards that
-advance the sampler (the sampler needs v_θ(x_t, c_er) anyway), so a training step that
+prompt pool; one preservation prompt each, drawn from D_pr) and keeps every level
+k = 0 … K − 1 of each. The frozen teacher's predictions at those points — v_θ(x_t, c_er),
+v_θ(x_t, ∅) and v_θ(x_t, c_pr) for the trajectory's preservation prompt — are computed in
+the same batched no-grad forwards that advance the sampler (the sampler needs v_θ(x_t, c_er) anyway), so a training step that
 draws from the pool runs no teacher forward at all.
 
 Everything here is deterministic given the seed, so a resumed run rebuilds the same pool.
@@ -65,11 +64,11 @@ class TrajectoryPool:
     ):
         start = time.perf_counter()
         self.sigmas = sigmas
-        n = max(trajectories, len(erase), len(keep))  # every erase and preservation prompt gets a trajectory
-        keep_order = list(range(len(keep)))
-        random.Random(seed).shuffle(keep_order)  # which erase prompt each preservation prompt rides with
+        n = max(trajectories, len(erase))  # every erase prompt gets at least one trajectory
+        rng = random.Random(seed)
         self.erase_index = [j % len(erase) for j in range(n)]
-        self.keep_index = [keep_order[j % len(keep)] if keep else None for j in range(n)]
+        # c_pr ~ D_pr per trajectory, as Algorithm 1 samples it per step: a pool carries at most T of them
+        self.keep_index = [rng.randrange(len(keep)) if keep else None for _ in range(n)]
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((n, *latent_shape), generator=gen)  # (T, C, H, W)
         levels = len(sigmas) - 1
