@@ -1,0 +1,55 @@
+"""Bad input that the other test files do not reach: each is refused with a message that names the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zerase_core.apply import host_widths
+from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
+from zerase_core.config import TrainConfig
+from zerase_core.errors import ZEraseError
+from zerase_core.lora import LoRAConfig
+from zerase_core.lora_file import ErasureLoRA, check_fits, save_lora
+from zerase_core.tiny import TinyZImageConfig, tiny_zimage_backend
+from zerase_core.trainer import ZEraseTrainer
+
+
+def _config(**over):
+    base = dict(concept="red", preserve=("blue",), templates=("a {} ball",), steps=2, height=64, width=64,
+                sample_steps=2, lora=LoRAConfig(rank=2), xt_pool=1, shuffle_pool=1)
+    return TrainConfig(**(base | over))
+
+
+def test_an_empty_preservation_concept_is_refused():
+    with pytest.raises(ZEraseError, match="A preservation concept is empty; remove it or type a word"):
+        _config(preserve=("blue", " "))
+
+
+def test_another_transformer_is_refused_by_the_diffusers_backend():
+    with pytest.raises(ZEraseError, match="Expected diffusers' ZImageTransformer2DModel, got Linear"):
+        DiffusersZImageBackend(torch.nn.Linear(2, 2), encoder=None)
+
+
+def test_a_lora_whose_fingerprint_differs_is_refused_even_when_the_shapes_fit(tiny_backend):
+    """Same widths, another depth on record: a LoRA made for a 3-layer model is not silently half-applied."""
+    widths = host_widths(tiny_backend)
+    factors = {key: (torch.zeros(2, w_in), torch.zeros(w_out, 2)) for key, (w_in, w_out) in widths.items()}
+    lora = ErasureLoRA(factors, fingerprint=tiny_backend.fingerprint() | {"n_layers": 3})
+    with pytest.raises(ZEraseError, match="n_layers: LoRA 3 vs model 2"):
+        check_fits(lora, tiny_backend.fingerprint(), widths)
+
+
+def test_resume_refuses_what_is_not_a_checkpoint_of_this_model(tmp_path):
+    saved = ZEraseTrainer(tiny_zimage_backend(), _config(), checkpoint_path=tmp_path / "run.ckpt")
+    saved.run()
+    (tmp_path / "broken.ckpt").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{notjson")
+    lora_file = save_lora(saved.export(), tmp_path / "red.safetensors")
+    fresh = ZEraseTrainer(tiny_zimage_backend(), _config())
+    with pytest.raises(ZEraseError, match="Cannot read the checkpoint .* Start a fresh run instead"):
+        fresh.resume(tmp_path / "broken.ckpt")
+    with pytest.raises(ZEraseError, match="is not a Z-Erase training checkpoint"):
+        fresh.resume(lora_file)
+    deeper = ZEraseTrainer(tiny_zimage_backend(TinyZImageConfig(n_layers=3)), _config())
+    with pytest.raises(ZEraseError, match="belongs to another model architecture"):
+        deeper.resume(tmp_path / "run.ckpt")
