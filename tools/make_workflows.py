@@ -69,7 +69,7 @@ class Graph:
             for name in widgets:
                 values.append(node["inputs"][name])
                 if name == "seed" and node["class_type"] == "KSampler":
-                    values.append("fixed")  # control_after_generate, stored after the seed
+                    values.append("fixed")  # control_after_generate, stored after the seed (ours declare none)
             nodes.append({
                 "id": int(node_id), "type": node["class_type"], "pos": [60 + 340 * (n % 5), 60 + 420 * (n // 5)],
                 "size": [315, 200], "flags": {}, "order": n, "mode": 0, "inputs": inputs,
