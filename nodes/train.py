@@ -60,8 +60,8 @@ def _previews(backend, trainer, model, vae, config):
 
 
 def _save(lora, planned: Path, save_name: str) -> Path:
-    """Save to the name resolved before training, unless a file appeared there meanwhile (another Train node with
-    the same save_name in this queue): then to the next free name, never over it."""
+    """Save to the name resolved before training, unless a file appeared there meanwhile (written by something
+    outside this node during a long run): then to the next free name, never over it."""
     return save_lora(lora, safe_output_path(output_folder(), save_name) if planned.exists() else planned)
 
 
@@ -135,11 +135,13 @@ class ZEraseTrain(io.ComfyNode):
             except BaseException:
                 if trainer.step > 0 and trainer.params_finite():
                     path = _save(trainer.export(), path, save_name)
-                    log.warning("Z-Erase: training stopped at step %d; saved the last good LoRA to %s", trainer.step, path)
+                    log.warning("Z-Erase: training stopped at step %d; saved the last good LoRA to %s",
+                                trainer.step, path)
                 raise
-        path = _save(result.lora, path, save_name)
+        if trainer.step > 0:  # a LoRA of zero steps is the base model: no file for it
+            path = _save(result.lora, path, save_name)
         if not result.completed:
-            log.warning("Z-Erase: cancelled at step %d; saved the LoRA so far to %s", trainer.step, path)
+            log.warning("Z-Erase: cancelled at step %d (LoRA so far saved when > 0: %s)", trainer.step, path)
             mm.throw_exception_if_processing_interrupted()
         history = result.history
         curves = _render.curves(

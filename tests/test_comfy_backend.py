@@ -40,6 +40,29 @@ def test_a_model_rebuilt_under_the_patches_is_refused_not_silently_run():
         ksample(comfy, rebuilt, cond, cond, empty_latent())
 
 
+@pytest.mark.parametrize("compile_first", [False, True], ids=["compile_after_apply", "compile_before_apply"])
+def test_torch_compile_wrapper_keeps_the_lora(compile_first):
+    """ComfyUI's compile wrapper swaps the compiled module in while sampling: same model, same patched result."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from comfy_support import empty_latent, ksample
+
+    def erased(base):
+        backend = ComfyZImageBackend(base)
+        _randomise(backend.install(LoRAConfig(rank=2)))
+        return backend.patcher
+
+    cond = encode(tiny_clip(comfy), "a cat")
+    plain = ksample(comfy, erased(tiny_zimage(comfy)), cond, cond, empty_latent())
+    base = tiny_zimage(comfy)
+    if compile_first:
+        set_torch_compile_wrapper(model=base, backend="eager")
+        model = erased(base)
+    else:
+        model = erased(base)
+        set_torch_compile_wrapper(model=model, backend="eager")
+    torch.testing.assert_close(ksample(comfy, model, cond, cond, empty_latent()), plain, rtol=0, atol=1e-5)
+
+
 def test_refuses_a_text_encoder_of_another_width():
     """Another LLM's encoder with a chat template passes the tokenizer check; its feature width does not."""
     backend = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy, width=96), node="Z-Erase Train")

@@ -194,6 +194,27 @@ def test_cancel_before_the_first_step_writes_nothing(pack, loras_dir):
     assert not (loras_dir / "zerase" / "early.safetensors").exists()
 
 
+def test_cancel_after_the_pool_before_step_one_writes_nothing(pack, loras_dir, monkeypatch):
+    import sys
+
+    mm = comfy.mm
+    module = next(mod for n, mod in sys.modules.items() if n.endswith(".nodes.train"))
+    real_run = module.ZEraseTrainer.run
+
+    def cancelled_at_once(self):
+        mm.interrupt_current_processing(True)
+        return real_run(self)
+
+    monkeypatch.setattr(module.ZEraseTrainer, "run", cancelled_at_once)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                        **_train_inputs(steps=5, save_name="zero"))
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not (loras_dir / "zerase" / "zero.safetensors").exists()
+
+
 def test_load_and_merge(pack, loras_dir):
     save_lora(random_lora(3, concept="cat"), loras_dir / "a.safetensors")
     save_lora(random_lora(4, concept="dog"), loras_dir / "b.safetensors")

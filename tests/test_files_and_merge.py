@@ -86,6 +86,7 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
      "NaN or infinite"),
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.B": torch.zeros(64, 3)}), "inconsistent shapes"),
     (dict(format_version="99"), "format version 99; update"),
+    (dict(format_version="99", scale=None), "format version 99; update"),  # a newer format may lack our keys
     (dict(format_version="two"), "damaged Z-Erase metadata"),
     (dict(scale=None), "damaged Z-Erase metadata"),
     (dict(scale='"half"'), "damaged Z-Erase metadata"),

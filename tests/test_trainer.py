@@ -170,18 +170,17 @@ def test_nan_gradient_leaves_lora_lambda_and_step_as_they_were():
 
 
 def test_cancel_keeps_a_loadable_checkpoint(tmp_path):
-    calls = {"n": 0}
-
-    def stop():
-        calls["n"] += 1
-        return calls["n"] > 4
-
-    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=20), should_stop=stop, checkpoint_path=tmp_path / "k.ckpt")
+    run = {}  # Cancel after step 4 (should_stop is also asked while the x_t pool is sampled, before run exists)
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=20), checkpoint_path=tmp_path / "k.ckpt",
+                            should_stop=lambda: "trainer" in run and run["trainer"].step >= 4)
+    run["trainer"] = trainer
     result = trainer.run()
     assert not result.completed and len(result.history) == 4
     again = ZEraseTrainer(tiny_zimage_backend(), _config(steps=20))
     again.resume(tmp_path / "k.ckpt")
     assert again.step == 4
+    for (a, b), (a2, b2) in zip(trainer.lora.factors().values(), again.lora.factors().values()):
+        assert torch.equal(a, a2) and torch.equal(b, b2)  # the resumed run starts from the cancelled one's LoRA
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

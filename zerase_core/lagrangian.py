@@ -7,7 +7,8 @@ Three rules behind one interface:
 * ``exact`` — Eq. 12: λ* = max(0, (−∇L_er·∇L_pr − ε)/‖∇L_pr‖²) from both gradients
   (two backward passes); the update direction is ∇L_er + λ*∇L_pr (Eq. 11).
 * ``paired`` — Eq. 15 with both L_pr values on one preservation batch: L_pr of step t's
-  batch before and after step t's update (one extra no-grad forward per step). Eq. 14 reads
+  batch before and after step t's update (one extra no-grad forward per step; two when λ_t > 0,
+  so both values come from the same call shape — see ZEraseTrainer.train_step). Eq. 14 reads
   the difference as ∇L_pr · d_t, a finite difference along the update, which holds only on
   one batch; ``paper`` pairs consecutive steps' batches, whose difference is mostly sampling
   noise divided by α.

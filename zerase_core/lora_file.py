@@ -144,6 +144,13 @@ def _description(path: Path, meta: dict[str, str]) -> dict[str, Any]:
     """ErasureLoRA's describing fields from a native file's metadata; damaged metadata is refused by name."""
     try:
         version = int(meta.get("format_version", "0"))
+    except ValueError:
+        version = -1  # refused as damaged below
+    if version > FORMAT_VERSION:  # before reading the rest: a newer format may describe itself differently
+        raise ZEraseError(f"'{path.name}' uses format version {version}; update the Z-Erase pack to read it.")
+    try:
+        if version < 0:
+            raise ValueError(f"format_version {meta['format_version']!r}")
         info = decode_metadata(meta)
         described = dict(
             scale=float(info["scale"]),
@@ -158,8 +165,6 @@ def _description(path: Path, meta: dict[str, str]) -> dict[str, Any]:
         raise ZEraseError(
             f"'{path.name}' has damaged Z-Erase metadata ({type(err).__name__}: {err}); re-train or re-download it."
         )
-    if version > FORMAT_VERSION:
-        raise ZEraseError(f"'{path.name}' uses format version {version}; update the Z-Erase pack to read it.")
     return described
 
 

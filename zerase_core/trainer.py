@@ -218,11 +218,14 @@ class ZEraseTrainer:
             raise NonFiniteLoss(self._nan_message(values))
         self._recomputed = False
         lam_before = self.lam.state()  # a failed step must not move λ either: the checkpoint keeps the last good state
-        lam = self._backward(l_erase + self.config.attn_weight * l_attn, l_pr)
-        if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params):
+        try:
+            lam = self._backward(l_erase + self.config.attn_weight * l_attn, l_pr)
+            if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params):
+                raise NonFiniteLoss(self._nan_message({"gradient": float("nan")}))
+        except BaseException:  # a NaN gradient, out of memory, a cancel from a hook
             self.optimizer.zero_grad(set_to_none=True)
             self.lam.load_state(lam_before)
-            raise NonFiniteLoss(self._nan_message({"gradient": float("nan")}))
+            raise
         pr_before = values["L_pr"]
         if self.config.lambda_mode == "paired" and l_pr.requires_grad:
             # L_pr came from the batched, mass-recording forward; the after-update value comes from _pr_loss.

@@ -270,7 +270,9 @@ class ComfyZImageBackend(Backend):
         self._recorder: Any = None  # MassRecorder / WordMapRecorder of the running call
         self._layout: TokenLayout | None = None
         self._checkpointed: set[int] = set()
-        dit = self.dit
+        # The model the patches are built on. Not self.dit: ComfyUI's torch.compile wrapper swaps the compiled
+        # module into diffusion_model while it samples, and the wrapper must not touch that property there.
+        self._host = dit = self.dit
         self.patch = int(dit.patch_size)
         self.multiple = int(dit.pad_tokens_multiple)
         unet = self.patcher.model.model_config.unet_config
@@ -388,12 +390,13 @@ class ComfyZImageBackend(Backend):
             raise ZEraseError(
                 f"{self.node}: erasure LoRAs do not support Z-Image reference latents (edit/omni mode)."
             )
-        if executor.class_obj is not None and executor.class_obj is not self.dit:
-            # ModelPatcher.clone(model_override=...) (TorchCompileModel, hooked conds under dynamic VRAM) copies
-            # object patches that call this model's modules: the new model would run the old one's layers.
+        if executor.class_obj is not None and executor.class_obj is not self._host:
+            # ModelPatcher.clone(model_override=...) (dynamic VRAM's non-dynamic delegate) copies object patches
+            # that call this model's modules: the new model would run the old one's layers.
             raise ZEraseError(
-                f"{self.node}: ComfyUI rebuilt the model after the erasure LoRA was put on it (a node such as "
-                "TorchCompileModel does), which erasure LoRAs do not follow yet. Remove that node from this path."
+                f"{self.node}: ComfyUI rebuilt the model after the erasure LoRA was put on it (its dynamic VRAM "
+                "does so for TorchCompileModel and hooked conditioning), which erasure LoRAs do not follow yet. Put "
+                "TorchCompileModel before Apply Erasure LoRA, or start ComfyUI with --disable-dynamic-vram."
             )
         layout = _layout(context.shape[1], x, self.patch, self.multiple)
         options = kwargs.get("transformer_options")
