@@ -108,6 +108,13 @@ def test_apply_stacks_and_refuses_what_does_not_fit(pack, loras_dir):
         apply.execute(model=tiny_lumina2(comfy), lora_name="native.safetensors", strength=1.0)
 
 
+def _train_module():
+    """The pack's nodes/train.py as ComfyUI imported it (under custom_nodes.<folder>)."""
+    import sys
+
+    return next(mod for n, mod in sys.modules.items() if n.endswith(".nodes.train"))
+
+
 def _train_inputs(**over):
     base = dict(concept="cat", preset="entity", templates="A photo of {}", preserve="dog", steps=2,
                 learning_rate=1e-3, beta=0.1, eta=2.0, epsilon=-1.0, rank=2, targets="q,k,v", resolution=64,
@@ -165,9 +172,7 @@ def test_cancel_during_training_leaves_a_loadable_lora(pack, loras_dir):
 def test_a_file_written_meanwhile_under_the_same_name_is_kept(pack, loras_dir, monkeypatch):
     """Two Train nodes with one save_name in a queue: the name is resolved before training, so the second must
     not overwrite what the first wrote meanwhile."""
-    import sys
-
-    module = next(mod for n, mod in sys.modules.items() if n.endswith(".nodes.train"))
+    module = _train_module()
     real_run = module.ZEraseTrainer.run
 
     def run_while_another_node_saves(self):
@@ -181,10 +186,16 @@ def test_a_file_written_meanwhile_under_the_same_name_is_kept(pack, loras_dir, m
     assert load_lora(loras_dir / "zerase" / "twin_001.safetensors").training["steps_done"] == 2
 
 
-def test_cancel_before_the_first_step_writes_nothing(pack, loras_dir):
-    """Cancel while the x_t pool is sampled: ComfyUI's interrupt, no LoRA file (nothing was trained)."""
+@pytest.mark.parametrize("when", ["pool", "step_one"])
+def test_cancel_before_the_first_step_writes_nothing(pack, loras_dir, monkeypatch, when):
+    """Cancel while the x_t pool is sampled, or right after it: ComfyUI's interrupt, no LoRA file (nothing trained)."""
     mm = comfy.mm
-    mm.interrupt_current_processing(True)
+    if when == "pool":
+        mm.interrupt_current_processing(True)
+    else:
+        real_run = _train_module().ZEraseTrainer.run
+        monkeypatch.setattr(_train_module().ZEraseTrainer, "run",
+                            lambda self: mm.interrupt_current_processing(True) or real_run(self))
     try:
         with pytest.raises(mm.InterruptProcessingException):
             pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
@@ -192,27 +203,6 @@ def test_cancel_before_the_first_step_writes_nothing(pack, loras_dir):
     finally:
         mm.interrupt_current_processing(False)
     assert not (loras_dir / "zerase" / "early.safetensors").exists()
-
-
-def test_cancel_after_the_pool_before_step_one_writes_nothing(pack, loras_dir, monkeypatch):
-    import sys
-
-    mm = comfy.mm
-    module = next(mod for n, mod in sys.modules.items() if n.endswith(".nodes.train"))
-    real_run = module.ZEraseTrainer.run
-
-    def cancelled_at_once(self):
-        mm.interrupt_current_processing(True)
-        return real_run(self)
-
-    monkeypatch.setattr(module.ZEraseTrainer, "run", cancelled_at_once)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
-                                        **_train_inputs(steps=5, save_name="zero"))
-    finally:
-        mm.interrupt_current_processing(False)
-    assert not (loras_dir / "zerase" / "zero.safetensors").exists()
 
 
 def test_load_and_merge(pack, loras_dir):
