@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from comfy_api.latest import io
@@ -17,7 +18,13 @@ SUBFOLDER = "zerase"
 def lora_files() -> list[str]:
     import folder_paths
 
-    return [NONE, *folder_paths.get_filename_list("loras")]
+    return [NONE, *(portable(name) for name in folder_paths.get_filename_list("loras"))]
+
+
+def portable(name: str, sep: str = os.sep) -> str:
+    """'zerase\\cat.safetensors' on Windows -> 'zerase/cat.safetensors': the name a shared workflow stores must be the
+    same on every system (ComfyUI lists subfolder files with the OS separator; get_full_path accepts '/' everywhere)."""
+    return name.replace(sep, "/")
 
 
 def read_lora_file(name: str, node: str) -> ErasureLoRA:

@@ -53,6 +53,15 @@ def test_pack_registers_every_node(pack):
     assert {n for n, cls in ours.items() if cls.OUTPUT_NODE is True} == {"ZEraseTrain", "ZEraseMergeLoRAs"}
 
 
+def test_lora_names_are_the_same_on_every_system(pack):
+    """ComfyUI lists 'zerase\\cat.safetensors' on Windows; the shipped workflows store 'zerase/cat.safetensors'."""
+    import sys
+
+    common = next(mod for n, mod in sys.modules.items() if n.endswith(".nodes.common"))
+    assert common.portable("zerase\\cat.safetensors", sep="\\") == "zerase/cat.safetensors"
+    assert common.portable("zerase/cat.safetensors", sep="/") == "zerase/cat.safetensors"
+
+
 def test_apply_gates_image_rows_and_leaves_original_bit_identical(pack):
     apply = pack["ZEraseApplyLoRA"]
     model, clip = tiny_zimage(comfy), tiny_clip(comfy)
