@@ -240,10 +240,20 @@ def test_attention_map_viewer_and_compare(pack):
     (img,) = viewer.execute(model=model, clip=clip, prompt="a photo of a cat on a mat", words="cat, mat",
                             sigmas="0.3, 0.7", layer_start=0, layer_end=-1, seed=0, latent=latent, model_b=erased)
     assert img.ndim == 4 and img.shape[-1] == 3
+    (same,) = viewer.execute(model=model, clip=clip, prompt="a photo of a cat on a mat", words="cat, mat",
+                             sigmas="0.3, 0.7", layer_start=0, layer_end=-1, seed=0, latent=latent, model_b=model)
+    row_a, row_b = (slice(18 + 64 * r, 82 + 64 * r) for r in range(2))  # 64 px heatmaps below the label strip
+    assert torch.equal(same[0, row_a, 90:], same[0, row_b, 90:])  # model B = model A: the same maps
+    assert not torch.equal(img[0, row_a, 90:], img[0, row_b, 90:])  # the erasure LoRA moved the attention
     with pytest.raises(ZEraseError, match="does not occur"):
         viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="dog", sigmas="0.5",
                        layer_start=0, layer_end=-1, seed=0, latent=latent)
     pics = torch.rand(2, 64, 64, 3)
     (grid,) = compare.execute(original=pics, erased=pics.flip(0), prompt="a photo of a cat",
                               label_original="original", label_erased="erased")
-    assert grid.shape[0] == 1 and grid.shape[2] > 128
+    assert grid.shape[0] == 1
+    # Row r holds original[r] | erased[r] at their own pixels (below an 18 px label strip, right of 90 px row labels).
+    for r in range(2):
+        rows = slice(18 + 64 * r, 82 + 64 * r)
+        torch.testing.assert_close(grid[0, rows, 90:154], pics[r], rtol=0, atol=0.5 / 255)
+        torch.testing.assert_close(grid[0, rows, 154:218], pics.flip(0)[r], rtol=0, atol=0.5 / 255)
