@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
 from zerase_core.config import PRESETS, TrainConfig
-from zerase_core.files import safe_output_path
+from zerase_core.files import path_inside, safe_output_path
 from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import save_lora
 from zerase_core.sampling import euler, flow_sigmas
@@ -22,6 +22,9 @@ from .common import ErasureLoRAType, output_folder
 
 NODE = "Z-Erase Train"
 TARGETS = ["q,k,v", "q,k", "q", "k", "v"]
+# Kept beside the LoRAs (ComfyUI empties its temp folder at start-up) with a suffix no loader lists; deleted when
+# the run completes.
+CHECKPOINTS, CHECKPOINT_SUFFIX = ".checkpoints", ".zerase-ckpt"
 PREVIEW_SEED_OFFSET = 1_000_003  # preview noise: a stream of its own, away from the run's x_t (see _previews)
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,25 @@ def _previews(backend, trainer, model, vae, config):
         x0 = euler(backend, noise, sigmas, [prompt], lora=lora).cpu()
         pictures.append(_render.to_pil(_render.decode(model, vae, backend.patcher.model.process_latent_out(x0))[0]))
     return _render.grid([pictures], ["before", "after"], caption=prompt.text)
+
+
+def _trainer(backend, config, checkpoint: Path, resume: bool) -> ZEraseTrainer:
+    """The run's trainer, continued from ``checkpoint`` when asked and one exists; its steps drive the progress bar."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    pbar = comfy.utils.ProgressBar(config.steps)
+    try:
+        trainer = ZEraseTrainer(backend, config, callbacks=[lambda record, t: pbar.update_absolute(t.step)],
+                                should_stop=mm.processing_interrupted, checkpoint_path=checkpoint)
+    except PoolCancelled:  # Cancel before the first step: nothing to save
+        mm.throw_exception_if_processing_interrupted()
+        raise
+    if resume and checkpoint.exists():
+        trainer.resume(checkpoint)  # refuses other settings or another model, saying so
+        pbar.update_absolute(trainer.step)
+        log.info("Z-Erase: resumed '%s' at step %d of %d", checkpoint.name, trainer.step, config.steps)
+    return trainer
 
 
 def _save(lora, planned: Path, save_name: str) -> Path:
@@ -99,6 +121,10 @@ class ZEraseTrain(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Saves most activation memory (~34 GB → ~15 GB at 512² on the real model, "
                                  "estimated) for ~50 % more time per step"),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue an interrupted run of this save_name (cancelled, crashed, "
+                                 "ComfyUI restarted) with the same settings from its last checkpoint (every 100 "
+                                 "steps and at Cancel); starts fresh when there is none."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the previews; without it a cheap preview."),
             ],
             outputs=[
@@ -111,24 +137,17 @@ class ZEraseTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon,
-                rank, targets, resolution, seed, save_name, gradient_checkpointing=True, vae=None) -> io.NodeOutput:
+                rank, targets, resolution, seed, save_name, gradient_checkpointing=True, resume=False,
+                vae=None) -> io.NodeOutput:
         import comfy.model_management as mm
-        import comfy.utils
-        import folder_paths
 
         config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
                               targets, resolution, seed, gradient_checkpointing)
         path = safe_output_path(output_folder(), save_name)  # checked before any work
-        checkpoint = Path(folder_paths.get_temp_directory()) / "zerase" / f"{path.stem}.checkpoint.safetensors"
+        checkpoint = path_inside(output_folder() / CHECKPOINTS, save_name, CHECKPOINT_SUFFIX)
         backend = ComfyZImageBackend(model, clip, node=NODE)
-        pbar = comfy.utils.ProgressBar(config.steps)
         with training_session(backend):
-            try:
-                trainer = ZEraseTrainer(backend, config, callbacks=[lambda record, t: pbar.update(1)],
-                                        should_stop=mm.processing_interrupted, checkpoint_path=checkpoint)
-            except PoolCancelled:  # Cancel before the first step: nothing to save
-                mm.throw_exception_if_processing_interrupted()
-                raise
+            trainer = _trainer(backend, config, checkpoint, resume)
             backend.clip = None  # prompts are encoded; the text encoder is not needed any more
             try:
                 result = trainer.run()
@@ -143,6 +162,7 @@ class ZEraseTrain(io.ComfyNode):
         if not result.completed:
             log.warning("Z-Erase: cancelled at step %d (LoRA so far saved when > 0: %s)", trainer.step, path)
             mm.throw_exception_if_processing_interrupted()
+        checkpoint.unlink(missing_ok=True)  # the run is complete: nothing is left to resume
         history = result.history
         curves = _render.curves(
             {"L_erase": [r.erase for r in history], "L_attn": [r.attn for r in history],

@@ -153,7 +153,7 @@ def test_train_outputs_and_files(pack, loras_dir):
         train.execute(model=tiny_lumina2(comfy), clip=clip, **_train_inputs(save_name="y"))
 
 
-def test_cancel_during_training_leaves_a_loadable_lora(pack, loras_dir):
+def test_cancel_during_training_leaves_a_loadable_lora_and_resume_finishes_the_run(pack, loras_dir, monkeypatch):
     train = pack["ZEraseTrain"]
     mm, utils = comfy.mm, comfy.utils
     calls = []
@@ -176,6 +176,23 @@ def test_cancel_during_training_leaves_a_loadable_lora(pack, loras_dir):
     # ComfyUI's ProgressBar may skip hook calls between fast steps; Cancel lands at the step it saw.
     assert lora.training["steps_done"] == calls[-1] >= 2
     assert all(torch.isfinite(b).all() for _, b in lora.factors.values())
+    # Resume (the step count may change): the run continues from the checkpoint kept beside the LoRAs, ends where an
+    # uninterrupted run ends, and the finished run leaves no checkpoint behind.
+    checkpoint = loras_dir / "zerase" / ".checkpoints" / "stop.zerase-ckpt"
+    assert checkpoint.is_file()
+    trainer_class, steps_run = _train_module().ZEraseTrainer, []
+    real_step = trainer_class.train_step
+    monkeypatch.setattr(trainer_class, "train_step", lambda self: steps_run.append(1) or real_step(self))
+    resumed, *_ = train.execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                **_train_inputs(steps=6, save_name="stop", resume=True))
+    monkeypatch.undo()
+    assert len(steps_run) == 6 - calls[-1]  # continued, not started again
+    assert resumed.training["steps_done"] == 6 and not checkpoint.exists()
+    assert load_lora(loras_dir / "zerase" / "stop_001.safetensors").training["steps_done"] == 6
+    whole, *_ = train.execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy), **_train_inputs(steps=6, save_name="w"))
+    for key, (a, b) in whole.factors.items():
+        torch.testing.assert_close(resumed.factors[key][0], a, rtol=0, atol=1e-6)
+        torch.testing.assert_close(resumed.factors[key][1], b, rtol=0, atol=1e-6)
 
 
 def test_a_file_written_meanwhile_under_the_same_name_is_kept(pack, loras_dir, monkeypatch):

@@ -52,8 +52,20 @@ _SAFE_NAME = re.compile(r"^[\w\-. ]+$")
 def safe_output_path(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> Path:
     """``folder/name`` for a user-typed name that must stay inside ``folder`` and not overwrite.
 
-    Subfolders are allowed ("nsfw/nudity"); "..", absolute paths and odd characters are not.
     An existing file gets a numbered sibling (name_001) instead of being replaced.
+    """
+    path = path_inside(folder, name, suffix)
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n:03d}{suffix}")
+    return candidate
+
+
+def path_inside(folder: str | os.PathLike, name: str, suffix: str) -> Path:
+    """Exactly ``folder/name + suffix`` for a user-typed name, refused if it would leave ``folder``.
+
+    Subfolders are allowed ("nsfw/nudity"); "..", absolute paths and odd characters are not.
     """
     name = name.strip()
     if name.endswith(suffix):
@@ -68,8 +80,4 @@ def safe_output_path(folder: str | os.PathLike, name: str, suffix: str = ".safet
     path = root.joinpath(*parts[:-1], parts[-1] + suffix)
     if root not in path.resolve().parents:
         raise ZEraseError(f"The save name '{name}' would leave the folder {root}; choose a plain name.")
-    candidate, n = path, 0
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}_{n:03d}{suffix}")
-    return candidate
+    return path
