@@ -12,7 +12,7 @@ from zerase_core.config import PRESETS, TrainConfig
 from zerase_core.files import path_inside, safe_output_path
 from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import save_lora
-from zerase_core.sampling import euler, flow_sigmas
+from zerase_core.sampling import before_after
 from zerase_core.trainer import ZEraseTrainer
 from zerase_core.xt_pool import PoolCancelled
 
@@ -25,7 +25,6 @@ TARGETS = ["q,k,v", "q,k", "q", "k", "v"]
 # Kept beside the LoRAs (ComfyUI empties its temp folder at start-up) with a suffix no loader lists; deleted when
 # the run completes.
 CHECKPOINTS, CHECKPOINT_SUFFIX = ".checkpoints", ".zerase-ckpt"
-PREVIEW_SEED_OFFSET = 1_000_003  # preview noise: a stream of its own, away from the run's x_t (see _previews)
 log = logging.getLogger(__name__)
 
 
@@ -44,21 +43,10 @@ def build_config(concept, preset, templates, preserve, steps, learning_rate, bet
 
 
 def _previews(backend, trainer, model, vae, config):
-    """Before/after pictures of the first erase prompt from the same noise.
-
-    The noise is not the run's: seeded alike, it would be the first x_t trajectory trained on, and the
-    "after" picture would show a training point rather than how the erasure generalises.
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(config.seed + PREVIEW_SEED_OFFSET)
-    noise = torch.randn((1, *backend.latent_shape(config.height, config.width)), generator=gen)
-    sigmas = flow_sigmas(config.sample_steps, config.shift)
+    """Before/after pictures of the first erase prompt from one noise (not the run's: see before_after)."""
     prompt = trainer.pool.erase[0]
-    pictures = []
-    for lora in (False, True):
-        x0 = euler(backend, noise, sigmas, [prompt], lora=lora).cpu()
-        pictures.append(_render.to_pil(_render.decode(model, vae, backend.patcher.model.process_latent_out(x0))[0]))
+    pictures = [_render.to_pil(_render.decode(model, vae, backend.patcher.model.process_latent_out(x0))[0])
+                for x0 in before_after(backend, prompt, config)]
     return _render.grid([pictures], ["before", "after"], caption=prompt.text)
 
 

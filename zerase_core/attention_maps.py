@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from .attention_mass import attention_with_mass
+from .layout import TokenLayout
 from .prompts import EncodedPrompt
 
 
@@ -19,8 +20,8 @@ class WordMapRecorder:
     """Sums, per word, the mass every query puts on that word's columns, over the chosen layers."""
 
     def __init__(self, indicators: list[torch.Tensor], layers: set[int] | None):
-        self.indicators, self.layers = indicators, layers  # each indicator (1, L)
-        self.sums = [torch.zeros(ind.shape[1]) for ind in indicators]
+        self.indicators, self.layers = torch.cat(indicators), layers  # (N, L): each word's (1, L) indicator
+        self.sums: list[torch.Tensor] | None = None  # per word, on the layers' device until per_query
         self.seen: set[int] = set()
 
     def wants(self, layer: int) -> bool:
@@ -29,15 +30,24 @@ class WordMapRecorder:
     def attend(self, layer: int, attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
         """This layer's attention output; every word's mass comes from the same call."""
         self.seen.add(layer)
-        columns = torch.cat(self.indicators).to(q.device)[:, None].expand(-1, q.shape[0], -1)  # (N, B, L)
+        columns = self.indicators.to(q.device)[:, None].expand(-1, q.shape[0], -1)  # (N, B, L)
         out, mass = attention_with_mass(attention, q, k, v, columns, scale)  # mass (N, B, H, L)
-        for n in range(len(self.sums)):
-            self.sums[n] += mass[n, 0].mean(dim=0).cpu()
+        if self.sums is None:
+            self.sums = [mass.new_zeros(mass.shape[-1]) for _ in range(mass.shape[0])]
+        for n, total in enumerate(self.sums):  # added where computed: no host sync per layer and word
+            total += mass[n, 0].mean(dim=0)
         return out
 
     def per_query(self) -> torch.Tensor:
         """(n_words, L) mean over recorded layers."""
-        return torch.stack(self.sums) / max(1, len(self.seen))
+        if self.sums is None:
+            raise RuntimeError("No attention was recorded: no main layer in the chosen range ran")
+        return torch.stack(self.sums).cpu() / len(self.seen)
+
+    def image_maps(self, layout: TokenLayout, h: int, w: int) -> torch.Tensor:
+        """(n_words, h, w): the per-query maps of the one sample's image tokens (row-major), padding left out."""
+        (start, _), = layout.image
+        return self.per_query()[:, start : start + h * w].reshape(-1, h, w)
 
 
 @torch.no_grad()

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .layout import pad_to_multiple
+
 # An attention call on (B, H, L, D) q, k, v with an explicit softmax scale, returning (B, H, L, D):
 # the host's SDPA with its mask bound.
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -38,15 +40,11 @@ def attention_with_mass(
     Returns out (B, H, L, D) and mass (N, B, H, L) float32.
     """
     n, d, dv = columns.shape[0], q.shape[-1], v.shape[-1]
-    width = _aligned(max(d, dv + n))
+    width = pad_to_multiple(max(d, dv + n), CHANNEL_ALIGN)
     indicators = columns.to(v.device, v.dtype).permute(1, 2, 0)[:, None].expand(-1, v.shape[1], -1, -1)
     value = torch.cat([v, indicators, v.new_zeros(*v.shape[:-1], width - dv - n)], dim=-1)  # (B, H, L, width)
     out = attention(_widened(q, width), _widened(k, width), value, scale if scale is not None else d**-0.5)
     return out[..., :dv], out[..., dv : dv + n].permute(3, 0, 1, 2).float()
-
-
-def _aligned(channels: int) -> int:
-    return -(-channels // CHANNEL_ALIGN) * CHANNEL_ALIGN
 
 
 def _widened(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -69,8 +67,9 @@ class MassRecorder:
     """
 
     def __init__(self, columns: torch.Tensor, query_rows: torch.Tensor, layers: set[int] | None = None):
-        self.columns = columns
+        self.columns = columns  # on the device the layers run on: no copy per layer
         self.query_rows = query_rows.float()
+        self.n_queries = self.query_rows.sum(dim=1).clamp_min(1.0)  # (B,), once per call rather than per layer
         self.layers = layers
         self.per_layer: dict[int, torch.Tensor] = {}
 
@@ -89,8 +88,8 @@ class MassRecorder:
 
     def keep(self, layer: int, mass: torch.Tensor) -> None:
         """Record (B, L) per-query mass (mean over heads) as the per-sample mean over image queries."""
-        rows = self.query_rows.to(mass.device)
-        self.per_layer[layer] = (mass * rows).sum(dim=1) / rows.sum(dim=1).clamp_min(1.0)  # (B,)
+        rows, n = self.query_rows.to(mass.device), self.n_queries.to(mass.device)  # no-ops when built there
+        self.per_layer[layer] = (mass * rows).sum(dim=1) / n  # (B,)
 
     def result(self) -> torch.Tensor:
         """(B,) mean mass over recorded layers."""

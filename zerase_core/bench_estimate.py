@@ -48,14 +48,13 @@ class FixedLengthEncoder:
 
 
 def scaled_zimage(dim: int, n_layers: int, dtype=torch.bfloat16, cap_feat_dim: int = 64):
-    """A randomly initialised Z-Image with the real head size, refiners and layout, at width ``dim``."""
-    from diffusers import ZImageTransformer2DModel
+    """A randomly initialised Z-Image with the real head size, RoPE axes, latent and patch, at width ``dim``."""
+    from .tiny import small_zimage
 
     torch.manual_seed(0)
-    model = ZImageTransformer2DModel(
-        dim=dim, n_layers=n_layers, n_refiner_layers=1, n_heads=dim // HEAD_DIM, n_kv_heads=dim // HEAD_DIM,
-        cap_feat_dim=cap_feat_dim, axes_dims=[32, 48, 48],
-    )
+    model = small_zimage(dim=dim, n_layers=n_layers, n_refiner_layers=1, n_heads=dim // HEAD_DIM,
+                         axes_dims=(32, 48, 48), axes_lens=(1024, 512, 512), in_channels=16, patch_size=2,
+                         cap_feat_dim=cap_feat_dim)
     return model.to(dtype).eval()
 
 

@@ -33,14 +33,15 @@ class MaterialisedMassRecorder(MassRecorder):
     """Attention mass read off the full softmax map, as the official code does."""
 
     def attend(self, layer: int, attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
-        scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (B, H, L, L)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, L, L)
         if attn_mask is not None:
             bool_mask = attn_mask.dtype == torch.bool
             scores = scores.masked_fill(~attn_mask, float("-inf")) if bool_mask else scores + attn_mask
         probs = scores.softmax(dim=-1)  # the materialised map
         columns = self.columns.to(q.device, probs.dtype)[:, None, None, :]  # (B, 1, 1, L)
         self.keep(layer, (probs * columns).sum(dim=-1).float().mean(dim=1))
-        return attention(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5)  # output: the host's kernel
+        return attention(q, k, v, scale)  # output: the host's kernel
 
 
 @contextmanager

@@ -6,12 +6,19 @@ prompt) and for previews. Z-Image Turbo samples with a shifted schedule (shift 3
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from .backends.base import Backend
 from .prompts import EncodedPrompt
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+# Preview noise is a stream of its own: seeded like the run, it would be the first x_t trajectory trained on,
+# and an "after" picture of a training point would overstate how the erasure generalises.
+PREVIEW_SEED_OFFSET = 1_000_003
 
 
 def flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -57,3 +64,12 @@ def euler(
         return guide(*both.chunk(2), cfg).to(x.device)
 
     return integrate(velocity, x.float(), sigmas.tolist())
+
+
+def before_after(backend: Backend, prompt: EncodedPrompt, config: "TrainConfig") -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 of ``prompt`` without and with the LoRA, from one noise, on the run's sampler (for previews)."""
+    gen = torch.Generator().manual_seed(config.seed + PREVIEW_SEED_OFFSET)
+    noise = torch.randn((1, *backend.latent_shape(config.height, config.width)), generator=gen)
+    sigmas = flow_sigmas(config.sample_steps, config.shift)
+    before, after = (euler(backend, noise, sigmas, [prompt], lora=lora).cpu() for lora in (False, True))
+    return before, after

@@ -273,7 +273,7 @@ class ZEraseTrainer:
             if self.checkpoint_path and self.params_finite():
                 self.save_checkpoint()
             raise
-        if self.checkpoint_path:
+        if self.checkpoint_path and self.step % self.config.checkpoint_every:  # a multiple was saved in the loop
             self.save_checkpoint()
         return TrainResult(self.export(), tuple(self.history), self.seconds, completed)
 

@@ -22,6 +22,7 @@ from ..attention_mass import MassRecorder
 from ..gate import TokenGate
 from ..lora import GatedLoRALinear, LoRAAdapter, LoRAConfig
 from ..prompts import EncodedPrompt
+from .row_sharing import RowGroups
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Backend(ABC):
     # How attention mass is measured; the benchmark's official-style reference swaps in a
     # recorder that materialises softmax maps, to compare against on the same model.
     recorder_factory = MassRecorder
+    _row_groups: RowGroups | None = None  # rows of the running call with equal (x_t, σ); set per call
 
     @property
     @abstractmethod
@@ -128,6 +130,10 @@ class Backend(ABC):
 
     def release_encoder(self) -> None:
         """Free the text encoder once every prompt a run needs is encoded (the trainer encodes up front)."""
+
+    def _current_row_groups(self) -> RowGroups | None:
+        """What a refiner wrapped by SharedRowsForward reads while the backend's call runs."""
+        return self._row_groups
 
 
 def _resolve(root: nn.Module, path: str) -> tuple[nn.Module, str]:

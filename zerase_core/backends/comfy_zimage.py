@@ -237,20 +237,30 @@ def _comfy_sdpa(mask: torch.Tensor | None):
 
     ComfyUI's optimized attention functions take no scale (they use 1/√head size, wrong for
     widened heads), and SageAttention rejects head sizes over 128; ComfyUI's own SDPA takes
-    both. The mask is shaped as ``attention_pytorch`` shapes it.
+    both. ``mask`` is shaped by :func:`_sdpa_mask`.
     """
     import comfy.ops
 
+    return lambda q, k, v, scale: comfy.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _sdpa_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A ComfyUI attention mask broadcast to (B, H, L, L) as ``attention_pytorch`` shapes it."""
     if mask is not None:
         mask = mask[None] if mask.ndim == 2 else mask
         mask = mask[:, None] if mask.ndim == 3 else mask
-    return lambda q, k, v, scale: comfy.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return mask
+
+
+def _patches(x: torch.Tensor, patch: int) -> tuple[int, int]:
+    """Image tokens down and across: NextDiT pads the latent up to a multiple of the patch size."""
+    return -(-x.shape[-2] // patch), -(-x.shape[-1] // patch)
 
 
 def _layout(context_len: int, x: torch.Tensor, patch: int, multiple: int) -> TokenLayout:
     """[caption | image], each padded to ``multiple`` (NextDiT.patchify_and_embed)."""
     text = pad_to_multiple(context_len, multiple)
-    h, w = -(-x.shape[-2] // patch), -(-x.shape[-1] // patch)
+    h, w = _patches(x, patch)
     image = pad_to_multiple(h * w, multiple)
     b = x.shape[0]
     return TokenLayout(text + image, ((0, text),) * b, ((text, text + image),) * b, (h * w,) * b)
@@ -283,7 +293,6 @@ class ComfyZImageBackend(Backend):
         from comfy.patcher_extension import WrappersMP
 
         self.patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, self.key, self._diffusion_wrapper)
-        self._row_groups: RowGroups | None = None  # rows of the running call with equal (x_t, σ)
         for i in range(len(self.dit.noise_refiner)):  # image tokens and t only: shareable across prompts
             key = REFINER_FORWARD.format(i)  # a wrapper inherited from the input MODEL's clone is replaced
             self.patcher.add_object_patch(
@@ -425,7 +434,8 @@ class ComfyZImageBackend(Backend):
                 q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
             if q.shape[2] != layout.seq_len:
                 return run(q, k, v, heads, mask, **(kwargs | {"skip_reshape": True}))
-            out = recorder.attend(int(layer), _comfy_sdpa(mask), q, k, v, None, mask)  # (B, H, L, D)
+            mask4 = _sdpa_mask(mask)  # the kernel and a recorder that computes scores itself see one mask
+            out = recorder.attend(int(layer), _comfy_sdpa(mask4), q, k, v, None, mask4)  # (B, H, L, D)
             if kwargs.get("skip_output_reshape", False):
                 return out
             return out.transpose(1, 2).reshape(b, -1, heads * v.shape[-1])
@@ -465,10 +475,7 @@ class ComfyZImageBackend(Backend):
 
     def _sharing_rows(self, x: torch.Tensor, sigma: torch.Tensor) -> ContextManager:
         """While inside, the noise refiner runs once per distinct (x, σ) row (see row_sharing)."""
-        return scoped(self, _row_groups=RowGroups.of(x, sigma) if x.shape[0] > 1 else None)
-
-    def _current_row_groups(self) -> RowGroups | None:
-        return self._row_groups
+        return scoped(self, _row_groups=RowGroups.of(x, sigma))
 
     # --- prompts and predictions ------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
@@ -526,17 +533,18 @@ class ComfyZImageBackend(Backend):
             recorder = None
             if concept_tokens is not None:
                 lay = _layout(feats.shape[1], xs, self.patch, self.multiple)
-                recorder = self.recorder_factory(lay.columns([concept_tokens[i] for i in idx]),
-                                                 lay.image_query_mask(), mass_layers)
+                recorder = self.recorder_factory(lay.columns([concept_tokens[i] for i in idx], self.device),
+                                                 lay.image_query_mask(self.device), mass_layers)
             with self.lora_switched(lora), self._caption_lengths(lengths), self._sharing_rows(xs, ss):
                 with self.recording(recorder):  # a checkpointed layer replays this group's recorder in backward
                     x0 = self.denoise(xs, ss, feats)
             s = ss.to(x0.device).view(-1, 1, 1, 1)
             v = (xs.to(x0.device).float() - x0.float()) / s  # ComfyUI returns x0; v = ε − x0 = (x_σ − x0)/σ
+            group_mass = recorder.result() if recorder is not None else None
             for j, i in enumerate(idx):
                 v_out[i] = v[j]
-                if recorder is not None:
-                    mass_out[i] = recorder.result()[j]
+                if group_mass is not None:
+                    mass_out[i] = group_mass[j]
         v_all = torch.stack(v_out)
         mass = torch.stack(mass_out) if concept_tokens is not None else None
         return v_all, mass
@@ -557,9 +565,7 @@ class ComfyZImageBackend(Backend):
             self.denoise(x[:1], sigma[:1].float(), feats)
         if not recorder.seen:
             raise ZEraseError(f"{self.node}: no main layer in the chosen range ran (the model has {self.n_layers}).")
-        (start, _), = lay.image
-        h, w = -(-x.shape[-2] // self.patch), -(-x.shape[-1] // self.patch)
-        return recorder.per_query()[:, start : start + h * w].reshape(len(columns), h, w)
+        return recorder.image_maps(lay, *_patches(x, self.patch))
 
 
 # --- training inside a node -----------------------------------------------------------------

@@ -115,7 +115,6 @@ class DiffusersZImageBackend(Backend):
         self._recorder: MassRecorder | None = None
         self._blocked: torch.Tensor | None = None  # (B, L) key columns removed from attention
         self._zeroing: Callable[[Sequence[EncodedPrompt]], list[list[int]]] | None = None
-        self._row_groups: RowGroups | None = None  # rows of this call with equal (x_t, σ)
         # The newest backend over a transformer owns it: hooks and gated layers report to it.
         for i, layer in enumerate(transformer.layers):
             processor = layer.attention.processor
@@ -129,9 +128,6 @@ class DiffusersZImageBackend(Backend):
             if isinstance(module, GatedLoRALinear):
                 module.gate = self.gate
                 self._installer.originals[path] = module.base_layer  # so uninstall() restores it
-
-    def _current_row_groups(self) -> RowGroups | None:
-        return self._row_groups
 
     # --- facts ---------------------------------------------------------------------------
     @property
@@ -241,9 +237,7 @@ class DiffusersZImageBackend(Backend):
         layout = self.layout(x[:1], [prompt])
         recorder = WordMapRecorder([layout.columns([cols]) for cols in columns], layers)
         self._run(x[:1], sigma[:1], [prompt], layout, lora, recorder)
-        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
-        (start, _), = layout.image  # [image | caption]: image tokens first, row-major
-        return recorder.per_query()[:, start : start + h * w].reshape(len(columns), h, w)
+        return recorder.image_maps(layout, x.shape[-2] // self.patch, x.shape[-1] // self.patch)
 
     def _run(self, x, sigma, prompts, layout, lora, recorder):
         """One transformer call under the gate, the attention watch and any token zeroing; raw output."""
@@ -251,7 +245,7 @@ class DiffusersZImageBackend(Backend):
         latents = list(x.to(self.device, self.dtype).unsqueeze(2).unbind(0))  # B × (C, F=1, H, W)
         t = (1.0 - sigma).to(self.device, self.dtype)  # diffusers' time runs 0 (noise) -> 1 (clean)
         blocked = layout.columns(self._zeroing(prompts)).bool() if self._zeroing is not None else None
-        groups = RowGroups.of(x, sigma) if x.shape[0] > 1 else None
+        groups = RowGroups.of(x, sigma)
         with scoped(self, _blocked=blocked, _row_groups=groups, _recorder=recorder), self.gate.active(layout, lora):
             return self.transformer(latents, t, captions, return_dict=False)[0]
 
@@ -261,7 +255,8 @@ class DiffusersZImageBackend(Backend):
         layout = self.layout(x, prompts)
         recorder = None
         if concept_tokens is not None:
-            recorder = self.recorder_factory(layout.columns(concept_tokens), layout.image_query_mask(), mass_layers)
+            recorder = self.recorder_factory(layout.columns(concept_tokens, self.device),
+                                             layout.image_query_mask(self.device), mass_layers)
         out = self._run(x, sigma, prompts, layout, lora, recorder)
         # diffusers predicts x0 − ε; the engine's velocity is ε − x0, hence the minus.
         v = -torch.stack(out).squeeze(2).float()

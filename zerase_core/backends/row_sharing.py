@@ -26,6 +26,8 @@ class RowGroups:
     @classmethod
     def of(cls, x: torch.Tensor, sigma: torch.Tensor) -> "RowGroups | None":
         """Groups of equal (x, σ) rows, numbered by first appearance; None when every row is distinct."""
+        if x.shape[0] < 2:
+            return None  # nothing to share, and no host sync for it
         rows, sigma = x.flatten(1), sigma.reshape(-1)  # σ compared at its own precision, not x's
         # Row i against all rows: elementwise on the device; one host sync for the whole table.
         equal = torch.stack([(rows == rows[i]).all(dim=1) & (sigma == sigma[i]) for i in range(rows.shape[0])])
