@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
 from comfy_api.latest import io
 
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
+from zerase_core.checkpoint import partial_lora
 from zerase_core.config import PRESETS, TrainConfig
-from zerase_core.files import path_inside, safe_output_path
+from zerase_core.files import numbered_paths, path_inside, safe_output_path
 from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import save_lora
 from zerase_core.sampling import before_after
@@ -69,10 +71,19 @@ def _trainer(backend, config, checkpoint: Path, resume: bool) -> ZEraseTrainer:
     return trainer
 
 
-def _save(lora, planned: Path, save_name: str) -> Path:
+def _save(lora, planned: Path, save_name: str, own: Path | None = None) -> Path:
     """Save to the name resolved before training, unless a file appeared there meanwhile (written by something
-    outside this node during a long run): then to the next free name, never over it."""
-    return save_lora(lora, safe_output_path(output_folder(), save_name) if planned.exists() else planned)
+    outside this node during a long run): then to the next free name, never over it. ``own`` is the partial LoRA
+    of the run this one resumed: that file it replaces."""
+    mine = planned == own or not planned.exists()
+    return save_lora(lora, planned if mine else safe_output_path(output_folder(), save_name))
+
+
+def _resumed_file(trainer, save_name: str) -> Path | None:
+    """The LoRA an interrupted run of ``save_name`` saved when it stopped, when this trainer continues that run."""
+    if trainer.step == 0:
+        return None
+    return partial_lora(trainer, itertools.takewhile(Path.exists, numbered_paths(output_folder(), save_name)))
 
 
 class ZEraseTrain(io.ComfyNode):
@@ -84,7 +95,8 @@ class ZEraseTrain(io.ComfyNode):
             category="Z-Erase",
             is_output_node=True,  # it writes the LoRA file, wired onward or not
             description="Trains a text-token-gated erasure LoRA on Z-Image (Z-Erase, Algorithm 1). Cancel keeps "
-            "the last good LoRA; files land in models/loras/zerase/ and never overwrite.",
+            "the last good LoRA; files land in models/loras/zerase/ and never overwrite another file (a resumed run replaces the LoRA its "
+            "interrupted run saved).",
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip", tooltip="Encodes the erase, preservation and empty prompts once."),
@@ -112,7 +124,8 @@ class ZEraseTrain(io.ComfyNode):
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue an interrupted run of this save_name (cancelled, crashed, "
                                  "ComfyUI restarted) with the same settings from its last checkpoint (every 100 "
-                                 "steps and at Cancel); starts fresh when there is none."),
+                                 "steps and at Cancel); starts fresh when there is none. The finished LoRA "
+                                 "replaces the one saved at Cancel."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the previews; without it a cheap preview."),
             ],
             outputs=[
@@ -136,17 +149,19 @@ class ZEraseTrain(io.ComfyNode):
         backend = ComfyZImageBackend(model, clip, node=NODE)
         with training_session(backend):
             trainer = _trainer(backend, config, checkpoint, resume)
+            own = _resumed_file(trainer, save_name)
+            path = own or path
             backend.clip = None  # prompts are encoded; the text encoder is not needed any more
             try:
                 result = trainer.run()
             except BaseException:
                 if trainer.step > 0 and trainer.params_finite():
-                    path = _save(trainer.export(), path, save_name)
+                    path = _save(trainer.export(), path, save_name, own)
                     log.warning("Z-Erase: training stopped at step %d; saved the last good LoRA to %s",
                                 trainer.step, path)
                 raise
         if trainer.step > 0:  # a LoRA of zero steps is the base model: no file for it
-            path = _save(result.lora, path, save_name)
+            path = _save(result.lora, path, save_name, own)
         if not result.completed:
             log.warning("Z-Erase: cancelled at step %d (LoRA so far saved when > 0: %s)", trainer.step, path)
             mm.throw_exception_if_processing_interrupted()

@@ -188,7 +188,9 @@ def test_cancel_during_training_leaves_a_loadable_lora_and_resume_finishes_the_r
     monkeypatch.undo()
     assert len(steps_run) == 6 - calls[-1]  # continued, not started again
     assert resumed.training["steps_done"] == 6 and not checkpoint.exists()
-    assert load_lora(loras_dir / "zerase" / "stop_001.safetensors").training["steps_done"] == 6
+    # The finished LoRA replaces the one saved at Cancel instead of landing beside it as stop_001.
+    assert load_lora(loras_dir / "zerase" / "stop.safetensors").training["steps_done"] == 6
+    assert sorted(p.name for p in (loras_dir / "zerase").glob("*.safetensors")) == ["stop.safetensors"]
     whole, *_ = train.execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy), **_train_inputs(steps=6, save_name="w"))
     for key, (a, b) in whole.factors.items():
         torch.testing.assert_close(resumed.factors[key][0], a, rtol=0, atol=1e-6)

@@ -104,6 +104,25 @@ def test_resume_refuses_other_settings(tmp_path):
         other.resume(tmp_path / "c.ckpt")
 
 
+def test_the_partial_lora_of_a_resumed_run_is_found_and_no_other(tmp_path):
+    """A run stopped at step 2 saved a checkpoint and a LoRA; the resumed run's finished LoRA replaces that file.
+    Another run's LoRA (other settings, other step, not ours at all) must never be taken for it."""
+    from zerase_core.checkpoint import partial_lora
+
+    stopped = ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=tmp_path / "p.ckpt")
+    save_lora(stopped.run().lora, tmp_path / "mine.safetensors")
+    save_lora(ZEraseTrainer(tiny_zimage_backend(), _config(steps=2, eta=5.0)).run().lora, tmp_path / "eta.safetensors")
+    save_lora(ZEraseTrainer(tiny_zimage_backend(), _config(steps=3)).run().lora, tmp_path / "later.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6))
+    resumed.resume(tmp_path / "p.ckpt")
+    others = [tmp_path / f"{n}.safetensors" for n in ("junk", "eta", "later")]
+    assert partial_lora(resumed, [*others, tmp_path / "mine.safetensors"]) == tmp_path / "mine.safetensors"
+    assert partial_lora(resumed, others) is None
+    fresh = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6))  # not resumed: step 0 matches no stopped run
+    assert partial_lora(fresh, [tmp_path / "mine.safetensors"]) is None
+
+
 def test_exact_and_fixed_modes_run():
     for mode in ("exact", "fixed"):
         result = ZEraseTrainer(tiny_zimage_backend(), _config(steps=3, lambda_mode=mode, fixed_lambda=0.5)).run()

@@ -6,9 +6,10 @@ noise and timesteps follow, because both random generators are restored.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from safetensors import safe_open
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from .config import TrainConfig
 from .errors import ZEraseError
 from .files import atomic_save, decode_metadata
+from .lora_file import read_description
 
 if TYPE_CHECKING:
     from .trainer import ZEraseTrainer
@@ -90,8 +92,32 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     trainer.history = [StepRecord(**r) for r in meta["history"]]
 
 
+def partial_lora(trainer: "ZEraseTrainer", candidates: Iterable[Path]) -> Path | None:
+    """Which of ``candidates`` is the LoRA file a stopped run saved beside its checkpoint, once the trainer has
+    resumed from that checkpoint: trained with these settings on this model, stopped at the resumed step.
+
+    The finished run replaces that file instead of landing beside it under the next free name.
+    """
+    wanted = _as_json([_comparable(trainer.config), trainer.backend.fingerprint(), trainer.step])
+    for path in candidates:
+        info = read_description(path)
+        training = dict(info.get("training", {}))
+        done = training.pop("steps_done", None)
+        training.pop("seconds", None)
+        if _as_json([_comparable_dict(training), info.get("fingerprint"), done]) == wanted:
+            return path
+    return None
+
+
+def _as_json(value):
+    """``value`` as its JSON metadata round trip holds it (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
 def _comparable(config: TrainConfig) -> dict:
-    data = config.to_dict()
-    data.pop("steps")
-    data.pop("checkpoint_every")
-    return data
+    return _comparable_dict(config.to_dict())
+
+
+def _comparable_dict(data: dict) -> dict:
+    """Settings that must match to continue a run: all but the step count and the checkpoint interval."""
+    return {k: v for k, v in data.items() if k not in ("steps", "checkpoint_every")}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -54,12 +55,15 @@ def safe_output_path(folder: str | os.PathLike, name: str, suffix: str = ".safet
 
     An existing file gets a numbered sibling (name_001) instead of being replaced.
     """
+    return next(p for p in numbered_paths(folder, name, suffix) if not p.exists())
+
+
+def numbered_paths(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> Iterator[Path]:
+    """``folder/name``, then ``name_001``, ``name_002`` …: the names :func:`safe_output_path` picks from, in order."""
     path = path_inside(folder, name, suffix)
-    candidate, n = path, 0
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}_{n:03d}{suffix}")
-    return candidate
+    yield path
+    for n in itertools.count(1):
+        yield path.with_name(f"{path.stem}_{n:03d}{suffix}")
 
 
 def path_inside(folder: str | os.PathLike, name: str, suffix: str) -> Path:

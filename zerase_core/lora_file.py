@@ -107,6 +107,16 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ZEraseError(f"'{path.name}' is not a readable safetensors file ({err}); re-download or re-train it.")
 
 
+def read_description(path: str | Path) -> dict[str, Any]:
+    """A native file's decoded metadata without its tensors; {} for anything else (missing, damaged, not ours)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return {}
+    return decode_metadata(meta) if meta.get("format") == FORMAT else {}
+
+
 def load_lora(path: str | Path) -> ErasureLoRA:
     """Read a native or official Z-Erase file; refuse stock LoRAs and broken files with a clear reason."""
     path = Path(path)
