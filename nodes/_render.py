@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from zerase_core.render import curves, grid, to_image, to_pil, word_map_rows  # noqa: F401  (re-exported for nodes)
+from zerase_core.render import curves, grid, latent_rgb, to_image, to_pil, word_map_rows  # noqa: F401  (re-exported)
 
 
 def latent_preview(model, latent: torch.Tensor) -> torch.Tensor:
-    """Cheap (B, H·8, W·8, 3) preview of latents through the model's latent→RGB factors (no VAE)."""
+    """Cheap preview of latents through the model's latent→RGB factors (no VAE)."""
     fmt = model.model.latent_format
-    factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)  # (C, 3)
-    bias = torch.tensor(getattr(fmt, "latent_rgb_factors_bias", None) or [0.0, 0.0, 0.0])
-    rgb = torch.einsum("bchw,cr->bhwr", latent.float().cpu(), factors) + bias
-    rgb = ((rgb + 1.0) / 2.0).clamp(0, 1).permute(0, 3, 1, 2)
-    rgb = torch.nn.functional.interpolate(rgb, scale_factor=8, mode="nearest")
-    return rgb.permute(0, 2, 3, 1)
+    return latent_rgb(latent, fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
 
 
 def decode(model, vae, latent: torch.Tensor) -> torch.Tensor:

@@ -27,3 +27,15 @@ def test_models_share_one_colour_scale_and_the_difference_is_centred():
     pixels = np.asarray(same, dtype=np.int32)
     assert pixels.min(axis=(0, 1)).tolist() == pixels.max(axis=(0, 1)).tolist()
     assert abs(int(pixels[0, 0, 0]) - int(pixels[0, 0, 2])) <= 1
+
+
+def test_latent_rgb_maps_each_latent_pixel_to_its_colour_block():
+    """Channel 0 drives red up and green down; the bias lifts blue. Each latent pixel becomes an 8×8 block."""
+    from zerase_core.render import latent_rgb
+
+    latent = torch.zeros(1, 2, 2, 3)
+    latent[0, 0, 0, 0] = 1.0  # top-left latent pixel: channel 0 on
+    rgb = latent_rgb(latent, [[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]], [0.0, 0.0, 0.5])
+    assert rgb.shape == (1, 16, 24, 3)
+    assert torch.equal(rgb[0, :8, :8], torch.tensor([1.0, 0.0, 0.75]).expand(8, 8, 3))
+    assert torch.equal(rgb[0, 8:, 8:], torch.tensor([0.5, 0.5, 0.75]).expand(8, 16, 3))

@@ -25,6 +25,19 @@ def to_image(pictures: Sequence[Image.Image]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0) for p in pictures])
 
 
+def latent_rgb(latent: torch.Tensor, factors: Sequence[Sequence[float]], bias: Sequence[float] | None = None,
+               upscale: int = 8) -> torch.Tensor:
+    """Cheap (B, H·upscale, W·upscale, 3) preview of (B, C, H, W) latents by a linear latent→RGB map (no VAE).
+
+    ``factors`` is (C, 3) and ``bias`` (3,), as a latent format ships them; the map's output is in [-1, 1].
+    """
+    weights = torch.tensor(factors, dtype=torch.float32)
+    offset = torch.tensor(bias if bias is not None else [0.0, 0.0, 0.0], dtype=torch.float32)
+    rgb = torch.einsum("bchw,cr->brhw", latent.float().cpu(), weights) + offset.view(1, 3, 1, 1)
+    rgb = ((rgb + 1.0) / 2.0).clamp(0, 1)
+    return torch.nn.functional.interpolate(rgb, scale_factor=upscale, mode="nearest").permute(0, 2, 3, 1)
+
+
 def _smoothed(values: list[float], window: int) -> list[float]:
     """Trailing moving average: per-step losses are noisy (a new x_t and σ every step)."""
     out, acc = [], 0.0
