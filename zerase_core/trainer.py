@@ -202,31 +202,50 @@ class ZEraseTrainer:
 
     def train_step(self) -> StepRecord:
         start = time.perf_counter()
-        if self.xt_pool is None:
-            i = self.rng.randrange(len(self.pool.erase))
-            keep = self.pool.keep[self.rng.randrange(len(self.pool.keep))] if self.pool.keep else None
-            l_erase, l_attn, l_pr, sigma = self._losses(self.pool.erase[i], list(self.pool.erase_tokens[i]), keep)
-        else:
-            d = self.xt_pool.draw(self.rng, self.gen, self.backend.device)
-            keep = self.pool.keep[d.keep_index] if d.keep_index is not None else None
-            l_erase, l_attn, l_pr, sigma = self._losses(
-                self.pool.erase[d.erase_index], list(self.pool.erase_tokens[d.erase_index]), keep,
-                d.x_t, d.sigma, d.teacher,
-            )
+        l_erase, l_attn, l_pr, sigma = self._losses(*self._draw())
         values = {"L_erase": l_erase.item(), "L_attn": l_attn.item(), "L_pr": l_pr.item()}
         if not all(map(_finite, values.values())):
             raise NonFiniteLoss(self._nan_message(values))
+        lam = self._descend(l_erase + self.config.attn_weight * l_attn, l_pr, values["L_pr"])
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
+        g = self.lam.last_g if self.config.lambda_mode in ("paper", "paired") else 0.0
+        record = StepRecord(
+            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, g, sigma, elapsed, self._recomputed
+        )
+        self.history.append(record)
+        return record
+
+    def _draw(self) -> tuple:
+        """This step's erase prompt, its concept tokens and a preservation prompt; from the pool also x_t, σ and
+        the teacher's predictions there (fresh: :meth:`_losses` samples them)."""
+        pool = self.pool
+        if self.xt_pool is None:
+            i = self.rng.randrange(len(pool.erase))
+            keep = pool.keep[self.rng.randrange(len(pool.keep))] if pool.keep else None
+            return pool.erase[i], list(pool.erase_tokens[i]), keep
+        d = self.xt_pool.draw(self.rng, self.gen, self.backend.device)
+        keep = pool.keep[d.keep_index] if d.keep_index is not None else None
+        return pool.erase[d.erase_index], list(pool.erase_tokens[d.erase_index]), keep, d.x_t, d.sigma, d.teacher
+
+    def _descend(self, l_er: torch.Tensor, l_pr: torch.Tensor, pr_value: float) -> float:
+        """One AdamW update of the LoRA along the λ rule's direction; returns the λ used.
+
+        A failed step (NaN gradient, out of memory, a cancel from a hook) moves neither the LoRA nor λ:
+        the checkpoint keeps the last good state.
+        """
         self._recomputed = False
-        lam_before = self.lam.state()  # a failed step must not move λ either: the checkpoint keeps the last good state
+        lam_before = self.lam.state()
         try:
-            lam = self._backward(l_erase + self.config.attn_weight * l_attn, l_pr)
+            lam = self._backward(l_er, l_pr)
             if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params):
                 raise NonFiniteLoss(self._nan_message({"gradient": float("nan")}))
-        except BaseException:  # a NaN gradient, out of memory, a cancel from a hook
+        except BaseException:
             self.optimizer.zero_grad(set_to_none=True)
             self.lam.load_state(lam_before)
             raise
-        pr_before = values["L_pr"]
+        pr_before = pr_value
         if self.config.lambda_mode == "paired" and l_pr.requires_grad:
             # L_pr came from the batched, mass-recording forward; the after-update value comes from _pr_loss.
             # Other call shapes run other kernels (≈ 1e-6 apart in bf16, the size of ε·α): measure both alike.
@@ -238,15 +257,7 @@ class ZEraseTrainer:
             with torch.no_grad():  # the same batch after the update: what d_t did to L_pr (Eq. 14)
                 self.lam.observe(pr_before, self._pr_loss(*self._pr_batch).item())
         self._pr_batch = None
-        self.step += 1
-        elapsed = time.perf_counter() - start
-        self.seconds += elapsed
-        g = self.lam.last_g if self.config.lambda_mode in ("paper", "paired") else 0.0
-        record = StepRecord(
-            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, g, sigma, elapsed, self._recomputed
-        )
-        self.history.append(record)
-        return record
+        return lam
 
     def _nan_message(self, values: dict[str, float]) -> str:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
