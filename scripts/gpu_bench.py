@@ -85,12 +85,17 @@ def main(argv=None) -> int:
         log.info("  paper-λ weighted minutes/1000 steps: %s", {k: round(v["minutes_per_run"], 2) for k, v in
                                                                 row["paper_lambda_weighted"].items() if k != "fractions"})
         result["rows"].append(row)
-    text = json.dumps(result, indent=2, default=str)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+        _write(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
+    print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _write(result: dict, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        tmp.replace(out)
 
 
 if __name__ == "__main__":
