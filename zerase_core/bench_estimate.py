@@ -209,71 +209,91 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float, po
     batch 1, so batch 3 needs about 21.6 GB + 12.3 GB of weights.
     """
     p = h100_parts(512)
-    m = 1 + mass_overhead
-    f_b, f_r = fraction_batched, fraction_recomputed
-    f_0 = 1 - f_b - f_r
-    weights_gb = REAL["params"] * 2 / 1e9
-    act_b3_no_ckpt = 3 * next(r["gb_above_weights"] for r in H100_REPORTED if r["resolution"] == 512 and not r["checkpointing"])
+    fractions = {"batched": fraction_batched, "recomputed": fraction_recomputed,
+                 "lambda_zero": 1 - fraction_batched - fraction_recomputed}
     rows = {}
     for source in ("pool", "fresh"):
         for ckpt in (True, False):
-            fb = p["fwd_bwd"][ckpt]
-            lam_zero = fb[1] * m + p["fwd_b2"]
-            recomputed = lam_zero + fb[2]
-            batched = fb[3] * m
-            per_step = f_0 * lam_zero + f_r * recomputed + f_b * batched
-            esd = fb[1]  # plain gated ESD: L_erase only, batch 1
-            if source == "fresh":
-                xt = (levels - 1) / 2 * p["fwd_b1"]
-                per_step += xt + p["fwd_b3"]
-                esd += xt + p["fwd_b2"]  # ESD's teacher: v(c_er), v(∅)
-                once = esd_once = 0.0
-            else:
-                once = pool_trajectories * levels * p["fwd_b3"]
-                esd_once = pool_trajectories * levels * p["fwd_b2"]  # ESD's pool keeps v(c_er), v(∅)
-            # The official-style reference (fresh x_t, 3 teacher + 3 student forwards of batch 1,
-            # everything back-propagated): a lower bound, its materialised maps not charged.
-            reference = (levels - 1) / 2 * p["fwd_b1"] + 3 * p["fwd_b1"] + 3 * fb[1]
-            needs_gb = weights_gb + (1.6 if ckpt else act_b3_no_ckpt)  # the batch-3 step is the peak
-            minutes = (once + steps * per_step) / 60
-            rows[f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"] = {
-                "xt_source": source, "gradient_checkpointing": ckpt,
-                "step_s": {"lambda_zero": lam_zero + (0 if source == "pool" else xt + p["fwd_b3"]),
-                           "recomputed": recomputed + (0 if source == "pool" else xt + p["fwd_b3"]),
-                           "batched": batched + (0 if source == "pool" else xt + p["fwd_b3"]),
-                           "weighted": per_step},
-                "one_off_s": once, "minutes": minutes,
-                "minutes_if_lambda_always_positive": (once + steps * (per_step - f_0 * lam_zero - f_r * recomputed
-                                                                      + (f_0 + f_r) * batched)) / 60,
-                "gated_esd_minutes": (esd_once + steps * esd) / 60,
-                "overhead_vs_gated_esd": (once + steps * per_step) / (esd_once + steps * esd),
-                "reference_minutes_lower_bound": steps * reference / 60,
-                "speedup_vs_reference_at_least": steps * reference / (once + steps * per_step),
-                "peak_gb_estimate": needs_gb, "fits_memory": needs_gb <= memory_budget_gb,
-                "meets_10_min": minutes <= 10 and needs_gb <= memory_budget_gb,
-            }
+            kinds, esd = _step_kinds(p, ckpt, 1 + mass_overhead)
+            xt = _xt_cost(p, source, levels, pool_trajectories)
+            row = _composed_row(kinds, esd, xt, fractions, steps, _reference_step_s(p, ckpt, levels),
+                                _peak_gb(ckpt), memory_budget_gb)
+            rows[f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"] = {"xt_source": source, "gradient_checkpointing": ckpt} | row
     return {
         "resolution": 512, "steps": steps, "device": "one H100 (composed from the issue's H100 figures, not run here)",
-        "fractions": {"batched": f_b, "recomputed": f_r, "lambda_zero": f_0},
+        "fractions": fractions,
         "parts_s": {k: v for k, v in p.items() if k != "fwd_bwd"} | {
             "fwd_bwd_ckpt": p["fwd_bwd"][True], "fwd_bwd_no_ckpt": p["fwd_bwd"][False]},
-        "assumptions": {
-            "measured": "teacher fwd b3 0.19 s; student fwd+bwd b3 ckpt 0.56 s; b1 no ckpt 0.20 s (+7.2 GB)",
-            "A1": "frozen base: backward ≈ one forward, so fwd b1 = 0.20/2 s (checks: 3 × 0.19 ≈ 0.56)",
-            "A2": "fwd b2 = mean of fwd b1 and fwd b3",
-            "A3": "checkpointing adds one forward of the same batch",
-            "A4": f"attention mass adds {mass_overhead:.0%} to the student fwd+bwd (kept from the two-call "
-                  "version: an upper bound now that it rides in the attention call, +8 of 128 head channels)",
-            "A5": f"pool: {pool_trajectories} trajectories × {levels} levels at the batch-3 forward rate",
-            "fresh": f"Turbo sampler, {levels} steps, no CFG: {(levels - 1) / 2} batch-1 forwards per step on average",
-            "A6": "not counted: prompt encoding, model load, AdamW step, pool host↔device copies",
-            "A7": "activation memory linear in batch; weights bf16 6.15 B params",
-            "lambda": "step-kind fractions from the toy world (paper λ rule); not measured on the real model",
-            "reference": "official-style step: fresh x_t + 3 batch-1 teacher forwards + 3 batch-1 student fwd+bwd, "
-                         "with the same checkpointing; its L×L attention maps not charged (a lower bound)",
-        },
+        "assumptions": _assumptions(mass_overhead, pool_trajectories, levels),
         "rows": rows,
         "meets_10_min": sorted(k for k, r in rows.items() if r["meets_10_min"]),
+    }
+
+
+def _step_kinds(p: dict, ckpt: bool, mass: float) -> tuple[dict[str, float], float]:
+    """Seconds of each kind of our step before x_t costs, and of a plain gated ESD step (L_erase only, batch 1)."""
+    fb = p["fwd_bwd"][ckpt]
+    lam_zero = fb[1] * mass + p["fwd_b2"]
+    return {"lambda_zero": lam_zero, "recomputed": lam_zero + fb[2], "batched": fb[3] * mass}, fb[1]
+
+
+def _xt_cost(p: dict, source: str, levels: int, trajectories: int) -> dict[str, float]:
+    """x_t's seconds: per step (sampling + teacher forward) and once (the pool build), for ours and for ESD."""
+    if source == "fresh":
+        sampling = (levels - 1) / 2 * p["fwd_b1"]
+        return {"step": sampling + p["fwd_b3"], "esd_step": sampling + p["fwd_b2"],  # ESD's teacher: v(c_er), v(∅)
+                "once": 0.0, "esd_once": 0.0}
+    return {"step": 0.0, "esd_step": 0.0, "once": trajectories * levels * p["fwd_b3"],
+            "esd_once": trajectories * levels * p["fwd_b2"]}  # ESD's pool keeps v(c_er), v(∅)
+
+
+def _reference_step_s(p: dict, ckpt: bool, levels: int) -> float:
+    """The official-style step (fresh x_t, 3 teacher + 3 student forwards of batch 1, everything back-propagated):
+    a lower bound, its materialised maps not charged."""
+    return (levels - 1) / 2 * p["fwd_b1"] + 3 * p["fwd_b1"] + 3 * p["fwd_bwd"][ckpt][1]
+
+
+def _peak_gb(ckpt: bool) -> float:
+    """The batch-3 step is the peak: weights plus its activations (1.6 GB measured with checkpointing; A7 without)."""
+    act_b1 = next(r["gb_above_weights"] for r in H100_REPORTED if r["resolution"] == 512 and not r["checkpointing"])
+    return REAL["params"] * 2 / 1e9 + (1.6 if ckpt else 3 * act_b1)
+
+
+def _composed_row(kinds: dict, esd: float, xt: dict, fractions: dict, steps: int, reference: float,
+                  needs_gb: float, budget_gb: float) -> dict:
+    step_s = {k: v + xt["step"] for k, v in kinds.items()}
+    per_step = sum(fractions[k] * step_s[k] for k in kinds)
+    total = xt["once"] + steps * per_step
+    esd_total = xt["esd_once"] + steps * (esd + xt["esd_step"])
+    minutes = total / 60
+    return {
+        "step_s": step_s | {"weighted": per_step},
+        "one_off_s": xt["once"], "minutes": minutes,
+        "minutes_if_lambda_always_positive": (xt["once"] + steps * step_s["batched"]) / 60,
+        "gated_esd_minutes": esd_total / 60,
+        "overhead_vs_gated_esd": total / esd_total,
+        "reference_minutes_lower_bound": steps * reference / 60,
+        "speedup_vs_reference_at_least": steps * reference / total,
+        "peak_gb_estimate": needs_gb, "fits_memory": needs_gb <= budget_gb,
+        "meets_10_min": minutes <= 10 and needs_gb <= budget_gb,
+    }
+
+
+def _assumptions(mass_overhead: float, pool_trajectories: int, levels: int) -> dict[str, str]:
+    return {
+        "measured": "teacher fwd b3 0.19 s; student fwd+bwd b3 ckpt 0.56 s; b1 no ckpt 0.20 s (+7.2 GB)",
+        "A1": "frozen base: backward ≈ one forward, so fwd b1 = 0.20/2 s (checks: 3 × 0.19 ≈ 0.56)",
+        "A2": "fwd b2 = mean of fwd b1 and fwd b3",
+        "A3": "checkpointing adds one forward of the same batch",
+        "A4": f"attention mass adds {mass_overhead:.0%} to the student fwd+bwd (kept from the two-call "
+              "version: an upper bound now that it rides in the attention call, +8 of 128 head channels)",
+        "A5": f"pool: {pool_trajectories} trajectories × {levels} levels at the batch-3 forward rate",
+        "fresh": f"Turbo sampler, {levels} steps, no CFG: {(levels - 1) / 2} batch-1 forwards per step on average",
+        "A6": "not counted: prompt encoding, model load, AdamW step, pool host↔device copies",
+        "A7": "activation memory linear in batch; weights bf16 6.15 B params",
+        "lambda": "step-kind fractions from the toy world (paper λ rule); not measured on the real model",
+        "reference": "official-style step: fresh x_t + 3 batch-1 teacher forwards + 3 batch-1 student fwd+bwd, "
+                     "with the same checkpointing; its L×L attention maps not charged (a lower bound)",
     }
 
 
