@@ -120,17 +120,40 @@ def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[
     is what L_attn adds to the attention call) and its backward; the no-grad [∅, c_pr] forward
     (λ_t = 0); the batch-3 forward and backward (λ_t > 0); the AdamW step.
     """
+    pool = trainer.pool
+    x_t, sigma = trainer._sample_xt(pool.erase[0])
+    out = interleaved_medians(_split_parts(trainer, x_t, sigma), steps, repeats, sync)
+    xt = []
+    for _ in range(max(8, steps * repeats)):  # the level is random: a mean, not a median
+        start = time.perf_counter()
+        trainer._sample_xt(pool.erase[0])
+        sync()
+        xt.append(time.perf_counter() - start)
+    out["fresh_xt_mean"] = statistics.mean(xt)
+    from .bench_memory import saved_bytes
+
+    pr = [pool.uncond, *pool.keep[:1]]
+    n = len(pr)  # activation bytes the [∅, c_pr] forward holds when it builds a graph (none under no_grad)
+    out["student_pr_graph_saved_mib"] = saved_bytes(lambda: trainer.backend.velocity(
+        x_t.expand(n, -1, -1, -1), sigma.expand(n), pr, lora=True)[0])[0] / 2**20
+    out["attn_mass_fwd"] = out["student_er_fwd_attn"] - out["student_er_fwd"]
+    out["student_er_bwd"] = out["student_er_fwd_attn_bwd"] - out["student_er_fwd_attn"]
+    out["student_b3_bwd"] = out["student_b3_fwd_attn_bwd"] - out["student_b3_fwd_attn"]
+    return out
+
+
+def _split_parts(trainer: ZEraseTrainer, x_t: torch.Tensor, sigma: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Each part of a step as a call at this x_t, for :func:`cost_split`."""
     backend, pool = trainer.backend, trainer.pool
-    er, tokens, keep = pool.erase[0], list(pool.erase_tokens[0]), pool.keep[0] if pool.keep else None
-    x_t, sigma = trainer._sample_xt(er)
-    pr = [pool.uncond, *([keep] if keep else [])]
-    ml = trainer.mass_layers
+    er, tokens = pool.erase[0], list(pool.erase_tokens[0])
+    pr = [pool.uncond, *pool.keep[:1]]
 
     def student(prompts, mass: bool, backward: bool, grad: bool = True):
         n = len(prompts)
         with torch.set_grad_enabled(grad):
             v, m = backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), prompts, lora=True,
-                                    concept_tokens=[tokens] + [[]] * (n - 1) if mass else None, mass_layers=ml)
+                                    concept_tokens=[tokens] + [[]] * (n - 1) if mass else None,
+                                    mass_layers=trainer.mass_layers)
         if backward:
             (v.float().square().mean() + (m.sum() if mass else 0)).backward()
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -141,7 +164,7 @@ def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
-    parts = {
+    return {
         "teacher_fwd_b3": lambda: trainer._teacher(x_t, sigma, [er, *pr]),
         "teacher_fwd_b2": lambda: trainer._teacher(x_t, sigma, [er, pool.uncond]),
         "student_er_fwd": lambda: student([er], False, False),
@@ -154,23 +177,6 @@ def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[
         "student_b3_fwd_attn_bwd": lambda: student([er, *pr], True, True),
         "adamw": adamw,
     }
-    out = interleaved_medians(parts, steps, repeats, sync)
-    xt = []
-    for _ in range(max(8, steps * repeats)):  # the level is random: a mean, not a median
-        start = time.perf_counter()
-        trainer._sample_xt(er)
-        sync()
-        xt.append(time.perf_counter() - start)
-    out["fresh_xt_mean"] = statistics.mean(xt)
-    from .bench_memory import saved_bytes
-
-    n = len(pr)  # activation bytes the [∅, c_pr] forward holds when it builds a graph (none under no_grad)
-    out["student_pr_graph_saved_mib"] = saved_bytes(lambda: backend.velocity(
-        x_t.expand(n, -1, -1, -1), sigma.expand(n), pr, lora=True)[0])[0] / 2**20
-    out["attn_mass_fwd"] = out["student_er_fwd_attn"] - out["student_er_fwd"]
-    out["student_er_bwd"] = out["student_er_fwd_attn_bwd"] - out["student_er_fwd_attn"]
-    out["student_b3_bwd"] = out["student_b3_fwd_attn_bwd"] - out["student_b3_fwd_attn"]
-    return out
 
 
 def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: int = 1) -> dict:
@@ -182,17 +188,40 @@ def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: 
     """
     backend = case.make_backend()
     sync = _sync(backend)
-    on_gpu = backend.device.type == "cuda"
     backend.uninstall()
-    # One LoRA, optimizer and prompt pool serve every variant (the backend holds one installed
-    # LoRA); each variant is a shallow copy with its own settings and x_t source.
+    # One LoRA, optimizer and prompt pool serve every variant (the backend holds one installed LoRA).
     base = ZEraseTrainer(backend, dataclasses.replace(case.config, xt_source="fresh"))
     c = base.config
     shared_pool = TrajectoryPool(backend, base.pool.erase, base.pool.uncond, base.pool.keep, base.latent_shape,
                                  base.sigmas, c.xt_pool, c.sample_cfg, c.seed)  # as xt_source="pool" builds it
+    trainers = _variant_trainers(base, shared_pool)
+    variants = {name: _step_of(name, t) for name, t in trainers.items()}
+    out: dict = {"model": case.name, "image_tokens": case.image_tokens, "batch": 1,
+                 "resolution": [c.height, c.width], "timed": {"steps": steps, "repeats": repeats},
+                 "pool": {"trajectories": shared_pool.x.shape[0], "levels": shared_pool.x.shape[1],
+                          "build_s": shared_pool.seconds, "amortised_over_steps": run_steps}}
+    peaks = _peak_gib(variants, sync) if backend.device.type == "cuda" else None
+    s = interleaved_medians(variants, steps, repeats, sync,
+                            on_oom=lambda n: log.warning("%s ran out of memory at %d image tokens", n, case.image_tokens))
+    for name in s:
+        if "_pool" in name:
+            s[name] += shared_pool.seconds / run_steps
+    out["split_seconds"] = cost_split(trainers["ours_pool_lambda_positive"], steps, repeats, sync)
+    del trainers, variants
+    backend.uninstall()
+    out["seconds_per_step"] = s
+    if peaks is not None:
+        out["peak_gib_above_resident"] = peaks
+    out["minutes_per_run"] = {k: v * run_steps / 60 for k, v in s.items()}
+    return out | _ratios(s, out["split_seconds"], run_steps)
+
+
+def _variant_trainers(base: ZEraseTrainer, shared_pool: TrajectoryPool) -> dict[str, ZEraseTrainer]:
+    """Ours at λ pinned > 0 and = 0, and gated ESD, for each x_t source; the reference (fresh x_t)."""
+    c = base.config
 
     def trainer(source: str, **over) -> ZEraseTrainer:
-        t = copy.copy(base)
+        t = copy.copy(base)  # a shallow copy with its own settings and x_t source
         t.config = dataclasses.replace(c, **over)
         t.xt_pool = shared_pool if source == "pool" else None
         # Its own RNGs, seeded alike: every variant draws the same prompts and levels in the
@@ -200,43 +229,39 @@ def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: 
         t.rng, t.gen = random.Random(c.seed), torch.Generator().manual_seed(c.seed)
         return t
 
-    out: dict = {"model": case.name, "image_tokens": case.image_tokens, "batch": 1,
-                 "resolution": [c.height, c.width], "timed": {"steps": steps, "repeats": repeats}}
     trainers: dict[str, ZEraseTrainer] = {}
     for source in ("pool", "fresh"):
         trainers[f"ours_{source}_lambda_positive"] = trainer(source, lambda_mode="fixed", fixed_lambda=1.0)
         trainers[f"ours_{source}_lambda_zero"] = trainer(source, lambda_mode="fixed", fixed_lambda=0.0)
         trainers[f"gated_esd_{source}"] = trainer(source)
     trainers["reference"] = trainer("fresh")
-    out["pool"] = {"trajectories": shared_pool.x.shape[0], "levels": shared_pool.x.shape[1],
-                   "build_s": shared_pool.seconds, "amortised_over_steps": run_steps}
-    variants = {name: (lambda t=t: gated_esd_step(t)) if name.startswith("gated_esd") else
-                (lambda t=t: reference_step(t)) if name == "reference" else t.train_step
-                for name, t in trainers.items()}
-    peaks: dict[str, float] = {}
-    if on_gpu:
-        for name, fn in variants.items():  # peak GiB above what is resident (weights, pool)
-            sync(), torch.cuda.empty_cache()
-            resident = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            try:
-                fn(), sync()
-                peaks[name] = (torch.cuda.max_memory_allocated() - resident) / 2**30
-            except torch.OutOfMemoryError:
-                peaks[name] = float("inf")
-    s = interleaved_medians(variants, steps, repeats, sync,
-                            on_oom=lambda n: log.warning("%s ran out of memory at %d image tokens", n, case.image_tokens))
-    per_step_pool = shared_pool.seconds / run_steps
-    for name in s:
-        if "_pool" in name:
-            s[name] += per_step_pool
-    out["split_seconds"] = cost_split(trainers["ours_pool_lambda_positive"], steps, repeats, sync)
-    del trainers, variants
-    backend.uninstall()
-    out["seconds_per_step"] = s
-    if on_gpu:
-        out["peak_gib_above_resident"] = peaks
-    out["minutes_per_run"] = {k: v * run_steps / 60 for k, v in s.items()}
+    return trainers
+
+
+def _step_of(name: str, trainer: ZEraseTrainer) -> Callable[[], object]:
+    if name.startswith("gated_esd"):
+        return lambda: gated_esd_step(trainer)
+    return (lambda: reference_step(trainer)) if name == "reference" else trainer.train_step
+
+
+def _peak_gib(variants: dict[str, Callable[[], object]], sync: Callable[[], None]) -> dict[str, float]:
+    """Each variant's peak GPU memory above what is resident (weights, pool), GiB; inf where it runs out."""
+    peaks = {}
+    for name, fn in variants.items():
+        sync(), torch.cuda.empty_cache()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            fn(), sync()
+            peaks[name] = (torch.cuda.max_memory_allocated() - resident) / 2**30
+        except torch.OutOfMemoryError:
+            peaks[name] = float("inf")
+    return peaks
+
+
+def _ratios(s: dict[str, float], split: dict[str, float], run_steps: int) -> dict:
+    """speedup_vs_reference and overhead_vs_gated_esd per x_t source and λ regime, the paper-λ weighing, headlines."""
+    out: dict = {}
     for source in ("pool", "fresh"):
         for lam in ("lambda_positive", "lambda_zero"):
             ours = s[f"ours_{source}_{lam}"]
@@ -250,7 +275,7 @@ def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: 
     out["paper_lambda_weighted"] = {"fractions": {"batched": f_b, "recomputed": f_r, "lambda_zero": 1 - f_b - f_r}}
     for source in ("pool", "fresh"):
         pos, zero = s[f"ours_{source}_lambda_positive"], s[f"ours_{source}_lambda_zero"]
-        weighted = f_b * pos + (1 - f_b) * zero + f_r * out["split_seconds"]["student_pr_fwd_bwd"]
+        weighted = f_b * pos + (1 - f_b) * zero + f_r * split["student_pr_fwd_bwd"]
         out["paper_lambda_weighted"][source] = {
             "seconds_per_step": weighted, "minutes_per_run": weighted * run_steps / 60,
             "speedup_vs_reference": s["reference"] / weighted, "overhead_vs_gated_esd": weighted / s[f"gated_esd_{source}"]}
