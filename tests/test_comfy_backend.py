@@ -238,3 +238,43 @@ def test_training_on_top_of_an_applied_erasure_lora():
         result = ZEraseTrainer(backend, config).run()
     assert result.completed and any(b.abs().sum() > 0 for _, b in result.lora.factors.values())
     assert all(p.grad is None and not p.requires_grad for p in applied_set.parameters())  # applied, not trained
+
+
+def test_training_loads_the_whole_model_and_refuses_a_partial_load(monkeypatch):
+    """Backward needs the weights each forward saved; a low-VRAM partial load streams weights through cast buffers
+    every layer reuses (a GPU-only path). So training asks ComfyUI for a whole load, as its own LoRA trainer does,
+    and refuses with a message where ComfyUI still loads in part (--novram) or runs out of memory."""
+    from zerase_core.config import TrainConfig
+    from zerase_core.trainer import ZEraseTrainer
+
+    mm, real_load = comfy.mm, comfy.mm.load_models_gpu
+    backend = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy))
+    calls = []  # the DiT's loads (the text encoder loads itself too, its own way)
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, **kw: (
+        calls.append(kw) if models[0] is backend.patcher else None) or real_load(models, **kw))
+    config = TrainConfig(concept="cat", preserve=("dog",), steps=1, height=64, width=64, sample_steps=2,
+                         lora=LoRAConfig(rank=2), shuffle_pool=2)
+    with training_session(backend):
+        ZEraseTrainer(backend, config).run()
+    assert len(calls) > 2 and all(kw == {"force_full_load": True} for kw in calls)
+    calls.clear()
+    backend.load()  # sampling afterwards: ComfyUI's own choice again
+    assert calls == [{}]
+
+    def partial(models, **kw):
+        real_load(models, **kw)
+        models[0].model.model_lowvram = True  # what ComfyUI reports after a partial load
+
+    fresh = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy))
+    monkeypatch.setattr(mm, "load_models_gpu", partial)
+    with pytest.raises(ZEraseError, match="only in part.*without --novram"):
+        with training_session(fresh):
+            pass
+
+    def out_of_memory(models, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(mm, "load_models_gpu", out_of_memory)
+    with pytest.raises(ZEraseError, match="whole Z-Image on the GPU.*fp8"):
+        with training_session(fresh):
+            pass

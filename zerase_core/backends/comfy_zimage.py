@@ -54,6 +54,11 @@ QKV_PATH = "diffusion_model.layers.{}.attention.qkv"
 LAYER_FORWARD = "diffusion_model.layers.{}.forward"
 REFINER_FORWARD = "diffusion_model.noise_refiner.{}.forward"
 WRAPPER_PREFIX = "zerase"
+TOO_LITTLE_VRAM = (
+    "Training needs the whole Z-Image on the GPU (~12 GB in bf16, ~6 GB with weight_dtype fp8_e4m3fn) plus its "
+    "activations (~3 GB at 512² with gradient_checkpointing). Free VRAM (close other programs, unload models), "
+    "load the model in fp8, lower the resolution, or start ComfyUI without --novram."
+)
 
 
 # --- recognising Z-Image --------------------------------------------------------------------
@@ -280,6 +285,7 @@ class ComfyZImageBackend(Backend):
         self._recorder: Any = None  # MassRecorder / WordMapRecorder of the running call
         self._layout: TokenLayout | None = None
         self._checkpointed: set[int] = set()
+        self._whole = False  # set by training_session: every load puts the whole model on the device
         # The model the patches are built on. Not self.dit: ComfyUI's torch.compile wrapper swaps the compiled
         # module into diffusion_model while it samples, and the wrapper must not touch that property there.
         self._host = dit = self.dit
@@ -491,10 +497,24 @@ class ComfyZImageBackend(Backend):
         return encoded
 
     def load(self) -> None:
-        """Load the clone (object patches and wrappers applied) onto the compute device."""
+        """Load the clone (object patches and wrappers applied) onto the compute device; whole while training.
+
+        Backward reads the weights each forward saved. A partial (low-VRAM) load casts the weights it left behind
+        into cast buffers that every layer reuses, so by backward a saved weight is another layer's (autograd
+        refuses it). As ComfyUI's own LoRA trainer does, training therefore loads the whole model, evicting
+        others (the text encoder is done by then), and refuses where ComfyUI still loads it in part (--novram).
+        """
         import comfy.model_management as mm
 
-        mm.load_models_gpu([self.patcher])
+        if not self._whole:
+            mm.load_models_gpu([self.patcher])
+            return
+        try:
+            mm.load_models_gpu([self.patcher], force_full_load=True)
+        except torch.OutOfMemoryError as err:
+            raise ZEraseError(f"{self.node}: {TOO_LITTLE_VRAM} ({err})") from err
+        if getattr(self.patcher.model, "model_lowvram", False):
+            raise ZEraseError(f"{self.node}: ComfyUI loaded the model only in part (low-VRAM mode). {TOO_LITTLE_VRAM}")
 
     def layout(self, x: torch.Tensor, prompts: Sequence[EncodedPrompt]) -> TokenLayout:
         lengths = {pad_to_multiple(p.n_tokens, self.multiple) for p in prompts}
@@ -571,7 +591,8 @@ class ComfyZImageBackend(Backend):
 # --- training inside a node -----------------------------------------------------------------
 @contextmanager
 def training_session(backend: ComfyZImageBackend) -> Iterator[None]:
-    """Leave inference mode, set ComfyUI's training flag, give autograd frozen, non-inference weights.
+    """Leave inference mode, set ComfyUI's training flag, keep the whole model loaded (see ``load``), give
+    autograd frozen, non-inference weights.
 
     ComfyUI runs nodes under ``torch.inference_mode()``, so weights loaded while sampling are
     inference tensors, which autograd cannot save for backward. Each is replaced, one at a time,
@@ -584,7 +605,7 @@ def training_session(backend: ComfyZImageBackend) -> Iterator[None]:
     import comfy.model_management as mm
 
     frozen: list[nn.Parameter] = []
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), scoped(backend, _whole=True):
         backend.load()
         try:
             with torch.no_grad():
