@@ -169,14 +169,14 @@ def test_exact_merge_agrees_with_peft_cat_merge():
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["0"]), adapter_name="a")
-    peft_model.add_adapter("b", LoraConfig(r=3, lora_alpha=3, target_modules=["0"]))
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["0"]), adapter_name="first")
+    peft_model.add_adapter("second", LoraConfig(r=3, lora_alpha=3, target_modules=["0"]))
     layer = peft_model.base_model.model[0]
     ours = []
-    for name in ("a", "b"):
+    for name in ("first", "second"):
         torch.nn.init.normal_(layer.lora_B[name].weight)
         ours.append(ErasureLoRA({(0, "q"): (layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach())}, scale=layer.scaling[name]))
-    peft_model.add_weighted_adapter(["a", "b"], [0.25, 0.75], "m", combination_type="cat")
+    peft_model.add_weighted_adapter(["first", "second"], [0.25, 0.75], "m", combination_type="cat")
     reference = layer.get_delta_weight("m").double()
     merged, _ = merge(ours, [0.25, 0.75])
     assert torch.allclose(merged.delta_weight((0, "q")), reference, atol=1e-5)
