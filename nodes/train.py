@@ -146,7 +146,7 @@ class ZEraseTrain(io.ComfyNode):
                               targets, resolution, seed, gradient_checkpointing)
         path = safe_output_path(output_folder(), save_name)  # checked before any work
         checkpoint = path_inside(output_folder() / CHECKPOINTS, save_name, CHECKPOINT_SUFFIX)
-        backend = ComfyZImageBackend(model, clip, node=NODE)
+        backend = ComfyZImageBackend.for_training(model, clip, node=NODE)
         with training_session(backend):
             trainer = _trainer(backend, config, checkpoint, resume)
             own = _resumed_file(trainer, save_name)

@@ -278,3 +278,38 @@ def test_training_loads_the_whole_model_and_refuses_a_partial_load(monkeypatch):
     with pytest.raises(ZEraseError, match="whole Z-Image on the GPU.*fp8"):
         with training_session(fresh):
             pass
+
+
+def test_under_dynamic_vram_training_runs_on_a_non_dynamic_twin(monkeypatch):
+    """ComfyUI's dynamic VRAM (its default on NVIDIA) pages weights in per op; on a CPU ComfyUI falls back to the
+    plain patcher, so it is simulated by what ComfyUI itself consults: is_dynamic() and the loader it keeps in
+    cached_patcher_init. Training builds on a twin loaded again from the model's file (ComfyUI's own route for
+    torch.compile); with no file, or with erasure LoRAs applied (bound to the other model), it says what to do."""
+    from zerase_core.config import TrainConfig
+    from zerase_core.trainer import ZEraseTrainer
+
+    model = tiny_zimage(comfy, seed=3)
+    monkeypatch.setattr(model, "is_dynamic", lambda: True)
+    with pytest.raises(ZEraseError, match="no(ne)?.*Load Diffusion Model.*--disable-dynamic-vram"):
+        ComfyZImageBackend.for_training(model, tiny_clip(comfy))
+    loads = []
+    model.cached_patcher_init = (lambda seed, disable_dynamic=False: loads.append(disable_dynamic)
+                                 or tiny_zimage(comfy, seed=seed), (3,))
+    backend = ComfyZImageBackend.for_training(model, tiny_clip(comfy))
+    assert loads == [True] and backend.dit is not model.model.diffusion_model
+    prompts = backend.encode(["a cat", ""])
+    x, sigma = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.7, 0.7])
+    with torch.no_grad():  # the same model, loaded again
+        torch.testing.assert_close(backend.velocity(x, sigma, prompts, lora=False)[0],
+                                   ComfyZImageBackend(model).velocity(x, sigma, prompts, lora=False)[0])
+    config = TrainConfig(concept="cat", preserve=("dog",), steps=1, height=64, width=64, sample_steps=2,
+                         lora=LoRAConfig(rank=2), shuffle_pool=2)
+    with training_session(backend):
+        assert ZEraseTrainer(backend, config).run().completed
+
+    with torch.inference_mode():
+        applied = ComfyZImageBackend(model)
+        _randomise(applied.install(LoRAConfig(rank=2)))
+    monkeypatch.setattr(applied.patcher, "is_dynamic", lambda: True)
+    with pytest.raises(ZEraseError, match="carries erasure LoRAs.*before Apply Erasure LoRA"):
+        ComfyZImageBackend.for_training(applied.patcher, tiny_clip(comfy))

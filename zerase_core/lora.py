@@ -103,10 +103,13 @@ class GatedLoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
-    def add_adapter(self, name: str, targets: tuple[str, ...], rank: int, scale: float, strength: float = 1.0):
+    def add_adapter(self, name: str, targets: tuple[str, ...], rank: int, scale: float, strength: float = 1.0,
+                    device: torch.device | None = None):
+        """A new adapter on ``device`` (default: the base weight's; a host that pages its weights in per call
+        passes its compute device, so the optimizer's state is made where the parameters stay)."""
         widths = {t: self.slices[t][1] - self.slices[t][0] for t in targets if t in self.slices}
         adapter = LoRAAdapter(self.in_features, widths, rank, scale, strength)
-        self.adapters[name] = adapter.to(self.base_layer.weight.device)
+        self.adapters[name] = adapter.to(device or self.base_layer.weight.device)
         return self.adapters[name]
 
     def _delta(self, x_text: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,15 @@ QKV_PATH = "diffusion_model.layers.{}.attention.qkv"
 LAYER_FORWARD = "diffusion_model.layers.{}.forward"
 REFINER_FORWARD = "diffusion_model.noise_refiner.{}.forward"
 WRAPPER_PREFIX = "zerase"
+DYNAMIC_WITH_LORAS = (
+    "this MODEL carries erasure LoRAs and ComfyUI runs with dynamic VRAM, under which training needs a fresh copy "
+    "of the model that cannot carry them. Train on the model before Apply Erasure LoRA (stack the LoRAs afterwards "
+    "or merge them), or start ComfyUI with --disable-dynamic-vram."
+)
+DYNAMIC_WITHOUT_FILE = (
+    "ComfyUI runs with dynamic VRAM, under which training needs a copy of the model loaded from its file again, and "
+    "this MODEL has none. Load it with Load Diffusion Model, or start ComfyUI with --disable-dynamic-vram."
+)
 TOO_LITTLE_VRAM = (
     "Training needs the whole Z-Image on the GPU (~12 GB in bf16, ~6 GB with weight_dtype fp8_e4m3fn) plus its "
     "activations (~3 GB at 512² with gradient_checkpointing). Free VRAM (close other programs, unload models), "
@@ -192,8 +201,9 @@ class GatedForward:
         adapters = self.lora.adapters
         if len(adapters):
             p = next(adapters.parameters())
-            if p.device != x.device:
-                adapters.to(x.device)  # keeps Parameter identity (training holds references)
+            if p.device != x.device:  # keeps Parameter identity (training holds references)
+                with torch.inference_mode(False):  # moved while sampling, they would become inference tensors,
+                    adapters.to(x.device)  # and a LoRA trained later on top of this one could not back-propagate
         return self.lora(x)
 
 
@@ -273,6 +283,32 @@ def _layout(context_len: int, x: torch.Tensor, patch: int, multiple: int) -> Tok
 
 class ComfyZImageBackend(Backend):
     """Engine view of a ComfyUI Z-Image MODEL. Works on its own clone; the input is never changed."""
+
+    @classmethod
+    def for_training(cls, model: Any, clip: Any = None, node: str = "Z-Erase") -> "ComfyZImageBackend":
+        """A backend to train on ``model``; under ComfyUI's dynamic VRAM (its default on NVIDIA), on its
+        non-dynamic twin.
+
+        Dynamic VRAM pages weights in per op, falls back to cast buffers that later ops reuse when VRAM runs
+        short, and keeps per-op casts made while sampling (inference tensors). Backward needs every weight a
+        forward saved, unchanged. ComfyUI itself turns to the non-dynamic model where a feature needs fixed
+        weights (torch.compile, hooked conditioning); the twin is loaded from the model's file again for this run
+        and released with it. Erasure LoRAs applied to ``model`` are bound to its modules, so they cannot move.
+        """
+        check_zimage(model, node)
+        if not getattr(model, "is_dynamic", lambda: False)():
+            return cls(model, clip, node)
+        if any(isinstance(p, GatedForward) for p in model.object_patches.values()):
+            raise ZEraseError(f"{node}: {DYNAMIC_WITH_LORAS}")
+        try:
+            twin = model.clone(disable_dynamic=True)
+        except RuntimeError as err:  # a MODEL built in memory has no file to load the twin from
+            raise ZEraseError(f"{node}: {DYNAMIC_WITHOUT_FILE} ({err})") from err
+        for key, patch in list(twin.object_patches.items()):  # an earlier backend's, bound to the other model
+            if isinstance(patch, (SharedRowsForward, CheckpointedForward)):
+                del twin.object_patches[key]
+        log.info("%s: training on a non-dynamic copy of the model (ComfyUI's dynamic VRAM pages weights per op)", node)
+        return cls(twin, clip, node)
 
     def __init__(self, model: Any, clip: Any = None, node: str = "Z-Erase"):
         check_zimage(model, node)
@@ -356,7 +392,10 @@ class ComfyZImageBackend(Backend):
             targets = tuple(t for t in config.targets if t in slot.slices)
             if slot.layer not in wanted or not targets:
                 continue
-            adapter = self._wrap(slot).add_adapter(name, targets, config.rank, config.scale, config.strength)
+            # On the compute device, not the host weight's (the CPU while ComfyUI holds the model offloaded, and
+            # always under dynamic VRAM): AdamW state restored on resume lands on the parameters' device.
+            adapter = self._wrap(slot).add_adapter(name, targets, config.rank, config.scale, config.strength,
+                                                   device=self.device)
             for proj in targets:
                 lora_set.add(slot.layer, proj, adapter)
         return lora_set
@@ -500,9 +539,10 @@ class ComfyZImageBackend(Backend):
         """Load the clone (object patches and wrappers applied) onto the compute device; whole while training.
 
         Backward reads the weights each forward saved. A partial (low-VRAM) load casts the weights it left behind
-        into cast buffers that every layer reuses, so by backward a saved weight is another layer's (autograd
-        refuses it). As ComfyUI's own LoRA trainer does, training therefore loads the whole model, evicting
-        others (the text encoder is done by then), and refuses where ComfyUI still loads it in part (--novram).
+        into cast buffers that every layer reuses, so by backward a saved weight may be another layer's: autograd
+        refuses it, or, under checkpointing's recomputation, silently takes it. As ComfyUI's own LoRA trainer
+        does, training therefore loads the whole model, evicting others (the text encoder is done by then), and
+        refuses where ComfyUI still loads it in part (--novram). Dynamic VRAM: see :meth:`for_training`.
         """
         import comfy.model_management as mm
 

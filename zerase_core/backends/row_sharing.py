@@ -28,7 +28,8 @@ class RowGroups:
         """Groups of equal (x, σ) rows, numbered by first appearance; None when every row is distinct."""
         if x.shape[0] < 2:
             return None  # nothing to share, and no host sync for it
-        rows, sigma = x.flatten(1), sigma.reshape(-1)  # σ compared at its own precision, not x's
+        # σ compared at its own precision, not x's, on x's device (the pool and the sampler keep σ on the host)
+        rows, sigma = x.flatten(1), sigma.reshape(-1).to(x.device)
         # Row i against all rows: elementwise on the device; one host sync for the whole table.
         equal = torch.stack([(rows == rows[i]).all(dim=1) & (sigma == sigma[i]) for i in range(rows.shape[0])])
         first_equal = equal.int().argmax(dim=1).tolist()  # each row's first equal row
