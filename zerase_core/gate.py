@@ -33,10 +33,13 @@ class TokenGate:
         """(B, L) bool text mask for an input ``x`` of shape (B, L, d)."""
         return self._checked(x).text_mask(x.device)
 
-    def token_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool mask of every real token, text or image (the ungated ablation's 'gate')."""
-        layout = self._checked(x)
-        return layout.text_mask(x.device) | layout.image_mask(x.device)
+    def text_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat indices of the text rows of ``x`` (B, L, d) viewed as (B·L, d): S_T."""
+        return self._checked(x).text_rows(x.device)
+
+    def token_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat indices of every real token, text or image (the ungated ablation's 'gate')."""
+        return self._checked(x).token_rows(x.device)
 
     def _checked(self, x: torch.Tensor) -> TokenLayout:
         if self.layout is None:

@@ -68,13 +68,35 @@ class TokenLayout:
         ends = torch.tensor([e for _, e in segments])[:, None]
         return (positions >= starts) & (positions < ends)  # (B, L)
 
+    @cached_property
+    def _on_device(self) -> dict:
+        return {}
+
+    def _cached(self, name: str, make, device: torch.device | str) -> torch.Tensor:
+        """``make()`` (a CPU tensor) on ``device``, copied there once per layout: every gated layer of a call asks,
+        and each host→device copy would stall the host behind the GPU."""
+        key = (name, str(torch.device(device)))
+        if key not in self._on_device:
+            self._on_device[key] = make().to(device)
+        return self._on_device[key]
+
     def text_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, L) bool, True on text rows: the paper's S_T as a mask."""
-        return self._text_mask_cpu.to(device)
+        return self._cached("text_mask", lambda: self._text_mask_cpu, device)
 
     def image_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, L) bool, True on image rows (including image padding)."""
-        return self._image_mask_cpu.to(device)
+        return self._cached("image_mask", lambda: self._image_mask_cpu, device)
+
+    def text_rows(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(N,) flat indices of the text rows in a (B·L, d) view, ascending: S_T for index_select / index_copy,
+        which need no host sync where boolean indexing needs one per use (it counts the rows first)."""
+        return self._cached("text_rows", lambda: self._text_mask_cpu.flatten().nonzero().squeeze(1), device)
+
+    def token_rows(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(N,) flat indices of every real row, text or image (the ungated ablation's 'gate')."""
+        mask = lambda: (self._text_mask_cpu | self._image_mask_cpu).flatten().nonzero().squeeze(1)  # noqa: E731
+        return self._cached("token_rows", mask, device)
 
     def image_query_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, L) bool, True on real image tokens: the queries L_attn averages over (Eq. 6), padding left out."""

@@ -125,7 +125,8 @@ class GatedLoRALinear(nn.Module):
         y = self.base_layer(x)
         if not self.gate.lora_on or len(self.adapters) == 0:
             return y
-        mask = self.gate.text_mask(x) if self.scope == "text" else self.gate.token_mask(x)  # (B, L): S_T
-        y_text = (y[mask].float() + self._delta(x[mask].float())).to(y.dtype)  # (N_text, out)
+        rows = self.gate.text_rows(x) if self.scope == "text" else self.gate.token_rows(x)  # S_T as (N,) indices
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        y_text = (flat_y.index_select(0, rows).float() + self._delta(flat_x.index_select(0, rows).float()))
         # Out-of-place write: image rows of the result are y's rows, untouched.
-        return y.index_put((mask,), y_text)
+        return flat_y.index_copy(0, rows, y_text.to(y.dtype)).view_as(y)
