@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
+import diffusers.models.transformers.transformer_z_image as z_image_module
 # Both segments are padded to the host's own multiple (32): read it from diffusers, do not restate it.
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF as SEQ_MULTIPLE
 
-from ..attention_mass import MassRecorder
+from ..attention_mass import MassRecorder, sdpa_attention
 from ..gate import TokenGate
 from ..layout import TokenLayout, pad_to_multiple
 from ..lora import GatedLoRALinear, LoRAConfig
@@ -38,36 +37,33 @@ class LatentSpec:
     downsample: int = 8
 
 
-class _AttentionWatch(TorchFunctionMode):
-    """Sees the q, k that one main layer's attention processor hands to SDPA.
+class _AttentionCall:
+    """Stands in for diffusers' ``dispatch_attention_fn`` inside one main layer's processor.
 
-    Delegating to the stock processor and watching its SDPA call keeps diffusers'
-    norm/RoPE code the only copy; the mode is entered only around main-layer processors.
-    It hands the call to a recorder (which runs it and measures attention mass on the way),
-    and, for the paper's token-zeroing baseline (§3), can remove chosen key columns from attention.
+    Swapping the one function the stock processor calls keeps diffusers' projection/norm/RoPE
+    code the only copy and costs nothing per op (a torch-function mode watching for SDPA would
+    see every op of the layer). It runs torch's SDPA itself, so it works whatever attention
+    backend diffusers is set to, hands the call to a recorder (which measures attention mass on
+    the way), and, for the paper's token-zeroing baseline (§3), removes chosen key columns.
     """
 
-    _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
     def __init__(self, recorder: MassRecorder | None, layer: int, blocked: torch.Tensor | None = None):
-        super().__init__()
         self.recorder, self.layer, self.blocked = recorder, layer, blocked
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        given = dict(zip(self._SDPA_ARGS, args)) | kwargs
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None) -> torch.Tensor:
+        if dropout_p or is_causal or enable_gqa or attention_kwargs:
+            raise NotImplementedError("Z-Image's processor asks for plain attention; this call asks for more")
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # diffusers (B, L, H, D) -> SDPA's (B, H, L, D)
         if self.blocked is not None:
-            keep = ~self.blocked.to(given["query"].device)[:, None, None, :]  # (B, 1, 1, L)
-            mask = given.get("attn_mask")
-            given["attn_mask"] = keep if mask is None else mask & keep
-        if self.recorder is None or not self.recorder.wants(self.layer):
-            return func(**given)
-        rest = {name: given[name] for name in given if name not in ("query", "key", "value", "scale")}
-        q, k, v = given["query"], given["key"], given["value"]
-        attention = lambda q, k, v, scale: func(q, k, v, scale=scale, **rest)  # noqa: E731  (mask included)
-        return self.recorder.attend(self.layer, attention, q, k, v, given.get("scale"), given.get("attn_mask"))
+            keep = ~self.blocked.to(q.device)[:, None, None, :]  # (B, 1, 1, L)
+            attn_mask = keep if attn_mask is None else attn_mask & keep
+        attention = sdpa_attention(attn_mask)
+        if self.recorder is not None and self.recorder.wants(self.layer):
+            out = self.recorder.attend(self.layer, attention, q, k, v, scale, attn_mask)
+        else:
+            out = attention(q, k, v, scale)
+        return out.transpose(1, 2)
 
 
 class _WatchedProcessor:
@@ -86,7 +82,7 @@ class _WatchedProcessor:
         recorder, blocked = self.backend._recorder, self.backend._blocked
         if blocked is None and (recorder is None or not recorder.wants(self.layer)):
             return self.inner(*args)
-        with _AttentionWatch(recorder, self.layer, blocked):
+        with scoped(z_image_module, dispatch_attention_fn=_AttentionCall(recorder, self.layer, blocked)):
             return self.inner(*args)
 
 
