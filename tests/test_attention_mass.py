@@ -98,3 +98,30 @@ def test_word_maps_are_image_shaped_shares_and_see_the_lora(tiny_backend):
     off = word_maps(tiny_backend, enc, columns, x0, [0.3, 0.7], seed=0, lora=False)
     assert not torch.allclose(after, before) and torch.equal(off, before)
     assert concept_tokens  # "circle" was found
+
+
+def test_mass_is_recorded_whatever_attention_backend_diffusers_is_set_to(monkeypatch):
+    """The recorded layers run their own SDPA in place of diffusers' attention dispatch, so the mass (and the
+    prediction) do not depend on the backend diffusers is set to, here torch's flex attention, which never calls
+    torch's SDPA (a hook watching for that call recorded nothing there)."""
+    import warnings
+
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
+
+    from zerase_core.tiny import tiny_zimage_backend
+
+    monkeypatch.setattr(registry, "_active_backend", registry._active_backend)  # set_attention_backend sets it too
+    backend = tiny_zimage_backend()
+    prompts = backend.encode(["a red ball", "blue sky at night"])
+    x, sigma = torch.randn(2, *backend.latent_shape(64, 64), generator=torch.Generator().manual_seed(0)), torch.full((2,), 0.7)
+    runs = []
+    for name in ("native", "flex"):
+        backend.transformer.set_attention_backend(name)
+        assert {layer.attention.processor.inner._attention_backend for layer in backend.transformer.layers} == {name}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # flex attention warns that it runs uncompiled
+            runs.append(backend.velocity(x, sigma, prompts, concept_tokens=[[1], [0]]))
+    (v_native, mass_native), (v_flex, mass_flex) = runs
+    assert (mass_native > 0).all()
+    torch.testing.assert_close(mass_flex, mass_native, rtol=0, atol=1e-6)
+    torch.testing.assert_close(v_flex, v_native, rtol=0, atol=1e-5)  # the refiners ran on flex

@@ -75,6 +75,12 @@ class _WatchedProcessor:
     def __getattr__(self, name):  # _attention_backend etc. stay the stock processor's
         return getattr(self.inner, name)
 
+    def __setattr__(self, name, value):  # and are set there (set_attention_backend sets them on every processor)
+        if name in ("inner", "layer", "backend"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
     # Explicit parameters: diffusers' Attention drops keyword arguments a processor's
     # signature does not name (freqs_cis would silently vanish with **kwargs).
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
