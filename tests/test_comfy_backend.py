@@ -255,8 +255,24 @@ def test_training_loads_the_whole_model_and_refuses_a_partial_load(monkeypatch):
     config = TrainConfig(concept="cat", preserve=("dog",), steps=1, height=64, width=64, sample_steps=2,
                          lora=LoRAConfig(rank=2), shuffle_pool=2)
     with training_session(backend):
-        ZEraseTrainer(backend, config).run()
-    assert len(calls) > 2 and all(kw == {"force_full_load": True} for kw in calls)
+        trainer = ZEraseTrainer(backend, config)
+        trainer.run()
+        assert calls and all(kw == {"force_full_load": True} for kw in calls)
+        # Asked before every forward: nothing to do while this clone is loaded whole with its patches in place,
+        # a load again once a patch is added or taken away, or the model was moved out.
+        calls.clear()
+        backend.load()
+        assert calls == []
+        backend.set_gradient_checkpointing(True)  # patches added
+        backend.load()
+        assert len(calls) == 1
+        backend.set_gradient_checkpointing(False)  # and taken away again
+        backend.load()
+        assert len(calls) == 2 and not any("CheckpointedForward" in type(layer.forward).__name__
+                                           for layer in backend.dit.layers)
+        mm.unload_all_models()
+        backend.load()
+        assert len(calls) == 3
     calls.clear()
     backend.load()  # sampling afterwards: ComfyUI's own choice again
     assert calls == [{}]

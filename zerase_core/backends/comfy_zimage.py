@@ -549,12 +549,26 @@ class ComfyZImageBackend(Backend):
         if not self._whole:
             mm.load_models_gpu([self.patcher])
             return
+        if self._loaded_whole():  # asked before every forward: ComfyUI's load re-applies every patch (~3 ms)
+            return
         try:
             mm.load_models_gpu([self.patcher], force_full_load=True)
         except torch.OutOfMemoryError as err:
             raise ZEraseError(f"{self.node}: {TOO_LITTLE_VRAM} ({err})") from err
         if getattr(self.patcher.model, "model_lowvram", False):
             raise ZEraseError(f"{self.node}: ComfyUI loaded the model only in part (low-VRAM mode). {TOO_LITTLE_VRAM}")
+
+    def _loaded_whole(self) -> bool:
+        """This clone is ComfyUI's loaded model, whole, with its weight and object patches in place."""
+        import comfy.model_management as mm
+        from comfy.utils import get_attr
+
+        patcher, model = self.patcher, self.patcher.model
+        return (any(m is patcher for m in mm.loaded_models()) and not model.model_lowvram
+                and patcher.loaded_size() >= patcher.model_size()
+                and model.current_weight_patches_uuid == patcher.patches_uuid
+                and patcher.object_patches_backup.keys() == patcher.object_patches.keys()  # none applied or left over
+                and all(get_attr(model, k) is v for k, v in patcher.object_patches.items()))
 
     def layout(self, x: torch.Tensor, prompts: Sequence[EncodedPrompt]) -> TokenLayout:
         lengths = {pad_to_multiple(p.n_tokens, self.multiple) for p in prompts}
