@@ -78,6 +78,31 @@ def test_cancel_while_the_pool_is_sampled():
                       should_stop=lambda: asked.append(1) or len(asked) > 1)  # no to the first batch, yes after
 
 
+def test_pool_halves_its_batch_when_memory_runs_out(monkeypatch):
+    """A pool batch is batch × 3 rows in one forward (gigabytes at 1024²): out of memory, it samples fewer
+    trajectories at a time and ends with the pool it would have had."""
+    from zerase_core.xt_pool import TrajectoryPool
+
+    backend = tiny_zimage_backend()
+    trainer = ZEraseTrainer(backend, _config())
+    args = (backend, trainer.pool.erase, trainer.pool.uncond, trainer.pool.keep, trainer.latent_shape, trainer.sigmas,
+            6, 1.0, 0)
+    reference = TrajectoryPool(*args, batch=2)
+    real, rows_seen = backend.velocity, []
+
+    def small_memory(x, sigma, prompts, **kw):
+        rows_seen.append(x.shape[0])
+        if x.shape[0] > 6:  # room for two trajectories' three predictions, not more
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(x, sigma, prompts, **kw)
+
+    monkeypatch.setattr(backend, "velocity", small_memory)
+    pool = TrajectoryPool(*args, batch=8)
+    assert rows_seen[:2] == [18, 12] and set(rows_seen[2:]) == {6}  # 6 trajectories at a time, then 4, then 2
+    torch.testing.assert_close(pool.x, reference.x, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pool.teacher, reference.teacher, rtol=0, atol=1e-6)
+
+
 def test_pool_training_runs_and_resumes_identically(tmp_path):
     first = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", steps=4), checkpoint_path=tmp_path / "a.ckpt")
     full = first.run()

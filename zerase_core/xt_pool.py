@@ -74,13 +74,26 @@ class TrajectoryPool:
         levels = len(sigmas) - 1
         self.x = torch.empty((n, levels, *latent_shape))  # (T, K, C, H, W), CPU fp32
         self.teacher = torch.empty((n, levels, 2 + (1 if keep else 0), *latent_shape))  # (T, K, P, C, H, W)
-        for first in range(0, n, batch):
+        first = 0
+        while first < n:
             if should_stop is not None and should_stop():  # sampling the pool takes a while: let Cancel in
                 raise PoolCancelled(f"cancelled while sampling the x_t pool ({first} of {n} trajectories)")
             rows = range(first, min(first + batch, n))
             er = [erase[self.erase_index[j]] for j in rows]
             kp = [keep[self.keep_index[j]] for j in rows] if keep else []
-            self._trajectories(backend, noise[first : rows.stop].clone(), er, uncond, kp, cfg, rows)
+            try:
+                self._trajectories(backend, noise[first : rows.stop].clone(), er, uncond, kp, cfg, rows)
+            except torch.OutOfMemoryError:
+                # batch × (2 or 3) rows in one no-grad forward: at 1024² that is gigabytes of activations beside
+                # the weights. Trajectories are independent, so smaller batches give the same pool.
+                if batch == 1:
+                    raise
+                batch //= 2
+                log.warning("x_t pool: out of memory; sampling %d trajectories at a time", batch)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            first = rows.stop
         self.seconds = time.perf_counter() - start
         log.info("x_t pool: %d trajectories × %d levels sampled in %.1f s", n, levels, self.seconds)
 

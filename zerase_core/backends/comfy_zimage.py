@@ -244,7 +244,8 @@ class CheckpointedForward:
             with self.backend._replaying(state):
                 return previous(*inner_args, **inner_kwargs)
 
-        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        # No randomness in a Z-Image layer (no dropout): no RNG state to stash and restore per layer and call.
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
 def _comfy_sdpa(mask: torch.Tensor | None):

@@ -199,7 +199,8 @@ class DiffusersZImageBackend(Backend):
                 stack.enter_context(scoped(self, _recorder=recorder))
                 return block(*inner)
 
-        return checkpoint(replay, *args, use_reentrant=False)
+        # No randomness in a Z-Image layer (no dropout): no RNG state to stash and restore per layer and call.
+        return checkpoint(replay, *args, use_reentrant=False, preserve_rng_state=False)
 
     # --- prompts and predictions ---------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
