@@ -87,17 +87,19 @@ def _sync(backend) -> Callable[[], None]:
 
 
 def interleaved_medians(variants: dict[str, Callable[[], object]], steps: int, repeats: int,
-                        sync: Callable[[], None], on_oom: Callable[[str], None] | None = None) -> dict[str, float]:
+                        sync: Callable[[], None], on_oom: Callable[[str], None] | None = None,
+                        warm_up: bool = True) -> dict[str, float]:
     """Median seconds per call of each variant, timed round-robin: ``repeats`` rounds of ``steps`` calls each.
 
     Interleaving spreads a load spike on a shared machine over every variant instead of
-    one; each variant gets one untimed warm-up call first.
+    one; each variant gets one untimed warm-up call first (unless the caller just ran each once).
     """
     times: dict[str, list[float]] = {name: [] for name in variants}
     live = dict(variants)
     for name, fn in list(live.items()):
         try:
-            fn(), sync()
+            if warm_up:
+                fn(), sync()
         except torch.OutOfMemoryError:
             del live[name]
             if on_oom:
@@ -200,14 +202,16 @@ def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: 
                  "resolution": [c.height, c.width], "timed": {"steps": steps, "repeats": repeats},
                  "pool": {"trajectories": shared_pool.x.shape[0], "levels": shared_pool.x.shape[1],
                           "build_s": shared_pool.seconds, "amortised_over_steps": run_steps}}
-    peaks = _peak_gib(variants, sync) if backend.device.type == "cuda" else None
-    s = interleaved_medians(variants, steps, repeats, sync,
+    peaks = _peak_gib(variants, sync) if backend.device.type == "cuda" else None  # also each variant's warm-up
+    timed = {name: fn for name, fn in variants.items() if not peaks or peaks[name] != float("inf")}
+    s = interleaved_medians(timed, steps, repeats, sync, warm_up=peaks is None,
                             on_oom=lambda n: log.warning("%s ran out of memory at %d image tokens", n, case.image_tokens))
+    s = {name: s.get(name, float("nan")) for name in variants}  # out of memory: NaN, as interleaved_medians gives
     for name in s:
         if "_pool" in name:
             s[name] += shared_pool.seconds / run_steps
     out["split_seconds"] = cost_split(trainers["ours_pool_lambda_positive"], steps, repeats, sync)
-    del trainers, variants
+    del trainers, variants, timed
     backend.uninstall()
     out["seconds_per_step"] = s
     if peaks is not None:
