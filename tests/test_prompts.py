@@ -111,3 +111,20 @@ def test_module_entry_point_reports_user_errors_without_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "zerase_core", "inspect", str(tmp_path / "junk.safetensors")],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("error:") and "Traceback" not in done.stderr
+
+
+def test_concepts_are_found_as_whole_words_also_in_scripts_without_spaces():
+    """Z-Image reads Chinese; a CJK character is a word character, so "whole word" edges are only checked where
+    the phrase meets a spaced script on both sides of the edge."""
+    from zerase_core.prompts import EncodedPrompt
+
+    def prompt(text):  # one token per character
+        return EncodedPrompt(text, torch.zeros(len(text), 4), tuple((i, i + 1) for i in range(len(text))))
+
+    assert concept_token_indices(prompt("一幅梵高风格的画"), "梵高") == [2, 3]
+    assert concept_token_indices(prompt("梵高Van Gogh的画"), "van gogh") == list(range(2, 10))
+    assert concept_token_indices(prompt("a red_ball, red"), "red") == [12, 13, 14]  # not inside red_ball
+    with pytest.raises(ZEraseError, match="does not occur"):
+        concept_token_indices(prompt("a bored cat"), "red")
+    shuffled = shuffle_words("一幅 梵高 风格的画 at night", random.Random(0), keep="梵高")
+    assert sorted(shuffled.split()) == sorted(["一幅", "梵高", "风格的画", "at", "night"])

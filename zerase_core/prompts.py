@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -47,9 +48,26 @@ class PromptEncoder(Protocol):
 
 
 def _occurrences(text: str, word: str) -> list[tuple[int, int]]:
-    """Case-insensitive, whole-word occurrences of ``word`` (may be several words) in ``text``."""
-    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in word.split()) + r"(?!\w)"
-    return [m.span() for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+    """Case-insensitive, whole-word occurrences of ``word`` (may be several words) in ``text``.
+
+    Whole word: not inside a longer word ("red" is not in "bored"). Scripts written without spaces (Chinese,
+    Japanese; Z-Image reads both) have no word edges, so an edge between such a character and the phrase does not
+    count ("梵高" is in "一幅梵高风格的画", "Van Gogh" in "梵高Van Gogh的画").
+    """
+    word = word.strip()
+    body = r"\s+".join(re.escape(w) for w in word.split())
+    hits = []
+    for m in re.finditer(body, text, flags=re.IGNORECASE):
+        start, end = m.span()
+        if not (_joined(text[start - 1 : start], word[0]) or _joined(text[end : end + 1], word[-1])):
+            hits.append((start, end))
+    return hits
+
+
+def _joined(neighbour: str, edge: str) -> bool:
+    """Whether ``neighbour`` continues the word that ``edge`` (the phrase's first or last character) is part of."""
+    spaced = lambda ch: (ch.isalnum() or ch == "_") and unicodedata.east_asian_width(ch) not in ("W", "F")  # noqa: E731
+    return bool(neighbour) and spaced(neighbour) and spaced(edge)
 
 
 def concept_token_indices(prompt: EncodedPrompt, word: str) -> list[int]:
@@ -92,12 +110,10 @@ def shuffle_words(text: str, rng: random.Random, keep: str | None = None) -> str
     A multi-word ``keep`` phrase (e.g. "van gogh") moves as one unit so it stays findable.
     """
     units: list[str] = []
-    rest = text
-    if keep:
-        parts = re.split(r"(?i)(?<!\w)(" + r"\s+".join(re.escape(w) for w in keep.split()) + r")(?!\w)", text)
-        for i, part in enumerate(parts):
-            units.extend([part] if i % 2 else part.split())
-        rest = ""
-    units.extend(rest.split())
+    done = 0
+    for start, end in _occurrences(text, keep) if keep else []:
+        units += [*text[done:start].split(), text[start:end]]
+        done = end
+    units += text[done:].split()
     rng.shuffle(units)
     return " ".join(units)

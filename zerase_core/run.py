@@ -68,9 +68,7 @@ def train_and_save(backend: Backend, config: TrainConfig, out: Path, resume: boo
     lora_path = out / LORA
     if lora_path.exists() and not resume:
         raise ZEraseError(f"{lora_path} exists; choose another output folder (files are never overwritten).")
-    trainer = ZEraseTrainer(backend, config, checkpoint_path=out / CHECKPOINT)
-    if release_encoder:
-        backend.release_encoder()
+    trainer = ZEraseTrainer(backend, config, checkpoint_path=out / CHECKPOINT, release_encoder=release_encoder)
     if resume:
         if not (out / CHECKPOINT).exists():
             raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")

@@ -81,11 +81,14 @@ class ZEraseTrainer:
         callbacks: Sequence[StepCallback] = (),
         should_stop: Callable[[], bool] | None = None,
         checkpoint_path: str | Path | None = None,
+        release_encoder: bool = False,
     ):
         self.backend, self.config = backend, config
         self.callbacks, self.should_stop = list(callbacks), should_stop
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.pool = PromptPool.build(backend, config)  # the only use of the text encoder
+        if release_encoder:  # before the LoRA and the x_t pool take their memory
+            backend.release_encoder()
         with torch.random.fork_rng(devices=[]):  # LoRA A's random init, by the run's seed; global RNG untouched
             torch.random.default_generator.manual_seed(config.seed)
             self.lora = backend.install(config.lora, "zerase")

@@ -6,6 +6,7 @@ trainer encodes them all up front, so it can be dropped right after (see ``relea
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from ..errors import ZEraseError
 from .diffusers_zimage import DiffusersZImageBackend, LatentSpec
 from .text_encoders import ChatTemplateEncoder
+
+log = logging.getLogger(__name__)
 
 
 def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.dtype = torch.bfloat16):
@@ -26,8 +29,23 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         dtype = torch.float32  # bf16 matmuls on CPU are slow and gain nothing here
-    transformer = ZImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    text_model = AutoModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype).to(device)
+        log.warning("No CUDA GPU: the real Z-Image runs on the CPU in fp32 (~25 GB of RAM, minutes per step). "
+                    "Install a CUDA build of torch to train on a GPU.")
+    # The transformer waits on the CPU while the text encoder has the GPU: it moves there once the prompts are
+    # encoded and the encoder is released (DiffusersZImageBackend.release_encoder), never both at once.
+    transformer = _loaded(ZImageTransformer2DModel, folder, "transformer", torch_dtype=dtype)
+    tokenizer = _loaded(AutoTokenizer, folder, "tokenizer")
+    text_model = _loaded(AutoModel, folder, "text_encoder", torch_dtype=dtype).to(device)  # (dtype= only from 4.56)
     encoder = ChatTemplateEncoder(tokenizer, text_model.eval())
-    return DiffusersZImageBackend(transformer.eval(), encoder, LatentSpec(channels=transformer.config.in_channels))
+    return DiffusersZImageBackend(transformer.eval(), encoder, LatentSpec(channels=transformer.config.in_channels),
+                                  device=device)
+
+
+def _loaded(cls, folder: Path, subfolder: str, **kwargs):
+    """``cls.from_pretrained`` of one part of the folder, or an error that names the part."""
+    try:
+        return cls.from_pretrained(folder, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ZEraseError(f"Cannot load {folder / subfolder}/ ({type(err).__name__}: {err}). A diffusers Z-Image "
+                          "folder (e.g. Tongyi-MAI/Z-Image-Turbo) has transformer/, text_encoder/ and tokenizer/ "
+                          "with their config and weight files.") from err

@@ -101,6 +101,7 @@ class DiffusersZImageBackend(Backend):
         encoder: PromptEncoder,
         latent: LatentSpec = LatentSpec(),
         family: str = "z-image",
+        device: torch.device | str | None = None,
     ):
         if type(transformer).__name__ != "ZImageTransformer2DModel":
             from ..errors import ZEraseError
@@ -111,6 +112,9 @@ class DiffusersZImageBackend(Backend):
             )
         self.transformer = transformer.requires_grad_(False)
         self.encoder, self.latent, self.family = encoder, latent, family
+        # Where the transformer runs. A loader may leave it on the CPU while the text encoder has the GPU to encode
+        # the prompts (12.3 + 8 GB in bf16 at once would not fit a 16 GB card): it moves at the first use after.
+        self._device = torch.device(device) if device is not None else transformer.x_pad_token.device
         self.gate = TokenGate()
         self.patch = transformer.config.all_patch_size[0]
         self._installer = InPlaceInstaller(transformer, self.gate)
@@ -138,7 +142,12 @@ class DiffusersZImageBackend(Backend):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.x_pad_token.device
+        return self._device
+
+    def _place(self) -> None:
+        """The transformer (and any LoRA on it) on the compute device: a no-op once it is there."""
+        if self.transformer.x_pad_token.device != self._device:
+            self.transformer.to(self._device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -172,6 +181,7 @@ class DiffusersZImageBackend(Backend):
 
     # --- LoRA ----------------------------------------------------------------------------
     def install(self, config: LoRAConfig, name: str = "zerase") -> LoRASet:
+        self._place()  # adapters are made where the weights are: there, before an optimizer holds them
         return self._installer.install(self.host_slots(), config, name, self.n_layers)
 
     def uninstall(self) -> None:
@@ -209,10 +219,12 @@ class DiffusersZImageBackend(Backend):
         return self.encoder.encode(prompts)
 
     def release_encoder(self) -> None:
-        """Drop the text encoder (Qwen3 4B: ~8 GB in bf16) so training has that memory back."""
+        """Drop the text encoder (Qwen3 4B: ~8 GB in bf16) so training has that memory back, and put the
+        transformer in its place."""
         self.encoder = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        self._place()
 
     def layout(self, x: torch.Tensor, prompts: Sequence[EncodedPrompt]) -> TokenLayout:
         """[image | caption] per sample, each padded to 32 (diffusers' _build_unified_sequence)."""
@@ -244,9 +256,11 @@ class DiffusersZImageBackend(Backend):
 
     def _run(self, x, sigma, prompts, layout, lora, recorder):
         """One transformer call under the gate, the attention watch and any token zeroing; raw output."""
+        self._place()
         captions = [p.features.to(self.device, self.dtype) for p in prompts]
         latents = list(x.to(self.device, self.dtype).unsqueeze(2).unbind(0))  # B × (C, F=1, H, W)
-        t = (1.0 - sigma).to(self.device, self.dtype)  # diffusers' time runs 0 (noise) -> 1 (clean)
+        # diffusers' time runs 0 (noise) -> 1 (clean); fp32 as the pipeline passes it (in bf16, t·1000 rounds by ~1)
+        t = (1.0 - sigma).to(self.device, torch.float32)
         blocked = layout.columns(self._zeroing(prompts)).bool() if self._zeroing is not None else None
         groups = RowGroups.of(x, sigma)
         with scoped(self, _blocked=blocked, _row_groups=groups, _recorder=recorder), self.gate.active(layout, lora):

@@ -1,0 +1,80 @@
+"""The real-model path (`train --model FOLDER`) on a tiny diffusers Z-Image folder built offline: a byte-level BPE
+tokenizer trained here, a tiny Qwen3 text encoder, a tiny Z-Image transformer, saved as diffusers lays them out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zerase_core.errors import ZEraseError
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = ["a photo of a red ball", "blue sky at night", "a red circle on the left", "user assistant"] * 20
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+    from zerase_core.tiny import small_zimage
+
+    root = tmp_path_factory.mktemp("z-image")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(root / "text_encoder")
+    transformer = small_zimage(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, axes_dims=(8, 12, 12),
+                               axes_lens=(256, 64, 64), in_channels=16, patch_size=2, cap_feat_dim=32)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.02)  # diffusers zero-initialises some layers; a trained model has none
+    transformer.save_pretrained(root / "transformer")
+    return root
+
+
+def test_loaded_folder_encodes_through_the_chat_template_and_finds_the_concept(folder):
+    from zerase_core.backends.diffusers_loader import load_diffusers_zimage
+    from zerase_core.prompts import concept_token_indices
+
+    backend = load_diffusers_zimage(folder)
+    red, empty = backend.encode(["a photo of a red ball", ""])
+    assert empty.n_tokens > 0  # the template alone, as Z-Image's pipeline encodes the empty prompt
+    hit = concept_token_indices(red, "red")
+    assert hit and all(red.text[slice(*red.spans[i])].strip() == "red" for i in hit)
+    assert red.features.shape[-1] == 32 and torch.isfinite(red.features).all()
+
+
+def test_train_on_a_model_folder_writes_the_lora(folder, tmp_path):
+    from zerase_core.cli import main
+    from zerase_core.lora_file import load_lora
+
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(folder), "--concept", "red", "--preserve", "blue", "--template",
+                 "a photo of a {} ball", "--steps", "2", "--resolution", "64", "--rank", "2", "--xt-pool", "2",
+                 "--out", str(out)])
+    assert code == 0
+    lora = load_lora(out / "erasure_lora.safetensors")
+    assert lora.concept == "red" and lora.training["steps_done"] == 2
+    assert len(json.loads((out / "history.json").read_text())) == 2
+
+
+def test_a_folder_without_its_files_names_the_part_that_is_missing(tmp_path):
+    from zerase_core.backends.diffusers_loader import load_diffusers_zimage
+
+    for part in ("transformer", "text_encoder", "tokenizer"):
+        (tmp_path / part).mkdir()
+    with pytest.raises(ZEraseError, match=r"Cannot load .*transformer/.*config and weight files"):
+        load_diffusers_zimage(tmp_path)
+    with pytest.raises(ZEraseError, match="not a diffusers Z-Image folder: missing text_encoder"):
+        (tmp_path / "text_encoder").rmdir()
+        load_diffusers_zimage(tmp_path)
