@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from comfy_api.latest import io
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
 from zerase_core.checkpoint import partial_lora
 from zerase_core.config import PRESETS, TrainConfig
-from zerase_core.files import numbered_paths, path_inside, safe_output_path
+from zerase_core.files import path_inside, safe_output_path
 from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import save_lora
 from zerase_core.sampling import before_after
@@ -27,6 +26,7 @@ TARGETS = ["q,k,v", "q,k", "q", "k", "v"]
 # Kept beside the LoRAs (ComfyUI empties its temp folder at start-up) with a suffix no loader lists; deleted when
 # the run completes.
 CHECKPOINTS, CHECKPOINT_SUFFIX = ".checkpoints", ".zerase-ckpt"
+LORA_FILE = "lora_file"  # the checkpoint's note of where the run's LoRA goes
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +60,7 @@ def _trainer(backend, config, checkpoint: Path, resume: bool) -> ZEraseTrainer:
     pbar = comfy.utils.ProgressBar(config.steps)
     try:
         trainer = ZEraseTrainer(backend, config, callbacks=[lambda record, t: pbar.update_absolute(t.step)],
-                                should_stop=mm.processing_interrupted, checkpoint_path=checkpoint)
+                                should_stop=mm.processing_interrupted, checkpoint_path=checkpoint, release_encoder=True)
     except PoolCancelled:  # Cancel before the first step: nothing to save
         mm.throw_exception_if_processing_interrupted()
         raise
@@ -79,11 +79,19 @@ def _save(lora, planned: Path, save_name: str, own: Path | None = None) -> Path:
     return save_lora(lora, planned if mine else safe_output_path(output_folder(), save_name))
 
 
-def _resumed_file(trainer, save_name: str) -> Path | None:
-    """The LoRA an interrupted run of ``save_name`` saved when it stopped, when this trainer continues that run."""
-    if trainer.step == 0:
+def _resumed_file(trainer) -> Path | None:
+    """The LoRA the interrupted run saved when it stopped, when this trainer continues that run: the file its
+    checkpoint recorded (see ``_record_file``), if it is still that run's."""
+    recorded = trainer.checkpoint_meta.get(LORA_FILE) if trainer.step else None
+    if not recorded:
         return None
-    return partial_lora(trainer, itertools.takewhile(Path.exists, numbered_paths(output_folder(), save_name)))
+    candidate = path_inside(output_folder(), recorded, ".safetensors")
+    return partial_lora(trainer, [candidate] if candidate.exists() else [])
+
+
+def _record_file(trainer, path: Path) -> None:
+    """Every checkpoint of this run records where its LoRA goes, so a resume finds the partial file it saved."""
+    trainer.checkpoint_meta[LORA_FILE] = path.relative_to(output_folder().resolve()).with_suffix("").as_posix()
 
 
 class ZEraseTrain(io.ComfyNode):
@@ -95,8 +103,8 @@ class ZEraseTrain(io.ComfyNode):
             category="Z-Erase",
             is_output_node=True,  # it writes the LoRA file, wired onward or not
             description="Trains a text-token-gated erasure LoRA on Z-Image (Z-Erase, Algorithm 1). Cancel keeps "
-            "the last good LoRA; files land in models/loras/zerase/ and never overwrite another file (a resumed run replaces the LoRA its "
-            "interrupted run saved).",
+            "the last good LoRA; files land in models/loras/zerase/ and never overwrite another file (a resumed "
+            "run replaces the LoRA its interrupted run saved).",
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip", tooltip="Encodes the erase, preservation and empty prompts once."),
@@ -104,7 +112,8 @@ class ZEraseTrain(io.ComfyNode):
                 io.Combo.Input("preset", options=list(PRESETS), default="entity",
                                tooltip="Concept type: sets ε (paper Table 6) and the default template."),
                 io.String.Input("templates", default="", multiline=True,
-                                tooltip="One erase prompt template per line with {} for the concept; empty: the preset's."),
+                                tooltip="One erase prompt template per line with {} for the concept; "
+                                "empty: the preset's."),
                 io.String.Input("preserve", default="", tooltip="Comma-separated preservation concepts."),
                 io.Int.Input("steps", default=1000, min=1, max=100000),
                 io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-5),
@@ -149,9 +158,9 @@ class ZEraseTrain(io.ComfyNode):
         backend = ComfyZImageBackend.for_training(model, clip, node=NODE)
         with training_session(backend):
             trainer = _trainer(backend, config, checkpoint, resume)
-            own = _resumed_file(trainer, save_name)
+            own = _resumed_file(trainer)
             path = own or path
-            backend.clip = None  # prompts are encoded; the text encoder is not needed any more
+            _record_file(trainer, path)
             try:
                 result = trainer.run()
             except BaseException:

@@ -86,8 +86,9 @@ def main(argv=None) -> int:
                          (px // 16) ** 2)
         row = time_case(case, args.steps) | {"gradient_checkpointing": ckpt}
         log.info("%d² ckpt=%s: %s", px, ckpt, json.dumps(row["seconds_per_step"]))
-        log.info("  paper-λ weighted minutes/1000 steps: %s", {k: round(v["minutes_per_run"], 2) for k, v in
-                                                                row["paper_lambda_weighted"].items() if k != "fractions"})
+        weighted = row["paper_lambda_weighted"]
+        log.info("  paper-λ weighted minutes/1000 steps: %s",
+                 {k: round(v["minutes_per_run"], 2) for k, v in weighted.items() if k != "fractions"})
         result["rows"].append(row)
         _write(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
     print(json.dumps(result, indent=2, default=str))

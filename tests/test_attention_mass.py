@@ -113,7 +113,8 @@ def test_mass_is_recorded_whatever_attention_backend_diffusers_is_set_to(monkeyp
     monkeypatch.setattr(registry, "_active_backend", registry._active_backend)  # set_attention_backend sets it too
     backend = tiny_zimage_backend()
     prompts = backend.encode(["a red ball", "blue sky at night"])
-    x, sigma = torch.randn(2, *backend.latent_shape(64, 64), generator=torch.Generator().manual_seed(0)), torch.full((2,), 0.7)
+    x = torch.randn(2, *backend.latent_shape(64, 64), generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((2,), 0.7)
     runs = []
     for name in ("native", "flex"):
         backend.transformer.set_attention_backend(name)

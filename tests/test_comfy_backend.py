@@ -285,7 +285,7 @@ def test_training_loads_the_whole_model_and_refuses_a_partial_load(monkeypatch):
     monkeypatch.setattr(mm, "load_models_gpu", partial)
     with pytest.raises(ZEraseError, match="only in part.*without --novram"):
         with training_session(fresh):
-            pass
+            fresh.load()  # as the first forward does
 
     def out_of_memory(models, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -293,7 +293,7 @@ def test_training_loads_the_whole_model_and_refuses_a_partial_load(monkeypatch):
     monkeypatch.setattr(mm, "load_models_gpu", out_of_memory)
     with pytest.raises(ZEraseError, match="whole Z-Image on the GPU.*fp8"):
         with training_session(fresh):
-            pass
+            fresh.load()
 
 
 def test_under_dynamic_vram_training_runs_on_a_non_dynamic_twin(monkeypatch):

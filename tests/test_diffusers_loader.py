@@ -30,8 +30,9 @@ def folder(tmp_path_factory):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.save_pretrained(root / "tokenizer")
     torch.manual_seed(0)
-    Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(root / "text_encoder")
+    text = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    Qwen3Model(text).save_pretrained(root / "text_encoder")
     transformer = small_zimage(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, axes_dims=(8, 12, 12),
                                axes_lens=(256, 64, 64), in_channels=16, patch_size=2, cap_feat_dim=32)
     with torch.no_grad():

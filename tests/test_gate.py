@@ -25,7 +25,8 @@ def _record_projections(transformer):
         if isinstance(module, GatedLoRALinear):
 
             def hook(mod, args, out, name=name):
-                calls.append((name, mod, args[0].detach(), out.detach(), mod.gate.text_mask(args[0]).clone()))
+                mask = mod.gate.layout.text_mask(args[0].device).clone()
+                calls.append((name, mod, args[0].detach(), out.detach(), mask))
 
             handles.append(module.register_forward_hook(hook))
     return calls, handles

@@ -204,8 +204,8 @@ def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: 
                           "build_s": shared_pool.seconds, "amortised_over_steps": run_steps}}
     peaks = _peak_gib(variants, sync) if backend.device.type == "cuda" else None  # also each variant's warm-up
     timed = {name: fn for name, fn in variants.items() if not peaks or peaks[name] != float("inf")}
-    s = interleaved_medians(timed, steps, repeats, sync, warm_up=peaks is None,
-                            on_oom=lambda n: log.warning("%s ran out of memory at %d image tokens", n, case.image_tokens))
+    oom = lambda name: log.warning("%s ran out of memory at %d image tokens", name, case.image_tokens)  # noqa: E731
+    s = interleaved_medians(timed, steps, repeats, sync, warm_up=peaks is None, on_oom=oom)
     s = {name: s.get(name, float("nan")) for name in variants}  # out of memory: NaN, as interleaved_medians gives
     for name in s:
         if "_pool" in name:
@@ -260,6 +260,7 @@ def _peak_gib(variants: dict[str, Callable[[], object]], sync: Callable[[], None
             peaks[name] = (torch.cuda.max_memory_allocated() - resident) / 2**30
         except torch.OutOfMemoryError:
             peaks[name] = float("inf")
+            log.warning("%s ran out of memory: not timed", name)
     return peaks
 
 

@@ -218,7 +218,8 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float, po
             xt = _xt_cost(p, source, levels, pool_trajectories)
             row = _composed_row(kinds, esd, xt, fractions, steps, _reference_step_s(p, ckpt, levels),
                                 _peak_gb(ckpt), memory_budget_gb)
-            rows[f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"] = {"xt_source": source, "gradient_checkpointing": ckpt} | row
+            key = f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"
+            rows[key] = {"xt_source": source, "gradient_checkpointing": ckpt} | row
     return {
         "resolution": 512, "steps": steps, "device": "one H100 (composed from the issue's H100 figures, not run here)",
         "fractions": fractions,

@@ -44,6 +44,7 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path) -> Path:
         "config": trainer.config.to_dict(),
         "fingerprint": trainer.backend.fingerprint(),
         "history": [asdict(r) for r in trainer.history],
+        "caller": trainer.checkpoint_meta,
     }
     return atomic_save(tensors, path, meta)
 
@@ -90,13 +91,15 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     trainer.lam.load_state(meta["lambda"])
     trainer.step, trainer.seconds = int(meta["step"]), float(meta["seconds"])
     trainer.history = [StepRecord(**r) for r in meta["history"]]
+    trainer.checkpoint_meta = dict(meta.get("caller", {}))
 
 
 def partial_lora(trainer: "ZEraseTrainer", candidates: Iterable[Path]) -> Path | None:
     """Which of ``candidates`` is the LoRA file a stopped run saved beside its checkpoint, once the trainer has
-    resumed from that checkpoint: trained with these settings on this model, stopped at the resumed step.
+    resumed from that checkpoint: trained with these settings on this architecture, stopped at the resumed step.
 
-    The finished run replaces that file instead of landing beside it under the next free name.
+    The finished run replaces that file instead of landing beside it under the next free name. The caller names
+    the candidates (the node: the one file its checkpoint recorded), so another run's file is never taken for it.
     """
     wanted = _as_json([_comparable(trainer.config), trainer.backend.fingerprint(), trainer.step])
     for path in candidates:

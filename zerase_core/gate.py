@@ -29,10 +29,6 @@ class TokenGate:
         with scoped(self, layout=layout, lora_on=lora_on):
             yield self
 
-    def text_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool text mask for an input ``x`` of shape (B, L, d)."""
-        return self._checked(x).text_mask(x.device)
-
     def text_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Flat indices of the text rows of ``x`` (B, L, d) viewed as (B·L, d): S_T."""
         return self._checked(x).text_rows(x.device)

@@ -50,17 +50,21 @@ class PromptEncoder(Protocol):
 def _occurrences(text: str, word: str) -> list[tuple[int, int]]:
     """Case-insensitive, whole-word occurrences of ``word`` (may be several words) in ``text``.
 
-    Whole word: not inside a longer word ("red" is not in "bored"). Scripts written without spaces (Chinese,
-    Japanese; Z-Image reads both) have no word edges, so an edge between such a character and the phrase does not
-    count ("梵高" is in "一幅梵高风格的画", "Van Gogh" in "梵高Van Gogh的画").
+    Whole word: not inside a longer word ("red" is not in "bored"). CJK (East-Asian wide) characters have no
+    word edges, since Chinese and Japanese (Z-Image reads both) are written without spaces: an edge between
+    such a character and the phrase does not count ("梵高" is in "一幅梵高风格的画", "Van Gogh" in
+    "梵高Van Gogh的画").
     """
     word = word.strip()
-    body = r"\s+".join(re.escape(w) for w in word.split())
-    hits = []
-    for m in re.finditer(body, text, flags=re.IGNORECASE):
+    pattern = re.compile(r"\s+".join(re.escape(w) for w in word.split()), flags=re.IGNORECASE)
+    hits, m = [], pattern.search(text)
+    while m:
         start, end = m.span()
-        if not (_joined(text[start - 1 : start], word[0]) or _joined(text[end : end + 1], word[-1])):
+        if _joined(text[start - 1 : start], word[0]) or _joined(text[end : end + 1], word[-1]):
+            m = pattern.search(text, start + 1)  # a rejected match may overlap a good one ("Cabora Bora Bora")
+        else:
             hits.append((start, end))
+            m = pattern.search(text, end)
     return hits
 
 

@@ -100,6 +100,7 @@ class ZEraseTrainer:
         self.rng = random.Random(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.step, self.seconds, self.history = 0, 0.0, []
+        self.checkpoint_meta: dict = {}  # the caller's notes, kept in every checkpoint (the node: its LoRA's name)
         # Set by _losses / _backward for one step: the preservation inputs (x_t, σ, c_pr, teacher), kept to
         # recompute L_pr with a graph when λ turns > 0, and for the paired λ rule's after-update value.
         self._pr_batch, self._recomputed = None, False

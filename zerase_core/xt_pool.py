@@ -81,21 +81,28 @@ class TrajectoryPool:
             rows = range(first, min(first + batch, n))
             er = [erase[self.erase_index[j]] for j in rows]
             kp = [keep[self.keep_index[j]] for j in rows] if keep else []
-            try:
-                self._trajectories(backend, noise[first : rows.stop].clone(), er, uncond, kp, cfg, rows)
-            except torch.OutOfMemoryError:
-                # batch × (2 or 3) rows in one no-grad forward: at 1024² that is gigabytes of activations beside
-                # the weights. Trajectories are independent, so smaller batches give the same pool.
-                if batch == 1:
-                    raise
+            if self._sampled(backend, noise[first : rows.stop].clone(), er, uncond, kp, cfg, rows):
+                first = rows.stop
+            elif batch > 1:
+                # batch × (2 or 3) rows in one no-grad forward: at 1024² gigabytes of activations beside the
+                # weights. Trajectories are independent: smaller batches give the same pool (up to the GPU's
+                # batch-dependent rounding).
                 batch //= 2
                 log.warning("x_t pool: out of memory; sampling %d trajectories at a time", batch)
                 if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            first = rows.stop
+                    torch.cuda.empty_cache()  # here, not in the except: its traceback held the failed batch
+            else:
+                raise torch.OutOfMemoryError("x_t pool: out of memory sampling one trajectory at a time")
         self.seconds = time.perf_counter() - start
         log.info("x_t pool: %d trajectories × %d levels sampled in %.1f s", n, levels, self.seconds)
+
+    def _sampled(self, *args) -> bool:
+        """:meth:`_trajectories`; False if the device ran out of memory (the batch is retried smaller)."""
+        try:
+            self._trajectories(*args)
+            return True
+        except torch.OutOfMemoryError:
+            return False
 
     @torch.no_grad()
     def _trajectories(self, backend, x, er, uncond, keep, cfg, rows) -> None:

@@ -301,15 +301,10 @@ class ComfyZImageBackend(Backend):
             return cls(model, clip, node)
         if any(isinstance(p, GatedForward) for p in model.object_patches.values()):
             raise ZEraseError(f"{node}: {DYNAMIC_WITH_LORAS}")
-        try:
-            twin = model.clone(disable_dynamic=True)
-        except RuntimeError as err:  # a MODEL built in memory has no file to load the twin from
-            raise ZEraseError(f"{node}: {DYNAMIC_WITHOUT_FILE} ({err})") from err
-        for key, patch in list(twin.object_patches.items()):  # an earlier backend's, bound to the other model
-            if isinstance(patch, (SharedRowsForward, CheckpointedForward)):
-                del twin.object_patches[key]
+        if getattr(model, "cached_patcher_init", None) is None:  # built in memory: no file to load the twin from
+            raise ZEraseError(f"{node}: {DYNAMIC_WITHOUT_FILE}")
         log.info("%s: training on a non-dynamic copy of the model (ComfyUI's dynamic VRAM pages weights per op)", node)
-        return cls(twin, clip, node)
+        return cls(model.clone(disable_dynamic=True), clip, node)
 
     def __init__(self, model: Any, clip: Any = None, node: str = "Z-Erase"):
         check_zimage(model, node)
@@ -322,7 +317,8 @@ class ComfyZImageBackend(Backend):
         self._recorder: Any = None  # MassRecorder / WordMapRecorder of the running call
         self._layout: TokenLayout | None = None
         self._checkpointed: set[int] = set()
-        self._whole = False  # set by training_session: every load puts the whole model on the device
+        # Set by training_session: every load puts the whole model on the device, with weights autograd can use.
+        self._whole, self._weights_owned, self._frozen = False, False, []
         # The model the patches are built on. Not self.dit: ComfyUI's torch.compile wrapper swaps the compiled
         # module into diffusion_model while it samples, and the wrapper must not touch that property there.
         self._host = dit = self.dit
@@ -536,28 +532,60 @@ class ComfyZImageBackend(Backend):
             )
         return encoded
 
+    def release_encoder(self) -> None:
+        """Drop this backend's hold on the CLIP once the prompts are encoded (ComfyUI moves it out as memory is
+        needed; the node's own input keeps it for other nodes)."""
+        self.clip = None
+
     def load(self) -> None:
         """Load the clone (object patches and wrappers applied) onto the compute device; whole while training.
 
         Backward reads the weights each forward saved. A partial (low-VRAM) load casts the weights it left behind
         into cast buffers that every layer reuses, so by backward a saved weight may be another layer's: autograd
         refuses it, or, under checkpointing's recomputation, silently takes it. As ComfyUI's own LoRA trainer
-        does, training therefore loads the whole model, evicting others (the text encoder is done by then), and
-        refuses where ComfyUI still loads it in part (--novram). Dynamic VRAM: see :meth:`for_training`.
+        does, training therefore loads the whole model, evicting others as needed (the text encoder is done by
+        the first forward), and refuses where ComfyUI still loads it in part (--novram). Dynamic VRAM: see
+        :meth:`for_training`.
         """
         import comfy.model_management as mm
 
         if not self._whole:
             mm.load_models_gpu([self.patcher])
             return
-        if self._loaded_whole():  # asked before every forward: ComfyUI's load re-applies every patch (~3 ms)
-            return
-        try:
-            mm.load_models_gpu([self.patcher], force_full_load=True)
-        except torch.OutOfMemoryError as err:
-            raise ZEraseError(f"{self.node}: {TOO_LITTLE_VRAM} ({err})") from err
-        if getattr(self.patcher.model, "model_lowvram", False):
-            raise ZEraseError(f"{self.node}: ComfyUI loaded the model only in part (low-VRAM mode). {TOO_LITTLE_VRAM}")
+        if not self._loaded_whole():  # asked before every forward: ComfyUI's load re-applies every patch (~3 ms)
+            try:
+                mm.load_models_gpu([self.patcher], force_full_load=True)
+            except torch.OutOfMemoryError as err:
+                raise ZEraseError(f"{self.node}: {TOO_LITTLE_VRAM} ({err})") from err
+            if getattr(self.patcher.model, "model_lowvram", False):
+                raise ZEraseError(f"{self.node}: ComfyUI loaded the model only in part (low-VRAM mode). "
+                                  f"{TOO_LITTLE_VRAM}")
+            self._weights_owned = False
+        if not self._weights_owned:
+            self._own_weights()
+
+    def _own_weights(self) -> None:
+        """Weights autograd can use, after each load of a training session.
+
+        ComfyUI runs nodes under ``torch.inference_mode()``, so weights loaded there are inference
+        tensors, which autograd cannot save for backward. Each is replaced, one at a time, by a plain
+        copy that stays (as ComfyUI's own ops do when they move such weights): the original is freed at
+        once, so the weights never sit in memory twice, and nothing stale is put back over what ComfyUI
+        may change meanwhile. Plain parameters (a model built outside inference mode) are frozen for the
+        session and given back after it: otherwise backward would compute and keep a gradient for every
+        base weight (and fail on fp8 ones).
+        """
+        with torch.no_grad():
+            for module in self.dit.modules():
+                for name, param in list(module._parameters.items()):
+                    if param is not None and param.is_inference():
+                        module._parameters[name] = nn.Parameter(param.clone(), requires_grad=False)
+                    elif param is not None and param.requires_grad:
+                        self._frozen.append(param.requires_grad_(False))
+                for name, buf in list(module._buffers.items()):
+                    if buf is not None and buf.is_inference():
+                        module._buffers[name] = buf.clone()
+        self._weights_owned = True
 
     def _loaded_whole(self) -> bool:
         """This clone is ComfyUI's loaded model, whole, with its weight and object patches in place."""
@@ -646,37 +674,17 @@ class ComfyZImageBackend(Backend):
 # --- training inside a node -----------------------------------------------------------------
 @contextmanager
 def training_session(backend: ComfyZImageBackend) -> Iterator[None]:
-    """Leave inference mode, set ComfyUI's training flag, keep the whole model loaded (see ``load``), give
-    autograd frozen, non-inference weights.
-
-    ComfyUI runs nodes under ``torch.inference_mode()``, so weights loaded while sampling are
-    inference tensors, which autograd cannot save for backward. Each is replaced, one at a time,
-    by a plain copy that stays (as ComfyUI's own ops do when they move such weights): the original
-    is freed at once, so the weights never sit in memory twice, and nothing stale is put back
-    over what ComfyUI may change while the session runs. Plain parameters (a model built outside
-    inference mode) are frozen for the session and given back: otherwise backward would compute
-    and keep a gradient for every base weight (and fail on fp8 ones).
-    """
+    """Leave inference mode and set ComfyUI's training flag; while inside, the backend loads the model whole,
+    with weights autograd can use (see ``load``). The first load comes with the first forward, after the prompts
+    are encoded, so the text encoder makes room for it and the model is not loaded whole twice."""
     import comfy.model_management as mm
 
-    frozen: list[nn.Parameter] = []
-    with torch.inference_mode(False), scoped(backend, _whole=True):
-        backend.load()
+    with torch.inference_mode(False), scoped(backend, _whole=True, _weights_owned=False, _frozen=[]):
+        mm.in_training = True
         try:
-            with torch.no_grad():
-                for module in backend.dit.modules():
-                    for name, param in list(module._parameters.items()):
-                        if param is not None and param.is_inference():
-                            module._parameters[name] = nn.Parameter(param.clone(), requires_grad=False)
-                        elif param is not None and param.requires_grad:
-                            frozen.append(param.requires_grad_(False))
-                    for name, buf in list(module._buffers.items()):
-                        if buf is not None and buf.is_inference():
-                            module._buffers[name] = buf.clone()
-            mm.in_training = True
             yield
         finally:
             mm.in_training = False
-            for param in frozen:
+            for param in backend._frozen:
                 param.requires_grad_(True)
             mm.soft_empty_cache()

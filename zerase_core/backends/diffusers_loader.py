@@ -29,8 +29,8 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         dtype = torch.float32  # bf16 matmuls on CPU are slow and gain nothing here
-        log.warning("No CUDA GPU: the real Z-Image runs on the CPU in fp32 (~25 GB of RAM, minutes per step). "
-                    "Install a CUDA build of torch to train on a GPU.")
+        log.warning("No CUDA GPU: the real Z-Image runs on the CPU in fp32 (~40 GB of RAM while the text encoder is "
+                    "loaded, ~25 GB after; minutes per step). Install a CUDA build of torch to train on a GPU.")
     # The transformer waits on the CPU while the text encoder has the GPU: it moves there once the prompts are
     # encoded and the encoder is released (DiffusersZImageBackend.release_encoder), never both at once.
     transformer = _loaded(ZImageTransformer2DModel, folder, "transformer", torch_dtype=dtype)

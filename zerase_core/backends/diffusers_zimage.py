@@ -112,9 +112,10 @@ class DiffusersZImageBackend(Backend):
             )
         self.transformer = transformer.requires_grad_(False)
         self.encoder, self.latent, self.family = encoder, latent, family
-        # Where the transformer runs. A loader may leave it on the CPU while the text encoder has the GPU to encode
-        # the prompts (12.3 + 8 GB in bf16 at once would not fit a 16 GB card): it moves at the first use after.
-        self._device = torch.device(device) if device is not None else transformer.x_pad_token.device
+        # Where the transformer is to run, when not where it is: a loader leaves it on the CPU while the text encoder
+        # has the GPU to encode the prompts (12.3 + 8 GB in bf16 at once would not fit a 16 GB card). It moves at
+        # the first use after that; from then on the backend follows the transformer.
+        self._move_to = torch.device(device) if device is not None else None
         self.gate = TokenGate()
         self.patch = transformer.config.all_patch_size[0]
         self._installer = InPlaceInstaller(transformer, self.gate)
@@ -142,12 +143,13 @@ class DiffusersZImageBackend(Backend):
 
     @property
     def device(self) -> torch.device:
-        return self._device
+        return self._move_to or self.transformer.x_pad_token.device
 
     def _place(self) -> None:
-        """The transformer (and any LoRA on it) on the compute device: a no-op once it is there."""
-        if self.transformer.x_pad_token.device != self._device:
-            self.transformer.to(self._device)
+        """The transformer (and any LoRA on it) onto the device it was loaded for, once."""
+        if self._move_to is not None:
+            self.transformer.to(self._move_to)
+            self._move_to = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -261,7 +263,7 @@ class DiffusersZImageBackend(Backend):
         latents = list(x.to(self.device, self.dtype).unsqueeze(2).unbind(0))  # B × (C, F=1, H, W)
         # diffusers' time runs 0 (noise) -> 1 (clean); fp32 as the pipeline passes it (in bf16, t·1000 rounds by ~1)
         t = (1.0 - sigma).to(self.device, torch.float32)
-        blocked = layout.columns(self._zeroing(prompts)).bool() if self._zeroing is not None else None
+        blocked = layout.columns(self._zeroing(prompts), self.device).bool() if self._zeroing is not None else None
         groups = RowGroups.of(x, sigma)
         with scoped(self, _blocked=blocked, _row_groups=groups, _recorder=recorder), self.gate.active(layout, lora):
             return self.transformer(latents, t, captions, return_dict=False)[0]
