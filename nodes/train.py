@@ -85,8 +85,7 @@ def _resumed_file(trainer) -> Path | None:
     recorded = trainer.checkpoint_meta.get(LORA_FILE) if trainer.step else None
     if not recorded:
         return None
-    candidate = path_inside(output_folder(), recorded, ".safetensors")
-    return partial_lora(trainer, [candidate] if candidate.exists() else [])
+    return partial_lora(trainer, [path_inside(output_folder(), recorded, ".safetensors")])  # missing: not it
 
 
 def _record_file(trainer, path: Path) -> None:

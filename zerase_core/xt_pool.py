@@ -7,8 +7,8 @@ that work once. It samples ``T`` trajectories (one erase prompt each, cycling th
 prompt pool; one preservation prompt each, drawn from D_pr) and keeps every level
 k = 0 … K − 1 of each. The frozen teacher's predictions at those points — v_θ(x_t, c_er),
 v_θ(x_t, ∅) and v_θ(x_t, c_pr) for the trajectory's preservation prompt — are computed in
-the same batched no-grad forwards that advance the sampler (the sampler needs v_θ(x_t, c_er) anyway), so a training step that
-draws from the pool runs no teacher forward at all.
+the same batched no-grad forwards that advance the sampler (the sampler needs v_θ(x_t, c_er)
+anyway), so a training step that draws from the pool runs no teacher forward at all.
 
 Everything here is deterministic given the seed, so a resumed run rebuilds the same pool.
 """
@@ -110,17 +110,18 @@ class TrajectoryPool:
         b = x.shape[0]
         prompts = [*er, *([uncond] * b), *keep]  # (b erase | b uncond | b keep)
         n_p = len(prompts) // b
-        levels = iter(range(len(self.sigmas) - 1))  # integrate asks for one velocity per level, in order
+        sigmas = self.sigmas.tolist()
+        level = {s: k for k, s in enumerate(sigmas[:-1])}  # σ strictly falls: each level has its own
 
         def velocity(x: torch.Tensor, s: float) -> torch.Tensor:
-            k = next(levels)
+            k = level[s]
             v, _ = backend.velocity(x.repeat(n_p, 1, 1, 1), torch.full((b * n_p,), s), prompts, lora=False)
             v = v.cpu().unflatten(0, (n_p, b))  # (P, b, C, H, W)
             self.x[rows.start : rows.stop, k] = x
             self.teacher[rows.start : rows.stop, k] = v.transpose(0, 1)
             return v[0] if cfg == 1.0 else guide(v[0], v[1], cfg)  # the sampler of sampling.euler
 
-        integrate(velocity, x, self.sigmas.tolist())
+        integrate(velocity, x, sigmas)
 
     def __len__(self) -> int:
         return self.x.shape[0] * self.x.shape[1]
