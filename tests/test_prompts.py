@@ -123,6 +123,7 @@ def test_concepts_are_found_as_whole_words_also_in_scripts_without_spaces():
 
     assert concept_token_indices(prompt("一幅梵高风格的画"), "梵高") == [2, 3]
     assert concept_token_indices(prompt("梵高Van Gogh的画"), "van gogh") == list(range(2, 10))
+    assert concept_token_indices(prompt("รูปแมวสีดำ"), "แมว") == [3, 4, 5]  # Thai: no spaces between words
     assert concept_token_indices(prompt("a red_ball, red"), "red") == [12, 13, 14]  # not inside red_ball
     assert concept_token_indices(prompt("a Cabora Bora Bora trip"), "bora bora") == list(range(9, 18))  # overlaps
     with pytest.raises(ZEraseError, match="does not occur"):

@@ -50,10 +50,10 @@ class PromptEncoder(Protocol):
 def _occurrences(text: str, word: str) -> list[tuple[int, int]]:
     """Case-insensitive, whole-word occurrences of ``word`` (may be several words) in ``text``.
 
-    Whole word: not inside a longer word ("red" is not in "bored"). CJK (East-Asian wide) characters have no
-    word edges, since Chinese and Japanese (Z-Image reads both) are written without spaces: an edge between
-    such a character and the phrase does not count ("梵高" is in "一幅梵高风格的画", "Van Gogh" in
-    "梵高Van Gogh的画").
+    Whole word: not inside a longer word ("red" is not in "bored"). Scripts written without spaces between
+    words have no word edges: CJK (Chinese and Japanese, which Z-Image reads) and the unspaced scripts of South-
+    East Asia (Thai, Lao, Khmer, Myanmar). An edge between such a character and the phrase does not count ("梵高"
+    is in "一幅梵高风格的画", "Van Gogh" in "梵高Van Gogh的画", "แมว" in "รูปแมวสีดำ").
     """
     word = word.strip()
     pattern = re.compile(r"\s+".join(re.escape(w) for w in word.split()), flags=re.IGNORECASE)
@@ -68,10 +68,19 @@ def _occurrences(text: str, word: str) -> list[tuple[int, int]]:
     return hits
 
 
+_UNSPACED_SCRIPTS = ("THAI", "LAO", "KHMER", "MYANMAR")  # Unicode name prefixes; CJK is found by its width
+
+
 def _joined(neighbour: str, edge: str) -> bool:
     """Whether ``neighbour`` continues the word that ``edge`` (the phrase's first or last character) is part of."""
-    spaced = lambda ch: (ch.isalnum() or ch == "_") and unicodedata.east_asian_width(ch) not in ("W", "F")  # noqa: E731
-    return bool(neighbour) and spaced(neighbour) and spaced(edge)
+    return bool(neighbour) and _word_char(neighbour) and _word_char(edge)
+
+
+def _word_char(ch: str) -> bool:
+    """A character of a script whose words are delimited by spaces or punctuation."""
+    if not (ch.isalnum() or ch == "_") or unicodedata.east_asian_width(ch) in ("W", "F"):
+        return False
+    return not unicodedata.name(ch, "").startswith(_UNSPACED_SCRIPTS)
 
 
 def concept_token_indices(prompt: EncodedPrompt, word: str) -> list[int]:
