@@ -105,8 +105,9 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def test_the_partial_lora_of_a_resumed_run_is_found_and_no_other(tmp_path):
-    """A run stopped at step 2 saved a checkpoint and a LoRA; the resumed run's finished LoRA replaces that file.
-    Another run's LoRA (other settings, other step, not ours at all) must never be taken for it."""
+    """A run stopped at step 2 saved a checkpoint and a LoRA; the resumed run's finished LoRA replaces that file,
+    also when the file is from an earlier stop of the same run (killed after a later checkpoint, nothing saved).
+    Another run's LoRA (other settings, a later step, not ours at all) must never be taken for it."""
     from zerase_core.checkpoint import partial_lora
 
     stopped = ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=tmp_path / "p.ckpt")
@@ -119,6 +120,8 @@ def test_the_partial_lora_of_a_resumed_run_is_found_and_no_other(tmp_path):
     others = [tmp_path / f"{n}.safetensors" for n in ("junk", "eta", "later")]
     assert partial_lora(resumed, [*others, tmp_path / "mine.safetensors"]) == tmp_path / "mine.safetensors"
     assert partial_lora(resumed, others) is None
+    save_lora(ZEraseTrainer(tiny_zimage_backend(), _config(steps=1)).run().lora, tmp_path / "earlier.safetensors")
+    assert partial_lora(resumed, [tmp_path / "earlier.safetensors"]) == tmp_path / "earlier.safetensors"
     fresh = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6))  # not resumed: step 0 matches no stopped run
     assert partial_lora(fresh, [tmp_path / "mine.safetensors"]) is None
 

@@ -96,18 +96,20 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
 
 def partial_lora(trainer: "ZEraseTrainer", candidates: Iterable[Path]) -> Path | None:
     """Which of ``candidates`` is the LoRA file a stopped run saved beside its checkpoint, once the trainer has
-    resumed from that checkpoint: trained with these settings on this architecture, stopped at the resumed step.
+    resumed from that checkpoint: trained with these settings on this architecture, stopped at the resumed step
+    or before it (a run resumed once and then killed between checkpoints left its file from the earlier stop).
 
     The finished run replaces that file instead of landing beside it under the next free name. The caller names
     the candidates (the node: the one file its checkpoint recorded), so another run's file is never taken for it.
     """
-    wanted = _as_json([_comparable(trainer.config), trainer.backend.fingerprint(), trainer.step])
+    wanted = _as_json([_comparable(trainer.config), trainer.backend.fingerprint()])
     for path in candidates:
         info = read_description(path)
         training = dict(info.get("training", {}))
         done = training.pop("steps_done", None)
         training.pop("seconds", None)
-        if _as_json([_comparable_dict(training), info.get("fingerprint"), done]) == wanted:
+        same_run = _as_json([_comparable_dict(training), info.get("fingerprint")]) == wanted
+        if same_run and isinstance(done, int) and 0 < done <= trainer.step:
             return path
     return None
 
