@@ -115,6 +115,19 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["red.safetensors"]
 
 
+def test_a_saved_lora_is_an_ordinary_file_not_a_private_one(tmp_path):
+    """The file gets the mode the user's umask gives any new file (a private 0600 temporary would stay private
+    after the rename, unreadable to another account serving the same models folder)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = save_lora(_random_lora(KEYS), tmp_path / "red.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_lora_of_another_architecture_is_refused(tiny_backend):
     wide = _random_lora(KEYS, d_in=128, d_out=128)
     with pytest.raises(ZEraseError, match="different architecture.*layer 0 q: LoRA maps 128→128, model needs 64→64"):

@@ -6,7 +6,7 @@ import itertools
 import json
 import os
 import re
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,10 +25,12 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the mode the user's umask gives
+        mode = os.stat(tmp).st_mode
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, mode)  # safetensors writes private files (0600): a LoRA is an ordinary file of the user's
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
