@@ -18,7 +18,7 @@ def parse_list(text: str, what: str, cast=str) -> list:
     try:
         items = [cast(t.strip()) for t in text.split(",") if t.strip()]
     except ValueError as err:
-        raise ZEraseError(f"{NODE}: {what} must be comma-separated values ({err}).")
+        raise ZEraseError(f"{NODE}: {what} must be comma-separated values ({err}).") from err
     if not items:
         raise ZEraseError(f"{NODE}: give at least one of {what}.")
     return items

@@ -24,7 +24,7 @@ def parse_weights(text: str, n: int) -> list[float] | None:
     try:
         weights = [float(w) for w in text.replace(";", ",").split(",") if w.strip()]
     except ValueError as err:
-        raise ZEraseError(f"{NODE}: weights must be numbers separated by commas, e.g. '0.5, 0.5' ({err}).")
+        raise ZEraseError(f"{NODE}: weights must be numbers separated by commas, e.g. '0.5, 0.5' ({err}).") from err
     if len(weights) != n:
         raise ZEraseError(f"{NODE}: {len(weights)} weights given for {n} connected LoRAs.")
     return weights

@@ -79,10 +79,6 @@ class LoRAAdapter(nn.Module):
         """(N, in) fp32 -> (N, width) fp32 update for slice ``name``."""
         return (x @ self.A[name].T) @ self.B[name].T * (self.scale * self.strength)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """ΔW for slice ``name`` as a (width, in) matrix, scale included (the merge contract)."""
-        return self.B[name] @ self.A[name] * (self.scale * self.strength)
-
 
 class GatedLoRALinear(nn.Module):
     """A frozen linear layer plus text-gated LoRA adapters on named output slices."""

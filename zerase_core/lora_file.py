@@ -11,7 +11,7 @@ recognise it at all.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +67,6 @@ class ErasureLoRA:
         a, b = self.factors[key]
         return (b.double() @ a.double()) * (self.scale * self.strength)
 
-    def with_strength(self, strength: float) -> "ErasureLoRA":
-        return replace(self, strength=strength)
-
     def metadata(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -104,7 +101,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        raise ZEraseError(f"'{path.name}' is not a readable safetensors file ({err}); re-download or re-train it.")
+        raise ZEraseError(f"'{path.name}' is not a readable safetensors file ({err}); re-download or re-train it.") from err
 
 
 def read_description(path: str | Path) -> dict[str, Any]:
@@ -174,7 +171,7 @@ def _description(path: Path, meta: dict[str, str]) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError) as err:
         raise ZEraseError(
             f"'{path.name}' has damaged Z-Erase metadata ({type(err).__name__}: {err}); re-train or re-download it."
-        )
+        ) from err
     return described
 
 

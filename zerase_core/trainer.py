@@ -19,6 +19,7 @@ Per step (defaults from :class:`TrainConfig`):
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -208,7 +209,7 @@ class ZEraseTrainer:
         start = time.perf_counter()
         l_erase, l_attn, l_pr, sigma = self._losses(*self._draw())
         values = {"L_erase": l_erase.item(), "L_attn": l_attn.item(), "L_pr": l_pr.item()}
-        if not all(map(_finite, values.values())):
+        if not all(map(math.isfinite, values.values())):
             raise NonFiniteLoss(self._nan_message(values))
         lam = self._descend(l_erase + self.config.attn_weight * l_attn, l_pr, values["L_pr"])
         self.step += 1
@@ -317,10 +318,6 @@ class ZEraseTrainer:
         from .checkpoint import load_checkpoint
 
         load_checkpoint(self, Path(path))
-
-
-def _finite(value: float) -> bool:
-    return value == value and abs(value) != float("inf")
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:

@@ -68,10 +68,6 @@ class LoRASet:
             adapter.A[key[1]].copy_(a)
             adapter.B[key[1]].copy_(b)
 
-    def set_strength(self, strength: float) -> None:
-        for adapter in set(self.slots.values()):
-            adapter.strength = strength
-
 
 class Backend(ABC):
     """A Z-Image implementation as the engine sees it."""
