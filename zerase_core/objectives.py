@@ -29,6 +29,16 @@ def loss_attn(mass: torch.Tensor) -> torch.Tensor:
     return mass.mean()
 
 
+def loss_er(l_erase: torch.Tensor, l_attn: torch.Tensor, attn_weight: float = 1.0) -> torch.Tensor:
+    """L_er (Eq. 7) = L_erase + L_attn; ``attn_weight`` = 1 is the paper's, 0 leaves plain ESD's objective."""
+    return l_erase + attn_weight * l_attn
+
+
+def loss_total(l_er: torch.Tensor, l_pr: torch.Tensor, lam: float) -> torch.Tensor:
+    """Algorithm 1's L_total = L_er + λ_{t+1} L_pr; at λ = 0 L_pr is left out, so its graph is never walked."""
+    return l_er + lam * l_pr if lam > 0 else l_er
+
+
 def loss_preserve(
     v_student_uncond: torch.Tensor,
     v_uncond: torch.Tensor,

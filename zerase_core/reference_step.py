@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from .attention_mass import MassRecorder
-from .objectives import loss_attn, loss_erase, loss_preserve
+from .objectives import loss_attn, loss_er, loss_erase, loss_preserve
 from .scoped import scoped
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def reference_step(trainer: "ZEraseTrainer") -> dict[str, float]:
     l_erase, l_attn, l_pr = reference_losses(trainer, pool.erase[i], list(pool.erase_tokens[i]), keep, x_t, sigma)
     lam = trainer.lam.update(l_pr.item())
     # The whole objective goes backward every step, whatever λ is.
-    (l_erase + trainer.config.attn_weight * l_attn + lam * l_pr).backward()
+    (loss_er(l_erase, l_attn, trainer.config.attn_weight) + lam * l_pr).backward()
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.step += 1

@@ -34,7 +34,7 @@ from .config import TrainConfig
 from .errors import ZEraseError
 from .lagrangian import PairedLambda, PaperLambda, direction, exact_lambda
 from .lora_file import ErasureLoRA
-from .objectives import loss_attn, loss_erase, loss_preserve
+from .objectives import loss_attn, loss_er, loss_erase, loss_preserve, loss_total
 from .prompt_pool import PromptPool
 from .prompts import EncodedPrompt
 from .sampling import euler, flow_sigmas
@@ -202,7 +202,7 @@ class ZEraseTrainer:
         if lam > 0 and not l_pr.requires_grad:
             # λ_t = 0 but λ_{t+1} > 0: L_pr ran without a graph; rerun it with one (rare).
             l_pr, self._recomputed = self._pr_loss(*self._pr_batch), True
-        (l_er + lam * l_pr if lam > 0 else l_er).backward()
+        loss_total(l_er, l_pr, lam).backward()
         return lam
 
     def train_step(self) -> StepRecord:
@@ -211,7 +211,7 @@ class ZEraseTrainer:
         values = {"L_erase": l_erase.item(), "L_attn": l_attn.item(), "L_pr": l_pr.item()}
         if not all(map(math.isfinite, values.values())):
             raise NonFiniteLoss(self._nan_message(values))
-        lam = self._descend(l_erase + self.config.attn_weight * l_attn, l_pr, values["L_pr"])
+        lam = self._descend(loss_er(l_erase, l_attn, self.config.attn_weight), l_pr, values["L_pr"])
         self.step += 1
         elapsed = time.perf_counter() - start
         self.seconds += elapsed
