@@ -84,7 +84,7 @@ def test_no_grad_preservation_changes_no_update(monkeypatch):
     for always_batched in (False, True):
         trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=12, lr=1e-2))
         if always_batched:
-            monkeypatch.setattr(trainer, "_pr_gradient_expected", lambda: True)
+            monkeypatch.setattr(trainer.lam, "needs_pr_gradient", lambda: True)
         runs.append((trainer.run(), trainer))
     (ours, t_ours), (batched, _) = runs
     assert [r.lam for r in ours.history] == pytest.approx([r.lam for r in batched.history], rel=1e-4, abs=1e-8)

@@ -1,6 +1,8 @@
 """Lagrangian-guided adaptive erasure modulation (paper §4.2): how λ weighs L_pr.
 
-Three rules behind one interface:
+Four rules behind one interface (:func:`lambda_rule` picks one from the settings): each says whether a step
+needs L_pr's gradient (``needs_pr_gradient``), gives λ for the step's objective (``update`` from L_pr's value, or
+``solve`` from both gradients when ``from_gradients``), and keeps what it learns in ``state`` for checkpoints.
 
 * ``paper`` — Algorithm 1 / Eq. 15: g̃_t = (L_pr(θ_{t−1}) − L_pr(θ_t))/α + ε,
   λ ← max(0, λ − β g̃_t), starting at λ₀ = 0. No extra backward pass.
@@ -8,7 +10,7 @@ Three rules behind one interface:
   (two backward passes); the update direction is ∇L_er + λ*∇L_pr (Eq. 11).
 * ``paired`` — Eq. 15 with both L_pr values on one preservation batch: L_pr of step t's
   batch before and after step t's update (one extra no-grad forward per step; two when λ_t > 0,
-  so both values come from the same call shape — see ZEraseTrainer.train_step). Eq. 14 reads
+  so both values come from the same call shape — see ZEraseTrainer._descend). Eq. 14 reads
   the difference as ∇L_pr · d_t, a finite difference along the update, which holds only on
   one batch; ``paper`` pairs consecutive steps' batches, whose difference is mostly sampling
   noise divided by α.
@@ -18,6 +20,7 @@ Three rules behind one interface:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -34,6 +37,12 @@ class PaperLambda:
     value: float = 0.0  # λ₀ = 0
     previous_pr: float | None = None  # L_pr(θ_{t−1})
     last_g: float = field(default=0.0)
+    from_gradients: ClassVar[bool] = False
+    observes_update: ClassVar[bool] = False  # wants L_pr of the step's batch before and after the update
+
+    def needs_pr_gradient(self) -> bool:
+        """Whether this step's λ will most likely be > 0, so L_pr's gradient will count: it was last step."""
+        return self.value > 0
 
     def update(self, pr_now: float) -> float:
         self.last_g = self.g_tilde(pr_now)
@@ -60,6 +69,7 @@ class PairedLambda(PaperLambda):
     step's update; the next ``update`` uses that pair, so g̃ measures what the update did to L_pr."""
 
     pair: tuple[float, float] | None = None  # (L_pr(θ_t), L_pr(θ_{t+1})) on step t's batch
+    observes_update: ClassVar[bool] = True
 
     def observe(self, before: float, after: float) -> None:
         self.pair = (before, after)
@@ -75,6 +85,61 @@ class PairedLambda(PaperLambda):
     def load_state(self, state: dict) -> None:
         super().load_state(state)
         self.pair = tuple(state["pair"]) if state.get("pair") is not None else None
+
+
+@dataclass
+class ExactLambda:
+    """Eq. 12 every step, from both gradients (``solve``); nothing carries over between steps."""
+
+    epsilon: float
+    value: float = 0.0  # the last λ*, for the record
+    last_g: float = 0.0
+    from_gradients: ClassVar[bool] = True
+    observes_update: ClassVar[bool] = False
+
+    def needs_pr_gradient(self) -> bool:
+        return True
+
+    def solve(self, grad_er: torch.Tensor, grad_pr: torch.Tensor) -> float:
+        self.value = exact_lambda(grad_er, grad_pr, self.epsilon)
+        return self.value
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class FixedLambda:
+    """A constant λ (linear scalarisation, for ablations and the cost benchmark)."""
+
+    value: float
+    last_g: float = 0.0
+    from_gradients: ClassVar[bool] = False
+    observes_update: ClassVar[bool] = False
+
+    def needs_pr_gradient(self) -> bool:
+        return self.value > 0
+
+    def update(self, pr_now: float) -> float:
+        return self.value
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass  # the constant is a setting, checked on resume like the others
+
+
+def lambda_rule(mode: str, alpha: float, beta: float, epsilon: float, fixed: float):
+    """The λ rule named by ``mode`` (one of :data:`MODES`)."""
+    if mode == "exact":
+        return ExactLambda(epsilon)
+    if mode == "fixed":
+        return FixedLambda(fixed)
+    return (PairedLambda if mode == "paired" else PaperLambda)(alpha=alpha, beta=beta, epsilon=epsilon)
 
 
 def exact_lambda(grad_er: torch.Tensor, grad_pr: torch.Tensor, epsilon: float) -> float:

@@ -32,7 +32,7 @@ from .apply import export_lora
 from .backends.base import Backend
 from .config import TrainConfig
 from .errors import ZEraseError
-from .lagrangian import PairedLambda, PaperLambda, direction, exact_lambda
+from .lagrangian import direction, lambda_rule
 from .lora_file import ErasureLoRA
 from .objectives import loss_attn, loss_er, loss_erase, loss_preserve, loss_total
 from .prompt_pool import PromptPool
@@ -54,7 +54,7 @@ class StepRecord:
     attn: float  # L_attn
     pr: float  # L_pr
     lam: float  # λ used in this step's loss
-    g: float  # g̃ of Eq. 15 (paper mode), else 0
+    g: float  # g̃ of Eq. 15 (paper and paired modes), else 0
     sigma: float
     seconds: float
     pr_recomputed: bool = False  # λ_t = 0 but λ_{t+1} > 0: L_pr was rerun with a graph
@@ -96,8 +96,7 @@ class ZEraseTrainer:
         self.params = [p.requires_grad_(True) for p in self.lora.parameters()]
         # §5.1 names AdamW at α and no weight decay: torch's default 0.01, stated so it is a choice, not an accident.
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.01)
-        rule = PairedLambda if config.lambda_mode == "paired" else PaperLambda
-        self.lam = rule(alpha=config.lr, beta=config.beta, epsilon=config.eps)
+        self.lam = lambda_rule(config.lambda_mode, config.lr, config.beta, config.eps, config.fixed_lambda)
         self.rng = random.Random(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.step, self.seconds, self.history = 0, 0.0, []
@@ -145,7 +144,7 @@ class ZEraseTrainer:
         pr_prompts = [self.pool.uncond, *([keep] if keep else [])]
         n = len(pr_prompts)
         v_pr = None
-        if self._pr_gradient_expected():
+        if self.lam.needs_pr_gradient():
             # L_pr's gradient will count: every student prediction in one forward/backward.
             prompts = [er, *pr_prompts]
             v, mass = self.backend.velocity(
@@ -182,23 +181,15 @@ class ZEraseTrainer:
         """Steps so far whose L_pr was recomputed with a graph (λ turned > 0 from 0)."""
         return sum(r.pr_recomputed for r in self.history)
 
-    def _pr_gradient_expected(self) -> bool:
-        """Whether this step's λ will most likely be > 0 (paper mode: it was last step)."""
-        mode = self.config.lambda_mode
-        if mode == "exact":
-            return True
-        return (self.config.fixed_lambda if mode == "fixed" else self.lam.value) > 0  # paper, paired
-
     def _backward(self, l_er: torch.Tensor, l_pr: torch.Tensor) -> float:
         """Set .grad on the LoRA parameters by the λ rule; return the λ used."""
-        mode = self.config.lambda_mode
-        if mode == "exact":
+        if self.lam.from_gradients:
             g_er = _flat_grad(l_er, self.params, retain_graph=True)  # L_pr shares the batched student graph
             g_pr = _flat_grad(l_pr, self.params)
-            lam = exact_lambda(g_er, g_pr, self.config.eps)
+            lam = self.lam.solve(g_er, g_pr)
             _assign_flat_grad(direction(g_er, g_pr, lam), self.params)
             return lam
-        lam = self.config.fixed_lambda if mode == "fixed" else self.lam.update(l_pr.item())
+        lam = self.lam.update(l_pr.item())
         if lam > 0 and not l_pr.requires_grad:
             # λ_t = 0 but λ_{t+1} > 0: L_pr ran without a graph; rerun it with one (rare).
             l_pr, self._recomputed = self._pr_loss(*self._pr_batch), True
@@ -215,9 +206,8 @@ class ZEraseTrainer:
         self.step += 1
         elapsed = time.perf_counter() - start
         self.seconds += elapsed
-        g = self.lam.last_g if self.config.lambda_mode in ("paper", "paired") else 0.0
         record = StepRecord(
-            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, g, sigma, elapsed, self._recomputed
+            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lam.last_g, sigma, elapsed, self._recomputed
         )
         self.history.append(record)
         return record
@@ -251,14 +241,14 @@ class ZEraseTrainer:
             self.lam.load_state(lam_before)
             raise
         pr_before = pr_value
-        if self.config.lambda_mode == "paired" and l_pr.requires_grad:
+        if self.lam.observes_update and l_pr.requires_grad:
             # L_pr came from the batched, mass-recording forward; the after-update value comes from _pr_loss.
             # Other call shapes run other kernels (≈ 1e-6 apart in bf16, the size of ε·α): measure both alike.
             with torch.no_grad():
                 pr_before = self._pr_loss(*self._pr_batch).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.config.lambda_mode == "paired":
+        if self.lam.observes_update:
             with torch.no_grad():  # the same batch after the update: what d_t did to L_pr (Eq. 14)
                 self.lam.observe(pr_before, self._pr_loss(*self._pr_batch).item())
         self._pr_batch = None
