@@ -539,7 +539,7 @@ class ComfyZImageBackend(Backend):
         Backward reads the weights each forward saved. A partial (low-VRAM) load casts the weights it left behind
         into cast buffers that every layer reuses, so by backward a saved weight may be another layer's: autograd
         refuses it, or, under checkpointing's recomputation, silently takes it. As ComfyUI's own LoRA trainer
-        does, training therefore loads the whole model, evicting others as needed (the text encoder is done by
+        does, training therefore loads the whole model, evicting every other model (the text encoder is done by
         the first forward), and refuses where ComfyUI still loads it in part (--novram). Dynamic VRAM: see
         :meth:`for_training`.
         """
@@ -550,7 +550,9 @@ class ComfyZImageBackend(Backend):
             return
         if not self._loaded_whole():  # asked before every forward: ComfyUI's load re-applies every patch (~3 ms)
             try:
-                mm.load_models_gpu([self.patcher], force_full_load=True)
+                # memory_required beyond any card: every other model leaves the GPU first (the text encoder, ~8 GB,
+                # is done), so the activations and the x_t pool get the room; ComfyUI's trainer loads the same way.
+                mm.load_models_gpu([self.patcher], memory_required=1e20, force_full_load=True)
             except torch.OutOfMemoryError as err:
                 raise ZEraseError(f"{self.node}: {TOO_LITTLE_VRAM} ({err})") from err
             if getattr(self.patcher.model, "model_lowvram", False):
