@@ -9,13 +9,18 @@ from zerase_core.render import curves, grid, latent_rgb, to_image, to_pil, word_
 
 
 def latent_preview(model, latent: torch.Tensor) -> torch.Tensor:
-    """Cheap preview of latents through the model's latent→RGB factors (no VAE)."""
+    """Cheap preview of a LATENT's samples (VAE space) through the model's latent→RGB factors (no VAE).
+
+    The factors are fitted to the model's own latent space, the one the sampler works in (ComfyUI's sampling
+    previews apply them to the sampler's x0): the samples go back into it first (for Z-Image, ×0.36 and shifted).
+    """
     fmt = model.model.latent_format
-    return latent_rgb(latent, fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
+    model_space = model.model.process_latent_in(latent.float().cpu())
+    return latent_rgb(model_space, fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
 
 
 def decode(model, vae, latent: torch.Tensor) -> torch.Tensor:
-    """Decode latents with the VAE when one is connected, else the cheap preview."""
+    """Decode a LATENT's samples (VAE space) with the VAE when one is connected, else the cheap preview."""
     if vae is not None:
         return vae.decode(latent)[..., :3].float().cpu()
     return latent_preview(model, latent)

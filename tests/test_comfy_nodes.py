@@ -215,7 +215,7 @@ def test_resume_replaces_only_the_file_its_own_checkpoint_recorded(pack, loras_d
     resumed = SimpleNamespace(step=2, config=config, checkpoint_meta={train_module.LORA_FILE: "stop_001"},
                               backend=SimpleNamespace(fingerprint=lambda: fingerprint))
     assert train_module._resumed_file(resumed) == (folder / "stop_001.safetensors").resolve()
-    resumed.step = 3  # that file stopped at another step than the checkpoint: not this run's
+    resumed.step = 1  # that file stopped after the checkpoint's step: not this run's
     assert train_module._resumed_file(resumed) is None
 
 
@@ -298,3 +298,23 @@ def test_attention_map_viewer_and_compare(pack):
         rows = slice(18 + 64 * r, 82 + 64 * r)
         torch.testing.assert_close(grid[0, rows, 90:154], pics[r], rtol=0, atol=0.5 / 255)
         torch.testing.assert_close(grid[0, rows, 154:218], pics.flip(0)[r], rtol=0, atol=0.5 / 255)
+
+
+def test_the_cheap_preview_matches_comfyuis_own_on_a_latents_samples(pack):
+    """Without a VAE the nodes preview a LATENT's samples (VAE space) by the latent→RGB factors, which ComfyUI fits
+    to the model's space (its sampling previews apply them to the sampler's x0). Fed VAE-space samples directly,
+    Z-Image's (Flux format: ÷0.3611, shifted) preview came out 2.8× too contrasty, with channels clipped."""
+    import sys
+
+    import latent_preview
+    import numpy as np
+
+    render = next(mod for n, mod in sys.modules.items() if n.endswith(".nodes._render"))
+    model = tiny_zimage(comfy)
+    fmt = model.model.latent_format
+    model_space = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    samples = model.model.process_latent_out(model_space)  # what a LATENT holds
+    ours = render.latent_preview(model, samples)[0, ::8, ::8]  # one pixel per latent cell
+    theirs = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias)
+    expected = torch.tensor(np.array(theirs.decode_latent_to_preview(model_space)), dtype=torch.float32)
+    torch.testing.assert_close(ours * 255, expected, rtol=0, atol=1.0)
