@@ -1,0 +1,45 @@
+"""What a ComfyUI user installs: the nodes need only requirements.txt (and ComfyUI's own torch)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# Installed for the standalone engine (requirements-engine.txt) and the tests, never for the nodes: ComfyUI-Manager
+# would put them into the shared ComfyUI environment, where they can move huggingface_hub and others.
+NOT_FOR_NODES = ("diffusers", "peft", "tqdm", "transformers", "einops")
+
+BLOCKER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("not installed for the nodes: " + name)
+sys.meta_path.insert(0, Block())
+for module in {modules!r}:
+    __import__(module)
+"""
+
+
+def _engine_modules_the_nodes_import() -> list[str]:
+    found = set()
+    for path in (REPO / "nodes").glob("*.py"):
+        found |= set(re.findall(r"^\s*from (zerase_core[\w.]*) import", path.read_text(), flags=re.MULTILINE))
+    return sorted(found)
+
+
+def test_the_engine_modules_the_nodes_use_import_without_the_engine_extras():
+    modules = _engine_modules_the_nodes_import()
+    assert "zerase_core.trainer" in modules and "zerase_core.backends.comfy_zimage" in modules
+    code = BLOCKER.format(blocked=NOT_FOR_NODES, modules=modules)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_requirements_txt_holds_only_what_the_nodes_need():
+    names = {re.split(r"[<>=\[ ]", line.strip())[0].lower() for line in (REPO / "requirements.txt").read_text()
+             .splitlines() if line.strip() and not line.startswith("#")}
+    assert names and not names & set(NOT_FOR_NODES)
