@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from zerase_core.apply import install_lora
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend
 
-from .common import NONE, ErasureLoRAType, lora_files, pick_lora
+from .common import NONE, ErasureLoRAType, file_state, lora_files, pick_lora
 
 NODE = "Apply Erasure LoRA"
 
@@ -42,6 +42,12 @@ class ApplyErasureLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, lora_name, strength, **_):
+        return file_state(lora_name), strength  # a socket LoRA is keyed by ComfyUI on its own node
+
+    @classmethod
     def execute(cls, model, lora_name, strength, erasure_lora=None) -> io.NodeOutput:
-        lora = pick_lora(NODE, lora_name, erasure_lora)
+        lora = pick_lora(NODE, lora_name, erasure_lora)  # checked even at strength 0: a wrong choice still says so
+        if strength == 0:
+            return io.NodeOutput(model)  # as ComfyUI's LoraLoader: no clone, no patch
         return io.NodeOutput(apply_erasure(model, lora, strength))

@@ -36,6 +36,18 @@ def read_lora_file(name: str, node: str) -> ErasureLoRA:
     return load_lora(path)
 
 
+def file_state(name: str):
+    """What ComfyUI's cache keys a file choice on: its name, and its size and time when it exists. A resumed
+    Train run rewrites the LoRA of its cancelled run under the same name; Apply and Load then read it again."""
+    import folder_paths
+
+    path = folder_paths.get_full_path("loras", name) if name and name != NONE else None
+    if path is None:
+        return name
+    stat = os.stat(path)
+    return name, stat.st_mtime_ns, stat.st_size
+
+
 def output_folder() -> Path:
     """models/loras/zerase/ (the first configured loras folder)."""
     import folder_paths

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from zerase_core.errors import ZEraseError
+
 from . import _render
 
 NODE = "Z-Erase Compare"
@@ -18,17 +20,21 @@ class CompareGrid(io.ComfyNode):
             category="Z-Erase",
             description="A labelled grid: one row per image of the batch, original left, erased right.",
             inputs=[
-                io.Image.Input("original"),
-                io.Image.Input("erased"),
-                io.String.Input("prompt", default="", multiline=True),
-                io.String.Input("label_original", default="original"),
-                io.String.Input("label_erased", default="erased"),
+                io.Image.Input("original", tooltip="Images from the model without the erasure LoRA."),
+                io.Image.Input("erased", tooltip="The same latent batch and seed sampled with the erased model."),
+                io.String.Input("prompt", default="", multiline=True, tooltip="Shown as the grid's caption."),
+                io.String.Input("label_original", default="original", tooltip="Heading of the left column."),
+                io.String.Input("label_erased", default="erased", tooltip="Heading of the right column."),
             ],
             outputs=[io.Image.Output()],
         )
 
     @classmethod
     def execute(cls, original, erased, prompt, label_original, label_erased) -> io.NodeOutput:
+        if len(original) != len(erased):
+            raise ZEraseError(f"{NODE}: {len(original)} original and {len(erased)} erased images; give both batches "
+                              "the same size (the same latent batch through both samplers).")
         rows = [[_render.to_pil(a), _render.to_pil(b)] for a, b in zip(original, erased)]
-        labels = [f"seed +{i}" for i in range(len(rows))] if len(rows) > 1 else []
+        # ComfyUI draws a batch's noise in one call from the seed: item i is not "seed + i", it is batch index i.
+        labels = [f"batch {i}" for i in range(len(rows))] if len(rows) > 1 else []
         return io.NodeOutput(_render.grid(rows, [label_original, label_erased], labels, caption=prompt))

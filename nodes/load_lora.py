@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import ErasureLoRAType, lora_files, read_lora_file
+from .common import ErasureLoRAType, file_state, lora_files, read_lora_file
 
 NODE = "Load Erasure LoRA"
 
@@ -16,9 +16,15 @@ class LoadErasureLoRA(io.ComfyNode):
             node_id="ZEraseLoadLoRA",
             display_name=NODE,
             category="Z-Erase",
-            inputs=[io.Combo.Input("lora_name", options=lora_files()[1:] or [""])],
+            description="Reads a Z-Erase LoRA file (native, or the official Z-Erase format) for Merge or Apply.",
+            inputs=[io.Combo.Input("lora_name", options=lora_files()[1:] or [""],
+                                   tooltip="A file from the loras folders; Train saves under zerase/.")],
             outputs=[ErasureLoRAType.Output(display_name="erasure_lora"), io.String.Output(display_name="concept")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name, **_):
+        return file_state(lora_name)
 
     @classmethod
     def execute(cls, lora_name) -> io.NodeOutput:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
 from zerase_core.checkpoint import partial_lora
@@ -105,27 +105,37 @@ class ZEraseTrain(io.ComfyNode):
             "the last good LoRA; files land in models/loras/zerase/ and never overwrite another file (a resumed "
             "run replaces the LoRA its interrupted run saved).",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="Z-Image (Turbo) from Load Diffusion Model; not changed: the erased "
+                               "model is a patched clone."),
                 io.Clip.Input("clip", tooltip="Encodes the erase, preservation and empty prompts once."),
-                io.String.Input("concept", default="cat"),
+                io.String.Input("concept", default="cat", tooltip="The word or phrase to erase, as it appears in "
+                                "prompts (e.g. 'nude', 'Van Gogh'); its tokens get the attention loss."),
                 io.Combo.Input("preset", options=list(PRESETS), default="entity",
                                tooltip="Concept type: sets ε (paper Table 6) and the default template."),
                 io.String.Input("templates", default="", multiline=True,
                                 tooltip="One erase prompt template per line with {} for the concept; "
                                 "empty: the preset's."),
                 io.String.Input("preserve", default="", tooltip="Comma-separated preservation concepts."),
-                io.Int.Input("steps", default=1000, min=1, max=100000),
-                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-5),
-                io.Float.Input("beta", default=0.1, min=0.0, max=10.0, step=0.01),
-                io.Float.Input("eta", default=2.0, min=0.0, max=20.0, step=0.1),
+                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Training steps (the paper: 1000)."),
+                # step 1e-6: the frontend rounds to the step's decimals, so a coarser step hides small rates
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-6,
+                               tooltip="AdamW's α, also the Taylor step in λ's update (Eq. 15)."),
+                io.Float.Input("beta", default=0.1, min=0.0, max=10.0, step=0.01,
+                               tooltip="β: how fast λ reacts to the preservation loss rising (Eq. 15)."),
+                io.Float.Input("eta", default=2.0, min=0.0, max=20.0, step=0.1,
+                               tooltip="η: negative guidance of the erase target (Eq. 5); higher erases harder."),
                 io.Float.Input("epsilon", default=-1.0, min=-1.0, max=1.0, step=1e-4, tooltip="-1: the preset's ε."),
-                io.Int.Input("rank", default=16, min=1, max=256),
-                io.Combo.Input("targets", options=TARGETS, default="q,k,v"),
-                io.Int.Input("resolution", default=512, min=16, max=2048, step=16),
+                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank (~44 MB at 16 on q,k,v)."),
+                io.Combo.Input("targets", options=TARGETS, default="q,k,v",
+                               tooltip="Attention projections that carry the LoRA (on text tokens only)."),
+                io.Int.Input("resolution", default=512, min=16, max=2048, step=16,
+                             tooltip="Square training size in pixels; memory grows with it (see README, VRAM)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds the LoRA's init, the prompt order and x_t. No randomize control: queueing "
                              "again reuses the trained LoRA instead of retraining."),
-                io.String.Input("save_name", default="concept"),
+                io.String.Input("save_name", default="", tooltip="File name under models/loras/zerase/ (empty: the "
+                                "concept). Never overwrites: a taken name gets _001, _002, …; resume finds its run "
+                                "by this name."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Saves most activation memory (~34 GB → ~15 GB at 512² on the real model, "
                                  "estimated) for ~50 % more time per step"),
@@ -152,6 +162,7 @@ class ZEraseTrain(io.ComfyNode):
 
         config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
                               targets, resolution, seed, gradient_checkpointing)
+        save_name = save_name.strip() or config.concept
         path = safe_output_path(output_folder(), save_name)  # checked before any work
         checkpoint = path_inside(output_folder() / CHECKPOINTS, save_name, CHECKPOINT_SUFFIX)
         backend = ComfyZImageBackend.for_training(model, clip, node=NODE)
@@ -182,4 +193,6 @@ class ZEraseTrain(io.ComfyNode):
         )
         previews = _previews(backend, trainer, model, vae, config)
         erased = apply_erasure(model, result.lora, 1.0)
-        return io.NodeOutput(result.lora, erased, curves, previews)
+        # Shown on the node too (an output node), wired onward or not.
+        shown = [ui.PreviewImage(image, cls=cls).values for image in (curves, previews)]
+        return io.NodeOutput(result.lora, erased, curves, previews, ui={"images": shown[0] + shown[1]})

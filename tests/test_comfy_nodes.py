@@ -115,6 +115,28 @@ def test_apply_stacks_and_refuses_what_does_not_fit(pack, loras_dir):
         apply.execute(model=model, lora_name="small.safetensors", strength=1.0)
     with pytest.raises(ZEraseError, match="not Z-Image"):
         apply.execute(model=tiny_lumina2(comfy), lora_name="native.safetensors", strength=1.0)
+    assert apply.execute(model=model, lora_name="native.safetensors", strength=0.0)[0] is model  # as LoraLoader
+    with pytest.raises(ZEraseError, match="choose a LoRA"):
+        apply.execute(model=model, lora_name="(none)", strength=0.0)
+
+
+def test_file_choices_are_cached_on_the_files_contents(pack, loras_dir):
+    """A resumed Train run rewrites its cancelled run's file under the same name: Apply and Load must read it
+    again, not serve the cached partial LoRA (ComfyUI keys a node's cache on fingerprint_inputs)."""
+    import os
+
+    apply, load = pack["ZEraseApplyLoRA"], pack["ZEraseLoadLoRA"]
+    path = save_lora(random_lora(1), loras_dir / "run.safetensors")
+    comfy.folder_paths.filename_list_cache.clear()
+    before = (apply.fingerprint_inputs(lora_name="run.safetensors", strength=1.0),
+              load.fingerprint_inputs(lora_name="run.safetensors"))
+    assert before == (apply.fingerprint_inputs(lora_name="run.safetensors", strength=1.0),
+                      load.fingerprint_inputs(lora_name="run.safetensors"))  # unchanged file: cached
+    save_lora(random_lora(2), path)
+    os.utime(path, ns=(1, 1))  # a different time even where the clock is coarse
+    after = (apply.fingerprint_inputs(lora_name="run.safetensors", strength=1.0),
+             load.fingerprint_inputs(lora_name="run.safetensors"))
+    assert before[0] != after[0] and before[1] != after[1]
 
 
 def _train_module():
@@ -136,15 +158,17 @@ def test_train_outputs_and_files(pack, loras_dir):
     with torch.inference_mode():  # as in ComfyUI: nodes run in inference mode, loaders make inference tensors
         model = tiny_zimage(comfy, inference_tensors=True)
         clip = tiny_clip(comfy)
-        lora, erased, curves, previews = train.execute(model=model, clip=clip, **_train_inputs())
+        out = train.execute(model=model, clip=clip, **_train_inputs())
+    lora, erased, curves, previews = out
+    assert len(out.ui["images"]) == 2  # curves and previews also shown on the node
     assert (loras_dir / "zerase" / "cat.safetensors").is_file()
     loaded = load_lora(loras_dir / "zerase" / "cat.safetensors")
     assert loaded.concept == "cat" and loaded.training["steps_done"] == 2
     assert curves.ndim == 4 and curves.shape[-1] == 3 and previews.shape[-1] == 3
     assert erased is not model and lora.concept == "cat"
     with torch.inference_mode():
-        train.execute(model=model, clip=clip, **_train_inputs(steps=1, gradient_checkpointing=False))
-    assert (loras_dir / "zerase" / "cat_001.safetensors").is_file()  # never overwrites
+        train.execute(model=model, clip=clip, **_train_inputs(steps=1, gradient_checkpointing=False, save_name=" "))
+    assert (loras_dir / "zerase" / "cat_001.safetensors").is_file()  # named for the concept; never overwrites
     with pytest.raises(ZEraseError, match="not allowed|leave"):
         train.execute(model=model, clip=clip, **_train_inputs(save_name="../escape"))
     with pytest.raises(ZEraseError, match="concept is empty"):
@@ -293,6 +317,8 @@ def test_attention_map_viewer_and_compare(pack):
     (grid,) = compare.execute(original=pics, erased=pics.flip(0), prompt="a photo of a cat",
                               label_original="original", label_erased="erased")
     assert grid.shape[0] == 1
+    with pytest.raises(ZEraseError, match="same size"):
+        compare.execute(original=pics, erased=pics[:1], prompt="", label_original="a", label_erased="b")
     # Row r holds original[r] | erased[r] at their own pixels (below an 18 px label strip, right of 90 px row labels).
     for r in range(2):
         rows = slice(18 + 64 * r, 82 + 64 * r)
