@@ -110,25 +110,25 @@ class ZEraseTrain(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="Encodes the erase, preservation and empty prompts once."),
                 io.String.Input("concept", default="cat", tooltip="The word or phrase to erase, as it appears in "
                                 "prompts (e.g. 'nude', 'Van Gogh'); its tokens get the attention loss."),
-                io.Combo.Input("preset", options=list(PRESETS), default="entity",
+                io.Combo.Input("preset", options=list(PRESETS), default=TrainConfig.preset,
                                tooltip="Concept type: sets ε (paper Table 6) and the default template."),
                 io.String.Input("templates", default="", multiline=True,
                                 tooltip="One erase prompt template per line with {} for the concept; "
                                 "empty: the preset's."),
                 io.String.Input("preserve", default="", tooltip="Comma-separated preservation concepts."),
-                io.Int.Input("steps", default=1000, min=1, max=100000, tooltip="Training steps (the paper: 1000)."),
+                io.Int.Input("steps", default=TrainConfig.steps, min=1, max=100000, tooltip="Training steps (the paper: 1000)."),
                 # step 1e-6: the frontend rounds to the step's decimals, so a coarser step hides small rates
-                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-6,
+                io.Float.Input("learning_rate", default=TrainConfig.lr, min=1e-6, max=1.0, step=1e-6,
                                tooltip="AdamW's α, also the Taylor step in λ's update (Eq. 15)."),
-                io.Float.Input("beta", default=0.1, min=0.0, max=10.0, step=0.01,
+                io.Float.Input("beta", default=TrainConfig.beta, min=0.0, max=10.0, step=0.01,
                                tooltip="β: how fast λ reacts to the preservation loss rising (Eq. 15)."),
-                io.Float.Input("eta", default=2.0, min=0.0, max=20.0, step=0.1,
+                io.Float.Input("eta", default=TrainConfig.eta, min=0.0, max=20.0, step=0.1,
                                tooltip="η: negative guidance of the erase target (Eq. 5); higher erases harder."),
                 io.Float.Input("epsilon", default=-1.0, min=-1.0, max=1.0, step=1e-4, tooltip="-1: the preset's ε."),
-                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank (~44 MB at 16 on q,k,v)."),
+                io.Int.Input("rank", default=LoRAConfig.rank, min=1, max=256, tooltip="LoRA rank (~44 MB at 16 on q,k,v)."),
                 io.Combo.Input("targets", options=TARGETS, default="q,k,v",
                                tooltip="Attention projections that carry the LoRA (on text tokens only)."),
-                io.Int.Input("resolution", default=512, min=16, max=2048, step=16,
+                io.Int.Input("resolution", default=TrainConfig.height, min=16, max=2048, step=16,
                              tooltip="Square training size in pixels; memory grows with it (see README, VRAM)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds the LoRA's init, the prompt order and x_t. No randomize control: queueing "
@@ -136,13 +136,14 @@ class ZEraseTrain(io.ComfyNode):
                 io.String.Input("save_name", default="", tooltip="File name under models/loras/zerase/ (empty: the "
                                 "concept). Never overwrites: a taken name gets _001, _002, …; resume finds its run "
                                 "by this name."),
+                # On here, off in TrainConfig (the CLI): ComfyUI users have 16-24 GB cards (README, VRAM).
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Saves most activation memory (~34 GB → ~15 GB at 512² on the real model, "
                                  "estimated) for ~50 % more time per step"),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue an interrupted run of this save_name (cancelled, crashed, "
-                                 "ComfyUI restarted) with the same settings from its last checkpoint (every 100 "
-                                 "steps and at Cancel); starts fresh when there is none. The finished LoRA "
+                                 "ComfyUI restarted) with the same settings from its last checkpoint (every "
+                                 f"{TrainConfig.checkpoint_every} steps and at Cancel); starts fresh when there is none. The finished LoRA "
                                  "replaces the one saved at Cancel."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the previews; without it a cheap preview."),
             ],

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .config import PRESETS, XT_SOURCES, TrainConfig
 from .errors import ZEraseError
 from .lagrangian import MODES
 
@@ -76,7 +77,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concept", required=True)
     p.add_argument("--preserve", nargs="*", default=[], help="preservation concepts")
     p.add_argument("--template", dest="templates", action="append", help="erase prompt template with {} (repeatable)")
-    p.add_argument("--preset", default="entity", help="concept type: nsfw, style, entity, abstract, celebrity, utility")
+    p.add_argument("--preset", default=TrainConfig.preset, choices=list(PRESETS), help="concept type (sets ε, template)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--epsilon", type=float, default=None)
@@ -86,7 +87,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (square)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--xt-source", default=None, choices=["fresh", "pool"],
+    p.add_argument("--xt-source", default=None, choices=list(XT_SOURCES),
                    help="x_t: sampled every step (fresh, ESD) or from trajectories sampled once (pool)")
     p.add_argument("--xt-pool", type=int, default=None, help="trajectories in the x_t pool")
     p.add_argument("--out", type=Path, default=Path("out/train"))
