@@ -10,18 +10,9 @@ from zerase_core.errors import ZEraseError
 from zerase_core.prompts import concept_token_indices
 
 from . import _render
+from .common import parse_list
 
 NODE = "Attention Map Viewer"
-
-
-def parse_list(text: str, what: str, cast=str) -> list:
-    try:
-        items = [cast(t.strip()) for t in text.split(",") if t.strip()]
-    except ValueError as err:
-        raise ZEraseError(f"{NODE}: {what} must be comma-separated values ({err}).") from err
-    if not items:
-        raise ZEraseError(f"{NODE}: give at least one of {what}.")
-    return items
 
 
 class AttentionMapViewer(io.ComfyNode):
@@ -54,8 +45,9 @@ class AttentionMapViewer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompt, words, sigmas, layer_start, layer_end, seed, latent=None, image=None,
                 vae=None, model_b=None) -> io.NodeOutput:
-        words = parse_list(words, "words")
-        sigma_list = parse_list(sigmas, "sigmas", float)
+        words, sigma_list = parse_list(NODE, words, "words"), parse_list(NODE, sigmas, "sigmas", float)
+        if not words or not sigma_list:
+            raise ZEraseError(f"{NODE}: give at least one word and one noise level.")
         if any(not 0.0 < s <= 1.0 for s in sigma_list):
             raise ZEraseError(f"{NODE}: noise levels must lie in (0, 1]; got {sigma_list}.")
         backend = ComfyZImageBackend(model, clip, node=NODE)

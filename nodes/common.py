@@ -36,6 +36,14 @@ def read_lora_file(name: str, node: str) -> ErasureLoRA:
     return load_lora(path)
 
 
+def parse_list(node: str, text: str, what: str, cast=str) -> list:
+    """Comma-separated values of a text widget (';' too), each cast; empty items are skipped."""
+    try:
+        return [cast(t.strip()) for t in text.replace(";", ",").split(",") if t.strip()]
+    except ValueError as err:
+        raise ZEraseError(f"{node}: {what} must be comma-separated values, e.g. '0.5, 0.5' ({err}).") from err
+
+
 def file_state(name: str):
     """What ComfyUI's cache keys a file choice on: its name, and its size and time when it exists. A resumed
     Train run rewrites the LoRA of its cancelled run under the same name; Apply and Load then read it again."""

@@ -11,20 +11,16 @@ from zerase_core.files import safe_output_path
 from zerase_core.lora_file import save_lora
 from zerase_core.merge import merge
 
-from .common import ErasureLoRAType, output_folder
+from .common import ErasureLoRAType, output_folder, parse_list
 
 NODE = "Merge Erasure LoRAs"
 log = logging.getLogger(__name__)
 
 
 def parse_weights(text: str, n: int) -> list[float] | None:
-    text = text.strip()
-    if not text:
+    weights = parse_list(NODE, text, "weights", float)
+    if not weights:
         return None  # 1/N each (paper App. F)
-    try:
-        weights = [float(w) for w in text.replace(";", ",").split(",") if w.strip()]
-    except ValueError as err:
-        raise ZEraseError(f"{NODE}: weights must be numbers separated by commas, e.g. '0.5, 0.5' ({err}).") from err
     if len(weights) != n:
         raise ZEraseError(f"{NODE}: {len(weights)} weights given for {n} connected LoRAs.")
     return weights

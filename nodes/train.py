@@ -19,7 +19,7 @@ from zerase_core.xt_pool import PoolCancelled
 
 from . import _render
 from .apply_lora import apply_erasure
-from .common import ErasureLoRAType, output_folder
+from .common import ErasureLoRAType, output_folder, parse_list
 
 NODE = "Z-Erase Train"
 TARGETS = ["q,k,v", "q,k", "q", "k", "v"]
@@ -36,7 +36,7 @@ def build_config(concept, preset, templates, preserve, steps, learning_rate, bet
         concept=concept.strip(),
         preset=preset,
         templates=tuple(line.strip() for line in templates.splitlines() if line.strip()),
-        preserve=tuple(p.strip() for p in preserve.split(",") if p.strip()),
+        preserve=tuple(parse_list(NODE, preserve, "preservation concepts")),
         steps=steps, lr=learning_rate, beta=beta, eta=eta,
         epsilon=None if epsilon < 0 else epsilon,
         height=resolution, width=resolution, seed=seed, gradient_checkpointing=gradient_checkpointing,
