@@ -1,0 +1,330 @@
+"""The engine's view of a ComfyUI Z-Image MODEL (see the package docstring for the facts it relies on)."""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import ExitStack, contextmanager
+from typing import Any, ContextManager, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ...attention_maps import WordMapRecorder
+from ...errors import ZEraseError
+from ...gate import TokenGate
+from ...layout import TokenLayout, pad_to_multiple
+from ...lora import GatedLoRALinear, LoRAConfig
+from ...prompts import EncodedPrompt
+from ...scoped import scoped
+from ..base import Backend, HostSlot, LoRASet
+from ..row_sharing import RowGroups, SharedRowsForward
+from .attention import recording_override
+from .clip_prompts import encode_with_clip
+from .loading import load_whole, loaded_whole, own_weights, training_model
+from .nextdit_layout import image_patches, nextdit_layout
+from .object_patches import (LAYER_FORWARD, QKV_PATH, REFINER_FORWARD, CheckpointedForward, GatedForward,
+                             PreviousForward, gate_chain)
+from .recognise import check_zimage
+
+WRAPPER_PREFIX = "zerase"
+
+
+class ComfyZImageBackend(Backend):
+    """Engine view of a ComfyUI Z-Image MODEL. Works on its own clone; the input is never changed."""
+
+    @classmethod
+    def for_training(cls, model: Any, clip: Any = None, node: str = "Z-Erase") -> "ComfyZImageBackend":
+        """A backend to train on ``model``: on its non-dynamic twin under dynamic VRAM (see training_model)."""
+        check_zimage(model, node)
+        return cls(training_model(model, node), clip, node)
+
+    def __init__(self, model: Any, clip: Any = None, node: str = "Z-Erase"):
+        check_zimage(model, node)
+        self.node = node
+        self.patcher = model.clone()
+        self.clip = clip
+        self.gate = TokenGate()
+        self.key = f"{WRAPPER_PREFIX}_{uuid.uuid4().hex[:12]}"
+        self._wrapped: dict[int, GatedLoRALinear] = {}
+        self._recorder: Any = None  # MassRecorder / WordMapRecorder of the running call
+        self._layout: TokenLayout | None = None
+        self._checkpointed: set[int] = set()
+        # Set by training_session: every load puts the whole model on the device, with weights autograd can use.
+        self._whole, self._weights_owned, self._frozen = False, False, []
+        # The model the patches are built on. Not self.dit: ComfyUI's torch.compile wrapper swaps the compiled
+        # module into diffusion_model while it samples, and the wrapper must not touch that property there.
+        self._host = dit = self.dit
+        self.patch = int(dit.patch_size)
+        self.multiple = int(dit.pad_tokens_multiple)
+        unet = self.patcher.model.model_config.unet_config
+        self.dim = int(unet["dim"])
+        self.n_heads = int(unet["n_heads"])
+        self.n_kv_heads = int(unet.get("n_kv_heads") or self.n_heads)
+        self.cap_feat_dim = int(unet.get("cap_feat_dim", 0))
+        from comfy.patcher_extension import WrappersMP
+
+        self.patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, self.key, self._diffusion_wrapper)
+        for i in range(len(self.dit.noise_refiner)):  # image tokens and t only: shareable across prompts
+            key = REFINER_FORWARD.format(i)  # a wrapper inherited from the input MODEL's clone is replaced
+            self.patcher.add_object_patch(
+                key, SharedRowsForward.around(self.patcher.get_model_object(key), self._current_row_groups))
+
+    # --- facts -----------------------------------------------------------------------------
+    @property
+    def dit(self) -> nn.Module:
+        return self.patcher.model.diffusion_model
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.dit.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.patcher.load_device)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"family": "z-image", "dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads,
+                "cap_feat_dim": self.cap_feat_dim}
+
+    def host_slots(self) -> list[HostSlot]:
+        d = self.dim // self.n_heads
+        q, kv = self.n_heads * d, self.n_kv_heads * d
+        slices = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+        return [HostSlot(i, QKV_PATH.format(i), slices, self.dim) for i in range(self.n_layers)]
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        step = 8 * self.patch
+        if height % step or width % step:
+            raise ZEraseError(f"{self.node}: resolution {height}×{width} must be a multiple of {step}.")
+        channels = int(self.patcher.model.latent_format.latent_channels)
+        return (channels, height // 8, width // 8)
+
+    # --- LoRA through object patches --------------------------------------------------------
+    def _wrap(self, slot: HostSlot) -> GatedLoRALinear:
+        if slot.layer in self._wrapped:
+            return self._wrapped[slot.layer]
+        host = self.patcher.get_model_object(slot.path)
+        previous = self.patcher.get_model_object(slot.path + ".forward")
+        lora = GatedLoRALinear(PreviousForward(host, previous), slot.slices, self.gate)
+        self.patcher.add_object_patch(slot.path + ".forward", GatedForward(lora))
+        self._wrapped[slot.layer] = lora
+        return lora
+
+    def install(self, config: LoRAConfig, name: str = "zerase") -> LoRASet:
+        lora_set = LoRASet(name, config)
+        wanted = set(config.layer_indices(self.n_layers))
+        for slot in self.host_slots():
+            targets = tuple(t for t in config.targets if t in slot.slices)
+            if slot.layer not in wanted or not targets:
+                continue
+            # On the compute device, not the host weight's (the CPU while ComfyUI holds the model offloaded, and
+            # always under dynamic VRAM): AdamW state restored on resume lands on the parameters' device.
+            adapter = self._wrap(slot).add_adapter(name, targets, config.rank, config.scale, config.strength,
+                                                   device=self.device)
+            for proj in targets:
+                lora_set.add(slot.layer, proj, adapter)
+        return lora_set
+
+    def uninstall(self) -> None:
+        for layer in self._wrapped:
+            self.patcher.object_patches.pop(QKV_PATH.format(layer) + ".forward", None)
+        self._wrapped.clear()
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Checkpoint every main layer (object patches on this clone; refiners are not touched).
+
+        Activations of a layer are recomputed in backward instead of kept; gradients are the
+        same. Switching off, or unpatching the clone, restores the layers' own forwards.
+        """
+        for layer in range(self.n_layers):
+            key = LAYER_FORWARD.format(layer)
+            if enabled and layer not in self._checkpointed:
+                previous = self.patcher.get_model_object(key)
+                if isinstance(previous, CheckpointedForward):  # inherited from the input MODEL's clone
+                    previous = previous.previous
+                self.patcher.add_object_patch(key, CheckpointedForward(self, layer, previous))
+                self._checkpointed.add(layer)
+            elif not enabled and layer in self._checkpointed:
+                self.patcher.object_patches.pop(key, None)
+                self._checkpointed.discard(layer)
+
+    def _call_state(self, layer: int) -> tuple:
+        """What a main layer's forward depends on besides its arguments (see CheckpointedForward)."""
+        qkv = self.dit.layers[layer].attention.qkv.forward  # what runs: the patched chain, if any
+        gates = [(g, g.layout, g.lora_on) for g in {id(g): g for g in [self.gate, *gate_chain(qkv)]}.values()]
+        return gates, self._layout, self._recorder
+
+    @contextmanager
+    def _replaying(self, state: tuple) -> Iterator[None]:
+        gates, layout, recorder = state
+        with scoped(self, _layout=layout, _recorder=recorder), ExitStack() as stack:
+            for gate, gate_layout, lora_on in gates:
+                stack.enter_context(gate.active(gate_layout, lora_on))
+            yield
+
+    # --- per call: layout, gate, attention capture -------------------------------------------
+    def _diffusion_wrapper(self, executor, x, timesteps, context, num_tokens, attention_mask=None, **kwargs):
+        """DIFFUSION_MODEL wrapper: the layout of this call, from its conditioning, into the gate."""
+        if kwargs.get("ref_latents"):
+            raise ZEraseError(
+                f"{self.node}: erasure LoRAs do not support Z-Image reference latents (edit/omni mode)."
+            )
+        if executor.class_obj is not None and executor.class_obj is not self._host:
+            # ModelPatcher.clone(model_override=...) (dynamic VRAM's non-dynamic delegate) copies object patches
+            # that call this model's modules: the new model would run the old one's layers.
+            raise ZEraseError(
+                f"{self.node}: ComfyUI rebuilt the model after the erasure LoRA was put on it (its dynamic VRAM "
+                "does so for TorchCompileModel and hooked conditioning), which erasure LoRAs do not follow yet. Put "
+                "TorchCompileModel before Apply Erasure LoRA, or start ComfyUI with --disable-dynamic-vram."
+            )
+        layout = nextdit_layout(context.shape[1], x, self.patch, self.multiple)
+        options = kwargs.get("transformer_options")
+        if options is not None:
+            options.pop("block_index", None)  # refiners run first; only main layers set it
+            if self._recorder is not None:
+                inner = options.get("optimized_attention_override")
+                options["optimized_attention_override"] = recording_override(inner, self._recorder_state)
+        with scoped(self, _layout=layout), self.gate.active(layout, self.gate.lora_on):
+            return executor(x, timesteps, context, num_tokens, attention_mask, **kwargs)
+
+    def _recorder_state(self) -> tuple:
+        return self._recorder, self._layout
+
+    def recording(self, recorder: Any) -> ContextManager:
+        """While inside, main layers' attention runs through ``recorder.attend`` where it ``wants`` the layer."""
+        return scoped(self, _recorder=recorder)
+
+    def lora_switched(self, on: bool) -> ContextManager:
+        return scoped(self.gate, lora_on=on)
+
+    @contextmanager
+    def _caption_lengths(self, lengths: list[int]) -> Iterator[None]:
+        """Let captions of different lengths that pad to the same multiple share one call, exactly.
+
+        Alone, a caption of n tokens is embedded and then padded with ``cap_pad_token`` up to the
+        multiple (positions continue through the padding). Batched, the shorter captions arrive
+        zero-padded to the longest; this hook turns their embedded rows n.. into ``cap_pad_token``,
+        so every row sees the sequence it would see alone.
+        """
+        if len(set(lengths)) == 1:
+            yield
+            return
+        lengths_t = torch.tensor(lengths)
+
+        def pad_rows(module, inputs, out):
+            beyond = torch.arange(out.shape[1], device=out.device)[None, :] >= lengths_t.to(out.device)[:, None]
+            return torch.where(beyond[..., None], self.dit.cap_pad_token.to(out), out)
+
+        handle = self.dit.cap_embedder.register_forward_hook(pad_rows)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _sharing_rows(self, x: torch.Tensor, sigma: torch.Tensor) -> ContextManager:
+        """While inside, the noise refiner runs once per distinct (x, σ) row (see row_sharing)."""
+        return scoped(self, _row_groups=RowGroups.of(x, sigma))
+
+    # --- prompts and predictions ------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
+        if self.clip is None:
+            raise ZEraseError(f"{self.node}: no CLIP is connected to encode prompts with.")
+        encoded = encode_with_clip(self.clip, prompts)
+        width = encoded[0].features.shape[-1] if encoded else self.cap_feat_dim
+        if self.cap_feat_dim and width != self.cap_feat_dim:  # another LLM's chat template passes the tokenizer check
+            raise ZEraseError(
+                f"{self.node}: this CLIP gives {width}-wide text features, the model takes {self.cap_feat_dim} "
+                "(Z-Image's Qwen3 4B). Load qwen_3_4b.safetensors with Load CLIP, type 'lumina2'."
+            )
+        return encoded
+
+    def release_encoder(self) -> None:
+        """Drop this backend's hold on the CLIP once the prompts are encoded (ComfyUI moves it out as memory is
+        needed; the node's own input keeps it for other nodes)."""
+        self.clip = None
+
+    def load(self) -> None:
+        """Load the clone (object patches and wrappers applied) onto the compute device; while training (inside
+        :func:`training_session`), whole and with weights autograd can use (see loading.load_whole)."""
+        import comfy.model_management as mm
+
+        if not self._whole:
+            mm.load_models_gpu([self.patcher])
+            return
+        if not loaded_whole(self.patcher):  # asked before every forward: ComfyUI's load re-applies every patch
+            load_whole(self.patcher, self.node)
+            self._weights_owned = False
+        if not self._weights_owned:
+            own_weights(self.dit, self._frozen)
+            self._weights_owned = True
+
+    def layout(self, x: torch.Tensor, prompts: Sequence[EncodedPrompt]) -> TokenLayout:
+        lengths = {pad_to_multiple(p.n_tokens, self.multiple) for p in prompts}
+        if len(lengths) != 1:
+            raise ValueError("one ComfyUI call takes captions that pad to one length")
+        return nextdit_layout(lengths.pop(), x, self.patch, self.multiple)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """x0 from ``apply_model`` for a batch sharing one padded caption length; wrappers included."""
+        from comfy.patcher_extension import copy_nested_dicts, merge_nested_dicts
+
+        model = self.patcher.model
+        options = copy_nested_dicts(self.patcher.model_options.get("transformer_options", {}))
+        merge_nested_dicts(options.setdefault("wrappers", {}), self.patcher.wrappers, copy_dict1=False)
+        device = self.patcher.load_device
+        return model.apply_model(
+            x.to(device), sigma.to(device), c_crossattn=features.to(device),
+            num_tokens=features.shape[1], transformer_options=options,
+        )
+
+    def velocity(self, x, sigma, prompts, *, lora=True, concept_tokens=None, mass_layers=None):
+        if x.shape[0] != len(prompts):
+            raise ValueError(f"{x.shape[0]} latents but {len(prompts)} prompts")
+        self.load()
+        # One call per padded caption length: NextDiT ignores caption masks, so only captions that
+        # pad to the same length can share a call exactly (see _caption_lengths).
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(pad_to_multiple(p.n_tokens, self.multiple), []).append(i)
+        v_out: list[torch.Tensor | None] = [None] * len(prompts)
+        mass_out: list[torch.Tensor | None] = [None] * len(prompts)
+        for _, idx in groups.items():
+            xs, ss = x[idx], sigma[idx].float()
+            lengths = [prompts[i].n_tokens for i in idx]
+            feats = torch.nn.utils.rnn.pad_sequence([prompts[i].features for i in idx], batch_first=True)
+            recorder = None
+            if concept_tokens is not None:
+                lay = nextdit_layout(feats.shape[1], xs, self.patch, self.multiple)
+                recorder = self.recorder_factory(lay.columns([concept_tokens[i] for i in idx], self.device),
+                                                 lay.image_query_mask(self.device), mass_layers)
+            with self.lora_switched(lora), self._caption_lengths(lengths), self._sharing_rows(xs, ss):
+                with self.recording(recorder):  # a checkpointed layer replays this group's recorder in backward
+                    x0 = self.denoise(xs, ss, feats)
+            s = ss.to(x0.device).view(-1, 1, 1, 1)
+            v = (xs.to(x0.device).float() - x0.float()) / s  # ComfyUI returns x0; v = ε − x0 = (x_σ − x0)/σ
+            group_mass = recorder.result() if recorder is not None else None
+            for j, i in enumerate(idx):
+                v_out[i] = v[j]
+                if group_mass is not None:
+                    mass_out[i] = group_mass[j]
+        v_all = torch.stack(v_out)
+        mass = torch.stack(mass_out) if concept_tokens is not None else None
+        return v_all, mass
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor, sigma: torch.Tensor, prompt: EncodedPrompt,
+                       columns: list[list[int]], layers: set[int] | None = None, lora: bool = True) -> torch.Tensor:
+        """(n_words, h, w): mean over heads and ``layers`` of the mass each image token puts on each word.
+
+        ``lora`` is accepted for the engine's interface; a MODEL carries its erasure LoRAs as
+        patches, so comparing erased and original means passing both MODELs.
+        """
+        self.load()
+        feats = prompt.features[None]
+        lay = nextdit_layout(feats.shape[1], x, self.patch, self.multiple)
+        recorder = WordMapRecorder([lay.columns([cols]) for cols in columns], layers)
+        with self.recording(recorder):
+            self.denoise(x[:1], sigma[:1].float(), feats)
+        if not recorder.seen:
+            raise ZEraseError(f"{self.node}: no main layer in the chosen range ran (the model has {self.n_layers}).")
+        return recorder.image_maps(lay, *image_patches(x, self.patch))

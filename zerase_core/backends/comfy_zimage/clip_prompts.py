@@ -1,0 +1,72 @@
+"""Prompts through a ComfyUI CLIP, with the character span of the user's prompt behind every feature row."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ...errors import ZEraseError
+from ...prompts import EncodedPrompt, Span
+
+
+def _inner_tokenizer(clip: Any):
+    """(SD tokenizer holding the HF tokenizer, chat template) of a Z-Image CLIP."""
+    outer = clip.tokenizer
+    inner = getattr(outer, getattr(outer, "clip", ""), None)
+    template = getattr(outer, "llama_template", None)
+    if inner is None or template is None or "{}" not in template:
+        raise ZEraseError(
+            "Z-Erase: this CLIP is not Z-Image's text encoder (Qwen3 with its chat template). Load "
+            "qwen_3_4b.safetensors with Load CLIP, type 'lumina2'."
+        )
+    return inner, template
+
+
+def token_spans(hf_tokenizer: Any, ids: list[int], text: str, start: int, end: int) -> tuple[Span, ...]:
+    """Per token: its (start, end) inside ``text[start:end]`` (the user's prompt), else None.
+
+    Character offsets come from decoding growing prefixes, which works for any tokenizer whose
+    decode round-trips (byte-level BPE does); a token that ends inside a multi-byte character
+    joins the next one.
+    """
+    spans: list[Span] = []
+    done, pending = 0, 0
+    for k in range(1, len(ids) + 1):
+        prefix = hf_tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if prefix.endswith("\ufffd") and k < len(ids):
+            pending += 1
+            continue
+        a, b = done, len(prefix)
+        inside = a < end and b > start and b > a
+        span = (max(a, start) - start, min(b, end) - start) if inside else None
+        spans.extend([span] * (pending + 1))
+        done, pending = b, 0
+    if done != len(text):
+        raise ZEraseError(
+            "Z-Erase: the text encoder's tokens do not spell out the prompt (is an embedding or weight "
+            "syntax in it?); remove 'embedding:' and '(word:1.2)' syntax from Z-Erase prompts."
+        )
+    return tuple(spans)
+
+
+def encode_with_clip(clip: Any, prompts: Sequence[str]) -> list[EncodedPrompt]:
+    """Encode like CLIPTextEncode, plus per feature row the character span of the user's prompt."""
+    inner, template = _inner_tokenizer(clip)
+    out = []
+    for prompt in prompts:
+        tokens = clip.tokenize(prompt)
+        (cond, extra), *_ = clip.encode_from_tokens_scheduled(tokens)
+        ids = [int(t[0]) for batch in tokens[inner.embedding_key] for t in batch]
+        mask = extra.get("attention_mask")
+        features = cond[0]
+        if mask is not None and mask.shape[-1] == features.shape[0]:
+            keep = mask[0].bool().to(features.device)
+            features, ids = features[keep], [i for i, k in zip(ids, keep.tolist()) if k]
+        text = template.format(prompt)
+        begin = template.index("{}")
+        spans = token_spans(inner.tokenizer, ids, text, begin, begin + len(prompt))
+        if len(spans) != features.shape[0]:
+            raise ZEraseError(
+                f"Z-Erase: {features.shape[0]} caption features but {len(spans)} tokens for '{prompt}'."
+            )
+        out.append(EncodedPrompt(prompt, features.detach().float().cpu(), spans))
+    return out

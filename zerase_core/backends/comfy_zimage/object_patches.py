@@ -1,0 +1,97 @@
+"""What the backend patches onto a ModelPatcher clone: the gated LoRA on each ``qkv.forward``, checkpointing on
+each main layer's ``forward``. Object patches leave the modules in place, so ComfyUI's own weight patches and
+casting keep working, and unpatching restores the original forwards."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ...gate import TokenGate
+from ...lora import GatedLoRALinear
+
+if TYPE_CHECKING:
+    from .backend import ComfyZImageBackend
+
+QKV_PATH = "diffusion_model.layers.{}.attention.qkv"
+LAYER_FORWARD = "diffusion_model.layers.{}.forward"
+REFINER_FORWARD = "diffusion_model.noise_refiner.{}.forward"
+
+
+class PreviousForward(nn.Module):
+    """Stands in for the host Linear inside :class:`GatedLoRALinear`: calls the forward that was
+    in place before this installation (the stock Linear's, or an earlier erasure LoRA's)."""
+
+    def __init__(self, host: nn.Module, previous: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        object.__setattr__(self, "_host", host)  # not a submodule: ComfyUI owns it
+        object.__setattr__(self, "_previous", previous)
+        self.in_features, self.out_features = host.in_features, host.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._host.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._previous(x)
+
+
+class GatedForward:
+    """The object patched onto ``qkv.forward``: a plain callable (an nn.Module there would be
+    registered as a submodule instead of overriding ``forward``)."""
+
+    def __init__(self, lora: GatedLoRALinear):
+        self.lora = lora
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        adapters = self.lora.adapters
+        if len(adapters):
+            p = next(adapters.parameters())
+            if p.device != x.device:  # keeps Parameter identity (training holds references)
+                with torch.inference_mode(False):  # moved while sampling, they would become inference tensors,
+                    adapters.to(x.device)  # and a LoRA trained later on top of this one could not back-propagate
+        return self.lora(x)
+
+
+def gate_chain(forward: Any) -> list[TokenGate]:
+    """The gates of an erasure-LoRA chain on one qkv (this installation's and earlier ones')."""
+    gates = []
+    while isinstance(forward, GatedForward):
+        gates.append(forward.lora.gate)
+        forward = getattr(forward.lora.base_layer, "_previous", None)
+    return gates
+
+
+class CheckpointedForward:
+    """The object patched onto a main layer's ``forward``: the previous forward under
+    ``torch.utils.checkpoint`` (non-reentrant).
+
+    The recomputation runs during backward, after the DIFFUSION_MODEL wrappers and the
+    attention capture have exited, and after NextDiT has moved ``transformer_options
+    ["block_index"]`` on. So the state the first run saw is taken when the layer runs and
+    replayed around both runs: every gate's layout and LoRA switch, the backend's capture and
+    layout, and a copy of ``transformer_options`` (the attention override in it reads
+    ``block_index`` and calls back into the backend). The recomputed graph is then the first.
+    """
+
+    def __init__(self, backend: "ComfyZImageBackend", layer: int, previous: Callable[..., torch.Tensor]):
+        self.backend, self.layer, self.previous = backend, layer, previous
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():  # sampling, teacher passes: nothing to save
+            return self.previous(*args, **kwargs)
+        options = kwargs.get("transformer_options")
+        if options is not None:
+            kwargs["transformer_options"] = dict(options)  # this layer's block_index, kept
+        state = self.backend._call_state(self.layer)
+        previous = self.previous
+
+        def run(*inner_args, **inner_kwargs):
+            with self.backend._replaying(state):
+                return previous(*inner_args, **inner_kwargs)
+
+        # No randomness in a Z-Image layer (no dropout): no RNG state to stash and restore per layer and call.
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
