@@ -15,7 +15,7 @@ NODE = "Apply Erasure LoRA"
 def apply_erasure(model, lora, strength: float):
     """A clone of ``model`` carrying ``lora`` gated to text tokens; ``model`` itself is untouched."""
     backend = ComfyZImageBackend(model, node=NODE)
-    install_lora(backend, lora, name=backend.key, strength=lora.strength * strength)
+    install_lora(backend, lora, name=backend.key, multiplier=strength)
     return backend.patcher
 
 

@@ -24,25 +24,25 @@ def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor
     return torch.cat([a, a.new_zeros(extra, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)
 
 
-def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", strength: float | None = None) -> LoRASet:
-    """Check that ``lora`` fits, then install it gated, at its stored scale × ``strength``, frozen.
+def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", multiplier: float = 1.0) -> LoRASet:
+    """Check that ``lora`` fits, then install it gated, frozen, at its stored scale × strength × ``multiplier``.
 
     Built outside inference mode (ComfyUI runs nodes inside it): a LoRA trained later on top of
     this one back-propagates through it, and autograd cannot save inference tensors.
     """
     check_fits(lora, backend.fingerprint(), host_widths(backend))
     with torch.inference_mode(False), torch.no_grad():
-        return _installed(backend, lora, name, strength)
+        return _installed(backend, lora, name, lora.strength * multiplier)
 
 
-def _installed(backend: Backend, lora: ErasureLoRA, name: str, strength: float | None) -> LoRASet:
+def _installed(backend: Backend, lora: ErasureLoRA, name: str, strength: float) -> LoRASet:
     layers = lora.layers
     config = LoRAConfig(
         rank=lora.rank,
         alpha=lora.scale * lora.rank,
         targets=lora.targets,
         layers=(layers[0], layers[-1] + 1),
-        strength=lora.strength if strength is None else strength,
+        strength=strength,
     )
     lora_set = backend.install(config, name)
     factors = {key: _pad_rank(a, b, lora.rank) for key, (a, b) in lora.factors.items()}

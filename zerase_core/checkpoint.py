@@ -17,6 +17,7 @@ from safetensors import safe_open
 from .config import TrainConfig
 from .errors import ZEraseError
 from .files import atomic_save, decode_metadata
+from .history import StepRecord
 from .lora_file import read_description
 
 if TYPE_CHECKING:
@@ -58,8 +59,6 @@ def _tupled(state):
 
 
 def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
-    from .trainer import StepRecord
-
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}

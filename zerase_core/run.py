@@ -10,9 +10,10 @@ from pathlib import Path
 from .backends.base import Backend
 from .config import TrainConfig
 from .errors import ZEraseError
+from .history import TrainResult
 from .lora_file import save_lora
 from .render import curves, to_pil
-from .trainer import TrainResult, ZEraseTrainer
+from .trainer import ZEraseTrainer
 
 log = logging.getLogger(__name__)
 

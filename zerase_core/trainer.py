@@ -22,7 +22,6 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -32,6 +31,8 @@ from .apply import export_lora
 from .backends.base import Backend
 from .config import TrainConfig
 from .errors import ZEraseError
+from .checkpoint import load_checkpoint, save_checkpoint
+from .history import StepRecord, TrainResult
 from .lagrangian import direction, lambda_rule
 from .lora_file import ErasureLoRA
 from .objectives import loss_attn, loss_er, loss_erase, loss_preserve, loss_total
@@ -45,27 +46,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(ZEraseError):
     """Training produced NaN or inf; the LoRA was left at its last good state."""
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    step: int
-    erase: float  # L_erase
-    attn: float  # L_attn
-    pr: float  # L_pr
-    lam: float  # λ used in this step's loss
-    g: float  # g̃ of Eq. 15 (paper and paired modes), else 0
-    sigma: float
-    seconds: float
-    pr_recomputed: bool = False  # λ_t = 0 but λ_{t+1} > 0: L_pr was rerun with a graph
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    lora: ErasureLoRA
-    history: tuple[StepRecord, ...]
-    seconds: float
-    completed: bool  # False when stopped early (cancelled)
 
 
 class StepCallback(Protocol):
@@ -300,13 +280,9 @@ class ZEraseTrainer:
         )
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        from .checkpoint import save_checkpoint
-
         return save_checkpoint(self, Path(path or self.checkpoint_path))
 
     def resume(self, path: str | Path) -> None:
-        from .checkpoint import load_checkpoint
-
         load_checkpoint(self, Path(path))
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..attention_mass import MassRecorder
 from ..gate import TokenGate
+from ..layout import TokenLayout
 from ..lora import GatedLoRALinear, LoRAAdapter, LoRAConfig
 from ..prompts import EncodedPrompt
 from .row_sharing import RowGroups
@@ -111,6 +112,21 @@ class Backend(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """v = ε − x0 for each sample, and, when ``concept_tokens`` are given, the attention mass
         (B,) image queries put on those caption tokens, averaged over ``mass_layers``."""
+
+    @abstractmethod
+    def layout(self, x: torch.Tensor, prompts: Sequence[EncodedPrompt]) -> TokenLayout:
+        """Where each sample's caption and image tokens sit in the main layers' sequence for this call."""
+
+    @abstractmethod
+    def attention_maps(self, x: torch.Tensor, sigma: torch.Tensor, prompt: EncodedPrompt, columns: list[list[int]],
+                       layers: set[int] | None = None, lora: bool = True) -> torch.Tensor:
+        """(n_words, h, w): per word (its caption token ``columns``), the attention mass each image token puts on
+        it, averaged over heads and ``layers`` (paper Fig. 2). ``lora`` off: the model without this backend's
+        trained LoRA, where the host can switch it (a ComfyUI MODEL carries its LoRAs as patches: pass both)."""
+
+    @abstractmethod
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each main layer in backward instead of keeping its activations (same gradients)."""
 
     @abstractmethod
     def install(self, config: LoRAConfig, name: str = "zerase") -> LoRASet:

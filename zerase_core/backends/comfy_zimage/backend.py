@@ -314,11 +314,7 @@ class ComfyZImageBackend(Backend):
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, sigma: torch.Tensor, prompt: EncodedPrompt,
                        columns: list[list[int]], layers: set[int] | None = None, lora: bool = True) -> torch.Tensor:
-        """(n_words, h, w): mean over heads and ``layers`` of the mass each image token puts on each word.
-
-        ``lora`` is accepted for the engine's interface; a MODEL carries its erasure LoRAs as
-        patches, so comparing erased and original means passing both MODELs.
-        """
+        """See :meth:`Backend.attention_maps`; ``lora`` has no effect here (a MODEL carries its LoRAs as patches)."""
         self.load()
         feats = prompt.features[None]
         lay = nextdit_layout(feats.shape[1], x, self.patch, self.multiple)

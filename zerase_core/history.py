@@ -1,0 +1,28 @@
+"""What a training run leaves behind: one record per step, and the finished run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .lora_file import ErasureLoRA
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    erase: float  # L_erase
+    attn: float  # L_attn
+    pr: float  # L_pr
+    lam: float  # λ used in this step's loss
+    g: float  # g̃ of Eq. 15 (paper and paired modes), else 0
+    sigma: float
+    seconds: float
+    pr_recomputed: bool = False  # λ_t = 0 but λ_{t+1} > 0: L_pr was rerun with a graph
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    lora: ErasureLoRA
+    history: tuple[StepRecord, ...]
+    seconds: float
+    completed: bool  # False when stopped early (cancelled)
