@@ -46,7 +46,7 @@ def build_config(concept, preset, templates, preserve, steps, learning_rate, bet
 
 def _previews(backend, trainer, model, vae, config):
     """Before/after pictures of the first erase prompt from one noise (not the run's: see before_after)."""
-    prompt = trainer.pool.erase[0]
+    prompt = trainer.prompts.erase[0]
     pictures = [_render.to_pil(_render.decode(model, vae, backend.patcher.model.process_latent_out(x0))[0])
                 for x0 in before_after(backend, prompt, config)]
     return _render.grid([pictures], ["before", "after"], caption=prompt.text)

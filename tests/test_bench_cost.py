@@ -42,7 +42,7 @@ def _grads(trainer, total):
 @pytest.mark.parametrize("lam", [0.0, 1.0])  # λ = 0: L_pr without a graph; λ > 0: one batched forward
 def test_reference_step_computes_our_losses_and_gradients(lam):
     trainer = _nudged(ZEraseTrainer(tiny_zimage_backend(), _config(lambda_mode="fixed", fixed_lambda=lam)))
-    pool = trainer.pool
+    pool = trainer.prompts
     er, tokens, keep = pool.erase[0], list(pool.erase_tokens[0]), pool.keep[0]
     x_t = torch.randn(1, *trainer.latent_shape, generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.6])
@@ -60,7 +60,7 @@ def test_reference_step_computes_our_losses_and_gradients(lam):
 
 def test_pool_holds_the_frozen_teachers_predictions():
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool"))
-    xp, pool = trainer.xt_pool, trainer.pool
+    xp, pool = trainer.xt_pool, trainer.prompts
     for j, k in ((0, 0), (1, 2)):
         prompts = [pool.erase[xp.erase_index[j]], pool.uncond, pool.keep[xp.keep_index[j]]]
         fresh = trainer._teacher(xp.x[j, k : k + 1], xp.sigmas[k].reshape(1), prompts)
@@ -85,7 +85,7 @@ def test_pool_halves_its_batch_when_memory_runs_out(monkeypatch):
 
     backend = tiny_zimage_backend()
     trainer = ZEraseTrainer(backend, _config())
-    args = (backend, trainer.pool.erase, trainer.pool.uncond, trainer.pool.keep, trainer.latent_shape, trainer.sigmas,
+    args = (backend, trainer.prompts.erase, trainer.prompts.uncond, trainer.prompts.keep, trainer.latent_shape, trainer.sigmas,
             6, 1.0, 0)
     reference = TrajectoryPool(*args)  # the default batch, which fits here
     real, rows_seen = backend.velocity, []

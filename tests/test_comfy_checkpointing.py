@@ -67,8 +67,8 @@ def _one_step_gradient(checkpointing: bool, mode: str, stacked: bool, layers=Non
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         x_t = torch.randn((1, *trainer.latent_shape), generator=g)
         sigma = torch.tensor([0.6])
-        er, keep = trainer.pool.erase[0], trainer.pool.keep[0]
-        l_erase, l_attn, l_pr, _ = trainer._losses(er, list(trainer.pool.erase_tokens[0]), keep, x_t, sigma)
+        er, keep = trainer.prompts.erase[0], trainer.prompts.keep[0]
+        l_erase, l_attn, l_pr, _ = trainer._losses(er, list(trainer.prompts.erase_tokens[0]), keep, x_t, sigma)
         assert l_pr.requires_grad  # λ > 0 expected: the batched [c_er, ∅, c_pr] student forward
         seen, handles = _qkv_calls(model)
         try:

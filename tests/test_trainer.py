@@ -33,7 +33,7 @@ def _config(**over):
 
 def _fixed_erase_loss(trainer: ZEraseTrainer) -> float:
     """L_erase on a fixed batch (every erase prompt, fixed noise and σ) — a noise-free yardstick."""
-    backend, pool = trainer.backend, trainer.pool
+    backend, pool = trainer.backend, trainer.prompts
     g = torch.Generator().manual_seed(123)
     n = len(pool.erase)
     x = torch.randn(n, *trainer.latent_shape, generator=g)
@@ -140,7 +140,7 @@ def test_exact_mode_steps_along_eq_11_with_the_eq_12_lambda():
     with torch.no_grad():  # off B = 0, where ∇L_pr = 0 and λ* is 0 whatever the wiring
         for p in trainer.params:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    pool, eps = trainer.pool, trainer.config.eps
+    pool, eps = trainer.prompts, trainer.config.eps
     x_t = torch.randn(1, *trainer.latent_shape, generator=torch.Generator().manual_seed(1))
     args = (pool.erase[0], list(pool.erase_tokens[0]), pool.keep[0], x_t, torch.tensor([0.6]))
 
@@ -212,7 +212,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         with torch.no_grad():
             for p in trainer.params:
                 p.add_(0.05)
-        l_erase, l_attn, l_pr, _ = trainer._losses(trainer.pool.erase[0], list(trainer.pool.erase_tokens[0]), trainer.pool.keep[0])
+        l_erase, l_attn, l_pr, _ = trainer._losses(trainer.prompts.erase[0], list(trainer.prompts.erase_tokens[0]), trainer.prompts.keep[0])
         layer = trainer.backend.transformer.layers[0]
         calls = []
         handle = layer.register_forward_pre_hook(lambda m, a: calls.append(1))

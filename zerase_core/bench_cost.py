@@ -67,14 +67,13 @@ def gated_esd_step(trainer: ZEraseTrainer) -> None:
     Fresh: x_t sampled as ours does, teacher v(c_er), v(∅) in one no-grad forward, student
     v(c_er) forward/backward. Pool: x_t and both teacher predictions drawn from the pool.
     """
-    pool = trainer.pool
     if trainer.xt_pool is not None:
         d = trainer.xt_pool.draw(trainer.rng, trainer.gen, trainer.backend.device)
-        er, x_t, sigma, teacher = pool.erase[d.erase_index], d.x_t, d.sigma, d.teacher[:2]
+        er, x_t, sigma, teacher = trainer.prompts.erase[d.erase_index], d.x_t, d.sigma, d.teacher[:2]
     else:
-        er = pool.erase[trainer.rng.randrange(len(pool.erase))]
+        er, _, _ = trainer.prompts.draw(trainer.rng)  # the draw Z-Erase makes, so both see the same prompts
         x_t, sigma = trainer._sample_xt(er)
-        teacher = trainer._teacher(x_t, sigma, [er, pool.uncond])
+        teacher = trainer._teacher(x_t, sigma, [er, trainer.prompts.uncond])
     v, _ = trainer.backend.velocity(x_t, sigma, [er], lora=True)
     loss_erase(v, teacher[1:2].to(v.device), teacher[0:1].to(v.device), trainer.config.eta).backward()
     trainer.optimizer.step()
@@ -122,7 +121,7 @@ def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[
     is what L_attn adds to the attention call) and its backward; the no-grad [∅, c_pr] forward
     (λ_t = 0); the batch-3 forward and backward (λ_t > 0); the AdamW step.
     """
-    pool = trainer.pool
+    pool = trainer.prompts
     x_t, sigma = trainer._sample_xt(pool.erase[0])
     out = interleaved_medians(_split_parts(trainer, x_t, sigma), steps, repeats, sync)
     xt = []
@@ -146,7 +145,7 @@ def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[
 
 def _split_parts(trainer: ZEraseTrainer, x_t: torch.Tensor, sigma: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Each part of a step as a call at this x_t, for :func:`cost_split`."""
-    backend, pool = trainer.backend, trainer.pool
+    backend, pool = trainer.backend, trainer.prompts
     er, tokens = pool.erase[0], list(pool.erase_tokens[0])
     pr = [pool.uncond, *pool.keep[:1]]
 
@@ -194,7 +193,7 @@ def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: 
     # One LoRA, optimizer and prompt pool serve every variant (the backend holds one installed LoRA).
     base = ZEraseTrainer(backend, dataclasses.replace(case.config, xt_source="fresh"))
     c = base.config
-    shared_pool = TrajectoryPool(backend, base.pool.erase, base.pool.uncond, base.pool.keep, base.latent_shape,
+    shared_pool = TrajectoryPool(backend, base.prompts.erase, base.prompts.uncond, base.prompts.keep, base.latent_shape,
                                  base.sigmas, c.xt_pool, c.sample_cfg, c.seed)  # as xt_source="pool" builds it
     trainers = _variant_trainers(base, shared_pool)
     variants = {name: _step_of(name, t) for name, t in trainers.items()}

@@ -31,6 +31,15 @@ class PromptPool:
         tokens = tuple(tuple(concept_token_indices(p, config.concept)) for p in erase)
         return cls(erase, tokens, encoded[len(texts)], tuple(encoded[len(texts) + 1 :]))
 
+    def pick(self, erase_index: int, keep_index: int | None) -> tuple[EncodedPrompt, list[int], EncodedPrompt | None]:
+        """An erase prompt, its concept's token indices, and a preservation prompt (None: there are none)."""
+        keep = self.keep[keep_index] if keep_index is not None else None
+        return self.erase[erase_index], list(self.erase_tokens[erase_index]), keep
+
+    def draw(self, rng: random.Random) -> tuple[EncodedPrompt, list[int], EncodedPrompt | None]:
+        """:meth:`pick` at random: c_er ~ D_er and c_pr ~ D_pr (Algorithm 1)."""
+        return self.pick(rng.randrange(len(self.erase)), rng.randrange(len(self.keep)) if self.keep else None)
+
 
 def erase_texts(config: TrainConfig) -> list[str]:
     """Templates filled with the concept, then distinct shuffled variants (seeded, so resumable)."""

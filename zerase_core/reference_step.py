@@ -53,7 +53,7 @@ def materialised_maps(backend) -> Iterator[None]:
 
 def reference_losses(trainer: "ZEraseTrainer", er, tokens, keep, x_t, sigma):
     """L_erase, L_attn, L_pr at x_t, one forward per prediction, maps materialised."""
-    backend, cfg, uncond = trainer.backend, trainer.config, trainer.pool.uncond
+    backend, cfg, uncond = trainer.backend, trainer.config, trainer.prompts.uncond
     with torch.no_grad():
         t_er, _ = backend.velocity(x_t, sigma, [er], lora=False)
         t_u, _ = backend.velocity(x_t, sigma, [uncond], lora=False)
@@ -73,11 +73,9 @@ def reference_losses(trainer: "ZEraseTrainer", er, tokens, keep, x_t, sigma):
 
 def reference_step(trainer: "ZEraseTrainer") -> dict[str, float]:
     """One official-style Z-Erase step on the trainer's LoRA, optimizer and λ (paper rule)."""
-    pool = trainer.pool
-    i = trainer.rng.randrange(len(pool.erase))
-    keep = pool.keep[trainer.rng.randrange(len(pool.keep))] if pool.keep else None
-    x_t, sigma = trainer._sample_xt(pool.erase[i])  # re-sampled through the sampler every step
-    l_erase, l_attn, l_pr = reference_losses(trainer, pool.erase[i], list(pool.erase_tokens[i]), keep, x_t, sigma)
+    er, tokens, keep = trainer.prompts.draw(trainer.rng)
+    x_t, sigma = trainer._sample_xt(er)  # re-sampled through the sampler every step
+    l_erase, l_attn, l_pr = reference_losses(trainer, er, tokens, keep, x_t, sigma)
     lam = trainer.lam.update(l_pr.item())
     # The whole objective goes backward every step, whatever λ is.
     (loss_er(l_erase, l_attn, trainer.config.attn_weight) + lam * l_pr).backward()

@@ -67,7 +67,7 @@ class ZEraseTrainer:
         self.backend, self.config = backend, config
         self.callbacks, self.should_stop = list(callbacks), should_stop
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-        self.pool = PromptPool.build(backend, config)  # the only use of the text encoder
+        self.prompts = PromptPool.build(backend, config)  # the only use of the text encoder
         if release_encoder:  # before the LoRA and the x_t pool take their memory
             backend.release_encoder()
         with torch.random.fork_rng(devices=[]):  # LoRA A's random init, by the run's seed; global RNG untouched
@@ -90,7 +90,7 @@ class ZEraseTrainer:
         self.xt_pool = None
         if config.xt_source == "pool":
             self.xt_pool = TrajectoryPool(
-                backend, self.pool.erase, self.pool.uncond, self.pool.keep, self.latent_shape, self.sigmas,
+                backend, self.prompts.erase, self.prompts.uncond, self.prompts.keep, self.latent_shape, self.sigmas,
                 config.xt_pool, config.sample_cfg, config.seed, should_stop=should_stop,
             )
         if config.gradient_checkpointing:
@@ -102,7 +102,7 @@ class ZEraseTrainer:
         noise = torch.randn((1, *self.latent_shape), generator=self.gen).to(self.backend.device)
         k = int(torch.randint(0, self.config.sample_steps, (1,), generator=self.gen))
         x_t = euler(
-            self.backend, noise, self.sigmas[: k + 1], [prompt], uncond=[self.pool.uncond], cfg=self.config.sample_cfg
+            self.backend, noise, self.sigmas[: k + 1], [prompt], uncond=[self.prompts.uncond], cfg=self.config.sample_cfg
         )
         return x_t, self.sigmas[k].reshape(1)
 
@@ -118,10 +118,10 @@ class ZEraseTrainer:
         if x_t is None:
             x_t, sigma = self._sample_xt(er)
         if teacher is None:
-            teacher = self._teacher(x_t, sigma, [er, self.pool.uncond, *([keep] if keep else [])])
+            teacher = self._teacher(x_t, sigma, [er, self.prompts.uncond, *([keep] if keep else [])])
         want_mass = cfg.attn_weight > 0
         self._pr_batch = (x_t, sigma, keep, teacher)
-        pr_prompts = [self.pool.uncond, *([keep] if keep else [])]
+        pr_prompts = [self.prompts.uncond, *([keep] if keep else [])]
         n = len(pr_prompts)
         v_pr = None
         if self.lam.needs_pr_gradient():
@@ -150,7 +150,7 @@ class ZEraseTrainer:
 
     def _pr_loss(self, x_t, sigma, keep, teacher) -> torch.Tensor:
         """L_pr (Eq. 8) from the student's [∅, c_pr] predictions in one batched forward."""
-        prompts = [self.pool.uncond, *([keep] if keep else [])]
+        prompts = [self.prompts.uncond, *([keep] if keep else [])]
         n = len(prompts)
         v_pr, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), prompts, lora=True)
         teacher = teacher.to(v_pr.device)
@@ -195,14 +195,10 @@ class ZEraseTrainer:
     def _draw(self) -> tuple:
         """This step's erase prompt, its concept tokens and a preservation prompt; from the pool also x_t, σ and
         the teacher's predictions there (fresh: :meth:`_losses` samples them)."""
-        pool = self.pool
         if self.xt_pool is None:
-            i = self.rng.randrange(len(pool.erase))
-            keep = pool.keep[self.rng.randrange(len(pool.keep))] if pool.keep else None
-            return pool.erase[i], list(pool.erase_tokens[i]), keep
+            return self.prompts.draw(self.rng)
         d = self.xt_pool.draw(self.rng, self.gen, self.backend.device)
-        keep = pool.keep[d.keep_index] if d.keep_index is not None else None
-        return pool.erase[d.erase_index], list(pool.erase_tokens[d.erase_index]), keep, d.x_t, d.sigma, d.teacher
+        return *self.prompts.pick(d.erase_index, d.keep_index), d.x_t, d.sigma, d.teacher
 
     def _descend(self, l_er: torch.Tensor, l_pr: torch.Tensor, pr_value: float) -> float:
         """One AdamW update of the LoRA along the λ rule's direction; returns the λ used.
