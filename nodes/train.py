@@ -11,6 +11,7 @@ from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_sessi
 from zerase_core.checkpoint import partial_lora
 from zerase_core.config import PRESETS, TrainConfig
 from zerase_core.files import path_inside, safe_output_path
+from zerase_core.history import loss_series
 from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import save_lora
 from zerase_core.sampling import before_after
@@ -186,12 +187,8 @@ class ZEraseTrain(io.ComfyNode):
             log.warning("Z-Erase: cancelled at step %d (LoRA so far saved when > 0: %s)", trainer.step, path)
             mm.throw_exception_if_processing_interrupted()
         checkpoint.unlink(missing_ok=True)  # the run is complete: nothing is left to resume
-        history = result.history
-        curves = _render.curves(
-            {"L_erase": [r.erase for r in history], "L_attn": [r.attn for r in history],
-             "L_pr": [r.pr for r in history], "lambda": [r.lam for r in history]},
-            title=f"Z-Erase '{config.concept}': {len(history)} steps, {result.seconds:.0f}s",
-        )
+        curves = _render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}': "
+                                f"{len(result.history)} steps, {result.seconds:.0f}s")
         previews = _previews(backend, trainer, model, vae, config)
         erased = apply_erasure(model, result.lora, 1.0)
         # Shown on the node too (an output node), wired onward or not.

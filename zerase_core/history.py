@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from .lora_file import ErasureLoRA
 
@@ -26,3 +27,9 @@ class TrainResult:
     history: tuple[StepRecord, ...]
     seconds: float
     completed: bool  # False when stopped early (cancelled)
+
+
+def loss_series(history: Sequence[StepRecord]) -> dict[str, list[float]]:
+    """The per-step curves a run is judged by: the three terms and λ (what ``render.curves`` draws)."""
+    return {"L_erase": [r.erase for r in history], "L_attn": [r.attn for r in history],
+            "L_pr": [r.pr for r in history], "lambda": [r.lam for r in history]}

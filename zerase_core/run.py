@@ -10,7 +10,7 @@ from pathlib import Path
 from .backends.base import Backend
 from .config import TrainConfig
 from .errors import ZEraseError
-from .history import TrainResult
+from .history import TrainResult, loss_series
 from .lora_file import save_lora
 from .render import curves, to_pil
 from .trainer import ZEraseTrainer
@@ -45,17 +45,7 @@ def every(n: int, callback):
 
 
 def write_curves(result: TrainResult, path: Path, title: str) -> Path:
-    history = result.history
-    image = curves(
-        {
-            "L_erase": [r.erase for r in history],
-            "L_attn": [r.attn for r in history],
-            "L_pr": [r.pr for r in history],
-            "lambda": [r.lam for r in history],
-        },
-        title=title,
-    )
-    to_pil(image[0]).save(path)
+    to_pil(curves(loss_series(result.history), title=title)[0]).save(path)
     return path
 
 

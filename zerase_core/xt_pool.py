@@ -74,7 +74,13 @@ class TrajectoryPool:
         levels = len(sigmas) - 1
         self.x = torch.empty((n, levels, *latent_shape))  # (T, K, C, H, W), CPU fp32
         self.teacher = torch.empty((n, levels, 2 + (1 if keep else 0), *latent_shape))  # (T, K, P, C, H, W)
-        first = 0
+        self._sample_in_batches(backend, noise, erase, uncond, keep, cfg, batch, should_stop)
+        self.seconds = time.perf_counter() - start
+        log.info("x_t pool: %d trajectories × %d levels sampled in %.1f s", n, levels, self.seconds)
+
+    def _sample_in_batches(self, backend, noise, erase, uncond, keep, cfg, batch, should_stop) -> None:
+        """Fill the pool ``batch`` trajectories at a time, halving the batch whenever the device runs out."""
+        n, first = noise.shape[0], 0
         while first < n:
             if should_stop is not None and should_stop():  # sampling the pool takes a while: let Cancel in
                 raise PoolCancelled(f"cancelled while sampling the x_t pool ({first} of {n} trajectories)")
@@ -93,8 +99,6 @@ class TrajectoryPool:
                     torch.cuda.empty_cache()  # here, not in the except: its traceback held the failed batch
             else:
                 raise torch.OutOfMemoryError("x_t pool: out of memory sampling one trajectory at a time")
-        self.seconds = time.perf_counter() - start
-        log.info("x_t pool: %d trajectories × %d levels sampled in %.1f s", n, levels, self.seconds)
 
     def _sampled(self, *args) -> bool:
         """:meth:`_trajectories`; False if the device ran out of memory (the batch is retried smaller)."""
