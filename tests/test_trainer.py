@@ -293,3 +293,24 @@ def test_same_seed_same_run_whatever_the_global_rng():
         assert torch.equal(runs[1].lora.factors[key][0], a) and torch.equal(runs[1].lora.factors[key][1], b)
     other = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, seed=1))
     assert not torch.equal(next(iter(other.lora.parameters())), next(iter(runs[0].lora.factors.values()))[0])
+
+
+def test_fresh_x_t_is_sampled_by_the_model_being_trained():
+    """ESD and the official code sample x_t with the LoRA on (on-policy); the targets stay the frozen model's."""
+    from zerase_core.sampling import euler
+
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="fresh"))
+    with torch.no_grad():
+        for p in trainer.params:
+            p.add_(0.05)  # B = 0 would make both samplers agree
+    state = trainer.gen.get_state()
+    er = trainer.prompts.erase[0]
+    x_t, sigma = trainer._sample_xt(er)
+    trainer.gen.set_state(state)
+    noise = torch.randn((1, *trainer.latent_shape), generator=trainer.gen)
+    k = int(torch.randint(0, trainer.config.sample_steps, (1,), generator=trainer.gen))
+    assert k > 0  # at σ_0 = 1 x_t is the noise itself, whatever samples it
+    sample = dict(uncond=[trainer.prompts.uncond], cfg=trainer.config.sample_cfg)
+    on = euler(trainer.backend, noise, trainer.sigmas[: k + 1], [er], lora=True, **sample)
+    off = euler(trainer.backend, noise, trainer.sigmas[: k + 1], [er], lora=False, **sample)
+    assert torch.equal(x_t, on) and not torch.allclose(x_t, off)

@@ -98,12 +98,16 @@ class ZEraseTrainer:
 
     # --- one step ------------------------------------------------------------------------
     def _sample_xt(self, prompt: EncodedPrompt) -> tuple[torch.Tensor, torch.Tensor]:
-        """ESD-style x_t: Euler from pure noise to a random σ_k with the erase prompt, frozen model."""
+        """ESD-style x_t: Euler from pure noise to a random σ_k with the erase prompt, by the model being trained.
+
+        As ESD (quick_sample_till_t samples with the fine-tuned model) and the official Z-Erase code (the LoRA on
+        while sampling) do: the LoRA learns on the states the erased model itself visits. Only the targets come
+        from the frozen model (:meth:`_teacher`). The pool, sampled once before training, is the frozen model's.
+        """
         noise = torch.randn((1, *self.latent_shape), generator=self.gen).to(self.backend.device)
         k = int(torch.randint(0, self.config.sample_steps, (1,), generator=self.gen))
-        x_t = euler(
-            self.backend, noise, self.sigmas[: k + 1], [prompt], uncond=[self.prompts.uncond], cfg=self.config.sample_cfg
-        )
+        x_t = euler(self.backend, noise, self.sigmas[: k + 1], [prompt], uncond=[self.prompts.uncond],
+                    cfg=self.config.sample_cfg, lora=True)
         return x_t, self.sigmas[k].reshape(1)
 
     def _teacher(self, x_t, sigma, prompts: list[EncodedPrompt]) -> torch.Tensor:

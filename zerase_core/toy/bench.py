@@ -87,7 +87,10 @@ def config_key(config: TrainConfig | None) -> str:
     """Short hash of every training setting, so a cell trained under other settings is not reused."""
     if config is None:
         return "untrained"
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    settings = config.to_dict()
+    if config.xt_source == "fresh":  # fresh x_t came from the frozen model before; those cells must not count
+        settings["fresh_sampler"] = "trained model"
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def run_cell(bundle, method: Method, concept: Concept, seed: int, config: TrainConfig | None, n_eval: int) -> dict[str, Any]:
