@@ -46,6 +46,8 @@ def test_exact_lambda_matches_closed_form_on_quadratics():
     # no conflict (both losses fall along the same direction): λ* = 0, d is the erasure gradient
     assert exact_lambda(g_er, g_er, eps) == 0.0
     assert exact_lambda(g_er, torch.zeros(3, dtype=torch.float64), eps) == 0.0
+    noise = torch.tensor([1e-9, 0.0, 0.0], dtype=torch.float64)  # ∇L_pr at B = 0: rounding noise only
+    assert exact_lambda(g_er, noise, 0.0) == 0.0  # not (−g_er·noise)/‖noise‖² ≈ 1e9 times g_er's scale
 
 
 def test_paired_rule_uses_the_observed_before_and_after_pair():

@@ -146,8 +146,10 @@ def exact_lambda(grad_er: torch.Tensor, grad_pr: torch.Tensor, epsilon: float) -
     """Eq. 12 clipped at 0 (λ ≥ 0): the dual optimum for flattened gradients."""
     g_er, g_pr = grad_er.double(), grad_pr.double()
     norm2 = torch.dot(g_pr, g_pr)
-    if norm2 == 0:
-        return 0.0  # no preservation gradient: nothing to trade against
+    if norm2 <= 1e-12 * torch.dot(g_er, g_er):
+        # No preservation gradient to trade against. At B = 0 (the first step) ∇L_pr is the kernels' rounding
+        # noise, and with ε = 0 the ratio would turn that noise into a huge λ* and a random direction.
+        return 0.0
     return max(0.0, float((-torch.dot(g_er, g_pr) - epsilon) / norm2))
 
 
