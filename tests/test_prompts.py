@@ -130,3 +130,16 @@ def test_concepts_are_found_as_whole_words_also_in_scripts_without_spaces():
         concept_token_indices(prompt("a bored cat"), "red")
     shuffled = shuffle_words("一幅 梵高 风格的画 at night", random.Random(0), keep="梵高")
     assert sorted(shuffled.split()) == sorted(["一幅", "梵高", "风格的画", "at", "night"])
+
+
+def test_a_concept_alone_warns_that_shuffling_cannot_move_it(caplog):
+    from zerase_core.config import TrainConfig
+    from zerase_core.prompt_pool import erase_texts
+
+    with caplog.at_level("WARNING", logger="zerase_core.prompt_pool"):
+        assert erase_texts(TrainConfig(concept="nude", preset="nsfw")) == ["nude"]  # the preset's template is "{}"
+    assert "nothing to shuffle" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="zerase_core.prompt_pool"):
+        assert len(erase_texts(TrainConfig(concept="nude", preset="nsfw", templates=("a photo of a {} person",)))) > 1
+    assert "nothing to shuffle" not in caplog.text

@@ -7,12 +7,15 @@ token indices, found up front so a concept missing from a template fails before 
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
 from .backends.base import Backend
 from .config import TrainConfig
 from .prompts import EncodedPrompt, concept_token_indices, fill_template, shuffle_words
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,4 +59,8 @@ def erase_texts(config: TrainConfig) -> list[str]:
             if candidate not in variants:
                 variants.append(candidate)
         texts.extend(variants)
+    if len(texts) == len(config.erase_templates):
+        log.warning("The erase prompts ('%s', …) have nothing to shuffle: the concept sits at the same tokens every "
+                    "step (§4.1 shuffles to avoid that). Add templates with context words, e.g. 'a photo of a {} "
+                    "person'.", texts[0])
     return texts
