@@ -122,10 +122,13 @@ class ZEraseTrain(io.ComfyNode):
                 io.Float.Input("learning_rate", default=TrainConfig.lr, min=1e-6, max=1.0, step=1e-6,
                                tooltip="AdamW's α, also the Taylor step in λ's update (Eq. 15)."),
                 io.Float.Input("beta", default=TrainConfig.beta, min=0.0, max=10.0, step=0.01,
-                               tooltip="β: how fast λ reacts to the preservation loss rising (Eq. 15)."),
+                               tooltip="β: how fast λ reacts to the preservation loss rising (Eq. 15). λ ends up "
+                               "≈ (β/learning_rate)·L_pr: raise β to preserve more (README, λ rule)."),
                 io.Float.Input("eta", default=TrainConfig.eta, min=0.0, max=20.0, step=0.1,
                                tooltip="η: negative guidance of the erase target (Eq. 5); higher erases harder."),
-                io.Float.Input("epsilon", default=-1.0, min=-1.0, max=1.0, step=1e-4, tooltip="-1: the preset's ε."),
+                io.Float.Input("epsilon", default=-1.0, min=-1.0, max=1.0, step=1e-4,
+                               tooltip="ε, the preservation tolerance (Table 6); -1: the preset's. Under the paper's λ "
+                               "rule it moves results little; β and the learning rate matter more."),
                 io.Int.Input("rank", default=LoRAConfig.rank, min=1, max=256, tooltip="LoRA rank (~44 MB at 16 on q,k,v)."),
                 io.Combo.Input("targets", options=TARGETS, default="q,k,v",
                                tooltip="Attention projections that carry the LoRA (on text tokens only)."),
