@@ -117,7 +117,8 @@ class ZEraseTrain(io.ComfyNode):
                                 tooltip="One erase prompt template per line with {} for the concept; "
                                 "empty: the preset's."),
                 io.String.Input("preserve", default="", tooltip="Comma-separated preservation concepts."),
-                io.Int.Input("steps", default=TrainConfig.steps, min=1, max=100000, tooltip="Training steps (the paper: 1000)."),
+                io.Int.Input("steps", default=TrainConfig.steps, min=1, max=100000,
+                             tooltip="Training steps (the paper: 1000)."),
                 # step 1e-6: the frontend rounds to the step's decimals, so a coarser step hides small rates
                 io.Float.Input("learning_rate", default=TrainConfig.lr, min=1e-6, max=1.0, step=1e-6,
                                tooltip="AdamW's α, also the Taylor step in λ's update (Eq. 15)."),
@@ -129,7 +130,8 @@ class ZEraseTrain(io.ComfyNode):
                 io.Float.Input("epsilon", default=-1.0, min=-1.0, max=1.0, step=1e-4,
                                tooltip="ε, the preservation tolerance (Table 6); -1: the preset's. Under the paper's λ "
                                "rule it moves results little; β and the learning rate matter more."),
-                io.Int.Input("rank", default=LoRAConfig.rank, min=1, max=256, tooltip="LoRA rank (~44 MB at 16 on q,k,v)."),
+                io.Int.Input("rank", default=LoRAConfig.rank, min=1, max=256,
+                             tooltip="LoRA rank (~44 MB at 16 on q,k,v)."),
                 io.Combo.Input("targets", options=TARGETS, default="q,k,v",
                                tooltip="Attention projections that carry the LoRA (on text tokens only)."),
                 io.Int.Input("resolution", default=TrainConfig.height, min=16, max=2048, step=16,
@@ -147,8 +149,8 @@ class ZEraseTrain(io.ComfyNode):
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue an interrupted run of this save_name (cancelled, crashed, "
                                  "ComfyUI restarted) with the same settings from its last checkpoint (every "
-                                 f"{TrainConfig.checkpoint_every} steps and at Cancel); starts fresh when there is none. The finished LoRA "
-                                 "replaces the one saved at Cancel."),
+                                 f"{TrainConfig.checkpoint_every} steps and at Cancel); starts fresh when there is "
+                                 "none. The finished LoRA replaces the one saved at Cancel."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the previews; without it a cheap preview."),
             ],
             outputs=[
