@@ -54,17 +54,20 @@ def _previews(backend, trainer, model, vae, config):
 
 
 def _trainer(backend, config, checkpoint: Path, resume: bool) -> ZEraseTrainer:
-    """The run's trainer, continued from ``checkpoint`` when asked and one exists; its steps drive the progress bar."""
+    """The run's trainer, continued from ``checkpoint`` when asked and one exists. The node's bar counts the x_t
+    pool's trajectories while they are sampled (minutes on a large model), then the training steps."""
     import comfy.model_management as mm
     import comfy.utils
 
-    pbar = comfy.utils.ProgressBar(config.steps)
+    pool_bar = comfy.utils.ProgressBar(1)
     try:
-        trainer = ZEraseTrainer(backend, config, callbacks=[lambda record, t: pbar.update_absolute(t.step)],
-                                should_stop=mm.processing_interrupted, checkpoint_path=checkpoint, release_encoder=True)
+        trainer = ZEraseTrainer(backend, config, should_stop=mm.processing_interrupted, checkpoint_path=checkpoint,
+                                release_encoder=True, pool_progress=lambda done, n: pool_bar.update_absolute(done, n))
     except PoolCancelled:  # Cancel before the first step: nothing to save
         mm.throw_exception_if_processing_interrupted()
         raise
+    pbar = comfy.utils.ProgressBar(config.steps)
+    trainer.callbacks.append(lambda record, t: pbar.update_absolute(t.step))
     if resume and checkpoint.exists():
         trainer.resume(checkpoint)  # refuses other settings or another model, saying so
         pbar.update_absolute(trainer.step)

@@ -183,8 +183,8 @@ def test_cancel_during_training_leaves_a_loadable_lora_and_resume_finishes_the_r
     calls = []
 
     def hook(value, total, preview, node_id=None):  # what the server's hook does, with a Cancel after step 2
-        calls.append(value)
-        if value >= 2:
+        calls.append((value, total))
+        if total == 50 and value >= 2:  # the bar counts the x_t pool's trajectories first, then the 50 steps
             mm.interrupt_current_processing(True)
         mm.throw_exception_if_processing_interrupted()
 
@@ -198,7 +198,9 @@ def test_cancel_during_training_leaves_a_loadable_lora_and_resume_finishes_the_r
         mm.interrupt_current_processing(False)
     lora = load_lora(loras_dir / "zerase" / "stop.safetensors")
     # ComfyUI's ProgressBar may skip hook calls between fast steps; Cancel lands at the step it saw.
-    assert lora.training["steps_done"] == calls[-1] >= 2
+    assert lora.training["steps_done"] == calls[-1][0] >= 2
+    pool = [(v, t) for v, t in calls if t != 50]  # the pool's trajectories counted before the first step
+    assert pool and pool[-1][0] == pool[-1][1] and calls.index(pool[-1]) < calls.index((1, 50))
     assert all(torch.isfinite(b).all() for _, b in lora.factors.values())
     # Resume (the step count may change): the run continues from the checkpoint kept beside the LoRAs, ends where an
     # uninterrupted run ends, and the finished run leaves no checkpoint behind.
@@ -210,7 +212,7 @@ def test_cancel_during_training_leaves_a_loadable_lora_and_resume_finishes_the_r
     resumed, *_ = train.execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
                                 **_train_inputs(steps=6, save_name="stop", resume=True))
     monkeypatch.undo()
-    assert len(steps_run) == 6 - calls[-1]  # continued, not started again
+    assert len(steps_run) == 6 - calls[-1][0]  # continued, not started again
     assert resumed.training["steps_done"] == 6 and not checkpoint.exists()
     # The finished LoRA replaces the one saved at Cancel instead of landing beside it as stop_001.
     assert load_lora(loras_dir / "zerase" / "stop.safetensors").training["steps_done"] == 6

@@ -63,6 +63,7 @@ class ZEraseTrainer:
         should_stop: Callable[[], bool] | None = None,
         checkpoint_path: str | Path | None = None,
         release_encoder: bool = False,
+        pool_progress: Callable[[int, int], None] | None = None,
     ):
         self.backend, self.config = backend, config
         self.callbacks, self.should_stop = list(callbacks), should_stop
@@ -91,7 +92,7 @@ class ZEraseTrainer:
         if config.xt_source == "pool":
             self.xt_pool = TrajectoryPool(
                 backend, self.prompts.erase, self.prompts.uncond, self.prompts.keep, self.latent_shape, self.sigmas,
-                config.xt_pool, config.sample_cfg, config.seed, should_stop=should_stop,
+                config.xt_pool, config.sample_cfg, config.seed, should_stop=should_stop, progress=pool_progress,
             )
         if config.gradient_checkpointing:
             backend.set_gradient_checkpointing(True)

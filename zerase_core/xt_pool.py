@@ -61,6 +61,7 @@ class TrajectoryPool:
         seed: int,
         batch: int = 8,
         should_stop: Callable[[], bool] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ):
         start = time.perf_counter()
         self.sigmas = sigmas
@@ -74,12 +75,13 @@ class TrajectoryPool:
         levels = len(sigmas) - 1
         self.x = torch.empty((n, levels, *latent_shape))  # (T, K, C, H, W), CPU fp32
         self.teacher = torch.empty((n, levels, 2 + (1 if keep else 0), *latent_shape))  # (T, K, P, C, H, W)
-        self._sample_in_batches(backend, noise, erase, uncond, keep, cfg, batch, should_stop)
+        self._sample_in_batches(backend, noise, erase, uncond, keep, cfg, batch, should_stop, progress)
         self.seconds = time.perf_counter() - start
         log.info("x_t pool: %d trajectories × %d levels sampled in %.1f s", n, levels, self.seconds)
 
-    def _sample_in_batches(self, backend, noise, erase, uncond, keep, cfg, batch, should_stop) -> None:
-        """Fill the pool ``batch`` trajectories at a time, halving the batch whenever the device runs out."""
+    def _sample_in_batches(self, backend, noise, erase, uncond, keep, cfg, batch, should_stop, progress) -> None:
+        """Fill the pool ``batch`` trajectories at a time, halving the batch whenever the device runs out;
+        ``progress(done, total)`` after each batch (a bar that would otherwise stand still for minutes)."""
         n, first = noise.shape[0], 0
         while first < n:
             if should_stop is not None and should_stop():  # sampling the pool takes a while: let Cancel in
@@ -89,6 +91,8 @@ class TrajectoryPool:
             kp = [keep[self.keep_index[j]] for j in rows] if keep else []
             if self._sampled(backend, noise[first : rows.stop].clone(), er, uncond, kp, cfg, rows):
                 first = rows.stop
+                if progress is not None:
+                    progress(first, n)
             elif batch > 1:
                 # batch × (2 or 3) rows in one no-grad forward: at 1024² gigabytes of activations beside the
                 # weights. Trajectories are independent: smaller batches give the same pool (up to the GPU's
