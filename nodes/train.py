@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
 from comfy_api.latest import io, ui
 
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
-from zerase_core.checkpoint import partial_lora
+from zerase_core.apply import install_lora
 from zerase_core.config import PRESETS, TrainConfig
-from zerase_core.files import path_inside, safe_output_path
+from zerase_core.files import numbered_paths, path_inside, safe_output_path
 from zerase_core.history import loss_series
 from zerase_core.lora import LoRAConfig
-from zerase_core.lora_file import save_lora
+from zerase_core.lora_file import load_lora, save_lora
+from zerase_core.prompt_pool import erase_texts
+from zerase_core.run_files import finished_lora, partial_lora
 from zerase_core.sampling import before_after
 from zerase_core.trainer import ZEraseTrainer
 from zerase_core.xt_pool import PoolCancelled
@@ -45,12 +48,40 @@ def build_config(concept, preset, templates, preserve, steps, learning_rate, bet
     )
 
 
-def _previews(backend, trainer, model, vae, config):
+def _previews(backend, prompt, model, vae, config):
     """Before/after pictures of the first erase prompt from one noise (not the run's: see before_after)."""
-    prompt = trainer.prompts.erase[0]
     pictures = [_render.to_pil(_render.decode(model, vae, backend.patcher.model.process_latent_out(x0))[0])
                 for x0 in before_after(backend, prompt, config)]
     return _render.grid([pictures], ["before", "after"], caption=prompt.text)
+
+
+def _outputs(cls, lora, model, curves, previews) -> io.NodeOutput:
+    erased = apply_erasure(model, lora, 1.0)
+    # Shown on the node too (an output node), wired onward or not.
+    shown = [ui.PreviewImage(image, cls=cls).values for image in (curves, previews)]
+    return io.NodeOutput(lora, erased, curves, previews, ui={"images": shown[0] + shown[1]})
+
+
+def _finished_file(model, config, save_name: str) -> Path | None:
+    """A LoRA this node saved earlier from exactly these settings on this very MODEL (its file and patches), all
+    steps done: queueing again after ComfyUI's cache was emptied (a restart, another workflow) takes it instead of
+    training again. Changing any setting (the seed, to train anew) or the model misses it."""
+    probe = ComfyZImageBackend(model, node=NODE)  # a clone: the input's architecture and digest, nothing loaded
+    existing = itertools.takewhile(Path.exists, numbered_paths(output_folder(), save_name))
+    return finished_lora(config, probe.fingerprint(), probe.base_digest(), existing)
+
+
+def _reused(cls, path: Path, model, clip, vae, config) -> io.NodeOutput:
+    lora = load_lora(path)
+    log.info("Z-Erase: %s is a finished run of these settings on this model; using it (change the seed or the "
+             "save_name to train again)", path.name)
+    backend = ComfyZImageBackend(model, clip, node=NODE)
+    (prompt,) = backend.encode(erase_texts(config)[:1])
+    install_lora(backend, lora, name=backend.key)
+    previews = _previews(backend, prompt, model, vae, config)
+    steps = lora.training.get("steps_done", config.steps)
+    curves = _render.curves(lora.history, title=f"Z-Erase '{config.concept}': {steps} steps (reused {path.name})")
+    return _outputs(cls, lora, model, curves, previews)
 
 
 def _trainer(backend, config, checkpoint: Path, resume: bool) -> ZEraseTrainer:
@@ -174,6 +205,9 @@ class ZEraseTrain(io.ComfyNode):
                               targets, resolution, seed, gradient_checkpointing)
         save_name = save_name.strip() or config.concept
         path = safe_output_path(output_folder(), save_name)  # checked before any work
+        done = _finished_file(model, config, save_name)
+        if done is not None:
+            return _reused(cls, done, model, clip, vae, config)
         checkpoint = path_inside(output_folder() / CHECKPOINTS, save_name, CHECKPOINT_SUFFIX)
         backend = ComfyZImageBackend.for_training(model, clip, node=NODE)
         with training_session(backend):
@@ -197,8 +231,5 @@ class ZEraseTrain(io.ComfyNode):
         checkpoint.unlink(missing_ok=True)  # the run is complete: nothing is left to resume
         curves = _render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}': "
                                 f"{len(result.history)} steps, {result.seconds:.0f}s")
-        previews = _previews(backend, trainer, model, vae, config)
-        erased = apply_erasure(model, result.lora, 1.0)
-        # Shown on the node too (an output node), wired onward or not.
-        shown = [ui.PreviewImage(image, cls=cls).values for image in (curves, previews)]
-        return io.NodeOutput(result.lora, erased, curves, previews, ui={"images": shown[0] + shown[1]})
+        previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)
+        return _outputs(cls, result.lora, model, curves, previews)

@@ -329,3 +329,35 @@ def test_under_dynamic_vram_training_runs_on_a_non_dynamic_twin(monkeypatch):
     monkeypatch.setattr(applied.patcher, "is_dynamic", lambda: True)
     with pytest.raises(ZEraseError, match="carries erasure LoRAs.*before Apply Erasure LoRA"):
         ComfyZImageBackend.for_training(applied.patcher, tiny_clip(comfy))
+
+
+def test_the_model_digest_tells_the_file_and_its_patches(tmp_path):
+    """What a saved LoRA is reused for: the same file with the same patches, not just the same architecture."""
+    from zerase_core.apply import install_lora
+    from zerase_core.backends.comfy_zimage.digest import model_digest
+    from zerase_core.lora_file import ErasureLoRA
+
+    model = tiny_zimage(comfy)
+    assert model_digest(model) is None  # built in memory: nothing stable tells it from another
+    weights = tmp_path / "z_image_turbo.safetensors"
+    weights.write_bytes(b"weights")
+    model.cached_patcher_init = (lambda *a, **k: None, (str(weights), {}))
+    digest = model_digest(model)
+    assert digest and model_digest(model.clone()) == digest
+    assert ComfyZImageBackend(model).base_digest() == digest  # the backend's own wrappers do not count
+    key = next(k for k in model.model_state_dict() if k.endswith("attention.qkv.weight"))
+    stock = model.clone()
+    stock.add_patches({key: (torch.zeros(1),)}, 0.5)  # a stock LoRA or any weight patch
+    assert model_digest(stock) != digest
+    weaker = model.clone()
+    weaker.add_patches({key: (torch.zeros(1),)}, 0.25)
+    assert model_digest(weaker) != model_digest(stock)
+    erased = ComfyZImageBackend(model)
+    dim = ComfyZImageBackend(model).dim
+    factors = {(0, "q"): (torch.randn(2, dim), torch.randn(dim, 2))}
+    install_lora(erased, ErasureLoRA(factors), name=erased.key)
+    assert model_digest(erased.patcher) != digest
+    other_file = tmp_path / "finetune.safetensors"
+    other_file.write_bytes(b"weights")
+    model.cached_patcher_init = (lambda *a, **k: None, (str(other_file), {}))
+    assert model_digest(model) != digest

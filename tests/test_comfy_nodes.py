@@ -239,7 +239,7 @@ def test_resume_replaces_only_the_file_its_own_checkpoint_recorded(pack, loras_d
         save_lora(ErasureLoRA(random_lora().factors, concept="cat", fingerprint=fingerprint, training=training),
                   folder / f"{name}.safetensors")
     resumed = SimpleNamespace(step=2, config=config, checkpoint_meta={train_module.LORA_FILE: "stop_001"},
-                              backend=SimpleNamespace(fingerprint=lambda: fingerprint))
+                              backend=SimpleNamespace(fingerprint=lambda: fingerprint), base_digest=None)
     assert train_module._resumed_file(resumed) == (folder / "stop_001.safetensors").resolve()
     resumed.step = 1  # that file stopped after the checkpoint's step: not this run's
     assert train_module._resumed_file(resumed) is None
@@ -346,3 +346,33 @@ def test_the_cheap_preview_matches_comfyuis_own_on_a_latents_samples(pack):
     theirs = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias)
     expected = torch.tensor(np.array(theirs.decode_latent_to_preview(model_space)), dtype=torch.float32)
     torch.testing.assert_close(ours * 255, expected, rtol=0, atol=1.0)
+
+
+def test_queueing_again_takes_the_finished_lora_instead_of_training(pack, loras_dir, tmp_path, monkeypatch):
+    """After ComfyUI's cache is gone (a restart, another workflow), the same settings on the same MODEL (its file and
+    patches) take the saved LoRA; another seed, or another file behind the model, trains again."""
+    train, trainer_class = pack["ZEraseTrain"], _train_module().ZEraseTrainer
+    weights = tmp_path / "z_image_turbo.safetensors"
+    weights.write_bytes(b"weights")
+
+    def model_from(path):
+        model = tiny_zimage(comfy)
+        model.cached_patcher_init = (lambda *a, **k: None, (str(path), {}))  # as Load Diffusion Model records
+        return model
+
+    first = train.execute(model=model_from(weights), clip=tiny_clip(comfy), **_train_inputs())
+    steps_run = []
+    real_step = trainer_class.train_step
+    monkeypatch.setattr(trainer_class, "train_step", lambda self: steps_run.append(1) or real_step(self))
+    again = train.execute(model=model_from(weights), clip=tiny_clip(comfy), **_train_inputs())
+    saved = sorted(p.name for p in (loras_dir / "zerase").glob("*.safetensors"))
+    assert steps_run == [] and saved == ["cat.safetensors"]
+    for key, (a, b) in first[0].factors.items():
+        assert torch.equal(again[0].factors[key][0], a) and torch.equal(again[0].factors[key][1], b)
+    assert again[2].shape[-1] == 3 and len(again.ui["images"]) == 2  # its curves, from the file, and previews
+    train.execute(model=model_from(weights), clip=tiny_clip(comfy), **_train_inputs(seed=1))
+    assert len(steps_run) == 2 and (loras_dir / "zerase" / "cat_001.safetensors").is_file()
+    other = tmp_path / "finetune.safetensors"
+    other.write_bytes(b"other weights")
+    train.execute(model=model_from(other), clip=tiny_clip(comfy), **_train_inputs())
+    assert len(steps_run) == 4 and (loras_dir / "zerase" / "cat_002.safetensors").is_file()

@@ -108,7 +108,7 @@ def test_the_partial_lora_of_a_resumed_run_is_found_and_no_other(tmp_path):
     """A run stopped at step 2 saved a checkpoint and a LoRA; the resumed run's finished LoRA replaces that file,
     also when the file is from an earlier stop of the same run (killed after a later checkpoint, nothing saved).
     Another run's LoRA (other settings, a later step, not ours at all) must never be taken for it."""
-    from zerase_core.checkpoint import partial_lora
+    from zerase_core.run_files import partial_lora
 
     stopped = ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=tmp_path / "p.ckpt")
     save_lora(stopped.run().lora, tmp_path / "mine.safetensors")
@@ -314,3 +314,25 @@ def test_fresh_x_t_is_sampled_by_the_model_being_trained():
     on = euler(trainer.backend, noise, trainer.sigmas[: k + 1], [er], lora=True, **sample)
     off = euler(trainer.backend, noise, trainer.sigmas[: k + 1], [er], lora=False, **sample)
     assert torch.equal(x_t, on) and not torch.allclose(x_t, off)
+
+
+def test_a_finished_lora_is_found_only_for_the_same_settings_on_the_same_model(tmp_path, monkeypatch):
+    """The file a repeated run takes instead of training: every setting equal, all steps done, and the same model
+    by the host's digest (without one nothing is taken); a checkpoint of another model is refused on resume."""
+    from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
+    from zerase_core.run_files import finished_lora
+
+    monkeypatch.setattr(DiffusersZImageBackend, "base_digest", lambda self: "model-a")
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=tmp_path / "a.ckpt")
+    path = save_lora(trainer.run().lora, tmp_path / "cat.safetensors")
+    fingerprint = trainer.backend.fingerprint()
+    assert finished_lora(_config(steps=2), fingerprint, "model-a", [path]) == path
+    assert finished_lora(_config(steps=3), fingerprint, "model-a", [path]) is None  # not all steps done
+    assert finished_lora(_config(steps=2, eta=5.0), fingerprint, "model-a", [path]) is None
+    assert finished_lora(_config(steps=2), fingerprint, "model-b", [path]) is None
+    assert finished_lora(_config(steps=2), fingerprint, None, [path]) is None
+    stored = load_lora(path).history["L_erase"]  # its curves travel with it (6 significant digits)
+    assert stored == pytest.approx([r.erase for r in trainer.history], rel=1e-5)
+    monkeypatch.setattr(DiffusersZImageBackend, "base_digest", lambda self: "model-b")
+    with pytest.raises(ZEraseError, match="another model"):
+        ZEraseTrainer(tiny_zimage_backend(), _config(steps=4)).resume(tmp_path / "a.ckpt")

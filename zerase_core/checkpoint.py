@@ -6,10 +6,9 @@ noise and timesteps follow, because both random generators are restored.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -18,7 +17,7 @@ from .config import TrainConfig
 from .errors import ZEraseError
 from .files import atomic_save, decode_metadata
 from .history import StepRecord
-from .lora_file import read_description
+from .run_files import resumable
 
 if TYPE_CHECKING:
     from .trainer import ZEraseTrainer
@@ -44,6 +43,7 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path) -> Path:
         "param_groups": optim["param_groups"],
         "config": trainer.config.to_dict(),
         "fingerprint": trainer.backend.fingerprint(),
+        "base": trainer.base_digest,
         "history": [asdict(r) for r in trainer.history],
         "caller": trainer.checkpoint_meta,
     }
@@ -68,13 +68,16 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     if meta.get("kind") != KIND:
         raise ZEraseError(f"{path} is not a Z-Erase training checkpoint.")
     saved = TrainConfig.from_dict(meta["config"])
-    if _comparable(saved) != _comparable(trainer.config):
+    if resumable(saved.to_dict()) != resumable(trainer.config.to_dict()):
         raise ZEraseError(
             f"The checkpoint {path.name} was made with different settings; resume with the same settings "
             "(only the number of steps may change) or start a fresh run."
         )
     if meta["fingerprint"] != trainer.backend.fingerprint():
         raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
+    if None not in (meta.get("base"), trainer.base_digest) and meta["base"] != trainer.base_digest:
+        raise ZEraseError(f"The checkpoint {path.name} was trained on another model (another file, or other LoRAs "
+                          "applied to it); resume on the same model or start a fresh run.")
     factors = {}
     for (layer, proj) in trainer.lora.factors():
         factors[(layer, proj)] = (tensors[f"lora.{layer}.{proj}.A"], tensors[f"lora.{layer}.{proj}.B"])
@@ -91,37 +94,3 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     trainer.step, trainer.seconds = int(meta["step"]), float(meta["seconds"])
     trainer.history = [StepRecord(**r) for r in meta["history"]]
     trainer.checkpoint_meta = dict(meta.get("caller", {}))
-
-
-def partial_lora(trainer: "ZEraseTrainer", candidates: Iterable[Path]) -> Path | None:
-    """Which of ``candidates`` is the LoRA file a stopped run saved beside its checkpoint, once the trainer has
-    resumed from that checkpoint: trained with these settings on this architecture, stopped at the resumed step
-    or before it (a run resumed once and then killed between checkpoints left its file from the earlier stop).
-
-    The finished run replaces that file instead of landing beside it under the next free name. The caller names
-    the candidates (the node: the one file its checkpoint recorded), so another run's file is never taken for it.
-    """
-    wanted = _as_json([_comparable(trainer.config), trainer.backend.fingerprint()])
-    for path in candidates:
-        info = read_description(path)
-        training = dict(info.get("training", {}))
-        done = training.pop("steps_done", None)
-        training.pop("seconds", None)
-        same_run = _as_json([_comparable_dict(training), info.get("fingerprint")]) == wanted
-        if same_run and isinstance(done, int) and 0 < done <= trainer.step:
-            return path
-    return None
-
-
-def _as_json(value):
-    """``value`` as its JSON metadata round trip holds it (tuples become lists)."""
-    return json.loads(json.dumps(value))
-
-
-def _comparable(config: TrainConfig) -> dict:
-    return _comparable_dict(config.to_dict())
-
-
-def _comparable_dict(data: dict) -> dict:
-    """Settings that must match to continue a run: all but the step count and the checkpoint interval."""
-    return {k: v for k, v in data.items() if k not in ("steps", "checkpoint_every")}

@@ -33,3 +33,10 @@ def loss_series(history: Sequence[StepRecord]) -> dict[str, list[float]]:
     """The per-step curves a run is judged by: the three terms and λ (what ``render.curves`` draws)."""
     return {"L_erase": [r.erase for r in history], "L_attn": [r.attn for r in history],
             "L_pr": [r.pr for r in history], "lambda": [r.lam for r in history]}
+
+
+def stored_series(history: Sequence[StepRecord], points: int = 2000) -> dict[str, list[float]]:
+    """:func:`loss_series` as a LoRA file keeps it (its curves can be drawn again without the run): at most
+    ``points`` evenly spaced steps, 6 significant digits."""
+    stride = max(1, -(-len(history) // points))
+    return {name: [float(f"{v:.6g}") for v in values[::stride]] for name, values in loss_series(history).items()}

@@ -43,6 +43,7 @@ class ErasureLoRA:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     source: str = "native"
+    history: dict[str, list[float]] = field(default_factory=dict)  # history.stored_series of the run
 
     def __post_init__(self):
         if not self.factors:
@@ -83,6 +84,7 @@ class ErasureLoRA:
             "fingerprint": self.fingerprint,
             "training": self.training,
             "source": self.source,
+            "history": self.history,
         }
 
 
@@ -167,6 +169,7 @@ def _description(path: Path, meta: dict[str, str]) -> dict[str, Any]:
             fingerprint=dict(info.get("fingerprint", {})),
             training=dict(info.get("training", {})),
             source=str(info.get("source", "native")),
+            history={str(k): [float(v) for v in vs] for k, vs in dict(info.get("history", {})).items()},
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ZEraseError(

@@ -32,7 +32,7 @@ from .backends.base import Backend
 from .config import TrainConfig
 from .errors import ZEraseError
 from .checkpoint import load_checkpoint, save_checkpoint
-from .history import StepRecord, TrainResult
+from .history import StepRecord, TrainResult, stored_series
 from .lagrangian import direction, lambda_rule
 from .lora_file import ErasureLoRA
 from .objectives import loss_attn, loss_er, loss_erase, loss_preserve, loss_total
@@ -71,6 +71,8 @@ class ZEraseTrainer:
         self.prompts = PromptPool.build(backend, config)  # the only use of the text encoder
         if release_encoder:  # before the LoRA and the x_t pool take their memory
             backend.release_encoder()
+        # What the model is beyond its architecture (None where the host cannot tell), before this run's LoRA.
+        self.base_digest = backend.base_digest()
         with torch.random.fork_rng(devices=[]):  # LoRA A's random init, by the run's seed; global RNG untouched
             torch.random.default_generator.manual_seed(config.seed)
             self.lora = backend.install(config.lora, "zerase")
@@ -272,12 +274,15 @@ class ZEraseTrainer:
         if not self.params_finite():
             raise NonFiniteLoss("The LoRA holds NaN or inf weights; refusing to export it.")
         training = self.config.to_dict() | {"steps_done": self.step, "seconds": round(self.seconds, 3)}
+        if self.base_digest is not None:
+            training["base"] = self.base_digest
         return export_lora(
             self.lora,
             concept=self.config.concept,
             preserve=self.config.preserve,
             fingerprint=self.backend.fingerprint(),
             training=training,
+            history=stored_series(self.history),
         )
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:

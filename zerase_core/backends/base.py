@@ -140,6 +140,11 @@ class Backend(ABC):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def base_digest(self) -> str | None:
+        """A short digest of what this model is beyond its architecture, stable across restarts, or None where
+        the host cannot tell (then a saved LoRA is never taken for a run on this model without training)."""
+        return None
+
     def release_encoder(self) -> None:
         """Free the text encoder once every prompt a run needs is encoded (the trainer encodes up front)."""
 

@@ -20,6 +20,7 @@ from ..base import Backend, HostSlot, LoRASet
 from ..row_sharing import RowGroups, SharedRowsForward
 from .attention import recording_override
 from .clip_prompts import encode_with_clip
+from .digest import model_digest
 from .loading import load_whole, loaded_whole, own_weights, training_model
 from .nextdit_layout import image_patches, nextdit_layout
 from .object_patches import (LAYER_FORWARD, QKV_PATH, REFINER_FORWARD, CheckpointedForward, GatedForward,
@@ -85,6 +86,9 @@ class ComfyZImageBackend(Backend):
     def fingerprint(self) -> dict[str, Any]:
         return {"family": "z-image", "dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads,
                 "cap_feat_dim": self.cap_feat_dim}
+
+    def base_digest(self) -> str | None:
+        return model_digest(self.patcher)
 
     def host_slots(self) -> list[HostSlot]:
         d = self.dim // self.n_heads
