@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
 from zerase_core.apply import install_lora
-from zerase_core.config import PRESETS, TrainConfig
+from zerase_core.config import PRESETS, XT_SOURCES, TrainConfig
 from zerase_core.files import numbered_paths, path_inside, safe_output_path
 from zerase_core.history import loss_series
 from zerase_core.lora import LoRAConfig
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank, targets,
-                 resolution, seed, gradient_checkpointing=True) -> TrainConfig:
+                 resolution, seed, gradient_checkpointing=True, xt_source=TrainConfig.xt_source) -> TrainConfig:
     return TrainConfig(
         concept=concept.strip(),
         preset=preset,
@@ -44,7 +44,7 @@ def build_config(concept, preset, templates, preserve, steps, learning_rate, bet
         steps=steps, lr=learning_rate, beta=beta, eta=eta,
         epsilon=None if epsilon < 0 else epsilon,
         height=resolution, width=resolution, seed=seed, gradient_checkpointing=gradient_checkpointing,
-        lora=LoRAConfig(rank=rank, targets=tuple(targets.split(","))),
+        xt_source=xt_source, lora=LoRAConfig(rank=rank, targets=tuple(targets.split(","))),
     )
 
 
@@ -180,6 +180,10 @@ class ZEraseTrain(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Saves most activation memory (~34 GB → ~15 GB at 512² on the real model, "
                                  "estimated) for ~50 % more time per step"),
+                io.Combo.Input("xt_source", options=list(XT_SOURCES), default=TrainConfig.xt_source,
+                               tooltip="pool: x_t from the original model's trajectories, sampled once (about half "
+                               "the time). fresh: sampled every step by the model being trained, as ESD does; "
+                               "erased more on the toy, with more collateral change (README)."),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue an interrupted run of this save_name (cancelled, crashed, "
                                  "ComfyUI restarted) with the same settings from its last checkpoint (every "
@@ -197,12 +201,12 @@ class ZEraseTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon,
-                rank, targets, resolution, seed, save_name, gradient_checkpointing=True, resume=False,
-                vae=None) -> io.NodeOutput:
+                rank, targets, resolution, seed, save_name, gradient_checkpointing=True,
+                xt_source=TrainConfig.xt_source, resume=False, vae=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
         config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
-                              targets, resolution, seed, gradient_checkpointing)
+                              targets, resolution, seed, gradient_checkpointing, xt_source)
         save_name = save_name.strip() or config.concept
         path = safe_output_path(output_folder(), save_name)  # checked before any work
         done = _finished_file(model, config, save_name)

@@ -167,8 +167,10 @@ def test_train_outputs_and_files(pack, loras_dir):
     assert curves.ndim == 4 and curves.shape[-1] == 3 and previews.shape[-1] == 3
     assert erased is not model and lora.concept == "cat"
     with torch.inference_mode():
-        train.execute(model=model, clip=clip, **_train_inputs(steps=1, gradient_checkpointing=False, save_name=" "))
-    assert (loras_dir / "zerase" / "cat_001.safetensors").is_file()  # named for the concept; never overwrites
+        train.execute(model=model, clip=clip, **_train_inputs(steps=1, gradient_checkpointing=False, save_name=" ",
+                                                              xt_source="fresh"))
+    second = load_lora(loras_dir / "zerase" / "cat_001.safetensors")  # named for the concept; never overwrites
+    assert second.training["xt_source"] == "fresh" and not second.training["gradient_checkpointing"]
     with pytest.raises(ZEraseError, match="not allowed|leave"):
         train.execute(model=model, clip=clip, **_train_inputs(save_name="../escape"))
     with pytest.raises(ZEraseError, match="concept is empty"):
