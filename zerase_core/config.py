@@ -54,10 +54,9 @@ class TrainConfig:
     sample_steps: int = 8  # Euler steps of the ESD-style trajectory to x_t (Turbo: 8)
     shift: float = 3.0  # Z-Image's flow shift
     sample_cfg: float = 1.0  # CFG while sampling x_t (Turbo runs without: 1.0)
-    # pool: ESD-style trajectories sampled once from the frozen model (xt_pool.py); fresh: sampled
-    # every step, as ESD does. Pool is the default by the numbers: 1.7-3.6x cheaper per step
-    # (README, Performance) and on the toy it erased "red" at least as well (acc_e 0.08 vs 0.90
-    # at 1000 steps, same weights and seed; the bench's zerase / zerase_pool rows compare more).
+    # pool: trajectories sampled once from the frozen model (xt_pool.py); fresh: sampled every step by the
+    # model being trained, as ESD does. The pool is the default by cost: fresh erased more on the toy but
+    # takes about twice as long and misses the speed targets (README, "Where x_t comes from").
     xt_source: str = "pool"
     xt_pool: int = 32  # trajectories in the pool (each gives sample_steps training points)
     seed: int = 0
