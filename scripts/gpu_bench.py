@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend, LatentSpec  # noqa: E402
-from zerase_core.bench_cost import SpeedCase, _base_config, time_case  # noqa: E402
-from zerase_core.bench_estimate import FixedLengthEncoder, scaled_zimage  # noqa: E402
+from zerase_core.bench.cost import SpeedCase, _base_config, time_case  # noqa: E402
+from zerase_core.bench.estimate import FixedLengthEncoder, scaled_zimage  # noqa: E402
 from zerase_core.lora import LoRAConfig  # noqa: E402
 
 log = logging.getLogger("gpu_bench")

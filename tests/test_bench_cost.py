@@ -10,10 +10,10 @@ import json
 import pytest
 import torch
 
-from zerase_core.bench_memory import attention_loss_bytes, growth_exponent
+from zerase_core.bench.memory import attention_loss_bytes, growth_exponent
 from zerase_core.config import TrainConfig
 from zerase_core.lora import LoRAConfig
-from zerase_core.reference_step import reference_losses
+from zerase_core.bench.reference_step import reference_losses
 from zerase_core.tiny import tiny_zimage_backend
 from zerase_core.trainer import ZEraseTrainer
 from zerase_core.xt_pool import PoolCancelled
@@ -148,7 +148,7 @@ def test_bench_cost_command_prints_json_with_the_required_keys(capsys):
 
 
 def test_step_kinds_count_from_lambda_history():
-    from zerase_core.bench_lambda import step_kinds
+    from zerase_core.bench.lambda_kinds import step_kinds
 
     kinds = step_kinds([0.0, 0.5, 0.2, 0.0, 0.0, 0.3])
     assert (kinds["lambda_zero"], kinds["recomputed"], kinds["batched"]) == (2, 2, 2)

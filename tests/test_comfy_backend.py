@@ -122,7 +122,7 @@ def test_velocity_and_mass_shapes_mixed_caption_lengths():
 def test_mass_from_the_attention_call_matches_the_softmax_map_and_keeps_the_prediction():
     """ComfyUI's attention override runs the stock kernel widened by the indicator: the mass equals the one read
     off the materialised softmax map, and the prediction is the plain one up to rounding."""
-    from zerase_core.reference_step import materialised_maps
+    from zerase_core.bench.reference_step import materialised_maps
 
     backend = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy))
     _randomise(backend.install(LoRAConfig(rank=4)))

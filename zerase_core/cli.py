@@ -166,7 +166,7 @@ def _load_plugins() -> None:
     """Import the modules that register further subcommands (toy demo, benchmarks)."""
     import importlib
 
-    for module in ("zerase_core.toy.cli", "zerase_core.bench_cost"):
+    for module in ("zerase_core.toy.cli", "zerase_core.bench"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

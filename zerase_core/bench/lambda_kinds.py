@@ -5,7 +5,7 @@ predictions run without a graph; when λ_t > 0 the three student predictions run
 batch-3 forward/backward; when λ_t = 0 but λ_{t+1} > 0 L_pr is recomputed with a graph.
 This trains the toy with the demo's settings (:func:`~.toy.demo.toy_train_config`: the
 paper's α, β, η, λ rule and the preset's ε) and counts the four kinds of step from the
-history alone, so the real-model run time (:func:`.bench_estimate.run_time_composition`)
+history alone, so the real-model run time (:func:`.estimate.run_time_composition`)
 can weigh them. No timing is taken here.
 """
 
@@ -16,7 +16,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .cli import command
+from ..cli import command
 
 
 def step_kinds(lams: list[float]) -> dict:
@@ -35,11 +35,11 @@ def step_kinds(lams: list[float]) -> dict:
 
 
 def measure(concepts: list[str], seeds: list[int], steps: int, sources: list[str]) -> dict:
-    from .backends.toy import toy_backend
-    from .toy import load_toy
-    from .toy.demo import toy_train_config
-    from .toy.erasure_metrics import parse_concept
-    from .trainer import ZEraseTrainer
+    from ..backends.toy import toy_backend
+    from ..toy import load_toy
+    from ..toy.demo import toy_train_config
+    from ..toy.erasure_metrics import parse_concept
+    from ..trainer import ZEraseTrainer
 
     bundle = load_toy()
     cells = []

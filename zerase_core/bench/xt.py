@@ -17,18 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import command
+from ..cli import command
 
 SOURCES = ("fresh", "pool")
 METRICS = ("acc_e", "acc_ir", "h_a")
 
 
 def compare(concepts: list[str], seeds: list[int], steps: int, n_eval: int, pool: int) -> dict:
-    from .backends.toy import toy_backend
-    from .toy import load_toy
-    from .toy.demo import toy_train_config
-    from .toy.erasure_metrics import erasure_report, parse_concept
-    from .trainer import ZEraseTrainer
+    from ..backends.toy import toy_backend
+    from ..toy import load_toy
+    from ..toy.demo import toy_train_config
+    from ..toy.erasure_metrics import erasure_report, parse_concept
+    from ..trainer import ZEraseTrainer
 
     bundle = load_toy()
     cells = []

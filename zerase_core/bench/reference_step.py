@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .attention_mass import MassRecorder
-from .objectives import loss_attn, loss_er, loss_erase, loss_preserve
-from .scoped import scoped
+from ..attention_mass import MassRecorder
+from ..objectives import loss_attn, loss_er, loss_erase, loss_preserve
+from ..scoped import scoped
 
 if TYPE_CHECKING:
-    from .trainer import ZEraseTrainer
+    from ..trainer import ZEraseTrainer
 
 
 class MaterialisedMassRecorder(MassRecorder):

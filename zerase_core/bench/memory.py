@@ -51,7 +51,7 @@ def attention_loss_bytes(image_tokens: int, text_tokens: int, heads: int, head_d
     Each is measured as everything autograd keeps for the layer's attention output plus its
     mass, minus what the attention output alone keeps.
     """
-    from .attention_mass import MassRecorder, sdpa_attention
+    from ..attention_mass import MassRecorder, sdpa_attention
     from .reference_step import MaterialisedMassRecorder
 
     tokens = image_tokens + text_tokens

@@ -12,9 +12,9 @@ sampled once, the build spread over a ``run_steps``-step run and included):
 * ``split_seconds`` — the parts of a step (x_t, teacher, student forward/backward, the
   attention mass, AdamW) so the reader sees where the time goes;
 * ``paper_lambda_weighted`` — the two λ regimes weighed by how often the paper's λ rule
-  visits them on the toy (:mod:`.bench_lambda`);
+  visits them on the toy (:mod:`.lambda_kinds`);
 * attention-loss memory against materialised maps, the real Z-Image memory estimate and the
-  1000-step H100 composition (:mod:`.bench_memory`, :mod:`.bench_estimate`).
+  1000-step H100 composition (:mod:`.memory`, :mod:`.estimate`).
 
 Our step's cost depends on λ: while λ_t = 0 the preservation term runs without a graph.
 Both regimes are timed by pinning λ (``fixed`` mode at 0 and at 1). The unsuffixed headline
@@ -40,13 +40,13 @@ from typing import Callable
 
 import torch
 
-from .cli import command
-from .config import TrainConfig
-from .lora import LoRAConfig
-from .objectives import loss_erase
+from ..cli import command
+from ..config import TrainConfig
+from ..lora import LoRAConfig
+from ..objectives import loss_erase
 from .reference_step import reference_step
-from .trainer import ZEraseTrainer
-from .xt_pool import TrajectoryPool
+from ..trainer import ZEraseTrainer
+from ..xt_pool import TrajectoryPool
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[
         sync()
         xt.append(time.perf_counter() - start)
     out["fresh_xt_mean"] = statistics.mean(xt)
-    from .bench_memory import saved_bytes
+    from .memory import saved_bytes
 
     pr = [pool.uncond, *pool.keep[:1]]
     n = len(pr)  # activation bytes the [∅, c_pr] forward holds when it builds a graph (none under no_grad)
@@ -272,8 +272,8 @@ def _ratios(s: dict[str, float], split: dict[str, float], run_steps: int) -> dic
             out[f"speedup_vs_reference_{source}_{lam}"] = s["reference"] / ours
             out[f"overhead_vs_gated_esd_{source}_{lam}"] = ours / s[f"gated_esd_{source}"]
     # The paper's λ rule mixes the step kinds; weighed by the toy's measured shares
-    # (bench_estimate.TOY_STEP_KINDS). A recomputed step is a λ = 0 step plus L_pr with a graph.
-    from .bench_estimate import TOY_STEP_KINDS
+    # (estimate.TOY_STEP_KINDS). A recomputed step is a λ = 0 step plus L_pr with a graph.
+    from .estimate import TOY_STEP_KINDS
 
     f_b, f_r = TOY_STEP_KINDS["fraction_batched"], TOY_STEP_KINDS["fraction_recomputed"]
     out["paper_lambda_weighted"] = {"fractions": {"batched": f_b, "recomputed": f_r, "lambda_zero": 1 - f_b - f_r}}
@@ -299,7 +299,7 @@ def _base_config(**over) -> TrainConfig:
 
 
 def speed_cases(tiny: bool) -> list[SpeedCase]:
-    from .tiny import TinyZImageConfig, tiny_zimage_backend
+    from ..tiny import TinyZImageConfig, tiny_zimage_backend
 
     if tiny:  # seconds on a CPU: a correctness run of the command, not a measurement
         config = _base_config(height=64, width=64, sample_steps=2, xt_pool=1, shuffle_pool=0)
@@ -312,13 +312,13 @@ def speed_cases(tiny: bool) -> list[SpeedCase]:
 
 
 def _toy_case() -> SpeedCase | None:
-    from .toy import DIT_FILE
+    from ..toy import DIT_FILE
 
     if not DIT_FILE.exists():
         log.warning("toy weights %s not found: the toy row is skipped", DIT_FILE)
         return None
-    from .backends.toy import toy_backend
-    from .toy import load_toy
+    from ..backends.toy import toy_backend
+    from ..toy import load_toy
 
     bundle = load_toy()
     s = bundle.sampling
@@ -330,8 +330,8 @@ def _toy_case() -> SpeedCase | None:
 
 def attention_memory(tokens=(256, 1024, 4096), heads: int = 2) -> dict:
     """Attention-loss memory at the real model's head size and caption length, ``heads`` heads."""
-    from .bench_estimate import HEAD_DIM as head_dim, REAL
-    from .bench_memory import attention_loss_bytes, growth_exponent
+    from .estimate import HEAD_DIM as head_dim, REAL
+    from .memory import attention_loss_bytes, growth_exponent
 
     caption = REAL["caption_tokens"]
     rows = [{"image_tokens": n, "caption_tokens": caption} | attention_loss_bytes(n, caption, heads, head_dim)
@@ -350,7 +350,7 @@ def attention_memory(tokens=(256, 1024, 4096), heads: int = 2) -> dict:
 
 def run(tiny: bool = False, steps: int = 3, memory_estimate: bool = True, repeats: int = 1,
         models: tuple[str, ...] = ()) -> dict:
-    from .bench_estimate import measure_layers, real_zimage_estimate, run_time_estimate
+    from .estimate import measure_layers, real_zimage_estimate, run_time_estimate
 
     cases = [c for c in speed_cases(tiny) if not models or f"{c.name}-{c.image_tokens}" in models]
     result = {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -456,4 +456,3 @@ def _bench_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-from . import bench_lambda, xt_compare  # noqa: E402,F401  (register bench-lambda and bench-xt beside bench-cost)

@@ -1,7 +1,7 @@
 """GPU memory and run time of real Z-Image training, built from measurements on small models.
 
 Per-layer activation memory of the student forward (LoRA on, attention mass recorded) is
-measured as saved-for-backward bytes (:mod:`.bench_memory`) on scaled-down Z-Images with
+measured as saved-for-backward bytes (:mod:`.memory`) on scaled-down Z-Images with
 the real head size (128) at two widths and two sequence lengths; it is linear in both, so
 a fit extrapolates to the real model (dim 3840, 30 layers, 30 heads). The other terms are
 counted: weights, LoRA + AdamW state, checkpointed block inputs, and a fixed allowance for
@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .bench_memory import GiB, saved_bytes
-from .prompts import EncodedPrompt
+from .memory import GiB, saved_bytes
+from ..prompts import EncodedPrompt
 
 REAL = dict(dim=3840, n_layers=30, n_heads=30, params=6.15e9, caption_tokens=64, ffn_ratio=8 / 3)
 HEAD_DIM = 128
@@ -49,7 +49,7 @@ class FixedLengthEncoder:
 
 def scaled_zimage(dim: int, n_layers: int, dtype=torch.bfloat16, cap_feat_dim: int = 64):
     """A randomly initialised Z-Image with the real head size, RoPE axes, latent and patch, at width ``dim``."""
-    from .tiny import small_zimage
+    from ..tiny import small_zimage
 
     torch.manual_seed(0)
     model = small_zimage(dim=dim, n_layers=n_layers, n_refiner_layers=1, n_heads=dim // HEAD_DIM,
@@ -60,8 +60,8 @@ def scaled_zimage(dim: int, n_layers: int, dtype=torch.bfloat16, cap_feat_dim: i
 
 def student_layer_bytes(dim: int, image_tokens: int, caption_tokens: int, rank: int = 16) -> float:
     """Saved-for-backward bytes per main layer of a batch-1 student forward (bf16, LoRA, mass)."""
-    from .backends.diffusers_zimage import DiffusersZImageBackend
-    from .lora import LoRAConfig
+    from ..backends.diffusers_zimage import DiffusersZImageBackend
+    from ..lora import LoRAConfig
 
     totals = []
     for n_layers in (1, 2):
