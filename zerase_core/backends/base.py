@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -148,6 +148,14 @@ class Backend(ABC):
     def release_encoder(self) -> None:
         """Free the text encoder once every prompt a run needs is encoded (the trainer encodes up front)."""
 
+    def _mass_recorder(self, layout: TokenLayout, concept_tokens: list[list[int]] | None,
+                       mass_layers: set[int] | None) -> MassRecorder | None:
+        """The recorder of one call's attention mass on each sample's concept tokens (None: no mass wanted)."""
+        if concept_tokens is None:
+            return None
+        return self.recorder_factory(layout.columns(concept_tokens, self.device), layout.image_query_mask(self.device),
+                                     mass_layers)
+
     def _current_row_groups(self) -> RowGroups | None:
         """What a refiner wrapped by SharedRowsForward reads while the backend's call runs."""
         return self._row_groups
@@ -182,19 +190,26 @@ class InPlaceInstaller:
         return wrapped
 
     def install(self, slots: list[HostSlot], config: LoRAConfig, name: str, n_layers: int) -> LoRASet:
-        lora_set = LoRASet(name, config)
-        wanted = set(config.layer_indices(n_layers))
-        for slot in slots:
-            targets = tuple(t for t in config.targets if t in slot.slices)
-            if slot.layer not in wanted or not targets:
-                continue
-            adapter = self.wrap(slot, config.scope).add_adapter(name, targets, config.rank, config.scale, config.strength)
-            for proj in targets:
-                lora_set.add(slot.layer, proj, adapter)
-        return lora_set
+        return install_on(slots, config, name, n_layers, lambda slot: self.wrap(slot, config.scope))
 
     def uninstall(self) -> None:
         for path, original in self.originals.items():
             parent, attr = _resolve(self.root, path)
             setattr(parent, attr, original)
         self.originals.clear()
+
+
+def install_on(slots: list[HostSlot], config: LoRAConfig, name: str, n_layers: int,
+               wrap: Callable[[HostSlot], GatedLoRALinear], device: torch.device | None = None) -> LoRASet:
+    """One adapter named ``name`` on every slot ``config`` targets, each slot made gated by the host's ``wrap``;
+    ``device``: where the adapters live (default: the base weight's)."""
+    lora_set = LoRASet(name, config)
+    wanted = set(config.layer_indices(n_layers))
+    for slot in slots:
+        targets = tuple(t for t in config.targets if t in slot.slices)
+        if slot.layer not in wanted or not targets:
+            continue
+        adapter = wrap(slot).add_adapter(name, targets, config.rank, config.scale, config.strength, device=device)
+        for proj in targets:
+            lora_set.add(slot.layer, proj, adapter)
+    return lora_set

@@ -272,10 +272,7 @@ class DiffusersZImageBackend(Backend):
         if x.shape[0] != len(prompts):
             raise ValueError(f"{x.shape[0]} latents but {len(prompts)} prompts")
         layout = self.layout(x, prompts)
-        recorder = None
-        if concept_tokens is not None:
-            recorder = self.recorder_factory(layout.columns(concept_tokens, self.device),
-                                             layout.image_query_mask(self.device), mass_layers)
+        recorder = self._mass_recorder(layout, concept_tokens, mass_layers)
         out = self._run(x, sigma, prompts, layout, lora, recorder)
         # diffusers predicts x0 − ε; the engine's velocity is ε − x0, hence the minus.
         v = -torch.stack(out).squeeze(2).float()

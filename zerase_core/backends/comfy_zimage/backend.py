@@ -16,7 +16,7 @@ from ...layout import TokenLayout, pad_to_multiple
 from ...lora import GatedLoRALinear, LoRAConfig
 from ...prompts import EncodedPrompt
 from ...scoped import scoped
-from ..base import Backend, HostSlot, LoRASet
+from ..base import Backend, HostSlot, LoRASet, install_on
 from ..row_sharing import RowGroups, SharedRowsForward
 from .attention import recording_override
 from .clip_prompts import encode_with_clip
@@ -115,19 +115,9 @@ class ComfyZImageBackend(Backend):
         return lora
 
     def install(self, config: LoRAConfig, name: str = "zerase") -> LoRASet:
-        lora_set = LoRASet(name, config)
-        wanted = set(config.layer_indices(self.n_layers))
-        for slot in self.host_slots():
-            targets = tuple(t for t in config.targets if t in slot.slices)
-            if slot.layer not in wanted or not targets:
-                continue
-            # On the compute device, not the host weight's (the CPU while ComfyUI holds the model offloaded, and
-            # always under dynamic VRAM): AdamW state restored on resume lands on the parameters' device.
-            adapter = self._wrap(slot).add_adapter(name, targets, config.rank, config.scale, config.strength,
-                                                   device=self.device)
-            for proj in targets:
-                lora_set.add(slot.layer, proj, adapter)
-        return lora_set
+        # On the compute device, not the host weight's (the CPU while ComfyUI holds the model offloaded, and
+        # always under dynamic VRAM): AdamW state restored on resume lands on the parameters' device.
+        return install_on(self.host_slots(), config, name, self.n_layers, self._wrap, device=self.device)
 
     def uninstall(self) -> None:
         for layer in self._wrapped:
@@ -296,11 +286,9 @@ class ComfyZImageBackend(Backend):
             xs, ss = x[idx], sigma[idx].float()
             lengths = [prompts[i].n_tokens for i in idx]
             feats = torch.nn.utils.rnn.pad_sequence([prompts[i].features for i in idx], batch_first=True)
-            recorder = None
-            if concept_tokens is not None:
-                lay = nextdit_layout(feats.shape[1], xs, self.patch, self.multiple)
-                recorder = self.recorder_factory(lay.columns([concept_tokens[i] for i in idx], self.device),
-                                                 lay.image_query_mask(self.device), mass_layers)
+            lay = nextdit_layout(feats.shape[1], xs, self.patch, self.multiple)
+            tokens = None if concept_tokens is None else [concept_tokens[i] for i in idx]
+            recorder = self._mass_recorder(lay, tokens, mass_layers)
             with self.lora_switched(lora), self._caption_lengths(lengths), self._sharing_rows(xs, ss):
                 with self.recording(recorder):  # a checkpointed layer replays this group's recorder in backward
                     x0 = self.denoise(xs, ss, feats)
