@@ -27,7 +27,7 @@ def compare(concepts: list[str], seeds: list[int], steps: int, n_eval: int, pool
     from ..backends.toy import toy_backend
     from ..toy import load_toy
     from ..toy.demo import toy_train_config
-    from ..toy.erasure_metrics import erasure_report, parse_concept
+    from ..toy.erasure_metrics import EVAL_SEED_OFFSET, erasure_report, parse_concept
     from ..trainer import ZEraseTrainer
 
     bundle = load_toy()
@@ -42,7 +42,7 @@ def compare(concepts: list[str], seeds: list[int], steps: int, n_eval: int, pool
                 trainer = ZEraseTrainer(backend, dataclasses.replace(base, xt_source=source, xt_pool=pool))
                 trainer.run()
                 seconds = time.perf_counter() - start
-                report = erasure_report(backend, bundle, concept, n_eval, 10_000 + seed, lora=True)
+                report = erasure_report(backend, bundle, concept, n_eval, EVAL_SEED_OFFSET + seed, lora=True)
                 backend.uninstall()
                 cells.append({"concept": word, "seed": seed, "xt_source": source, "seconds": seconds,
                               "pool_build_s": trainer.xt_pool.seconds if trainer.xt_pool else 0.0,

@@ -23,11 +23,11 @@ from ..config import TrainConfig
 from ..prompts import concept_token_indices
 from ..trainer import ZEraseTrainer
 from .demo import toy_train_config
-from .erasure_metrics import Concept, erasure_report, parse_concept, weights_identity
+from .erasure_metrics import EVAL_SEED_OFFSET, Concept, erasure_report, parse_concept, weights_identity
+from .world import PROMPT_STYLES
 
 log = logging.getLogger(__name__)
 
-STYLES = ("canonical", "synonym", "shuffled", "paraphrase")
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,9 @@ def run_cell(bundle, method: Method, concept: Concept, seed: int, config: TrainC
     train_seconds = time.perf_counter() - start
     if method.zero_tokens:
         with backend.zeroing_tokens(_zeroing_fn(concept)):
-            report = erasure_report(backend, bundle, concept, n_eval, 10_000 + seed, lora=False, styles=STYLES)
+            report = erasure_report(backend, bundle, concept, n_eval, EVAL_SEED_OFFSET + seed, lora=False, styles=PROMPT_STYLES)
     else:
-        report = erasure_report(backend, bundle, concept, n_eval, 10_000 + seed, lora=lora_on, styles=STYLES)
+        report = erasure_report(backend, bundle, concept, n_eval, EVAL_SEED_OFFSET + seed, lora=lora_on, styles=PROMPT_STYLES)
     backend.uninstall()
     return report | {"train_seconds": round(train_seconds, 1)}
 

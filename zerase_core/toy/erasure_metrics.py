@@ -27,6 +27,9 @@ from ..sampling import euler
 from . import world
 from .world import ATTRIBUTES, Labels, make_prompt, random_labels
 
+# The benches' evaluation prompts and noise: seeded apart from training (the run's seed draws its x_t and prompts).
+EVAL_SEED_OFFSET = 10_000
+
 
 @dataclass(frozen=True)
 class Concept:
