@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import diffusers.models.transformers.transformer_z_image as z_image_module
@@ -90,6 +91,18 @@ class _WatchedProcessor:
             return self.inner(*args)
         with scoped(z_image_module, dispatch_attention_fn=_AttentionCall(recorder, self.layer, blocked)):
             return self.inner(*args)
+
+
+def zimage_forward(transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, captions: list[torch.Tensor],
+                   **kwargs) -> torch.Tensor:
+    """diffusers' Z-Image on (N, C, h, w) latents at noise levels σ (N,): its raw output, x0 − ε, as (N, C, h, w).
+
+    It takes latents as a list of (C, F=1, h, w) and the time t = 1 − σ (0 noise → 1 clean), in fp32 as the
+    pipeline passes it (in bf16, t·1000 would round by up to 1).
+    """
+    t = (1.0 - sigma).to(x.device, torch.float32)
+    out = transformer(list(x.unsqueeze(2).unbind(0)), t, captions, return_dict=False, **kwargs)[0]
+    return torch.stack(out).squeeze(2)
 
 
 class DiffusersZImageBackend(Backend):
@@ -260,20 +273,16 @@ class DiffusersZImageBackend(Backend):
         """One transformer call under the gate, the attention watch and any token zeroing; raw output."""
         self._place()
         captions = [p.features.to(self.device, self.dtype) for p in prompts]
-        latents = list(x.to(self.device, self.dtype).unsqueeze(2).unbind(0))  # B × (C, F=1, H, W)
-        # diffusers' time runs 0 (noise) -> 1 (clean); fp32 as the pipeline passes it (in bf16, t·1000 rounds by ~1)
-        t = (1.0 - sigma).to(self.device, torch.float32)
         blocked = layout.columns(self._zeroing(prompts), self.device).bool() if self._zeroing is not None else None
         groups = RowGroups.of(x, sigma)
         with scoped(self, _blocked=blocked, _row_groups=groups, _recorder=recorder), self.gate.active(layout, lora):
-            return self.transformer(latents, t, captions, return_dict=False)[0]
+            return zimage_forward(self.transformer, x.to(self.device, self.dtype), sigma, captions)
 
     def velocity(self, x, sigma, prompts, *, lora=True, concept_tokens=None, mass_layers=None):
         if x.shape[0] != len(prompts):
             raise ValueError(f"{x.shape[0]} latents but {len(prompts)} prompts")
         layout = self.layout(x, prompts)
         recorder = self._mass_recorder(layout, concept_tokens, mass_layers)
-        out = self._run(x, sigma, prompts, layout, lora, recorder)
         # diffusers predicts x0 − ε; the engine's velocity is ε − x0, hence the minus.
-        v = -torch.stack(out).squeeze(2).float()
+        v = -self._run(x, sigma, prompts, layout, lora, recorder).float()
         return v, (recorder.result() if recorder is not None else None)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel
 
+from ..backends.diffusers_zimage import zimage_forward
 from ..tiny import small_zimage
 from .world import IMAGE_SIZE
 
@@ -66,12 +67,8 @@ def to_image(latents: torch.Tensor, config: DiTConfig) -> torch.Tensor:
 def predict(
     transformer: ZImageTransformer2DModel, x: torch.Tensor, sigma: torch.Tensor, caps: list[torch.Tensor], patch_size: int
 ) -> torch.Tensor:
-    """The model's raw output (x0 - eps, i.e. minus the velocity) for a batch of (N, C, h, w) latents.
-
-    Z-Image is told t = 1 - sigma and takes latents as a list of (C, F=1, h, w).
-    """
-    out = transformer(list(x.unsqueeze(2)), 1.0 - sigma, caps, patch_size=patch_size, return_dict=False)[0]
-    return torch.stack(out).squeeze(2)  # (N, C, 1, h, w) -> (N, C, h, w)
+    """The model's raw output (x0 - eps, i.e. minus the velocity) for a batch of (N, C, h, w) latents."""
+    return zimage_forward(transformer, x, sigma, caps, patch_size=patch_size)
 
 
 def config_metadata(config: DiTConfig) -> dict[str, str]:
