@@ -156,7 +156,7 @@ def real_zimage_estimate(measured: dict) -> dict:
 # settings (docs/bench/lambda_toy.json: `python -m zerase_core bench-lambda`, 400 steps, concepts
 # red and circle, both x_t sources). How often λ > 0 on the real model was not measured.
 # The demo's ε = 1e-3: λ > 0 on 97 % of steps — 1553 batched (λ_t > 0), 27 recomputed
-# (λ_t = 0, λ_{t+1} > 0), 27 with λ = 0. (With Table 6's ε = 1e-2 it was 91 %: 1457 / 67 / 76.)
+# (λ_t = 0, λ_{t+1} > 0), 20 with λ = 0. (With Table 6's ε = 1e-2 it was 91 %: 1457 / 67 / 76.)
 TOY_STEP_KINDS = {"fraction_batched": 1553 / 1600, "fraction_recomputed": 27 / 1600,
                   "source": "docs/bench/lambda_toy.json"}
 
