@@ -11,11 +11,11 @@ from comfy_api.latest import io, ui
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
 from zerase_core.apply import install_lora
 from zerase_core.config import PRESETS, XT_SOURCES, TrainConfig
-from zerase_core.files import numbered_paths, path_inside, safe_output_path
+from zerase_core.files import name_from, numbered_paths, path_inside, safe_output_path
 from zerase_core.history import loss_series
 from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import load_lora, save_lora
-from zerase_core.prompt_pool import erase_texts
+from zerase_core.prompts import fill_template
 from zerase_core.run_files import finished_lora, partial_lora
 from zerase_core.sampling import before_after
 from zerase_core.trainer import ZEraseTrainer
@@ -76,11 +76,12 @@ def _reused(cls, path: Path, model, clip, vae, config) -> io.NodeOutput:
     log.info("Z-Erase: %s is a finished run of these settings on this model; using it (change the seed or the "
              "save_name to train again)", path.name)
     backend = ComfyZImageBackend(model, clip, node=NODE)
-    (prompt,) = backend.encode(erase_texts(config)[:1])
+    (prompt,) = backend.encode([fill_template(config.erase_templates[0], config.concept)])  # erase_texts' first
     install_lora(backend, lora, name=backend.key)
     previews = _previews(backend, prompt, model, vae, config)
     steps = lora.training.get("steps_done", config.steps)
-    curves = _render.curves(lora.history, title=f"Z-Erase '{config.concept}': {steps} steps (reused {path.name})")
+    curves = _render.curves(lora.history, title=f"Z-Erase '{config.concept}': {steps} steps (reused {path.name})",
+                            steps=steps)
     return _outputs(cls, lora, model, curves, previews)
 
 
@@ -180,15 +181,16 @@ class ZEraseTrain(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Saves most activation memory (~34 GB → ~15 GB at 512² on the real model, "
                                  "estimated) for ~50 % more time per step"),
-                io.Combo.Input("xt_source", options=list(XT_SOURCES), default=TrainConfig.xt_source,
-                               tooltip="pool: x_t from the original model's trajectories, sampled once (about half "
-                               "the time). fresh: sampled every step by the model being trained, as ESD does; "
-                               "erased more on the toy, with more collateral change (README)."),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue an interrupted run of this save_name (cancelled, crashed, "
                                  "ComfyUI restarted) with the same settings from its last checkpoint (every "
                                  f"{TrainConfig.checkpoint_every} steps and at Cancel); starts fresh when there is "
                                  "none. The finished LoRA replaces the one saved at Cancel."),
+                # After resume: workflows saved before this input keep their widget values in place.
+                io.Combo.Input("xt_source", options=list(XT_SOURCES), default=TrainConfig.xt_source,
+                               tooltip="pool: x_t from the original model's trajectories, sampled once (about half "
+                               "the time). fresh: sampled every step by the model being trained, as ESD does; "
+                               "erased more on the toy, with more collateral change (README)."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the previews; without it a cheap preview."),
             ],
             outputs=[
@@ -201,13 +203,13 @@ class ZEraseTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon,
-                rank, targets, resolution, seed, save_name, gradient_checkpointing=True,
-                xt_source=TrainConfig.xt_source, resume=False, vae=None) -> io.NodeOutput:
+                rank, targets, resolution, seed, save_name, gradient_checkpointing=True, resume=False,
+                xt_source=TrainConfig.xt_source, vae=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
         config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
                               targets, resolution, seed, gradient_checkpointing, xt_source)
-        save_name = save_name.strip() or config.concept
+        save_name = save_name.strip() or name_from(config.concept)
         path = safe_output_path(output_folder(), save_name)  # checked before any work
         done = _finished_file(model, config, save_name)
         if done is not None:

@@ -352,11 +352,31 @@ def test_the_model_digest_tells_the_file_and_its_patches(tmp_path):
     weaker = model.clone()
     weaker.add_patches({key: (torch.zeros(1),)}, 0.25)
     assert model_digest(weaker) != model_digest(stock)
-    erased = ComfyZImageBackend(model)
-    dim = ComfyZImageBackend(model).dim
-    factors = {(0, "q"): (torch.randn(2, dim), torch.randn(dim, 2))}
-    install_lora(erased, ErasureLoRA(factors), name=erased.key)
-    assert model_digest(erased.patcher) != digest
+    import importlib
+
+    adapter = importlib.import_module("comfy.weight_adapter").LoRAAdapter  # what LoraLoader puts on a key
+    up, down = torch.randn(3 * 256, 2), torch.randn(2, 256)
+    alphas = []
+    for alpha in (1.0, 4.0):
+        stocked = model.clone()
+        stocked.add_patches({key: adapter({key}, (up, down, alpha, None, None, None))}, 1.0)
+        alphas.append(model_digest(stocked))
+    assert None not in alphas and alphas[0] != alphas[1] != digest
+    applied = []
+    factors = {(0, "q"): (torch.randn(2, 256), torch.randn(256, 2))}
+    for strength in (1.0, 0.5):
+        erased = ComfyZImageBackend(model)
+        install_lora(erased, ErasureLoRA(factors), name=erased.key, multiplier=strength)
+        applied.append(model_digest(erased.patcher))
+    again = ComfyZImageBackend(model)  # the same LoRA applied anew: another random adapter name, the same model
+    install_lora(again, ErasureLoRA(factors), name=again.key)
+    assert applied[0] != digest and applied[0] != applied[1] and model_digest(again.patcher) == applied[0]
+    nodes_model_advanced = importlib.import_module("comfy_extras.nodes_model_advanced")
+    shifts = [model_digest(nodes_model_advanced.ModelSamplingAuraFlow().patch_aura(model, s)[0]) for s in (3.0, 6.0)]
+    assert None not in shifts and shifts[0] != shifts[1] != digest  # the stock Z-Image workflow's shift node
+    opaque = model.clone()
+    opaque.add_object_patch("diffusion_model.norm_final.forward", lambda x: x)  # another node's callable
+    assert model_digest(opaque) is None  # nothing stable to compare: never reused
     other_file = tmp_path / "finetune.safetensors"
     other_file.write_bytes(b"weights")
     model.cached_patcher_init = (lambda *a, **k: None, (str(other_file), {}))

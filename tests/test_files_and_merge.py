@@ -213,3 +213,12 @@ def test_merge_refuses_different_architectures():
     b = ErasureLoRA(_random_lora(KEYS).factors, fingerprint={"family": "z-image", "dim": 3840, "n_layers": 30})
     with pytest.raises(ZEraseError, match="different architectures"):
         merge([a, b])
+
+
+def test_a_save_name_made_from_a_concept_is_always_allowed(tmp_path):
+    from zerase_core.files import name_from, path_inside
+
+    for concept, expected in [("Mickey Mouse (Disney)", "Mickey Mouse _Disney_"), ("AC/DC", "AC_DC"),
+                              ("nude, naked", "nude_ naked"), ("梵高", "梵高"), ("..", "zerase"), ("?!", "zerase")]:
+        assert name_from(concept) == expected
+        assert path_inside(tmp_path, name_from(concept), ".safetensors").parent == tmp_path.resolve()

@@ -320,7 +320,7 @@ def test_a_finished_lora_is_found_only_for_the_same_settings_on_the_same_model(t
     """The file a repeated run takes instead of training: every setting equal, all steps done, and the same model
     by the host's digest (without one nothing is taken); a checkpoint of another model is refused on resume."""
     from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
-    from zerase_core.run_files import finished_lora
+    from zerase_core.run_files import finished_lora, partial_lora
 
     monkeypatch.setattr(DiffusersZImageBackend, "base_digest", lambda self: "model-a")
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=tmp_path / "a.ckpt")
@@ -333,6 +333,15 @@ def test_a_finished_lora_is_found_only_for_the_same_settings_on_the_same_model(t
     assert finished_lora(_config(steps=2), fingerprint, None, [path]) is None
     stored = load_lora(path).history["L_erase"]  # its curves travel with it (6 significant digits)
     assert stored == pytest.approx([r.erase for r in trainer.history], rel=1e-5)
+    resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4))
+    resumed.resume(tmp_path / "a.ckpt")
+    assert partial_lora(resumed, [path]) == path  # the file of this run, on this model
+    import dataclasses
+
+    saved = load_lora(path)
+    unrecorded = {k: v for k, v in saved.training.items() if k != "base"}  # saved before files recorded their model
+    older = save_lora(dataclasses.replace(saved, training=unrecorded), tmp_path / "older.safetensors")
+    assert partial_lora(resumed, [older]) == older
     monkeypatch.setattr(DiffusersZImageBackend, "base_digest", lambda self: "model-b")
     with pytest.raises(ZEraseError, match="another model"):
         ZEraseTrainer(tiny_zimage_backend(), _config(steps=4)).resume(tmp_path / "a.ckpt")

@@ -32,7 +32,7 @@ NODES = {
     "PreviewImage": ([], []),
     "ZEraseTrain": (["concept", "preset", "templates", "preserve", "steps", "learning_rate", "beta", "eta", "epsilon",
                      "rank", "targets", "resolution", "seed", "save_name",
-                     "gradient_checkpointing", "xt_source", "resume"],
+                     "gradient_checkpointing", "resume", "xt_source"],
                     [("erasure_lora", "ZERASE_LORA"), ("erased_model", "MODEL"), ("curves", "IMAGE"), ("previews", "IMAGE")]),
     "ZEraseApplyLoRA": (["lora_name", "strength"], [("MODEL", "MODEL")]),
     "ZEraseLoadLoRA": (["lora_name"], [("erasure_lora", "ZERASE_LORA"), ("concept", "STRING")]),
@@ -113,7 +113,7 @@ def train_and_compare() -> Graph:
     train = g.add("ZEraseTrain", model=[model, 0], clip=[clip, 0], vae=[vae, 0], concept="cat", preset="entity",
                   templates="", preserve="dog", steps=1000, learning_rate=1e-3, beta=0.1, eta=2.0, epsilon=-1.0,
                   rank=16, targets="q,k,v", resolution=512, seed=0, save_name="",
-                  gradient_checkpointing=True, xt_source="pool", resume=False)  # curves, previews: on the node
+                  gradient_checkpointing=True, resume=False, xt_source="pool")  # curves, previews: on the node
     sample_pair(g, model, train, vae, pos, neg, latent, "zerase/train_compare")
     # the erased model is output 1 of Train
     for node in g.nodes.values():

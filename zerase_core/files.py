@@ -68,6 +68,13 @@ def numbered_paths(folder: str | os.PathLike, name: str, suffix: str = ".safeten
         yield path.with_name(f"{path.stem}_{n:03d}{suffix}")
 
 
+def name_from(text: str, fallback: str = "zerase") -> str:
+    """A save name made from free text (a concept such as "Mickey Mouse (Disney)" or "AC/DC"): every character a
+    save name may not hold, the folder separator included, becomes '_'."""
+    name = re.sub(r"[^\w\-. ]", "_", text).strip(" .")
+    return name if name.strip("_") else fallback
+
+
 def path_inside(folder: str | os.PathLike, name: str, suffix: str) -> Path:
     """Exactly ``folder/name + suffix`` for a user-typed name, refused if it would leave ``folder``.
 

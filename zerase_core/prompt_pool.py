@@ -59,7 +59,7 @@ def erase_texts(config: TrainConfig) -> list[str]:
             if candidate not in variants:
                 variants.append(candidate)
         texts.extend(variants)
-    if len(texts) == len(config.erase_templates):
+    if config.shuffle_pool > 0 and len(texts) == len(config.erase_templates):
         log.warning("The erase prompts ('%s', …) have nothing to shuffle: the concept sits at the same tokens every "
                     "step (§4.1 shuffles to avoid that). Add templates with context words, e.g. 'a photo of a {} "
                     "person'.", texts[0])

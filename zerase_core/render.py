@@ -49,8 +49,10 @@ def _smoothed(values: list[float], window: int) -> list[float]:
     return out
 
 
-def curves(series: dict[str, list[float]], width: int = 640, panel_height: int = 110, title: str = "") -> torch.Tensor:
-    """One panel per named series: raw values faint, a moving average bold, min/max/last labelled."""
+def curves(series: dict[str, list[float]], width: int = 640, panel_height: int = 110, title: str = "",
+           steps: int | None = None) -> torch.Tensor:
+    """One panel per named series: raw values faint, a moving average bold, min/max/last labelled. ``steps``: the
+    run's step count when the series hold every k-th step only (a LoRA file's stored curves)."""
     n = max(1, len(series))
     top_margin = 22
     img = Image.new("RGB", (width, top_margin + n * panel_height + 16), (255, 255, 255))
@@ -79,8 +81,8 @@ def curves(series: dict[str, list[float]], width: int = 640, panel_height: int =
         d.text((4, bottom - 10), f"{lo:.3g}", fill=(90, 90, 90), font=_FONT)
         last = f"{smooth[-1]:.3g}" if smooth else "-"
         d.text((left + 6, top + 3), f"{name} (smoothed, last {last})", fill=colour, font=_FONT)
-    d.text((left, img.height - 14), f"step 1 .. {max((len(v) for v in series.values()), default=0)}", fill=(0, 0, 0),
-           font=_FONT)
+    last_step = steps if steps is not None else max((len(v) for v in series.values()), default=0)
+    d.text((left, img.height - 14), f"step 1 .. {last_step}", fill=(0, 0, 0), font=_FONT)
     return to_image([img])
 
 

@@ -35,9 +35,12 @@ def partial_lora(trainer: "ZEraseTrainer", candidates: Iterable[Path]) -> Path |
     wanted = _as_json(_run(resumable(trainer.config.to_dict()), trainer.backend.fingerprint(), trainer.base_digest))
     for path in candidates:
         run, done = _run_of(path)
-        if run is not None and _as_json({**run, "settings": resumable(run["settings"])}) == wanted:
-            if isinstance(done, int) and 0 < done <= trainer.step:
-                return path
+        if run is None:
+            continue
+        # A file saved before LoRAs recorded their model has no base: its settings and architecture decide.
+        candidate = {**run, "settings": resumable(run["settings"]), "base": run["base"] or trainer.base_digest}
+        if _as_json(candidate) == wanted and isinstance(done, int) and 0 < done <= trainer.step:
+            return path
     return None
 
 

@@ -1,13 +1,16 @@
 """What a ComfyUI MODEL is beyond its architecture, in a form that survives a restart: the file it was loaded from
-and the patches on it. A finished erasure LoRA is reused only for a model with the same digest."""
+and everything patched onto it. A finished erasure LoRA is reused only for a model with the same digest; where the
+digest cannot describe a change (injections, hooks, another node's callables), there is no digest and no reuse."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Iterator
+import types
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..row_sharing import SharedRowsForward
 from .object_patches import CheckpointedForward, GatedForward
@@ -15,55 +18,97 @@ from .object_patches import CheckpointedForward, GatedForward
 SAMPLES = 64  # values read from each tensor: enough to tell two LoRAs apart, cheap on a 6 B model's patches
 
 
+class _Undescribed(Exception):
+    """A change to the model the digest has no stable description of."""
+
+
 def model_digest(patcher: Any) -> str | None:
-    """sha256 over the loader's file (path, size, time) and options, every weight patch (key, strengths, sampled
-    values: stock LoRAs and the like) and every object patch (erasure LoRAs by their sampled factors, others by
-    type). None for a MODEL built in memory (no loader recorded): nothing stable identifies it."""
+    """sha256 over the loader's file (path, size, time) and options, every weight patch (keys, strengths, offsets,
+    kinds, sampled values: stock LoRAs and the like, alpha included), every object patch (erasure LoRAs by their
+    factors, scale and strength; others, such as ModelSamplingAuraFlow's, by their type, settings and tensors).
+
+    None where nothing stable identifies the model (built in memory: no loader recorded) or where it carries a change
+    the digest cannot describe (bypass injections, hooks, weight wrappers, transformer-option patches, an object
+    patch holding callables): reusing a LoRA for it could take one trained on another model.
+    """
     init = getattr(patcher, "cached_patcher_init", None)
-    if init is None:
+    options = (getattr(patcher, "model_options", None) or {}).get("transformer_options", {})
+    opaque = [getattr(patcher, name, None) for name in ("injections", "hook_patches", "weight_wrapper_patches")]
+    if init is None or any(opaque) or options.get("patches") or options.get("patches_replace"):
         return None
     h = hashlib.sha256()
-    for arg in init[1]:
-        h.update(repr(arg).encode())
-        if isinstance(arg, (str, os.PathLike)) and os.path.isfile(arg):
-            stat = os.stat(arg)
-            h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-    for key in sorted(patcher.patches):
-        h.update(key.encode())
-        for patch in patcher.patches[key]:
-            strengths = [p for p in patch if isinstance(p, (int, float)) or p is None]
-            h.update(repr(strengths).encode())
-            for tensor in _tensors(patch):
-                h.update(_sample(tensor))
-    for key in sorted(patcher.object_patches):
-        obj = patcher.object_patches[key]
-        if isinstance(obj, (SharedRowsForward, CheckpointedForward)):
-            continue  # how this pack runs the model, not what it computes
-        h.update(f"{key}:{type(obj).__qualname__}".encode())
-        for tensor in _erasure_factors(obj):
-            h.update(_sample(tensor))
+    try:
+        for arg in init[1]:
+            _feed(h, arg)
+            if isinstance(arg, (str, os.PathLike)) and os.path.isfile(arg):
+                stat = os.stat(arg)
+                h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        for key in sorted(patcher.patches):
+            h.update(key.encode())
+            _feed(h, patcher.patches[key])
+        for key in sorted(patcher.object_patches):
+            obj = patcher.object_patches[key]
+            if not isinstance(obj, (SharedRowsForward, CheckpointedForward)):  # how this pack runs, not what
+                h.update(key.encode())
+                _feed(h, obj)
+    except _Undescribed:
+        return None
     return h.hexdigest()[:16]
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor inside a weight patch (tuples, lists, ComfyUI's weight adapters with ``.weights``)."""
-    if isinstance(value, torch.Tensor):
-        yield value
+def _feed(h, value: Any) -> None:
+    """Put a stable description of ``value`` into ``h``, or raise :class:`_Undescribed`."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        h.update(repr(value).encode())
+    elif isinstance(value, os.PathLike):
+        h.update(os.fspath(value).encode())
+    elif isinstance(value, torch.Tensor):
+        h.update(_sample(value))
     elif isinstance(value, (tuple, list)):
+        h.update(f"{type(value).__name__}{len(value)}".encode())
         for item in value:
-            yield from _tensors(item)
-    elif hasattr(value, "weights"):
-        yield from _tensors(value.weights)
+            _feed(h, item)
+    elif isinstance(value, dict):
+        for key in sorted(value, key=repr):
+            h.update(repr(key).encode())
+            _feed(h, value[key])
+    elif isinstance(value, (set, frozenset)):
+        h.update(repr(sorted(value, key=repr)).encode())
+    elif isinstance(value, types.FunctionType):
+        if "<" in value.__qualname__:  # a lambda or a closure: what it does is not in its name
+            raise _Undescribed(value.__qualname__)
+        h.update(f"{value.__module__}.{value.__qualname__}".encode())
+    elif isinstance(value, GatedForward):
+        _feed_erasure_chain(h, value)
+    elif isinstance(value, nn.Module) or hasattr(value, "__dict__"):
+        _feed_object(h, value)
+    else:
+        raise _Undescribed(type(value).__qualname__)
 
 
-def _erasure_factors(forward: Any) -> Iterator[torch.Tensor]:
-    """The factors of an erasure-LoRA chain on one qkv (this and earlier installations)."""
+def _feed_object(h, obj: Any) -> None:
+    """An object by its type and public settings; a module also by its tensors. Callables are not describable."""
+    h.update(f"{type(obj).__module__}.{type(obj).__qualname__}".encode())
+    if isinstance(obj, nn.Module):
+        for name, tensor in [*obj.named_parameters(), *obj.named_buffers()]:
+            h.update(name.encode())
+            h.update(_sample(tensor))
+    for name in sorted(vars(obj)):
+        if not name.startswith("_") and name != "training":
+            _feed(h, vars(obj)[name])
+
+
+def _feed_erasure_chain(h, forward: Any) -> None:
+    """The erasure LoRAs on one qkv (this and earlier installations): factors, scale and strength."""
     while isinstance(forward, GatedForward):
-        yield from forward.lora.adapters.parameters()
+        for adapter in forward.lora.adapters.values():  # not by name: each installation's is random
+            h.update(f"{adapter.scale}:{adapter.strength}".encode())
+            for tensor in adapter.parameters():
+                h.update(_sample(tensor))
         forward = getattr(forward.lora.base_layer, "_previous", None)
 
 
 def _sample(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().reshape(-1)
     values = flat[:: max(1, flat.numel() // SAMPLES)][:SAMPLES]
-    return repr(tuple(tensor.shape)).encode() + values.to("cpu", torch.float32).numpy().tobytes()
+    return repr((tuple(tensor.shape), tensor.dtype)).encode() + values.to("cpu", torch.float32).numpy().tobytes()
