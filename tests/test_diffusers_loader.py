@@ -79,3 +79,13 @@ def test_a_folder_without_its_files_names_the_part_that_is_missing(tmp_path):
     with pytest.raises(ZEraseError, match="not a diffusers Z-Image folder: missing text_encoder"):
         (tmp_path / "text_encoder").rmdir()
         load_diffusers_zimage(tmp_path)
+
+
+def test_a_missing_transformers_is_named_with_the_fix(tmp_path, monkeypatch):
+    import sys
+
+    from zerase_core.backends.diffusers_loader import load_diffusers_zimage
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed (requirements-engine.txt alone)
+    with pytest.raises(ZEraseError, match="pip install transformers"):
+        load_diffusers_zimage(tmp_path)

@@ -20,7 +20,11 @@ log = logging.getLogger(__name__)
 
 def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.dtype = torch.bfloat16):
     from diffusers import ZImageTransformer2DModel
-    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ModuleNotFoundError as err:
+        raise ZEraseError("Z-Image's text encoder needs transformers: pip install transformers") from err
 
     folder = Path(folder)
     missing = [s for s in ("transformer", "text_encoder", "tokenizer") if not (folder / s).is_dir()]
