@@ -16,7 +16,8 @@ def latent_preview(model, latent: torch.Tensor) -> torch.Tensor:
     """
     fmt = model.model.latent_format
     model_space = model.model.process_latent_in(latent.float().cpu())
-    return latent_rgb(model_space, fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
+    return latent_rgb(model_space, fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None),
+                      upscale=fmt.spacial_downscale_ratio)
 
 
 def decode(model, vae, latent: torch.Tensor) -> torch.Tensor:

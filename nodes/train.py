@@ -15,7 +15,7 @@ from zerase_core.files import name_from, numbered_paths, path_inside, safe_outpu
 from zerase_core.history import loss_series
 from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import load_lora, save_lora
-from zerase_core.prompts import fill_template
+from zerase_core.prompt_pool import first_erase_text
 from zerase_core.run_files import finished_lora, partial_lora
 from zerase_core.sampling import before_after
 from zerase_core.trainer import ZEraseTrainer
@@ -55,8 +55,7 @@ def _previews(backend, prompt, model, vae, config):
     return _render.grid([pictures], ["before", "after"], caption=prompt.text)
 
 
-def _outputs(cls, lora, model, curves, previews) -> io.NodeOutput:
-    erased = apply_erasure(model, lora, 1.0)
+def _outputs(cls, lora, erased, curves, previews) -> io.NodeOutput:
     # Shown on the node too (an output node), wired onward or not.
     shown = [ui.PreviewImage(image, cls=cls).values for image in (curves, previews)]
     return io.NodeOutput(lora, erased, curves, previews, ui={"images": shown[0] + shown[1]})
@@ -75,14 +74,15 @@ def _reused(cls, path: Path, model, clip, vae, config) -> io.NodeOutput:
     lora = load_lora(path)
     log.info("Z-Erase: %s is a finished run of these settings on this model; using it (change the seed or the "
              "save_name to train again)", path.name)
-    backend = ComfyZImageBackend(model, clip, node=NODE)
-    (prompt,) = backend.encode([fill_template(config.erase_templates[0], config.concept)])  # erase_texts' first
+    backend = ComfyZImageBackend(model, clip, node=NODE)  # its patcher is the erased MODEL (as Apply makes it)
+    (prompt,) = backend.encode([first_erase_text(config)])
+    backend.release_encoder()  # the erased MODEL outlives this node: it must not keep the CLIP
     install_lora(backend, lora, name=backend.key)
     previews = _previews(backend, prompt, model, vae, config)
     steps = lora.training.get("steps_done", config.steps)
     curves = _render.curves(lora.history, title=f"Z-Erase '{config.concept}': {steps} steps (reused {path.name})",
                             steps=steps)
-    return _outputs(cls, lora, model, curves, previews)
+    return _outputs(cls, lora, backend.patcher, curves, previews)
 
 
 def _trainer(backend, config, checkpoint: Path, resume: bool) -> ZEraseTrainer:
@@ -238,4 +238,4 @@ class ZEraseTrain(io.ComfyNode):
         curves = _render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}': "
                                 f"{len(result.history)} steps, {result.seconds:.0f}s")
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)
-        return _outputs(cls, result.lora, model, curves, previews)
+        return _outputs(cls, result.lora, apply_erasure(model, result.lora, 1.0), curves, previews)

@@ -27,8 +27,22 @@ import torch
 MODES = ("paper", "paired", "exact", "fixed")
 
 
+class _Rule:
+    """What the rules share unless they say otherwise: λ from L_pr's value, no g̃, nothing to checkpoint."""
+
+    from_gradients: ClassVar[bool] = False  # λ from both gradients (``solve``) instead of ``update``
+    observes_update: ClassVar[bool] = False  # wants L_pr of the step's batch before and after the update
+    last_g: float = 0.0  # g̃ of the last update (Eq. 15 rules only)
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+
 @dataclass
-class PaperLambda:
+class PaperLambda(_Rule):
     """Eq. 15. ``update`` takes this step's L_pr value and returns λ_{t+1} for this step's loss."""
 
     alpha: float  # the model's learning rate (the Taylor step of Eq. 14)
@@ -37,8 +51,6 @@ class PaperLambda:
     value: float = 0.0  # λ₀ = 0
     previous_pr: float | None = None  # L_pr(θ_{t−1})
     last_g: float = field(default=0.0)
-    from_gradients: ClassVar[bool] = False
-    observes_update: ClassVar[bool] = False  # wants L_pr of the step's batch before and after the update
 
     def needs_pr_gradient(self) -> bool:
         """Whether this step's λ will most likely be > 0, so L_pr's gradient will count: it was last step."""
@@ -88,49 +100,31 @@ class PairedLambda(PaperLambda):
 
 
 @dataclass
-class ExactLambda:
+class ExactLambda(_Rule):
     """Eq. 12 every step, from both gradients (``solve``); nothing carries over between steps."""
 
     epsilon: float
-    value: float = 0.0  # the last λ*, for the record
-    last_g: float = 0.0
     from_gradients: ClassVar[bool] = True
-    observes_update: ClassVar[bool] = False
 
     def needs_pr_gradient(self) -> bool:
         return True
 
     def solve(self, grad_er: torch.Tensor, grad_pr: torch.Tensor) -> float:
-        self.value = exact_lambda(grad_er, grad_pr, self.epsilon)
-        return self.value
-
-    def state(self) -> dict:
-        return {}
-
-    def load_state(self, state: dict) -> None:
-        pass
+        return exact_lambda(grad_er, grad_pr, self.epsilon)
 
 
 @dataclass
-class FixedLambda:
-    """A constant λ (linear scalarisation, for ablations and the cost benchmark)."""
+class FixedLambda(_Rule):
+    """A constant λ (linear scalarisation, for ablations and the cost benchmark); a setting, not checkpointed
+    state (resume checks it like the others)."""
 
     value: float
-    last_g: float = 0.0
-    from_gradients: ClassVar[bool] = False
-    observes_update: ClassVar[bool] = False
 
     def needs_pr_gradient(self) -> bool:
         return self.value > 0
 
     def update(self, pr_now: float) -> float:
         return self.value
-
-    def state(self) -> dict:
-        return {}
-
-    def load_state(self, state: dict) -> None:
-        pass  # the constant is a setting, checked on resume like the others
 
 
 def lambda_rule(mode: str, alpha: float, beta: float, epsilon: float, fixed: float):

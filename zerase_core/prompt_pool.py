@@ -44,6 +44,11 @@ class PromptPool:
         return self.pick(rng.randrange(len(self.erase)), rng.randrange(len(self.keep)) if self.keep else None)
 
 
+def first_erase_text(config: TrainConfig) -> str:
+    """The first of :func:`erase_texts` (the first template, unshuffled), without shuffling the rest."""
+    return fill_template(config.erase_templates[0], config.concept)
+
+
 def erase_texts(config: TrainConfig) -> list[str]:
     """Templates filled with the concept, then distinct shuffled variants (seeded, so resumable)."""
     rng = random.Random(config.seed)

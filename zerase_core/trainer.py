@@ -90,14 +90,17 @@ class ZEraseTrainer:
         self.mass_layers = set(config.lora.layer_indices(backend.n_layers))
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
         self.latent_shape = backend.latent_shape(config.height, config.width)
-        self.xt_pool = None
-        if config.xt_source == "pool":
-            self.xt_pool = TrajectoryPool(
-                backend, self.prompts.erase, self.prompts.uncond, self.prompts.keep, self.latent_shape, self.sigmas,
-                config.xt_pool, config.sample_cfg, config.seed, should_stop=should_stop, progress=pool_progress,
-            )
+        self.xt_pool = self.build_pool(should_stop, pool_progress) if config.xt_source == "pool" else None
         if config.gradient_checkpointing:
             backend.set_gradient_checkpointing(True)
+
+    def build_pool(self, should_stop: Callable[[], bool] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> TrajectoryPool:
+        """The x_t pool of this run's prompts, sampler and seed (xt_pool.py)."""
+        c = self.config
+        return TrajectoryPool(self.backend, self.prompts.erase, self.prompts.uncond, self.prompts.keep,
+                              self.latent_shape, self.sigmas, c.xt_pool, c.sample_cfg, c.seed,
+                              should_stop=should_stop, progress=progress)
 
     # --- one step ------------------------------------------------------------------------
     def _sample_xt(self, prompt: EncodedPrompt) -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,5 +143,5 @@ class TrajectoryPool:
             self.keep_index[j],
             self.x[j, k : k + 1].to(device),
             self.sigmas[k].reshape(1),
-            self.teacher[j, k],
+            self.teacher[j, k].to(device),  # once here, not at every use in the step
         )

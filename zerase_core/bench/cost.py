@@ -67,11 +67,10 @@ def gated_esd_step(trainer: ZEraseTrainer) -> None:
     Fresh: x_t sampled as ours does, teacher v(c_er), v(∅) in one no-grad forward, student
     v(c_er) forward/backward. Pool: x_t and both teacher predictions drawn from the pool.
     """
-    if trainer.xt_pool is not None:
-        d = trainer.xt_pool.draw(trainer.rng, trainer.gen, trainer.backend.device)
-        er, x_t, sigma, teacher = trainer.prompts.erase[d.erase_index], d.x_t, d.sigma, d.teacher[:2]
+    er, _, _, *at = trainer._draw()  # the draw Z-Erase makes, so both see the same prompts and levels
+    if at:
+        x_t, sigma, teacher = at
     else:
-        er, _, _ = trainer.prompts.draw(trainer.rng)  # the draw Z-Erase makes, so both see the same prompts
         x_t, sigma = trainer._sample_xt(er)
         teacher = trainer._teacher(x_t, sigma, [er, trainer.prompts.uncond])
     v, _ = trainer.backend.velocity(x_t, sigma, [er], lora=True)
@@ -192,13 +191,11 @@ def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: 
     backend.uninstall()
     # One LoRA, optimizer and prompt pool serve every variant (the backend holds one installed LoRA).
     base = ZEraseTrainer(backend, dataclasses.replace(case.config, xt_source="fresh"))
-    c = base.config
-    shared_pool = TrajectoryPool(backend, base.prompts.erase, base.prompts.uncond, base.prompts.keep, base.latent_shape,
-                                 base.sigmas, c.xt_pool, c.sample_cfg, c.seed)  # as xt_source="pool" builds it
+    shared_pool = base.build_pool()  # as xt_source="pool" builds it
     trainers = _variant_trainers(base, shared_pool)
     variants = {name: _step_of(name, t) for name, t in trainers.items()}
     out: dict = {"model": case.name, "image_tokens": case.image_tokens, "batch": 1,
-                 "resolution": [c.height, c.width], "timed": {"steps": steps, "repeats": repeats},
+                 "resolution": [base.config.height, base.config.width], "timed": {"steps": steps, "repeats": repeats},
                  "pool": {"trajectories": shared_pool.x.shape[0], "levels": shared_pool.x.shape[1],
                           "build_s": shared_pool.seconds, "amortised_over_steps": run_steps}}
     peaks = _peak_gib(variants, sync) if backend.device.type == "cuda" else None  # also each variant's warm-up

@@ -97,11 +97,12 @@ class ComfyZImageBackend(Backend):
         return [HostSlot(i, QKV_PATH.format(i), slices, self.dim) for i in range(self.n_layers)]
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        step = 8 * self.patch
+        fmt = self.patcher.model.latent_format
+        down = int(fmt.spacial_downscale_ratio)  # the VAE's (Z-Image's: 8)
+        step = down * self.patch
         if height % step or width % step:
             raise ZEraseError(f"{self.node}: resolution {height}×{width} must be a multiple of {step}.")
-        channels = int(self.patcher.model.latent_format.latent_channels)
-        return (channels, height // 8, width // 8)
+        return (int(fmt.latent_channels), height // down, width // down)
 
     # --- LoRA through object patches --------------------------------------------------------
     def _wrap(self, slot: HostSlot) -> GatedLoRALinear:
@@ -286,7 +287,7 @@ class ComfyZImageBackend(Backend):
             xs, ss = x[idx], sigma[idx].float()
             lengths = [prompts[i].n_tokens for i in idx]
             feats = torch.nn.utils.rnn.pad_sequence([prompts[i].features for i in idx], batch_first=True)
-            lay = nextdit_layout(feats.shape[1], xs, self.patch, self.multiple)
+            lay = self.layout(xs, [prompts[i] for i in idx])
             tokens = None if concept_tokens is None else [concept_tokens[i] for i in idx]
             recorder = self._mass_recorder(lay, tokens, mass_layers)
             with self.lora_switched(lora), self._caption_lengths(lengths), self._sharing_rows(xs, ss):
@@ -309,7 +310,7 @@ class ComfyZImageBackend(Backend):
         """See :meth:`Backend.attention_maps`; ``lora`` has no effect here (a MODEL carries its LoRAs as patches)."""
         self.load()
         feats = prompt.features[None]
-        lay = nextdit_layout(feats.shape[1], x, self.patch, self.multiple)
+        lay = self.layout(x, [prompt])
         recorder = WordMapRecorder([lay.columns([cols]) for cols in columns], layers)
         with self.recording(recorder):
             self.denoise(x[:1], sigma[:1].float(), feats)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..row_sharing import SharedRowsForward
-from .object_patches import CheckpointedForward, GatedForward
+from .object_patches import CheckpointedForward, GatedForward, erasure_chain
 
 SAMPLES = 64  # values read from each tensor: enough to tell two LoRAs apart, cheap on a 6 B model's patches
 
@@ -100,12 +100,11 @@ def _feed_object(h, obj: Any) -> None:
 
 def _feed_erasure_chain(h, forward: Any) -> None:
     """The erasure LoRAs on one qkv (this and earlier installations): factors, scale and strength."""
-    while isinstance(forward, GatedForward):
-        for adapter in forward.lora.adapters.values():  # not by name: each installation's is random
+    for lora in erasure_chain(forward):
+        for adapter in lora.adapters.values():  # not by name: each installation's is random
             h.update(f"{adapter.scale}:{adapter.strength}".encode())
             for tensor in adapter.parameters():
                 h.update(_sample(tensor))
-        forward = getattr(forward.lora.base_layer, "_previous", None)
 
 
 def _sample(tensor: torch.Tensor) -> bytes:

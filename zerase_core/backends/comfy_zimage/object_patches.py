@@ -4,7 +4,7 @@ casting keep working, and unpatching restores the original forwards."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -56,13 +56,16 @@ class GatedForward:
         return self.lora(x)
 
 
-def gate_chain(forward: Any) -> list[TokenGate]:
-    """The gates of an erasure-LoRA chain on one qkv (this installation's and earlier ones')."""
-    gates = []
+def erasure_chain(forward: Any) -> Iterator[GatedLoRALinear]:
+    """The gated layers of an erasure-LoRA chain on one qkv, newest first (this installation's and earlier ones')."""
     while isinstance(forward, GatedForward):
-        gates.append(forward.lora.gate)
+        yield forward.lora
         forward = getattr(forward.lora.base_layer, "_previous", None)
-    return gates
+
+
+def gate_chain(forward: Any) -> list[TokenGate]:
+    """The gates of an erasure-LoRA chain on one qkv."""
+    return [lora.gate for lora in erasure_chain(forward)]
 
 
 class CheckpointedForward:
