@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from zerase_core.backends.row_sharing import RowGroups
+from zerase_core.backends.row_sharing import RowGroups, take_rows
 from zerase_core.lora import LoRAConfig
 
 
@@ -35,6 +36,23 @@ def test_groups_of_equal_rows():
     same_x = x[:1].to(torch.bfloat16).expand(2, -1, -1, -1)
     assert RowGroups.of(same_x, torch.tensor([0.600, 0.601])) is None
     assert RowGroups.of(same_x, torch.tensor([0.6, 0.6])).inverse.tolist() == [0, 0]
+
+
+def test_expanded_rows_are_grouped_without_reading_them():
+    """x_t.expand(n) is one group by its strides: on a meta tensor (no data to read, no host sync
+    possible) the comparison path would raise; the expanded rows still come out as one group."""
+    x = torch.empty(1, 4, 8, 8, device="meta").expand(3, -1, -1, -1)
+    sigma = torch.empty(1, device="meta").expand(3)
+    groups = RowGroups.of(x, sigma)
+    assert groups.first.tolist() == [0] and groups.inverse.tolist() == [0, 0, 0]
+    # Equal values that are separate copies still go through the comparison, and σ must repeat too.
+    with pytest.raises(NotImplementedError):
+        RowGroups.of(torch.empty(3, 4, 8, 8, device="meta"), sigma)
+    assert RowGroups.of(torch.zeros(1, 4, 8, 8).expand(2, -1, -1, -1), torch.tensor([0.5, 0.7])) is None
+    # The ComfyUI backend splits a batch by caption length: a run of rows stays an expanded view.
+    assert take_rows(x, [1, 2]).stride(0) == 0 and RowGroups.of(take_rows(x, [1, 2]), sigma[1:]) is not None
+    picked = torch.arange(4.0)
+    assert take_rows(picked, [0, 2]).tolist() == [0.0, 2.0] and take_rows(picked, [1, 2]).tolist() == [1.0, 2.0]
 
 
 def test_shared_refiner_matches_separate_rows(tiny_backend):

@@ -28,6 +28,10 @@ class RowGroups:
         """Groups of equal (x, σ) rows, numbered by first appearance; None when every row is distinct."""
         if x.shape[0] < 2:
             return None  # nothing to share, and no host sync for it
+        if _one_row_repeated(x) and _one_row_repeated(sigma.reshape(-1)):
+            # The step's batches are x_t.expand(n, …): equal by construction, so no comparison and no
+            # host sync (on a GPU a sync stalls the queue of kernels the step has launched).
+            return cls(torch.zeros(1, dtype=torch.long), torch.zeros(x.shape[0], dtype=torch.long))
         # σ compared at its own precision, not x's, on x's device (the pool and the sampler keep σ on the host)
         rows, sigma = x.flatten(1), sigma.reshape(-1).to(x.device)
         # Row i against all rows: elementwise on the device; one host sync for the whole table.
@@ -50,6 +54,18 @@ class RowGroups:
 
     def expand(self, value: torch.Tensor) -> torch.Tensor:
         return value.index_select(0, self.inverse.to(value.device))
+
+
+def take_rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """Rows ``idx`` of ``t``; consecutive rows as a view, so an expanded x_t stays expanded (see RowGroups.of)."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return t[idx[0] : idx[0] + len(idx)]
+    return t[idx]
+
+
+def _one_row_repeated(t: torch.Tensor) -> bool:
+    """A view whose rows share one memory row (an ``expand`` of a single row)."""
+    return t.stride(0) == 0 or t.shape[0] == 1
 
 
 class SharedRowsForward:

@@ -17,7 +17,7 @@ from ...lora import GatedLoRALinear, LoRAConfig
 from ...prompts import EncodedPrompt
 from ...scoped import scoped
 from ..base import Backend, HostSlot, LoRASet, install_on
-from ..row_sharing import RowGroups, SharedRowsForward
+from ..row_sharing import RowGroups, SharedRowsForward, take_rows
 from .attention import recording_override
 from .clip_prompts import encode_with_clip
 from .digest import model_digest
@@ -284,7 +284,7 @@ class ComfyZImageBackend(Backend):
         v_out: list[torch.Tensor | None] = [None] * len(prompts)
         mass_out: list[torch.Tensor | None] = [None] * len(prompts)
         for _, idx in groups.items():
-            xs, ss = x[idx], sigma[idx].float()
+            xs, ss = take_rows(x, idx), take_rows(sigma, idx).float()
             lengths = [prompts[i].n_tokens for i in idx]
             feats = torch.nn.utils.rnn.pad_sequence([prompts[i].features for i in idx], batch_first=True)
             lay = self.layout(xs, [prompts[i] for i in idx])
