@@ -5,6 +5,7 @@ No timings are asserted here; the benchmark itself reports them.
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -152,3 +153,30 @@ def test_step_kinds_count_from_lambda_history():
 
     kinds = step_kinds([0.0, 0.5, 0.2, 0.0, 0.0, 0.3])
     assert (kinds["lambda_zero"], kinds["recomputed"], kinds["batched"]) == (2, 2, 2)
+
+
+def test_toy_step_kinds_are_the_shipped_lambda_bench():
+    """estimate.TOY_STEP_KINDS (weights of the composed run times) is the shipped bench-lambda run's summary:
+    re-running bench-lambda without copying its fractions over fails here."""
+    from pathlib import Path
+
+    from zerase_core.bench.estimate import TOY_STEP_KINDS
+
+    shipped = json.loads((Path(__file__).parents[1] / TOY_STEP_KINDS["source"]).read_text())["summary"]
+    for key in ("fraction_batched", "fraction_recomputed"):
+        assert TOY_STEP_KINDS[key] == pytest.approx(shipped[key], abs=1e-12)
+
+
+def test_bench_result_records_its_command_and_threads(tmp_path, monkeypatch, capsys):
+    """Every benchmark's JSON names the command that made it, with the thread count it really ran under."""
+    from zerase_core.bench.report import emit
+
+    out = tmp_path / "sub" / "r.json"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    emit({"x": 1}, argparse.Namespace(argv=["bench-xt", "--concepts", "red cube", "--out", str(out)], out=out))
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text()) and not list(out.parent.glob("*.partial"))
+    assert printed["command"] == f"OMP_NUM_THREADS=3 python -m zerase_core bench-xt --concepts 'red cube' --out {out}"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    emit({}, argparse.Namespace(argv=["bench-lambda"], out=None))
+    assert json.loads(capsys.readouterr().out)["command"] == "python -m zerase_core bench-lambda"

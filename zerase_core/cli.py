@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_text, add, _) in COMMANDS.items():
         add(sub.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # benchmarks record the command they ran
     try:
         return COMMANDS[args.command][2](args)
     except ZEraseError as err:

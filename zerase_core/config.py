@@ -15,7 +15,7 @@ from .lagrangian import MODES
 from .lora import LoRAConfig
 
 
-XT_SOURCES = ("fresh", "pool")  # where x_t comes from: see trainer.py and xt_pool.py
+XT_SOURCES = ("pool", "fresh")  # where x_t comes from, the default first: see trainer.py and xt_pool.py
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import logging
 import platform
 import random
@@ -41,7 +40,8 @@ from typing import Callable
 import torch
 
 from ..cli import command
-from ..config import TrainConfig
+from .report import emit
+from ..config import XT_SOURCES, TrainConfig
 from ..lora import LoRAConfig
 from ..objectives import loss_erase
 from .reference_step import reference_step
@@ -230,7 +230,7 @@ def _variant_trainers(base: ZEraseTrainer, shared_pool: TrajectoryPool) -> dict[
         return t
 
     trainers: dict[str, ZEraseTrainer] = {}
-    for source in ("pool", "fresh"):
+    for source in XT_SOURCES:
         trainers[f"ours_{source}_lambda_positive"] = trainer(source, lambda_mode="fixed", fixed_lambda=1.0)
         trainers[f"ours_{source}_lambda_zero"] = trainer(source, lambda_mode="fixed", fixed_lambda=0.0)
         trainers[f"gated_esd_{source}"] = trainer(source)
@@ -263,7 +263,7 @@ def _peak_gib(variants: dict[str, Callable[[], object]], sync: Callable[[], None
 def _ratios(s: dict[str, float], split: dict[str, float], run_steps: int) -> dict:
     """speedup_vs_reference and overhead_vs_gated_esd per x_t source and λ regime, the paper-λ weighing, headlines."""
     out: dict = {}
-    for source in ("pool", "fresh"):
+    for source in XT_SOURCES:
         for lam in ("lambda_positive", "lambda_zero"):
             ours = s[f"ours_{source}_{lam}"]
             out[f"speedup_vs_reference_{source}_{lam}"] = s["reference"] / ours
@@ -274,7 +274,7 @@ def _ratios(s: dict[str, float], split: dict[str, float], run_steps: int) -> dic
 
     f_b, f_r = TOY_STEP_KINDS["fraction_batched"], TOY_STEP_KINDS["fraction_recomputed"]
     out["paper_lambda_weighted"] = {"fractions": {"batched": f_b, "recomputed": f_r, "lambda_zero": 1 - f_b - f_r}}
-    for source in ("pool", "fresh"):
+    for source in XT_SOURCES:
         pos, zero = s[f"ours_{source}_lambda_positive"], s[f"ours_{source}_lambda_zero"]
         weighted = f_b * pos + (1 - f_b) * zero + f_r * split["student_pr_fwd_bwd"]
         out["paper_lambda_weighted"][source] = {
@@ -360,7 +360,7 @@ def run(tiny: bool = False, steps: int = 3, memory_estimate: bool = True, repeat
     result["real_zimage_run_time_estimate"] = run_time_estimate()
     speed = result["speed"]
     summary = {"default_xt_source": speed[0]["default_xt_source"]} if speed else {}
-    for source in ("pool", "fresh"):
+    for source in XT_SOURCES:
         for lam in ("lambda_positive", "lambda_zero"):
             summary[f"min_speedup_vs_reference_{source}_{lam}"] = min(r[f"speedup_vs_reference_{source}_{lam}"] for r in speed)
             summary[f"max_overhead_vs_gated_esd_{source}_{lam}"] = max(r[f"overhead_vs_gated_esd_{source}_{lam}"] for r in speed)
@@ -384,7 +384,7 @@ SPLIT_ROWS = ("fresh_xt_mean", "teacher_fwd_b3", "teacher_fwd_b2", "student_er_f
 def table(result: dict) -> str:
     """A readable summary of :func:`run`'s JSON."""
     lines = [f"device: {result['device']}", ""]
-    for source in ("pool", "fresh"):
+    for source in XT_SOURCES:
         lines += [f"x_t source: {source}" + (" (default)" if result["speed"] and result["speed"][0]["default_xt_source"] == source else ""),
                   "  model            img tok  ref s/step  ours s/step (λ>0 / λ=0)  ESD s/step  speedup (λ>0 / λ=0)  overhead (λ>0 / λ=0)"]
         for r in result["speed"]:
@@ -396,7 +396,7 @@ def table(result: dict) -> str:
                 f"{r[f'overhead_vs_gated_esd_{source}_lambda_positive']:>8.2f} / {r[f'overhead_vs_gated_esd_{source}_lambda_zero']:.2f}")
     lines += ["", "paper λ rule, step kinds weighed as on the toy: model  source  s/step  speedup  overhead"]
     for r in result["speed"]:
-        for source in ("pool", "fresh"):
+        for source in XT_SOURCES:
             w = r["paper_lambda_weighted"][source]
             lines.append(f"  {r['model']:<16} {r['image_tokens']:>5}  {source:<6} {w['seconds_per_step']:>8.3f}  "
                          f"{w['speedup_vs_reference']:>6.2f}×  {w['overhead_vs_gated_esd']:>6.2f}")
@@ -440,15 +440,7 @@ def _add(p: argparse.ArgumentParser) -> None:
 def _bench_cost(args: argparse.Namespace) -> int:
     result = run(tiny=args.tiny, steps=args.steps, memory_estimate=not args.no_estimate, repeats=args.repeats,
                  models=tuple(args.models))
-    result["command"] = " ".join(["OMP_NUM_THREADS=1 python -m zerase_core bench-cost", *(["--tiny"] if args.tiny else []),
-                                  f"--steps {args.steps} --repeats {args.repeats}",
-                                  *([f"--models {' '.join(args.models)}"] if args.models else []),
-                                  *(["--no-estimate"] if args.no_estimate else []), *([f"--out {args.out}"] if args.out else [])])
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)  # stdout stays valid JSON; the table goes to stderr
+    emit(result, args)  # stdout stays valid JSON; the table goes to stderr
     print(table(result), file=sys.stderr)
     return 0
 

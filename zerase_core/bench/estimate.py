@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .memory import GiB, saved_bytes
+from ..config import XT_SOURCES
 from ..prompts import EncodedPrompt
 
 REAL = dict(dim=3840, n_layers=30, n_heads=30, params=6.15e9, caption_tokens=64, ffn_ratio=8 / 3)
@@ -213,7 +214,7 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float, po
     fractions = {"batched": fraction_batched, "recomputed": fraction_recomputed,
                  "lambda_zero": 1 - fraction_batched - fraction_recomputed}
     rows = {}
-    for source in ("pool", "fresh"):
+    for source in XT_SOURCES:
         for ckpt in (True, False):
             kinds, esd = _step_kinds(p, ckpt, 1 + mass_overhead)
             xt = _xt_cost(p, source, levels, pool_trajectories)

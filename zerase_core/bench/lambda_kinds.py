@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from ..cli import command
+from ..config import XT_SOURCES
+from .report import emit
 
 
 def step_kinds(lams: list[float]) -> dict:
@@ -67,19 +68,12 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concepts", nargs="+", default=["red", "circle"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--sources", nargs="+", default=["pool", "fresh"], choices=["pool", "fresh"])
+    p.add_argument("--sources", nargs="+", default=list(XT_SOURCES), choices=XT_SOURCES)
     p.add_argument("--out", type=Path)
 
 
 @command("bench-lambda", "toy world: fraction of steps with λ > 0 under the paper's λ rule", _add)
 def _bench_lambda(args: argparse.Namespace) -> int:
     result = measure(args.concepts, args.seeds, args.steps, args.sources)
-    result["command"] = (f"OMP_NUM_THREADS=1 python -m zerase_core bench-lambda --concepts {' '.join(args.concepts)} "
-                         f"--seeds {' '.join(map(str, args.seeds))} --steps {args.steps} --sources {' '.join(args.sources)}"
-                         + (f" --out {args.out}" if args.out else ""))
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args)
     return 0

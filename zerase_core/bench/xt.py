@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from ..cli import command
+from ..config import XT_SOURCES
+from .report import emit
 
-SOURCES = ("fresh", "pool")
 METRICS = ("acc_e", "acc_ir", "h_a")
 
 
@@ -36,7 +36,7 @@ def compare(concepts: list[str], seeds: list[int], steps: int, n_eval: int, pool
         concept = parse_concept(word)
         for seed in seeds:
             base = toy_train_config(concept, None, steps, seed, bundle.sampling)
-            for source in SOURCES:
+            for source in XT_SOURCES:
                 backend = toy_backend(bundle)
                 start = time.perf_counter()
                 trainer = ZEraseTrainer(backend, dataclasses.replace(base, xt_source=source, xt_pool=pool))
@@ -48,7 +48,7 @@ def compare(concepts: list[str], seeds: list[int], steps: int, n_eval: int, pool
                               "pool_build_s": trainer.xt_pool.seconds if trainer.xt_pool else 0.0,
                               **{m: report[m] for m in METRICS}})
     summary = {}
-    for source in SOURCES:
+    for source in XT_SOURCES:
         rows = [c for c in cells if c["xt_source"] == source]
         summary[source] = {k: statistics.mean(c[k] for c in rows) for k in ("seconds", *METRICS)}
     summary["pool_speedup"] = summary["fresh"]["seconds"] / summary["pool"]["seconds"]
@@ -67,13 +67,9 @@ def _add(p: argparse.ArgumentParser) -> None:
 @command("bench-xt", "toy world: erasure and cost with fresh ESD x_t vs the trajectory pool", _add)
 def _bench_xt(args: argparse.Namespace) -> int:
     result = compare(args.concepts, args.seeds, args.steps, args.n_eval, args.pool)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args)
     s = result["summary"]
-    for source in SOURCES:
+    for source in XT_SOURCES:
         print(f"{source:>6}: {s[source]['seconds']:7.1f} s  acc_e {s[source]['acc_e']:.3f}  acc_ir {s[source]['acc_ir']:.3f}"
               f"  h_a {s[source]['h_a']:.3f}", file=sys.stderr)
     return 0

@@ -1,0 +1,28 @@
+"""How every benchmark hands back its result: JSON on stdout, the same in ``--out``, with the command that made it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+from pathlib import Path
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as it was run, with the thread count it ran under (timings depend on it)."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return " ".join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), "python -m zerase_core", shlex.join(argv)])
+
+
+def emit(result: dict, args: argparse.Namespace) -> None:
+    """Add ``command`` to ``result``, write it to ``args.out`` when given, and print it (stdout stays valid JSON)."""
+    result["command"] = command_line(args.argv)
+    text = json.dumps(result, indent=2)
+    out: Path | None = args.out
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(text + "\n")
+        partial.replace(out)  # a cancelled run leaves the last result whole
+    print(text)
