@@ -13,6 +13,7 @@ import torch
 
 from zerase_core.bench.memory import attention_loss_bytes, growth_exponent
 from zerase_core.config import TrainConfig
+from zerase_core.lagrangian import rule_for
 from zerase_core.lora import LoRAConfig
 from zerase_core.bench.reference_step import reference_losses
 from zerase_core.tiny import tiny_zimage_backend
@@ -57,6 +58,22 @@ def test_reference_step_computes_our_losses_and_gradients(lam):
         assert a.item() == pytest.approx(b.item(), rel=1e-4, abs=1e-7)
     assert ours[1].item() > 0  # the attention term is really there
     assert torch.allclose(g_ours, g_ref, rtol=1e-3, atol=1e-6)
+
+
+def test_bench_variants_run_the_lambda_their_names_say():
+    """bench-cost times copies of one trainer: each must run its own λ rule. A copy that kept the base's
+    (paper) rule timed the batch-3 path for the "λ = 0" variants too."""
+    from zerase_core.bench.cost import _variant_trainers
+
+    base = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="fresh"))
+    trainers = _variant_trainers(base, base.build_pool())
+    assert len({id(t.lam) for t in trainers.values()}) == len(trainers)
+    for name, t in trainers.items():
+        if name.startswith("ours_"):
+            record = t.train_step()
+            assert record.lam == (1.0 if name.endswith("lambda_positive") else 0.0), name
+            assert t.lam.needs_pr_gradient() == name.endswith("lambda_positive"), name
+    assert base.lam.state() == rule_for(base.config).state()  # the base's rule was never stepped
 
 
 def test_pool_holds_the_frozen_teachers_predictions():

@@ -136,6 +136,11 @@ def lambda_rule(mode: str, alpha: float, beta: float, epsilon: float, fixed: flo
     return (PairedLambda if mode == "paired" else PaperLambda)(alpha=alpha, beta=beta, epsilon=epsilon)
 
 
+def rule_for(config) -> _Rule:
+    """The λ rule a :class:`~zerase_core.config.TrainConfig` names, with its settings (α is the learning rate)."""
+    return lambda_rule(config.lambda_mode, config.lr, config.beta, config.eps, config.fixed_lambda)
+
+
 def exact_lambda(grad_er: torch.Tensor, grad_pr: torch.Tensor, epsilon: float) -> float:
     """Eq. 12 clipped at 0 (λ ≥ 0): the dual optimum for flattened gradients."""
     g_er, g_pr = grad_er.double(), grad_pr.double()

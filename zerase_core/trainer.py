@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .errors import ZEraseError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .history import StepRecord, TrainResult, stored_series
-from .lagrangian import direction, lambda_rule
+from .lagrangian import direction, rule_for
 from .lora_file import ErasureLoRA
 from .objectives import loss_attn, loss_er, loss_erase, loss_preserve, loss_total
 from .prompt_pool import PromptPool
@@ -79,7 +79,7 @@ class ZEraseTrainer:
         self.params = [p.requires_grad_(True) for p in self.lora.parameters()]
         # §5.1 names AdamW at α and no weight decay: torch's default 0.01, stated so it is a choice, not an accident.
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.01)
-        self.lam = lambda_rule(config.lambda_mode, config.lr, config.beta, config.eps, config.fixed_lambda)
+        self.lam = rule_for(config)
         self.rng = random.Random(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.step, self.seconds, self.history = 0, 0.0, []

@@ -42,6 +42,7 @@ import torch
 from ..cli import command
 from .report import emit
 from ..config import XT_SOURCES, TrainConfig
+from ..lagrangian import rule_for
 from ..lora import LoRAConfig
 from ..objectives import loss_erase
 from .reference_step import reference_step
@@ -223,6 +224,7 @@ def _variant_trainers(base: ZEraseTrainer, shared_pool: TrajectoryPool) -> dict[
     def trainer(source: str, **over) -> ZEraseTrainer:
         t = copy.copy(base)  # a shallow copy with its own settings and x_t source
         t.config = dataclasses.replace(c, **over)
+        t.lam = rule_for(t.config)  # its own λ rule: the copy would share the base's, whatever the config says
         t.xt_pool = shared_pool if source == "pool" else None
         # Its own RNGs, seeded alike: every variant draws the same prompts and levels in the
         # same order, so fresh variants sample x_t to the same random depths step by step.
