@@ -53,7 +53,8 @@ class AttentionMapViewer(io.ComfyNode):
         backend = ComfyZImageBackend(model, clip, node=NODE)
         end = backend.n_layers if layer_end < 0 else min(layer_end, backend.n_layers)
         if not 0 <= layer_start < end:
-            raise ZEraseError(f"{NODE}: layer range {layer_start}..{layer_end} is empty; the model has {backend.n_layers} layers.")
+            raise ZEraseError(
+                f"{NODE}: layer range {layer_start}..{layer_end} is empty; the model has {backend.n_layers} layers.")
         layers = set(range(layer_start, end))
         (encoded,) = backend.encode([prompt])
         columns = [concept_token_indices(encoded, w) for w in words]

@@ -42,7 +42,8 @@ class MergeErasureLoRAs(io.ComfyNode):
                 ErasureLoRAType.Input("lora_4", optional=True),
                 io.String.Input("weights", default="", tooltip="Comma-separated, one per LoRA; empty: 1/N each."),
                 io.Int.Input("rank", default=0, min=0, max=1024, tooltip="0: exact merge; else re-rank by SVD."),
-                io.String.Input("save_name", default="", tooltip="Empty: do not save. Saved under models/loras/zerase/."),
+                io.String.Input("save_name", default="",
+                                tooltip="Empty: do not save. Saved under models/loras/zerase/."),
             ],
             outputs=[ErasureLoRAType.Output(display_name="erasure_lora"), io.String.Output(display_name="report")],
         )

@@ -56,5 +56,6 @@ def _installed(backend: Backend, lora: ErasureLoRA, name: str, strength: float) 
 
 def export_lora(lora_set: LoRASet, **describe) -> ErasureLoRA:
     """Snapshot a trained :class:`LoRASet` as an :class:`ErasureLoRA` (fp32, on CPU)."""
-    factors = {k: (a.detach().float().cpu().clone(), b.detach().float().cpu().clone()) for k, (a, b) in lora_set.factors().items()}
+    factors = {k: (a.detach().float().cpu().clone(), b.detach().float().cpu().clone())
+               for k, (a, b) in lora_set.factors().items()}
     return ErasureLoRA(factors, scale=lora_set.config.scale, strength=lora_set.config.strength, **describe)

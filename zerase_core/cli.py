@@ -77,7 +77,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concept", required=True)
     p.add_argument("--preserve", nargs="*", default=[], help="preservation concepts")
     p.add_argument("--template", dest="templates", action="append", help="erase prompt template with {} (repeatable)")
-    p.add_argument("--preset", default=TrainConfig.preset, choices=list(PRESETS), help="concept type (sets ε, template)")
+    p.add_argument("--preset", default=TrainConfig.preset, choices=list(PRESETS),
+                   help="concept type (sets ε, template)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--epsilon", type=float, default=None)

@@ -72,7 +72,8 @@ class TrainConfig:
         if self.lambda_mode not in MODES:
             raise ZEraseError(f"Unknown λ mode '{self.lambda_mode}'; choose one of {MODES}.")
         if self.xt_source not in XT_SOURCES or self.xt_pool < 1:
-            raise ZEraseError(f"xt_source must be one of {XT_SOURCES} and xt_pool ≥ 1; got {self.xt_source!r}, {self.xt_pool}.")
+            raise ZEraseError(f"xt_source must be one of {XT_SOURCES} and xt_pool ≥ 1; "
+                              f"got {self.xt_source!r}, {self.xt_pool}.")
         if self.steps < 1 or self.lr <= 0 or self.beta < 0:
             raise ZEraseError("steps must be ≥ 1, the learning rate > 0 and β ≥ 0.")
         if any(not p.strip() for p in self.preserve):

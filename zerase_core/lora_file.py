@@ -103,7 +103,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        raise ZEraseError(f"'{path.name}' is not a readable safetensors file ({err}); re-download or re-train it.") from err
+        raise ZEraseError(
+            f"'{path.name}' is not a readable safetensors file ({err}); re-download or re-train it.") from err
 
 
 def read_description(path: str | Path) -> dict[str, Any]:

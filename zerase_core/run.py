@@ -29,7 +29,8 @@ def progress_bar(total: int, initial: int = 0, label: str = "Z-Erase"):
 
     def on_step(record, trainer) -> None:
         bar.update(1)
-        bar.set_postfix(erase=f"{record.erase:.4f}", attn=f"{record.attn:.3f}", pr=f"{record.pr:.2e}", lam=f"{record.lam:.3f}")
+        bar.set_postfix(erase=f"{record.erase:.4f}", attn=f"{record.attn:.3f}", pr=f"{record.pr:.2e}",
+                        lam=f"{record.lam:.3f}")
 
     return on_step, bar
 

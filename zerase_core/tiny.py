@@ -53,4 +53,5 @@ def tiny_zimage_backend(config: TinyZImageConfig = TinyZImageConfig(), seed: int
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
     encoder = HashWordEncoder(config.cap_feat_dim, seed)
-    return DiffusersZImageBackend(transformer.eval(), encoder, LatentSpec(config.in_channels, config.downsample), "z-image-tiny")
+    latent = LatentSpec(config.in_channels, config.downsample)
+    return DiffusersZImageBackend(transformer.eval(), encoder, latent, "z-image-tiny")

@@ -197,7 +197,8 @@ class ZEraseTrainer:
         elapsed = time.perf_counter() - start
         self.seconds += elapsed
         record = StepRecord(
-            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lam.last_g, sigma, elapsed, self._recomputed
+            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lam.last_g, sigma, elapsed,
+            self._recomputed,
         )
         self.history.append(record)
         return record

@@ -139,7 +139,8 @@ def real_zimage_estimate(measured: dict) -> dict:
     check = []
     for ref in H100_REPORTED:
         est = estimate(MemoryCase(ref["resolution"], ref["batch"], ref["checkpointing"]), fit)
-        check.append(ref | {"estimated_gb_above_weights": round(est["activations_gb"] + est["lora_and_adam_gib"] * GiB / 1e9, 2)})
+        above = est["activations_gb"] + est["lora_and_adam_gib"] * GiB / 1e9
+        check.append(ref | {"estimated_gb_above_weights": round(above, 2)})
     cases = {
         "512_bf16_ckpt_b3": estimate(MemoryCase(512, 3, True), fit),
         "1024_bf16_ckpt_b3": estimate(MemoryCase(1024, 3, True), fit),

@@ -70,6 +70,7 @@ def _bench_xt(args: argparse.Namespace) -> int:
     emit(result, args)
     s = result["summary"]
     for source in XT_SOURCES:
-        print(f"{source:>6}: {s[source]['seconds']:7.1f} s  acc_e {s[source]['acc_e']:.3f}  acc_ir {s[source]['acc_ir']:.3f}"
-              f"  h_a {s[source]['h_a']:.3f}", file=sys.stderr)
+        row = s[source]
+        print(f"{source:>6}: {row['seconds']:7.1f} s  acc_e {row['acc_e']:.3f}  acc_ir {row['acc_ir']:.3f}"
+              f"  h_a {row['h_a']:.3f}", file=sys.stderr)
     return 0

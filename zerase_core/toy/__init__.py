@@ -100,7 +100,8 @@ def generate(
 
 
 def evaluate_adherence(
-    bundle: ToyBundle, n_per_attr: int = 100, seed: int = 0, style: str = "canonical", sampler: SamplerConfig | None = None
+    bundle: ToyBundle, n_per_attr: int = 100, seed: int = 0, style: str = "canonical",
+    sampler: SamplerConfig | None = None,
 ) -> dict[str, float]:
     """Per attribute, the fraction of ``n_per_attr`` random prompts whose image shows the prompted value.
 

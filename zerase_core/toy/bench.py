@@ -47,8 +47,10 @@ METHODS = (
     Method("token_zeroing", "concept key columns removed from attention at inference (§3)", zero_tokens=True),
     Method("naive_ungated", "LoRA on shared q/k/v for all tokens, L_erase only (§3: collapses)", ESD, {"scope": "all"}),
     Method("gated_erase", "gated LoRA, L_erase only (ESD in the safe subspace)", ESD),
-    Method("gated_erase_attn", "gated, L_erase + L_attn, no preservation", {"lambda_mode": "fixed", "fixed_lambda": 0.0}),
-    Method("gated_fixed_lambda", "gated, L_er + 1.0·L_pr (static weighting)", {"lambda_mode": "fixed", "fixed_lambda": 1.0}),
+    Method("gated_erase_attn", "gated, L_erase + L_attn, no preservation",
+           {"lambda_mode": "fixed", "fixed_lambda": 0.0}),
+    Method("gated_fixed_lambda", "gated, L_er + 1.0·L_pr (static weighting)",
+           {"lambda_mode": "fixed", "fixed_lambda": 1.0}),
     Method("zerase", "Z-Erase: gated, L_er + λ L_pr, λ by Eq. 15 (ε = 1e-3)", {}),
     Method("zerase_fresh", "Z-Erase with x_t sampled fresh every step (ESD's way; the default is a pool)",
            {"xt_source": "fresh"}),
@@ -93,7 +95,8 @@ def config_key(config: TrainConfig | None) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def run_cell(bundle, method: Method, concept: Concept, seed: int, config: TrainConfig | None, n_eval: int) -> dict[str, Any]:
+def run_cell(bundle, method: Method, concept: Concept, seed: int, config: TrainConfig | None,
+             n_eval: int) -> dict[str, Any]:
     """Train by ``config`` (from :func:`cell_config`; None: no training) and measure."""
     backend = toy_backend(bundle)
     start = time.perf_counter()
@@ -101,11 +104,14 @@ def run_cell(bundle, method: Method, concept: Concept, seed: int, config: TrainC
     if lora_on:
         ZEraseTrainer(backend, config).run()
     train_seconds = time.perf_counter() - start
+    def measure(lora: bool) -> dict[str, Any]:
+        return erasure_report(backend, bundle, concept, n_eval, EVAL_SEED_OFFSET + seed, lora=lora, styles=PROMPT_STYLES)
+
     if method.zero_tokens:
         with backend.zeroing_tokens(_zeroing_fn(concept)):
-            report = erasure_report(backend, bundle, concept, n_eval, EVAL_SEED_OFFSET + seed, lora=False, styles=PROMPT_STYLES)
+            report = measure(lora=False)
     else:
-        report = erasure_report(backend, bundle, concept, n_eval, EVAL_SEED_OFFSET + seed, lora=lora_on, styles=PROMPT_STYLES)
+        report = measure(lora=lora_on)
     backend.uninstall()
     return report | {"train_seconds": round(train_seconds, 1)}
 
@@ -137,7 +143,8 @@ def summarise(cells: dict[tuple[str, str, int], dict], concepts: list[Concept]) 
 
 def to_markdown(rows: list[dict[str, Any]], kinds: list[str], command: str) -> str:
     fmt = lambda ms: f"{ms[0]:.2f} ± {ms[1]:.2f}"  # noqa: E731
-    head = ["method"] + [f"{k} acc_e ↓ / h_a ↑" for k in kinds] + ["acc_e synonym", "acc_e shuffled", "acc_e paraphrase", "FD ↓", "train s"]
+    head = (["method"] + [f"{k} acc_e ↓ / h_a ↑" for k in kinds]
+            + ["acc_e synonym", "acc_e shuffled", "acc_e paraphrase", "FD ↓", "train s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"]]
@@ -151,7 +158,8 @@ def to_markdown(rows: list[dict[str, Any]], kinds: list[str], command: str) -> s
 
 
 def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: int, out: Path,
-              methods: list[str] | None, command: str, bundle=None, assemble_only: bool = False) -> list[dict[str, Any]]:
+              methods: list[str] | None, command: str, bundle=None,
+              assemble_only: bool = False) -> list[dict[str, Any]]:
     """Run (or, with ``assemble_only``, only collect) every cell, then write bench.json and bench.md.
 
     Cells are independent files, so several processes may fill one ``out`` folder in parallel.
@@ -171,7 +179,8 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
                 # keyed by the weights and the settings too: a cell measured on other ones is not reused
                 config = cell_config(bundle, method, concept, seed, steps)
                 key = config_key(config)
-                path = out / "cells" / f"{method.name}__{concept.word}__{seed}__{steps}__{n_eval}__{weights}__{key}.json"
+                name = f"{method.name}__{concept.word}__{seed}__{steps}__{n_eval}__{weights}__{key}.json"
+                path = out / "cells" / name
                 if not path.exists():
                     if assemble_only:
                         continue

@@ -22,7 +22,9 @@ from ..lora import LoRAConfig
 from ..render import grid, to_pil
 from ..run import every, train_and_save
 from ..sampling import PREVIEW_SEED_OFFSET
-from .erasure_metrics import Concept, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word, weights_identity
+from .erasure_metrics import (
+    Concept, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word, weights_identity,
+)
 from .world import ATTRIBUTES, PROMPT_STYLES, Labels, make_prompt, random_labels
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,8 @@ def _dealt(values: tuple[str, ...], n: int, rng: random.Random) -> list[str]:
     return dealt
 
 
-def toy_train_config(concept: Concept, preserve: tuple[str, ...] | None, steps: int, seed: int, sampling) -> TrainConfig:
+def toy_train_config(concept: Concept, preserve: tuple[str, ...] | None, steps: int, seed: int,
+                     sampling) -> TrainConfig:
     """Paper defaults (α, β, η, λ rule, ε of the preset) at toy scale.
 
     The preservation set defaults to the other values of the concept's attribute (erasing
@@ -166,7 +169,8 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     log.info("measuring the original model on %d + %d prompts", n_eval, n_eval)
     # seed + 1000, not EVAL_SEED_OFFSET: the demo's shipped report (docs/bench) was measured on this stream
     original = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=False, styles=PROMPT_STYLES)
-    result, lora_path = train_and_save(backend, config, out, callbacks=[every(max(1, steps // 4), preview(backend, bundle, concept, seed, out))])
+    previews = every(max(1, steps // 4), preview(backend, bundle, concept, seed, out))
+    result, lora_path = train_and_save(backend, config, out, callbacks=[previews])
     log.info("measuring the erased model")
     erased = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=True, styles=PROMPT_STYLES)
     to_pil(comparison_grid(backend, bundle, concept, seed)[0]).save(out / "before_after.png")

@@ -33,7 +33,8 @@ def adherence(
     cls_device = next(classifier.parameters()).device
     for start in range(0, n, batch):
         chunk = slice(start, start + batch)
-        images = euler_sample(transformer, encoder, dit, prompts[chunk], seed + start, sampler, param.device, param.dtype)
+        images = euler_sample(transformer, encoder, dit, prompts[chunk], seed + start, sampler,
+                              param.device, param.dtype)
         predicted = classifier.predict(images.to(cls_device, torch.float32))
         for name in ATTRIBUTES:
             hits[name] += sum(p == getattr(lab, name) for p, lab in zip(predicted[name], labels[chunk]))

@@ -35,7 +35,8 @@ class DiTConfig:
 
     def __post_init__(self):
         if self.dim % self.n_heads or self.dim // self.n_heads != sum(self.axes_dims):
-            raise ValueError(f"DiTConfig: head_dim {self.dim}/{self.n_heads} must equal sum(axes_dims) {self.axes_dims}")
+            raise ValueError(
+                f"DiTConfig: head_dim {self.dim}/{self.n_heads} must equal sum(axes_dims) {self.axes_dims}")
         if IMAGE_SIZE % (self.unshuffle * self.patch_size):
             raise ValueError(f"DiTConfig: image size {IMAGE_SIZE} not divisible by unshuffle*patch_size")
 
@@ -65,7 +66,8 @@ def to_image(latents: torch.Tensor, config: DiTConfig) -> torch.Tensor:
 
 
 def predict(
-    transformer: ZImageTransformer2DModel, x: torch.Tensor, sigma: torch.Tensor, caps: list[torch.Tensor], patch_size: int
+    transformer: ZImageTransformer2DModel, x: torch.Tensor, sigma: torch.Tensor, caps: list[torch.Tensor],
+    patch_size: int,
 ) -> torch.Tensor:
     """The model's raw output (x0 - eps, i.e. minus the velocity) for a batch of (N, C, h, w) latents."""
     return zimage_forward(transformer, x, sigma, caps, patch_size=patch_size)

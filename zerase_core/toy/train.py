@@ -168,7 +168,8 @@ class Trainer:
         do), so a patch-2 run can seed a patch-1 run and keep what it learnt about the prompts.
         """
         state = torch.load(path, map_location="cpu", weights_only=False)
-        for module, ema, key in ((self.transformer, self.ema_transformer, "transformer"), (self.encoder, self.ema_encoder, "encoder")):
+        pairs = ((self.transformer, self.ema_transformer, "transformer"), (self.encoder, self.ema_encoder, "encoder"))
+        for module, ema, key in pairs:
             own = module.state_dict()
             fits = {k: v for k, v in state[key].items() if k in own and own[k].shape == v.shape}
             module.load_state_dict(fits, strict=False)

@@ -248,7 +248,8 @@ def make_prompt(
 
 
 def _position_phrase(value: str, syn_rng, rng: random.Random, style: str) -> str:
-    template = _POSITION_PHRASES[value][0] if style in ("canonical", "shuffled") else rng.choice(_POSITION_PHRASES[value])
+    phrases = _POSITION_PHRASES[value]
+    template = phrases[0] if style in ("canonical", "shuffled") else rng.choice(phrases)
     return template.format(_word(value, syn_rng))
 
 
