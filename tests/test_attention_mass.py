@@ -50,7 +50,8 @@ def test_in_bf16_the_widened_call_is_as_accurate_as_the_stock_one():
 
 
 def test_backend_mass_is_a_probability_share(tiny_backend):
-    """Image queries' mass on one word is less than on the whole caption, which is less than 1 (the image gets the rest)."""
+    """Image queries' mass on one word is less than on the whole caption, which is less than 1 (the image gets
+    the rest)."""
     tiny_backend.install(LoRAConfig(rank=2))
     enc = tiny_backend.encode(["a red circle"])
     x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([0.5])

@@ -103,8 +103,8 @@ def test_pool_halves_its_batch_when_memory_runs_out(monkeypatch):
 
     backend = tiny_zimage_backend()
     trainer = ZEraseTrainer(backend, _config())
-    args = (backend, trainer.prompts.erase, trainer.prompts.uncond, trainer.prompts.keep, trainer.latent_shape, trainer.sigmas,
-            6, 1.0, 0)
+    prompts = trainer.prompts
+    args = (backend, prompts.erase, prompts.uncond, prompts.keep, trainer.latent_shape, trainer.sigmas, 6, 1.0, 0)
     reference = TrajectoryPool(*args)  # the default batch, which fits here
     real, rows_seen = backend.velocity, []
 
@@ -122,9 +122,11 @@ def test_pool_halves_its_batch_when_memory_runs_out(monkeypatch):
 
 
 def test_pool_training_runs_and_resumes_identically(tmp_path):
-    first = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", steps=4), checkpoint_path=tmp_path / "a.ckpt")
+    first = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", steps=4),
+                          checkpoint_path=tmp_path / "a.ckpt")
     full = first.run()
-    second = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", steps=2), checkpoint_path=tmp_path / "b.ckpt")
+    second = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", steps=2),
+                           checkpoint_path=tmp_path / "b.ckpt")
     second.run()
     third = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", steps=4))
     third.resume(tmp_path / "b.ckpt")
@@ -148,8 +150,8 @@ def test_bench_cost_command_prints_json_with_the_required_keys(capsys):
     assert main(["bench-cost", "--tiny", "--steps", "1", "--no-estimate"]) == 0
     result = json.loads(capsys.readouterr().out)
     (row,) = result["speed"]
-    for key in ("speedup_vs_reference", "overhead_vs_gated_esd", "overhead_vs_gated_esd_lambda_zero", "seconds_per_step",
-                "split_seconds", "default_xt_source"):
+    for key in ("speedup_vs_reference", "overhead_vs_gated_esd", "overhead_vs_gated_esd_lambda_zero",
+                "seconds_per_step", "split_seconds", "default_xt_source"):
         assert key in row
     for source in ("pool", "fresh"):  # both x_t sources, the ESD step with the same source as ours
         for key in (f"ours_{source}_lambda_positive", f"ours_{source}_lambda_zero", f"gated_esd_{source}"):

@@ -243,7 +243,8 @@ def test_training_on_top_of_an_applied_erasure_lora():
 def test_training_loads_the_whole_model_and_refuses_a_partial_load(monkeypatch):
     """Backward needs the weights each forward saved; a low-VRAM partial load streams weights through cast buffers
     every layer reuses (a GPU-only path). So training asks ComfyUI for a whole load with every other model out of
-    the way (the text encoder would otherwise keep ~8 GB of a 24 GB card), as its own LoRA trainer does, and refuses with a message where ComfyUI still loads in part (--novram) or runs out of memory."""
+    the way (the text encoder would otherwise keep ~8 GB of a 24 GB card), as its own LoRA trainer does, and refuses
+    with a message where ComfyUI still loads in part (--novram) or runs out of memory."""
     from zerase_core.config import TrainConfig
     from zerase_core.trainer import ZEraseTrainer
 

@@ -304,7 +304,8 @@ def test_load_and_merge(pack, loras_dir):
 def test_attention_map_viewer_and_compare(pack):
     viewer, compare = pack["ZEraseAttentionMaps"], pack["ZEraseCompare"]
     model, clip = tiny_zimage(comfy), tiny_clip(comfy)
-    (erased,) = pack["ZEraseApplyLoRA"].execute(model=model, lora_name="(none)", strength=1.0, erasure_lora=random_lora())
+    (erased,) = pack["ZEraseApplyLoRA"].execute(model=model, lora_name="(none)", strength=1.0,
+                                                erasure_lora=random_lora())
     latent = {"samples": torch.randn(1, 16, 8, 8)}
     (img,) = viewer.execute(model=model, clip=clip, prompt="a photo of a cat on a mat", words="cat, mat",
                             sigmas="0.3, 0.7", layer_start=0, layer_end=-1, seed=0, latent=latent, model_b=erased)

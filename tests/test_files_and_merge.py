@@ -18,7 +18,8 @@ from zerase_core.merge import merge, merge_exact, rerank
 def _random_lora(keys, d_in=64, d_out=64, rank=4, seed=0, scale=0.5, concept="red"):
     g = torch.Generator().manual_seed(seed)
     factors = {k: (torch.randn(rank, d_in, generator=g), torch.randn(d_out, rank, generator=g)) for k in keys}
-    return ErasureLoRA(factors, scale=scale, concept=concept, fingerprint={"family": "z-image-tiny", "dim": 64, "n_layers": 2})
+    fingerprint = {"family": "z-image-tiny", "dim": 64, "n_layers": 2}
+    return ErasureLoRA(factors, scale=scale, concept=concept, fingerprint=fingerprint)
 
 
 KEYS = [(0, "q"), (0, "k"), (1, "v")]
@@ -30,7 +31,7 @@ def test_save_load_is_exact(tmp_path):
     back = load_lora(path)
     assert back.factors.keys() == lora.factors.keys()
     for k in KEYS:
-        assert torch.equal(back.factors[k][0], lora.factors[k][0]) and torch.equal(back.factors[k][1], lora.factors[k][1])
+        assert all(torch.equal(mine, theirs) for mine, theirs in zip(back.factors[k], lora.factors[k]))
     assert (back.scale, back.concept, back.fingerprint) == (lora.scale, lora.concept, lora.fingerprint)
     meta = json.loads(json.dumps(back.metadata()))
     assert meta["gate"]["kind"] == "text-tokens" and meta["targets"] == ["q", "k", "v"]
@@ -65,7 +66,8 @@ def test_refusals(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{notjson")
     with pytest.raises(ZEraseError, match="not a readable safetensors"):
         load_lora(tmp_path / "broken.safetensors")
-    save_file({"transformer.layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 4)}, str(tmp_path / "stock.safetensors"))
+    stock = {"transformer.layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 4)}
+    save_file(stock, str(tmp_path / "stock.safetensors"))
     with pytest.raises(ZEraseError, match="ordinary LoRA"):
         load_lora(tmp_path / "stock.safetensors")
     with pytest.raises(ZEraseError, match="not found"):
@@ -173,7 +175,8 @@ def test_exact_merge_is_the_weighted_sum_of_products():
         expected = 0.3 * a.delta_weight(key) + (0.7 * b.delta_weight(key) if key in b.factors else 0)
         assert torch.allclose(merged.delta_weight(key), expected, atol=1e-5)
     default = merge_exact([a, b])  # paper's w_i = 1/N
-    assert torch.allclose(default.delta_weight(KEYS[0]), 0.5 * (a.delta_weight(KEYS[0]) + b.delta_weight(KEYS[0])), atol=1e-5)
+    mean = 0.5 * (a.delta_weight(KEYS[0]) + b.delta_weight(KEYS[0]))
+    assert torch.allclose(default.delta_weight(KEYS[0]), mean, atol=1e-5)
 
 
 def test_exact_merge_agrees_with_peft_cat_merge():
@@ -188,7 +191,8 @@ def test_exact_merge_agrees_with_peft_cat_merge():
     ours = []
     for name in ("first", "second"):
         torch.nn.init.normal_(layer.lora_B[name].weight)
-        ours.append(ErasureLoRA({(0, "q"): (layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach())}, scale=layer.scaling[name]))
+        factors = {(0, "q"): (layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach())}
+        ours.append(ErasureLoRA(factors, scale=layer.scaling[name]))
     peft_model.add_weighted_adapter(["first", "second"], [0.25, 0.75], "m", combination_type="cat")
     reference = layer.get_delta_weight("m").double()
     merged, _ = merge(ours, [0.25, 0.75])

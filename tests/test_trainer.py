@@ -61,12 +61,15 @@ def test_thirty_steps_lower_erase_loss_and_keep_lambda_valid():
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    full = ZEraseTrainer(tiny_zimage_backend(), _config(steps=12, checkpoint_every=5), checkpoint_path=tmp_path / "a.ckpt")
+    full = ZEraseTrainer(tiny_zimage_backend(), _config(steps=12, checkpoint_every=5),
+                         checkpoint_path=tmp_path / "a.ckpt")
     reference = full.run()
 
-    first = ZEraseTrainer(tiny_zimage_backend(), _config(steps=5, checkpoint_every=5), checkpoint_path=tmp_path / "b.ckpt")
+    first = ZEraseTrainer(tiny_zimage_backend(), _config(steps=5, checkpoint_every=5),
+                          checkpoint_path=tmp_path / "b.ckpt")
     first.run()
-    second = ZEraseTrainer(tiny_zimage_backend(), _config(steps=12, checkpoint_every=5), checkpoint_path=tmp_path / "b.ckpt")
+    second = ZEraseTrainer(tiny_zimage_backend(), _config(steps=12, checkpoint_every=5),
+                           checkpoint_path=tmp_path / "b.ckpt")
     second.resume(tmp_path / "b.ckpt")
     assert second.step == 5
     resumed = second.run()
@@ -208,11 +211,13 @@ def test_cancel_keeps_a_loadable_checkpoint(tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads, runs = [], []
     for ckpt in (False, True):
-        trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, gradient_checkpointing=ckpt, lambda_mode="fixed"))
+        config = _config(steps=1, gradient_checkpointing=ckpt, lambda_mode="fixed")
+        trainer = ZEraseTrainer(tiny_zimage_backend(), config)
         with torch.no_grad():
             for p in trainer.params:
                 p.add_(0.05)
-        l_erase, l_attn, l_pr, _ = trainer._losses(trainer.prompts.erase[0], list(trainer.prompts.erase_tokens[0]), trainer.prompts.keep[0])
+        prompts = trainer.prompts
+        l_erase, l_attn, l_pr, _ = trainer._losses(prompts.erase[0], list(prompts.erase_tokens[0]), prompts.keep[0])
         layer = trainer.backend.transformer.layers[0]
         calls = []
         handle = layer.register_forward_pre_hook(lambda m, a: calls.append(1))
