@@ -78,21 +78,43 @@ def main(argv=None) -> int:
     # Cheapest first, so a run cut off by the device's time limit has the 512² rows (the 10-minute question).
     runs = sorted([(px, True) for px in res] + [(px, False) for px in res if px in args.no_ckpt_resolutions],
                   key=lambda run: (run[0], run[1]))
+    _warm_up(backend)  # the device's one-off start (kernels, library handles) out of the first row's pool build
     for px, ckpt in runs:
         config = _base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing=ckpt,
                               lora=LoRAConfig(rank=rank), shuffle_pool=2)
         backend.set_gradient_checkpointing(ckpt)
         case = SpeedCase("z-image-random" if not args.tiny else "scaled-zimage", lambda: backend, config,
                          (px // 16) ** 2)
-        row = time_case(case, args.steps) | {"gradient_checkpointing": ckpt}
+        result["rows"].append(_row(case, args.steps, px, ckpt))
+        _write(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _row(case: SpeedCase, steps: int, px: int, ckpt: bool) -> dict:
+    """One resolution's measurements; a row that fails is recorded with its error and the run goes on to the next
+    (there may be one device slot for the whole script)."""
+    try:
+        row = time_case(case, steps) | {"gradient_checkpointing": ckpt}
+    except Exception as err:  # noqa: BLE001 — anything: NaN, out of memory, a kernel error
+        log.exception("%d² ckpt=%s failed", px, ckpt)
+        row = {"resolution": [px, px], "gradient_checkpointing": ckpt, "error": repr(err)}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # here, not in the except: its traceback held the failed row's tensors
+    if "error" not in row:
         log.info("%d² ckpt=%s: %s", px, ckpt, json.dumps(row["seconds_per_step"]))
         weighted = row["paper_lambda_weighted"]
         log.info("  paper-λ weighted minutes/1000 steps: %s",
                  {k: round(v["minutes_per_run"], 2) for k, v in weighted.items() if k != "fractions"})
-        result["rows"].append(row)
-        _write(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
-    print(json.dumps(result, indent=2, default=str))
-    return 0
+    return row
+
+
+@torch.no_grad()
+def _warm_up(backend: DiffusersZImageBackend) -> None:
+    x = torch.zeros(1, 16, 8, 8, device=backend.device)
+    backend.velocity(x, torch.full((1,), 0.5), backend.encode(["warm up"]), lora=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _write(result: dict, out: Path | None) -> None:

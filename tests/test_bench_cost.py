@@ -199,3 +199,42 @@ def test_bench_result_records_its_command_and_threads(tmp_path, monkeypatch, cap
     monkeypatch.delenv("OMP_NUM_THREADS")
     emit({}, argparse.Namespace(argv=["bench-lambda"], out=None))
     assert json.loads(capsys.readouterr().out)["command"] == "python -m zerase_core bench-lambda"
+
+
+def test_gpu_script_records_a_failed_row_and_goes_on(tmp_path, monkeypatch):
+    """scripts/gpu_bench.py may get one device slot: a row that fails is written with its error, later rows run."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    real, calls = gpu_bench.time_case, []
+
+    def first_fails(case, steps):
+        calls.append(case.config.gradient_checkpointing)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(case, steps)
+
+    monkeypatch.setattr(gpu_bench, "time_case", first_fails)
+    out = tmp_path / "gpu.json"
+    argv = ["--tiny", "--steps", "1", "--pool", "1", "--no-ckpt-resolutions", "64", "--out", str(out)]
+    assert gpu_bench.main(argv) == 0
+    failed, measured = json.loads(out.read_text())["rows"]
+    assert calls == [False, True]  # cheapest first: without checkpointing, then with
+    assert "OutOfMemoryError" in failed["error"] and not failed["gradient_checkpointing"]
+    assert measured["gradient_checkpointing"] and measured["seconds_per_step"]["ours_pool_lambda_positive"] > 0
+
+
+def test_optimizer_state_is_made_without_moving_the_lora():
+    """Before peak memory is read on a GPU, AdamW's buffers exist and the LoRA and learning rate are as they were."""
+    from zerase_core.bench.cost import _make_optimizer_state
+
+    trainer = _nudged(ZEraseTrainer(tiny_zimage_backend(), _config()))
+    before = [p.detach().clone() for p in trainer.params]
+    _make_optimizer_state(trainer)
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))
+    assert all("exp_avg" in trainer.optimizer.state[p] for p in trainer.params)
+    assert trainer.optimizer.param_groups[0]["lr"] == trainer.config.lr and all(p.grad is None for p in trainer.params)

@@ -104,8 +104,10 @@ def run_cell(bundle, method: Method, concept: Concept, seed: int, config: TrainC
     if lora_on:
         ZEraseTrainer(backend, config).run()
     train_seconds = time.perf_counter() - start
+
     def measure(lora: bool) -> dict[str, Any]:
-        return erasure_report(backend, bundle, concept, n_eval, EVAL_SEED_OFFSET + seed, lora=lora, styles=PROMPT_STYLES)
+        return erasure_report(backend, bundle, concept, n_eval, EVAL_SEED_OFFSET + seed, lora=lora,
+                              styles=PROMPT_STYLES)
 
     if method.zero_tokens:
         with backend.zeroing_tokens(_zeroing_fn(concept)):
