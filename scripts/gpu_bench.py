@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend, LatentSpec  # noqa: E402
 from zerase_core.bench.cost import SpeedCase, _base_config, time_case  # noqa: E402
 from zerase_core.bench.estimate import FixedLengthEncoder, scaled_zimage  # noqa: E402
+from zerase_core.bench.report import write_json  # noqa: E402
 from zerase_core.lora import LoRAConfig  # noqa: E402
 
 log = logging.getLogger("gpu_bench")
@@ -86,8 +87,8 @@ def main(argv=None) -> int:
         case = SpeedCase("z-image-random" if not args.tiny else "scaled-zimage", lambda: backend, config,
                          (px // 16) ** 2)
         result["rows"].append(_row(case, args.steps, px, ckpt))
-        _write(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
-    print(json.dumps(result, indent=2, default=str))
+        write_json(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
+    print(write_json(result, None))
     return 0
 
 
@@ -115,14 +116,6 @@ def _warm_up(backend: DiffusersZImageBackend) -> None:
     backend.velocity(x, torch.full((1,), 0.5), backend.encode(["warm up"]), lora=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _write(result: dict, out: Path | None) -> None:
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -40,12 +40,12 @@ from typing import Callable
 import torch
 
 from ..cli import command
-from .report import emit
 from ..config import XT_SOURCES, TrainConfig
 from ..lagrangian import rule_for
 from ..lora import LoRAConfig
 from ..objectives import loss_erase
 from .reference_step import reference_step
+from .report import emit
 from ..trainer import ZEraseTrainer
 from ..xt_pool import TrajectoryPool
 

@@ -15,14 +15,19 @@ def command_line(argv: list[str]) -> str:
     return " ".join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), "python -m zerase_core", shlex.join(argv)])
 
 
-def emit(result: dict, args: argparse.Namespace) -> None:
-    """Add ``command`` to ``result``, write it to ``args.out`` when given, and print it (stdout stays valid JSON)."""
-    result["command"] = command_line(args.argv)
-    text = json.dumps(result, indent=2)
-    out: Path | None = args.out
+def write_json(result: dict, out: Path | None) -> str:
+    """``result`` as indented JSON, also written to ``out`` when given: whole or not at all, so a run cut off while
+    writing leaves the last result readable. Returns the text."""
+    text = json.dumps(result, indent=2, default=str)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(out.name + ".partial")
         partial.write_text(text + "\n")
-        partial.replace(out)  # a cancelled run leaves the last result whole
-    print(text)
+        partial.replace(out)
+    return text
+
+
+def emit(result: dict, args: argparse.Namespace) -> None:
+    """Add ``command`` to ``result``, write it to ``args.out`` when given, and print it (stdout stays valid JSON)."""
+    result["command"] = command_line(args.argv)
+    print(write_json(result, args.out))
