@@ -53,3 +53,16 @@ def test_resume_refuses_what_is_not_a_checkpoint_of_this_model(tmp_path):
     deeper = ZEraseTrainer(tiny_zimage_backend(TinyZImageConfig(n_layers=3)), _config())
     with pytest.raises(ZEraseError, match="belongs to another model architecture"):
         deeper.resume(tmp_path / "run.ckpt")
+
+
+@pytest.mark.parametrize("written", ["qk", "q,k", "q, k"])
+def test_cli_targets_take_the_nodes_comma_list_too(written):
+    """The README and the Train node write targets as "q,k,v"; the CLI takes that as well as "qkv"."""
+    import argparse
+
+    from zerase_core.cli import _add_train, train_config_from_args
+
+    parser = argparse.ArgumentParser()
+    _add_train(parser)
+    config = train_config_from_args(parser.parse_args(["--tiny", "--concept", "cat", "--targets", written]))
+    assert config.lora.targets == ("q", "k")

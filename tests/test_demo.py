@@ -117,6 +117,16 @@ def test_bench_runs_every_method_and_resumes(tmp_path, random_toy):
     assert [c.stat().st_mtime_ns for c in sorted((tmp_path / "cells").iterdir())] == stamp  # cached, not re-run
 
 
+def test_bench_refuses_unknown_methods_before_running_anything(tmp_path, random_toy):
+    from zerase_core.errors import ZEraseError
+    from zerase_core.toy.bench import run_bench
+
+    with pytest.raises(ZEraseError, match=r"Unknown bench methods \['bogus'\]; choose from \['original'"):
+        run_bench(["red"], [0], steps=2, n_eval=4, out=tmp_path, methods=["zerase", "bogus"], command="test",
+                  bundle=random_toy)
+    assert not (tmp_path / "bench.md").exists()
+
+
 def test_bench_cells_are_keyed_by_their_training_settings(random_toy):
     """A cell measured under other settings (templates, ε, …) must not be reused for a changed bench."""
     import dataclasses

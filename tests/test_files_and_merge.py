@@ -93,6 +93,8 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     (dict(scale=None), "damaged Z-Erase metadata"),
     (dict(scale='"half"'), "damaged Z-Erase metadata"),
     (dict(preserve="7"), "damaged Z-Erase metadata"),
+    (dict(scale="NaN"), "damaged Z-Erase metadata"),  # would load and turn every prediction into NaN
+    (dict(strength="Infinity"), "damaged Z-Erase metadata"),
 ])
 def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
     tensors, meta = _damaged(_random_lora(KEYS), **damage)
@@ -210,6 +212,13 @@ def test_svd_rerank_reports_error_that_shrinks_with_rank():
         assert low.rank == rank
         errors.append(report.relative_error)
     assert all(e1 > e2 for e1, e2 in zip(errors, errors[1:-1])) and errors[-1] < 1e-6
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_merge_refuses_weights_that_are_not_finite(bad):
+    """A NaN weight would write a file every loader then refuses: refuse it at the merge, naming the weights."""
+    with pytest.raises(ZEraseError, match="finite"):
+        merge_exact([_random_lora(KEYS, seed=0), _random_lora(KEYS, seed=1)], [bad, 1.0])
 
 
 def test_merge_refuses_different_architectures():

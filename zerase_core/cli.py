@@ -84,7 +84,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epsilon", type=float, default=None)
     p.add_argument("--lambda-mode", default=None, choices=list(MODES))
     p.add_argument("--rank", type=int, default=None)
-    p.add_argument("--targets", default=None, help="projections to adapt, e.g. qkv or qk")
+    p.add_argument("--targets", default=None, help="projections to adapt, e.g. qkv, qk or q,k")
     p.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (square)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -104,7 +104,7 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
     if args.rank is not None:
         lora["rank"] = args.rank
     if args.targets:
-        lora["targets"] = tuple(args.targets)
+        lora["targets"] = tuple(args.targets.replace(",", "").replace(" ", ""))  # "qkv", "q,k,v" as the node takes
     flags = {
         "steps": args.steps,
         "lr": args.lr,

@@ -10,6 +10,7 @@ recognise it at all.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,8 @@ def _description(path: Path, meta: dict[str, str]) -> dict[str, Any]:
             source=str(info.get("source", "native")),
             history={str(k): [float(v) for v in vs] for k, vs in dict(info.get("history", {})).items()},
         )
+        if not (math.isfinite(described["scale"]) and math.isfinite(described["strength"])):
+            raise ValueError(f"scale {described['scale']}, strength {described['strength']}")
     except (KeyError, TypeError, ValueError) as err:
         raise ZEraseError(
             f"'{path.name}' has damaged Z-Erase metadata ({type(err).__name__}: {err}); re-train or re-download it."

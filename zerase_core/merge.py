@@ -7,6 +7,7 @@ Re-ranking truncates that product by SVD and reports the relative Frobenius erro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
     weights = [1.0 / len(loras)] * len(loras) if weights is None else list(weights)
     if len(weights) != len(loras):
         raise ZEraseError(f"Got {len(weights)} weights for {len(loras)} LoRAs; give one weight per LoRA.")
+    if not all(math.isfinite(w) for w in weights):
+        raise ZEraseError(f"Merge weights must be finite numbers; got {weights}.")
     _same_architecture(loras)
     keys = sorted(set().union(*(lora.factors for lora in loras)))
     factors: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}

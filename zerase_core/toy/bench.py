@@ -20,6 +20,7 @@ from typing import Any
 
 from ..backends.toy import toy_backend
 from ..config import TrainConfig
+from ..errors import ZEraseError
 from ..prompts import concept_token_indices
 from ..trainer import ZEraseTrainer
 from .demo import toy_train_config
@@ -170,6 +171,9 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
 
     bundle = bundle or load_toy()
     concepts = [parse_concept(w) for w in concept_words]
+    unknown = sorted(set(methods or ()) - {m.name for m in METHODS})
+    if unknown:
+        raise ZEraseError(f"Unknown bench methods {unknown}; choose from {[m.name for m in METHODS]}.")
     chosen = [m for m in METHODS if methods is None or m.name in methods]
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells = {}
