@@ -104,6 +104,7 @@ def _row(case: SpeedCase, steps: int, px: int, ckpt: bool) -> dict:
         row = {"resolution": [px, px], "gradient_checkpointing": ckpt, "error": repr(err)}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # here, not in the except: its traceback held the failed row's tensors
+        # (after a device-side error the context is broken and this raises: the run ends, earlier rows written)
     if "error" not in row:
         log.info("%d² ckpt=%s: %s", px, ckpt, json.dumps(row["seconds_per_step"]))
         weighted = row["paper_lambda_weighted"]

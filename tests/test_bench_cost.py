@@ -220,8 +220,7 @@ def test_gpu_script_records_a_failed_row_and_goes_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gpu_bench, "time_case", first_fails)
     out = tmp_path / "gpu.json"
-    argv = ["--tiny", "--steps", "1", "--pool", "1", "--no-ckpt-resolutions", "64", "--out", str(out)]
-    assert gpu_bench.main(argv) == 0
+    assert gpu_bench.main(["--tiny", "--steps", "1", "--pool", "1", "--out", str(out)]) == 0  # both kinds of row
     failed, measured = json.loads(out.read_text())["rows"]
     assert calls == [False, True]  # cheapest first: without checkpointing, then with
     assert "OutOfMemoryError" in failed["error"] and not failed["gradient_checkpointing"]

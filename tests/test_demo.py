@@ -117,13 +117,16 @@ def test_bench_runs_every_method_and_resumes(tmp_path, random_toy):
     assert [c.stat().st_mtime_ns for c in sorted((tmp_path / "cells").iterdir())] == stamp  # cached, not re-run
 
 
-def test_bench_refuses_unknown_methods_before_running_anything(tmp_path, random_toy):
+@pytest.mark.parametrize("methods, named", [(["zerase", "bogus"], "['bogus']"), ([], "[]")])
+def test_bench_refuses_unknown_methods_before_running_anything(tmp_path, random_toy, methods, named):
+    """An unknown name (or --methods with none) would write an empty table and exit 0."""
+    import re
+
     from zerase_core.errors import ZEraseError
     from zerase_core.toy.bench import run_bench
 
-    with pytest.raises(ZEraseError, match=r"Unknown bench methods \['bogus'\]; choose from \['original'"):
-        run_bench(["red"], [0], steps=2, n_eval=4, out=tmp_path, methods=["zerase", "bogus"], command="test",
-                  bundle=random_toy)
+    with pytest.raises(ZEraseError, match=re.escape(f"Unknown bench methods {named}; choose from ['original'")):
+        run_bench(["red"], [0], steps=2, n_eval=4, out=tmp_path, methods=methods, command="test", bundle=random_toy)
     assert not (tmp_path / "bench.md").exists()
 
 

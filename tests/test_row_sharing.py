@@ -53,6 +53,7 @@ def test_expanded_rows_are_grouped_without_reading_them():
     assert take_rows(x, [1, 2]).stride(0) == 0 and RowGroups.of(take_rows(x, [1, 2]), sigma[1:]) is not None
     picked = torch.arange(4.0)
     assert take_rows(picked, [0, 2]).tolist() == [0.0, 2.0] and take_rows(picked, [1, 2]).tolist() == [1.0, 2.0]
+    assert take_rows(picked, []).numel() == 0
 
 
 def test_shared_refiner_matches_separate_rows(tiny_backend):

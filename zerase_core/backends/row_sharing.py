@@ -58,7 +58,7 @@ class RowGroups:
 
 def take_rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
     """Rows ``idx`` of ``t``; consecutive rows as a view, so an expanded x_t stays expanded (see RowGroups.of)."""
-    if idx == list(range(idx[0], idx[0] + len(idx))):
+    if idx and idx == list(range(idx[0], idx[0] + len(idx))):
         return t[idx[0] : idx[0] + len(idx)]
     return t[idx]
 

@@ -169,11 +169,11 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
     """
     from . import load_toy
 
+    unknown = sorted(set(methods or ()) - {m.name for m in METHODS})
+    if unknown or methods == []:
+        raise ZEraseError(f"Unknown bench methods {unknown}; choose from {[m.name for m in METHODS]}.")
     bundle = bundle or load_toy()
     concepts = [parse_concept(w) for w in concept_words]
-    unknown = sorted(set(methods or ()) - {m.name for m in METHODS})
-    if unknown:
-        raise ZEraseError(f"Unknown bench methods {unknown}; choose from {[m.name for m in METHODS]}.")
     chosen = [m for m in METHODS if methods is None or m.name in methods]
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells = {}

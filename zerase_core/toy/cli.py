@@ -44,12 +44,10 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 
 @command("bench", "the paper's comparison table on the toy world (Markdown + JSON, resumable)", _add_bench)
 def _bench(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
+    from ..bench.report import command_line
     from .bench import run_bench
 
-    cmd = "python -m zerase_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = command_line(args.argv)
     run_bench(args.concepts, args.seeds, args.steps, args.n_eval, args.out, args.methods, cmd,
               assemble_only=args.assemble_only)
     print((args.out / "bench.md").read_text())
