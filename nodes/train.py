@@ -13,7 +13,7 @@ from zerase_core.apply import install_lora
 from zerase_core.config import PRESETS, XT_SOURCES, TrainConfig
 from zerase_core.files import name_from, numbered_paths, path_inside, safe_output_path
 from zerase_core.history import loss_series
-from zerase_core.lora import LoRAConfig
+from zerase_core.lora import LoRAConfig, targets_from
 from zerase_core.lora_file import load_lora, save_lora
 from zerase_core.prompt_pool import first_erase_text
 from zerase_core.run_files import finished_lora, partial_lora
@@ -44,7 +44,7 @@ def build_config(concept, preset, templates, preserve, steps, learning_rate, bet
         steps=steps, lr=learning_rate, beta=beta, eta=eta,
         epsilon=None if epsilon < 0 else epsilon,
         height=resolution, width=resolution, seed=seed, gradient_checkpointing=gradient_checkpointing,
-        xt_source=xt_source, lora=LoRAConfig(rank=rank, targets=tuple(targets.split(","))),
+        xt_source=xt_source, lora=LoRAConfig(rank=rank, targets=targets_from(targets)),
     )
 
 
@@ -61,25 +61,25 @@ def _outputs(cls, lora, erased, curves, previews) -> io.NodeOutput:
     return io.NodeOutput(lora, erased, curves, previews, ui={"images": shown[0] + shown[1]})
 
 
-def _finished_file(model, config, save_name: str) -> Path | None:
+def _finished_file(backend: ComfyZImageBackend, config, save_name: str) -> Path | None:
     """A LoRA this node saved earlier from exactly these settings on this very MODEL (its file and patches), all
     steps done: queueing again after ComfyUI's cache was emptied (a restart, another workflow) takes it instead of
     training again. Changing any setting (the seed, to train anew) or the model misses it."""
-    probe = ComfyZImageBackend(model, node=NODE)  # a clone: the input's architecture and digest, nothing loaded
     existing = itertools.takewhile(Path.exists, numbered_paths(output_folder(), save_name))
-    return finished_lora(config, probe.fingerprint(), probe.base_digest(), existing)
+    return finished_lora(config, backend.fingerprint(), backend.base_digest(), existing)
 
 
-def _reused(cls, path: Path, model, clip, vae, config) -> io.NodeOutput:
+def _reused(cls, path: Path, backend: ComfyZImageBackend, model, vae, config) -> io.NodeOutput:
+    """``backend``: a clone of the input MODEL; with the LoRA installed its patcher is the erased MODEL (as Apply
+    makes it)."""
     lora = load_lora(path)
     log.info("Z-Erase: %s is a finished run of these settings on this model; using it (change the seed or the "
              "save_name to train again)", path.name)
-    backend = ComfyZImageBackend(model, clip, node=NODE)  # its patcher is the erased MODEL (as Apply makes it)
     (prompt,) = backend.encode([first_erase_text(config)])
     backend.release_encoder()  # the erased MODEL outlives this node: it must not keep the CLIP
     install_lora(backend, lora, name=backend.key)
     previews = _previews(backend, prompt, model, vae, config)
-    steps = lora.training.get("steps_done", config.steps)
+    steps = config.steps  # finished_lora takes only files with every step done
     curves = _render.curves(lora.history, title=f"Z-Erase '{config.concept}': {steps} steps (reused {path.name})",
                             steps=steps)
     return _outputs(cls, lora, backend.patcher, curves, previews)
@@ -167,11 +167,11 @@ class ZEraseTrain(io.ComfyNode):
                                "rule it moves results little; β and the learning rate matter more."),
                 io.Int.Input("rank", default=LoRAConfig.rank, min=1, max=256,
                              tooltip="LoRA rank (~44 MB at 16 on q,k,v)."),
-                io.Combo.Input("targets", options=TARGETS, default="q,k,v",
+                io.Combo.Input("targets", options=TARGETS, default=",".join(LoRAConfig.targets),
                                tooltip="Attention projections that carry the LoRA (on text tokens only)."),
                 io.Int.Input("resolution", default=TrainConfig.height, min=16, max=2048, step=16,
                              tooltip="Square training size in pixels; memory grows with it (see README, VRAM)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                io.Int.Input("seed", default=TrainConfig.seed, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds the LoRA's init, the prompt order and x_t. No randomize control: queueing "
                              "again reuses the trained LoRA instead of retraining."),
                 io.String.Input("save_name", default="", tooltip="File name under models/loras/zerase/ (empty: the "
@@ -211,9 +211,10 @@ class ZEraseTrain(io.ComfyNode):
                               targets, resolution, seed, gradient_checkpointing, xt_source)
         save_name = save_name.strip() or name_from(config.concept)
         path = safe_output_path(output_folder(), save_name)  # checked before any work
-        done = _finished_file(model, config, save_name)
+        probe = ComfyZImageBackend(model, clip, node=NODE)  # a clone: the input's architecture and digest
+        done = _finished_file(probe, config, save_name)
         if done is not None:
-            return _reused(cls, done, model, clip, vae, config)
+            return _reused(cls, done, probe, model, vae, config)
         checkpoint = path_inside(output_folder() / CHECKPOINTS, save_name, CHECKPOINT_SUFFIX)
         backend = ComfyZImageBackend.for_training(model, clip, node=NODE)
         with training_session(backend):

@@ -115,7 +115,7 @@ def _row(case: SpeedCase, steps: int, px: int, ckpt: bool) -> dict:
 
 @torch.no_grad()
 def _warm_up(backend: DiffusersZImageBackend) -> None:
-    x = torch.zeros(1, 16, 8, 8, device=backend.device)
+    x = torch.zeros(1, *backend.latent_shape(64, 64), device=backend.device)
     backend.velocity(x, torch.full((1,), 0.5), backend.encode(["warm up"]), lora=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -98,13 +98,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def train_config_from_args(args: argparse.Namespace, **defaults):
     """A TrainConfig from CLI flags; unset flags keep TrainConfig's (or the caller's) defaults."""
     from .config import TrainConfig
-    from .lora import LoRAConfig
+    from .lora import LoRAConfig, targets_from
 
     lora = {}
     if args.rank is not None:
         lora["rank"] = args.rank
     if args.targets:
-        lora["targets"] = tuple(args.targets.replace(",", "").replace(" ", ""))  # "qkv", "q,k,v" as the node takes
+        lora["targets"] = targets_from(args.targets)
     flags = {
         "steps": args.steps,
         "lr": args.lr,

@@ -49,7 +49,8 @@ def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-_SAFE_NAME = re.compile(r"^[\w\-. ]+$")
+_NAME_CHARS = r"\w\-. "  # what a save name may hold
+_SAFE_NAME = re.compile(rf"^[{_NAME_CHARS}]+$")
 
 
 def safe_output_path(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> Path:
@@ -71,7 +72,7 @@ def numbered_paths(folder: str | os.PathLike, name: str, suffix: str = ".safeten
 def name_from(text: str, fallback: str = "zerase") -> str:
     """A save name made from free text (a concept such as "Mickey Mouse (Disney)" or "AC/DC"): every character a
     save name may not hold, the folder separator included, becomes '_'."""
-    name = re.sub(r"[^\w\-. ]", "_", text).strip(" .")
+    name = re.sub(rf"[^{_NAME_CHARS}]", "_", text).strip(" .")
     return name if name.strip("_") else fallback
 
 

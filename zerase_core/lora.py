@@ -22,6 +22,11 @@ from .gate import TokenGate
 PROJECTIONS = ("q", "k", "v")
 
 
+def targets_from(text: str) -> tuple[str, ...]:
+    """LoRA targets as typed: "qkv", "q,k,v" (the Train node's) or "q, k"; LoRAConfig checks them."""
+    return tuple(text.replace(",", "").replace(" ", ""))
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """Where the erasure LoRA goes and how big it is."""

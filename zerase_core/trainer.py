@@ -128,10 +128,10 @@ class ZEraseTrainer:
         if x_t is None:
             x_t, sigma = self._sample_xt(er)
         if teacher is None:
-            teacher = self._teacher(x_t, sigma, [er, self.prompts.uncond, *([keep] if keep else [])])
+            teacher = self._teacher(x_t, sigma, [er, *self._pr_prompts(keep)])
         want_mass = cfg.attn_weight > 0
         self._pr_batch = (x_t, sigma, keep, teacher)
-        pr_prompts = [self.prompts.uncond, *([keep] if keep else [])]
+        pr_prompts = self._pr_prompts(keep)
         n = len(pr_prompts)
         v_pr = None
         if self.lam.needs_pr_gradient():
@@ -155,16 +155,19 @@ class ZEraseTrainer:
         l_erase = loss_erase(v_er, teacher[1:2], teacher[0:1], cfg.eta)
         l_attn = loss_attn(mass) if want_mass else l_erase.new_zeros(())
         if v_pr is not None:
-            l_pr = loss_preserve(v_pr[:1], teacher[1:2], v_pr[1:] if keep else None, teacher[2:] if keep else None)
+            l_pr = _l_pr(v_pr, teacher, keep)
         return l_erase, l_attn, l_pr, float(sigma)
+
+    def _pr_prompts(self, keep: EncodedPrompt | None) -> list[EncodedPrompt]:
+        """Eq. 8's prompts: ∅, and the preservation prompt c_pr when there is one."""
+        return [self.prompts.uncond, *([keep] if keep else [])]
 
     def _pr_loss(self, x_t, sigma, keep, teacher) -> torch.Tensor:
         """L_pr (Eq. 8) from the student's [∅, c_pr] predictions in one batched forward."""
-        prompts = [self.prompts.uncond, *([keep] if keep else [])]
+        prompts = self._pr_prompts(keep)
         n = len(prompts)
         v_pr, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), prompts, lora=True)
-        teacher = teacher.to(v_pr.device)
-        return loss_preserve(v_pr[:1], teacher[1:2], v_pr[1:] if keep else None, teacher[2:] if keep else None)
+        return _l_pr(v_pr, teacher.to(v_pr.device), keep)
 
     @property
     def pr_recomputed(self) -> int:
@@ -294,6 +297,11 @@ class ZEraseTrainer:
 
     def resume(self, path: str | Path) -> None:
         load_checkpoint(self, Path(path))
+
+
+def _l_pr(v_pr: torch.Tensor, teacher: torch.Tensor, keep) -> torch.Tensor:
+    """L_pr from the student's [∅, c_pr] rows against the teacher's [c_er, ∅, c_pr] rows."""
+    return loss_preserve(v_pr[:1], teacher[1:2], v_pr[1:] if keep else None, teacher[2:] if keep else None)
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:

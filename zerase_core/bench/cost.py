@@ -159,12 +159,6 @@ def _split_parts(trainer: ZEraseTrainer, x_t: torch.Tensor, sigma: torch.Tensor)
             (v.float().square().mean() + (m.sum() if mass else 0)).backward()
             trainer.optimizer.zero_grad(set_to_none=True)
 
-    def adamw():
-        for p in trainer.params:
-            p.grad = torch.zeros_like(p)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-
     return {
         "teacher_fwd_b3": lambda: trainer._teacher(x_t, sigma, [er, *pr]),
         "teacher_fwd_b2": lambda: trainer._teacher(x_t, sigma, [er, pool.uncond]),
@@ -176,7 +170,7 @@ def _split_parts(trainer: ZEraseTrainer, x_t: torch.Tensor, sigma: torch.Tensor)
         "student_pr_fwd_bwd": lambda: student(pr, False, True),
         "student_b3_fwd_attn": lambda: student([er, *pr], True, False),
         "student_b3_fwd_attn_bwd": lambda: student([er, *pr], True, True),
-        "adamw": adamw,
+        "adamw": lambda: _zero_grad_step(trainer),
     }
 
 
@@ -254,12 +248,17 @@ def _make_optimizer_state(trainer: ZEraseTrainer) -> None:
     rates = [g["lr"] for g in groups]
     for g in groups:
         g["lr"] = 0.0
+    _zero_grad_step(trainer)
+    for g, lr in zip(groups, rates):
+        g["lr"] = lr
+
+
+def _zero_grad_step(trainer: ZEraseTrainer) -> None:
+    """One AdamW step on zero gradients: the optimizer's own cost (and its buffers, made at the first step)."""
     for p in trainer.params:
         p.grad = torch.zeros_like(p)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    for g, lr in zip(groups, rates):
-        g["lr"] = lr
 
 
 def _peak_gib(variants: dict[str, Callable[[], object]], sync: Callable[[], None]) -> dict[str, float]:
@@ -300,7 +299,7 @@ def _ratios(s: dict[str, float], split: dict[str, float], run_steps: int) -> dic
             "speedup_vs_reference": s["reference"] / weighted,
             "overhead_vs_gated_esd": weighted / s[f"gated_esd_{source}"]}
     # Headline keys: the default configuration (TrainConfig.xt_source) at the dearer λ > 0.
-    default = TrainConfig.__dataclass_fields__["xt_source"].default
+    default = TrainConfig.xt_source
     out["default_xt_source"] = default
     out["speedup_vs_reference"] = out[f"speedup_vs_reference_{default}_lambda_positive"]
     out["overhead_vs_gated_esd"] = out[f"overhead_vs_gated_esd_{default}_lambda_positive"]

@@ -24,7 +24,7 @@ from .digest import model_digest
 from .loading import load_whole, loaded_whole, own_weights, training_model
 from .nextdit_layout import image_patches, nextdit_layout
 from .object_patches import (LAYER_FORWARD, QKV_PATH, REFINER_FORWARD, CheckpointedForward, GatedForward,
-                             PreviousForward, gate_chain)
+                             PreviousForward, erasure_chain)
 from .recognise import check_zimage
 
 WRAPPER_PREFIX = "zerase"
@@ -135,9 +135,7 @@ class ComfyZImageBackend(Backend):
             key = LAYER_FORWARD.format(layer)
             if enabled and layer not in self._checkpointed:
                 previous = self.patcher.get_model_object(key)
-                if isinstance(previous, CheckpointedForward):  # inherited from the input MODEL's clone
-                    previous = previous.previous
-                self.patcher.add_object_patch(key, CheckpointedForward(self, layer, previous))
+                self.patcher.add_object_patch(key, CheckpointedForward.around(self, layer, previous))
                 self._checkpointed.add(layer)
             elif not enabled and layer in self._checkpointed:
                 self.patcher.object_patches.pop(key, None)
@@ -146,7 +144,8 @@ class ComfyZImageBackend(Backend):
     def _call_state(self, layer: int) -> tuple:
         """What a main layer's forward depends on besides its arguments (see CheckpointedForward)."""
         qkv = self.dit.layers[layer].attention.qkv.forward  # what runs: the patched chain, if any
-        gates = [(g, g.layout, g.lora_on) for g in {id(g): g for g in [self.gate, *gate_chain(qkv)]}.values()]
+        chain = [self.gate, *(lora.gate for lora in erasure_chain(qkv))]
+        gates = [(g, g.layout, g.lora_on) for g in {id(g): g for g in chain}.values()]
         return gates, self._layout, self._recorder
 
     @contextmanager

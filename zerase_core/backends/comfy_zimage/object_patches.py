@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ...gate import TokenGate
 from ...lora import GatedLoRALinear
 
 if TYPE_CHECKING:
@@ -63,11 +62,6 @@ def erasure_chain(forward: Any) -> Iterator[GatedLoRALinear]:
         forward = getattr(forward.lora.base_layer, "_previous", None)
 
 
-def gate_chain(forward: Any) -> list[TokenGate]:
-    """The gates of an erasure-LoRA chain on one qkv."""
-    return [lora.gate for lora in erasure_chain(forward)]
-
-
 class CheckpointedForward:
     """The object patched onto a main layer's ``forward``: the previous forward under
     ``torch.utils.checkpoint`` (non-reentrant).
@@ -82,6 +76,11 @@ class CheckpointedForward:
 
     def __init__(self, backend: "ComfyZImageBackend", layer: int, previous: Callable[..., torch.Tensor]):
         self.backend, self.layer, self.previous = backend, layer, previous
+
+    @classmethod
+    def around(cls, backend: "ComfyZImageBackend", layer: int, forward: Callable[..., torch.Tensor]):
+        """Checkpoint ``forward``; one inherited from the input MODEL's clone is replaced, not nested."""
+        return cls(backend, layer, forward.previous if isinstance(forward, cls) else forward)
 
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():  # sampling, teacher passes: nothing to save
