@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 PREVIEW_SEED_OFFSET = 1_000_003
 
 
+def preview_seed(seed: int) -> int:
+    """The seed of a run's preview noise, from the run's seed."""
+    return seed + PREVIEW_SEED_OFFSET
+
+
 def flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
     """(steps + 1,) σ from 1 to 0, time-shifted: σ' = shift·σ / (1 + (shift − 1)·σ)."""
     s = torch.linspace(1.0, 0.0, steps + 1)
@@ -68,7 +73,7 @@ def euler(
 
 def before_after(backend: Backend, prompt: EncodedPrompt, config: "TrainConfig") -> tuple[torch.Tensor, torch.Tensor]:
     """x0 of ``prompt`` without and with the LoRA, from one noise, on the run's sampler (for previews)."""
-    gen = torch.Generator().manual_seed(config.seed + PREVIEW_SEED_OFFSET)
+    gen = torch.Generator().manual_seed(preview_seed(config.seed))
     noise = torch.randn((1, *backend.latent_shape(config.height, config.width)), generator=gen)
     sigmas = flow_sigmas(config.sample_steps, config.shift)
     before, after = (euler(backend, noise, sigmas, [prompt], lora=lora).cpu() for lora in (False, True))

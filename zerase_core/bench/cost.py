@@ -121,19 +121,19 @@ def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[
     is what L_attn adds to the attention call) and its backward; the no-grad [∅, c_pr] forward
     (λ_t = 0); the batch-3 forward and backward (λ_t > 0); the AdamW step.
     """
-    pool = trainer.prompts
-    x_t, sigma = trainer._sample_xt(pool.erase[0])
+    prompts = trainer.prompts
+    x_t, sigma = trainer._sample_xt(prompts.erase[0])
     out = interleaved_medians(_split_parts(trainer, x_t, sigma), steps, repeats, sync)
     xt = []
     for _ in range(max(8, steps * repeats)):  # the level is random: a mean, not a median
         start = time.perf_counter()
-        trainer._sample_xt(pool.erase[0])
+        trainer._sample_xt(prompts.erase[0])
         sync()
         xt.append(time.perf_counter() - start)
     out["fresh_xt_mean"] = statistics.mean(xt)
     from .memory import saved_bytes
 
-    pr = [pool.uncond, *pool.keep[:1]]
+    pr = _pr_prompts(trainer)
     n = len(pr)  # activation bytes the [∅, c_pr] forward holds when it builds a graph (none under no_grad)
     out["student_pr_graph_saved_mib"] = saved_bytes(lambda: trainer.backend.velocity(
         x_t.expand(n, -1, -1, -1), sigma.expand(n), pr, lora=True)[0])[0] / 2**20
@@ -143,11 +143,17 @@ def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[
     return out
 
 
+def _pr_prompts(trainer: ZEraseTrainer) -> list:
+    """L_pr's prompts with the run's first preservation prompt: [∅, c_pr], or [∅] without one."""
+    keep = trainer.prompts.keep
+    return trainer._pr_prompts(keep[0] if keep else None)
+
+
 def _split_parts(trainer: ZEraseTrainer, x_t: torch.Tensor, sigma: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Each part of a step as a call at this x_t, for :func:`cost_split`."""
-    backend, pool = trainer.backend, trainer.prompts
-    er, tokens = pool.erase[0], list(pool.erase_tokens[0])
-    pr = [pool.uncond, *pool.keep[:1]]
+    backend, prompts = trainer.backend, trainer.prompts
+    er, tokens = prompts.erase[0], list(prompts.erase_tokens[0])
+    pr = _pr_prompts(trainer)
 
     def student(prompts, mass: bool, backward: bool, grad: bool = True):
         n = len(prompts)
@@ -161,7 +167,7 @@ def _split_parts(trainer: ZEraseTrainer, x_t: torch.Tensor, sigma: torch.Tensor)
 
     return {
         "teacher_fwd_b3": lambda: trainer._teacher(x_t, sigma, [er, *pr]),
-        "teacher_fwd_b2": lambda: trainer._teacher(x_t, sigma, [er, pool.uncond]),
+        "teacher_fwd_b2": lambda: trainer._teacher(x_t, sigma, [er, prompts.uncond]),
         "student_er_fwd": lambda: student([er], False, False),
         "student_er_fwd_attn": lambda: student([er], True, False),
         "student_er_fwd_attn_bwd": lambda: student([er], True, True),

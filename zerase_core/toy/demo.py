@@ -21,7 +21,7 @@ from ..errors import ZEraseError
 from ..lora import LoRAConfig
 from ..render import grid, to_pil
 from ..run import every, train_and_save
-from ..sampling import PREVIEW_SEED_OFFSET
+from ..sampling import preview_seed
 from .erasure_metrics import (
     Concept, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word, weights_identity,
 )
@@ -112,8 +112,8 @@ def comparison_grid(backend, bundle, concept: Concept, seed: int, n: int = 6):
     """Rows of (original | erased) at the same seed, the prompt as each row's caption."""
     _, named, _, other = prompt_sets(concept, n // 2, seed + 7)
     prompts = named + other
-    before = generate(backend, bundle, prompts, seed + PREVIEW_SEED_OFFSET, lora=False)  # not the training noise
-    after = generate(backend, bundle, prompts, seed + PREVIEW_SEED_OFFSET, lora=True)
+    before = generate(backend, bundle, prompts, preview_seed(seed), lora=False)  # not the training noise
+    after = generate(backend, bundle, prompts, preview_seed(seed), lora=True)
     cells = [[to_pil(b.permute(1, 2, 0)).resize((96, 96)), to_pil(a.permute(1, 2, 0)).resize((96, 96))]
              for b, a in zip(before, after)]
     return grid(cells, ["original", "erased"], row_labels=[p[:14] for p in prompts],
@@ -127,12 +127,12 @@ def attention_picture(backend, bundle, concept: Concept, seed: int):
     from ..render import word_map_rows
 
     labels, prompts, _, _ = prompt_sets(concept, 1, seed + 11)
-    picture = generate(backend, bundle, prompts, seed + PREVIEW_SEED_OFFSET, lora=False)  # (1, 3, 32, 32)
+    picture = generate(backend, bundle, prompts, preview_seed(seed), lora=False)  # (1, 3, 32, 32)
     (encoded,) = backend.encode(prompts)
     words = [concept.word] + [w for w in (labels[0].shape, labels[0].position) if w != concept.word]
     columns = [concept_token_indices(encoded, w) for w in words]
     x0 = bundle.to_latent(picture)
-    maps = [word_maps(backend, encoded, columns, x0, (0.3, 0.6, 0.9), seed + PREVIEW_SEED_OFFSET, lora=lora)
+    maps = [word_maps(backend, encoded, columns, x0, (0.3, 0.6, 0.9), preview_seed(seed), lora=lora)
             for lora in (False, True)]
     base = to_pil(picture[0].permute(1, 2, 0)).resize((128, 128))
     return grid(word_map_rows(base, maps), words, ["original", "erased"],
@@ -142,11 +142,11 @@ def attention_picture(backend, bundle, concept: Concept, seed: int):
 def preview(backend, bundle, concept: Concept, seed: int, out: Path):
     """A training callback: the erased model on two prompts naming the concept, beside the original."""
     _, prompts, _, _ = prompt_sets(concept, 2, seed + 7)
-    original = generate(backend, bundle, prompts, seed + PREVIEW_SEED_OFFSET, lora=False)
+    original = generate(backend, bundle, prompts, preview_seed(seed), lora=False)
     (out / "previews").mkdir(parents=True, exist_ok=True)
 
     def show(record, trainer) -> None:
-        now = generate(backend, bundle, prompts, seed + PREVIEW_SEED_OFFSET, lora=True)
+        now = generate(backend, bundle, prompts, preview_seed(seed), lora=True)
         cells = [[to_pil(o.permute(1, 2, 0)).resize((96, 96)), to_pil(n.permute(1, 2, 0)).resize((96, 96))]
                  for o, n in zip(original, now)]
         to_pil(grid(cells, ["original", f"step {record.step}"], caption=" | ".join(prompts))[0]).save(
