@@ -81,6 +81,14 @@ def test_encode_matches_clip_text_encode_and_localises_words():
         concept_token_indices(p, "cat")
 
 
+def test_refuses_the_ungated_ablation():
+    """The object-patch wrapper is always gated: scope 'all' would otherwise train gated under an ungated name."""
+    backend = ComfyZImageBackend(tiny_zimage(comfy))
+    with pytest.raises(ZEraseError, match="only gated LoRAs"):
+        backend.install(LoRAConfig(rank=4, scope="all"))
+    assert not [k for k in backend.patcher.object_patches if ".qkv." in k]  # nothing wrapped
+
+
 def test_gated_lora_touches_text_rows_only_and_original_is_untouched():
     model, clip = tiny_zimage(comfy), tiny_clip(comfy)
     before = model.model.diffusion_model.layers[0].attention.qkv

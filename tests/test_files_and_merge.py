@@ -62,6 +62,23 @@ def test_installed_lora_round_trips_through_backend(tiny_backend, tmp_path):
     assert torch.equal(again.delta_weight((1, "q")), torch.zeros(64, 64, dtype=torch.float64))
 
 
+def test_an_ungated_lora_says_so_and_is_neither_applied_nor_merged(tiny_backend, tmp_path):
+    """The §3 ablation (scope 'all') exported, saved and loaded stays marked ungated: no host applies it gated."""
+    from zerase_core.lora import LoRAConfig
+
+    lora_set = tiny_backend.install(LoRAConfig(rank=4, scope="all"), "ablation")
+    for _, b in lora_set.factors().values():
+        b.data.normal_()
+    ungated = load_lora(save_lora(export_lora(lora_set, concept="red"), tmp_path / "all.safetensors"))
+    tiny_backend.uninstall()
+    assert ungated.scope == "all" and ungated.metadata()["gate"]["kind"] == "all-tokens"
+    with pytest.raises(ZEraseError, match="without the token gate"):
+        install_lora(tiny_backend, ungated)
+    with pytest.raises(ZEraseError, match="without the token gate"):
+        merge([_random_lora(KEYS), ungated])
+    assert load_lora(save_lora(_random_lora(KEYS), tmp_path / "gated.safetensors")).scope == "text"
+
+
 def test_refusals(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{notjson")
     with pytest.raises(ZEraseError, match="not a readable safetensors"):
@@ -95,6 +112,7 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     (dict(preserve="7"), "damaged Z-Erase metadata"),
     (dict(scale="NaN"), "damaged Z-Erase metadata"),  # would load and turn every prediction into NaN
     (dict(strength="Infinity"), "damaged Z-Erase metadata"),
+    (dict(gate='{"kind": "image-tokens"}'), "damaged Z-Erase metadata"),  # no scope writes this
 ])
 def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
     tensors, meta = _damaged(_random_lora(KEYS), **damage)

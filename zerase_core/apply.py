@@ -30,6 +30,7 @@ def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", mul
     Built outside inference mode (ComfyUI runs nodes inside it): a LoRA trained later on top of
     this one back-propagates through it, and autograd cannot save inference tensors.
     """
+    lora.require_gated()
     check_fits(lora, backend.fingerprint(), host_widths(backend))
     with torch.inference_mode(False), torch.no_grad():
         return _installed(backend, lora, name, lora.strength * multiplier)
@@ -58,4 +59,5 @@ def export_lora(lora_set: LoRASet, **describe) -> ErasureLoRA:
     """Snapshot a trained :class:`LoRASet` as an :class:`ErasureLoRA` (fp32, on CPU)."""
     factors = {k: (a.detach().float().cpu().clone(), b.detach().float().cpu().clone())
                for k, (a, b) in lora_set.factors().items()}
-    return ErasureLoRA(factors, scale=lora_set.config.scale, strength=lora_set.config.strength, **describe)
+    config = lora_set.config
+    return ErasureLoRA(factors, scale=config.scale, strength=config.strength, scope=config.scope, **describe)

@@ -25,6 +25,9 @@ from .files import atomic_save, decode_metadata
 FORMAT = "zerase-gated-lora"
 FORMAT_VERSION = 1
 GATE = {"kind": "text-tokens", "covers": "caption and caption padding", "paper": "Eq. 4, S_T"}
+# LoRAConfig.scope "all": the §3 ablation, written down as what it is so that no host applies it gated.
+UNGATED = {"kind": "all-tokens", "covers": "every token (the §3 ablation, which collapses)", "paper": "§3"}
+_SCOPES = {"text-tokens": "text", "all-tokens": "all"}  # the gate's kind in a file -> LoRAConfig.scope
 
 Key = tuple[int, str]  # (main layer, projection)
 _NATIVE = re.compile(r"^zerase\.layers\.(\d+)\.([qkv])\.([AB])$")
@@ -45,13 +48,24 @@ class ErasureLoRA:
     training: dict[str, Any] = field(default_factory=dict)
     source: str = "native"
     history: dict[str, list[float]] = field(default_factory=dict)  # history.stored_series of the run
+    scope: str = "text"  # LoRAConfig.scope it was trained with; only "text" (gated) may be applied
 
     def __post_init__(self):
         if not self.factors:
             raise ZEraseError("This erasure LoRA has no weights.")
+        if self.scope not in _SCOPES.values():
+            raise ZEraseError(f"Unknown LoRA scope {self.scope!r}; expected 'text' or 'all'.")
         for key, (a, b) in self.factors.items():
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
                 raise ZEraseError(f"LoRA factors for layer {key[0]} {key[1]} have inconsistent shapes.")
+
+    def require_gated(self) -> None:
+        """Refuse to go on with a LoRA trained without the gate: every host applies LoRAs through it."""
+        if self.scope != "text":
+            raise ZEraseError(
+                f"The LoRA for '{self.concept}' was trained without the token gate (scope 'all', the paper's §3 "
+                "ablation): it changes every token's q/k/v, so applied or merged through the gate it would not be "
+                "the model it was trained as. Train it with the default scope 'text' to use it.")
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -81,7 +95,7 @@ class ErasureLoRA:
             "alpha": self.scale * self.rank,
             "scale": self.scale,
             "strength": self.strength,
-            "gate": GATE,
+            "gate": GATE if self.scope == "text" else UNGATED,
             "fingerprint": self.fingerprint,
             "training": self.training,
             "source": self.source,
@@ -172,6 +186,7 @@ def _description(path: Path, meta: dict[str, str]) -> dict[str, Any]:
             training=dict(info.get("training", {})),
             source=str(info.get("source", "native")),
             history={str(k): [float(v) for v in vs] for k, vs in dict(info.get("history", {})).items()},
+            scope=_SCOPES[dict(info.get("gate", GATE))["kind"]],
         )
         if not (math.isfinite(described["scale"]) and math.isfinite(described["strength"])):
             raise ValueError(f"scale {described['scale']}, strength {described['strength']}")

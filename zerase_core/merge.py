@@ -23,6 +23,8 @@ class MergeReport:
 
 
 def _same_architecture(loras: list[ErasureLoRA]) -> None:
+    for lora in loras:
+        lora.require_gated()  # the merge is written as a gated LoRA
     first = loras[0].fingerprint
     for other in loras[1:]:
         if first and other.fingerprint and first != other.fingerprint:
