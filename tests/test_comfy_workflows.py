@@ -146,3 +146,87 @@ def test_workflow_runs_headless_on_tiny_models(name, mappings, loras_dir):  # no
     images = []
     _run(graph, mappings, tiny_zimage(comfy), tiny_clip(comfy), images)
     assert images and all(img.ndim == 4 and img.shape[-1] == 3 and torch.isfinite(img).all() for img in images)
+
+
+class _Server:
+    """What PromptExecutor reports to: keeps the errors."""
+
+    client_id = last_node_id = last_prompt_id = None
+
+    def __init__(self):
+        self.errors = []
+
+    def send_sync(self, event, data, sid=None):
+        if event == "execution_error":
+            self.errors.append((data.get("node_type"), data.get("exception_message")))
+
+
+def _stub_loader(table, monkeypatch, name: str, widgets: dict, kind: str, value) -> None:
+    """A loader node of ComfyUI's name and widgets that hands out a tiny model instead of reading a file."""
+
+    class Loader:
+        RETURN_TYPES, FUNCTION = (kind,), "load"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {k: ([v],) for k, v in widgets.items()}}
+
+        def load(self, **_):
+            return (value,)
+
+    monkeypatch.setitem(table, name, Loader)
+
+
+def test_workflows_run_through_comfyuis_executor(mappings, loras_dir, tmp_path, monkeypatch):  # noqa: F811
+    """The shipped API workflows as ComfyUI queues them: validated (the 'zerase/…' file choices included), run by
+    its PromptExecutor under inference mode, and cached: queueing train-and-compare again trains no step."""
+    import sys
+
+    import execution
+    import nodes
+
+    render = next(mod for n, mod in sys.modules.items() if n.endswith(".nodes._render"))
+    train = next(mod for n, mod in sys.modules.items() if n.endswith(".nodes.train"))
+    with torch.inference_mode():  # as ComfyUI's loaders leave them
+        model, clip = tiny_zimage(comfy, inference_tensors=True), tiny_clip(comfy)
+
+    class VAE:
+        def decode(self, samples):
+            return render.latent_preview(model, samples)
+
+    for name, widgets, kind, value in [
+        ("UNETLoader", {"unet_name": "z_image_turbo_bf16.safetensors", "weight_dtype": "default"}, "MODEL", model),
+        ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}, "CLIP", clip),
+        ("VAELoader", {"vae_name": "ae.safetensors"}, "VAE", VAE()),
+    ]:
+        _stub_loader(nodes.NODE_CLASS_MAPPINGS, monkeypatch, name, widgets, kind, value)
+    for name in ("ModelSamplingAuraFlow", "EmptySD3LatentImage"):
+        monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, name, mappings[name])
+    saved_output = comfy.folder_paths.get_output_directory()
+    comfy.folder_paths.set_output_directory(str(tmp_path / "output"))
+    steps = []
+    step = train.ZEraseTrainer.train_step
+    monkeypatch.setattr(train.ZEraseTrainer, "train_step", lambda self: steps.append(1) or step(self))
+    server = _Server()
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"ram": 0})
+
+    def queue(name: str, prompt_id: str) -> None:
+        graph = _shrink(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, graph, None))
+        assert valid, (name, error, node_errors)
+        executor.execute(graph, prompt_id, {}, outputs)
+        assert executor.success and not server.errors, (name, server.errors)
+
+    try:
+        queue("zerase_train_and_compare", "1")
+        assert len(steps) == 2 and (loras_dir / "zerase" / "cat.safetensors").is_file()
+        queue("zerase_train_and_compare", "2")
+        assert len(steps) == 2  # nothing changed: ComfyUI's cache answered, no step was trained again
+        save_lora(random_lora(1, concept="dog"), loras_dir / "zerase" / "dog.safetensors")
+        comfy.folder_paths.filename_list_cache.clear()  # the files appeared after ComfyUI last listed them
+        for prompt_id, name in enumerate(["zerase_apply_and_compare", "zerase_attention_maps",
+                                          "zerase_multi_concept_merge"], start=3):
+            queue(name, str(prompt_id))
+    finally:
+        comfy.folder_paths.set_output_directory(saved_output)
+    assert len(list((tmp_path / "output").rglob("*.png"))) >= 4  # each workflow saved its comparison

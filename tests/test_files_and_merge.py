@@ -246,6 +246,17 @@ def test_merge_refuses_different_architectures():
         merge([a, b])
 
 
+def test_merge_compares_what_both_files_record():
+    """A file recording less (an older version's, an official import) merges; the result records the union."""
+    full = {"family": "z-image-tiny", "dim": 64, "n_layers": 2, "n_heads": 2}
+    older = _random_lora(KEYS)  # family, dim, n_layers
+    newer = ErasureLoRA(_random_lora(KEYS, seed=1).factors, fingerprint=full)
+    official = ErasureLoRA(_random_lora(KEYS, seed=2).factors)
+    assert merge_exact([older, newer, official]).fingerprint == full
+    with pytest.raises(ZEraseError, match="differ in n_heads"):
+        merge_exact([newer, ErasureLoRA(older.factors, fingerprint=full | {"n_heads": 4})])
+
+
 def test_a_save_name_made_from_a_concept_is_always_allowed(tmp_path):
     from zerase_core.files import name_from, path_inside
 

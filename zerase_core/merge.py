@@ -22,16 +22,23 @@ class MergeReport:
     relative_error: float  # ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F over all projections; 0 for an exact merge
 
 
-def _same_architecture(loras: list[ErasureLoRA]) -> None:
+def _same_architecture(loras: list[ErasureLoRA]) -> dict:
+    """The fingerprint all ``loras`` agree on (the union of what each records), or a refusal naming the clash.
+
+    Only keys two files both record are compared: a file from an older version records fewer, and an official
+    Z-Erase import none (as :func:`~zerase_core.lora_file.check_fits` compares against a model).
+    """
+    agreed: dict = {}
     for lora in loras:
         lora.require_gated()  # the merge is written as a gated LoRA
-    first = loras[0].fingerprint
-    for other in loras[1:]:
-        if first and other.fingerprint and first != other.fingerprint:
+        clash = sorted(k for k in agreed.keys() & lora.fingerprint.keys() if agreed[k] != lora.fingerprint[k])
+        if clash:
             raise ZEraseError(
-                f"Cannot merge LoRAs of different architectures: {first} vs {other.fingerprint}. "
-                "Merge only LoRAs trained on the same base model."
+                f"Cannot merge LoRAs of different architectures: {agreed} vs {lora.fingerprint} (differ in "
+                f"{', '.join(clash)}). Merge only LoRAs trained on the same base model."
             )
+        agreed |= lora.fingerprint
+    return agreed
 
 
 def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) -> ErasureLoRA:
@@ -43,7 +50,7 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
         raise ZEraseError(f"Got {len(weights)} weights for {len(loras)} LoRAs; give one weight per LoRA.")
     if not all(math.isfinite(w) for w in weights):
         raise ZEraseError(f"Merge weights must be finite numbers; got {weights}.")
-    _same_architecture(loras)
+    fingerprint = _same_architecture(loras)
     keys = sorted(set().union(*(lora.factors for lora in loras)))
     factors: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
     for key in keys:
@@ -57,7 +64,7 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
         strength=1.0,
         concept=" + ".join(lora.concept for lora in loras),
         preserve=tuple(dict.fromkeys(p for lora in loras for p in lora.preserve)),
-        fingerprint=loras[0].fingerprint,
+        fingerprint=fingerprint,
         training={"merged_from": [lora.concept for lora in loras], "weights": weights},
         source="merge",
     )
