@@ -107,6 +107,17 @@ def test_resume_refuses_other_settings(tmp_path):
         other.resume(tmp_path / "c.ckpt")
 
 
+def test_resume_takes_execution_settings_and_refuses_steps_already_passed(tmp_path):
+    """Out of memory mid-run, the README's answer is gradient checkpointing: the run must continue with it on. A
+    checkpoint past the run's steps is refused (the loop would not run and the LoRA would be past its steps)."""
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=tmp_path / "c.ckpt").run()
+    on = ZEraseTrainer(tiny_zimage_backend(), _config(steps=3, gradient_checkpointing=True, checkpoint_every=1))
+    on.resume(tmp_path / "c.ckpt")
+    assert on.step == 2 and on.run().lora.training["steps_done"] == 3
+    with pytest.raises(ZEraseError, match="at step 2, past this run's 1 steps; set steps to 2 or more"):
+        ZEraseTrainer(tiny_zimage_backend(), _config(steps=1)).resume(tmp_path / "c.ckpt")
+
+
 def test_the_partial_lora_of_a_resumed_run_is_found_and_no_other(tmp_path):
     """A run stopped at step 2 saved a checkpoint and a LoRA; the resumed run's finished LoRA replaces that file,
     also when the file is from an earlier stop of the same run (killed after a later checkpoint, nothing saved).
@@ -334,6 +345,8 @@ def test_a_finished_lora_is_found_only_for_the_same_settings_on_the_same_model(t
     assert finished_lora(_config(steps=2), fingerprint, "model-a", [path]) == path
     assert finished_lora(_config(steps=3), fingerprint, "model-a", [path]) is None  # not all steps done
     assert finished_lora(_config(steps=2, eta=5.0), fingerprint, "model-a", [path]) is None
+    how = dict(gradient_checkpointing=True, checkpoint_every=1)  # how it runs, not what it trains
+    assert finished_lora(_config(steps=2, **how), fingerprint, "model-a", [path]) == path
     assert finished_lora(_config(steps=2), fingerprint, "model-b", [path]) is None
     assert finished_lora(_config(steps=2), fingerprint, None, [path]) is None
     stored = load_lora(path).history["L_erase"]  # its curves travel with it (6 significant digits)

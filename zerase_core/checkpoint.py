@@ -71,8 +71,13 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     if resumable(saved.to_dict()) != resumable(trainer.config.to_dict()):
         raise ZEraseError(
             f"The checkpoint {path.name} was made with different settings; resume with the same settings "
-            "(only the number of steps may change) or start a fresh run."
+            "(only the number of steps, the checkpoint interval and gradient checkpointing may change) or start a "
+            "fresh run."
         )
+    if int(meta["step"]) > trainer.config.steps:  # the loop would not run, and the LoRA would be past its steps
+        raise ZEraseError(
+            f"The checkpoint {path.name} is at step {meta['step']}, past this run's {trainer.config.steps} steps; "
+            f"set steps to {meta['step']} or more to continue it, or start a fresh run.")
     if meta["fingerprint"] != trainer.backend.fingerprint():
         raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
     if None not in (meta.get("base"), trainer.base_digest) and meta["base"] != trainer.base_digest:

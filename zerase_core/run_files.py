@@ -19,9 +19,19 @@ if TYPE_CHECKING:
     from .trainer import ZEraseTrainer
 
 
+# How a run executes, not what it trains (checkpointing gives the same gradients, tested): a run resumes, and a
+# finished file is reused, across a change of these. Turning checkpointing on is the answer to running out of memory.
+EXECUTION_ONLY = ("checkpoint_every", "gradient_checkpointing")
+
+
+def trained_as(settings: dict) -> dict:
+    """The settings that decide what a run trains: all but :data:`EXECUTION_ONLY`."""
+    return {k: v for k, v in settings.items() if k not in EXECUTION_ONLY}
+
+
 def resumable(settings: dict) -> dict:
-    """Settings that must match to continue a run: all but the step count and the checkpoint interval."""
-    return {k: v for k, v in settings.items() if k not in ("steps", "checkpoint_every")}
+    """Settings that must match to continue a run: what it trains, but for the step count."""
+    return {k: v for k, v in trained_as(settings).items() if k != "steps"}
 
 
 def partial_lora(trainer: "ZEraseTrainer", candidates: Iterable[Path]) -> Path | None:
@@ -52,10 +62,11 @@ def finished_lora(config: TrainConfig, fingerprint: dict, base: str | None, cand
     """
     if base is None:
         return None
-    wanted = _as_json(_run(config.to_dict(), fingerprint, base))
+    wanted = _as_json(_run(trained_as(config.to_dict()), fingerprint, base))
     for path in candidates:
         run, done = _run_of(path)
-        if run is not None and _as_json(run) == wanted and done == config.steps:
+        if run is not None and _as_json({**run, "settings": trained_as(run["settings"])}) == wanted \
+                and done == config.steps:
             return path
     return None
 
