@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from comfy_api.latest import io, ui
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
 from zerase_core.apply import install_lora
 from zerase_core.config import PRESETS, XT_SOURCES, TrainConfig
-from zerase_core.files import name_from, numbered_paths, path_inside, safe_output_path
+from zerase_core.files import name_from, path_inside, safe_output_path, saved_versions
 from zerase_core.history import loss_series
 from zerase_core.lora import LoRAConfig, targets_from
 from zerase_core.lora_file import load_lora, save_lora
@@ -65,7 +64,7 @@ def _finished_file(backend: ComfyZImageBackend, config, save_name: str) -> Path 
     """A LoRA this node saved earlier from exactly these settings on this very MODEL (its file and patches), all
     steps done: queueing again after ComfyUI's cache was emptied (a restart, another workflow) takes it instead of
     training again. Changing any setting (the seed, to train anew) or the model misses it."""
-    existing = itertools.takewhile(Path.exists, numbered_paths(output_folder(), save_name))
+    existing = saved_versions(output_folder(), save_name)
     return finished_lora(config, backend.fingerprint(), backend.base_digest(), existing)
 
 

@@ -187,6 +187,18 @@ def test_save_name_never_overwrites(tmp_path):
     assert safe_output_path(tmp_path, "sub/red").name == "red_001.safetensors"
 
 
+def test_saved_versions_are_found_across_a_gap(tmp_path):
+    """A deleted red_001 must not hide red_002 (Train's reuse looks through these), nor other names match."""
+    from zerase_core.files import saved_versions
+
+    for name in ("red", "red_002", "red_010", "red_x", "reddish_001", "red_003.json"):
+        (tmp_path / (name if "." in name else f"{name}.safetensors")).write_bytes(b"x")
+    assert [p.name for p in saved_versions(tmp_path, "red")] == [
+        "red.safetensors", "red_002.safetensors", "red_010.safetensors"]
+    (tmp_path / "red.safetensors").unlink()
+    assert [p.name for p in saved_versions(tmp_path, "red")] == ["red_002.safetensors", "red_010.safetensors"]
+
+
 def test_exact_merge_is_the_weighted_sum_of_products():
     a, b = _random_lora(KEYS, seed=1, scale=0.5), _random_lora(KEYS[:2], seed=2, rank=3, scale=2.0)
     merged, report = merge([a, b], weights=[0.3, 0.7])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
@@ -67,6 +68,16 @@ def numbered_paths(folder: str | os.PathLike, name: str, suffix: str = ".safeten
     yield path
     for n in itertools.count(1):
         yield path.with_name(f"{path.stem}_{n:03d}{suffix}")
+
+
+def saved_versions(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> list[Path]:
+    """The files :func:`safe_output_path` wrote for ``name`` that exist now, in number order; gaps (a deleted
+    ``name_001``) do not hide later ones."""
+    first = path_inside(folder, name, suffix)
+    numbered = re.compile(rf"^{re.escape(first.stem)}_(\d{{3,}}){re.escape(suffix)}$")
+    found = sorted((int(m[1]), p) for p in first.parent.glob(f"{glob.escape(first.stem)}_*{suffix}")
+                   if (m := numbered.match(p.name)))
+    return [first] * first.exists() + [p for _, p in found]
 
 
 def name_from(text: str, fallback: str = "zerase") -> str:
