@@ -66,3 +66,47 @@ def test_cli_targets_take_the_nodes_comma_list_too(written):
     _add_train(parser)
     config = train_config_from_args(parser.parse_args(["--tiny", "--concept", "cat", "--targets", written]))
     assert config.lora.targets == ("q", "k")
+
+
+@pytest.mark.parametrize("setting", ["epsilon", "lr", "beta", "eta"])
+def test_a_setting_that_is_not_a_number_is_refused(setting):
+    """NaN passes every comparison: ε = NaN gave max(0, NaN) = 0 and switched preservation off without a word."""
+    with pytest.raises(ZEraseError, match=f"finite numbers; got {setting}=nan"):
+        _config(**{setting: float("nan")})
+
+
+@pytest.mark.parametrize("resolution", ["0", "-64"])
+def test_a_resolution_that_is_not_positive_is_refused(resolution):
+    import argparse
+
+    from zerase_core.cli import _add_train, train_config_from_args
+
+    parser = argparse.ArgumentParser()
+    _add_train(parser)
+    with pytest.raises(ZEraseError, match="resolution must be positive"):
+        train_config_from_args(parser.parse_args(["--tiny", "--concept", "cat", "--resolution", resolution]))
+
+
+def test_a_stopped_command_line_run_keeps_its_work_and_says_how_to_continue(tmp_path):
+    """Ctrl-C mid-run: the LoRA so far and the checkpoint stay, the message names --resume; a new run there is
+    refused (it would replace them) and the resumed one finishes where an uninterrupted run would."""
+    from zerase_core.lora_file import load_lora
+    from zerase_core.run import train_and_save
+
+    def ctrl_c(record, trainer):
+        if record.step == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(ZEraseError, match="Stopped at step 2 of 4. The LoRA so far is in .*--resume to continue"):
+        train_and_save(tiny_zimage_backend(), _config(steps=4), out, callbacks=[ctrl_c])
+    assert load_lora(out / "erasure_lora.safetensors").training["steps_done"] == 2
+    with pytest.raises(ZEraseError, match="exists; choose another --out .* or add --resume"):
+        train_and_save(tiny_zimage_backend(), _config(steps=4), out)
+    with pytest.raises(ZEraseError, match=r"different settings \(eta: 2.0 then, 3.0 now\)"):
+        train_and_save(tiny_zimage_backend(), _config(steps=4, eta=3.0), out, resume=True)
+    result, path = train_and_save(tiny_zimage_backend(), _config(steps=4), out, resume=True)
+    assert load_lora(path).training["steps_done"] == 4 and len(result.history) == 4
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ZEraseError, match="is a file; --out names a folder"):
+        train_and_save(tiny_zimage_backend(), _config(), tmp_path / "a_file")

@@ -208,7 +208,18 @@ def test_cancel_during_training_leaves_a_loadable_lora_and_resume_finishes_the_r
     # uninterrupted run ends, and the finished run leaves no checkpoint behind.
     checkpoint = loras_dir / "zerase" / ".checkpoints" / "stop.zerase-ckpt"
     assert checkpoint.is_file()
-    trainer_class, steps_run = _train_module().ZEraseTrainer, []
+    kept, trainer_class = checkpoint.read_bytes(), _train_module().ZEraseTrainer
+    # Queued again with resume off (the default) it would be replaced; with other settings it cannot continue.
+    # Both are told before any work (no trainer, no x_t pool) and the checkpoint stays as it was.
+    monkeypatch.setattr(trainer_class, "__init__", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ZEraseError, match=r"stop.zerase-ckpt holds a run stopped at step \d+ of 50 .*Turn resume on"):
+        train.execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy), **_train_inputs(steps=6, save_name="stop"))
+    with pytest.raises(ZEraseError, match=r"different settings \(lr: 0.001 then, 0.002 now\)"):
+        train.execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                      **_train_inputs(steps=6, save_name="stop", resume=True, learning_rate=2e-3))
+    monkeypatch.undo()
+    assert checkpoint.read_bytes() == kept
+    steps_run = []
     real_step = trainer_class.train_step
     monkeypatch.setattr(trainer_class, "train_step", lambda self: steps_run.append(1) or real_step(self))
     resumed, *_ = train.execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
@@ -281,6 +292,14 @@ def test_cancel_before_the_first_step_writes_nothing(pack, loras_dir, monkeypatc
     finally:
         mm.interrupt_current_processing(False)
     assert not (loras_dir / "zerase" / "early.safetensors").exists()
+    assert not (loras_dir / "zerase" / ".checkpoints" / "early.zerase-ckpt").exists()  # step 0: nothing to resume
+
+
+def test_a_save_name_no_file_system_can_hold_is_refused_before_training(pack, loras_dir, monkeypatch):
+    monkeypatch.setattr(_train_module().ZEraseTrainer, "__init__", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ZEraseError, match="too long .*choose a shorter save name"):
+        pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                    **_train_inputs(save_name="y" * 250))
 
 
 def test_load_and_merge(pack, loras_dir):

@@ -132,9 +132,25 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(files, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ZEraseError, match="Could not write .*red.safetensors: disk full. Free disk space"):
         save_lora(_random_lora(KEYS, seed=1), path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["red.safetensors"]
+
+
+def test_a_file_that_could_not_be_written_is_refused_before_any_work(tmp_path):
+    """A name the file system cannot hold and a folder that cannot be made are told before training, not at its
+    first save; the longest name that fits is written (the temporary's name does not grow with it)."""
+    from zerase_core.files import NAME_MAX, check_writable
+
+    longest = "y" * (NAME_MAX - len(".safetensors"))
+    check_writable(tmp_path / f"{longest}.safetensors")
+    save_lora(_random_lora(KEYS), tmp_path / f"{longest}.safetensors")
+    with pytest.raises(ZEraseError, match="too long .*choose a shorter save name"):
+        check_writable(tmp_path / f"{longest}y.safetensors")
+    (tmp_path / "taken").write_bytes(b"a file, not a folder")
+    with pytest.raises(ZEraseError, match="Cannot write into .*taken"):
+        check_writable(tmp_path / "taken" / "red.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{longest}.safetensors", "taken"])  # no probe left
 
 
 def test_a_saved_lora_is_an_ordinary_file_not_a_private_one(tmp_path):

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .trainer import ZEraseTrainer
 
 KIND = "zerase-checkpoint"
+_ANY_BASE = object()  # check_resumable: the model's digest is not checked yet
 
 
 def save_checkpoint(trainer: "ZEraseTrainer", path: Path) -> Path:
@@ -50,6 +51,55 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path) -> Path:
     return atomic_save(tensors, path, meta)
 
 
+def refuse_replacing(path: Path, advice: str) -> None:
+    """A new run must not write over the checkpoint of a stopped one: that run could not be continued any more.
+
+    ``advice``: how the caller resumes it, or starts over elsewhere.
+    """
+    if not path.exists():
+        return
+    try:
+        meta = _read(path, tensors=False)[1]
+        at = f" stopped at step {int(meta['step'])} of {int(meta['config']['steps'])}"
+    except Exception:  # a damaged checkpoint is still the user's file: refuse all the same, without its step
+        at = ""
+    raise ZEraseError(f"{path} holds a run{at} that can still be resumed; starting another here would replace it. "
+                      f"{advice}")
+
+
+def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = decode_metadata(f.metadata() or {})
+            return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), meta
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise ZEraseError(f"Cannot read the checkpoint {path}: {err}. Start a fresh run instead.") from err
+
+
+def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict, base: str | None) -> None:
+    if meta.get("kind") != KIND:
+        raise ZEraseError(f"{path} is not a Z-Erase training checkpoint.")
+    saved, wanted = resumable(TrainConfig.from_dict(meta["config"]).to_dict()), resumable(config.to_dict())
+    changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if changed:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} then, {wanted.get(k)!r} now" for k in changed)
+        raise ZEraseError(
+            f"The checkpoint {path.name} was made with different settings ({shown}); resume with the same settings "
+            "(only the number of steps, the checkpoint interval and gradient checkpointing may change) or start a "
+            "fresh run.")
+    if int(meta["step"]) > config.steps:  # the loop would not run, and the LoRA would be past its steps
+        raise ZEraseError(
+            f"The checkpoint {path.name} is at step {meta['step']}, past this run's {config.steps} steps; "
+            f"set steps to {meta['step']} or more to continue it, or start a fresh run.")
+    if meta["fingerprint"] != fingerprint:
+        raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
+    if base is not _ANY_BASE and meta.get("base") is not None and meta["base"] != base:
+        # base None: this model carries something the digest cannot describe, so it cannot be told to be the same
+        raise ZEraseError(f"The checkpoint {path.name} was trained on another model (another file, or other LoRAs "
+                          "applied to it), or this one carries a change that cannot be identified (hooks, bypass "
+                          "LoRAs); resume on the same model or start a fresh run.")
+
+
 def _jsonable(state):
     return [_jsonable(s) for s in state] if isinstance(state, (tuple, list)) else state
 
@@ -58,31 +108,15 @@ def _tupled(state):
     return tuple(_tupled(s) for s in state) if isinstance(state, list) else state
 
 
+def check_resumable(path: Path, config: TrainConfig, fingerprint: dict) -> None:
+    """Refuse, before any work, a checkpoint that a run of ``config`` on this architecture cannot continue. Which
+    model it is (the digest) is checked when the checkpoint is loaded, on the model that trains."""
+    _refuse_mismatch(path, _read(path, tensors=False)[1], config, fingerprint, _ANY_BASE)
+
+
 def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            meta = decode_metadata(f.metadata() or {})
-    except Exception as err:  # safetensors raises several types for damaged files
-        raise ZEraseError(f"Cannot read the checkpoint {path}: {err}. Start a fresh run instead.") from err
-    if meta.get("kind") != KIND:
-        raise ZEraseError(f"{path} is not a Z-Erase training checkpoint.")
-    saved = TrainConfig.from_dict(meta["config"])
-    if resumable(saved.to_dict()) != resumable(trainer.config.to_dict()):
-        raise ZEraseError(
-            f"The checkpoint {path.name} was made with different settings; resume with the same settings "
-            "(only the number of steps, the checkpoint interval and gradient checkpointing may change) or start a "
-            "fresh run."
-        )
-    if int(meta["step"]) > trainer.config.steps:  # the loop would not run, and the LoRA would be past its steps
-        raise ZEraseError(
-            f"The checkpoint {path.name} is at step {meta['step']}, past this run's {trainer.config.steps} steps; "
-            f"set steps to {meta['step']} or more to continue it, or start a fresh run.")
-    if meta["fingerprint"] != trainer.backend.fingerprint():
-        raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
-    if None not in (meta.get("base"), trainer.base_digest) and meta["base"] != trainer.base_digest:
-        raise ZEraseError(f"The checkpoint {path.name} was trained on another model (another file, or other LoRAs "
-                          "applied to it); resume on the same model or start a fresh run.")
+    tensors, meta = _read(path, tensors=True)
+    _refuse_mismatch(path, meta, trainer.config, trainer.backend.fingerprint(), trainer.base_digest)
     factors = {}
     for (layer, proj) in trainer.lora.factors():
         factors[(layer, proj)] = (tensors[f"lora.{layer}.{proj}.A"], tensors[f"lora.{layer}.{proj}.B"])

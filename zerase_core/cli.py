@@ -114,7 +114,7 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
         "xt_source": args.xt_source,
         "xt_pool": args.xt_pool,
     }
-    if args.resolution:
+    if args.resolution is not None:  # 0 is refused by TrainConfig, not taken for "not given"
         flags["height"] = flags["width"] = args.resolution
     chosen = defaults | {k: v for k, v in flags.items() if v is not None}
     if lora:

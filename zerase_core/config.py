@@ -7,6 +7,7 @@ Table 6 tolerances and Table 7 templates, chosen by concept type through a prese
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,10 @@ PRESETS: dict[str, Preset] = {
     "celebrity": Preset(1e-2, "A photo of {}"),
     "utility": Preset(5e-3, "{}"),  # post-erase LoRA use: editability
 }
+
+
+# The real-valued settings of TrainConfig, checked finite.
+_REAL_SETTINGS = ("lr", "beta", "eta", "epsilon", "fixed_lambda", "attn_weight", "shift", "sample_cfg")
 
 
 @dataclass(frozen=True)
@@ -74,8 +79,14 @@ class TrainConfig:
         if self.xt_source not in XT_SOURCES or self.xt_pool < 1:
             raise ZEraseError(f"xt_source must be one of {XT_SOURCES} and xt_pool ≥ 1; "
                               f"got {self.xt_source!r}, {self.xt_pool}.")
+        numbers = {name: getattr(self, name) for name in _REAL_SETTINGS if getattr(self, name) is not None}
+        unreal = [f"{name}={value}" for name, value in numbers.items() if not math.isfinite(value)]
+        if unreal:  # NaN passes every comparison below: max(0, NaN) is 0 and would switch preservation off
+            raise ZEraseError(f"Settings must be finite numbers; got {', '.join(unreal)}.")
         if self.steps < 1 or self.lr <= 0 or self.beta < 0:
             raise ZEraseError("steps must be ≥ 1, the learning rate > 0 and β ≥ 0.")
+        if self.height < 1 or self.width < 1:
+            raise ZEraseError(f"The training resolution must be positive; got {self.height}×{self.width}.")
         if any(not p.strip() for p in self.preserve):
             raise ZEraseError("A preservation concept is empty; remove it or type a word.")
         if any(p.strip().lower() == self.concept.strip().lower() for p in self.preserve):

@@ -18,25 +18,62 @@ from .errors import ZEraseError
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
-    """Write a safetensors file via a temporary file and rename, so a crash never leaves half a file.
+    """Write a safetensors file via a temporary file, flushed to disk, and a rename, so neither a crash nor a power
+    loss leaves half a file, and a failed write (disk full, no permission) leaves the old one.
 
     Metadata values that are not strings are stored as JSON.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = _temporary(path.parent)  # its name does not grow with the file's: any name that fits can be written
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the mode the user's umask gives
         mode = os.stat(tmp).st_mode
         save_file(tensors, tmp, metadata=meta)
         os.chmod(tmp, mode)  # safetensors writes private files (0600): a LoRA is an ordinary file of the user's
+        _flush(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        raise ZEraseError(f"Could not write {path}: {err.strerror or err}. Free disk space or choose a folder you "
+                          "can write to; no earlier file was changed.") from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a file that could not be written later (a name too long for the file system, a
+    folder without write permission), instead of losing a training run at its first save."""
+    path = Path(path)
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        raise ZEraseError(f"The file name '{path.name}' is too long ({len(os.fsencode(path.name))} bytes; file "
+                          f"systems allow {NAME_MAX}); choose a shorter save name.")
+    tmp = _temporary(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as err:
+        raise ZEraseError(f"Cannot write into {path.parent}: {err.strerror or err}. Choose a folder you can write "
+                          "to.") from err
+    os.unlink(tmp)
+
+
+NAME_MAX = 255  # bytes in one file name on ext4, NTFS, APFS
+
+
+def _temporary(folder: Path) -> str:
+    return str(folder / f".zerase-{uuid.uuid4().hex[:16]}.tmp")
+
+
+def _flush(name: str) -> None:
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:

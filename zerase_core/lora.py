@@ -43,6 +43,8 @@ class LoRAConfig:
     def __post_init__(self):
         if self.rank < 1:
             raise ZEraseError(f"LoRA rank must be at least 1, got {self.rank}.")
+        if not all(math.isfinite(x) for x in (self.alpha or 0.0, self.strength)):
+            raise ZEraseError(f"LoRA alpha and strength must be finite numbers; got {self.alpha}, {self.strength}.")
         bad = [t for t in self.targets if t not in PROJECTIONS]
         if bad or not self.targets or len(set(self.targets)) != len(self.targets):
             raise ZEraseError(f"LoRA targets must be a non-empty subset of q, k, v; got {self.targets}.")

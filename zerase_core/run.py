@@ -9,7 +9,9 @@ from pathlib import Path
 
 from .backends.base import Backend
 from .config import TrainConfig
+from .checkpoint import check_resumable, refuse_replacing
 from .errors import ZEraseError
+from .files import check_writable
 from .history import TrainResult, loss_series
 from .lora_file import save_lora
 from .render import curves, to_pil
@@ -54,21 +56,20 @@ def train_and_save(backend: Backend, config: TrainConfig, out: Path, resume: boo
                    callbacks=(), release_encoder: bool = False) -> tuple[TrainResult, Path]:
     """Train into folder ``out``: erasure_lora.safetensors, curves.png, history.json, checkpoint.
 
-    ``release_encoder`` frees the text encoder as soon as the run's prompts are encoded.
+    ``release_encoder`` frees the text encoder as soon as the run's prompts are encoded. Everything that would stop
+    the run later (a folder that cannot be written, a checkpoint of other settings) is refused before any work; a
+    stopped run (Ctrl-C, NaN) leaves its LoRA so far and its checkpoint, and says how to continue it.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    lora_path = out / LORA
-    if lora_path.exists() and not resume:
-        raise ZEraseError(f"{lora_path} exists; choose another output folder (files are never overwritten).")
-    trainer = ZEraseTrainer(backend, config, checkpoint_path=out / CHECKPOINT, release_encoder=release_encoder)
+    lora_path, checkpoint = _planned(out, config, backend, resume)
+    trainer = ZEraseTrainer(backend, config, checkpoint_path=checkpoint, release_encoder=release_encoder)
     if resume:
-        if not (out / CHECKPOINT).exists():
-            raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")
-        trainer.resume(out / CHECKPOINT)
+        trainer.resume(checkpoint)
     on_step, bar = progress_bar(config.steps, trainer.step)
     trainer.callbacks.extend([on_step, *callbacks])
     try:
         result = trainer.run()
+    except (KeyboardInterrupt, ZEraseError) as err:
+        raise ZEraseError(_stopped(trainer, lora_path, err)) from err
     finally:
         bar.close()
     save_lora(result.lora, lora_path)  # atomic; a resumed run replaces its own earlier file
@@ -76,3 +77,33 @@ def train_and_save(backend: Backend, config: TrainConfig, out: Path, resume: boo
     (out / "history.json").write_text(json.dumps([asdict(r) for r in result.history]))
     log.info("wrote %s", lora_path)
     return result, lora_path
+
+
+def _planned(out: Path, config: TrainConfig, backend: Backend, resume: bool) -> tuple[Path, Path]:
+    """The run's LoRA and checkpoint paths in ``out``, once it is sure both can be written and nothing is lost."""
+    if out.exists() and not out.is_dir():
+        raise ZEraseError(f"{out} is a file; --out names a folder for the run's files.")
+    lora_path, checkpoint = out / LORA, out / CHECKPOINT
+    for path in (lora_path, checkpoint):
+        check_writable(path)
+    if resume:
+        if not checkpoint.exists():
+            raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")
+        check_resumable(checkpoint, config, backend.fingerprint())
+        return lora_path, checkpoint
+    if lora_path.exists():
+        more = ", or add --resume to continue (or extend) its run" if checkpoint.exists() else ""
+        raise ZEraseError(f"{lora_path} exists; choose another --out (files are never overwritten){more}.")
+    refuse_replacing(checkpoint, "Run the same command with --resume to continue it; to start over instead, "
+                     "choose another --out or delete that file.")
+    return lora_path, checkpoint
+
+
+def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str:
+    """What a stopped run left (its last good LoRA, saved here, and its checkpoint) and how to continue it."""
+    why = "Stopped" if isinstance(err, KeyboardInterrupt) else f"{err}\nStopped"
+    if trainer.step == 0 or not trainer.params_finite():
+        return f"{why} before the first step; nothing was saved."
+    save_lora(trainer.export(), lora_path)  # as the node does at Cancel: the LoRA so far, replaced when resumed
+    return (f"{why} at step {trainer.step} of {trainer.config.steps}. The LoRA so far is in {lora_path}, the "
+            f"checkpoint beside it: run the same command with --resume to continue.")

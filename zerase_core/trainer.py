@@ -266,7 +266,7 @@ class ZEraseTrainer:
                     self.save_checkpoint()
         except BaseException:
             # Cancel (ComfyUI raises from its progress hook), NaN or a crash: keep the last good state.
-            if self.checkpoint_path and self.params_finite():
+            if self.checkpoint_path and self.step > 0 and self.params_finite():  # step 0 holds nothing to resume
                 self.save_checkpoint()
             raise
         if self.checkpoint_path and self.step % self.config.checkpoint_every:  # a multiple was saved in the loop
