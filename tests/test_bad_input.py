@@ -110,3 +110,15 @@ def test_a_stopped_command_line_run_keeps_its_work_and_says_how_to_continue(tmp_
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ZEraseError, match="is a file; --out names a folder"):
         train_and_save(tiny_zimage_backend(), _config(), tmp_path / "a_file")
+
+
+def test_resume_refuses_a_model_that_cannot_be_told_to_be_the_one_trained(tmp_path, monkeypatch):
+    """The checkpoint knows its model; a model whose digest cannot be made (hooks, bypass LoRAs) is not taken for
+    it. (Both without a digest, a model built in memory, the architecture decides.)"""
+    monkeypatch.setattr(DiffusersZImageBackend, "base_digest", lambda self: "model-a")
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=1), checkpoint_path=tmp_path / "a.ckpt").run()
+    monkeypatch.setattr(DiffusersZImageBackend, "base_digest", lambda self: None)
+    with pytest.raises(ZEraseError, match="carries a change that cannot be identified"):
+        ZEraseTrainer(tiny_zimage_backend(), _config(steps=2)).resume(tmp_path / "a.ckpt")
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=1), checkpoint_path=tmp_path / "b.ckpt").run()
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=2)).resume(tmp_path / "b.ckpt")
