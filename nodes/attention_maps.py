@@ -57,13 +57,18 @@ class AttentionMapViewer(io.ComfyNode):
                 f"{NODE}: layer range {layer_start}..{layer_end} is empty; the model has {backend.n_layers} layers.")
         layers = set(range(layer_start, end))
         (encoded,) = backend.encode([prompt])
-        columns = [concept_token_indices(encoded, w) for w in words]
+        fix = "Type words that occur in the prompt, or put them into it."
+        columns = [concept_token_indices(encoded, w, fix) for w in words]
         if latent is not None:
             samples = latent["samples"][:1]
         elif image is not None and vae is not None:
             samples = vae.encode(image[:1, :, :, :3])
         else:
             raise ZEraseError(f"{NODE}: connect a LATENT, or an IMAGE together with a VAE.")
+        if samples.ndim != 4 or samples.shape[1] != backend.latent_channels:
+            raise ZEraseError(
+                f"{NODE}: the latent has shape {tuple(samples.shape)}; Z-Image's have {backend.latent_channels} "
+                "channels. Make it with EmptySD3LatentImage, or encode the image with Z-Image's VAE (ae.safetensors).")
         x0 = backend.patcher.model.process_latent_in(samples.float()).cpu()
         maps = [word_maps(backend, encoded, columns, x0, sigma_list, seed, layers)]
         labels = ["model"]

@@ -34,6 +34,8 @@ class CompareGrid(io.ComfyNode):
         if len(original) != len(erased):
             raise ZEraseError(f"{NODE}: {len(original)} original and {len(erased)} erased images; give both batches "
                               "the same size (the same latent batch through both samplers).")
+        if not len(original):
+            raise ZEraseError(f"{NODE}: both batches are empty; connect the images of the two samplers.")
         rows = [[_render.to_pil(a), _render.to_pil(b)] for a, b in zip(original, erased)]
         # ComfyUI draws a batch's noise in one call from the seed: item i is not "seed + i", it is batch index i.
         labels = [f"batch {i}" for i in range(len(rows))] if len(rows) > 1 else []

@@ -194,7 +194,7 @@ def test_bench_result_records_its_command_and_threads(tmp_path, monkeypatch, cap
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     emit({"x": 1}, argparse.Namespace(argv=["bench-xt", "--concepts", "red cube", "--out", str(out)], out=out))
     printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads(out.read_text()) and not list(out.parent.glob("*.partial"))
+    assert printed == json.loads(out.read_text()) and [p.name for p in out.parent.iterdir()] == ["r.json"]
     assert printed["command"] == f"OMP_NUM_THREADS=3 python -m zerase_core bench-xt --concepts 'red cube' --out {out}"
     monkeypatch.delenv("OMP_NUM_THREADS")
     emit({}, argparse.Namespace(argv=["bench-lambda"], out=None))

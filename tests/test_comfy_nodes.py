@@ -334,15 +334,20 @@ def test_attention_map_viewer_and_compare(pack):
     row_a, row_b = (slice(18 + 64 * r, 82 + 64 * r) for r in range(2))  # 64 px heatmaps below the label strip
     assert torch.equal(same[0, row_a, 90:], same[0, row_b, 90:])  # model B = model A: the same maps
     assert not torch.equal(img[0, row_a, 90:], img[0, row_b, 90:])  # the erasure LoRA moved the attention
-    with pytest.raises(ZEraseError, match="does not occur"):
+    with pytest.raises(ZEraseError, match="does not occur in the prompt 'a photo of a cat'. Type words that occur"):
         viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="dog", sigmas="0.5",
                        layer_start=0, layer_end=-1, seed=0, latent=latent)
+    with pytest.raises(ZEraseError, match=r"shape \(1, 4, 8, 8\); Z-Image's have 16 channels"):  # EmptyLatentImage's
+        viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="cat", sigmas="0.5",
+                       layer_start=0, layer_end=-1, seed=0, latent={"samples": torch.randn(1, 4, 8, 8)})
     pics = torch.rand(2, 64, 64, 3)
     (grid,) = compare.execute(original=pics, erased=pics.flip(0), prompt="a photo of a cat",
                               label_original="original", label_erased="erased")
     assert grid.shape[0] == 1
     with pytest.raises(ZEraseError, match="same size"):
         compare.execute(original=pics, erased=pics[:1], prompt="", label_original="a", label_erased="b")
+    with pytest.raises(ZEraseError, match="both batches are empty"):
+        compare.execute(original=pics[:0], erased=pics[:0], prompt="", label_original="a", label_erased="b")
     # Row r holds original[r] | erased[r] at their own pixels (below an 18 px label strip, right of 90 px row labels).
     for r in range(2):
         rows = slice(18 + 64 * r, 82 + 64 * r)

@@ -41,7 +41,7 @@ def random_toy():
     )
 
 
-def test_short_demo_writes_every_output(tmp_path, random_toy):
+def test_short_demo_writes_every_output(tmp_path, random_toy, monkeypatch):
     from zerase_core.toy.demo import run_demo
 
     run_demo("crimson", None, steps=3, seed=0, out=tmp_path, n_eval=6, bundle=random_toy)
@@ -57,6 +57,13 @@ def test_short_demo_writes_every_output(tmp_path, random_toy):
             assert 0.0 <= saved[part][key] <= 1.0
         assert saved[part]["h_a"] == pytest.approx(saved[part]["acc_ir"] - saved[part]["acc_e"])
     assert saved["seconds"] > 0 and saved["fd_before"] >= 0
+    import zerase_core.toy.demo as demo
+
+    # Run again into the same folder: refused before the original model is measured, the first run's files kept.
+    monkeypatch.setattr(demo, "erasure_report", lambda *a, **k: pytest.fail("measured"))
+    with pytest.raises(ZEraseError, match="exists; choose another --out"):
+        run_demo("crimson", None, steps=3, seed=0, out=tmp_path, n_eval=6, bundle=random_toy)
+    assert json.loads((tmp_path / "report.json").read_text()) == saved
 
 
 def test_demo_with_defaults_erases_red_and_keeps_the_other_attributes(tmp_path):

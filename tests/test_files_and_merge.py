@@ -89,6 +89,8 @@ def test_refusals(tmp_path):
         load_lora(tmp_path / "stock.safetensors")
     with pytest.raises(ZEraseError, match="not found"):
         load_lora(tmp_path / "missing.safetensors")
+    with pytest.raises(ZEraseError, match="is a folder; give the LoRA file in it"):
+        load_lora(tmp_path)
 
 
 def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
@@ -272,6 +274,16 @@ def test_merge_refuses_different_architectures():
     b = ErasureLoRA(_random_lora(KEYS).factors, fingerprint={"family": "z-image", "dim": 3840, "n_layers": 30})
     with pytest.raises(ZEraseError, match="different architectures"):
         merge([a, b])
+
+
+def test_merge_refuses_factors_that_do_not_fit_together_and_an_overflow():
+    """An official file records no architecture: its widths still tell another model. Finite weights can still
+    leave float32 once multiplied; that file no loader would take is refused at the merge."""
+    official = ErasureLoRA(_random_lora(KEYS, d_in=32, d_out=32).factors, source="official-z-erase")
+    with pytest.raises(ZEraseError, match="layer 0 k maps 32→32 vs 64→64"):  # keys in order: (0, k) first
+        merge_exact([_random_lora(KEYS), official])
+    with pytest.raises(ZEraseError, match="overflows at layer 0 k"):
+        merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1)], [1e308, 1e308])
 
 
 def test_merge_compares_what_both_files_record():

@@ -44,6 +44,20 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     return path
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` whole or not at all (a run cut off while writing leaves the previous file readable)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path.parent)
+    try:
+        Path(tmp).write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Refuse, before any work, a file that could not be written later (a name too long for the file system, a
     folder without write permission), instead of losing a training run at its first save."""

@@ -112,6 +112,8 @@ def save_lora(lora: ErasureLoRA, path: str | Path) -> Path:
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.is_dir():
+        raise ZEraseError(f"{path} is a folder; give the LoRA file in it (a .safetensors file).")
     if not path.is_file():
         raise ZEraseError(f"LoRA file not found: {path}")
     try:

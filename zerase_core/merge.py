@@ -41,6 +41,15 @@ def _same_architecture(loras: list[ErasureLoRA]) -> dict:
     return agreed
 
 
+def _same_widths(key: Key, loras: list[ErasureLoRA]) -> None:
+    """The factors of one projection fit together (an official import records no architecture to compare)."""
+    widths = {(lora.factors[key][0].shape[1], lora.factors[key][1].shape[0]) for lora in loras}
+    if len(widths) > 1:
+        shown = " vs ".join(f"{i}→{o}" for i, o in sorted(widths))
+        raise ZEraseError(f"Cannot merge: layer {key[0]} {key[1]} maps {shown} in different LoRAs, so they were made "
+                          "for different models. Merge only LoRAs trained on the same base model.")
+
+
 def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) -> ErasureLoRA:
     """Rank-concatenating merge; default weights 1/N (the paper's normalised blend)."""
     if len(loras) < 2:
@@ -55,8 +64,12 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
     factors: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
     for key in keys:
         parts = [(lora, w) for lora, w in zip(loras, weights) if key in lora.factors]
+        _same_widths(key, [lora for lora, _ in parts])
         a = torch.cat([lora.factors[key][0] for lora, _ in parts])
         b = torch.cat([lora.factors[key][1] * (w * lora.scale * lora.strength) for lora, w in parts], dim=1)
+        if not torch.isfinite(b).all():  # finite weights, yet beyond float32 once multiplied
+            raise ZEraseError(f"The merge overflows at layer {key[0]} {key[1]}: weights {weights} times the LoRAs' "
+                              "scales leave float32's range. Use weights near 1.")
         factors[key] = (a, b)
     return ErasureLoRA(
         factors,

@@ -83,11 +83,14 @@ def _word_char(ch: str) -> bool:
     return not unicodedata.name(ch, "").startswith(_UNSPACED_SCRIPTS)
 
 
-def concept_token_indices(prompt: EncodedPrompt, word: str) -> list[int]:
+TEMPLATE_FIX = "Put the concept word into every erase prompt template (use '{}' where it goes)."
+
+
+def concept_token_indices(prompt: EncodedPrompt, word: str, fix: str = TEMPLATE_FIX) -> list[int]:
     """Indices of the tokens of ``prompt`` that encode ``word`` (all occurrences, all sub-tokens).
 
     Raises :class:`ZEraseError` when the word is empty or not in the prompt, since an
-    attention loss on no columns would silently do nothing.
+    attention loss on no columns would silently do nothing; ``fix`` tells the caller's user what to change.
     """
     word = word.strip()
     if not word:
@@ -95,8 +98,7 @@ def concept_token_indices(prompt: EncodedPrompt, word: str) -> list[int]:
     hits = _occurrences(prompt.text, word)
     if not hits:
         raise ZEraseError(
-            f"The concept '{word}' does not occur in the prompt '{prompt.text}'. "
-            "Put the concept word into every erase prompt template (use '{}' where it goes)."
+            f"The concept '{word}' does not occur in the prompt '{prompt.text}'. {fix}"
         )
     indices = [
         i

@@ -60,7 +60,7 @@ def train_and_save(backend: Backend, config: TrainConfig, out: Path, resume: boo
     the run later (a folder that cannot be written, a checkpoint of other settings) is refused before any work; a
     stopped run (Ctrl-C, NaN) leaves its LoRA so far and its checkpoint, and says how to continue it.
     """
-    lora_path, checkpoint = _planned(out, config, backend, resume)
+    lora_path, checkpoint = planned_files(out, config, backend, resume)
     trainer = ZEraseTrainer(backend, config, checkpoint_path=checkpoint, release_encoder=release_encoder)
     if resume:
         trainer.resume(checkpoint)
@@ -79,8 +79,9 @@ def train_and_save(backend: Backend, config: TrainConfig, out: Path, resume: boo
     return result, lora_path
 
 
-def _planned(out: Path, config: TrainConfig, backend: Backend, resume: bool) -> tuple[Path, Path]:
-    """The run's LoRA and checkpoint paths in ``out``, once it is sure both can be written and nothing is lost."""
+def planned_files(out: Path, config: TrainConfig, backend: Backend, resume: bool = False) -> tuple[Path, Path]:
+    """The run's LoRA and checkpoint paths in ``out``, once it is sure both can be written and nothing is lost
+    (callers with work before training call it first too)."""
     if out.exists() and not out.is_dir():
         raise ZEraseError(f"{out} is a file; --out names a folder for the run's files.")
     lora_path, checkpoint = out / LORA, out / CHECKPOINT

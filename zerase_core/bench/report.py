@@ -8,6 +8,8 @@ import os
 import shlex
 from pathlib import Path
 
+from ..files import atomic_write_text
+
 
 def command_line(argv: list[str]) -> str:
     """The command as it was run, with the thread count it ran under (timings depend on it)."""
@@ -20,10 +22,7 @@ def write_json(result: dict, out: Path | None) -> str:
     writing leaves the last result readable. Returns the text."""
     text = json.dumps(result, indent=2, default=str)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(out.name + ".partial")
-        partial.write_text(text + "\n")
-        partial.replace(out)
+        atomic_write_text(out, text + "\n")
     return text
 
 

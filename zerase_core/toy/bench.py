@@ -21,6 +21,7 @@ from typing import Any
 from ..backends.toy import toy_backend
 from ..config import TrainConfig
 from ..errors import ZEraseError
+from ..files import atomic_write_text
 from ..prompts import concept_token_indices
 from ..trainer import ZEraseTrainer
 from .demo import toy_train_config
@@ -191,7 +192,7 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
                     if assemble_only:
                         continue
                     log.info("bench cell: %s / %s / seed %d", method.name, concept.word, seed)
-                    path.write_text(json.dumps(run_cell(bundle, method, concept, seed, config, n_eval)))
+                    atomic_write_text(path, json.dumps(run_cell(bundle, method, concept, seed, config, n_eval)))
                 cells[(method.name, concept.word, seed)] = json.loads(path.read_text())
     rows = summarise(cells, [c for c in concepts if any(k[1] == c.word for k in cells)])
     kinds = sorted({c.attribute for c in concepts})

@@ -20,7 +20,7 @@ from ..config import TrainConfig
 from ..errors import ZEraseError
 from ..lora import LoRAConfig
 from ..render import grid, to_pil
-from ..run import every, train_and_save
+from ..run import every, planned_files, train_and_save
 from ..sampling import preview_seed
 from .erasure_metrics import (
     Concept, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word, weights_identity,
@@ -166,6 +166,7 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     backend = toy_backend(bundle)
     concept = parse_concept(concept_word)
     config = toy_train_config(concept, preserve, steps, seed, bundle.sampling)
+    planned_files(out, config, backend)  # a taken --out is told now, not after measuring the original model
     log.info("measuring the original model on %d + %d prompts", n_eval, n_eval)
     # seed + 1000, not EVAL_SEED_OFFSET: the demo's shipped report (docs/bench) was measured on this stream
     original = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=False, styles=PROMPT_STYLES)

@@ -102,7 +102,12 @@ class ComfyZImageBackend(Backend):
         step = down * self.patch
         if height % step or width % step:
             raise ZEraseError(f"{self.node}: resolution {height}×{width} must be a multiple of {step}.")
-        return (int(fmt.latent_channels), height // down, width // down)
+        return (self.latent_channels, height // down, width // down)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the model's latents (Z-Image's VAE: 16)."""
+        return int(self.patcher.model.latent_format.latent_channels)
 
     # --- LoRA through object patches --------------------------------------------------------
     def _wrap(self, slot: HostSlot) -> GatedLoRALinear:
