@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank, targets,
-                 resolution, seed, gradient_checkpointing=True, xt_source=TrainConfig.xt_source) -> TrainConfig:
+                 resolution, seed, gradient_checkpointing, xt_source, shift) -> TrainConfig:
     return TrainConfig(
         concept=concept.strip(),
         preset=preset,
@@ -44,7 +44,7 @@ def build_config(concept, preset, templates, preserve, steps, learning_rate, bet
         steps=steps, lr=learning_rate, beta=beta, eta=eta,
         epsilon=None if epsilon < 0 else epsilon,
         height=resolution, width=resolution, seed=seed, gradient_checkpointing=gradient_checkpointing,
-        xt_source=xt_source, lora=LoRAConfig(rank=rank, targets=targets_from(targets)),
+        xt_source=xt_source, shift=shift, lora=LoRAConfig(rank=rank, targets=targets_from(targets)),
     )
 
 
@@ -207,11 +207,12 @@ class ZEraseTrain(io.ComfyNode):
                 xt_source=TrainConfig.xt_source, vae=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
+        probe = ComfyZImageBackend(model, clip, node=NODE)  # a clone: the input's architecture, digest and shift
+        # x_t on the σ schedule the model samples with (ModelSamplingAuraFlow's shift when it is patched)
         config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
-                              targets, resolution, seed, gradient_checkpointing, xt_source)
+                              targets, resolution, seed, gradient_checkpointing, xt_source, probe.flow_shift)
         save_name = save_name.strip() or name_from(config.concept)
         path = safe_output_path(output_folder(), save_name)  # checked before any work
-        probe = ComfyZImageBackend(model, clip, node=NODE)  # a clone: the input's architecture and digest
         done = _finished_file(probe, config, save_name)
         if done is not None:
             return _reused(cls, done, probe, model, vae, config)

@@ -171,6 +171,13 @@ def test_train_outputs_and_files(pack, loras_dir):
                                                               xt_source="fresh"))
     second = load_lora(loras_dir / "zerase" / "cat_001.safetensors")  # named for the concept; never overwrites
     assert second.training["xt_source"] == "fresh" and not second.training["gradient_checkpointing"]
+    assert loaded.training["shift"] == 3.0  # Z-Image's own schedule; a patched one is what x_t is sampled on
+    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
+
+    (shifted,) = ModelSamplingAuraFlow().patch_aura(model, 6.0)
+    with torch.inference_mode():
+        train.execute(model=shifted, clip=clip, **_train_inputs(steps=1, save_name="shifted"))
+    assert load_lora(loras_dir / "zerase" / "shifted.safetensors").training["shift"] == 6.0
     with pytest.raises(ZEraseError, match="not allowed|leave"):
         train.execute(model=model, clip=clip, **_train_inputs(save_name="../escape"))
     with pytest.raises(ZEraseError, match="concept is empty"):

@@ -105,6 +105,11 @@ class ComfyZImageBackend(Backend):
         return (self.latent_channels, height // down, width // down)
 
     @property
+    def flow_shift(self) -> float:
+        """The shift of the model's σ schedule as sampling will use it (ModelSamplingAuraFlow's, when patched)."""
+        return float(self.patcher.get_model_object("model_sampling").shift)
+
+    @property
     def latent_channels(self) -> int:
         """Channels of the model's latents (Z-Image's VAE: 16)."""
         return int(self.patcher.model.latent_format.latent_channels)
