@@ -47,6 +47,7 @@ class ComfyZImageBackend(Backend):
         self.gate = TokenGate()
         self.key = f"{WRAPPER_PREFIX}_{uuid.uuid4().hex[:12]}"
         self._wrapped: dict[int, GatedLoRALinear] = {}
+        self._inherited: dict[str, Any] = {}  # object patches our wrappers replaced (erasure LoRAs applied before)
         self._recorder: Any = None  # MassRecorder / WordMapRecorder of the running call
         self._layout: TokenLayout | None = None
         self._checkpointed: set[int] = set()
@@ -119,9 +120,12 @@ class ComfyZImageBackend(Backend):
         if slot.layer in self._wrapped:
             return self._wrapped[slot.layer]
         host = self.patcher.get_model_object(slot.path)
-        previous = self.patcher.get_model_object(slot.path + ".forward")
+        key = slot.path + ".forward"
+        previous = self.patcher.get_model_object(key)
+        if key in self.patcher.object_patches:
+            self._inherited[key] = self.patcher.object_patches[key]
         lora = GatedLoRALinear(PreviousForward(host, previous), slot.slices, self.gate)
-        self.patcher.add_object_patch(slot.path + ".forward", GatedForward(lora))
+        self.patcher.add_object_patch(key, GatedForward(lora))
         self._wrapped[slot.layer] = lora
         return lora
 
@@ -134,8 +138,12 @@ class ComfyZImageBackend(Backend):
         return install_on(self.host_slots(), config, name, self.n_layers, self._wrap, device=self.device)
 
     def uninstall(self) -> None:
+        """Our wrappers off this clone; the erasure LoRAs it came with stay, as they were."""
         for layer in self._wrapped:
-            self.patcher.object_patches.pop(QKV_PATH.format(layer) + ".forward", None)
+            key = QKV_PATH.format(layer) + ".forward"
+            self.patcher.object_patches.pop(key, None)
+            if key in self._inherited:
+                self.patcher.object_patches[key] = self._inherited.pop(key)
         self._wrapped.clear()
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
