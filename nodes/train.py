@@ -30,6 +30,8 @@ TARGETS = ["q,k,v", "q,k", "q", "k", "v"]
 # Kept beside the LoRAs (ComfyUI empties its temp folder at start-up) with a suffix no loader lists; deleted when
 # the run completes.
 CHECKPOINTS, CHECKPOINT_SUFFIX = ".checkpoints", ".zerase-ckpt"
+# On here, off in TrainConfig (the CLI): ComfyUI users have 16-24 GB cards (README, VRAM).
+CHECKPOINTING = True
 LORA_FILE = "lora_file"  # the checkpoint's note of where the run's LoRA goes
 log = logging.getLogger(__name__)
 
@@ -177,8 +179,7 @@ class ZEraseTrain(io.ComfyNode):
                 io.String.Input("save_name", default="", tooltip="File name under models/loras/zerase/ (empty: the "
                                 "concept). Never overwrites: a taken name gets _001, _002, …; resume finds its run "
                                 "by this name."),
-                # On here, off in TrainConfig (the CLI): ComfyUI users have 16-24 GB cards (README, VRAM).
-                io.Boolean.Input("gradient_checkpointing", default=True,
+                io.Boolean.Input("gradient_checkpointing", default=CHECKPOINTING,
                                  tooltip="Saves most activation memory (~34 GB → ~15 GB at 512² on the real model, "
                                  "estimated) for ~50 % more time per step"),
                 io.Boolean.Input("resume", default=False,
@@ -203,7 +204,7 @@ class ZEraseTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon,
-                rank, targets, resolution, seed, save_name, gradient_checkpointing=True, resume=False,
+                rank, targets, resolution, seed, save_name, gradient_checkpointing=CHECKPOINTING, resume=False,
                 xt_source=TrainConfig.xt_source, vae=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
