@@ -122,3 +122,8 @@ def test_resume_refuses_a_model_that_cannot_be_told_to_be_the_one_trained(tmp_pa
         ZEraseTrainer(tiny_zimage_backend(), _config(steps=2)).resume(tmp_path / "a.ckpt")
     ZEraseTrainer(tiny_zimage_backend(), _config(steps=1), checkpoint_path=tmp_path / "b.ckpt").run()
     ZEraseTrainer(tiny_zimage_backend(), _config(steps=2)).resume(tmp_path / "b.ckpt")
+
+
+def test_a_preservation_concept_that_is_the_concept_spaced_otherwise_is_refused():
+    with pytest.raises(ZEraseError, match="both the concept to erase and a preservation concept"):
+        _config(concept="big  cat", preserve=("Big cat",))
