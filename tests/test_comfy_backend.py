@@ -81,6 +81,24 @@ def test_encode_matches_clip_text_encode_and_localises_words():
         concept_token_indices(p, "cat")
 
 
+def test_a_dropped_backend_frees_its_clone_at_once():
+    """Nothing the clone holds (its wrapper, the LoRA and checkpointing patches) refers back to the backend, so
+    dropping the backend frees the clone by reference counting, not at the next full garbage collection (under
+    dynamic VRAM Train's clone is a whole second copy of the model)."""
+    import gc
+
+    backend = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy))
+    _randomise(backend.install(LoRAConfig(rank=2)))
+    backend.set_gradient_checkpointing(True)
+    refs = weakref.ref(backend), weakref.ref(backend.patcher)
+    gc.disable()
+    try:
+        del backend
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
+
+
 def test_refuses_the_ungated_ablation():
     """The object-patch wrapper is always gated: scope 'all' would otherwise train gated under an ungated name."""
     backend = ComfyZImageBackend(tiny_zimage(comfy))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, ContextManager, Iterator, Sequence
 
 import torch
@@ -18,13 +18,13 @@ from ...prompts import EncodedPrompt
 from ...scoped import scoped
 from ..base import Backend, HostSlot, LoRASet, install_on
 from ..row_sharing import RowGroups, SharedRowsForward, take_rows
-from .attention import recording_override
+from .call_state import CallState
 from .clip_prompts import encode_with_clip
 from .digest import model_digest
 from .loading import load_whole, loaded_whole, own_weights, training_model
 from .nextdit_layout import image_patches, nextdit_layout
 from .object_patches import (LAYER_FORWARD, QKV_PATH, REFINER_FORWARD, CheckpointedForward, GatedForward,
-                             PreviousForward, erasure_chain)
+                             PreviousForward)
 from .recognise import check_zimage
 
 WRAPPER_PREFIX = "zerase"
@@ -48,16 +48,12 @@ class ComfyZImageBackend(Backend):
         self.key = f"{WRAPPER_PREFIX}_{uuid.uuid4().hex[:12]}"
         self._wrapped: dict[int, GatedLoRALinear] = {}
         self._inherited: dict[str, Any] = {}  # object patches our wrappers replaced (erasure LoRAs applied before)
-        self._recorder: Any = None  # MassRecorder / WordMapRecorder of the running call
-        self._layout: TokenLayout | None = None
         self._checkpointed: set[int] = set()
         # Set by training_session: every load puts the whole model on the device, with weights autograd can use.
         self._whole, self._weights_owned, self._frozen = False, False, []
-        # The model the patches are built on. Not self.dit: ComfyUI's torch.compile wrapper swaps the compiled
-        # module into diffusion_model while it samples, and the wrapper must not touch that property there.
-        self._host = dit = self.dit
-        self.patch = int(dit.patch_size)
-        self.multiple = int(dit.pad_tokens_multiple)
+        # What the patches read while a call runs, apart from this backend (see call_state.py).
+        self.calls = CallState(node, self.dit, self.gate)
+        self.patch, self.multiple = self.calls.patch, self.calls.multiple
         unet = self.patcher.model.model_config.unet_config
         self.dim = int(unet["dim"])
         self.n_heads = int(unet["n_heads"])
@@ -65,11 +61,11 @@ class ComfyZImageBackend(Backend):
         self.cap_feat_dim = int(unet.get("cap_feat_dim", 0))
         from comfy.patcher_extension import WrappersMP
 
-        self.patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, self.key, self._diffusion_wrapper)
+        self.patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, self.key, self.calls.diffusion_wrapper)
         for i in range(len(self.dit.noise_refiner)):  # image tokens and t only: shareable across prompts
             key = REFINER_FORWARD.format(i)  # a wrapper inherited from the input MODEL's clone is replaced
             self.patcher.add_object_patch(
-                key, SharedRowsForward.around(self.patcher.get_model_object(key), self._current_row_groups))
+                key, SharedRowsForward.around(self.patcher.get_model_object(key), self.calls.current_row_groups))
 
     # --- facts -----------------------------------------------------------------------------
     @property
@@ -156,58 +152,16 @@ class ComfyZImageBackend(Backend):
             key = LAYER_FORWARD.format(layer)
             if enabled and layer not in self._checkpointed:
                 previous = self.patcher.get_model_object(key)
-                self.patcher.add_object_patch(key, CheckpointedForward.around(self, layer, previous))
+                self.patcher.add_object_patch(key, CheckpointedForward.around(self.calls, layer, previous))
                 self._checkpointed.add(layer)
             elif not enabled and layer in self._checkpointed:
                 self.patcher.object_patches.pop(key, None)
                 self._checkpointed.discard(layer)
 
-    def _call_state(self, layer: int) -> tuple:
-        """What a main layer's forward depends on besides its arguments (see CheckpointedForward)."""
-        qkv = self.dit.layers[layer].attention.qkv.forward  # what runs: the patched chain, if any
-        chain = [self.gate, *(lora.gate for lora in erasure_chain(qkv))]
-        gates = [(g, g.layout, g.lora_on) for g in {id(g): g for g in chain}.values()]
-        return gates, self._layout, self._recorder
-
-    @contextmanager
-    def _replaying(self, state: tuple) -> Iterator[None]:
-        gates, layout, recorder = state
-        with scoped(self, _layout=layout, _recorder=recorder), ExitStack() as stack:
-            for gate, gate_layout, lora_on in gates:
-                stack.enter_context(gate.active(gate_layout, lora_on))
-            yield
-
-    # --- per call: layout, gate, attention capture -------------------------------------------
-    def _diffusion_wrapper(self, executor, x, timesteps, context, num_tokens, attention_mask=None, **kwargs):
-        """DIFFUSION_MODEL wrapper: the layout of this call, from its conditioning, into the gate."""
-        if kwargs.get("ref_latents"):
-            raise ZEraseError(
-                f"{self.node}: erasure LoRAs do not support Z-Image reference latents (edit/omni mode)."
-            )
-        if executor.class_obj is not None and executor.class_obj is not self._host:
-            # ModelPatcher.clone(model_override=...) (dynamic VRAM's non-dynamic delegate) copies object patches
-            # that call this model's modules: the new model would run the old one's layers.
-            raise ZEraseError(
-                f"{self.node}: ComfyUI rebuilt the model after the erasure LoRA was put on it (its dynamic VRAM "
-                "does so for TorchCompileModel and hooked conditioning), which erasure LoRAs do not follow yet. Put "
-                "TorchCompileModel before Apply Erasure LoRA, or start ComfyUI with --disable-dynamic-vram."
-            )
-        layout = nextdit_layout(context.shape[1], x, self.patch, self.multiple)
-        options = kwargs.get("transformer_options")
-        if options is not None:
-            options.pop("block_index", None)  # refiners run first; only main layers set it
-            if self._recorder is not None:
-                inner = options.get("optimized_attention_override")
-                options["optimized_attention_override"] = recording_override(inner, self._recorder_state)
-        with scoped(self, _layout=layout), self.gate.active(layout, self.gate.lora_on):
-            return executor(x, timesteps, context, num_tokens, attention_mask, **kwargs)
-
-    def _recorder_state(self) -> tuple:
-        return self._recorder, self._layout
-
+    # --- per call: layout, gate, attention capture (the state lives in self.calls) ------------
     def recording(self, recorder: Any) -> ContextManager:
         """While inside, main layers' attention runs through ``recorder.attend`` where it ``wants`` the layer."""
-        return scoped(self, _recorder=recorder)
+        return scoped(self.calls, recorder=recorder)
 
     def lora_switched(self, on: bool) -> ContextManager:
         return scoped(self.gate, lora_on=on)
@@ -238,7 +192,7 @@ class ComfyZImageBackend(Backend):
 
     def _sharing_rows(self, x: torch.Tensor, sigma: torch.Tensor) -> ContextManager:
         """While inside, the noise refiner runs once per distinct (x, σ) row (see row_sharing)."""
-        return scoped(self, _row_groups=RowGroups.of(x, sigma))
+        return scoped(self.calls, row_groups=RowGroups.of(x, sigma))
 
     # --- prompts and predictions ------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from ...lora import GatedLoRALinear
 
 if TYPE_CHECKING:
-    from .backend import ComfyZImageBackend
+    from .call_state import CallState
 
 QKV_PATH = "diffusion_model.layers.{}.attention.qkv"
 LAYER_FORWARD = "diffusion_model.layers.{}.forward"
@@ -74,13 +74,13 @@ class CheckpointedForward:
     ``block_index`` and calls back into the backend). The recomputed graph is then the first.
     """
 
-    def __init__(self, backend: "ComfyZImageBackend", layer: int, previous: Callable[..., torch.Tensor]):
-        self.backend, self.layer, self.previous = backend, layer, previous
+    def __init__(self, calls: "CallState", layer: int, previous: Callable[..., torch.Tensor]):
+        self.calls, self.layer, self.previous = calls, layer, previous
 
     @classmethod
-    def around(cls, backend: "ComfyZImageBackend", layer: int, forward: Callable[..., torch.Tensor]):
+    def around(cls, calls: "CallState", layer: int, forward: Callable[..., torch.Tensor]):
         """Checkpoint ``forward``; one inherited from the input MODEL's clone is replaced, not nested."""
-        return cls(backend, layer, forward.previous if isinstance(forward, cls) else forward)
+        return cls(calls, layer, forward.previous if isinstance(forward, cls) else forward)
 
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():  # sampling, teacher passes: nothing to save
@@ -88,11 +88,11 @@ class CheckpointedForward:
         options = kwargs.get("transformer_options")
         if options is not None:
             kwargs["transformer_options"] = dict(options)  # this layer's block_index, kept
-        state = self.backend._call_state(self.layer)
+        state = self.calls.layer_state(self.layer)
         previous = self.previous
 
         def run(*inner_args, **inner_kwargs):
-            with self.backend._replaying(state):
+            with self.calls.replaying(state):
                 return previous(*inner_args, **inner_kwargs)
 
         # No randomness in a Z-Image layer (no dropout): no RNG state to stash and restore per layer and call.
