@@ -127,3 +127,9 @@ def test_resume_refuses_a_model_that_cannot_be_told_to_be_the_one_trained(tmp_pa
 def test_a_preservation_concept_that_is_the_concept_spaced_otherwise_is_refused():
     with pytest.raises(ZEraseError, match="both the concept to erase and a preservation concept"):
         _config(concept="big  cat", preserve=("Big cat",))
+
+
+def test_a_flow_shift_that_is_not_positive_is_refused():
+    """ModelSamplingAuraFlow takes 0; σ would be NaN at the first level and the run fail with a misleading NaN."""
+    with pytest.raises(ZEraseError, match="flow shift must be > 0; got 0.0"):
+        _config(shift=0.0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from zerase_core.errors import ZEraseError
+from zerase_core.lora_file import load_lora
 from zerase_core.toy.erasure_metrics import frechet_distance, parse_concept, prompt_sets
 
 
@@ -64,6 +65,9 @@ def test_short_demo_writes_every_output(tmp_path, random_toy, monkeypatch):
     with pytest.raises(ZEraseError, match="exists; choose another --out"):
         run_demo("crimson", None, steps=3, seed=0, out=tmp_path, n_eval=6, bundle=random_toy)
     assert json.loads((tmp_path / "report.json").read_text()) == saved
+    monkeypatch.undo()
+    again = run_demo("crimson", None, steps=4, seed=0, out=tmp_path, n_eval=6, bundle=random_toy, resume=True)
+    assert again["steps"] == 4 and load_lora(tmp_path / "erasure_lora.safetensors").training["steps_done"] == 4
 
 
 def test_demo_with_defaults_erases_red_and_keeps_the_other_attributes(tmp_path):

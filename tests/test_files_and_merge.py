@@ -72,11 +72,13 @@ def test_an_ungated_lora_says_so_and_is_neither_applied_nor_merged(tiny_backend,
     ungated = load_lora(save_lora(export_lora(lora_set, concept="red"), tmp_path / "all.safetensors"))
     tiny_backend.uninstall()
     assert ungated.scope == "all" and ungated.metadata()["gate"]["kind"] == "all-tokens"
+    assert ungated.metadata()["format_version"] == 2  # a reader from before the gate field refuses it
     with pytest.raises(ZEraseError, match="without the token gate"):
         install_lora(tiny_backend, ungated)
     with pytest.raises(ZEraseError, match="without the token gate"):
         merge([_random_lora(KEYS), ungated])
-    assert load_lora(save_lora(_random_lora(KEYS), tmp_path / "gated.safetensors")).scope == "text"
+    gated = load_lora(save_lora(_random_lora(KEYS), tmp_path / "gated.safetensors"))
+    assert gated.scope == "text" and gated.metadata()["format_version"] == 1  # as every earlier version wrote
 
 
 def test_refusals(tmp_path):
@@ -123,19 +125,20 @@ def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
         load_lora(tmp_path / "bad.safetensors")
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    import zerase_core.files as files
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    """A real write failure (the file-size limit, as a full disk fails): a message naming the file, the old file
+    intact, no temporary left. Python ignores SIGXFSZ, so the write fails with EFBIG instead of killing us."""
+    resource = pytest.importorskip("resource")  # POSIX only
 
     path = save_lora(_random_lora(KEYS), tmp_path / "red.safetensors")
     before = path.read_bytes()
-
-    def crash(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(files, "save_file", crash)
-    with pytest.raises(ZEraseError, match="Could not write .*red.safetensors: disk full. Free disk space"):
-        save_lora(_random_lora(KEYS, seed=1), path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
+    try:
+        with pytest.raises(ZEraseError, match="Could not write .*red.safetensors: File too large. Free disk space"):
+            save_lora(_random_lora(KEYS, seed=1), path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["red.safetensors"]
 
 

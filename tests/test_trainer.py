@@ -118,6 +118,19 @@ def test_resume_takes_execution_settings_and_refuses_steps_already_passed(tmp_pa
         ZEraseTrainer(tiny_zimage_backend(), _config(steps=1)).resume(tmp_path / "c.ckpt")
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """Out of memory at step 1 (say): a step-0 checkpoint holds nothing to resume, and kept it would make the next
+    run with resume off refuse to replace it."""
+    def out_of_memory(self):
+        raise RuntimeError("CUDA out of memory")
+
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=3), checkpoint_path=tmp_path / "c.ckpt")
+    monkeypatch.setattr(ZEraseTrainer, "train_step", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.run()
+    assert not (tmp_path / "c.ckpt").exists()
+
+
 def test_the_partial_lora_of_a_resumed_run_is_found_and_no_other(tmp_path):
     """A run stopped at step 2 saved a checkpoint and a LoRA; the resumed run's finished LoRA replaces that file,
     also when the file is from an earlier stop of the same run (killed after a later checkpoint, nothing saved).

@@ -76,7 +76,9 @@ def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
         raise ZEraseError(f"Cannot read the checkpoint {path}: {err}. Start a fresh run instead.") from err
 
 
-def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict, base: str | None) -> None:
+def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict, base: str | None | object
+                     ) -> None:
+    """``base``: the model's digest, None where it cannot be made, or _ANY_BASE to leave the model unchecked."""
     if meta.get("kind") != KIND:
         raise ZEraseError(f"{path} is not a Z-Erase training checkpoint.")
     saved, wanted = resumable(TrainConfig.from_dict(meta["config"]).to_dict()), resumable(config.to_dict())

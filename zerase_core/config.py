@@ -90,6 +90,9 @@ class TrainConfig:
             raise ZEraseError(f"Settings must be finite numbers; got {', '.join(unreal)}.")
         if self.steps < 1 or self.lr <= 0 or self.beta < 0:
             raise ZEraseError("steps must be ≥ 1, the learning rate > 0 and β ≥ 0.")
+        if self.shift <= 0:  # σ' = shift·σ/(1 + (shift − 1)·σ) is 0/0 at σ = 1 for shift 0
+            raise ZEraseError(f"The flow shift must be > 0; got {self.shift} (Z-Image's is 3: check "
+                              "ModelSamplingAuraFlow).")
         if self.height < 1 or self.width < 1:
             raise ZEraseError(f"The training resolution must be positive; got {self.height}×{self.width}.")
         if any(not p.strip() for p in self.preserve):

@@ -12,28 +12,39 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .errors import ZEraseError
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
-    """Write a safetensors file via a temporary file, flushed to disk, and a rename, so neither a crash nor a power
-    loss leaves half a file, and a failed write (disk full, no permission) leaves the old one.
+    """Write a safetensors file whole or not at all (see :func:`_atomic_write`).
 
     Metadata values that are not strings are stored as JSON.
     """
-    path = Path(path)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    # Serialised here, written by us: one write path whose failures are OSErrors (safetensors' own file writer
+    # raises its SafetensorError for a full disk), and files with the user's umask (its writer makes them 0600).
+    return _atomic_write(Path(path), save(tensors, metadata=meta))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` whole or not at all (see :func:`_atomic_write`)."""
+    return _atomic_write(Path(path), text.encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    """``data`` into a temporary file beside ``path``, flushed to disk, then renamed over it: neither a crash nor a
+    power loss leaves half a file, and a failed write (disk full, no permission) leaves the old one."""
     tmp = _temporary(path.parent)  # its name does not grow with the file's: any name that fits can be written
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the mode the user's umask gives
-        mode = os.stat(tmp).st_mode
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, mode)  # safetensors writes private files (0600): a LoRA is an ordinary file of the user's
-        _flush(tmp)
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)  # umask's mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the handle that wrote (Windows refuses fsync on a read-only one)
         os.replace(tmp, path)
     except OSError as err:
         raise ZEraseError(f"Could not write {path}: {err.strerror or err}. Free disk space or choose a folder you "
@@ -44,27 +55,14 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` whole or not at all (a run cut off while writing leaves the previous file readable)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path.parent)
-    try:
-        Path(tmp).write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def check_writable(path: str | os.PathLike) -> None:
     """Refuse, before any work, a file that could not be written later (a name too long for the file system, a
     folder without write permission), instead of losing a training run at its first save."""
     path = Path(path)
-    if len(os.fsencode(path.name)) > NAME_MAX:
-        raise ZEraseError(f"The file name '{path.name}' is too long ({len(os.fsencode(path.name))} bytes; file "
-                          f"systems allow {NAME_MAX}); choose a shorter save name.")
+    length = _name_length(path.name)
+    if length > NAME_MAX:
+        raise ZEraseError(f"The file name '{path.name}' is too long ({length} {_NAME_UNIT}; file systems allow "
+                          f"{NAME_MAX}); choose a shorter save name.")
     tmp = _temporary(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,19 +73,16 @@ def check_writable(path: str | os.PathLike) -> None:
     os.unlink(tmp)
 
 
-NAME_MAX = 255  # bytes in one file name on ext4, NTFS, APFS
+NAME_MAX = 255  # one file name: bytes on ext4 and APFS, UTF-16 units on NTFS
+_NAME_UNIT = "UTF-16 units" if os.name == "nt" else "bytes"
+
+
+def _name_length(name: str) -> int:
+    return len(name.encode("utf-16-le")) // 2 if os.name == "nt" else len(os.fsencode(name))
 
 
 def _temporary(folder: Path) -> str:
     return str(folder / f".zerase-{uuid.uuid4().hex[:16]}.tmp")
-
-
-def _flush(name: str) -> None:
-    fd = os.open(name, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:

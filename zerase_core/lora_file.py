@@ -23,7 +23,9 @@ from .errors import ZEraseError
 from .files import atomic_save, decode_metadata
 
 FORMAT = "zerase-gated-lora"
-FORMAT_VERSION = 1
+# The newest version this pack reads. Version 2 adds the ungated gate kind ("all-tokens"); gated files are still
+# written as version 1, and ungated ones as 2, so that a reader older than that field refuses them.
+FORMAT_VERSION = 2
 GATE = {"kind": "text-tokens", "covers": "caption and caption padding", "paper": "Eq. 4, S_T"}
 # LoRAConfig.scope "all": the §3 ablation, written down as what it is so that no host applies it gated.
 UNGATED = {"kind": "all-tokens", "covers": "every token (the §3 ablation, which collapses)", "paper": "§3"}
@@ -86,7 +88,7 @@ class ErasureLoRA:
     def metadata(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": 1 if self.scope == "text" else 2,
             "concept": self.concept,
             "preserve": list(self.preserve),
             "targets": list(self.targets),

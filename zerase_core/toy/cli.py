@@ -18,6 +18,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--n-eval", type=int, default=100, help="prompts per evaluation set (robustness sets: half)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the training run a stopped demo left in --out (or extend it with more --steps)")
 
 
 @command("demo", "erase a concept from the built-in toy model and measure it exactly", _add_demo)
@@ -25,7 +27,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     preserve = tuple(args.preserve) if args.preserve is not None else None
-    report = run_demo(args.concept, preserve, args.steps, args.seed, args.out, args.n_eval)
+    report = run_demo(args.concept, preserve, args.steps, args.seed, args.out, args.n_eval, resume=args.resume)
     keys = ("concept", "acc_e", "acc_ir", "h_a", "fd_before", "fd_after", "seconds")
     extra = {"original_acc_e": report["original"]["acc_e"], "out": str(args.out)}
     print(json.dumps({k: report[k] for k in keys} | extra))

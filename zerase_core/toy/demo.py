@@ -156,8 +156,9 @@ def preview(backend, bundle, concept: Concept, seed: int, out: Path):
 
 
 def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, seed: int, out: Path, n_eval: int,
-             bundle=None) -> dict:
-    """The whole demo; ``bundle`` defaults to the shipped toy (tests pass a small random one)."""
+             bundle=None, resume: bool = False) -> dict:
+    """The whole demo; ``bundle`` defaults to the shipped toy (tests pass a small random one); ``resume``
+    continues the training run a stopped demo left in ``out`` (or extends a finished one to more steps)."""
     from . import load_toy
 
     start = time.perf_counter()
@@ -166,12 +167,12 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     backend = toy_backend(bundle)
     concept = parse_concept(concept_word)
     config = toy_train_config(concept, preserve, steps, seed, bundle.sampling)
-    planned_files(out, config, backend)  # a taken --out is told now, not after measuring the original model
+    planned_files(out, config, backend, resume)  # a taken --out is told now, not after measuring the original
     log.info("measuring the original model on %d + %d prompts", n_eval, n_eval)
     # seed + 1000, not EVAL_SEED_OFFSET: the demo's shipped report (docs/bench) was measured on this stream
     original = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=False, styles=PROMPT_STYLES)
     previews = every(max(1, steps // 4), preview(backend, bundle, concept, seed, out))
-    result, lora_path = train_and_save(backend, config, out, callbacks=[previews])
+    result, lora_path = train_and_save(backend, config, out, resume=resume, callbacks=[previews])
     log.info("measuring the erased model")
     erased = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=True, styles=PROMPT_STYLES)
     to_pil(comparison_grid(backend, bundle, concept, seed)[0]).save(out / "before_after.png")

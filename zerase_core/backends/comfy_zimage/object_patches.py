@@ -69,9 +69,9 @@ class CheckpointedForward:
     The recomputation runs during backward, after the DIFFUSION_MODEL wrappers and the
     attention capture have exited, and after NextDiT has moved ``transformer_options
     ["block_index"]`` on. So the state the first run saw is taken when the layer runs and
-    replayed around both runs: every gate's layout and LoRA switch, the backend's capture and
-    layout, and a copy of ``transformer_options`` (the attention override in it reads
-    ``block_index`` and calls back into the backend). The recomputed graph is then the first.
+    replayed around both runs: every gate's layout and LoRA switch, the call's recorder and
+    layout (:class:`~.call_state.CallState`), and a copy of ``transformer_options`` (the attention
+    override in it reads ``block_index`` and the CallState). The recomputed graph is then the first.
     """
 
     def __init__(self, calls: "CallState", layer: int, previous: Callable[..., torch.Tensor]):
