@@ -58,8 +58,9 @@ class ErasureLoRA:
         if self.scope not in _SCOPES.values():
             raise ZEraseError(f"Unknown LoRA scope {self.scope!r}; expected 'text' or 'all'.")
         for key, (a, b) in self.factors.items():
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-                raise ZEraseError(f"LoRA factors for layer {key[0]} {key[1]} have inconsistent shapes.")
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+                raise ZEraseError(f"LoRA factors for layer {key[0]} {key[1]} have inconsistent shapes "
+                                  f"(A {tuple(a.shape)}, B {tuple(b.shape)}: rank × in and out × rank, rank ≥ 1).")
 
     def require_gated(self) -> None:
         """Refuse to go on with a LoRA trained without the gate: every host applies LoRAs through it."""
@@ -166,7 +167,10 @@ def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
         raise ZEraseError(f"'{path.name}' misses half of the factors for {broken}; the file is damaged.")
     if any(not torch.isfinite(t).all() for t in tensors.values()):
         raise ZEraseError(f"'{path.name}' contains NaN or infinite weights; it cannot be used.")
-    return ErasureLoRA(factors={k: (ab["A"], ab["B"]) for k, ab in parts.items()}, **described)
+    try:
+        return ErasureLoRA(factors={k: (ab["A"], ab["B"]) for k, ab in parts.items()}, **described)
+    except ZEraseError as err:  # name the file, as every other refusal of a damaged one does
+        raise ZEraseError(f"'{path.name}': {err} The file is damaged.") from err
 
 
 def _description(path: Path, meta: dict[str, str]) -> dict[str, Any]:
