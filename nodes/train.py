@@ -10,8 +10,8 @@ from comfy_api.latest import io, ui
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
 from zerase_core.apply import install_lora
 from zerase_core.config import PRESETS, XT_SOURCES, TrainConfig
-from zerase_core.checkpoint import check_resumable, refuse_replacing
-from zerase_core.files import check_writable, name_from, path_inside, safe_output_path, saved_versions
+from zerase_core.checkpoint import check_run_files
+from zerase_core.files import name_from, path_inside, safe_output_path, saved_versions
 from zerase_core.history import loss_series
 from zerase_core.lora import LoRAConfig, targets_from
 from zerase_core.lora_file import load_lora, save_lora
@@ -218,13 +218,8 @@ class ZEraseTrain(io.ComfyNode):
         if done is not None:
             return _reused(cls, done, probe, model, vae, config)
         checkpoint = path_inside(output_folder() / CHECKPOINTS, save_name, CHECKPOINT_SUFFIX)
-        for file in (path, checkpoint):
-            check_writable(file)  # before the model is loaded and the x_t pool sampled, not at the first save
-        if not resume:
-            refuse_replacing(checkpoint, "Turn resume on to continue it; to start over instead, choose another "
-                             "save_name or delete that file.")
-        elif checkpoint.exists():
-            check_resumable(checkpoint, config, probe.fingerprint())  # other settings: told before the x_t pool
+        check_run_files(path, checkpoint, config, probe.fingerprint(), resume, "Turn resume on to continue it; to "
+                        "start over instead, choose another save_name or delete that file.")
         backend = ComfyZImageBackend.for_training(model, clip, node=NODE)
         with training_session(backend):
             trainer = _trainer(backend, config, checkpoint, resume)

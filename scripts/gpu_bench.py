@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend, LatentSpec  # noqa: E402
-from zerase_core.bench.cost import SpeedCase, _base_config, time_case  # noqa: E402
+from zerase_core.bench.cost import SpeedCase, _base_config, _sync, time_case  # noqa: E402
 from zerase_core.bench.estimate import FixedLengthEncoder, scaled_zimage  # noqa: E402
 from zerase_core.bench.report import write_json  # noqa: E402
 from zerase_core.lora import LoRAConfig  # noqa: E402
@@ -117,8 +117,7 @@ def _row(case: SpeedCase, steps: int, px: int, ckpt: bool) -> dict:
 def _warm_up(backend: DiffusersZImageBackend) -> None:
     x = torch.zeros(1, *backend.latent_shape(64, 64), device=backend.device)
     backend.velocity(x, torch.full((1,), 0.5), backend.encode(["warm up"]), lora=False)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync(backend)()
 
 
 if __name__ == "__main__":

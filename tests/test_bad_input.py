@@ -21,6 +21,17 @@ def _config(**over):
     return TrainConfig(**(base | over))
 
 
+def _cli_config(*flags: str) -> TrainConfig:
+    """The TrainConfig `python -m zerase_core train --tiny --concept cat FLAGS` builds."""
+    import argparse
+
+    from zerase_core.cli import _add_train, train_config_from_args
+
+    parser = argparse.ArgumentParser()
+    _add_train(parser)
+    return train_config_from_args(parser.parse_args(["--tiny", "--concept", "cat", *flags]))
+
+
 def test_an_empty_preservation_concept_is_refused():
     with pytest.raises(ZEraseError, match="A preservation concept is empty; remove it or type a word"):
         _config(preserve=("blue", " "))
@@ -58,14 +69,7 @@ def test_resume_refuses_what_is_not_a_checkpoint_of_this_model(tmp_path):
 @pytest.mark.parametrize("written", ["qk", "q,k", "q, k"])
 def test_cli_targets_take_the_nodes_comma_list_too(written):
     """The README and the Train node write targets as "q,k,v"; the CLI takes that as well as "qkv"."""
-    import argparse
-
-    from zerase_core.cli import _add_train, train_config_from_args
-
-    parser = argparse.ArgumentParser()
-    _add_train(parser)
-    config = train_config_from_args(parser.parse_args(["--tiny", "--concept", "cat", "--targets", written]))
-    assert config.lora.targets == ("q", "k")
+    assert _cli_config("--targets", written).lora.targets == ("q", "k")
 
 
 @pytest.mark.parametrize("setting", ["epsilon", "lr", "beta", "eta"])
@@ -77,14 +81,8 @@ def test_a_setting_that_is_not_a_number_is_refused(setting):
 
 @pytest.mark.parametrize("resolution", ["0", "-64"])
 def test_a_resolution_that_is_not_positive_is_refused(resolution):
-    import argparse
-
-    from zerase_core.cli import _add_train, train_config_from_args
-
-    parser = argparse.ArgumentParser()
-    _add_train(parser)
     with pytest.raises(ZEraseError, match="resolution must be positive"):
-        train_config_from_args(parser.parse_args(["--tiny", "--concept", "cat", "--resolution", resolution]))
+        _cli_config("--resolution", resolution)
 
 
 def test_a_stopped_command_line_run_keeps_its_work_and_says_how_to_continue(tmp_path):

@@ -11,7 +11,7 @@ from comfy_support import REPO, require_comfyui, tiny_clip, tiny_zimage
 comfy = require_comfyui()
 import torch  # noqa: E402
 
-from test_comfy_nodes import loras_dir, random_lora  # noqa: E402,F401  (fixture reuse)
+from test_comfy_nodes import _train_module, loras_dir, random_lora  # noqa: E402,F401  (fixture reuse)
 from zerase_core.lora_file import save_lora  # noqa: E402
 
 NAMES = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
@@ -29,19 +29,25 @@ def mappings():
     return table
 
 
+class _StandInVAE:
+    """Decodes through the model's latent→RGB preview factors (no tiny Z-Image VAE can be built without weights)."""
+
+    def __init__(self, model):
+        import sys
+
+        self.model = model
+        self.render = next(mod for n, mod in sys.modules.items() if n.endswith(".nodes._render"))
+
+    def decode(self, samples):
+        return self.render.latent_preview(self.model, samples)
+
+    def encode(self, pixels):
+        b, h, w, _ = pixels.shape
+        return torch.zeros(b, 16, h // 8, w // 8)
+
+
 def _run(graph: dict, table: dict, model, clip, images: list):
-    import sys
-
-    render = next(mod for n, mod in sys.modules.items() if n.endswith(".nodes._render"))
     cache = {}
-
-    class VAE:
-        def decode(self, samples):
-            return render.latent_preview(model, samples)
-
-        def encode(self, pixels):
-            b, h, w, _ = pixels.shape
-            return torch.zeros(b, 16, h // 8, w // 8)
 
     def out(node_id):
         if node_id in cache:
@@ -54,7 +60,7 @@ def _run(graph: dict, table: dict, model, clip, images: list):
         elif kind == "CLIPLoader":
             result = (clip,)
         elif kind == "VAELoader":
-            result = (VAE(),)
+            result = (_StandInVAE(model),)
         elif kind in ("SaveImage", "PreviewImage"):
             images.append(args["images"])
             result = ()
@@ -180,24 +186,16 @@ def _stub_loader(table, monkeypatch, name: str, widgets: dict, kind: str, value)
 def test_workflows_run_through_comfyuis_executor(mappings, loras_dir, tmp_path, monkeypatch):  # noqa: F811
     """The shipped API workflows as ComfyUI queues them: validated (the 'zerase/…' file choices included), run by
     its PromptExecutor under inference mode, and cached: queueing train-and-compare again trains no step."""
-    import sys
-
     import execution
     import nodes
 
-    render = next(mod for n, mod in sys.modules.items() if n.endswith(".nodes._render"))
-    train = next(mod for n, mod in sys.modules.items() if n.endswith(".nodes.train"))
+    train = _train_module()
     with torch.inference_mode():  # as ComfyUI's loaders leave them
         model, clip = tiny_zimage(comfy, inference_tensors=True), tiny_clip(comfy)
-
-    class VAE:
-        def decode(self, samples):
-            return render.latent_preview(model, samples)
-
     for name, widgets, kind, value in [
         ("UNETLoader", {"unet_name": "z_image_turbo_bf16.safetensors", "weight_dtype": "default"}, "MODEL", model),
         ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}, "CLIP", clip),
-        ("VAELoader", {"vae_name": "ae.safetensors"}, "VAE", VAE()),
+        ("VAELoader", {"vae_name": "ae.safetensors"}, "VAE", _StandInVAE(model)),
     ]:
         _stub_loader(nodes.NODE_CLASS_MAPPINGS, monkeypatch, name, widgets, kind, value)
     for name in ("ModelSamplingAuraFlow", "EmptySD3LatentImage"):

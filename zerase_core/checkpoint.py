@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from .config import TrainConfig
 from .errors import ZEraseError
-from .files import atomic_save, decode_metadata
+from .files import atomic_save, check_writable, decode_metadata
 from .history import StepRecord
 from .run_files import resumable
 
@@ -51,7 +51,20 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path) -> Path:
     return atomic_save(tensors, path, meta)
 
 
-def refuse_replacing(path: Path, advice: str) -> None:
+def check_run_files(lora: Path, checkpoint: Path, config: TrainConfig, fingerprint: dict, resume: bool,
+                    advice: str) -> None:
+    """Before any work: both files of a run can be written, and its checkpoint is one this run may continue
+    (``resume``) or, starting anew, no stopped run's that it would replace (``advice``: how to continue or start
+    over, in the caller's words)."""
+    for path in (lora, checkpoint):
+        check_writable(path)  # not at the first save, after the model is loaded and the x_t pool sampled
+    if not resume:
+        _refuse_replacing(checkpoint, advice)
+    elif checkpoint.exists():
+        _check_resumable(checkpoint, config, fingerprint)
+
+
+def _refuse_replacing(path: Path, advice: str) -> None:
     """A new run must not write over the checkpoint of a stopped one: that run could not be continued any more.
 
     ``advice``: how the caller resumes it, or starts over elsewhere.
@@ -110,7 +123,7 @@ def _tupled(state):
     return tuple(_tupled(s) for s in state) if isinstance(state, list) else state
 
 
-def check_resumable(path: Path, config: TrainConfig, fingerprint: dict) -> None:
+def _check_resumable(path: Path, config: TrainConfig, fingerprint: dict) -> None:
     """Refuse, before any work, a checkpoint that a run of ``config`` on this architecture cannot continue. Which
     model it is (the digest) is checked when the checkpoint is loaded, on the model that trains."""
     _refuse_mismatch(path, _read(path, tensors=False)[1], config, fingerprint, _ANY_BASE)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from .backends.base import Backend
 from .config import TrainConfig
-from .checkpoint import check_resumable, refuse_replacing
+from .checkpoint import check_run_files
 from .errors import ZEraseError
-from .files import check_writable
+from .files import atomic_write_text
 from .history import TrainResult, loss_series
 from .lora_file import save_lora
 from .render import curves, to_pil
@@ -74,7 +74,7 @@ def train_and_save(backend: Backend, config: TrainConfig, out: Path, resume: boo
         bar.close()
     save_lora(result.lora, lora_path)  # atomic; a resumed run replaces its own earlier file
     write_curves(result, out / "curves.png", f"Z-Erase '{config.concept}': {len(result.history)} steps")
-    (out / "history.json").write_text(json.dumps([asdict(r) for r in result.history]))
+    atomic_write_text(out / "history.json", json.dumps([asdict(r) for r in result.history]))
     log.info("wrote %s", lora_path)
     return result, lora_path
 
@@ -85,18 +85,13 @@ def planned_files(out: Path, config: TrainConfig, backend: Backend, resume: bool
     if out.exists() and not out.is_dir():
         raise ZEraseError(f"{out} is a file; --out names a folder for the run's files.")
     lora_path, checkpoint = out / LORA, out / CHECKPOINT
-    for path in (lora_path, checkpoint):
-        check_writable(path)
-    if resume:
-        if not checkpoint.exists():
-            raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")
-        check_resumable(checkpoint, config, backend.fingerprint())
-        return lora_path, checkpoint
-    if lora_path.exists():
+    if resume and not checkpoint.exists():
+        raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")
+    if not resume and lora_path.exists():
         more = ", or add --resume to continue (or extend) its run" if checkpoint.exists() else ""
         raise ZEraseError(f"{lora_path} exists; choose another --out (files are never overwritten){more}.")
-    refuse_replacing(checkpoint, "Run the same command with --resume to continue it; to start over instead, "
-                     "choose another --out or delete that file.")
+    check_run_files(lora_path, checkpoint, config, backend.fingerprint(), resume, "Run the same command with "
+                    "--resume to continue it; to start over instead, choose another --out or delete that file.")
     return lora_path, checkpoint
 
 

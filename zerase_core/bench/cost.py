@@ -199,9 +199,10 @@ def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: 
                  "resolution": [base.config.height, base.config.width], "timed": {"steps": steps, "repeats": repeats},
                  "pool": {"trajectories": shared_pool.x.shape[0], "levels": shared_pool.x.shape[1],
                           "build_s": shared_pool.seconds, "amortised_over_steps": run_steps}}
+    peaks = None
     if backend.device.type == "cuda":
         _make_optimizer_state(base)  # else the first variant measured would pay for AdamW's buffers
-    peaks = _peak_gib(variants, sync) if backend.device.type == "cuda" else None  # also each variant's warm-up
+        peaks = _peak_gib(variants, sync)  # also each variant's warm-up
     timed = {name: fn for name, fn in variants.items() if not peaks or peaks[name] != float("inf")}
     oom = lambda name: log.warning("%s ran out of memory at %d image tokens", name, case.image_tokens)  # noqa: E731
     s = interleaved_medians(timed, steps, repeats, sync, warm_up=peaks is None, on_oom=oom)
