@@ -229,7 +229,7 @@ class ZEraseTrain(io.ComfyNode):
             try:
                 result = trainer.run()
             except BaseException:
-                if trainer.step > 0 and trainer.params_finite():
+                if trainer.has_progress():
                     path = _save(trainer.export(), path, save_name, own)
                     log.warning("Z-Erase: training stopped at step %d; saved the last good LoRA to %s",
                                 trainer.step, path)

@@ -39,9 +39,7 @@ def _atomic_write(path: Path, data: bytes) -> Path:
     power loss leaves half a file, and a failed write (disk full, no permission) leaves the old one."""
     tmp = _temporary(path.parent)  # its name does not grow with the file's: any name that fits can be written
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)  # umask's mode
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(_create(tmp), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the handle that wrote (Windows refuses fsync on a read-only one)
@@ -65,8 +63,7 @@ def check_writable(path: str | os.PathLike) -> None:
                           f"{NAME_MAX}); choose a shorter save name.")
     tmp = _temporary(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.close(_create(tmp))
     except OSError as err:
         raise ZEraseError(f"Cannot write into {path.parent}: {err.strerror or err}. Choose a folder you can write "
                           "to.") from err
@@ -83,6 +80,13 @@ def _name_length(name: str) -> int:
 
 def _temporary(folder: Path) -> str:
     return str(folder / f".zerase-{uuid.uuid4().hex[:16]}.tmp")
+
+
+def _create(tmp: str) -> int:
+    """A new file ``tmp`` (its folder made if needed), open for binary writing, with the mode the user's umask
+    gives any new file."""
+    Path(tmp).parent.mkdir(parents=True, exist_ok=True)
+    return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
 
 
 def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:

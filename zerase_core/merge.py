@@ -30,7 +30,6 @@ def _same_architecture(loras: list[ErasureLoRA]) -> dict:
     """
     agreed: dict = {}
     for lora in loras:
-        lora.require_gated()  # the merge is written as a gated LoRA
         clash = sorted(k for k in agreed.keys() & lora.fingerprint.keys() if agreed[k] != lora.fingerprint[k])
         if clash:
             raise ZEraseError(
@@ -59,6 +58,8 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
         raise ZEraseError(f"Got {len(weights)} weights for {len(loras)} LoRAs; give one weight per LoRA.")
     if not all(math.isfinite(w) for w in weights):
         raise ZEraseError(f"Merge weights must be finite numbers; got {weights}.")
+    for lora in loras:
+        lora.require_gated()  # the merge is written as a gated LoRA
     fingerprint = _same_architecture(loras)
     keys = sorted(set().union(*(lora.factors for lora in loras)))
     factors: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -98,7 +98,7 @@ def planned_files(out: Path, config: TrainConfig, backend: Backend, resume: bool
 def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str:
     """What a stopped run left (its last good LoRA, saved here, and its checkpoint) and how to continue it."""
     why = "Stopped" if isinstance(err, KeyboardInterrupt) else f"{err}\nStopped"
-    if trainer.step == 0 or not trainer.params_finite():
+    if not trainer.has_progress():
         return f"{why} before the first step; nothing was saved."
     save_lora(trainer.export(), lora_path)  # as the node does at Cancel: the LoRA so far, replaced when resumed
     return (f"{why} at step {trainer.step} of {trainer.config.steps}. The LoRA so far is in {lora_path}, the "

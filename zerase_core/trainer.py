@@ -125,13 +125,13 @@ class ZEraseTrainer:
     def _losses(self, er, tokens, keep, x_t=None, sigma=None, teacher=None):
         """L_erase, L_attn, L_pr and σ at x_t (sampled fresh when not given) for one erase prompt."""
         cfg = self.config
+        pr_prompts = self._pr_prompts(keep)
         if x_t is None:
             x_t, sigma = self._sample_xt(er)
         if teacher is None:
-            teacher = self._teacher(x_t, sigma, [er, *self._pr_prompts(keep)])
+            teacher = self._teacher(x_t, sigma, [er, *pr_prompts])
         want_mass = cfg.attn_weight > 0
         self._pr_batch = (x_t, sigma, keep, teacher)
-        pr_prompts = self._pr_prompts(keep)
         n = len(pr_prompts)
         v_pr = None
         if self.lam.needs_pr_gradient():
@@ -266,7 +266,7 @@ class ZEraseTrainer:
                     self.save_checkpoint()
         except BaseException:
             # Cancel (ComfyUI raises from its progress hook), NaN or a crash: keep the last good state.
-            if self.checkpoint_path and self.step > 0 and self.params_finite():  # step 0 holds nothing to resume
+            if self.checkpoint_path and self.has_progress():  # step 0 holds nothing to resume
                 self.save_checkpoint()
             raise
         if self.checkpoint_path and self.step % self.config.checkpoint_every:  # a multiple was saved in the loop
@@ -275,6 +275,10 @@ class ZEraseTrainer:
 
     def params_finite(self) -> bool:
         return _all_finite(self.params)
+
+    def has_progress(self) -> bool:
+        """Whether the run holds something worth keeping when it stops: a step done and no NaN in the LoRA."""
+        return self.step > 0 and self.params_finite()
 
     def export(self) -> ErasureLoRA:
         """The current LoRA as a self-describing :class:`ErasureLoRA`."""

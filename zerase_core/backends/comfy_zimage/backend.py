@@ -118,8 +118,8 @@ class ComfyZImageBackend(Backend):
         host = self.patcher.get_model_object(slot.path)
         key = slot.path + ".forward"
         previous = self.patcher.get_model_object(key)
-        if key in self.patcher.object_patches:
-            self._inherited[key] = self.patcher.object_patches[key]
+        if key in self.patcher.object_patches:  # previous is an earlier LoRA's patch, not the module's forward
+            self._inherited[key] = previous
         lora = GatedLoRALinear(PreviousForward(host, previous), slot.slices, self.gate)
         self.patcher.add_object_patch(key, GatedForward(lora))
         self._wrapped[slot.layer] = lora
