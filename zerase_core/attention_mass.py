@@ -87,9 +87,13 @@ class MassRecorder:
         return out
 
     def keep(self, layer: int, mass: torch.Tensor) -> None:
-        """Record (B, L) per-query mass (mean over heads) as the per-sample mean over image queries."""
+        """Record (B, L) per-query mass (mean over heads) as the per-sample mean over image queries, once per layer."""
         rows, n = self.query_rows.to(mass.device), self.n_queries.to(mass.device)  # no-ops when built there
-        self.per_layer[layer] = (mass * rows).sum(dim=1) / n  # (B,)
+        per_sample = (mass * rows).sum(dim=1) / n  # (B,); computed even when dropped: a recomputation must match
+        # A second mass for a layer is its checkpointed recomputation in backward; the loss was built from the
+        # first. Keeping the second would hold the recomputed layer's graph until the recorder dies, every
+        # layer's in turn (measured on the real model at 512², batch 3: 10 GiB).
+        self.per_layer.setdefault(layer, per_sample)
 
     def result(self) -> torch.Tensor:
         """(B,) mean mass over recorded layers."""
