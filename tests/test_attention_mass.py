@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from graph_memory import held_bytes, keeping_recorders
+
 from zerase_core.attention_mass import attention_with_mass, sdpa_attention
 from zerase_core.lora import LoRAConfig
 
@@ -129,48 +131,22 @@ def test_mass_is_recorded_whatever_attention_backend_diffusers_is_set_to(monkeyp
     torch.testing.assert_close(v_flex, v_native, rtol=0, atol=1e-5)  # the refiners ran on flex
 
 
-def _live_saved_bytes(t: torch.Tensor) -> int:
-    """Bytes of activations that ``t``'s autograd graph still holds for a backward not yet run."""
-    seen, stack, total = set(), [t.grad_fn], 0
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        for name in dir(node):
-            if name.startswith("_saved_"):
-                try:
-                    value = getattr(node, name)
-                except RuntimeError:  # freed by the backward that ran through it
-                    continue
-                if isinstance(value, torch.Tensor):
-                    total += value.numel() * value.element_size()
-        stack.extend(fn for fn, _ in node.next_functions)
-    return total
-
-
 def test_a_checkpointed_layers_recomputation_leaves_nothing_held_by_the_recorder(tiny_backend):
     """Under gradient checkpointing each main layer runs again in backward and records its mass again. The loss was
     built from the first mass; a recorder that kept the second held every recomputed layer's graph until it died
     (on the real model at 512², batch 3: 10 GiB above the weights where gated ESD took 0.5)."""
-    from zerase_core.attention_mass import MassRecorder
     from zerase_core.scoped import scoped
 
     recorders = []
-
-    def factory(*args):
-        recorders.append(MassRecorder(*args))
-        return recorders[-1]
-
     tiny_backend.install(LoRAConfig(rank=2))
     tiny_backend.set_gradient_checkpointing(True)
     enc = tiny_backend.encode(["a red circle", "a blue square"])
     x, sigma = torch.randn(2, 4, 8, 8), torch.full((2,), 0.5)
-    with scoped(tiny_backend, recorder_factory=factory):
+    with scoped(tiny_backend, recorder_factory=keeping_recorders(recorders)):
         _, mass = tiny_backend.velocity(x, sigma, enc, concept_tokens=[[2], [2]])
     (recorder,) = recorders
     first = dict(recorder.per_layer)
     assert len(first) == tiny_backend.n_layers
     mass.sum().backward()
     assert {layer: id(t) for layer, t in recorder.per_layer.items()} == {layer: id(t) for layer, t in first.items()}
-    assert sum(_live_saved_bytes(t) for t in recorder.per_layer.values()) == 0
+    assert sum(held_bytes(t) for t in recorder.per_layer.values()) == 0

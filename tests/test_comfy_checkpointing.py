@@ -9,6 +9,7 @@ image rows alone in the recomputation, and that unpatching gives the original mo
 import asyncio
 
 import pytest
+from graph_memory import held_bytes, keeping_recorders
 from comfy_support import REPO, empty_latent, encode, ksample, require_comfyui, tiny_clip, tiny_zimage
 
 comfy = require_comfyui()
@@ -20,6 +21,7 @@ from zerase_core.config import TrainConfig  # noqa: E402
 from zerase_core.lora import LoRAConfig  # noqa: E402
 from zerase_core.lora_file import ErasureLoRA  # noqa: E402
 from zerase_core.prompts import concept_token_indices  # noqa: E402
+from zerase_core.scoped import scoped  # noqa: E402
 from zerase_core.trainer import ZEraseTrainer  # noqa: E402
 
 LAYERS, DIM = 2, 256
@@ -108,15 +110,20 @@ def test_recomputed_layers_keep_image_rows_and_the_attention_capture():
     tokens = [concept_token_indices(prompts[0], "cat")]
     x, sigma = torch.randn(1, 16, 8, 12, generator=g), torch.tensor([0.7])
     seen, handles = _qkv_calls(model)
+    recorders = []
     try:
-        with training_session(backend):
+        with training_session(backend), scoped(backend, recorder_factory=keeping_recorders(recorders)):
             v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
-            forward_calls = len(seen)
+            forward_calls, first = len(seen), dict(recorders[0].per_layer)
             (v.square().mean() + mass.sum()).backward()
     finally:
         for h in handles:
             h.remove()
     assert forward_calls == LAYERS and len(seen) == 2 * LAYERS  # each layer recomputed once in backward
+    # The recomputation's mass is dropped: kept, it would hold the recomputed layer's graph (test_attention_mass).
+    (recorder,) = recorders
+    assert {n: id(t) for n, t in recorder.per_layer.items()} == {n: id(t) for n, t in first.items()}
+    assert len(first) == LAYERS and sum(held_bytes(t) for t in recorder.per_layer.values()) == 0
     text = 32  # 13 caption tokens padded to 32
     for _, _, out, base in seen:
         assert torch.equal(out[:, text:], base[:, text:])  # image rows: the base projection, bit for bit
