@@ -1,6 +1,6 @@
 """Z-Erase cost on a randomly initialised full-size Z-Image (no weights needed), on one GPU.
 
-    python scripts/gpu_bench.py --out docs/bench/gpu.json          # H100-class GPU (not yet timed)
+    python scripts/gpu_bench.py --out docs/bench/gpu.json          # one GPU with >= 40 GB (about 6 min on an H200)
     python scripts/gpu_bench.py --tiny                             # CPU, seconds: checks the script
 
 Measures, side by side on the same model and batch (bf16 weights, rank-16 gated LoRA on the
