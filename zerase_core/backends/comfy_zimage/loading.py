@@ -30,7 +30,7 @@ DYNAMIC_WITHOUT_FILE = (
 )
 TOO_LITTLE_VRAM = (
     "Training needs the whole Z-Image on the GPU (~12 GB in bf16, ~6 GB with weight_dtype fp8_e4m3fn) plus its "
-    "activations (~3 GB at 512² with gradient_checkpointing). Free VRAM (close other programs, unload models), "
+    "activations (~2 GB at 512² with gradient_checkpointing). Free VRAM (close other programs, unload models), "
     "load the model in fp8, lower the resolution, or start ComfyUI without --novram."
 )
 
