@@ -11,6 +11,7 @@ import torch
 from zerase_core.errors import ZEraseError
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SHIFT = 6.0
 CORPUS = ["a photo of a red ball", "blue sky at night", "a red circle on the left", "user assistant"] * 20
 
 
@@ -40,6 +41,10 @@ def folder(tmp_path_factory):
             if not p.abs().sum():
                 p.normal_(0, 0.02)  # diffusers zero-initialises some layers; a trained model has none
     transformer.save_pretrained(root / "transformer")
+    (root / "scheduler").mkdir()  # Z-Image Turbo's has shift 3; another value shows it is read
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": SHIFT,
+         "use_dynamic_shifting": False}))
     return root
 
 
@@ -66,6 +71,7 @@ def test_train_on_a_model_folder_writes_the_lora(folder, tmp_path):
     assert code == 0
     lora = load_lora(out / "erasure_lora.safetensors")
     assert lora.concept == "red" and lora.training["steps_done"] == 2
+    assert lora.training["shift"] == SHIFT  # x_t sampled on the folder's own σ schedule, not TrainConfig's 3
     assert len(json.loads((out / "history.json").read_text())) == 2
 
 
@@ -89,3 +95,16 @@ def test_a_missing_transformers_is_named_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed (requirements-engine.txt alone)
     with pytest.raises(ZEraseError, match="pip install transformers"):
         load_diffusers_zimage(tmp_path)
+
+
+def test_the_flow_shift_comes_from_the_scheduler_config_and_a_damaged_one_is_named(tmp_path):
+    from zerase_core.backends.diffusers_loader import scheduler_shift
+
+    assert scheduler_shift(tmp_path) is None  # no scheduler/: TrainConfig's shift
+    (tmp_path / "scheduler").mkdir()
+    config = tmp_path / "scheduler" / "scheduler_config.json"
+    config.write_text('{"shift": 3.0, "use_dynamic')
+    with pytest.raises(ZEraseError, match="scheduler_config.json.*Restore the file"):
+        scheduler_shift(tmp_path)
+    config.write_text('{"shift": 3.0}')
+    assert scheduler_shift(tmp_path) == 3.0

@@ -139,7 +139,7 @@ def _train(args: argparse.Namespace) -> int:
         from .backends.diffusers_loader import load_diffusers_zimage
 
         backend = load_diffusers_zimage(args.model)
-        defaults = {}
+        defaults = {} if backend.flow_shift is None else {"shift": backend.flow_shift}  # x_t as the model samples
     config = train_config_from_args(args, **defaults)
     result, path = train_and_save(backend, config, args.out, resume=args.resume, release_encoder=not args.tiny)
     last = result.history[-1]

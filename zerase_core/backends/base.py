@@ -77,6 +77,9 @@ class Backend(ABC):
     # How attention mass is measured; the benchmark's official-style reference swaps in a
     # recorder that materialises softmax maps, to compare against on the same model.
     recorder_factory = MassRecorder
+    # The shift of the σ schedule the host samples with, where the host says (ComfyUI's MODEL, a diffusers folder's
+    # scheduler config); None: not known, and training samples x_t at TrainConfig.shift.
+    flow_shift: float | None = None
     _row_groups: RowGroups | None = None  # rows of the running call with equal (x_t, σ); set per call
 
     @property

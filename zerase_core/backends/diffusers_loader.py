@@ -6,6 +6,7 @@ trainer encodes them all up front, so it can be dropped right after (see ``relea
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -42,7 +43,24 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
     text_model = _loaded(AutoModel, folder, "text_encoder", torch_dtype=dtype).to(device)  # (dtype= only from 4.56)
     encoder = ChatTemplateEncoder(tokenizer, text_model.eval())
     return DiffusersZImageBackend(transformer.eval(), encoder, LatentSpec(channels=transformer.config.in_channels),
-                                  device=device)
+                                  device=device, flow_shift=scheduler_shift(folder))
+
+
+def scheduler_shift(folder: Path) -> float | None:
+    """The flow shift in the folder's ``scheduler/scheduler_config.json`` (Z-Image Turbo's: 3), None without one."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        shift = float(config["shift"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ZEraseError(f"Cannot read the flow shift from {path} ({type(err).__name__}: {err}). Restore the file "
+                          "from the model's download, or delete scheduler/ to train at Z-Image's shift of 3.") from err
+    if config.get("use_dynamic_shifting"):
+        log.warning("%s asks for dynamic shifting, which training does not follow: x_t is sampled at shift %g.",
+                    path, shift)
+    return shift
 
 
 def _loaded(cls, folder: Path, subfolder: str, **kwargs):

@@ -115,6 +115,7 @@ class DiffusersZImageBackend(Backend):
         latent: LatentSpec = LatentSpec(),
         family: str = "z-image",
         device: torch.device | str | None = None,
+        flow_shift: float | None = None,
     ):
         if type(transformer).__name__ != "ZImageTransformer2DModel":
             from ..errors import ZEraseError
@@ -124,7 +125,7 @@ class DiffusersZImageBackend(Backend):
                 "Z-Erase needs a single-stream Z-Image transformer."
             )
         self.transformer = transformer.requires_grad_(False)
-        self.encoder, self.latent, self.family = encoder, latent, family
+        self.encoder, self.latent, self.family, self.flow_shift = encoder, latent, family, flow_shift
         # Where the transformer is to run, when not where it is: a loader leaves it on the CPU while the text encoder
         # has the GPU to encode the prompts (12.3 + 8 GB in bf16 at once would not fit a 16 GB card). It moves at
         # the first use after that; from then on the backend follows the transformer.
