@@ -88,15 +88,16 @@ def main(argv=None) -> int:
         backend.set_gradient_checkpointing(ckpt)
         case = SpeedCase("z-image-random" if not args.tiny else "scaled-zimage", lambda: backend, config,
                          (px // 16) ** 2)
-        result["rows"].append(_row(case, args.steps, px, ckpt))
+        result["rows"].append(_row(case, args.steps))
         write_json(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
     print(write_json(result, None))
     return 0
 
 
-def _row(case: SpeedCase, steps: int, px: int, ckpt: bool) -> dict:
+def _row(case: SpeedCase, steps: int) -> dict:
     """One resolution's measurements; a row that fails is recorded with its error and the run goes on to the next
     (there may be one device slot for the whole script)."""
+    px, ckpt = case.config.height, case.config.gradient_checkpointing
     try:
         row = time_case(case, steps) | {"gradient_checkpointing": ckpt}
     except Exception as err:  # noqa: BLE001 — anything: NaN, out of memory, a kernel error

@@ -117,16 +117,21 @@ def numbered_paths(folder: str | os.PathLike, name: str, suffix: str = ".safeten
     path = path_inside(folder, name, suffix)
     yield path
     for n in itertools.count(1):
-        yield path.with_name(f"{path.stem}_{n:03d}{suffix}")
+        yield _numbered(path, n, suffix)
+
+
+def _numbered(first: Path, n: int, suffix: str) -> Path:
+    """The ``n``-th taken-name alternative of ``first``: ``name_001``, … (the one place the format is written)."""
+    return first.with_name(f"{first.stem}_{n:03d}{suffix}")
 
 
 def saved_versions(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> list[Path]:
     """The files :func:`safe_output_path` wrote for ``name`` that exist now, in number order; gaps (a deleted
     ``name_001``) do not hide later ones."""
     first = path_inside(folder, name, suffix)
-    numbered = re.compile(rf"^{re.escape(first.stem)}_(\d{{3,}}){re.escape(suffix)}$")
+    number = re.compile(rf"^{re.escape(first.stem)}_(\d+){re.escape(suffix)}$")
     found = sorted((int(m[1]), p) for p in first.parent.glob(f"{glob.escape(first.stem)}_*{suffix}")
-                   if (m := numbered.match(p.name)))
+                   if (m := number.match(p.name)) and p == _numbered(first, int(m[1]), suffix))
     return [first] * first.exists() + [p for _, p in found]
 
 
