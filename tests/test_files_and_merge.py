@@ -108,6 +108,9 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.B": torch.zeros(64, 3)}), "'bad.safetensors': .*inconsistent"),
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.A": torch.zeros(0, 64), "zerase.layers.0.q.B": torch.zeros(64, 0)}),
      r"'bad.safetensors': .*A \(0, 64\), B \(64, 0\)"),  # rank 0: refused by the file's name, not at install
+    (dict(tensors=lambda t: t | {"zerase.layers.0.q.A": t["zerase.layers.0.q.B"], "zerase.layers.0.q.B":
+                                 t["zerase.layers.0.q.A"]}),  # on a square projection they fit, at rank 64
+     "'bad.safetensors': its factors have rank 64 where the file records rank 4 .A and B swapped"),
     (dict(format_version="99"), "format version 99; update"),
     (dict(format_version="99", scale=None), "format version 99; update"),  # a newer format may lack our keys
     (dict(format_version="two"), "damaged Z-Erase metadata"),

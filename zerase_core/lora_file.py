@@ -168,9 +168,15 @@ def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
     if any(not torch.isfinite(t).all() for t in tensors.values()):
         raise ZEraseError(f"'{path.name}' contains NaN or infinite weights; it cannot be used.")
     try:
-        return ErasureLoRA(factors={k: (ab["A"], ab["B"]) for k, ab in parts.items()}, **described)
+        lora = ErasureLoRA(factors={k: (ab["A"], ab["B"]) for k, ab in parts.items()}, **described)
     except ZEraseError as err:  # name the file, as every other refusal of a damaged one does
         raise ZEraseError(f"'{path.name}': {err} The file is damaged.") from err
+    recorded = decode_metadata(meta).get("rank")
+    if recorded is not None and lora.rank != recorded:  # A and B swapped fit together too, at rank = the width
+        raise ZEraseError(f"'{path.name}': its factors have rank {lora.rank} where the file records rank {recorded} "
+                          "(A and B swapped, or tensors from another file). The file is damaged; re-train or "
+                          "re-download it.")
+    return lora
 
 
 def _description(path: Path, meta: dict[str, str]) -> dict[str, Any]:
