@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+
 def held_bytes(t: torch.Tensor) -> int:
-    """Bytes of activations that ``t``'s autograd graph still holds for a backward not yet run.
+    """Bytes of the storages that ``t``'s autograd graph still holds for a backward not yet run (each storage once).
 
     For use after a backward: before it, reading a checkpointed node's saved tensor recomputes its layer.
     """
-    seen, stack, total = set(), [t.grad_fn], 0
+    seen, stack, storages = set(), [t.grad_fn], {}
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
@@ -21,11 +22,12 @@ def held_bytes(t: torch.Tensor) -> int:
                     value = getattr(node, name)
                 except RuntimeError:  # freed by the backward that ran through it
                     continue
-                if isinstance(value, torch.Tensor):
-                    total += value.numel() * value.element_size()
+                for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(tensor, torch.Tensor):
+                        storage = tensor.untyped_storage()
+                        storages[storage.data_ptr()] = storage.nbytes()
         stack.extend(fn for fn, _ in node.next_functions)
-    return total
-
+    return sum(storages.values())
 
 
 def keeping_recorders(recorders: list):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from graph_memory import held_bytes, keeping_recorders
 
 from zerase_core.attention_mass import attention_with_mass, sdpa_attention

@@ -9,8 +9,8 @@ image rows alone in the recomputation, and that unpatching gives the original mo
 import asyncio
 
 import pytest
-from graph_memory import held_bytes, keeping_recorders
 from comfy_support import REPO, empty_latent, encode, ksample, require_comfyui, tiny_clip, tiny_zimage
+from graph_memory import held_bytes, keeping_recorders
 
 comfy = require_comfyui()
 import torch  # noqa: E402

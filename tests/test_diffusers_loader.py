@@ -106,5 +106,10 @@ def test_the_flow_shift_comes_from_the_scheduler_config_and_a_damaged_one_is_nam
     config.write_text('{"shift": 3.0, "use_dynamic')
     with pytest.raises(ZEraseError, match="scheduler_config.json.*Restore the file"):
         scheduler_shift(tmp_path)
+    config.write_text('{"shift": 0}')
+    with pytest.raises(ZEraseError, match="shift 0.0: it must be > 0"):
+        scheduler_shift(tmp_path)
     config.write_text('{"shift": 3.0}')
     assert scheduler_shift(tmp_path) == 3.0
+    config.write_text('{"num_train_timesteps": 1000}')
+    assert scheduler_shift(tmp_path) == 1.0  # diffusers' default where the config names none

@@ -31,6 +31,7 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
     missing = [s for s in ("transformer", "text_encoder", "tokenizer") if not (folder / s).is_dir()]
     if missing:
         raise ZEraseError(f"{folder} is not a diffusers Z-Image folder: missing {', '.join(missing)}/.")
+    shift = scheduler_shift(folder)  # before the slow loads: a damaged config is told at once
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         dtype = torch.float32  # bf16 matmuls on CPU are slow and gain nothing here
@@ -43,7 +44,7 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
     text_model = _loaded(AutoModel, folder, "text_encoder", torch_dtype=dtype).to(device)  # (dtype= only from 4.56)
     encoder = ChatTemplateEncoder(tokenizer, text_model.eval())
     return DiffusersZImageBackend(transformer.eval(), encoder, LatentSpec(channels=transformer.config.in_channels),
-                                  device=device, flow_shift=scheduler_shift(folder))
+                                  device=device, flow_shift=shift)
 
 
 def scheduler_shift(folder: Path) -> float | None:
@@ -53,8 +54,10 @@ def scheduler_shift(folder: Path) -> float | None:
         return None
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-        shift = float(config["shift"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        shift = float(config.get("shift", 1.0))  # FlowMatchEulerDiscreteScheduler's default, as diffusers reads it
+        if not shift > 0:  # also NaN
+            raise ValueError(f"shift {shift}: it must be > 0")
+    except (OSError, ValueError, AttributeError, TypeError) as err:
         raise ZEraseError(f"Cannot read the flow shift from {path} ({type(err).__name__}: {err}). Restore the file "
                           "from the model's download, or delete scheduler/ to train at Z-Image's shift of 3.") from err
     if config.get("use_dynamic_shifting"):
