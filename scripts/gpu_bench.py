@@ -22,6 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
+import diffusers
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     resident = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
     backend = DiffusersZImageBackend(model.to(device), FixedLengthEncoder(cap_dim, 64), LatentSpec(16, 8))
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-              "weights_gib": resident, "caption_tokens": 64, "rank": rank, "rows": []}
+              "diffusers": diffusers.__version__, "weights_gib": resident, "caption_tokens": 64, "rank": rank,
+              "rows": []}
     # Cheapest first, so a run cut off by the device's time limit has the 512² rows (the 10-minute question).
     no_ckpt = res if args.tiny else args.no_ckpt_resolutions  # the check runs both kinds of row
     runs = sorted([(px, True) for px in res] + [(px, False) for px in res if px in no_ckpt],
