@@ -56,9 +56,6 @@ class AttentionMapViewer(io.ComfyNode):
             raise ZEraseError(
                 f"{NODE}: layer range {layer_start}..{layer_end} is empty; the model has {backend.n_layers} layers.")
         layers = set(range(layer_start, end))
-        (encoded,) = backend.encode([prompt])
-        fix = "Type words that occur in the prompt, or put them into it."
-        columns = [concept_token_indices(encoded, w, fix) for w in words]
         if latent is not None:
             samples = latent["samples"][:1]
         elif image is not None and vae is not None:
@@ -69,6 +66,9 @@ class AttentionMapViewer(io.ComfyNode):
             raise ZEraseError(
                 f"{NODE}: the latent has shape {tuple(samples.shape)}; Z-Image's have {backend.latent_channels} "
                 "channels. Make it with EmptySD3LatentImage, or encode the image with Z-Image's VAE (ae.safetensors).")
+        (encoded,) = backend.encode([prompt])  # after the cheap checks: this runs the text encoder
+        fix = "Type words that occur in the prompt, or put them into it."
+        columns = [concept_token_indices(encoded, w, fix) for w in words]
         x0 = backend.patcher.model.process_latent_in(samples.float()).cpu()
         maps = [word_maps(backend, encoded, columns, x0, sigma_list, seed, layers)]
         labels = ["model"]

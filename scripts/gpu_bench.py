@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
             parser.error("no GPU: run with --tiny to check the script on a CPU")
         model, device, cap_dim, res, rank = full_size_zimage("cuda"), "cuda", 2560, args.resolutions, 16
     resident = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
-    backend = DiffusersZImageBackend(model.to(device), FixedLengthEncoder(cap_dim, 64), LatentSpec(16, 8))
+    backend = DiffusersZImageBackend(model.to(device), FixedLengthEncoder(cap_dim, 64),
+                                     LatentSpec(channels=model.config.in_channels))
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "diffusers": diffusers.__version__, "weights_gib": resident, "caption_tokens": 64, "rank": rank,
               "rows": []}
@@ -88,8 +90,8 @@ def main(argv=None) -> int:
         config = _base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing=ckpt,
                               lora=LoRAConfig(rank=rank), shuffle_pool=2)
         backend.set_gradient_checkpointing(ckpt)
-        case = SpeedCase("z-image-random" if not args.tiny else "scaled-zimage", lambda: backend, config,
-                         (px // 16) ** 2)
+        image_tokens = math.prod(backend.latent_shape(px, px)[1:]) // backend.patch**2
+        case = SpeedCase("z-image-random" if not args.tiny else "scaled-zimage", lambda: backend, config, image_tokens)
         result["rows"].append(_row(case, args.steps))
         write_json(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
     print(write_json(result, None))

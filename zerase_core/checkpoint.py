@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from .trainer import ZEraseTrainer
 
 KIND = "zerase-checkpoint"
-_ANY_BASE = object()  # check_resumable: the model's digest is not checked yet
 
 
 def save_checkpoint(trainer: "ZEraseTrainer", path: Path) -> Path:
@@ -60,8 +59,8 @@ def check_run_files(lora: Path, checkpoint: Path, config: TrainConfig, fingerpri
         check_writable(path)  # not at the first save, after the model is loaded and the x_t pool sampled
     if not resume:
         _refuse_replacing(checkpoint, advice)
-    elif checkpoint.exists():
-        _check_resumable(checkpoint, config, fingerprint)
+    elif checkpoint.exists():  # before any work
+        _refuse_mismatch(checkpoint, _read(checkpoint, tensors=False)[1], config, fingerprint)
 
 
 def _refuse_replacing(path: Path, advice: str) -> None:
@@ -89,9 +88,9 @@ def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
         raise ZEraseError(f"Cannot read the checkpoint {path}: {err}. Start a fresh run instead.") from err
 
 
-def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict, base: str | None | object
-                     ) -> None:
-    """``base``: the model's digest, None where it cannot be made, or _ANY_BASE to leave the model unchecked."""
+def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict) -> None:
+    """Refuse a checkpoint that a run of ``config`` on this architecture cannot continue. Which model it is (the
+    digest) is checked only when it is loaded, on the model that trains (:func:`load_checkpoint`)."""
     if meta.get("kind") != KIND:
         raise ZEraseError(f"{path} is not a Z-Erase training checkpoint.")
     saved, wanted = resumable(TrainConfig.from_dict(meta["config"]).to_dict()), resumable(config.to_dict())
@@ -108,30 +107,16 @@ def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: d
             f"set steps to {meta['step']} or more to continue it, or start a fresh run.")
     if meta["fingerprint"] != fingerprint:
         raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
-    if base is not _ANY_BASE and meta.get("base") is not None and meta["base"] != base:
-        # base None: this model carries something the digest cannot describe, so it cannot be told to be the same
-        raise ZEraseError(f"The checkpoint {path.name} was trained on another model (another file, or other LoRAs "
-                          "applied to it), or this one carries a change that cannot be identified (hooks, bypass "
-                          "LoRAs); resume on the same model or start a fresh run.")
-
-
-def _jsonable(state):
-    return [_jsonable(s) for s in state] if isinstance(state, (tuple, list)) else state
-
-
-def _tupled(state):
-    return tuple(_tupled(s) for s in state) if isinstance(state, list) else state
-
-
-def _check_resumable(path: Path, config: TrainConfig, fingerprint: dict) -> None:
-    """Refuse, before any work, a checkpoint that a run of ``config`` on this architecture cannot continue. Which
-    model it is (the digest) is checked when the checkpoint is loaded, on the model that trains."""
-    _refuse_mismatch(path, _read(path, tensors=False)[1], config, fingerprint, _ANY_BASE)
 
 
 def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     tensors, meta = _read(path, tensors=True)
-    _refuse_mismatch(path, meta, trainer.config, trainer.backend.fingerprint(), trainer.base_digest)
+    _refuse_mismatch(path, meta, trainer.config, trainer.backend.fingerprint())
+    if meta.get("base") is not None and meta["base"] != trainer.base_digest:
+        # base_digest None: this model carries something the digest cannot describe, so it cannot be told the same
+        raise ZEraseError(f"The checkpoint {path.name} was trained on another model (another file, or other LoRAs "
+                          "applied to it), or this one carries a change that cannot be identified (hooks, bypass "
+                          "LoRAs); resume on the same model or start a fresh run.")
     factors = {}
     for (layer, proj) in trainer.lora.factors():
         factors[(layer, proj)] = (tensors[f"lora.{layer}.{proj}.A"], tensors[f"lora.{layer}.{proj}.B"])
@@ -148,3 +133,11 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     trainer.step, trainer.seconds = int(meta["step"]), float(meta["seconds"])
     trainer.history = [StepRecord(**r) for r in meta["history"]]
     trainer.checkpoint_meta = dict(meta.get("caller", {}))
+
+
+def _jsonable(state):
+    return [_jsonable(s) for s in state] if isinstance(state, (tuple, list)) else state
+
+
+def _tupled(state):
+    return tuple(_tupled(s) for s in state) if isinstance(state, list) else state

@@ -40,10 +40,6 @@ def _words(text: str) -> list[str]:
     return text.lower().split()
 
 
-# The real-valued settings of TrainConfig, checked finite.
-_REAL_SETTINGS = ("lr", "beta", "eta", "epsilon", "fixed_lambda", "attn_weight", "shift", "sample_cfg")
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     concept: str
@@ -84,8 +80,10 @@ class TrainConfig:
         if self.xt_source not in XT_SOURCES or self.xt_pool < 1:
             raise ZEraseError(f"xt_source must be one of {XT_SOURCES} and xt_pool ≥ 1; "
                               f"got {self.xt_source!r}, {self.xt_pool}.")
-        numbers = {name: getattr(self, name) for name in _REAL_SETTINGS if getattr(self, name) is not None}
-        unreal = [f"{name}={value}" for name, value in numbers.items() if not math.isfinite(value)]
+        # Only floats can be NaN or infinite: every float setting is checked, one added later too.
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        unreal = [f"{name}={value}" for name, value in values.items() if isinstance(value, float)
+                  and not math.isfinite(value)]
         if unreal:  # NaN passes every comparison below: max(0, NaN) is 0 and would switch preservation off
             raise ZEraseError(f"Settings must be finite numbers; got {', '.join(unreal)}.")
         if self.steps < 1 or self.lr <= 0 or self.beta < 0:

@@ -29,7 +29,9 @@ FORMAT_VERSION = 2
 GATE = {"kind": "text-tokens", "covers": "caption and caption padding", "paper": "Eq. 4, S_T"}
 # LoRAConfig.scope "all": the §3 ablation, written down as what it is so that no host applies it gated.
 UNGATED = {"kind": "all-tokens", "covers": "every token (the §3 ablation, which collapses)", "paper": "§3"}
-_SCOPES = {"text-tokens": "text", "all-tokens": "all"}  # the gate's kind in a file -> LoRAConfig.scope
+# LoRAConfig.scope -> (format_version written, gate written)
+_WRITTEN = {"text": (1, GATE), "all": (2, UNGATED)}
+_SCOPES = {gate["kind"]: scope for scope, (_, gate) in _WRITTEN.items()}  # the gate's kind in a file -> scope
 
 Key = tuple[int, str]  # (main layer, projection)
 _NATIVE = re.compile(r"^zerase\.layers\.(\d+)\.([qkv])\.([AB])$")
@@ -89,7 +91,7 @@ class ErasureLoRA:
     def metadata(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "format_version": 1 if self.scope == "text" else 2,
+            "format_version": _WRITTEN[self.scope][0],
             "concept": self.concept,
             "preserve": list(self.preserve),
             "targets": list(self.targets),
@@ -98,7 +100,7 @@ class ErasureLoRA:
             "alpha": self.scale * self.rank,
             "scale": self.scale,
             "strength": self.strength,
-            "gate": GATE if self.scope == "text" else UNGATED,
+            "gate": _WRITTEN[self.scope][1],
             "fingerprint": self.fingerprint,
             "training": self.training,
             "source": self.source,
@@ -155,7 +157,8 @@ def load_lora(path: str | Path) -> ErasureLoRA:
 
 
 def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> ErasureLoRA:
-    described = _description(path, meta)
+    info = decode_metadata(meta)
+    described = _description(path, meta, info)
     parts: dict[Key, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         m = _NATIVE.match(name)
@@ -171,7 +174,7 @@ def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
         lora = ErasureLoRA(factors={k: (ab["A"], ab["B"]) for k, ab in parts.items()}, **described)
     except ZEraseError as err:  # name the file, as every other refusal of a damaged one does
         raise ZEraseError(f"'{path.name}': {err} The file is damaged.") from err
-    recorded = decode_metadata(meta).get("rank")
+    recorded = info.get("rank")
     if recorded is not None and lora.rank != recorded:  # A and B swapped fit together too, at rank = the width
         raise ZEraseError(f"'{path.name}': its factors have rank {lora.rank} where the file records rank {recorded} "
                           "(A and B swapped, or tensors from another file). The file is damaged; re-train or "
@@ -179,8 +182,9 @@ def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
     return lora
 
 
-def _description(path: Path, meta: dict[str, str]) -> dict[str, Any]:
-    """ErasureLoRA's describing fields from a native file's metadata; damaged metadata is refused by name."""
+def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict[str, Any]:
+    """ErasureLoRA's describing fields from a native file's metadata (as stored, and ``info``: decoded); damaged
+    metadata is refused by name."""
     try:
         version = int(meta.get("format_version", "0"))
     except ValueError:
@@ -190,7 +194,6 @@ def _description(path: Path, meta: dict[str, str]) -> dict[str, Any]:
     try:
         if version < 0:
             raise ValueError(f"format_version {meta['format_version']!r}")
-        info = decode_metadata(meta)
         described = dict(
             scale=float(info["scale"]),
             strength=float(info.get("strength", 1.0)),

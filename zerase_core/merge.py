@@ -8,7 +8,7 @@ Re-ranking truncates that product by SVD and reports the relative Frobenius erro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -104,7 +104,7 @@ def rerank(lora: ErasureLoRA, rank: int) -> tuple[ErasureLoRA, MergeReport]:
         err2 += float((sv[k:] ** 2).sum())
         total2 += float((sv**2).sum())
     rel = (err2 / total2) ** 0.5 if total2 > 0 else 0.0
-    merged = ErasureLoRA(factors, 1.0, 1.0, lora.concept, lora.preserve, lora.fingerprint, lora.training, lora.source)
+    merged = replace(lora, factors=factors, scale=1.0, strength=1.0)  # the rest described as it was
     return merged, MergeReport(rank, rel)
 
 

@@ -65,8 +65,7 @@ def finished_lora(config: TrainConfig, fingerprint: dict, base: str | None, cand
     wanted = _as_json(_run(trained_as(config.to_dict()), fingerprint, base))
     for path in candidates:
         run, done = _run_of(path)
-        if run is not None and _as_json({**run, "settings": trained_as(run["settings"])}) == wanted \
-                and done == config.steps:
+        if run is not None and _as_json(run) == wanted and done == config.steps:
             return path
     return None
 
@@ -76,11 +75,12 @@ def _run(settings: dict, fingerprint: dict, base: str | None) -> dict[str, Any]:
 
 
 def _run_of(path: Path) -> tuple[dict[str, Any] | None, Any]:
-    """(the run a native LoRA file describes, the steps it had done); (None, None) for anything else."""
+    """(the run a native LoRA file describes, by what it trained (:func:`trained_as`), the steps it had done);
+    (None, None) for anything else."""
     info = read_description(path)
     if not info:
         return None, None
-    settings = dict(info.get("training", {}))
+    settings = trained_as(dict(info.get("training", {})))
     done = settings.pop("steps_done", None)
     settings.pop("seconds", None)
     base = settings.pop("base", None)

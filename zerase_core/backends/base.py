@@ -23,7 +23,6 @@ from ..gate import TokenGate
 from ..layout import TokenLayout
 from ..lora import GatedLoRALinear, LoRAAdapter, LoRAConfig
 from ..prompts import EncodedPrompt
-from .row_sharing import RowGroups
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,6 @@ class Backend(ABC):
     # The shift of the σ schedule the host samples with, where the host says (ComfyUI's MODEL, a diffusers folder's
     # scheduler config); None: not known, and training samples x_t at TrainConfig.shift.
     flow_shift: float | None = None
-    _row_groups: RowGroups | None = None  # rows of the running call with equal (x_t, σ); set per call
 
     @property
     @abstractmethod
@@ -158,10 +156,6 @@ class Backend(ABC):
             return None
         return self.recorder_factory(layout.columns(concept_tokens, self.device), layout.image_query_mask(self.device),
                                      mass_layers)
-
-    def _current_row_groups(self) -> RowGroups | None:
-        """What a refiner wrapped by SharedRowsForward reads while the backend's call runs."""
-        return self._row_groups
 
 
 def _resolve(root: nn.Module, path: str) -> tuple[nn.Module, str]:

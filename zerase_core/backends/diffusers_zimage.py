@@ -135,6 +135,7 @@ class DiffusersZImageBackend(Backend):
         self._installer = InPlaceInstaller(transformer, self.gate)
         self._recorder: MassRecorder | None = None
         self._blocked: torch.Tensor | None = None  # (B, L) key columns removed from attention
+        self._row_groups: RowGroups | None = None  # rows of the running call with equal (x_t, σ); set per call
         self._zeroing: Callable[[Sequence[EncodedPrompt]], list[list[int]]] | None = None
         # The newest backend over a transformer owns it: hooks and gated layers report to it.
         for i, layer in enumerate(transformer.layers):
@@ -202,6 +203,10 @@ class DiffusersZImageBackend(Backend):
 
     def uninstall(self) -> None:
         self._installer.uninstall()
+
+    def _current_row_groups(self) -> RowGroups | None:
+        """What a refiner wrapped by SharedRowsForward reads while the backend's call runs."""
+        return self._row_groups
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if enabled:
