@@ -1,9 +1,15 @@
 """Z-Erase cost on a randomly initialised full-size Z-Image (no weights needed), on one GPU.
 
     python scripts/gpu_bench.py --out docs/bench/gpu.json          # one GPU with >= 40 GB (about 6 min on an H200)
-    python scripts/gpu_bench.py --tiny                             # CPU, seconds: checks the script
+    COMFYUI_PATH=~/ComfyUI python scripts/gpu_bench.py --host comfy --weights bf16 fp8 --resolutions 512 \
+        --no-ckpt-resolutions --out docs/bench/gpu_comfy.json      # the nodes' backend on ComfyUI's class
+    python scripts/gpu_bench.py --tiny [--host comfy]              # CPU, seconds: checks the script
 
-Measures, side by side on the same model and batch (bf16 weights, rank-16 gated LoRA on the
+``--host diffusers`` (the default) measures the CLI's backend on diffusers' class; ``--host comfy``
+the nodes' backend on ComfyUI's own ``model_base.Lumina2`` in a ModelPatcher, inside the training
+session the node uses, with bf16 weights or fp8 ones (ComfyUI's weight_dtype fp8_e4m3fn).
+
+Measures, side by side on the same model and batch (rank-16 gated LoRA on the
 main layers' q/k/v, 64 caption tokens), at 512² and 1024² with gradient checkpointing and at
 512² also without (``--no-ckpt-resolutions``; an 80 GB card has room): for both x_t sources
 (fresh ESD sampling, and the pool, the default) seconds per step of ours at λ > 0 and λ = 0
@@ -17,9 +23,13 @@ paper's λ rule leaves λ > 0 on the toy (``paper_lambda_weighted``). Prints JSO
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import gc
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +47,60 @@ from zerase_core.lora import LoRAConfig  # noqa: E402
 log = logging.getLogger("gpu_bench")
 
 
+# ComfyUI's Z-Image config at the released model's sizes (its model_detection reads these off the weights).
+COMFY_FULL_SIZE = dict(dim=3840, cap_feat_dim=2560, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30)
+
+
+def _backend(host: str, weights: str, device: str, tiny: bool):
+    """The backend of one model: diffusers' class with the CLI's backend, or ComfyUI's with the nodes' backend;
+    64-token random captions either way (the DiT does not care what they mean; no text encoder is loaded)."""
+    cap_dim = 64 if tiny else 2560
+    if host == "diffusers":
+        model = scaled_zimage(256, 2, torch.float32) if tiny else full_size_zimage(device)
+        return DiffusersZImageBackend(model.to(device), FixedLengthEncoder(cap_dim, 64),
+                                      LatentSpec(channels=model.config.in_channels))
+    comfy = _import_comfy(device)
+    fp8 = torch.float8_e4m3fn if weights == "fp8" else None
+    if tiny:  # the integration tests' tiny model: fp32, or fp8 stored and computed in fp32
+        patcher = comfy_support.tiny_zimage(comfy, weight_dtype=fp8)
+    else:
+        patcher = full_size_comfy_zimage(comfy, device, fp8 or torch.bfloat16)
+    from zerase_core.backends.comfy_zimage import ComfyZImageBackend
+
+    class FixedCaptions(ComfyZImageBackend):
+        def encode(self, prompts):
+            return FixedLengthEncoder(cap_dim, 64).encode(prompts)
+
+    return FixedCaptions(patcher)
+
+
+def _import_comfy(device: str):
+    """ComfyUI, imported in process as the integration tests do (tests/comfy_support.py), on ``device``."""
+    global comfy_support
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import comfy_support
+
+    if device == "cuda":
+        os.environ["ZERASE_TEST_DEVICE"] = "gpu"
+    path, how = comfy_support.find_comfyui()
+    if path is None:
+        raise SystemExit(f"--host comfy: {how}")
+    return comfy_support.import_comfy(path)
+
+
+@torch.no_grad()
+def full_size_comfy_zimage(comfy, device: str, weight_dtype: torch.dtype):
+    """ComfyUI's Z-Image (``model_base.Lumina2``) at its real size in a ModelPatcher, random weights, built on the
+    device; fp8 weights are cast to bf16 layer by layer as they run (ComfyUI's manual-cast ops, as its loader
+    makes them for weight_dtype fp8_e4m3fn)."""
+    config = comfy.supported_models.ZImage({**comfy_support.TINY_DIT, **COMFY_FULL_SIZE})
+    config.set_inference_dtype(weight_dtype, None if weight_dtype == torch.bfloat16 else torch.bfloat16)
+    model = config.get_model({}, "", device=torch.device(device))
+    _randomise(model.diffusion_model, device)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device),
+                                            offload_device=comfy.mm.unet_offload_device())
+
+
 @torch.no_grad()
 def full_size_zimage(device: str) -> torch.nn.Module:
     """diffusers' Z-Image at its real size, random weights, bf16, built directly on the device."""
@@ -46,20 +110,64 @@ def full_size_zimage(device: str) -> torch.nn.Module:
         model = ZImageTransformer2DModel()  # the class defaults are the released model's sizes
     # bf16 while still on meta: to_empty in fp32 would first take 24.6 GB of the card
     model = model.to(torch.bfloat16).to_empty(device=device)
+    _randomise(model, device)
+    return model.eval()
+
+
+def _randomise(model: torch.nn.Module, device: str) -> None:
+    """N(0, 0.02) weights, drawn in bf16 (fp8 ones rounded from it); RMSNorm weights 1, as trained models start."""
     norms = {f"{n}.weight" for n, m in model.named_modules() if "RMSNorm" in type(m).__name__}
     g = torch.Generator(device=device).manual_seed(0)
     for name, p in model.named_parameters():
         if name in norms:
-            p.fill_(1.0)  # RMSNorm weights: identity, as trained models start (cap_embedder.0 is one too)
+            p.fill_(1.0)
         else:
-            p.normal_(0.0, 0.02, generator=g)
-    return model.eval()
+            p.copy_(torch.empty(p.shape, device=device, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=g))
+
+
+def _dit(backend) -> torch.nn.Module:
+    return backend.dit if hasattr(backend, "patcher") else backend.transformer
+
+
+def _stored_as(module: torch.nn.Module) -> str:
+    """The dtype most of the weights are stored in (fp8 models keep norms and embedders wider)."""
+    counts = collections.Counter()
+    for p in module.parameters():
+        counts[p.dtype] += p.numel()
+    return str(counts.most_common(1)[0][0]).removeprefix("torch.")
+
+
+def _weights_gib(module: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
+
+
+def _session(backend):
+    """ComfyUI's training session (the node trains inside one: whole model loaded, weights autograd can use)."""
+    if not hasattr(backend, "patcher"):
+        return contextlib.nullcontext()
+    from zerase_core.backends.comfy_zimage import training_session
+
+    return training_session(backend)
+
+
+def _release(backend) -> None:
+    """ComfyUI keeps loaded models in its list: take this one out, so its memory goes with the backend."""
+    if hasattr(backend, "patcher"):
+        import comfy.model_management as mm
+
+        mm.unload_all_models()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true",
                         help="a scaled-down model on the CPU at 64², with and without checkpointing: checks the script")
+    parser.add_argument("--host", choices=["diffusers", "comfy"], default="diffusers",
+                        help="whose Z-Image class and backend: diffusers' (the CLI's) or ComfyUI's (the nodes'; "
+                             "finds ComfyUI through COMFYUI_PATH)")
+    parser.add_argument("--weights", choices=["bf16", "fp8"], nargs="+", default=["bf16"],
+                        help="base weights, one model after the other; fp8 is ComfyUI's weight_dtype fp8_e4m3fn "
+                             "(stored in fp8, each layer cast to bf16 as it runs), so it needs --host comfy")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant after one warm-up")
     parser.add_argument("--pool", type=int, default=32, help="trajectories in the x_t pool (the default TrainConfig)")
@@ -68,34 +176,48 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if "fp8" in args.weights and args.host != "comfy":
+        parser.error("fp8 base weights are ComfyUI's weight_dtype fp8_e4m3fn: add --host comfy")
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("no GPU: run with --tiny to check the script on a CPU")
 
-    if args.tiny:
-        model, device, cap_dim, res, rank = scaled_zimage(256, 2, torch.float32), "cpu", 64, [64], 4
-    else:
-        if not torch.cuda.is_available():
-            parser.error("no GPU: run with --tiny to check the script on a CPU")
-        model, device, cap_dim, res, rank = full_size_zimage("cuda"), "cuda", 2560, args.resolutions, 16
-    resident = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
-    backend = DiffusersZImageBackend(model.to(device), FixedLengthEncoder(cap_dim, 64),
-                                     LatentSpec(channels=model.config.in_channels))
-    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-              "diffusers": diffusers.__version__, "weights_gib": resident, "caption_tokens": 64, "rank": rank,
-              "rows": []}
-    # Cheapest first, so a run cut off by the device's time limit has the 512² rows (the 10-minute question).
+    device = "cpu" if args.tiny else "cuda"
+    res = [64] if args.tiny else args.resolutions
     no_ckpt = res if args.tiny else args.no_ckpt_resolutions  # the check runs both kinds of row
+    # Cheapest first, so a run cut off by the device's time limit has the 512² rows (the 10-minute question).
     runs = sorted([(px, True) for px in res] + [(px, False) for px in res if px in no_ckpt],
                   key=lambda run: (run[0], run[1]))
-    _warm_up(backend)  # the device's one-off start (kernels, library handles) out of the first row's pool build
-    for px, ckpt in runs:
-        config = _base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing=ckpt,
-                              lora=LoRAConfig(rank=rank), shuffle_pool=2)
-        backend.set_gradient_checkpointing(ckpt)
-        image_tokens = math.prod(backend.latent_shape(px, px)[1:]) // backend.patch**2
-        case = SpeedCase("z-image-random" if not args.tiny else "scaled-zimage", lambda: backend, config, image_tokens)
-        result["rows"].append(_row(case, args.steps))
-        write_json(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
+    rank = 4 if args.tiny else 16
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+              "diffusers": diffusers.__version__, "host": args.host, "caption_tokens": 64, "rank": rank, "rows": []}
+    for weights in args.weights:  # one model at a time: two full-size ones would not fit a 24 GB card
+        _measure_model(args, weights, device, runs, result)
+        gc.collect()  # the model's last references went with _measure_model's frame
+        if device == "cuda":
+            torch.cuda.empty_cache()
     print(write_json(result, None))
     return 0
+
+
+def _measure_model(args, weights: str, device: str, runs: list[tuple[int, bool]], result: dict) -> None:
+    """Build one model, append its rows to ``result`` (written after each), and free it."""
+    backend = _backend(args.host, weights, device, args.tiny)
+    dit = _dit(backend)
+    result.setdefault("models", []).append({
+        "weights": weights, "stored_as": _stored_as(dit), "weights_gib": _weights_gib(dit),
+        "resident_gib": torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0})
+    _warm_up(backend)  # the device's one-off start (kernels, library handles) out of the first row's pool build
+    name = f"z-image-{'tiny' if args.tiny else 'random'}-{args.host}-{weights}"
+    for px, ckpt in runs:
+        config = _base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing=ckpt,
+                              lora=LoRAConfig(rank=result["rank"]), shuffle_pool=2)
+        backend.set_gradient_checkpointing(ckpt)
+        image_tokens = math.prod(backend.latent_shape(px, px)[1:]) // backend.patch**2
+        with _session(backend):
+            result["rows"].append(_row(SpeedCase(name, lambda: backend, config, image_tokens), args.steps)
+                                  | {"weights": weights})
+        write_json(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
+    _release(backend)
 
 
 def _row(case: SpeedCase, steps: int) -> dict:

@@ -203,13 +203,9 @@ def test_bench_result_records_its_command_and_threads(tmp_path, monkeypatch, cap
 
 def test_gpu_script_records_a_failed_row_and_goes_on(tmp_path, monkeypatch):
     """scripts/gpu_bench.py may get one device slot: a row that fails is written with its error, later rows run."""
-    import importlib.util
-    from pathlib import Path
+    from gpu_script import load_gpu_bench
 
-    path = Path(__file__).parents[1] / "scripts" / "gpu_bench.py"
-    spec = importlib.util.spec_from_file_location("gpu_bench", path)
-    gpu_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_bench)
+    gpu_bench = load_gpu_bench()
     real, calls = gpu_bench.time_case, []
 
     def first_fails(case, steps):
@@ -225,6 +221,15 @@ def test_gpu_script_records_a_failed_row_and_goes_on(tmp_path, monkeypatch):
     assert calls == [False, True]  # cheapest first: without checkpointing, then with
     assert "OutOfMemoryError" in failed["error"] and not failed["gradient_checkpointing"]
     assert measured["gradient_checkpointing"] and measured["seconds_per_step"]["ours_pool_lambda_positive"] > 0
+
+
+def test_gpu_script_refuses_fp8_weights_outside_comfyui(capsys):
+    """fp8 base weights are ComfyUI's weight_dtype: asked of the diffusers host, the script says so and stops."""
+    from gpu_script import load_gpu_bench
+
+    with pytest.raises(SystemExit):
+        load_gpu_bench().main(["--tiny", "--weights", "fp8"])
+    assert "add --host comfy" in capsys.readouterr().err
 
 
 def test_optimizer_state_is_made_without_moving_the_lora():

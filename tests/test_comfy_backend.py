@@ -1,5 +1,6 @@
 """The ComfyUI backend against real ComfyUI classes at tiny sizes (skipped without a checkout)."""
 
+import json
 import weakref
 
 import pytest
@@ -414,3 +415,22 @@ def test_the_model_digest_tells_the_file_and_its_patches(tmp_path):
     other_file.write_bytes(b"weights")
     model.cached_patcher_init = (lambda *a, **k: None, (str(other_file), {}))
     assert model_digest(model) != digest
+
+
+def test_gpu_script_measures_the_nodes_backend_on_bf16_and_fp8_weights(tmp_path):
+    """scripts/gpu_bench.py --host comfy (the GPU check of the nodes' backend and of fp8 base weights), run at toy
+    size on the CPU: one model after the other, every row measured, the fp8 one really stored in fp8."""
+    from gpu_script import load_gpu_bench
+
+    out = tmp_path / "gpu.json"
+    argv = ["--tiny", "--host", "comfy", "--weights", "bf16", "fp8", "--steps", "1", "--pool", "1", "--out", str(out)]
+    assert load_gpu_bench().main(argv) == 0
+    result = json.loads(out.read_text())
+    wide, fp8 = result["models"]
+    assert (wide["stored_as"], fp8["stored_as"]) == ("float32", "float8_e4m3fn")  # the tiny model computes in fp32
+    assert fp8["weights_gib"] < wide["weights_gib"] / 3  # 1 byte a weight, norms and embedders kept wide
+    assert [(r["weights"], r["gradient_checkpointing"]) for r in result["rows"]] == [
+        ("bf16", False), ("bf16", True), ("fp8", False), ("fp8", True)]
+    for row in result["rows"]:
+        assert "error" not in row and row["model"] == f"z-image-tiny-comfy-{row['weights']}"
+        assert all(s > 0 for s in row["seconds_per_step"].values())
