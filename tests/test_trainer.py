@@ -204,6 +204,28 @@ def test_nan_in_a_loss_stops_without_a_broken_lora(tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for ab in load_lora(saved).factors.values() for t in ab)
 
 
+def test_a_step_stopped_by_a_nan_loss_holds_nothing_under_checkpointing(monkeypatch):
+    """A step stopped at a NaN loss never runs backward. Under gradient checkpointing its graph holds the attention
+    recorder (checkpointed layers replay it in backward); a recorder that still held the masses closed a cycle through
+    the graph, where the garbage collector cannot see, and the step's activations and the model stayed in memory
+    until the process ended (in ComfyUI: VRAM held after the node failed)."""
+    import gc
+    import weakref
+
+    import zerase_core.trainer as trainer_module
+
+    backend = tiny_zimage_backend()
+    model = weakref.ref(backend.transformer)
+    trainer = ZEraseTrainer(backend, _config(steps=6, gradient_checkpointing=True))
+    real = trainer_module.loss_preserve
+    monkeypatch.setattr(trainer_module, "loss_preserve", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(NonFiniteLoss):
+        trainer.train_step()
+    del trainer, backend
+    gc.collect()
+    assert model() is None
+
+
 def test_nan_gradient_leaves_lora_lambda_and_step_as_they_were():
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, lr=1e-2))
     for _ in range(3):

@@ -72,6 +72,7 @@ class MassRecorder:
         self.n_queries = self.query_rows.sum(dim=1).clamp_min(1.0)  # (B,), once per call rather than per layer
         self.layers = layers
         self.per_layer: dict[int, torch.Tensor] = {}
+        self.handed_over = False  # set by result(): from then on masses are computed and dropped
 
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
@@ -87,16 +88,26 @@ class MassRecorder:
         return out
 
     def keep(self, layer: int, mass: torch.Tensor) -> None:
-        """Record (B, L) per-query mass (mean over heads) as the per-sample mean over image queries, once per layer."""
+        """Record (B, L) per-query mass (mean over heads) as the per-sample mean over image queries."""
         rows, n = self.query_rows.to(mass.device), self.n_queries.to(mass.device)  # no-ops when built there
         per_sample = (mass * rows).sum(dim=1) / n  # (B,); computed even when dropped: a recomputation must match
-        # A second mass for a layer is its checkpointed recomputation in backward; the loss was built from the
-        # first. Keeping the second would hold the recomputed layer's graph until the recorder dies, every
-        # layer's in turn (measured on the real model at 512², batch 3: 10 GiB).
-        self.per_layer.setdefault(layer, per_sample)
+        if not self.handed_over:
+            self.per_layer[layer] = per_sample
 
     def result(self) -> torch.Tensor:
-        """(B,) mean mass over recorded layers."""
+        """(B,) mean mass over recorded layers, once; the recorder keeps no tensor after it.
+
+        Under gradient checkpointing the autograd graph holds this recorder (each checkpointed layer replays it
+        when it runs again in backward), so a mass the recorder kept would close a cycle through the graph, which
+        Python's garbage collector cannot see: a forward whose backward never ran (a NaN loss, a cancel) would
+        hold its activations and the model until the process ended. And masses recorded in backward, by the
+        recomputed layers, are dropped: kept, each would hold its layer's recomputed graph until the recorder died
+        (measured on the real model at 512², batch 3: 10 GiB above the weights where gated ESD took 0.5).
+        """
+        if self.handed_over:
+            raise RuntimeError("MassRecorder.result() was already taken")
         if not self.per_layer:
             raise RuntimeError("No attention was recorded: the backend's attention hook did not run")
-        return torch.stack(list(self.per_layer.values())).mean(dim=0)
+        mean = torch.stack(list(self.per_layer.values())).mean(dim=0)
+        self.per_layer, self.handed_over = {}, True
+        return mean
