@@ -26,6 +26,7 @@ import argparse
 import collections
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import math
@@ -62,7 +63,7 @@ def _backend(host: str, weights: str, device: str, tiny: bool):
     comfy = _import_comfy(device)
     fp8 = torch.float8_e4m3fn if weights == "fp8" else None
     if tiny:  # the integration tests' tiny model: fp32, or fp8 stored and computed in fp32
-        patcher = comfy_support.tiny_zimage(comfy, weight_dtype=fp8)
+        patcher = _comfy_support().tiny_zimage(comfy, weight_dtype=fp8)
     else:
         patcher = full_size_comfy_zimage(comfy, device, fp8 or torch.bfloat16)
     from zerase_core.backends.comfy_zimage import ComfyZImageBackend
@@ -74,18 +75,22 @@ def _backend(host: str, weights: str, device: str, tiny: bool):
     return FixedCaptions(patcher)
 
 
-def _import_comfy(device: str):
-    """ComfyUI, imported in process as the integration tests do (tests/comfy_support.py), on ``device``."""
-    global comfy_support
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import comfy_support
+def _comfy_support():
+    """tests/comfy_support.py: finds a ComfyUI checkout (COMFYUI_PATH) and imports it in process, as the tests do."""
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    return importlib.import_module("comfy_support")
 
+
+def _import_comfy(device: str):
+    """ComfyUI, imported on ``device`` (comfy_support keeps it on the CPU unless told otherwise)."""
     if device == "cuda":
         os.environ["ZERASE_TEST_DEVICE"] = "gpu"
-    path, how = comfy_support.find_comfyui()
+    path, how = _comfy_support().find_comfyui()
     if path is None:
         raise SystemExit(f"--host comfy: {how}")
-    return comfy_support.import_comfy(path)
+    return _comfy_support().import_comfy(path)
 
 
 @torch.no_grad()
@@ -93,7 +98,7 @@ def full_size_comfy_zimage(comfy, device: str, weight_dtype: torch.dtype):
     """ComfyUI's Z-Image (``model_base.Lumina2``) at its real size in a ModelPatcher, random weights, built on the
     device; fp8 weights are cast to bf16 layer by layer as they run (ComfyUI's manual-cast ops, as its loader
     makes them for weight_dtype fp8_e4m3fn)."""
-    config = comfy.supported_models.ZImage({**comfy_support.TINY_DIT, **COMFY_FULL_SIZE})
+    config = comfy.supported_models.ZImage({**_comfy_support().TINY_DIT, **COMFY_FULL_SIZE})
     config.set_inference_dtype(weight_dtype, None if weight_dtype == torch.bfloat16 else torch.bfloat16)
     model = config.get_model({}, "", device=torch.device(device))
     _randomise(model.diffusion_model, device)
