@@ -410,3 +410,28 @@ def test_queueing_again_takes_the_finished_lora_instead_of_training(pack, loras_
     other.write_bytes(b"other weights")
     train.execute(model=model_from(other), clip=tiny_clip(comfy), **_train_inputs())
     assert len(steps_run) == 4 and (loras_dir / "zerase" / "cat_002.safetensors").is_file()
+
+
+def test_a_run_stopped_by_nan_leaves_the_input_model_as_it_was(pack, loras_dir, monkeypatch):
+    """A NaN stops the run mid-step, after its forward. The input MODEL then samples bit-identically to before, and
+    once it has loaded again its layers carry none of the run's wrappers (ComfyUI restores the object patches of a
+    clone that died loaded when it loads the next model)."""
+    import zerase_core.trainer as trainer_module
+    from zerase_core.backends.comfy_zimage import CheckpointedForward, GatedForward
+
+    train = pack["ZEraseTrain"]
+    with torch.inference_mode():
+        model, clip = tiny_zimage(comfy, inference_tensors=True), tiny_clip(comfy)
+        positive, negative = encode(clip, "a photo of a cat"), encode(clip, "")
+        before = ksample(comfy, model, positive, negative, empty_latent())
+    real = trainer_module.loss_preserve
+    monkeypatch.setattr(trainer_module, "loss_preserve", lambda *a: real(*a) * float("nan"))
+    with torch.inference_mode(), pytest.raises(trainer_module.NonFiniteLoss):
+        train.execute(model=model, clip=clip, **_train_inputs(steps=3, save_name="nan"))
+    monkeypatch.undo()
+    with torch.inference_mode():
+        after = ksample(comfy, model, positive, negative, empty_latent())
+    assert torch.equal(before, after)
+    dit = model.model.diffusion_model
+    patched = [vars(m).get("forward") for m in [*dit.layers, *(layer.attention.qkv for layer in dit.layers)]]
+    assert not any(isinstance(f, (GatedForward, CheckpointedForward)) for f in patched)
