@@ -174,8 +174,8 @@ def test_train_node_with_checkpointing_leaves_the_original_bit_identical(pack, t
 
 
 def test_a_forward_whose_backward_never_runs_leaves_nothing_held():
-    """A training forward with the attention mass, under checkpointing, dropped before its backward (a NaN loss, a
-    cancel): with the outputs gone, the model goes too. The graph holds the recorder; a recorder that held the
+    """A training forward with the attention mass, under checkpointing, dropped before its backward (a NaN loss, an
+    error): with the outputs gone, the model goes too. The graph holds the recorder; a recorder that held the
     masses closed a cycle the garbage collector cannot see, and the clone's VRAM stayed taken after the node failed."""
     import gc
     import weakref
