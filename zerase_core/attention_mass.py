@@ -101,9 +101,8 @@ class MassRecorder:
         when it runs again in backward), so a mass the recorder kept would close a cycle through the graph, which
         Python's garbage collector cannot see: a forward whose backward never ran (a NaN loss, an error before
         backward) would hold its activations and the model until the process ended. And masses recorded in backward,
-        by the
-        recomputed layers, are dropped: kept, each would hold its layer's recomputed graph until the recorder died
-        (measured on the real model at 512², batch 3: 10 GiB above the weights where gated ESD took 0.5).
+        by the recomputed layers, are dropped: kept, each would hold its layer's recomputed graph until the recorder
+        died (measured on the real model at 512², batch 3: 10 GiB above the weights where gated ESD took 0.5).
         """
         if self.handed_over:
             raise RuntimeError("MassRecorder.result() was already taken")
