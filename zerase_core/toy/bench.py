@@ -196,8 +196,8 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
                 cells[(method.name, concept.word, seed)] = json.loads(path.read_text())
     rows = summarise(cells, [c for c in concepts if any(k[1] == c.word for k in cells)])
     kinds = sorted({c.attribute for c in concepts})
-    (out / "bench.json").write_text(json.dumps({"command": command, "steps": steps, "n_eval": n_eval, "seeds": seeds,
-                                                "concepts": concept_words, "toy_weights": identity,
-                                                "rows": rows}, indent=2))
-    (out / "bench.md").write_text(to_markdown(rows, kinds, command))
+    table = {"command": command, "steps": steps, "n_eval": n_eval, "seeds": seeds, "concepts": concept_words,
+             "toy_weights": identity, "rows": rows}
+    atomic_write_text(out / "bench.json", json.dumps(table, indent=2))
+    atomic_write_text(out / "bench.md", to_markdown(rows, kinds, command))
     return rows

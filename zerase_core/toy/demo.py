@@ -18,6 +18,7 @@ from typing import Sequence
 from ..backends.toy import toy_backend
 from ..config import TrainConfig
 from ..errors import ZEraseError
+from ..files import atomic_write_text
 from ..lora import LoRAConfig
 from ..render import grid, to_pil
 from ..run import every, planned_files, train_and_save
@@ -189,5 +190,5 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
         "files": {"lora": lora_path.name, "grid": "before_after.png", "curves": "curves.png",
                   "attention": "attention_maps.png", "previews": "previews/"},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     return report
