@@ -29,7 +29,6 @@ import gc
 import importlib
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -217,10 +216,8 @@ def _measure_model(args, weights: str, device: str, runs: list[tuple[int, bool]]
         config = _base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing=ckpt,
                               lora=LoRAConfig(rank=result["rank"]), shuffle_pool=2)
         backend.set_gradient_checkpointing(ckpt)
-        image_tokens = math.prod(backend.latent_shape(px, px)[1:]) // backend.patch**2
         with _session(backend):
-            result["rows"].append(_row(SpeedCase(name, lambda: backend, config, image_tokens), args.steps)
-                                  | {"weights": weights})
+            result["rows"].append(_row(SpeedCase(name, backend, config), args.steps) | {"weights": weights})
         write_json(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
     _release(backend)
 

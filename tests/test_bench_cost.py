@@ -242,3 +242,29 @@ def test_optimizer_state_is_made_without_moving_the_lora():
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))
     assert all("exp_avg" in trainer.optimizer.state[p] for p in trainer.params)
     assert trainer.optimizer.param_groups[0]["lr"] == trainer.config.lr and all(p.grad is None for p in trainer.params)
+
+
+def _patches_made(backend, height: int, width: int, monkeypatch) -> list[int]:
+    """Per sample, the patches diffusers' transformer cuts from a height × width picture (counted where it
+    patchifies, before it pads the sequence to a multiple of 32)."""
+    made, patchify = [], backend.transformer._patchify_image
+
+    def counting(*args, **kwargs):
+        patches = patchify(*args, **kwargs)
+        made.append(patches[0].shape[0])
+        return patches
+
+    monkeypatch.setattr(backend.transformer, "_patchify_image", counting)
+    x = torch.zeros(1, *backend.latent_shape(height, width))
+    with torch.no_grad():
+        backend.velocity(x, torch.tensor([0.5]), backend.encode(["a red circle"]), lora=False)
+    return made
+
+
+@pytest.mark.parametrize("tiny", [True, False])
+def test_speed_cases_record_the_image_tokens_the_model_makes(tiny, monkeypatch):
+    from zerase_core.bench.cost import speed_cases
+
+    for case in speed_cases(tiny):
+        made = _patches_made(case.backend, case.config.height, case.config.width, monkeypatch)
+        assert made == [case.image_tokens], case.name

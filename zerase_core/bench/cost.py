@@ -28,6 +28,7 @@ import argparse
 import copy
 import dataclasses
 import logging
+import math
 import platform
 import random
 import statistics
@@ -39,6 +40,7 @@ from typing import Callable
 
 import torch
 
+from ..backends.base import Backend
 from ..cli import command
 from ..config import XT_SOURCES, TrainConfig
 from ..lagrangian import rule_for
@@ -57,9 +59,15 @@ RUN_STEPS = 1000  # the pool's build time is spread over a run of this many step
 @dataclass(frozen=True)
 class SpeedCase:
     name: str
-    make_backend: Callable[[], object]
+    backend: Backend
     config: TrainConfig
-    image_tokens: int
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens of the config's picture, as the model cuts it: latent cells over a patch's cells (asked of
+        the model, so a row's count cannot disagree with what it timed)."""
+        shape = self.backend.latent_shape(self.config.height, self.config.width)
+        return math.prod(shape[1:]) // self.backend.patch**2
 
 
 def gated_esd_step(trainer: ZEraseTrainer) -> None:
@@ -181,13 +189,13 @@ def _split_parts(trainer: ZEraseTrainer, x_t: torch.Tensor, sigma: torch.Tensor)
 
 
 def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: int = 1) -> dict:
-    """Seconds per step of each variant on one freshly built backend, both x_t sources.
+    """Seconds per step of each variant on the case's backend, both x_t sources.
 
     Every pool variant shares one pool (built once, its build time spread over ``run_steps``
     steps and added to the pool variants' per-step seconds); fresh variants sample x_t each step.
     λ is pinned (``fixed`` at 1: the batch-3 student path; at 0: L_pr without a graph).
     """
-    backend = case.make_backend()
+    backend = case.backend
     sync = _sync(backend)
     backend.uninstall()
     # One LoRA, optimizer and prompt pool serve every variant (the backend holds one installed LoRA).
@@ -325,10 +333,10 @@ def speed_cases(tiny: bool) -> list[SpeedCase]:
 
     if tiny:  # seconds on a CPU: a correctness run of the command, not a measurement
         config = _base_config(height=64, width=64, sample_steps=2, xt_pool=1, shuffle_pool=0)
-        return [SpeedCase("tiny-diffusers", tiny_zimage_backend, config, 16)]
+        return [SpeedCase("tiny-diffusers", tiny_zimage_backend(), config)]
     cfg = TinyZImageConfig(dim=128, n_heads=4)
-    cases = [SpeedCase("tiny-diffusers", lambda: tiny_zimage_backend(cfg), _base_config(height=px, width=px), tokens)
-             for px, tokens in ((256, 256), (512, 1024))]
+    cases = [SpeedCase("tiny-diffusers", tiny_zimage_backend(cfg), _base_config(height=px, width=px))
+             for px in (256, 512)]
     toy = _toy_case()
     return ([toy] if toy else []) + cases
 
@@ -346,8 +354,7 @@ def _toy_case() -> SpeedCase | None:
     s = bundle.sampling
     config = _base_config(height=32, width=32, sample_steps=max(1, s.steps // 2), shift=s.shift, sample_cfg=s.cfg,
                           templates=("a red circle",), preserve=("blue",))
-    tokens = (bundle.latent_shape[1] // bundle.dit_config.patch_size) ** 2
-    return SpeedCase("toy", lambda: toy_backend(bundle), config, tokens)
+    return SpeedCase("toy", toy_backend(bundle), config)
 
 
 def attention_memory(tokens=(256, 1024, 4096), heads: int = 2) -> dict:
