@@ -135,6 +135,44 @@ def test_recomputed_layers_keep_image_rows_and_the_attention_capture():
                    for k in backend.patcher.object_patches)  # the refiner's row sharing stays; it is not checkpointing
 
 
+def test_a_model_that_comes_checkpointed_is_checkpointed_once():
+    """A MODEL cloned from a checkpointed backend's patcher carries its CheckpointedForward patches; this backend's
+    checkpointing takes their place instead of wrapping them. Wrapped, each layer is a checkpoint inside a
+    checkpoint, and backward through the attention mass fails (torch's CheckpointError: the recomputation saves
+    other tensors than the forward did)."""
+    model = tiny_zimage(comfy)
+    first = ComfyZImageBackend(model)
+    first.set_gradient_checkpointing(True)
+    backend = ComfyZImageBackend(first.patcher, tiny_clip(comfy))
+    lora_set = backend.install(LoRAConfig(rank=2))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora_set.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    prompts = backend.encode(["a photo of a cat"])
+    tokens = [concept_token_indices(prompts[0], "cat")]
+    x, sigma = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.7])
+
+    def gradient():
+        for p in lora_set.parameters():
+            p.grad = None
+        with training_session(backend):
+            v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
+            (v.square().mean() + mass.sum()).backward()
+        return torch.cat([p.grad.reshape(-1) for p in lora_set.parameters()])
+
+    backend.set_gradient_checkpointing(True)
+    seen, handles = _qkv_calls(model)
+    try:
+        checkpointed = gradient()
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) == 2 * LAYERS  # each layer: once in forward, once recomputed in backward
+    backend.set_gradient_checkpointing(False)
+    torch.testing.assert_close(checkpointed, gradient(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def pack():
     import nodes
