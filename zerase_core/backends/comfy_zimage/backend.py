@@ -47,7 +47,10 @@ class ComfyZImageBackend(Backend):
         self.gate = TokenGate()
         self.key = f"{WRAPPER_PREFIX}_{uuid.uuid4().hex[:12]}"
         self._wrapped: dict[int, GatedLoRALinear] = {}
-        self._inherited: dict[str, Any] = {}  # object patches our wrappers replaced (erasure LoRAs applied before)
+        # Object patches our wrappers replaced (erasure LoRAs applied before), to put back at uninstall. Kept, not
+        # derived from the wrapped forwards: a forward cannot tell whether it was the clone's object patch or set on
+        # the module itself (which must stay out of object_patches).
+        self._inherited: dict[str, Any] = {}
         self._checkpointed: set[int] = set()
         # Set by training_session: every load puts the whole model on the device, with weights autograd can use.
         self._whole, self._weights_owned, self._frozen = False, False, []
