@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .backends.base import Backend
@@ -52,47 +52,64 @@ def write_curves(result: TrainResult, path: Path, title: str) -> Path:
     return path
 
 
-def train_and_save(backend: Backend, config: TrainConfig, out: Path, resume: bool = False,
-                   callbacks=(), release_encoder: bool = False) -> tuple[TrainResult, Path]:
-    """Train into folder ``out``: erasure_lora.safetensors, curves.png, history.json, checkpoint.
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run :func:`planned_run` has checked: its model, settings, folder, and whether it continues a stopped one."""
 
-    ``release_encoder`` frees the text encoder as soon as the run's prompts are encoded. Everything that would stop
-    the run later (a folder that cannot be written, a checkpoint of other settings) is refused before any work; a
-    stopped run (Ctrl-C, NaN) leaves its LoRA so far and its checkpoint, and says how to continue it.
+    backend: Backend
+    config: TrainConfig
+    folder: Path
+    resume: bool
+
+    @property
+    def lora(self) -> Path:
+        return self.folder / LORA
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / CHECKPOINT
+
+
+def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False) -> tuple[TrainResult, Path]:
+    """Train ``run`` into its folder: erasure_lora.safetensors, curves.png, history.json, checkpoint.
+
+    ``release_encoder`` frees the text encoder as soon as the run's prompts are encoded. A stopped run (Ctrl-C, NaN)
+    leaves its LoRA so far and its checkpoint, and says how to continue it.
     """
-    lora_path, checkpoint = planned_files(out, config, backend, resume)
-    trainer = ZEraseTrainer(backend, config, checkpoint_path=checkpoint, release_encoder=release_encoder)
-    if resume:
-        trainer.resume(checkpoint)
+    config = run.config
+    trainer = ZEraseTrainer(run.backend, config, checkpoint_path=run.checkpoint, release_encoder=release_encoder)
+    if run.resume:
+        trainer.resume(run.checkpoint)
     on_step, bar = progress_bar(config.steps, trainer.step)
     trainer.callbacks.extend([on_step, *callbacks])
     try:
         result = trainer.run()
     except (KeyboardInterrupt, ZEraseError) as err:
-        raise ZEraseError(_stopped(trainer, lora_path, err)) from err
+        raise ZEraseError(_stopped(trainer, run.lora, err)) from err
     finally:
         bar.close()
-    save_lora(result.lora, lora_path)  # atomic; a resumed run replaces its own earlier file
-    write_curves(result, out / "curves.png", f"Z-Erase '{config.concept}': {len(result.history)} steps")
-    atomic_write_text(out / "history.json", json.dumps([asdict(r) for r in result.history]))
-    log.info("wrote %s", lora_path)
-    return result, lora_path
+    save_lora(result.lora, run.lora)  # atomic; a resumed run replaces its own earlier file
+    write_curves(result, run.folder / "curves.png", f"Z-Erase '{config.concept}': {len(result.history)} steps")
+    atomic_write_text(run.folder / "history.json", json.dumps([asdict(r) for r in result.history]))
+    log.info("wrote %s", run.lora)
+    return result, run.lora
 
 
-def planned_files(out: Path, config: TrainConfig, backend: Backend, resume: bool = False) -> tuple[Path, Path]:
-    """The run's LoRA and checkpoint paths in ``out``, once it is sure both can be written and nothing is lost
-    (callers with work before training call it first too)."""
+def planned_run(out: Path, config: TrainConfig, backend: Backend, resume: bool = False) -> PlannedRun:
+    """A run of ``config`` on ``backend`` into folder ``out``, once it is sure its LoRA and checkpoint can be
+    written and nothing is lost: everything that would stop the run later (a folder that cannot be written, a
+    checkpoint of other settings) is refused here, before any work (the demo's measurements included)."""
     if out.exists() and not out.is_dir():
         raise ZEraseError(f"{out} is a file; --out names a folder for the run's files.")
-    lora_path, checkpoint = out / LORA, out / CHECKPOINT
-    if resume and not checkpoint.exists():
+    run = PlannedRun(backend, config, out, resume)
+    if resume and not run.checkpoint.exists():
         raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")
-    if not resume and lora_path.exists():
-        more = ", or add --resume to continue (or extend) its run" if checkpoint.exists() else ""
-        raise ZEraseError(f"{lora_path} exists; choose another --out (files are never overwritten){more}.")
-    check_run_files(lora_path, checkpoint, config, backend.fingerprint(), resume, "Run the same command with "
+    if not resume and run.lora.exists():
+        more = ", or add --resume to continue (or extend) its run" if run.checkpoint.exists() else ""
+        raise ZEraseError(f"{run.lora} exists; choose another --out (files are never overwritten){more}.")
+    check_run_files(run.lora, run.checkpoint, config, backend.fingerprint(), resume, "Run the same command with "
                     "--resume to continue it; to start over instead, choose another --out or delete that file.")
-    return lora_path, checkpoint
+    return run
 
 
 def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str:
