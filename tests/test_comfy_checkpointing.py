@@ -115,14 +115,16 @@ def test_recomputed_layers_keep_image_rows_and_the_attention_capture():
         with training_session(backend), scoped(backend, recorder_factory=keeping_recorders(recorders)):
             v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
             forward_calls, (recorder,) = len(seen), recorders
-            assert recorder.handed_over and recorder.per_layer == {}
+            first = {n: id(t) for n, t in recorder.per_layer.items()}
             (v.square().mean() + mass.sum()).backward()
     finally:
         for h in handles:
             h.remove()
     assert forward_calls == LAYERS and len(seen) == 2 * LAYERS  # each layer recomputed once in backward
-    # The recomputation's mass is dropped: kept, it would hold the recomputed layer's graph (test_attention_mass).
-    assert recorder.per_layer == {}
+    # The recomputation replays a recorder that keeps no mass: kept, it would hold the recomputed layer's graph, and
+    # a graph holding the recorder with the forward's masses would hold itself (test_attention_mass).
+    assert len(first) == LAYERS and {n: id(t) for n, t in recorder.per_layer.items()} == first
+    assert recorder.for_replay().per_layer == {}
     text = 32  # 13 caption tokens padded to 32
     for _, _, out, base in seen:
         assert torch.equal(out[:, text:], base[:, text:])  # image rows: the base projection, bit for bit

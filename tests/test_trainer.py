@@ -226,6 +226,28 @@ def test_a_step_stopped_by_a_nan_loss_holds_nothing_under_checkpointing(monkeypa
     assert model() is None
 
 
+def test_a_step_that_runs_out_of_memory_mid_forward_holds_nothing_under_checkpointing():
+    """Out of memory in a later layer stops the forward itself, after earlier layers recorded their masses: the
+    layers already run must not be left holding their graph (through the recorder they replay) and the model."""
+    import gc
+    import weakref
+
+    backend = tiny_zimage_backend()
+    model = weakref.ref(backend.transformer)
+
+    def out_of_memory(module, args):
+        if torch.is_grad_enabled():  # the student's forward; sampling and the teacher run without gradients
+            raise torch.OutOfMemoryError("simulated")
+
+    backend.transformer.layers[-1].register_forward_pre_hook(out_of_memory)
+    trainer = ZEraseTrainer(backend, _config(steps=6, gradient_checkpointing=True))
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train_step()
+    del trainer, backend
+    gc.collect()
+    assert model() is None
+
+
 def test_nan_gradient_leaves_lora_lambda_and_step_as_they_were():
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, lr=1e-2))
     for _ in range(3):

@@ -10,6 +10,7 @@ O(L) memory, no L×L map; autograd differentiates the mass through the same kern
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -64,6 +65,7 @@ class MassRecorder:
     ``columns`` and ``query_rows`` are (B, L) masks for the batch being run; the loss is the
     mean over recorded layers of the per-sample mean over heads and image query rows. Rows
     without concept columns (preservation prompts batched with the erase prompt) get mass 0.
+    Checkpointed layers reach it through :func:`checkpointed`.
     """
 
     def __init__(self, columns: torch.Tensor, query_rows: torch.Tensor, layers: set[int] | None = None):
@@ -72,10 +74,19 @@ class MassRecorder:
         self.n_queries = self.query_rows.sum(dim=1).clamp_min(1.0)  # (B,), once per call rather than per layer
         self.layers = layers
         self.per_layer: dict[int, torch.Tensor] = {}
-        self.handed_over = False  # set by result(): from then on masses are computed and dropped
+        self.keeps = True  # False for the replay: masses computed, none kept
+        self._replay: MassRecorder | None = None
 
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
+
+    def for_replay(self) -> "MassRecorder":
+        """This recorder as a checkpointed layer's recomputation in backward runs it: the same columns and rows, so
+        the recomputation saves what the forward saved, and no mass kept (see :func:`checkpointed`)."""
+        if self._replay is None:
+            self._replay = copy.copy(self)
+            self._replay.per_layer, self._replay.keeps = {}, False
+        return self._replay
 
     def attend(self, layer: int, attention: Attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
         """This layer's attention output; its mass on the concept columns is recorded on the way.
@@ -91,23 +102,29 @@ class MassRecorder:
         """Record (B, L) per-query mass (mean over heads) as the per-sample mean over image queries."""
         rows, n = self.query_rows.to(mass.device), self.n_queries.to(mass.device)  # no-ops when built there
         per_sample = (mass * rows).sum(dim=1) / n  # (B,); computed even when dropped: a recomputation must match
-        if not self.handed_over:
+        if self.keeps:
             self.per_layer[layer] = per_sample
 
     def result(self) -> torch.Tensor:
-        """(B,) mean mass over recorded layers, once; the recorder keeps no tensor after it.
-
-        Under gradient checkpointing the autograd graph holds this recorder (each checkpointed layer replays it
-        when it runs again in backward), so a mass the recorder kept would close a cycle through the graph, which
-        Python's garbage collector cannot see: a forward whose backward never ran (a NaN loss, an error before
-        backward) would hold its activations and the model until the process ended. And masses recorded in backward,
-        by the recomputed layers, are dropped: kept, each would hold its layer's recomputed graph until the recorder
-        died (measured on the real model at 512², batch 3: 10 GiB above the weights where gated ESD took 0.5).
-        """
-        if self.handed_over:
-            raise RuntimeError("MassRecorder.result() was already taken")
+        """(B,) mean mass over recorded layers."""
         if not self.per_layer:
             raise RuntimeError("No attention was recorded: the backend's attention hook did not run")
-        mean = torch.stack(list(self.per_layer.values())).mean(dim=0)
-        self.per_layer, self.handed_over = {}, True
-        return mean
+        return torch.stack(list(self.per_layer.values())).mean(dim=0)
+
+
+def checkpointed(recorder: MassRecorder | None) -> Callable[[], MassRecorder | None]:
+    """The recorder a checkpointed layer runs with: ``recorder`` on its first run (the forward), its replay on every
+    later one (the recomputations in backward).
+
+    The autograd graph holds the function a checkpointed layer recomputes with, and so what that function reaches.
+    Were that ``recorder``, which holds the masses, which hold the graph, the graph would hold itself through
+    autograd's nodes, where Python's garbage collector cannot see: a forward whose backward never ran (a NaN loss, out
+    of memory in a later layer) would keep its activations and the model until the process ended. So ``recorder`` is
+    let go once the forward has used it. And the replay keeps no mass: kept, each would hold its layer's recomputed
+    graph until the recorder died (measured on the real model at 512², batch 3: 10 GiB above the weights where gated
+    ESD took 0.5).
+    """
+    if recorder is None:
+        return lambda: None
+    pending, replay = [recorder], recorder.for_replay()
+    return lambda: pending.pop() if pending else replay

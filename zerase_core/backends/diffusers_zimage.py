@@ -20,7 +20,7 @@ import diffusers.models.transformers.transformer_z_image as z_image_module
 # Both segments are padded to the host's own multiple (32): read it from diffusers, do not restate it.
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF as SEQ_MULTIPLE
 
-from ..attention_mass import MassRecorder, sdpa_attention
+from ..attention_mass import MassRecorder, checkpointed, sdpa_attention
 from ..gate import TokenGate
 from ..layout import TokenLayout, pad_to_multiple
 from ..lora import GatedLoRALinear, LoRAConfig
@@ -221,13 +221,13 @@ class DiffusersZImageBackend(Backend):
         the layout and the attention recorder travel with the call: the recomputed graph
         must match the first one (the gate applied, the mass computed) exactly.
         """
-        layout, lora_on, recorder = self.gate.layout, self.gate.lora_on, self._recorder
+        layout, lora_on, recorder = self.gate.layout, self.gate.lora_on, checkpointed(self._recorder)
 
         def replay(*inner):
             with ExitStack() as stack:
                 if layout is not None:
                     stack.enter_context(self.gate.active(layout, lora_on))
-                stack.enter_context(scoped(self, _recorder=recorder))
+                stack.enter_context(scoped(self, _recorder=recorder()))
                 return block(*inner)
 
         # No randomness in a Z-Image layer (no dropout): no RNG state to stash and restore per layer and call.

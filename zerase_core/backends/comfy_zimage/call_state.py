@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from ...attention_mass import checkpointed
 from ...errors import ZEraseError
 from ...gate import TokenGate
 from ...layout import TokenLayout
@@ -70,13 +71,13 @@ class CallState:
         qkv = self.host.layers[layer].attention.qkv.forward  # what runs: the patched chain, if any
         chain = [self.gate, *(lora.gate for lora in erasure_chain(qkv))]
         gates = [(g, g.layout, g.lora_on) for g in {id(g): g for g in chain}.values()]
-        return gates, self.layout, self.recorder
+        return gates, self.layout, checkpointed(self.recorder)
 
     @contextmanager
     def replaying(self, state: tuple) -> Iterator[None]:
         """Inside, the state :meth:`layer_state` took is in place again (a checkpointed layer's recomputation)."""
         gates, layout, recorder = state
-        with scoped(self, layout=layout, recorder=recorder), ExitStack() as stack:
+        with scoped(self, layout=layout, recorder=recorder()), ExitStack() as stack:
             for gate, gate_layout, lora_on in gates:
                 stack.enter_context(gate.active(gate_layout, lora_on))
             yield
