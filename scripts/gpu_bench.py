@@ -30,14 +30,18 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import diffusers
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from zerase_core.backends.base import Backend  # noqa: E402
 from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend, LatentSpec  # noqa: E402
 from zerase_core.bench.cost import SpeedCase, _base_config, _sync, time_case  # noqa: E402
 from zerase_core.bench.estimate import FixedLengthEncoder, scaled_zimage  # noqa: E402
@@ -51,27 +55,40 @@ log = logging.getLogger("gpu_bench")
 COMFY_FULL_SIZE = dict(dim=3840, cap_feat_dim=2560, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30)
 
 
-def _backend(host: str, weights: str, device: str, tiny: bool):
-    """The backend of one model: diffusers' class with the CLI's backend, or ComfyUI's with the nodes' backend;
+@dataclass
+class Built:
+    """One model to measure, with what its host wants around the measurement."""
+
+    backend: Backend
+    dit: torch.nn.Module
+    session: Callable[[], ContextManager] = contextlib.nullcontext  # the node trains inside ComfyUI's session
+    release: Callable[[], None] = lambda: None
+
+
+def _build(host: str, weights: str, device: str, tiny: bool) -> Built:
+    """One model and its backend: diffusers' class with the CLI's backend, or ComfyUI's with the nodes' backend;
     64-token random captions either way (the DiT does not care what they mean; no text encoder is loaded)."""
     cap_dim = 64 if tiny else 2560
     if host == "diffusers":
         model = scaled_zimage(256, 2, torch.float32) if tiny else full_size_zimage(device)
-        return DiffusersZImageBackend(model.to(device), FixedLengthEncoder(cap_dim, 64),
-                                      LatentSpec(channels=model.config.in_channels))
+        backend = DiffusersZImageBackend(model.to(device), FixedLengthEncoder(cap_dim, 64),
+                                         LatentSpec(channels=model.config.in_channels))
+        return Built(backend, model)
     comfy = _import_comfy(device)
     fp8 = torch.float8_e4m3fn if weights == "fp8" else None
     if tiny:  # the integration tests' tiny model: fp32, or fp8 stored and computed in fp32
         patcher = _comfy_support().tiny_zimage(comfy, weight_dtype=fp8)
     else:
         patcher = full_size_comfy_zimage(comfy, device, fp8 or torch.bfloat16)
-    from zerase_core.backends.comfy_zimage import ComfyZImageBackend
+    from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
 
     class FixedCaptions(ComfyZImageBackend):
         def encode(self, prompts):
             return FixedLengthEncoder(cap_dim, 64).encode(prompts)
 
-    return FixedCaptions(patcher)
+    backend = FixedCaptions(patcher)
+    # ComfyUI keeps loaded models in its list: unloaded, the model's memory goes with the backend.
+    return Built(backend, backend.dit, lambda: training_session(backend), comfy.mm.unload_all_models)
 
 
 def _comfy_support():
@@ -118,6 +135,7 @@ def full_size_zimage(device: str) -> torch.nn.Module:
     return model.eval()
 
 
+@torch.no_grad()
 def _randomise(model: torch.nn.Module, device: str) -> None:
     """N(0, 0.02) weights, drawn in bf16 (fp8 ones rounded from it); RMSNorm weights 1, as trained models start."""
     norms = {f"{n}.weight" for n, m in model.named_modules() if "RMSNorm" in type(m).__name__}
@@ -129,12 +147,8 @@ def _randomise(model: torch.nn.Module, device: str) -> None:
             p.copy_(torch.empty(p.shape, device=device, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=g))
 
 
-def _dit(backend) -> torch.nn.Module:
-    return backend.dit if hasattr(backend, "patcher") else backend.transformer
-
-
 def _stored_as(module: torch.nn.Module) -> str:
-    """The dtype most of the weights are stored in (fp8 models keep norms and embedders wider)."""
+    """The dtype most of the weights are stored in (by count: a model may keep some parameters wider)."""
     counts = collections.Counter()
     for p in module.parameters():
         counts[p.dtype] += p.numel()
@@ -143,23 +157,6 @@ def _stored_as(module: torch.nn.Module) -> str:
 
 def _weights_gib(module: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
-
-
-def _session(backend):
-    """ComfyUI's training session (the node trains inside one: whole model loaded, weights autograd can use)."""
-    if not hasattr(backend, "patcher"):
-        return contextlib.nullcontext()
-    from zerase_core.backends.comfy_zimage import training_session
-
-    return training_session(backend)
-
-
-def _release(backend) -> None:
-    """ComfyUI keeps loaded models in its list: take this one out, so its memory goes with the backend."""
-    if hasattr(backend, "patcher"):
-        import comfy.model_management as mm
-
-        mm.unload_all_models()
 
 
 def main(argv=None) -> int:
@@ -192,8 +189,13 @@ def main(argv=None) -> int:
     runs = sorted([(px, True) for px in res] + [(px, False) for px in res if px in no_ckpt],
                   key=lambda run: (run[0], run[1]))
     rank = 4 if args.tiny else 16
-    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+    command = shlex.join(["python", "scripts/gpu_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    result = {"command": command, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "torch": torch.__version__,
               "diffusers": diffusers.__version__, "host": args.host, "caption_tokens": 64, "rank": rank, "rows": []}
+    if args.host == "comfy":
+        _import_comfy(device)
+        result["comfyui"] = importlib.import_module("comfyui_version").__version__  # beside ComfyUI's main.py
     for weights in args.weights:  # one model at a time: two full-size ones would not fit a 24 GB card
         _measure_model(args, weights, device, runs, result)
         gc.collect()  # the model's last references went with _measure_model's frame
@@ -205,21 +207,20 @@ def main(argv=None) -> int:
 
 def _measure_model(args, weights: str, device: str, runs: list[tuple[int, bool]], result: dict) -> None:
     """Build one model, append its rows to ``result`` (written after each), and free it."""
-    backend = _backend(args.host, weights, device, args.tiny)
-    dit = _dit(backend)
+    built = _build(args.host, weights, device, args.tiny)
     result.setdefault("models", []).append({
-        "weights": weights, "stored_as": _stored_as(dit), "weights_gib": _weights_gib(dit),
+        "weights": weights, "stored_as": _stored_as(built.dit), "weights_gib": _weights_gib(built.dit),
         "resident_gib": torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0})
-    _warm_up(backend)  # the device's one-off start (kernels, library handles) out of the first row's pool build
+    _warm_up(built.backend)  # the device's one-off start (kernels, library handles) out of the first row's pool build
     name = f"z-image-{'tiny' if args.tiny else 'random'}-{args.host}-{weights}"
     for px, ckpt in runs:
         config = _base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing=ckpt,
                               lora=LoRAConfig(rank=result["rank"]), shuffle_pool=2)
-        backend.set_gradient_checkpointing(ckpt)
-        with _session(backend):
-            result["rows"].append(_row(SpeedCase(name, backend, config), args.steps) | {"weights": weights})
+        built.backend.set_gradient_checkpointing(ckpt)
+        with built.session():
+            result["rows"].append(_row(SpeedCase(name, built.backend, config), args.steps) | {"weights": weights})
         write_json(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
-    _release(backend)
+    built.release()
 
 
 def _row(case: SpeedCase, steps: int) -> dict:
@@ -243,7 +244,7 @@ def _row(case: SpeedCase, steps: int) -> dict:
 
 
 @torch.no_grad()
-def _warm_up(backend: DiffusersZImageBackend) -> None:
+def _warm_up(backend: Backend) -> None:
     x = torch.zeros(1, *backend.latent_shape(64, 64), device=backend.device)
     backend.velocity(x, torch.full((1,), 0.5), backend.encode(["warm up"]), lora=False)
     _sync(backend)()

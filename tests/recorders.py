@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def keeping_recorders(recorders: list):
     """A backend ``recorder_factory`` that also appends each MassRecorder it makes to ``recorders``."""
     from zerase_core.attention_mass import MassRecorder
