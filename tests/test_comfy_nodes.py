@@ -413,25 +413,43 @@ def test_queueing_again_takes_the_finished_lora_instead_of_training(pack, loras_
 
 
 def test_a_run_stopped_by_nan_leaves_the_input_model_as_it_was(pack, loras_dir, monkeypatch):
-    """A NaN stops the run mid-step, after its forward. The input MODEL then samples bit-identically to before, and
-    once it has loaded again its layers carry none of the run's wrappers (ComfyUI restores the object patches of a
-    clone that died loaded when it loads the next model)."""
+    """A NaN stops the run in its second step, after a forward, with the LoRA already moved by the first. The input
+    MODEL then samples bit-identically to before; once it has loaded again its layers carry none of the run's wrappers
+    (ComfyUI restores the object patches of a clone that died loaded when it loads the next model) and nothing holds
+    the run's LoRA any more."""
+    import gc
+    import weakref
+
     import zerase_core.trainer as trainer_module
     from zerase_core.backends.comfy_zimage import CheckpointedForward, GatedForward
 
-    train = pack["ZEraseTrain"]
+    train, runs = pack["ZEraseTrain"], []
     with torch.inference_mode():
         model, clip = tiny_zimage(comfy, inference_tensors=True), tiny_clip(comfy)
         positive, negative = encode(clip, "a photo of a cat"), encode(clip, "")
         before = ksample(comfy, model, positive, negative, empty_latent())
-    real = trainer_module.loss_preserve
-    monkeypatch.setattr(trainer_module, "loss_preserve", lambda *a: real(*a) * float("nan"))
-    with torch.inference_mode(), pytest.raises(trainer_module.NonFiniteLoss):
+    real_init, real_loss = trainer_module.ZEraseTrainer.__init__, trainer_module.loss_preserve
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        runs.append(self)
+
+    monkeypatch.setattr(trainer_module.ZEraseTrainer, "__init__", init)
+    monkeypatch.setattr(trainer_module, "loss_preserve",  # NaN from the second step on
+                        lambda *a: real_loss(*a) * (float("nan") if runs[-1].step >= 1 else 1.0))
+    with torch.inference_mode(), pytest.raises(trainer_module.NonFiniteLoss, match="step 2"):
         train.execute(model=model, clip=clip, **_train_inputs(steps=3, save_name="nan"))
     monkeypatch.undo()
+    (run,) = runs
+    moved = [p for p in run.params if p.abs().sum() > 0 and p.shape[-1] == 2]  # B factors (out × rank) moved
+    assert moved, "the first step moved no B factor: a leftover wrapper would add exact zeros"
+    lora = weakref.ref(moved[0])
+    del run, runs[:], moved
     with torch.inference_mode():
         after = ksample(comfy, model, positive, negative, empty_latent())
     assert torch.equal(before, after)
     dit = model.model.diffusion_model
     patched = [vars(m).get("forward") for m in [*dit.layers, *(layer.attention.qkv for layer in dit.layers)]]
     assert not any(isinstance(f, (GatedForward, CheckpointedForward)) for f in patched)
+    gc.collect()
+    assert lora() is None
