@@ -51,8 +51,8 @@ from zerase_core.lora import LoRAConfig  # noqa: E402
 log = logging.getLogger("gpu_bench")
 
 
-# ComfyUI's Z-Image config at the released model's sizes (its model_detection reads these off the weights).
-COMFY_FULL_SIZE = dict(dim=3840, cap_feat_dim=2560, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30)
+# The sizes ComfyUI's model_detection reads off Z-Image's weights, under the names both classes use.
+SIZES = ("dim", "cap_feat_dim", "n_layers", "n_refiner_layers", "n_heads", "n_kv_heads")
 
 
 @dataclass
@@ -68,10 +68,9 @@ class Built:
 def _build(host: str, weights: str, device: str, tiny: bool) -> Built:
     """One model and its backend: diffusers' class with the CLI's backend, or ComfyUI's with the nodes' backend;
     64-token random captions either way (the DiT does not care what they mean; no text encoder is loaded)."""
-    cap_dim = 64 if tiny else 2560
     if host == "diffusers":
         model = scaled_zimage(256, 2, torch.float32) if tiny else full_size_zimage(device)
-        backend = DiffusersZImageBackend(model.to(device), FixedLengthEncoder(cap_dim, 64),
+        backend = DiffusersZImageBackend(model.to(device), FixedLengthEncoder(model.config.cap_feat_dim, 64),
                                          LatentSpec(channels=model.config.in_channels))
         return Built(backend, model)
     comfy = _import_comfy(device)
@@ -84,7 +83,7 @@ def _build(host: str, weights: str, device: str, tiny: bool) -> Built:
 
     class FixedCaptions(ComfyZImageBackend):
         def encode(self, prompts):
-            return FixedLengthEncoder(cap_dim, 64).encode(prompts)
+            return FixedLengthEncoder(self.cap_feat_dim, 64).encode(prompts)
 
     backend = FixedCaptions(patcher)
     # ComfyUI keeps loaded models in its list: unloaded, the model's memory goes with the backend.
@@ -114,7 +113,8 @@ def full_size_comfy_zimage(comfy, device: str, weight_dtype: torch.dtype):
     """ComfyUI's Z-Image (``model_base.Lumina2``) at its real size in a ModelPatcher, random weights, built on the
     device; fp8 weights are cast to bf16 layer by layer as they run (ComfyUI's manual-cast ops, as its loader
     makes them for weight_dtype fp8_e4m3fn)."""
-    config = comfy.supported_models.ZImage({**_comfy_support().TINY_DIT, **COMFY_FULL_SIZE})
+    released = _released_zimage().config  # diffusers' class defaults: the released model's sizes
+    config = comfy.supported_models.ZImage({**_comfy_support().TINY_DIT, **{k: released[k] for k in SIZES}})
     config.set_inference_dtype(weight_dtype, None if weight_dtype == torch.bfloat16 else torch.bfloat16)
     model = config.get_model({}, "", device=torch.device(device))
     _randomise(model.diffusion_model, device)
@@ -125,14 +125,18 @@ def full_size_comfy_zimage(comfy, device: str, weight_dtype: torch.dtype):
 @torch.no_grad()
 def full_size_zimage(device: str) -> torch.nn.Module:
     """diffusers' Z-Image at its real size, random weights, bf16, built directly on the device."""
+    # bf16 while still on meta: to_empty in fp32 would first take 24.6 GB of the card
+    model = _released_zimage().to(torch.bfloat16).to_empty(device=device)
+    _randomise(model, device)
+    return model.eval()
+
+
+def _released_zimage() -> torch.nn.Module:
+    """diffusers' Z-Image on the meta device: its class defaults are the released model's sizes."""
     from diffusers import ZImageTransformer2DModel
 
     with torch.device("meta"):
-        model = ZImageTransformer2DModel()  # the class defaults are the released model's sizes
-    # bf16 while still on meta: to_empty in fp32 would first take 24.6 GB of the card
-    model = model.to(torch.bfloat16).to_empty(device=device)
-    _randomise(model, device)
-    return model.eval()
+        return ZImageTransformer2DModel()
 
 
 @torch.no_grad()

@@ -204,44 +204,38 @@ def test_nan_in_a_loss_stops_without_a_broken_lora(tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for ab in load_lora(saved).factors.values() for t in ab)
 
 
-def test_a_step_stopped_by_a_nan_loss_holds_nothing_under_checkpointing(monkeypatch):
-    """A step stopped at a NaN loss never runs backward. Under gradient checkpointing its graph holds the attention
-    recorder (checkpointed layers replay it in backward); a recorder that still held the masses closed a cycle through
-    the graph, where the garbage collector cannot see, and the step's activations and the model stayed in memory
-    until the process ended (in ComfyUI: VRAM held after the node failed)."""
-    import gc
-    import weakref
-
+def _nan_loss(backend, monkeypatch):
     import zerase_core.trainer as trainer_module
 
-    backend = tiny_zimage_backend()
-    model = weakref.ref(backend.transformer)
-    trainer = ZEraseTrainer(backend, _config(steps=6, gradient_checkpointing=True))
     real = trainer_module.loss_preserve
     monkeypatch.setattr(trainer_module, "loss_preserve", lambda *a: real(*a) * float("nan"))
-    with pytest.raises(NonFiniteLoss):
-        trainer.train_step()
-    del trainer, backend
-    gc.collect()
-    assert model() is None
+    return NonFiniteLoss
 
 
-def test_a_step_that_runs_out_of_memory_mid_forward_holds_nothing_under_checkpointing():
-    """Out of memory in a later layer stops the forward itself, after earlier layers recorded their masses: the
-    layers already run must not be left holding their graph (through the recorder they replay) and the model."""
-    import gc
-    import weakref
-
-    backend = tiny_zimage_backend()
-    model = weakref.ref(backend.transformer)
-
+def _out_of_memory_in_the_last_layer(backend, monkeypatch):
     def out_of_memory(module, args):
         if torch.is_grad_enabled():  # the student's forward; sampling and the teacher run without gradients
             raise torch.OutOfMemoryError("simulated")
 
     backend.transformer.layers[-1].register_forward_pre_hook(out_of_memory)
+    return torch.OutOfMemoryError
+
+
+@pytest.mark.parametrize("stop", [_nan_loss, _out_of_memory_in_the_last_layer], ids=["nan-loss", "oom-mid-forward"])
+def test_a_step_stopped_before_backward_holds_nothing_under_checkpointing(stop, monkeypatch):
+    """A step stopped at a NaN loss never runs backward; out of memory in a later layer stops the forward itself,
+    after earlier layers recorded their masses. Under gradient checkpointing the graph holds what its layers replay;
+    were that the recorder holding the masses, the graph would hold itself through autograd's nodes, where the
+    garbage collector cannot see, and the step's activations and the model would stay in memory until the process
+    ended (in ComfyUI: VRAM held after the node failed)."""
+    import gc
+    import weakref
+
+    backend = tiny_zimage_backend()
+    model = weakref.ref(backend.transformer)
+    error = stop(backend, monkeypatch)
     trainer = ZEraseTrainer(backend, _config(steps=6, gradient_checkpointing=True))
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(error):
         trainer.train_step()
     del trainer, backend
     gc.collect()
