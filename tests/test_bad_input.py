@@ -89,7 +89,7 @@ def test_a_stopped_command_line_run_keeps_its_work_and_says_how_to_continue(tmp_
     """Ctrl-C mid-run: the LoRA so far and the checkpoint stay, the message names --resume; a new run there is
     refused (it would replace them) and the resumed one finishes where an uninterrupted run would."""
     from zerase_core.lora_file import load_lora
-    from zerase_core.run import planned_run, train_and_save
+    from zerase_core.run import PlannedRun, train_and_save
 
     def ctrl_c(record, trainer):
         if record.step == 2:
@@ -97,17 +97,17 @@ def test_a_stopped_command_line_run_keeps_its_work_and_says_how_to_continue(tmp_
 
     out = tmp_path / "run"
     with pytest.raises(ZEraseError, match="Stopped at step 2 of 4. The LoRA so far is in .*--resume to continue"):
-        train_and_save(planned_run(out, _config(steps=4), tiny_zimage_backend()), callbacks=[ctrl_c])
+        train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=4), out), callbacks=[ctrl_c])
     assert load_lora(out / "erasure_lora.safetensors").training["steps_done"] == 2
     with pytest.raises(ZEraseError, match="exists; choose another --out .* or add --resume"):
-        planned_run(out, _config(steps=4), tiny_zimage_backend())
+        PlannedRun(tiny_zimage_backend(), _config(steps=4), out)
     with pytest.raises(ZEraseError, match=r"different settings \(eta: 2.0 then, 3.0 now\)"):
-        planned_run(out, _config(steps=4, eta=3.0), tiny_zimage_backend(), resume=True)
-    result, path = train_and_save(planned_run(out, _config(steps=4), tiny_zimage_backend(), resume=True))
+        PlannedRun(tiny_zimage_backend(), _config(steps=4, eta=3.0), out, resume=True)
+    result, path = train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=4), out, resume=True))
     assert load_lora(path).training["steps_done"] == 4 and len(result.history) == 4
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ZEraseError, match="is a file; --out names a folder"):
-        planned_run(tmp_path / "a_file", _config(), tiny_zimage_backend())
+        PlannedRun(tiny_zimage_backend(), _config(), tmp_path / "a_file")
 
 
 def test_resume_refuses_a_model_that_cannot_be_told_to_be_the_one_trained(tmp_path, monkeypatch):

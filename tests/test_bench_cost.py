@@ -167,6 +167,19 @@ def test_bench_cost_command_prints_json_with_the_required_keys(capsys):
     assert all(r["minutes"] > 0 for r in composition["rows"].values())
 
 
+def test_bench_cost_refuses_an_unknown_row_before_measuring(capsys, monkeypatch):
+    """A misspelt --models row is named with the rows there are, before a step is timed (it used to run the
+    memory benchmark and then fail on an empty table)."""
+    from zerase_core.bench import cost
+    from zerase_core.cli import main
+
+    timed = []
+    monkeypatch.setattr(cost, "time_case", lambda case, *a, **k: timed.append(case))
+    assert main(["bench-cost", "--tiny", "--models", "tiny-diffusers-16", "toy-65", "--no-estimate"]) == 2
+    err = capsys.readouterr().err
+    assert "no row toy-65; its rows are tiny-diffusers-16." in err and not timed
+
+
 def test_step_kinds_count_from_lambda_history():
     from zerase_core.bench.lambda_kinds import step_kinds
 

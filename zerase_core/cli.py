@@ -128,7 +128,7 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
 @command("train", "train an erasure LoRA (Algorithm 1) on a tiny random or a diffusers Z-Image", _add_train)
 def _train(args: argparse.Namespace) -> int:
     from .lora import LoRAConfig
-    from .run import planned_run, train_and_save
+    from .run import PlannedRun, train_and_save
 
     if args.tiny:
         from .tiny import tiny_zimage_backend
@@ -141,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
         backend = load_diffusers_zimage(args.model)
         defaults = {} if backend.flow_shift is None else {"shift": backend.flow_shift}  # x_t as the model samples
     config = train_config_from_args(args, **defaults)
-    result, path = train_and_save(planned_run(args.out, config, backend, args.resume), release_encoder=not args.tiny)
+    result, path = train_and_save(PlannedRun(backend, config, args.out, args.resume), release_encoder=not args.tiny)
     last = result.history[-1]
     print(json.dumps({"lora": str(path), "steps": last.step, "L_erase": last.erase, "lambda": last.lam,
                       "seconds": round(result.seconds, 2)}))

@@ -54,12 +54,30 @@ def write_curves(result: TrainResult, path: Path, title: str) -> Path:
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """A run :func:`planned_run` has checked: its model, settings, folder, and whether it continues a stopped one."""
+    """A run of ``config`` on ``backend`` into ``folder``, continuing a stopped one when ``resume``.
+
+    Made only once it is sure its LoRA and checkpoint can be written and nothing is lost: everything that would stop
+    the run later (a folder that cannot be written, a checkpoint of other settings) is refused when it is built,
+    before any work (the demo's measurements included).
+    """
 
     backend: Backend
     config: TrainConfig
     folder: Path
-    resume: bool
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        out = self.folder
+        if out.exists() and not out.is_dir():
+            raise ZEraseError(f"{out} is a file; --out names a folder for the run's files.")
+        if self.resume and not self.checkpoint.exists():
+            raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")
+        if not self.resume and self.lora.exists():
+            more = ", or add --resume to continue (or extend) its run" if self.checkpoint.exists() else ""
+            raise ZEraseError(f"{self.lora} exists; choose another --out (files are never overwritten){more}.")
+        check_run_files(self.lora, self.checkpoint, self.config, self.backend.fingerprint(), self.resume,
+                        "Run the same command with --resume to continue it; to start over instead, choose another "
+                        "--out or delete that file.")
 
     @property
     def lora(self) -> Path:
@@ -93,23 +111,6 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
     atomic_write_text(run.folder / "history.json", json.dumps([asdict(r) for r in result.history]))
     log.info("wrote %s", run.lora)
     return result, run.lora
-
-
-def planned_run(out: Path, config: TrainConfig, backend: Backend, resume: bool = False) -> PlannedRun:
-    """A run of ``config`` on ``backend`` into folder ``out``, once it is sure its LoRA and checkpoint can be
-    written and nothing is lost: everything that would stop the run later (a folder that cannot be written, a
-    checkpoint of other settings) is refused here, before any work (the demo's measurements included)."""
-    if out.exists() and not out.is_dir():
-        raise ZEraseError(f"{out} is a file; --out names a folder for the run's files.")
-    run = PlannedRun(backend, config, out, resume)
-    if resume and not run.checkpoint.exists():
-        raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")
-    if not resume and run.lora.exists():
-        more = ", or add --resume to continue (or extend) its run" if run.checkpoint.exists() else ""
-        raise ZEraseError(f"{run.lora} exists; choose another --out (files are never overwritten){more}.")
-    check_run_files(run.lora, run.checkpoint, config, backend.fingerprint(), resume, "Run the same command with "
-                    "--resume to continue it; to start over instead, choose another --out or delete that file.")
-    return run
 
 
 def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str:

@@ -43,6 +43,7 @@ import torch
 from ..backends.base import Backend
 from ..cli import command
 from ..config import XT_SOURCES, TrainConfig
+from ..errors import ZEraseError
 from ..lagrangian import rule_for
 from ..lora import LoRAConfig
 from ..objectives import loss_erase
@@ -68,6 +69,11 @@ class SpeedCase:
         the model, so a row's count cannot disagree with what it timed)."""
         shape = self.backend.latent_shape(self.config.height, self.config.width)
         return math.prod(shape[1:]) // self.backend.patch**2
+
+    @property
+    def row(self) -> str:
+        """The row's name, as ``--models`` takes it: e.g. ``tiny-diffusers-256``."""
+        return f"{self.name}-{self.image_tokens}"
 
 
 def gated_esd_step(trainer: ZEraseTrainer) -> None:
@@ -381,7 +387,12 @@ def run(tiny: bool = False, steps: int = 3, memory_estimate: bool = True, repeat
         models: tuple[str, ...] = ()) -> dict:
     from .estimate import measure_layers, real_zimage_estimate, run_time_estimate
 
-    cases = [c for c in speed_cases(tiny) if not models or f"{c.name}-{c.image_tokens}" in models]
+    cases = speed_cases(tiny)
+    unknown = sorted(set(models) - {c.row for c in cases})
+    if unknown:  # before any measuring: a misspelt row would otherwise cost minutes and then fail on an empty table
+        raise ZEraseError(f"bench-cost has no row {', '.join(unknown)}; its rows are "
+                          f"{', '.join(c.row for c in cases)}.")
+    cases = [c for c in cases if not models or c.row in models]
     result = {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
               if not torch.cuda.is_available() else torch.cuda.get_device_name(),
               "torch": torch.__version__, "tiny": tiny, "steps_timed": steps, "repeats": repeats,

@@ -21,7 +21,7 @@ from ..errors import ZEraseError
 from ..files import atomic_write_text
 from ..lora import LoRAConfig
 from ..render import grid, to_pil
-from ..run import every, planned_run, train_and_save
+from ..run import PlannedRun, every, train_and_save
 from ..sampling import preview_seed
 from .erasure_metrics import (
     Concept, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word, weights_identity,
@@ -168,7 +168,7 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     backend = toy_backend(bundle)
     concept = parse_concept(concept_word)
     config = toy_train_config(concept, preserve, steps, seed, bundle.sampling)
-    run = planned_run(out, config, backend, resume)  # a taken --out is told now, not after measuring the original
+    run = PlannedRun(backend, config, out, resume)  # a taken --out is told now, not after measuring the original
     log.info("measuring the original model on %d + %d prompts", n_eval, n_eval)
     # seed + 1000, not EVAL_SEED_OFFSET: the demo's shipped report (docs/bench) was measured on this stream
     original = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=False, styles=PROMPT_STYLES)
