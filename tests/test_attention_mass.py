@@ -155,3 +155,28 @@ def test_checkpointed_layers_replay_a_recorder_that_keeps_no_mass(tiny_backend, 
     assert len(replays) == tiny_backend.n_layers and all(r is recorder.for_replay() for r in replays)
     assert {layer: id(t) for layer, t in recorder.per_layer.items()} == first
     assert recorder.for_replay().per_layer == {}
+
+
+def test_word_maps_with_gradients_under_checkpointing_count_each_layer_once(tiny_backend):
+    """The viewer's recorder replays as the mass recorder does: with gradients and checkpointing on, backward runs
+    every layer again, and the maps are those of the plain run, each layer counted once (a replay that added would
+    double them; before the shared Recorder the viewer's had no replay at all and backward failed)."""
+    from zerase_core.attention_maps import WordMapRecorder
+
+    tiny_backend.install(LoRAConfig(rank=2))
+    (enc,) = tiny_backend.encode(["a red circle"])
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    sigma = torch.tensor([0.5])
+    layout = tiny_backend.layout(x, [enc])
+
+    def maps(checkpointing: bool):
+        tiny_backend.set_gradient_checkpointing(checkpointing)
+        recorder = WordMapRecorder([layout.columns([[1]]), layout.columns([[2, 3]])], None)
+        out = tiny_backend._run(x, sigma, [enc], layout, True, recorder)
+        out.square().sum().backward()
+        return recorder
+
+    plain, replayed = maps(False), maps(True)
+    assert replayed.seen == plain.seen == set(range(tiny_backend.n_layers))
+    torch.testing.assert_close(replayed.per_query(), plain.per_query(), rtol=0, atol=1e-6)
+    assert replayed.for_replay().sums is None and replayed.for_replay().seen == set()

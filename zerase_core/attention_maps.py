@@ -11,27 +11,30 @@ from typing import Sequence
 
 import torch
 
-from .attention_mass import attention_with_mass
+from .attention_mass import Recorder, attention_with_mass
 from .layout import TokenLayout
 from .prompts import EncodedPrompt
 
 
-class WordMapRecorder:
+class WordMapRecorder(Recorder):
     """Sums, per word, the mass every query puts on that word's columns, over the chosen layers."""
 
     def __init__(self, indicators: list[torch.Tensor], layers: set[int] | None):
-        self.indicators, self.layers = torch.cat(indicators), layers  # (N, L): each word's (1, L) indicator
+        super().__init__(layers)
+        self.indicators = torch.cat(indicators)  # (N, L): each word's (1, L) indicator
+        self.forget()
+
+    def forget(self) -> None:
         self.sums: list[torch.Tensor] | None = None  # per word, on the layers' device until per_query
         self.seen: set[int] = set()
 
-    def wants(self, layer: int) -> bool:
-        return self.layers is None or layer in self.layers
-
     def attend(self, layer: int, attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
         """This layer's attention output; every word's mass comes from the same call."""
-        self.seen.add(layer)
         columns = self.indicators.to(q.device)[:, None].expand(-1, q.shape[0], -1)  # (N, B, L)
         out, mass = attention_with_mass(attention, q, k, v, columns, scale)  # mass (N, B, H, L)
+        if not self.keeps:
+            return out
+        self.seen.add(layer)
         if self.sums is None:
             self.sums = [mass.new_zeros(mass.shape[-1]) for _ in range(mass.shape[0])]
         for n, total in enumerate(self.sums):  # added where computed: no host sync per layer and word

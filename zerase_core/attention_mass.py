@@ -59,7 +59,39 @@ def sdpa_attention(attn_mask: torch.Tensor | None = None) -> Attention:
     return lambda q, k, v, scale: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
-class MassRecorder:
+class Recorder:
+    """What a backend's attention hook hands a main layer's attention to: :meth:`wants` a layer, :meth:`attend` in it,
+    keeping what it measures on the way. Under gradient checkpointing a layer runs again in backward; that run gets
+    :meth:`for_replay`, the same recorder keeping nothing (see :func:`checkpointed`)."""
+
+    def __init__(self, layers: set[int] | None):
+        self.layers = layers
+        self.keeps = True  # False for the replay: the same calls, nothing kept
+        self._replay: Recorder | None = None
+
+    def wants(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def for_replay(self) -> "Recorder":
+        """This recorder as a checkpointed layer's recomputation runs it: the same inputs, so the recomputation saves
+        what the forward saved; nothing kept, and nothing of what the forward kept reachable."""
+        if self._replay is None:
+            self._replay = copy.copy(self)
+            self._replay.keeps = False
+            self._replay.forget()
+        return self._replay
+
+    def forget(self) -> None:
+        """Let go of everything kept (the replay's own copy starts empty)."""
+        raise NotImplementedError
+
+    def attend(self, layer: int, attention: Attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
+        """This layer's attention output, measured on the way. ``attention`` is the host's SDPA with its mask already
+        bound; ``attn_mask`` is given too for recorders that compute scores themselves (materialised maps)."""
+        raise NotImplementedError
+
+
+class MassRecorder(Recorder):
     """Runs the chosen main layers' attention with the concept's mass, and keeps the mass.
 
     ``columns`` and ``query_rows`` are (B, L) masks for the batch being run; the loss is the
@@ -69,31 +101,17 @@ class MassRecorder:
     """
 
     def __init__(self, columns: torch.Tensor, query_rows: torch.Tensor, layers: set[int] | None = None):
+        super().__init__(layers)
         self.columns = columns  # on the device the layers run on: no copy per layer
         self.query_rows = query_rows.float()
         self.n_queries = self.query_rows.sum(dim=1).clamp_min(1.0)  # (B,), once per call rather than per layer
-        self.layers = layers
         self.per_layer: dict[int, torch.Tensor] = {}
-        self.keeps = True  # False for the replay: masses computed, none kept
-        self._replay: MassRecorder | None = None
 
-    def wants(self, layer: int) -> bool:
-        return self.layers is None or layer in self.layers
-
-    def for_replay(self) -> "MassRecorder":
-        """This recorder as a checkpointed layer's recomputation in backward runs it: the same columns and rows, so
-        the recomputation saves what the forward saved, and no mass kept (see :func:`checkpointed`)."""
-        if self._replay is None:
-            self._replay = copy.copy(self)
-            self._replay.per_layer, self._replay.keeps = {}, False
-        return self._replay
+    def forget(self) -> None:
+        self.per_layer = {}
 
     def attend(self, layer: int, attention: Attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
-        """This layer's attention output; its mass on the concept columns is recorded on the way.
-
-        ``attention`` is the host's SDPA with its mask already bound; ``attn_mask`` is given too
-        for recorders that compute scores themselves (the benchmark's materialised maps).
-        """
+        """This layer's attention output; its mass on the concept columns is recorded on the way."""
         out, mass = attention_with_mass(attention, q, k, v, self.columns[None].to(q.device), scale)
         self.keep(layer, mass[0].mean(dim=1))
         return out
@@ -112,7 +130,7 @@ class MassRecorder:
         return torch.stack(list(self.per_layer.values())).mean(dim=0)
 
 
-def checkpointed(recorder: MassRecorder | None) -> Callable[[], MassRecorder | None]:
+def checkpointed(recorder: Recorder | None) -> Callable[[], Recorder | None]:
     """The recorder a checkpointed layer runs with: ``recorder`` on its first run (the forward), its replay on every
     later one (the recomputations in backward).
 

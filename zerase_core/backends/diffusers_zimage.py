@@ -20,7 +20,7 @@ import diffusers.models.transformers.transformer_z_image as z_image_module
 # Both segments are padded to the host's own multiple (32): read it from diffusers, do not restate it.
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF as SEQ_MULTIPLE
 
-from ..attention_mass import MassRecorder, checkpointed, sdpa_attention
+from ..attention_mass import Recorder, checkpointed, sdpa_attention
 from ..gate import TokenGate
 from ..layout import TokenLayout, pad_to_multiple
 from ..lora import GatedLoRALinear, LoRAConfig
@@ -48,7 +48,7 @@ class _AttentionCall:
     the way), and, for the paper's token-zeroing baseline (§3), removes chosen key columns.
     """
 
-    def __init__(self, recorder: MassRecorder | None, layer: int, blocked: torch.Tensor | None = None):
+    def __init__(self, recorder: Recorder | None, layer: int, blocked: torch.Tensor | None = None):
         self.recorder, self.layer, self.blocked = recorder, layer, blocked
 
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -133,7 +133,7 @@ class DiffusersZImageBackend(Backend):
         self.gate = TokenGate()
         self.patch = transformer.config.all_patch_size[0]
         self._installer = InPlaceInstaller(transformer, self.gate)
-        self._recorder: MassRecorder | None = None
+        self._recorder: Recorder | None = None
         self._blocked: torch.Tensor | None = None  # (B, L) key columns removed from attention
         self._row_groups: RowGroups | None = None  # rows of the running call with equal (x_t, σ); set per call
         self._zeroing: Callable[[Sequence[EncodedPrompt]], list[list[int]]] | None = None

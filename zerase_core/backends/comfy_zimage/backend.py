@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ...attention_maps import WordMapRecorder
+from ...attention_mass import Recorder
 from ...errors import ZEraseError
 from ...gate import TokenGate
 from ...layout import TokenLayout, pad_to_multiple
@@ -162,7 +163,7 @@ class ComfyZImageBackend(Backend):
                 self._checkpointed.discard(layer)
 
     # --- per call: layout, gate, attention capture (the state lives in self.calls) ------------
-    def recording(self, recorder: Any) -> ContextManager:
+    def recording(self, recorder: Recorder | None) -> ContextManager:
         """While inside, main layers' attention runs through ``recorder.attend`` where it ``wants`` the layer."""
         return scoped(self.calls, recorder=recorder)
 

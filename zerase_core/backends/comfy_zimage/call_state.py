@@ -9,11 +9,11 @@ host model's modules and the running call's layout, recorder and row groups, and
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator
+from typing import Iterator
 
 from torch import nn
 
-from ...attention_mass import checkpointed
+from ...attention_mass import Recorder, checkpointed
 from ...errors import ZEraseError
 from ...gate import TokenGate
 from ...layout import TokenLayout
@@ -33,7 +33,7 @@ class CallState:
         self.node, self.host, self.gate = node, host, gate
         self.patch, self.multiple = int(host.patch_size), int(host.pad_tokens_multiple)
         self.layout: TokenLayout | None = None
-        self.recorder: Any = None  # MassRecorder / WordMapRecorder of the running call
+        self.recorder: Recorder | None = None  # MassRecorder or WordMapRecorder of the running call
         self.row_groups: RowGroups | None = None  # rows of the running call with equal (x_t, σ)
 
     def diffusion_wrapper(self, executor, x, timesteps, context, num_tokens, attention_mask=None, **kwargs):
