@@ -57,12 +57,6 @@ def _previews(backend, prompt, model, vae, config):
     return _render.grid([pictures], ["before", "after"], caption=prompt.text)
 
 
-def _outputs(cls, lora, erased, curves, previews) -> io.NodeOutput:
-    # Shown on the node too (an output node), wired onward or not.
-    shown = [ui.PreviewImage(image, cls=cls).values for image in (curves, previews)]
-    return io.NodeOutput(lora, erased, curves, previews, ui={"images": shown[0] + shown[1]})
-
-
 def _finished_file(backend: ComfyZImageBackend, config, save_name: str) -> Path | None:
     """A LoRA this node saved earlier from exactly these settings on this very MODEL (its file and patches), all
     steps done: queueing again after ComfyUI's cache was emptied (a restart, another workflow) takes it instead of
@@ -72,19 +66,23 @@ def _finished_file(backend: ComfyZImageBackend, config, save_name: str) -> Path 
 
 
 def _reused(cls, path: Path, backend: ComfyZImageBackend, model, vae, config) -> io.NodeOutput:
-    """``backend``: a clone of the input MODEL; with the LoRA installed its patcher is the erased MODEL (as Apply
-    makes it)."""
+    """``backend``: a clone of the input MODEL with the CLIP, which renders the previews with the LoRA on."""
     lora = load_lora(path)
     log.info("Z-Erase: %s is a finished run of these settings on this model; using it (change the seed or the "
              "save_name to train again)", path.name)
     (prompt,) = backend.encode([first_erase_text(config)])
-    backend.release_encoder()  # the erased MODEL outlives this node: it must not keep the CLIP
     install_lora(backend, lora, name=backend.key)
     previews = _previews(backend, prompt, model, vae, config)
     steps = config.steps  # finished_lora takes only files with every step done
     curves = _render.curves(lora.history, title=f"Z-Erase '{config.concept}': {steps} steps (reused {path.name})",
                             steps=steps)
-    return _outputs(cls, lora, backend.patcher, curves, previews)
+    return _outputs(cls, lora, curves, previews, model)
+
+
+def _outputs(cls, lora, curves, previews, model) -> io.NodeOutput:
+    """The node's outputs; the erased MODEL is made as Apply Erasure LoRA makes it, whether trained or reused."""
+    shown = [ui.PreviewImage(image, cls=cls).values for image in (curves, previews)]  # on the node too, wired or not
+    return io.NodeOutput(lora, apply_erasure(model, lora, 1.0), curves, previews, ui={"images": shown[0] + shown[1]})
 
 
 def _trainer(backend, config, checkpoint: Path, resume: bool) -> ZEraseTrainer:
@@ -244,4 +242,4 @@ class ZEraseTrain(io.ComfyNode):
         curves = _render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}': "
                                 f"{len(result.history)} steps, {result.seconds:.0f}s")
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)
-        return _outputs(cls, result.lora, apply_erasure(model, result.lora, 1.0), curves, previews)
+        return _outputs(cls, result.lora, curves, previews, model)

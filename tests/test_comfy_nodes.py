@@ -404,6 +404,11 @@ def test_queueing_again_takes_the_finished_lora_instead_of_training(pack, loras_
     for key, (a, b) in first[0].factors.items():
         assert torch.equal(again[0].factors[key][0], a) and torch.equal(again[0].factors[key][1], b)
     assert again[2].shape[-1] == 3 and len(again.ui["images"]) == 2  # its curves, from the file, and previews
+    clip = tiny_clip(comfy)
+    pos, neg, latent = encode(clip, "a photo of a cat"), encode(clip, "blurry"), empty_latent(1, 64, 80)
+    original, trained, reused = (ksample(comfy, m, pos, neg, latent, seed=3, steps=2, cfg=2.0)
+                                 for m in (model_from(weights), first[1], again[1]))
+    assert torch.equal(trained, reused) and not torch.equal(trained, original)  # one erased MODEL, made one way
     train.execute(model=model_from(weights), clip=tiny_clip(comfy), **_train_inputs(seed=1))
     assert len(steps_run) == 2 and (loras_dir / "zerase" / "cat_001.safetensors").is_file()
     other = tmp_path / "finetune.safetensors"
