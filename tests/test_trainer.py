@@ -81,6 +81,64 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
         assert torch.allclose(resumed.lora.factors[key][1], b, atol=1e-6)
 
 
+def _flat(history) -> list[float]:
+    return [v for r in history for v in (r.erase, r.attn, r.pr, r.lam, r.sigma)]
+
+
+def test_a_run_stopped_mid_step_resumes_into_the_run_an_uninterrupted_one_takes(tmp_path):
+    """Out of memory in step 7's forward: the checkpoint then saved holds the state before step 7, random generators
+    included (they had already drawn step 7's prompts and x_t), so the resumed run (here with gradient checkpointing
+    on, as the README advises after running out of memory) takes the same steps as one never stopped."""
+    reference = ZEraseTrainer(tiny_zimage_backend(), _config(steps=10, checkpoint_every=5)).run()
+
+    backend = tiny_zimage_backend()
+    trainer = ZEraseTrainer(backend, _config(steps=10, checkpoint_every=5), checkpoint_path=tmp_path / "a.ckpt")
+
+    def out_of_memory(module, args):
+        if torch.is_grad_enabled() and trainer.step == 6:
+            raise torch.OutOfMemoryError("simulated")
+
+    hook = backend.transformer.layers[-1].register_forward_pre_hook(out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.run()
+    hook.remove()
+    resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=10, checkpoint_every=5, gradient_checkpointing=True))
+    resumed.resume(tmp_path / "a.ckpt")
+    assert resumed.step == 6
+    result = resumed.run()
+    assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
+
+
+def test_a_paired_step_failing_after_its_update_is_undone():
+    """The paired rule measures L_pr again after the update; out of memory there finds the LoRA and AdamW already
+    moved. The step is undone (LoRA, AdamW's state, λ, the random generators), so trying it again continues the run an
+    uninterrupted one takes."""
+    config = _config(steps=6, lr=1e-2, lambda_mode="paired")
+    reference = ZEraseTrainer(tiny_zimage_backend(), config).run()
+    trainer = ZEraseTrainer(tiny_zimage_backend(), config)
+    for _ in range(3):
+        trainer.train_step()
+    stepped, real_step, real_pr = [], trainer.optimizer.step, trainer._pr_loss
+
+    def pr_loss_after_the_update(*args):
+        if stepped:
+            raise torch.OutOfMemoryError("simulated")
+        return real_pr(*args)
+
+    trainer.optimizer.step = lambda *a: (real_step(*a), stepped.append(1))[0]
+    trainer._pr_loss = pr_loss_after_the_update
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train_step()
+    assert stepped and trainer.step == 3
+    del trainer.optimizer.step, trainer._pr_loss
+    while trainer.step < config.steps:
+        trainer.train_step()
+    assert _flat(trainer.history) == pytest.approx(_flat(reference.history), rel=1e-6, abs=1e-9)
+    for key, (a, b) in reference.lora.factors.items():
+        ours = trainer.export().factors[key]
+        assert torch.allclose(ours[0], a, atol=1e-7) and torch.allclose(ours[1], b, atol=1e-7)
+
+
 def test_no_grad_preservation_changes_no_update(monkeypatch):
     """L_pr without a graph while λ_t = 0 (recomputed when λ turns > 0) = always back-propagating it."""
     runs = []

@@ -43,7 +43,10 @@ class _Rule:
 
 @dataclass
 class PaperLambda(_Rule):
-    """Eq. 15. ``update`` takes this step's L_pr value and returns λ_{t+1} for this step's loss."""
+    """Eq. 15. ``update`` takes this step's L_pr value and returns λ_{t+1} for this step's loss.
+
+    λ is kept ≥ 0: it is the dual variable of Eq. 10 (Eq. 15 and Algorithm 1 write no clamp; without it a run where
+    L_pr never rises would drive λ negative, rewarding L_pr's growth)."""
 
     alpha: float  # the model's learning rate (the Taylor step of Eq. 14)
     beta: float

@@ -3,9 +3,10 @@
 Per step (defaults from :class:`TrainConfig`):
 
 1. pick an erase prompt c_er (templates and word-shuffled variants) and a preservation
-   prompt c_pr, and x_t reached from noise with c_er through the frozen model (ESD style):
-   ``xt_source="fresh"`` samples it now; ``"pool"`` draws it from trajectories sampled
-   once (:mod:`.xt_pool`), where the teacher's predictions were computed too;
+   prompt c_pr, and x_t reached from noise with c_er (ESD style): ``xt_source="fresh"``
+   samples it now, through the model being trained; ``"pool"`` draws it from trajectories
+   the frozen model sampled once (:mod:`.xt_pool`), where the teacher's predictions were
+   computed too;
 2. fresh: one no-grad teacher forward for v_θ(x_t, c_er), v_θ(x_t, ∅), v_θ(x_t, c_pr);
 3. student predictions with the LoRA: c_er (with attention capture) and [∅, c_pr] — one
    batched forward when λ is expected to weigh L_pr (λ_t > 0, ``exact``, fixed λ > 0), else
@@ -18,6 +19,7 @@ Per step (defaults from :class:`TrainConfig`):
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -190,12 +192,21 @@ class ZEraseTrainer:
         return lam
 
     def train_step(self) -> StepRecord:
+        """One step of Algorithm 1. A step that fails (NaN, out of memory, a cancel) leaves the run as it was before
+        it, random generators included, so the checkpoint then saved resumes into the same step an uninterrupted run
+        takes."""
         start = time.perf_counter()
-        l_erase, l_attn, l_pr, sigma = self._losses(*self._draw())
-        values = {"L_erase": l_erase.item(), "L_attn": l_attn.item(), "L_pr": l_pr.item()}
-        if not all(map(math.isfinite, values.values())):
-            raise NonFiniteLoss(self._nan_message(values))
-        lam = self._descend(loss_er(l_erase, l_attn, self.config.attn_weight), l_pr, values["L_pr"])
+        draws = self.rng.getstate(), self.gen.get_state()
+        try:
+            l_erase, l_attn, l_pr, sigma = self._losses(*self._draw())
+            values = {"L_erase": l_erase.item(), "L_attn": l_attn.item(), "L_pr": l_pr.item()}
+            if not all(map(math.isfinite, values.values())):
+                raise NonFiniteLoss(self._nan_message(values))
+            lam = self._descend(loss_er(l_erase, l_attn, self.config.attn_weight), l_pr, values["L_pr"])
+        except BaseException:
+            self.rng.setstate(draws[0])
+            self.gen.set_state(draws[1])
+            raise
         self.step += 1
         elapsed = time.perf_counter() - start
         self.seconds += elapsed
@@ -221,28 +232,38 @@ class ZEraseTrainer:
         the checkpoint keeps the last good state.
         """
         self._recomputed = False
-        lam_before = self.lam.state()
+        lam_before, undo = self.lam.state(), None
         try:
             lam = self._backward(l_er, l_pr)
             if not _all_finite([p.grad for p in self.params if p.grad is not None]):
                 raise NonFiniteLoss(self._nan_message({"gradient": float("nan")}))
+            if self.lam.observes_update:
+                pr_before = self._pr_before(l_pr, pr_value)
+                undo = _OptimizerUndo(self.optimizer)  # the after-update forward below may still fail
+            self.optimizer.step()
+            if self.lam.observes_update:
+                with torch.no_grad():  # the same batch after the update: what d_t did to L_pr (Eq. 14)
+                    pr_after = self._pr_loss(*self._pr_batch).item()
         except BaseException:
-            self.optimizer.zero_grad(set_to_none=True)
+            if undo is not None:
+                undo.restore()
             self.lam.load_state(lam_before)
             raise
-        pr_before = pr_value
-        if self.lam.observes_update and l_pr.requires_grad:
-            # L_pr came from the batched, mass-recording forward; the after-update value comes from _pr_loss.
-            # Other call shapes run other kernels (≈ 1e-6 apart in bf16, the size of ε·α): measure both alike.
-            with torch.no_grad():
-                pr_before = self._pr_loss(*self._pr_batch).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
         if self.lam.observes_update:
-            with torch.no_grad():  # the same batch after the update: what d_t did to L_pr (Eq. 14)
-                self.lam.observe(pr_before, self._pr_loss(*self._pr_batch).item())
+            self.lam.observe(pr_before, pr_after)
         self._pr_batch = None
         return lam
+
+    def _pr_before(self, l_pr: torch.Tensor, pr_value: float) -> float:
+        """L_pr of the step's batch before the update, measured as the after-update value will be."""
+        if not l_pr.requires_grad:
+            return pr_value
+        # L_pr came from the batched, mass-recording forward; the after-update value comes from _pr_loss.
+        # Other call shapes run other kernels (≈ 1e-6 apart in bf16, the size of ε·α): measure both alike.
+        with torch.no_grad():
+            return self._pr_loss(*self._pr_batch).item()
 
     def _nan_message(self, values: dict[str, float]) -> str:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
@@ -301,6 +322,26 @@ class ZEraseTrainer:
 
     def resume(self, path: str | Path) -> None:
         load_checkpoint(self, Path(path))
+
+
+class _OptimizerUndo:
+    """The optimizer's parameters and state as they are now, to put back if the step that follows fails.
+
+    Only the paired λ rule needs it (a forward after the update can fail); a copy of the LoRA and AdamW's buffers
+    (0.12 GiB at rank 16 on the real model).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.params = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+        self.state = copy.deepcopy(optimizer.state_dict())
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            live = [p for group in self.optimizer.param_groups for p in group["params"]]
+            for p, saved in zip(live, self.params):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(self.state)
 
 
 def _l_pr(v_pr: torch.Tensor, teacher: torch.Tensor, keep) -> torch.Tensor:
