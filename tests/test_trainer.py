@@ -445,6 +445,7 @@ def test_a_finished_lora_is_found_only_for_the_same_settings_on_the_same_model(t
     """The file a repeated run takes instead of training: every setting equal, all steps done, and the same model
     by the host's digest (without one nothing is taken); a checkpoint of another model is refused on resume."""
     from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
+    from zerase_core.checkpoint import check_run_files
     from zerase_core.run_files import finished_lora, partial_lora
 
     monkeypatch.setattr(DiffusersZImageBackend, "base_digest", lambda self: "model-a")
@@ -472,3 +473,7 @@ def test_a_finished_lora_is_found_only_for_the_same_settings_on_the_same_model(t
     monkeypatch.setattr(DiffusersZImageBackend, "base_digest", lambda self: "model-b")
     with pytest.raises(ZEraseError, match="another model"):
         ZEraseTrainer(tiny_zimage_backend(), _config(steps=4)).resume(tmp_path / "a.ckpt")
+    # ... and already when the run's files are checked, before a trainer samples its x_t pool (minutes on Z-Image)
+    with pytest.raises(ZEraseError, match="another model"):
+        check_run_files(tmp_path / "cat.safetensors", tmp_path / "a.ckpt", _config(steps=4), fingerprint, "model-b",
+                        resume=True, advice="")

@@ -50,8 +50,8 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path) -> Path:
     return atomic_save(tensors, path, meta)
 
 
-def check_run_files(lora: Path, checkpoint: Path, config: TrainConfig, fingerprint: dict, resume: bool,
-                    advice: str) -> None:
+def check_run_files(lora: Path, checkpoint: Path, config: TrainConfig, fingerprint: dict, base: str | None,
+                    resume: bool, advice: str) -> None:
     """Before any work: both files of a run can be written, and its checkpoint is one this run may continue
     (``resume``) or, starting anew, no stopped run's that it would replace (``advice``: how to continue or start
     over, in the caller's words)."""
@@ -60,7 +60,7 @@ def check_run_files(lora: Path, checkpoint: Path, config: TrainConfig, fingerpri
     if not resume:
         _refuse_replacing(checkpoint, advice)
     elif checkpoint.exists():  # before any work
-        _refuse_mismatch(checkpoint, _read(checkpoint, tensors=False)[1], config, fingerprint)
+        _refuse_mismatch(checkpoint, _read(checkpoint, tensors=False)[1], config, fingerprint, base)
 
 
 def _refuse_replacing(path: Path, advice: str) -> None:
@@ -88,9 +88,9 @@ def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
         raise ZEraseError(f"Cannot read the checkpoint {path}: {err}. Start a fresh run instead.") from err
 
 
-def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict) -> None:
-    """Refuse a checkpoint that a run of ``config`` on this architecture cannot continue. Which model it is (the
-    digest) is checked only when it is loaded, on the model that trains (:func:`load_checkpoint`)."""
+def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict, base: str | None) -> None:
+    """Refuse a checkpoint that a run of ``config`` on this model (its architecture ``fingerprint`` and ``base``
+    digest: see Backend.base_digest) cannot continue."""
     if meta.get("kind") != KIND:
         raise ZEraseError(f"{path} is not a Z-Erase training checkpoint.")
     saved, wanted = resumable(TrainConfig.from_dict(meta["config"]).to_dict()), resumable(config.to_dict())
@@ -107,16 +107,16 @@ def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: d
             f"set steps to {meta['step']} or more to continue it, or start a fresh run.")
     if meta["fingerprint"] != fingerprint:
         raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
+    if meta.get("base") is not None and meta["base"] != base:
+        # base None: this model carries something the digest cannot describe, so it cannot be told the same
+        raise ZEraseError(f"The checkpoint {path.name} was trained on another model (another file, or other LoRAs "
+                          "applied to it), or this one carries a change that cannot be identified (hooks, bypass "
+                          "LoRAs); resume on the same model or start a fresh run.")
 
 
 def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     tensors, meta = _read(path, tensors=True)
-    _refuse_mismatch(path, meta, trainer.config, trainer.backend.fingerprint())
-    if meta.get("base") is not None and meta["base"] != trainer.base_digest:
-        # base_digest None: this model carries something the digest cannot describe, so it cannot be told the same
-        raise ZEraseError(f"The checkpoint {path.name} was trained on another model (another file, or other LoRAs "
-                          "applied to it), or this one carries a change that cannot be identified (hooks, bypass "
-                          "LoRAs); resume on the same model or start a fresh run.")
+    _refuse_mismatch(path, meta, trainer.config, trainer.backend.fingerprint(), trainer.base_digest)
     factors = {}
     for (layer, proj) in trainer.lora.factors():
         factors[(layer, proj)] = (tensors[f"lora.{layer}.{proj}.A"], tensors[f"lora.{layer}.{proj}.B"])

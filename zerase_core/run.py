@@ -75,7 +75,8 @@ class PlannedRun:
         if not self.resume and self.lora.exists():
             more = ", or add --resume to continue (or extend) its run" if self.checkpoint.exists() else ""
             raise ZEraseError(f"{self.lora} exists; choose another --out (files are never overwritten){more}.")
-        check_run_files(self.lora, self.checkpoint, self.config, self.backend.fingerprint(), self.resume,
+        check_run_files(self.lora, self.checkpoint, self.config, self.backend.fingerprint(),
+                        self.backend.base_digest(), self.resume,
                         "Run the same command with --resume to continue it; to start over instead, choose another "
                         "--out or delete that file.")
 
