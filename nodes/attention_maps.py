@@ -35,7 +35,8 @@ class AttentionMapViewer(io.ComfyNode):
                              tooltip="Seeds the noise the maps are measured on. No randomize control, so the "
                              "maps stay comparable."),
                 io.Latent.Input("latent", optional=True),
-                io.Image.Input("image", optional=True),
+                io.Image.Input("image", optional=True, tooltip="Measured on (encoded by the VAE) when no LATENT is "
+                               "connected; a connected LATENT takes precedence."),
                 io.Vae.Input("vae", optional=True, tooltip="Needed to encode an IMAGE; also draws the picture."),
                 io.Model.Input("model_b", optional=True, tooltip="A second model (e.g. erased) to compare."),
             ],
@@ -76,7 +77,8 @@ class AttentionMapViewer(io.ComfyNode):
             other = ComfyZImageBackend(model_b, node=NODE)
             maps.append(word_maps(other, encoded, columns, x0, sigma_list, seed, layers))
             labels = ["model A", "model B"]
-        picture = _render.to_pil((image[0, :, :, :3] if image is not None else _render.decode(model, vae, samples)[0]))
+        # Drawn over the picture the maps were measured on: the LATENT's when one is connected, even beside an IMAGE.
+        picture = _render.to_pil(image[0, :, :, :3] if latent is None else _render.decode(model, vae, samples)[0])
         rows = _render.word_map_rows(picture, maps, difference=model_b is not None)
         if model_b is not None:
             labels.append("A - B")

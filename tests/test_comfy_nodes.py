@@ -341,6 +341,10 @@ def test_attention_map_viewer_and_compare(pack):
     row_a, row_b = (slice(18 + 64 * r, 82 + 64 * r) for r in range(2))  # 64 px heatmaps below the label strip
     assert torch.equal(same[0, row_a, 90:], same[0, row_b, 90:])  # model B = model A: the same maps
     assert not torch.equal(img[0, row_a, 90:], img[0, row_b, 90:])  # the erasure LoRA moved the attention
+    beside = viewer.execute(model=model, clip=clip, prompt="a photo of a cat on a mat", words="cat, mat",
+                            sigmas="0.3, 0.7", layer_start=0, layer_end=-1, seed=0, latent=latent, model_b=model,
+                            image=torch.ones(1, 64, 64, 3))[0]
+    assert torch.equal(beside, same)  # a connected LATENT is measured and drawn; an IMAGE beside it is not used
     with pytest.raises(ZEraseError, match="does not occur in the prompt 'a photo of a cat'. Type words that occur"):
         viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="dog", sigmas="0.5",
                        layer_start=0, layer_end=-1, seed=0, latent=latent)
