@@ -82,6 +82,26 @@ def test_encode_matches_clip_text_encode_and_localises_words():
         concept_token_indices(p, "cat")
 
 
+
+def test_escaped_parentheses_and_decomposed_letters_are_read_as_the_tokenizer_reads_them():
+    """ComfyUI's tokenizer turns \\( \\) into plain parentheses and Qwen's normalises to NFC: the spans follow what
+    was read, and a word is found whichever way it was composed (both were refused as 'weight syntax', which Z-Image's
+    tokenizer does not parse: "(cat:1.2)" is read as written). An embedding's name is not read: refused, named."""
+    import unicodedata
+
+    clip = tiny_clip(comfy)
+    escaped, decomposed = "a \\(cat\\) on a table", unicodedata.normalize("NFD", "a café with a cat")
+    p, q = encode_with_clip(clip, [escaped, decomposed])
+    assert p.text == "a (cat) on a table" and torch.equal(p.features, encode(clip, escaped)[0][0][0])
+    assert [p.text[slice(*p.spans[i])].strip() for i in concept_token_indices(p, "cat")] == ["cat"]
+    for word in ("café", unicodedata.normalize("NFD", "café")):
+        assert "".join(q.text[slice(*q.spans[i])] for i in concept_token_indices(q, word)).strip() == "café"
+    (weighted,) = encode_with_clip(clip, ["a (cat:1.2) on a table"])
+    assert [weighted.text[slice(*weighted.spans[i])].strip() for i in concept_token_indices(weighted, "cat")] == ["cat"]
+    with pytest.raises(ZEraseError, match="does it name an 'embedding:'"):
+        encode_with_clip(clip, ["a embedding:nothing_here cat"])
+
+
 def test_a_dropped_backend_frees_its_clone_at_once():
     """Nothing the clone holds (its wrapper, the LoRA and checkpointing patches) refers back to the backend, so
     dropping the backend frees the clone by reference counting, not at the next full garbage collection (under

@@ -86,13 +86,19 @@ def _word_char(ch: str) -> bool:
 TEMPLATE_FIX = "Put the concept word into every erase prompt template (use '{}' where it goes)."
 
 
+def as_read(text: str) -> str:
+    """``text`` in the form Qwen's tokenizer reads it (it normalises to NFC), so that a prompt's character spans and
+    a word looked up in it agree however the user's text was composed (a pasted "café" may be NFD)."""
+    return unicodedata.normalize("NFC", text)
+
+
 def concept_token_indices(prompt: EncodedPrompt, word: str, fix: str = TEMPLATE_FIX) -> list[int]:
     """Indices of the tokens of ``prompt`` that encode ``word`` (all occurrences, all sub-tokens).
 
     Raises :class:`ZEraseError` when the word is empty or not in the prompt, since an
     attention loss on no columns would silently do nothing; ``fix`` tells the caller's user what to change.
     """
-    word = word.strip()
+    word = as_read(word.strip())
     if not word:
         raise ZEraseError("The concept is empty: type the word or phrase to erase, e.g. 'red' or 'Van Gogh'.")
     hits = _occurrences(prompt.text, word)

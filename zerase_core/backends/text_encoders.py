@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ..prompts import EncodedPrompt
+from ..prompts import EncodedPrompt, as_read
 
 # Z-Image's pipeline wraps prompts in Qwen3's chat template with a generation prompt.
 CHAT_PREFIX = "<|im_start|>user\n"
@@ -29,7 +29,7 @@ class ChatTemplateEncoder:
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
         out = []
         device = next(self.text_model.parameters()).device
-        for prompt in prompts:
+        for prompt in map(as_read, prompts):  # the tokenizer reads NFC anyway: spans are then into what it read
             templated = CHAT_PREFIX + prompt + CHAT_SUFFIX
             tok = self.tokenizer(
                 templated, return_offsets_mapping=True, truncation=True, max_length=self.max_length, return_tensors="pt"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ...errors import ZEraseError
-from ...prompts import EncodedPrompt, Span
+from ...prompts import EncodedPrompt, Span, as_read
 
 
 def _inner_tokenizer(clip: Any):
@@ -42,10 +42,15 @@ def token_spans(hf_tokenizer: Any, ids: list[int], text: str, start: int, end: i
         done, pending = b, 0
     if done != len(text):
         raise ZEraseError(
-            "Z-Erase: the text encoder's tokens do not spell out the prompt (is an embedding or weight "
-            "syntax in it?); remove 'embedding:' and '(word:1.2)' syntax from Z-Erase prompts."
+            "Z-Erase: the text encoder's tokens do not spell out the prompt (does it name an 'embedding:'? "
+            "ComfyUI drops or replaces those); write Z-Erase prompts as plain text."
         )
     return tuple(spans)
+
+
+def _as_tokenized(prompt: str) -> str:
+    """The prompt as ComfyUI's tokenizer spells it out: its escaped parentheses \\( \\) as plain ones, in NFC."""
+    return as_read(prompt.replace("\\(", "(").replace("\\)", ")"))
 
 
 def encode_with_clip(clip: Any, prompts: Sequence[str]) -> list[EncodedPrompt]:
@@ -61,12 +66,13 @@ def encode_with_clip(clip: Any, prompts: Sequence[str]) -> list[EncodedPrompt]:
         if mask is not None and mask.shape[-1] == features.shape[0]:
             keep = mask[0].bool().to(features.device)
             features, ids = features[keep], [i for i, k in zip(ids, keep.tolist()) if k]
-        text = template.format(prompt)
+        read = _as_tokenized(prompt)
+        text = template.format(read)
         begin = template.index("{}")
-        spans = token_spans(inner.tokenizer, ids, text, begin, begin + len(prompt))
+        spans = token_spans(inner.tokenizer, ids, text, begin, begin + len(read))
         if len(spans) != features.shape[0]:
             raise ZEraseError(
                 f"Z-Erase: {features.shape[0]} caption features but {len(spans)} tokens for '{prompt}'."
             )
-        out.append(EncodedPrompt(prompt, features.detach().float().cpu(), spans))
+        out.append(EncodedPrompt(read, features.detach().float().cpu(), spans))
     return out
