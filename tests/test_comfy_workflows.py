@@ -129,6 +129,31 @@ def _widget_names(cls) -> list[str]:
     return names
 
 
+def _socket_names(cls) -> list[str]:
+    """The node's non-widget inputs (required, then optional) in the order it defines them: the slots of its UI
+    node."""
+    return [name for section in ("required", "optional") for name, entry in cls.INPUT_TYPES().get(section, {}).items()
+            if not (isinstance(entry[0], list) or entry[0] in WIDGET_TYPES) or (entry[1:] or [{}])[0].get("forceInput")]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_nodes_list_every_socket_and_links_land_on_their_own(name, mappings):
+    """As the frontend saves a node: every socket, linked or not, in the node's order, and a link's target_slot is
+    its socket's index (listing only the linked ones left an unlinked IMAGE socket out of the Viewer, and shifted
+    the slots after it onto other sockets)."""
+    api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    by_id = {node["id"]: node for node in ui["nodes"]}
+    for node in ui["nodes"]:
+        assert [i["name"] for i in node["inputs"]] == _socket_names(mappings[node["type"]]), node["type"]
+    for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
+        socket = by_id[dst]["inputs"][dst_slot]
+        assert socket["link"] == link_id and socket["type"] == typ == by_id[src]["outputs"][src_slot]["type"]
+        assert api[str(dst)]["inputs"][socket["name"]] == [str(src), src_slot]
+        assert link_id in by_id[src]["outputs"][src_slot]["links"]
+    assert sorted(i["link"] for n in ui["nodes"] for i in n["inputs"] if i["link"]) == [link[0] for link in ui["links"]]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_widget_values_line_up_with_the_node_schemas(name, mappings):
     """A value in the wrong slot loads silently (a save_name of 'True'): every slot must hold its widget's value."""

@@ -42,6 +42,24 @@ NODES = {
     "ZEraseCompare": (["prompt", "label_original", "label_erased"], [("IMAGE", "IMAGE")]),
 }
 
+# Per node type: its socket (non-widget) inputs, (name, type), in the order the node defines them. A UI node lists
+# every one, linked or not, and a link's target_slot is its index there, as the frontend saves them.
+SOCKETS = {
+    "ModelSamplingAuraFlow": [("model", "MODEL")],
+    "CLIPTextEncode": [("clip", "CLIP")],
+    "KSampler": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                 ("latent_image", "LATENT")],
+    "VAEDecode": [("samples", "LATENT"), ("vae", "VAE")],
+    "SaveImage": [("images", "IMAGE")],
+    "PreviewImage": [("images", "IMAGE")],
+    "ZEraseTrain": [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")],
+    "ZEraseApplyLoRA": [("model", "MODEL"), ("erasure_lora", "ZERASE_LORA")],
+    "ZEraseMergeLoRAs": [(f"lora_{i}", "ZERASE_LORA") for i in range(1, 5)],
+    "ZEraseAttentionMaps": [("model", "MODEL"), ("clip", "CLIP"), ("latent", "LATENT"), ("image", "IMAGE"),
+                            ("vae", "VAE"), ("model_b", "MODEL")],
+    "ZEraseCompare": [("original", "IMAGE"), ("erased", "IMAGE")],
+}
+
 
 class Graph:
     def __init__(self):
@@ -59,14 +77,15 @@ class Graph:
         nodes, links = [], []
         for n, (node_id, node) in enumerate(self.nodes.items()):
             widgets, outputs = NODES[node["class_type"]]
-            inputs, values = [], []
+            sockets = SOCKETS.get(node["class_type"], [])
+            inputs, values = [{"name": name, "type": typ, "link": None} for name, typ in sockets], []
             for name, value in node["inputs"].items():
                 if isinstance(value, list):  # a link [from_id, slot]
                     src, slot = value
-                    link_id = len(links) + 1
+                    link_id, target = len(links) + 1, [n for n, _ in sockets].index(name)
                     out_type = NODES[self.nodes[src]["class_type"]][1][slot][1]
-                    links.append([link_id, int(src), slot, int(node_id), len(inputs), out_type])
-                    inputs.append({"name": name, "type": out_type, "link": link_id})
+                    links.append([link_id, int(src), slot, int(node_id), target, out_type])
+                    inputs[target]["link"] = link_id
             for name in widgets:
                 values.append(node["inputs"][name])
                 if name == "seed" and node["class_type"] == "KSampler":
