@@ -60,6 +60,36 @@ def test_reference_step_computes_our_losses_and_gradients(lam):
     assert torch.allclose(g_ours, g_ref, rtol=1e-3, atol=1e-6)
 
 
+def test_reference_step_does_the_work_the_official_organisation_does(monkeypatch):
+    """The yardstick's seconds rest on how it organises the step, so each part is checked to happen: x_t sampled
+    anew, three teacher and three student forwards of batch 1, full softmax maps in every recorded layer, and
+    backward through all three student predictions even at λ = 0 (the paper rule's first step)."""
+    from zerase_core.bench import reference_step as ref
+
+    trainer = _nudged(ZEraseTrainer(tiny_zimage_backend(), _config()))
+    calls, reached, maps, sampled = [], [], [], []
+    velocity, sample, attend = trainer.backend.velocity, trainer._sample_xt, ref.MaterialisedMassRecorder.attend
+
+    def watched(x, sigma, prompts, **kw):
+        v, mass = velocity(x, sigma, prompts, **kw)
+        if v.requires_grad:
+            v.register_hook(lambda g, n=len(calls): reached.append(n))
+        calls.append((x.shape[0], kw.get("lora", True), v.requires_grad))
+        return v, mass
+
+    monkeypatch.setattr(trainer.backend, "velocity", watched)
+    monkeypatch.setattr(trainer, "_sample_xt", lambda prompt: (sampled.append(1), sample(prompt))[1])
+    monkeypatch.setattr(ref.MaterialisedMassRecorder, "attend", lambda self, *a, **k: (maps.append(1),
+                                                                                         attend(self, *a, **k))[1])
+    out = ref.reference_step(trainer)
+    assert out["lam"] == 0.0 and sampled == [1]
+    teacher = [c for c in calls if not c[1]]
+    student = [i for i, c in enumerate(calls) if c[2]]
+    assert teacher == [(1, False, False)] * 3 and [calls[i] for i in student] == [(1, True, True)] * 3
+    assert sorted(reached) == student  # L_pr's two predictions are back-propagated too, although λ = 0
+    assert len(maps) == len(trainer.mass_layers)
+
+
 def test_bench_variants_run_the_lambda_their_names_say():
     """bench-cost times copies of one trainer: each must run its own λ rule. A copy that kept the base's
     (paper) rule timed the batch-3 path for the "λ = 0" variants too."""
