@@ -2,8 +2,10 @@
 
 Per-layer activation memory of the student forward (LoRA on, attention mass recorded) is
 measured as saved-for-backward bytes (:mod:`.memory`) on scaled-down Z-Images with
-the real head size (128) at two widths and two sequence lengths; it is linear in both, so
-a fit extrapolates to the real model (dim 3840, 30 layers, 30 heads). The other terms are
+the real head size (128) at two widths and two sequence lengths; bytes per token are linear in
+the width, so a fit extrapolates to the real model (dim 3840, 30 layers, 30 heads), and nearly constant in the
+length (``length_linearity``: at 1024 image tokens 0.80 of those at 256, a fixed per-layer part shrinking), so
+applying those at 256 tokens to longer sequences errs high. The other terms are
 counted: weights, LoRA + AdamW state, checkpointed block inputs, and a fixed allowance for
 the CUDA context and kernel workspaces (stated in the output, not measured here).
 """
@@ -201,7 +203,7 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float, po
     * λ_t = 0, λ_{t+1} > 0 (``recomputed``): the same + L_pr again with a graph (batch 2 fwd+bwd);
     * λ_t > 0 (``batched``): one batch-3 student forward+backward.
 
-    ``mass_overhead`` (A4, assumed) adds the attention mass to the student forward+backward.
+    ``mass_overhead`` (A4, assumed, not measured) adds the attention mass to the student forward+backward.
     x_t: ``pool`` — a one-off build of trajectories × levels batched forwards of (c_er, ∅, c_pr),
     charged at the batch-3 rate per trajectory and level (A5: the build really runs batch 24,
     so this is high); ``fresh`` — per step the Turbo sampler (``levels`` Euler steps, no CFG)
@@ -289,8 +291,8 @@ def _assumptions(mass_overhead: float, pool_trajectories: int, levels: int) -> d
         "A1": "frozen base: backward ≈ one forward, so fwd b1 = 0.20/2 s (checks: 3 × 0.19 ≈ 0.56)",
         "A2": "fwd b2 = mean of fwd b1 and fwd b3",
         "A3": "checkpointing adds one forward of the same batch",
-        "A4": f"attention mass adds {mass_overhead:.0%} to the student fwd+bwd (kept from the two-call "
-              "version: an upper bound now that it rides in the attention call, +8 of 128 head channels)",
+        "A4": f"attention mass adds {mass_overhead:.0%} to the student fwd+bwd (assumed: the GPU runs' "
+              "split_seconds put it at -1 % to +47 % (median 8 %) of the c_er forward alone, in noisy 3-step medians)",
         "A5": f"pool: {pool_trajectories} trajectories × {levels} levels at the batch-3 forward rate",
         "fresh": f"Turbo sampler, {levels} steps, no CFG: {(levels - 1) / 2} batch-1 forwards per step on average",
         "A6": "not counted: prompt encoding, model load, AdamW step, pool host↔device copies",
