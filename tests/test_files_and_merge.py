@@ -128,6 +128,21 @@ def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
         load_lora(tmp_path / "bad.safetensors")
 
 
+def test_metadata_reads_back_as_written_even_strings_that_look_like_json(tmp_path):
+    """A concept "null" or "3.50", or a model digest of digits only (checkpoints compare it on resume), read back as
+    the strings they were, not as None, 3.5 or an int; other values as the JSON they were stored as."""
+    from zerase_core.files import atomic_save, decode_metadata
+    from safetensors import safe_open
+
+    given = {"concept": "null", "number": "3.50", "digest": "8301945672103958", "word": "cat", "quoted": '"x"',
+             "list": ["a", 1], "steps": 4, "none": None}
+    path = atomic_save({"t": torch.zeros(1)}, tmp_path / "m.safetensors", given)
+    with safe_open(str(path), framework="pt") as f:
+        stored = f.metadata()
+    assert decode_metadata(stored) == given
+    assert stored["word"] == "cat"  # plain text stays readable to other tools
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     """A real write failure (the file-size limit, as a full disk fails): a message naming the file, the old file
     intact, no temporary left. Python ignores SIGXFSZ, so the write fails with EFBIG instead of killing us."""

@@ -20,9 +20,11 @@ from .errors import ZEraseError
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
     """Write a safetensors file whole or not at all (see :func:`_atomic_write`).
 
-    Metadata values that are not strings are stored as JSON.
+    Metadata values are stored as JSON, except strings that are not JSON themselves, which stay readable as they
+    are (a concept "cat"); a string that would read back as JSON ("null", "3.5", a digest of digits) is quoted, so
+    :func:`decode_metadata` returns every value as it was given.
     """
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta = {k: v if isinstance(v, str) and not _reads_as_json(v) else json.dumps(v) for k, v in metadata.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     # Serialised here, written by us: one write path whose failures are OSErrors (safetensors' own file writer
     # raises its SafetensorError for a full disk), and files with the user's umask (its writer makes them 0600).
@@ -87,6 +89,14 @@ def _create(tmp: str) -> int:
     gives any new file."""
     Path(tmp).parent.mkdir(parents=True, exist_ok=True)
     return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
+
+
+def _reads_as_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:
