@@ -51,6 +51,10 @@ def test_official_file_imports_to_same_delta(tmp_path):
     assert lora.source == "official-z-erase" and lora.targets == ("q", "k")
     for key, delta in expected.items():
         assert torch.allclose(lora.delta_weight(key), delta, atol=1e-9)
+    tensors["layers.1.attention.to_k.lora_down.weight"][0, 0] = float("inf")  # as native files, refused by name
+    save_file(tensors, str(tmp_path / "official_inf.safetensors"))
+    with pytest.raises(ZEraseError, match="'official_inf.safetensors' contains NaN or infinite weights"):
+        load_lora(tmp_path / "official_inf.safetensors")
 
 
 def test_installed_lora_round_trips_through_backend(tiny_backend, tmp_path):

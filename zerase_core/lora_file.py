@@ -144,9 +144,9 @@ def load_lora(path: str | Path) -> ErasureLoRA:
     path = Path(path)
     tensors, meta = _read(path)
     if meta.get("format") == FORMAT:
-        return _from_native(path, tensors, meta)
+        return _from_native(path, _finite(path, tensors), meta)
     if tensors and all(_OFFICIAL.match(k) for k in tensors):
-        return _from_official(tensors)
+        return _from_official(_finite(path, tensors))
     if any(h in k for k in tensors for h in _STOCK_HINTS):
         raise ZEraseError(
             f"'{path.name}' is an ordinary LoRA, not a Z-Erase erasure LoRA. Ordinary LoRAs act on every "
@@ -154,6 +154,13 @@ def load_lora(path: str | Path) -> ErasureLoRA:
             "LoraLoader instead, or train an erasure LoRA with Z-Erase Train."
         )
     raise ZEraseError(f"'{path.name}' is not a Z-Erase LoRA (no Z-Erase metadata and no known key layout).")
+
+
+def _finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors``, once none holds NaN or inf (which would reach the model, or a merge, unnoticed)."""
+    if any(not torch.isfinite(t).all() for t in tensors.values()):
+        raise ZEraseError(f"'{path.name}' contains NaN or infinite weights; it cannot be used.")
+    return tensors
 
 
 def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> ErasureLoRA:
@@ -168,8 +175,6 @@ def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
     broken = [k for k, ab in parts.items() if set(ab) != {"A", "B"}]
     if broken:
         raise ZEraseError(f"'{path.name}' misses half of the factors for {broken}; the file is damaged.")
-    if any(not torch.isfinite(t).all() for t in tensors.values()):
-        raise ZEraseError(f"'{path.name}' contains NaN or infinite weights; it cannot be used.")
     try:
         lora = ErasureLoRA(factors={k: (ab["A"], ab["B"]) for k, ab in parts.items()}, **described)
     except ZEraseError as err:  # name the file, as every other refusal of a damaged one does
