@@ -85,6 +85,25 @@ def test_a_resolution_that_is_not_positive_is_refused(resolution):
         _cli_config("--resolution", resolution)
 
 
+def test_a_command_line_run_stopped_by_nan_says_to_start_again_not_to_resume(tmp_path, monkeypatch):
+    """Resuming a NaN-stopped run repeats the step that failed (the same settings, the same draws): the message says
+    to start a fresh run with a lower learning rate, and the last good LoRA is kept."""
+    import zerase_core.trainer as trainer_module
+    from zerase_core.lora_file import load_lora
+    from zerase_core.run import PlannedRun, train_and_save
+
+    real = trainer_module.loss_preserve
+    calls = []
+    monkeypatch.setattr(trainer_module, "loss_preserve",
+                        lambda *a: real(*a) * (float("nan") if calls.append(1) or len(calls) > 3 else 1.0))
+    out = tmp_path / "run"
+    with pytest.raises(ZEraseError, match="Resuming would repeat the step that failed: start a fresh run with "
+                                          "another --out and a lower --lr") as err:
+        train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=6), out))
+    assert "--resume to continue" not in str(err.value)
+    assert 1 <= load_lora(out / "erasure_lora.safetensors").training["steps_done"] < 6
+
+
 def test_a_stopped_command_line_run_keeps_its_work_and_says_how_to_continue(tmp_path):
     """Ctrl-C mid-run: the LoRA so far and the checkpoint stay, the message names --resume; a new run there is
     refused (it would replace them) and the resumed one finishes where an uninterrupted run would."""

@@ -15,7 +15,7 @@ from .files import atomic_write_text
 from .history import TrainResult, loss_series
 from .lora_file import save_lora
 from .render import curves, to_pil
-from .trainer import ZEraseTrainer
+from .trainer import NonFiniteLoss, ZEraseTrainer
 
 log = logging.getLogger(__name__)
 
@@ -120,5 +120,8 @@ def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str
     if not trainer.has_progress():
         return f"{why} before the first step; nothing was saved."
     save_lora(trainer.export(), lora_path)  # as the node does at Cancel: the LoRA so far, replaced when resumed
-    return (f"{why} at step {trainer.step} of {trainer.config.steps}. The LoRA so far is in {lora_path}, the "
-            f"checkpoint beside it: run the same command with --resume to continue.")
+    where = f"{why} at step {trainer.step} of {trainer.config.steps}. The LoRA so far is in {lora_path}"
+    if isinstance(err, NonFiniteLoss):  # the checkpoint would run into the same step, with the same settings
+        return (f"{where} (its last good weights). Resuming would repeat the step that failed: start a fresh run "
+                "with another --out and a lower --lr.")
+    return f"{where}, the checkpoint beside it: run the same command with --resume to continue."
