@@ -79,6 +79,33 @@ def test_a_setting_that_is_not_a_number_is_refused(setting):
         _config(**{setting: float("nan")})
 
 
+def test_a_negative_epsilon_and_no_checkpoint_interval_are_refused():
+    """ε < 0 trained (λ rising every step) where the Train node reads a negative ε as "the preset's"; a checkpoint
+    interval of 0 divided by zero at the first step."""
+    with pytest.raises(ZEraseError, match="ε is the rise of L_pr a step may cause .* got -1.0"):
+        _cli_config("--epsilon", "-1")
+    with pytest.raises(ZEraseError, match="checkpoint_every ≥ 1"):
+        _config(checkpoint_every=0)
+
+
+@pytest.mark.parametrize("out", ["folder", "file"])
+def test_a_path_too_long_for_the_file_system_is_refused_by_name(out, tmp_path, capsys):
+    """Path.exists() raises on a name the system cannot look up; the commands named it with a traceback."""
+    from zerase_core.cli import main
+
+    long = tmp_path / ("x" * 300)
+    if out == "folder":
+        argv = ["train", "--tiny", "--concept", "red", "--steps", "1", "--out", str(long)]
+        expected = "Cannot write into"
+    else:
+        argv = ["merge", "a.safetensors", "b.safetensors", "--out", f"{long}.safetensors"]
+        expected = "is too long"
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
+    assert main(["inspect", f"{long}.safetensors"]) == 2
+    assert "LoRA file not found" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("resolution", ["0", "-64"])
 def test_a_resolution_that_is_not_positive_is_refused(resolution):
     with pytest.raises(ZEraseError, match="resolution must be positive"):

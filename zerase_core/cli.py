@@ -58,9 +58,11 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
 
 @command("merge", "merge erasure LoRAs (paper App. F): exact, or re-ranked by SVD", _add_merge)
 def _merge(args: argparse.Namespace) -> int:
+    from .files import check_writable
     from .lora_file import load_lora, save_lora
     from .merge import merge
 
+    check_writable(args.out)  # a name too long, a folder that cannot be written: refused before the merge
     if args.out.exists():
         raise ZEraseError(f"{args.out} exists; choose another --out (files are never overwritten).")
     merged, report = merge([load_lora(f) for f in args.files], args.weights, args.rank)

@@ -86,8 +86,11 @@ class TrainConfig:
                   and not math.isfinite(value)]
         if unreal:  # NaN passes every comparison below: max(0, NaN) is 0 and would switch preservation off
             raise ZEraseError(f"Settings must be finite numbers; got {', '.join(unreal)}.")
-        if self.steps < 1 or self.lr <= 0 or self.beta < 0:
-            raise ZEraseError("steps must be ≥ 1, the learning rate > 0 and β ≥ 0.")
+        if self.steps < 1 or self.lr <= 0 or self.beta < 0 or self.checkpoint_every < 1:
+            raise ZEraseError("steps must be ≥ 1, the learning rate > 0, β ≥ 0 and checkpoint_every ≥ 1.")
+        if self.epsilon is not None and self.epsilon < 0:  # the Train node reads a negative ε as "the preset's"
+            raise ZEraseError(f"ε is the rise of L_pr a step may cause (Eq. 9), ≥ 0; got {self.epsilon}. Leave it "
+                              "out for the preset's (Table 6).")
         if self.shift <= 0:  # σ' = shift·σ/(1 + (shift − 1)·σ) is 0/0 at σ = 1 for shift 0
             raise ZEraseError(f"The flow shift must be > 0; got {self.shift} (Z-Image's is 3: check "
                               "ModelSamplingAuraFlow).")

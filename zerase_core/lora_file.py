@@ -11,6 +11,7 @@ recognise it at all.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,10 +118,12 @@ def save_lora(lora: ErasureLoRA, path: str | Path) -> Path:
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if path.is_dir():
+    # os.path's checks, not Path's: a path the system cannot look up (a name too long) is then "not found", not a
+    # traceback.
+    if os.path.isdir(path):
         raise ZEraseError(f"{path} is a folder; give the LoRA file in it (a .safetensors file).")
-    if not path.is_file():
-        raise ZEraseError(f"LoRA file not found: {path}")
+    if not os.path.isfile(path):
+        raise ZEraseError(f"LoRA file not found (or not readable as a path): {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

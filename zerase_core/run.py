@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .backends.base import Backend
 from .config import TrainConfig
 from .checkpoint import check_run_files
+from .files import atomic_write_text, check_writable
 from .errors import ZEraseError
-from .files import atomic_write_text
 from .history import TrainResult, loss_series
 from .lora_file import save_lora
 from .render import curves, to_pil
@@ -68,8 +69,9 @@ class PlannedRun:
 
     def __post_init__(self) -> None:
         out = self.folder
-        if out.exists() and not out.is_dir():
+        if os.path.isfile(out):
             raise ZEraseError(f"{out} is a file; --out names a folder for the run's files.")
+        check_writable(self.lora)  # first: a folder name too long or not writable is refused by name, not a traceback
         if self.resume and not self.checkpoint.exists():
             raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")
         if not self.resume and self.lora.exists():
