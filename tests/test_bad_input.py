@@ -106,6 +106,26 @@ def test_a_path_too_long_for_the_file_system_is_refused_by_name(out, tmp_path, c
     assert "LoRA file not found" in capsys.readouterr().err
 
 
+def test_a_damaged_checkpoint_is_not_offered_for_resuming(tmp_path):
+    """A fresh run over a damaged checkpoint is refused (it is still the user's file), without advice to --resume
+    from it: resuming said it could not be read, and the fresh run said to resume."""
+    from zerase_core.run import PlannedRun
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.safetensors").write_bytes(b"\x00" * 3000)
+    with pytest.raises(ZEraseError, match="is a checkpoint that cannot be read .* Delete or move that file") as err:
+        PlannedRun(tiny_zimage_backend(), _config(), out)
+    assert "--resume" not in str(err.value)
+
+
+def test_a_demo_without_evaluation_prompts_is_refused_before_any_work(tmp_path, capsys):
+    from zerase_core.cli import main
+
+    assert main(["demo", "--n-eval", "0", "--out", str(tmp_path / "demo")]) == 2
+    assert "--n-eval must be at least 2" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
 @pytest.mark.parametrize("resolution", ["0", "-64"])
 def test_a_resolution_that_is_not_positive_is_refused(resolution):
     with pytest.raises(ZEraseError, match="resolution must be positive"):

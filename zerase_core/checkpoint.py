@@ -73,8 +73,9 @@ def _refuse_replacing(path: Path, advice: str) -> None:
     try:
         meta = _read(path, tensors=False)[1]
         at = f" stopped at step {int(meta['step'])} of {int(meta['config']['steps'])}"
-    except Exception:  # a damaged checkpoint is still the user's file: refuse all the same, without its step
-        at = ""
+    except Exception as err:  # a damaged checkpoint is still the user's file: refuse all the same, but no resume
+        raise ZEraseError(f"{path} is a checkpoint that cannot be read ({err}), so no run can resume from it; a new "
+                          "run here would replace it. Delete or move that file, or start the run elsewhere.") from err
     raise ZEraseError(f"{path} holds a run{at} that can still be resumed; starting another here would replace it. "
                       f"{advice}")
 

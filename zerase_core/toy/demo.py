@@ -162,6 +162,9 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     continues the training run a stopped demo left in ``out`` (or extends a finished one to more steps)."""
     from . import load_toy
 
+    if n_eval < 2:  # the robustness sets take half as many: each set needs a prompt
+        raise ZEraseError(f"--n-eval must be at least 2 (prompts per evaluation set); got {n_eval}. The demo's "
+                          "default is 100.")
     start = time.perf_counter()
     bundle = bundle or load_toy()
     identity = weights_identity(bundle)  # now, not at the end: the file may be replaced meanwhile
