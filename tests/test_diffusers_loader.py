@@ -75,6 +75,37 @@ def test_train_on_a_model_folder_writes_the_lora(folder, tmp_path):
     assert len(json.loads((out / "history.json").read_text())) == 2
 
 
+def test_a_run_is_not_resumed_on_another_model_of_the_same_sizes(folder, tmp_path):
+    """The loaded model's digest (its weight files, sampled) goes into the checkpoint; a folder whose transformer has
+    other weights is refused on --resume before any work, and the same weights elsewhere (a copy) are accepted."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from zerase_core.backends.diffusers_loader import weights_digest
+    from zerase_core.cli import main
+
+    other, copy = tmp_path / "finetune", tmp_path / "copy"
+    shutil.copytree(folder, other)
+    shutil.copytree(folder, copy)
+    (weights,) = (other / "transformer").glob("*.safetensors")
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.startswith("layers.1.attention.to_q"))
+    tensors[name] = tensors[name] + 0.01  # one tensor fine-tuned
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights_digest(other / "transformer") != weights_digest(folder / "transformer")
+    assert weights_digest(copy / "transformer") == weights_digest(folder / "transformer")
+
+    def run(model, steps, *extra):
+        return main(["train", "--model", str(model), "--concept", "red", "--preserve", "blue", "--template",
+                     "a photo of a {} ball", "--steps", str(steps), "--resolution", "64", "--rank", "2",
+                     "--xt-pool", "2", "--out", str(tmp_path / "run"), *extra])
+
+    assert run(folder, 1) == 0
+    assert run(other, 2, "--resume") == 2  # refused: trained on another model
+    assert run(copy, 2, "--resume") == 0
+
+
 def test_a_folder_without_its_files_names_the_part_that_is_missing(tmp_path):
     from zerase_core.backends.diffusers_loader import load_diffusers_zimage
 

@@ -6,6 +6,7 @@ trainer encodes them all up front, so it can be dropped right after (see ``relea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -44,7 +45,29 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
     text_model = _loaded(AutoModel, folder, "text_encoder", torch_dtype=dtype).to(device)  # (dtype= only from 4.56)
     encoder = ChatTemplateEncoder(tokenizer, text_model.eval())
     return DiffusersZImageBackend(transformer.eval(), encoder, LatentSpec(channels=transformer.config.in_channels),
-                                  device=device, flow_shift=shift)
+                                  device=device, flow_shift=shift, digest=weights_digest(folder / "transformer"))
+
+
+SAMPLES, SAMPLE_BYTES = 64, 1 << 16  # read from each weight file, evenly spread: 4 MiB, a fraction of a second
+
+
+def weights_digest(folder: Path) -> str:
+    """What the transformer's weights are, cheaply: sha256 over each weight file's name, size, its safetensors
+    header (every tensor's name, dtype, shape and place) and 64 samples of 64 KiB spread evenly over it. A fine-tune of
+    the same architecture differs there; a copy or a move of the folder does not. A model that differs from another in
+    a few tensors only may escape the samples. Resuming a run checks it (Backend.base_digest), so a checkpoint is not
+    continued on another model of the same sizes."""
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            header = int.from_bytes(f.read(8), "little")  # safetensors: an 8-byte length, then the JSON header
+            h.update(f.read(min(header, size)))
+            for k in range(SAMPLES):
+                f.seek(size * k // SAMPLES)
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()[:16]
 
 
 def scheduler_shift(folder: Path) -> float | None:

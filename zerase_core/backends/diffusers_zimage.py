@@ -116,6 +116,7 @@ class DiffusersZImageBackend(Backend):
         family: str = "z-image",
         device: torch.device | str | None = None,
         flow_shift: float | None = None,
+        digest: str | None = None,
     ):
         if type(transformer).__name__ != "ZImageTransformer2DModel":
             from ..errors import ZEraseError
@@ -126,6 +127,7 @@ class DiffusersZImageBackend(Backend):
             )
         self.transformer = transformer.requires_grad_(False)
         self.encoder, self.latent, self.family, self.flow_shift = encoder, latent, family, flow_shift
+        self._digest = digest  # of the weights it was loaded from (diffusers_loader.weights_digest); None: built here
         # Where the transformer is to run, when not where it is: a loader leaves it on the CPU while the text encoder
         # has the GPU to encode the prompts (12.3 + 8 GB in bf16 at once would not fit a 16 GB card). It moves at
         # the first use after that; from then on the backend follows the transformer.
@@ -165,6 +167,9 @@ class DiffusersZImageBackend(Backend):
         if self._move_to is not None:
             self.transformer.to(self._move_to)
             self._move_to = None
+
+    def base_digest(self) -> str | None:
+        return self._digest
 
     @property
     def dtype(self) -> torch.dtype:
