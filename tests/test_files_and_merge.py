@@ -254,6 +254,16 @@ def test_exact_merge_is_the_weighted_sum_of_products():
     assert torch.allclose(default.delta_weight(KEYS[0]), mean, atol=1e-5)
 
 
+
+def test_a_merge_does_not_claim_to_preserve_what_it_erases():
+    import dataclasses
+
+    cat = dataclasses.replace(_random_lora(KEYS, concept="cat"), preserve=("dog", "bird"))
+    dog = dataclasses.replace(_random_lora(KEYS, seed=1, concept="Dog"), preserve=("cat", "bird"))
+    merged = merge_exact([cat, dog])
+    assert merged.concept == "cat + Dog" and merged.preserve == ("bird",)
+
+
 def test_exact_merge_agrees_with_peft_cat_merge():
     """peft's add_weighted_adapter(combination_type='cat') is the reference for the exact merge."""
     from peft import LoraConfig, get_peft_model

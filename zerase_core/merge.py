@@ -77,7 +77,10 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
         scale=1.0,
         strength=1.0,
         concept=" + ".join(lora.concept for lora in loras),
-        preserve=tuple(dict.fromkeys(p for lora in loras for p in lora.preserve)),
+        # What the merge preserves: every part's preservation concepts but those another part erases ("cat" keeping
+        # "dog" merged with "dog" erases both).
+        preserve=tuple(dict.fromkeys(p for lora in loras for p in lora.preserve
+                                     if p.casefold() not in {other.concept.casefold() for other in loras})),
         fingerprint=fingerprint,
         training={"merged_from": [lora.concept for lora in loras], "weights": weights},
         source="merge",
