@@ -1,11 +1,13 @@
-"""Exact erasure metrics on the toy world (the paper's Acc_e, Acc_ir, H_a, and an FD).
+"""Exact erasure metrics on the toy world (counterparts of the paper's Acc_e, Acc_ir, H_a, and an FD).
 
 Every generated image is judged by the shipped classifier, so "does the image still show
 the concept" has a ground-truth answer instead of a CLIP guess:
 
 * acc_e — share of images for prompts naming the erased concept that still show it;
 * acc_ir — share of the *other* attributes rendered as prompted: the non-erased attributes
-  of those images, and every attribute of images for prompts not naming the concept;
+  of those images, and every attribute of images for prompts not naming the concept (the
+  paper's Acc_ir scores the unaffected classes only; this pools every attribute, so it
+  counts collateral damage anywhere in the picture);
 * h_a = acc_ir − acc_e (paper Table 2);
 * fd — Fréchet distance between classifier features of images for prompts not naming the
   concept and real world images of the same labels (collateral damage, like the paper's FID).
