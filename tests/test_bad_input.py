@@ -98,7 +98,11 @@ def test_a_path_too_long_for_the_file_system_is_refused_by_name(out, tmp_path, c
         argv = ["train", "--tiny", "--concept", "red", "--steps", "1", "--out", str(long)]
         expected = "Cannot write into"
     else:
-        argv = ["merge", "a.safetensors", "b.safetensors", "--out", f"{long}.safetensors"]
+        from zerase_core.lora_file import ErasureLoRA, save_lora
+
+        parts = [save_lora(ErasureLoRA({(0, "q"): (torch.ones(2, 8), torch.ones(8, 2))}, scale=1.0, concept=c),
+                           tmp_path / f"{c}.safetensors") for c in ("cat", "dog")]
+        argv = ["merge", *map(str, parts), "--out", f"{long}.safetensors"]
         expected = "is too long"
     assert main(argv) == 2
     assert expected in capsys.readouterr().err
@@ -116,7 +120,10 @@ def test_a_damaged_checkpoint_is_not_offered_for_resuming(tmp_path):
     (out / "checkpoint.safetensors").write_bytes(b"\x00" * 3000)
     with pytest.raises(ZEraseError, match="is a checkpoint that cannot be read .* Delete or move that file") as err:
         PlannedRun(tiny_zimage_backend(), _config(), out)
-    assert "--resume" not in str(err.value)
+    assert "--resume" not in str(err.value) and "Start a fresh run" not in str(err.value)  # no advice it refuses
+    with pytest.raises(ZEraseError, match="No checkpoint to resume"):
+        PlannedRun(tiny_zimage_backend(), _config(), tmp_path / "new" / "run", resume=True)
+    assert not (tmp_path / "new").exists()  # a refused run creates nothing
 
 
 def test_a_demo_without_evaluation_prompts_is_refused_before_any_work(tmp_path, capsys):

@@ -262,6 +262,9 @@ def test_a_merge_does_not_claim_to_preserve_what_it_erases():
     dog = dataclasses.replace(_random_lora(KEYS, seed=1, concept="Dog"), preserve=("cat", "bird"))
     merged = merge_exact([cat, dog])
     assert merged.concept == "cat + Dog" and merged.preserve == ("bird",)
+    van_gogh = dataclasses.replace(_random_lora(KEYS, seed=2, concept="Van Gogh"), preserve=("dog", "bird"))
+    again = merge_exact([merged, dataclasses.replace(van_gogh, preserve=("van  gogh", "DOG", "moon"))])
+    assert again.preserve == ("bird", "moon")  # a merge's parts erase each of "cat + Dog"; spacing and case as prompts
 
 
 def test_exact_merge_agrees_with_peft_cat_merge():

@@ -117,3 +117,13 @@ def test_shipped_model_follows_colour_and_shape_at_the_default_sampler():
     acc = adherence(bundle.transformer, bundle.encoder, bundle.dit_config, bundle.classifier, bundle.sampling,
                     n=100, seed=31_337)
     assert acc["colour"] >= 0.90 and acc["shape"] >= 0.90, acc
+
+
+def test_toy_weights_metadata_reads_back_as_the_files_always_stored_it(tmp_path):
+    """The toy's reader takes metadata as stored: a step is "40000", as in the shipped files (the weights' identity in
+    every report), not a quoted '"40000"'."""
+    from zerase_core.toy.weights_io import save_weights
+
+    save_weights(tmp_path / "w.safetensors", {"w": torch.zeros(1)}, {"step": 40000, "sampler": "{'steps': 20}"})
+    assert load_weights(tmp_path / "w.safetensors")[1] == {"step": "40000", "sampler": "{'steps': 20}"}
+    assert load_weights(DIT_FILE)[1]["step"].isdigit()

@@ -82,7 +82,7 @@ class Graph:
             for name, value in node["inputs"].items():
                 if isinstance(value, list):  # a link [from_id, slot]
                     src, slot = value
-                    link_id, target = len(links) + 1, [n for n, _ in sockets].index(name)
+                    link_id, target = len(links) + 1, [socket for socket, _ in sockets].index(name)
                     out_type = NODES[self.nodes[src]["class_type"]][1][slot][1]
                     links.append([link_id, int(src), slot, int(node_id), target, out_type])
                     inputs[target]["link"] = link_id

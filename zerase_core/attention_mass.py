@@ -105,10 +105,10 @@ class MassRecorder(Recorder):
         self.columns = columns  # on the device the layers run on: no copy per layer
         self.query_rows = query_rows.float()
         self.n_queries = self.query_rows.sum(dim=1).clamp_min(1.0)  # (B,), once per call rather than per layer
-        self.per_layer: dict[int, torch.Tensor] = {}
+        self.forget()
 
     def forget(self) -> None:
-        self.per_layer = {}
+        self.per_layer: dict[int, torch.Tensor] = {}
 
     def attend(self, layer: int, attention: Attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
         """This layer's attention output; its mass on the concept columns is recorded on the way."""

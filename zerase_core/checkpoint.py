@@ -74,8 +74,10 @@ def _refuse_replacing(path: Path, advice: str) -> None:
         meta = _read(path, tensors=False)[1]
         at = f" stopped at step {int(meta['step'])} of {int(meta['config']['steps'])}"
     except Exception as err:  # a damaged checkpoint is still the user's file: refuse all the same, but no resume
-        raise ZEraseError(f"{path} is a checkpoint that cannot be read ({err}), so no run can resume from it; a new "
-                          "run here would replace it. Delete or move that file, or start the run elsewhere.") from err
+        cause = err.__cause__ if isinstance(err, ZEraseError) and err.__cause__ else err
+        raise ZEraseError(f"{path} is a checkpoint that cannot be read ({type(cause).__name__}: {cause}), so no run "
+                          "can resume from it; a new run here would replace it. Delete or move that file, or start "
+                          "the run elsewhere.") from err
     raise ZEraseError(f"{path} holds a run{at} that can still be resumed; starting another here would replace it. "
                       f"{advice}")
 
@@ -108,7 +110,8 @@ def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: d
             f"set steps to {meta['step']} or more to continue it, or start a fresh run.")
     if meta["fingerprint"] != fingerprint:
         raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
-    if meta.get("base") is not None and meta["base"] != base:
+    # str(): checkpoints written before digests were quoted read an all-digit digest back as a number
+    if meta.get("base") is not None and str(meta["base"]) != str(base):
         # base None: this model carries something the digest cannot describe, so it cannot be told the same
         raise ZEraseError(f"The checkpoint {path.name} was trained on another model (another file, or other LoRAs "
                           "applied to it), or this one carries a change that cannot be identified (hooks, bypass "

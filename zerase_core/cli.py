@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -62,10 +63,11 @@ def _merge(args: argparse.Namespace) -> int:
     from .lora_file import load_lora, save_lora
     from .merge import merge
 
-    check_writable(args.out)  # a name too long, a folder that cannot be written: refused before the merge
-    if args.out.exists():
+    if os.path.lexists(args.out):
         raise ZEraseError(f"{args.out} exists; choose another --out (files are never overwritten).")
-    merged, report = merge([load_lora(f) for f in args.files], args.weights, args.rank)
+    loras = [load_lora(f) for f in args.files]
+    check_writable(args.out)  # a name too long, a folder that cannot be written: refused before the merge is made
+    merged, report = merge(loras, args.weights, args.rank)
     save_lora(merged, args.out)
     print(json.dumps({"out": str(args.out), "rank": report.rank, "relative_error": report.relative_error}))
     return 0

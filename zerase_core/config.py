@@ -35,7 +35,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def _words(text: str) -> list[str]:
+def concept_words(text: str) -> list[str]:
     """``text`` as prompts see it: its words, whatever the case and spacing ("Big  cat" is "big cat")."""
     return text.lower().split()
 
@@ -98,7 +98,7 @@ class TrainConfig:
             raise ZEraseError(f"The training resolution must be positive; got {self.height}×{self.width}.")
         if any(not p.strip() for p in self.preserve):
             raise ZEraseError("A preservation concept is empty; remove it or type a word.")
-        if any(_words(p) == _words(self.concept) for p in self.preserve):
+        if any(concept_words(p) == concept_words(self.concept) for p in self.preserve):
             raise ZEraseError(
                 f"'{self.concept}' is both the concept to erase and a preservation concept; "
                 "remove it from the preservation list (preserve what should stay, e.g. 'person' when erasing 'nude')."

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .config import concept_words
 from .errors import ZEraseError
 from .lora_file import ErasureLoRA, Key
 
@@ -72,15 +73,16 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
             raise ZEraseError(f"The merge overflows at layer {key[0]} {key[1]}: weights {weights} times the LoRAs' "
                               "scales leave float32's range. Use weights near 1.")
         factors[key] = (a, b)
+    # What the merge preserves: every part's preservation concepts but those a part erases ("cat" keeping "dog"
+    # merged with "dog" erases both); a part that is itself a merge erases each concept of its "a + b".
+    erased = {tuple(concept_words(c)) for lora in loras for c in lora.concept.split(" + ")}
     return ErasureLoRA(
         factors,
         scale=1.0,
         strength=1.0,
         concept=" + ".join(lora.concept for lora in loras),
-        # What the merge preserves: every part's preservation concepts but those another part erases ("cat" keeping
-        # "dog" merged with "dog" erases both).
         preserve=tuple(dict.fromkeys(p for lora in loras for p in lora.preserve
-                                     if p.casefold() not in {other.concept.casefold() for other in loras})),
+                                     if tuple(concept_words(p)) not in erased)),
         fingerprint=fingerprint,
         training={"merged_from": [lora.concept for lora in loras], "weights": weights},
         source="merge",

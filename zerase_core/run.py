@@ -11,7 +11,7 @@ from pathlib import Path
 from .backends.base import Backend
 from .config import TrainConfig
 from .checkpoint import check_run_files
-from .files import atomic_write_text, check_writable
+from .files import atomic_write_text
 from .errors import ZEraseError
 from .history import TrainResult, loss_series
 from .lora_file import save_lora
@@ -68,14 +68,15 @@ class PlannedRun:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        # os.path's checks, which answer False where Path's raise (a name too long): check_run_files then refuses
+        # such a folder by name. Nothing is created before a refusal.
         out = self.folder
         if os.path.isfile(out):
             raise ZEraseError(f"{out} is a file; --out names a folder for the run's files.")
-        check_writable(self.lora)  # first: a folder name too long or not writable is refused by name, not a traceback
-        if self.resume and not self.checkpoint.exists():
+        if self.resume and not os.path.exists(self.checkpoint):
             raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")
-        if not self.resume and self.lora.exists():
-            more = ", or add --resume to continue (or extend) its run" if self.checkpoint.exists() else ""
+        if not self.resume and os.path.exists(self.lora):
+            more = ", or add --resume to continue (or extend) its run" if os.path.exists(self.checkpoint) else ""
             raise ZEraseError(f"{self.lora} exists; choose another --out (files are never overwritten){more}.")
         check_run_files(self.lora, self.checkpoint, self.config, self.backend.fingerprint(),
                         self.backend.base_digest(), self.resume,

@@ -51,14 +51,17 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
 SAMPLES, SAMPLE_BYTES = 64, 1 << 16  # read from each weight file, evenly spread: 4 MiB, a fraction of a second
 
 
-def weights_digest(folder: Path) -> str:
+def weights_digest(folder: Path) -> str | None:
     """What the transformer's weights are, cheaply: sha256 over each weight file's name, size, its safetensors
     header (every tensor's name, dtype, shape and place) and 64 samples of 64 KiB spread evenly over it. A fine-tune of
     the same architecture differs there; a copy or a move of the folder does not. A model that differs from another in
     a few tensors only may escape the samples. Resuming a run checks it (Backend.base_digest), so a checkpoint is not
-    continued on another model of the same sizes."""
+    continued on another model of the same sizes. None for weights in another format (.bin): not told apart."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
     h = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in files:
         size = path.stat().st_size
         h.update(f"{path.name}:{size}".encode())
         with path.open("rb") as f:

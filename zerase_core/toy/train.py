@@ -242,10 +242,10 @@ class Trainer:
         metadata = {
             "format": "zerase-toy-dit",
             "format_version": FORMAT_VERSION,
-            "step": str(self.step),
+            "step": self.step,  # stored as "40000" (a str would be quoted, JSON-like: files.atomic_save)
             "training": repr(asdict(self.cfg)),
             "adherence": repr(acc),
-            "adherence_samples": str(self.cfg.eval_samples),
+            "adherence_samples": self.cfg.eval_samples,
             **config_metadata(self.dit),
             **self.ema_encoder.metadata(),
             **self.sampler.metadata(),

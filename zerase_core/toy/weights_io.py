@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -12,8 +13,11 @@ from ..files import atomic_save
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
-def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str], dtype=torch.float16) -> None:
-    """Write ``state`` (floats cast to ``dtype`` to keep shipped files small) atomically."""
+def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, Any],
+                 dtype=torch.float16) -> None:
+    """Write ``state`` (floats cast to ``dtype`` to keep shipped files small) atomically; ``metadata`` as
+    :func:`~zerase_core.files.atomic_save` stores it (numbers as their JSON text, which :func:`load_weights` returns
+    as it is stored)."""
     atomic_save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, path, metadata)
 
 
