@@ -133,6 +133,17 @@ def test_a_demo_without_evaluation_prompts_is_refused_before_any_work(tmp_path, 
     assert "--n-eval must be at least 2" in capsys.readouterr().err and not (tmp_path / "demo").exists()
 
 
+def test_a_refused_merge_creates_no_folder(tmp_path, capsys):
+    from zerase_core.cli import main
+    from zerase_core.lora_file import ErasureLoRA, save_lora
+
+    parts = [save_lora(ErasureLoRA({(0, "q"): (torch.ones(2, 8), torch.ones(8, 2))}, scale=1.0, concept=c),
+                       tmp_path / f"{c}.safetensors") for c in ("cat", "dog")]
+    out = tmp_path / "new" / "merged.safetensors"
+    assert main(["merge", *map(str, parts), "--weights", "1", "--out", str(out)]) == 2  # one weight for two LoRAs
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("resolution", ["0", "-64"])
 def test_a_resolution_that_is_not_positive_is_refused(resolution):
     with pytest.raises(ZEraseError, match="resolution must be positive"):

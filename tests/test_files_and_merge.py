@@ -147,6 +147,18 @@ def test_metadata_reads_back_as_written_even_strings_that_look_like_json(tmp_pat
     assert stored["word"] == "cat"  # plain text stays readable to other tools
 
 
+def test_a_checkpoint_written_before_quoting_keeps_its_digest_as_text(tmp_path):
+    """Checkpoints once stored a digest unquoted: "8301945672103958" and "1234e56789012345" read back as numbers (the
+    second as inf) and never matched the model again. Their text is the digest."""
+    from safetensors.torch import save_file
+
+    from zerase_core.checkpoint import _read
+
+    for digest in ("8301945672103958", "1234e56789012345", "3f9a0c11d2e4b5a6"):
+        save_file({"t": torch.zeros(1)}, str(tmp_path / "old.ckpt"), metadata={"base": digest, "step": "2"})
+        assert _read(tmp_path / "old.ckpt", tensors=False)[1]["base"] == digest
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     """A real write failure (the file-size limit, as a full disk fails): a message naming the file, the old file
     intact, no temporary left. Python ignores SIGXFSZ, so the write fails with EFBIG instead of killing us."""

@@ -124,6 +124,8 @@ def test_toy_weights_metadata_reads_back_as_the_files_always_stored_it(tmp_path)
     every report), not a quoted '"40000"'."""
     from zerase_core.toy.weights_io import save_weights
 
-    save_weights(tmp_path / "w.safetensors", {"w": torch.zeros(1)}, {"step": 40000, "sampler": "{'steps': 20}"})
-    assert load_weights(tmp_path / "w.safetensors")[1] == {"step": "40000", "sampler": "{'steps': 20}"}
+    given = {"step": 40000, "format_version": "1", "sampler": "{'steps': 20}"}  # a number given as text or not
+    save_weights(tmp_path / "w.safetensors", {"w": torch.zeros(1)}, given)
+    assert load_weights(tmp_path / "w.safetensors")[1] == {"step": "40000", "format_version": "1",
+                                                            "sampler": "{'steps': 20}"}
     assert load_weights(DIT_FILE)[1]["step"].isdigit()

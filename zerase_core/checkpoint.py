@@ -85,7 +85,10 @@ def _refuse_replacing(path: Path, advice: str) -> None:
 def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = decode_metadata(f.metadata() or {})
+            raw = f.metadata() or {}
+            meta = decode_metadata(raw)
+            if isinstance(meta.get("base"), (int, float)):  # a digest stored unquoted before quoting ("1234e5…")
+                meta["base"] = raw["base"]                   # reads back as a number; its text is the digest
             return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), meta
     except Exception as err:  # safetensors raises several types for damaged files
         raise ZEraseError(f"Cannot read the checkpoint {path}: {err}. Start a fresh run instead.") from err
@@ -110,8 +113,7 @@ def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: d
             f"set steps to {meta['step']} or more to continue it, or start a fresh run.")
     if meta["fingerprint"] != fingerprint:
         raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
-    # str(): checkpoints written before digests were quoted read an all-digit digest back as a number
-    if meta.get("base") is not None and str(meta["base"]) != str(base):
+    if meta.get("base") is not None and meta["base"] != base:
         # base None: this model carries something the digest cannot describe, so it cannot be told the same
         raise ZEraseError(f"The checkpoint {path.name} was trained on another model (another file, or other LoRAs "
                           "applied to it), or this one carries a change that cannot be identified (hooks, bypass "

@@ -65,9 +65,8 @@ def _merge(args: argparse.Namespace) -> int:
 
     if os.path.lexists(args.out):
         raise ZEraseError(f"{args.out} exists; choose another --out (files are never overwritten).")
-    loras = [load_lora(f) for f in args.files]
-    check_writable(args.out)  # a name too long, a folder that cannot be written: refused before the merge is made
-    merged, report = merge(loras, args.weights, args.rank)
+    merged, report = merge([load_lora(f) for f in args.files], args.weights, args.rank)
+    check_writable(args.out)  # a name too long, a folder that cannot be written: refused by name, nothing made before
     save_lora(merged, args.out)
     print(json.dumps({"out": str(args.out), "rank": report.rank, "relative_error": report.relative_error}))
     return 0

@@ -75,7 +75,8 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
         factors[key] = (a, b)
     # What the merge preserves: every part's preservation concepts but those a part erases ("cat" keeping "dog"
     # merged with "dog" erases both); a part that is itself a merge erases each concept of its "a + b".
-    erased = {tuple(concept_words(c)) for lora in loras for c in lora.concept.split(" + ")}
+    erased = {tuple(concept_words(c)) for lora in loras
+              for c in (lora.concept.split(" + ") if lora.source == "merge" else [lora.concept])}
     return ErasureLoRA(
         factors,
         scale=1.0,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from ..files import atomic_save
+from ..files import atomic_save, decode_metadata
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -16,13 +17,14 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, Any],
                  dtype=torch.float16) -> None:
     """Write ``state`` (floats cast to ``dtype`` to keep shipped files small) atomically; ``metadata`` as
-    :func:`~zerase_core.files.atomic_save` stores it (numbers as their JSON text, which :func:`load_weights` returns
-    as it is stored)."""
+    :func:`~zerase_core.files.atomic_save` stores it; :func:`load_weights` returns every value as text."""
     atomic_save({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, path, metadata)
 
 
 def load_weights(path: Path, dtype=torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
+        # As atomic_save wrote it, each value as text: "1" whether a writer gave 1 or "1" (which it stores quoted).
+        decoded = decode_metadata(f.metadata() or {})
+        metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in decoded.items()}
         state = {k: f.get_tensor(k) for k in f.keys()}
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, metadata
