@@ -51,8 +51,10 @@ from zerase_core.lora import LoRAConfig  # noqa: E402
 log = logging.getLogger("gpu_bench")
 
 
-# The sizes ComfyUI's model_detection reads off Z-Image's weights, under the names both classes use.
-SIZES = ("dim", "cap_feat_dim", "n_layers", "n_refiner_layers", "n_heads", "n_kv_heads")
+# The sizes ComfyUI's model_detection reads off Z-Image's weights, under the names both classes use (axes_lens is
+# not among them: ComfyUI's detection sets 1536 for the first axis where diffusers' class defaults to 1024).
+SIZES = ("dim", "cap_feat_dim", "n_layers", "n_refiner_layers", "n_heads", "n_kv_heads", "in_channels", "axes_dims",
+         "rope_theta")
 
 
 @dataclass
@@ -114,7 +116,8 @@ def full_size_comfy_zimage(comfy, device: str, weight_dtype: torch.dtype):
     device; fp8 weights are cast to bf16 layer by layer as they run (ComfyUI's manual-cast ops, as its loader
     makes them for weight_dtype fp8_e4m3fn)."""
     released = _released_zimage().config  # diffusers' class defaults: the released model's sizes
-    config = comfy.supported_models.ZImage({**_comfy_support().TINY_DIT, **{k: released[k] for k in SIZES}})
+    sizes = {k: released[k] for k in SIZES} | {"patch_size": released["all_patch_size"][0]}
+    config = comfy.supported_models.ZImage({**_comfy_support().TINY_DIT, **sizes})
     config.set_inference_dtype(weight_dtype, None if weight_dtype == torch.bfloat16 else torch.bfloat16)
     model = config.get_model({}, "", device=torch.device(device))
     _randomise(model.diffusion_model, device)

@@ -24,7 +24,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     are (a concept "cat"); a string that would read back as JSON ("null", "3.5", a digest of digits) is quoted, so
     :func:`decode_metadata` returns every value as it was given.
     """
-    meta = {k: v if isinstance(v, str) and not _reads_as_json(v) else json.dumps(v) for k, v in metadata.items()}
+    meta = {k: v if isinstance(v, str) and _json(v) is _NOT_JSON else json.dumps(v) for k, v in metadata.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     # Serialised here, written by us: one write path whose failures are OSErrors (safetensors' own file writer
     # raises its SafetensorError for a full disk), and files with the user's umask (its writer makes them 0600).
@@ -91,23 +91,20 @@ def _create(tmp: str) -> int:
     return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
 
 
-def _reads_as_json(text: str) -> bool:
+_NOT_JSON = object()
+
+
+def _json(text: str) -> Any:
+    """``text`` parsed as JSON, or ``_NOT_JSON``."""
     try:
-        json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError:
-        return False
-    return True
+        return _NOT_JSON
 
 
 def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:
     """Inverse of :func:`atomic_save`'s encoding: JSON where it parses, plain strings otherwise."""
-    out: dict[str, Any] = {}
-    for key, value in meta.items():
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    return {key: value if (parsed := _json(value)) is _NOT_JSON else parsed for key, value in meta.items()}
 
 
 _NAME_CHARS = r"\w\-. "  # what a save name may hold

@@ -11,8 +11,8 @@ from pathlib import Path
 from .backends.base import Backend
 from .config import TrainConfig
 from .checkpoint import check_run_files
-from .files import atomic_write_text
 from .errors import ZEraseError
+from .files import atomic_write_text
 from .history import TrainResult, loss_series
 from .lora_file import save_lora
 from .render import curves, to_pil

@@ -195,7 +195,8 @@ class ZEraseTrainer:
         """One step of Algorithm 1. A step that fails before its update (NaN, out of memory, a cancel) leaves the run
         as it was before it, random generators included, so the checkpoint then saved resumes into the same step an
         uninterrupted run takes; under the paired λ rule, whose forward after the update may fail too, the update is
-        undone (:class:`_OptimizerUndo`). Only a failure inside AdamW's own step is not undone."""
+        undone (:class:`_OptimizerUndo`, taken before AdamW's step, so a failure inside that step is undone too);
+        under the other rules a failure inside AdamW's own step is not."""
         start = time.perf_counter()
         draws = self.rng.getstate(), self.gen.get_state()
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,8 @@ def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str,
 
 def load_weights(path: Path, dtype=torch.float32) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as f:
-        # As atomic_save wrote it, each value as text: "1" whether a writer gave 1 or "1" (which it stores quoted).
-        decoded = decode_metadata(f.metadata() or {})
-        metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in decoded.items()}
+        # Each value as text: a quoted string unquoted ("1" as atomic_save stores a str "1"), anything else as stored.
+        raw = f.metadata() or {}
+        metadata = {k: v if isinstance(v, str) else raw[k] for k, v in decode_metadata(raw).items()}
         state = {k: f.get_tensor(k) for k in f.keys()}
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, metadata
