@@ -183,7 +183,8 @@ def test_a_stopped_command_line_run_keeps_its_work_and_says_how_to_continue(tmp_
     with pytest.raises(ZEraseError, match="Stopped at step 2 of 4. The LoRA so far is in .*--resume to continue"):
         train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=4), out), callbacks=[ctrl_c])
     assert load_lora(out / "erasure_lora.safetensors").training["steps_done"] == 2
-    with pytest.raises(ZEraseError, match="exists; choose another --out .* or add --resume"):
+    with pytest.raises(ZEraseError, match="holds erasure_lora.safetensors of an earlier run; choose another --out "
+                                          ".* or add --resume"):
         PlannedRun(tiny_zimage_backend(), _config(steps=4), out)
     with pytest.raises(ZEraseError, match=r"different settings \(eta: 2.0 then, 3.0 now\)"):
         PlannedRun(tiny_zimage_backend(), _config(steps=4, eta=3.0), out, resume=True)
@@ -192,6 +193,18 @@ def test_a_stopped_command_line_run_keeps_its_work_and_says_how_to_continue(tmp_
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ZEraseError, match="is a file; --out names a folder"):
         PlannedRun(tiny_zimage_backend(), _config(), tmp_path / "a_file")
+
+
+def test_a_fresh_run_refuses_a_folder_holding_an_earlier_runs_curves_or_history(tmp_path):
+    """Only the LoRA was guarded: a folder whose LoRA was moved away lost its curves and history to a new run."""
+    from zerase_core.run import PlannedRun
+
+    (tmp_path / "history.json").write_text("[]")
+    (tmp_path / "curves.png").write_bytes(b"png")
+    with pytest.raises(ZEraseError, match="holds curves.png, history.json of an earlier run; choose another --out"):
+        PlannedRun(tiny_zimage_backend(), _config(), tmp_path)
+    assert (tmp_path / "history.json").read_text() == "[]" and (tmp_path / "curves.png").read_bytes() == b"png"
+    assert PlannedRun(tiny_zimage_backend(), _config(), tmp_path / "new").folder == tmp_path / "new"
 
 
 def test_resume_refuses_a_model_that_cannot_be_told_to_be_the_one_trained(tmp_path, monkeypatch):

@@ -62,9 +62,16 @@ def test_short_demo_writes_every_output(tmp_path, random_toy, monkeypatch):
 
     # Run again into the same folder: refused before the original model is measured, the first run's files kept.
     monkeypatch.setattr(demo, "erasure_report", lambda *a, **k: pytest.fail("measured"))
-    with pytest.raises(ZEraseError, match="exists; choose another --out"):
+    with pytest.raises(ZEraseError, match="holds erasure_lora.safetensors, .* of an earlier run; choose another"):
         run_demo("crimson", None, steps=3, seed=0, out=tmp_path, n_eval=6, bundle=random_toy)
     assert json.loads((tmp_path / "report.json").read_text()) == saved
+    # A folder holding only the demo's own files (its LoRA moved away) is refused too: the report stays.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.json").write_text("an earlier report")
+    with pytest.raises(ZEraseError, match=r"other holds report.json of an earlier run"):
+        run_demo("crimson", None, steps=3, seed=0, out=other, n_eval=6, bundle=random_toy)
+    assert (other / "report.json").read_text() == "an earlier report"
     monkeypatch.undo()
     again = run_demo("crimson", None, steps=4, seed=0, out=tmp_path, n_eval=6, bundle=random_toy, resume=True)
     assert again["steps"] == 4 and load_lora(tmp_path / "erasure_lora.safetensors").training["steps_done"] == 4

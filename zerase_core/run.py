@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
 LORA = "erasure_lora.safetensors"
+CURVES = "curves.png"
+HISTORY = "history.json"
 
 
 def progress_bar(total: int, initial: int = 0, label: str = "Z-Erase"):
@@ -59,13 +61,16 @@ class PlannedRun:
 
     Made only once it is sure its LoRA and checkpoint can be written and nothing is lost: everything that would stop
     the run later (a folder that cannot be written, a checkpoint of other settings) is refused when it is built,
-    before any work (the demo's measurements included).
+    before any work (the demo's measurements included). ``also_writes`` names the caller's own files in the folder
+    (the demo's report and pictures): a fresh run refuses a folder that holds any of them, as it refuses one that
+    holds a LoRA, so nothing of an earlier run is overwritten.
     """
 
     backend: Backend
     config: TrainConfig
     folder: Path
     resume: bool = False
+    also_writes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # os.path's checks, which answer False where Path's raise (a name too long): check_run_files then refuses
@@ -75,9 +80,11 @@ class PlannedRun:
             raise ZEraseError(f"{out} is a file; --out names a folder for the run's files.")
         if self.resume and not os.path.exists(self.checkpoint):
             raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")
-        if not self.resume and os.path.exists(self.lora):
+        taken = [name for name in (LORA, CURVES, HISTORY, *self.also_writes) if os.path.lexists(out / name)]
+        if not self.resume and taken:
             more = ", or add --resume to continue (or extend) its run" if os.path.exists(self.checkpoint) else ""
-            raise ZEraseError(f"{self.lora} exists; choose another --out (files are never overwritten){more}.")
+            raise ZEraseError(f"{out} holds {', '.join(taken)} of an earlier run; choose another --out (files are "
+                              f"never overwritten){more}.")
         check_run_files(self.lora, self.checkpoint, self.config, self.backend.fingerprint(),
                         self.backend.base_digest(), self.resume,
                         "Run the same command with --resume to continue it; to start over instead, choose another "
@@ -111,8 +118,8 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
     finally:
         bar.close()
     save_lora(result.lora, run.lora)  # atomic; a resumed run replaces its own earlier file
-    write_curves(result, run.folder / "curves.png", f"Z-Erase '{config.concept}': {len(result.history)} steps")
-    atomic_write_text(run.folder / "history.json", json.dumps([asdict(r) for r in result.history]))
+    write_curves(result, run.folder / CURVES, f"Z-Erase '{config.concept}': {len(result.history)} steps")
+    atomic_write_text(run.folder / HISTORY, json.dumps([asdict(r) for r in result.history]))
     log.info("wrote %s", run.lora)
     return result, run.lora
 

@@ -21,7 +21,7 @@ from ..errors import ZEraseError
 from ..files import atomic_write_text
 from ..lora import LoRAConfig
 from ..render import grid, to_pil
-from ..run import PlannedRun, every, train_and_save
+from ..run import CURVES, PlannedRun, every, train_and_save
 from ..sampling import preview_seed
 from .erasure_metrics import (
     Concept, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word, weights_identity,
@@ -29,6 +29,9 @@ from .erasure_metrics import (
 from .world import ATTRIBUTES, PROMPT_STYLES, Labels, make_prompt, random_labels
 
 log = logging.getLogger(__name__)
+
+# The demo's own files beside the run's (run.py): the comparison grid, the attention maps, the report, the previews.
+GRID, ATTENTION, REPORT, PREVIEWS = "before_after.png", "attention_maps.png", "report.json", "previews"
 
 
 
@@ -145,14 +148,14 @@ def preview(backend, bundle, concept: Concept, seed: int, out: Path):
     """A training callback: the erased model on two prompts naming the concept, beside the original."""
     _, prompts, _, _ = prompt_sets(concept, 2, seed + 7)
     original = generate(backend, bundle, prompts, preview_seed(seed), lora=False)
-    (out / "previews").mkdir(parents=True, exist_ok=True)
+    (out / PREVIEWS).mkdir(parents=True, exist_ok=True)
 
     def show(record, trainer) -> None:
         now = generate(backend, bundle, prompts, preview_seed(seed), lora=True)
         cells = [[to_pil(o.permute(1, 2, 0)).resize((96, 96)), to_pil(n.permute(1, 2, 0)).resize((96, 96))]
                  for o, n in zip(original, now)]
         to_pil(grid(cells, ["original", f"step {record.step}"], caption=" | ".join(prompts))[0]).save(
-            out / "previews" / f"step_{record.step:05d}.png")
+            out / PREVIEWS / f"step_{record.step:05d}.png")
 
     return show
 
@@ -172,7 +175,8 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     backend = toy_backend(bundle)
     concept = parse_concept(concept_word)
     config = toy_train_config(concept, preserve, steps, seed, bundle.sampling)
-    run = PlannedRun(backend, config, out, resume)  # a taken --out is told now, not after measuring the original
+    # A taken --out is told now, not after measuring the original.
+    run = PlannedRun(backend, config, out, resume, also_writes=(GRID, ATTENTION, REPORT, PREVIEWS))
     log.info("measuring the original model on %d + %d prompts", n_eval, n_eval)
     # seed + 1000, not EVAL_SEED_OFFSET: the demo's shipped report (docs/bench) was measured on this stream
     original = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=False, styles=PROMPT_STYLES)
@@ -180,8 +184,8 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     result, lora_path = train_and_save(run, callbacks=[previews])
     log.info("measuring the erased model")
     erased = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=True, styles=PROMPT_STYLES)
-    to_pil(comparison_grid(backend, bundle, concept, seed)[0]).save(out / "before_after.png")
-    to_pil(attention_picture(backend, bundle, concept, seed)[0]).save(out / "attention_maps.png")
+    to_pil(comparison_grid(backend, bundle, concept, seed)[0]).save(out / GRID)
+    to_pil(attention_picture(backend, bundle, concept, seed)[0]).save(out / ATTENTION)
     backend.uninstall()  # give the bundle back as it came
     report = {
         "concept": concept.word, "attribute": concept.attribute, "value": concept.value,
@@ -191,8 +195,8 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
         "original": original, "erased": erased,
         "train_seconds": round(result.seconds, 1), "seconds": round(time.perf_counter() - start, 1),
         "toy_weights": identity,
-        "files": {"lora": lora_path.name, "grid": "before_after.png", "curves": "curves.png",
-                  "attention": "attention_maps.png", "previews": "previews/"},
+        "files": {"lora": lora_path.name, "grid": GRID, "curves": CURVES, "attention": ATTENTION,
+                  "previews": PREVIEWS + "/"},
     }
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / REPORT, json.dumps(report, indent=2))
     return report
