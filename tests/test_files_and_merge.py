@@ -97,6 +97,42 @@ def test_refusals(tmp_path):
         load_lora(tmp_path)
 
 
+def test_a_refused_file_is_refused_from_its_header_without_loading_its_tensors(tmp_path, monkeypatch):
+    """An ordinary LoRA (or a whole model picked by mistake) can be gigabytes: its names decide, not its tensors."""
+    from contextlib import contextmanager
+
+    import zerase_core.lora_file as lora_file
+
+    real, loaded = lora_file.safe_open, []
+
+    class Counting:  # an open safetensors file that lists the tensors read from it
+        def __init__(self, f):
+            self.f = f
+
+        def get_tensor(self, name):
+            loaded.append(name)
+            return self.f.get_tensor(name)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    @contextmanager
+    def counting_open(*args, **kwargs):
+        with real(*args, **kwargs) as f:
+            yield Counting(f)
+
+    monkeypatch.setattr(lora_file, "safe_open", counting_open)
+    save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 4)}, str(tmp_path / "stock.safetensors"))
+    with pytest.raises(ZEraseError, match="ordinary LoRA"):
+        load_lora(tmp_path / "stock.safetensors")
+    save_file({"model.big": torch.zeros(64, 64)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ZEraseError, match="not a Z-Erase LoRA"):
+        load_lora(tmp_path / "model.safetensors")
+    assert loaded == []
+    load_lora(save_lora(_random_lora(KEYS), tmp_path / "mine.safetensors"))
+    assert len(loaded) == 2 * len(KEYS)  # the counting sees reads: a native file's factors are read
+
+
 def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     """A native file's tensors and metadata (as stored: strings), changed by ``tensors`` / ``meta``."""
     stored = {f"zerase.layers.{i}.{p}.{ab}": t for (i, p), pair in lora.factors.items() for ab, t in zip("AB", pair)}

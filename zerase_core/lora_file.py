@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -117,7 +117,18 @@ def save_lora(lora: ErasureLoRA, path: str | Path) -> Path:
     return atomic_save(tensors, path, lora.metadata())
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _header(path: Path) -> tuple[list[str], dict[str, str]]:
+    """A file's tensor names and metadata, read without its tensors: a refused file (an ordinary LoRA of gigabytes)
+    is refused without loading it."""
+    return _safely(path, lambda f: (list(f.keys()), dict(f.metadata() or {})))
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return _finite(path, _safely(path, lambda f: {k: f.get_tensor(k) for k in f.keys()}))
+
+
+def _safely(path: Path, read: Callable[[Any], Any]) -> Any:
+    """``read(f)`` of the opened safetensors file; a missing, unreadable or broken file is refused by name."""
     # os.path's checks, not Path's: a path the system cannot look up (a name too long) is then "not found", not a
     # traceback.
     if os.path.isdir(path):
@@ -126,8 +137,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ZEraseError(f"LoRA file not found (or not readable as a path): {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
+            return read(f)
+    except (SafetensorError, OSError, ValueError) as err:  # ``read`` raises none of the pack's own errors
         raise ZEraseError(
             f"'{path.name}' is not a readable safetensors file ({err}); re-download or re-train it.") from err
 
@@ -145,12 +156,12 @@ def read_description(path: str | Path) -> dict[str, Any]:
 def load_lora(path: str | Path) -> ErasureLoRA:
     """Read a native or official Z-Erase file; refuse stock LoRAs and broken files with a clear reason."""
     path = Path(path)
-    tensors, meta = _read(path)
+    keys, meta = _header(path)
     if meta.get("format") == FORMAT:
-        return _from_native(path, _finite(path, tensors), meta)
-    if tensors and all(_OFFICIAL.match(k) for k in tensors):
-        return _from_official(_finite(path, tensors))
-    if any(h in k for k in tensors for h in _STOCK_HINTS):
+        return _from_native(path, _tensors(path), meta)
+    if keys and all(_OFFICIAL.match(k) for k in keys):
+        return _from_official(_tensors(path))
+    if any(h in k for k in keys for h in _STOCK_HINTS):
         raise ZEraseError(
             f"'{path.name}' is an ordinary LoRA, not a Z-Erase erasure LoRA. Ordinary LoRAs act on every "
             "token; applied through the text-token gate they would be misused. Load it with ComfyUI's "
