@@ -54,7 +54,7 @@ class MergeErasureLoRAs(io.ComfyNode):
         merged, report = merge(loras, parse_weights(weights, len(loras)), rank or None)
         text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
         if save_name.strip():
-            path = save_lora(merged, safe_output_path(output_folder(), save_name))
+            path = save_lora(merged, safe_output_path(output_folder(), save_name), exclusive=True)
             text += f"; saved {path.name}"
             log.info("Z-Erase: %s", text)
         return io.NodeOutput(merged, text)

@@ -111,8 +111,10 @@ def _save(lora, planned: Path, save_name: str, own: Path | None = None) -> Path:
     """Save to the name resolved before training, unless a file appeared there meanwhile (written by something
     outside this node during a long run): then to the next free name, never over it. ``own`` is the partial LoRA
     of the run this one resumed: that file it replaces."""
-    mine = planned == own or not planned.exists()
-    return save_lora(lora, planned if mine else safe_output_path(output_folder(), save_name))
+    if planned == own:
+        return save_lora(lora, planned)
+    return save_lora(lora, planned if not planned.exists() else safe_output_path(output_folder(), save_name),
+                     exclusive=True)
 
 
 def _resumed_file(trainer) -> Path | None:

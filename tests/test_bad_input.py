@@ -144,6 +144,28 @@ def test_a_refused_merge_creates_no_folder(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+def test_a_merge_never_replaces_a_file_that_appeared_while_it_ran(tmp_path, capsys, monkeypatch):
+    """The exists-check runs before the merge; a file written there meanwhile (another process) is kept."""
+    import zerase_core.merge as merge_module
+    from zerase_core.cli import main
+    from zerase_core.lora_file import ErasureLoRA, save_lora
+
+    parts = [save_lora(ErasureLoRA({(0, "q"): (torch.ones(2, 8), torch.ones(8, 2))}, scale=1.0, concept=c),
+                       tmp_path / f"{c}.safetensors") for c in ("cat", "dog")]
+    out = tmp_path / "merged.safetensors"
+    real = merge_module.merge
+
+    def meanwhile(*args, **kwargs):
+        out.write_text("written by someone else")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "merge", meanwhile)
+    assert main(["merge", *map(str, parts), "--out", str(out)]) == 2
+    assert "appeared while this was written); it was not replaced" in capsys.readouterr().err
+    assert out.read_text() == "written by someone else"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
 @pytest.mark.parametrize("resolution", ["0", "-64"])
 def test_a_resolution_that_is_not_positive_is_refused(resolution):
     with pytest.raises(ZEraseError, match="resolution must be positive"):

@@ -390,3 +390,23 @@ def test_a_save_name_made_from_a_concept_is_always_allowed(tmp_path):
                               ("nude, naked", "nude_ naked"), ("梵高", "梵高"), ("..", "zerase"), ("?!", "zerase")]:
         assert name_from(concept) == expected
         assert path_inside(tmp_path, name_from(concept), ".safetensors").parent == tmp_path.resolve()
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_an_exclusive_save_writes_a_new_file_and_never_replaces_one(tmp_path, monkeypatch, hard_links):
+    """A file system without hard links (FAT, exFAT) takes the check-then-rename path; both refuse an existing file."""
+    import os
+
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    if not hard_links:
+        monkeypatch.setattr(os, "link", no_links)
+    lora = _random_lora(KEYS)
+    path = save_lora(lora, tmp_path / "new.safetensors", exclusive=True)
+    assert torch.equal(load_lora(path).factors[KEYS[0]][0], lora.factors[KEYS[0]][0])
+    (tmp_path / "taken.safetensors").write_text("kept")
+    with pytest.raises(ZEraseError, match="it was not replaced"):
+        save_lora(lora, tmp_path / "taken.safetensors", exclusive=True)
+    assert (tmp_path / "taken.safetensors").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.safetensors", "taken.safetensors"]

@@ -67,7 +67,7 @@ def _merge(args: argparse.Namespace) -> int:
         raise ZEraseError(f"{args.out} exists; choose another --out (files are never overwritten).")
     merged, report = merge([load_lora(f) for f in args.files], args.weights, args.rank)
     check_writable(args.out)  # a name too long, a folder that cannot be written: refused by name, nothing made before
-    save_lora(merged, args.out)
+    save_lora(merged, args.out, exclusive=True)  # also if a file appeared there during the merge
     print(json.dumps({"out": str(args.out), "rank": report.rank, "relative_error": report.relative_error}))
     return 0
 

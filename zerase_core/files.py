@@ -17,8 +17,9 @@ from safetensors.torch import save
 from .errors import ZEraseError
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
-    """Write a safetensors file whole or not at all (see :func:`_atomic_write`).
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, Any],
+                exclusive: bool = False) -> Path:
+    """Write a safetensors file whole or not at all (see :func:`_atomic_write`); ``exclusive``: a new file only.
 
     Metadata values are stored as JSON, except strings that are not JSON themselves, which stay readable as they
     are (a concept "cat"); a string that would read back as JSON ("null", "3.5", a digest of digits) is quoted, so
@@ -28,7 +29,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     # Serialised here, written by us: one write path whose failures are OSErrors (safetensors' own file writer
     # raises its SafetensorError for a full disk), and files with the user's umask (its writer makes them 0600).
-    return _atomic_write(Path(path), save(tensors, metadata=meta))
+    return _atomic_write(Path(path), save(tensors, metadata=meta), exclusive)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -36,16 +37,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return _atomic_write(Path(path), text.encode())
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
+def _atomic_write(path: Path, data: bytes, exclusive: bool = False) -> Path:
     """``data`` into a temporary file beside ``path``, flushed to disk, then renamed over it: neither a crash nor a
-    power loss leaves half a file, and a failed write (disk full, no permission) leaves the old one."""
+    power loss leaves half a file, and a failed write (disk full, no permission) leaves the old one. ``exclusive``
+    refuses to replace a file at ``path``, also one that appeared after the caller checked for it."""
     tmp = _temporary(path.parent)  # its name does not grow with the file's: any name that fits can be written
     try:
         with os.fdopen(_create(tmp), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the handle that wrote (Windows refuses fsync on a read-only one)
-        os.replace(tmp, path)
+        (_publish_new if exclusive else os.replace)(tmp, path)
+    except FileExistsError as err:
+        raise ZEraseError(f"{path} exists (it appeared while this was written); it was not replaced. Choose another "
+                          "name.") from err
     except OSError as err:
         raise ZEraseError(f"Could not write {path}: {err.strerror or err}. Free disk space or choose a folder you "
                           "can write to; no earlier file was changed.") from err
@@ -53,6 +58,21 @@ def _atomic_write(path: Path, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _publish_new(tmp: str, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless ``path`` exists, in one step where the system can (FileExistsError if so)."""
+    if os.name == "nt":
+        os.rename(tmp, path)  # Windows' rename refuses an existing target
+        return
+    try:
+        os.link(tmp, path)  # refuses an existing target, where rename would replace it; tmp is removed after
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links (FAT, exFAT): check, then rename; a small window remains
+        if os.path.lexists(path):
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
 
 
 def check_writable(path: str | os.PathLike) -> None:

@@ -109,12 +109,13 @@ class ErasureLoRA:
         }
 
 
-def save_lora(lora: ErasureLoRA, path: str | Path) -> Path:
+def save_lora(lora: ErasureLoRA, path: str | Path, exclusive: bool = False) -> Path:
+    """Write ``lora`` atomically; ``exclusive``: as a new file, refusing to replace one (see files.atomic_save)."""
     tensors = {}
     for (layer, proj), (a, b) in sorted(lora.factors.items()):
         tensors[f"zerase.layers.{layer}.{proj}.A"] = a.float()
         tensors[f"zerase.layers.{layer}.{proj}.B"] = b.float()
-    return atomic_save(tensors, path, lora.metadata())
+    return atomic_save(tensors, path, lora.metadata(), exclusive)
 
 
 def _header(path: Path) -> tuple[list[str], dict[str, str]]:
