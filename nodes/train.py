@@ -219,8 +219,8 @@ class ZEraseTrain(io.ComfyNode):
         if done is not None:
             return _reused(cls, done, probe, model, vae, config)
         checkpoint = path_inside(output_folder() / CHECKPOINTS, save_name, CHECKPOINT_SUFFIX)
-        check_run_files(path, checkpoint, config, probe.fingerprint(), probe.base_digest(), resume, "Turn resume on "
-                        "to continue it; to start over instead, choose another save_name or delete that file.")
+        check_run_files(path, checkpoint, config, probe, resume, "Turn resume on to continue it; to start over "
+                        "instead, choose another save_name or delete that file.")
         backend = ComfyZImageBackend.for_training(model, clip, node=NODE)
         with training_session(backend):
             trainer = _trainer(backend, config, checkpoint, resume)

@@ -475,5 +475,5 @@ def test_a_finished_lora_is_found_only_for_the_same_settings_on_the_same_model(t
         ZEraseTrainer(tiny_zimage_backend(), _config(steps=4)).resume(tmp_path / "a.ckpt")
     # ... and already when the run's files are checked, before a trainer samples its x_t pool (minutes on Z-Image)
     with pytest.raises(ZEraseError, match="another model"):
-        check_run_files(tmp_path / "cat.safetensors", tmp_path / "a.ckpt", _config(steps=4), fingerprint, "model-b",
+        check_run_files(tmp_path / "cat.safetensors", tmp_path / "a.ckpt", _config(steps=4), tiny_zimage_backend(),
                         resume=True, advice="")

@@ -20,6 +20,7 @@ from .history import StepRecord
 from .run_files import resumable
 
 if TYPE_CHECKING:
+    from .backends.base import Backend
     from .trainer import ZEraseTrainer
 
 KIND = "zerase-checkpoint"
@@ -50,17 +51,18 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path) -> Path:
     return atomic_save(tensors, path, meta)
 
 
-def check_run_files(lora: Path, checkpoint: Path, config: TrainConfig, fingerprint: dict, base: str | None,
-                    resume: bool, advice: str) -> None:
-    """Before any work: both files of a run can be written, and its checkpoint is one this run may continue
-    (``resume``) or, starting anew, no stopped run's that it would replace (``advice``: how to continue or start
-    over, in the caller's words)."""
+def check_run_files(lora: Path, checkpoint: Path, config: TrainConfig, backend: "Backend", resume: bool,
+                    advice: str) -> None:
+    """Before any work: both files of a run of ``config`` on ``backend`` can be written, and its checkpoint is one
+    this run may continue (``resume``) or, starting anew, no stopped run's that it would replace (``advice``: how to
+    continue or start over, in the caller's words)."""
     for path in (lora, checkpoint):
         check_writable(path)  # not at the first save, after the model is loaded and the x_t pool sampled
     if not resume:
         _refuse_replacing(checkpoint, advice)
-    elif checkpoint.exists():  # before any work
-        _refuse_mismatch(checkpoint, _read(checkpoint, tensors=False)[1], config, fingerprint, base)
+    elif checkpoint.exists():  # before any work; the model's digest is made only here, where it is compared
+        meta = _read(checkpoint, tensors=False)[1]
+        _refuse_mismatch(checkpoint, meta, config, backend.fingerprint(), backend.base_digest())
 
 
 def _refuse_replacing(path: Path, advice: str) -> None:

@@ -85,8 +85,7 @@ class PlannedRun:
             more = ", or add --resume to continue (or extend) its run" if os.path.exists(self.checkpoint) else ""
             raise ZEraseError(f"{out} holds {', '.join(taken)} of an earlier run; choose another --out (files are "
                               f"never overwritten){more}.")
-        check_run_files(self.lora, self.checkpoint, self.config, self.backend.fingerprint(),
-                        self.backend.base_digest(), self.resume,
+        check_run_files(self.lora, self.checkpoint, self.config, self.backend, self.resume,
                         "Run the same command with --resume to continue it; to start over instead, choose another "
                         "--out or delete that file.")
 
