@@ -16,6 +16,8 @@ from .config import concept_words
 from .errors import ZEraseError
 from .lora_file import ErasureLoRA, Key
 
+JOIN = " + "  # a merged LoRA's concept: its parts' concepts joined by this (split again when it is merged further)
+
 
 @dataclass(frozen=True)
 class MergeReport:
@@ -76,12 +78,12 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
     # What the merge preserves: every part's preservation concepts but those a part erases ("cat" keeping "dog"
     # merged with "dog" erases both); a part that is itself a merge erases each concept of its "a + b".
     erased = {tuple(concept_words(c)) for lora in loras
-              for c in (lora.concept.split(" + ") if lora.source == "merge" else [lora.concept])}
+              for c in (lora.concept.split(JOIN) if lora.source == "merge" else [lora.concept])}
     return ErasureLoRA(
         factors,
         scale=1.0,
         strength=1.0,
-        concept=" + ".join(lora.concept for lora in loras),
+        concept=JOIN.join(lora.concept for lora in loras),
         preserve=tuple(dict.fromkeys(p for lora in loras for p in lora.preserve
                                      if tuple(concept_words(p)) not in erased)),
         fingerprint=fingerprint,
