@@ -180,9 +180,8 @@ class ZEraseTrain(io.ComfyNode):
                                 "concept). Never overwrites: a taken name gets _001, _002, …; resume finds its run "
                                 "by this name."),
                 io.Boolean.Input("gradient_checkpointing", default=CHECKPOINTING,
-                                 tooltip="Saves most activation memory for more time per step. Measured on an "
-                                 "H200 at 512² on the real model: 33.5 → 13.2 GiB, 0.36 → 0.47 s a step (through "
-                                 "diffusers); on, through this node: 13.0 GiB, 7.4 GiB with fp8 weights"),
+                                 tooltip="Saves most activation memory for about a third more time per step: at "
+                                 "512² on the real model it is what fits a 16 GB card (README, Performance)."),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue an interrupted run of this save_name (cancelled, crashed, "
                                  "ComfyUI restarted) with the same settings from its last checkpoint (every "

@@ -146,11 +146,11 @@ def test_no_grad_preservation_changes_no_update(monkeypatch):
         trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=12, lr=1e-2))
         if always_batched:
             monkeypatch.setattr(trainer.lam, "needs_pr_gradient", lambda: True)
-        runs.append((trainer.run(), trainer))
-    (ours, t_ours), (batched, _) = runs
+        runs.append(trainer.run())
+    ours, batched = runs
     assert [r.lam for r in ours.history] == pytest.approx([r.lam for r in batched.history], rel=1e-4, abs=1e-8)
     assert any(r.lam > 0 for r in ours.history)
-    assert t_ours.pr_recomputed >= 1 and t_ours.pr_recomputed == sum(r.pr_recomputed for r in ours.history)
+    assert sum(r.pr_recomputed for r in ours.history) >= 1  # the recompute path ran, and changed nothing
     # batch-1 vs batch-3 forwards differ in the last float bits; 12 AdamW steps at lr 1e-2 carry
     # that to ~2e-5 (factors are ~1e-1), far below any real difference of update rule
     for key, (a, b) in batched.lora.factors.items():

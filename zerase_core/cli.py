@@ -100,7 +100,6 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def train_config_from_args(args: argparse.Namespace, **defaults):
     """A TrainConfig from CLI flags; unset flags keep TrainConfig's (or the caller's) defaults."""
-    from .config import TrainConfig
     from .lora import LoRAConfig, targets_from
 
     lora = {}

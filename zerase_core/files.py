@@ -47,7 +47,10 @@ def _atomic_write(path: Path, data: bytes, exclusive: bool = False) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # the handle that wrote (Windows refuses fsync on a read-only one)
-        (_publish_new if exclusive else os.replace)(tmp, path)
+        if exclusive:
+            _publish_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     except FileExistsError as err:
         raise ZEraseError(f"{path} exists (it appeared while this was written); it was not replaced. Choose another "
                           "name.") from err
@@ -159,7 +162,7 @@ def saved_versions(folder: str | os.PathLike, name: str, suffix: str = ".safeten
     number = re.compile(rf"^{re.escape(first.stem)}_(\d+){re.escape(suffix)}$")
     found = sorted((int(m[1]), p) for p in first.parent.glob(f"{glob.escape(first.stem)}_*{suffix}")
                    if (m := number.match(p.name)) and p == _numbered(first, int(m[1]), suffix))
-    return [first] * first.exists() + [p for _, p in found]
+    return ([first] if first.exists() else []) + [p for _, p in found]
 
 
 def name_from(text: str, fallback: str = "zerase") -> str:

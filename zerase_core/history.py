@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -38,5 +39,5 @@ def loss_series(history: Sequence[StepRecord]) -> dict[str, list[float]]:
 def stored_series(history: Sequence[StepRecord], points: int = 2000) -> dict[str, list[float]]:
     """:func:`loss_series` as a LoRA file keeps it (its curves can be drawn again without the run): at most
     ``points`` evenly spaced steps, 6 significant digits."""
-    stride = max(1, -(-len(history) // points))
+    stride = max(1, math.ceil(len(history) / points))
     return {name: [float(f"{v:.6g}") for v in values[::stride]] for name, values in loss_series(history).items()}

@@ -79,7 +79,8 @@ class ZEraseTrainer:
             torch.random.default_generator.manual_seed(config.seed)
             self.lora = backend.install(config.lora, "zerase")
         self.params = [p.requires_grad_(True) for p in self.lora.parameters()]
-        # §5.1 names AdamW at α and no weight decay: torch's default 0.01, stated so it is a choice, not an accident.
+        # §5.1 names AdamW at α and gives no weight decay; we keep torch's default 0.01, written out so that it is a
+        # choice, not an accident.
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.01)
         self.lam = rule_for(config)
         self.rng = random.Random(config.seed)
@@ -170,11 +171,6 @@ class ZEraseTrainer:
         n = len(prompts)
         v_pr, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), prompts, lora=True)
         return _l_pr(v_pr, teacher.to(v_pr.device), keep)
-
-    @property
-    def pr_recomputed(self) -> int:
-        """Steps so far whose L_pr was recomputed with a graph (λ turned > 0 from 0)."""
-        return sum(r.pr_recomputed for r in self.history)
 
     def _backward(self, l_er: torch.Tensor, l_pr: torch.Tensor) -> float:
         """Set .grad on the LoRA parameters by the λ rule; return the λ used."""

@@ -21,6 +21,7 @@ import diffusers.models.transformers.transformer_z_image as z_image_module
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF as SEQ_MULTIPLE
 
 from ..attention_mass import Recorder, checkpointed, sdpa_attention
+from ..errors import ZEraseError
 from ..gate import TokenGate
 from ..layout import TokenLayout, pad_to_multiple
 from ..lora import GatedLoRALinear, LoRAConfig
@@ -118,9 +119,7 @@ class DiffusersZImageBackend(Backend):
         flow_shift: float | None = None,
         digest: str | None = None,
     ):
-        if type(transformer).__name__ != "ZImageTransformer2DModel":
-            from ..errors import ZEraseError
-
+        if not isinstance(transformer, z_image_module.ZImageTransformer2DModel):
             raise ZEraseError(
                 f"Expected diffusers' ZImageTransformer2DModel, got {type(transformer).__name__}. "
                 "Z-Erase needs a single-stream Z-Image transformer."
@@ -196,8 +195,6 @@ class DiffusersZImageBackend(Backend):
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         step = self.latent.downsample * self.patch
         if height % step or width % step:
-            from ..errors import ZEraseError
-
             raise ZEraseError(f"Resolution {height}×{width} must be a multiple of {step} for this model.")
         return (self.latent.channels, height // self.latent.downsample, width // self.latent.downsample)
 

@@ -4,7 +4,7 @@ A step's cost depends on λ (see :mod:`.trainer`): while λ_t = 0 the preservati
 predictions run without a graph; when λ_t > 0 the three student predictions run as one
 batch-3 forward/backward; when λ_t = 0 but λ_{t+1} > 0 L_pr is recomputed with a graph.
 This trains the toy with the demo's settings (:func:`~.toy.demo.toy_train_config`: the
-paper's α, β, η, λ rule and the preset's ε) and counts the four kinds of step from the
+paper's α, β, η, λ rule and the preset's ε) and counts the three kinds of step from the
 history alone, so the real-model run time (:func:`.estimate.run_time_composition`)
 can weigh them. No timing is taken here.
 """

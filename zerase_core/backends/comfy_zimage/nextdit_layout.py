@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...layout import TokenLayout, pad_to_multiple
@@ -9,7 +11,7 @@ from ...layout import TokenLayout, pad_to_multiple
 
 def image_patches(x: torch.Tensor, patch: int) -> tuple[int, int]:
     """Image tokens down and across: NextDiT pads the latent up to a multiple of the patch size."""
-    return -(-x.shape[-2] // patch), -(-x.shape[-1] // patch)
+    return math.ceil(x.shape[-2] / patch), math.ceil(x.shape[-1] / patch)
 
 
 def nextdit_layout(context_len: int, x: torch.Tensor, patch: int, multiple: int) -> TokenLayout:
