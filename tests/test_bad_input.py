@@ -179,9 +179,9 @@ def test_a_command_line_run_stopped_by_nan_says_to_start_again_not_to_resume(tmp
     from zerase_core.lora_file import load_lora
     from zerase_core.run import PlannedRun, train_and_save
 
-    real = trainer_module.loss_preserve
+    real = trainer_module.loss_pr
     calls = []
-    monkeypatch.setattr(trainer_module, "loss_preserve",
+    monkeypatch.setattr(trainer_module, "loss_pr",
                         lambda *a: real(*a) * (float("nan") if calls.append(1) or len(calls) > 3 else 1.0))
     out = tmp_path / "run"
     with pytest.raises(ZEraseError, match="Resuming would repeat the step that failed: start a fresh run with "

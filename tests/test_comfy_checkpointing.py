@@ -70,11 +70,12 @@ def _one_step_gradient(checkpointing: bool, mode: str, stacked: bool, layers=Non
         x_t = torch.randn((1, *trainer.latent_shape), generator=g)
         sigma = torch.tensor([0.6])
         er, keep = trainer.prompts.erase[0], trainer.prompts.keep[0]
-        l_erase, l_attn, l_pr, _ = trainer._losses(er, list(trainer.prompts.erase_tokens[0]), keep, x_t, sigma)
+        losses = trainer._losses(er, list(trainer.prompts.erase_tokens[0]), keep, x_t, sigma)
+        l_erase, l_attn, l_pr = losses.erase, losses.attn, losses.pr
         assert l_pr.requires_grad  # λ > 0 expected: the batched [c_er, ∅, c_pr] student forward
         seen, handles = _qkv_calls(model)
         try:
-            lam = trainer._backward(l_erase + config.attn_weight * l_attn, l_pr)
+            lam, _ = trainer._backward(l_erase + config.attn_weight * l_attn, l_pr, losses.pr_batch)
         finally:
             for h in handles:
                 h.remove()

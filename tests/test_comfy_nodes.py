@@ -437,14 +437,14 @@ def test_a_run_stopped_by_nan_leaves_the_input_model_as_it_was(pack, loras_dir, 
         model, clip = tiny_zimage(comfy, inference_tensors=True), tiny_clip(comfy)
         positive, negative = encode(clip, "a photo of a cat"), encode(clip, "")
         before = ksample(comfy, model, positive, negative, empty_latent())
-    real_init, real_loss = trainer_module.ZEraseTrainer.__init__, trainer_module.loss_preserve
+    real_init, real_loss = trainer_module.ZEraseTrainer.__init__, trainer_module.loss_pr
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         runs.append(self)
 
     monkeypatch.setattr(trainer_module.ZEraseTrainer, "__init__", init)
-    monkeypatch.setattr(trainer_module, "loss_preserve",  # NaN from the second step on
+    monkeypatch.setattr(trainer_module, "loss_pr",  # NaN from the second step on
                         lambda *a: real_loss(*a) * (float("nan") if runs[-1].step >= 1 else 1.0))
     with torch.inference_mode(), pytest.raises(trainer_module.NonFiniteLoss, match="step 2"):
         train.execute(model=model, clip=clip, **_train_inputs(steps=3, save_name="nan"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zerase_core.objectives import erase_target, loss_attn, loss_erase, loss_preserve
+from zerase_core.objectives import erase_target, loss_attn, loss_erase, loss_pr
 
 
 def _full(value: float) -> torch.Tensor:
@@ -25,10 +25,10 @@ def test_loss_erase_is_the_mean_squared_distance_to_that_target():
     assert loss_erase(v_c, v_u, v_c, eta=2.0).item() == pytest.approx(9.0)  # the teacher itself is far from it
 
 
-def test_loss_preserve_sums_the_unconditional_and_the_kept_concept_terms():
+def test_loss_pr_sums_the_unconditional_and_the_kept_concept_terms():
     # student ∅ off by 1, student c_pr off by 3: 1² + 3² = 10; without a kept concept only the first term.
-    assert loss_preserve(_full(1.0), _full(0.0), _full(0.0), _full(3.0)).item() == pytest.approx(10.0)
-    assert loss_preserve(_full(1.0), _full(0.0)).item() == pytest.approx(1.0)
+    assert loss_pr(_full(1.0), _full(0.0), _full(0.0), _full(3.0)).item() == pytest.approx(10.0)
+    assert loss_pr(_full(1.0), _full(0.0)).item() == pytest.approx(1.0)
 
 
 def test_loss_attn_is_the_mean_mass_over_the_batch():

@@ -230,15 +230,15 @@ def test_exact_mode_steps_along_eq_11_with_the_eq_12_lambda():
     args = (pool.erase[0], list(pool.erase_tokens[0]), pool.keep[0], x_t, torch.tensor([0.6]))
 
     def losses():
-        l_erase, l_attn, l_pr, _ = trainer._losses(*args)
-        return l_erase + trainer.config.attn_weight * l_attn, l_pr
+        step = trainer._losses(*args)
+        return step.erase + trainer.config.attn_weight * step.attn, step.pr, step.pr_batch
 
-    l_er, l_pr = losses()
+    l_er, l_pr, _ = losses()
     g_er = torch.cat([g.reshape(-1) for g in torch.autograd.grad(l_er, trainer.params, retain_graph=True)]).double()
     g_pr = torch.cat([g.reshape(-1) for g in torch.autograd.grad(l_pr, trainer.params)]).double()
     lam_star = float((-g_er @ g_pr - eps) / (g_pr @ g_pr))
     assert lam_star > 0.1  # the constraint is active here, so a λ that is ignored or mis-signed shows
-    lam = trainer._backward(*losses())
+    lam, _ = trainer._backward(*losses())
     applied = torch.cat([p.grad.reshape(-1) for p in trainer.params]).double()
     assert lam == pytest.approx(lam_star, rel=1e-4)
     assert torch.allclose(applied, g_er + lam_star * g_pr, rtol=1e-4, atol=1e-9)
@@ -252,8 +252,8 @@ def test_nan_in_a_loss_stops_without_a_broken_lora(tmp_path, monkeypatch):
     good = {k: (a.detach().clone(), b.detach().clone()) for k, (a, b) in trainer.lora.factors().items()}
     import zerase_core.trainer as trainer_module
 
-    real = trainer_module.loss_preserve
-    monkeypatch.setattr(trainer_module, "loss_preserve", lambda *a: real(*a) * float("nan"))
+    real = trainer_module.loss_pr
+    monkeypatch.setattr(trainer_module, "loss_pr", lambda *a: real(*a) * float("nan"))
     with pytest.raises(NonFiniteLoss, match="non-finite value at step 4"):
         trainer.run()
     for key, (a, b) in trainer.lora.factors().items():
@@ -265,8 +265,8 @@ def test_nan_in_a_loss_stops_without_a_broken_lora(tmp_path, monkeypatch):
 def _nan_loss(backend, monkeypatch):
     import zerase_core.trainer as trainer_module
 
-    real = trainer_module.loss_preserve
-    monkeypatch.setattr(trainer_module, "loss_preserve", lambda *a: real(*a) * float("nan"))
+    real = trainer_module.loss_pr
+    monkeypatch.setattr(trainer_module, "loss_pr", lambda *a: real(*a) * float("nan"))
     return NonFiniteLoss
 
 
@@ -337,11 +337,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             for p in trainer.params:
                 p.add_(0.05)
         prompts = trainer.prompts
-        l_erase, l_attn, l_pr, _ = trainer._losses(prompts.erase[0], list(prompts.erase_tokens[0]), prompts.keep[0])
+        losses = trainer._losses(prompts.erase[0], list(prompts.erase_tokens[0]), prompts.keep[0])
         layer = trainer.backend.transformer.layers[0]
         calls = []
         handle = layer.register_forward_pre_hook(lambda m, a: calls.append(1))
-        (l_erase + l_attn + l_pr).backward()  # with checkpointing, backward runs each main layer again
+        (losses.erase + losses.attn + losses.pr).backward()  # with checkpointing, backward runs each main layer again
         handle.remove()
         runs.append(len(calls))
         grads.append(torch.cat([p.grad.reshape(-1) for p in trainer.params]))

@@ -39,7 +39,7 @@ def loss_total(l_er: torch.Tensor, l_pr: torch.Tensor, lam: float) -> torch.Tens
     return l_er + lam * l_pr if lam > 0 else l_er
 
 
-def loss_preserve(
+def loss_pr(
     v_student_uncond: torch.Tensor,
     v_uncond: torch.Tensor,
     v_student_keep: torch.Tensor | None = None,

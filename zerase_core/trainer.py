@@ -14,7 +14,7 @@ Per step (defaults from :class:`TrainConfig`):
    needed only for g̃, so no graph is built for it;
 4. L_er = L_erase + L_attn (Eq. 5-7), L_pr (Eq. 8); λ from the chosen rule; AdamW step on
    L_er + λ L_pr. If λ_{t+1} > 0 although λ_t = 0, L_pr is recomputed with a graph for that
-   step (counted in ``pr_recomputed``); nothing is back-propagated that cannot change the update.
+   step (``StepRecord.pr_recomputed``); nothing is back-propagated that cannot change the update.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -37,7 +38,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .history import StepRecord, TrainResult, stored_series
 from .lagrangian import direction, rule_for
 from .lora_file import ErasureLoRA
-from .objectives import loss_attn, loss_er, loss_erase, loss_preserve, loss_total
+from .objectives import loss_attn, loss_er, loss_erase, loss_pr, loss_total
 from .prompt_pool import PromptPool
 from .prompts import EncodedPrompt
 from .sampling import euler, flow_sigmas
@@ -52,6 +53,38 @@ class NonFiniteLoss(ZEraseError):
 
 class StepCallback(Protocol):
     def __call__(self, record: StepRecord, trainer: "ZEraseTrainer") -> None: ...
+
+
+class Teacher(NamedTuple):
+    """The frozen model's predictions at a step's x_t, from one no-grad forward over [c_er, ∅, (c_pr)]."""
+
+    concept: torch.Tensor  # v_θ(x_t, c_er)
+    uncond: torch.Tensor  # v_θ(x_t, ∅)
+    keep: torch.Tensor | None  # v_θ(x_t, c_pr), when the step has a preservation prompt
+
+    @classmethod
+    def rows(cls, v: torch.Tensor) -> "Teacher":
+        """The teacher of the batched forward's rows (a step without c_pr has two)."""
+        return cls(v[0:1], v[1:2], v[2:3] if len(v) > 2 else None)
+
+
+@dataclass(frozen=True)
+class PrBatch:
+    """Eq. 8's inputs of one step. Kept for the step's update: L_pr is recomputed from them with a graph when λ turns
+    > 0 although it ran without one, and the paired λ rule measures it again after the update."""
+
+    x_t: torch.Tensor
+    sigma: torch.Tensor
+    keep: EncodedPrompt | None
+    teacher: Teacher
+
+
+class StepLosses(NamedTuple):
+    erase: torch.Tensor  # L_erase (Eq. 5)
+    attn: torch.Tensor  # L_attn (Eq. 6)
+    pr: torch.Tensor  # L_pr (Eq. 8), with a graph only when its gradient was expected to count
+    sigma: float
+    pr_batch: PrBatch
 
 
 class ZEraseTrainer:
@@ -87,9 +120,6 @@ class ZEraseTrainer:
         self.gen = torch.Generator().manual_seed(config.seed)
         self.step, self.seconds, self.history = 0, 0.0, []
         self.checkpoint_meta: dict = {}  # the caller's notes, kept in every checkpoint (the node: its LoRA's name)
-        # Set by _losses / _backward for one step: the preservation inputs (x_t, σ, c_pr, teacher), kept to
-        # recompute L_pr with a graph when λ turns > 0, and for the paired λ rule's after-update value.
-        self._pr_batch, self._recomputed = None, False
         self.mass_layers = set(config.lora.layer_indices(backend.n_layers))
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
         self.latent_shape = backend.latent_shape(config.height, config.width)
@@ -125,16 +155,15 @@ class ZEraseTrainer:
             v, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), prompts, lora=False)
         return v
 
-    def _losses(self, er, tokens, keep, x_t=None, sigma=None, teacher=None):
+    def _losses(self, er, tokens, keep, x_t=None, sigma=None, teacher=None) -> StepLosses:
         """L_erase, L_attn, L_pr and σ at x_t (sampled fresh when not given) for one erase prompt."""
-        cfg = self.config
+        config = self.config
         pr_prompts = self._pr_prompts(keep)
         if x_t is None:
             x_t, sigma = self._sample_xt(er)
         if teacher is None:
             teacher = self._teacher(x_t, sigma, [er, *pr_prompts])
-        want_mass = cfg.attn_weight > 0
-        self._pr_batch = (x_t, sigma, keep, teacher)
+        want_mass = config.attn_weight > 0
         n = len(pr_prompts)
         v_pr = None
         if self.lam.needs_pr_gradient():
@@ -150,42 +179,43 @@ class ZEraseTrainer:
                 x_t, sigma, [er], lora=True, concept_tokens=[tokens] if want_mass else None,
                 mass_layers=self.mass_layers,
             )
-            # λ = 0 is expected: L_pr's value is needed (for g̃), its graph is not. If λ turns
-            # out > 0 in this step, _backward recomputes L_pr with a graph from these inputs.
+        batch = PrBatch(x_t, sigma, keep, Teacher.rows(teacher.to(v_er.device)))
+        if v_pr is None:
+            # λ = 0 is expected: L_pr's value is needed (for g̃), its graph is not. If λ turns out > 0 in this
+            # step, _backward recomputes L_pr with a graph from the same batch.
             with torch.no_grad():
-                l_pr = self._pr_loss(x_t, sigma, keep, teacher)
-        teacher = teacher.to(v_er.device)
-        l_erase = loss_erase(v_er, teacher[1:2], teacher[0:1], cfg.eta)
+                l_pr = self._pr_loss(batch)
+        else:
+            l_pr = _l_pr(v_pr, batch)
+        l_erase = loss_erase(v_er, batch.teacher.uncond, batch.teacher.concept, config.eta)
         l_attn = loss_attn(mass) if want_mass else l_erase.new_zeros(())
-        if v_pr is not None:
-            l_pr = _l_pr(v_pr, teacher, keep)
-        return l_erase, l_attn, l_pr, float(sigma)
+        return StepLosses(l_erase, l_attn, l_pr, float(sigma), batch)
 
     def _pr_prompts(self, keep: EncodedPrompt | None) -> list[EncodedPrompt]:
         """Eq. 8's prompts: ∅, and the preservation prompt c_pr when there is one."""
         return [self.prompts.uncond, *([keep] if keep else [])]
 
-    def _pr_loss(self, x_t, sigma, keep, teacher) -> torch.Tensor:
+    def _pr_loss(self, batch: PrBatch) -> torch.Tensor:
         """L_pr (Eq. 8) from the student's [∅, c_pr] predictions in one batched forward."""
-        prompts = self._pr_prompts(keep)
+        prompts = self._pr_prompts(batch.keep)
         n = len(prompts)
-        v_pr, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), prompts, lora=True)
-        return _l_pr(v_pr, teacher.to(v_pr.device), keep)
+        v_pr, _ = self.backend.velocity(batch.x_t.expand(n, -1, -1, -1), batch.sigma.expand(n), prompts, lora=True)
+        return _l_pr(v_pr, batch)
 
-    def _backward(self, l_er: torch.Tensor, l_pr: torch.Tensor) -> float:
-        """Set .grad on the LoRA parameters by the λ rule; return the λ used."""
+    def _backward(self, l_er: torch.Tensor, l_pr: torch.Tensor, batch: PrBatch) -> tuple[float, bool]:
+        """Set .grad on the LoRA parameters by the λ rule; return the λ used and whether L_pr was recomputed."""
         if self.lam.from_gradients:
             g_er = _flat_grad(l_er, self.params, retain_graph=True)  # L_pr shares the batched student graph
             g_pr = _flat_grad(l_pr, self.params)
             lam = self.lam.solve(g_er, g_pr)
             _assign_flat_grad(direction(g_er, g_pr, lam), self.params)
-            return lam
+            return lam, False
         lam = self.lam.update(l_pr.item())
-        if lam > 0 and not l_pr.requires_grad:
-            # λ_t = 0 but λ_{t+1} > 0: L_pr ran without a graph; rerun it with one (rare).
-            l_pr, self._recomputed = self._pr_loss(*self._pr_batch), True
+        recomputed = lam > 0 and not l_pr.requires_grad
+        if recomputed:  # λ_t = 0 but λ_{t+1} > 0: L_pr ran without a graph; rerun it with one (rare)
+            l_pr = self._pr_loss(batch)
         loss_total(l_er, l_pr, lam).backward()
-        return lam
+        return lam, recomputed
 
     def train_step(self) -> StepRecord:
         """One step of Algorithm 1. A step that fails before its update (NaN, out of memory, a cancel) leaves the run
@@ -196,11 +226,12 @@ class ZEraseTrainer:
         start = time.perf_counter()
         draws = self.rng.getstate(), self.gen.get_state()
         try:
-            l_erase, l_attn, l_pr, sigma = self._losses(*self._draw())
-            values = {"L_erase": l_erase.item(), "L_attn": l_attn.item(), "L_pr": l_pr.item()}
+            losses = self._losses(*self._draw())
+            values = {"L_erase": losses.erase.item(), "L_attn": losses.attn.item(), "L_pr": losses.pr.item()}
             if not all(map(math.isfinite, values.values())):
                 raise NonFiniteLoss(self._nan_message(values))
-            lam = self._descend(loss_er(l_erase, l_attn, self.config.attn_weight), l_pr, values["L_pr"])
+            l_er = loss_er(losses.erase, losses.attn, self.config.attn_weight)
+            lam, recomputed = self._descend(l_er, losses.pr, values["L_pr"], losses.pr_batch)
         except BaseException:
             self.rng.setstate(draws[0])
             self.gen.set_state(draws[1])
@@ -209,8 +240,8 @@ class ZEraseTrainer:
         elapsed = time.perf_counter() - start
         self.seconds += elapsed
         record = StepRecord(
-            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lam.last_g, sigma, elapsed,
-            self._recomputed,
+            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lam.last_g, losses.sigma,
+            elapsed, recomputed,
         )
         self.history.append(record)
         return record
@@ -223,25 +254,25 @@ class ZEraseTrainer:
         d = self.xt_pool.draw(self.rng, self.gen, self.backend.device)
         return *self.prompts.pick(d.erase_index, d.keep_index), d.x_t, d.sigma, d.teacher
 
-    def _descend(self, l_er: torch.Tensor, l_pr: torch.Tensor, pr_value: float) -> float:
-        """One AdamW update of the LoRA along the λ rule's direction; returns the λ used.
+    def _descend(self, l_er: torch.Tensor, l_pr: torch.Tensor, pr_value: float, batch: PrBatch) -> tuple[float, bool]:
+        """One AdamW update of the LoRA along the λ rule's direction; returns the λ used and whether L_pr was
+        recomputed.
 
         A failed step (NaN gradient, out of memory, a cancel from a hook) moves neither the LoRA nor λ:
         the checkpoint keeps the last good state.
         """
-        self._recomputed = False
         lam_before, undo = self.lam.state(), None
         try:
-            lam = self._backward(l_er, l_pr)
+            lam, recomputed = self._backward(l_er, l_pr, batch)
             if not _all_finite([p.grad for p in self.params if p.grad is not None]):
                 raise NonFiniteLoss(self._nan_message({"gradient": float("nan")}))
             if self.lam.observes_update:
-                pr_before = self._pr_before(l_pr, pr_value)
+                pr_before = self._pr_before(l_pr, pr_value, batch)
                 undo = _OptimizerUndo(self.optimizer)  # the after-update forward below may still fail
             self.optimizer.step()
             if self.lam.observes_update:
                 with torch.no_grad():  # the same batch after the update: what d_t did to L_pr (Eq. 14)
-                    pr_after = self._pr_loss(*self._pr_batch).item()
+                    pr_after = self._pr_loss(batch).item()
         except BaseException:
             if undo is not None:
                 undo.restore()
@@ -251,17 +282,16 @@ class ZEraseTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         if self.lam.observes_update:
             self.lam.observe(pr_before, pr_after)
-        self._pr_batch = None
-        return lam
+        return lam, recomputed
 
-    def _pr_before(self, l_pr: torch.Tensor, pr_value: float) -> float:
+    def _pr_before(self, l_pr: torch.Tensor, pr_value: float, batch: PrBatch) -> float:
         """L_pr of the step's batch before the update, measured as the after-update value will be."""
         if not l_pr.requires_grad:
             return pr_value
         # L_pr came from the batched, mass-recording forward; the after-update value comes from _pr_loss.
         # Other call shapes run other kernels (≈ 1e-6 apart in bf16, the size of ε·α): measure both alike.
         with torch.no_grad():
-            return self._pr_loss(*self._pr_batch).item()
+            return self._pr_loss(batch).item()
 
     def _nan_message(self, values: dict[str, float]) -> str:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
@@ -342,9 +372,10 @@ class _OptimizerUndo:
         self.optimizer.load_state_dict(self.state)
 
 
-def _l_pr(v_pr: torch.Tensor, teacher: torch.Tensor, keep) -> torch.Tensor:
-    """L_pr from the student's [∅, c_pr] rows against the teacher's [c_er, ∅, c_pr] rows."""
-    return loss_preserve(v_pr[:1], teacher[1:2], v_pr[1:] if keep else None, teacher[2:] if keep else None)
+def _l_pr(v_pr: torch.Tensor, batch: PrBatch) -> torch.Tensor:
+    """L_pr from the student's [∅, (c_pr)] rows against the teacher's."""
+    keep = batch.keep is not None
+    return loss_pr(v_pr[:1], batch.teacher.uncond, v_pr[1:] if keep else None, batch.teacher.keep if keep else None)
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:

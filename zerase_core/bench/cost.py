@@ -49,7 +49,7 @@ from ..lora import LoRAConfig
 from ..objectives import loss_erase
 from .reference_step import reference_step
 from .report import emit
-from ..trainer import ZEraseTrainer
+from ..trainer import Teacher, ZEraseTrainer
 from ..xt_pool import TrajectoryPool
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ def gated_esd_step(trainer: ZEraseTrainer) -> None:
         x_t, sigma = trainer._sample_xt(er)
         teacher = trainer._teacher(x_t, sigma, [er, trainer.prompts.uncond])
     v, _ = trainer.backend.velocity(x_t, sigma, [er], lora=True)
-    loss_erase(v, teacher[1:2].to(v.device), teacher[0:1].to(v.device), trainer.config.eta).backward()
+    rows = Teacher.rows(teacher.to(v.device))
+    loss_erase(v, rows.uncond, rows.concept, trainer.config.eta).backward()
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from ..attention_mass import MassRecorder
-from ..objectives import loss_attn, loss_er, loss_erase, loss_preserve
+from ..objectives import loss_attn, loss_er, loss_erase, loss_pr
 from ..scoped import scoped
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def reference_losses(trainer: "ZEraseTrainer", er, tokens, keep, x_t, sigma):
     s_k = backend.velocity(x_t, sigma, [keep], lora=True)[0] if keep else None
     l_erase = loss_erase(s_er, t_u, t_er, cfg.eta)
     l_attn = loss_attn(mass) if want_mass else l_erase.new_zeros(())
-    return l_erase, l_attn, loss_preserve(s_u, t_u, s_k, t_k)
+    return l_erase, l_attn, loss_pr(s_u, t_u, s_k, t_k)
 
 
 def reference_step(trainer: "ZEraseTrainer") -> dict[str, float]:
