@@ -94,8 +94,6 @@ def _shrink(graph: dict) -> dict:
 def test_workflow_is_consistent(name, mappings):
     api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
     ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
-    example = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
-    assert ui == example
     missing = {n["class_type"] for n in api.values()} - set(mappings)
     assert not missing, f"unknown node types {missing}"
     assert {str(n["id"]) for n in ui["nodes"]} == set(api)

@@ -43,3 +43,14 @@ def test_requirements_txt_holds_only_what_the_nodes_need():
     names = {re.split(r"[<>=\[ ]", line.strip())[0].lower() for line in (REPO / "requirements.txt").read_text()
              .splitlines() if line.strip() and not line.startswith("#")}
     assert names and not names & set(NOT_FOR_NODES)
+
+
+# The folders ComfyUI's template browser reads a pack's example workflows from (app/custom_node_manager.py,
+# example_workflow_folder_names, v0.18.1): it lists every one, so two of them would show each workflow twice.
+TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
+
+
+def test_the_template_browser_finds_each_workflow_once():
+    found = [f.relative_to(REPO).as_posix() for name in TEMPLATE_FOLDERS for f in (REPO / name).glob("*.json")]
+    names = [Path(f).name for f in found]
+    assert len(names) == 4 and len(set(names)) == len(names), found

@@ -4,8 +4,8 @@
 
 Model file names are those of ComfyUI's own Z-Image Turbo template: z_image_turbo_bf16.safetensors
 (diffusion_models), qwen_3_4b.safetensors (text_encoders, CLIPLoader type lumina2), ae.safetensors (vae).
-Outputs: workflows/<name>.json (UI), workflows/api/<name>.json (API), and a copy of the UI files in
-example_workflows/, where ComfyUI's template browser looks for a pack's examples.
+Outputs: workflows/<name>.json (UI), which ComfyUI's template browser lists for the pack, and
+workflows/api/<name>.json (API), which it does not (it reads only a template folder's own files).
 """
 
 from __future__ import annotations
@@ -185,8 +185,7 @@ WORKFLOWS = {
 def main() -> None:
     for name, build in WORKFLOWS.items():
         g = build()
-        for folder, data in ((ROOT / "workflows", g.ui()), (ROOT / "workflows" / "api", g.api()),
-                             (ROOT / "example_workflows", g.ui())):
+        for folder, data in ((ROOT / "workflows", g.ui()), (ROOT / "workflows" / "api", g.api())):
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
 
