@@ -26,7 +26,7 @@ from .apply_lora import apply_erasure
 from .common import ErasureLoRAType, output_folder, parse_list
 
 NODE = "Z-Erase Train"
-TARGETS = ["q,k,v", "q,k", "q", "k", "v"]
+TARGETS = ["q,k,v", "q,k", "q,v", "k,v", "q", "k", "v"]  # every subset; the paper's first
 # Kept beside the LoRAs (ComfyUI empties its temp folder at start-up) with a suffix no loader lists; deleted when
 # the run completes.
 CHECKPOINTS, CHECKPOINT_SUFFIX = ".checkpoints", ".zerase-ckpt"
@@ -161,7 +161,7 @@ class ZEraseTrain(io.ComfyNode):
                                tooltip="AdamW's α, also the Taylor step in λ's update (Eq. 15)."),
                 io.Float.Input("beta", default=TrainConfig.beta, min=0.0, max=10.0, step=0.01,
                                tooltip="β: how fast λ reacts to the preservation loss rising (Eq. 15). λ ends up "
-                               "≈ (β/learning_rate)·L_pr: raise β to preserve more (README, λ rule)."),
+                               "≈ (β/learning_rate)·L_pr: raise β to preserve more (README: Algorithm 1's λ, written out)."),
                 io.Float.Input("eta", default=TrainConfig.eta, min=0.0, max=20.0, step=0.1,
                                tooltip="η: negative guidance of the erase target (Eq. 5); higher erases harder."),
                 io.Float.Input("epsilon", default=-1.0, min=-1.0, max=1.0, step=1e-4,

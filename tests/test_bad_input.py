@@ -21,6 +21,15 @@ def _config(**over):
     return TrainConfig(**(base | over))
 
 
+def test_the_command_line_sets_beta_and_eta_and_refuses_a_negative_beta():
+    """β is the preservation knob (README, Algorithm 1's λ): the command line sets it as the node does."""
+    config = _cli_config("--beta", "0.5", "--eta", "3")
+    assert (config.beta, config.eta) == (0.5, 3.0)
+    assert (_cli_config().beta, _cli_config().eta) == (TrainConfig.beta, TrainConfig.eta)
+    with pytest.raises(ZEraseError, match="β ≥ 0"):
+        _cli_config("--beta", "-1")
+
+
 def _cli_config(*flags: str) -> TrainConfig:
     """The TrainConfig `python -m zerase_core train --tiny --concept cat FLAGS` builds."""
     import argparse

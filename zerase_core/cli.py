@@ -84,7 +84,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="concept type (sets ε, template)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--epsilon", type=float, default=None)
+    p.add_argument("--epsilon", type=float, default=None, help="ε of Eq. 9: the rise of L_pr a step may cause "
+                   "(default: the preset's, Table 6)")
+    p.add_argument("--beta", type=float, default=None, help="β of Eq. 15, how fast λ answers a rise of L_pr: "
+                   "the preservation knob (default 0.1)")
+    p.add_argument("--eta", type=float, default=None, help="η of Eq. 5, the erasing guidance (default 2)")
     p.add_argument("--lambda-mode", default=None, choices=list(MODES))
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--targets", default=None, help="projections to adapt, e.g. qkv, qk or q,k")
@@ -111,6 +115,8 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
         "steps": args.steps,
         "lr": args.lr,
         "epsilon": args.epsilon,
+        "beta": args.beta,
+        "eta": args.eta,
         "lambda_mode": args.lambda_mode,
         "templates": tuple(args.templates) if args.templates else None,
         "xt_source": args.xt_source,
@@ -119,8 +125,9 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
     if args.resolution is not None:  # 0 is refused by TrainConfig, not taken for "not given"
         flags["height"] = flags["width"] = args.resolution
     chosen = defaults | {k: v for k, v in flags.items() if v is not None}
-    if lora:
-        chosen["lora"] = LoRAConfig(**(({"rank": chosen["lora"].rank} if "lora" in chosen else {}) | lora))
+    if lora:  # the flags given over the caller's rank (the demo's 4), else LoRAConfig's defaults
+        given = {"rank": chosen["lora"].rank} if "lora" in chosen else {}
+        chosen["lora"] = LoRAConfig(**(given | lora))
     return TrainConfig(
         concept=args.concept, preserve=tuple(args.preserve), preset=args.preset, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, **chosen,

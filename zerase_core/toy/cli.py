@@ -38,9 +38,10 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concepts", nargs="+", default=["red", "circle", "left"], help="one per attribute type by default")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=300, help="Z-Erase steps per trained cell")
-    p.add_argument("--n-eval", type=int, default=48, help="prompts per evaluation set")
+    p.add_argument("--n-eval", type=int, default=24, help="prompts per evaluation set (the committed table's 24)")
     p.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all)")
-    p.add_argument("--out", type=Path, default=Path("docs/bench/toy"))
+    p.add_argument("--out", type=Path, default=Path("out/bench"),
+                   help="folder for the cells and the table (the committed one is docs/bench/toy)")
     p.add_argument("--assemble-only", action="store_true", help="write the table from the cells already measured")
 
 

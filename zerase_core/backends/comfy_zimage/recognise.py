@@ -27,10 +27,11 @@ def check_zimage(patcher: Any, node: str = "Z-Erase") -> None:
     dit = getattr(base, "diffusion_model", None)
     config = getattr(base, "model_config", None)
     unet = getattr(config, "unet_config", {}) or {}
+    pixel_space = getattr(supported, "ZImagePixelSpace", ())  # a ComfyUI older than 2026-03 has no such variant
     ok = (
         type(dit) is lumina.NextDiT
         and isinstance(config, supported.ZImage)
-        and not isinstance(config, supported.ZImagePixelSpace)
+        and not isinstance(config, pixel_space)
         and unet.get("z_image_modulation", False)
         and getattr(dit, "pad_tokens_multiple", None)
     )
