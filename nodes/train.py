@@ -161,7 +161,8 @@ class ZEraseTrain(io.ComfyNode):
                                tooltip="AdamW's α, also the Taylor step in λ's update (Eq. 15)."),
                 io.Float.Input("beta", default=TrainConfig.beta, min=0.0, max=10.0, step=0.01,
                                tooltip="β: how fast λ reacts to the preservation loss rising (Eq. 15). λ ends up "
-                               "≈ (β/learning_rate)·L_pr: raise β to preserve more (README: Algorithm 1's λ, written out)."),
+                               "≈ (β/learning_rate)·L_pr: raise β to preserve more (README: Algorithm 1's λ, "
+                               "written out)."),
                 io.Float.Input("eta", default=TrainConfig.eta, min=0.0, max=20.0, step=0.1,
                                tooltip="η: negative guidance of the erase target (Eq. 5); higher erases harder."),
                 io.Float.Input("epsilon", default=-1.0, min=-1.0, max=1.0, step=1e-4,

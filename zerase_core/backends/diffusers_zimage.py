@@ -14,7 +14,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import diffusers.models.transformers.transformer_z_image as z_image_module
 # Both segments are padded to the host's own multiple (32): read it from diffusers, do not restate it.
@@ -26,6 +25,7 @@ from ..gate import TokenGate
 from ..layout import TokenLayout, pad_to_multiple
 from ..lora import GatedLoRALinear, LoRAConfig
 from ..prompts import EncodedPrompt, PromptEncoder
+from ..replay_checkpoint import replayed_checkpoint
 from ..scoped import scoped
 from .base import Backend, HostSlot, InPlaceInstaller, LoRASet
 from .row_sharing import RowGroups, SharedRowsForward
@@ -217,23 +217,18 @@ class DiffusersZImageBackend(Backend):
             self.transformer.disable_gradient_checkpointing()
 
     def _checkpoint(self, block, *args):
-        """Checkpoint a block so that its recomputation replays the same per-call state.
-
-        Recomputation runs during backward, after ``velocity`` has left its contexts, so
-        the layout and the attention recorder travel with the call: the recomputed graph
-        must match the first one (the gate applied, the mass computed) exactly.
-        """
+        """Checkpoint a block with this call's gate layout and recorder (replay_checkpoint.py)."""
         layout, lora_on, recorder = self.gate.layout, self.gate.lora_on, checkpointed(self._recorder)
 
-        def replay(*inner):
+        @contextmanager
+        def replay() -> Iterator[None]:
             with ExitStack() as stack:
                 if layout is not None:
                     stack.enter_context(self.gate.active(layout, lora_on))
                 stack.enter_context(scoped(self, _recorder=recorder()))
-                return block(*inner)
+                yield
 
-        # No randomness in a Z-Image layer (no dropout): no RNG state to stash and restore per layer and call.
-        return checkpoint(replay, *args, use_reentrant=False, preserve_rng_state=False)
+        return replayed_checkpoint(block, replay, *args)
 
     # --- prompts and predictions ---------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:

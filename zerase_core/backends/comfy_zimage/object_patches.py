@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ...lora import GatedLoRALinear
+from ...replay_checkpoint import replayed_checkpoint
 
 if TYPE_CHECKING:
     from .call_state import CallState
@@ -89,11 +89,4 @@ class CheckpointedForward:
         if options is not None:
             kwargs["transformer_options"] = dict(options)  # this layer's block_index, kept
         state = self.calls.layer_state(self.layer)
-        previous = self.previous
-
-        def run(*inner_args, **inner_kwargs):
-            with self.calls.replaying(state):
-                return previous(*inner_args, **inner_kwargs)
-
-        # No randomness in a Z-Image layer (no dropout): no RNG state to stash and restore per layer and call.
-        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+        return replayed_checkpoint(self.previous, lambda: self.calls.replaying(state), *args, **kwargs)
