@@ -66,13 +66,17 @@ def test_paired_rule_uses_the_observed_before_and_after_pair():
 
 
 def test_each_mode_asks_for_the_preservation_gradient_only_when_it_can_count():
-    from zerase_core.lagrangian import MODES, lambda_rule
+    from dataclasses import replace
 
-    rules = {mode: lambda_rule(mode, alpha=1e-3, beta=0.1, epsilon=1e-3, fixed=0.5) for mode in MODES}
+    from zerase_core.config import TrainConfig
+    from zerase_core.lagrangian import MODES, rule_for
+
+    config = TrainConfig(concept="cat", lr=1e-3, beta=0.1, epsilon=1e-3, fixed_lambda=0.5)
+    rules = {mode: rule_for(replace(config, lambda_mode=mode)) for mode in MODES}
     # λ₀ = 0 under Eq. 15: the first step's L_pr gradient cannot enter the update; Eq. 12 always needs it.
     assert {m: r.needs_pr_gradient() for m, r in rules.items()} == {
         "paper": False, "paired": False, "exact": True, "fixed": True}
-    assert not lambda_rule("fixed", 1e-3, 0.1, 1e-3, fixed=0.0).needs_pr_gradient()
+    assert not rule_for(replace(config, lambda_mode="fixed", fixed_lambda=0.0)).needs_pr_gradient()
     rules["paper"].update(0.0)
     rules["paper"].update(0.5)  # L_pr rose by 0.5 in one step: g̃ < 0, λ > 0
     assert rules["paper"].value > 0 and rules["paper"].needs_pr_gradient()

@@ -1,6 +1,6 @@
 """Lagrangian-guided adaptive erasure modulation (paper §4.2): how λ weighs L_pr.
 
-Four rules behind one interface (:func:`lambda_rule` picks one from the settings): each says whether a step
+Four rules behind one interface (:func:`rule_for` picks one from the settings): each says whether a step
 needs L_pr's gradient (``needs_pr_gradient``), gives λ for the step's objective (``update`` from L_pr's value, or
 ``solve`` from both gradients when ``from_gradients``), and keeps what it learns in ``state`` for checkpoints.
 
@@ -19,7 +19,7 @@ needs L_pr's gradient (``needs_pr_gradient``), gives λ for the step's objective
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -28,11 +28,28 @@ MODES = ("paper", "paired", "exact", "fixed")
 
 
 class _Rule:
-    """What the rules share unless they say otherwise: λ from L_pr's value, no g̃, nothing to checkpoint."""
+    """The interface, and what the rules share unless they say otherwise: λ from L_pr's value (``update``), no g̃,
+    nothing to checkpoint."""
 
     from_gradients: ClassVar[bool] = False  # λ from both gradients (``solve``) instead of ``update``
-    observes_update: ClassVar[bool] = False  # wants L_pr of the step's batch before and after the update
+    observes_update: ClassVar[bool] = False  # wants L_pr of the step's batch before and after it (``observe``)
     last_g: float = 0.0  # g̃ of the last update (Eq. 15 rules only)
+
+    def needs_pr_gradient(self) -> bool:
+        """Whether this step's λ will most likely be > 0, so that L_pr's gradient counts in the update."""
+        raise NotImplementedError
+
+    def update(self, pr_now: float) -> float:
+        """λ for this step's objective, from this step's L_pr value (rules with ``from_gradients`` unset)."""
+        raise NotImplementedError(f"{type(self).__name__} takes λ from the gradients (solve)")
+
+    def solve(self, grad_er: torch.Tensor, grad_pr: torch.Tensor) -> float:
+        """λ for this step's direction, from both gradients (rules with ``from_gradients`` set)."""
+        raise NotImplementedError(f"{type(self).__name__} takes λ from L_pr's value (update)")
+
+    def observe(self, before: float, after: float) -> None:
+        """L_pr of a step's batch before and after its update (rules with ``observes_update`` set)."""
+        raise NotImplementedError(f"{type(self).__name__} does not observe updates")
 
     def state(self) -> dict:
         return {}
@@ -53,7 +70,6 @@ class PaperLambda(_Rule):
     epsilon: float
     value: float = 0.0  # λ₀ = 0
     previous_pr: float | None = None  # L_pr(θ_{t−1})
-    last_g: float = field(default=0.0)
 
     def needs_pr_gradient(self) -> bool:
         """Whether this step's λ will most likely be > 0, so L_pr's gradient will count: it was last step."""
@@ -130,18 +146,16 @@ class FixedLambda(_Rule):
         return self.value
 
 
-def lambda_rule(mode: str, alpha: float, beta: float, epsilon: float, fixed: float):
-    """The λ rule named by ``mode`` (one of :data:`MODES`)."""
-    if mode == "exact":
-        return ExactLambda(epsilon)
-    if mode == "fixed":
-        return FixedLambda(fixed)
-    return (PairedLambda if mode == "paired" else PaperLambda)(alpha=alpha, beta=beta, epsilon=epsilon)
-
-
 def rule_for(config) -> _Rule:
-    """The λ rule a :class:`~zerase_core.config.TrainConfig` names, with its settings (α is the learning rate)."""
-    return lambda_rule(config.lambda_mode, config.lr, config.beta, config.eps, config.fixed_lambda)
+    """The λ rule a :class:`~zerase_core.config.TrainConfig` names (``lambda_mode``, one of :data:`MODES`), with its
+    settings (α is the learning rate)."""
+    if config.lambda_mode == "exact":
+        return ExactLambda(config.eps)
+    if config.lambda_mode == "fixed":
+        return FixedLambda(config.fixed_lambda)
+    if config.lambda_mode == "paired":
+        return PairedLambda(alpha=config.lr, beta=config.beta, epsilon=config.eps)
+    return PaperLambda(alpha=config.lr, beta=config.beta, epsilon=config.eps)
 
 
 def exact_lambda(grad_er: torch.Tensor, grad_pr: torch.Tensor, epsilon: float) -> float:
