@@ -43,12 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zerase_core.backends.base import Backend  # noqa: E402
 from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend, LatentSpec  # noqa: E402
-from zerase_core.bench.cost import SpeedCase, _base_config, _sync, time_case  # noqa: E402
-from zerase_core.bench.estimate import FixedLengthEncoder, scaled_zimage  # noqa: E402
+from zerase_core.bench.cost import SpeedCase, base_config, device_sync, time_case  # noqa: E402
+from zerase_core.bench.estimate import REAL, FixedLengthEncoder, scaled_zimage  # noqa: E402
 from zerase_core.bench.report import write_json  # noqa: E402
+from zerase_core.config import TrainConfig  # noqa: E402
 from zerase_core.lora import LoRAConfig  # noqa: E402
 
 log = logging.getLogger("gpu_bench")
+CAPTION_TOKENS = REAL["caption_tokens"]  # the issue's H100 figures were taken with 64
 
 
 # The sizes ComfyUI's model_detection reads off Z-Image's weights, under the names both classes use (axes_lens is
@@ -72,8 +74,8 @@ def _build(host: str, weights: str, device: str, tiny: bool) -> Built:
     64-token random captions either way (the DiT does not care what they mean; no text encoder is loaded)."""
     if host == "diffusers":
         model = scaled_zimage(256, 2, torch.float32) if tiny else full_size_zimage(device)
-        backend = DiffusersZImageBackend(model.to(device), FixedLengthEncoder(model.config.cap_feat_dim, 64),
-                                         LatentSpec(channels=model.config.in_channels))
+        captions = FixedLengthEncoder(model.config.cap_feat_dim, CAPTION_TOKENS)
+        backend = DiffusersZImageBackend(model.to(device), captions, LatentSpec(channels=model.config.in_channels))
         return Built(backend, model)
     comfy = _import_comfy(device)
     fp8 = torch.float8_e4m3fn if weights == "fp8" else None
@@ -85,7 +87,7 @@ def _build(host: str, weights: str, device: str, tiny: bool) -> Built:
 
     class FixedCaptions(ComfyZImageBackend):
         def encode(self, prompts):
-            return FixedLengthEncoder(self.cap_feat_dim, 64).encode(prompts)
+            return FixedLengthEncoder(self.cap_feat_dim, CAPTION_TOKENS).encode(prompts)
 
     backend = FixedCaptions(patcher)
     # ComfyUI keeps loaded models in its list: unloaded, the model's memory goes with the backend.
@@ -178,7 +180,8 @@ def main(argv=None) -> int:
                              "(stored in fp8, each layer cast to bf16 as it runs), so it needs --host comfy")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant after one warm-up")
-    parser.add_argument("--pool", type=int, default=32, help="trajectories in the x_t pool (the default TrainConfig)")
+    parser.add_argument("--pool", type=int, default=TrainConfig.xt_pool, help="trajectories in the x_t pool "
+                        "(TrainConfig's default)")
     parser.add_argument("--no-ckpt-resolutions", type=int, nargs="*", default=[512],
                         help="also measure these resolutions without gradient checkpointing")
     parser.add_argument("--out", type=Path)
@@ -199,7 +202,8 @@ def main(argv=None) -> int:
     command = shlex.join(["python", "scripts/gpu_bench.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"command": command, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "torch": torch.__version__,
-              "diffusers": diffusers.__version__, "host": args.host, "caption_tokens": 64, "rank": rank, "rows": []}
+              "diffusers": diffusers.__version__, "host": args.host, "caption_tokens": CAPTION_TOKENS, "rank": rank,
+              "rows": []}
     if args.host == "comfy":
         _import_comfy(device)
         result["comfyui"] = importlib.import_module("comfyui_version").__version__  # beside ComfyUI's main.py
@@ -221,7 +225,7 @@ def _measure_model(args, weights: str, device: str, runs: list[tuple[int, bool]]
     _warm_up(built.backend)  # the device's one-off start (kernels, library handles) out of the first row's pool build
     name = f"z-image-{'tiny' if args.tiny else 'random'}-{args.host}-{weights}"
     for px, ckpt in runs:
-        config = _base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing=ckpt,
+        config = base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing=ckpt,
                               lora=LoRAConfig(rank=result["rank"]), shuffle_pool=2)
         built.backend.set_gradient_checkpointing(ckpt)
         with built.session():
@@ -254,7 +258,7 @@ def _row(case: SpeedCase, steps: int) -> dict:
 def _warm_up(backend: Backend) -> None:
     x = torch.zeros(1, *backend.latent_shape(64, 64), device=backend.device)
     backend.velocity(x, torch.full((1,), 0.5), backend.encode(["warm up"]), lora=False)
-    _sync(backend)()
+    device_sync(backend)()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def preview_seed(seed: int) -> int:
     return seed + PREVIEW_SEED_OFFSET
 
 
-def flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
+def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
     """(steps + 1,) σ from 1 to 0, time-shifted: σ' = shift·σ / (1 + (shift − 1)·σ)."""
     s = torch.linspace(1.0, 0.0, steps + 1)
     return shift * s / (1.0 + (shift - 1.0) * s)

@@ -54,7 +54,7 @@ from ..xt_pool import TrajectoryPool
 
 log = logging.getLogger(__name__)
 
-RUN_STEPS = 1000  # the pool's build time is spread over a run of this many steps (paper: 1000)
+RUN_STEPS = TrainConfig.steps  # the pool's build time is spread over a run of this many steps (paper: 1000)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,8 @@ def gated_esd_step(trainer: ZEraseTrainer) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def _sync(backend) -> Callable[[], None]:
+def device_sync(backend) -> Callable[[], None]:
+    """What waits for ``backend``'s device to finish its queued work (a no-op on the CPU), for timing."""
     device = backend.device
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -203,7 +204,7 @@ def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: 
     λ is pinned (``fixed`` at 1: the batch-3 student path; at 0: L_pr without a graph).
     """
     backend = case.backend
-    sync = _sync(backend)
+    sync = device_sync(backend)
     backend.uninstall()
     # One LoRA, optimizer and prompt pool serve every variant (the backend holds one installed LoRA).
     base = ZEraseTrainer(backend, dataclasses.replace(case.config, xt_source="fresh"))
@@ -329,7 +330,9 @@ def _ratios(s: dict[str, float], split: dict[str, float], run_steps: int) -> dic
     return out
 
 
-def _base_config(**over) -> TrainConfig:
+def base_config(**over) -> TrainConfig:
+    """The benchmark's run (also scripts/gpu_bench.py's): TrainConfig's defaults but rank 4 and an 8-trajectory
+    pool, with ``over``."""
     base = dict(concept="red", preserve=("blue",), templates=("a photo of a {} ball",), steps=RUN_STEPS,
                 lora=LoRAConfig(rank=4), xt_pool=8)
     return TrainConfig(**(base | over))
@@ -339,10 +342,10 @@ def speed_cases(tiny: bool) -> list[SpeedCase]:
     from ..tiny import TinyZImageConfig, tiny_zimage_backend
 
     if tiny:  # seconds on a CPU: a correctness run of the command, not a measurement
-        config = _base_config(height=64, width=64, sample_steps=2, xt_pool=1, shuffle_pool=0)
+        config = base_config(height=64, width=64, sample_steps=2, xt_pool=1, shuffle_pool=0)
         return [SpeedCase("tiny-diffusers", tiny_zimage_backend(), config)]
     cfg = TinyZImageConfig(dim=128, n_heads=4)
-    cases = [SpeedCase("tiny-diffusers", tiny_zimage_backend(cfg), _base_config(height=px, width=px))
+    cases = [SpeedCase("tiny-diffusers", tiny_zimage_backend(cfg), base_config(height=px, width=px))
              for px in (256, 512)]
     toy = _toy_case()
     return ([toy] if toy else []) + cases
@@ -359,7 +362,7 @@ def _toy_case() -> SpeedCase | None:
 
     bundle = load_toy()
     s = bundle.sampling
-    config = _base_config(height=32, width=32, sample_steps=max(1, s.steps // 2), shift=s.shift, sample_cfg=s.cfg,
+    config = base_config(height=32, width=32, sample_steps=max(1, s.steps // 2), shift=s.shift, sample_cfg=s.cfg,
                           templates=("a red circle",), preserve=("blue",))
     return SpeedCase("toy", toy_backend(bundle), config)
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .memory import GiB, saved_bytes
-from ..config import XT_SOURCES
+from ..config import XT_SOURCES, TrainConfig
 from ..prompts import EncodedPrompt
 
 REAL = dict(dim=3840, n_layers=30, n_heads=30, params=6.15e9, caption_tokens=64, ffn_ratio=8 / 3)
@@ -191,8 +191,9 @@ def h100_parts(resolution: int = 512) -> dict:
     }
 
 
-def run_time_composition(fraction_batched: float, fraction_recomputed: float, pool_trajectories: int = 32,
-                         levels: int = 8, steps: int = 1000, mass_overhead: float = 0.03,
+def run_time_composition(fraction_batched: float, fraction_recomputed: float,
+                         pool_trajectories: int = TrainConfig.xt_pool, levels: int = TrainConfig.sample_steps,
+                         steps: int = TrainConfig.steps, mass_overhead: float = 0.03,
                          memory_budget_gb: float = 80.0) -> dict:
     """Minutes of a ``steps``-step Z-Erase run at 512² on one H100, per x_t source and checkpointing.
 

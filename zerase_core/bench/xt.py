@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..cli import command
-from ..config import XT_SOURCES
+from ..config import XT_SOURCES, TrainConfig
 from .report import emit
 
 METRICS = ("acc_e", "acc_ir", "h_a")
@@ -60,7 +60,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--n-eval", type=int, default=64)
-    p.add_argument("--pool", type=int, default=32, help="trajectories in the pool")
+    p.add_argument("--pool", type=int, default=TrainConfig.xt_pool, help="trajectories in the pool")
     p.add_argument("--out", type=Path)
 
 
