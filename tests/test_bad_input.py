@@ -253,6 +253,20 @@ def test_resume_refuses_a_model_that_cannot_be_told_to_be_the_one_trained(tmp_pa
 def test_a_preservation_concept_that_is_the_concept_spaced_otherwise_is_refused():
     with pytest.raises(ZEraseError, match="both the concept to erase and a preservation concept"):
         _config(concept="big  cat", preserve=("Big cat",))
+    with pytest.raises(ZEraseError, match="both the concept to erase and a preservation concept"):
+        _config(concept="cafe\u0301", preserve=("café",))  # a pasted NFD "café" is the typed one
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--eta", "-2"), "η ≥ 0 .η < 0 would strengthen the concept"),  # the target would be the concept itself
+    (("--lr", "1e308"), "learning rate must be between 1e-08 and 1 .* got 1e[+]308"),  # AdamW's step overflows
+    (("--lr", "1e-300"), "learning rate must be between"),  # β/α overflows λ
+    (("--seed", "99999999999999999999"), "seed must be between 0 and 2.63 − 1"),
+    (("--seed", "-1"), "seed must be between 0"),
+])
+def test_settings_that_would_not_train_what_they_say_are_refused(flags, message):
+    with pytest.raises(ZEraseError, match=message):
+        _cli_config(*flags)
 
 
 def test_a_flow_shift_that_is_not_positive_is_refused():

@@ -14,6 +14,7 @@ from typing import Any
 from .errors import ZEraseError
 from .lagrangian import MODES
 from .lora import LoRAConfig
+from .prompts import as_read
 
 
 XT_SOURCES = ("pool", "fresh")  # where x_t comes from, the default first: see trainer.py and xt_pool.py
@@ -36,8 +37,12 @@ PRESETS: dict[str, Preset] = {
 
 
 def concept_words(text: str) -> list[str]:
-    """``text`` as prompts see it: its words, whatever the case and spacing ("Big  cat" is "big cat")."""
-    return text.lower().split()
+    """``text`` as prompts see it: its words, whatever the case, spacing and Unicode composition ("Big  cat" is "big
+    cat"; a pasted NFD "café" is the typed one)."""
+    return as_read(text).lower().split()
+
+
+LR_RANGE = (1e-8, 1.0)  # AdamW's α: the nodes offer 1e-6 … 1
 
 
 @dataclass(frozen=True)
@@ -86,8 +91,14 @@ class TrainConfig:
                   and not math.isfinite(value)]
         if unreal:  # NaN passes every comparison below: max(0, NaN) is 0 and would switch preservation off
             raise ZEraseError(f"Settings must be finite numbers; got {', '.join(unreal)}.")
-        if self.steps < 1 or self.lr <= 0 or self.beta < 0 or self.checkpoint_every < 1:
-            raise ZEraseError("steps must be ≥ 1, the learning rate > 0, β ≥ 0 and checkpoint_every ≥ 1.")
+        if self.steps < 1 or self.beta < 0 or self.eta < 0 or self.checkpoint_every < 1:
+            raise ZEraseError("steps must be ≥ 1, β ≥ 0, η ≥ 0 (η < 0 would strengthen the concept, not erase it) "
+                              "and checkpoint_every ≥ 1.")
+        if not LR_RANGE[0] <= self.lr <= LR_RANGE[1]:  # beyond: AdamW's step overflows the LoRA, or β/α does λ
+            raise ZEraseError(f"The learning rate must be between {LR_RANGE[0]:g} and {LR_RANGE[1]:g} (the paper's "
+                              f"is 1e-3); got {self.lr:g}.")
+        if not 0 <= self.seed < 2**63:  # torch's generators take a signed 64-bit seed
+            raise ZEraseError(f"The seed must be between 0 and 2^63 − 1; got {self.seed}.")
         if self.epsilon is not None and self.epsilon < 0:  # the Train node reads a negative ε as "the preset's"
             raise ZEraseError(f"ε is the rise of L_pr a step may cause (Eq. 9), ≥ 0; got {self.epsilon}. Leave it "
                               "out for the preset's (Table 6).")
