@@ -142,6 +142,52 @@ def test_a_demo_without_evaluation_prompts_is_refused_before_any_work(tmp_path, 
     assert "--n-eval must be at least 2" in capsys.readouterr().err and not (tmp_path / "demo").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--concepts", "red", "--n-eval", "1"], "--n-eval must be at least 2"),
+    (["bench-xt", "--concepts", "red", "--n-eval", "0"], "--n-eval must be at least 2"),
+    (["bench-xt", "--concepts", "red", "not red"], "'not red' is not one concept"),
+    (["bench-lambda", "--concepts", "dragon"], "'dragon' is not one concept"),
+    (["bench-cost", "--tiny", "--steps", "0"], "--steps and --repeats must be at least 1"),
+])
+def test_a_benchmark_refuses_what_would_fail_after_its_work_before_it(argv, message, capsys, monkeypatch):
+    """Each of these used to train or time first, then crash (an empty evaluation, a word that is no concept) or
+    write a result of NaNs."""
+    import zerase_core.trainer as trainer_module
+    from zerase_core.cli import main
+
+    monkeypatch.setattr(trainer_module.ZEraseTrainer, "__init__", lambda *a, **k: pytest.fail("trained"))
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["bench-xt", "bench-lambda", "bench-cost"])
+def test_a_benchmark_refuses_an_out_it_cannot_write_before_measuring(command, tmp_path, capsys, monkeypatch):
+    import zerase_core.trainer as trainer_module
+    from zerase_core.cli import main
+
+    monkeypatch.setattr(trainer_module.ZEraseTrainer, "__init__", lambda *a, **k: pytest.fail("measured"))
+    extra = ["--tiny"] if command == "bench-cost" else ["--concepts", "red"]
+    assert main([command, *extra, "--out", str(tmp_path)]) == 2
+    assert "is a folder; --out names the JSON file" in capsys.readouterr().err
+    assert main([command, *extra, "--out", str(tmp_path / ("x" * 300))]) == 2
+    assert "too long" in capsys.readouterr().err
+
+
+def test_a_result_is_printed_before_it_is_written(tmp_path, capsys, monkeypatch):
+    """A write that fails at the end (disk full) must not lose what was measured: it is on stdout already."""
+    import argparse
+
+    import zerase_core.bench.report as report
+
+    def full_disk(path, text):
+        raise ZEraseError("Could not write")
+
+    monkeypatch.setattr(report, "atomic_write_text", full_disk)
+    with pytest.raises(ZEraseError):
+        report.emit({"speedup": 3.0}, argparse.Namespace(argv=["bench-xt"], out=tmp_path / "r.json"))
+    assert '"speedup": 3.0' in capsys.readouterr().out
+
+
 def test_a_refused_merge_creates_no_folder(tmp_path, capsys):
     from zerase_core.cli import main
     from zerase_core.lora_file import ErasureLoRA, save_lora

@@ -108,8 +108,11 @@ def test_preserving_the_erased_concept_is_refused():
 def test_concepts_parse_and_prompt_sets_name_them():
     assert (parse_concept("Crimson").attribute, parse_concept("Crimson").value) == ("colour", "red")
     assert parse_concept("left").attribute == "position"
-    with pytest.raises(ZEraseError, match="not one concept"):
-        parse_concept("dragon")
+    assert parse_concept("  Left   side ").word == "left side" and parse_concept("jet black").value == "black"
+    # Text that names a concept but is more than its word trained "a small not red star" and reported red's erasure.
+    for text in ("dragon", "not red", "the red", "red red", "red.", "red circle"):
+        with pytest.raises(ZEraseError, match="not one concept of the toy world; give just its word"):
+            parse_concept(text)
     named, named_prompts, other, _ = prompt_sets(parse_concept("crimson"), 20, 0)
     assert all(lab.colour == "red" for lab in named) and all(lab.colour != "red" for lab in other)
     assert all("crimson" in p for p in named_prompts)
@@ -177,3 +180,18 @@ def test_templates_frame_the_concept_short_and_in_full_prompts_covering_every_va
     for attribute, values in ATTRIBUTES.items():
         if attribute != concept.attribute:
             assert {n[attribute] for n in full} == set(values)
+
+
+def test_a_demo_stopped_before_its_first_step_leaves_nothing_that_refuses_the_next(tmp_path, random_toy, monkeypatch):
+    """The previews folder was made before training: a run stopped before step 1 said "nothing was saved", and
+    then refused its folder for holding previews/."""
+    import zerase_core.trainer as trainer_module
+    from zerase_core.toy.demo import run_demo
+
+    def ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.ZEraseTrainer, "run", ctrl_c)
+    with pytest.raises(ZEraseError, match="before the first step; nothing was saved"):
+        run_demo("red", None, steps=2, seed=0, out=tmp_path / "demo", n_eval=2, bundle=random_toy)
+    assert not (tmp_path / "demo").exists() or not list((tmp_path / "demo").iterdir())

@@ -48,7 +48,7 @@ from ..lagrangian import rule_for
 from ..lora import LoRAConfig
 from ..objectives import loss_erase
 from .reference_step import reference_step
-from .report import emit
+from .report import check_out, emit
 from ..trainer import Teacher, ZEraseTrainer
 from ..xt_pool import TrajectoryPool
 
@@ -498,6 +498,9 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 @command("bench-cost", "seconds per Z-Erase step vs the official-style reference and gated ESD; memory", _add)
 def _bench_cost(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.repeats < 1:  # no timing to take a median of: every figure would be NaN
+        raise ZEraseError(f"--steps and --repeats must be at least 1; got {args.steps} and {args.repeats}.")
+    check_out(args.out)
     result = run(tiny=args.tiny, steps=args.steps, memory_estimate=not args.no_estimate, repeats=args.repeats,
                  models=tuple(args.models))
     emit(result, args)  # stdout stays valid JSON; the table goes to stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..cli import command
 from ..config import XT_SOURCES
-from .report import emit
+from .report import check_out, emit
 
 
 def step_kinds(lams: list[float]) -> dict:
@@ -74,6 +74,11 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 @command("bench-lambda", "toy world: fraction of steps with λ > 0 under the paper's λ rule", _add)
 def _bench_lambda(args: argparse.Namespace) -> int:
+    from ..toy.erasure_metrics import parse_concept
+
+    for word in args.concepts:
+        parse_concept(word)  # a word that is no concept, refused before the first one trains
+    check_out(args.out)
     result = measure(args.concepts, args.seeds, args.steps, args.sources)
     emit(result, args)
     return 0

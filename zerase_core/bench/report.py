@@ -8,7 +8,8 @@ import os
 import shlex
 from pathlib import Path
 
-from ..files import atomic_write_text
+from ..errors import ZEraseError
+from ..files import atomic_write_text, check_writable
 
 
 def command_line(argv: list[str]) -> str:
@@ -26,7 +27,18 @@ def write_json(result: dict, out: Path | None) -> str:
     return text
 
 
+def check_out(out: Path | None) -> None:
+    """Refuse, before a benchmark measures anything, an ``--out`` it could not write its result to at the end."""
+    if out is None:
+        return
+    if os.path.isdir(out):
+        raise ZEraseError(f"{out} is a folder; --out names the JSON file to write.")
+    check_writable(out)
+
+
 def emit(result: dict, args: argparse.Namespace) -> None:
-    """Add ``command`` to ``result``, write it to ``args.out`` when given, and print it (stdout stays valid JSON)."""
+    """Add ``command`` to ``result``, print it (stdout stays valid JSON) and write it to ``args.out`` when given:
+    printed first, so that a failed write loses nothing measured."""
     result["command"] = command_line(args.argv)
-    print(write_json(result, args.out))
+    print(write_json(result, None))
+    write_json(result, args.out)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..cli import command
 from ..config import XT_SOURCES, TrainConfig
-from .report import emit
+from .report import check_out, emit
 
 METRICS = ("acc_e", "acc_ir", "h_a")
 
@@ -66,6 +66,12 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 @command("bench-xt", "toy world: erasure and cost with fresh ESD x_t vs the trajectory pool", _add)
 def _bench_xt(args: argparse.Namespace) -> int:
+    from ..toy.erasure_metrics import check_n_eval, parse_concept
+
+    check_n_eval(args.n_eval)
+    for word in args.concepts:
+        parse_concept(word)  # a word that is no concept, refused before the first one trains
+    check_out(args.out)
     result = compare(args.concepts, args.seeds, args.steps, args.n_eval, args.pool)
     emit(result, args)
     s = result["summary"]

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,11 +22,13 @@ from typing import Any
 from ..backends.toy import toy_backend
 from ..config import TrainConfig
 from ..errors import ZEraseError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, check_writable
 from ..prompts import concept_token_indices
 from ..trainer import ZEraseTrainer
 from .demo import toy_train_config
-from .erasure_metrics import EVAL_SEED_OFFSET, Concept, erasure_report, parse_concept, weights_identity
+from .erasure_metrics import (
+    EVAL_SEED_OFFSET, Concept, check_n_eval, erasure_report, parse_concept, weights_identity,
+)
 from .world import PROMPT_STYLES
 
 log = logging.getLogger(__name__)
@@ -173,8 +176,12 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
     unknown = sorted(set(methods or ()) - {m.name for m in METHODS})
     if unknown or methods == []:
         raise ZEraseError(f"Unknown bench methods {unknown}; choose from {[m.name for m in METHODS]}.")
-    bundle = bundle or load_toy()
+    check_n_eval(n_eval)
     concepts = [parse_concept(w) for w in concept_words]
+    if os.path.isfile(out):
+        raise ZEraseError(f"{out} is a file; --out names a folder for the cells and the table.")
+    check_writable(out / "bench.json")  # a name too long, a folder that cannot be written: before hours of cells
+    bundle = bundle or load_toy()
     chosen = [m for m in METHODS if methods is None or m.name in methods]
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells = {}

@@ -24,7 +24,8 @@ from ..render import grid, to_pil
 from ..run import CURVES, PlannedRun, every, train_and_save
 from ..sampling import preview_seed
 from .erasure_metrics import (
-    Concept, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word, weights_identity,
+    Concept, check_n_eval, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word,
+    weights_identity,
 )
 from .world import ATTRIBUTES, PROMPT_STYLES, Labels, make_prompt, random_labels
 
@@ -148,9 +149,10 @@ def preview(backend, bundle, concept: Concept, seed: int, out: Path):
     """A training callback: the erased model on two prompts naming the concept, beside the original."""
     _, prompts, _, _ = prompt_sets(concept, 2, seed + 7)
     original = generate(backend, bundle, prompts, preview_seed(seed), lora=False)
-    (out / PREVIEWS).mkdir(parents=True, exist_ok=True)
 
     def show(record, trainer) -> None:
+        # Made at the first preview: a run stopped before it leaves no folder that would refuse the next run.
+        (out / PREVIEWS).mkdir(parents=True, exist_ok=True)
         now = generate(backend, bundle, prompts, preview_seed(seed), lora=True)
         cells = [[to_pil(o.permute(1, 2, 0)).resize((96, 96)), to_pil(n.permute(1, 2, 0)).resize((96, 96))]
                  for o, n in zip(original, now)]
@@ -166,9 +168,7 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     continues the training run a stopped demo left in ``out`` (or extends a finished one to more steps)."""
     from . import load_toy
 
-    if n_eval < 2:  # the robustness sets take half as many: each set needs a prompt
-        raise ZEraseError(f"--n-eval must be at least 2 (prompts per evaluation set); got {n_eval}. The demo's "
-                          "default is 100.")
+    check_n_eval(n_eval)
     start = time.perf_counter()
     bundle = bundle or load_toy()
     identity = weights_identity(bundle)  # now, not at the end: the file may be replaced meanwhile

@@ -57,13 +57,20 @@ def weights_identity(bundle) -> dict[str, Any]:
     return {"step": bundle.metadata.get("step"), "sha256_16": digest}
 
 
+def check_n_eval(n_eval: int) -> None:
+    """Refuse, before any training, an evaluation too small to measure: the robustness sets take half as many
+    prompts, and each set needs one (the Fréchet distance needs two)."""
+    if n_eval < 2:
+        raise ZEraseError(f"--n-eval must be at least 2 (prompts per evaluation set); got {n_eval}.")
+
+
 def parse_concept(word: str) -> Concept:
-    found = world.parse_prompt(word)
-    if len(found) != 1:
+    named = world.concept_phrase(word)
+    if named is None:
         known = ", ".join(v for values in ATTRIBUTES.values() for v in values)
-        raise ZEraseError(f"'{word}' is not one concept of the toy world; choose one of {known} (or a synonym).")
-    (attribute, value), = found.items()
-    return Concept(word.strip().lower(), attribute, value)
+        raise ZEraseError(f"'{word}' is not one concept of the toy world; give just its word, one of {known} (or a "
+                          "synonym such as 'crimson').")
+    return Concept(" ".join(word.lower().split()), *named)
 
 
 def replace_word(text: str, word: str, by: str) -> str:

@@ -297,6 +297,13 @@ def _phrase_table() -> list[tuple[str, str, str]]:
 _PHRASES = _phrase_table()
 
 
+def concept_phrase(text: str) -> tuple[str, str] | None:
+    """(attribute, canonical value) when the whole of ``text`` is one concept's word or phrase ("Crimson", "left
+    side"), else None ("not red" names red, but is not its word)."""
+    text = " ".join(text.lower().split())
+    return next(((attribute, value) for phrase, attribute, value in _PHRASES if phrase == text), None)
+
+
 def parse_prompt(text: str) -> dict[str, str]:
     """Attributes a prompt names, as canonical values (bag of words: word order does not matter)."""
     found: dict[str, str] = {}
