@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from zerase_core.attention_maps import word_maps
-from zerase_core.backends.comfy_zimage import ComfyZImageBackend
+from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized
 from zerase_core.errors import ZEraseError
 from zerase_core.prompts import concept_token_indices
 
@@ -46,7 +46,8 @@ class AttentionMapViewer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompt, words, sigmas, layer_start, layer_end, seed, latent=None, image=None,
                 vae=None, model_b=None) -> io.NodeOutput:
-        words, sigma_list = parse_list(NODE, words, "words"), parse_list(NODE, sigmas, "sigmas", float)
+        words = [as_tokenized(w) for w in parse_list(NODE, words, "words")]  # as the prompt is read: "\(cat\)"
+        sigma_list = parse_list(NODE, sigmas, "sigmas", float)
         if not words or not sigma_list:
             raise ZEraseError(f"{NODE}: give at least one word and one noise level.")
         if any(not 0.0 < s <= 1.0 for s in sigma_list):
@@ -63,6 +64,8 @@ class AttentionMapViewer(io.ComfyNode):
             samples = vae.encode(image[:1, :, :, :3])
         else:
             raise ZEraseError(f"{NODE}: connect a LATENT, or an IMAGE together with a VAE.")
+        if samples.shape[0] == 0:
+            raise ZEraseError(f"{NODE}: the LATENT holds no image (batch size 0); connect one with at least one.")
         if samples.ndim != 4 or samples.shape[1] != backend.latent_channels:
             raise ZEraseError(
                 f"{NODE}: the latent has shape {tuple(samples.shape)}; Z-Image's have {backend.latent_channels} "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from comfy_api.latest import io, ui
 
-from zerase_core.backends.comfy_zimage import ComfyZImageBackend, training_session
+from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized, training_session
 from zerase_core.apply import install_lora
 from zerase_core.config import PRESETS, XT_SOURCES, TrainConfig
 from zerase_core.checkpoint import check_run_files
@@ -38,11 +38,12 @@ log = logging.getLogger(__name__)
 
 def build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank, targets,
                  resolution, seed, gradient_checkpointing, xt_source, shift) -> TrainConfig:
+    # Concepts as the prompts they go into are read: "Mickey Mouse \(Disney\)" is found in its prompt.
     return TrainConfig(
-        concept=concept.strip(),
+        concept=as_tokenized(concept.strip()),
         preset=preset,
         templates=tuple(line.strip() for line in templates.splitlines() if line.strip()),
-        preserve=tuple(parse_list(NODE, preserve, "preservation concepts")),
+        preserve=tuple(as_tokenized(p) for p in parse_list(NODE, preserve, "preservation concepts")),
         steps=steps, lr=learning_rate, beta=beta, eta=eta,
         epsilon=None if epsilon < 0 else epsilon,
         height=resolution, width=resolution, seed=seed, gradient_checkpointing=gradient_checkpointing,

@@ -304,9 +304,13 @@ def test_cancel_before_the_first_step_writes_nothing(pack, loras_dir, monkeypatc
 
 def test_a_save_name_no_file_system_can_hold_is_refused_before_training(pack, loras_dir, monkeypatch):
     monkeypatch.setattr(_train_module().ZEraseTrainer, "__init__", lambda *a, **k: pytest.fail("trained"))
+    (loras_dir / "zerase").mkdir(exist_ok=True)  # where the lookup of earlier files raised OSError
     with pytest.raises(ZEraseError, match="too long .*choose a shorter save name"):
         pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
                                     **_train_inputs(save_name="y" * 250))
+    with pytest.raises(ZEraseError, match="too long .*choose a shorter save name"):
+        pack["ZEraseMergeLoRAs"].execute(lora_1=random_lora(0), lora_2=random_lora(1), weights="", rank=0,
+                                         save_name="y" * 250)
 
 
 def test_load_and_merge(pack, loras_dir):
@@ -325,6 +329,16 @@ def test_load_and_merge(pack, loras_dir):
     assert small.rank == 2 and "relative error" in report
     with pytest.raises(ZEraseError, match="weights"):
         merge.execute(lora_1=a, lora_2=b, weights="1", rank=0, save_name="")
+
+
+def test_a_concept_with_comfyuis_escaped_parentheses_is_read_as_its_prompts_are(pack):
+    """Prompts are unescaped as ComfyUI's tokenizer reads them; the concept was not, and was then "not in the
+    prompt" although the template held it."""
+    build_config = _train_module().build_config
+    inputs = _train_inputs(concept="Mickey Mouse \\(Disney\\)", preserve="Donald \\(Duck\\)")
+    config = build_config(**{k: v for k, v in inputs.items() if k != "save_name"}, gradient_checkpointing=False,
+                          xt_source="pool", shift=3.0)
+    assert config.concept == "Mickey Mouse (Disney)" and config.preserve == ("Donald (Duck)",)
 
 
 def test_attention_map_viewer_and_compare(pack):
@@ -348,6 +362,12 @@ def test_attention_map_viewer_and_compare(pack):
     with pytest.raises(ZEraseError, match="does not occur in the prompt 'a photo of a cat'. Type words that occur"):
         viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="dog", sigmas="0.5",
                        layer_start=0, layer_end=-1, seed=0, latent=latent)
+    escaped = viewer.execute(model=model, clip=clip, prompt="a photo of a \\(cat\\) on a mat", words="\\(cat\\)",
+                             sigmas="0.5", layer_start=0, layer_end=-1, seed=0, latent=latent)[0]  # ComfyUI escapes
+    assert escaped.ndim == 4  # the word is read as the prompt is: "(cat)", which it holds
+    with pytest.raises(ZEraseError, match="holds no image .batch size 0."):
+        viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="cat", sigmas="0.5",
+                       layer_start=0, layer_end=-1, seed=0, latent={"samples": torch.randn(0, 16, 8, 8)})
     with pytest.raises(ZEraseError, match=r"shape \(1, 4, 8, 8\); Z-Image's have 16 channels"):  # EmptyLatentImage's
         viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="cat", sigmas="0.5",
                        layer_start=0, layer_end=-1, seed=0, latent={"samples": torch.randn(1, 4, 8, 8)})

@@ -228,6 +228,19 @@ def test_a_file_that_could_not_be_written_is_refused_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{longest}.safetensors", "taken"])  # no probe left
 
 
+def test_a_save_name_too_long_is_refused_by_name_and_a_long_concept_makes_one_that_fits(tmp_path):
+    """Path.exists() raises on a name the file system cannot hold: the lookup of earlier files crashed with a raw
+    OSError once the folder existed."""
+    from zerase_core.files import NAME_MAX, name_from, safe_output_path, saved_versions
+
+    for lookup in (safe_output_path, saved_versions):
+        with pytest.raises(ZEraseError, match="too long .*choose a shorter save name"):
+            lookup(tmp_path, "y" * 250)
+    name = name_from("猫" * 90)  # 270 bytes as a concept; the node's default save name
+    assert len(name.encode()) + len("_001.zerase-ckpt") <= NAME_MAX and name == "猫" * len(name)
+    assert safe_output_path(tmp_path, name).name == name + ".safetensors"
+
+
 def test_a_saved_lora_is_an_ordinary_file_not_a_private_one(tmp_path):
     """The file gets the mode the user's umask gives any new file (a private 0600 temporary would stay private
     after the rename, unreadable to another account serving the same models folder)."""

@@ -97,6 +97,8 @@ def check_writable(path: str | os.PathLike) -> None:
 
 NAME_MAX = 255  # one file name: bytes on ext4 and APFS, UTF-16 units on NTFS
 _NAME_UNIT = "UTF-16 units" if os.name == "nt" else "bytes"
+# A save name's longest part, leaving room for a suffix (".safetensors", ".zerase-ckpt") and a number ("_001").
+_NAME_ROOM = NAME_MAX - 32
 
 
 def _name_length(name: str) -> int:
@@ -169,6 +171,8 @@ def name_from(text: str, fallback: str = "zerase") -> str:
     """A save name made from free text (a concept such as "Mickey Mouse (Disney)" or "AC/DC"): every character a
     save name may not hold, the folder separator included, becomes '_'."""
     name = re.sub(rf"[^{_NAME_CHARS}]", "_", text).strip(" .")
+    while _name_length(name) > _NAME_ROOM:  # a long concept still makes a name the file system takes
+        name = name[:-1].rstrip(" .")
     return name if name.strip("_") else fallback
 
 
@@ -186,6 +190,10 @@ def path_inside(folder: str | os.PathLike, name: str, suffix: str) -> Path:
             f"The save name '{name}' is not allowed: use letters, digits, '-', '_', '.' and optional "
             "subfolders, without '..' or an absolute path; files stay inside the output folder."
         )
+    longest = max(parts, key=_name_length)
+    if _name_length(longest) > _NAME_ROOM:  # before any lookup: Path.exists() raises on a name too long
+        raise ZEraseError(f"The save name '{name}' is too long ('{longest[:40]}…' is {_name_length(longest)} "
+                          f"{_NAME_UNIT}; at most {_NAME_ROOM}); choose a shorter save name.")
     root = Path(folder).resolve()
     path = root.joinpath(*parts[:-1], parts[-1] + suffix)
     if root not in path.resolve().parents:

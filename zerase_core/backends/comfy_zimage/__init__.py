@@ -30,10 +30,10 @@ layer) captured at forward time and replayed in the recomputation during backwar
 from __future__ import annotations
 
 from .backend import ComfyZImageBackend
-from .clip_prompts import encode_with_clip
+from .clip_prompts import as_tokenized, encode_with_clip
 from .loading import training_session
 from .object_patches import CheckpointedForward, GatedForward
 from .recognise import check_zimage
 
-__all__ = ["CheckpointedForward", "ComfyZImageBackend", "GatedForward", "check_zimage", "encode_with_clip",
-           "training_session"]
+__all__ = ["CheckpointedForward", "ComfyZImageBackend", "GatedForward", "as_tokenized", "check_zimage",
+           "encode_with_clip", "training_session"]

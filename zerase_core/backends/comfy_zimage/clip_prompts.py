@@ -48,8 +48,9 @@ def token_spans(hf_tokenizer: Any, ids: list[int], text: str, start: int, end: i
     return tuple(spans)
 
 
-def _as_tokenized(prompt: str) -> str:
-    """The prompt as ComfyUI's tokenizer spells it out: its escaped parentheses \\( \\) as plain ones, in NFC."""
+def as_tokenized(prompt: str) -> str:
+    """Text as ComfyUI's tokenizer spells it out: its escaped parentheses \\( \\) as plain ones, in NFC. The nodes
+    read a concept and the viewer's words this way too, so that they are found in the prompts they are part of."""
     return as_read(prompt.replace("\\(", "(").replace("\\)", ")"))
 
 
@@ -66,7 +67,7 @@ def encode_with_clip(clip: Any, prompts: Sequence[str]) -> list[EncodedPrompt]:
         if mask is not None and mask.shape[-1] == features.shape[0]:
             keep = mask[0].bool().to(features.device)
             features, ids = features[keep], [i for i, k in zip(ids, keep.tolist()) if k]
-        read = _as_tokenized(prompt)
+        read = as_tokenized(prompt)
         text = template.format(read)
         begin = template.index("{}")
         spans = token_spans(inner.tokenizer, ids, text, begin, begin + len(read))
