@@ -244,6 +244,43 @@ def test_a_command_line_run_stopped_by_nan_says_to_start_again_not_to_resume(tmp
         train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=6), out))
     assert "--resume to continue" not in str(err.value)
     assert 1 <= load_lora(out / "erasure_lora.safetensors").training["steps_done"] < 6
+    # Its checkpoint says so: a new run with a lower learning rate may replace it (the node's way on; see
+    # test_comfy_nodes), where a checkpoint of a run stopped otherwise is refused.
+    from zerase_core.checkpoint import check_run_files
+
+    lower = _config(steps=6, lr=5e-4)
+    check_run_files(out / "new.safetensors", out / "checkpoint.safetensors", lower, tiny_zimage_backend(), False, "")
+
+
+def test_a_checkpoint_with_settings_this_version_does_not_know_is_refused_by_name(tmp_path):
+    """One from a later version of the pack (a new setting) raised TypeError from TrainConfig(**settings)."""
+    from safetensors.torch import load_file
+
+    from zerase_core.files import atomic_save, decode_metadata
+    from zerase_core.run import PlannedRun
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=1), checkpoint_path=out / "checkpoint.safetensors").run()
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+        meta = decode_metadata(f.metadata())
+    meta["config"]["new_setting_of_a_later_version"] = 1
+    atomic_save(load_file(out / "checkpoint.safetensors"), out / "checkpoint.safetensors", meta)
+    with pytest.raises(ZEraseError, match="settings this version of the pack cannot read .*new_setting"):
+        PlannedRun(tiny_zimage_backend(), _config(steps=2), out, resume=True)
+
+
+def test_ctrl_c_while_a_run_is_prepared_is_told_not_a_traceback(tmp_path, monkeypatch):
+    """Encoding the prompts and sampling the x_t pool take minutes on the real model, before the first step."""
+    import zerase_core.run as run_module
+    from zerase_core.run import PlannedRun, train_and_save
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "ZEraseTrainer", ctrl_c)
+    with pytest.raises(ZEraseError, match="Stopped before the first step .while preparing the run.; nothing was"):
+        train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=2), tmp_path / "run"))
 
 
 def test_a_stopped_command_line_run_keeps_its_work_and_says_how_to_continue(tmp_path):

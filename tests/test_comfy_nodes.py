@@ -469,6 +469,12 @@ def test_a_run_stopped_by_nan_leaves_the_input_model_as_it_was(pack, loras_dir, 
     with torch.inference_mode(), pytest.raises(trainer_module.NonFiniteLoss, match="step 2"):
         train.execute(model=model, clip=clip, **_train_inputs(steps=3, save_name="nan"))
     monkeypatch.undo()
+    # As the message says: queued again with a lower learning rate, the run starts afresh. Its checkpoint is not
+    # "a run that can still be resumed" (resuming would repeat the failed step), so it is not in the way.
+    with torch.inference_mode():
+        again = train.execute(model=model, clip=clip, **_train_inputs(steps=1, learning_rate=5e-4, save_name="nan"))
+    assert again[0].training["steps_done"] == 1
+    del again
     (run,) = runs
     moved = [p for p in run.params if p.abs().sum() > 0 and p.shape[-1] == 2]  # B factors (out × rank) moved
     assert moved, "the first step moved no B factor: a leftover wrapper would add exact zeros"

@@ -6,6 +6,7 @@ noise and timesteps follow, because both random generators are restored.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,9 +25,10 @@ if TYPE_CHECKING:
     from .trainer import ZEraseTrainer
 
 KIND = "zerase-checkpoint"
+log = logging.getLogger(__name__)
 
 
-def save_checkpoint(trainer: "ZEraseTrainer", path: Path) -> Path:
+def save_checkpoint(trainer: "ZEraseTrainer", path: Path, non_finite_stop: bool = False) -> Path:
     tensors = {"rng.torch": trainer.gen.get_state()}
     for (layer, proj), (a, b) in trainer.lora.factors().items():
         tensors[f"lora.{layer}.{proj}.A"] = a
@@ -47,6 +49,7 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path) -> Path:
         "base": trainer.base_digest,
         "history": [asdict(r) for r in trainer.history],
         "caller": trainer.checkpoint_meta,
+        "non_finite_stop": non_finite_stop,
     }
     return atomic_save(tensors, path, meta)
 
@@ -74,6 +77,9 @@ def _refuse_replacing(path: Path, advice: str) -> None:
         return
     try:
         meta = _read(path, tensors=False)[1]
+        if meta.get("non_finite_stop"):  # resuming would repeat the failed step: the fix is a new run, here
+            log.info("%s: replacing the checkpoint of a run stopped by NaN at step %s", path, meta["step"])
+            return
         at = f" stopped at step {int(meta['step'])} of {int(meta['config']['steps'])}"
     except Exception as err:  # a damaged checkpoint is still the user's file: refuse all the same, but no resume
         cause = err.__cause__ if isinstance(err, ZEraseError) and err.__cause__ else err
@@ -101,7 +107,12 @@ def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: d
     digest: see Backend.base_digest) cannot continue."""
     if meta.get("kind") != KIND:
         raise ZEraseError(f"{path} is not a Z-Erase training checkpoint.")
-    saved, wanted = resumable(TrainConfig.from_dict(meta["config"]).to_dict()), resumable(config.to_dict())
+    try:
+        saved = resumable(TrainConfig.from_dict(meta["config"]).to_dict())
+    except (KeyError, TypeError, ValueError) as err:  # a setting this version does not know, or none at all
+        raise ZEraseError(f"The checkpoint {path.name} holds settings this version of the pack cannot read ({err}); "
+                          "it was made by another version, or is damaged. Start a fresh run.") from err
+    wanted = resumable(config.to_dict())
     changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
     if changed:
         shown = "; ".join(f"{k}: {saved.get(k)!r} then, {wanted.get(k)!r} now" for k in changed)

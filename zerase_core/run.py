@@ -105,9 +105,12 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
     leaves its LoRA so far and its checkpoint, and says how to continue it.
     """
     config = run.config
-    trainer = ZEraseTrainer(run.backend, config, checkpoint_path=run.checkpoint, release_encoder=release_encoder)
-    if run.resume:
-        trainer.resume(run.checkpoint)
+    try:  # encoding the prompts and sampling the x_t pool take a while on a real model: Ctrl-C lands here too
+        trainer = ZEraseTrainer(run.backend, config, checkpoint_path=run.checkpoint, release_encoder=release_encoder)
+        if run.resume:
+            trainer.resume(run.checkpoint)
+    except KeyboardInterrupt as err:
+        raise ZEraseError("Stopped before the first step (while preparing the run); nothing was saved.") from err
     on_step, bar = progress_bar(config.steps, trainer.step)
     trainer.callbacks.extend([on_step, *callbacks])
     try:
@@ -126,8 +129,11 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
 def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str:
     """What a stopped run left (its last good LoRA, saved here, and its checkpoint) and how to continue it."""
     why = "Stopped" if isinstance(err, KeyboardInterrupt) else f"{err}\nStopped"
-    if not trainer.has_progress():
+    if trainer.step == 0:
         return f"{why} before the first step; nothing was saved."
+    if not trainer.params_finite():  # an update overflowed the LoRA: nothing of it is worth keeping
+        return (f"{why} at step {trainer.step} with the LoRA's weights no longer finite; nothing was saved. Start a "
+                "fresh run with a lower --lr.")
     save_lora(trainer.export(), lora_path)  # as the node does at Cancel: the LoRA so far, replaced when resumed
     where = f"{why} at step {trainer.step} of {trainer.config.steps}. The LoRA so far is in {lora_path}"
     if isinstance(err, NonFiniteLoss):  # the checkpoint would run into the same step, with the same settings

@@ -313,10 +313,10 @@ class ZEraseTrainer:
                     callback(record, self)
                 if self.checkpoint_path and self.step % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
-        except BaseException:
+        except BaseException as err:
             # Cancel (ComfyUI raises from its progress hook), NaN or a crash: keep the last good state.
             if self.checkpoint_path and self.has_progress():  # step 0 holds nothing to resume
-                self.save_checkpoint()
+                self.save_checkpoint(non_finite_stop=isinstance(err, NonFiniteLoss))
             raise
         if self.checkpoint_path and self.step % self.config.checkpoint_every:  # a multiple was saved in the loop
             self.save_checkpoint()
@@ -345,8 +345,10 @@ class ZEraseTrainer:
             history=stored_series(self.history),
         )
 
-    def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        return save_checkpoint(self, Path(path or self.checkpoint_path))
+    def save_checkpoint(self, path: str | Path | None = None, non_finite_stop: bool = False) -> Path:
+        """The run's state; ``non_finite_stop`` marks a run a NaN stopped, which a new run may replace (resuming it
+        would repeat the step that failed)."""
+        return save_checkpoint(self, Path(path or self.checkpoint_path), non_finite_stop)
 
     def resume(self, path: str | Path) -> None:
         load_checkpoint(self, Path(path))
