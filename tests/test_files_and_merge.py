@@ -55,6 +55,23 @@ def test_official_file_imports_to_same_delta(tmp_path):
     save_file(tensors, str(tmp_path / "official_inf.safetensors"))
     with pytest.raises(ZEraseError, match="'official_inf.safetensors' contains NaN or infinite weights"):
         load_lora(tmp_path / "official_inf.safetensors")
+    tensors["layers.1.attention.to_k.lora_down.weight"] = torch.full((4, 64), 1e300, dtype=torch.float64)
+    save_file(tensors, str(tmp_path / "official_f64.safetensors"))  # finite in the file, inf in float32
+    with pytest.raises(ZEraseError, match="'official_f64.safetensors' contains NaN or infinite weights"):
+        load_lora(tmp_path / "official_f64.safetensors")
+
+
+def test_a_training_checkpoint_given_as_a_lora_is_named_as_one(tmp_path):
+    from zerase_core.config import TrainConfig
+    from zerase_core.lora import LoRAConfig
+    from zerase_core.tiny import tiny_zimage_backend
+    from zerase_core.trainer import ZEraseTrainer
+
+    config = TrainConfig(concept="red", templates=("a photo of a {} ball",), steps=1, height=64, width=64,
+                         sample_steps=2, xt_pool=1, lora=LoRAConfig(rank=2))
+    ZEraseTrainer(tiny_zimage_backend(), config, checkpoint_path=tmp_path / "checkpoint.safetensors").run()
+    with pytest.raises(ZEraseError, match="is a Z-Erase training checkpoint .* use the erasure_lora.safetensors"):
+        load_lora(tmp_path / "checkpoint.safetensors")
 
 
 def test_installed_lora_round_trips_through_backend(tiny_backend, tmp_path):

@@ -162,6 +162,9 @@ def load_lora(path: str | Path) -> ErasureLoRA:
         return _from_native(path, _tensors(path), meta)
     if keys and all(_OFFICIAL.match(k) for k in keys):
         return _from_official(_tensors(path))
+    if meta.get("kind") == "zerase-checkpoint":  # checkpoint.KIND (not imported: checkpoint imports this module)
+        raise ZEraseError(f"'{path.name}' is a Z-Erase training checkpoint (for resuming a run), not a LoRA; use the "
+                          "erasure_lora.safetensors beside it.")
     if any(h in k for k in keys for h in _STOCK_HINTS):
         raise ZEraseError(
             f"'{path.name}' is an ordinary LoRA, not a Z-Erase erasure LoRA. Ordinary LoRAs act on every "
@@ -172,8 +175,9 @@ def load_lora(path: str | Path) -> ErasureLoRA:
 
 
 def _finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors``, once none holds NaN or inf (which would reach the model, or a merge, unnoticed)."""
-    if any(not torch.isfinite(t).all() for t in tensors.values()):
+    """``tensors``, once none holds NaN or inf (which would reach the model, or a merge, unnoticed), in float32 as
+    they are used: a float64 1e300 is finite in the file and inf in the model."""
+    if any(not torch.isfinite(t.float()).all() for t in tensors.values()):
         raise ZEraseError(f"'{path.name}' contains NaN or infinite weights; it cannot be used.")
     return tensors
 

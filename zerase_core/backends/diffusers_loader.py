@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 from pathlib import Path
 
@@ -81,8 +82,8 @@ def scheduler_shift(folder: Path) -> float | None:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
         shift = float(config.get("shift", 1.0))  # FlowMatchEulerDiscreteScheduler's default, as diffusers reads it
-        if not shift > 0:  # also NaN
-            raise ValueError(f"shift {shift}: it must be > 0")
+        if not 0 < shift < math.inf:  # also NaN
+            raise ValueError(f"shift {shift}: it must be a finite number > 0")
     except (OSError, ValueError, AttributeError, TypeError) as err:
         raise ZEraseError(f"Cannot read the flow shift from {path} ({type(err).__name__}: {err}). Restore the file "
                           "from the model's download, or delete scheduler/ to train at Z-Image's shift of 3.") from err

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import ZEraseError
 from ..prompts import EncodedPrompt, as_read
 
 # Z-Image's pipeline wraps prompts in Qwen3's chat template with a generation prompt.
@@ -31,6 +32,10 @@ class ChatTemplateEncoder:
         device = next(self.text_model.parameters()).device
         for prompt in map(as_read, prompts):  # the tokenizer reads NFC anyway: spans are then into what it read
             templated = CHAT_PREFIX + prompt + CHAT_SUFFIX
+            n = len(self.tokenizer(templated)["input_ids"])
+            if n > self.max_length:  # the pipeline cuts it there; a concept past the cut could not be found
+                raise ZEraseError(f"The prompt '{prompt[:60]}…' is {n} tokens in Z-Image's chat template; its text "
+                                  f"encoder reads at most {self.max_length}. Shorten the template or the concept.")
             tok = self.tokenizer(
                 templated, return_offsets_mapping=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
