@@ -14,7 +14,7 @@ from typing import Any
 from .errors import ZEraseError
 from .lagrangian import MODES
 from .lora import LoRAConfig
-from .prompts import as_read
+from .prompts import concept_words
 
 
 XT_SOURCES = ("pool", "fresh")  # where x_t comes from, the default first: see trainer.py and xt_pool.py
@@ -34,12 +34,6 @@ PRESETS: dict[str, Preset] = {
     "celebrity": Preset(1e-2, "A photo of {}"),
     "utility": Preset(5e-3, "{}"),  # post-erase LoRA use: editability
 }
-
-
-def concept_words(text: str) -> list[str]:
-    """``text`` as prompts see it: its words, whatever the case, spacing and Unicode composition ("Big  cat" is "big
-    cat"; a pasted NFD "café" is the typed one)."""
-    return as_read(text).lower().split()
 
 
 LR_RANGE = (1e-8, 1.0)  # AdamW's α: the nodes offer 1e-6 … 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .config import concept_words
+from .prompts import concept_words
 from .errors import ZEraseError
 from .lora_file import ErasureLoRA, Key
 

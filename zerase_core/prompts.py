@@ -92,6 +92,20 @@ def as_read(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+def concept_words(text: str) -> list[str]:
+    """``text`` as prompts see it: its words, whatever the case, spacing and Unicode composition ("Big  cat" is "big
+    cat"; a pasted NFD "café" is the typed one). Two concepts with the same words are one concept."""
+    return as_read(text).lower().split()
+
+
+def token_span(a: int, b: int, start: int, end: int) -> Span:
+    """A token's characters [a, b) of a templated text, as a span into the user's prompt that sits at [start, end)
+    in it; None for a token outside the prompt (the template's, or an empty one)."""
+    if not (a < end and b > start and b > a):
+        return None
+    return max(a, start) - start, min(b, end) - start
+
+
 def concept_token_indices(prompt: EncodedPrompt, word: str, fix: str = TEMPLATE_FIX) -> list[int]:
     """Indices of the tokens of ``prompt`` that encode ``word`` (all occurrences, all sub-tokens).
 

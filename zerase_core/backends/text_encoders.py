@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ZEraseError
-from ..prompts import EncodedPrompt, as_read
+from ..prompts import EncodedPrompt, as_read, token_span
 
 # Z-Image's pipeline wraps prompts in Qwen3's chat template with a generation prompt.
 CHAT_PREFIX = "<|im_start|>user\n"
@@ -51,11 +51,7 @@ class ChatTemplateEncoder:
 def _prompt_spans(offsets: torch.Tensor, prompt: str) -> tuple:
     """Map template offsets back into the user's prompt; template tokens get None."""
     start, end = len(CHAT_PREFIX), len(CHAT_PREFIX) + len(prompt)
-    spans = []
-    for a, b in offsets.tolist():
-        inside = a < end and b > start and b > a
-        spans.append((max(a, start) - start, min(b, end) - start) if inside else None)
-    return tuple(spans)
+    return tuple(token_span(a, b, start, end) for a, b in offsets.tolist())
 
 
 class HashWordEncoder:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ...errors import ZEraseError
-from ...prompts import EncodedPrompt, Span, as_read
+from ...prompts import EncodedPrompt, Span, as_read, token_span
 
 
 def _inner_tokenizer(clip: Any):
@@ -35,11 +35,8 @@ def token_spans(hf_tokenizer: Any, ids: list[int], text: str, start: int, end: i
         if prefix.endswith("\ufffd") and k < len(ids):
             pending += 1
             continue
-        a, b = done, len(prefix)
-        inside = a < end and b > start and b > a
-        span = (max(a, start) - start, min(b, end) - start) if inside else None
-        spans.extend([span] * (pending + 1))
-        done, pending = b, 0
+        spans.extend([token_span(done, len(prefix), start, end)] * (pending + 1))
+        done, pending = len(prefix), 0
     if done != len(text):
         raise ZEraseError(
             "Z-Erase: the text encoder's tokens do not spell out the prompt (does it name an 'embedding:'? "
