@@ -85,9 +85,14 @@ class ErasureLoRA:
     def rank(self) -> int:
         return max(a.shape[0] for a, _ in self.factors.values())
 
+    @property
+    def multiplier(self) -> float:
+        """What ΔW carries beside its factors: ΔW = multiplier · B A (the scale of training times the strength)."""
+        return self.scale * self.strength
+
     def delta_weight(self, key: Key) -> torch.Tensor:
         a, b = self.factors[key]
-        return (b.double() @ a.double()) * (self.scale * self.strength)
+        return (b.double() @ a.double()) * self.multiplier
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -70,7 +70,7 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
         parts = [(lora, w) for lora, w in zip(loras, weights) if key in lora.factors]
         _same_widths(key, [lora for lora, _ in parts])
         a = torch.cat([lora.factors[key][0] for lora, _ in parts])
-        b = torch.cat([lora.factors[key][1] * (w * lora.scale * lora.strength) for lora, w in parts], dim=1)
+        b = torch.cat([lora.factors[key][1] * (w * lora.multiplier) for lora, w in parts], dim=1)
         if not torch.isfinite(b).all():  # finite weights, yet beyond float32 once multiplied
             raise ZEraseError(f"The merge overflows at layer {key[0]} {key[1]}: weights {weights} times the LoRAs' "
                               "scales leave float32's range. Use weights near 1.")
@@ -102,8 +102,7 @@ def rerank(lora: ErasureLoRA, rank: int) -> tuple[ErasureLoRA, MergeReport]:
         raise ZEraseError(f"The merge rank must be at least 1, got {rank}.")
     factors, err2, total2 = {}, 0.0, 0.0
     for key, (a, b) in lora.factors.items():
-        s = lora.scale * lora.strength
-        q_b, r_b = torch.linalg.qr(b.double() * s)
+        q_b, r_b = torch.linalg.qr(b.double() * lora.multiplier)
         q_a, r_a = torch.linalg.qr(a.double().T)
         u, sv, vh = torch.linalg.svd(r_b @ r_a.T)
         k = min(rank, sv.numel())
