@@ -270,6 +270,13 @@ def test_a_checkpoint_with_settings_this_version_does_not_know_is_refused_by_nam
         PlannedRun(tiny_zimage_backend(), _config(steps=2), out, resume=True)
 
 
+def test_a_rank_beyond_the_models_width_is_refused_before_any_work():
+    """--rank 99999999999 ended in an allocation failure of the LoRA's factors."""
+    width = tiny_zimage_backend().fingerprint()["dim"]
+    with pytest.raises(ZEraseError, match=f"rank {width + 1} exceeds the model's width {width}"):
+        ZEraseTrainer(tiny_zimage_backend(), _config(lora=LoRAConfig(rank=width + 1)))
+
+
 def test_ctrl_c_while_a_run_is_prepared_is_told_not_a_traceback(tmp_path, monkeypatch):
     """Encoding the prompts and sampling the x_t pool take minutes on the real model, before the first step."""
     import zerase_core.run as run_module
