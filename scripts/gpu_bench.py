@@ -43,9 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zerase_core.backends.base import Backend  # noqa: E402
 from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend, LatentSpec  # noqa: E402
-from zerase_core.bench.cost import SpeedCase, base_config, device_sync, time_case  # noqa: E402
+from zerase_core.bench.cost import SpeedCase, base_config, check_timing, device_sync, time_case  # noqa: E402
 from zerase_core.bench.estimate import REAL, FixedLengthEncoder, scaled_zimage  # noqa: E402
-from zerase_core.bench.report import write_json  # noqa: E402
+from zerase_core.bench.report import check_out, write_json  # noqa: E402
+from zerase_core.errors import ZEraseError  # noqa: E402
 from zerase_core.config import TrainConfig  # noqa: E402
 from zerase_core.lora import LoRAConfig  # noqa: E402
 
@@ -191,6 +192,11 @@ def main(argv=None) -> int:
         parser.error("fp8 base weights are ComfyUI's weight_dtype fp8_e4m3fn: add --host comfy")
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no GPU: run with --tiny to check the script on a CPU")
+    try:  # before a model is built: what would fail after the first row's minutes
+        check_timing(args.steps)
+        check_out(args.out)
+    except ZEraseError as err:
+        parser.error(str(err))
 
     device = "cpu" if args.tiny else "cuda"
     res = [64] if args.tiny else args.resolutions
@@ -230,7 +236,10 @@ def _measure_model(args, weights: str, device: str, runs: list[tuple[int, bool]]
         built.backend.set_gradient_checkpointing(ckpt)
         with built.session():
             result["rows"].append(_row(SpeedCase(name, built.backend, config), args.steps) | {"weights": weights})
-        write_json(result, args.out)  # after every row: a run cut off by a time limit keeps what it measured
+        try:  # after every row: a run cut off by a time limit keeps what it measured
+            write_json(result, args.out)
+        except ZEraseError as err:  # a full disk: the rows are printed at the end all the same
+            log.error("%s", err)
     built.release()
 
 

@@ -144,19 +144,22 @@ def test_a_demo_without_evaluation_prompts_is_refused_before_any_work(tmp_path, 
 
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--concepts", "red", "--n-eval", "1"], "--n-eval must be at least 2"),
+    (["bench", "--concepts", "red", "--steps", "0", "--out", "{tmp}"], "steps must be ≥ 1"),  # measured cells first
     (["bench-xt", "--concepts", "red", "--n-eval", "0"], "--n-eval must be at least 2"),
     (["bench-xt", "--concepts", "red", "not red"], "'not red' is not one concept"),
-    (["bench-lambda", "--concepts", "dragon"], "'dragon' is not one concept"),
+    (["bench-lambda", "--concepts", "red", "dragon"], "'dragon' is not one concept"),  # red would train first
     (["bench-cost", "--tiny", "--steps", "0"], "--steps and --repeats must be at least 1"),
 ])
-def test_a_benchmark_refuses_what_would_fail_after_its_work_before_it(argv, message, capsys, monkeypatch):
+def test_a_benchmark_refuses_what_would_fail_after_its_work_before_it(argv, message, capsys, monkeypatch, tmp_path):
     """Each of these used to train or time first, then crash (an empty evaluation, a word that is no concept) or
     write a result of NaNs."""
+    import zerase_core.toy.bench as toy_bench
     import zerase_core.trainer as trainer_module
     from zerase_core.cli import main
 
     monkeypatch.setattr(trainer_module.ZEraseTrainer, "__init__", lambda *a, **k: pytest.fail("trained"))
-    assert main(argv) == 2
+    monkeypatch.setattr(toy_bench, "run_cell", lambda *a, **k: pytest.fail("measured a cell"))
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -240,7 +243,7 @@ def test_a_command_line_run_stopped_by_nan_says_to_start_again_not_to_resume(tmp
                         lambda *a: real(*a) * (float("nan") if calls.append(1) or len(calls) > 3 else 1.0))
     out = tmp_path / "run"
     with pytest.raises(ZEraseError, match="Resuming would repeat the step that failed: start a fresh run with "
-                                          "another --out and a lower --lr") as err:
+                                          "another --out and a lower learning rate .train: --lr.") as err:
         train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=6), out))
     assert "--resume to continue" not in str(err.value)
     assert 1 <= load_lora(out / "erasure_lora.safetensors").training["steps_done"] < 6
@@ -256,6 +259,7 @@ def test_a_checkpoint_with_settings_this_version_does_not_know_is_refused_by_nam
     """One from a later version of the pack (a new setting) raised TypeError from TrainConfig(**settings)."""
     from safetensors.torch import load_file
 
+    from zerase_core.checkpoint import check_run_files
     from zerase_core.files import atomic_save, decode_metadata
     from zerase_core.run import PlannedRun
     from safetensors import safe_open
@@ -268,6 +272,10 @@ def test_a_checkpoint_with_settings_this_version_does_not_know_is_refused_by_nam
     atomic_save(load_file(out / "checkpoint.safetensors"), out / "checkpoint.safetensors", meta)
     with pytest.raises(ZEraseError, match="settings this version of the pack cannot read .*new_setting"):
         PlannedRun(tiny_zimage_backend(), _config(steps=2), out, resume=True)
+    # A new run there is told the same (it said "a run that can still be resumed ... --resume")
+    with pytest.raises(ZEraseError, match="cannot be read .*new_setting.*so no run can resume from it"):
+        check_run_files(out / "new.safetensors", out / "checkpoint.safetensors", _config(steps=2),
+                        tiny_zimage_backend(), False, "")
 
 
 def test_a_rank_beyond_the_models_width_is_refused_before_any_work():
@@ -288,6 +296,12 @@ def test_ctrl_c_while_a_run_is_prepared_is_told_not_a_traceback(tmp_path, monkey
     monkeypatch.setattr(run_module, "ZEraseTrainer", ctrl_c)
     with pytest.raises(ZEraseError, match="Stopped before the first step .while preparing the run.; nothing was"):
         train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=2), tmp_path / "run"))
+    monkeypatch.undo()
+    stopped = tmp_path / "b" / "checkpoint.safetensors"
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=1), checkpoint_path=stopped).run()
+    monkeypatch.setattr(run_module, "ZEraseTrainer", ctrl_c)
+    with pytest.raises(ZEraseError, match="preparing to continue the run; its checkpoint is as it was: .* --resume"):
+        train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=2), tmp_path / "b", resume=True))
 
 
 def test_a_stopped_command_line_run_keeps_its_work_and_says_how_to_continue(tmp_path):
@@ -351,12 +365,19 @@ def test_a_preservation_concept_that_is_the_concept_spaced_otherwise_is_refused(
     (("--eta", "-2"), "η ≥ 0 .η < 0 would strengthen the concept"),  # the target would be the concept itself
     (("--lr", "1e308"), "learning rate must be between 1e-08 and 1 .* got 1e[+]308"),  # AdamW's step overflows
     (("--lr", "1e-300"), "learning rate must be between"),  # β/α overflows λ
-    (("--seed", "99999999999999999999"), "seed must be between 0 and 2.63 − 1"),
+    (("--seed", "99999999999999999999"), "seed must be between 0 and 2.64 − 1"),
     (("--seed", "-1"), "seed must be between 0"),
 ])
-def test_settings_that_would_not_train_what_they_say_are_refused(flags, message):
+def test_settings_that_would_not_train_what_they_say_are_refused(flags, message, capsys, monkeypatch):
     with pytest.raises(ZEraseError, match=message):
         _cli_config(*flags)
+    # ... and by the command, before it builds a model (the tiny one seeded torch first; the real one loads minutes)
+    import zerase_core.tiny as tiny
+    from zerase_core.cli import main
+
+    monkeypatch.setattr(tiny, "tiny_zimage_backend", lambda **k: pytest.fail("a model was built"))
+    assert main(["train", "--tiny", "--concept", "cat", *flags]) == 2
+    assert "error:" in capsys.readouterr().err
 
 
 def test_a_flow_shift_that_is_not_positive_is_refused():

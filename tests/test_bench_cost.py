@@ -275,6 +275,21 @@ def test_gpu_script_refuses_fp8_weights_outside_comfyui(capsys):
     assert "add --host comfy" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps and --repeats must be at least 1"),  # a JSON of NaN
+    (["--out", "."], "is a folder; --out names the JSON file"),  # a traceback after the first row
+])
+def test_gpu_script_refuses_what_would_fail_after_its_first_row_before_building_a_model(argv, message, capsys,
+                                                                                        monkeypatch):
+    from gpu_script import load_gpu_bench
+
+    script = load_gpu_bench()
+    monkeypatch.setattr(script, "_build", lambda *a: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit):
+        script.main(["--tiny", *argv])
+    assert message in capsys.readouterr().err
+
+
 def test_optimizer_state_is_made_without_moving_the_lora():
     """Before peak memory is read on a GPU, AdamW's buffers exist and the LoRA and learning rate are as they were."""
     from zerase_core.bench.cost import _make_optimizer_state

@@ -70,7 +70,7 @@ def test_a_training_checkpoint_given_as_a_lora_is_named_as_one(tmp_path):
     config = TrainConfig(concept="red", templates=("a photo of a {} ball",), steps=1, height=64, width=64,
                          sample_steps=2, xt_pool=1, lora=LoRAConfig(rank=2))
     ZEraseTrainer(tiny_zimage_backend(), config, checkpoint_path=tmp_path / "checkpoint.safetensors").run()
-    with pytest.raises(ZEraseError, match="is a Z-Erase training checkpoint .* use the erasure_lora.safetensors"):
+    with pytest.raises(ZEraseError, match="training checkpoint .* use the run.s LoRA file .erasure_lora.safetensors"):
         load_lora(tmp_path / "checkpoint.safetensors")
 
 
@@ -237,7 +237,7 @@ def test_a_file_that_could_not_be_written_is_refused_before_any_work(tmp_path):
     longest = "y" * (NAME_MAX - len(".safetensors"))
     check_writable(tmp_path / f"{longest}.safetensors")
     save_lora(_random_lora(KEYS), tmp_path / f"{longest}.safetensors")
-    with pytest.raises(ZEraseError, match="too long .*choose a shorter save name"):
+    with pytest.raises(ZEraseError, match="too long .*choose a shorter name"):
         check_writable(tmp_path / f"{longest}y.safetensors")
     (tmp_path / "taken").write_bytes(b"a file, not a folder")
     with pytest.raises(ZEraseError, match="Cannot write into .*taken"):

@@ -78,8 +78,9 @@ def _refuse_replacing(path: Path, advice: str) -> None:
     try:
         meta = _read(path, tensors=False)[1]
         if meta.get("non_finite_stop"):  # resuming would repeat the failed step: the fix is a new run, here
-            log.info("%s: replacing the checkpoint of a run stopped by NaN at step %s", path, meta["step"])
+            log.warning("%s: replacing the checkpoint of a run stopped by NaN at step %s", path, meta["step"])
             return
+        TrainConfig.from_dict(meta["config"])  # one this version cannot read cannot be resumed by it either
         at = f" stopped at step {int(meta['step'])} of {int(meta['config']['steps'])}"
     except Exception as err:  # a damaged checkpoint is still the user's file: refuse all the same, but no resume
         cause = err.__cause__ if isinstance(err, ZEraseError) and err.__cause__ else err

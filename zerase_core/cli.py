@@ -7,6 +7,7 @@ modules register theirs by importing :func:`command`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -139,17 +140,19 @@ def _train(args: argparse.Namespace) -> int:
     from .lora import LoRAConfig
     from .run import PlannedRun, train_and_save
 
+    # The settings are checked before a model is built: loading Z-Image takes minutes.
     if args.tiny:
         from .tiny import tiny_zimage_backend
 
+        config = train_config_from_args(args, steps=50, height=64, width=64, sample_steps=4, lora=LoRAConfig(rank=4))
         backend = tiny_zimage_backend(seed=args.seed)
-        defaults = dict(steps=50, height=64, width=64, sample_steps=4, lora=LoRAConfig(rank=4))
     else:
         from .backends.diffusers_loader import load_diffusers_zimage
 
+        config = train_config_from_args(args)
         backend = load_diffusers_zimage(args.model)
-        defaults = {} if backend.flow_shift is None else {"shift": backend.flow_shift}  # x_t as the model samples
-    config = train_config_from_args(args, **defaults)
+        if backend.flow_shift is not None:  # x_t as the model samples (there is no --shift flag)
+            config = dataclasses.replace(config, shift=backend.flow_shift)
     result, path = train_and_save(PlannedRun(backend, config, args.out, args.resume), release_encoder=not args.tiny)
     last = result.history[-1]
     print(json.dumps({"lora": str(path), "steps": last.step, "L_erase": last.erase, "lambda": last.lam,

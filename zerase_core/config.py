@@ -91,8 +91,8 @@ class TrainConfig:
         if not LR_RANGE[0] <= self.lr <= LR_RANGE[1]:  # beyond: AdamW's step overflows the LoRA, or β/α does λ
             raise ZEraseError(f"The learning rate must be between {LR_RANGE[0]:g} and {LR_RANGE[1]:g} (the paper's "
                               f"is 1e-3); got {self.lr:g}.")
-        if not 0 <= self.seed < 2**63:  # torch's generators take a signed 64-bit seed
-            raise ZEraseError(f"The seed must be between 0 and 2^63 − 1; got {self.seed}.")
+        if not 0 <= self.seed < 2**64:  # torch's generators take seeds below 2⁶⁴ (and negative ones, not offered)
+            raise ZEraseError(f"The seed must be between 0 and 2^64 − 1; got {self.seed}.")
         if self.epsilon is not None and self.epsilon < 0:  # the Train node reads a negative ε as "the preset's"
             raise ZEraseError(f"ε is the rise of L_pr a step may cause (Eq. 9), ≥ 0; got {self.epsilon}. Leave it "
                               "out for the preset's (Table 6).")

@@ -85,7 +85,7 @@ def check_writable(path: str | os.PathLike) -> None:
     length = _name_length(path.name)
     if length > NAME_MAX:
         raise ZEraseError(f"The file name '{path.name}' is too long ({length} {_NAME_UNIT}; file systems allow "
-                          f"{NAME_MAX}); choose a shorter save name.")
+                          f"{NAME_MAX}); choose a shorter name.")
     tmp = _temporary(path.parent)
     try:
         os.close(_create(tmp))

@@ -169,7 +169,8 @@ def load_lora(path: str | Path) -> ErasureLoRA:
         return _from_official(_tensors(path))
     if meta.get("kind") == "zerase-checkpoint":  # checkpoint.KIND (not imported: checkpoint imports this module)
         raise ZEraseError(f"'{path.name}' is a Z-Erase training checkpoint (for resuming a run), not a LoRA; use the "
-                          "erasure_lora.safetensors beside it.")
+                          "run's LoRA file (erasure_lora.safetensors beside a command-line run's checkpoint; the "
+                          "node's under models/loras/zerase/).")
     if any(h in k for k in keys for h in _STOCK_HINTS):
         raise ZEraseError(
             f"'{path.name}' is an ordinary LoRA, not a Z-Erase erasure LoRA. Ordinary LoRAs act on every "

@@ -110,6 +110,9 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
         if run.resume:
             trainer.resume(run.checkpoint)
     except KeyboardInterrupt as err:
+        if run.resume:
+            raise ZEraseError("Stopped while preparing to continue the run; its checkpoint is as it was: run the same "
+                              "command with --resume.") from err
         raise ZEraseError("Stopped before the first step (while preparing the run); nothing was saved.") from err
     on_step, bar = progress_bar(config.steps, trainer.step)
     trainer.callbacks.extend([on_step, *callbacks])
@@ -133,10 +136,10 @@ def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str
         return f"{why} before the first step; nothing was saved."
     if not trainer.params_finite():  # an update overflowed the LoRA: nothing of it is worth keeping
         return (f"{why} at step {trainer.step} with the LoRA's weights no longer finite; nothing was saved. Start a "
-                "fresh run with a lower --lr.")
+                "fresh run with a lower learning rate (train: --lr).")
     save_lora(trainer.export(), lora_path)  # as the node does at Cancel: the LoRA so far, replaced when resumed
     where = f"{why} at step {trainer.step} of {trainer.config.steps}. The LoRA so far is in {lora_path}"
     if isinstance(err, NonFiniteLoss):  # the checkpoint would run into the same step, with the same settings
         return (f"{where} (its last good weights). Resuming would repeat the step that failed: start a fresh run "
-                "with another --out and a lower --lr.")
+                "with another --out and a lower learning rate (train: --lr).")
     return f"{where}, the checkpoint beside it: run the same command with --resume to continue."

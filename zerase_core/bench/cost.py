@@ -196,6 +196,12 @@ def _split_parts(trainer: ZEraseTrainer, x_t: torch.Tensor, sigma: torch.Tensor)
     }
 
 
+def check_timing(steps: int, repeats: int = 1) -> None:
+    """Refuse, before any measuring, a timing with nothing to take a median of (every figure would be NaN)."""
+    if steps < 1 or repeats < 1:
+        raise ZEraseError(f"--steps and --repeats must be at least 1; got {steps} and {repeats}.")
+
+
 def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: int = 1) -> dict:
     """Seconds per step of each variant on the case's backend, both x_t sources.
 
@@ -498,8 +504,7 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 @command("bench-cost", "seconds per Z-Erase step vs the official-style reference and gated ESD; memory", _add)
 def _bench_cost(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.repeats < 1:  # no timing to take a median of: every figure would be NaN
-        raise ZEraseError(f"--steps and --repeats must be at least 1; got {args.steps} and {args.repeats}.")
+    check_timing(args.steps, args.repeats)
     check_out(args.out)
     result = run(tiny=args.tiny, steps=args.steps, memory_estimate=not args.no_estimate, repeats=args.repeats,
                  models=tuple(args.models))

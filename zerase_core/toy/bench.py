@@ -183,6 +183,9 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
     check_writable(out / "bench.json")  # a name too long, a folder that cannot be written: before hours of cells
     bundle = bundle or load_toy()
     chosen = [m for m in METHODS if methods is None or m.name in methods]
+    # Every cell's settings first: one that TrainConfig refuses (--steps 0) is told before any cell is measured.
+    configs = {(m.name, c.word, seed): cell_config(bundle, m, c, seed, steps)
+               for m in chosen for c in concepts for seed in seeds}
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells = {}
     identity = weights_identity(bundle)  # at load time: the file may be replaced while the bench runs
@@ -191,7 +194,7 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
         for concept in concepts:
             for seed in seeds:
                 # keyed by the weights and the settings too: a cell measured on other ones is not reused
-                config = cell_config(bundle, method, concept, seed, steps)
+                config = configs[(method.name, concept.word, seed)]
                 key = config_key(config)
                 name = f"{method.name}__{concept.word}__{seed}__{steps}__{n_eval}__{weights}__{key}.json"
                 path = out / "cells" / name
