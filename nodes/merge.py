@@ -7,7 +7,7 @@ import logging
 from comfy_api.latest import io
 
 from zerase_core.errors import ZEraseError
-from zerase_core.files import safe_output_path
+from zerase_core.save_names import safe_output_path
 from zerase_core.lora_file import save_lora
 from zerase_core.merge import merge
 

@@ -11,7 +11,7 @@ from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized, 
 from zerase_core.apply import install_lora
 from zerase_core.config import PRESETS, XT_SOURCES, TrainConfig
 from zerase_core.checkpoint import check_run_files
-from zerase_core.files import name_from, path_inside, safe_output_path, saved_versions
+from zerase_core.save_names import name_from, path_inside, safe_output_path, saved_versions
 from zerase_core.history import loss_series
 from zerase_core.lora import LoRAConfig, targets_from
 from zerase_core.lora_file import load_lora, save_lora

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from zerase_core.apply import export_lora, host_widths, install_lora
 from zerase_core.errors import ZEraseError
-from zerase_core.files import safe_output_path
+from zerase_core.save_names import safe_output_path
 from zerase_core.lora_file import ErasureLoRA, check_fits, load_lora, save_lora
 from zerase_core.merge import merge, merge_exact, rerank
 
@@ -248,7 +248,8 @@ def test_a_file_that_could_not_be_written_is_refused_before_any_work(tmp_path):
 def test_a_save_name_too_long_is_refused_by_name_and_a_long_concept_makes_one_that_fits(tmp_path):
     """Path.exists() raises on a name the file system cannot hold: the lookup of earlier files crashed with a raw
     OSError once the folder existed."""
-    from zerase_core.files import NAME_MAX, name_from, safe_output_path, saved_versions
+    from zerase_core.files import NAME_MAX
+    from zerase_core.save_names import name_from, safe_output_path, saved_versions
 
     for lookup in (safe_output_path, saved_versions):
         with pytest.raises(ZEraseError, match="too long .*choose a shorter save name"):
@@ -310,7 +311,7 @@ def test_save_name_never_overwrites(tmp_path):
 
 def test_saved_versions_are_found_across_a_gap(tmp_path):
     """A deleted red_001 must not hide red_002 (Train's reuse looks through these), nor other names match."""
-    from zerase_core.files import saved_versions
+    from zerase_core.save_names import saved_versions
 
     for name in ("red", "red_002", "red_010", "red_x", "reddish_001", "red_003.json"):
         (tmp_path / (name if "." in name else f"{name}.safetensors")).write_bytes(b"x")
@@ -414,7 +415,7 @@ def test_merge_compares_what_both_files_record():
 
 
 def test_a_save_name_made_from_a_concept_is_always_allowed(tmp_path):
-    from zerase_core.files import name_from, path_inside
+    from zerase_core.save_names import name_from, path_inside
 
     for concept, expected in [("Mickey Mouse (Disney)", "Mickey Mouse _Disney_"), ("AC/DC", "AC_DC"),
                               ("nude, naked", "nude_ naked"), ("梵高", "梵高"), ("..", "zerase"), ("?!", "zerase")]:

@@ -1,15 +1,15 @@
-"""Atomic safetensors writes and safe output names: one way to put a file on disk."""
+"""Atomic writes, safetensors metadata, and what the file system allows: one way to put a file on disk.
+
+Save names users type (a node's ``save_name``) are in :mod:`.save_names`.
+"""
 
 from __future__ import annotations
 
-import glob
-import itertools
 import json
 import os
-import re
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -82,9 +82,9 @@ def check_writable(path: str | os.PathLike) -> None:
     """Refuse, before any work, a file that could not be written later (a name too long for the file system, a
     folder without write permission), instead of losing a training run at its first save."""
     path = Path(path)
-    length = _name_length(path.name)
+    length = name_length(path.name)
     if length > NAME_MAX:
-        raise ZEraseError(f"The file name '{path.name}' is too long ({length} {_NAME_UNIT}; file systems allow "
+        raise ZEraseError(f"The file name '{path.name}' is too long ({length} {NAME_UNIT}; file systems allow "
                           f"{NAME_MAX}); choose a shorter name.")
     tmp = _temporary(path.parent)
     try:
@@ -96,12 +96,10 @@ def check_writable(path: str | os.PathLike) -> None:
 
 
 NAME_MAX = 255  # one file name: bytes on ext4 and APFS, UTF-16 units on NTFS
-_NAME_UNIT = "UTF-16 units" if os.name == "nt" else "bytes"
-# A save name's longest part, leaving room for a suffix (".safetensors", ".zerase-ckpt") and a number ("_001").
-_NAME_ROOM = NAME_MAX - 32
+NAME_UNIT = "UTF-16 units" if os.name == "nt" else "bytes"
 
 
-def _name_length(name: str) -> int:
+def name_length(name: str) -> int:
     return len(name.encode("utf-16-le")) // 2 if os.name == "nt" else len(os.fsencode(name))
 
 
@@ -130,72 +128,3 @@ def _json(text: str) -> Any:
 def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:
     """Inverse of :func:`atomic_save`'s encoding: JSON where it parses, plain strings otherwise."""
     return {key: value if (parsed := _json(value)) is _NOT_JSON else parsed for key, value in meta.items()}
-
-
-_NAME_CHARS = r"\w\-. "  # what a save name may hold
-_SAFE_NAME = re.compile(rf"^[{_NAME_CHARS}]+$")
-
-
-def safe_output_path(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> Path:
-    """``folder/name`` for a user-typed name that must stay inside ``folder`` and not overwrite.
-
-    An existing file gets a numbered sibling (name_001) instead of being replaced.
-    """
-    return next(p for p in numbered_paths(folder, name, suffix) if not p.exists())
-
-
-def numbered_paths(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> Iterator[Path]:
-    """``folder/name``, then ``name_001``, ``name_002`` …: the names :func:`safe_output_path` picks from, in order."""
-    path = path_inside(folder, name, suffix)
-    yield path
-    for n in itertools.count(1):
-        yield _numbered(path, n, suffix)
-
-
-def _numbered(first: Path, n: int, suffix: str) -> Path:
-    """The ``n``-th taken-name alternative of ``first``: ``name_001``, … (the one place the format is written)."""
-    return first.with_name(f"{first.stem}_{n:03d}{suffix}")
-
-
-def saved_versions(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> list[Path]:
-    """The files :func:`safe_output_path` wrote for ``name`` that exist now, in number order; gaps (a deleted
-    ``name_001``) do not hide later ones."""
-    first = path_inside(folder, name, suffix)
-    number = re.compile(rf"^{re.escape(first.stem)}_(\d+){re.escape(suffix)}$")
-    found = sorted((int(m[1]), p) for p in first.parent.glob(f"{glob.escape(first.stem)}_*{suffix}")
-                   if (m := number.match(p.name)) and p == _numbered(first, int(m[1]), suffix))
-    return ([first] if first.exists() else []) + [p for _, p in found]
-
-
-def name_from(text: str, fallback: str = "zerase") -> str:
-    """A save name made from free text (a concept such as "Mickey Mouse (Disney)" or "AC/DC"): every character a
-    save name may not hold, the folder separator included, becomes '_'."""
-    name = re.sub(rf"[^{_NAME_CHARS}]", "_", text).strip(" .")
-    while _name_length(name) > _NAME_ROOM:  # a long concept still makes a name the file system takes
-        name = name[:-1].rstrip(" .")
-    return name if name.strip("_") else fallback
-
-
-def path_inside(folder: str | os.PathLike, name: str, suffix: str) -> Path:
-    """Exactly ``folder/name + suffix`` for a user-typed name, refused if it would leave ``folder``.
-
-    Subfolders are allowed ("nsfw/nudity"); "..", absolute paths and odd characters are not.
-    """
-    name = name.strip()
-    if name.endswith(suffix):
-        name = name[: -len(suffix)]
-    parts = name.replace("\\", "/").split("/")
-    if not name or os.path.isabs(name) or any(p in ("", ".", "..") or not _SAFE_NAME.match(p) for p in parts):
-        raise ZEraseError(
-            f"The save name '{name}' is not allowed: use letters, digits, '-', '_', '.' and optional "
-            "subfolders, without '..' or an absolute path; files stay inside the output folder."
-        )
-    longest = max(parts, key=_name_length)
-    if _name_length(longest) > _NAME_ROOM:  # before any lookup: Path.exists() raises on a name too long
-        raise ZEraseError(f"The save name '{name}' is too long ('{longest[:40]}…' is {_name_length(longest)} "
-                          f"{_NAME_UNIT}; at most {_NAME_ROOM}); choose a shorter save name.")
-    root = Path(folder).resolve()
-    path = root.joinpath(*parts[:-1], parts[-1] + suffix)
-    if root not in path.resolve().parents:
-        raise ZEraseError(f"The save name '{name}' would leave the folder {root}; choose a plain name.")
-    return path
