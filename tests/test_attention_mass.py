@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from recorders import keeping_recorders
 
@@ -180,3 +181,14 @@ def test_word_maps_with_gradients_under_checkpointing_count_each_layer_once(tiny
     assert replayed.seen == plain.seen == set(range(tiny_backend.n_layers))
     torch.testing.assert_close(replayed.per_query(), plain.per_query(), rtol=0, atol=1e-6)
     assert replayed.for_replay().sums is None and replayed.for_replay().seen == set()
+
+
+def test_the_recorded_mass_is_the_mean_over_image_queries_and_then_over_layers():
+    """Eq. 6's reduction on hand-worked numbers: image query rows only (padding and caption rows left out), then the
+    mean over recorded layers. Averaging over every row or summing over layers would both pass a range check."""
+    from zerase_core.attention_mass import MassRecorder
+
+    recorder = MassRecorder(columns=torch.zeros(1, 4, dtype=torch.bool), query_rows=torch.tensor([[1, 1, 0, 0]]))
+    recorder.keep(0, torch.tensor([[0.2, 0.4, 0.9, 0.9]]))  # image queries: (0.2 + 0.4) / 2 = 0.3
+    recorder.keep(1, torch.tensor([[0.6, 0.8, 0.0, 0.0]]))  # 0.7
+    assert recorder.result().tolist() == pytest.approx([0.5])  # (0.3 + 0.7) / 2

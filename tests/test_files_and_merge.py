@@ -331,6 +331,13 @@ def test_exact_merge_is_the_weighted_sum_of_products():
     default = merge_exact([a, b])  # paper's w_i = 1/N
     mean = 0.5 * (a.delta_weight(KEYS[0]) + b.delta_weight(KEYS[0]))
     assert torch.allclose(default.delta_weight(KEYS[0]), mean, atol=1e-5)
+    # A part's strength counts, by hand from its factors (delta_weight would carry the same mistake as the merge).
+    import dataclasses
+
+    weak = dataclasses.replace(a, strength=0.4)
+    alone, _ = merge([weak, b], weights=[0.3, 0.7])
+    (down, up), key = a.factors[KEYS[2]], KEYS[2]  # a key only a has
+    assert torch.allclose(alone.delta_weight(key), 0.3 * 0.5 * 0.4 * (up.double() @ down.double()), atol=1e-6)
 
 
 
@@ -441,3 +448,21 @@ def test_an_exclusive_save_writes_a_new_file_and_never_replaces_one(tmp_path, mo
         save_lora(lora, tmp_path / "taken.safetensors", exclusive=True)
     assert (tmp_path / "taken.safetensors").read_text() == "kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.safetensors", "taken.safetensors"]
+
+
+def test_an_applied_lora_adds_its_delta_weight_at_its_scale_and_strength():
+    """What the model adds on text rows is x (scale · strength · multiplier · B A)ᵀ, the ΔW the file describes: an
+    official file's alpha ≠ rank and a node's strength reach the forward (every other test applies scale 1)."""
+    import dataclasses
+
+    from zerase_core.tiny import tiny_zimage_backend
+
+    backend = tiny_zimage_backend()
+    dim = backend.fingerprint()["dim"]
+    lora = dataclasses.replace(_random_lora([(0, "q"), (1, "v")], d_in=dim, d_out=dim, scale=0.5), strength=0.7)
+    lora_set = install_lora(backend, lora, multiplier=2.0)
+    x = torch.randn(5, dim, generator=torch.Generator().manual_seed(3))
+    for key in [(0, "q"), (1, "v")]:
+        added = lora_set.slots[key].delta(key[1], x).double()
+        expected = x.double() @ (2.0 * lora.delta_weight(key)).T  # delta_weight carries scale · strength
+        assert torch.allclose(added, expected, rtol=1e-5, atol=1e-6)

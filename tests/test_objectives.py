@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zerase_core.objectives import erase_target, loss_attn, loss_erase, loss_pr
+from zerase_core.objectives import erase_target, loss_attn, loss_er, loss_erase, loss_pr, loss_total
 
 
 def _full(value: float) -> torch.Tensor:
@@ -33,3 +33,11 @@ def test_loss_pr_sums_the_unconditional_and_the_kept_concept_terms():
 
 def test_loss_attn_is_the_mean_mass_over_the_batch():
     assert loss_attn(torch.tensor([0.2, 0.4])).item() == pytest.approx(0.3)
+
+
+def test_loss_er_adds_the_weighted_attention_term_and_loss_total_weighs_l_pr_by_lambda():
+    t = torch.tensor
+    assert loss_er(t(1.0), t(0.5), attn_weight=2.0).item() == pytest.approx(2.0)  # Eq. 7 at weight 2: 1 + 2·0.5
+    assert loss_er(t(1.0), t(0.5)).item() == pytest.approx(1.5)  # the paper's weight, 1
+    assert loss_total(t(2.0), t(3.0), lam=0.5).item() == pytest.approx(3.5)  # Algorithm 1: L_er + λ L_pr
+    assert loss_total(t(2.0), t(3.0), lam=0.0).item() == pytest.approx(2.0)

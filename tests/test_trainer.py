@@ -219,6 +219,37 @@ def test_exact_and_fixed_modes_run():
             assert all(r.lam == 0.5 for r in result.history)
 
 
+@pytest.mark.parametrize("mode", ["fixed", "paper"])
+def test_the_update_is_l_er_plus_lambda_l_pr_whichever_way_l_pr_was_computed(mode):
+    """Algorithm 1's L_total = L_erase + w·L_attn + λ L_pr, checked term by term. fixed (λ = 0.5): L_pr from the
+    batched student forward; paper with λ_t = 0 turning > 0 within the step: L_pr recomputed with a graph. Both ways
+    the gradient handed to AdamW is ∇(L_erase + w·L_attn) + λ∇L_pr, each taken here on its own."""
+    from zerase_core.objectives import loss_er
+
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, lambda_mode=mode, fixed_lambda=0.5))
+    with torch.no_grad():  # off B = 0, where ∇L_pr = 0 whatever λ does
+        for p in trainer.params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    if mode == "paper":
+        trainer.lam.previous_pr = 0.0  # L_pr rose from 0: g̃ < 0, so λ_{t+1} > 0 although λ_t = 0
+    pool, w = trainer.prompts, trainer.config.attn_weight
+    x_t = torch.randn(1, *trainer.latent_shape, generator=torch.Generator().manual_seed(1))
+    step = trainer._losses(pool.erase[0], list(pool.erase_tokens[0]), pool.keep[0], x_t, torch.tensor([0.6]))
+    assert step.pr.requires_grad == (mode == "fixed") and step.attn.item() > 0
+
+    def grad(loss):
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, trainer.params, retain_graph=True)])
+
+    g_er = grad(step.erase + w * step.attn)
+    g_pr = grad(step.pr if step.pr.requires_grad else trainer._pr_loss(step.pr_batch))
+    assert not torch.allclose(g_er, grad(step.erase), atol=1e-7)  # L_attn moves the update: a lost term shows
+    lam, recomputed = trainer._backward(loss_er(step.erase, step.attn, w), step.pr, step.pr_batch)
+    assert recomputed == (mode == "paper") and (lam == 0.5 if mode == "fixed" else lam > 0.01)
+    applied = torch.cat([p.grad.reshape(-1) for p in trainer.params])
+    assert torch.allclose(applied, g_er + lam * g_pr, rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(applied, g_er, rtol=1e-3, atol=1e-7)  # λ L_pr is a visible part of it
+
+
 def test_exact_mode_steps_along_eq_11_with_the_eq_12_lambda():
     """The gradient handed to AdamW is ∇L_er + λ*∇L_pr with λ* of Eq. 12, from gradients taken here separately."""
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, lambda_mode="exact", epsilon=1e-6))
@@ -477,3 +508,14 @@ def test_a_finished_lora_is_found_only_for_the_same_settings_on_the_same_model(t
     with pytest.raises(ZEraseError, match="another model"):
         check_run_files(tmp_path / "cat.safetensors", tmp_path / "a.ckpt", _config(steps=4), tiny_zimage_backend(),
                         resume=True, advice="")
+
+
+def test_every_erase_prompt_marks_its_own_concept_tokens():
+    """L_attn is measured on erase_tokens[i] of erase[i]: shuffled variants move the concept (§4.1), so tokens found
+    in one prompt and used for another would put the loss on other words."""
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, shuffle_pool=6))
+    pool = trainer.prompts
+    assert len(pool.erase) == len(pool.erase_tokens) > 2
+    for prompt, tokens in zip(pool.erase, pool.erase_tokens):
+        assert {prompt.text[slice(*prompt.spans[i])].strip() for i in tokens} == {"red"}, prompt.text
+    assert len({tuple(tokens) for tokens in pool.erase_tokens}) > 1  # the concept does move
