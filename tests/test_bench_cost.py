@@ -116,6 +116,10 @@ def test_pool_holds_the_frozen_teachers_predictions():
     # consecutive levels are Euler steps of the erase prompt's velocity (cfg 1)
     step = xp.sigmas[1] - xp.sigmas[0]
     assert torch.allclose(xp.x[0, 1], xp.x[0, 0] + step * xp.teacher[0, 0, 0], atol=1e-5)
+    # ... and with guidance (the demo samples at cfg 3): v_∅ + cfg (v_c − v_∅), from the teacher's rows there
+    guided = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", sample_cfg=2.0)).xt_pool
+    t_c, t_u = guided.teacher[0, 0, 0], guided.teacher[0, 0, 1]
+    assert torch.allclose(guided.x[0, 1], guided.x[0, 0] + step * (t_u + 2.0 * (t_c - t_u)), atol=1e-5)
 
 
 def test_cancel_while_the_pool_is_sampled():
@@ -188,6 +192,12 @@ def test_bench_cost_command_prints_json_with_the_required_keys(capsys):
             assert row["seconds_per_step"][key] > 0
         assert f"overhead_vs_gated_esd_{source}_lambda_positive" in row
     assert row["seconds_per_step"]["reference"] > 0
+    s = row["seconds_per_step"]  # the ratios are the issue's: reference ÷ ours, ours ÷ gated ESD (not inverted)
+    for source in ("pool", "fresh"):
+        ours = s[f"ours_{source}_lambda_positive"]
+        assert row[f"speedup_vs_reference_{source}_lambda_positive"] == pytest.approx(s["reference"] / ours)
+        assert row[f"overhead_vs_gated_esd_{source}_lambda_positive"] == pytest.approx(ours / s[f"gated_esd_{source}"])
+    assert row["speedup_vs_reference"] == row[f"speedup_vs_reference_{row['default_xt_source']}_lambda_positive"]
     assert row["split_seconds"]["fresh_xt_mean"] > 0 and "attn_mass_fwd" in row["split_seconds"]
     assert set(result["attention_loss_memory"]["growth_exponent"]) == {"ours", "materialised"}
     assert "min_speedup_vs_reference" in result["summary"]
@@ -230,7 +240,7 @@ def test_toy_step_kinds_are_the_shipped_lambda_bench():
 
 
 def test_bench_result_records_its_command_and_threads(tmp_path, monkeypatch, capsys):
-    """Every benchmark's JSON names the command that made it, with the thread count it really ran under."""
+    """Every benchmark's JSON names the command that made it, with the OMP_NUM_THREADS it was started under."""
     from zerase_core.bench.report import emit
 
     out = tmp_path / "sub" / "r.json"

@@ -157,11 +157,22 @@ def test_gated_lora_touches_text_rows_only_and_original_is_untouched():
 
 
 def test_velocity_and_mass_shapes_mixed_caption_lengths():
+    """Captions that pad to different lengths (NextDiT pads to 32) run as groups of one length each: the batch
+    gives what batch-1 calls give, row by row."""
     backend = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy))
-    prompts = backend.encode(["a cat", "a very long prompt about a small cat on a mat"])
-    x = torch.randn(2, 16, 8, 8)
+    long = "a very long prompt about a small cat on a mat, " * 4 + "and more words to pass thirty two tokens"
+    prompts = backend.encode(["a cat", long])
+    assert prompts[0].n_tokens <= 32 < prompts[1].n_tokens  # two padded lengths: the grouped path runs
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.5, 0.9])
     tokens = [concept_token_indices(p, "cat") for p in prompts]
-    v, mass = backend.velocity(x, torch.tensor([0.5, 0.9]), prompts, concept_tokens=tokens, mass_layers={0, 1})
+    with torch.no_grad():
+        v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
+        for i in range(2):
+            v_i, mass_i = backend.velocity(x[i : i + 1], sigma[i : i + 1], prompts[i : i + 1],
+                                           concept_tokens=tokens[i : i + 1], mass_layers={0, 1})
+            torch.testing.assert_close(v[i : i + 1], v_i, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(mass[i : i + 1], mass_i, rtol=1e-4, atol=1e-6)
     assert v.shape == x.shape and mass.shape == (2,)
     assert ((mass > 0) & (mass < 1)).all()
 

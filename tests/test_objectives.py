@@ -41,3 +41,11 @@ def test_loss_er_adds_the_weighted_attention_term_and_loss_total_weighs_l_pr_by_
     assert loss_er(t(1.0), t(0.5)).item() == pytest.approx(1.5)  # the paper's weight, 1
     assert loss_total(t(2.0), t(3.0), lam=0.5).item() == pytest.approx(3.5)  # Algorithm 1: L_er + λ L_pr
     assert loss_total(t(2.0), t(3.0), lam=0.0).item() == pytest.approx(2.0)
+
+
+def test_the_sigma_schedule_is_time_shifted_by_the_models_shift():
+    """σ' = shift·σ / (1 + (shift − 1)·σ) at Z-Image's shift 3; shift 1 is the plain linear schedule."""
+    from zerase_core.sampling import flow_sigmas
+
+    assert flow_sigmas(4, 3.0).tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
+    assert flow_sigmas(4, 1.0).tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])

@@ -39,6 +39,17 @@ def test_the_engine_modules_the_nodes_use_import_without_the_engine_extras():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_the_nodes_import_none_of_the_engine_extras_themselves():
+    """The import check above runs the engine modules the nodes use; the nodes' own imports are read here."""
+    import ast
+
+    for path in [*(REPO / "nodes").glob("*.py"), REPO / "__init__.py"]:
+        tree = ast.parse(path.read_text())
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {n.split(".")[0] for n in names} & set(NOT_FOR_NODES), path.name
+
+
 def test_requirements_txt_holds_only_what_the_nodes_need():
     names = {re.split(r"[<>=\[ ]", line.strip())[0].lower() for line in (REPO / "requirements.txt").read_text()
              .splitlines() if line.strip() and not line.startswith("#")}

@@ -27,6 +27,11 @@ def test_models_share_one_colour_scale_and_the_difference_is_centred():
     pixels = np.asarray(same, dtype=np.int32)
     assert pixels.min(axis=(0, 1)).tolist() == pixels.max(axis=(0, 1)).tolist()
     assert abs(int(pixels[0, 0, 0]) - int(pixels[0, 0, 2])) <= 1
+    # A − B, not B − A: where A attends more (cell (1, 1): 0.8 vs 0.4) the difference is drawn red, not blue.
+    diff = np.asarray(rows[2][0], dtype=np.int32)
+    h, w = diff.shape[:2]
+    red, _, blue = diff[int(h * 1.5 / 4), int(w * 1.5 / 4)]
+    assert red > blue + 20
 
 
 def test_latent_rgb_maps_each_latent_pixel_to_its_colour_block():
