@@ -421,6 +421,7 @@ def test_paired_lambda_measures_the_update_not_the_batch_change():
         steps = trainer.run().history
         assert all(math.isfinite(r.lam) and r.lam >= 0 for r in steps)
         spread[mode] = max(abs(r.g - trainer.config.eps) for r in steps[1:])
+    # measured 0.027 (paired 3.08 vs paper 115.8): 0.1 leaves a 3.7× margin and still fails a rule reading batches apart
     assert spread["paired"] < 0.1 * spread["paper"]
 
 
