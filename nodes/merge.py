@@ -7,11 +7,9 @@ import logging
 from comfy_api.latest import io
 
 from zerase_core.errors import ZEraseError
-from zerase_core.save_names import safe_output_path
-from zerase_core.lora_file import save_lora
 from zerase_core.merge import merge
 
-from .common import ErasureLoRAType, output_folder, parse_list
+from .common import ErasureLoRAType, parse_list, save_new
 
 NODE = "Merge Erasure LoRAs"
 log = logging.getLogger(__name__)
@@ -54,7 +52,7 @@ class MergeErasureLoRAs(io.ComfyNode):
         merged, report = merge(loras, parse_weights(weights, len(loras)), rank or None)
         text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
         if save_name.strip():
-            path = save_lora(merged, safe_output_path(output_folder(), save_name), exclusive=True)
+            path = save_new(merged, save_name)
             text += f"; saved {path.name}"
             log.info("Z-Erase: %s", text)
         return io.NodeOutput(merged, text)

@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized, training_session
 from zerase_core.apply import install_lora
-from zerase_core.config import PRESETS, XT_SOURCES, TrainConfig
+from zerase_core.config import LR_RANGE, PRESETS, XT_SOURCES, TrainConfig
 from zerase_core.checkpoint import check_run_files
 from zerase_core.save_names import name_from, path_inside, safe_output_path, saved_versions
 from zerase_core.history import loss_series
@@ -23,7 +23,7 @@ from zerase_core.xt_pool import PoolCancelled
 
 from . import _render
 from .apply_lora import apply_erasure
-from .common import ErasureLoRAType, output_folder, parse_list
+from .common import ErasureLoRAType, output_folder, parse_list, save_new
 
 NODE = "Z-Erase Train"
 TARGETS = ["q,k,v", "q,k", "q,v", "k,v", "q", "k", "v"]  # every subset; the paper's first
@@ -114,8 +114,9 @@ def _save(lora, planned: Path, save_name: str, own: Path | None = None) -> Path:
     of the run this one resumed: that file it replaces."""
     if planned == own:
         return save_lora(lora, planned)
-    return save_lora(lora, planned if not planned.exists() else safe_output_path(output_folder(), save_name),
-                     exclusive=True)
+    if planned.exists():
+        return save_new(lora, save_name)
+    return save_lora(lora, planned, exclusive=True)
 
 
 def _resumed_file(trainer) -> Path | None:
@@ -158,7 +159,7 @@ class ZEraseTrain(io.ComfyNode):
                 io.Int.Input("steps", default=TrainConfig.steps, min=1, max=100000,
                              tooltip="Training steps (the paper: 1000)."),
                 # step 1e-6: the frontend rounds to the step's decimals, so a coarser step hides small rates
-                io.Float.Input("learning_rate", default=TrainConfig.lr, min=1e-6, max=1.0, step=1e-6,
+                io.Float.Input("learning_rate", default=TrainConfig.lr, min=1e-6, max=LR_RANGE[1], step=1e-6,
                                tooltip="AdamW's α, also the Taylor step in λ's update (Eq. 15)."),
                 io.Float.Input("beta", default=TrainConfig.beta, min=0.0, max=10.0, step=0.01,
                                tooltip="β: how fast λ reacts to the preservation loss rising (Eq. 15). λ ends up "

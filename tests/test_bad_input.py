@@ -25,9 +25,17 @@ def test_the_command_line_sets_beta_and_eta_and_refuses_a_negative_beta():
     """β is the preservation knob (README, Algorithm 1's λ): the command line sets it as the node does."""
     config = _cli_config("--beta", "0.5", "--eta", "3")
     assert (config.beta, config.eta) == (0.5, 3.0)
-    assert (_cli_config().beta, _cli_config().eta) == (TrainConfig.beta, TrainConfig.eta)
+    default = _cli_config()
+    assert (default.beta, default.eta) == (TrainConfig.beta, TrainConfig.eta)
     with pytest.raises(ZEraseError, match="β ≥ 0"):
         _cli_config("--beta", "-1")
+
+
+def _two_lora_files(folder):
+    from zerase_core.lora_file import ErasureLoRA, save_lora
+
+    return [save_lora(ErasureLoRA({(0, "q"): (torch.ones(2, 8), torch.ones(8, 2))}, scale=1.0, concept=c),
+                      folder / f"{c}.safetensors") for c in ("cat", "dog")]
 
 
 def _cli_config(*flags: str) -> TrainConfig:
@@ -107,10 +115,8 @@ def test_a_path_too_long_for_the_file_system_is_refused_by_name(out, tmp_path, c
         argv = ["train", "--tiny", "--concept", "red", "--steps", "1", "--out", str(long)]
         expected = "Cannot write into"
     else:
-        from zerase_core.lora_file import ErasureLoRA, save_lora
 
-        parts = [save_lora(ErasureLoRA({(0, "q"): (torch.ones(2, 8), torch.ones(8, 2))}, scale=1.0, concept=c),
-                           tmp_path / f"{c}.safetensors") for c in ("cat", "dog")]
+        parts = _two_lora_files(tmp_path)
         argv = ["merge", *map(str, parts), "--out", f"{long}.safetensors"]
         expected = "is too long"
     assert main(argv) == 2
@@ -193,10 +199,8 @@ def test_a_result_is_printed_before_it_is_written(tmp_path, capsys, monkeypatch)
 
 def test_a_refused_merge_creates_no_folder(tmp_path, capsys):
     from zerase_core.cli import main
-    from zerase_core.lora_file import ErasureLoRA, save_lora
 
-    parts = [save_lora(ErasureLoRA({(0, "q"): (torch.ones(2, 8), torch.ones(8, 2))}, scale=1.0, concept=c),
-                       tmp_path / f"{c}.safetensors") for c in ("cat", "dog")]
+    parts = _two_lora_files(tmp_path)
     out = tmp_path / "new" / "merged.safetensors"
     assert main(["merge", *map(str, parts), "--weights", "1", "--out", str(out)]) == 2  # one weight for two LoRAs
     assert not (tmp_path / "new").exists()
@@ -206,10 +210,8 @@ def test_a_merge_never_replaces_a_file_that_appeared_while_it_ran(tmp_path, caps
     """The exists-check runs before the merge; a file written there meanwhile (another process) is kept."""
     import zerase_core.merge as merge_module
     from zerase_core.cli import main
-    from zerase_core.lora_file import ErasureLoRA, save_lora
 
-    parts = [save_lora(ErasureLoRA({(0, "q"): (torch.ones(2, 8), torch.ones(8, 2))}, scale=1.0, concept=c),
-                       tmp_path / f"{c}.safetensors") for c in ("cat", "dog")]
+    parts = _two_lora_files(tmp_path)
     out = tmp_path / "merged.safetensors"
     real = merge_module.merge
 
@@ -257,19 +259,15 @@ def test_a_command_line_run_stopped_by_nan_says_to_start_again_not_to_resume(tmp
 
 def test_a_checkpoint_with_settings_this_version_does_not_know_is_refused_by_name(tmp_path):
     """One from a later version of the pack (a new setting) raised TypeError from TrainConfig(**settings)."""
-    from safetensors.torch import load_file
-
-    from zerase_core.checkpoint import check_run_files
-    from zerase_core.files import atomic_save, decode_metadata
+    from zerase_core.checkpoint import _read, check_run_files
+    from zerase_core.files import atomic_save
     from zerase_core.run import PlannedRun
-    from safetensors import safe_open
 
     out = tmp_path / "run"
     ZEraseTrainer(tiny_zimage_backend(), _config(steps=1), checkpoint_path=out / "checkpoint.safetensors").run()
-    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
-        meta = decode_metadata(f.metadata())
+    tensors, meta = _read(out / "checkpoint.safetensors", tensors=True)
     meta["config"]["new_setting_of_a_later_version"] = 1
-    atomic_save(load_file(out / "checkpoint.safetensors"), out / "checkpoint.safetensors", meta)
+    atomic_save(tensors, out / "checkpoint.safetensors", meta)
     with pytest.raises(ZEraseError, match="settings this version of the pack cannot read .*new_setting"):
         PlannedRun(tiny_zimage_backend(), _config(steps=2), out, resume=True)
     # A new run there is told the same (it said "a run that can still be resumed ... --resume")
@@ -293,13 +291,11 @@ def test_ctrl_c_while_a_run_is_prepared_is_told_not_a_traceback(tmp_path, monkey
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
+    stopped = tmp_path / "b" / "checkpoint.safetensors"  # a run to resume, before ZEraseTrainer is replaced
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=1), checkpoint_path=stopped).run()
     monkeypatch.setattr(run_module, "ZEraseTrainer", ctrl_c)
     with pytest.raises(ZEraseError, match="Stopped before the first step .while preparing the run.; nothing was"):
         train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=2), tmp_path / "run"))
-    monkeypatch.undo()
-    stopped = tmp_path / "b" / "checkpoint.safetensors"
-    ZEraseTrainer(tiny_zimage_backend(), _config(steps=1), checkpoint_path=stopped).run()
-    monkeypatch.setattr(run_module, "ZEraseTrainer", ctrl_c)
     with pytest.raises(ZEraseError, match="preparing to continue the run; its checkpoint is as it was: .* --resume"):
         train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=2), tmp_path / "b", resume=True))
 

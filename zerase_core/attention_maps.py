@@ -22,7 +22,6 @@ class WordMapRecorder(Recorder):
     def __init__(self, indicators: list[torch.Tensor], layers: set[int] | None):
         super().__init__(layers)
         self.indicators = torch.cat(indicators)  # (N, L): each word's (1, L) indicator
-        self.forget()
 
     def forget(self) -> None:
         self.sums: list[torch.Tensor] | None = None  # per word, on the layers' device until per_query

@@ -68,6 +68,7 @@ class Recorder:
         self.layers = layers
         self.keeps = True  # False for the replay: the same calls, nothing kept
         self._replay: Recorder | None = None
+        self.forget()
 
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
@@ -105,7 +106,6 @@ class MassRecorder(Recorder):
         self.columns = columns  # on the device the layers run on: no copy per layer
         self.query_rows = query_rows.float()
         self.n_queries = self.query_rows.sum(dim=1).clamp_min(1.0)  # (B,), once per call rather than per layer
-        self.forget()
 
     def forget(self) -> None:
         self.per_layer: dict[int, torch.Tensor] = {}

@@ -80,7 +80,7 @@ def _refuse_replacing(path: Path, advice: str) -> None:
         if meta.get("non_finite_stop"):  # resuming would repeat the failed step: the fix is a new run, here
             log.warning("%s: replacing the checkpoint of a run stopped by NaN at step %s", path, meta["step"])
             return
-        TrainConfig.from_dict(meta["config"])  # one this version cannot read cannot be resumed by it either
+        _saved_config(path, meta)  # one this version cannot read cannot be resumed by it either
         at = f" stopped at step {int(meta['step'])} of {int(meta['config']['steps'])}"
     except Exception as err:  # a damaged checkpoint is still the user's file: refuse all the same, but no resume
         cause = err.__cause__ if isinstance(err, ZEraseError) and err.__cause__ else err
@@ -103,17 +103,21 @@ def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
         raise ZEraseError(f"Cannot read the checkpoint {path}: {err}. Start a fresh run instead.") from err
 
 
+def _saved_config(path: Path, meta: dict) -> TrainConfig:
+    """The settings a checkpoint was made with, refused by name when this version cannot read them."""
+    try:
+        return TrainConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as err:  # a setting this version does not know, or none at all
+        raise ZEraseError(f"The checkpoint {path.name} holds settings this version of the pack cannot read ({err}); "
+                          "it was made by another version, or is damaged. Start a fresh run.") from err
+
+
 def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict, base: str | None) -> None:
     """Refuse a checkpoint that a run of ``config`` on this model (its architecture ``fingerprint`` and ``base``
     digest: see Backend.base_digest) cannot continue."""
     if meta.get("kind") != KIND:
         raise ZEraseError(f"{path} is not a Z-Erase training checkpoint.")
-    try:
-        saved = resumable(TrainConfig.from_dict(meta["config"]).to_dict())
-    except (KeyError, TypeError, ValueError) as err:  # a setting this version does not know, or none at all
-        raise ZEraseError(f"The checkpoint {path.name} holds settings this version of the pack cannot read ({err}); "
-                          "it was made by another version, or is damaged. Start a fresh run.") from err
-    wanted = resumable(config.to_dict())
+    saved, wanted = resumable(_saved_config(path, meta).to_dict()), resumable(config.to_dict())
     changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
     if changed:
         shown = "; ".join(f"{k}: {saved.get(k)!r} then, {wanted.get(k)!r} now" for k in changed)

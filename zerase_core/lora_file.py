@@ -167,7 +167,9 @@ def load_lora(path: str | Path) -> ErasureLoRA:
         return _from_native(path, _tensors(path), meta)
     if keys and all(_OFFICIAL.match(k) for k in keys):
         return _from_official(_tensors(path))
-    if meta.get("kind") == "zerase-checkpoint":  # checkpoint.KIND (not imported: checkpoint imports this module)
+    from .checkpoint import KIND  # here: checkpoint.py imports this module
+
+    if meta.get("kind") == KIND:
         raise ZEraseError(f"'{path.name}' is a Z-Erase training checkpoint (for resuming a run), not a LoRA; use the "
                           "run's LoRA file (erasure_lora.safetensors beside a command-line run's checkpoint; the "
                           "node's under models/loras/zerase/).")

@@ -13,9 +13,8 @@ from typing import Iterator
 from .errors import ZEraseError
 from .files import NAME_MAX, NAME_UNIT, name_length
 
-# A save name's longest part, leaving room for the longest suffix (".safetensors", ".zerase-ckpt": 12) and a number
-# ("_001": 4).
-_NAME_ROOM = NAME_MAX - 16
+# A save name's longest part, leaving room for a suffix (".safetensors"; ".zerase-ckpt" is as long) and a number.
+_NAME_ROOM = NAME_MAX - len(".safetensors") - len("_001")
 _NAME_CHARS = r"\w\-. "  # what a save name may hold
 _SAFE_NAME = re.compile(rf"^[{_NAME_CHARS}]+$")
 

@@ -83,8 +83,7 @@ class StepLosses(NamedTuple):
     erase: torch.Tensor  # L_erase (Eq. 5)
     attn: torch.Tensor  # L_attn (Eq. 6)
     pr: torch.Tensor  # L_pr (Eq. 8), with a graph only when its gradient was expected to count
-    sigma: float
-    pr_batch: PrBatch
+    pr_batch: PrBatch  # its inputs, the step's x_t and σ among them
 
 
 class ZEraseTrainer:
@@ -160,7 +159,7 @@ class ZEraseTrainer:
         return v
 
     def _losses(self, er, tokens, keep, x_t=None, sigma=None, teacher=None) -> StepLosses:
-        """L_erase, L_attn, L_pr and σ at x_t (sampled fresh when not given) for one erase prompt."""
+        """L_erase, L_attn and L_pr at x_t (sampled fresh when not given) for one erase prompt."""
         config = self.config
         pr_prompts = self._pr_prompts(keep)
         if x_t is None:
@@ -193,7 +192,7 @@ class ZEraseTrainer:
             l_pr = _l_pr(v_pr, batch)
         l_erase = loss_erase(v_er, batch.teacher.uncond, batch.teacher.concept, config.eta)
         l_attn = loss_attn(mass) if want_mass else l_erase.new_zeros(())
-        return StepLosses(l_erase, l_attn, l_pr, float(sigma), batch)
+        return StepLosses(l_erase, l_attn, l_pr, batch)
 
     def _pr_prompts(self, keep: EncodedPrompt | None) -> list[EncodedPrompt]:
         """Eq. 8's prompts: ∅, and the preservation prompt c_pr when there is one."""
@@ -244,8 +243,8 @@ class ZEraseTrainer:
         elapsed = time.perf_counter() - start
         self.seconds += elapsed
         record = StepRecord(
-            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lam.last_g, losses.sigma,
-            elapsed, recomputed,
+            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lam.last_g,
+            float(losses.pr_batch.sigma), elapsed, recomputed,
         )
         self.history.append(record)
         return record
@@ -367,13 +366,13 @@ class _OptimizerUndo:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
-        self.params = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+        self.live = [p for group in optimizer.param_groups for p in group["params"]]
+        self.saved = [p.detach().clone() for p in self.live]
         self.state = copy.deepcopy(optimizer.state_dict())
 
     def restore(self) -> None:
         with torch.no_grad():
-            live = [p for group in self.optimizer.param_groups for p in group["params"]]
-            for p, saved in zip(live, self.params):
+            for p, saved in zip(self.live, self.saved):
                 p.copy_(saved)
         self.optimizer.load_state_dict(self.state)
 

@@ -32,13 +32,11 @@ class ChatTemplateEncoder:
         device = next(self.text_model.parameters()).device
         for prompt in map(as_read, prompts):  # the tokenizer reads NFC anyway: spans are then into what it read
             templated = CHAT_PREFIX + prompt + CHAT_SUFFIX
-            n = len(self.tokenizer(templated)["input_ids"])
+            tok = self.tokenizer(templated, return_offsets_mapping=True, return_tensors="pt")
+            n = tok["input_ids"].shape[1]
             if n > self.max_length:  # the pipeline cuts it there; a concept past the cut could not be found
                 raise ZEraseError(f"The prompt '{prompt[:60]}…' is {n} tokens in Z-Image's chat template; its text "
                                   f"encoder reads at most {self.max_length}. Shorten the template or the concept.")
-            tok = self.tokenizer(
-                templated, return_offsets_mapping=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
             hidden = self.text_model(
                 input_ids=tok["input_ids"].to(device),
                 attention_mask=tok["attention_mask"].to(device),

@@ -42,11 +42,12 @@ def measure(concepts: list[str], seeds: list[int], steps: int, sources: list[str
     from ..toy.erasure_metrics import parse_concept
     from ..trainer import ZEraseTrainer
 
+    parsed = [(word, parse_concept(word)) for word in concepts]  # all before the first one trains
     bundle = load_toy()
     cells = []
-    for word in concepts:
+    for word, concept in parsed:
         for seed in seeds:
-            base = toy_train_config(parse_concept(word), None, steps, seed, bundle.sampling)
+            base = toy_train_config(concept, None, steps, seed, bundle.sampling)
             for source in sources:
                 backend = toy_backend(bundle)
                 trainer = ZEraseTrainer(backend, dataclasses.replace(base, xt_source=source))
@@ -74,10 +75,6 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 @command("bench-lambda", "toy world: fraction of steps with λ > 0 under the paper's λ rule", _add)
 def _bench_lambda(args: argparse.Namespace) -> int:
-    from ..toy.erasure_metrics import parse_concept
-
-    for word in args.concepts:
-        parse_concept(word)  # a word that is no concept, refused before the first one trains
     check_out(args.out)
     result = measure(args.concepts, args.seeds, args.steps, args.sources)
     emit(result, args)

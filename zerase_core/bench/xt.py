@@ -27,13 +27,14 @@ def compare(concepts: list[str], seeds: list[int], steps: int, n_eval: int, pool
     from ..backends.toy import toy_backend
     from ..toy import load_toy
     from ..toy.demo import toy_train_config
-    from ..toy.erasure_metrics import EVAL_SEED_OFFSET, erasure_report, parse_concept
+    from ..toy.erasure_metrics import EVAL_SEED_OFFSET, check_n_eval, erasure_report, parse_concept
     from ..trainer import ZEraseTrainer
 
+    check_n_eval(n_eval)  # before any training, as a word that is no concept
+    parsed = [(word, parse_concept(word)) for word in concepts]
     bundle = load_toy()
     cells = []
-    for word in concepts:
-        concept = parse_concept(word)
+    for word, concept in parsed:
         for seed in seeds:
             base = toy_train_config(concept, None, steps, seed, bundle.sampling)
             for source in XT_SOURCES:
@@ -66,11 +67,6 @@ def _add(p: argparse.ArgumentParser) -> None:
 
 @command("bench-xt", "toy world: erasure and cost with fresh ESD x_t vs the trajectory pool", _add)
 def _bench_xt(args: argparse.Namespace) -> int:
-    from ..toy.erasure_metrics import check_n_eval, parse_concept
-
-    check_n_eval(args.n_eval)
-    for word in args.concepts:
-        parse_concept(word)  # a word that is no concept, refused before the first one trains
     check_out(args.out)
     result = compare(args.concepts, args.seeds, args.steps, args.n_eval, args.pool)
     emit(result, args)
