@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized, training_session
 from zerase_core.apply import install_lora
-from zerase_core.config import LR_RANGE, PRESETS, XT_SOURCES, TrainConfig
+from zerase_core.config import CHECKPOINTING, LR_RANGE, PRESETS, XT_SOURCES, TrainConfig
 from zerase_core.checkpoint import check_run_files
 from zerase_core.save_names import name_from, path_inside, safe_output_path, saved_versions
 from zerase_core.history import loss_series
@@ -30,8 +30,6 @@ TARGETS = ["q,k,v", "q,k", "q,v", "k,v", "q", "k", "v"]  # every subset; the pap
 # Kept beside the LoRAs (ComfyUI empties its temp folder at start-up) with a suffix no loader lists; deleted when
 # the run completes.
 CHECKPOINTS, CHECKPOINT_SUFFIX = ".checkpoints", ".zerase-ckpt"
-# On here, off in TrainConfig (the CLI): ComfyUI users have 16-24 GB cards (README, VRAM).
-CHECKPOINTING = True
 LORA_FILE = "lora_file"  # the checkpoint's note of where the run's LoRA goes
 log = logging.getLogger(__name__)
 
@@ -182,9 +180,12 @@ class ZEraseTrain(io.ComfyNode):
                 io.String.Input("save_name", default="", tooltip="File name under models/loras/zerase/ (empty: the "
                                 "concept). Never overwrites: a taken name gets _001, _002, …; resume finds its run "
                                 "by this name."),
-                io.Boolean.Input("gradient_checkpointing", default=CHECKPOINTING,
-                                 tooltip="Saves most activation memory for about a third more time per step: at "
-                                 "512² on the real model it is what fits a 16 GB card (README, Performance)."),
+                io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING),
+                               default=TrainConfig.gradient_checkpointing,
+                               tooltip="Saves most activation memory for about a third more time per step: at 512² "
+                               "on the real model it is what fits a 16 GB card. auto: off until a step runs out of "
+                               "GPU memory, then on for the rest of the run (same gradients). on: from the start "
+                               "(skips one failed step on a small card). off: never (README, VRAM)."),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue an interrupted run of this save_name (cancelled, crashed, "
                                  "ComfyUI restarted) with the same settings from its last checkpoint (every "
@@ -207,7 +208,8 @@ class ZEraseTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon,
-                rank, targets, resolution, seed, save_name, gradient_checkpointing=CHECKPOINTING, resume=False,
+                rank, targets, resolution, seed, save_name, gradient_checkpointing=TrainConfig.gradient_checkpointing,
+                resume=False,
                 xt_source=TrainConfig.xt_source, vae=None) -> io.NodeOutput:
         import comfy.model_management as mm
 

@@ -231,7 +231,7 @@ def _measure_model(args, weights: str, device: str, runs: list[tuple[int, bool]]
     _warm_up(built.backend)  # the device's one-off start (kernels, library handles) out of the first row's pool build
     name = f"z-image-{'tiny' if args.tiny else 'random'}-{args.host}-{weights}"
     for px, ckpt in runs:
-        config = base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing=ckpt,
+        config = base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing="on" if ckpt else "off",
                               lora=LoRAConfig(rank=result["rank"]), shuffle_pool=2)
         built.backend.set_gradient_checkpointing(ckpt)
         with built.session():
@@ -246,7 +246,7 @@ def _measure_model(args, weights: str, device: str, runs: list[tuple[int, bool]]
 def _row(case: SpeedCase, steps: int) -> dict:
     """One resolution's measurements; a row that fails is recorded with its error and the run goes on to the next
     (there may be one device slot for the whole script)."""
-    px, ckpt = case.config.height, case.config.gradient_checkpointing
+    px, ckpt = case.config.height, case.config.gradient_checkpointing == "on"
     try:
         row = time_case(case, steps) | {"gradient_checkpointing": ckpt}
     except Exception as err:  # noqa: BLE001 — anything: NaN, out of memory, a kernel error

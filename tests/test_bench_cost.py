@@ -271,7 +271,7 @@ def test_gpu_script_records_a_failed_row_and_goes_on(tmp_path, monkeypatch):
     out = tmp_path / "gpu.json"
     assert gpu_bench.main(["--tiny", "--steps", "1", "--pool", "1", "--out", str(out)]) == 0  # both kinds of row
     failed, measured = json.loads(out.read_text())["rows"]
-    assert calls == [False, True]  # cheapest first: without checkpointing, then with
+    assert calls == ["off", "on"]  # cheapest first: without checkpointing, then with
     assert "OutOfMemoryError" in failed["error"] and not failed["gradient_checkpointing"]
     assert measured["gradient_checkpointing"] and measured["seconds_per_step"]["ours_pool_lambda_positive"] > 0
 

@@ -59,7 +59,7 @@ def _one_step_gradient(checkpointing: bool, mode: str, stacked: bool, layers=Non
     backend = ComfyZImageBackend(_erased(model) if stacked else model, tiny_clip(comfy))
     config = TrainConfig(concept="cat", preserve=("dog",), steps=1, height=64, width=64, sample_steps=2,
                          lora=LoRAConfig(rank=2, layers=layers), shuffle_pool=2, xt_source="fresh", lambda_mode=mode,
-                         fixed_lambda=0.7, gradient_checkpointing=checkpointing)
+                         fixed_lambda=0.7, gradient_checkpointing="on" if checkpointing else "off")
     with training_session(backend):
         trainer = ZEraseTrainer(backend, config)
         assert bool(backend._checkpointed) == checkpointing
@@ -199,7 +199,7 @@ def test_train_node_with_checkpointing_leaves_the_original_bit_identical(pack, t
             lora, erased, _, _ = pack["ZEraseTrain"].execute(
                 model=model, clip=clip, concept="cat", preset="entity", templates="A photo of {}", preserve="dog",
                 steps=2, learning_rate=1e-2, beta=0.1, eta=2.0, epsilon=-1.0, rank=2, targets="q,k,v",
-                resolution=64, seed=0, save_name="cat", gradient_checkpointing=True)
+                resolution=64, seed=0, save_name="cat", gradient_checkpointing="on")
             assert lora.training["steps_done"] == 2
             assert any(b.abs().sum() > 0 for _, b in lora.factors.values())
             after = ksample(comfy, erased, pos, neg, latent, seed=3, steps=2, cfg=2.0)
@@ -235,3 +235,37 @@ def test_a_forward_whose_backward_never_runs_leaves_nothing_held():
     comfy.mm.unload_all_models()
     gc.collect()
     assert dit() is None
+
+
+def test_auto_checkpointing_switches_on_mid_run_on_comfys_model(caplog):
+    """gradient_checkpointing "auto" on ComfyUI's model, loaded whole for training: a step that runs out of memory
+    without checkpointing is taken again with the checkpointing patches added mid-run (ComfyUI loads the model again
+    with them), and the run equals one that never ran out."""
+    def run(out_of_memory_from: int | None):
+        model = tiny_zimage(comfy)
+        backend = ComfyZImageBackend(model, tiny_clip(comfy))
+        config = TrainConfig(concept="cat", preserve=("dog",), steps=4, height=64, width=64, sample_steps=2,
+                             lora=LoRAConfig(rank=2), shuffle_pool=2, xt_pool=2, lr=1e-2)
+        with training_session(backend):
+            trainer = ZEraseTrainer(backend, config)
+
+            def hook(module, args):
+                if (out_of_memory_from is not None and torch.is_grad_enabled() and not backend._checkpointed
+                        and trainer.step + 1 >= out_of_memory_from):
+                    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+            handle = model.model.diffusion_model.layers[-1].register_forward_pre_hook(hook)
+            result = trainer.run()
+            handle.remove()
+        return trainer, backend, result
+
+    _, _, reference = run(None)
+    trainer, backend, result = run(3)
+    assert trainer.checkpointing_from == 3 and len(backend._checkpointed) == LAYERS
+    assert "Out of GPU memory at step 3" in caplog.text
+    def flat(history):
+        return [v for r in history for v in (r.erase, r.attn, r.pr, r.lam)]
+
+    assert flat(result.history) == pytest.approx(flat(reference.history), rel=1e-5, abs=1e-8)
+    for mine, theirs in zip(result.lora.factors.values(), reference.lora.factors.values()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)

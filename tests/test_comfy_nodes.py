@@ -167,10 +167,10 @@ def test_train_outputs_and_files(pack, loras_dir):
     assert curves.ndim == 4 and curves.shape[-1] == 3 and previews.shape[-1] == 3
     assert erased is not model and lora.concept == "cat"
     with torch.inference_mode():
-        train.execute(model=model, clip=clip, **_train_inputs(steps=1, gradient_checkpointing=False, save_name=" ",
+        train.execute(model=model, clip=clip, **_train_inputs(steps=1, gradient_checkpointing="off", save_name=" ",
                                                               xt_source="fresh"))
     second = load_lora(loras_dir / "zerase" / "cat_001.safetensors")  # named for the concept; never overwrites
-    assert second.training["xt_source"] == "fresh" and not second.training["gradient_checkpointing"]
+    assert second.training["xt_source"] == "fresh" and second.training["gradient_checkpointing"] == "off"
     assert loaded.training["shift"] == 3.0  # Z-Image's own schedule; a patched one is what x_t is sampled on
     from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
 
@@ -336,7 +336,7 @@ def test_a_concept_with_comfyuis_escaped_parentheses_is_read_as_its_prompts_are(
     prompt" although the template held it."""
     build_config = _train_module().build_config
     inputs = _train_inputs(concept="Mickey Mouse \\(Disney\\)", preserve="Donald \\(Duck\\)")
-    config = build_config(**{k: v for k, v in inputs.items() if k != "save_name"}, gradient_checkpointing=False,
+    config = build_config(**{k: v for k, v in inputs.items() if k != "save_name"}, gradient_checkpointing="off",
                           xt_source="pool", shift=3.0)
     assert config.concept == "Mickey Mouse (Disney)" and config.preserve == ("Donald (Duck)",)
 

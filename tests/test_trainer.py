@@ -92,7 +92,8 @@ def test_a_run_stopped_mid_step_resumes_into_the_run_an_uninterrupted_one_takes(
     reference = ZEraseTrainer(tiny_zimage_backend(), _config(steps=10, checkpoint_every=5)).run()
 
     backend = tiny_zimage_backend()
-    trainer = ZEraseTrainer(backend, _config(steps=10, checkpoint_every=5), checkpoint_path=tmp_path / "a.ckpt")
+    trainer = ZEraseTrainer(backend, _config(steps=10, checkpoint_every=5, gradient_checkpointing="off"),
+                            checkpoint_path=tmp_path / "a.ckpt")
 
     def out_of_memory(module, args):
         if torch.is_grad_enabled() and trainer.step == 6:
@@ -102,11 +103,70 @@ def test_a_run_stopped_mid_step_resumes_into_the_run_an_uninterrupted_one_takes(
     with pytest.raises(torch.OutOfMemoryError):
         trainer.run()
     hook.remove()
-    resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=10, checkpoint_every=5, gradient_checkpointing=True))
+    resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=10, checkpoint_every=5, gradient_checkpointing="on"))
     resumed.resume(tmp_path / "a.ckpt")
     assert resumed.step == 6
     result = resumed.run()
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
+
+
+def _out_of_memory_unless_checkpointing(backend, from_step: int, trainer_of):
+    """A card too small to train without checkpointing from ``from_step`` on: the last layer's forward with
+    gradients raises there unless checkpointing is on (diffusers' own flag, which the backend's switch sets)."""
+    def hook(module, args):
+        trainer = trainer_of()
+        if torch.is_grad_enabled() and trainer.step + 1 >= from_step and not backend.transformer.gradient_checkpointing:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    return backend.transformer.layers[-1].register_forward_pre_hook(hook)
+
+
+def test_auto_checkpointing_takes_a_step_that_ran_out_of_memory_again_with_checkpointing(caplog):
+    """gradient_checkpointing="auto" (the default) trains without checkpointing until a step runs out of memory, then
+    takes that step again with it and keeps it: the run is the one that never ran out (checkpointing gives the same
+    gradients; the failed step left no trace)."""
+    config = _config(steps=8, lr=1e-2)
+    assert config.gradient_checkpointing == "auto"
+    reference = ZEraseTrainer(tiny_zimage_backend(), config).run()
+
+    backend = tiny_zimage_backend()
+    trainer = ZEraseTrainer(backend, config)
+    assert trainer.checkpointing_from is None and not backend.transformer.gradient_checkpointing
+    hook = _out_of_memory_unless_checkpointing(backend, 4, lambda: trainer)
+    result = trainer.run()
+    hook.remove()
+    assert trainer.checkpointing_from == 4 and backend.transformer.gradient_checkpointing
+    assert "Out of GPU memory at step 4" in caplog.text
+    assert len(result.history) == 8 and [r.step for r in result.history] == list(range(1, 9))
+    assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
+    for mine, theirs in zip(result.lora.factors.values(), reference.lora.factors.values()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_out_of_memory_is_raised_when_checkpointing_is_not_auto(mode):
+    """off: the user said never, so the step fails as it is; on: checkpointing already ran, nothing is left to try."""
+    backend = tiny_zimage_backend()
+    trainer = ZEraseTrainer(backend, _config(steps=3, gradient_checkpointing=mode))
+    assert (trainer.checkpointing_from == 1) == (mode == "on")
+
+    def always(module, args):
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("simulated")
+
+    backend.transformer.layers[-1].register_forward_pre_hook(always)
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train_step()
+    assert trainer.step == 0 and backend.transformer.gradient_checkpointing == (mode == "on")
+
+
+def test_checkpointing_settings_of_older_files_read_as_on_and_off():
+    """Checkpoints and LoRAs written before "auto" stored a bool; a bool from a caller is refused by name."""
+    saved = _config().to_dict()
+    for stored, read in ((True, "on"), (False, "off")):
+        assert TrainConfig.from_dict(saved | {"gradient_checkpointing": stored}).gradient_checkpointing == read
+    with pytest.raises(ZEraseError, match="gradient_checkpointing must be one of"):
+        _config(gradient_checkpointing=True)
 
 
 def test_a_paired_step_failing_after_its_update_is_undone():
@@ -169,7 +229,7 @@ def test_resume_takes_execution_settings_and_refuses_steps_already_passed(tmp_pa
     """Out of memory mid-run, the README's answer is gradient checkpointing: the run must continue with it on. A
     checkpoint past the run's steps is refused (the loop would not run and the LoRA would be past its steps)."""
     ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=tmp_path / "c.ckpt").run()
-    on = ZEraseTrainer(tiny_zimage_backend(), _config(steps=3, gradient_checkpointing=True, checkpoint_every=1))
+    on = ZEraseTrainer(tiny_zimage_backend(), _config(steps=3, gradient_checkpointing="on", checkpoint_every=1))
     on.resume(tmp_path / "c.ckpt")
     assert on.step == 2 and on.run().lora.training["steps_done"] == 3
     with pytest.raises(ZEraseError, match="at step 2, past this run's 1 steps; set steps to 2 or more"):
@@ -323,7 +383,7 @@ def test_a_step_stopped_before_backward_holds_nothing_under_checkpointing(stop, 
     backend = tiny_zimage_backend()
     model = weakref.ref(backend.transformer)
     error = stop(backend, monkeypatch)
-    trainer = ZEraseTrainer(backend, _config(steps=6, gradient_checkpointing=True))
+    trainer = ZEraseTrainer(backend, _config(steps=6, gradient_checkpointing="on"))
     with pytest.raises(error):
         trainer.train_step()
     del trainer, backend
@@ -361,7 +421,7 @@ def test_cancel_keeps_a_loadable_checkpoint(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads, runs = [], []
-    for ckpt in (False, True):
+    for ckpt in ("off", "on"):
         config = _config(steps=1, gradient_checkpointing=ckpt, lambda_mode="fixed")
         trainer = ZEraseTrainer(tiny_zimage_backend(), config)
         with torch.no_grad():
@@ -487,7 +547,7 @@ def test_a_finished_lora_is_found_only_for_the_same_settings_on_the_same_model(t
     assert finished_lora(_config(steps=2), fingerprint, "model-a", [path]) == path
     assert finished_lora(_config(steps=3), fingerprint, "model-a", [path]) is None  # not all steps done
     assert finished_lora(_config(steps=2, eta=5.0), fingerprint, "model-a", [path]) is None
-    how = dict(gradient_checkpointing=True, checkpoint_every=1)  # how it runs, not what it trains
+    how = dict(gradient_checkpointing="on", checkpoint_every=1)  # how it runs, not what it trains
     assert finished_lora(_config(steps=2, **how), fingerprint, "model-a", [path]) == path
     assert finished_lora(_config(steps=2), fingerprint, "model-b", [path]) is None
     assert finished_lora(_config(steps=2), fingerprint, None, [path]) is None

@@ -133,7 +133,7 @@ def train_and_compare() -> Graph:
     train = g.add("ZEraseTrain", model=[model, 0], clip=[clip, 0], vae=[vae, 0], concept="cat", preset="entity",
                   templates="", preserve="dog", steps=1000, learning_rate=1e-3, beta=0.1, eta=2.0, epsilon=-1.0,
                   rank=16, targets="q,k,v", resolution=512, seed=0, save_name="",
-                  gradient_checkpointing=True, resume=False, xt_source="pool")  # curves, previews: on the node
+                  gradient_checkpointing="auto", resume=False, xt_source="pool")  # curves, previews: on the node
     sample_pair(g, model, train, vae, pos, neg, latent, "zerase/train_compare")
     # the erased model is output 1 of Train
     for node in g.nodes.values():

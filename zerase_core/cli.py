@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import PRESETS, XT_SOURCES, TrainConfig
+from .config import CHECKPOINTING, PRESETS, XT_SOURCES, TrainConfig
 from .errors import ZEraseError
 from .lagrangian import MODES
 
@@ -95,7 +95,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default=None, help="projections to adapt, e.g. qkv, qk or q,k")
     p.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (square)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="on", default=TrainConfig.gradient_checkpointing,
+                   choices=CHECKPOINTING, help="auto (default): on from the first step that runs out of GPU memory; "
+                   "on (also the flag alone): from the start, for a 16-24 GB card; off: never")
     p.add_argument("--xt-source", default=None, choices=list(XT_SOURCES),
                    help="x_t: sampled every step (fresh, ESD) or from trajectories sampled once (pool)")
     p.add_argument("--xt-pool", type=int, default=None, help="trajectories in the x_t pool")

@@ -18,6 +18,9 @@ from .prompts import concept_words
 
 
 XT_SOURCES = ("pool", "fresh")  # where x_t comes from, the default first: see trainer.py and xt_pool.py
+# Gradient checkpointing, the default first. auto: without it (faster) until a step runs out of GPU memory, then with it
+# from that step on (the same gradients; trainer.py). on: from the start. off: never.
+CHECKPOINTING = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class TrainConfig:
     xt_pool: int = 32  # trajectories in the pool (each gives sample_steps training points)
     seed: int = 0
     checkpoint_every: int = 100
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "auto"  # one of CHECKPOINTING
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
@@ -76,6 +79,9 @@ class TrainConfig:
             raise ZEraseError(f"Unknown concept-type preset '{self.preset}'; choose one of {sorted(PRESETS)}.")
         if self.lambda_mode not in MODES:
             raise ZEraseError(f"Unknown λ mode '{self.lambda_mode}'; choose one of {MODES}.")
+        if self.gradient_checkpointing not in CHECKPOINTING:
+            raise ZEraseError(f"gradient_checkpointing must be one of {CHECKPOINTING}; got "
+                              f"{self.gradient_checkpointing!r}.")
         if self.xt_source not in XT_SOURCES or self.xt_pool < 1:
             raise ZEraseError(f"xt_source must be one of {XT_SOURCES} and xt_pool ≥ 1; "
                               f"got {self.xt_source!r}, {self.xt_pool}.")
@@ -126,4 +132,6 @@ class TrainConfig:
         lora = data.pop("lora", {})
         lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()})
         tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
+        if isinstance(data.get("gradient_checkpointing"), bool):  # files before "auto" stored on/off as a bool
+            data["gradient_checkpointing"] = "on" if data["gradient_checkpointing"] else "off"
         return cls(**(data | tuples), lora=lora)

@@ -127,8 +127,9 @@ class ZEraseTrainer:
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
         self.latent_shape = backend.latent_shape(config.height, config.width)
         self.xt_pool = self.build_pool(should_stop, pool_progress) if config.xt_source == "pool" else None
-        if config.gradient_checkpointing:
-            backend.set_gradient_checkpointing(True)
+        self.checkpointing_from: int | None = None  # the first step run with gradient checkpointing
+        if config.gradient_checkpointing == "on":
+            self._start_checkpointing()
 
     def build_pool(self, should_stop: Callable[[], bool] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> TrajectoryPool:
@@ -221,6 +222,32 @@ class ZEraseTrainer:
         return lam, recomputed
 
     def train_step(self) -> StepRecord:
+        """One step of Algorithm 1; under ``gradient_checkpointing="auto"`` a step that runs out of GPU memory without
+        checkpointing is taken again with it, and checkpointing stays on for the rest of the run.
+
+        The failed step left the run as it was (:meth:`_step`), so the retry is the step an uninterrupted run takes:
+        checkpointing changes where activations are kept, not the gradients. Out of memory is a forward/backward
+        matter: by AdamW's update, the only part of a step not undone, the step's activations are freed.
+        """
+        try:
+            return self._step()
+        except torch.OutOfMemoryError:
+            if self.checkpointing_from is not None or self.config.gradient_checkpointing != "auto":
+                raise
+        # Outside the except clause: the failed step's tensors, held by its traceback until here, are freed.
+        self._start_checkpointing()
+        log.warning("Out of GPU memory at step %d without gradient checkpointing; taking it again with checkpointing, "
+                    "which stays on for the rest of the run (the same gradients, about a third more time per step).",
+                    self.step + 1)
+        return self._step()
+
+    def _start_checkpointing(self) -> None:
+        self.backend.set_gradient_checkpointing(True)
+        self.checkpointing_from = self.step + 1
+        if torch.cuda.is_available():  # the failed step's blocks back to the device, for a layout that fits
+            torch.cuda.empty_cache()
+
+    def _step(self) -> StepRecord:
         """One step of Algorithm 1. A step that fails before its update (NaN, out of memory, a cancel) leaves the run
         as it was before it, random generators included, so the checkpoint then saved resumes into the same step an
         uninterrupted run takes; under the paired λ rule, whose forward after the update may fail too, the update is

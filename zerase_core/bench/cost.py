@@ -337,10 +337,11 @@ def _ratios(s: dict[str, float], split: dict[str, float], run_steps: int) -> dic
 
 
 def base_config(**over) -> TrainConfig:
-    """The benchmark's run (also scripts/gpu_bench.py's): TrainConfig's defaults but rank 4 and an 8-trajectory
-    pool, with ``over``."""
+    """The benchmark's run (also scripts/gpu_bench.py's): TrainConfig's defaults but rank 4, an 8-trajectory
+    pool and gradient checkpointing off unless asked for (a bench times what it names; "auto" would switch), with
+    ``over``."""
     base = dict(concept="red", preserve=("blue",), templates=("a photo of a {} ball",), steps=RUN_STEPS,
-                lora=LoRAConfig(rank=4), xt_pool=8)
+                lora=LoRAConfig(rank=4), xt_pool=8, gradient_checkpointing="off")
     return TrainConfig(**(base | over))
 
 
