@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zerase_core.backends.base import Backend  # noqa: E402
 from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend, LatentSpec  # noqa: E402
-from zerase_core.bench.cost import SpeedCase, base_config, check_timing, device_sync, time_case  # noqa: E402
+from zerase_core.bench.cost import SpeedCase, base_config, time_case  # noqa: E402
+from zerase_core.bench.timing import check_timing, device_sync  # noqa: E402
 from zerase_core.bench.estimate import REAL, FixedLengthEncoder, scaled_zimage  # noqa: E402
 from zerase_core.bench.report import check_out, write_json  # noqa: E402
 from zerase_core.errors import ZEraseError  # noqa: E402

@@ -68,7 +68,7 @@ def test_reference_step_does_the_work_the_official_organisation_does(monkeypatch
 
     trainer = _nudged(ZEraseTrainer(tiny_zimage_backend(), _config()))
     calls, reached, maps, sampled = [], [], [], []
-    velocity, sample, attend = trainer.backend.velocity, trainer._sample_xt, ref.MaterialisedMassRecorder.attend
+    velocity, sample, attend = trainer.backend.velocity, trainer.sample_xt, ref.MaterialisedMassRecorder.attend
 
     def watched(x, sigma, prompts, **kw):
         v, mass = velocity(x, sigma, prompts, **kw)
@@ -78,7 +78,7 @@ def test_reference_step_does_the_work_the_official_organisation_does(monkeypatch
         return v, mass
 
     monkeypatch.setattr(trainer.backend, "velocity", watched)
-    monkeypatch.setattr(trainer, "_sample_xt", lambda prompt: (sampled.append(1), sample(prompt))[1])
+    monkeypatch.setattr(trainer, "sample_xt", lambda prompt: (sampled.append(1), sample(prompt))[1])
     monkeypatch.setattr(ref.MaterialisedMassRecorder, "attend", lambda self, *a, **k: (maps.append(1),
                                                                                          attend(self, *a, **k))[1])
     out = ref.reference_step(trainer)
@@ -111,7 +111,7 @@ def test_pool_holds_the_frozen_teachers_predictions():
     xp, pool = trainer.xt_pool, trainer.prompts
     for j, k in ((0, 0), (1, 2)):
         prompts = [pool.erase[xp.erase_index[j]], pool.uncond, pool.keep[xp.keep_index[j]]]
-        fresh = trainer._teacher(xp.x[j, k : k + 1], xp.sigmas[k].reshape(1), prompts)
+        fresh = trainer.teacher_predictions(xp.x[j, k : k + 1], xp.sigmas[k].reshape(1), prompts)
         assert torch.allclose(xp.teacher[j, k], fresh, atol=1e-5)
     # consecutive levels are Euler steps of the erase prompt's velocity (cfg 1)
     step = xp.sigmas[1] - xp.sigmas[0]
@@ -302,11 +302,11 @@ def test_gpu_script_refuses_what_would_fail_after_its_first_row_before_building_
 
 def test_optimizer_state_is_made_without_moving_the_lora():
     """Before peak memory is read on a GPU, AdamW's buffers exist and the LoRA and learning rate are as they were."""
-    from zerase_core.bench.cost import _make_optimizer_state
+    from zerase_core.bench.cost_split import make_optimizer_state
 
     trainer = _nudged(ZEraseTrainer(tiny_zimage_backend(), _config()))
     before = [p.detach().clone() for p in trainer.params]
-    _make_optimizer_state(trainer)
+    make_optimizer_state(trainer)
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))
     assert all("exp_avg" in trainer.optimizer.state[p] for p in trainer.params)
     assert trainer.optimizer.param_groups[0]["lr"] == trainer.config.lr and all(p.grad is None for p in trainer.params)

@@ -522,7 +522,7 @@ def test_fresh_x_t_is_sampled_by_the_model_being_trained():
             p.add_(0.05)  # B = 0 would make both samplers agree
     state = trainer.gen.get_state()
     er = trainer.prompts.erase[0]
-    x_t, sigma = trainer._sample_xt(er)
+    x_t, sigma = trainer.sample_xt(er)
     trainer.gen.set_state(state)
     noise = torch.randn((1, *trainer.latent_shape), generator=trainer.gen)
     k = int(torch.randint(0, trainer.config.sample_steps, (1,), generator=trainer.gen))

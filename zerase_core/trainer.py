@@ -139,13 +139,26 @@ class ZEraseTrainer:
                               self.latent_shape, self.sigmas, c.xt_pool, c.sample_cfg, c.seed,
                               should_stop=should_stop, progress=progress)
 
-    # --- one step ------------------------------------------------------------------------
-    def _sample_xt(self, prompt: EncodedPrompt) -> tuple[torch.Tensor, torch.Tensor]:
+    # --- a step's parts; public, since the benches build their yardstick steps from the same parts -------
+    def draw(self) -> tuple:
+        """This step's erase prompt, its concept tokens and a preservation prompt; from the pool also x_t, σ and
+        the teacher's predictions there (fresh: :meth:`_losses` samples them)."""
+        if self.xt_pool is None:
+            return self.prompts.draw(self.rng)
+        d = self.xt_pool.draw(self.rng, self.gen, self.backend.device)
+        return *self.prompts.pick(d.erase_index, d.keep_index), d.x_t, d.sigma, d.teacher
+
+    def pr_prompts(self, keep: EncodedPrompt | None) -> list[EncodedPrompt]:
+        """Eq. 8's prompts: ∅, and the preservation prompt c_pr when there is one."""
+        return [self.prompts.uncond, *([keep] if keep else [])]
+
+    def sample_xt(self, prompt: EncodedPrompt) -> tuple[torch.Tensor, torch.Tensor]:
         """ESD-style x_t: Euler from pure noise to a random σ_k with the erase prompt, by the model being trained.
 
         As ESD (quick_sample_till_t samples with the fine-tuned model) and the official Z-Erase code (the LoRA on
         while sampling) do: the LoRA learns on the states the erased model itself visits. Only the targets come
-        from the frozen model (:meth:`_teacher`). The pool, sampled once before training, is the frozen model's.
+        from the frozen model (:meth:`teacher_predictions`). The pool, sampled once before training, is the frozen
+        model's.
         """
         noise = torch.randn((1, *self.latent_shape), generator=self.gen).to(self.backend.device)
         k = int(torch.randint(0, self.config.sample_steps, (1,), generator=self.gen))
@@ -153,20 +166,22 @@ class ZEraseTrainer:
                     cfg=self.config.sample_cfg, lora=True)
         return x_t, self.sigmas[k].reshape(1)
 
-    def _teacher(self, x_t, sigma, prompts: list[EncodedPrompt]) -> torch.Tensor:
+    def teacher_predictions(self, x_t, sigma, prompts: list[EncodedPrompt]) -> torch.Tensor:
+        """The frozen model's v_θ(x_t, c) for each prompt, in one no-grad forward."""
         with torch.no_grad():
             n = len(prompts)
             v, _ = self.backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), prompts, lora=False)
         return v
 
+    # --- one step ------------------------------------------------------------------------
     def _losses(self, er, tokens, keep, x_t=None, sigma=None, teacher=None) -> StepLosses:
         """L_erase, L_attn and L_pr at x_t (sampled fresh when not given) for one erase prompt."""
         config = self.config
-        pr_prompts = self._pr_prompts(keep)
+        pr_prompts = self.pr_prompts(keep)
         if x_t is None:
-            x_t, sigma = self._sample_xt(er)
+            x_t, sigma = self.sample_xt(er)
         if teacher is None:
-            teacher = self._teacher(x_t, sigma, [er, *pr_prompts])
+            teacher = self.teacher_predictions(x_t, sigma, [er, *pr_prompts])
         want_mass = config.attn_weight > 0
         n = len(pr_prompts)
         v_pr = None
@@ -195,13 +210,9 @@ class ZEraseTrainer:
         l_attn = loss_attn(mass) if want_mass else l_erase.new_zeros(())
         return StepLosses(l_erase, l_attn, l_pr, batch)
 
-    def _pr_prompts(self, keep: EncodedPrompt | None) -> list[EncodedPrompt]:
-        """Eq. 8's prompts: ∅, and the preservation prompt c_pr when there is one."""
-        return [self.prompts.uncond, *([keep] if keep else [])]
-
     def _pr_loss(self, batch: PrBatch) -> torch.Tensor:
         """L_pr (Eq. 8) from the student's [∅, c_pr] predictions in one batched forward."""
-        prompts = self._pr_prompts(batch.keep)
+        prompts = self.pr_prompts(batch.keep)
         n = len(prompts)
         v_pr, _ = self.backend.velocity(batch.x_t.expand(n, -1, -1, -1), batch.sigma.expand(n), prompts, lora=True)
         return _l_pr(v_pr, batch)
@@ -256,7 +267,7 @@ class ZEraseTrainer:
         start = time.perf_counter()
         draws = self.rng.getstate(), self.gen.get_state()
         try:
-            losses = self._losses(*self._draw())
+            losses = self._losses(*self.draw())
             values = {"L_erase": losses.erase.item(), "L_attn": losses.attn.item(), "L_pr": losses.pr.item()}
             if not all(map(math.isfinite, values.values())):
                 raise NonFiniteLoss(self._nan_message(values))
@@ -275,14 +286,6 @@ class ZEraseTrainer:
         )
         self.history.append(record)
         return record
-
-    def _draw(self) -> tuple:
-        """This step's erase prompt, its concept tokens and a preservation prompt; from the pool also x_t, σ and
-        the teacher's predictions there (fresh: :meth:`_losses` samples them)."""
-        if self.xt_pool is None:
-            return self.prompts.draw(self.rng)
-        d = self.xt_pool.draw(self.rng, self.gen, self.backend.device)
-        return *self.prompts.pick(d.erase_index, d.keep_index), d.x_t, d.sigma, d.teacher
 
     def _descend(self, l_er: torch.Tensor, l_pr: torch.Tensor, pr_value: float, batch: PrBatch) -> tuple[float, bool]:
         """One AdamW update of the LoRA along the λ rule's direction; returns the λ used and whether L_pr was

@@ -31,9 +31,7 @@ import logging
 import math
 import platform
 import random
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -46,11 +44,14 @@ from ..config import XT_SOURCES, TrainConfig
 from ..errors import ZEraseError
 from ..lagrangian import rule_for
 from ..lora import LoRAConfig
-from ..objectives import loss_erase
+from ..trainer import ZEraseTrainer
+from ..xt_pool import TrajectoryPool
+from .cost_split import cost_split, make_optimizer_state
+from .cost_table import table
+from .gated_esd import gated_esd_step
 from .reference_step import reference_step
 from .report import check_out, emit
-from ..trainer import Teacher, ZEraseTrainer
-from ..xt_pool import TrajectoryPool
+from .timing import check_timing, device_sync, interleaved_medians, peak_gib
 
 log = logging.getLogger(__name__)
 
@@ -76,132 +77,6 @@ class SpeedCase:
         return f"{self.name}-{self.image_tokens}"
 
 
-def gated_esd_step(trainer: ZEraseTrainer) -> None:
-    """A plain gated ESD step (Eq. 5 only) from the same parts and the same x_t source as ours.
-
-    Fresh: x_t sampled as ours does, teacher v(c_er), v(∅) in one no-grad forward, student
-    v(c_er) forward/backward. Pool: x_t and both teacher predictions drawn from the pool.
-    """
-    er, _, _, *at = trainer._draw()  # the draw Z-Erase makes, so both see the same prompts and levels
-    if at:
-        x_t, sigma, teacher = at
-    else:
-        x_t, sigma = trainer._sample_xt(er)
-        teacher = trainer._teacher(x_t, sigma, [er, trainer.prompts.uncond])
-    v, _ = trainer.backend.velocity(x_t, sigma, [er], lora=True)
-    rows = Teacher.rows(teacher.to(v.device))
-    loss_erase(v, rows.uncond, rows.concept, trainer.config.eta).backward()
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-
-
-def device_sync(backend) -> Callable[[], None]:
-    """What waits for ``backend``'s device to finish its queued work (a no-op on the CPU), for timing."""
-    device = backend.device
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def interleaved_medians(variants: dict[str, Callable[[], object]], steps: int, repeats: int,
-                        sync: Callable[[], None], on_oom: Callable[[str], None] | None = None,
-                        warm_up: bool = True) -> dict[str, float]:
-    """Median seconds per call of each variant, timed round-robin: ``repeats`` rounds of ``steps`` calls each.
-
-    Interleaving spreads a load spike on a shared machine over every variant instead of
-    one; each variant gets one untimed warm-up call first (unless the caller just ran each once).
-    """
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    live = dict(variants)
-    for name, fn in list(live.items()):
-        try:
-            if warm_up:
-                fn(), sync()
-        except torch.OutOfMemoryError:
-            del live[name]
-            if on_oom:
-                on_oom(name)
-    for _ in range(repeats):
-        for name, fn in live.items():
-            for _ in range(steps):
-                start = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) if t else float("nan") for name, t in times.items()}
-
-
-def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[[], None]) -> dict[str, float]:
-    """Seconds of each part of a step at a fixed x_t (medians; x_t sampling: mean over random levels).
-
-    Parts: fresh x_t sampling; teacher forwards (batch 3 for ours, batch 2 for ESD); the
-    student's erase prediction forward without and with the attention mass (the difference
-    is what L_attn adds to the attention call) and its backward; the no-grad [∅, c_pr] forward
-    (λ_t = 0); the batch-3 forward and backward (λ_t > 0); the AdamW step.
-    """
-    prompts = trainer.prompts
-    x_t, sigma = trainer._sample_xt(prompts.erase[0])
-    out = interleaved_medians(_split_parts(trainer, x_t, sigma), steps, repeats, sync)
-    xt = []
-    for _ in range(max(8, steps * repeats)):  # the level is random: a mean, not a median
-        start = time.perf_counter()
-        trainer._sample_xt(prompts.erase[0])
-        sync()
-        xt.append(time.perf_counter() - start)
-    out["fresh_xt_mean"] = statistics.mean(xt)
-    from .memory import saved_bytes
-
-    pr = _pr_prompts(trainer)
-    n = len(pr)  # activation bytes the [∅, c_pr] forward holds when it builds a graph (none under no_grad)
-    out["student_pr_graph_saved_mib"] = saved_bytes(lambda: trainer.backend.velocity(
-        x_t.expand(n, -1, -1, -1), sigma.expand(n), pr, lora=True)[0])[0] / 2**20
-    out["attn_mass_fwd"] = out["student_er_fwd_attn"] - out["student_er_fwd"]
-    out["student_er_bwd"] = out["student_er_fwd_attn_bwd"] - out["student_er_fwd_attn"]
-    out["student_b3_bwd"] = out["student_b3_fwd_attn_bwd"] - out["student_b3_fwd_attn"]
-    return out
-
-
-def _pr_prompts(trainer: ZEraseTrainer) -> list:
-    """L_pr's prompts with the run's first preservation prompt: [∅, c_pr], or [∅] without one."""
-    keep = trainer.prompts.keep
-    return trainer._pr_prompts(keep[0] if keep else None)
-
-
-def _split_parts(trainer: ZEraseTrainer, x_t: torch.Tensor, sigma: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """Each part of a step as a call at this x_t, for :func:`cost_split`."""
-    backend, prompts = trainer.backend, trainer.prompts
-    er, tokens = prompts.erase[0], list(prompts.erase_tokens[0])
-    pr = _pr_prompts(trainer)
-
-    def student(prompts, mass: bool, backward: bool, grad: bool = True):
-        n = len(prompts)
-        with torch.set_grad_enabled(grad):
-            v, m = backend.velocity(x_t.expand(n, -1, -1, -1), sigma.expand(n), prompts, lora=True,
-                                    concept_tokens=[tokens] + [[]] * (n - 1) if mass else None,
-                                    mass_layers=trainer.mass_layers)
-        if backward:
-            (v.float().square().mean() + (m.sum() if mass else 0)).backward()
-            trainer.optimizer.zero_grad(set_to_none=True)
-
-    return {
-        "teacher_fwd_b3": lambda: trainer._teacher(x_t, sigma, [er, *pr]),
-        "teacher_fwd_b2": lambda: trainer._teacher(x_t, sigma, [er, prompts.uncond]),
-        "student_er_fwd": lambda: student([er], False, False),
-        "student_er_fwd_attn": lambda: student([er], True, False),
-        "student_er_fwd_attn_bwd": lambda: student([er], True, True),
-        "student_pr_fwd_nograd": lambda: student(pr, False, False, grad=False),
-        "student_pr_fwd_graph": lambda: student(pr, False, False),  # what λ_t = 0 steps ran before (graph dropped)
-        "student_pr_fwd_bwd": lambda: student(pr, False, True),
-        "student_b3_fwd_attn": lambda: student([er, *pr], True, False),
-        "student_b3_fwd_attn_bwd": lambda: student([er, *pr], True, True),
-        "adamw": lambda: _zero_grad_step(trainer),
-    }
-
-
-def check_timing(steps: int, repeats: int = 1) -> None:
-    """Refuse, before any measuring, a timing with nothing to take a median of (every figure would be NaN)."""
-    if steps < 1 or repeats < 1:
-        raise ZEraseError(f"--steps and --repeats must be at least 1; got {steps} and {repeats}.")
-
-
 def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: int = 1) -> dict:
     """Seconds per step of each variant on the case's backend, both x_t sources.
 
@@ -223,8 +98,8 @@ def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: 
                           "build_s": shared_pool.seconds, "amortised_over_steps": run_steps}}
     peaks = None
     if backend.device.type == "cuda":
-        _make_optimizer_state(base)  # else the first variant measured would pay for AdamW's buffers
-        peaks = _peak_gib(variants, sync)  # also each variant's warm-up
+        make_optimizer_state(base)  # else the first variant measured would pay for AdamW's buffers
+        peaks = peak_gib(variants, sync)  # also each variant's warm-up
     timed = {name: fn for name, fn in variants.items() if not peaks or peaks[name] != float("inf")}
     oom = lambda name: log.warning("%s ran out of memory at %d image tokens", name, case.image_tokens)  # noqa: E731
     s = interleaved_medians(timed, steps, repeats, sync, warm_up=peaks is None, on_oom=oom)
@@ -269,41 +144,6 @@ def _step_of(name: str, trainer: ZEraseTrainer) -> Callable[[], object]:
     if name.startswith("gated_esd"):
         return lambda: gated_esd_step(trainer)
     return (lambda: reference_step(trainer)) if name == "reference" else trainer.train_step
-
-
-def _make_optimizer_state(trainer: ZEraseTrainer) -> None:
-    """AdamW makes its moment buffers at its first step: make them now, with a step that moves nothing (lr 0)."""
-    groups = trainer.optimizer.param_groups
-    rates = [g["lr"] for g in groups]
-    for g in groups:
-        g["lr"] = 0.0
-    _zero_grad_step(trainer)
-    for g, lr in zip(groups, rates):
-        g["lr"] = lr
-
-
-def _zero_grad_step(trainer: ZEraseTrainer) -> None:
-    """One AdamW step on zero gradients: the optimizer's own cost (and its buffers, made at the first step)."""
-    for p in trainer.params:
-        p.grad = torch.zeros_like(p)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-
-
-def _peak_gib(variants: dict[str, Callable[[], object]], sync: Callable[[], None]) -> dict[str, float]:
-    """Each variant's peak GPU memory above what is resident (weights, pool), GiB; inf where it runs out."""
-    peaks = {}
-    for name, fn in variants.items():
-        sync(), torch.cuda.empty_cache()
-        resident = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            fn(), sync()
-            peaks[name] = (torch.cuda.max_memory_allocated() - resident) / 2**30
-        except torch.OutOfMemoryError:
-            peaks[name] = float("inf")
-            log.warning("%s ran out of memory: not timed", name)
-    return peaks
 
 
 def _ratios(s: dict[str, float], split: dict[str, float], run_steps: int) -> dict:
@@ -429,69 +269,6 @@ def run(tiny: bool = False, steps: int = 3, memory_estimate: bool = True, repeat
                                         result["real_zimage_run_time_estimate"]["toy_lambda_fractions"]["rows"].items()},
     }
     return result
-
-
-SPLIT_ROWS = ("fresh_xt_mean", "teacher_fwd_b3", "teacher_fwd_b2", "student_er_fwd", "attn_mass_fwd", "student_er_bwd",
-              "student_pr_fwd_nograd", "student_pr_fwd_graph", "student_pr_graph_saved_mib", "student_pr_fwd_bwd",
-              "student_b3_fwd_attn", "student_b3_bwd", "adamw")
-
-
-def table(result: dict) -> str:
-    """A readable summary of :func:`run`'s JSON."""
-    lines = [f"device: {result['device']}", ""]
-    for source in XT_SOURCES:
-        lines += _source_lines(result["speed"], source)
-    lines += ["", "paper λ rule, step kinds weighed as on the toy: model  source  s/step  speedup  overhead"]
-    for r in result["speed"]:
-        for source in XT_SOURCES:
-            w = r["paper_lambda_weighted"][source]
-            lines.append(f"  {r['model']:<16} {r['image_tokens']:>5}  {source:<6} {w['seconds_per_step']:>8.3f}  "
-                         f"{w['speedup_vs_reference']:>6.2f}×  {w['overhead_vs_gated_esd']:>6.2f}")
-    models = "  ".join(r["model"] + f"-{r['image_tokens']}" for r in result["speed"])
-    lines += ["", "cost split, s (median; x_t: mean over random levels): " + models]
-    for part in SPLIT_ROWS:
-        lines.append(f"  {part:<24}" + "".join(f"{r['split_seconds'][part]:>12.4f}" for r in result["speed"]))
-    mem = result["attention_loss_memory"]
-    lines += ["", "attention loss, saved bytes per layer: image tokens  ours  materialised"]
-    lines += [f"  {r['image_tokens']:>6}  {r['ours'] / 2**20:9.2f} MiB  {r['materialised'] / 2**20:9.2f} MiB"
-              for r in mem["rows"]]
-    g = mem["growth_exponent"]
-    lines.append(f"  growth exponent: ours {g['ours']:.2f}, materialised {g['materialised']:.2f}")
-    est = result.get("real_zimage_memory_estimate")
-    if est:
-        lines += ["", "real Z-Image (estimate): case  needs GiB  budget GB  fits"]
-        lines += [f"  {k:<20} {v['needs_gib']:>6.2f}  {v['budget_gb']:>4}  {v['fits']}" for k, v in est["fits"].items()]
-    t = result["real_zimage_run_time_estimate"]
-    comp = t["toy_lambda_fractions"]
-    f = comp["fractions"]
-    lines += ["", f"1000 steps at 512² on one H100 (composed from the issue's H100 figures; λ step kinds from the toy: "
-                  f"batched {f['batched']:.2f}, recomputed {f['recomputed']:.2f}, λ=0 {f['lambda_zero']:.2f})",
-              "  config            minutes  (λ always 0 / always >0)  ESD min  overhead  ref min ≥  speedup ≥  "
-              "peak GB  ≤10 min"]
-    for k, r in comp["rows"].items():
-        lo, hi = t["lambda_always_zero"]["rows"][k]["minutes"], t["lambda_always_positive"]["rows"][k]["minutes"]
-        lines.append(f"  {k:<16} {r['minutes']:>8.1f}  ({lo:.1f} / {hi:.1f})  {r['gated_esd_minutes']:>14.1f}  "
-                     f"{r['overhead_vs_gated_esd']:>8.2f}  {r['reference_minutes_lower_bound']:>9.1f}  "
-                     f"{r['speedup_vs_reference_at_least']:>8.2f}×  {r['peak_gb_estimate']:>7.1f}  {r['meets_10_min']}")
-    lines += [f"  {k}: {v}" for k, v in comp["assumptions"].items()]
-    return "\n".join(lines)
-
-
-def _source_lines(speed: list[dict], source: str) -> list[str]:
-    """The table's seconds and ratios of one x_t source, a line per model."""
-    default = " (default)" if speed and speed[0]["default_xt_source"] == source else ""
-    lines = [f"x_t source: {source}{default}",
-             "  model            img tok  ref s/step  ours s/step (λ>0 / λ=0)  ESD s/step  speedup (λ>0 / λ=0)  "
-             "overhead (λ>0 / λ=0)"]
-    for r in speed:
-        s = r["seconds_per_step"]
-        pos, zero = f"{source}_lambda_positive", f"{source}_lambda_zero"
-        lines.append(
-            f"  {r['model']:<16} {r['image_tokens']:>7}  {s['reference']:>10.3f}  {s[f'ours_{pos}']:>10.3f} / "
-            f"{s[f'ours_{zero}']:<10.3f}  {s[f'gated_esd_{source}']:>10.3f}  "
-            f"{r[f'speedup_vs_reference_{pos}']:>6.2f}× / {r[f'speedup_vs_reference_{zero}']:.2f}×  "
-            f"{r[f'overhead_vs_gated_esd_{pos}']:>8.2f} / {r[f'overhead_vs_gated_esd_{zero}']:.2f}")
-    return lines
 
 
 def _add(p: argparse.ArgumentParser) -> None:

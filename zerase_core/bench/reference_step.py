@@ -74,7 +74,7 @@ def reference_losses(trainer: "ZEraseTrainer", er, tokens, keep, x_t, sigma):
 def reference_step(trainer: "ZEraseTrainer") -> dict[str, float]:
     """One official-style Z-Erase step on the trainer's LoRA, optimizer and λ (paper rule)."""
     er, tokens, keep = trainer.prompts.draw(trainer.rng)
-    x_t, sigma = trainer._sample_xt(er)  # re-sampled through the sampler every step
+    x_t, sigma = trainer.sample_xt(er)  # re-sampled through the sampler every step
     l_erase, l_attn, l_pr = reference_losses(trainer, er, tokens, keep, x_t, sigma)
     lam = trainer.lam.update(l_pr.item())
     # The whole objective goes backward every step, whatever λ is.
