@@ -110,21 +110,26 @@ def test_a_run_stopped_mid_step_resumes_into_the_run_an_uninterrupted_one_takes(
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
 
 
-def _out_of_memory_unless_checkpointing(backend, from_step: int, trainer_of):
+def _out_of_memory_unless_checkpointing(backend, from_step: int, trainer_of, where: str):
     """A card too small to train without checkpointing from ``from_step`` on: the last layer's forward with
-    gradients raises there unless checkpointing is on (diffusers' own flag, which the backend's switch sets)."""
-    def hook(module, args):
-        trainer = trainer_of()
-        if torch.is_grad_enabled() and trainer.step + 1 >= from_step and not backend.transformer.gradient_checkpointing:
+    gradients (or its backward) raises there unless checkpointing is on (diffusers' own flag, which the backend's
+    switch sets)."""
+    def hook(module, *args):
+        if (torch.is_grad_enabled() or where == "backward") and trainer_of().step + 1 >= from_step \
+                and not backend.transformer.gradient_checkpointing:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    return backend.transformer.layers[-1].register_forward_pre_hook(hook)
+    layer = backend.transformer.layers[-1]
+    register = layer.register_forward_pre_hook if where == "forward" else layer.register_full_backward_pre_hook
+    return register(hook)
 
 
-def test_auto_checkpointing_takes_a_step_that_ran_out_of_memory_again_with_checkpointing(caplog):
-    """gradient_checkpointing="auto" (the default) trains without checkpointing until a step runs out of memory, then
-    takes that step again with it and keeps it: the run is the one that never ran out (checkpointing gives the same
-    gradients; the failed step left no trace)."""
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_auto_checkpointing_takes_a_step_that_ran_out_of_memory_again_with_checkpointing(where, caplog):
+    """gradient_checkpointing="auto" (the default) trains without checkpointing until a step runs out of memory (in
+    its forward, or in its backward, where the graph is half consumed), then takes that step again with it and keeps
+    it: the run is the one that never ran out (checkpointing gives the same gradients; the failed step left no
+    trace)."""
     config = _config(steps=8, lr=1e-2)
     assert config.gradient_checkpointing == "auto"
     reference = ZEraseTrainer(tiny_zimage_backend(), config).run()
@@ -132,7 +137,7 @@ def test_auto_checkpointing_takes_a_step_that_ran_out_of_memory_again_with_check
     backend = tiny_zimage_backend()
     trainer = ZEraseTrainer(backend, config)
     assert trainer.checkpointing_from is None and not backend.transformer.gradient_checkpointing
-    hook = _out_of_memory_unless_checkpointing(backend, 4, lambda: trainer)
+    hook = _out_of_memory_unless_checkpointing(backend, 4, lambda: trainer, where)
     result = trainer.run()
     hook.remove()
     assert trainer.checkpointing_from == 4 and backend.transformer.gradient_checkpointing
