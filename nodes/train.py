@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized, training_session
 from zerase_core.apply import install_lora
-from zerase_core.config import CHECKPOINTING, LR_RANGE, PRESETS, XT_SOURCES, TrainConfig
+from zerase_core.config import CHECKPOINTING_MODES, LR_RANGE, PRESETS, XT_SOURCES, TrainConfig
 from zerase_core.checkpoint import check_run_files
 from zerase_core.save_names import name_from, path_inside, safe_output_path, saved_versions
 from zerase_core.history import loss_series
@@ -180,7 +180,7 @@ class ZEraseTrain(io.ComfyNode):
                 io.String.Input("save_name", default="", tooltip="File name under models/loras/zerase/ (empty: the "
                                 "concept). Never overwrites: a taken name gets _001, _002, …; resume finds its run "
                                 "by this name."),
-                io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING),
+                io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING_MODES),
                                default=TrainConfig.gradient_checkpointing,
                                tooltip="Saves most activation memory for about a third more time per step: at 512² "
                                "on the real model it is what fits a 16 GB card. auto: off until a step runs out of "
@@ -208,8 +208,8 @@ class ZEraseTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon,
-                rank, targets, resolution, seed, save_name, gradient_checkpointing=TrainConfig.gradient_checkpointing,
-                resume=False,
+                rank, targets, resolution, seed, save_name,
+                gradient_checkpointing=TrainConfig.gradient_checkpointing, resume=False,
                 xt_source=TrainConfig.xt_source, vae=None) -> io.NodeOutput:
         import comfy.model_management as mm
 

@@ -234,7 +234,6 @@ def _measure_model(args, weights: str, device: str, runs: list[tuple[int, bool]]
     for px, ckpt in runs:
         config = base_config(height=px, width=px, xt_pool=args.pool, gradient_checkpointing="on" if ckpt else "off",
                               lora=LoRAConfig(rank=result["rank"]), shuffle_pool=2)
-        built.backend.set_gradient_checkpointing(ckpt)
         with built.session():
             result["rows"].append(_row(SpeedCase(name, built.backend, config), args.steps) | {"weights": weights})
         try:  # after every row: a run cut off by a time limit keeps what it measured

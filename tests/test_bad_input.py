@@ -27,7 +27,7 @@ def test_the_command_line_sets_beta_and_eta_and_refuses_a_negative_beta():
     assert (config.beta, config.eta) == (0.5, 3.0)
     default = _cli_config()
     assert (default.beta, default.eta) == (TrainConfig.beta, TrainConfig.eta)
-    with pytest.raises(ZEraseError, match="β ≥ 0"):
+    with pytest.raises(ZEraseError, match=r"β \(beta\) must be ≥ 0; got -1"):
         _cli_config("--beta", "-1")
 
 
@@ -101,7 +101,7 @@ def test_a_negative_epsilon_and_no_checkpoint_interval_are_refused():
     interval of 0 divided by zero at the first step."""
     with pytest.raises(ZEraseError, match="ε is the rise of L_pr a step may cause .* got -1.0"):
         _cli_config("--epsilon", "-1")
-    with pytest.raises(ZEraseError, match="checkpoint_every ≥ 1"):
+    with pytest.raises(ZEraseError, match="checkpoint_every must be ≥ 1; got 0"):
         _config(checkpoint_every=0)
 
 
@@ -113,7 +113,7 @@ def test_a_path_too_long_for_the_file_system_is_refused_by_name(out, tmp_path, c
     long = tmp_path / ("x" * 300)
     if out == "folder":
         argv = ["train", "--tiny", "--concept", "red", "--steps", "1", "--out", str(long)]
-        expected = "Cannot write into"
+        expected = "Cannot create a file in"
     else:
 
         parts = _two_lora_files(tmp_path)
@@ -150,7 +150,7 @@ def test_a_demo_without_evaluation_prompts_is_refused_before_any_work(tmp_path, 
 
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--concepts", "red", "--n-eval", "1"], "--n-eval must be at least 2"),
-    (["bench", "--concepts", "red", "--steps", "0", "--out", "{tmp}"], "steps must be ≥ 1"),  # measured cells first
+    (["bench", "--concepts", "red", "--steps", "0", "--out", "{tmp}"], "steps must be ≥ 1; got 0"),  # before cells
     (["bench-xt", "--concepts", "red", "--n-eval", "0"], "--n-eval must be at least 2"),
     (["bench-xt", "--concepts", "red", "not red"], "'not red' is not one concept"),
     (["bench-lambda", "--concepts", "red", "dragon"], "'dragon' is not one concept"),  # red would train first
@@ -358,7 +358,8 @@ def test_a_preservation_concept_that_is_the_concept_spaced_otherwise_is_refused(
 
 
 @pytest.mark.parametrize("flags, message", [
-    (("--eta", "-2"), "η ≥ 0 .η < 0 would strengthen the concept"),  # the target would be the concept itself
+    # η < 0: the target would be the concept itself, or beyond it
+    (("--eta", "-2"), r"η \(eta\) must be ≥ 0 \(η < 0 would strengthen the concept, not erase it\); got -2"),
     (("--lr", "1e308"), "learning rate must be between 1e-08 and 1 .* got 1e[+]308"),  # AdamW's step overflows
     (("--lr", "1e-300"), "learning rate must be between"),  # β/α overflows λ
     (("--seed", "99999999999999999999"), "seed must be between 0 and 2.64 − 1"),
@@ -374,6 +375,18 @@ def test_settings_that_would_not_train_what_they_say_are_refused(flags, message,
     monkeypatch.setattr(tiny, "tiny_zimage_backend", lambda **k: pytest.fail("a model was built"))
     assert main(["train", "--tiny", "--concept", "cat", *flags]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_run_refused_after_its_files_were_checked_leaves_no_folder(tmp_path, capsys):
+    """The files' check makes --out to write a probe into; a run refused later (a template without its concept)
+    took the folder away again, where it used to leave an empty one behind."""
+    from zerase_core.cli import main
+
+    out = tmp_path / "new" / "run"
+    assert main(["train", "--tiny", "--concept", "cat", "--template", "a painting", "--steps", "1",
+                 "--out", str(out)]) == 2
+    assert "cat" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_flow_shift_that_is_not_positive_is_refused():

@@ -237,35 +237,42 @@ def test_a_forward_whose_backward_never_runs_leaves_nothing_held():
     assert dit() is None
 
 
-def test_auto_checkpointing_switches_on_mid_run_on_comfys_model(caplog):
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_auto_checkpointing_switches_on_mid_run_on_comfys_model(where, caplog):
     """gradient_checkpointing "auto" on ComfyUI's model, loaded whole for training: a step that runs out of memory
-    without checkpointing is taken again with the checkpointing patches added mid-run (ComfyUI loads the model again
-    with them), and the run equals one that never ran out."""
+    without checkpointing (in its forward, or in its backward) is taken again with the checkpointing patches added
+    mid-run, which ComfyUI applies when it loads the model again, and the run equals one that never ran out. The
+    simulated card fails while the layer ComfyUI runs is not the checkpointed one, so a patch recorded but never
+    applied would fail again."""
     def run(out_of_memory_from: int | None):
         model = tiny_zimage(comfy)
         backend = ComfyZImageBackend(model, tiny_clip(comfy))
         config = TrainConfig(concept="cat", preserve=("dog",), steps=4, height=64, width=64, sample_steps=2,
                              lora=LoRAConfig(rank=2), shuffle_pool=2, xt_pool=2, lr=1e-2)
+        layer = model.model.diffusion_model.layers[-1]
+        applied = []
+
+        def hook(module, *args):
+            applied.append(isinstance(module.forward, CheckpointedForward))
+            if (out_of_memory_from is not None and (torch.is_grad_enabled() or where == "backward")
+                    and not applied[-1] and trainer.step + 1 >= out_of_memory_from):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
         with training_session(backend):
             trainer = ZEraseTrainer(backend, config)
-
-            def hook(module, args):
-                if (out_of_memory_from is not None and torch.is_grad_enabled() and not backend._checkpointed
-                        and trainer.step + 1 >= out_of_memory_from):
-                    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-
-            handle = model.model.diffusion_model.layers[-1].register_forward_pre_hook(hook)
+            register = layer.register_forward_pre_hook if where == "forward" else layer.register_full_backward_pre_hook
+            handle = register(hook)
             result = trainer.run()
             handle.remove()
-        return trainer, backend, result
+        return trainer, result, applied
 
-    _, _, reference = run(None)
-    trainer, backend, result = run(3)
-    assert trainer.checkpointing_from == 3 and len(backend._checkpointed) == LAYERS
-    assert "Out of GPU memory at step 3" in caplog.text
     def flat(history):
         return [v for r in history for v in (r.erase, r.attn, r.pr, r.lam)]
 
+    _, reference, _ = run(None)
+    trainer, result, applied = run(3)
+    assert trainer.gradient_checkpointing_from == 3 and applied[-1]  # the patch really ran by the end
+    assert "Out of GPU memory at step 3" in caplog.text
     assert flat(result.history) == pytest.approx(flat(reference.history), rel=1e-5, abs=1e-8)
     for mine, theirs in zip(result.lora.factors.values(), reference.lora.factors.values()):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)

@@ -127,7 +127,12 @@ def test_a_missing_transformers_is_named_with_the_fix(tmp_path, monkeypatch):
     from zerase_core.backends.diffusers_loader import load_diffusers_zimage
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed (requirements-engine.txt alone)
-    with pytest.raises(ZEraseError, match="pip install transformers"):
+    # A mistyped path is told as such first, not as a package to install.
+    with pytest.raises(ZEraseError, match="no-such-folder is not a folder; --model takes a diffusers Z-Image folder"):
+        load_diffusers_zimage(tmp_path / "no-such-folder")
+    for part in ("transformer", "text_encoder", "tokenizer"):
+        (tmp_path / part).mkdir()
+    with pytest.raises(ZEraseError, match="pip install transformers accelerate"):
         load_diffusers_zimage(tmp_path)
 
 

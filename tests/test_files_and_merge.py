@@ -240,7 +240,7 @@ def test_a_file_that_could_not_be_written_is_refused_before_any_work(tmp_path):
     with pytest.raises(ZEraseError, match="too long .*choose a shorter name"):
         check_writable(tmp_path / f"{longest}y.safetensors")
     (tmp_path / "taken").write_bytes(b"a file, not a folder")
-    with pytest.raises(ZEraseError, match="Cannot write into .*taken"):
+    with pytest.raises(ZEraseError, match="Cannot create a file in .*taken"):
         check_writable(tmp_path / "taken" / "red.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{longest}.safetensors", "taken"])  # no probe left
 

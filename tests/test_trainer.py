@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -110,18 +111,22 @@ def test_a_run_stopped_mid_step_resumes_into_the_run_an_uninterrupted_one_takes(
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
 
 
-def _out_of_memory_unless_checkpointing(backend, from_step: int, trainer_of, where: str):
+def _out_of_memory_unless_checkpointing(trainer, from_step: int, where: str = "forward"):
     """A card too small to train without checkpointing from ``from_step`` on: the last layer's forward with
     gradients (or its backward) raises there unless checkpointing is on (diffusers' own flag, which the backend's
-    switch sets)."""
+    switch sets). The failed forward's input is kept by weak reference in the returned list."""
+    transformer, failed = trainer.backend.transformer, []
+
     def hook(module, *args):
-        if (torch.is_grad_enabled() or where == "backward") and trainer_of().step + 1 >= from_step \
-                and not backend.transformer.gradient_checkpointing:
+        if (torch.is_grad_enabled() or where == "backward") and trainer.step + 1 >= from_step \
+                and not transformer.gradient_checkpointing:
+            if where == "forward":
+                failed.append(weakref.ref(args[0][0]))
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    layer = backend.transformer.layers[-1]
+    layer = transformer.layers[-1]
     register = layer.register_forward_pre_hook if where == "forward" else layer.register_full_backward_pre_hook
-    return register(hook)
+    return register(hook), failed
 
 
 @pytest.mark.parametrize("where", ["forward", "backward"])
@@ -136,11 +141,16 @@ def test_auto_checkpointing_takes_a_step_that_ran_out_of_memory_again_with_check
 
     backend = tiny_zimage_backend()
     trainer = ZEraseTrainer(backend, config)
-    assert trainer.checkpointing_from is None and not backend.transformer.gradient_checkpointing
-    hook = _out_of_memory_unless_checkpointing(backend, 4, lambda: trainer, where)
+    assert trainer.gradient_checkpointing_from is None and not backend.transformer.gradient_checkpointing
+    hook, failed = _out_of_memory_unless_checkpointing(trainer, 4, where)
+    start = trainer.start_gradient_checkpointing
+    freed_at_retry = []
+    trainer.start_gradient_checkpointing = lambda: (freed_at_retry.extend(ref() is None for ref in failed), start())
     result = trainer.run()
     hook.remove()
-    assert trainer.checkpointing_from == 4 and backend.transformer.gradient_checkpointing
+    # The failed forward's activations are freed before the step is taken again, not held by its traceback.
+    assert freed_at_retry == ([True] if where == "forward" else [])
+    assert trainer.gradient_checkpointing_from == 4 and backend.transformer.gradient_checkpointing
     assert "Out of GPU memory at step 4" in caplog.text
     assert len(result.history) == 8 and [r.step for r in result.history] == list(range(1, 9))
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
@@ -148,12 +158,50 @@ def test_auto_checkpointing_takes_a_step_that_ran_out_of_memory_again_with_check
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
 
 
+def test_auto_checkpointing_is_kept_by_a_resumed_run_that_needed_it(tmp_path):
+    """A run that switched checkpointing on records so in its checkpoint: resumed under "auto" it checkpoints from
+    its first step, instead of running out of memory once more. A run that never switched resumes without it."""
+    switched = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6), checkpoint_path=tmp_path / "a.ckpt")
+    hook, _ = _out_of_memory_unless_checkpointing(switched, 2)
+    for _ in range(3):
+        switched.train_step()
+    hook.remove()
+    switched.save_checkpoint()
+    plain = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6), checkpoint_path=tmp_path / "b.ckpt")
+    plain.train_step()
+    plain.save_checkpoint()
+    for name, on in (("a.ckpt", True), ("b.ckpt", False)):
+        resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6))
+        resumed.resume(tmp_path / name)
+        assert resumed.backend.transformer.gradient_checkpointing == on
+        assert resumed.gradient_checkpointing_from == (resumed.step + 1 if on else None)
+    off = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, gradient_checkpointing="off"))
+    off.resume(tmp_path / "a.ckpt")  # "off" is the user's word, whatever the run needed before
+    assert not off.backend.transformer.gradient_checkpointing
+
+
+def test_out_of_memory_inside_adamws_update_is_not_taken_again():
+    """AdamW's update is not undone (but under the paired rule): a step that ran out of memory inside it may have
+    moved part of the LoRA, and taking it again would move it twice. It fails as it is, under "auto" too."""
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=3))
+    real = trainer.optimizer.step
+
+    def half_done(*args, **kwargs):
+        real(*args, **kwargs)
+        raise torch.OutOfMemoryError("simulated")
+
+    trainer.optimizer.step = half_done
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train_step()
+    assert trainer.gradient_checkpointing_from is None and trainer.step == 0
+
+
 @pytest.mark.parametrize("mode", ["off", "on"])
 def test_out_of_memory_is_raised_when_checkpointing_is_not_auto(mode):
     """off: the user said never, so the step fails as it is; on: checkpointing already ran, nothing is left to try."""
     backend = tiny_zimage_backend()
     trainer = ZEraseTrainer(backend, _config(steps=3, gradient_checkpointing=mode))
-    assert (trainer.checkpointing_from == 1) == (mode == "on")
+    assert (trainer.gradient_checkpointing_from == 1) == (mode == "on")
 
     def always(module, args):
         if torch.is_grad_enabled():

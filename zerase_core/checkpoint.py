@@ -50,6 +50,9 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path, non_finite_stop: bool 
         "history": [asdict(r) for r in trainer.history],
         "caller": trainer.checkpoint_meta,
         "non_finite_stop": non_finite_stop,
+        # Set when the run checkpointed: under "auto", a resumed run then checkpoints at once instead of running
+        # out of memory once more (on ComfyUI also reloading the model).
+        "gradient_checkpointing_from": trainer.gradient_checkpointing_from,
     }
     return atomic_save(tensors, path, meta)
 
@@ -157,6 +160,9 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     trainer.step, trainer.seconds = int(meta["step"]), float(meta["seconds"])
     trainer.history = [StepRecord(**r) for r in meta["history"]]
     trainer.checkpoint_meta = dict(meta.get("caller", {}))
+    mode = trainer.config.gradient_checkpointing
+    if mode == "on" or (mode == "auto" and meta.get("gradient_checkpointing_from") is not None):
+        trainer.start_gradient_checkpointing()  # from the step the run continues with
 
 
 def _jsonable(state):

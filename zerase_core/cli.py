@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import CHECKPOINTING, PRESETS, XT_SOURCES, TrainConfig
+from .config import CHECKPOINTING_MODES, PRESETS, XT_SOURCES, TrainConfig
 from .errors import ZEraseError
 from .lagrangian import MODES
+from .lora import LoRAConfig
 
 log = logging.getLogger("zerase_core")
 
@@ -78,36 +79,40 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tiny", action="store_true", help="a tiny randomly initialised diffusers Z-Image (CPU, seconds)")
     src.add_argument("--model", type=Path, help="a diffusers Z-Image folder (transformer/, text_encoder/, tokenizer/)")
-    p.add_argument("--concept", required=True)
+    p.add_argument("--concept", required=True, help="the word or phrase to erase, as it appears in the prompts")
     p.add_argument("--preserve", nargs="*", default=[], help="preservation concepts")
     p.add_argument("--template", dest="templates", action="append", help="erase prompt template with {} (repeatable)")
     p.add_argument("--preset", default=TrainConfig.preset, choices=list(PRESETS),
                    help="concept type (sets ε, template)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {TrainConfig.steps}; 50 with "
+                   "--tiny)")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW's learning rate α (default {TrainConfig.lr:g})")
     p.add_argument("--epsilon", type=float, default=None, help="ε of Eq. 9: the rise of L_pr a step may cause "
                    "(default: the preset's, Table 6)")
     p.add_argument("--beta", type=float, default=None, help="β of Eq. 15, how fast λ answers a rise of L_pr: "
                    "the preservation knob (default 0.1)")
     p.add_argument("--eta", type=float, default=None, help="η of Eq. 5, the erasing guidance (default 2)")
-    p.add_argument("--lambda-mode", default=None, choices=list(MODES))
-    p.add_argument("--rank", type=int, default=None)
-    p.add_argument("--targets", default=None, help="projections to adapt, e.g. qkv, qk or q,k")
-    p.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (square)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lambda-mode", default=None, choices=list(MODES),
+                   help=f"the λ rule (default {TrainConfig.lambda_mode}: Algorithm 1's)")
+    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {LoRAConfig.rank}; 4 with --tiny)")
+    p.add_argument("--targets", default=None, help="projections to adapt, e.g. qkv, qk or q,k (default qkv)")
+    p.add_argument("--resolution", type=int, default=None, help=f"training resolution in pixels, square (default "
+                   f"{TrainConfig.height}; 64 with --tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the LoRA's init, the prompt order and x_t (default 0)")
     p.add_argument("--gradient-checkpointing", nargs="?", const="on", default=TrainConfig.gradient_checkpointing,
-                   choices=CHECKPOINTING, help="auto (default): on from the first step that runs out of GPU memory; "
-                   "on (also the flag alone): from the start, for a 16-24 GB card; off: never")
+                   choices=CHECKPOINTING_MODES, help="auto (default): on from the first step that runs out of GPU "
+                   "memory; on (also the flag alone): from the start, for a 16-24 GB card; off: never")
     p.add_argument("--xt-source", default=None, choices=list(XT_SOURCES),
-                   help="x_t: sampled every step (fresh, ESD) or from trajectories sampled once (pool)")
-    p.add_argument("--xt-pool", type=int, default=None, help="trajectories in the x_t pool")
-    p.add_argument("--out", type=Path, default=Path("out/train"))
+                   help="x_t: sampled every step (fresh, ESD) or from trajectories sampled once (pool, the default)")
+    p.add_argument("--xt-pool", type=int, default=None, help=f"trajectories in the x_t pool (default "
+                   f"{TrainConfig.xt_pool}; at least one per erase prompt)")
+    p.add_argument("--out", type=Path, default=Path("out/train"), help="the run's folder (default out/train)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
 
 
 def train_config_from_args(args: argparse.Namespace, **defaults):
     """A TrainConfig from CLI flags; unset flags keep TrainConfig's (or the caller's) defaults."""
-    from .lora import LoRAConfig, targets_from
+    from .lora import targets_from
 
     lora = {}
     if args.rank is not None:
@@ -139,7 +144,6 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
 
 @command("train", "train an erasure LoRA (Algorithm 1) on a tiny random or a diffusers Z-Image", _add_train)
 def _train(args: argparse.Namespace) -> int:
-    from .lora import LoRAConfig
     from .run import PlannedRun, train_and_save
 
     # The settings are checked before a model is built: loading Z-Image takes minutes.

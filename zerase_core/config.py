@@ -20,7 +20,7 @@ from .prompts import concept_words
 XT_SOURCES = ("pool", "fresh")  # where x_t comes from, the default first: see trainer.py and xt_pool.py
 # Gradient checkpointing, the default first. auto: without it (faster) until a step runs out of GPU memory, then with it
 # from that step on (the same gradients; trainer.py). on: from the start. off: never.
-CHECKPOINTING = ("auto", "on", "off")
+CHECKPOINTING_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class TrainConfig:
     xt_pool: int = 32  # trajectories in the pool (each gives sample_steps training points)
     seed: int = 0
     checkpoint_every: int = 100
-    gradient_checkpointing: str = "auto"  # one of CHECKPOINTING
+    gradient_checkpointing: str = "auto"  # one of CHECKPOINTING_MODES
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
@@ -79,8 +79,8 @@ class TrainConfig:
             raise ZEraseError(f"Unknown concept-type preset '{self.preset}'; choose one of {sorted(PRESETS)}.")
         if self.lambda_mode not in MODES:
             raise ZEraseError(f"Unknown λ mode '{self.lambda_mode}'; choose one of {MODES}.")
-        if self.gradient_checkpointing not in CHECKPOINTING:
-            raise ZEraseError(f"gradient_checkpointing must be one of {CHECKPOINTING}; got "
+        if self.gradient_checkpointing not in CHECKPOINTING_MODES:
+            raise ZEraseError(f"gradient_checkpointing must be one of {CHECKPOINTING_MODES}; got "
                               f"{self.gradient_checkpointing!r}.")
         if self.xt_source not in XT_SOURCES or self.xt_pool < 1:
             raise ZEraseError(f"xt_source must be one of {XT_SOURCES} and xt_pool ≥ 1; "
@@ -91,9 +91,13 @@ class TrainConfig:
                   and not math.isfinite(value)]
         if unreal:  # NaN passes every comparison below: max(0, NaN) is 0 and would switch preservation off
             raise ZEraseError(f"Settings must be finite numbers; got {', '.join(unreal)}.")
-        if self.steps < 1 or self.beta < 0 or self.eta < 0 or self.checkpoint_every < 1:
-            raise ZEraseError("steps must be ≥ 1, β ≥ 0, η ≥ 0 (η < 0 would strengthen the concept, not erase it) "
-                              "and checkpoint_every ≥ 1.")
+        bounds = (("steps", self.steps, self.steps >= 1, "≥ 1"),
+                  ("checkpoint_every", self.checkpoint_every, self.checkpoint_every >= 1, "≥ 1"),
+                  ("β (beta)", self.beta, self.beta >= 0, "≥ 0"),
+                  ("η (eta)", self.eta, self.eta >= 0, "≥ 0 (η < 0 would strengthen the concept, not erase it)"))
+        broken = [f"{name} must be {rule}; got {value}" for name, value, ok, rule in bounds if not ok]
+        if broken:  # each named with its value: "--steps 0" is told as such
+            raise ZEraseError("; ".join(broken) + ".")
         if not LR_RANGE[0] <= self.lr <= LR_RANGE[1]:  # beyond: AdamW's step overflows the LoRA, or β/α does λ
             raise ZEraseError(f"The learning rate must be between {LR_RANGE[0]:g} and {LR_RANGE[1]:g} (the paper's "
                               f"is 1e-3); got {self.lr:g}.")

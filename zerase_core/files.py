@@ -5,6 +5,7 @@ Save names users type (a node's ``save_name``) are in :mod:`.save_names`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -86,13 +87,20 @@ def check_writable(path: str | os.PathLike) -> None:
     if length > NAME_MAX:
         raise ZEraseError(f"The file name '{path.name}' is too long ({length} {NAME_UNIT}; file systems allow "
                           f"{NAME_MAX}); choose a shorter name.")
+    # Folders the probe makes are taken away again: a run refused later (a template without its concept) leaves
+    # no empty folder behind; the first real save makes them.
+    made = [p for p in (path.parent, *path.parent.parents) if not os.path.lexists(p)]  # deepest first
     tmp = _temporary(path.parent)
     try:
         os.close(_create(tmp))
+        os.unlink(tmp)
     except OSError as err:
-        raise ZEraseError(f"Cannot write into {path.parent}: {err.strerror or err}. Choose a folder you can write "
-                          "to.") from err
-    os.unlink(tmp)
+        raise ZEraseError(f"Cannot create a file in {path.parent} ({err.strerror or err}). Choose a folder you can "
+                          "write to.") from err
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not made (the probe failed first), or no longer empty
+                folder.rmdir()
 
 
 NAME_MAX = 255  # one file name: bytes on ext4 and APFS, UTF-16 units on NTFS

@@ -177,7 +177,7 @@ def load_lora(path: str | Path) -> ErasureLoRA:
         raise ZEraseError(
             f"'{path.name}' is an ordinary LoRA, not a Z-Erase erasure LoRA. Ordinary LoRAs act on every "
             "token; applied through the text-token gate they would be misused. Load it with ComfyUI's "
-            "LoraLoader instead, or train an erasure LoRA with Z-Erase Train."
+            "LoraLoader instead, or train an erasure LoRA (the Z-Erase Train node, or python -m zerase_core train)."
         )
     raise ZEraseError(f"'{path.name}' is not a Z-Erase LoRA (no Z-Erase metadata and no known key layout).")
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 # How a run executes, not what it trains (checkpointing gives the same gradients, tested): a run resumes, and a
-# finished file is reused, across a change of these. Turning checkpointing on is the answer to running out of memory.
+# finished file is reused, across a change of these. Checkpointing "on" (from "off") answers running out of memory.
 EXECUTION_ONLY = ("checkpoint_every", "gradient_checkpointing")
 
 

@@ -127,9 +127,10 @@ class ZEraseTrainer:
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
         self.latent_shape = backend.latent_shape(config.height, config.width)
         self.xt_pool = self.build_pool(should_stop, pool_progress) if config.xt_source == "pool" else None
-        self.checkpointing_from: int | None = None  # the first step run with gradient checkpointing
+        self.gradient_checkpointing_from: int | None = None  # the first step this trainer took with checkpointing
+        backend.set_gradient_checkpointing(False)  # as the settings say, whatever the backend was left with
         if config.gradient_checkpointing == "on":
-            self._start_checkpointing()
+            self.start_gradient_checkpointing()
 
     def build_pool(self, should_stop: Callable[[], bool] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> TrajectoryPool:
@@ -237,26 +238,33 @@ class ZEraseTrainer:
         checkpointing is taken again with it, and checkpointing stays on for the rest of the run.
 
         The failed step left the run as it was (:meth:`_step`), so the retry is the step an uninterrupted run takes:
-        checkpointing changes where activations are kept, not the gradients. Out of memory is a forward/backward
-        matter: by AdamW's update, the only part of a step not undone, the step's activations are freed.
+        checkpointing changes where activations are kept, not the gradients. Out of memory inside AdamW's own update
+        (not undone but under the paired rule; unlikely, as the step's activations are freed by then) is not retried.
         """
+        start = time.perf_counter()
         try:
             return self._step()
+        except _OutOfMemoryInUpdate:
+            raise
         except torch.OutOfMemoryError:
-            if self.checkpointing_from is not None or self.config.gradient_checkpointing != "auto":
+            if self.gradient_checkpointing_from is not None or self.config.gradient_checkpointing != "auto":
                 raise
-        # Outside the except clause: the failed step's tensors, held by its traceback until here, are freed.
-        self._start_checkpointing()
+        # Outside the except clause, whose traceback holds the failed forward's tensors: Python frees them here.
+        # (What a failed backward leaves inside autograd's engine may outlive this; the retry's own backward
+        # releases it.)
+        self.seconds += time.perf_counter() - start  # the failed attempt is part of the run's time
         log.warning("Out of GPU memory at step %d without gradient checkpointing; taking it again with checkpointing, "
                     "which stays on for the rest of the run (the same gradients, about a third more time per step).",
                     self.step + 1)
+        self.start_gradient_checkpointing()
+        if torch.cuda.is_available():  # the failed step's cached blocks back to the device, for a layout that fits
+            torch.cuda.empty_cache()
         return self._step()
 
-    def _start_checkpointing(self) -> None:
+    def start_gradient_checkpointing(self) -> None:
+        """Gradient checkpointing from the next step on (``"on"``; ``"auto"`` once a step ran out of memory)."""
         self.backend.set_gradient_checkpointing(True)
-        self.checkpointing_from = self.step + 1
-        if torch.cuda.is_available():  # the failed step's blocks back to the device, for a layout that fits
-            torch.cuda.empty_cache()
+        self.gradient_checkpointing_from = self.step + 1
 
     def _step(self) -> StepRecord:
         """One step of Algorithm 1. A step that fails before its update (NaN, out of memory, a cancel) leaves the run
@@ -302,7 +310,12 @@ class ZEraseTrainer:
             if self.lam.observes_update:
                 pr_before = self._pr_before(l_pr, pr_value, batch)
                 undo = _OptimizerUndo(self.optimizer)  # the after-update forward below may still fail
-            self.optimizer.step()
+            try:
+                self.optimizer.step()
+            except torch.OutOfMemoryError as err:
+                if undo is None:  # AdamW may have moved part of the LoRA: taking the step again would do it twice
+                    raise _OutOfMemoryInUpdate(str(err)) from err
+                raise
             if self.lam.observes_update:
                 with torch.no_grad():  # the same batch after the update: what d_t did to L_pr (Eq. 14)
                     pr_after = self._pr_loss(batch).item()
@@ -385,6 +398,10 @@ class ZEraseTrainer:
 
     def resume(self, path: str | Path) -> None:
         load_checkpoint(self, Path(path))
+
+
+class _OutOfMemoryInUpdate(torch.OutOfMemoryError):
+    """Out of memory inside AdamW's update, which may have moved part of the LoRA: the step cannot be taken again."""
 
 
 class _OptimizerUndo:

@@ -24,15 +24,17 @@ log = logging.getLogger(__name__)
 def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.dtype = torch.bfloat16):
     from diffusers import ZImageTransformer2DModel
 
-    try:
-        from transformers import AutoModel, AutoTokenizer
-    except ModuleNotFoundError as err:
-        raise ZEraseError("Z-Image's text encoder needs transformers: pip install transformers") from err
-
-    folder = Path(folder)
+    folder = Path(folder)  # the path first: a mistyped one is not told as a package to install
+    if not folder.is_dir():
+        raise ZEraseError(f"{folder} is not a folder; --model takes a diffusers Z-Image folder (transformer/, "
+                          "text_encoder/, tokenizer/ inside), as Tongyi-MAI/Z-Image-Turbo is downloaded.")
     missing = [s for s in ("transformer", "text_encoder", "tokenizer") if not (folder / s).is_dir()]
     if missing:
         raise ZEraseError(f"{folder} is not a diffusers Z-Image folder: missing {', '.join(missing)}/.")
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ModuleNotFoundError as err:
+        raise ZEraseError("Z-Image's text encoder needs transformers: pip install transformers accelerate") from err
     shift = scheduler_shift(folder)  # before the slow loads: a damaged config is told at once
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":

@@ -1,8 +1,4 @@
-"""Where a step's time goes: each part of a Z-Erase step timed alone at one x_t (``split_seconds``).
-
-Parts: fresh x_t sampling; the teacher's forwards; the student's erase prediction with and without the attention
-mass, and its backward; the preservation predictions with and without a graph; the batch-3 forward/backward; AdamW.
-"""
+"""Where a step's time goes: each part of a Z-Erase step timed alone at one x_t (``split_seconds``)."""
 
 from __future__ import annotations
 

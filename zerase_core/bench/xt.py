@@ -45,15 +45,17 @@ def compare(concepts: list[str], seeds: list[int], steps: int, n_eval: int, pool
                 seconds = time.perf_counter() - start
                 report = erasure_report(backend, bundle, concept, n_eval, EVAL_SEED_OFFSET + seed, lora=True)
                 backend.uninstall()
+                pool_run = trainer.xt_pool  # at least one trajectory per erase prompt: may exceed --pool
                 cells.append({"concept": word, "seed": seed, "xt_source": source, "seconds": seconds,
-                              "pool_build_s": trainer.xt_pool.seconds if trainer.xt_pool else 0.0,
+                              "pool_trajectories": pool_run.x.shape[0] if pool_run else 0,
+                              "pool_build_s": pool_run.seconds if pool_run else 0.0,
                               **{m: report[m] for m in METRICS}})
     summary = {}
     for source in XT_SOURCES:
         rows = [c for c in cells if c["xt_source"] == source]
         summary[source] = {k: statistics.mean(c[k] for c in rows) for k in ("seconds", *METRICS)}
     summary["pool_speedup"] = summary["fresh"]["seconds"] / summary["pool"]["seconds"]
-    return {"steps": steps, "n_eval": n_eval, "pool_trajectories": pool, "cells": cells, "summary": summary}
+    return {"steps": steps, "n_eval": n_eval, "xt_pool": pool, "cells": cells, "summary": summary}
 
 
 def _add(p: argparse.ArgumentParser) -> None:
@@ -61,7 +63,9 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--n-eval", type=int, default=64)
-    p.add_argument("--pool", type=int, default=TrainConfig.xt_pool, help="trajectories in the pool")
+    p.add_argument("--pool", type=int, default=TrainConfig.xt_pool,
+                   help="trajectories in the pool (xt_pool); it grows to one per erase prompt where there are more "
+                   "(the toy's concepts have ~130 templates and shuffles): each cell records the count it ran")
     p.add_argument("--out", type=Path)
 
 
