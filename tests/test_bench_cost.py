@@ -207,6 +207,19 @@ def test_bench_cost_command_prints_json_with_the_required_keys(capsys):
     assert all(r["minutes"] > 0 for r in composition["rows"].values())
 
 
+@pytest.mark.parametrize("card_gb, row", [(80, "pool_no_ckpt"), (24, "pool_ckpt")])
+def test_the_composed_default_runs_what_auto_checkpointing_chooses_on_the_card(card_gb, row):
+    """The 10-minute target is read for the defaults: the pool, and checkpointing "auto", which keeps it off where the
+    step fits (34 GB on an 80 GB H100) and turns it on where it does not (a 24 GB card)."""
+    from zerase_core.bench.estimate import run_time_composition
+
+    composition = run_time_composition(0.97, 0.02, memory_budget_gb=card_gb)
+    default = composition["default_settings"]
+    assert default["row"] == row
+    assert default["minutes"] == composition["rows"][row]["minutes"]
+    assert composition["rows"]["pool_no_ckpt"]["minutes"] < composition["rows"]["pool_ckpt"]["minutes"]
+
+
 def test_bench_cost_refuses_an_unknown_row_before_measuring(capsys, monkeypatch):
     """A misspelt --models row is named with the rows there are, before a step is timed (it used to run the
     memory benchmark and then fail on an empty table)."""

@@ -267,6 +267,8 @@ def run(tiny: bool = False, steps: int = 3, memory_estimate: bool = True, repeat
         "attention_loss_growth_materialised": result["attention_loss_memory"]["growth_exponent"]["materialised"],
         "h100_512_1000_steps_minutes": {k: round(r["minutes"], 2) for k, r in
                                         result["real_zimage_run_time_estimate"]["toy_lambda_fractions"]["rows"].items()},
+        "h100_512_1000_steps_default_settings":
+            result["real_zimage_run_time_estimate"]["toy_lambda_fractions"]["default_settings"],
     }
     return result
 

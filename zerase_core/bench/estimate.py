@@ -226,15 +226,27 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float,
                                 _peak_gb(ckpt), memory_budget_gb)
             key = f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"
             rows[key] = {"xt_source": source, "gradient_checkpointing": ckpt} | row
+    default = default_row(rows)
     return {
         "resolution": 512, "steps": steps, "device": "one H100 (composed from the issue's H100 figures, not run here)",
-        "fractions": fractions,
+        "memory_budget_gb": memory_budget_gb, "fractions": fractions,
+        # What TrainConfig's defaults run on this card: the x_t pool, and checkpointing "auto"
+        "default_settings": {"row": default, "minutes": rows[default]["minutes"],
+                             "meets_10_min": rows[default]["meets_10_min"]},
         "parts_s": {k: v for k, v in p.items() if k != "fwd_bwd"} | {
             "fwd_bwd_ckpt": p["fwd_bwd"][True], "fwd_bwd_no_ckpt": p["fwd_bwd"][False]},
         "assumptions": _assumptions(mass_overhead, pool_trajectories, levels),
         "rows": rows,
         "meets_10_min": sorted(k for k, r in rows.items() if r["meets_10_min"]),
     }
+
+
+def default_row(rows: dict) -> str:
+    """The row TrainConfig's defaults run: their x_t source, and checkpointing "auto", which stays off where the
+    step's peak fits the card and is on otherwise (from the first step, which runs out of memory once: not counted)."""
+    source, mode = TrainConfig.xt_source, TrainConfig.gradient_checkpointing
+    ckpt = mode == "on" or (mode == "auto" and not rows[f"{source}_no_ckpt"]["fits_memory"])
+    return f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"
 
 
 def _step_kinds(p: dict, ckpt: bool, mass: float) -> tuple[dict[str, float], float]:
