@@ -633,3 +633,12 @@ def test_every_erase_prompt_marks_its_own_concept_tokens():
     for prompt, tokens in zip(pool.erase, pool.erase_tokens):
         assert {prompt.text[slice(*prompt.spans[i])].strip() for i in tokens} == {"red"}, prompt.text
     assert len({tuple(tokens) for tokens in pool.erase_tokens}) > 1  # the concept does move
+
+
+def test_a_run_without_preservation_concepts_warns_that_l_pr_keeps_only_the_empty_prompt(caplog):
+    """Allowed (Eq. 8's first term still holds), but the paper always trains with a preservation set: said, once."""
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, preserve=()))
+    assert caplog.text.count("No preservation concept: L_pr (Eq. 8) keeps only the empty prompt") == 1
+    caplog.clear()
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=1))
+    assert "No preservation concept" not in caplog.text

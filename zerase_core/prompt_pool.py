@@ -27,6 +27,9 @@ class PromptPool:
 
     @classmethod
     def build(cls, backend: Backend, config: TrainConfig) -> "PromptPool":
+        if not config.preserve:  # allowed (Eq. 8's first term still holds), but the paper always trains with a D_pr
+            log.warning("No preservation concept: L_pr (Eq. 8) keeps only the empty prompt's predictions. The paper "
+                        "always trains with a preservation set, e.g. 'person' when erasing 'nude' or a celebrity.")
         texts = erase_texts(config)
         keep_texts = [fill_template(t, p) for p in config.preserve for t in config.erase_templates]
         encoded = backend.encode([*texts, "", *keep_texts])

@@ -102,7 +102,7 @@ class ZEraseTrainer:
         width = backend.fingerprint().get("dim")
         if width is not None and config.lora.rank > width:  # before any work: rank 10⁹ is an allocation failure later
             raise ZEraseError(f"LoRA rank {config.lora.rank} exceeds the model's width {width}, beyond which a rank "
-                              f"adds nothing; choose a rank ≤ {width} (the paper's is 16).")
+                              f"adds nothing; choose a rank ≤ {width} (the default is 16).")
         self.backend, self.config = backend, config
         self.callbacks, self.should_stop = list(callbacks), should_stop
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
