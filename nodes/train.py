@@ -10,27 +10,21 @@ from comfy_api.latest import io, ui
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized, training_session
 from zerase_core.apply import install_lora
 from zerase_core.config import CHECKPOINTING_MODES, LR_RANGE, PRESETS, XT_SOURCES, TrainConfig
-from zerase_core.checkpoint import check_run_files
-from zerase_core.save_names import name_from, path_inside, safe_output_path, saved_versions
 from zerase_core.history import loss_series
 from zerase_core.lora import LoRAConfig, targets_from
-from zerase_core.lora_file import load_lora, save_lora
+from zerase_core.lora_file import load_lora
+from zerase_core.named_run import NamedRun
 from zerase_core.prompt_pool import first_erase_text
-from zerase_core.run_files import finished_lora, partial_lora
 from zerase_core.sampling import before_after
 from zerase_core.trainer import ZEraseTrainer
 from zerase_core.xt_pool import PoolCancelled
 
 from . import _render
 from .apply_lora import apply_erasure
-from .common import ErasureLoRAType, output_folder, parse_list, save_new
+from .common import ErasureLoRAType, output_folder, parse_list
 
 NODE = "Z-Erase Train"
 TARGETS = ["q,k,v", "q,k", "q,v", "k,v", "q", "k", "v"]  # every subset; the paper's first
-# Kept beside the LoRAs (ComfyUI empties its temp folder at start-up) with a suffix no loader lists; deleted when
-# the run completes.
-CHECKPOINTS, CHECKPOINT_SUFFIX = ".checkpoints", ".zerase-ckpt"
-LORA_FILE = "lora_file"  # the checkpoint's note of where the run's LoRA goes
 log = logging.getLogger(__name__)
 
 
@@ -56,14 +50,6 @@ def _previews(backend, prompt, model, vae, config):
     return _render.grid([pictures], ["before", "after"], caption=prompt.text)
 
 
-def _finished_file(backend: ComfyZImageBackend, config, save_name: str) -> Path | None:
-    """A LoRA this node saved earlier from exactly these settings on this very MODEL (its file and patches), all
-    steps done: queueing again after ComfyUI's cache was emptied (a restart, another workflow) takes it instead of
-    training again. Changing any setting (the seed, to train anew) or the model misses it."""
-    existing = saved_versions(output_folder(), save_name)
-    return finished_lora(config, backend.fingerprint(), backend.base_digest(), existing)
-
-
 def _reused(cls, path: Path, backend: ComfyZImageBackend, model, vae, config) -> io.NodeOutput:
     """``backend``: a clone of the input MODEL with the CLIP, which renders the previews with the LoRA on."""
     lora = load_lora(path)
@@ -84,51 +70,28 @@ def _outputs(cls, lora, curves, previews, model) -> io.NodeOutput:
     return io.NodeOutput(lora, apply_erasure(model, lora, 1.0), curves, previews, ui={"images": shown[0] + shown[1]})
 
 
-def _trainer(backend, config, checkpoint: Path, resume: bool) -> ZEraseTrainer:
-    """The run's trainer, continued from ``checkpoint`` when asked and one exists. The node's bar counts the x_t
-    pool's trajectories while they are sampled (minutes on a large model), then the training steps."""
+def _trainer(backend, run: NamedRun) -> tuple[ZEraseTrainer, NamedRun]:
+    """The run's trainer, continued from its checkpoint when asked and one exists (and the run with the file its LoRA
+    goes to). The node's bar counts the x_t pool's trajectories while they are sampled (minutes on a large model),
+    then the training steps."""
     import comfy.model_management as mm
     import comfy.utils
 
     pool_bar = comfy.utils.ProgressBar(1)
     try:
-        trainer = ZEraseTrainer(backend, config, should_stop=mm.processing_interrupted, checkpoint_path=checkpoint,
-                                release_encoder=True, pool_progress=lambda done, n: pool_bar.update_absolute(done, n))
+        trainer = ZEraseTrainer(backend, run.config, should_stop=mm.processing_interrupted,
+                                checkpoint_path=run.checkpoint, release_encoder=True,
+                                pool_progress=lambda done, n: pool_bar.update_absolute(done, n))
     except PoolCancelled:  # Cancel before the first step: nothing to save
         mm.throw_exception_if_processing_interrupted()
         raise
-    pbar = comfy.utils.ProgressBar(config.steps)
+    pbar = comfy.utils.ProgressBar(run.config.steps)
     trainer.callbacks.append(lambda record, t: pbar.update_absolute(t.step))
-    if resume and checkpoint.exists():
-        trainer.resume(checkpoint)  # refuses other settings or another model, saying so
+    run = run.attach(trainer)
+    if trainer.step:
         pbar.update_absolute(trainer.step)
-        log.info("Z-Erase: resumed '%s' at step %d of %d", checkpoint.name, trainer.step, config.steps)
-    return trainer
-
-
-def _save(lora, planned: Path, save_name: str, own: Path | None = None) -> Path:
-    """Save to the name resolved before training, unless a file appeared there meanwhile (written by something
-    outside this node during a long run): then to the next free name, never over it. ``own`` is the partial LoRA
-    of the run this one resumed: that file it replaces."""
-    if planned == own:
-        return save_lora(lora, planned)
-    if planned.exists():
-        return save_new(lora, save_name)
-    return save_lora(lora, planned, exclusive=True)
-
-
-def _resumed_file(trainer) -> Path | None:
-    """The LoRA the interrupted run saved when it stopped, when this trainer continues that run: the file its
-    checkpoint recorded (see ``_record_file``), if it is still that run's."""
-    recorded = trainer.checkpoint_meta.get(LORA_FILE) if trainer.step else None
-    if not recorded:
-        return None
-    return partial_lora(trainer, [path_inside(output_folder(), recorded, ".safetensors")])  # missing: not it
-
-
-def _record_file(trainer, path: Path) -> None:
-    """Every checkpoint of this run records where its LoRA goes, so a resume finds the partial file it saved."""
-    trainer.checkpoint_meta[LORA_FILE] = path.relative_to(output_folder().resolve()).with_suffix("").as_posix()
+        log.info("Z-Erase: resumed '%s' at step %d of %d", run.checkpoint.name, trainer.step, run.config.steps)
+    return trainer, run
 
 
 class ZEraseTrain(io.ComfyNode):
@@ -217,34 +180,30 @@ class ZEraseTrain(io.ComfyNode):
         # x_t on the σ schedule the model samples with (ModelSamplingAuraFlow's shift when it is patched)
         config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
                               targets, resolution, seed, gradient_checkpointing, xt_source, probe.flow_shift)
-        save_name = save_name.strip() or name_from(config.concept)
-        path = safe_output_path(output_folder(), save_name)  # checked before any work
-        done = _finished_file(probe, config, save_name)
+        run = NamedRun.plan(output_folder(), save_name, config, resume)  # names checked before any work
+        done = run.finished(probe)
         if done is not None:
             return _reused(cls, done, probe, model, vae, config)
-        checkpoint = path_inside(output_folder() / CHECKPOINTS, save_name, CHECKPOINT_SUFFIX)
-        check_run_files(path, checkpoint, config, probe, resume, "Turn resume on to continue it; to start over "
-                        "instead, choose another save_name or delete that file.")
+        run.check(probe, "Turn resume on to continue it; to start over instead, choose another save_name or delete "
+                  "that file.")
         backend = ComfyZImageBackend.for_training(model, clip, node=NODE)
         with training_session(backend):
-            trainer = _trainer(backend, config, checkpoint, resume)
-            own = _resumed_file(trainer)
-            path = own or path
-            _record_file(trainer, path)
+            trainer, run = _trainer(backend, run)
+            path = run.lora
             try:
                 result = trainer.run()
             except BaseException:
                 if trainer.has_progress():
-                    path = _save(trainer.export(), path, save_name, own)
+                    path = run.save(trainer.export())
                     log.warning("Z-Erase: training stopped at step %d; saved the last good LoRA to %s",
                                 trainer.step, path)
                 raise
         if trainer.step > 0:  # a LoRA of zero steps is the base model: no file for it
-            path = _save(result.lora, path, save_name, own)
+            path = run.save(result.lora)
         if not result.completed:
             log.warning("Z-Erase: cancelled at step %d (LoRA so far saved when > 0: %s)", trainer.step, path)
             mm.throw_exception_if_processing_interrupted()
-        checkpoint.unlink(missing_ok=True)  # the run is complete: nothing is left to resume
+        run.complete()
         curves = _render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}': "
                                 f"{len(result.history)} steps, {result.seconds:.0f}s")
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)

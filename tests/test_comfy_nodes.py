@@ -243,28 +243,6 @@ def test_cancel_during_training_leaves_a_loadable_lora_and_resume_finishes_the_r
         torch.testing.assert_close(resumed.factors[key][1], b, rtol=0, atol=1e-6)
 
 
-def test_resume_replaces_only_the_file_its_own_checkpoint_recorded(pack, loras_dir):
-    """Two runs of one save_name and settings, both stopped at the same step, leave two partial files that look
-    alike; the resumed run's checkpoint names the one it saved, and only that one is replaced."""
-    from types import SimpleNamespace
-
-    from zerase_core.config import TrainConfig
-
-    train_module = _train_module()
-    config = TrainConfig(concept="cat", preserve=("dog",), steps=6)
-    fingerprint = {"family": "z-image", "dim": DIM, "n_layers": LAYERS}
-    training = config.to_dict() | {"steps_done": 2, "seconds": 1.0}
-    folder = loras_dir / "zerase"
-    for name in ("stop", "stop_001"):
-        save_lora(ErasureLoRA(random_lora().factors, concept="cat", fingerprint=fingerprint, training=training),
-                  folder / f"{name}.safetensors")
-    resumed = SimpleNamespace(step=2, config=config, checkpoint_meta={train_module.LORA_FILE: "stop_001"},
-                              backend=SimpleNamespace(fingerprint=lambda: fingerprint), base_digest=None)
-    assert train_module._resumed_file(resumed) == (folder / "stop_001.safetensors").resolve()
-    resumed.step = 1  # that file stopped after the checkpoint's step: not this run's
-    assert train_module._resumed_file(resumed) is None
-
-
 def test_a_file_written_meanwhile_under_the_same_name_is_kept(pack, loras_dir, monkeypatch):
     """Two Train nodes with one save_name in a queue: the name is resolved before training, so the second must
     not overwrite what the first wrote meanwhile."""

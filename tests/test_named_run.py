@@ -1,0 +1,100 @@
+"""A run saved by name into a LoRA folder (the Train node's files), on a tiny diffusers Z-Image: CI runs these
+without ComfyUI."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from zerase_core.config import TrainConfig
+from zerase_core.errors import ZEraseError
+from zerase_core.lora import LoRAConfig
+from zerase_core.lora_file import ErasureLoRA, load_lora, save_lora
+from zerase_core.named_run import LORA_FILE, NamedRun
+from zerase_core.tiny import tiny_zimage_backend
+from zerase_core.trainer import ZEraseTrainer
+
+ADVICE = "Turn resume on to continue it."
+
+
+def _config(**over) -> TrainConfig:
+    base = dict(concept="red", preserve=("blue",), templates=("a photo of a {} ball",), steps=6, height=64, width=64,
+                sample_steps=2, lora=LoRAConfig(rank=2), xt_pool=2, shuffle_pool=1, checkpoint_every=2, lr=1e-2)
+    return TrainConfig(**(base | over))
+
+
+def _train(folder, config, resume=False, stop_after=None, backend=None):
+    """What the node does with a NamedRun: plan, check, attach, train, save (also when stopped), complete."""
+    backend = backend or tiny_zimage_backend()
+    run = NamedRun.plan(folder, "", config, resume)
+    run.check(backend, ADVICE)
+    trainer = ZEraseTrainer(backend, config, checkpoint_path=run.checkpoint)
+    if stop_after:  # a Cancel after that step
+        trainer.should_stop = lambda: trainer.step >= stop_after
+    run = run.attach(trainer)
+    result = trainer.run()
+    path = run.save(result.lora)
+    if result.completed:
+        run.complete()
+    return path, result
+
+
+def test_a_stopped_and_resumed_run_leaves_one_file_equal_to_an_uninterrupted_run(tmp_path):
+    whole, _ = _train(tmp_path / "whole", _config())
+    folder = tmp_path / "loras"
+    partial, stopped = _train(folder, _config(), stop_after=3)
+    assert partial == (folder / "red.safetensors").resolve() and not stopped.completed
+    with pytest.raises(ZEraseError, match="Turn resume on"):  # a new run would replace the stopped run's checkpoint
+        NamedRun.plan(folder, "", _config(), resume=False).check(tiny_zimage_backend(), ADVICE)
+    final, result = _train(folder, _config(), resume=True)
+    assert final == partial and result.completed and result.history[0].step == 1  # the history carried over
+    assert sorted(p.name for p in folder.iterdir()) == [".checkpoints", "red.safetensors"]
+    assert not any((folder / ".checkpoints").iterdir())  # complete: nothing left to resume
+    done, reference = load_lora(final), load_lora(whole)
+    assert done.training["steps_done"] == 6
+    for key, (a, b) in reference.factors.items():
+        torch.testing.assert_close(done.factors[key][0], a, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(done.factors[key][1], b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_partial_file_is_the_one_its_checkpoint_recorded(tmp_path):
+    """Two runs of one name and settings, both stopped at the same step, leave two partial files that look alike;
+    the resumed run's checkpoint names the one it saved, and only that one is taken."""
+    config = _config()
+    fingerprint = {"family": "z-image", "dim": 32, "n_layers": 2}
+    training = config.to_dict() | {"steps_done": 2, "seconds": 1.0}
+    factors = {(i, p): (torch.randn(2, 32), torch.randn(32, 2)) for i in range(2) for p in "qkv"}
+    for name in ("stop", "stop_001"):
+        save_lora(ErasureLoRA(factors, concept="red", fingerprint=fingerprint, training=training),
+                  tmp_path / f"{name}.safetensors")
+    run = NamedRun.plan(tmp_path, "stop", config, resume=True)
+    resumed = SimpleNamespace(step=2, config=config, checkpoint_meta={LORA_FILE: "stop_001"},
+                              backend=SimpleNamespace(fingerprint=lambda: fingerprint), base_digest=None)
+    assert run._partial_file(resumed) == (tmp_path / "stop_001.safetensors").resolve()
+    resumed.step = 1  # that file stopped after the checkpoint's step: not this run's
+    assert run._partial_file(resumed) is None
+
+
+def test_a_finished_run_of_these_settings_on_this_model_is_found_and_no_other(tmp_path):
+    backend = tiny_zimage_backend()
+    backend.base_digest = lambda: "this-model"  # an in-memory model has none, and nothing is ever reused for it
+    path, _ = _train(tmp_path, _config(), backend=backend)
+    assert NamedRun.plan(tmp_path, "", _config(), False).finished(backend) == path
+    assert NamedRun.plan(tmp_path, "", _config(seed=1), False).finished(backend) is None
+    other = tiny_zimage_backend()
+    other.base_digest = lambda: "another-model"
+    assert NamedRun.plan(tmp_path, "", _config(), False).finished(other) is None
+
+
+def test_a_file_written_under_the_name_during_the_run_is_kept(tmp_path):
+    """The name is resolved before training; what another writer saved there meanwhile is not overwritten."""
+    backend = tiny_zimage_backend()
+    run = NamedRun.plan(tmp_path, "cat", _config(steps=1), resume=False)
+    trainer = ZEraseTrainer(backend, _config(steps=1))
+    run = run.attach(trainer)
+    result = trainer.run()
+    run.lora.write_bytes(b"someone else's file")
+    path = run.save(result.lora)
+    assert path.name == "cat_001.safetensors" and run.lora.read_bytes() == b"someone else's file"
