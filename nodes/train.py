@@ -204,7 +204,9 @@ class ZEraseTrain(io.ComfyNode):
             log.warning("Z-Erase: cancelled at step %d (LoRA so far saved when > 0: %s)", trainer.step, path)
             mm.throw_exception_if_processing_interrupted()
         run.complete()
+        switched = trainer.gradient_checkpointing_from if config.gradient_checkpointing == "auto" else None
+        note = f", checkpointing from step {switched} (out of memory without)" if switched else ""
         curves = _render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}': "
-                                f"{len(result.history)} steps, {result.seconds:.0f}s")
+                                f"{len(result.history)} steps, {result.seconds:.0f}s{note}")
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)
         return _outputs(cls, result.lora, curves, previews, model)

@@ -466,3 +466,27 @@ def test_a_run_stopped_by_nan_leaves_the_input_model_as_it_was(pack, loras_dir, 
     assert not any(isinstance(f, (GatedForward, CheckpointedForward)) for f in patched)
     gc.collect()
     assert lora() is None
+
+
+def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, monkeypatch):
+    """A run that auto switched is slower from that step: the curves' title says from which step, and why. A step of
+    the node's own run runs out of memory without checkpointing (simulated), and the run goes on with it."""
+    module = _train_module()
+    titles, real_curves, real_step = [], module._render.curves, module.ZEraseTrainer._step
+
+    def curves(*args, title="", **kwargs):
+        titles.append(title)
+        return real_curves(*args, title=title, **kwargs)
+
+    def step_that_runs_out_once(self):
+        if self.step == 1 and self.gradient_checkpointing_from is None:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(self)
+
+    monkeypatch.setattr(module._render, "curves", curves)
+    monkeypatch.setattr(module.ZEraseTrainer, "_step", step_that_runs_out_once)
+    with torch.inference_mode():
+        pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                    **_train_inputs(steps=3, save_name="switched"))
+    assert titles[-1].endswith(", checkpointing from step 2 (out of memory without)")
+    assert load_lora(loras_dir / "zerase" / "switched.safetensors").training["steps_done"] == 3
