@@ -240,9 +240,22 @@ def test_a_file_that_could_not_be_written_is_refused_before_any_work(tmp_path):
     with pytest.raises(ZEraseError, match="too long .*choose a shorter name"):
         check_writable(tmp_path / f"{longest}y.safetensors")
     (tmp_path / "taken").write_bytes(b"a file, not a folder")
-    with pytest.raises(ZEraseError, match="Cannot create a file in .*taken"):
-        check_writable(tmp_path / "taken" / "red.safetensors")
+    with pytest.raises(ZEraseError, match="taken is a file, where a folder is needed"):
+        check_writable(tmp_path / "taken" / "sub" / "red.safetensors")
+    with pytest.raises(ZEraseError, match=f"The name '{'z' * 256}' is too long"):  # a folder still to be made
+        check_writable(tmp_path / ("z" * 256) / "red.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{longest}.safetensors", "taken"])  # no probe left
+
+
+def test_the_files_check_leaves_the_folders_as_it_found_them(tmp_path):
+    """It probes the deepest folder that exists: folders still to be made are not made (a run refused later left
+    them empty), and an empty folder that was there (a user's --out, ComfyUI's loras/zerase/) stays."""
+    from zerase_core.files import check_writable
+
+    check_writable(tmp_path / "new" / "deeper" / "red.safetensors")
+    (tmp_path / "empty").mkdir()
+    check_writable(tmp_path / "empty" / "red.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"] and not any((tmp_path / "empty").iterdir())
 
 
 def test_a_save_name_too_long_is_refused_by_name_and_a_long_concept_makes_one_that_fits(tmp_path):

@@ -5,7 +5,7 @@ Save names users type (a node's ``save_name``) are in :mod:`.save_names`.
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import json
 import os
 import uuid
@@ -81,26 +81,31 @@ def _publish_new(tmp: str, path: Path) -> None:
 
 def check_writable(path: str | os.PathLike) -> None:
     """Refuse, before any work, a file that could not be written later (a name too long for the file system, a
-    folder without write permission), instead of losing a training run at its first save."""
+    folder without write permission), instead of losing a training run at its first save.
+
+    Nothing is left behind: the probe file goes into the deepest folder that exists, and folders still to be made
+    are only checked (their names' lengths, no file in their place). The first real save makes them, so a run
+    refused later (a template without its concept) leaves no empty folder, and no other writer's new folder is
+    taken away meanwhile.
+    """
     path = Path(path)
-    length = name_length(path.name)
-    if length > NAME_MAX:
-        raise ZEraseError(f"The file name '{path.name}' is too long ({length} {NAME_UNIT}; file systems allow "
-                          f"{NAME_MAX}); choose a shorter name.")
-    # Folders the probe makes are taken away again: a run refused later (a template without its concept) leaves
-    # no empty folder behind; the first real save makes them.
-    made = [p for p in (path.parent, *path.parent.parents) if not os.path.lexists(p)]  # deepest first
-    tmp = _temporary(path.parent)
+    to_make = list(itertools.takewhile(lambda p: not os.path.isdir(p), (path.parent, *path.parent.parents)))
+    for name in (path.name, *(p.name for p in to_make)):
+        length = name_length(name)
+        if length > NAME_MAX:
+            raise ZEraseError(f"The name '{name}' is too long ({length} {NAME_UNIT}; file systems allow "
+                              f"{NAME_MAX}); choose a shorter name.")
+    blocked = [p for p in to_make if os.path.lexists(p)]
+    if blocked:
+        raise ZEraseError(f"{blocked[-1]} is a file, where a folder is needed for {path}; choose another place.")
+    existing = path.parent.parents[len(to_make) - 1] if to_make else path.parent
+    tmp = _temporary(existing)
     try:
         os.close(_create(tmp))
-        os.unlink(tmp)
     except OSError as err:
-        raise ZEraseError(f"Cannot create a file in {path.parent} ({err.strerror or err}). Choose a folder you can "
+        raise ZEraseError(f"Cannot create a file in {existing} ({err.strerror or err}). Choose a folder you can "
                           "write to.") from err
-    finally:
-        for folder in made:
-            with contextlib.suppress(OSError):  # not made (the probe failed first), or no longer empty
-                folder.rmdir()
+    os.unlink(tmp)
 
 
 NAME_MAX = 255  # one file name: bytes on ext4 and APFS, UTF-16 units on NTFS
