@@ -180,10 +180,15 @@ def test_auto_checkpointing_is_kept_by_a_resumed_run_that_needed_it(tmp_path):
     assert not off.backend.transformer.gradient_checkpointing
 
 
-def test_out_of_memory_inside_adamws_update_is_not_taken_again():
+def test_out_of_memory_inside_adamws_update_is_not_taken_again_nor_resumed(tmp_path):
     """AdamW's update is not undone (but under the paired rule): a step that ran out of memory inside it may have
-    moved part of the LoRA, and taking it again would move it twice. It fails as it is, under "auto" too."""
-    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=3))
+    moved part of the LoRA, and taking it again would move it twice. It fails as it is, under "auto" too, and its
+    checkpoint is marked: resuming it (into a LoRA an uninterrupted run never had) is refused, a new run replaces
+    it."""
+    from zerase_core.checkpoint import check_run_files
+
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6), checkpoint_path=tmp_path / "c.ckpt")
+    trainer.train_step()
     real = trainer.optimizer.step
 
     def half_done(*args, **kwargs):
@@ -192,8 +197,15 @@ def test_out_of_memory_inside_adamws_update_is_not_taken_again():
 
     trainer.optimizer.step = half_done
     with pytest.raises(torch.OutOfMemoryError):
-        trainer.train_step()
-    assert trainer.gradient_checkpointing_from is None and trainer.step == 0
+        trainer.run()
+    assert trainer.gradient_checkpointing_from is None and trainer.step == 1
+    resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6))
+    with pytest.raises(ZEraseError, match="inside the optimizer's update of step 2, .* cannot be continued exactly"):
+        resumed.resume(tmp_path / "c.ckpt")
+    backend = tiny_zimage_backend()
+    with pytest.raises(ZEraseError, match="cannot be continued exactly"):  # refused before any work, too
+        check_run_files(tmp_path / "l.safetensors", tmp_path / "c.ckpt", _config(steps=6), backend, True, "")
+    check_run_files(tmp_path / "l.safetensors", tmp_path / "c.ckpt", _config(steps=6), backend, False, "")
 
 
 @pytest.mark.parametrize("mode", ["off", "on"])

@@ -362,7 +362,8 @@ class ZEraseTrainer:
         except BaseException as err:
             # Cancel (ComfyUI raises from its progress hook), NaN or a crash: keep the last good state.
             if self.checkpoint_path and self.has_progress():  # step 0 holds nothing to resume
-                self.save_checkpoint(non_finite_stop=isinstance(err, NonFiniteLoss))
+                self.save_checkpoint(non_finite_stop=isinstance(err, NonFiniteLoss),
+                                     partial_update=isinstance(err, _OutOfMemoryInUpdate))
             raise
         if self.checkpoint_path and self.step % self.config.checkpoint_every:  # a multiple was saved in the loop
             self.save_checkpoint()
@@ -391,10 +392,12 @@ class ZEraseTrainer:
             history=stored_series(self.history),
         )
 
-    def save_checkpoint(self, path: str | Path | None = None, non_finite_stop: bool = False) -> Path:
+    def save_checkpoint(self, path: str | Path | None = None, non_finite_stop: bool = False,
+                        partial_update: bool = False) -> Path:
         """The run's state; ``non_finite_stop`` marks a run a NaN stopped, which a new run may replace (resuming it
-        would repeat the step that failed)."""
-        return save_checkpoint(self, Path(path or self.checkpoint_path), non_finite_stop)
+        would repeat the step that failed); ``partial_update`` one stopped inside AdamW's update, which moved part
+        of the LoRA: it cannot be continued exactly, and a new run may replace it."""
+        return save_checkpoint(self, Path(path or self.checkpoint_path), non_finite_stop, partial_update)
 
     def resume(self, path: str | Path) -> None:
         load_checkpoint(self, Path(path))
