@@ -8,7 +8,7 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from zerase_core.errors import ZEraseError
-from zerase_core import named_run
+from zerase_core import lora_file
 from zerase_core.lora_file import ErasureLoRA, load_lora
 
 ErasureLoRAType = io.Custom("ZERASE_LORA")  # an in-memory zerase_core.lora_file.ErasureLoRA
@@ -66,7 +66,7 @@ def output_folder() -> Path:
 
 def save_new(lora: ErasureLoRA, save_name: str) -> Path:
     """``lora`` under the next free name for ``save_name`` in the output folder, never over another file."""
-    return named_run.save_new(lora, output_folder(), save_name)
+    return lora_file.save_new(lora, output_folder(), save_name)
 
 
 def pick_lora(node: str, lora_name: str = NONE, erasure_lora: ErasureLoRA | None = None) -> ErasureLoRA:

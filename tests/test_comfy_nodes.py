@@ -488,5 +488,5 @@ def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, mon
     with torch.inference_mode():
         pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
                                     **_train_inputs(steps=3, save_name="switched"))
-    assert titles[-1].endswith(", checkpointing from step 2 (out of memory without)")
+    assert titles[-1].endswith(", checkpointing from step 2 (out of memory without it)")
     assert load_lora(loras_dir / "zerase" / "switched.safetensors").training["steps_done"] == 3

@@ -14,7 +14,7 @@ from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import load_lora, save_lora
 from zerase_core.objectives import loss_erase
 from zerase_core.tiny import tiny_zimage_backend
-from zerase_core.trainer import NonFiniteLoss, ZEraseTrainer
+from zerase_core.trainer import OUT_OF_MEMORY, TOO_LITTLE_MEMORY, NonFiniteLoss, ZEraseTrainer
 
 
 def _config(**over):
@@ -145,22 +145,24 @@ def test_auto_checkpointing_takes_a_step_that_ran_out_of_memory_again_with_check
     hook, failed = _out_of_memory_unless_checkpointing(trainer, 4, where)
     start = trainer.start_gradient_checkpointing
     freed_at_retry = []
-    trainer.start_gradient_checkpointing = lambda: (freed_at_retry.extend(ref() is None for ref in failed), start())
+    trainer.start_gradient_checkpointing = lambda *a: (freed_at_retry.extend(ref() is None for ref in failed),
+                                                       start(*a))
     result = trainer.run()
     hook.remove()
     # The failed forward's activations are freed before the step is taken again, not held by its traceback.
     assert freed_at_retry == ([True] if where == "forward" else [])
     assert trainer.gradient_checkpointing_from == 4 and backend.transformer.gradient_checkpointing
-    assert "Out of GPU memory at step 4" in caplog.text
+    assert trainer.gradient_checkpointing_reason == OUT_OF_MEMORY and "Out of GPU memory at step 4" in caplog.text
     assert len(result.history) == 8 and [r.step for r in result.history] == list(range(1, 9))
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
     for mine, theirs in zip(result.lora.factors.values(), reference.lora.factors.values()):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
 
 
-def test_auto_checkpointing_is_kept_by_a_resumed_run_that_needed_it(tmp_path):
-    """A run that switched checkpointing on records so in its checkpoint: resumed under "auto" it checkpoints from
-    its first step, instead of running out of memory once more. A run that never switched resumes without it."""
+def test_auto_checkpointing_is_kept_by_a_resumed_run_that_ran_out_of_memory(tmp_path):
+    """A run that ran out of memory without checkpointing records so in its checkpoint: resumed under "auto" it
+    checkpoints from its first step, instead of running out once more, and still says from which step and why. A run
+    that never switched resumes without it (and decides again at its first step)."""
     switched = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6), checkpoint_path=tmp_path / "a.ckpt")
     hook, _ = _out_of_memory_unless_checkpointing(switched, 2)
     for _ in range(3):
@@ -174,7 +176,8 @@ def test_auto_checkpointing_is_kept_by_a_resumed_run_that_needed_it(tmp_path):
         resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6))
         resumed.resume(tmp_path / name)
         assert resumed.backend.transformer.gradient_checkpointing == on
-        assert resumed.gradient_checkpointing_from == (resumed.step + 1 if on else None)
+        assert (resumed.gradient_checkpointing_from, resumed.gradient_checkpointing_reason) == \
+            ((2, OUT_OF_MEMORY) if on else (None, None))
     off = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, gradient_checkpointing="off"))
     off.resume(tmp_path / "a.ckpt")  # "off" is the user's word, whatever the run needed before
     assert not off.backend.transformer.gradient_checkpointing
@@ -206,6 +209,44 @@ def test_out_of_memory_inside_adamws_update_is_not_taken_again_nor_resumed(tmp_p
     with pytest.raises(ZEraseError, match="cannot be continued exactly"):  # refused before any work, too
         check_run_files(tmp_path / "l.safetensors", tmp_path / "c.ckpt", _config(steps=6), backend, True, "")
     check_run_files(tmp_path / "l.safetensors", tmp_path / "c.ckpt", _config(steps=6), backend, False, "")
+
+
+@pytest.mark.parametrize("free, on", [(1024, True), (2**40, False)])  # the tiny model's step: some 100 KiB
+def test_auto_checkpointing_decides_before_the_first_step_by_the_memory_free(free, on, monkeypatch, caplog):
+    """Running out of memory is not a sign everywhere: on Windows NVIDIA's driver spills to system memory instead and
+    the step just runs slowly. So auto compares the step's estimated activations with the GPU memory free before the
+    first step (the model loaded first), and checkpoints from the start where they do not fit."""
+    from zerase_core import memory_fit
+
+    caplog.set_level("INFO", logger="zerase_core")
+    asked = []
+    monkeypatch.setattr(memory_fit, "available_bytes", lambda device: asked.append(device) or free)
+    backend = tiny_zimage_backend()
+    loads = []
+    backend.load = lambda: loads.append(1)
+    trainer = ZEraseTrainer(backend, _config(steps=2))
+    assert trainer.gradient_checkpointing_from is None and not asked  # decided at the first step, not before
+    trainer.run()
+    assert len(asked) == 1 and loads == [1]  # once, with the model loaded
+    assert backend.transformer.gradient_checkpointing == on
+    assert (trainer.gradient_checkpointing_from, trainer.gradient_checkpointing_reason) == \
+        ((1, TOO_LITTLE_MEMORY) if on else (None, None))
+    assert ("checkpointing from the start" in caplog.text) == on
+
+
+def test_the_activation_estimate_scales_the_measured_step():
+    """The estimate is the H200's measured 21.9 GiB for [c_er, ∅, c_pr] at 512² on the real model, scaled linearly:
+    at 1024² (4096 image tokens) 83.8 GiB, beyond an 80 GB card's room with 11.6 GiB of weights; one row a third."""
+    from zerase_core.memory_fit import fits, step_bytes
+
+    gib = 2**30
+    assert step_bytes(1024, 64, 3, 30, 3840) / gib == pytest.approx(21.91)
+    assert step_bytes(4096, 64, 3, 30, 3840) / gib == pytest.approx(21.91 * 4160 / 1088)
+    assert step_bytes(1024, 64, 1, 30, 3840) / gib == pytest.approx(21.91 / 3)
+    assert fits(step_bytes(1024, 64, 3, 30, 3840), int((80 - 11.6) * gib))  # an 80 GB card at 512²: no checkpointing
+    assert not fits(step_bytes(1024, 64, 3, 30, 3840), int((24 - 11.6) * gib))  # a 24 GB card: checkpointing
+    assert not fits(step_bytes(4096, 64, 3, 30, 3840), int((80 - 11.6) * gib))
+    assert fits(1e30, None)  # a CPU run: nothing to decide
 
 
 @pytest.mark.parametrize("mode", ["off", "on"])

@@ -55,6 +55,7 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path, non_finite_stop: bool 
         # Set when the run checkpointed: under "auto", a resumed run then checkpoints at once instead of running
         # out of memory once more (on ComfyUI also reloading the model).
         "gradient_checkpointing_from": trainer.gradient_checkpointing_from,
+        "gradient_checkpointing_reason": trainer.gradient_checkpointing_reason,
     }
     return atomic_save(tensors, path, meta)
 
@@ -168,9 +169,20 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     trainer.step, trainer.seconds = int(meta["step"]), float(meta["seconds"])
     trainer.history = [StepRecord(**r) for r in meta["history"]]
     trainer.checkpoint_meta = dict(meta.get("caller", {}))
+    _resume_checkpointing(trainer, meta)
+
+
+def _resume_checkpointing(trainer: "ZEraseTrainer", meta: dict) -> None:
+    """Under "auto", a run that ran out of memory without checkpointing keeps it, from the step it began at (its
+    estimate was short on this card: trying again would fail once more, and on ComfyUI reload the model). Any other
+    auto run decides again at its first step; "on" checkpoints from the step the run continues with."""
+    from .trainer import OUT_OF_MEMORY
+
     mode = trainer.config.gradient_checkpointing
-    if mode == "on" or (mode == "auto" and meta.get("gradient_checkpointing_from") is not None):
-        trainer.start_gradient_checkpointing()  # from the step the run continues with
+    if mode == "on":
+        trainer.start_gradient_checkpointing("on")
+    elif mode == "auto" and meta.get("gradient_checkpointing_reason") == OUT_OF_MEMORY:
+        trainer.start_gradient_checkpointing(OUT_OF_MEMORY, from_step=int(meta["gradient_checkpointing_from"]))
 
 
 def _jsonable(state):

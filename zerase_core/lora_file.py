@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import ZEraseError
 from .files import atomic_save, decode_metadata
+from .save_names import safe_output_path
 
 FORMAT = "zerase-gated-lora"
 # The newest version this pack reads. Version 2 adds the ungated gate kind ("all-tokens"); gated files are still
@@ -121,6 +122,11 @@ def save_lora(lora: ErasureLoRA, path: str | Path, exclusive: bool = False) -> P
         tensors[f"zerase.layers.{layer}.{proj}.A"] = a.float()
         tensors[f"zerase.layers.{layer}.{proj}.B"] = b.float()
     return atomic_save(tensors, path, lora.metadata(), exclusive)
+
+
+def save_new(lora: ErasureLoRA, folder: str | Path, name: str) -> Path:
+    """``lora`` under the next free name for ``name`` in ``folder`` (``name_001``, …), never over another file."""
+    return save_lora(lora, safe_output_path(folder, name), exclusive=True)
 
 
 def _header(path: Path) -> tuple[list[str], dict[str, str]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from .backends.base import Backend
 from .checkpoint import check_run_files
 from .config import TrainConfig
-from .lora_file import ErasureLoRA, save_lora
+from .lora_file import ErasureLoRA, save_lora, save_new
 from .run_files import finished_lora, partial_lora
 from .save_names import name_from, path_inside, safe_output_path, saved_versions
 from .trainer import ZEraseTrainer
@@ -23,11 +23,6 @@ from .trainer import ZEraseTrainer
 # Beside the LoRAs (ComfyUI empties its temp folder at start-up), with a suffix no loader lists.
 CHECKPOINTS, CHECKPOINT_SUFFIX = ".checkpoints", ".zerase-ckpt"
 LORA_FILE = "lora_file"  # the checkpoint's note of where the run's LoRA goes
-
-
-def save_new(lora: ErasureLoRA, folder: Path, name: str) -> Path:
-    """``lora`` under the next free name for ``name`` in ``folder``, never over another file."""
-    return save_lora(lora, safe_output_path(folder, name), exclusive=True)
 
 
 @dataclass(frozen=True)
@@ -58,9 +53,10 @@ class NamedRun:
         check_run_files(self.lora, self.checkpoint, self.config, backend, self.resume, advice)
 
     def attach(self, trainer: ZEraseTrainer) -> "NamedRun":
-        """Continue ``trainer`` from the checkpoint when asked and one exists, and make every checkpoint it saves
-        record where its LoRA goes. Returns the run with that file: the stopped run's partial LoRA, if it is still
-        there and still that run's."""
+        """Make ``trainer`` keep its checkpoint here, continue it from there when asked and one exists, and make
+        every checkpoint it saves record where its LoRA goes. Returns the run with that file: the stopped run's
+        partial LoRA, if it is still there and still that run's."""
+        trainer.checkpoint_path = self.checkpoint
         if self.resume and self.checkpoint.exists():
             trainer.resume(self.checkpoint)  # refuses other settings or another model, saying so
         partial = self._partial_file(trainer)

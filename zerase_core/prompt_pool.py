@@ -27,14 +27,14 @@ class PromptPool:
 
     @classmethod
     def build(cls, backend: Backend, config: TrainConfig) -> "PromptPool":
-        if not config.preserve:  # allowed (Eq. 8's first term still holds), but the paper always trains with a D_pr
-            log.warning("No preservation concept: L_pr (Eq. 8) keeps only the empty prompt's predictions. The paper "
-                        "always trains with a preservation set, e.g. 'person' when erasing 'nude' or a celebrity.")
         texts = erase_texts(config)
         keep_texts = [fill_template(t, p) for p in config.preserve for t in config.erase_templates]
         encoded = backend.encode([*texts, "", *keep_texts])
         erase = tuple(encoded[: len(texts)])
         tokens = tuple(tuple(concept_token_indices(p, config.concept)) for p in erase)
+        if not config.preserve:  # allowed (Eq. 8's first term still holds), but the paper always trains with a D_pr
+            log.warning("No preservation concept: L_pr (Eq. 8) keeps only the empty prompt's predictions. The paper "
+                        "always trains with a preservation set, e.g. 'person' when erasing 'nude' or a celebrity.")
         return cls(erase, tokens, encoded[len(texts)], tuple(encoded[len(texts) + 1 :]))
 
     def pick(self, erase_index: int, keep_index: int | None) -> tuple[EncodedPrompt, list[int], EncodedPrompt | None]:

@@ -38,6 +38,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .history import StepRecord, TrainResult, stored_series
 from .lagrangian import direction, rule_for
 from .lora_file import ErasureLoRA
+from . import memory_fit
 from .objectives import loss_attn, loss_er, loss_erase, loss_pr, loss_total
 from .prompt_pool import PromptPool
 from .prompts import EncodedPrompt
@@ -45,6 +46,11 @@ from .sampling import euler, flow_sigmas
 from .xt_pool import TrajectoryPool
 
 log = logging.getLogger(__name__)
+
+
+# Why "auto" turned gradient checkpointing on (the Train node's curves say it).
+TOO_LITTLE_MEMORY = "too little GPU memory without it"
+OUT_OF_MEMORY = "out of memory without it"
 
 
 class NonFiniteLoss(ZEraseError):
@@ -127,10 +133,13 @@ class ZEraseTrainer:
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
         self.latent_shape = backend.latent_shape(config.height, config.width)
         self.xt_pool = self.build_pool(should_stop, pool_progress) if config.xt_source == "pool" else None
-        self.gradient_checkpointing_from: int | None = None  # the first step this trainer took with checkpointing
+        # Gradient checkpointing: from which step, and why (``"on"`` or one of auto's two reasons).
+        self.gradient_checkpointing_from: int | None = None
+        self.gradient_checkpointing_reason: str | None = None
+        self._fit_checked = config.gradient_checkpointing != "auto"  # auto decides at the first step, loaded
         backend.set_gradient_checkpointing(False)  # as the settings say, whatever the backend was left with
         if config.gradient_checkpointing == "on":
-            self.start_gradient_checkpointing()
+            self.start_gradient_checkpointing("on")
 
     def build_pool(self, should_stop: Callable[[], bool] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> TrajectoryPool:
@@ -234,13 +243,19 @@ class ZEraseTrainer:
         return lam, recomputed
 
     def train_step(self) -> StepRecord:
-        """One step of Algorithm 1; under ``gradient_checkpointing="auto"`` a step that runs out of GPU memory without
-        checkpointing is taken again with it, and checkpointing stays on for the rest of the run.
+        """One step of Algorithm 1. Under ``gradient_checkpointing="auto"`` checkpointing turns on before the first
+        step where the step's estimated activations do not fit the GPU memory free (:mod:`.memory_fit`), and where
+        the estimate was short, at the first step that runs out of memory, which is then taken again; it stays on
+        for the rest of the run.
 
         The failed step left the run as it was (:meth:`_step`), so the retry is the step an uninterrupted run takes:
         checkpointing changes where activations are kept, not the gradients. Out of memory inside AdamW's own update
         (not undone but under the paired rule; unlikely, as the step's activations are freed by then) is not retried.
         """
+        if not self._fit_checked:
+            self._fit_checked = True
+            if self.gradient_checkpointing_from is None:  # not already on from a resumed run that ran out
+                self._check_fit()
         start = time.perf_counter()
         try:
             return self._step()
@@ -256,15 +271,33 @@ class ZEraseTrainer:
         log.warning("Out of GPU memory at step %d without gradient checkpointing; taking it again with checkpointing, "
                     "which stays on for the rest of the run (the same gradients, about a third more time per step).",
                     self.step + 1)
-        self.start_gradient_checkpointing()
+        self.start_gradient_checkpointing(OUT_OF_MEMORY)
         if torch.cuda.is_available():  # the failed step's cached blocks back to the device, for a layout that fits
             torch.cuda.empty_cache()
         return self._step()
 
-    def start_gradient_checkpointing(self) -> None:
-        """Gradient checkpointing from the next step on (``"on"``; ``"auto"`` once a step ran out of memory)."""
+    def _check_fit(self) -> None:
+        """auto's decision before the first step: checkpointing from the start where a step without it would not
+        fit the GPU memory free with the model loaded (nothing to decide on a CPU)."""
+        self.backend.load()
+        available = memory_fit.available_bytes(self.backend.device)
+        if available is None:
+            return
+        prompts = self.prompts
+        caption = max(p.n_tokens for p in (*prompts.erase, prompts.uncond, *prompts.keep))
+        rows = 1 + len(self.pr_prompts(prompts.keep[0] if prompts.keep else None))
+        image = math.prod(self.latent_shape[1:]) // self.backend.patch**2
+        needed = memory_fit.step_bytes(image, caption, rows, self.backend.n_layers, self.backend.fingerprint()["dim"])
+        if not memory_fit.fits(needed, available):
+            log.info("A step without gradient checkpointing needs about %.1f GiB, %.1f GiB are free: checkpointing "
+                     "from the start.", needed / 2**30, available / 2**30)
+            self.start_gradient_checkpointing(TOO_LITTLE_MEMORY)
+
+    def start_gradient_checkpointing(self, reason: str, from_step: int | None = None) -> None:
+        """Gradient checkpointing from the next step on (or, resumed, from the step it began at), and why."""
         self.backend.set_gradient_checkpointing(True)
-        self.gradient_checkpointing_from = self.step + 1
+        self.gradient_checkpointing_from = from_step or self.step + 1
+        self.gradient_checkpointing_reason = reason
 
     def _step(self) -> StepRecord:
         """One step of Algorithm 1. A step that fails before its update (NaN, out of memory, a cancel) leaves the run

@@ -146,6 +146,9 @@ class Backend(ABC):
         the host cannot tell (then a saved LoRA is never taken for a run on this model without training)."""
         return None
 
+    def load(self) -> None:
+        """Put the model where it trains, if it is not there yet (ComfyUI loads it at the first forward)."""
+
     def release_encoder(self) -> None:
         """Free the text encoder once every prompt a run needs is encoded (the trainer encodes up front)."""
 

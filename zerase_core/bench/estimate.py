@@ -243,7 +243,7 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float,
 
 def default_row(rows: dict) -> str:
     """The row TrainConfig's defaults run: their x_t source, and checkpointing "auto", which stays off where the
-    step's peak fits the card and is on otherwise (from the first step, which runs out of memory once: not counted)."""
+    step's peak fits the card and is on from the start otherwise (memory_fit.py)."""
     source, mode = TrainConfig.xt_source, TrainConfig.gradient_checkpointing
     ckpt = mode == "on" or (mode == "auto" and not rows[f"{source}_no_ckpt"]["fits_memory"])
     return f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"

@@ -1,0 +1,39 @@
+"""Whether a Z-Erase step fits the GPU without gradient checkpointing: the decision ``"auto"`` makes before the first
+step.
+
+Running out of memory once would tell as well, and stays the backstop (trainer.py), but it cannot be the only sign:
+on Windows NVIDIA's driver (536.40 and later, by default) moves what does not fit into shared system memory instead
+of failing, so a step too large for the card runs many times slower and never raises. So the step's activations
+are estimated from what the real model was measured to hold, and compared with the GPU memory free.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Measured on an H200 (docs/bench/gpu_h200_3670d48.json): the batch-3 student forward/backward of a Z-Erase step
+# ([c_er, ∅, c_pr]) at 512² without checkpointing held 21.91 GiB above the weights, on the real Z-Image (30 main
+# layers of width 3840, bf16) with 1024 image and 64 caption tokens. Activations grow linearly with rows, tokens,
+# layers and width (no L×L attention maps are kept), so that figure scales to any of them.
+MEASURED = {"bytes": 21.91 * 2**30, "rows": 3, "tokens": 1024 + 64, "layers": 30, "dim": 3840}
+MARGIN = 1.25  # the allocator's fragmentation, the loss's buffers, the LoRA's gradients and AdamW's state
+
+
+def step_bytes(image_tokens: int, caption_tokens: int, rows: int, layers: int, dim: int) -> float:
+    """Activation bytes a step without checkpointing holds for backward, scaled from :data:`MEASURED`."""
+    m = MEASURED
+    scale = rows / m["rows"] * (image_tokens + caption_tokens) / m["tokens"] * layers / m["layers"] * dim / m["dim"]
+    return m["bytes"] * scale
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """GPU memory this process can still take on ``device``: free on the card plus what torch holds unused. None
+    off CUDA (a CPU run has no card to overflow; what does not fit is the operating system's to refuse)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def fits(needed: float, available: int | None) -> bool:
+    return available is None or needed * MARGIN <= available
