@@ -28,8 +28,7 @@ KIND = "zerase-checkpoint"
 log = logging.getLogger(__name__)
 
 
-def save_checkpoint(trainer: "ZEraseTrainer", path: Path, non_finite_stop: bool = False,
-                    partial_update: bool = False) -> Path:
+def save_checkpoint(trainer: "ZEraseTrainer", path: Path, non_finite_stop: bool = False) -> Path:
     tensors = {"rng.torch": trainer.gen.get_state()}
     for (layer, proj), (a, b) in trainer.lora.factors().items():
         tensors[f"lora.{layer}.{proj}.A"] = a
@@ -51,7 +50,6 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path, non_finite_stop: bool 
         "history": [asdict(r) for r in trainer.history],
         "caller": trainer.checkpoint_meta,
         "non_finite_stop": non_finite_stop,
-        "partial_update": partial_update,
         # Set when the run checkpointed: under "auto", a resumed run then checkpoints at once instead of running
         # out of memory once more (on ComfyUI also reloading the model).
         "gradient_checkpointing_from": trainer.gradient_checkpointing_from,
@@ -83,9 +81,8 @@ def _refuse_replacing(path: Path, advice: str) -> None:
         return
     try:
         meta = _read(path, tensors=False)[1]
-        if meta.get("non_finite_stop") or meta.get("partial_update"):  # the fix is a new run, here
-            log.warning("%s: replacing the checkpoint of a run stopped by %s at step %s", path,
-                        "NaN" if meta.get("non_finite_stop") else "out of memory inside an update", meta["step"])
+        if meta.get("non_finite_stop"):  # resuming would repeat the failed step: the fix is a new run, here
+            log.warning("%s: replacing the checkpoint of a run stopped by NaN at step %s", path, meta["step"])
             return
         _saved_config(path, meta)  # one this version cannot read cannot be resumed by it either
         at = f" stopped at step {int(meta['step'])} of {int(meta['config']['steps'])}"
@@ -124,11 +121,6 @@ def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: d
     digest: see Backend.base_digest) cannot continue."""
     if meta.get("kind") != KIND:
         raise ZEraseError(f"{path} is not a Z-Erase training checkpoint.")
-    if meta.get("partial_update"):
-        raise ZEraseError(f"The checkpoint {path.name} was saved when the GPU ran out of memory inside the optimizer's "
-                          f"update of step {int(meta['step']) + 1}, which had moved part of the LoRA: that run cannot "
-                          "be continued exactly. Start a fresh run (resume off; it replaces this checkpoint), with "
-                          "gradient checkpointing on or more free GPU memory.")
     saved, wanted = resumable(_saved_config(path, meta).to_dict()), resumable(config.to_dict())
     changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
     if changed:

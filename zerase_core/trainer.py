@@ -137,6 +137,7 @@ class ZEraseTrainer:
         self.gradient_checkpointing_from: int | None = None
         self.gradient_checkpointing_reason: str | None = None
         self._fit_checked = config.gradient_checkpointing != "auto"  # auto decides at the first step, loaded
+        self.torn = False  # out of memory inside AdamW's update moved part of the LoRA (see has_progress)
         backend.set_gradient_checkpointing(False)  # as the settings say, whatever the backend was left with
         if config.gradient_checkpointing == "on":
             self.start_gradient_checkpointing("on")
@@ -347,6 +348,7 @@ class ZEraseTrainer:
                 self.optimizer.step()
             except torch.OutOfMemoryError as err:
                 if undo is None:  # AdamW may have moved part of the LoRA: taking the step again would do it twice
+                    self.torn = True
                     raise _OutOfMemoryInUpdate(str(err)) from err
                 raise
             if self.lam.observes_update:
@@ -395,8 +397,7 @@ class ZEraseTrainer:
         except BaseException as err:
             # Cancel (ComfyUI raises from its progress hook), NaN or a crash: keep the last good state.
             if self.checkpoint_path and self.has_progress():  # step 0 holds nothing to resume
-                self.save_checkpoint(non_finite_stop=isinstance(err, NonFiniteLoss),
-                                     partial_update=isinstance(err, _OutOfMemoryInUpdate))
+                self.save_checkpoint(non_finite_stop=isinstance(err, NonFiniteLoss))
             raise
         if self.checkpoint_path and self.step % self.config.checkpoint_every:  # a multiple was saved in the loop
             self.save_checkpoint()
@@ -406,8 +407,10 @@ class ZEraseTrainer:
         return _all_finite(self.params)
 
     def has_progress(self) -> bool:
-        """Whether the run holds something worth keeping when it stops: a step done and no NaN in the LoRA."""
-        return self.step > 0 and self.params_finite()
+        """Whether the run holds something worth keeping when it stops: a step done, no NaN in the LoRA, and no
+        update half applied. A torn run saves nothing: its last checkpoint (the run as it was there) resumes
+        exactly, where one saved now would hold the half-applied update."""
+        return self.step > 0 and self.params_finite() and not self.torn
 
     def export(self) -> ErasureLoRA:
         """The current LoRA as a self-describing :class:`ErasureLoRA`."""
@@ -425,12 +428,10 @@ class ZEraseTrainer:
             history=stored_series(self.history),
         )
 
-    def save_checkpoint(self, path: str | Path | None = None, non_finite_stop: bool = False,
-                        partial_update: bool = False) -> Path:
+    def save_checkpoint(self, path: str | Path | None = None, non_finite_stop: bool = False) -> Path:
         """The run's state; ``non_finite_stop`` marks a run a NaN stopped, which a new run may replace (resuming it
-        would repeat the step that failed); ``partial_update`` one stopped inside AdamW's update, which moved part
-        of the LoRA: it cannot be continued exactly, and a new run may replace it."""
-        return save_checkpoint(self, Path(path or self.checkpoint_path), non_finite_stop, partial_update)
+        would repeat the step that failed)."""
+        return save_checkpoint(self, Path(path or self.checkpoint_path), non_finite_stop)
 
     def resume(self, path: str | Path) -> None:
         load_checkpoint(self, Path(path))
