@@ -146,9 +146,9 @@ class ZEraseTrain(io.ComfyNode):
                 io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING_MODES),
                                default=TrainConfig.gradient_checkpointing,
                                tooltip="Saves most activation memory for about a third more time per step: at 512² "
-                               "on the real model it is what fits a 16 GB card. auto: off until a step runs out of "
-                               "GPU memory, then on for the rest of the run (same gradients). on: from the start "
-                               "(skips one failed step on a small card). off: never (README, VRAM)."),
+                               "on the real model it is what fits a 16 GB card. auto: on from the start where a step "
+                               "would not fit the free GPU memory without it (estimated), or from a step that runs "
+                               "out of memory (same gradients). on: always. off: never (README, VRAM)."),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue an interrupted run of this save_name (cancelled, crashed, "
                                  "ComfyUI restarted) with the same settings from its last checkpoint (every "

@@ -490,3 +490,30 @@ def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, mon
                                     **_train_inputs(steps=3, save_name="switched"))
     assert titles[-1].endswith(", checkpointing from step 2 (out of memory without it)")
     assert load_lora(loras_dir / "zerase" / "switched.safetensors").training["steps_done"] == 3
+
+
+def test_the_curves_say_when_auto_checkpointed_from_the_start(pack, loras_dir, monkeypatch):
+    """Too little GPU memory free for a step without checkpointing (simulated): the node's run checkpoints from its
+    first step, with ComfyUI's model loaded whole before it looks, and its curves say so."""
+    import zerase_core.memory_fit as memory_fit
+
+    module = _train_module()
+    titles, real_curves, loaded = [], module._render.curves, []
+
+    def curves(*args, title="", **kwargs):
+        titles.append(title)
+        return real_curves(*args, title=title, **kwargs)
+
+    def nothing_free(device):
+        import comfy.model_management as mm
+
+        loaded.append([type(m.model.model).__name__ for m in mm.current_loaded_models if m.model is not None])
+        return 0
+
+    monkeypatch.setattr(module._render, "curves", curves)
+    monkeypatch.setattr(memory_fit, "available_bytes", nothing_free)
+    with torch.inference_mode():
+        pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                    **_train_inputs(steps=2, save_name="small_card"))
+    assert len(loaded) == 1 and "Lumina2" in loaded[0]  # asked once, with the diffusion model loaded
+    assert titles[-1].endswith(", checkpointing from step 1 (too little GPU memory without it)")

@@ -258,6 +258,15 @@ def test_the_files_check_leaves_the_folders_as_it_found_them(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["empty"] and not any((tmp_path / "empty").iterdir())
 
 
+def test_a_place_with_no_folder_at_all_is_refused_by_name(monkeypatch):
+    """A drive or share that is not there (Z:\\runs on Windows): no folder on the way exists to probe in."""
+    import zerase_core.files as files
+
+    monkeypatch.setattr(files.os.path, "isdir", lambda p: False)
+    with pytest.raises(ZEraseError, match="No folder on the way to .* exists"):
+        files.check_writable("/nowhere/runs/red.safetensors")
+
+
 def test_a_save_name_too_long_is_refused_by_name_and_a_long_concept_makes_one_that_fits(tmp_path):
     """Path.exists() raises on a name the file system cannot hold: the lookup of earlier files crashed with a raw
     OSError once the folder existed."""

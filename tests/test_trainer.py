@@ -181,6 +181,17 @@ def test_auto_checkpointing_is_kept_by_a_resumed_run_that_ran_out_of_memory(tmp_
     off = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, gradient_checkpointing="off"))
     off.resume(tmp_path / "a.ckpt")  # "off" is the user's word, whatever the run needed before
     assert not off.backend.transformer.gradient_checkpointing
+    # A run the estimate put on checkpointing decides again when resumed (on another card, or with more free).
+    estimated = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6), checkpoint_path=tmp_path / "c.ckpt")
+    estimated.start_gradient_checkpointing(TOO_LITTLE_MEMORY)
+    estimated.train_step()
+    estimated.save_checkpoint()
+    again = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6))
+    again.resume(tmp_path / "c.ckpt")
+    decided = []
+    again._check_fit = lambda: decided.append(again.step)
+    again.train_step()
+    assert decided == [1] and again.gradient_checkpointing_from is None
 
 
 def test_out_of_memory_inside_adamws_update_is_not_retried_and_the_last_checkpoint_resumes_exactly(tmp_path):
@@ -222,6 +233,8 @@ def test_auto_checkpointing_decides_before_the_first_step_by_the_memory_free(fre
     caplog.set_level("INFO", logger="zerase_core")
     asked = []
     monkeypatch.setattr(memory_fit, "available_bytes", lambda device: asked.append(device) or free)
+    estimated, real_estimate = [], memory_fit.step_bytes
+    monkeypatch.setattr(memory_fit, "step_bytes", lambda *a: estimated.append(a) or real_estimate(*a))
     backend = tiny_zimage_backend()
     loads = []
     backend.load = lambda: loads.append(1)
@@ -229,6 +242,10 @@ def test_auto_checkpointing_decides_before_the_first_step_by_the_memory_free(fre
     assert trainer.gradient_checkpointing_from is None and not asked  # decided at the first step, not before
     trainer.run()
     assert len(asked) == 1 and loads == [1]  # once, with the model loaded
+    # What is estimated: 64² is 4×8×8 latent cells, 16 image tokens of 2×2; the longest caption; the three rows
+    # [c_er, ∅, c_pr]; the model's layers and width.
+    caption = max(p.n_tokens for p in (*trainer.prompts.erase, trainer.prompts.uncond, *trainer.prompts.keep))
+    assert estimated == [(16, caption, 3, 2, 64)]
     assert backend.transformer.gradient_checkpointing == on
     assert (trainer.gradient_checkpointing_from, trainer.gradient_checkpointing_reason) == \
         ((1, TOO_LITTLE_MEMORY) if on else (None, None))

@@ -50,8 +50,8 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path, non_finite_stop: bool 
         "history": [asdict(r) for r in trainer.history],
         "caller": trainer.checkpoint_meta,
         "non_finite_stop": non_finite_stop,
-        # Set when the run checkpointed: under "auto", a resumed run then checkpoints at once instead of running
-        # out of memory once more (on ComfyUI also reloading the model).
+        # From which step and why the run checkpointed: a run that ran out of memory under "auto" keeps it when
+        # resumed, from that step (_resume_checkpointing).
         "gradient_checkpointing_from": trainer.gradient_checkpointing_from,
         "gradient_checkpointing_reason": trainer.gradient_checkpointing_reason,
     }

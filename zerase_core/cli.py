@@ -100,8 +100,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    f"{TrainConfig.height}; 64 with --tiny)")
     p.add_argument("--seed", type=int, default=0, help="seeds the LoRA's init, the prompt order and x_t (default 0)")
     p.add_argument("--gradient-checkpointing", nargs="?", const="on", default=TrainConfig.gradient_checkpointing,
-                   choices=CHECKPOINTING_MODES, help="auto (default): on from the first step that runs out of GPU "
-                   "memory; on (also the flag alone): from the start, for a 16-24 GB card; off: never")
+                   choices=CHECKPOINTING_MODES, help="auto (default): on where a step would not fit the free GPU "
+                   "memory without it (estimated; or from a step that runs out); on (also the flag alone): always; "
+                   "off: never")
     p.add_argument("--xt-source", default=None, choices=list(XT_SOURCES),
                    help="x_t: sampled every step (fresh, ESD) or from trajectories sampled once (pool, the default)")
     p.add_argument("--xt-pool", type=int, default=None, help=f"trajectories in the x_t pool (default "

@@ -18,8 +18,9 @@ from .prompts import concept_words
 
 
 XT_SOURCES = ("pool", "fresh")  # where x_t comes from, the default first: see trainer.py and xt_pool.py
-# Gradient checkpointing, the default first. auto: without it (faster) until a step runs out of GPU memory, then with it
-# from that step on (the same gradients; trainer.py). on: from the start. off: never.
+# Gradient checkpointing, the default first. auto: from the start where a step would not fit the free GPU memory
+# without it (memory_fit.py), else without it (faster), or from a step that runs out of memory after all (the same
+# gradients; trainer.py). on: from the start. off: never.
 CHECKPOINTING_MODES = ("auto", "on", "off")
 
 

@@ -89,7 +89,11 @@ def check_writable(path: str | os.PathLike) -> None:
     taken away meanwhile.
     """
     path = Path(path)
-    to_make = list(itertools.takewhile(lambda p: not os.path.isdir(p), (path.parent, *path.parent.parents)))
+    chain = (path.parent, *path.parent.parents)
+    to_make = list(itertools.takewhile(lambda p: not os.path.isdir(p), chain))
+    if len(to_make) == len(chain):
+        raise ZEraseError(f"No folder on the way to {path} exists (a drive or share that is not there?); choose a "
+                          "place that exists.")
     for name in (path.name, *(p.name for p in to_make)):
         length = name_length(name)
         if length > NAME_MAX:
@@ -98,7 +102,7 @@ def check_writable(path: str | os.PathLike) -> None:
     blocked = [p for p in to_make if os.path.lexists(p)]
     if blocked:
         raise ZEraseError(f"{blocked[-1]} is a file, where a folder is needed for {path}; choose another place.")
-    existing = path.parent.parents[len(to_make) - 1] if to_make else path.parent
+    existing = chain[len(to_make)]
     tmp = _temporary(existing)
     try:
         os.close(_create(tmp))

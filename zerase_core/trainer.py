@@ -288,7 +288,9 @@ class ZEraseTrainer:
         caption = max(p.n_tokens for p in (*prompts.erase, prompts.uncond, *prompts.keep))
         rows = 1 + len(self.pr_prompts(prompts.keep[0] if prompts.keep else None))
         image = math.prod(self.latent_shape[1:]) // self.backend.patch**2
-        needed = memory_fit.step_bytes(image, caption, rows, self.backend.n_layers, self.backend.fingerprint()["dim"])
+        width = self.backend.fingerprint().get("dim")
+        needed = memory_fit.step_bytes(image, caption, rows, self.backend.n_layers, width)
+        needed += self.backend.weight_casts_bytes()  # fp8 weights: their bf16 copies, kept for backward
         if not memory_fit.fits(needed, available):
             log.info("A step without gradient checkpointing needs about %.1f GiB, %.1f GiB are free: checkpointing "
                      "from the start.", needed / 2**30, available / 2**30)
@@ -297,7 +299,7 @@ class ZEraseTrainer:
     def start_gradient_checkpointing(self, reason: str, from_step: int | None = None) -> None:
         """Gradient checkpointing from the next step on (or, resumed, from the step it began at), and why."""
         self.backend.set_gradient_checkpointing(True)
-        self.gradient_checkpointing_from = from_step or self.step + 1
+        self.gradient_checkpointing_from = self.step + 1 if from_step is None else from_step
         self.gradient_checkpointing_reason = reason
 
     def _step(self) -> StepRecord:

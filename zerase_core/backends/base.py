@@ -73,6 +73,7 @@ class Backend(ABC):
     """A Z-Image implementation as the engine sees it."""
 
     gate: TokenGate
+    patch: int  # the side of an image patch, in latent cells: a token is patch² cells
     # How attention mass is measured; the benchmark's official-style reference swaps in a
     # recorder that materialises softmax maps, to compare against on the same model.
     recorder_factory = MassRecorder
@@ -148,6 +149,12 @@ class Backend(ABC):
 
     def load(self) -> None:
         """Put the model where it trains, if it is not there yet (ComfyUI loads it at the first forward)."""
+
+    def weight_casts_bytes(self) -> int:
+        """Bytes of the compute-dtype copies of the main layers' weights that a forward with gradients keeps for
+        backward where weights are stored narrower (ComfyUI's fp8 weight_dtype casts each per op); 0 where they are
+        used as stored."""
+        return 0
 
     def release_encoder(self) -> None:
         """Free the text encoder once every prompt a run needs is encoded (the trainer encodes up front)."""

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .memory import GiB, saved_bytes
+from .. import memory_fit
 from ..config import XT_SOURCES, TrainConfig
 from ..prompts import EncodedPrompt
 
@@ -226,7 +227,7 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float,
                                 _peak_gb(ckpt), memory_budget_gb)
             key = f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"
             rows[key] = {"xt_source": source, "gradient_checkpointing": ckpt} | row
-    default = default_row(rows)
+    default = default_row(rows, memory_budget_gb)
     return {
         "resolution": 512, "steps": steps, "device": "one H100 (composed from the issue's H100 figures, not run here)",
         "memory_budget_gb": memory_budget_gb, "fractions": fractions,
@@ -241,11 +242,15 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float,
     }
 
 
-def default_row(rows: dict) -> str:
-    """The row TrainConfig's defaults run: their x_t source, and checkpointing "auto", which stays off where the
-    step's peak fits the card and is on from the start otherwise (memory_fit.py)."""
+def default_row(rows: dict, card_gb: float) -> str:
+    """The row TrainConfig's defaults run on a card of ``card_gb``: their x_t source, and checkpointing "auto",
+    which stays off where the step's activations fit beside the weights by auto's own rule (memory_fit.fits) and is
+    on from the start otherwise."""
     source, mode = TrainConfig.xt_source, TrainConfig.gradient_checkpointing
-    ckpt = mode == "on" or (mode == "auto" and not rows[f"{source}_no_ckpt"]["fits_memory"])
+    weights = _weights_gb()
+    activations = rows[f"{source}_no_ckpt"]["peak_gb_estimate"] - weights
+    fits = memory_fit.fits(activations * 1e9, int((card_gb - weights) * 1e9))
+    ckpt = mode == "on" or (mode == "auto" and not fits)
     return f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"
 
 
@@ -275,7 +280,11 @@ def _reference_step_s(p: dict, ckpt: bool, levels: int) -> float:
 def _peak_gb(ckpt: bool) -> float:
     """The batch-3 step is the peak: weights plus its activations (1.6 GB measured with checkpointing; A7 without)."""
     act_b1 = next(r["gb_above_weights"] for r in H100_REPORTED if r["resolution"] == 512 and not r["checkpointing"])
-    return REAL["params"] * 2 / 1e9 + (1.6 if ckpt else 3 * act_b1)
+    return _weights_gb() + (1.6 if ckpt else 3 * act_b1)
+
+
+def _weights_gb() -> float:
+    return REAL["params"] * 2 / 1e9  # bf16
 
 
 def _composed_row(kinds: dict, esd: float, xt: dict, fractions: dict, steps: int, reference: float,

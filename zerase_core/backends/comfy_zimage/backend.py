@@ -231,6 +231,12 @@ class ComfyZImageBackend(Backend):
             own_weights(self.dit, self._frozen)
             self._weights_owned = True
 
+    def weight_casts_bytes(self) -> int:
+        cast = getattr(self.patcher.model, "manual_cast_dtype", None)  # set where weights are stored narrower
+        if cast is None:
+            return 0
+        return sum(p.numel() for p in self.dit.layers.parameters()) * cast.itemsize
+
     def layout(self, x: torch.Tensor, prompts: Sequence[EncodedPrompt]) -> TokenLayout:
         lengths = {pad_to_multiple(p.n_tokens, self.multiple) for p in prompts}
         if len(lengths) != 1:
