@@ -8,7 +8,6 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from zerase_core.errors import ZEraseError
-from zerase_core import lora_file
 from zerase_core.lora_file import ErasureLoRA, load_lora
 
 ErasureLoRAType = io.Custom("ZERASE_LORA")  # an in-memory zerase_core.lora_file.ErasureLoRA
@@ -62,11 +61,6 @@ def output_folder() -> Path:
     import folder_paths
 
     return Path(folder_paths.get_folder_paths("loras")[0]) / SUBFOLDER
-
-
-def save_new(lora: ErasureLoRA, save_name: str) -> Path:
-    """``lora`` under the next free name for ``save_name`` in the output folder, never over another file."""
-    return lora_file.save_new(lora, output_folder(), save_name)
 
 
 def pick_lora(node: str, lora_name: str = NONE, erasure_lora: ErasureLoRA | None = None) -> ErasureLoRA:

@@ -7,9 +7,10 @@ import logging
 from comfy_api.latest import io
 
 from zerase_core.errors import ZEraseError
+from zerase_core.lora_file import save_new
 from zerase_core.merge import merge
 
-from .common import ErasureLoRAType, parse_list, save_new
+from .common import ErasureLoRAType, output_folder, parse_list
 
 NODE = "Merge Erasure LoRAs"
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class MergeErasureLoRAs(io.ComfyNode):
         merged, report = merge(loras, parse_weights(weights, len(loras)), rank or None)
         text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
         if save_name.strip():
-            path = save_new(merged, save_name)
+            path = save_new(merged, output_folder(), save_name)  # never over another file
             text += f"; saved {path.name}"
             log.info("Z-Erase: %s", text)
         return io.NodeOutput(merged, text)

@@ -16,7 +16,7 @@ from zerase_core.lora_file import load_lora
 from zerase_core.named_run import NamedRun
 from zerase_core.prompt_pool import first_erase_text
 from zerase_core.sampling import before_after
-from zerase_core.trainer import OUT_OF_MEMORY, TOO_LITTLE_MEMORY, ZEraseTrainer
+from zerase_core.trainer import ZEraseTrainer
 from zerase_core.xt_pool import PoolCancelled
 
 from . import _render
@@ -25,7 +25,6 @@ from .common import ErasureLoRAType, output_folder, parse_list
 
 NODE = "Z-Erase Train"
 TARGETS = ["q,k,v", "q,k", "q,v", "k,v", "q", "k", "v"]  # every subset; the paper's first
-AUTO_REASONS = (TOO_LITTLE_MEMORY, OUT_OF_MEMORY)
 log = logging.getLogger(__name__)
 
 
@@ -204,8 +203,9 @@ class ZEraseTrain(io.ComfyNode):
             log.warning("Z-Erase: cancelled at step %d (LoRA so far saved when > 0: %s)", trainer.step, path)
             mm.throw_exception_if_processing_interrupted()
         run.complete()
-        why = trainer.gradient_checkpointing_reason  # auto's, said: a run that switched is slower from there
-        note = f", checkpointing from step {trainer.gradient_checkpointing_from} ({why})" if why in AUTO_REASONS else ""
+        switched = config.gradient_checkpointing == "auto" and trainer.gradient_checkpointing_from is not None
+        note = (f", checkpointing from step {trainer.gradient_checkpointing_from} "  # a run that switched is slower
+                f"({trainer.gradient_checkpointing_reason})") if switched else ""
         curves = _render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}': "
                                 f"{len(result.history)} steps, {result.seconds:.0f}s{note}")
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)

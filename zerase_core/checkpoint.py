@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 
-from .config import TrainConfig
+from .config import OUT_OF_MEMORY, TrainConfig
 from .errors import ZEraseError
 from .files import atomic_save, check_writable, decode_metadata
 from .history import StepRecord
@@ -168,11 +168,9 @@ def _resume_checkpointing(trainer: "ZEraseTrainer", meta: dict) -> None:
     """Under "auto", a run that ran out of memory without checkpointing keeps it, from the step it began at (its
     estimate was short on this card: trying again would fail once more, and on ComfyUI reload the model). Any other
     auto run decides again at its first step; "on" checkpoints from the step the run continues with."""
-    from .trainer import OUT_OF_MEMORY
-
     mode = trainer.config.gradient_checkpointing
-    if mode == "on":
-        trainer.start_gradient_checkpointing("on")
+    if mode == "on":  # on since __init__: from this trainer's first step
+        trainer.gradient_checkpointing_from = trainer.step + 1
     elif mode == "auto" and meta.get("gradient_checkpointing_reason") == OUT_OF_MEMORY:
         trainer.start_gradient_checkpointing(OUT_OF_MEMORY, from_step=int(meta["gradient_checkpointing_from"]))
 

@@ -75,6 +75,10 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 # --- train ---------------------------------------------------------------------------------
+# train --tiny's settings, where they differ from TrainConfig's: seconds on a CPU
+TINY = dict(steps=50, height=64, width=64, sample_steps=4, lora=LoRAConfig(rank=4))
+
+
 def _add_train(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tiny", action="store_true", help="a tiny randomly initialised diffusers Z-Image (CPU, seconds)")
@@ -84,20 +88,23 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", dest="templates", action="append", help="erase prompt template with {} (repeatable)")
     p.add_argument("--preset", default=TrainConfig.preset, choices=list(PRESETS),
                    help="concept type (sets ε, template)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {TrainConfig.steps}; 50 with "
-                   "--tiny)")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {TrainConfig.steps}; "
+                   f"{TINY['steps']} with --tiny)")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW's learning rate α (default {TrainConfig.lr:g})")
     p.add_argument("--epsilon", type=float, default=None, help="ε of Eq. 9: the rise of L_pr a step may cause "
                    "(default: the preset's, Table 6)")
     p.add_argument("--beta", type=float, default=None, help="β of Eq. 15, how fast λ answers a rise of L_pr: "
-                   "the preservation knob (default 0.1)")
-    p.add_argument("--eta", type=float, default=None, help="η of Eq. 5, the erasing guidance (default 2)")
+                   f"the preservation knob (default {TrainConfig.beta:g})")
+    p.add_argument("--eta", type=float, default=None,
+                   help=f"η of Eq. 5, the erasing guidance (default {TrainConfig.eta:g})")
     p.add_argument("--lambda-mode", default=None, choices=list(MODES),
                    help=f"the λ rule (default {TrainConfig.lambda_mode}: Algorithm 1's)")
-    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {LoRAConfig.rank}; 4 with --tiny)")
-    p.add_argument("--targets", default=None, help="projections to adapt, e.g. qkv, qk or q,k (default qkv)")
+    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {LoRAConfig.rank}; "
+                   f"{TINY['lora'].rank} with --tiny)")
+    p.add_argument("--targets", default=None, help="projections to adapt, e.g. qkv, qk or q,k (default "
+                   f"{''.join(LoRAConfig.targets)})")
     p.add_argument("--resolution", type=int, default=None, help=f"training resolution in pixels, square (default "
-                   f"{TrainConfig.height}; 64 with --tiny)")
+                   f"{TrainConfig.height}; {TINY['height']} with --tiny)")
     p.add_argument("--seed", type=int, default=0, help="seeds the LoRA's init, the prompt order and x_t (default 0)")
     p.add_argument("--gradient-checkpointing", nargs="?", const="on", default=TrainConfig.gradient_checkpointing,
                    choices=CHECKPOINTING_MODES, help="auto (default): on where a step would not fit the free GPU "
@@ -151,7 +158,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.tiny:
         from .tiny import tiny_zimage_backend
 
-        config = train_config_from_args(args, steps=50, height=64, width=64, sample_steps=4, lora=LoRAConfig(rank=4))
+        config = train_config_from_args(args, **TINY)
         backend = tiny_zimage_backend(seed=args.seed)
     else:
         from .backends.diffusers_loader import load_diffusers_zimage

@@ -22,6 +22,9 @@ XT_SOURCES = ("pool", "fresh")  # where x_t comes from, the default first: see t
 # without it (memory_fit.py), else without it (faster), or from a step that runs out of memory after all (the same
 # gradients; trainer.py). on: from the start. off: never.
 CHECKPOINTING_MODES = ("auto", "on", "off")
+# Why "auto" turned it on (kept beside the step, in checkpoints too; the Train node's curves say it).
+TOO_LITTLE_MEMORY = "too little GPU memory without it"
+OUT_OF_MEMORY = "out of memory without it"
 
 
 @dataclass(frozen=True)

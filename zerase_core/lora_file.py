@@ -158,9 +158,8 @@ def _safely(path: Path, read: Callable[[Any], Any]) -> Any:
 def read_description(path: str | Path) -> dict[str, Any]:
     """A native file's decoded metadata without its tensors; {} for anything else (missing, damaged, not ours)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError):
+        meta = _header(Path(path))[1]
+    except ZEraseError:  # missing, a folder, damaged
         return {}
     return decode_metadata(meta) if meta.get("format") == FORMAT else {}
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .layout import pad_to_multiple
+
 # Measured on an H200 (docs/bench/gpu_h200_3670d48.json): the batch-3 student forward/backward of a Z-Erase step
 # ([c_er, ∅, c_pr]) at 512² without checkpointing held 21.91 GiB above the weights, on the real Z-Image (30 main
 # layers of width 3840, bf16) with 1024 image and 64 caption tokens. Activations grow linearly with rows, tokens,
@@ -27,12 +29,8 @@ def step_bytes(image_tokens: int, caption_tokens: int, rows: int, layers: int, d
     """Activation bytes a step without checkpointing holds for backward, scaled from :data:`MEASURED` (the
     sequences counted as padded)."""
     m = MEASURED
-    tokens = _padded(image_tokens) + _padded(caption_tokens)
+    tokens = pad_to_multiple(image_tokens, PAD) + pad_to_multiple(caption_tokens, PAD)
     return m["bytes"] * rows / m["rows"] * tokens / m["tokens"] * layers / m["layers"] * dim / m["dim"]
-
-
-def _padded(n: int) -> int:
-    return -(-n // PAD) * PAD
 
 
 def available_bytes(device: torch.device) -> int | None:

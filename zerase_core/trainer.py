@@ -32,11 +32,12 @@ import torch
 
 from .apply import export_lora
 from .backends.base import Backend
-from .config import TrainConfig
+from .config import OUT_OF_MEMORY, TOO_LITTLE_MEMORY, TrainConfig
 from .errors import ZEraseError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .history import StepRecord, TrainResult, stored_series
 from .lagrangian import direction, rule_for
+from .lora import LoRAConfig
 from .lora_file import ErasureLoRA
 from . import memory_fit
 from .objectives import loss_attn, loss_er, loss_erase, loss_pr, loss_total
@@ -46,11 +47,6 @@ from .sampling import euler, flow_sigmas
 from .xt_pool import TrajectoryPool
 
 log = logging.getLogger(__name__)
-
-
-# Why "auto" turned gradient checkpointing on (the Train node's curves say it).
-TOO_LITTLE_MEMORY = "too little GPU memory without it"
-OUT_OF_MEMORY = "out of memory without it"
 
 
 class NonFiniteLoss(ZEraseError):
@@ -105,10 +101,10 @@ class ZEraseTrainer:
         release_encoder: bool = False,
         pool_progress: Callable[[int, int], None] | None = None,
     ):
-        width = backend.fingerprint().get("dim")
+        self.width = width = backend.fingerprint().get("dim")  # None where the host cannot tell
         if width is not None and config.lora.rank > width:  # before any work: rank 10⁹ is an allocation failure later
             raise ZEraseError(f"LoRA rank {config.lora.rank} exceeds the model's width {width}, beyond which a rank "
-                              f"adds nothing; choose a rank ≤ {width} (the default is 16).")
+                              f"adds nothing; choose a rank ≤ {width} (the default is {LoRAConfig.rank}).")
         self.backend, self.config = backend, config
         self.callbacks, self.should_stop = list(callbacks), should_stop
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -286,10 +282,9 @@ class ZEraseTrainer:
             return
         prompts = self.prompts
         caption = max(p.n_tokens for p in (*prompts.erase, prompts.uncond, *prompts.keep))
-        rows = 1 + len(self.pr_prompts(prompts.keep[0] if prompts.keep else None))
+        rows = 2 + bool(prompts.keep)  # [c_er, ∅, c_pr], or [c_er, ∅] without preservation prompts
         image = math.prod(self.latent_shape[1:]) // self.backend.patch**2
-        width = self.backend.fingerprint().get("dim")
-        needed = memory_fit.step_bytes(image, caption, rows, self.backend.n_layers, width)
+        needed = memory_fit.step_bytes(image, caption, rows, self.backend.n_layers, self.width)
         needed += self.backend.weight_casts_bytes()  # fp8 weights: their bf16 copies, kept for backward
         if not memory_fit.fits(needed, available):
             log.info("A step without gradient checkpointing needs about %.1f GiB, %.1f GiB are free: checkpointing "

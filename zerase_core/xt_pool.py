@@ -131,12 +131,16 @@ class TrajectoryPool:
 
         integrate(velocity, x, sigmas)
 
+    @property
+    def trajectories(self) -> int:
+        return self.x.shape[0]
+
     def __len__(self) -> int:
-        return self.x.shape[0] * self.x.shape[1]
+        return self.trajectories * self.x.shape[1]
 
     def draw(self, rng: random.Random, gen: torch.Generator, device: torch.device) -> PoolDraw:
         """A uniformly random (trajectory, level), as fresh sampling picks a random level."""
-        j = rng.randrange(self.x.shape[0])
+        j = rng.randrange(self.trajectories)
         k = int(torch.randint(0, self.x.shape[1], (1,), generator=gen))
         return PoolDraw(
             self.erase_index[j],

@@ -94,7 +94,7 @@ def time_case(case: SpeedCase, steps: int, run_steps: int = RUN_STEPS, repeats: 
     variants = {name: _step_of(name, t) for name, t in trainers.items()}
     out: dict = {"model": case.name, "image_tokens": case.image_tokens, "batch": 1,
                  "resolution": [base.config.height, base.config.width], "timed": {"steps": steps, "repeats": repeats},
-                 "pool": {"trajectories": shared_pool.x.shape[0], "levels": shared_pool.x.shape[1],
+                 "pool": {"trajectories": shared_pool.trajectories, "levels": shared_pool.x.shape[1],
                           "build_s": shared_pool.seconds, "amortised_over_steps": run_steps}}
     peaks = None
     if backend.device.type == "cuda":

@@ -227,7 +227,7 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float,
                                 _peak_gb(ckpt), memory_budget_gb)
             key = f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"
             rows[key] = {"xt_source": source, "gradient_checkpointing": ckpt} | row
-    default = default_row(rows, memory_budget_gb)
+    default = default_row(memory_budget_gb)
     return {
         "resolution": 512, "steps": steps, "device": "one H100 (composed from the issue's H100 figures, not run here)",
         "memory_budget_gb": memory_budget_gb, "fractions": fractions,
@@ -242,14 +242,12 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float,
     }
 
 
-def default_row(rows: dict, card_gb: float) -> str:
+def default_row(card_gb: float) -> str:
     """The row TrainConfig's defaults run on a card of ``card_gb``: their x_t source, and checkpointing "auto",
     which stays off where the step's activations fit beside the weights by auto's own rule (memory_fit.fits) and is
     on from the start otherwise."""
     source, mode = TrainConfig.xt_source, TrainConfig.gradient_checkpointing
-    weights = _weights_gb()
-    activations = rows[f"{source}_no_ckpt"]["peak_gb_estimate"] - weights
-    fits = memory_fit.fits(activations * 1e9, int((card_gb - weights) * 1e9))
+    fits = memory_fit.fits(_activations_gb(False) * 1e9, int((card_gb - _weights_gb()) * 1e9))
     ckpt = mode == "on" or (mode == "auto" and not fits)
     return f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"
 
@@ -278,13 +276,18 @@ def _reference_step_s(p: dict, ckpt: bool, levels: int) -> float:
 
 
 def _peak_gb(ckpt: bool) -> float:
-    """The batch-3 step is the peak: weights plus its activations (1.6 GB measured with checkpointing; A7 without)."""
+    """The batch-3 step is the peak: weights plus its activations."""
+    return _weights_gb() + _activations_gb(ckpt)
+
+
+def _activations_gb(ckpt: bool) -> float:
+    """The batch-3 step's activations: 1.6 GB measured with checkpointing; A7 without."""
     act_b1 = next(r["gb_above_weights"] for r in H100_REPORTED if r["resolution"] == 512 and not r["checkpointing"])
-    return _weights_gb() + (1.6 if ckpt else 3 * act_b1)
+    return 1.6 if ckpt else 3 * act_b1
 
 
 def _weights_gb() -> float:
-    return REAL["params"] * 2 / 1e9  # bf16
+    return REAL["params"] * torch.bfloat16.itemsize / 1e9
 
 
 def _composed_row(kinds: dict, esd: float, xt: dict, fractions: dict, steps: int, reference: float,

@@ -40,5 +40,7 @@ def emit(result: dict, args: argparse.Namespace) -> None:
     """Add ``command`` to ``result``, print it (stdout stays valid JSON) and write it to ``args.out`` when given:
     printed first, so that a failed write loses nothing measured."""
     result["command"] = command_line(args.argv)
-    print(write_json(result, None))
-    write_json(result, args.out)
+    text = write_json(result, None)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")

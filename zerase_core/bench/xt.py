@@ -47,7 +47,7 @@ def compare(concepts: list[str], seeds: list[int], steps: int, n_eval: int, pool
                 backend.uninstall()
                 pool_run = trainer.xt_pool  # at least one trajectory per erase prompt: may exceed --pool
                 cells.append({"concept": word, "seed": seed, "xt_source": source, "seconds": seconds,
-                              "pool_trajectories": pool_run.x.shape[0] if pool_run else 0,
+                              "pool_trajectories": pool_run.trajectories if pool_run else 0,
                               "pool_build_s": pool_run.seconds if pool_run else 0.0,
                               **{m: report[m] for m in METRICS}})
     summary = {}
