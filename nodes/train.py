@@ -144,10 +144,10 @@ class ZEraseTrain(io.ComfyNode):
                                 "by this name."),
                 io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING_MODES),
                                default=TrainConfig.gradient_checkpointing,
-                               tooltip="Saves most activation memory for about a third more time per step: at 512² "
-                               "on the real model it is what fits a 16 GB card. auto: on from the start where a step "
-                               "would not fit the free GPU memory without it (estimated), or from a step that runs "
-                               "out of memory (same gradients). on: always. off: never (README, VRAM)."),
+                               tooltip="Saves most activation memory for up to a third more time per step: at 512² "
+                               "on the real model it is what fits a 16 GB card. auto: from the start, as few main "
+                               "layers as let a step fit the free GPU memory (estimated), or all from a step that "
+                               "runs out of memory (same gradients). on: all, always. off: never (README, VRAM)."),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue an interrupted run of this save_name (cancelled, crashed, "
                                  "ComfyUI restarted) with the same settings from its last checkpoint (every "
@@ -204,8 +204,8 @@ class ZEraseTrain(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
         run.complete()
         switched = config.gradient_checkpointing == "auto" and trainer.gradient_checkpointing_from is not None
-        note = (f", checkpointing from step {trainer.gradient_checkpointing_from} "  # a run that switched is slower
-                f"({trainer.gradient_checkpointing_reason})") if switched else ""
+        note = (f", checkpointing {backend.checkpointed_layers}/{backend.n_layers} layers from step "  # it is slower
+                f"{trainer.gradient_checkpointing_from} ({trainer.gradient_checkpointing_reason})") if switched else ""
         curves = _render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}': "
                                 f"{len(result.history)} steps, {result.seconds:.0f}s{note}")
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)

@@ -17,7 +17,9 @@ and of plain gated ESD with the same source, of the official-style reference, th
 split (x_t, teacher, student forward/backward, attention mass, AdamW), each variant's
 peak GPU memory above the resident weights (torch.cuda.max_memory_allocated), and minutes
 per 1000 steps — pool build or per-step sampling included, and weighed by how often the
-paper's λ rule leaves λ > 0 on the toy (``paper_lambda_weighted``). Prints JSON.
+paper's λ rule leaves λ > 0 on the toy (``paper_lambda_weighted``). At 512² (``--partial-resolutions``) also a
+λ > 0 step with none, a third, two thirds and all of the main layers checkpointed, and each one's peak memory:
+what gradient checkpointing ``auto`` chooses between (``checkpointing`` in the JSON). Prints JSON.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zerase_core.backends.base import Backend  # noqa: E402
 from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend, LatentSpec  # noqa: E402
+from zerase_core.bench.checkpointing import measure  # noqa: E402
 from zerase_core.bench.cost import SpeedCase, base_config, time_case  # noqa: E402
 from zerase_core.bench.timing import check_timing, device_sync  # noqa: E402
 from zerase_core.bench.estimate import REAL, FixedLengthEncoder, scaled_zimage  # noqa: E402
@@ -186,6 +189,9 @@ def main(argv=None) -> int:
                         "(TrainConfig's default)")
     parser.add_argument("--no-ckpt-resolutions", type=int, nargs="*", default=[512],
                         help="also measure these resolutions without gradient checkpointing")
+    parser.add_argument("--partial-resolutions", type=int, nargs="*", default=[512],
+                        help="also time a step with 0, 1/3, 2/3 and all of the main layers checkpointed (what 'auto' "
+                             "chooses between), with each one's peak memory (bench-checkpointing)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -240,7 +246,27 @@ def _measure_model(args, weights: str, device: str, runs: list[tuple[int, bool]]
             write_json(result, args.out)
         except ZEraseError as err:  # a full disk: the rows are printed at the end all the same
             log.error("%s", err)
+    for px in [64] if args.tiny else args.partial_resolutions:
+        result.setdefault("checkpointing", []).append(_partial_row(built, px, result["rank"]) | {"weights": weights})
+        with contextlib.suppress(ZEraseError):  # as above: printed at the end all the same
+            write_json(result, args.out)
     built.release()
+
+
+def _partial_row(built: Built, px: int, rank: int) -> dict:
+    """A step with k of the main layers checkpointed, k from none to all (zerase_core/bench/checkpointing.py)."""
+    n = built.backend.n_layers
+    counts = sorted({0, n // 3, 2 * n // 3, n})
+    config = base_config(height=px, width=px, xt_pool=1, lora=LoRAConfig(rank=rank), shuffle_pool=2)
+    try:
+        with built.session():
+            row = measure(built.backend, config, counts, steps=2, repeats=3)
+    except Exception as err:  # noqa: BLE001 — as _row: recorded, and the run goes on
+        log.exception("%d² partial checkpointing failed", px)
+        row = {"height": px, "error": repr(err)}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
 
 
 def _row(case: SpeedCase, steps: int) -> dict:

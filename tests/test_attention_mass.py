@@ -143,7 +143,7 @@ def test_checkpointed_layers_replay_a_recorder_that_keeps_no_mass(tiny_backend, 
     keep = MassRecorder.keep
     monkeypatch.setattr(MassRecorder, "keep", lambda self, layer, m: (kept_by.append(self), keep(self, layer, m)))
     tiny_backend.install(LoRAConfig(rank=2))
-    tiny_backend.set_gradient_checkpointing(True)
+    tiny_backend.set_gradient_checkpointing(tiny_backend.n_layers)
     enc = tiny_backend.encode(["a red circle", "a blue square"])
     x, sigma = torch.randn(2, 4, 8, 8), torch.full((2,), 0.5)
     with scoped(tiny_backend, recorder_factory=keeping_recorders(recorders)):
@@ -171,7 +171,7 @@ def test_word_maps_with_gradients_under_checkpointing_count_each_layer_once(tiny
     layout = tiny_backend.layout(x, [enc])
 
     def maps(checkpointing: bool):
-        tiny_backend.set_gradient_checkpointing(checkpointing)
+        tiny_backend.set_gradient_checkpointing(tiny_backend.n_layers if checkpointing else 0)
         recorder = WordMapRecorder([layout.columns([[1]]), layout.columns([[2, 3]])], None)
         out = tiny_backend._run(x, sigma, [enc], layout, True, recorder)
         out.square().sum().backward()

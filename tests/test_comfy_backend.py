@@ -110,7 +110,7 @@ def test_a_dropped_backend_frees_its_clone_at_once():
 
     backend = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy))
     _randomise(backend.install(LoRAConfig(rank=2)))
-    backend.set_gradient_checkpointing(True)
+    backend.set_gradient_checkpointing(backend.n_layers)
     refs = weakref.ref(backend), weakref.ref(backend.patcher)
     gc.disable()
     try:
@@ -328,10 +328,10 @@ def test_training_loads_the_whole_model_and_refuses_a_partial_load(monkeypatch):
         calls.clear()
         backend.load()
         assert calls == []
-        backend.set_gradient_checkpointing(True)  # patches added
+        backend.set_gradient_checkpointing(backend.n_layers)  # patches added
         backend.load()
         assert len(calls) == 1
-        backend.set_gradient_checkpointing(False)  # and taken away again
+        backend.set_gradient_checkpointing(0)  # and taken away again
         backend.load()
         assert len(calls) == 2 and not any("CheckpointedForward" in type(layer.forward).__name__
                                            for layer in backend.dit.layers)
@@ -465,3 +465,7 @@ def test_gpu_script_measures_the_nodes_backend_on_bf16_and_fp8_weights(tmp_path)
     for row in result["rows"]:
         assert "error" not in row and row["model"] == f"z-image-tiny-comfy-{row['weights']}"
         assert all(s > 0 for s in row["seconds_per_step"].values())
+    for partial in result["checkpointing"]:  # k of the main layers checkpointed, through the nodes' backend
+        kept = [r["activations_mib"] for r in partial["rows"]]
+        assert [r["checkpointed_layers"] for r in partial["rows"]] == [0, 1, 2] and kept[0] > kept[1] > kept[2]
+    assert [p["weights"] for p in result["checkpointing"]] == ["bf16", "fp8"]

@@ -106,7 +106,7 @@ def test_recomputed_layers_keep_image_rows_and_the_attention_capture():
     with torch.no_grad():
         for p in lora_set.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    backend.set_gradient_checkpointing(True)
+    backend.set_gradient_checkpointing(backend.n_layers)
     prompts = backend.encode(["a photo of a cat"])
     tokens = [concept_token_indices(prompts[0], "cat")]
     x, sigma = torch.randn(1, 16, 8, 12, generator=g), torch.tensor([0.7])
@@ -133,9 +133,47 @@ def test_recomputed_layers_keep_image_rows_and_the_attention_capture():
     for (n0, x0, out0, _), (n1, x1, out1, _) in zip(seen[:LAYERS], reversed(seen[LAYERS:])):
         assert n0 == n1 and torch.equal(x0, x1) and torch.equal(out0, out1)  # the recomputation is the forward
     assert sum(p.grad.abs().sum() for p in lora_set.parameters()) > 0
-    backend.set_gradient_checkpointing(False)
+    backend.set_gradient_checkpointing(0)
     assert not any(k.startswith("diffusion_model.layers.") and k.endswith(".forward") and ".attention." not in k
                    for k in backend.patcher.object_patches)  # the refiner's row sharing stays; it is not checkpointing
+
+
+def test_partial_checkpointing_patches_and_recomputes_the_first_layers_only():
+    """What auto runs where part of the layers fit: the first k main layers checkpointed (patched, run again in
+    backward), the others as they are, and the LoRA's gradient that of no checkpointing."""
+    from zerase_core.backends.comfy_zimage.object_patches import LAYER_FORWARD
+
+    model = tiny_zimage(comfy)
+    backend = ComfyZImageBackend(model, tiny_clip(comfy))
+    lora_set = backend.install(LoRAConfig(rank=2))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora_set.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    prompts = backend.encode(["a photo of a cat"])
+    tokens = [concept_token_indices(prompts[0], "cat")]
+    x, sigma = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.7])
+
+    def gradient(checkpointed: int):
+        backend.set_gradient_checkpointing(checkpointed)
+        for p in lora_set.parameters():
+            p.grad = None
+        seen, handles = _qkv_calls(model)
+        try:
+            with training_session(backend):
+                v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
+                (v.square().mean() + mass.sum()).backward()
+        finally:
+            for h in handles:
+                h.remove()
+        patched = [LAYER_FORWARD.format(i) in backend.patcher.object_patches for i in range(LAYERS)]
+        return torch.cat([p.grad.reshape(-1) for p in lora_set.parameters()]), [n for n, *_ in seen], patched
+
+    plain, runs, patched = gradient(0)
+    assert runs == [0, 1] and patched == [False, False]
+    partial, runs, patched = gradient(1)
+    assert runs == [0, 1, 0] and patched == [True, False]  # layer 0 again in backward, layer 1 not
+    torch.testing.assert_close(partial, plain, rtol=1e-5, atol=1e-7)
 
 
 def test_a_model_that_comes_checkpointed_is_checkpointed_once():
@@ -145,7 +183,7 @@ def test_a_model_that_comes_checkpointed_is_checkpointed_once():
     other tensors than the forward did)."""
     model = tiny_zimage(comfy)
     first = ComfyZImageBackend(model)
-    first.set_gradient_checkpointing(True)
+    first.set_gradient_checkpointing(first.n_layers)
     backend = ComfyZImageBackend(first.patcher, tiny_clip(comfy))
     lora_set = backend.install(LoRAConfig(rank=2))
     g = torch.Generator().manual_seed(0)
@@ -164,7 +202,7 @@ def test_a_model_that_comes_checkpointed_is_checkpointed_once():
             (v.square().mean() + mass.sum()).backward()
         return torch.cat([p.grad.reshape(-1) for p in lora_set.parameters()])
 
-    backend.set_gradient_checkpointing(True)
+    backend.set_gradient_checkpointing(backend.n_layers)
     seen, handles = _qkv_calls(model)
     try:
         checkpointed = gradient()
@@ -172,7 +210,7 @@ def test_a_model_that_comes_checkpointed_is_checkpointed_once():
         for h in handles:
             h.remove()
     assert len(seen) == 2 * LAYERS  # each layer: once in forward, once recomputed in backward
-    backend.set_gradient_checkpointing(False)
+    backend.set_gradient_checkpointing(0)
     torch.testing.assert_close(checkpointed, gradient(), rtol=1e-5, atol=1e-7)
 
 
@@ -224,7 +262,7 @@ def test_a_forward_whose_backward_never_runs_leaves_nothing_held():
     model = tiny_zimage(comfy)
     backend = ComfyZImageBackend(model, tiny_clip(comfy))
     backend.install(LoRAConfig(rank=2))
-    backend.set_gradient_checkpointing(True)
+    backend.set_gradient_checkpointing(backend.n_layers)
     prompts = backend.encode(["a photo of a cat"])
     with training_session(backend):
         v, mass = backend.velocity(torch.randn(1, 16, 8, 8), torch.tensor([0.7]), prompts,

@@ -488,7 +488,7 @@ def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, mon
     with torch.inference_mode():
         pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
                                     **_train_inputs(steps=3, save_name="switched"))
-    assert titles[-1].endswith(", checkpointing from step 2 (out of memory without it)")
+    assert titles[-1].endswith(", checkpointing 2/2 layers from step 2 (out of memory without it)")
     assert load_lora(loras_dir / "zerase" / "switched.safetensors").training["steps_done"] == 3
 
 
@@ -516,4 +516,4 @@ def test_the_curves_say_when_auto_checkpointed_from_the_start(pack, loras_dir, m
         pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
                                     **_train_inputs(steps=2, save_name="small_card"))
     assert len(loaded) == 1 and "Lumina2" in loaded[0]  # asked once, with the diffusion model loaded
-    assert titles[-1].endswith(", checkpointing from step 1 (too little GPU memory without it)")
+    assert titles[-1].endswith(", checkpointing 2/2 layers from step 1 (too little GPU memory without it)")

@@ -113,13 +113,14 @@ def test_a_run_stopped_mid_step_resumes_into_the_run_an_uninterrupted_one_takes(
 
 def _out_of_memory_unless_checkpointing(trainer, from_step: int, where: str = "forward"):
     """A card too small to train without checkpointing from ``from_step`` on: the last layer's forward with
-    gradients (or its backward) raises there unless checkpointing is on (diffusers' own flag, which the backend's
-    switch sets). The failed forward's input is kept by weak reference in the returned list."""
-    transformer, failed = trainer.backend.transformer, []
+    gradients (or its backward) raises there unless every main layer is checkpointed. The failed forward's input is
+    kept by weak reference in the returned list."""
+    backend, failed = trainer.backend, []
+    transformer = backend.transformer
 
     def hook(module, *args):
         if (torch.is_grad_enabled() or where == "backward") and trainer.step + 1 >= from_step \
-                and not transformer.gradient_checkpointing:
+                and backend.checkpointed_layers < backend.n_layers:
             if where == "forward":
                 failed.append(weakref.ref(args[0][0]))
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -141,7 +142,7 @@ def test_auto_checkpointing_takes_a_step_that_ran_out_of_memory_again_with_check
 
     backend = tiny_zimage_backend()
     trainer = ZEraseTrainer(backend, config)
-    assert trainer.gradient_checkpointing_from is None and not backend.transformer.gradient_checkpointing
+    assert trainer.gradient_checkpointing_from is None and backend.checkpointed_layers == 0
     hook, failed = _out_of_memory_unless_checkpointing(trainer, 4, where)
     start = trainer.start_gradient_checkpointing
     freed_at_retry = []
@@ -151,7 +152,7 @@ def test_auto_checkpointing_takes_a_step_that_ran_out_of_memory_again_with_check
     hook.remove()
     # The failed forward's activations are freed before the step is taken again, not held by its traceback.
     assert freed_at_retry == ([True] if where == "forward" else [])
-    assert trainer.gradient_checkpointing_from == 4 and backend.transformer.gradient_checkpointing
+    assert trainer.gradient_checkpointing_from == 4 and backend.checkpointed_layers == backend.n_layers
     assert trainer.gradient_checkpointing_reason == OUT_OF_MEMORY and "Out of GPU memory at step 4" in caplog.text
     assert len(result.history) == 8 and [r.step for r in result.history] == list(range(1, 9))
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
@@ -175,12 +176,12 @@ def test_auto_checkpointing_is_kept_by_a_resumed_run_that_ran_out_of_memory(tmp_
     for name, on in (("a.ckpt", True), ("b.ckpt", False)):
         resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6))
         resumed.resume(tmp_path / name)
-        assert resumed.backend.transformer.gradient_checkpointing == on
+        assert resumed.backend.checkpointed_layers == (resumed.backend.n_layers if on else 0)
         assert (resumed.gradient_checkpointing_from, resumed.gradient_checkpointing_reason) == \
             ((2, OUT_OF_MEMORY) if on else (None, None))
     off = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, gradient_checkpointing="off"))
     off.resume(tmp_path / "a.ckpt")  # "off" is the user's word, whatever the run needed before
-    assert not off.backend.transformer.gradient_checkpointing
+    assert off.backend.checkpointed_layers == 0
     # A run the estimate put on checkpointing decides again when resumed (on another card, or with more free).
     estimated = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6), checkpoint_path=tmp_path / "c.ckpt")
     estimated.start_gradient_checkpointing(TOO_LITTLE_MEMORY)
@@ -223,15 +224,27 @@ def test_out_of_memory_inside_adamws_update_is_not_retried_and_the_last_checkpoi
         torch.testing.assert_close(result.lora.factors[key][1], b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("free, on", [(1024, True), (2**40, False)])  # the tiny model's step: some 100 KiB
-def test_auto_checkpointing_decides_before_the_first_step_by_the_memory_free(free, on, monkeypatch, caplog):
+def _free_for(layers: int) -> int:
+    """GPU memory free in which auto must checkpoint ``layers`` of the tiny model's 2 main layers at _config's step
+    (16 image tokens, 3 rows of the longest caption, width 64): the peak of that many, with the margin, and a byte."""
+    from zerase_core import memory_fit
+
+    caption = 32  # every _config caption pads to 32 tokens
+    per_layer = memory_fit.step_bytes(16, caption, 3, 2, 64) / 2
+    kept = memory_fit.layer_input_bytes(16, caption, 3, 64)
+    return int(memory_fit.peak_bytes(2, layers, per_layer, kept) * memory_fit.MARGIN) + 1
+
+
+@pytest.mark.parametrize("checkpointed", [0, 1, 2])
+def test_auto_checkpointing_decides_before_the_first_step_by_the_memory_free(checkpointed, monkeypatch, caplog):
     """Running out of memory is not a sign everywhere: on Windows NVIDIA's driver spills to system memory instead and
     the step just runs slowly. So auto compares the step's estimated activations with the GPU memory free before the
-    first step (the model loaded first), and checkpoints from the start where they do not fit."""
+    first step (the model loaded first), and checkpoints from the start as few main layers as let them fit."""
     from zerase_core import memory_fit
 
     caplog.set_level("INFO", logger="zerase_core")
     asked = []
+    free = _free_for(checkpointed) if checkpointed < 2 else 1024  # nothing fits: every layer
     monkeypatch.setattr(memory_fit, "available_bytes", lambda device: asked.append(device) or free)
     estimated, real_estimate = [], memory_fit.step_bytes
     monkeypatch.setattr(memory_fit, "step_bytes", lambda *a: estimated.append(a) or real_estimate(*a))
@@ -245,26 +258,27 @@ def test_auto_checkpointing_decides_before_the_first_step_by_the_memory_free(fre
     # What is estimated: 64² is 4×8×8 latent cells, 16 image tokens of 2×2; the longest caption; the three rows
     # [c_er, ∅, c_pr]; the model's layers and width.
     caption = max(p.n_tokens for p in (*trainer.prompts.erase, trainer.prompts.uncond, *trainer.prompts.keep))
-    assert estimated == [(16, caption, 3, 2, 64)]
-    assert backend.transformer.gradient_checkpointing == on
+    assert estimated == [(16, caption, 3, 2, 64)] and caption <= 32  # as _free_for takes it
+    assert backend.checkpointed_layers == checkpointed
     assert (trainer.gradient_checkpointing_from, trainer.gradient_checkpointing_reason) == \
-        ((1, TOO_LITTLE_MEMORY) if on else (None, None))
-    assert ("checkpointing from the start" in caplog.text) == on
+        ((1, TOO_LITTLE_MEMORY) if checkpointed else (None, None))
+    assert (f"checkpointing {checkpointed} of 2 main layers from the start" in caplog.text) == bool(checkpointed)
 
 
-def test_the_activation_estimate_scales_the_measured_step():
-    """The estimate is the H200's measured 21.9 GiB for [c_er, ∅, c_pr] at 512² on the real model, scaled linearly:
-    at 1024² (4096 image tokens) 83.8 GiB, beyond an 80 GB card's room with 11.6 GiB of weights; one row a third."""
-    from zerase_core.memory_fit import fits, step_bytes
-
-    gib = 2**30
-    assert step_bytes(1024, 64, 3, 30, 3840) / gib == pytest.approx(21.91)
-    assert step_bytes(4096, 64, 3, 30, 3840) / gib == pytest.approx(21.91 * 4160 / 1088)
-    assert step_bytes(1024, 64, 1, 30, 3840) / gib == pytest.approx(21.91 / 3)
-    assert fits(step_bytes(1024, 64, 3, 30, 3840), int((80 - 11.6) * gib))  # an 80 GB card at 512²: no checkpointing
-    assert not fits(step_bytes(1024, 64, 3, 30, 3840), int((24 - 11.6) * gib))  # a 24 GB card: checkpointing
-    assert not fits(step_bytes(4096, 64, 3, 30, 3840), int((80 - 11.6) * gib))
-    assert fits(1e30, None)  # a CPU run: nothing to decide
+def test_out_of_memory_with_part_of_the_layers_checkpointed_checkpoints_them_all(caplog):
+    """An estimate that was short for a partial plan: the step that ran out is taken again with every layer
+    checkpointed, from then on, the run's first checkpointed step kept; the run is the one that never ran out."""
+    config = _config(steps=6, lr=1e-2)
+    reference = ZEraseTrainer(tiny_zimage_backend(), config).run()
+    backend = tiny_zimage_backend()
+    trainer = ZEraseTrainer(backend, config)
+    trainer._check_fit = lambda: trainer.start_gradient_checkpointing(TOO_LITTLE_MEMORY, layers=1)
+    hook, _ = _out_of_memory_unless_checkpointing(trainer, 3)
+    result = trainer.run()
+    hook.remove()
+    assert backend.checkpointed_layers == 2 and "with 1 of 2 main layers checkpointed" in caplog.text
+    assert (trainer.gradient_checkpointing_from, trainer.gradient_checkpointing_reason) == (1, OUT_OF_MEMORY)
+    assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
 
 
 @pytest.mark.parametrize("mode", ["off", "on"])
@@ -281,7 +295,7 @@ def test_out_of_memory_is_raised_when_checkpointing_is_not_auto(mode):
     backend.transformer.layers[-1].register_forward_pre_hook(always)
     with pytest.raises(torch.OutOfMemoryError):
         trainer.train_step()
-    assert trainer.step == 0 and backend.transformer.gradient_checkpointing == (mode == "on")
+    assert trainer.step == 0 and backend.checkpointed_layers == (backend.n_layers if mode == "on" else 0)
 
 
 def test_checkpointing_settings_of_older_files_read_as_on_and_off():

@@ -107,8 +107,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    f"{TrainConfig.height}; {TINY['height']} with --tiny)")
     p.add_argument("--seed", type=int, default=0, help="seeds the LoRA's init, the prompt order and x_t (default 0)")
     p.add_argument("--gradient-checkpointing", nargs="?", const="on", default=TrainConfig.gradient_checkpointing,
-                   choices=CHECKPOINTING_MODES, help="auto (default): on where a step would not fit the free GPU "
-                   "memory without it (estimated; or from a step that runs out); on (also the flag alone): always; "
+                   choices=CHECKPOINTING_MODES, help="auto (default): as few main layers as let a step fit the free "
+                   "GPU memory (estimated; all from a step that runs out); on (also the flag alone): all, always; "
                    "off: never")
     p.add_argument("--xt-source", default=None, choices=list(XT_SOURCES),
                    help="x_t: sampled every step (fresh, ESD) or from trajectories sampled once (pool, the default)")

@@ -1,5 +1,5 @@
-"""Whether a Z-Erase step fits the GPU without gradient checkpointing: the decision ``"auto"`` makes before the first
-step.
+"""How many main layers a Z-Erase step must checkpoint to fit the GPU: the decision ``"auto"`` makes before the first
+step. As few as fit, since each one checkpointed costs its forward again in backward.
 
 Running out of memory once would tell as well, and stays the backstop (trainer.py), but it cannot be the only sign:
 on Windows NVIDIA's driver (536.40 and later, by default) moves what does not fit into shared system memory instead
@@ -23,14 +23,52 @@ MEASURED = {"bytes": 21.91 * 2**30, "rows": 3, "tokens": 1024 + 64, "layers": 30
 # measured here). At 512² in bf16 it leaves a 40 GB card (27.4 GiB free with the weights loaded) the faster run.
 MARGIN = 1.15
 PAD = 32  # both Z-Image implementations pad the image and the caption sequences to a multiple of 32 tokens
+ACTIVATION_BYTES = 2  # bf16, as measured
+
+
+def _tokens(image_tokens: int, caption_tokens: int) -> int:
+    return pad_to_multiple(image_tokens, PAD) + pad_to_multiple(caption_tokens, PAD)
 
 
 def step_bytes(image_tokens: int, caption_tokens: int, rows: int, layers: int, dim: int) -> float:
     """Activation bytes a step without checkpointing holds for backward, scaled from :data:`MEASURED` (the
     sequences counted as padded)."""
     m = MEASURED
-    tokens = pad_to_multiple(image_tokens, PAD) + pad_to_multiple(caption_tokens, PAD)
+    tokens = _tokens(image_tokens, caption_tokens)
     return m["bytes"] * rows / m["rows"] * tokens / m["tokens"] * layers / m["layers"] * dim / m["dim"]
+
+
+def layer_input_bytes(image_tokens: int, caption_tokens: int, rows: int, dim: int) -> float:
+    """What a checkpointed layer keeps for backward: its input, the (rows, tokens, dim) hidden states."""
+    return rows * _tokens(image_tokens, caption_tokens) * dim * ACTIVATION_BYTES
+
+
+def peak_bytes(layers: int, checkpointed: int, per_layer: float, kept: float) -> float:
+    """A step's activations at their peak when the first ``checkpointed`` of ``layers`` main layers are recomputed:
+    ``per_layer`` bytes held by each other layer, ``kept`` by each checkpointed one."""
+    end_of_forward = (layers - checkpointed) * per_layer + checkpointed * kept
+    # Backward recomputes a checkpointed layer after every later layer's activations are freed: one layer's again.
+    recomputing = per_layer + checkpointed * kept if checkpointed else 0.0
+    return max(end_of_forward, recomputing)
+
+
+def layers_to_checkpoint(layers: int, per_layer: float, kept: float, available: int | None) -> int:
+    """The fewest main layers to checkpoint for the step to fit ``available`` bytes with :data:`MARGIN` to spare:
+    0 where everything fits or off CUDA; all of them, as ``"on"`` does, where nothing fits."""
+    for checkpointed in range(layers + 1):
+        if fits(peak_bytes(layers, checkpointed, per_layer, kept), available):
+            return checkpointed
+    return layers
+
+
+def plan(image_tokens: int, caption_tokens: int, rows: int, layers: int, dim: int, casts: float,
+         available: int | None) -> tuple[int, float]:
+    """auto's decision for a step of ``rows`` predictions: (main layers to checkpoint, the bytes its activations
+    take without checkpointing). ``casts``: bytes of the compute-dtype weight copies a forward keeps for backward
+    (fp8 weights), spread over the main layers like their activations."""
+    needed = step_bytes(image_tokens, caption_tokens, rows, layers, dim) + casts
+    kept = layer_input_bytes(image_tokens, caption_tokens, rows, dim)
+    return layers_to_checkpoint(layers, needed / layers, kept, available), needed
 
 
 def available_bytes(device: torch.device) -> int | None:

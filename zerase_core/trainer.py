@@ -129,12 +129,13 @@ class ZEraseTrainer:
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
         self.latent_shape = backend.latent_shape(config.height, config.width)
         self.xt_pool = self.build_pool(should_stop, pool_progress) if config.xt_source == "pool" else None
-        # Gradient checkpointing: from which step, and why (``"on"`` or one of auto's two reasons).
+        # Gradient checkpointing: from which step, and why (``"on"`` or one of auto's two reasons); how many of the
+        # main layers are checkpointed now is the backend's ``checkpointed_layers``.
         self.gradient_checkpointing_from: int | None = None
         self.gradient_checkpointing_reason: str | None = None
         self._fit_checked = config.gradient_checkpointing != "auto"  # auto decides at the first step, loaded
         self.torn = False  # out of memory inside AdamW's update moved part of the LoRA (see has_progress)
-        backend.set_gradient_checkpointing(False)  # as the settings say, whatever the backend was left with
+        backend.set_gradient_checkpointing(0)  # as the settings say, whatever the backend was left with
         if config.gradient_checkpointing == "on":
             self.start_gradient_checkpointing("on")
 
@@ -241,9 +242,9 @@ class ZEraseTrainer:
 
     def train_step(self) -> StepRecord:
         """One step of Algorithm 1. Under ``gradient_checkpointing="auto"`` checkpointing turns on before the first
-        step where the step's estimated activations do not fit the GPU memory free (:mod:`.memory_fit`), and where
-        the estimate was short, at the first step that runs out of memory, which is then taken again; it stays on
-        for the rest of the run.
+        step for as few main layers as let the step's estimated activations fit the GPU memory free
+        (:mod:`.memory_fit`), and where the estimate was short, for every layer at the first step that runs out of
+        memory, which is then taken again; it stays on for the rest of the run.
 
         The failed step left the run as it was (:meth:`_step`), so the retry is the step an uninterrupted run takes:
         checkpointing changes where activations are kept, not the gradients. Out of memory inside AdamW's own update
@@ -259,42 +260,47 @@ class ZEraseTrainer:
         except _OutOfMemoryInUpdate:
             raise
         except torch.OutOfMemoryError:
-            if self.gradient_checkpointing_from is not None or self.config.gradient_checkpointing != "auto":
+            all_checkpointed = self.backend.checkpointed_layers == self.backend.n_layers
+            if self.config.gradient_checkpointing != "auto" or all_checkpointed:
                 raise
         # Outside the except clause, whose traceback holds the failed forward's tensors: Python frees them here.
         # (What a failed backward leaves inside autograd's engine may outlive this; the retry's own backward
         # releases it.)
         self.seconds += time.perf_counter() - start  # the failed attempt is part of the run's time
-        log.warning("Out of GPU memory at step %d without gradient checkpointing; taking it again with checkpointing, "
-                    "which stays on for the rest of the run (the same gradients, about a third more time per step).",
-                    self.step + 1)
+        log.warning("Out of GPU memory at step %d with %d of %d main layers checkpointed; taking it again with all of "
+                    "them, which stays so for the rest of the run (the same gradients, up to a third more time per "
+                    "step).", self.step + 1, self.backend.checkpointed_layers, self.backend.n_layers)
         self.start_gradient_checkpointing(OUT_OF_MEMORY)
         if torch.cuda.is_available():  # the failed step's cached blocks back to the device, for a layout that fits
             torch.cuda.empty_cache()
         return self._step()
 
     def _check_fit(self) -> None:
-        """auto's decision before the first step: checkpointing from the start where a step without it would not
-        fit the GPU memory free with the model loaded (nothing to decide on a CPU)."""
+        """auto's decision before the first step: checkpoint from the start as few main layers as let a step fit the
+        GPU memory free with the model loaded (nothing to decide on a CPU)."""
         self.backend.load()
         available = memory_fit.available_bytes(self.backend.device)
         if available is None:
             return
-        prompts = self.prompts
+        prompts, layers = self.prompts, self.backend.n_layers
         caption = max(p.n_tokens for p in (*prompts.erase, prompts.uncond, *prompts.keep))
         rows = 2 + bool(prompts.keep)  # [c_er, ∅, c_pr], or [c_er, ∅] without preservation prompts
         image = math.prod(self.latent_shape[1:]) // self.backend.patch**2
-        needed = memory_fit.step_bytes(image, caption, rows, self.backend.n_layers, self.width)
-        needed += self.backend.weight_casts_bytes()  # fp8 weights: their bf16 copies, kept for backward
-        if not memory_fit.fits(needed, available):
-            log.info("A step without gradient checkpointing needs about %.1f GiB, %.1f GiB are free: checkpointing "
-                     "from the start.", needed / 2**30, available / 2**30)
-            self.start_gradient_checkpointing(TOO_LITTLE_MEMORY)
+        casts = self.backend.weight_casts_bytes()  # fp8 weights: their bf16 copies, kept for backward
+        checkpointed, needed = memory_fit.plan(image, caption, rows, layers, self.width, casts, available)
+        if checkpointed:
+            log.info("A step without gradient checkpointing needs about %.1f GiB, %.1f GiB are free: checkpointing %d "
+                     "of %d main layers from the start.", needed / 2**30, available / 2**30, checkpointed, layers)
+            self.start_gradient_checkpointing(TOO_LITTLE_MEMORY, layers=checkpointed)
 
-    def start_gradient_checkpointing(self, reason: str, from_step: int | None = None) -> None:
-        """Gradient checkpointing from the next step on (or, resumed, from the step it began at), and why."""
-        self.backend.set_gradient_checkpointing(True)
-        self.gradient_checkpointing_from = self.step + 1 if from_step is None else from_step
+    def start_gradient_checkpointing(self, reason: str, from_step: int | None = None,
+                                     layers: int | None = None) -> None:
+        """Gradient checkpointing of the first ``layers`` main layers (all by default) from the next step on, or,
+        resumed, from the step it began at, and why. A run that checkpoints more layers than before keeps the step
+        it began at."""
+        self.backend.set_gradient_checkpointing(self.backend.n_layers if layers is None else layers)
+        if from_step is not None or self.gradient_checkpointing_from is None:
+            self.gradient_checkpointing_from = self.step + 1 if from_step is None else from_step
         self.gradient_checkpointing_reason = reason
 
     def _step(self) -> StepRecord:

@@ -126,9 +126,23 @@ class Backend(ABC):
         it, averaged over heads and ``layers`` (paper Fig. 2). ``lora`` off: the model without this backend's
         trained LoRA, where the host can switch it (a ComfyUI MODEL carries its LoRAs as patches: pass both)."""
 
+    checkpointed_layers: int = 0  # how many main layers are recomputed in backward (set_gradient_checkpointing)
+
+    def set_gradient_checkpointing(self, layers: int) -> None:
+        """Recompute the first ``layers`` main layers in backward instead of keeping their activations (0: none;
+        ``n_layers``: all). The gradients are the same.
+
+        The first ones, because backward reaches them last: by the time one is recomputed the later layers'
+        activations are freed, so the recomputation adds one layer's activations to a peak that has already fallen.
+        """
+        if isinstance(layers, bool) or not 0 <= layers <= self.n_layers:  # True would read as one layer
+            raise ValueError(f"layers to checkpoint: a count from 0 to {self.n_layers}, got {layers!r}")
+        self._checkpoint_first(layers)
+        self.checkpointed_layers = layers
+
     @abstractmethod
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute each main layer in backward instead of keeping its activations (same gradients)."""
+    def _checkpoint_first(self, layers: int) -> None:
+        """Checkpoint main layers ``0 .. layers-1`` and no other."""
 
     @abstractmethod
     def install(self, config: LoRAConfig, name: str = "zerase") -> LoRASet:

@@ -132,6 +132,7 @@ class DiffusersZImageBackend(Backend):
         # the first use after that; from then on the backend follows the transformer.
         self._move_to = torch.device(device) if device is not None else None
         self.gate = TokenGate()
+        self._checkpointed_blocks: set[int] = set()  # ids of the main layers _checkpoint recomputes
         self.patch = transformer.config.all_patch_size[0]
         self._installer = InPlaceInstaller(transformer, self.gate)
         self._recorder: Recorder | None = None
@@ -210,14 +211,19 @@ class DiffusersZImageBackend(Backend):
         """What a refiner wrapped by SharedRowsForward reads while the backend's call runs."""
         return self._row_groups
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        if enabled:
+    def _checkpoint_first(self, layers: int) -> None:
+        # diffusers hands every block it runs with gradients to _checkpoint (refiners too), which picks these.
+        self._checkpointed_blocks = {id(block) for block in self.transformer.layers[:layers]}
+        if layers:
             self.transformer.enable_gradient_checkpointing(self._checkpoint)
         else:
             self.transformer.disable_gradient_checkpointing()
 
     def _checkpoint(self, block, *args):
-        """Checkpoint a block with this call's gate layout and recorder (replay_checkpoint.py)."""
+        """Checkpoint a chosen main layer with this call's gate layout and recorder (replay_checkpoint.py); run any
+        other block as it is (the refiners keep nothing for backward: they run before any gated layer)."""
+        if id(block) not in self._checkpointed_blocks:
+            return block(*args)
         layout, lora_on, recorder = self.gate.layout, self.gate.lora_on, checkpointed(self._recorder)
 
         @contextmanager

@@ -2,4 +2,4 @@
 often λ > 0 (``bench-lambda``), fresh vs pooled x_t (``bench-xt``), attention-loss memory and the real model's
 memory and run-time estimates. Importing the package registers the commands."""
 
-from . import cost, lambda_kinds, xt  # noqa: F401  (each registers its command)
+from . import checkpointing, cost, lambda_kinds, xt  # noqa: F401  (each registers its command)

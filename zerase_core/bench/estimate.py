@@ -227,13 +227,11 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float,
                                 _peak_gb(ckpt), memory_budget_gb)
             key = f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"
             rows[key] = {"xt_source": source, "gradient_checkpointing": ckpt} | row
-    default = default_row(memory_budget_gb)
     return {
         "resolution": 512, "steps": steps, "device": "one H100 (composed from the issue's H100 figures, not run here)",
         "memory_budget_gb": memory_budget_gb, "fractions": fractions,
         # What TrainConfig's defaults run on this card: the x_t pool, and checkpointing "auto"
-        "default_settings": {"row": default, "minutes": rows[default]["minutes"],
-                             "meets_10_min": rows[default]["meets_10_min"]},
+        "default_settings": default_settings(memory_budget_gb, rows),
         "parts_s": {k: v for k, v in p.items() if k != "fwd_bwd"} | {
             "fwd_bwd_ckpt": p["fwd_bwd"][True], "fwd_bwd_no_ckpt": p["fwd_bwd"][False]},
         "assumptions": _assumptions(mass_overhead, pool_trajectories, levels),
@@ -242,14 +240,21 @@ def run_time_composition(fraction_batched: float, fraction_recomputed: float,
     }
 
 
-def default_row(card_gb: float) -> str:
-    """The row TrainConfig's defaults run on a card of ``card_gb``: their x_t source, and checkpointing "auto",
-    which stays off where the step's activations fit beside the weights by auto's own rule (memory_fit.fits) and is
-    on from the start otherwise."""
-    source, mode = TrainConfig.xt_source, TrainConfig.gradient_checkpointing
-    fits = memory_fit.fits(_activations_gb(False) * 1e9, int((card_gb - _weights_gb()) * 1e9))
-    ckpt = mode == "on" or (mode == "auto" and not fits)
-    return f"{source}_{'ckpt' if ckpt else 'no_ckpt'}"
+def default_settings(card_gb: float, rows: dict) -> dict:
+    """What TrainConfig's defaults run on a card of ``card_gb``: their x_t source, and checkpointing "auto", which
+    checkpoints as few main layers as let the step fit beside the weights, by the trainer's own rule
+    (memory_fit.plan). Checkpointing k of the 30 layers costs k/30 of what checkpointing all adds (A3 per layer), so
+    its minutes lie that far from the "no_ckpt" row towards the "ckpt" row."""
+    source, mode, n = TrainConfig.xt_source, TrainConfig.gradient_checkpointing, REAL["n_layers"]
+    if mode == "auto":
+        free = int((card_gb - CONTEXT_ALLOWANCE_GIB) * GiB - _weights_gb() * 1e9)  # a "24 GB" card has 24 GiB
+        layers, _ = memory_fit.plan(1024, REAL["caption_tokens"], 3, n, REAL["dim"], 0, free)
+    else:
+        layers = n if mode == "on" else 0
+    off, on = rows[f"{source}_no_ckpt"], rows[f"{source}_ckpt"]
+    minutes = off["minutes"] + (on["minutes"] - off["minutes"]) * layers / n
+    return {"xt_source": source, "checkpointed_layers": layers, "of_layers": n, "minutes": minutes,
+            "meets_10_min": minutes <= 10}
 
 
 def _step_kinds(p: dict, ckpt: bool, mass: float) -> tuple[dict[str, float], float]:

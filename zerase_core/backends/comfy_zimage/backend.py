@@ -146,14 +146,12 @@ class ComfyZImageBackend(Backend):
                 self.patcher.object_patches[key] = self._inherited.pop(key)
         self._wrapped.clear()
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Checkpoint every main layer (object patches on this clone; refiners are not touched).
-
-        Activations of a layer are recomputed in backward instead of kept; gradients are the
-        same. Switching off, or unpatching the clone, restores the layers' own forwards.
-        """
+    def _checkpoint_first(self, layers: int) -> None:
+        """Object patches on this clone (refiners are not touched); taking one away, or unpatching the clone,
+        restores the layer's own forward."""
         for layer in range(self.n_layers):
             key = LAYER_FORWARD.format(layer)
+            enabled = layer < layers
             if enabled and layer not in self._checkpointed:
                 previous = self.patcher.get_model_object(key)
                 self.patcher.add_object_patch(key, CheckpointedForward.around(self.calls, layer, previous))

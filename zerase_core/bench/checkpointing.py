@@ -1,0 +1,90 @@
+"""``python -m zerase_core bench-checkpointing``: what checkpointing the first k main layers costs and saves.
+
+``"auto"`` checkpoints as few main layers as let a step fit (:mod:`..memory_fit`), on the model that each one
+checkpointed costs its forward once more in backward and keeps only its input. This measures both on one model:
+a Z-Erase step at λ > 0 (the batch-3 [c_er, ∅, c_pr] student forward/backward with the attention mass, x_t from the
+pool) with k = 0 … all of the main layers checkpointed, timed interleaved (:func:`.timing.interleaved_medians`),
+and beside each the activations it keeps: on the CPU the bytes autograd saves for backward (what is held between
+forward and backward; the recomputation's own, one layer at a time, is not counted), on a GPU the peak above what
+is resident. Ratios are against k = 0 in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from ..cli import command
+from .memory import saved_bytes
+from .report import check_out, emit
+from .timing import check_timing, device_sync, interleaved_medians, peak_gib
+
+
+def measure(backend, config, counts: list[int], steps: int, repeats: int) -> dict:
+    """Seconds per step and activations kept, for each count of checkpointed layers in ``counts``."""
+    from ..trainer import ZEraseTrainer
+
+    config = dataclasses.replace(config, lambda_mode="fixed", fixed_lambda=1.0, gradient_checkpointing="off")
+    trainer = ZEraseTrainer(backend, config)  # λ pinned > 0: every step is the batch-3 one
+
+    def step_with(k: int):
+        def step():
+            backend.set_gradient_checkpointing(k)
+            trainer.train_step()
+        return step
+
+    variants = {k: step_with(k) for k in counts}
+    sync = device_sync(backend)
+    seconds = interleaved_medians(variants, steps, repeats, sync)
+    if backend.device.type == "cuda":
+        kept = {k: gib * 2**30 for k, gib in peak_gib(variants, sync).items()}
+    else:
+        kept = {k: float(saved_bytes(fn)[0]) for k, fn in variants.items()}
+    none = counts[0]
+    rows = [{"checkpointed_layers": k, "seconds_per_step": seconds[k], "time_ratio": seconds[k] / seconds[none],
+             "activations_mib": kept[k] / 2**20, "memory_ratio": kept[k] / kept[none]} for k in counts]
+    return {"device": str(backend.device), "layers": backend.n_layers, "height": config.height,
+            "rows": rows, "added_time_per_layer_s": _slope(rows, "seconds_per_step"),
+            "saved_mib_per_layer": -_slope(rows, "activations_mib")}
+
+
+def _slope(rows: list[dict], key: str) -> float:
+    """Least-squares change of ``key`` per checkpointed layer: the linear model's per-layer figure."""
+    xs = [r["checkpointed_layers"] for r in rows]
+    ys = [r[key] for r in rows]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def _add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=int, default=8, help="main layers of the tiny Z-Image (dim 128) measured")
+    p.add_argument("--resolution", type=int, default=512, help="image side in pixels (512: 1024 image tokens)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per round and variant")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--out", type=Path)
+
+
+@command("bench-checkpointing", "seconds and activation memory of a step with k of the main layers checkpointed",
+         _add)
+def _bench_checkpointing(args: argparse.Namespace) -> int:
+    from ..tiny import TinyZImageConfig, tiny_zimage_backend
+    from .cost import base_config
+
+    check_timing(args.steps, args.repeats)
+    check_out(args.out)
+    if args.layers < 1:
+        from ..errors import ZEraseError
+
+        raise ZEraseError(f"--layers must be at least 1; got {args.layers}.")
+    backend = tiny_zimage_backend(TinyZImageConfig(dim=128, n_heads=4, n_layers=args.layers))
+    config = base_config(height=args.resolution, width=args.resolution, sample_steps=2, xt_pool=1)
+    counts = sorted({round(args.layers * f) for f in (0, 0.25, 0.5, 0.75, 1)})
+    result = measure(backend, config, counts, args.steps, args.repeats)
+    emit(result, args)
+    for r in result["rows"]:
+        print(f"{r['checkpointed_layers']:>3} of {result['layers']} checkpointed: {r['seconds_per_step']:.3f} s/step "
+              f"(×{r['time_ratio']:.2f}), {r['activations_mib']:.1f} MiB kept (×{r['memory_ratio']:.2f})",
+              file=sys.stderr)
+    return 0
