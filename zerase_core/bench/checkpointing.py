@@ -45,8 +45,10 @@ def measure(backend, config, counts: list[int], steps: int, repeats: int) -> dic
     none = counts[0]
     rows = [{"checkpointed_layers": k, "seconds_per_step": seconds[k], "time_ratio": seconds[k] / seconds[none],
              "activations_mib": kept[k] / 2**20, "memory_ratio": kept[k] / kept[none]} for k in counts]
-    return {"device": str(backend.device), "layers": backend.n_layers, "height": config.height,
-            "rows": rows, "added_time_per_layer_s": _slope(rows, "seconds_per_step"),
+    _, h, w = backend.latent_shape(config.height, config.width)
+    image_tokens = h * w // backend.patch**2
+    return {"device": str(backend.device), "model": backend.fingerprint(), "image_tokens": image_tokens,
+            "layers": backend.n_layers, "height": config.height, "rows": rows, "added_time_per_layer_s": _slope(rows, "seconds_per_step"),
             "saved_mib_per_layer": -_slope(rows, "activations_mib")}
 
 
