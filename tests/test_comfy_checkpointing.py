@@ -138,13 +138,8 @@ def test_recomputed_layers_keep_image_rows_and_the_attention_capture():
                    for k in backend.patcher.object_patches)  # the refiner's row sharing stays; it is not checkpointing
 
 
-def test_partial_checkpointing_patches_and_recomputes_the_first_layers_only():
-    """What auto runs where part of the layers fit: the first k main layers checkpointed (patched, run again in
-    backward), the others as they are, and the LoRA's gradient that of no checkpointing."""
-    from zerase_core.backends.comfy_zimage.object_patches import LAYER_FORWARD
-
-    model = tiny_zimage(comfy)
-    backend = ComfyZImageBackend(model, tiny_clip(comfy))
+def _lora_and_inputs(backend):
+    """A rank-2 LoRA away from zero on ``backend``, and one prompt with its concept tokens, x and σ to run it on."""
     lora_set = backend.install(LoRAConfig(rank=2))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -152,7 +147,17 @@ def test_partial_checkpointing_patches_and_recomputes_the_first_layers_only():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     prompts = backend.encode(["a photo of a cat"])
     tokens = [concept_token_indices(prompts[0], "cat")]
-    x, sigma = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.7])
+    return lora_set, prompts, tokens, torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.7])
+
+
+def test_partial_checkpointing_patches_and_recomputes_the_first_layers_only():
+    """What auto runs where part of the layers fit: the first k main layers checkpointed (patched, run again in
+    backward), the others as they are, and the LoRA's gradient that of no checkpointing."""
+    from zerase_core.backends.comfy_zimage.object_patches import LAYER_FORWARD
+
+    model = tiny_zimage(comfy)
+    backend = ComfyZImageBackend(model, tiny_clip(comfy))
+    lora_set, prompts, tokens, x, sigma = _lora_and_inputs(backend)
 
     def gradient(checkpointed: int):
         backend.set_gradient_checkpointing(checkpointed)
@@ -180,19 +185,13 @@ def test_a_model_that_comes_checkpointed_is_checkpointed_once():
     """A MODEL cloned from a checkpointed backend's patcher carries its CheckpointedForward patches; this backend's
     checkpointing takes their place instead of wrapping them. Wrapped, each layer is a checkpoint inside a
     checkpoint, and backward through the attention mass fails (torch's CheckpointError: the recomputation saves
-    other tensors than the forward did)."""
+    other tensors than the forward did). Kept on a layer this backend does not checkpoint (none, or part of them),
+    the other backend's replay runs there and fails alike: they are dropped when this backend is made."""
     model = tiny_zimage(comfy)
     first = ComfyZImageBackend(model)
     first.set_gradient_checkpointing(first.n_layers)
     backend = ComfyZImageBackend(first.patcher, tiny_clip(comfy))
-    lora_set = backend.install(LoRAConfig(rank=2))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lora_set.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    prompts = backend.encode(["a photo of a cat"])
-    tokens = [concept_token_indices(prompts[0], "cat")]
-    x, sigma = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.7])
+    lora_set, prompts, tokens, x, sigma = _lora_and_inputs(backend)
 
     def gradient():
         for p in lora_set.parameters():
@@ -202,16 +201,18 @@ def test_a_model_that_comes_checkpointed_is_checkpointed_once():
             (v.square().mean() + mass.sum()).backward()
         return torch.cat([p.grad.reshape(-1) for p in lora_set.parameters()])
 
-    backend.set_gradient_checkpointing(backend.n_layers)
-    seen, handles = _qkv_calls(model)
-    try:
-        checkpointed = gradient()
-    finally:
-        for h in handles:
-            h.remove()
-    assert len(seen) == 2 * LAYERS  # each layer: once in forward, once recomputed in backward
-    backend.set_gradient_checkpointing(0)
-    torch.testing.assert_close(checkpointed, gradient(), rtol=1e-5, atol=1e-7)
+    grads = []
+    for checkpointed in (0, 1, LAYERS):  # none first: the inherited patches would still be in place
+        backend.set_gradient_checkpointing(checkpointed)
+        seen, handles = _qkv_calls(model)
+        try:
+            grads.append(gradient())
+        finally:
+            for h in handles:
+                h.remove()
+        assert len(seen) == LAYERS + checkpointed  # each layer once in forward, the checkpointed ones again
+    for grad in grads[1:]:
+        torch.testing.assert_close(grad, grads[0], rtol=1e-5, atol=1e-7)
 
 
 @pytest.fixture(scope="module")

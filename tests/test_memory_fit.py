@@ -51,7 +51,7 @@ def test_the_peak_model_checkpointing_every_layer_matches_the_issues_measurement
 ])
 def test_auto_checkpoints_the_fewest_layers_that_fit(card_gib, image_tokens, expected):
     """Each layer checkpointed costs its forward again, so auto takes the fewest that fit with the margin: one fewer
-    would not fit. Where some must be checkpointed it is rarely all: at 512² a 24 GB card keeps 13 of 30."""
+    would not fit. Where some must be checkpointed it is rarely all: at 512² a 24 GB card checkpoints 17 of 30."""
     free = card_gib - WEIGHTS_GIB - CONTEXT_GIB
     layers, needed = _real(image_tokens, free_gib=free)
     assert {0: "none", 30: "all"}.get(layers, "some") == expected
@@ -73,15 +73,6 @@ def test_fp8_weights_casts_count_against_the_layers_they_belong_to():
     with_casts, needed = _real(1024, casts=10 * GIB, free_gib=free)
     assert 0 < alone < with_casts < 30
     assert needed == pytest.approx(memory_fit.step_bytes(1024, 64, 3, 30, 3840) + 10 * GIB)
-
-
-def test_checkpointing_the_first_layers_is_what_the_model_says_a_peak_is():
-    """Checkpointing the *first* layers: their recomputation comes after the later layers' activations are freed.
-    So checkpointing one layer fewer than all peaks no higher than all (the last layer's activations are held once
-    either way)."""
-    per_layer, kept = 1.0, 0.05
-    peaks = [memory_fit.peak_bytes(4, k, per_layer, kept) for k in range(5)]
-    assert peaks == pytest.approx([4.0, 3.05, 2.1, 1.15, 1.2])
 
 
 def _partial(layers: int, checkpointed: int):
@@ -115,6 +106,9 @@ def test_partial_checkpointing_recomputes_the_first_layers_keeps_less_and_gives_
     steps = [a - b for a, b in zip(held, held[1:])]
     assert all(s > 0 for s in steps) and max(steps) < 1.15 * min(steps)  # a layer's worth each, no layer free
     assert held[4] < 0.1 * held[0]
+    # What stays with every layer checkpointed holds their 4 inputs (3 rows × (64 image + 32 caption) tokens × 64,
+    # fp32): torch's checkpoint saves them through the hooks saved_bytes counts by.
+    assert held[4] >= 4 * 3 * 96 * 64 * 4
     for grad in grads[1:]:
         torch.testing.assert_close(grad, grads[0], rtol=1e-5, atol=1e-7)
 

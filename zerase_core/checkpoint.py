@@ -165,9 +165,10 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
 
 
 def _resume_checkpointing(trainer: "ZEraseTrainer", meta: dict) -> None:
-    """Under "auto", a run that ran out of memory without checkpointing keeps it, from the step it began at (its
-    estimate was short on this card: trying again would fail once more, and on ComfyUI reload the model). Any other
-    auto run decides again at its first step; "on" checkpoints from the step the run continues with."""
+    """Under "auto", a run that ran out of memory with fewer layers checkpointed (none, or part of them) keeps every
+    layer checkpointed, from the step that began (its estimate was short on this card: trying again would fail once
+    more, and on ComfyUI reload the model). Any other auto run decides again at its first step; "on" checkpoints from
+    the step the run continues with."""
     mode = trainer.config.gradient_checkpointing
     if mode == "on":  # on since __init__: from this trainer's first step
         trainer.gradient_checkpointing_from = trainer.step + 1

@@ -295,12 +295,10 @@ class ZEraseTrainer:
 
     def start_gradient_checkpointing(self, reason: str, from_step: int | None = None,
                                      layers: int | None = None) -> None:
-        """Gradient checkpointing of the first ``layers`` main layers (all by default) from the next step on, or,
-        resumed, from the step it began at, and why. A run that checkpoints more layers than before keeps the step
-        it began at."""
+        """Gradient checkpointing of the first ``layers`` main layers (all by default) from the next step on (or,
+        resumed, from the step it began at), and why: the plan in force, replacing a partial one."""
         self.backend.set_gradient_checkpointing(self.backend.n_layers if layers is None else layers)
-        if from_step is not None or self.gradient_checkpointing_from is None:
-            self.gradient_checkpointing_from = self.step + 1 if from_step is None else from_step
+        self.gradient_checkpointing_from = self.step + 1 if from_step is None else from_step
         self.gradient_checkpointing_reason = reason
 
     def _step(self) -> StepRecord:

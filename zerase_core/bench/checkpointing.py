@@ -5,8 +5,9 @@ checkpointed costs its forward once more in backward and keeps only its input. T
 a Z-Erase step at λ > 0 (the batch-3 [c_er, ∅, c_pr] student forward/backward with the attention mass, x_t from the
 pool) with k = 0 … all of the main layers checkpointed, timed interleaved (:func:`.timing.interleaved_medians`),
 and beside each the activations it keeps: on the CPU the bytes autograd saves for backward (what is held between
-forward and backward; the recomputation's own, one layer at a time, is not counted), on a GPU the peak above what
-is resident. Ratios are against k = 0 in the same run.
+forward and backward, the checkpointed layers' inputs included: torch's non-reentrant checkpoint saves them through
+the same hooks; the recomputation's own, one layer at a time, is not counted), on a GPU the peak above what is
+resident. Ratios are against k = 0 in the same run.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import sys
 from pathlib import Path
 
 from ..cli import command
+from ..errors import ZEraseError
 from .memory import saved_bytes
 from .report import check_out, emit
 from .timing import check_timing, device_sync, interleaved_medians, peak_gib
 
 
 def measure(backend, config, counts: list[int], steps: int, repeats: int) -> dict:
-    """Seconds per step and activations kept, for each count of checkpointed layers in ``counts``."""
+    """Seconds per step and activations kept, for each count of checkpointed layers in ``counts`` (the first of
+    them, 0 unless told otherwise, is what the ratios are taken against)."""
     from ..trainer import ZEraseTrainer
 
     config = dataclasses.replace(config, lambda_mode="fixed", fixed_lambda=1.0, gradient_checkpointing="off")
@@ -42,13 +45,14 @@ def measure(backend, config, counts: list[int], steps: int, repeats: int) -> dic
         kept = {k: gib * 2**30 for k, gib in peak_gib(variants, sync).items()}
     else:
         kept = {k: float(saved_bytes(fn)[0]) for k, fn in variants.items()}
-    none = counts[0]
-    rows = [{"checkpointed_layers": k, "seconds_per_step": seconds[k], "time_ratio": seconds[k] / seconds[none],
-             "activations_mib": kept[k] / 2**20, "memory_ratio": kept[k] / kept[none]} for k in counts]
+    base = counts[0]
+    rows = [{"checkpointed_layers": k, "seconds_per_step": seconds[k], "time_ratio": seconds[k] / seconds[base],
+             "activations_mib": kept[k] / 2**20, "memory_ratio": kept[k] / kept[base]} for k in counts]
     _, h, w = backend.latent_shape(config.height, config.width)
     image_tokens = h * w // backend.patch**2
     return {"device": str(backend.device), "model": backend.fingerprint(), "image_tokens": image_tokens,
-            "layers": backend.n_layers, "height": config.height, "rows": rows, "added_time_per_layer_s": _slope(rows, "seconds_per_step"),
+            "layers": backend.n_layers, "height": config.height, "rows": rows,
+            "added_time_per_layer_s": _slope(rows, "seconds_per_step"),
             "saved_mib_per_layer": -_slope(rows, "activations_mib")}
 
 
@@ -77,8 +81,6 @@ def _bench_checkpointing(args: argparse.Namespace) -> int:
     check_timing(args.steps, args.repeats)
     check_out(args.out)
     if args.layers < 1:
-        from ..errors import ZEraseError
-
         raise ZEraseError(f"--layers must be at least 1; got {args.layers}.")
     backend = tiny_zimage_backend(TinyZImageConfig(dim=128, n_heads=4, n_layers=args.layers))
     config = base_config(height=args.resolution, width=args.resolution, sample_steps=2, xt_pool=1)

@@ -58,6 +58,10 @@ class ComfyZImageBackend(Backend):
         # What the patches read while a call runs, apart from this backend (see call_state.py).
         self.calls = CallState(node, self.dit, self.gate)
         self.patch, self.multiple = self.calls.patch, self.calls.multiple
+        for layer in range(self.n_layers):  # an input MODEL cloned from a checkpointing backend: this one decides
+            key = LAYER_FORWARD.format(layer)  # (kept on a layer it does not checkpoint, another's replay would run)
+            if isinstance(self.patcher.object_patches.get(key), CheckpointedForward):
+                del self.patcher.object_patches[key]
         unet = self.patcher.model.model_config.unet_config
         self.dim = int(unet["dim"])
         self.n_heads = int(unet["n_heads"])
