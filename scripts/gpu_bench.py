@@ -18,8 +18,8 @@ split (x_t, teacher, student forward/backward, attention mass, AdamW), each vari
 peak GPU memory above the resident weights (torch.cuda.max_memory_allocated), and minutes
 per 1000 steps — pool build or per-step sampling included, and weighed by how often the
 paper's λ rule leaves λ > 0 on the toy (``paper_lambda_weighted``). At 512² (``--partial-resolutions``) also a
-λ > 0 step with none, a third, two thirds and all of the main layers checkpointed, and each one's peak memory:
-what gradient checkpointing ``auto`` chooses between (``checkpointing`` in the JSON). Prints JSON.
+λ > 0 step with none, a third, two thirds, all but one and all of the main layers checkpointed, and each one's peak
+memory: what gradient checkpointing ``auto`` chooses between (``checkpointing`` in the JSON). Prints JSON.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def _measure_model(args, weights: str, device: str, runs: list[tuple[int, bool]]
 def _partial_row(built: Built, px: int, rank: int) -> dict:
     """A step with k of the main layers checkpointed, k from none to all (zerase_core/bench/checkpointing.py)."""
     n = built.backend.n_layers
-    counts = sorted({0, n // 3, 2 * n // 3, n})
+    counts = sorted({0, n // 3, 2 * n // 3, n - 1, n})  # n − 1: the peak model says the last layer saves nothing
     config = base_config(height=px, width=px, xt_pool=1, lora=LoRAConfig(rank=rank), shuffle_pool=2)
     try:
         with built.session():
