@@ -415,17 +415,6 @@ def test_merge_refuses_weights_that_are_not_finite(bad):
         merge_exact([_random_lora(KEYS, seed=0), _random_lora(KEYS, seed=1)], [bad, 1.0])
 
 
-def test_merge_refuses_a_lora_connected_twice():
-    """The same file in two inputs (or the same LoRA wired twice) is refused, naming both, whatever its strength: the
-    merge would only double its rank. The same shapes with other values still merge."""
-    import dataclasses
-
-    cat = _random_lora(KEYS, concept="cat")
-    with pytest.raises(ZEraseError, match="LoRAs 1 and 3 are the same erasure LoRA \\('cat'\\)"):
-        merge([cat, _random_lora(KEYS, seed=1), dataclasses.replace(cat, strength=0.5)])
-    assert merge_exact([cat, _random_lora(KEYS, seed=1, concept="cat")]).rank == 8
-
-
 def test_merge_refuses_different_architectures():
     a = _random_lora(KEYS)
     b = ErasureLoRA(_random_lora(KEYS).factors, fingerprint={"family": "z-image", "dim": 3840, "n_layers": 30})

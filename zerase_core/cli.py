@@ -87,7 +87,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preserve", nargs="*", default=[], help="preservation concepts")
     p.add_argument("--template", dest="templates", action="append", help="erase prompt template with {} (repeatable)")
     p.add_argument("--preset", default=TrainConfig.preset, choices=list(PRESETS),
-                   help="concept type (sets ε, template)")
+                   help=f"concept type (sets ε, template; default {TrainConfig.preset})")
     p.add_argument("--steps", type=int, default=None, help=f"training steps (default {TrainConfig.steps}; "
                    f"{TINY['steps']} with --tiny)")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW's learning rate α (default {TrainConfig.lr:g})")

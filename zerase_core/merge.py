@@ -52,20 +52,6 @@ def _same_widths(key: Key, loras: list[ErasureLoRA]) -> None:
                           "for different models. Merge only LoRAs trained on the same base model.")
 
 
-def _distinct(loras: list[ErasureLoRA]) -> None:
-    """Refuse a LoRA connected twice: merged with itself it erases what it erased alone, at twice the rank (with the
-    default weights 1/N, exactly the same ΔW), which is a wiring mistake rather than a merge."""
-    for j, later in enumerate(loras):
-        for i, earlier in enumerate(loras[:j]):
-            if earlier.factors.keys() == later.factors.keys() and all(
-                    torch.equal(earlier.factors[k][0], later.factors[k][0])
-                    and torch.equal(earlier.factors[k][1], later.factors[k][1]) for k in earlier.factors):
-                raise ZEraseError(
-                    f"LoRAs {i + 1} and {j + 1} are the same erasure LoRA ({earlier.concept!r}): merged with itself "
-                    "it only doubles its rank. Connect different erasure LoRAs; to make one erase harder, raise its "
-                    "strength in Apply Erasure LoRA.")
-
-
 def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) -> ErasureLoRA:
     """Rank-concatenating merge; default weights 1/N (the paper's normalised blend)."""
     if len(loras) < 2:
@@ -78,7 +64,6 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
     for lora in loras:
         lora.require_gated()  # the merge is written as a gated LoRA
     fingerprint = _same_architecture(loras)
-    _distinct(loras)
     keys = sorted(set().union(*(lora.factors for lora in loras)))
     factors: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
     for key in keys:
