@@ -190,8 +190,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ckpt-resolutions", type=int, nargs="*", default=[512],
                         help="also measure these resolutions without gradient checkpointing")
     parser.add_argument("--partial-resolutions", type=int, nargs="*", default=[512],
-                        help="also time a step with 0, 1/3, 2/3 and all of the main layers checkpointed (what 'auto' "
-                             "chooses between), with each one's peak memory (bench-checkpointing)")
+                        help="also time a step with none, 1/3, 2/3, all but one and all of the main layers "
+                             "checkpointed (what 'auto' chooses between), with each one's peak memory "
+                             "(bench-checkpointing)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -263,7 +264,7 @@ def _partial_row(built: Built, px: int, rank: int) -> dict:
             row = measure(built.backend, config, counts, steps=2, repeats=3)
     except Exception as err:  # noqa: BLE001 — as _row: recorded, and the run goes on
         log.exception("%d² partial checkpointing failed", px)
-        row = {"height": px, "error": repr(err)}
+        row = {"resolution": [px, px], "error": repr(err)}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row

@@ -62,7 +62,7 @@ def _one_step_gradient(checkpointing: bool, mode: str, stacked: bool, layers=Non
                          fixed_lambda=0.7, gradient_checkpointing="on" if checkpointing else "off")
     with training_session(backend):
         trainer = ZEraseTrainer(backend, config)
-        assert bool(backend._checkpointed) == checkpointing
+        assert backend.checkpointed_layers == (LAYERS if checkpointing else 0)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for p in trainer.params:  # a LoRA away from zero, the same in every run
@@ -213,6 +213,37 @@ def test_a_model_that_comes_checkpointed_is_checkpointed_once():
         assert len(seen) == LAYERS + checkpointed  # each layer once in forward, the checkpointed ones again
     for grad in grads[1:]:
         torch.testing.assert_close(grad, grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_another_extensions_layer_patch_survives_checkpointing_on_and_off():
+    """A layer forward patched by another extension before us: checkpointing wraps it, and taking checkpointing away
+    (this backend's, or one inherited from the input MODEL's clone) puts it back rather than the bare forward."""
+    model = tiny_zimage(comfy)
+    layer0 = model.model.diffusion_model.layers[0]
+    calls = []
+
+    def theirs(*args, **kwargs):
+        calls.append(1)
+        return type(layer0).forward(layer0, *args, **kwargs)
+
+    from zerase_core.backends.comfy_zimage.object_patches import LAYER_FORWARD
+
+    model.add_object_patch(LAYER_FORWARD.format(0), theirs)
+    first = ComfyZImageBackend(model)
+    first.set_gradient_checkpointing(LAYERS)
+    assert first.checkpointed_layers == LAYERS
+    first.set_gradient_checkpointing(0)
+    assert first.patcher.object_patches[LAYER_FORWARD.format(0)] is theirs
+    first.set_gradient_checkpointing(LAYERS)
+    backend = ComfyZImageBackend(first.patcher, tiny_clip(comfy))  # inherits first's patches, drops them
+    assert backend.checkpointed_layers == 0 and backend.patcher.object_patches[LAYER_FORWARD.format(0)] is theirs
+    assert LAYER_FORWARD.format(1) not in backend.patcher.object_patches
+    lora_set, prompts, tokens, x, sigma = _lora_and_inputs(backend)
+    backend.set_gradient_checkpointing(1)
+    with training_session(backend):
+        v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
+        (v.square().mean() + mass.sum()).backward()
+    assert len(calls) == 2  # theirs ran in the forward and in the recomputation
 
 
 @pytest.fixture(scope="module")

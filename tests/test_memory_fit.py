@@ -115,7 +115,24 @@ def test_partial_checkpointing_recomputes_the_first_layers_keeps_less_and_gives_
 
 def test_a_count_of_layers_is_checked():
     backend = tiny_zimage_backend()
-    for bad in (True, -1, backend.n_layers + 1):
+    for bad in (True, -1, backend.n_layers + 1, 1.5):
         with pytest.raises(ValueError, match="layers to checkpoint"):
             backend.set_gradient_checkpointing(bad)
     assert backend.checkpointed_layers == 0
+
+
+def test_a_backend_made_over_a_transformer_left_checkpointed_decides_for_itself():
+    """An earlier backend's checkpointing stays on the transformer it switched: a new backend over it switches it off
+    (left on, diffusers would call the earlier backend's checkpoint, whose gate has no layout for this call)."""
+    first = tiny_zimage_backend()
+    first.set_gradient_checkpointing(first.n_layers)
+    assert first.checkpointed_layers == first.n_layers and first.transformer.gradient_checkpointing
+    from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
+
+    backend = DiffusersZImageBackend(first.transformer, first.encoder, first.latent, "z-image-tiny")
+    assert backend.checkpointed_layers == 0 and not backend.transformer.gradient_checkpointing
+    lora = backend.install(LoRAConfig(rank=2))
+    prompts = backend.encode(["a red circle"])
+    v, mass = backend.velocity(torch.randn(1, 4, 8, 8), torch.full((1,), 0.5), prompts, concept_tokens=[[2]])
+    (v.square().mean() + mass.sum()).backward()
+    assert all(p.grad is not None for p in lora.parameters())

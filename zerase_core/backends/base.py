@@ -126,7 +126,10 @@ class Backend(ABC):
         it, averaged over heads and ``layers`` (paper Fig. 2). ``lora`` off: the model without this backend's
         trained LoRA, where the host can switch it (a ComfyUI MODEL carries its LoRAs as patches: pass both)."""
 
-    checkpointed_layers: int = 0  # how many main layers are recomputed in backward (set_gradient_checkpointing)
+    @property
+    @abstractmethod
+    def checkpointed_layers(self) -> int:
+        """How many main layers are recomputed in backward now (set_gradient_checkpointing), as the host has it."""
 
     def set_gradient_checkpointing(self, layers: int) -> None:
         """Recompute the first ``layers`` main layers in backward instead of keeping their activations (0: none;
@@ -135,10 +138,9 @@ class Backend(ABC):
         The first ones, because backward reaches them last: by the time one is recomputed the later layers'
         activations are freed, so the recomputation adds one layer's activations to a peak that has already fallen.
         """
-        if isinstance(layers, bool) or not 0 <= layers <= self.n_layers:  # True would read as one layer
-            raise ValueError(f"layers to checkpoint: a count from 0 to {self.n_layers}, got {layers!r}")
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= self.n_layers:
+            raise ValueError(f"layers to checkpoint: a count from 0 to {self.n_layers}, got {layers!r}")  # True: 1
         self._checkpoint_first(layers)
-        self.checkpointed_layers = layers
 
     @abstractmethod
     def _checkpoint_first(self, layers: int) -> None:

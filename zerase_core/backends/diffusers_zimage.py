@@ -125,6 +125,8 @@ class DiffusersZImageBackend(Backend):
                 "Z-Erase needs a single-stream Z-Image transformer."
             )
         self.transformer = transformer.requires_grad_(False)
+        # Checkpointing switched on by an earlier backend over this transformer would call that backend's _checkpoint.
+        self.transformer.disable_gradient_checkpointing()
         self.encoder, self.latent, self.family, self.flow_shift = encoder, latent, family, flow_shift
         self._digest = digest  # of the weights it was loaded from (diffusers_loader.weights_digest); None: built here
         # Where the transformer is to run, when not where it is: a loader leaves it on the CPU while the text encoder
@@ -132,7 +134,7 @@ class DiffusersZImageBackend(Backend):
         # the first use after that; from then on the backend follows the transformer.
         self._move_to = torch.device(device) if device is not None else None
         self.gate = TokenGate()
-        self._checkpointed_blocks: set[int] = set()  # ids of the main layers _checkpoint recomputes
+        self._checkpointed_blocks: set[torch.nn.Module] = set()  # the main layers _checkpoint recomputes
         self.patch = transformer.config.all_patch_size[0]
         self._installer = InPlaceInstaller(transformer, self.gate)
         self._recorder: Recorder | None = None
@@ -213,16 +215,23 @@ class DiffusersZImageBackend(Backend):
 
     def _checkpoint_first(self, layers: int) -> None:
         # diffusers hands every block it runs with gradients to _checkpoint (refiners too), which picks these.
-        self._checkpointed_blocks = {id(block) for block in self.transformer.layers[:layers]}
+        self._checkpointed_blocks = set(self.transformer.layers[:layers])
         if layers:
             self.transformer.enable_gradient_checkpointing(self._checkpoint)
         else:
             self.transformer.disable_gradient_checkpointing()
 
+    @property
+    def checkpointed_layers(self) -> int:
+        """Read off the transformer's own switch and the layers _checkpoint picks."""
+        if not self.transformer.gradient_checkpointing:
+            return 0
+        return sum(block in self._checkpointed_blocks for block in self.transformer.layers)
+
     def _checkpoint(self, block, *args):
         """Checkpoint a chosen main layer with this call's gate layout and recorder (replay_checkpoint.py); run any
         other block as it is (the refiners keep nothing for backward: they run before any gated layer)."""
-        if id(block) not in self._checkpointed_blocks:
+        if block not in self._checkpointed_blocks:
             return block(*args)
         layout, lora_on, recorder = self.gate.layout, self.gate.lora_on, checkpointed(self._recorder)
 

@@ -32,19 +32,20 @@ def measure(backend, config, counts: list[int], steps: int, repeats: int) -> dic
     config = dataclasses.replace(config, lambda_mode="fixed", fixed_lambda=1.0, gradient_checkpointing="off")
     trainer = ZEraseTrainer(backend, config)  # λ pinned > 0: every step is the batch-3 one
 
-    def step_with(k: int):
-        def step():
-            backend.set_gradient_checkpointing(k)
-            trainer.train_step()
-        return step
+    def switch(k: int) -> None:  # untimed: in ComfyUI a change of patches reloads the model at its next use
+        backend.set_gradient_checkpointing(k)
+        backend.load()
 
-    variants = {k: step_with(k) for k in counts}
+    variants = {k: trainer.train_step for k in counts}
     sync = device_sync(backend)
-    seconds = interleaved_medians(variants, steps, repeats, sync)
+    seconds = interleaved_medians(variants, steps, repeats, sync, switch=switch)
     if backend.device.type == "cuda":
-        kept = {k: gib * 2**30 for k, gib in peak_gib(variants, sync).items()}
+        kept = {k: gib * 2**30 for k, gib in peak_gib(variants, sync, switch).items()}
     else:
-        kept = {k: float(saved_bytes(fn)[0]) for k, fn in variants.items()}
+        kept = {}
+        for k, fn in variants.items():
+            switch(k)
+            kept[k] = float(saved_bytes(fn)[0])
     base = counts[0]
     rows = [{"checkpointed_layers": k, "seconds_per_step": seconds[k], "time_ratio": seconds[k] / seconds[base],
              "activations_mib": kept[k] / 2**20, "memory_ratio": kept[k] / kept[base]} for k in counts]

@@ -246,7 +246,7 @@ def default_settings(card_gb: float, rows: dict) -> dict:
     (memory_fit.plan). Checkpointing k of the 30 layers costs k/30 of what checkpointing all adds (A3 per layer), so
     its minutes lie that far from the "no_ckpt" row towards the "ckpt" row."""
     source, mode, n = TrainConfig.xt_source, TrainConfig.gradient_checkpointing, REAL["n_layers"]
-    if mode == "auto":
+    if mode == "auto":  # by memory_fit's figure (the H200's 21.9 GiB), not the rows' A7 (the issue's H100 7.2 GB × 3)
         free = int((card_gb - CONTEXT_ALLOWANCE_GIB) * GiB - _weights_gb() * 1e9)  # a "24 GB" card has 24 GiB
         layers, _ = memory_fit.plan(1024, REAL["caption_tokens"], 3, n, REAL["dim"], 0, free)
     else:

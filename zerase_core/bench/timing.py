@@ -31,24 +31,26 @@ def device_sync(backend) -> Callable[[], None]:
 
 def interleaved_medians(variants: dict[str, Callable[[], object]], steps: int, repeats: int,
                         sync: Callable[[], None], on_oom: Callable[[str], None] | None = None,
-                        warm_up: bool = True) -> dict[str, float]:
+                        warm_up: bool = True, switch: Callable[[str], None] = lambda name: None) -> dict[str, float]:
     """Median seconds per call of each variant, timed round-robin: ``repeats`` rounds of ``steps`` calls each.
 
     Interleaving spreads a load spike on a shared machine over every variant instead of
     one; each variant gets one untimed warm-up call first (unless the caller just ran each once).
+    ``switch(name)`` runs untimed before each variant's calls: what changing to it costs once (a model re-patched).
     """
     times: dict[str, list[float]] = {name: [] for name in variants}
     live = dict(variants)
     for name, fn in list(live.items()):
         try:
             if warm_up:
-                fn(), sync()
+                switch(name), fn(), sync()
         except torch.OutOfMemoryError:
             del live[name]
             if on_oom:
                 on_oom(name)
     for _ in range(repeats):
         for name, fn in live.items():
+            switch(name), sync()
             for _ in range(steps):
                 start = time.perf_counter()
                 fn()
@@ -57,11 +59,13 @@ def interleaved_medians(variants: dict[str, Callable[[], object]], steps: int, r
     return {name: statistics.median(t) if t else float("nan") for name, t in times.items()}
 
 
-def peak_gib(variants: dict[str, Callable[[], object]], sync: Callable[[], None]) -> dict[str, float]:
-    """Each variant's peak GPU memory above what is resident (weights, pool), GiB; inf where it runs out."""
+def peak_gib(variants: dict[str, Callable[[], object]], sync: Callable[[], None],
+             switch: Callable[[str], None] = lambda name: None) -> dict[str, float]:
+    """Each variant's peak GPU memory above what is resident (weights, pool), GiB; inf where it runs out.
+    ``switch(name)`` runs before each variant is measured, as in :func:`interleaved_medians`."""
     peaks = {}
     for name, fn in variants.items():
-        sync(), torch.cuda.empty_cache()
+        switch(name), sync(), torch.cuda.empty_cache()
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         try:

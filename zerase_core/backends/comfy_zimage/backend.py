@@ -25,7 +25,7 @@ from .digest import model_digest
 from .loading import load_whole, loaded_whole, own_weights, training_model
 from .nextdit_layout import image_patches, nextdit_layout
 from .object_patches import (LAYER_FORWARD, QKV_PATH, REFINER_FORWARD, CheckpointedForward, GatedForward,
-                             PreviousForward)
+                             PreviousForward, own_forward)
 from .recognise import check_zimage
 
 WRAPPER_PREFIX = "zerase"
@@ -52,16 +52,14 @@ class ComfyZImageBackend(Backend):
         # derived from the wrapped forwards: a forward cannot tell whether it was the clone's object patch or set on
         # the module itself (which must stay out of object_patches).
         self._inherited: dict[str, Any] = {}
-        self._checkpointed: set[int] = set()
         # Set by training_session: every load puts the whole model on the device, with weights autograd can use.
         self._whole, self._weights_owned, self._frozen = False, False, []
         # What the patches read while a call runs, apart from this backend (see call_state.py).
         self.calls = CallState(node, self.dit, self.gate)
         self.patch, self.multiple = self.calls.patch, self.calls.multiple
-        for layer in range(self.n_layers):  # an input MODEL cloned from a checkpointing backend: this one decides
-            key = LAYER_FORWARD.format(layer)  # (kept on a layer it does not checkpoint, another's replay would run)
-            if isinstance(self.patcher.object_patches.get(key), CheckpointedForward):
-                del self.patcher.object_patches[key]
+        # An input MODEL cloned from a checkpointing backend's patcher carries its patches: this backend decides
+        # (kept on a layer it does not checkpoint, the other backend's replay would run there).
+        self._checkpoint_first(0)
         unet = self.patcher.model.model_config.unet_config
         self.dim = int(unet["dim"])
         self.n_heads = int(unet["n_heads"])
@@ -151,18 +149,24 @@ class ComfyZImageBackend(Backend):
         self._wrapped.clear()
 
     def _checkpoint_first(self, layers: int) -> None:
-        """Object patches on this clone (refiners are not touched); taking one away, or unpatching the clone,
-        restores the layer's own forward."""
+        """Object patches on this clone (refiners are not touched); taking one away puts back what it wrapped."""
         for layer in range(self.n_layers):
             key = LAYER_FORWARD.format(layer)
-            enabled = layer < layers
-            if enabled and layer not in self._checkpointed:
+            patch = self.patcher.object_patches.get(key)
+            checkpointed = isinstance(patch, CheckpointedForward)
+            if layer < layers and not checkpointed:
                 previous = self.patcher.get_model_object(key)
-                self.patcher.add_object_patch(key, CheckpointedForward.around(self.calls, layer, previous))
-                self._checkpointed.add(layer)
-            elif not enabled and layer in self._checkpointed:
-                self.patcher.object_patches.pop(key, None)
-                self._checkpointed.discard(layer)
+                self.patcher.add_object_patch(key, CheckpointedForward(self.calls, layer, previous))
+            elif layer >= layers and checkpointed:
+                del self.patcher.object_patches[key]
+                if not own_forward(patch.previous, self.dit.layers[layer]):  # another extension's patch
+                    self.patcher.object_patches[key] = patch.previous
+
+    @property
+    def checkpointed_layers(self) -> int:
+        """Read off the clone's patches, not kept beside them."""
+        return sum(isinstance(self.patcher.object_patches.get(LAYER_FORWARD.format(layer)), CheckpointedForward)
+                   for layer in range(self.n_layers))
 
     # --- per call: layout, gate, attention capture (the state lives in self.calls) ------------
     def recording(self, recorder: Recorder | None) -> ContextManager:

@@ -62,6 +62,11 @@ def erasure_chain(forward: Any) -> Iterator[GatedLoRALinear]:
         forward = getattr(forward.lora.base_layer, "_previous", None)
 
 
+def own_forward(forward: Any, module: nn.Module) -> bool:
+    """Whether ``forward`` is ``module``'s own bound forward: what runs with no object patch in place."""
+    return getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward
+
+
 class CheckpointedForward:
     """The object patched onto a main layer's ``forward``: the previous forward under
     ``torch.utils.checkpoint`` (non-reentrant).
@@ -76,11 +81,6 @@ class CheckpointedForward:
 
     def __init__(self, calls: "CallState", layer: int, previous: Callable[..., torch.Tensor]):
         self.calls, self.layer, self.previous = calls, layer, previous
-
-    @classmethod
-    def around(cls, calls: "CallState", layer: int, forward: Callable[..., torch.Tensor]):
-        """Checkpoint ``forward``; one inherited from the input MODEL's clone is replaced, not nested."""
-        return cls(calls, layer, forward.previous if isinstance(forward, cls) else forward)
 
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():  # sampling, teacher passes: nothing to save
