@@ -258,6 +258,27 @@ def test_the_files_check_leaves_the_folders_as_it_found_them(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["empty"] and not any((tmp_path / "empty").iterdir())
 
 
+@pytest.mark.parametrize("name, why", [("nul", "device name on Windows \\(NUL\\)"), ("sub/aux.x", "device name"),
+                                       ("COM1/cat", "device name"), ("cat./red", "ends in a dot"),
+                                       ("cat /red", "ends in a space")])
+def test_names_windows_cannot_hold_are_refused_everywhere(name, why, tmp_path):
+    """A LoRA saved as nul.safetensors on Windows goes to the null device, without an error; a folder 'cat.' is
+    'cat' there. A save name (shared in workflows) and a folder still to be made are refused on every system, before
+    any work; the same names inside other words, and existing folders, are fine."""
+    from zerase_core.files import check_writable
+    from zerase_core.save_names import path_inside
+
+    with pytest.raises(ZEraseError, match=why):
+        path_inside(tmp_path, name, ".safetensors")
+    with pytest.raises(ZEraseError, match=why):
+        check_writable(tmp_path / f"{name}.safetensors")
+    for fine in ("null", "console/aux_lora", "cat.v2"):
+        path_inside(tmp_path, fine, ".safetensors")
+        check_writable(tmp_path / f"{fine}.safetensors")
+    (tmp_path / "aux").mkdir()  # a folder that exists was made by someone who could
+    check_writable(tmp_path / "aux" / "red.safetensors")
+
+
 def test_a_place_with_no_folder_at_all_is_refused_by_name(monkeypatch):
     """A drive or share that is not there (Z:\\runs on Windows): no folder on the way exists to probe in."""
     import zerase_core.files as files
@@ -447,7 +468,8 @@ def test_a_save_name_made_from_a_concept_is_always_allowed(tmp_path):
     from zerase_core.save_names import name_from, path_inside
 
     for concept, expected in [("Mickey Mouse (Disney)", "Mickey Mouse _Disney_"), ("AC/DC", "AC_DC"),
-                              ("nude, naked", "nude_ naked"), ("梵高", "梵高"), ("..", "zerase"), ("?!", "zerase")]:
+                              ("nude, naked", "nude_ naked"), ("梵高", "梵高"), ("..", "zerase"), ("?!", "zerase"),
+                              ("NUL", "NUL_"), ("con.", "con_"), ("Con Air", "Con Air")]:  # Windows device names
         assert name_from(concept) == expected
         assert path_inside(tmp_path, name_from(concept), ".safetensors").parent == tmp_path.resolve()
 

@@ -99,6 +99,7 @@ def check_writable(path: str | os.PathLike) -> None:
         if length > NAME_MAX:
             raise ZEraseError(f"The name '{name}' is too long ({length} {NAME_UNIT}; file systems allow "
                               f"{NAME_MAX}); choose a shorter name.")
+        check_portable(name)
     blocked = [p for p in to_make if os.path.lexists(p)]
     if blocked:
         raise ZEraseError(f"{blocked[-1]} is a file, where a folder is needed for {path}; choose another place.")
@@ -110,6 +111,24 @@ def check_writable(path: str | os.PathLike) -> None:
         raise ZEraseError(f"Cannot create a file in {existing} ({err.strerror or err}). Choose a folder you can "
                           "write to.") from err
     os.unlink(tmp)
+
+
+# Names Windows keeps for devices, with any extension too: "nul.safetensors" is the null device, and a LoRA written
+# there is gone without an error.
+WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
+                             *(f"lpt{i}" for i in range(1, 10))})
+
+
+def check_portable(name: str) -> None:
+    """Refuse a file or folder name Windows cannot hold as typed: a device name, or one ending in a dot or a space
+    (which Windows drops, so "cat." and "cat" would be one file). Refused on every system, so that a save name in a
+    shared workflow, or a command, works on all of them."""
+    if name.split(".")[0].rstrip(" ").lower() in WINDOWS_DEVICES:
+        raise ZEraseError(f"The name '{name}' is a device name on Windows ({name.split('.')[0].upper()}), where "
+                          "nothing can be saved under it; choose another name.")
+    if name.endswith((".", " ")):
+        raise ZEraseError(f"The name '{name}' ends in {'a dot' if name.endswith('.') else 'a space'}, which Windows "
+                          "drops from file names; choose a name without it.")
 
 
 NAME_MAX = 255  # one file name: bytes on ext4 and APFS, UTF-16 units on NTFS

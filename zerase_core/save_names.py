@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ZEraseError
-from .files import NAME_MAX, NAME_UNIT, name_length
+from .files import NAME_MAX, NAME_UNIT, WINDOWS_DEVICES, check_portable, name_length
 
 # A save name's longest part, leaving room for a suffix (".safetensors"; ".zerase-ckpt" is as long) and a number.
 _NAME_ROOM = NAME_MAX - len(".safetensors") - len("_001")
@@ -56,6 +56,8 @@ def name_from(text: str, fallback: str = "zerase") -> str:
     name = re.sub(rf"[^{_NAME_CHARS}]", "_", text).strip(" .")
     while name_length(name) > _NAME_ROOM:  # a long concept still makes a name the file system takes
         name = name[:-1].rstrip(" .")
+    if name.split(".")[0].rstrip(" ").lower() in WINDOWS_DEVICES:  # the concept "nul": a name Windows can save
+        name += "_"
     return name if name.strip("_") else fallback
 
 
@@ -73,6 +75,9 @@ def path_inside(folder: str | os.PathLike, name: str, suffix: str) -> Path:
             f"The save name '{name}' is not allowed: use letters, digits, '-', '_', '.' and optional "
             "subfolders, without '..' or an absolute path; files stay inside the output folder."
         )
+    for part in parts[:-1]:
+        check_portable(part)
+    check_portable(parts[-1] + suffix)
     longest = max(parts, key=name_length)
     if name_length(longest) > _NAME_ROOM:  # before any lookup: Path.exists() raises on a name too long
         raise ZEraseError(f"The save name '{name}' is too long ('{longest[:40]}…' is {name_length(longest)} "
