@@ -113,8 +113,8 @@ def check_writable(path: str | os.PathLike) -> None:
     os.unlink(tmp)
 
 
-# Names Windows keeps for devices, with any extension too: "nul.safetensors" is the null device, and a LoRA written
-# there is gone without an error.
+# Names Windows keeps for devices, up to Windows 10 with any extension too: there "nul.safetensors" is the null
+# device, not a file.
 WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
                              *(f"lpt{i}" for i in range(1, 10))})
 
