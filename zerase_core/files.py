@@ -115,15 +115,20 @@ def check_writable(path: str | os.PathLike) -> None:
 
 # Names Windows keeps for devices, up to Windows 10 with any extension too: there "nul.safetensors" is the null
 # device, not a file.
-WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
+_WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
                              *(f"lpt{i}" for i in range(1, 10))})
+
+
+def windows_device(name: str) -> bool:
+    """Whether Windows takes ``name`` for a device (its part before the first dot, case and trailing spaces aside)."""
+    return name.split(".")[0].rstrip(" ").lower() in _WINDOWS_DEVICES
 
 
 def check_portable(name: str) -> None:
     """Refuse a file or folder name Windows cannot hold as typed: a device name, or one ending in a dot or a space
     (which Windows drops, so "cat." and "cat" would be one file). Refused on every system, so that a save name in a
     shared workflow, or a command, works on all of them."""
-    if name.split(".")[0].rstrip(" ").lower() in WINDOWS_DEVICES:
+    if windows_device(name):
         raise ZEraseError(f"The name '{name}' is a device name on Windows ({name.split('.')[0].upper()}), where "
                           "nothing can be saved under it; choose another name.")
     if name.endswith((".", " ")):

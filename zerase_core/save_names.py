@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import ZEraseError
-from .files import NAME_MAX, NAME_UNIT, WINDOWS_DEVICES, check_portable, name_length
+from .files import NAME_MAX, NAME_UNIT, check_portable, name_length, windows_device
 
 # A save name's longest part, leaving room for a suffix (".safetensors"; ".zerase-ckpt" is as long) and a number.
 _NAME_ROOM = NAME_MAX - len(".safetensors") - len("_001")
@@ -56,7 +56,7 @@ def name_from(text: str, fallback: str = "zerase") -> str:
     name = re.sub(rf"[^{_NAME_CHARS}]", "_", text).strip(" .")
     while name_length(name) > _NAME_ROOM:  # a long concept still makes a name the file system takes
         name = name[:-1].rstrip(" .")
-    if name.split(".")[0].rstrip(" ").lower() in WINDOWS_DEVICES:  # the concept "nul": a name Windows can save
+    if windows_device(name):  # the concept "nul": a name Windows can save
         name += "_"
     return name if name.strip("_") else fallback
 
