@@ -4,10 +4,9 @@
 checkpointed costs its forward once more in backward and keeps only its input. This measures both on one model:
 a Z-Erase step at λ > 0 (the batch-3 [c_er, ∅, c_pr] student forward/backward with the attention mass, x_t from the
 pool) with k = 0 … all of the main layers checkpointed, timed interleaved (:func:`.timing.interleaved_medians`),
-and beside each the activations it keeps: on the CPU the bytes autograd saves for backward (what is held between
-forward and backward, the checkpointed layers' inputs included: torch's non-reentrant checkpoint saves them through
-the same hooks; the recomputation's own, one layer at a time, is not counted), on a GPU the peak above what is
-resident. Ratios are against k = 0 in the same run.
+and beside each its peak memory above where the step started (on a GPU the allocator's; on the CPU, which keeps no
+such statistics, from the profiler's allocation and free events in time order), the recomputation's own included.
+Ratios are against k = 0 in the same run.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from ..cli import command
 from ..errors import ZEraseError
-from .memory import saved_bytes
+from .memory import cpu_peak_bytes
 from .report import check_out, emit
 from .timing import check_timing, device_sync, interleaved_medians, peak_gib
 
@@ -40,21 +39,21 @@ def measure(backend, config, counts: list[int], steps: int, repeats: int) -> dic
     sync = device_sync(backend)
     seconds = interleaved_medians(variants, steps, repeats, sync, switch=switch)
     if backend.device.type == "cuda":
-        kept = {k: gib * 2**30 for k, gib in peak_gib(variants, sync, switch).items()}
+        peak = {k: gib * 2**30 for k, gib in peak_gib(variants, sync, switch).items()}
     else:
-        kept = {}
+        peak = {}
         for k, fn in variants.items():
             switch(k)
-            kept[k] = float(saved_bytes(fn)[0])
+            peak[k] = float(cpu_peak_bytes(fn))
     base = counts[0]
     rows = [{"checkpointed_layers": k, "seconds_per_step": seconds[k], "time_ratio": seconds[k] / seconds[base],
-             "activations_mib": kept[k] / 2**20, "memory_ratio": kept[k] / kept[base]} for k in counts]
+             "peak_mib": peak[k] / 2**20, "peak_ratio": peak[k] / peak[base]} for k in counts]
     _, h, w = backend.latent_shape(config.height, config.width)
     image_tokens = h * w // backend.patch**2
     return {"device": str(backend.device), "model": backend.fingerprint(), "image_tokens": image_tokens,
             "layers": backend.n_layers, "height": config.height, "rows": rows,
             "added_time_per_layer_s": _slope(rows, "seconds_per_step"),
-            "saved_mib_per_layer": -_slope(rows, "activations_mib")}
+            "peak_saved_mib_per_layer": -_slope(rows, "peak_mib")}
 
 
 def _slope(rows: list[dict], key: str) -> float:
@@ -90,6 +89,5 @@ def _bench_checkpointing(args: argparse.Namespace) -> int:
     emit(result, args)
     for r in result["rows"]:
         print(f"{r['checkpointed_layers']:>3} of {result['layers']} checkpointed: {r['seconds_per_step']:.3f} s/step "
-              f"(×{r['time_ratio']:.2f}), {r['activations_mib']:.1f} MiB kept (×{r['memory_ratio']:.2f})",
-              file=sys.stderr)
+              f"(×{r['time_ratio']:.2f}), peak {r['peak_mib']:.1f} MiB (×{r['peak_ratio']:.2f})", file=sys.stderr)
     return 0

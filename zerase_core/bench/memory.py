@@ -14,25 +14,44 @@ on scaled-down Z-Images, extrapolated to the real model by :func:`real_zimage_es
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 GiB = 1024**3
 
 
-def saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
-    """(bytes saved for backward by ``fn()``, its output). Storages are counted once."""
+def saved_bytes(fn: Callable[[], torch.Tensor], resident: Iterable[torch.Tensor] = ()) -> tuple[int, torch.Tensor]:
+    """(bytes saved for backward by ``fn()``, its output). Storages are counted once, and not those of ``resident``
+    tensors: a linear layer saves its weight for its input's gradient, but the weights are held anyway, so they are
+    no activation memory (counted, they made a layer's bytes grow with the square of its width)."""
     seen: dict[int, int] = {}
+    held = {t.untyped_storage().data_ptr() for t in resident}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in held:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return sum(seen.values()), out
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """The highest the CPU memory torch allocates rose above where it started while ``fn()`` ran, from the profiler's
+    allocation and free events in time order (the CPU has no allocator statistics to ask, as CUDA has)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    held = peak = 0
+    for _, change in changes:
+        held += change
+        peak = max(peak, held)
+    return peak
 
 
 def _qkv(tokens: int, heads: int, head_dim: int, dtype: torch.dtype):
