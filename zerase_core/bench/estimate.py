@@ -4,8 +4,9 @@ Per-layer activation memory of the student forward (LoRA on, attention mass reco
 measured as saved-for-backward bytes (:mod:`.memory`) on scaled-down Z-Images with
 the real head size (128) at two widths and two sequence lengths; bytes per token are linear in
 the width, so a fit extrapolates to the real model (dim 3840, 30 layers, 30 heads), and nearly constant in the
-length (``length_linearity``: at 1024 image tokens 0.80 of those at 256, a fixed per-layer part shrinking), so
-applying those at 256 tokens to longer sequences errs high. The other terms are
+length (``length_linearity``: at 1024 image tokens 0.96 of those at 256), so applying those at 256 tokens to longer
+sequences errs slightly high. The weights a layer saves for backward are left out (:func:`.memory.saved_bytes`'s
+``resident``): they are held anyway, and counted they grew with the square of the width. The other terms are
 counted: weights, LoRA + AdamW state, checkpointed block inputs, and a fixed allowance for
 the CUDA context and kernel workspaces (stated in the output, not measured here).
 """
