@@ -189,6 +189,20 @@ def test_saved_bytes_leaves_out_the_weights_a_layer_saves():
     assert saved_bytes(lambda: linear(x * 2), resident=linear.parameters())[0] == 0
 
 
+def test_the_cpu_peak_follows_every_allocation_and_free_in_order():
+    """4 MB, then 8 MB beside it, both freed, then 2 MB: the peak is 12 MB (placing each op's net change at its start
+    read backward's peaks up to 17 % low)."""
+    from zerase_core.bench.memory import cpu_peak_bytes
+
+    def step():
+        first = torch.empty(1_000_000)
+        second = torch.empty(2_000_000)
+        del first, second
+        return torch.empty(500_000)
+
+    assert cpu_peak_bytes(step) == 12_000_000
+
+
 def test_the_memory_estimate_from_scaled_down_models_reproduces_the_issues_h100_figures():
     """Per-layer activations measured on Z-Images of width 256 and 512 and extrapolated to 3840 give the issue's four
     H100 figures (GB above the weights) within 16 %, never below. A layer's bytes are linear in its width once the

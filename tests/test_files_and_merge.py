@@ -259,8 +259,8 @@ def test_the_files_check_leaves_the_folders_as_it_found_them(tmp_path):
 
 
 @pytest.mark.parametrize("name, why", [("nul", "device name on Windows \\(NUL\\)"), ("sub/aux.x", "device name"),
-                                       ("COM1/cat", "device name"), ("cat./red", "ends in a dot"),
-                                       ("cat /red", "ends in a space")])
+                                       ("COM1/cat", "device name"), ("lpt²", "device name"),
+                                       ("cat./red", "ends in a dot"), ("cat /red", "ends in a space")])
 def test_names_windows_cannot_hold_are_refused_everywhere(name, why, tmp_path):
     """A LoRA saved as nul.safetensors on Windows goes to the null device, without an error; a folder 'cat.' is
     'cat' there. A save name (shared in workflows) and a folder still to be made are refused on every system, before
@@ -277,6 +277,7 @@ def test_names_windows_cannot_hold_are_refused_everywhere(name, why, tmp_path):
         check_writable(tmp_path / f"{fine}.safetensors")
     (tmp_path / "aux").mkdir()  # a folder that exists was made by someone who could
     check_writable(tmp_path / "aux" / "red.safetensors")
+    check_writable(tmp_path / "new" / ".." / "red.json")  # steps of a path, not names
 
 
 def test_a_place_with_no_folder_at_all_is_refused_by_name(monkeypatch):
@@ -469,7 +470,8 @@ def test_a_save_name_made_from_a_concept_is_always_allowed(tmp_path):
 
     for concept, expected in [("Mickey Mouse (Disney)", "Mickey Mouse _Disney_"), ("AC/DC", "AC_DC"),
                               ("nude, naked", "nude_ naked"), ("梵高", "梵高"), ("..", "zerase"), ("?!", "zerase"),
-                              ("NUL", "NUL_"), ("con.", "con_"), ("Con Air", "Con Air")]:  # Windows device names
+                              ("NUL", "NUL_"), ("con.", "con_"), ("con.v2", "con_.v2"), ("NUL .x", "NUL_.x"),
+                              ("COM¹", "COM¹_"), ("Con Air", "Con Air")]:  # Windows device names
         assert name_from(concept) == expected
         assert path_inside(tmp_path, name_from(concept), ".safetensors").parent == tmp_path.resolve()
 

@@ -90,7 +90,7 @@ def _partial(layers: int, checkpointed: int):
     g = torch.Generator().manual_seed(0)
     x, sigma = torch.randn(3, 4, 16, 16, generator=g), torch.full((3,), 0.5)
     held, (v, mass) = saved_bytes(lambda: backend.velocity(x, sigma, prompts, concept_tokens=[[2]] * 3),
-                                  resident=backend.transformer.parameters())
+                                  resident=backend.weights())
     (v.square().mean() + mass.sum()).backward()
     return held, torch.cat([p.grad.reshape(-1) for p in lora.parameters()]), runs
 

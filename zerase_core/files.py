@@ -99,7 +99,8 @@ def check_writable(path: str | os.PathLike) -> None:
         if length > NAME_MAX:
             raise ZEraseError(f"The name '{name}' is too long ({length} {NAME_UNIT}; file systems allow "
                               f"{NAME_MAX}); choose a shorter name.")
-        check_portable(name)
+        if name not in (".", ".."):  # "new/../x": steps of the path, not names
+            check_portable(name)
     blocked = [p for p in to_make if os.path.lexists(p)]
     if blocked:
         raise ZEraseError(f"{blocked[-1]} is a file, where a folder is needed for {path}; choose another place.")
@@ -114,9 +115,9 @@ def check_writable(path: str | os.PathLike) -> None:
 
 
 # Names Windows keeps for devices, up to Windows 10 with any extension too: there "nul.safetensors" is the null
-# device, not a file.
-_WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
-                             *(f"lpt{i}" for i in range(1, 10))})
+# device, not a file. COM and LPT take the superscript digits ¹²³ as well (CPython's ntpath lists them too).
+_WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", "conin$", "conout$",
+                              *(f"{port}{n}" for port in ("com", "lpt") for n in "123456789¹²³")})
 
 
 def windows_device(name: str) -> bool:
@@ -129,8 +130,8 @@ def check_portable(name: str) -> None:
     (which Windows drops, so "cat." and "cat" would be one file). Refused on every system, so that a save name in a
     shared workflow, or a command, works on all of them."""
     if windows_device(name):
-        raise ZEraseError(f"The name '{name}' is a device name on Windows ({name.split('.')[0].upper()}), where "
-                          "nothing can be saved under it; choose another name.")
+        raise ZEraseError(f"The name '{name}' is a device name on Windows ({name.split('.')[0].strip().upper()}), "
+                          "where nothing can be saved under it; choose another name.")
     if name.endswith((".", " ")):
         raise ZEraseError(f"The name '{name}' ends in {'a dot' if name.endswith('.') else 'a space'}, which Windows "
                           "drops from file names; choose a name without it.")

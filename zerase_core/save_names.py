@@ -56,8 +56,9 @@ def name_from(text: str, fallback: str = "zerase") -> str:
     name = re.sub(rf"[^{_NAME_CHARS}]", "_", text).strip(" .")
     while name_length(name) > _NAME_ROOM:  # a long concept still makes a name the file system takes
         name = name[:-1].rstrip(" .")
-    if windows_device(name):  # the concept "nul": a name Windows can save
-        name += "_"
+    if windows_device(name):  # the concept "nul" or "con.v2": a name Windows can save, "nul_", "con_.v2"
+        head, dot, rest = name.partition(".")
+        name = f"{head.rstrip()}_{dot}{rest}"
     return name if name.strip("_") else fallback
 
 

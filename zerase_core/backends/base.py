@@ -158,6 +158,11 @@ class Backend(ABC):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    @abstractmethod
+    def weights(self) -> Iterator[torch.Tensor]:
+        """The model's parameters and buffers: held for the whole run, so no activation memory (the memory benches
+        leave them out of what a step saves for backward)."""
+
     def base_digest(self) -> str | None:
         """A short digest of what this model is beyond its architecture, stable across restarts, or None where
         the host cannot tell (then a saved LoRA is never taken for a run on this model without training)."""

@@ -170,6 +170,10 @@ class DiffusersZImageBackend(Backend):
             self.transformer.to(self._move_to)
             self._move_to = None
 
+    def weights(self) -> Iterator[torch.Tensor]:
+        yield from self.transformer.parameters()
+        yield from self.transformer.buffers()
+
     def base_digest(self) -> str | None:
         return self._digest
 

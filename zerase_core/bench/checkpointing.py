@@ -24,8 +24,8 @@ from .timing import check_timing, device_sync, interleaved_medians, peak_gib
 
 
 def measure(backend, config, counts: list[int], steps: int, repeats: int) -> dict:
-    """Seconds per step and activations kept, for each count of checkpointed layers in ``counts`` (the first of
-    them, 0 unless told otherwise, is what the ratios are taken against)."""
+    """Seconds per step and peak memory, for each count of checkpointed layers in ``counts`` (the first of them, 0
+    unless told otherwise, is what the ratios are taken against)."""
     from ..trainer import ZEraseTrainer
 
     config = dataclasses.replace(config, lambda_mode="fixed", fixed_lambda=1.0, gradient_checkpointing="off")
@@ -72,7 +72,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path)
 
 
-@command("bench-checkpointing", "seconds and activation memory of a step with k of the main layers checkpointed",
+@command("bench-checkpointing", "seconds and peak memory of a step with k of the main layers checkpointed",
          _add)
 def _bench_checkpointing(args: argparse.Namespace) -> int:
     from ..tiny import TinyZImageConfig, tiny_zimage_backend

@@ -35,7 +35,7 @@ def cost_split(trainer: ZEraseTrainer, steps: int, repeats: int, sync: Callable[
     pr = _pr_prompts(trainer)
     n = len(pr)  # activation bytes the [∅, c_pr] forward holds when it builds a graph (none under no_grad)
     out["student_pr_graph_saved_mib"] = saved_bytes(lambda: trainer.backend.velocity(
-        x_t.expand(n, -1, -1, -1), sigma.expand(n), pr, lora=True)[0])[0] / 2**20
+        x_t.expand(n, -1, -1, -1), sigma.expand(n), pr, lora=True)[0], resident=trainer.backend.weights())[0] / 2**20
     out["attn_mass_fwd"] = out["student_er_fwd_attn"] - out["student_er_fwd"]
     out["student_er_bwd"] = out["student_er_fwd_attn_bwd"] - out["student_er_fwd_attn"]
     out["student_b3_bwd"] = out["student_b3_fwd_attn_bwd"] - out["student_b3_fwd_attn"]

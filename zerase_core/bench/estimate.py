@@ -77,9 +77,8 @@ def student_layer_bytes(dim: int, image_tokens: int, caption_tokens: int, rank: 
         side = int(image_tokens**0.5) * 2  # latent side: patch 2
         x = torch.randn(1, 16, side, side)
         prompt = backend.encode(["concept"])
-        weights = [*backend.transformer.parameters(), *backend.transformer.buffers()]
         totals.append(saved_bytes(lambda: backend.velocity(
-            x, torch.tensor([0.5]), prompt, lora=True, concept_tokens=[[1]])[0].sum(), resident=weights)[0])
+            x, torch.tensor([0.5]), prompt, lora=True, concept_tokens=[[1]])[0].sum(), resident=backend.weights())[0])
     return float(totals[1] - totals[0])  # the difference is exactly one main layer
 
 

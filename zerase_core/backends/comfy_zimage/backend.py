@@ -90,6 +90,10 @@ class ComfyZImageBackend(Backend):
         return {"family": "z-image", "dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads,
                 "cap_feat_dim": self.cap_feat_dim}
 
+    def weights(self) -> Iterator[torch.Tensor]:
+        yield from self.dit.parameters()
+        yield from self.dit.buffers()
+
     def base_digest(self) -> str | None:
         return model_digest(self.patcher)
 
