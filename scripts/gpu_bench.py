@@ -257,7 +257,7 @@ def _measure_model(args, weights: str, device: str, runs: list[tuple[int, bool]]
 def _partial_row(built: Built, px: int, rank: int) -> dict:
     """A step with k of the main layers checkpointed, k from none to all (zerase_core/bench/checkpointing.py)."""
     n = built.backend.n_layers
-    counts = sorted({0, n // 3, 2 * n // 3, n - 1, n})  # n − 1: the peak model says the last layer saves nothing
+    counts = sorted({0, n // 3, 2 * n // 3, n - 1, n})  # n − 1: the peak model says the last layer saves little
     config = base_config(height=px, width=px, xt_pool=1, lora=LoRAConfig(rank=rank), shuffle_pool=2)
     try:
         with built.session():
