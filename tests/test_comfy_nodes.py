@@ -492,6 +492,32 @@ def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, mon
     assert load_lora(loras_dir / "zerase" / "switched.safetensors").training["steps_done"] == 3
 
 
+def test_the_curves_say_how_many_layers_a_partial_plan_checkpoints(pack, loras_dir, monkeypatch):
+    """Where part of the layers fit (simulated: auto's plan says 1 of the tiny model's 2), the node's run checkpoints
+    that many, through ComfyUI's patches, and its curves say so."""
+    import zerase_core.memory_fit as memory_fit
+
+    module = _train_module()
+    titles, real_curves, counts = [], module._render.curves, []
+
+    def curves(*args, title="", **kwargs):
+        titles.append(title)
+        return real_curves(*args, title=title, **kwargs)
+
+    def one_layer(layers, per_layer, kept, available):
+        counts.append(layers)
+        return 1
+
+    monkeypatch.setattr(module._render, "curves", curves)
+    monkeypatch.setattr(memory_fit, "available_bytes", lambda device: 2**30)
+    monkeypatch.setattr(memory_fit, "layers_to_checkpoint", one_layer)
+    with torch.inference_mode():
+        pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                    **_train_inputs(steps=2, save_name="partial"))
+    assert counts == [2]  # decided once, over the model's 2 main layers
+    assert titles[-1].endswith(", checkpointing 1/2 layers from step 1 (too little GPU memory without it)")
+
+
 def test_the_curves_say_when_auto_checkpointed_from_the_start(pack, loras_dir, monkeypatch):
     """Too little GPU memory free for a step without checkpointing (simulated): the node's run checkpoints from its
     first step, with ComfyUI's model loaded whole before it looks, and its curves say so."""
