@@ -243,15 +243,19 @@ def _measure_model(args, weights: str, device: str, runs: list[tuple[int, bool]]
                               lora=LoRAConfig(rank=result["rank"]), shuffle_pool=2)
         with built.session():
             result["rows"].append(_row(SpeedCase(name, built.backend, config), args.steps) | {"weights": weights})
-        try:  # after every row: a run cut off by a time limit keeps what it measured
-            write_json(result, args.out)
-        except ZEraseError as err:  # a full disk: the rows are printed at the end all the same
-            log.error("%s", err)
+        _save(result, args.out)
     for px in [64] if args.tiny else args.partial_resolutions:
         result.setdefault("checkpointing", []).append(_partial_row(built, px, result["rank"]) | {"weights": weights})
-        with contextlib.suppress(ZEraseError):  # as above: printed at the end all the same
-            write_json(result, args.out)
+        _save(result, args.out)
     built.release()
+
+
+def _save(result: dict, out: Path | None) -> None:
+    """After every row: a run cut off by a time limit keeps what it measured."""
+    try:
+        write_json(result, out)
+    except ZEraseError as err:  # a full disk: the rows are printed at the end all the same
+        log.error("%s", err)
 
 
 def _partial_row(built: Built, px: int, rank: int) -> dict:

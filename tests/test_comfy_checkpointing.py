@@ -7,6 +7,7 @@ image rows alone in the recomputation, and that unpatching gives the original mo
 """
 
 import asyncio
+from contextlib import contextmanager
 
 import pytest
 from comfy_support import REPO, empty_latent, encode, ksample, require_comfyui, tiny_clip, tiny_zimage
@@ -27,8 +28,9 @@ from zerase_core.trainer import ZEraseTrainer  # noqa: E402
 LAYERS, DIM = 2, 256
 
 
+@contextmanager
 def _qkv_calls(model):
-    """Forward hooks on every main layer's qkv: (layer, input, output, base projection) per call."""
+    """Inside, forward hooks on every main layer's qkv record (layer, input, output, base projection) per call."""
     qkvs = [model.model.diffusion_model.layers[i].attention.qkv for i in range(LAYERS)]
     seen = []
 
@@ -37,7 +39,11 @@ def _qkv_calls(model):
             seen.append((n, inputs[0].detach(), output.detach(), F.linear(inputs[0], module.weight).detach()))
 
     handles = [m.register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n, m in enumerate(qkvs)]
-    return seen, handles
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _erased(model):
@@ -73,12 +79,8 @@ def _one_step_gradient(checkpointing: bool, mode: str, stacked: bool, layers=Non
         losses = trainer._losses(er, list(trainer.prompts.erase_tokens[0]), keep, x_t, sigma)
         l_erase, l_attn, l_pr = losses.erase, losses.attn, losses.pr
         assert l_pr.requires_grad  # λ > 0 expected: the batched [c_er, ∅, c_pr] student forward
-        seen, handles = _qkv_calls(model)
-        try:
+        with _qkv_calls(model) as seen:
             lam, _ = trainer._backward(l_erase + config.attn_weight * l_attn, l_pr, losses.pr_batch)
-        finally:
-            for h in handles:
-                h.remove()
         grad = torch.cat([p.grad.reshape(-1) for p in trainer.params])
     return grad, torch.stack([l_erase, l_attn, l_pr]).detach(), lam, seen
 
@@ -110,17 +112,13 @@ def test_recomputed_layers_keep_image_rows_and_the_attention_capture():
     prompts = backend.encode(["a photo of a cat"])
     tokens = [concept_token_indices(prompts[0], "cat")]
     x, sigma = torch.randn(1, 16, 8, 12, generator=g), torch.tensor([0.7])
-    seen, handles = _qkv_calls(model)
     recorders = []
-    try:
-        with training_session(backend), scoped(backend, recorder_factory=keeping_recorders(recorders)):
-            v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
-            forward_calls, (recorder,) = len(seen), recorders
-            first = {n: id(t) for n, t in recorder.per_layer.items()}
-            (v.square().mean() + mass.sum()).backward()
-    finally:
-        for h in handles:
-            h.remove()
+    with _qkv_calls(model) as seen, training_session(backend), \
+            scoped(backend, recorder_factory=keeping_recorders(recorders)):
+        v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
+        forward_calls, (recorder,) = len(seen), recorders
+        first = {n: id(t) for n, t in recorder.per_layer.items()}
+        (v.square().mean() + mass.sum()).backward()
     assert forward_calls == LAYERS and len(seen) == 2 * LAYERS  # each layer recomputed once in backward
     # The recomputation replays a recorder that keeps no mass: kept, it would hold the recomputed layer's graph, and
     # a graph holding the recorder with the forward's masses would hold itself (test_attention_mass).
@@ -163,14 +161,9 @@ def test_partial_checkpointing_patches_and_recomputes_the_first_layers_only():
         backend.set_gradient_checkpointing(checkpointed)
         for p in lora_set.parameters():
             p.grad = None
-        seen, handles = _qkv_calls(model)
-        try:
-            with training_session(backend):
-                v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
-                (v.square().mean() + mass.sum()).backward()
-        finally:
-            for h in handles:
-                h.remove()
+        with _qkv_calls(model) as seen, training_session(backend):
+            v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
+            (v.square().mean() + mass.sum()).backward()
         patched = [LAYER_FORWARD.format(i) in backend.patcher.object_patches for i in range(LAYERS)]
         return torch.cat([p.grad.reshape(-1) for p in lora_set.parameters()]), [n for n, *_ in seen], patched
 
@@ -204,12 +197,8 @@ def test_a_model_that_comes_checkpointed_is_checkpointed_once():
     grads = []
     for checkpointed in (0, 1, LAYERS):  # none first: the inherited patches would still be in place
         backend.set_gradient_checkpointing(checkpointed)
-        seen, handles = _qkv_calls(model)
-        try:
+        with _qkv_calls(model) as seen:
             grads.append(gradient())
-        finally:
-            for h in handles:
-                h.remove()
         assert len(seen) == LAYERS + checkpointed  # each layer once in forward, the checkpointed ones again
     for grad in grads[1:]:
         torch.testing.assert_close(grad, grads[0], rtol=1e-5, atol=1e-7)

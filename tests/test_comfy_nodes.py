@@ -468,22 +468,31 @@ def test_a_run_stopped_by_nan_leaves_the_input_model_as_it_was(pack, loras_dir, 
     assert lora() is None
 
 
-def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, monkeypatch):
+@pytest.fixture
+def titles(pack, monkeypatch):
+    """The titles the Train node gives its curves, as it draws them (the pack loaded first: the node module is its)."""
+    module, seen = _train_module(), []
+    real_curves = module._render.curves
+
+    def curves(*args, title="", **kwargs):
+        seen.append(title)
+        return real_curves(*args, title=title, **kwargs)
+
+    monkeypatch.setattr(module._render, "curves", curves)
+    return seen
+
+
+def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, monkeypatch, titles):
     """A run that auto switched is slower from that step: the curves' title says from which step, and why. A step of
     the node's own run runs out of memory without checkpointing (simulated), and the run goes on with it."""
     module = _train_module()
-    titles, real_curves, real_step = [], module._render.curves, module.ZEraseTrainer._step
-
-    def curves(*args, title="", **kwargs):
-        titles.append(title)
-        return real_curves(*args, title=title, **kwargs)
+    real_step = module.ZEraseTrainer._step
 
     def step_that_runs_out_once(self):
         if self.step == 1 and self.gradient_checkpointing_from is None:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_step(self)
 
-    monkeypatch.setattr(module._render, "curves", curves)
     monkeypatch.setattr(module.ZEraseTrainer, "_step", step_that_runs_out_once)
     with torch.inference_mode():
         pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
@@ -492,23 +501,17 @@ def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, mon
     assert load_lora(loras_dir / "zerase" / "switched.safetensors").training["steps_done"] == 3
 
 
-def test_the_curves_say_how_many_layers_a_partial_plan_checkpoints(pack, loras_dir, monkeypatch):
+def test_the_curves_say_how_many_layers_a_partial_plan_checkpoints(pack, loras_dir, monkeypatch, titles):
     """Where part of the layers fit (simulated: auto's plan says 1 of the tiny model's 2), the node's run checkpoints
     that many, through ComfyUI's patches, and its curves say so."""
     import zerase_core.memory_fit as memory_fit
 
-    module = _train_module()
-    titles, real_curves, counts = [], module._render.curves, []
-
-    def curves(*args, title="", **kwargs):
-        titles.append(title)
-        return real_curves(*args, title=title, **kwargs)
+    counts = []
 
     def one_layer(layers, per_layer, kept, available):
         counts.append(layers)
         return 1
 
-    monkeypatch.setattr(module._render, "curves", curves)
     monkeypatch.setattr(memory_fit, "available_bytes", lambda device: 2**30)
     monkeypatch.setattr(memory_fit, "layers_to_checkpoint", one_layer)
     with torch.inference_mode():
@@ -518,17 +521,12 @@ def test_the_curves_say_how_many_layers_a_partial_plan_checkpoints(pack, loras_d
     assert titles[-1].endswith(", checkpointing 1/2 layers from step 1 (too little GPU memory without it)")
 
 
-def test_the_curves_say_when_auto_checkpointed_from_the_start(pack, loras_dir, monkeypatch):
+def test_the_curves_say_when_auto_checkpointed_from_the_start(pack, loras_dir, monkeypatch, titles):
     """Too little GPU memory free for a step without checkpointing (simulated): the node's run checkpoints from its
     first step, with ComfyUI's model loaded whole before it looks, and its curves say so."""
     import zerase_core.memory_fit as memory_fit
 
-    module = _train_module()
-    titles, real_curves, loaded = [], module._render.curves, []
-
-    def curves(*args, title="", **kwargs):
-        titles.append(title)
-        return real_curves(*args, title=title, **kwargs)
+    loaded = []
 
     def nothing_free(device):
         import comfy.model_management as mm
@@ -536,7 +534,6 @@ def test_the_curves_say_when_auto_checkpointed_from_the_start(pack, loras_dir, m
         loaded.append([type(m.model.model).__name__ for m in mm.current_loaded_models if m.model is not None])
         return 0
 
-    monkeypatch.setattr(module._render, "curves", curves)
     monkeypatch.setattr(memory_fit, "available_bytes", nothing_free)
     with torch.inference_mode():
         pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),

@@ -171,7 +171,7 @@ def _resume_checkpointing(trainer: "ZEraseTrainer", meta: dict) -> None:
     the step the run continues with."""
     mode = trainer.config.gradient_checkpointing
     if mode == "on":  # on since __init__: from this trainer's first step
-        trainer.gradient_checkpointing_from = trainer.step + 1
+        trainer.start_gradient_checkpointing("on")
     elif mode == "auto" and meta.get("gradient_checkpointing_reason") == OUT_OF_MEMORY:
         trainer.start_gradient_checkpointing(OUT_OF_MEMORY, from_step=int(meta["gradient_checkpointing_from"]))
 

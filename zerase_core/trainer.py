@@ -101,7 +101,7 @@ class ZEraseTrainer:
         release_encoder: bool = False,
         pool_progress: Callable[[int, int], None] | None = None,
     ):
-        self.width = width = backend.fingerprint().get("dim")  # None where the host cannot tell
+        width = backend.fingerprint().get("dim")  # None where the host cannot tell
         if width is not None and config.lora.rank > width:  # before any work: rank 10⁹ is an allocation failure later
             raise ZEraseError(f"LoRA rank {config.lora.rank} exceeds the model's width {width}, beyond which a rank "
                               f"adds nothing; choose a rank ≤ {width} (the default is {LoRAConfig.rank}).")
@@ -280,14 +280,15 @@ class ZEraseTrainer:
         GPU memory free with the model loaded (nothing to decide on a CPU)."""
         self.backend.load()
         available = memory_fit.available_bytes(self.backend.device)
-        if available is None:
+        dim = self.backend.fingerprint().get("dim")
+        if available is None or dim is None:  # a CPU run, or a host that cannot tell its width: nothing to estimate
             return
         prompts, layers = self.prompts, self.backend.n_layers
         caption = max(p.n_tokens for p in (*prompts.erase, prompts.uncond, *prompts.keep))
         rows = 2 + bool(prompts.keep)  # [c_er, ∅, c_pr], or [c_er, ∅] without preservation prompts
-        image = math.prod(self.latent_shape[1:]) // self.backend.patch**2
+        image = self.backend.image_tokens(self.config.height, self.config.width)
         casts = self.backend.weight_casts_bytes()  # fp8 weights: their bf16 copies, kept for backward
-        checkpointed, needed = memory_fit.plan(image, caption, rows, layers, self.width, casts, available)
+        checkpointed, needed = memory_fit.plan(image, caption, rows, layers, dim, casts, available)
         if checkpointed:
             log.info("A step without gradient checkpointing needs about %.1f GiB, %.1f GiB are free: checkpointing %d "
                      "of %d main layers from the start.", needed / 2**30, available / 2**30, checkpointed, layers)

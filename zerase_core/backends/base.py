@@ -101,6 +101,11 @@ class Backend(ABC):
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latent for an image of height × width pixels."""
 
+    def image_tokens(self, height: int, width: int) -> int:
+        """Image tokens of a height × width picture as the model cuts it: latent cells over a patch's cells."""
+        _, h, w = self.latent_shape(height, width)
+        return h * w // self.patch**2
+
     @abstractmethod
     def velocity(
         self,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..cli import command
 from ..errors import ZEraseError
-from .memory import cpu_peak_bytes
+from .memory import cpu_peak_bytes, least_squares_slope
 from .report import check_out, emit
 from .timing import check_timing, device_sync, interleaved_medians, peak_gib
 
@@ -48,9 +48,8 @@ def measure(backend, config, counts: list[int], steps: int, repeats: int) -> dic
     base = counts[0]
     rows = [{"checkpointed_layers": k, "seconds_per_step": seconds[k], "time_ratio": seconds[k] / seconds[base],
              "peak_mib": peak[k] / 2**20, "peak_ratio": peak[k] / peak[base]} for k in counts]
-    _, h, w = backend.latent_shape(config.height, config.width)
-    image_tokens = h * w // backend.patch**2
-    return {"device": str(backend.device), "model": backend.fingerprint(), "image_tokens": image_tokens,
+    return {"device": str(backend.device), "model": backend.fingerprint(),
+            "image_tokens": backend.image_tokens(config.height, config.width),
             "layers": backend.n_layers, "height": config.height, "rows": rows,
             "added_time_per_layer_s": _slope(rows, "seconds_per_step"),
             "peak_saved_mib_per_layer": -_slope(rows, "peak_mib")}
@@ -58,10 +57,7 @@ def measure(backend, config, counts: list[int], steps: int, repeats: int) -> dic
 
 def _slope(rows: list[dict], key: str) -> float:
     """Least-squares change of ``key`` per checkpointed layer: the linear model's per-layer figure."""
-    xs = [r["checkpointed_layers"] for r in rows]
-    ys = [r[key] for r in rows]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return least_squares_slope([r["checkpointed_layers"] for r in rows], [r[key] for r in rows])
 
 
 def _add(p: argparse.ArgumentParser) -> None:

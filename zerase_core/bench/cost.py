@@ -28,7 +28,6 @@ import argparse
 import copy
 import dataclasses
 import logging
-import math
 import platform
 import random
 import sys
@@ -68,8 +67,7 @@ class SpeedCase:
     def image_tokens(self) -> int:
         """Image tokens of the config's picture, as the model cuts it: latent cells over a patch's cells (asked of
         the model, so a row's count cannot disagree with what it timed)."""
-        shape = self.backend.latent_shape(self.config.height, self.config.width)
-        return math.prod(shape[1:]) // self.backend.patch**2
+        return self.backend.image_tokens(self.config.height, self.config.width)
 
     @property
     def row(self) -> str:

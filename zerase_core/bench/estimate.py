@@ -249,7 +249,8 @@ def default_settings(card_gb: float, rows: dict) -> dict:
     source, mode, n = TrainConfig.xt_source, TrainConfig.gradient_checkpointing, REAL["n_layers"]
     if mode == "auto":  # by memory_fit's figure (the H200's 21.9 GiB), not the rows' A7 (the H100 7.2 GB × 3)
         free = int((card_gb - CONTEXT_ALLOWANCE_GIB) * GiB - _weights_gb() * 1e9)  # a "24 GB" card has 24 GiB
-        layers, _ = memory_fit.plan(1024, REAL["caption_tokens"], 3, n, REAL["dim"], 0, free)
+        image_tokens = (512 // 16) ** 2  # 512², VAE /8, patch 2, as estimate() counts
+        layers, _ = memory_fit.plan(image_tokens, REAL["caption_tokens"], 3, n, REAL["dim"], 0, free)
     else:
         layers = n if mode == "on" else 0
     off, on = rows[f"{source}_no_ckpt"], rows[f"{source}_ckpt"]

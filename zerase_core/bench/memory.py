@@ -116,6 +116,9 @@ def attention_loss_bytes(image_tokens: int, text_tokens: int, heads: int, head_d
 
 def growth_exponent(tokens: list[int], values: list[float]) -> float:
     """Least-squares slope of log(value) against log(tokens): 1 linear, 2 quadratic."""
-    xs, ys = [math.log(t) for t in tokens], [math.log(max(v, 1.0)) for v in values]
+    return least_squares_slope([math.log(t) for t in tokens], [math.log(max(v, 1.0)) for v in values])
+
+
+def least_squares_slope(xs: list[float], ys: list[float]) -> float:
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
