@@ -391,3 +391,44 @@ def test_a_flow_shift_that_is_not_positive_is_refused():
     """ModelSamplingAuraFlow takes 0; σ would be NaN at the first level and the run fail with a misleading NaN."""
     with pytest.raises(ZEraseError, match="flow shift must be > 0; got 0.0"):
         _config(shift=0.0)
+
+
+def test_an_x_t_pool_the_system_memory_cannot_hold_is_refused_before_it_is_allocated(monkeypatch):
+    """--xt-pool 10⁹ ended in a traceback from torch's allocator; a pool a little over the free memory, on Linux,
+    in the process being killed (ComfyUI's server with it) while the pool filled."""
+    import psutil
+
+    from zerase_core import memory_fit, xt_pool
+
+    with pytest.raises(ZEraseError, match=r"x_t pool of 1000000000 trajectories × 2 levels needs \d+\.\d GiB of "
+                                          r"system memory .* xt_source 'fresh'"):
+        ZEraseTrainer(tiny_zimage_backend(), _config(xt_pool=10**9))
+    one = xt_pool.pool_bytes(1, levels=2, predictions=3, latent_shape=tiny_zimage_backend().latent_shape(64, 64))
+    free = type("Memory", (), {"available": int(10.5 * one * memory_fit.MARGIN)})
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    with pytest.raises(ZEraseError, match=r"Choose at most 10 trajectories \(TrainConfig.xt_pool, --xt-pool\)"):
+        ZEraseTrainer(tiny_zimage_backend(), _config(xt_pool=11))
+    assert ZEraseTrainer(tiny_zimage_backend(), _config(xt_pool=10)).xt_pool.trajectories == 10
+
+
+def test_the_pools_memory_check_counts_what_the_pool_allocates(tiny_backend):
+    """pool_bytes is what the check compares with the free memory: the tensors a built pool keeps, and the starting
+    noise it held while sampling."""
+    from zerase_core.xt_pool import pool_bytes
+
+    pool = ZEraseTrainer(tiny_backend, _config(xt_pool=3)).xt_pool
+    trajectories, levels, predictions, *latent = pool.teacher.shape
+    kept = sum(t.nbytes for t in vars(pool).values() if isinstance(t, torch.Tensor) and t is not pool.sigmas)
+    noise = trajectories * pool.x[:, 0].nbytes // trajectories
+    assert (trajectories, levels, predictions) == (3, 2, 3)
+    assert pool_bytes(trajectories, levels, predictions, latent) == kept + noise
+
+
+def test_a_resolution_past_the_models_position_tables_is_refused_before_any_work(capsys):
+    """The tiny model's RoPE tables hold 64 patches a side (1024 pixels); 2048 was an IndexError inside diffusers."""
+    from zerase_core.cli import main
+
+    assert tiny_zimage_backend().latent_shape(1024, 1024)[1:] == (128, 128)
+    assert main(["train", "--tiny", "--concept", "cat", "--resolution", "2048", "--steps", "1"]) == 2
+    assert "Resolution 2048×2048 is past this model's position tables: at most 1024 pixels a side (64 patches of " \
+           "16). Choose a resolution ≤ 1024." in capsys.readouterr().err

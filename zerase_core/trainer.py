@@ -105,6 +105,7 @@ class ZEraseTrainer:
         if width is not None and config.lora.rank > width:  # before any work: rank 10⁹ is an allocation failure later
             raise ZEraseError(f"LoRA rank {config.lora.rank} exceeds the model's width {width}, beyond which a rank "
                               f"adds nothing; choose a rank ≤ {width} (the default is {LoRAConfig.rank}).")
+        self.latent_shape = backend.latent_shape(config.height, config.width)  # refuses a resolution before any work
         self.backend, self.config = backend, config
         self.callbacks, self.should_stop = list(callbacks), should_stop
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -127,7 +128,6 @@ class ZEraseTrainer:
         self.checkpoint_meta: dict = {}  # the caller's notes, kept in every checkpoint (the node: its LoRA's name)
         self.mass_layers = set(config.lora.layer_indices(backend.n_layers))
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
-        self.latent_shape = backend.latent_shape(config.height, config.width)
         self.xt_pool = self.build_pool(should_stop, pool_progress) if config.xt_source == "pool" else None
         # Gradient checkpointing: from which step, and why (``"on"`` or one of auto's two reasons); how many of the
         # main layers are checkpointed now is the backend's ``checkpointed_layers``.

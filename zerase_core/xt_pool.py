@@ -16,18 +16,44 @@ Everything here is deterministic given the seed, so a resumed run rebuilds the s
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import psutil
 import torch
 
+from . import memory_fit
 from .backends.base import Backend
+from .errors import ZEraseError
 from .prompts import EncodedPrompt
 from .sampling import guide, integrate
 
 log = logging.getLogger(__name__)
+
+
+def pool_bytes(trajectories: int, levels: int, predictions: int, latent_shape: Sequence[int]) -> int:
+    """System memory a pool takes while it is sampled: each trajectory's starting noise, and x_t and the teacher's
+    ``predictions`` at each of its ``levels`` (fp32, on the CPU whatever the device: the GPU holds only a batch)."""
+    return trajectories * (1 + levels * (1 + predictions)) * math.prod(latent_shape) * 4
+
+
+def check_host_memory(trajectories: int, least: int, levels: int, predictions: int,
+                      latent_shape: Sequence[int]) -> None:
+    """Refuse a pool the system's free memory cannot hold, before allocating it: past the memory there is, the
+    allocation fails with a traceback, and below it, on Linux, a pool filled beyond the free memory gets the
+    process killed (ComfyUI's server with it)."""
+    needed = pool_bytes(trajectories, levels, predictions, latent_shape)
+    available = psutil.virtual_memory().available
+    if memory_fit.fits(needed, available):
+        return
+    most = int(available / memory_fit.MARGIN // pool_bytes(1, levels, predictions, latent_shape))
+    fewer = f"at most {most} trajectories (TrainConfig.xt_pool, --xt-pool), " if most >= least else ""
+    raise ZEraseError(f"The x_t pool of {trajectories} trajectories × {levels} levels needs {needed / 2**30:.1f} GiB "
+                      f"of system memory at this resolution, and {available / 2**30:.1f} GiB is free. Choose "
+                      f"{fewer}a lower resolution, or xt_source 'fresh', which keeps no pool.")
 
 
 class PoolCancelled(Exception):
@@ -66,15 +92,16 @@ class TrajectoryPool:
         start = time.perf_counter()
         self.sigmas = sigmas
         n = max(trajectories, len(erase))  # every erase prompt gets at least one trajectory
+        levels, predictions = len(sigmas) - 1, 2 + (1 if keep else 0)
+        check_host_memory(n, len(erase), levels, predictions, latent_shape)
         rng = random.Random(seed)
         self.erase_index = [j % len(erase) for j in range(n)]
         # c_pr ~ D_pr per trajectory, as Algorithm 1 samples it per step: a pool carries at most T of them
         self.keep_index = [rng.randrange(len(keep)) if keep else None for _ in range(n)]
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn((n, *latent_shape), generator=gen)  # (T, C, H, W)
-        levels = len(sigmas) - 1
         self.x = torch.empty((n, levels, *latent_shape))  # (T, K, C, H, W), CPU fp32
-        self.teacher = torch.empty((n, levels, 2 + (1 if keep else 0), *latent_shape))  # (T, K, P, C, H, W)
+        self.teacher = torch.empty((n, levels, predictions, *latent_shape))  # (T, K, P, C, H, W)
         self._sample_in_batches(backend, noise, erase, uncond, keep, cfg, batch, should_stop, progress)
         self.seconds = time.perf_counter() - start
         log.info("x_t pool: %d trajectories × %d levels sampled in %.1f s", n, levels, self.seconds)

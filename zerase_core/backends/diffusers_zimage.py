@@ -203,6 +203,11 @@ class DiffusersZImageBackend(Backend):
         step = self.latent.downsample * self.patch
         if height % step or width % step:
             raise ZEraseError(f"Resolution {height}×{width} must be a multiple of {step} for this model.")
+        # RoPE's tables hold axes_lens positions per axis; an image past them was an IndexError inside diffusers.
+        most = min(self.transformer.config.axes_lens[1:]) * step
+        if max(height, width) > most:
+            raise ZEraseError(f"Resolution {height}×{width} is past this model's position tables: at most {most} "
+                              f"pixels a side ({most // step} patches of {step}). Choose a resolution ≤ {most}.")
         return (self.latent.channels, height // self.latent.downsample, width // self.latent.downsample)
 
     # --- LoRA ----------------------------------------------------------------------------
