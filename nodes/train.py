@@ -80,7 +80,8 @@ def _trainer(backend, run: NamedRun) -> tuple[ZEraseTrainer, NamedRun]:
     pool_bar = comfy.utils.ProgressBar(1)
     try:
         trainer = ZEraseTrainer(backend, run.config, should_stop=mm.processing_interrupted, release_encoder=True,
-                                pool_progress=lambda done, n: pool_bar.update_absolute(done, n))
+                                pool_progress=lambda done, n: pool_bar.update_absolute(done, n),
+                                resume_from=run.continues)  # refuses other settings or another model, saying so
     except PoolCancelled:  # Cancel before the first step: nothing to save
         mm.throw_exception_if_processing_interrupted()
         raise

@@ -30,7 +30,7 @@ def _train(folder, config, resume=False, stop_after=None, backend=None):
     backend = backend or tiny_zimage_backend()
     run = NamedRun.plan(folder, "", config, resume)
     run.check(backend, ADVICE)
-    trainer = ZEraseTrainer(backend, config)
+    trainer = ZEraseTrainer(backend, config, resume_from=run.continues)
     if stop_after:  # a Cancel after that step
         trainer.should_stop = lambda: trainer.step >= stop_after
     run = run.attach(trainer)

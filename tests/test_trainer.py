@@ -70,9 +70,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
                           checkpoint_path=tmp_path / "b.ckpt")
     first.run()
     second = ZEraseTrainer(tiny_zimage_backend(), _config(steps=12, checkpoint_every=5),
-                           checkpoint_path=tmp_path / "b.ckpt")
-    second.resume(tmp_path / "b.ckpt")
-    assert second.step == 5
+                           checkpoint_path=tmp_path / "b.ckpt", resume_from=tmp_path / "b.ckpt")
+    assert second.step == 5 and second.xt_pool is not None  # the pool, sampled after the checkpoint was read
     resumed = second.run()
 
     flat = lambda history: [v for r in history for v in (r.erase, r.attn, r.pr, r.lam)]  # noqa: E731
@@ -80,6 +79,23 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     for key, (a, b) in reference.lora.factors.items():
         assert torch.allclose(resumed.lora.factors[key][0], a, atol=1e-6)
         assert torch.allclose(resumed.lora.factors[key][1], b, atol=1e-6)
+
+
+def test_resuming_a_finished_command_line_run_samples_no_pool_and_trains_nothing(tmp_path, monkeypatch, caplog):
+    """`train --resume` of a run with every step done sampled the whole x_t pool again (minutes on the real model)
+    before finding nothing to train."""
+    import zerase_core.trainer as trainer_module
+    from zerase_core.run import PlannedRun, train_and_save
+
+    config = _config(steps=3)
+    done, _ = train_and_save(PlannedRun(tiny_zimage_backend(), config, tmp_path))
+    monkeypatch.setattr(trainer_module, "TrajectoryPool", lambda *a, **k: pytest.fail("the pool was sampled again"))
+    with caplog.at_level("INFO", logger="zerase_core.run"):
+        again, path = train_and_save(PlannedRun(tiny_zimage_backend(), config, tmp_path, resume=True))
+    assert "every one of its 3 steps is done; nothing to train" in caplog.text
+    assert _flat(again.history) == _flat(done.history) and again.lora.training["steps_done"] == 3
+    for key, (a, b) in done.lora.factors.items():
+        assert torch.equal(load_lora(path).factors[key][0], a) and torch.equal(again.lora.factors[key][1], b)
 
 
 def _flat(history) -> list[float]:

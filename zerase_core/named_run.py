@@ -52,13 +52,16 @@ class NamedRun:
         (``advice``: how to continue or start over, in the caller's words)."""
         check_run_files(self.lora, self.checkpoint, self.config, backend, self.resume, advice)
 
+    @property
+    def continues(self) -> Path | None:
+        """The checkpoint the trainer resumes from (``ZEraseTrainer(resume_from=...)``): when asked, and one exists."""
+        return self.checkpoint if self.resume and self.checkpoint.exists() else None
+
     def attach(self, trainer: ZEraseTrainer) -> "NamedRun":
-        """Make ``trainer`` keep its checkpoint here, continue it from there when asked and one exists, and make
-        every checkpoint it saves record where its LoRA goes. Returns the run with that file: the stopped run's
-        partial LoRA, if it is still there and still that run's."""
+        """Make ``trainer`` (resumed from :attr:`continues`) keep its checkpoint here, and make every checkpoint it
+        saves record where its LoRA goes. Returns the run with that file: the stopped run's partial LoRA, if it is
+        still there and still that run's."""
         trainer.checkpoint_path = self.checkpoint
-        if self.resume and self.checkpoint.exists():
-            trainer.resume(self.checkpoint)  # refuses other settings or another model, saying so
         partial = self._partial_file(trainer)
         run = replace(self, lora=partial, replaces_partial=True) if partial else self
         trainer.checkpoint_meta[LORA_FILE] = run.lora.relative_to(self.folder.resolve()).with_suffix("").as_posix()

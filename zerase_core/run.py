@@ -106,14 +106,16 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
     """
     config = run.config
     try:  # encoding the prompts and sampling the x_t pool take a while on a real model: Ctrl-C lands here too
-        trainer = ZEraseTrainer(run.backend, config, checkpoint_path=run.checkpoint, release_encoder=release_encoder)
-        if run.resume:
-            trainer.resume(run.checkpoint)
+        trainer = ZEraseTrainer(run.backend, config, checkpoint_path=run.checkpoint, release_encoder=release_encoder,
+                                resume_from=run.checkpoint if run.resume else None)
     except KeyboardInterrupt as err:
         if run.resume:
             raise ZEraseError("Stopped while preparing to continue the run; its checkpoint is as it was: run the same "
                               "command with --resume.") from err
         raise ZEraseError("Stopped before the first step (while preparing the run); nothing was saved.") from err
+    if trainer.step == config.steps:
+        log.info("%s: every one of its %d steps is done; nothing to train (a larger --steps extends the run)",
+                 run.checkpoint, config.steps)
     on_step, bar = progress_bar(config.steps, trainer.step)
     trainer.callbacks.extend([on_step, *callbacks])
     try:

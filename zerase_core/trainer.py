@@ -100,7 +100,10 @@ class ZEraseTrainer:
         checkpoint_path: str | Path | None = None,
         release_encoder: bool = False,
         pool_progress: Callable[[int, int], None] | None = None,
+        resume_from: str | Path | None = None,
     ):
+        """``resume_from``: a checkpoint to continue, read before the x_t pool is sampled (minutes on the real model),
+        which a run with every step done does not need."""
         width = backend.fingerprint().get("dim")  # None where the host cannot tell
         if width is not None and config.lora.rank > width:  # before any work: rank 10⁹ is an allocation failure later
             raise ZEraseError(f"LoRA rank {config.lora.rank} exceeds the model's width {width}, beyond which a rank "
@@ -128,7 +131,6 @@ class ZEraseTrainer:
         self.checkpoint_meta: dict = {}  # the caller's notes, kept in every checkpoint (the node: its LoRA's name)
         self.mass_layers = set(config.lora.layer_indices(backend.n_layers))
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
-        self.xt_pool = self.build_pool(should_stop, pool_progress) if config.xt_source == "pool" else None
         # Gradient checkpointing: from which step, and why (``"on"`` or one of auto's two reasons); how many of the
         # main layers are checkpointed now is the backend's ``checkpointed_layers``.
         self.gradient_checkpointing_from: int | None = None
@@ -138,6 +140,10 @@ class ZEraseTrainer:
         backend.set_gradient_checkpointing(0)  # as the settings say, whatever the backend was left with
         if config.gradient_checkpointing == "on":
             self.start_gradient_checkpointing("on")
+        if resume_from is not None:
+            self.resume(resume_from)
+        wants_pool = config.xt_source == "pool" and self.step < config.steps
+        self.xt_pool = self.build_pool(should_stop, pool_progress) if wants_pool else None
 
     def build_pool(self, should_stop: Callable[[], bool] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> TrajectoryPool:
