@@ -119,16 +119,16 @@ class ZEraseTrain(io.ComfyNode):
                 io.String.Input("preserve", default="", tooltip="Comma-separated preservation concepts."),
                 io.Int.Input("steps", default=TrainConfig.steps, min=1, max=100000,
                              tooltip="Training steps (the paper: 1000)."),
-                # step 1e-6: the frontend rounds to the step's decimals, so a coarser step hides small rates
+                # The frontend rounds a number to its step's decimals: a coarser step turned a small rate, β or ε into 0
                 io.Float.Input("learning_rate", default=TrainConfig.lr, min=1e-6, max=LR_RANGE[1], step=1e-6,
                                tooltip="AdamW's α, also the Taylor step in λ's update (Eq. 15)."),
-                io.Float.Input("beta", default=TrainConfig.beta, min=0.0, max=10.0, step=0.01,
+                io.Float.Input("beta", default=TrainConfig.beta, min=0.0, max=10.0, step=1e-4,
                                tooltip="β: how fast λ reacts to the preservation loss rising (Eq. 15). λ ends up "
                                "≈ (β/learning_rate)·L_pr: raise β to preserve more (README: Algorithm 1's λ, "
                                "written out)."),
                 io.Float.Input("eta", default=TrainConfig.eta, min=0.0, max=20.0, step=0.1,
                                tooltip="η: negative guidance of the erase target (Eq. 5); higher erases harder."),
-                io.Float.Input("epsilon", default=-1.0, min=-1.0, max=1.0, step=1e-4,
+                io.Float.Input("epsilon", default=-1.0, min=-1.0, max=1.0, step=1e-5,
                                tooltip="ε, the preservation tolerance (Table 6); -1: the preset's. Under the paper's λ "
                                "rule it moves results little; β and the learning rate matter more."),
                 io.Int.Input("rank", default=LoRAConfig.rank, min=1, max=256,

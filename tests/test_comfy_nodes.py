@@ -53,6 +53,21 @@ def test_pack_registers_every_node(pack):
     assert {n for n, cls in ours.items() if cls.OUTPUT_NODE is True} == {"ZEraseTrain", "ZEraseMergeLoRAs"}
 
 
+@pytest.mark.parametrize("name, smallest", [
+    ("learning_rate", 1e-5),  # a hundredth of the paper's 1e-3
+    ("beta", 1e-3),  # a hundredth of the paper's β = 0.1; 0 switches preservation off
+    ("epsilon", 1e-5),  # a hundredth of the tightest preset's ε (Table 6: 1e-3)
+])
+def test_the_train_nodes_numbers_keep_small_values_the_frontend_rounds_to_the_step(pack, name, smallest):
+    """ComfyUI's frontend rounds a FLOAT widget to as many decimals as its step has: β = 0.004 at step 0.01 was
+    stored as 0.0, which switches the preservation constraint off without a word."""
+    import math
+
+    spec = pack["ZEraseTrain"].INPUT_TYPES()["required"][name][1]
+    decimals = max(0, -math.floor(math.log10(spec["step"])))
+    assert round(smallest, decimals) == smallest, spec
+
+
 def test_lora_names_are_the_same_on_every_system(pack):
     """ComfyUI lists 'zerase\\cat.safetensors' on Windows; the shipped workflows store 'zerase/cat.safetensors'."""
     import sys
