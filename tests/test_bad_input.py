@@ -432,3 +432,35 @@ def test_a_resolution_past_the_models_position_tables_is_refused_before_any_work
     assert main(["train", "--tiny", "--concept", "cat", "--resolution", "2048", "--steps", "1"]) == 2
     assert "Resolution 2048×2048 is past this model's position tables: at most 1024 pixels a side (64 patches of " \
            "16). Choose a resolution ≤ 1024." in capsys.readouterr().err
+
+
+def test_a_command_line_run_out_of_gpu_memory_keeps_its_work_and_says_what_to_do(tmp_path, monkeypatch):
+    """Out of memory after the trainer's own answer was a traceback from the command line (only ZEraseError and
+    Ctrl-C were told); in the x_t pool's sampling, before the first step, too."""
+    from zerase_core.lora_file import load_lora
+    from zerase_core.run import PlannedRun, train_and_save
+
+    backend, out = tiny_zimage_backend(), tmp_path / "run"
+    real, calls = backend.velocity, []
+
+    def runs_out_at_step_3(*args, **kwargs):
+        if kwargs.get("lora") and calls.append(1) is None and len(calls) > 2:  # one student forward a step here
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "velocity", runs_out_at_step_3)
+    config = _config(steps=4, gradient_checkpointing="off", lambda_mode="fixed", fixed_lambda=1.0)
+    with pytest.raises(ZEraseError, match=r"Out of GPU memory \(CUDA out of memory. Tried to allocate 2.00 GiB "
+                                          r"\(simulated\)\). .* a lower --resolution or --rank; or, to continue this "
+                                          r"run, --gradient-checkpointing on .* --resume.\nStopped at step 2 of 4"):
+        train_and_save(PlannedRun(backend, config, out))
+    assert load_lora(out / "erasure_lora.safetensors").training["steps_done"] == 2
+    assert (out / "checkpoint.safetensors").exists()
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(backend, "velocity", no_memory)  # the pool's sampling, one trajectory at a time
+    with pytest.raises(ZEraseError, match=r"Out of GPU memory \(x_t pool: out of memory sampling one trajectory at a "
+                                          r"time\).*\nStopped before the first step .while preparing the run.;"):
+        train_and_save(PlannedRun(backend, _config(steps=2), tmp_path / "other"))

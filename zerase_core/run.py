@@ -8,6 +8,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from .backends.base import Backend
 from .config import TrainConfig
 from .checkpoint import check_run_files
@@ -108,11 +110,12 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
     try:  # encoding the prompts and sampling the x_t pool take a while on a real model: Ctrl-C lands here too
         trainer = ZEraseTrainer(run.backend, config, checkpoint_path=run.checkpoint, release_encoder=release_encoder,
                                 resume_from=run.checkpoint if run.resume else None)
-    except KeyboardInterrupt as err:
+    except (KeyboardInterrupt, torch.OutOfMemoryError) as err:
+        why = "Stopped" if isinstance(err, KeyboardInterrupt) else f"{_out_of_memory(err)}\nStopped"
         if run.resume:
-            raise ZEraseError("Stopped while preparing to continue the run; its checkpoint is as it was: run the same "
+            raise ZEraseError(f"{why} while preparing to continue the run; its checkpoint is as it was: run the same "
                               "command with --resume.") from err
-        raise ZEraseError("Stopped before the first step (while preparing the run); nothing was saved.") from err
+        raise ZEraseError(f"{why} before the first step (while preparing the run); nothing was saved.") from err
     if trainer.step == config.steps:
         log.info("%s: every one of its %d steps is done; nothing to train (a larger --steps extends the run)",
                  run.checkpoint, config.steps)
@@ -120,7 +123,7 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
     trainer.callbacks.extend([on_step, *callbacks])
     try:
         result = trainer.run()
-    except (KeyboardInterrupt, ZEraseError) as err:
+    except (KeyboardInterrupt, ZEraseError, torch.OutOfMemoryError) as err:
         raise ZEraseError(_stopped(trainer, run.lora, err)) from err
     finally:
         bar.close()
@@ -133,7 +136,10 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
 
 def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str:
     """What a stopped run left (its last good LoRA, saved here, and its checkpoint) and how to continue it."""
-    why = "Stopped" if isinstance(err, KeyboardInterrupt) else f"{err}\nStopped"
+    if isinstance(err, torch.OutOfMemoryError):
+        why = f"{_out_of_memory(err, trainer)}\nStopped"
+    else:
+        why = "Stopped" if isinstance(err, KeyboardInterrupt) else f"{err}\nStopped"
     if trainer.step == 0:
         return f"{why} before the first step; nothing was saved."
     if not trainer.params_finite():  # an update overflowed the LoRA: nothing of it is worth keeping
@@ -145,3 +151,13 @@ def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str
         return (f"{where} (its last good weights). Resuming would repeat the step that failed: start a fresh run "
                 "with another --out and a lower learning rate (train: --lr).")
     return f"{where}, the checkpoint beside it: run the same command with --resume to continue."
+
+
+def _out_of_memory(err: torch.OutOfMemoryError, trainer: ZEraseTrainer | None = None) -> str:
+    """What to do when the GPU ran out after the trainer's own answer (auto: every layer checkpointed, the step taken
+    again). Resolution and rank decide what a run trains, so a resumed run keeps them: only a new run can lower them."""
+    backend = trainer.backend if trainer is not None else None
+    partial = backend is not None and backend.checkpointed_layers < backend.n_layers
+    more = "; or, to continue this run, --gradient-checkpointing on (every main layer) with --resume" if partial else ""
+    return (f"Out of GPU memory ({str(err).splitlines()[0] if str(err) else 'no detail'}). Let no other program hold "
+            f"the GPU, or start a new run with a lower --resolution or --rank{more}.")
