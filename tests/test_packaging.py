@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -65,3 +66,30 @@ def test_the_template_browser_finds_each_workflow_once():
     found = [f.relative_to(REPO).as_posix() for name in TEMPLATE_FOLDERS for f in (REPO / name).glob("*.json")]
     names = [Path(f).name for f in found]
     assert len(names) == 4 and len(set(names)) == len(names), found
+
+
+LOAD_AS_COMFYUI_DOES = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("ComfyUI-Z-Erase", {init!r}, submodule_search_locations=[{repo!r}])
+pack = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = pack
+spec.loader.exec_module(pack)
+import zerase_core.trainer
+print(zerase_core.__file__)
+print(any(os.path.abspath(p) == {repo!r} for p in sys.path))
+for name in ("tests", "tools", "scripts"):
+    found = importlib.util.find_spec(name)
+    print(found is not None and (found.origin or "").startswith({repo!r}))
+"""
+
+
+def test_loading_the_pack_offers_its_engine_by_name_and_nothing_else_of_its_folder(tmp_path):
+    """The pack put its whole folder on sys.path: its tests, tools and scripts became top-level modules of every
+    pack in the ComfyUI process (and an installed zerase_core of another version was imported before its own)."""
+    code = LOAD_AS_COMFYUI_DOES.format(init=str(REPO / "__init__.py"), repo=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    engine, on_path, *offered = done.stdout.split()
+    assert engine == str(REPO / "zerase_core" / "__init__.py")
+    assert on_path == "False" and offered == ["False"] * 3
