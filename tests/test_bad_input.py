@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -74,7 +76,8 @@ def test_resume_refuses_what_is_not_a_checkpoint_of_this_model(tmp_path):
     (tmp_path / "broken.ckpt").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{notjson")
     lora_file = save_lora(saved.export(), tmp_path / "red.safetensors")
     fresh = ZEraseTrainer(tiny_zimage_backend(), _config())
-    with pytest.raises(ZEraseError, match="Cannot read the checkpoint .* Start a fresh run instead"):
+    with pytest.raises(ZEraseError, match="Cannot read the checkpoint .* Start a fresh run under another name .the "
+                                          "command line's --out"):
         fresh.resume(tmp_path / "broken.ckpt")
     with pytest.raises(ZEraseError, match="is not a Z-Erase training checkpoint"):
         fresh.resume(lora_file)
@@ -464,3 +467,87 @@ def test_a_command_line_run_out_of_gpu_memory_keeps_its_work_and_says_what_to_do
     with pytest.raises(ZEraseError, match=r"Out of GPU memory \(x_t pool: out of memory sampling one trajectory at a "
                                           r"time\).*\nStopped before the first step .while preparing the run.;"):
         train_and_save(PlannedRun(backend, _config(steps=2), tmp_path / "other"))
+
+
+def test_a_run_whose_checkpoint_could_not_be_written_does_not_say_to_resume_it(tmp_path, monkeypatch):
+    """A full disk at the first checkpoint: the message said to --resume from a checkpoint that was never written,
+    and --resume then said there was none."""
+    import zerase_core.trainer as trainer_module
+    from zerase_core.lora_file import load_lora
+    from zerase_core.run import PlannedRun, train_and_save
+
+    def disk_full(trainer, path, non_finite_stop=False):
+        raise ZEraseError(f"Could not write {path}: No space left on device.")
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", disk_full)
+    out = tmp_path / "run"
+    with pytest.raises(ZEraseError, match=r"No space left on device.*\nStopped at step 2 of 3.*no checkpoint could be "
+                                          r"saved, so the run cannot be continued: start it anew in another --out"):
+        train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=3, checkpoint_every=2), out))
+    assert load_lora(out / "erasure_lora.safetensors").training["steps_done"] == 2  # the work so far, kept
+
+
+def test_a_picture_that_cannot_be_written_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """PIL's own save left a truncated curves.png on a full disk, and its OSError reached the user as a traceback."""
+    import errno
+
+    import zerase_core.files as files
+    from zerase_core.render import save_png
+
+    path = save_png(torch.zeros(8, 8, 3), tmp_path / "curves.png")
+    before = path.read_bytes()
+
+    class FullDisk:
+        def __init__(self, fd, mode):
+            os.close(fd)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fdopen", FullDisk)
+    with pytest.raises(ZEraseError, match=r"Could not write .*curves.png: No space left on device. .*no earlier file "
+                                          r"was changed"):
+        save_png(torch.ones(8, 8, 3), path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["curves.png"]
+
+
+def test_ctrl_c_outside_a_runs_own_handling_is_told_not_a_traceback(monkeypatch, capsys):
+    """Ctrl-C while a --model loads (minutes on the real one), or while the demo measures, printed a traceback."""
+    import zerase_core.tiny as tiny
+    from zerase_core.cli import main
+
+    def ctrl_c(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny, "tiny_zimage_backend", ctrl_c)
+    assert main(["train", "--tiny", "--concept", "cat", "--steps", "1"]) == 130
+    assert "Stopped (Ctrl-C); every file written before is whole" in capsys.readouterr().err
+
+
+def test_the_largest_seed_the_settings_take_trains(tmp_path, capsys):
+    """Seeds up to 2⁶⁴ − 1 are accepted, but a seed above about 1.8e13 overflowed torch where it was offset (the tiny
+    encoder's word vectors, the previews, the demo's measuring noise); derived seeds below the top are unchanged."""
+    from zerase_core.cli import main
+    from zerase_core.sampling import preview_seed
+
+    assert preview_seed(5) == 5 + 1_000_003 and preview_seed(2**64 - 1) == 1_000_002
+    assert main(["train", "--tiny", "--concept", "cat", "--seed", str(2**64 - 1), "--steps", "1", "--resolution", "32",
+                 "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+
+
+def test_a_prompt_past_the_models_position_tables_is_refused_by_name(capsys):
+    """The tiny model's first RoPE axis holds 256 positions; a 250-word concept (in the template "A photo of {}") was
+    an IndexError inside diffusers."""
+    from zerase_core.cli import main
+
+    backend = tiny_zimage_backend()
+    assert backend.encode([" ".join(["cat"] * 222)])[0].n_tokens == 224  # the most it holds (2 around the words)
+    concept = " ".join(["cat"] * 250)
+    assert main(["train", "--tiny", "--concept", concept, "--steps", "1"]) == 2
+    assert "is 255 tokens; this model's position tables hold 224. Shorten the template" in capsys.readouterr().err

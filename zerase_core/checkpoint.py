@@ -95,6 +95,11 @@ def _refuse_replacing(path: Path, advice: str) -> None:
                       f"{advice}")
 
 
+# A checkpoint that cannot be resumed still refuses a new run beside it (it is the user's file): the way out.
+START_ELSEWHERE = ("Start a fresh run under another name (the command line's --out, the node's save_name); this "
+                   "file stays as it is")
+
+
 def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -104,7 +109,7 @@ def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
                 meta["base"] = raw["base"]                   # reads back as a number; its text is the digest
             return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), meta
     except Exception as err:  # safetensors raises several types for damaged files
-        raise ZEraseError(f"Cannot read the checkpoint {path}: {err}. Start a fresh run instead.") from err
+        raise ZEraseError(f"Cannot read the checkpoint {path}: {err}. {START_ELSEWHERE}.") from err
 
 
 def _saved_config(path: Path, meta: dict) -> TrainConfig:
@@ -113,7 +118,7 @@ def _saved_config(path: Path, meta: dict) -> TrainConfig:
         return TrainConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as err:  # a setting this version does not know, or none at all
         raise ZEraseError(f"The checkpoint {path.name} holds settings this version of the pack cannot read ({err}); "
-                          "it was made by another version, or is damaged. Start a fresh run.") from err
+                          f"it was made by another version, or is damaged. {START_ELSEWHERE}.") from err
 
 
 def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict, base: str | None) -> None:

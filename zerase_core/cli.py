@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     except ZEraseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a run's own handling: loading a model, a demo's measuring, a benchmark
+        print("Stopped (Ctrl-C); every file written before is whole (each is written at once or not at all).",
+              file=sys.stderr)
+        return 130  # the shell's code for SIGINT
 
 
 def _load_plugins() -> None:

@@ -35,7 +35,12 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` whole or not at all (see :func:`_atomic_write`)."""
-    return _atomic_write(Path(path), text.encode())
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` whole or not at all (see :func:`_atomic_write`)."""
+    return _atomic_write(Path(path), data)
 
 
 def _atomic_write(path: Path, data: bytes, exclusive: bool = False) -> Path:

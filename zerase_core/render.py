@@ -5,11 +5,16 @@ Shared by the CLI demo and the ComfyUI nodes.
 """
 from __future__ import annotations
 
+import io
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import atomic_write_bytes
 
 _FONT = ImageFont.load_default()
 _COLOURS = [(220, 60, 60), (60, 120, 220), (60, 170, 90), (200, 140, 30), (150, 80, 200)]
@@ -18,6 +23,14 @@ _COLOURS = [(220, 60, 60), (60, 120, 220), (60, 170, 90), (200, 140, 30), (150, 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(H, W, 3) float [0, 1] -> PIL."""
     return Image.fromarray((image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
+
+
+def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
+    """(H, W, 3) float [0, 1] as a PNG file, written whole or not at all: PIL's own save left a truncated picture on a
+    full disk, and its OSError as a traceback."""
+    data = io.BytesIO()
+    to_pil(image).save(data, format="PNG")
+    return atomic_write_bytes(path, data.getvalue())
 
 
 def to_image(pictures: Sequence[Image.Image]) -> torch.Tensor:

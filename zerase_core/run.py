@@ -17,7 +17,7 @@ from .errors import ZEraseError
 from .files import atomic_write_text
 from .history import TrainResult, loss_series
 from .lora_file import save_lora
-from .render import curves, to_pil
+from .render import curves, save_png
 from .trainer import NonFiniteLoss, ZEraseTrainer
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,7 @@ def every(n: int, callback):
 
 
 def write_curves(result: TrainResult, path: Path, title: str) -> Path:
-    to_pil(curves(loss_series(result.history), title=title)[0]).save(path)
-    return path
+    return save_png(curves(loss_series(result.history), title=title)[0], path)
 
 
 @dataclass(frozen=True)
@@ -150,6 +149,8 @@ def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str
     if isinstance(err, NonFiniteLoss):  # the checkpoint would run into the same step, with the same settings
         return (f"{where} (its last good weights). Resuming would repeat the step that failed: start a fresh run "
                 "with another --out and a lower learning rate (train: --lr).")
+    if not trainer.checkpoint_path.exists():  # its first save failed (a full disk): nothing to resume from
+        return f"{where}; no checkpoint could be saved, so the run cannot be continued: start it anew in another --out."
     return f"{where}, the checkpoint beside it: run the same command with --resume to continue."
 
 

@@ -12,6 +12,7 @@ import torch
 
 from .backends.base import Backend
 from .prompts import EncodedPrompt
+from .seeds import offset_seed
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -23,7 +24,7 @@ PREVIEW_SEED_OFFSET = 1_000_003
 
 def preview_seed(seed: int) -> int:
     """The seed of a run's preview noise, from the run's seed."""
-    return seed + PREVIEW_SEED_OFFSET
+    return offset_seed(seed, PREVIEW_SEED_OFFSET)
 
 
 def flow_sigmas(steps: int, shift: float) -> torch.Tensor:

@@ -258,7 +258,15 @@ class DiffusersZImageBackend(Backend):
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
         if self.encoder is None:
             raise RuntimeError("The text encoder was released after the prompts were encoded; encode before that.")
-        return self.encoder.encode(prompts)
+        encoded = self.encoder.encode(prompts)
+        # RoPE's first axis holds axes_lens[0] positions: the caption takes 1 … its padded length, the image the next.
+        most = (self.transformer.config.axes_lens[0] - 2) // SEQ_MULTIPLE * SEQ_MULTIPLE
+        for prompt in encoded:  # past it, an IndexError inside diffusers (the tiny model holds 224 caption tokens)
+            if pad_to_multiple(prompt.n_tokens, SEQ_MULTIPLE) > most:
+                raise ZEraseError(f"The prompt '{prompt.text[:60]}…' is {prompt.n_tokens} tokens; this model's "
+                                  f"position tables hold {most}. Shorten the template, the concept or the preservation "
+                                  "concept.")
+        return encoded
 
     def release_encoder(self) -> None:
         """Drop the text encoder (Qwen3 4B: ~8 GB in bf16) so training has that memory back, and put the

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import ZEraseError
 from ..prompts import EncodedPrompt, as_read, token_span
+from ..seeds import offset_seed
 
 # Z-Image's pipeline wraps prompts in Qwen3's chat template with a generation prompt.
 CHAT_PREFIX = "<|im_start|>user\n"
@@ -64,7 +65,7 @@ class HashWordEncoder:
         self.dim, self.seed = dim, seed
 
     def _vector(self, word: str) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(word.encode()))
+        g = torch.Generator().manual_seed(offset_seed(self.seed * 1_000_003, zlib.crc32(word.encode())))
         return torch.randn(self.dim, generator=g)
 
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:

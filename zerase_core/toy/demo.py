@@ -20,7 +20,7 @@ from ..config import TrainConfig
 from ..errors import ZEraseError
 from ..files import atomic_write_text
 from ..lora import LoRAConfig
-from ..render import grid, to_pil
+from ..render import grid, save_png, to_pil
 from ..run import CURVES, PlannedRun, every, train_and_save
 from ..sampling import preview_seed
 from .erasure_metrics import (
@@ -156,8 +156,8 @@ def preview(backend, bundle, concept: Concept, seed: int, out: Path):
         now = generate(backend, bundle, prompts, preview_seed(seed), lora=True)
         cells = [[to_pil(o.permute(1, 2, 0)).resize((96, 96)), to_pil(n.permute(1, 2, 0)).resize((96, 96))]
                  for o, n in zip(original, now)]
-        to_pil(grid(cells, ["original", f"step {record.step}"], caption=" | ".join(prompts))[0]).save(
-            out / PREVIEWS / f"step_{record.step:05d}.png")
+        save_png(grid(cells, ["original", f"step {record.step}"], caption=" | ".join(prompts))[0],
+                 out / PREVIEWS / f"step_{record.step:05d}.png")
 
     return show
 
@@ -184,9 +184,6 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     result, lora_path = train_and_save(run, callbacks=[previews])
     log.info("measuring the erased model")
     erased = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=True, styles=PROMPT_STYLES)
-    to_pil(comparison_grid(backend, bundle, concept, seed)[0]).save(out / GRID)
-    to_pil(attention_picture(backend, bundle, concept, seed)[0]).save(out / ATTENTION)
-    backend.uninstall()  # give the bundle back as it came
     report = {
         "concept": concept.word, "attribute": concept.attribute, "value": concept.value,
         "preserve": list(config.preserve), "steps": steps, "seed": seed, "n_eval": n_eval,
@@ -198,5 +195,8 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
         "files": {"lora": lora_path.name, "grid": GRID, "curves": CURVES, "attention": ATTENTION,
                   "previews": PREVIEWS + "/"},
     }
-    atomic_write_text(out / REPORT, json.dumps(report, indent=2))
+    atomic_write_text(out / REPORT, json.dumps(report, indent=2))  # first: what was measured outlives a failed picture
+    save_png(comparison_grid(backend, bundle, concept, seed)[0], out / GRID)
+    save_png(attention_picture(backend, bundle, concept, seed)[0], out / ATTENTION)
+    backend.uninstall()  # give the bundle back as it came
     return report

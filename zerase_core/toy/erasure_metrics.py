@@ -26,6 +26,7 @@ import torch
 from ..backends.base import Backend
 from ..errors import ZEraseError
 from ..sampling import euler
+from ..seeds import offset_seed
 from . import world
 from .world import ATTRIBUTES, Labels, make_prompt, random_labels
 
@@ -113,7 +114,7 @@ def generate(backend: Backend, bundle, prompts: list[str], seed: int, lora: bool
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
-        g = torch.Generator().manual_seed(seed + start)
+        g = torch.Generator().manual_seed(offset_seed(seed, start))
         noise = torch.randn((len(chunk), *bundle.latent_shape), generator=g)
         x0 = euler(backend, noise, sigmas, backend.encode(chunk), uncond=[uncond] * len(chunk), cfg=s.cfg, lora=lora)
         images.append(bundle.to_image(x0.cpu()))

@@ -6,6 +6,7 @@ import random
 
 import torch
 
+from ..seeds import offset_seed
 from .classifier import ToyClassifier
 from .model import DiTConfig
 from .sampling import SamplerConfig, euler_sample
@@ -33,7 +34,7 @@ def adherence(
     cls_device = next(classifier.parameters()).device
     for start in range(0, n, batch):
         chunk = slice(start, start + batch)
-        images = euler_sample(transformer, encoder, dit, prompts[chunk], seed + start, sampler,
+        images = euler_sample(transformer, encoder, dit, prompts[chunk], offset_seed(seed, start), sampler,
                               param.device, param.dtype)
         predicted = classifier.predict(images.to(cls_device, torch.float32))
         for name in ATTRIBUTES:
