@@ -99,6 +99,11 @@ def test_a_setting_that_is_not_a_number_is_refused(setting):
         _config(**{setting: float("nan")})
 
 
+def test_empty_targets_are_refused_not_taken_for_the_default():
+    with pytest.raises(ZEraseError, match=r"LoRA targets must be a non-empty subset of q, k, v; got \(\)"):
+        _cli_config("--targets", "")
+
+
 def test_a_negative_epsilon_and_no_checkpoint_interval_are_refused():
     """ε < 0 trained (λ rising every step) where the Train node reads a negative ε as "the preset's"; a checkpoint
     interval of 0 divided by zero at the first step."""

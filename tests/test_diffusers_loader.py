@@ -153,3 +153,39 @@ def test_the_flow_shift_comes_from_the_scheduler_config_and_a_damaged_one_is_nam
     assert scheduler_shift(tmp_path) == 3.0
     config.write_text('{"num_train_timesteps": 1000}')
     assert scheduler_shift(tmp_path) == 1.0  # diffusers' default where the config names none
+
+
+def _copy(folder, tmp_path):
+    import shutil
+
+    return shutil.copytree(folder, tmp_path / "copy")
+
+
+@pytest.mark.parametrize("part, change, message", [
+    ("text_encoder", {"hidden_size": 48}, "the text encoder gives 48-wide features and the transformer takes 32"),
+    ("transformer", {"_class_name": "FluxTransformer2DModel"}, "holds a FluxTransformer2DModel, not Z-Image's"),
+])
+def test_parts_that_are_not_one_z_image_are_refused_before_loading(folder, tmp_path, monkeypatch, part, change,
+                                                                   message):
+    """A text encoder of another width failed while the x_t pool was sampled, after the loads (minutes on the real
+    model); a Flux transformer loaded with its weights unset and failed as a meta-tensor copy."""
+    import zerase_core.backends.diffusers_loader as loader
+
+    copy = _copy(folder, tmp_path)
+    config = copy / part / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | change))
+    monkeypatch.setattr(loader, "_loaded", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(ZEraseError, match=message):
+        loader.load_diffusers_zimage(copy)
+
+
+def test_a_damaged_text_encoder_file_is_refused_by_name(folder, tmp_path):
+    """safetensors raises its own SafetensorError for a truncated file, which the loader let through as a traceback."""
+    from zerase_core.backends.diffusers_loader import load_diffusers_zimage
+
+    copy = _copy(folder, tmp_path)
+    weights = next((copy / "text_encoder").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:20000])
+    with pytest.raises(ZEraseError, match=r"Cannot load .*text_encoder/ .* has transformer/, text_encoder/ and "
+                                          r"tokenizer/"):
+        load_diffusers_zimage(copy)

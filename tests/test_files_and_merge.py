@@ -51,6 +51,11 @@ def test_official_file_imports_to_same_delta(tmp_path):
     assert lora.source == "official-z-erase" and lora.targets == ("q", "k")
     for key, delta in expected.items():
         assert torch.allclose(lora.delta_weight(key), delta, atol=1e-9)
+    save_file({k: v[:3] if k.endswith("lora_down.weight") else v for k, v in tensors.items()},
+              str(tmp_path / "official_cut.safetensors"))  # factors of no one shape: told with the file's name
+    with pytest.raises(ZEraseError, match="'official_cut.safetensors' has the official Z-Erase code's layout but "
+                                          "cannot be used: LoRA factors for layer"):
+        load_lora(tmp_path / "official_cut.safetensors")
     tensors["layers.1.attention.to_k.lora_down.weight"][0, 0] = float("inf")  # as native files, refused by name
     save_file(tensors, str(tmp_path / "official_inf.safetensors"))
     with pytest.raises(ZEraseError, match="'official_inf.safetensors' contains NaN or infinite weights"):
@@ -435,6 +440,19 @@ def test_merge_refuses_weights_that_are_not_finite(bad):
     """A NaN weight would write a file every loader then refuses: refuse it at the merge, naming the weights."""
     with pytest.raises(ZEraseError, match="finite"):
         merge_exact([_random_lora(KEYS, seed=0), _random_lora(KEYS, seed=1)], [bad, 1.0])
+
+
+def test_merge_refuses_a_negative_weight_and_the_command_an_out_that_is_not_a_lora_file(tmp_path, capsys):
+    """A negative weight adds its concept back (train refuses η < 0 for the same reason); `--out newdir/` wrote a
+    file named newdir, as Path drops the slash."""
+    from zerase_core.cli import main
+
+    with pytest.raises(ZEraseError, match=r"weights must be finite numbers ≥ 0 \(a negative one would strengthen"):
+        merge_exact([_random_lora(KEYS, seed=0), _random_lora(KEYS, seed=1)], [-1.0, 1.0])
+    files = [str(save_lora(_random_lora(KEYS, seed=s), tmp_path / f"{s}.safetensors")) for s in (0, 1)]
+    assert main(["merge", *files, "--out", str(tmp_path / "newdir") + "/"]) == 2
+    assert "--out names the merged LoRA file, ending in .safetensors" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.safetensors", "1.safetensors"]
 
 
 def test_merge_refuses_different_architectures():

@@ -65,6 +65,8 @@ def _merge(args: argparse.Namespace) -> int:
     from .lora_file import load_lora, save_lora
     from .merge import merge
 
+    if args.out.suffix != ".safetensors":  # "newdir/" reads as a file named newdir: Path drops the slash
+        raise ZEraseError(f"--out names the merged LoRA file, ending in .safetensors; got {args.out}.")
     if os.path.lexists(args.out):
         raise ZEraseError(f"{args.out} exists; choose another --out (files are never overwritten).")
     merged, report = merge([load_lora(f) for f in args.files], args.weights, args.rank)
@@ -125,7 +127,7 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
     lora = {}
     if args.rank is not None:
         lora["rank"] = args.rank
-    if args.targets:
+    if args.targets is not None:  # --targets '' is refused by LoRAConfig, not taken for "not given"
         lora["targets"] = targets_from(args.targets)
     flags = {
         "steps": args.steps,

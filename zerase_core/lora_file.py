@@ -171,7 +171,12 @@ def load_lora(path: str | Path) -> ErasureLoRA:
     if meta.get("format") == FORMAT:
         return _from_native(path, _tensors(path), meta)
     if keys and all(_OFFICIAL.match(k) for k in keys):
-        return _from_official(_tensors(path))
+        tensors = _tensors(path)
+        try:
+            return _from_official(tensors)
+        except ZEraseError as err:  # its factors' own complaint, which does not know the file
+            raise ZEraseError(f"'{path.name}' has the official Z-Erase code's layout but cannot be used: {err} Export "
+                              "it again from the official code.") from err
     from .checkpoint import KIND  # here: checkpoint.py imports this module
 
     if meta.get("kind") == KIND:

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import ZEraseError
 from .diffusers_zimage import DiffusersZImageBackend, LatentSpec
@@ -36,6 +37,7 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
     except ModuleNotFoundError as err:
         raise ZEraseError("Z-Image's text encoder needs transformers: pip install transformers accelerate") from err
     shift = scheduler_shift(folder)  # before the slow loads: a damaged config is told at once
+    check_parts_agree(folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         dtype = torch.float32  # bf16 matmuls on CPU are slow and gain nothing here
@@ -76,6 +78,31 @@ def weights_digest(folder: Path) -> str | None:
     return h.hexdigest()[:16]
 
 
+def check_parts_agree(folder: Path) -> None:
+    """Before minutes of loading: transformer/ holds Z-Image's class (diffusers loads another's config into it with a
+    warning and leaves its weights unset), and the text encoder's width is the captions' the transformer takes."""
+    transformer, text = (_config(folder / part) for part in ("transformer", "text_encoder"))
+    kind = transformer.get("_class_name", "ZImageTransformer2DModel")
+    if kind != "ZImageTransformer2DModel":
+        raise ZEraseError(f"{folder / 'transformer'}/ holds a {kind}, not Z-Image's ZImageTransformer2DModel: "
+                          "Z-Erase trains Z-Image. Point --model at a Z-Image folder (e.g. Tongyi-MAI/Z-Image-Turbo).")
+    width, captions = text.get("hidden_size"), transformer.get("cap_feat_dim")
+    if None not in (width, captions) and width != captions:
+        raise ZEraseError(f"{folder}: the text encoder gives {width}-wide features and the transformer takes "
+                          f"{captions}: they are not one model's parts. Restore text_encoder/ from the model's "
+                          "download.")
+
+
+def _config(part: Path) -> dict:
+    """A part's config.json, {} where there is none (from_pretrained then names what is missing)."""
+    path = part / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as err:
+        raise ZEraseError(f"Cannot read {path} ({type(err).__name__}: {err}). Restore it from the model's "
+                          "download.") from err
+
+
 def scheduler_shift(folder: Path) -> float | None:
     """The flow shift in the folder's ``scheduler/scheduler_config.json`` (Z-Image Turbo's: 3), None without one."""
     path = folder / "scheduler" / "scheduler_config.json"
@@ -99,7 +126,7 @@ def _loaded(cls, folder: Path, subfolder: str, **kwargs):
     """``cls.from_pretrained`` of one part of the folder, or an error that names the part."""
     try:
         return cls.from_pretrained(folder, subfolder=subfolder, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # a truncated weight file is a SafetensorError
         raise ZEraseError(f"Cannot load {folder / subfolder}/ ({type(err).__name__}: {err}). A diffusers Z-Image "
                           "folder (e.g. Tongyi-MAI/Z-Image-Turbo) has transformer/, text_encoder/ and tokenizer/ "
                           "with their config and weight files.") from err
