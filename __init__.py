@@ -6,6 +6,7 @@ The engine is imported by its own name, ``zerase_core``, as it is outside ComfyU
 """
 
 import importlib.util
+import logging
 import os
 import sys
 
@@ -15,13 +16,24 @@ _ENGINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zerase_core"
 def _register_engine() -> None:
     """Make this folder's ``zerase_core`` importable by that name, and nothing else of the folder: on sys.path the
     folder would also offer its ``tests``, ``tools`` and ``scripts`` to every other pack as top-level modules."""
-    if "zerase_core" in sys.modules:  # the engine already imported (the tests put the checkout on sys.path)
+    loaded = sys.modules.get("zerase_core")
+    if loaded is not None:  # the engine already imported: the tests put the checkout on sys.path; or another copy
+        where = os.path.dirname(os.path.realpath(getattr(loaded, "__file__", None) or "?"))
+        if where != os.path.realpath(_ENGINE):
+            logging.getLogger(__name__).warning(
+                "Z-Erase: zerase_core was already imported from %s, not from this pack (%s), and the nodes run that "
+                "copy. Remove the other one (a pip-installed zerase_core, or a second copy of this pack).", where,
+                _ENGINE)
         return
     spec = importlib.util.spec_from_file_location("zerase_core", os.path.join(_ENGINE, "__init__.py"),
                                                   submodule_search_locations=[_ENGINE])
     module = importlib.util.module_from_spec(spec)
     sys.modules["zerase_core"] = module  # before running it, as an import does: its submodules import it by name
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:  # no half-made engine left for the next import to take
+        del sys.modules["zerase_core"]
+        raise
 
 
 _register_engine()

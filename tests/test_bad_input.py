@@ -401,7 +401,7 @@ def test_a_flow_shift_that_is_not_positive_is_refused():
         _config(shift=0.0)
 
 
-def test_an_x_t_pool_the_system_memory_cannot_hold_is_refused_before_it_is_allocated(monkeypatch):
+def test_an_x_t_pool_the_system_memory_cannot_hold_is_refused_before_it_is_allocated(monkeypatch, caplog):
     """--xt-pool 10⁹ ended in a traceback from torch's allocator; a pool a little over the free memory, on Linux,
     in the process being killed (ComfyUI's server with it) while the pool filled."""
     import psutil
@@ -412,11 +412,18 @@ def test_an_x_t_pool_the_system_memory_cannot_hold_is_refused_before_it_is_alloc
                                           r"system memory .* xt_source 'fresh'"):
         ZEraseTrainer(tiny_zimage_backend(), _config(xt_pool=10**9))
     one = xt_pool.pool_bytes(1, levels=2, predictions=3, latent_shape=tiny_zimage_backend().latent_shape(64, 64))
-    free = type("Memory", (), {"available": int(10.5 * one * memory_fit.MARGIN)})
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    memory = type("Memory", (), {"available": int(6.5 * one * memory_fit.MARGIN)})
+    swap = type("Swap", (), {"free": int(4 * one * memory_fit.MARGIN)})  # 10.5 trajectories' room in all
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory)
+    monkeypatch.setattr(psutil, "swap_memory", lambda: swap)
     with pytest.raises(ZEraseError, match=r"Choose at most 10 trajectories \(TrainConfig.xt_pool, --xt-pool\)"):
         ZEraseTrainer(tiny_zimage_backend(), _config(xt_pool=11))
-    assert ZEraseTrainer(tiny_zimage_backend(), _config(xt_pool=10)).xt_pool.trajectories == 10
+    with caplog.at_level("WARNING", logger="zerase_core.xt_pool"):  # past the memory, within the swap: it pages
+        assert ZEraseTrainer(tiny_zimage_backend(), _config(xt_pool=10)).xt_pool.trajectories == 10
+    assert "it will use swap" in caplog.text
+    caplog.clear()
+    assert ZEraseTrainer(tiny_zimage_backend(), _config(xt_pool=6)).xt_pool.trajectories == 6
+    assert "swap" not in caplog.text
 
 
 def test_the_pools_memory_check_counts_what_the_pool_allocates(tiny_backend):
@@ -436,7 +443,10 @@ def test_a_resolution_past_the_models_position_tables_is_refused_before_any_work
     """The tiny model's RoPE tables hold 64 patches a side (1024 pixels); 2048 was an IndexError inside diffusers."""
     from zerase_core.cli import main
 
-    assert tiny_zimage_backend().latent_shape(1024, 1024)[1:] == (128, 128)
+    backend = tiny_zimage_backend()
+    x = torch.randn(1, *backend.latent_shape(1024, 1024))  # the largest it holds runs
+    v, _ = backend.velocity(x, torch.tensor([0.5]), backend.encode(["a cat"]), lora=False)
+    assert v.shape == x.shape and torch.isfinite(v).all()
     assert main(["train", "--tiny", "--concept", "cat", "--resolution", "2048", "--steps", "1"]) == 2
     assert "Resolution 2048×2048 is past this model's position tables: at most 1024 pixels a side (64 patches of " \
            "16). Choose a resolution ≤ 1024." in capsys.readouterr().err
@@ -459,8 +469,9 @@ def test_a_command_line_run_out_of_gpu_memory_keeps_its_work_and_says_what_to_do
     monkeypatch.setattr(backend, "velocity", runs_out_at_step_3)
     config = _config(steps=4, gradient_checkpointing="off", lambda_mode="fixed", fixed_lambda=1.0)
     with pytest.raises(ZEraseError, match=r"Out of GPU memory \(CUDA out of memory. Tried to allocate 2.00 GiB "
-                                          r"\(simulated\)\). .* a lower --resolution or --rank; or, to continue this "
-                                          r"run, --gradient-checkpointing on .* --resume.\nStopped at step 2 of 4"):
+                                          r"\(simulated\)\). .* a lower --resolution or --rank; or run again with "
+                                          r"--gradient-checkpointing on \(every main layer\) and --resume.\nStopped "
+                                          r"at step 2 of 4"):
         train_and_save(PlannedRun(backend, config, out))
     assert load_lora(out / "erasure_lora.safetensors").training["steps_done"] == 2
     assert (out / "checkpoint.safetensors").exists()
@@ -470,8 +481,37 @@ def test_a_command_line_run_out_of_gpu_memory_keeps_its_work_and_says_what_to_do
 
     monkeypatch.setattr(backend, "velocity", no_memory)  # the pool's sampling, one trajectory at a time
     with pytest.raises(ZEraseError, match=r"Out of GPU memory \(x_t pool: out of memory sampling one trajectory at a "
-                                          r"time\).*\nStopped before the first step .while preparing the run.;"):
+                                          r"time\). .* or choose a lower --resolution.\nStopped before the first step "
+                                          r"\(while preparing the run\);"):
         train_and_save(PlannedRun(backend, _config(steps=2), tmp_path / "other"))
+    # At the first step nothing can be resumed: run again, not --resume (which finds no checkpoint)
+    with pytest.raises(ZEraseError, match=r"or run again with --gradient-checkpointing on \(every main layer\).\n"
+                                          r"Stopped before the first step; nothing was saved"):
+        train_and_save(PlannedRun(backend, _config(steps=2, xt_source="fresh", gradient_checkpointing="off"),
+                                  tmp_path / "third"))
+
+
+def test_a_command_line_run_out_of_memory_inside_the_optimizers_update_saves_nothing(tmp_path, monkeypatch):
+    """AdamW's update had moved part of the LoRA: a file saved then would hold neither step (the trainer's
+    has_progress), yet the command line saved it as "the LoRA so far"."""
+    import zerase_core.trainer as trainer_module
+    from zerase_core.checkpoint import _read
+    from zerase_core.run import PlannedRun, train_and_save
+
+    real_step, steps = torch.optim.AdamW.step, []
+
+    def half_done(self, *args, **kwargs):
+        real_step(self, *args, **kwargs)
+        if steps.append(1) is None and len(steps) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(trainer_module.torch.optim.AdamW, "step", half_done)
+    out = tmp_path / "run"
+    with pytest.raises(ZEraseError, match=r"after step 2, inside the optimizer's update; nothing was saved: its last "
+                                          r"checkpoint resumes exactly: run the same command with --resume"):
+        train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=4, checkpoint_every=1), out))
+    assert not (out / "erasure_lora.safetensors").exists()
+    assert _read(out / "checkpoint.safetensors", tensors=False)[1]["step"] == 2  # what resumes
 
 
 def test_a_run_whose_checkpoint_could_not_be_written_does_not_say_to_resume_it(tmp_path, monkeypatch):
@@ -552,7 +592,10 @@ def test_a_prompt_past_the_models_position_tables_is_refused_by_name(capsys):
     from zerase_core.cli import main
 
     backend = tiny_zimage_backend()
-    assert backend.encode([" ".join(["cat"] * 222)])[0].n_tokens == 224  # the most it holds (2 around the words)
+    longest = backend.encode([" ".join(["cat"] * 222)])  # the most it holds (2 tokens around the words) runs
+    assert longest[0].n_tokens == 224
+    v, _ = backend.velocity(torch.randn(1, *backend.latent_shape(64, 64)), torch.tensor([0.5]), longest, lora=False)
+    assert torch.isfinite(v).all()
     concept = " ".join(["cat"] * 250)
     assert main(["train", "--tiny", "--concept", concept, "--steps", "1"]) == 2
     assert "is 255 tokens; this model's position tables hold 224. Shorten the template" in capsys.readouterr().err

@@ -93,3 +93,16 @@ def test_loading_the_pack_offers_its_engine_by_name_and_nothing_else_of_its_fold
     engine, on_path, *offered = done.stdout.split()
     assert engine == str(REPO / "zerase_core" / "__init__.py")
     assert on_path == "False" and offered == ["False"] * 3
+
+
+def test_a_zerase_core_imported_from_elsewhere_before_the_pack_is_told(tmp_path):
+    """A pip-installed engine or a second copy of the pack, imported first, would silently run the nodes."""
+    other = tmp_path / "elsewhere" / "zerase_core"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    code = ("import logging, sys; logging.basicConfig(); sys.path.insert(0, {path!r}); import zerase_core\n"
+            .format(path=str(other.parent)) + LOAD_AS_COMFYUI_DOES.format(init=str(REPO / "__init__.py"),
+                                                                          repo=str(REPO)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert f"zerase_core was already imported from {other}, not from this pack" in done.stderr, done.stderr[-2000:]

@@ -141,6 +141,10 @@ def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str
         why = "Stopped" if isinstance(err, KeyboardInterrupt) else f"{err}\nStopped"
     if trainer.step == 0:
         return f"{why} before the first step; nothing was saved."
+    if trainer.torn:  # out of memory inside AdamW's update, which moved part of the LoRA: it is neither step's
+        again = ("its last checkpoint resumes exactly: run the same command with --resume" if
+                 trainer.checkpoint_path.exists() else "start it anew in another --out")
+        return f"{why} after step {trainer.step}, inside the optimizer's update; nothing was saved: {again}."
     if not trainer.params_finite():  # an update overflowed the LoRA: nothing of it is worth keeping
         return (f"{why} at step {trainer.step} with the LoRA's weights no longer finite; nothing was saved. Start a "
                 "fresh run with a lower learning rate (train: --lr).")
@@ -156,9 +160,14 @@ def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str
 
 def _out_of_memory(err: torch.OutOfMemoryError, trainer: ZEraseTrainer | None = None) -> str:
     """What to do when the GPU ran out after the trainer's own answer (auto: every layer checkpointed, the step taken
-    again). Resolution and rank decide what a run trains, so a resumed run keeps them: only a new run can lower them."""
-    backend = trainer.backend if trainer is not None else None
-    partial = backend is not None and backend.checkpointed_layers < backend.n_layers
-    more = "; or, to continue this run, --gradient-checkpointing on (every main layer) with --resume" if partial else ""
-    return (f"Out of GPU memory ({str(err).splitlines()[0] if str(err) else 'no detail'}). Let no other program hold "
-            f"the GPU, or start a new run with a lower --resolution or --rank{more}.")
+    again), or while the x_t pool was sampled (``trainer`` None). Resolution and rank decide what a run trains, so a
+    resumed run keeps them: only a new run can lower them."""
+    detail = str(err).splitlines()[0] if str(err) else "no detail"
+    if trainer is None:  # the pool is sampled without the LoRA, one trajectory at a time by then
+        return f"Out of GPU memory ({detail}). Let no other program hold the GPU, or choose a lower --resolution."
+    backend, more = trainer.backend, ""
+    if backend.checkpointed_layers < backend.n_layers:
+        resumable = trainer.step > 0 and trainer.checkpoint_path.exists()
+        more = f"; or run again with --gradient-checkpointing on (every main layer){' and --resume' * resumable}"
+    return (f"Out of GPU memory ({detail}). Let no other program hold the GPU, or start a new run with a lower "
+            f"--resolution or --rank{more}.")

@@ -42,18 +42,25 @@ def pool_bytes(trajectories: int, levels: int, predictions: int, latent_shape: S
 
 def check_host_memory(trajectories: int, least: int, levels: int, predictions: int,
                       latent_shape: Sequence[int]) -> None:
-    """Refuse a pool the system's free memory cannot hold, before allocating it: past the memory there is, the
-    allocation fails with a traceback, and below it, on Linux, a pool filled beyond the free memory gets the
-    process killed (ComfyUI's server with it)."""
+    """Refuse, before allocating it, a pool that the memory and swap free cannot hold: past them the allocation fails
+    with a traceback, or, on Linux, the process filling the pool is killed (ComfyUI's server with it). A pool that
+    fits only with swap is allowed with a warning: it pages, slowly. (What psutil counts as available differs: Linux's
+    MemAvailable; macOS's free and inactive pages, short of what compression frees; Windows's physical memory.)"""
     needed = pool_bytes(trajectories, levels, predictions, latent_shape)
-    available = psutil.virtual_memory().available
+    available, swap = psutil.virtual_memory().available, psutil.swap_memory().free
     if memory_fit.fits(needed, available):
         return
-    most = int(available / memory_fit.MARGIN // pool_bytes(1, levels, predictions, latent_shape))
+    if memory_fit.fits(needed, available + swap):
+        log.warning("The x_t pool needs %.1f GiB and %.1f GiB of memory are free: it will use swap, and sampling it "
+                    "will be slow. Fewer trajectories or a lower resolution keep it in memory.", needed / 2**30,
+                    available / 2**30)
+        return
+    per_trajectory = pool_bytes(1, levels, predictions, latent_shape)
+    most = int((available + swap) / memory_fit.MARGIN // per_trajectory)
     fewer = f"at most {most} trajectories (TrainConfig.xt_pool, --xt-pool), " if most >= least else ""
     raise ZEraseError(f"The x_t pool of {trajectories} trajectories × {levels} levels needs {needed / 2**30:.1f} GiB "
-                      f"of system memory at this resolution, and {available / 2**30:.1f} GiB is free. Choose "
-                      f"{fewer}a lower resolution, or xt_source 'fresh', which keeps no pool.")
+                      f"of system memory at this resolution, and {(available + swap) / 2**30:.1f} GiB of memory and "
+                      f"swap are free. Choose {fewer}a lower resolution, or xt_source 'fresh', which keeps no pool.")
 
 
 class PoolCancelled(Exception):
