@@ -203,6 +203,8 @@ def main(argv=None) -> int:
     try:  # before a model is built: what would fail after the first row's minutes
         check_timing(args.steps)
         check_out(args.out)
+        for px in {*args.resolutions, *args.no_ckpt_resolutions, *args.partial_resolutions}:  # --pool 0, 0 px
+            base_config(height=px, width=px, xt_pool=args.pool)
     except ZEraseError as err:
         parser.error(str(err))
 

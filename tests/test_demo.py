@@ -4,6 +4,7 @@ metrics in range, and exact metric helpers."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import torch
 from zerase_core.errors import ZEraseError
 from zerase_core.lora_file import load_lora
 from zerase_core.toy.erasure_metrics import frechet_distance, parse_concept, prompt_sets
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +165,28 @@ def test_bench_cells_are_keyed_by_their_training_settings(random_toy):
     assert config_key(config) == config_key(cell_config(random_toy, zerase, parse_concept("red"), 0, 10))
     assert config_key(dataclasses.replace(config, templates=config.templates[:1])) != config_key(config)
     assert config_key(dataclasses.replace(config, epsilon=1e-2)) != config_key(config)
+    # how it runs is not what it trains: the same cell
+    executed_otherwise = dataclasses.replace(config, gradient_checkpointing="on", checkpoint_every=7)
+    assert config_key(executed_otherwise) == config_key(config)
     assert config_key(None) == "untrained"
+
+
+def test_the_readmes_assemble_command_rebuilds_the_committed_toy_table(tmp_path):
+    """The README re-assembles docs/bench/toy from its cells. When checkpointing's default became "auto" the cell keys
+    moved with it, and the command silently wrote a table of two untrained rows over the committed twelve."""
+    import shutil
+
+    from zerase_core.toy.bench import run_bench
+
+    committed = REPO / "docs" / "bench" / "toy"
+    shutil.copytree(committed / "cells", tmp_path / "cells")
+    run_bench(["red", "circle", "left"], [0, 1], 300, 24, tmp_path, None, "test", assemble_only=True)
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == json.loads(
+        (committed / "bench.json").read_text())["rows"]
+    table = [(folder / "bench.md").read_text().split("\n", 1)[1] for folder in (tmp_path, committed)]
+    assert table[0] == table[1]  # all but the first line, which says how the cells were made
+    with pytest.raises(ZEraseError, match="holds no trained cell of these settings"):  # other --steps: none found
+        run_bench(["red"], [0], 299, 24, tmp_path / "other", None, "test", assemble_only=True)
 
 
 @pytest.mark.parametrize("word", ["red", "circle", "left"])

@@ -24,6 +24,7 @@ from ..config import TrainConfig
 from ..errors import ZEraseError
 from ..files import atomic_write_text, check_writable
 from ..prompts import concept_token_indices
+from ..run_files import trained_as
 from ..trainer import ZEraseTrainer
 from .demo import toy_train_config
 from .erasure_metrics import (
@@ -90,11 +91,17 @@ def cell_config(bundle, method: Method, concept: Concept, seed: int, steps: int)
     return dataclasses.replace(base, lora=dataclasses.replace(base.lora, **method.lora), **method.train)
 
 
+# How a run executes does not change what it trains (checkpointing gives the same gradients, tested): the key holds
+# those settings at the values the committed cells were keyed with, so a new default ("auto" checkpointing) does not
+# orphan them (docs/bench/toy was keyed with gradient_checkpointing False, before "auto").
+KEYED_EXECUTION = {"checkpoint_every": 100, "gradient_checkpointing": False}
+
+
 def config_key(config: TrainConfig | None) -> str:
     """Short hash of every training setting, so a cell trained under other settings is not reused."""
     if config is None:
         return "untrained"
-    settings = config.to_dict()
+    settings = trained_as(config.to_dict()) | KEYED_EXECUTION
     if config.xt_source == "fresh":  # fresh x_t came from the frozen model before; those cells must not count
         settings["fresh_sampler"] = "trained model"
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
@@ -204,6 +211,10 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
                     log.info("bench cell: %s / %s / seed %d", method.name, concept.word, seed)
                     atomic_write_text(path, json.dumps(run_cell(bundle, method, concept, seed, config, n_eval)))
                 cells[(method.name, concept.word, seed)] = json.loads(path.read_text())
+    if assemble_only and all(configs[key] is None for key in cells):  # an empty or untrained-only table
+        raise ZEraseError(f"{out / 'cells'} holds no trained cell of these settings (concepts, seeds, --steps, "
+                          "--n-eval, the toy's weights and the methods' training settings): nothing was written. Run "
+                          "without --assemble-only to measure them.")
     rows = summarise(cells, [c for c in concepts if any(k[1] == c.word for k in cells)])
     kinds = sorted({c.attribute for c in concepts})
     table = {"command": command, "steps": steps, "n_eval": n_eval, "seeds": seeds, "concepts": concept_words,
