@@ -161,6 +161,8 @@ def test_a_demo_without_evaluation_prompts_is_refused_before_any_work(tmp_path, 
     (["bench-xt", "--concepts", "red", "not red"], "'not red' is not one concept"),
     (["bench-lambda", "--concepts", "red", "dragon"], "'dragon' is not one concept"),  # red would train first
     (["bench-cost", "--tiny", "--steps", "0"], "--steps and --repeats must be at least 1"),
+    (["bench-xt", "--concepts", "red", "red"], "red named twice in --concepts or --seeds"),  # summarised twice
+    (["bench", "--methods", "original", "--seeds", "-1", "--out", "{tmp}"], "Seeds must be between 0 and 2^64"),
 ])
 def test_a_benchmark_refuses_what_would_fail_after_its_work_before_it(argv, message, capsys, monkeypatch, tmp_path):
     """Each of these used to train or time first, then crash (an empty evaluation, a word that is no concept) or

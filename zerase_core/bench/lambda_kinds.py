@@ -39,9 +39,10 @@ def measure(concepts: list[str], seeds: list[int], steps: int, sources: list[str
     from ..backends.toy import toy_backend
     from ..toy import load_toy
     from ..toy.demo import toy_train_config
-    from ..toy.erasure_metrics import parse_concept
+    from ..toy.erasure_metrics import check_grid, parse_concept
     from ..trainer import ZEraseTrainer
 
+    check_grid(concepts, seeds)
     parsed = [(word, parse_concept(word)) for word in concepts]  # all before the first one trains
     bundle = load_toy()
     cells = []

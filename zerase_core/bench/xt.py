@@ -27,10 +27,11 @@ def compare(concepts: list[str], seeds: list[int], steps: int, n_eval: int, pool
     from ..backends.toy import toy_backend
     from ..toy import load_toy
     from ..toy.demo import toy_train_config
-    from ..toy.erasure_metrics import EVAL_SEED_OFFSET, check_n_eval, erasure_report, parse_concept
+    from ..toy.erasure_metrics import EVAL_SEED_OFFSET, check_grid, check_n_eval, erasure_report, parse_concept
     from ..trainer import ZEraseTrainer
 
     check_n_eval(n_eval)  # before any training, as a word that is no concept
+    check_grid(concepts, seeds)
     parsed = [(word, parse_concept(word)) for word in concepts]
     bundle = load_toy()
     cells = []

@@ -28,7 +28,7 @@ from ..run_files import trained_as
 from ..trainer import ZEraseTrainer
 from .demo import toy_train_config
 from .erasure_metrics import (
-    EVAL_SEED_OFFSET, Concept, check_n_eval, erasure_report, parse_concept, weights_identity,
+    EVAL_SEED_OFFSET, Concept, check_grid, check_n_eval, erasure_report, parse_concept, weights_identity,
 )
 from .world import PROMPT_STYLES
 
@@ -184,6 +184,7 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
     if unknown or methods == []:
         raise ZEraseError(f"Unknown bench methods {unknown}; choose from {[m.name for m in METHODS]}.")
     check_n_eval(n_eval)
+    check_grid(concept_words, seeds)
     concepts = [parse_concept(w) for w in concept_words]
     if os.path.isfile(out):
         raise ZEraseError(f"{out} is a file; --out names a folder for the cells and the table.")

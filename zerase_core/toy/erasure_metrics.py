@@ -26,7 +26,7 @@ import torch
 from ..backends.base import Backend
 from ..errors import ZEraseError
 from ..sampling import euler
-from ..seeds import offset_seed
+from ..seeds import SEED_LIMIT, offset_seed
 from . import world
 from .world import ATTRIBUTES, Labels, make_prompt, random_labels
 
@@ -63,6 +63,16 @@ def check_n_eval(n_eval: int) -> None:
     prompts, and each set needs one (the Fréchet distance needs two)."""
     if n_eval < 2:
         raise ZEraseError(f"--n-eval must be at least 2 (prompts per evaluation set); got {n_eval}.")
+
+
+def check_grid(concepts: list[str], seeds: list[int]) -> None:
+    """Refuse, before any cell runs, a grid that measures a cell twice (both copies went into the summary) or a seed
+    torch does not take (methods that train nothing, the original model, checked no seed)."""
+    twice = sorted({str(x) for xs in (concepts, seeds) for x in xs if xs.count(x) > 1})
+    if twice:
+        raise ZEraseError(f"{', '.join(twice)} named twice in --concepts or --seeds; each cell is measured once.")
+    if any(not 0 <= seed < SEED_LIMIT for seed in seeds):
+        raise ZEraseError(f"Seeds must be between 0 and 2^64 − 1; got {seeds}.")
 
 
 def parse_concept(word: str) -> Concept:
