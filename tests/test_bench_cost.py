@@ -399,8 +399,6 @@ def test_speed_cases_record_the_image_tokens_the_model_makes(tiny, monkeypatch):
 def test_bench_checkpointing_reports_each_count_with_the_memory_it_keeps(tmp_path, capsys):
     """bench-checkpointing on a 4-layer tiny Z-Image: a row per count of checkpointed layers, ratios against none,
     and the peak falling with each layer (memory is deterministic; time is not asserted)."""
-    import json
-
     from zerase_core.cli import main
 
     out = tmp_path / "ckpt.json"

@@ -148,6 +148,16 @@ def _lora_and_inputs(backend):
     return lora_set, prompts, tokens, torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.7])
 
 
+def _lora_gradient(backend, lora_set, prompts, tokens, x, sigma) -> torch.Tensor:
+    """The LoRA's gradient of one training forward (velocity and attention mass over every layer) and backward."""
+    for p in lora_set.parameters():
+        p.grad = None
+    with training_session(backend):
+        v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers=set(range(LAYERS)))
+        (v.square().mean() + mass.sum()).backward()
+    return torch.cat([p.grad.reshape(-1) for p in lora_set.parameters()])
+
+
 def test_partial_checkpointing_patches_and_recomputes_the_first_layers_only():
     """What auto runs where part of the layers fit: the first k main layers checkpointed (patched, run again in
     backward), the others as they are, and the LoRA's gradient that of no checkpointing."""
@@ -159,13 +169,10 @@ def test_partial_checkpointing_patches_and_recomputes_the_first_layers_only():
 
     def gradient(checkpointed: int):
         backend.set_gradient_checkpointing(checkpointed)
-        for p in lora_set.parameters():
-            p.grad = None
-        with _qkv_calls(model) as seen, training_session(backend):
-            v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
-            (v.square().mean() + mass.sum()).backward()
+        with _qkv_calls(model) as seen:
+            grad = _lora_gradient(backend, lora_set, prompts, tokens, x, sigma)
         patched = [LAYER_FORWARD.format(i) in backend.patcher.object_patches for i in range(LAYERS)]
-        return torch.cat([p.grad.reshape(-1) for p in lora_set.parameters()]), [n for n, *_ in seen], patched
+        return grad, [n for n, *_ in seen], patched
 
     plain, runs, patched = gradient(0)
     assert runs == [0, 1] and patched == [False, False]
@@ -186,19 +193,11 @@ def test_a_model_that_comes_checkpointed_is_checkpointed_once():
     backend = ComfyZImageBackend(first.patcher, tiny_clip(comfy))
     lora_set, prompts, tokens, x, sigma = _lora_and_inputs(backend)
 
-    def gradient():
-        for p in lora_set.parameters():
-            p.grad = None
-        with training_session(backend):
-            v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
-            (v.square().mean() + mass.sum()).backward()
-        return torch.cat([p.grad.reshape(-1) for p in lora_set.parameters()])
-
     grads = []
     for checkpointed in (0, 1, LAYERS):  # none first: the inherited patches would still be in place
         backend.set_gradient_checkpointing(checkpointed)
         with _qkv_calls(model) as seen:
-            grads.append(gradient())
+            grads.append(_lora_gradient(backend, lora_set, prompts, tokens, x, sigma))
         assert len(seen) == LAYERS + checkpointed  # each layer once in forward, the checkpointed ones again
     for grad in grads[1:]:
         torch.testing.assert_close(grad, grads[0], rtol=1e-5, atol=1e-7)
@@ -229,9 +228,7 @@ def test_another_extensions_layer_patch_survives_checkpointing_on_and_off():
     assert LAYER_FORWARD.format(1) not in backend.patcher.object_patches
     lora_set, prompts, tokens, x, sigma = _lora_and_inputs(backend)
     backend.set_gradient_checkpointing(1)
-    with training_session(backend):
-        v, mass = backend.velocity(x, sigma, prompts, concept_tokens=tokens, mass_layers={0, 1})
-        (v.square().mean() + mass.sum()).backward()
+    _lora_gradient(backend, lora_set, prompts, tokens, x, sigma)
     assert len(calls) == 2  # theirs ran in the forward and in the recomputation
 
 

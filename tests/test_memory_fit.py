@@ -7,27 +7,29 @@ import pytest
 import torch
 
 from zerase_core import memory_fit
+from zerase_core.bench.estimate import CONTEXT_ALLOWANCE_GIB as CONTEXT_GIB  # CUDA context and workspaces
+from zerase_core.bench.estimate import REAL
 from zerase_core.bench.memory import saved_bytes
 from zerase_core.lora import LoRAConfig
 from zerase_core.tiny import TinyZImageConfig, tiny_zimage_backend
 
 GIB = 2**30
 WEIGHTS_GIB = 11.56  # the real Z-Image's bf16 weights, resident (H200 runs)
-CONTEXT_GIB = 1.0  # CUDA context and workspaces, as bench/estimate.py allows
+N, DIM, CAPTION = REAL["n_layers"], REAL["dim"], REAL["caption_tokens"]  # 30, 3840, 64
 
 
 def _real(image_tokens: int, rows: int = 3, casts: float = 0.0, free_gib: float | None = None):
     """auto's plan for the real Z-Image (30 layers, dim 3840, 64 caption tokens) with ``free_gib`` free."""
     available = None if free_gib is None else int(free_gib * GIB)
-    return memory_fit.plan(image_tokens, 64, rows, 30, 3840, casts, available)
+    return memory_fit.plan(image_tokens, CAPTION, rows, N, DIM, casts, available)
 
 
 def test_the_activation_estimate_scales_the_measured_step():
     """The estimate is the H200's measured 21.9 GiB for [c_er, ∅, c_pr] at 512² on the real model, scaled linearly:
     at 1024² (4096 image tokens) 83.8 GiB; one row a third."""
-    assert memory_fit.step_bytes(1024, 64, 3, 30, 3840) / GIB == pytest.approx(21.91)
-    assert memory_fit.step_bytes(4096, 64, 3, 30, 3840) / GIB == pytest.approx(21.91 * 4160 / 1088)
-    assert memory_fit.step_bytes(1024, 64, 1, 30, 3840) / GIB == pytest.approx(21.91 / 3)
+    assert memory_fit.step_bytes(1024, CAPTION, 3, N, DIM) / GIB == pytest.approx(21.91)
+    assert memory_fit.step_bytes(4096, CAPTION, 3, N, DIM) / GIB == pytest.approx(21.91 * 4160 / 1088)
+    assert memory_fit.step_bytes(1024, CAPTION, 1, N, DIM) / GIB == pytest.approx(21.91 / 3)
     assert memory_fit.fits(1e30, None)  # a CPU run: nothing to decide
 
 
@@ -35,9 +37,9 @@ def test_the_activation_estimate_scales_the_measured_step():
 def test_the_peak_model_checkpointing_every_layer_matches_the_issues_measurements(image_tokens, rows, measured_gb):
     """A second measurement the model was not fitted to: the issue's H100 figures with every layer checkpointed (GB
     above the weights) are the model's one layer's activations plus every layer's input, within 7 %."""
-    per_layer = memory_fit.step_bytes(image_tokens, 64, rows, 30, 3840) / 30
-    kept = memory_fit.layer_input_bytes(image_tokens, 64, rows, 3840)
-    assert memory_fit.peak_bytes(30, 30, per_layer, kept) / 1e9 == pytest.approx(measured_gb, rel=0.07)
+    per_layer = memory_fit.step_bytes(image_tokens, CAPTION, rows, N, DIM) / N
+    kept = memory_fit.layer_input_bytes(image_tokens, CAPTION, rows, DIM)
+    assert memory_fit.peak_bytes(N, N, per_layer, kept) / 1e9 == pytest.approx(measured_gb, rel=0.07)
 
 
 @pytest.mark.parametrize("card_gib, image_tokens, expected", [
@@ -54,13 +56,13 @@ def test_auto_checkpoints_the_fewest_layers_that_fit(card_gib, image_tokens, exp
     would not fit. Where some must be checkpointed it is rarely all: at 512² a 24 GB card checkpoints 17 of 30."""
     free = card_gib - WEIGHTS_GIB - CONTEXT_GIB
     layers, needed = _real(image_tokens, free_gib=free)
-    assert {0: "none", 30: "all"}.get(layers, "some") == expected
-    per_layer = needed / 30
-    kept = memory_fit.layer_input_bytes(image_tokens, 64, 3, 3840)
+    assert {0: "none", N: "all"}.get(layers, "some") == expected
+    per_layer = needed / N
+    kept = memory_fit.layer_input_bytes(image_tokens, CAPTION, 3, DIM)
     if expected != "all":
-        assert memory_fit.fits(memory_fit.peak_bytes(30, layers, per_layer, kept), int(free * GIB))
+        assert memory_fit.fits(memory_fit.peak_bytes(N, layers, per_layer, kept), int(free * GIB))
     if layers:
-        assert not memory_fit.fits(memory_fit.peak_bytes(30, layers - 1, per_layer, kept), int(free * GIB))
+        assert not memory_fit.fits(memory_fit.peak_bytes(N, layers - 1, per_layer, kept), int(free * GIB))
     if (card_gib, image_tokens) == (24, 1024):
         assert layers == 17
 
@@ -71,8 +73,8 @@ def test_fp8_weights_casts_count_against_the_layers_they_belong_to():
     free = 16 - 6.2 - CONTEXT_GIB  # fp8 weights take about 6.2 GiB
     alone, _ = _real(1024, free_gib=free)
     with_casts, needed = _real(1024, casts=10 * GIB, free_gib=free)
-    assert 0 < alone < with_casts < 30
-    assert needed == pytest.approx(memory_fit.step_bytes(1024, 64, 3, 30, 3840) + 10 * GIB)
+    assert 0 < alone < with_casts < N
+    assert needed == pytest.approx(memory_fit.step_bytes(1024, CAPTION, 3, N, DIM) + 10 * GIB)
 
 
 def _partial(layers: int, checkpointed: int):

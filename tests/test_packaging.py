@@ -83,12 +83,17 @@ for name in ("tests", "tools", "scripts"):
 """
 
 
+def _load_pack_as_comfyui(cwd, before: str = "") -> subprocess.CompletedProcess:
+    """A fresh Python, without this checkout on its path, loading the pack as ComfyUI does (``before`` runs first)."""
+    code = before + LOAD_AS_COMFYUI_DOES.format(init=str(REPO / "__init__.py"), repo=str(REPO))
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+
+
 def test_loading_the_pack_offers_its_engine_by_name_and_nothing_else_of_its_folder(tmp_path):
     """The pack put its whole folder on sys.path: its tests, tools and scripts became top-level modules of every
     pack in the ComfyUI process (and an installed zerase_core of another version was imported before its own)."""
-    code = LOAD_AS_COMFYUI_DOES.format(init=str(REPO / "__init__.py"), repo=str(REPO))
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    done = _load_pack_as_comfyui(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     engine, on_path, *offered = done.stdout.split()
     assert engine == str(REPO / "zerase_core" / "__init__.py")
@@ -100,9 +105,6 @@ def test_a_zerase_core_imported_from_elsewhere_before_the_pack_is_told(tmp_path)
     other = tmp_path / "elsewhere" / "zerase_core"
     other.mkdir(parents=True)
     (other / "__init__.py").write_text("")
-    code = ("import logging, sys; logging.basicConfig(); sys.path.insert(0, {path!r}); import zerase_core\n"
-            .format(path=str(other.parent)) + LOAD_AS_COMFYUI_DOES.format(init=str(REPO / "__init__.py"),
-                                                                          repo=str(REPO)))
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    done = _load_pack_as_comfyui(tmp_path, f"import logging, sys; logging.basicConfig(); "
+                                           f"sys.path.insert(0, {str(other.parent)!r}); import zerase_core\n")
     assert f"zerase_core was already imported from {other}, not from this pack" in done.stderr, done.stderr[-2000:]

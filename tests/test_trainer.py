@@ -13,7 +13,7 @@ from zerase_core.errors import ZEraseError
 from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import load_lora, save_lora
 from zerase_core.objectives import loss_erase
-from zerase_core.tiny import tiny_zimage_backend
+from zerase_core.tiny import TinyZImageConfig, tiny_zimage_backend
 from zerase_core.trainer import OUT_OF_MEMORY, TOO_LITTLE_MEMORY, NonFiniteLoss, ZEraseTrainer
 
 
@@ -246,10 +246,10 @@ def _free_for(layers: int) -> int:
     (16 image tokens, 3 rows of the longest caption, width 64): the peak of that many, with the margin, and a byte."""
     from zerase_core import memory_fit
 
-    caption = 32  # every _config caption pads to 32 tokens
-    per_layer = memory_fit.step_bytes(16, caption, 3, 2, 64) / 2
-    kept = memory_fit.layer_input_bytes(16, caption, 3, 64)
-    return int(memory_fit.peak_bytes(2, layers, per_layer, kept) * memory_fit.MARGIN) + 1
+    caption, tiny = memory_fit.PAD, TinyZImageConfig()  # every _config caption pads to 32 tokens
+    per_layer = memory_fit.step_bytes(16, caption, 3, tiny.n_layers, tiny.dim) / tiny.n_layers
+    kept = memory_fit.layer_input_bytes(16, caption, 3, tiny.dim)
+    return int(memory_fit.peak_bytes(tiny.n_layers, layers, per_layer, kept) * memory_fit.MARGIN) + 1
 
 
 @pytest.mark.parametrize("checkpointed", [0, 1, 2])

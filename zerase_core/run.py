@@ -110,7 +110,7 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
         trainer = ZEraseTrainer(run.backend, config, checkpoint_path=run.checkpoint, release_encoder=release_encoder,
                                 resume_from=run.checkpoint if run.resume else None)
     except (KeyboardInterrupt, torch.OutOfMemoryError) as err:
-        why = "Stopped" if isinstance(err, KeyboardInterrupt) else f"{_out_of_memory(err)}\nStopped"
+        why = _why(err)
         if run.resume:
             raise ZEraseError(f"{why} while preparing to continue the run; its checkpoint is as it was: run the same "
                               "command with --resume.") from err
@@ -135,10 +135,7 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
 
 def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str:
     """What a stopped run left (its last good LoRA, saved here, and its checkpoint) and how to continue it."""
-    if isinstance(err, torch.OutOfMemoryError):
-        why = f"{_out_of_memory(err, trainer)}\nStopped"
-    else:
-        why = "Stopped" if isinstance(err, KeyboardInterrupt) else f"{err}\nStopped"
+    why = _why(err, trainer)
     if trainer.step == 0:
         return f"{why} before the first step; nothing was saved."
     if trainer.torn:  # out of memory inside AdamW's update, which moved part of the LoRA: it is neither step's
@@ -156,6 +153,14 @@ def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str
     if not trainer.checkpoint_path.exists():  # its first save failed (a full disk): nothing to resume from
         return f"{where}; no checkpoint could be saved, so the run cannot be continued: start it anew in another --out."
     return f"{where}, the checkpoint beside it: run the same command with --resume to continue."
+
+
+def _why(err: BaseException, trainer: ZEraseTrainer | None = None) -> str:
+    """The first words of a stopped run's message: what stopped it (Ctrl-C says nothing more)."""
+    if isinstance(err, KeyboardInterrupt):
+        return "Stopped"
+    detail = _out_of_memory(err, trainer) if isinstance(err, torch.OutOfMemoryError) else str(err)
+    return f"{detail}\nStopped"
 
 
 def _out_of_memory(err: torch.OutOfMemoryError, trainer: ZEraseTrainer | None = None) -> str:

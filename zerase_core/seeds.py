@@ -5,6 +5,10 @@ the sums they always were, so no seeded result changes."""
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below it (and negative ones, not offered)
 
 
+def valid_seed(seed: int) -> bool:
+    return 0 <= seed < SEED_LIMIT
+
+
 def offset_seed(seed: int, offset: int) -> int:
     """``seed + offset``, wrapped into the seeds torch takes."""
     return (seed + offset) % SEED_LIMIT

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def pool_bytes(trajectories: int, levels: int, predictions: int, latent_shape: Sequence[int]) -> int:
     """System memory a pool takes while it is sampled: each trajectory's starting noise, and x_t and the teacher's
     ``predictions`` at each of its ``levels`` (fp32, on the CPU whatever the device: the GPU holds only a batch)."""
-    return trajectories * (1 + levels * (1 + predictions)) * math.prod(latent_shape) * 4
+    return trajectories * (1 + levels * (1 + predictions)) * math.prod(latent_shape) * torch.float32.itemsize
 
 
 def check_host_memory(trajectories: int, least: int, levels: int, predictions: int,

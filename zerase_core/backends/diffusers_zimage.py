@@ -126,7 +126,7 @@ class DiffusersZImageBackend(Backend):
             )
         self.transformer = transformer.requires_grad_(False)
         # Checkpointing switched on by an earlier backend over this transformer would call that backend's _checkpoint.
-        self.transformer.disable_gradient_checkpointing()
+        self._checkpoint_first(0)  # the main layers _checkpoint recomputes: none
         self.encoder, self.latent, self.family, self.flow_shift = encoder, latent, family, flow_shift
         self._digest = digest  # of the weights it was loaded from (diffusers_loader.weights_digest); None: built here
         # Where the transformer is to run, when not where it is: a loader leaves it on the CPU while the text encoder
@@ -134,7 +134,6 @@ class DiffusersZImageBackend(Backend):
         # the first use after that; from then on the backend follows the transformer.
         self._move_to = torch.device(device) if device is not None else None
         self.gate = TokenGate()
-        self._checkpointed_blocks: set[torch.nn.Module] = set()  # the main layers _checkpoint recomputes
         self.patch = transformer.config.all_patch_size[0]
         self._installer = InPlaceInstaller(transformer, self.gate)
         self._recorder: Recorder | None = None
@@ -235,7 +234,7 @@ class DiffusersZImageBackend(Backend):
         """Read off the transformer's own switch and the layers _checkpoint picks."""
         if not self.transformer.gradient_checkpointing:
             return 0
-        return sum(block in self._checkpointed_blocks for block in self.transformer.layers)
+        return len(self._checkpointed_blocks)  # a slice of the main layers
 
     def _checkpoint(self, block, *args):
         """Checkpoint a chosen main layer with this call's gate layout and recorder (replay_checkpoint.py); run any

@@ -110,10 +110,14 @@ class MemoryCase:
     weight_bytes_per_param: float = 2.0  # bf16; 1.0 for fp8 base weights
 
 
+def _image_tokens(resolution: int) -> int:
+    return (resolution // 16) ** 2  # VAE /8, patch 2
+
+
 def estimate(case: MemoryCase, fit: dict[str, float], rank: int = 16) -> dict:
     """GiB for one Z-Erase student step on the real model, term by term."""
     dim, layers = REAL["dim"], REAL["n_layers"]
-    tokens = (case.resolution // 16) ** 2 + REAL["caption_tokens"]  # VAE /8, patch 2
+    tokens = _image_tokens(case.resolution) + REAL["caption_tokens"]
     layer = (fit["slope_per_dim"] * dim + fit["intercept"]) * tokens * case.batch  # bytes, one main layer
     hidden = tokens * dim * 2 * case.batch  # one bf16 hidden state
     if case.checkpointing:
@@ -249,7 +253,7 @@ def default_settings(card_gb: float, rows: dict) -> dict:
     source, mode, n = TrainConfig.xt_source, TrainConfig.gradient_checkpointing, REAL["n_layers"]
     if mode == "auto":  # by memory_fit's figure (the H200's 21.9 GiB), not the rows' A7 (the issue's H100 7.2 GB × 3)
         free = int((card_gb - CONTEXT_ALLOWANCE_GIB) * GiB - _weights_gb() * 1e9)  # a "24 GB" card has 24 GiB
-        image_tokens = (512 // 16) ** 2  # 512², VAE /8, patch 2, as estimate() counts
+        image_tokens = _image_tokens(512)
         layers, _ = memory_fit.plan(image_tokens, REAL["caption_tokens"], 3, n, REAL["dim"], 0, free)
     else:
         layers = n if mode == "on" else 0

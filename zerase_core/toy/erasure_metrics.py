@@ -26,7 +26,7 @@ import torch
 from ..backends.base import Backend
 from ..errors import ZEraseError
 from ..sampling import euler
-from ..seeds import SEED_LIMIT, offset_seed
+from ..seeds import offset_seed, valid_seed
 from . import world
 from .world import ATTRIBUTES, Labels, make_prompt, random_labels
 
@@ -71,7 +71,7 @@ def check_grid(concepts: list[str], seeds: list[int]) -> None:
     twice = sorted({str(x) for xs in (concepts, seeds) for x in xs if xs.count(x) > 1})
     if twice:
         raise ZEraseError(f"{', '.join(twice)} named twice in --concepts or --seeds; each cell is measured once.")
-    if any(not 0 <= seed < SEED_LIMIT for seed in seeds):
+    if not all(map(valid_seed, seeds)):
         raise ZEraseError(f"Seeds must be between 0 and 2^64 − 1; got {seeds}.")
 
 
