@@ -147,6 +147,46 @@ def test_a_damaged_checkpoint_is_not_offered_for_resuming(tmp_path):
     assert not (tmp_path / "new").exists()  # a refused run creates nothing
 
 
+def _edited(checkpoint, tensors=lambda t: t, **metadata):
+    """The checkpoint re-written with its tensors passed through ``tensors`` and metadata entries replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(checkpoint), framework="pt") as f:
+        meta, saved = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors(saved), str(checkpoint), metadata=meta | metadata)
+
+
+@pytest.mark.parametrize("damage", [
+    dict(step='"abc"'), dict(seconds='"x"'), dict(python_rng="[1, 2]"), dict(lambda_='"x"'),
+    dict(lambda_='{"value": "x", "previous_pr": null, "last_g": null}'), dict(history='[{"x": 1}]'),
+    dict(param_groups="[]"),
+    dict(tensors=lambda t: {k: v for k, v in t.items() if k != "lora.0.q.A"}),
+    dict(tensors=lambda t: t | {"lora.0.q.A": t["lora.0.q.A"].reshape(1, -1)}),
+    dict(tensors=lambda t: t | {"optim.0.exp_avg": t["optim.0.exp_avg"][:1]}),
+    dict(tensors=lambda t: t | {"rng.torch": t["rng.torch"][:3]}),
+    dict(tensors=lambda t: t | {"lora.1.v.B": torch.full_like(t["lora.1.v.B"], float("nan"))}),
+], ids=lambda d: next(iter(d)))
+def test_a_checkpoint_with_damaged_contents_is_refused_by_name_and_the_trainer_is_left_as_it_was(tmp_path, damage):
+    """A checkpoint that opens but holds damaged parts was a traceback from --resume (KeyError, a shape mismatch,
+    Random.setstate's ValueError, ...), or, with NaN weights, a run stopped later as if the settings were wrong."""
+    from zerase_core.run import PlannedRun
+
+    out = tmp_path / "run"
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=out / "checkpoint.safetensors").run()
+    damage = {k.rstrip("_"): v for k, v in damage.items()}
+    _edited(out / "checkpoint.safetensors", **damage)
+    with pytest.raises(ZEraseError, match="The checkpoint .*checkpoint.safetensors is damaged .* Start a fresh run "
+                                          "under another name"):
+        PlannedRun(tiny_zimage_backend(), _config(steps=4), out, resume=True)  # refused here, or at the load:
+        trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4))
+        before = [p.detach().clone() for p in trainer.params]
+        try:
+            trainer.resume(out / "checkpoint.safetensors")
+        finally:  # nothing of a damaged file reaches the trainer
+            assert trainer.step == 0 and all(torch.equal(p, q) for p, q in zip(trainer.params, before))
+
+
 def test_a_demo_without_evaluation_prompts_is_refused_before_any_work(tmp_path, capsys):
     from zerase_core.cli import main
 
@@ -203,6 +243,19 @@ def test_a_result_is_printed_before_it_is_written(tmp_path, capsys, monkeypatch)
     with pytest.raises(ZEraseError):
         report.emit({"speedup": 3.0}, argparse.Namespace(argv=["bench-xt"], out=tmp_path / "r.json"))
     assert '"speedup": 3.0' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["train", "--tiny", "--concept", "red"], ["demo"], ["merge", "a", "b"],
+                                  ["bench-cost"], ["bench"], ["bench-xt"], ["bench-lambda"], ["bench-checkpointing"]])
+def test_an_empty_out_is_refused_not_taken_for_the_current_folder(argv, tmp_path, monkeypatch, capsys):
+    """Path("") is ".": `train --out ""` wrote its LoRA, checkpoint, curves and history into the current folder."""
+    from zerase_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, "--out", " "])
+    assert stopped.value.code == 2 and "argument --out: it is empty; name the folder" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_refused_merge_creates_no_folder(tmp_path, capsys):
@@ -332,6 +385,30 @@ def test_a_stopped_command_line_run_keeps_its_work_and_says_how_to_continue(tmp_
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ZEraseError, match="is a file; --out names a folder"):
         PlannedRun(tiny_zimage_backend(), _config(), tmp_path / "a_file")
+
+
+def test_ctrl_c_while_the_last_checkpoint_is_written_leaves_a_run_that_resumes(tmp_path, monkeypatch):
+    """The checkpoint after the last step (steps not a multiple of the interval) was written outside the run's own
+    handling: Ctrl-C there left no checkpoint, a message saying none could be saved, and a folder where neither
+    --resume nor a fresh run was taken."""
+    import zerase_core.checkpoint as checkpoint
+    from zerase_core.run import PlannedRun, train_and_save
+
+    real, calls = checkpoint.atomic_save, []
+
+    def ctrl_c_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "atomic_save", ctrl_c_once)
+    out = tmp_path / "run"
+    with pytest.raises(ZEraseError, match="Stopped at step 3 of 3. .* the checkpoint beside it: run the same command "
+                                          "with --resume"):
+        train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=3), out))
+    result, _ = train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=3), out, resume=True))
+    assert len(result.history) == 3 and (out / "curves.png").exists() and (out / "history.json").exists()
 
 
 def test_a_fresh_run_refuses_a_folder_holding_an_earlier_runs_curves_or_history(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -181,6 +182,8 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     (dict(preserve="7"), "damaged Z-Erase metadata"),
     (dict(scale="NaN"), "damaged Z-Erase metadata"),  # would load and turn every prediction into NaN
     (dict(strength="Infinity"), "damaged Z-Erase metadata"),
+    (dict(strength="1e39"), "damaged Z-Erase metadata"),  # finite in the file, inf in the float32 model
+    (dict(preserve="[1, 2]"), "'bad.safetensors': .*preserve must be a tuple of str.* The file is damaged"),
     (dict(gate='{"kind": "image-tokens"}'), "damaged Z-Erase metadata"),  # no scope writes this
 ])
 def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
@@ -188,6 +191,44 @@ def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ZEraseError, match=message):
         load_lora(tmp_path / "bad.safetensors")
+
+
+def test_a_second_lora_under_a_name_already_installed_is_refused_and_the_first_stays(tiny_backend):
+    """Two LoRAs applied add up, each under its own name; the default name twice replaced the first, silently."""
+    from zerase_core.lora import GatedLoRALinear
+
+    def in_the_model(name):  # the adapters the model's layers run under that name
+        return [m.adapters[name] for m in tiny_backend.transformer.modules()
+                if isinstance(m, GatedLoRALinear) and name in m.adapters]
+
+    first, second = _random_lora(KEYS, seed=1), _random_lora([(0, "q"), (1, "q")], seed=2)
+    installed = set(map(id, install_lora(tiny_backend, first).slots.values()))
+    with pytest.raises(ZEraseError, match="A LoRA named 'erasure' is already installed on this model"):
+        install_lora(tiny_backend, second)
+    assert set(map(id, in_the_model("erasure"))) == installed  # the first's, on the layers it was on
+    assert install_lora(tiny_backend, second, name="another").factors().keys() == {(0, "q"), (1, "q")}
+    assert len(in_the_model("another")) == 2 and set(map(id, in_the_model("erasure"))) == installed
+
+
+def test_a_native_file_stripped_of_its_metadata_is_told_as_such(tmp_path):
+    """It was called "no Z-Erase metadata and no known key layout", though its keys are the native layout."""
+    from safetensors.torch import load_file
+
+    save_file(load_file(save_lora(_random_lora(KEYS), tmp_path / "a.safetensors")), str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ZEraseError, match="'bare.safetensors' holds a Z-Erase LoRA's tensors without its metadata"):
+        load_lora(tmp_path / "bare.safetensors")
+
+
+def test_a_merge_keeps_the_base_its_parts_share_and_warns_when_they_differ(caplog):
+    """The base digest was dropped by a merge; LoRAs of one architecture trained on different bases merged silently."""
+    def trained_on(base, seed):
+        return replace(_random_lora(KEYS, seed=seed), training={"base": base})
+
+    assert merge_exact([trained_on("aaa", 1), trained_on("aaa", 2)]).training["base"] == "aaa"
+    with caplog.at_level("WARNING", logger="zerase_core.merge"):
+        merged = merge_exact([trained_on("aaa", 1), trained_on("bbb", 2)])
+    assert "base" not in merged.training and "different base models (digests aaa, bbb)" in caplog.text
+    assert "base" not in merge_exact([trained_on("aaa", 1), _random_lora(KEYS, seed=2)]).training  # one unknown
 
 
 def test_metadata_reads_back_as_written_even_strings_that_look_like_json(tmp_path):

@@ -26,6 +26,7 @@ def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor
 
 def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", multiplier: float = 1.0) -> LoRASet:
     """Check that ``lora`` fits, then install it gated, frozen, at its stored scale × strength × ``multiplier``.
+    LoRAs installed under different ``name``s add up; a ``name`` already installed is refused.
 
     Built outside inference mode (ComfyUI runs nodes inside it): a LoRA trained later on top of
     this one back-propagates through it, and autograd cannot save inference tensors.
@@ -45,7 +46,7 @@ def _installed(backend: Backend, lora: ErasureLoRA, name: str, strength: float) 
         layers=(layers[0], layers[-1] + 1),
         strength=strength,
     )
-    lora_set = backend.install(config, name)
+    lora_set = backend.install(config, name, replace=False)  # LoRAs applied add up: a second one must not replace
     factors = {key: _pad_rank(a, b, lora.rank) for key, (a, b) in lora.factors.items()}
     for key, (a, b) in lora_set.factors().items():  # slots the file leaves out stay at zero
         factors.setdefault(key, (a.detach().clone(), torch.zeros_like(b)))

@@ -7,6 +7,8 @@ noise and timesteps follow, because both random generators are restored.
 from __future__ import annotations
 
 import logging
+import math
+import random
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +20,7 @@ from .config import OUT_OF_MEMORY, TrainConfig
 from .errors import ZEraseError
 from .files import atomic_save, check_writable, decode_metadata
 from .history import StepRecord
+from .lagrangian import rule_for
 from .run_files import resumable
 
 if TYPE_CHECKING:
@@ -134,7 +137,11 @@ def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: d
             f"The checkpoint {path.name} was made with different settings ({shown}); resume with the same settings "
             "(only the number of steps, the checkpoint interval and gradient checkpointing may change) or start a "
             "fresh run.")
-    if int(meta["step"]) > config.steps:  # the loop would not run, and the LoRA would be past its steps
+    try:
+        step = int(meta["step"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ZEraseError(_damaged(path, err)) from err
+    if step > config.steps:  # the loop would not run, and the LoRA would be past its steps
         raise ZEraseError(
             f"The checkpoint {path.name} is at step {meta['step']}, past this run's {config.steps} steps; "
             f"set steps to {meta['step']} or more to continue it, or start a fresh run.")
@@ -148,25 +155,71 @@ def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: d
 
 
 def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
+    """Continue ``trainer`` from ``path``: every part is read and checked first, so a damaged file changes nothing."""
     tensors, meta = _read(path, tensors=True)
     _refuse_mismatch(path, meta, trainer.config, trainer.backend.fingerprint(), trainer.base_digest)
-    factors = {}
-    for (layer, proj) in trainer.lora.factors():
-        factors[(layer, proj)] = (tensors[f"lora.{layer}.{proj}.A"], tensors[f"lora.{layer}.{proj}.B"])
-    trainer.lora.load_factors(factors)
-    state = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    trainer.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    trainer.gen.set_state(tensors["rng.torch"])
-    trainer.rng.setstate(_tupled(meta["python_rng"]))
-    trainer.lam.load_state(meta["lambda"])
-    trainer.step, trainer.seconds = int(meta["step"]), float(meta["seconds"])
-    trainer.history = [StepRecord(**r) for r in meta["history"]]
+    try:
+        state = _state(trainer, tensors, meta)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:  # each part fails its own way
+        raise ZEraseError(_damaged(path, err)) from err
+    trainer.lora.load_factors(state["factors"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.gen.set_state(state["torch_rng"])
+    trainer.rng.setstate(state["python_rng"])
+    trainer.lam = state["lambda"]
+    trainer.step, trainer.seconds, trainer.history = state["step"], state["seconds"], state["history"]
     trainer.checkpoint_meta = dict(meta.get("caller", {}))
     _resume_checkpointing(trainer, meta)
+
+
+def _state(trainer: "ZEraseTrainer", tensors: dict, meta: dict) -> dict:
+    """What a checkpoint restores, each part tried on a scratch object of its kind (a generator, a λ rule), so that
+    a damaged part raises here, before anything of the trainer changes."""
+    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+        raise ValueError("NaN or infinite values in its tensors")  # resumed, they stop the run as a training NaN
+    factors, moments = {}, {}
+    for index, (key, live) in enumerate(_params(trainer)):
+        saved = tensors[key]
+        if saved.shape != live.shape:
+            raise ValueError(f"{key} has shape {tuple(saved.shape)} where the LoRA has {tuple(live.shape)}")
+        factors.setdefault(key.rsplit(".", 1)[0], []).append(saved)
+        saved_moments = {name.split(".", 2)[2]: value for name, value in tensors.items()
+                         if name.startswith(f"optim.{index}.")}
+        if any(m.shape != live.shape for name, m in saved_moments.items() if name != "step"):
+            raise ValueError(f"AdamW's moments of {key} do not have its shape")
+        if saved_moments:
+            moments[index] = saved_moments
+    if len(meta["param_groups"]) != len(trainer.optimizer.param_groups):
+        raise ValueError(f"{len(meta['param_groups'])} optimizer parameter groups where AdamW has one")
+    torch_rng = torch.Generator().set_state(tensors["rng.torch"]).get_state()
+    python_rng = _tupled(meta["python_rng"])
+    random.Random().setstate(python_rng)
+    lam = rule_for(trainer.config)
+    lam.load_state(meta["lambda"])
+    if not all(v is None or (isinstance(v, (int, float)) and math.isfinite(v)) for v in _flat(lam.state())):
+        raise ValueError(f"λ's state {meta['lambda']!r}")
+    return {"factors": {(int(k.split(".")[1]), k.split(".")[2]): tuple(ab) for k, ab in factors.items()},
+            "optimizer": {"state": moments, "param_groups": meta["param_groups"]},
+            "torch_rng": torch_rng, "python_rng": python_rng, "lambda": lam,
+            "step": int(meta["step"]), "seconds": float(meta["seconds"]),
+            "history": [StepRecord(**r) for r in meta["history"]]}
+
+
+def _params(trainer: "ZEraseTrainer"):
+    """(tensor name, live parameter) in the optimizer's order, which is the LoRA's parameters' order."""
+    for (layer, proj), (a, b) in trainer.lora.factors().items():
+        yield f"lora.{layer}.{proj}.A", a
+        yield f"lora.{layer}.{proj}.B", b
+
+
+def _flat(state) -> list:
+    values = state.values() if isinstance(state, dict) else state
+    return [x for v in values for x in (_flat(v) if isinstance(v, (dict, list, tuple)) else [v])]
+
+
+def _damaged(path: Path, err: BaseException) -> str:
+    return (f"The checkpoint {path} is damaged ({type(err).__name__}: {err}); it cannot be resumed. "
+            f"{START_ELSEWHERE}.")
 
 
 def _resume_checkpointing(trainer: "ZEraseTrainer", meta: dict) -> None:

@@ -37,6 +37,13 @@ def command(name: str, help: str, add: Adder):
     return register
 
 
+def out_path(text: str) -> Path:
+    """``--out`` as typed; an empty one is refused: Path("") is the current folder, which a run would fill."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("it is empty; name the folder (or file) the output goes to")
+    return Path(text)
+
+
 # --- inspect -------------------------------------------------------------------------------
 def _add_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, help="an erasure LoRA (.safetensors)")
@@ -56,7 +63,7 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", type=Path, nargs="+", help="two or more erasure LoRAs")
     p.add_argument("--weights", type=float, nargs="+", help="one weight per LoRA (default 1/N each)")
     p.add_argument("--rank", type=int, help="re-rank the exact merge to this rank by SVD")
-    p.add_argument("--out", type=Path, required=True, help="output .safetensors (never overwritten)")
+    p.add_argument("--out", type=out_path, required=True, help="output .safetensors (never overwritten)")
 
 
 @command("merge", "merge erasure LoRAs (paper App. F): exact, or re-ranked by SVD", _add_merge)
@@ -116,7 +123,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="x_t: sampled every step (fresh, ESD) or from trajectories sampled once (pool, the default)")
     p.add_argument("--xt-pool", type=int, default=None, help=f"trajectories in the x_t pool (default "
                    f"{TrainConfig.xt_pool}; at least one per erase prompt)")
-    p.add_argument("--out", type=Path, default=Path("out/train"), help="the run's folder (default out/train)")
+    p.add_argument("--out", type=out_path, default=Path("out/train"), help="the run's folder (default out/train)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
 
 

@@ -14,8 +14,9 @@ from typing import Any
 from .errors import ZEraseError
 from .lagrangian import MODES
 from .lora import LoRAConfig
-from .prompts import concept_words
+from .prompts import concept_words, is_blank
 from .seeds import valid_seed
+from .typed import settle
 
 
 XT_SOURCES = ("pool", "fresh")  # where x_t comes from, the default first: see trainer.py and xt_pool.py
@@ -78,7 +79,8 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
-        if not self.concept.strip():
+        settle(self)  # first: every check below reads the values as their types
+        if is_blank(self.concept):
             raise ZEraseError("The concept is empty: type the word or phrase to erase, e.g. 'red' or 'Van Gogh'.")
         if self.preset not in PRESETS:
             raise ZEraseError(f"Unknown concept-type preset '{self.preset}'; choose one of {sorted(PRESETS)}.")
@@ -98,8 +100,14 @@ class TrainConfig:
             raise ZEraseError(f"Settings must be finite numbers; got {', '.join(unreal)}.")
         bounds = (("steps", self.steps, self.steps >= 1, "≥ 1"),
                   ("checkpoint_every", self.checkpoint_every, self.checkpoint_every >= 1, "≥ 1"),
+                  ("sample_steps", self.sample_steps, self.sample_steps >= 1, "≥ 1 (Turbo samples in 8)"),
+                  ("shuffle_pool", self.shuffle_pool, self.shuffle_pool >= 0, "≥ 0 (0: no shuffled variants)"),
+                  ("sample_cfg", self.sample_cfg, self.sample_cfg >= 0, "≥ 0 (Turbo samples without CFG: 1)"),
                   ("β (beta)", self.beta, self.beta >= 0, "≥ 0"),
-                  ("η (eta)", self.eta, self.eta >= 0, "≥ 0 (η < 0 would strengthen the concept, not erase it)"))
+                  ("η (eta)", self.eta, self.eta >= 0, "≥ 0 (η < 0 would strengthen the concept, not erase it)"),
+                  # < 0 would reward the attention on the concept (Eq. 6), or the rise of L_pr (Eq. 8)
+                  ("attn_weight", self.attn_weight, self.attn_weight >= 0, "≥ 0 (0 switches L_attn off)"),
+                  ("fixed_lambda", self.fixed_lambda, self.fixed_lambda >= 0, "≥ 0 (0 switches L_pr off)"))
         broken = [f"{name} must be {rule}; got {value}" for name, value, ok, rule in bounds if not ok]
         if broken:  # each named with its value: "--steps 0" is told as such
             raise ZEraseError("; ".join(broken) + ".")
@@ -116,7 +124,7 @@ class TrainConfig:
                               "ModelSamplingAuraFlow).")
         if self.height < 1 or self.width < 1:
             raise ZEraseError(f"The training resolution must be positive; got {self.height}×{self.width}.")
-        if any(not p.strip() for p in self.preserve):
+        if any(is_blank(p) for p in self.preserve):
             raise ZEraseError("A preservation concept is empty; remove it or type a word.")
         if any(concept_words(p) == concept_words(self.concept) for p in self.preserve):
             raise ZEraseError(
@@ -138,9 +146,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         data = dict(data)
-        lora = data.pop("lora", {})
-        lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()})
-        tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
+        lora = LoRAConfig(**data.pop("lora", {}))  # JSON's lists become tuples in the settings (typed.settle)
         if isinstance(data.get("gradient_checkpointing"), bool):  # files before "auto" stored on/off as a bool
             data["gradient_checkpointing"] = "on" if data["gradient_checkpointing"] else "off"
-        return cls(**(data | tuples), lora=lora)
+        return cls(**data, lora=lora)

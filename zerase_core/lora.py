@@ -18,8 +18,15 @@ from torch import nn
 
 from .errors import ZEraseError
 from .gate import TokenGate
+from .typed import settle
 
 PROJECTIONS = ("q", "k", "v")
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def finite_in_fp32(*values: float) -> bool:
+    """Finite as the model computes with it: a float64 1e39 is finite in Python and inf in a float32 LoRA."""
+    return all(math.isfinite(v) and abs(v) <= FP32_MAX for v in values)
 
 
 def targets_from(text: str) -> tuple[str, ...]:
@@ -41,10 +48,14 @@ class LoRAConfig:
     scope: str = "text"
 
     def __post_init__(self):
+        settle(self)
         if self.rank < 1:
             raise ZEraseError(f"LoRA rank must be at least 1, got {self.rank}.")
-        if not all(math.isfinite(x) for x in (self.alpha or 0.0, self.strength)):
-            raise ZEraseError(f"LoRA alpha and strength must be finite numbers; got {self.alpha}, {self.strength}.")
+        if not finite_in_fp32(self.alpha or 1.0, self.strength, self.scale * self.strength):
+            raise ZEraseError(f"LoRA alpha and strength must be finite numbers (float32: |x| ≤ {FP32_MAX:.1e}); got "
+                              f"{self.alpha}, {self.strength}.")
+        if self.alpha is not None and self.alpha <= 0:  # 0: a LoRA that cannot change anything, trained for nothing
+            raise ZEraseError(f"LoRA alpha must be > 0 (or None: the rank); got {self.alpha}.")
         bad = [t for t in self.targets if t not in PROJECTIONS]
         if bad or not self.targets or len(set(self.targets)) != len(self.targets):
             raise ZEraseError(f"LoRA targets must be a non-empty subset of q, k, v; got {self.targets}.")

@@ -10,7 +10,6 @@ recognise it at all.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,7 +21,9 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import ZEraseError
 from .files import atomic_save, decode_metadata
+from .lora import finite_in_fp32
 from .save_names import safe_output_path
+from .typed import settle
 
 FORMAT = "zerase-gated-lora"
 # The newest version this pack reads. Version 2 adds the ungated gate kind ("all-tokens"); gated files are still
@@ -57,8 +58,12 @@ class ErasureLoRA:
     scope: str = "text"  # LoRAConfig.scope it was trained with; only "text" (gated) may be applied
 
     def __post_init__(self):
+        settle(self)
         if not self.factors:
             raise ZEraseError("This erasure LoRA has no weights.")
+        if not finite_in_fp32(self.scale, self.strength, self.multiplier):  # else the model's output is inf or NaN
+            raise ZEraseError(f"This erasure LoRA's scale {self.scale:g} and strength {self.strength:g} must be finite "
+                              "numbers in float32, as the model computes with them.")
         if self.scope not in _SCOPES.values():
             raise ZEraseError(f"Unknown LoRA scope {self.scope!r}; expected 'text' or 'all'.")
         for key, (a, b) in self.factors.items():
@@ -183,6 +188,10 @@ def load_lora(path: str | Path) -> ErasureLoRA:
         raise ZEraseError(f"'{path.name}' is a Z-Erase training checkpoint (for resuming a run), not a LoRA; use the "
                           "run's LoRA file (erasure_lora.safetensors beside a command-line run's checkpoint; the "
                           "node's under models/loras/zerase/).")
+    if keys and all(_NATIVE.match(k) for k in keys):  # re-saved by a tool that keeps tensors only (save_file)
+        raise ZEraseError(f"'{path.name}' holds a Z-Erase LoRA's tensors without its metadata (scale, concept, gate), "
+                          "so it cannot be applied as trained; it was re-saved by a tool that drops metadata. Use the "
+                          "file the training wrote, or re-train it.")
     if any(h in k for k in keys for h in _STOCK_HINTS):
         raise ZEraseError(
             f"'{path.name}' is an ordinary LoRA, not a Z-Erase erasure LoRA. Ordinary LoRAs act on every "
@@ -247,7 +256,7 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
             history={str(k): [float(v) for v in vs] for k, vs in dict(info.get("history", {})).items()},
             scope=_SCOPES[dict(info.get("gate", GATE))["kind"]],
         )
-        if not (math.isfinite(described["scale"]) and math.isfinite(described["strength"])):
+        if not finite_in_fp32(described["scale"], described["strength"]):  # told as the file's, not as a LoRA's
             raise ValueError(f"scale {described['scale']}, strength {described['strength']}")
     except (KeyError, TypeError, ValueError) as err:
         raise ZEraseError(

@@ -7,6 +7,7 @@ Re-ranking truncates that product by SVD and reports the relative Frobenius erro
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 
@@ -15,6 +16,8 @@ import torch
 from .prompts import concept_words
 from .errors import ZEraseError
 from .lora_file import ErasureLoRA, Key
+
+log = logging.getLogger(__name__)
 
 JOIN = " + "  # a merged LoRA's concept: its parts' concepts joined by this (split again when it is merged further)
 
@@ -41,6 +44,17 @@ def _same_architecture(loras: list[ErasureLoRA]) -> dict:
             )
         agreed |= lora.fingerprint
     return agreed
+
+
+def _same_base(loras: list[ErasureLoRA]) -> dict:
+    """The base model's digest (Backend.base_digest) all ``loras`` were trained on, kept in the merge; LoRAs of one
+    architecture trained on different bases (Turbo and a fine-tune) still merge, with a warning: each part's change
+    was made for its own base."""
+    bases = {lora.training.get("base") for lora in loras}
+    if len(bases - {None}) > 1:
+        log.warning("Merging LoRAs trained on different base models (digests %s): each erases its concept from its "
+                    "own base; check the merge on the model it is applied to.", ", ".join(sorted(bases - {None})))
+    return {"base": bases.pop()} if len(bases) == 1 and None not in bases else {}
 
 
 def _same_widths(key: Key, loras: list[ErasureLoRA]) -> None:
@@ -88,7 +102,7 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
         preserve=tuple(dict.fromkeys(p for lora in loras for p in lora.preserve
                                      if tuple(concept_words(p)) not in erased)),
         fingerprint=fingerprint,
-        training={"merged_from": [lora.concept for lora in loras], "weights": weights},
+        training={"merged_from": [lora.concept for lora in loras], "weights": weights} | _same_base(loras),
         source="merge",
     )
 

@@ -92,6 +92,12 @@ def as_read(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+def is_blank(text: str) -> bool:
+    """Nothing a prompt could show: spaces, and characters that take no place (a zero-width space, a direction mark,
+    a control character) pasted alone."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+
+
 def concept_words(text: str) -> list[str]:
     """``text`` as prompts see it: its words, whatever the case, spacing and Unicode composition ("Big  cat" is "big
     cat"; a pasted NFD "café" is the typed one). Two concepts with the same words are one concept."""

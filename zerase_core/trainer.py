@@ -402,13 +402,13 @@ class ZEraseTrainer:
                     callback(record, self)
                 if self.checkpoint_path and self.step % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
+            if self.checkpoint_path and self.step % self.config.checkpoint_every:  # a multiple was saved in the loop
+                self.save_checkpoint()  # in the try: Ctrl-C while it is written is answered by writing it again
         except BaseException as err:
             # Cancel (ComfyUI raises from its progress hook), NaN or a crash: keep the last good state.
             if self.checkpoint_path and self.has_progress():  # step 0 holds nothing to resume
                 self.save_checkpoint(non_finite_stop=isinstance(err, NonFiniteLoss))
             raise
-        if self.checkpoint_path and self.step % self.config.checkpoint_every:  # a multiple was saved in the loop
-            self.save_checkpoint()
         return TrainResult(self.export(), tuple(self.history), self.seconds, completed)
 
     def params_finite(self) -> bool:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..attention_mass import MassRecorder
+from ..errors import ZEraseError
 from ..gate import TokenGate
 from ..layout import TokenLayout
 from ..lora import GatedLoRALinear, LoRAAdapter, LoRAConfig
@@ -152,8 +153,10 @@ class Backend(ABC):
         """Checkpoint main layers ``0 .. layers-1`` and no other."""
 
     @abstractmethod
-    def install(self, config: LoRAConfig, name: str = "zerase") -> LoRASet:
-        """Put a fresh (B = 0) gated adapter on the targeted slots and return it."""
+    def install(self, config: LoRAConfig, name: str = "zerase", replace: bool = True) -> LoRASet:
+        """Put a fresh (B = 0) gated adapter on the targeted slots and return it. ``replace``: one already installed
+        under ``name`` is replaced (a new training run's adapter replaces an earlier run's); False refuses it, as
+        applying LoRAs does (they add up, each under its own name)."""
 
     @abstractmethod
     def uninstall(self) -> None:
@@ -222,8 +225,9 @@ class InPlaceInstaller:
         setattr(parent, attr, wrapped)
         return wrapped
 
-    def install(self, slots: list[HostSlot], config: LoRAConfig, name: str, n_layers: int) -> LoRASet:
-        return install_on(slots, config, name, n_layers, lambda slot: self.wrap(slot, config.scope))
+    def install(self, slots: list[HostSlot], config: LoRAConfig, name: str, n_layers: int,
+                replace: bool = True) -> LoRASet:
+        return install_on(slots, config, name, n_layers, lambda slot: self.wrap(slot, config.scope), replace=replace)
 
     def uninstall(self) -> None:
         for path, original in self.originals.items():
@@ -233,16 +237,20 @@ class InPlaceInstaller:
 
 
 def install_on(slots: list[HostSlot], config: LoRAConfig, name: str, n_layers: int,
-               wrap: Callable[[HostSlot], GatedLoRALinear], device: torch.device | None = None) -> LoRASet:
+               wrap: Callable[[HostSlot], GatedLoRALinear], device: torch.device | None = None,
+               replace: bool = True) -> LoRASet:
     """One adapter named ``name`` on every slot ``config`` targets, each slot made gated by the host's ``wrap``;
-    ``device``: where the adapters live (default: the base weight's)."""
+    ``device``: where the adapters live (default: the base weight's); ``replace``: see Backend.install."""
     lora_set = LoRASet(name, config)
     wanted = set(config.layer_indices(n_layers))
-    for slot in slots:
-        targets = tuple(t for t in config.targets if t in slot.slices)
-        if slot.layer not in wanted or not targets:
-            continue
-        adapter = wrap(slot).add_adapter(name, targets, config.rank, config.scale, config.strength, device=device)
+    chosen = [(slot, targets) for slot in slots
+              if slot.layer in wanted and (targets := tuple(t for t in config.targets if t in slot.slices))]
+    wrapped = [wrap(slot) for slot, _ in chosen]  # a wrapper without adapters computes what its base layer does
+    if not replace and any(name in layer.adapters for layer in wrapped):  # before any adapter: nothing half-installed
+        raise ZEraseError(f"A LoRA named '{name}' is already installed on this model, and a second under the same "
+                          "name would replace it; give each LoRA its own name (install_lora(..., name=...)).")
+    for (slot, targets), layer in zip(chosen, wrapped):
+        adapter = layer.add_adapter(name, targets, config.rank, config.scale, config.strength, device=device)
         for proj in targets:
             lora_set.add(slot.layer, proj, adapter)
     return lora_set

@@ -210,9 +210,9 @@ class DiffusersZImageBackend(Backend):
         return (self.latent.channels, height // self.latent.downsample, width // self.latent.downsample)
 
     # --- LoRA ----------------------------------------------------------------------------
-    def install(self, config: LoRAConfig, name: str = "zerase") -> LoRASet:
+    def install(self, config: LoRAConfig, name: str = "zerase", replace: bool = True) -> LoRASet:
         self._place()  # adapters are made where the weights are: there, before an optimizer holds them
-        return self._installer.install(self.host_slots(), config, name, self.n_layers)
+        return self._installer.install(self.host_slots(), config, name, self.n_layers, replace)
 
     def uninstall(self) -> None:
         self._installer.uninstall()

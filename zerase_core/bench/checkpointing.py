@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
-from ..cli import command
+from ..cli import command, out_path
 from ..errors import ZEraseError
 from .memory import cpu_peak_bytes, least_squares_slope
 from .report import check_out, emit
@@ -65,7 +64,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=512, help="image side in pixels (512: 1024 image tokens)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per round and variant")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=out_path)
 
 
 @command("bench-checkpointing", "seconds and peak memory of a step with k of the main layers checkpointed",

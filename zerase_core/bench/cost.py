@@ -32,13 +32,12 @@ import platform
 import random
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..backends.base import Backend
-from ..cli import command
+from ..cli import command, out_path
 from ..config import XT_SOURCES, TrainConfig
 from ..errors import ZEraseError
 from ..lagrangian import rule_for
@@ -277,7 +276,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=1, help="rounds over all variants, interleaved (median of all)")
     p.add_argument("--models", nargs="+", default=[], help="only these rows, e.g. toy-64 tiny-diffusers-256")
     p.add_argument("--no-estimate", action="store_true", help="skip the real Z-Image memory estimate")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--out", type=out_path, help="also write the JSON here")
 
 
 @command("bench-cost", "seconds per Z-Erase step vs the official-style reference and gated ESD; memory", _add)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
-from ..cli import command
+from ..cli import command, out_path
 from ..config import XT_SOURCES
 from .report import check_out, emit
 
@@ -71,7 +70,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--sources", nargs="+", default=list(XT_SOURCES), choices=XT_SOURCES)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=out_path)
 
 
 @command("bench-lambda", "toy world: fraction of steps with λ > 0 under the paper's λ rule", _add)

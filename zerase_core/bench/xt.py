@@ -14,9 +14,8 @@ import dataclasses
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from ..cli import command
+from ..cli import command, out_path
 from ..config import XT_SOURCES, TrainConfig
 from .report import check_out, emit
 
@@ -67,7 +66,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", type=int, default=TrainConfig.xt_pool,
                    help="trajectories in the pool (xt_pool); it grows to one per erase prompt where there are more "
                    "(the toy's concepts have ~130 templates and shuffles): each cell records the count it ran")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=out_path)
 
 
 @command("bench-xt", "toy world: erasure and cost with fresh ESD x_t vs the trajectory pool", _add)

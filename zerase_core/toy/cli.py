@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import command
+from ..cli import command, out_path
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
                    help="preservation concepts (default: the other values of the attribute)")
     p.add_argument("--steps", type=int, default=1000, help="Z-Erase steps (paper: 1000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("out/demo"))
+    p.add_argument("--out", type=out_path, default=Path("out/demo"))
     p.add_argument("--n-eval", type=int, default=100, help="prompts per evaluation set (robustness sets: half)")
     p.add_argument("--resume", action="store_true",
                    help="continue the training run a stopped demo left in --out (or extend it with more --steps)")
@@ -40,7 +40,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=300, help="Z-Erase steps per trained cell")
     p.add_argument("--n-eval", type=int, default=24, help="prompts per evaluation set (the committed table's 24)")
     p.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all)")
-    p.add_argument("--out", type=Path, default=Path("out/bench"),
+    p.add_argument("--out", type=out_path, default=Path("out/bench"),
                    help="folder for the cells and the table (the committed one is docs/bench/toy)")
     p.add_argument("--assemble-only", action="store_true", help="write the table from the cells already measured")
 

@@ -135,13 +135,14 @@ class ComfyZImageBackend(Backend):
         self._wrapped[slot.layer] = lora
         return lora
 
-    def install(self, config: LoRAConfig, name: str = "zerase") -> LoRASet:
+    def install(self, config: LoRAConfig, name: str = "zerase", replace: bool = True) -> LoRASet:
         # On the compute device, not the host weight's (the CPU while ComfyUI holds the model offloaded, and
         # always under dynamic VRAM): AdamW state restored on resume lands on the parameters' device.
         if config.scope != "text":  # the ungated ablation runs on the toy and diffusers backends only
             raise ZEraseError(f"{self.node}: in ComfyUI only gated LoRAs (scope 'text') are trained and applied; "
                               f"got scope {config.scope!r}.")
-        return install_on(self.host_slots(), config, name, self.n_layers, self._wrap, device=self.device)
+        return install_on(self.host_slots(), config, name, self.n_layers, self._wrap, device=self.device,
+                          replace=replace)
 
     def uninstall(self) -> None:
         """Our wrappers off this clone; the erasure LoRAs it came with stay, as they were."""

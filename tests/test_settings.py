@@ -1,0 +1,75 @@
+"""Settings a Python caller gets wrong are refused when they are made, by name, before any prompt is encoded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zerase_core.config import TrainConfig
+from zerase_core.errors import ZEraseError
+from zerase_core.lora import LoRAConfig
+from zerase_core.lora_file import ErasureLoRA
+
+
+def _config(**changes) -> TrainConfig:
+    return TrainConfig(**({"concept": "red"} | changes))
+
+
+@pytest.mark.parametrize("changes, message", [
+    # a string where a tuple of strings goes was iterated as its letters: preservation of "b", "l", "u", "e"
+    (dict(preserve="blue"), r"preserve must be a tuple of str, e\.g\. \('a',\) for one; got str 'blue'"),
+    (dict(templates="a photo of {}"), r"templates must be a tuple of str"),
+    (dict(seed=1.5), r"seed must be an int; got float 1\.5"),  # was torch's manual_seed error after encoding
+    (dict(steps=2.5), r"steps must be an int"),  # ran 3 steps and recorded 2.5
+    (dict(xt_pool=2.5), r"xt_pool must be an int"),
+    (dict(seed=True), r"seed must be an int; got bool"),
+    (dict(lr="0.001"), r"lr must be a float; got str"),
+    (dict(lora={"rank": 4}), r"lora must be a LoRAConfig; got dict"),
+    (dict(epsilon="1e-3"), r"epsilon must be a float or None; got str"),
+])
+def test_a_setting_of_the_wrong_type_is_refused_by_name(changes, message):
+    with pytest.raises(ZEraseError, match=message):
+        _config(**changes)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(sample_steps=0), r"sample_steps must be ≥ 1"),  # was torch's random_ error inside the pool
+    (dict(shuffle_pool=-3), r"shuffle_pool must be ≥ 0"),  # was no shuffling, silently
+    (dict(sample_cfg=-5.0), r"sample_cfg must be ≥ 0"),
+    (dict(attn_weight=-1.0), r"attn_weight must be ≥ 0"),  # would reward attention on the concept
+    (dict(lambda_mode="fixed", fixed_lambda=-5.0), r"fixed_lambda must be ≥ 0"),  # was λ = 0, silently
+    (dict(concept="\u200b"), r"The concept is empty"),  # a zero-width space: nothing a prompt shows
+    (dict(preserve=("\u200e ",)), r"A preservation concept is empty"),
+])
+def test_a_setting_out_of_its_range_is_refused_by_name(changes, message):
+    with pytest.raises(ZEraseError, match=message):
+        _config(**changes)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(rank=2.5), r"LoRAConfig: rank must be an int"),
+    (dict(layers=(0, 1, 2)), r"layers must be a tuple of 2 \(int, int\) or None"),
+    (dict(alpha=0.0), r"alpha must be > 0"),  # a LoRA that can change nothing, trained for nothing
+    (dict(alpha=-4.0), r"alpha must be > 0"),
+    (dict(strength=1e39), r"finite numbers \(float32"),  # finite in Python, inf in the model
+])
+def test_a_lora_setting_that_would_fail_late_or_train_nothing_is_refused(changes, message):
+    with pytest.raises(ZEraseError, match=message):
+        LoRAConfig(**changes)
+
+
+def test_lists_are_taken_as_tuples_and_settings_survive_their_json():
+    config = _config(preserve=["blue"], templates=["a {} ball"], lora=LoRAConfig(layers=[0, 2]))
+    assert config.preserve == ("blue",) and config.templates == ("a {} ball",) and config.lora.layers == (0, 2)
+    assert TrainConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()  # to_dict resolves ε and templates
+
+
+def test_an_erasure_lora_that_could_not_be_read_back_is_refused_when_made():
+    factors = {(0, "q"): (torch.zeros(2, 8), torch.zeros(8, 2))}
+    for changes, message in ((dict(scale=float("nan")), "finite numbers in float32"),
+                             (dict(strength=1e39), "finite numbers in float32"),
+                             (dict(scale=1e20, strength=1e20), "finite numbers in float32"),  # ΔW's multiplier
+                             (dict(concept=None), "concept must be a str"),
+                             (dict(preserve=(1, 2)), "preserve must be a tuple of str")):
+        with pytest.raises(ZEraseError, match=message):
+            ErasureLoRA(factors, **changes)
