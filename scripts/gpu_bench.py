@@ -303,5 +303,14 @@ def _warm_up(backend: Backend) -> None:
     device_sync(backend)()
 
 
+def cli() -> int:
+    """``main`` as the shell runs it: Ctrl-C is told in a line, not a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:  # every finished row is already in --out (_save after each)
+        print("Stopped (Ctrl-C); the rows measured before it are in --out.", file=sys.stderr)
+        return 130  # the shell's code for SIGINT
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 import torch
@@ -413,3 +414,25 @@ def test_bench_checkpointing_reports_each_count_with_the_memory_it_keeps(tmp_pat
     assert all(a > b for a, b in zip(peaks[:-1], peaks[1:-1])) and peaks[-1] < 0.5 * peaks[0]
     assert result["peak_saved_mib_per_layer"] > 0
     assert all(r["seconds_per_step"] > 0 for r in rows)
+
+
+def test_ctrl_c_in_the_gpu_script_is_told_in_a_line_and_its_finished_rows_stay(tmp_path, monkeypatch, capsys):
+    """It was a traceback; the rows before it are in --out already (written after each row)."""
+    from gpu_script import load_gpu_bench
+
+    gpu_bench = load_gpu_bench()
+    real, calls = gpu_bench.time_case, []
+
+    def ctrl_c_in_the_second_row(case, steps):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(case, steps)
+
+    monkeypatch.setattr(gpu_bench, "time_case", ctrl_c_in_the_second_row)
+    out = tmp_path / "gpu.json"
+    monkeypatch.setattr(sys, "argv", ["gpu_bench.py", "--tiny", "--steps", "1", "--pool", "1", "--out", str(out)])
+    assert gpu_bench.cli() == 130
+    assert capsys.readouterr().err.endswith("Stopped (Ctrl-C); the rows measured before it are in --out.\n")
+    (first,) = json.loads(out.read_text())["rows"]
+    assert first["seconds_per_step"]["ours_pool_lambda_positive"] > 0

@@ -89,11 +89,15 @@ def test_resuming_a_finished_command_line_run_samples_no_pool_and_trains_nothing
 
     config = _config(steps=3)
     done, _ = train_and_save(PlannedRun(tiny_zimage_backend(), config, tmp_path))
+    (tmp_path / "curves.png").unlink()  # a file the user deleted is written again; the others stay as they were
+    written = {f.name: f.stat().st_mtime_ns for f in tmp_path.iterdir()}
     monkeypatch.setattr(trainer_module, "TrajectoryPool", lambda *a, **k: pytest.fail("the pool was sampled again"))
     with caplog.at_level("INFO", logger="zerase_core.run"):
         again, path = train_and_save(PlannedRun(tiny_zimage_backend(), config, tmp_path, resume=True))
     assert "every one of its 3 steps is done; nothing to train" in caplog.text
     assert _flat(again.history) == _flat(done.history) and again.lora.training["steps_done"] == 3
+    assert {f.name: f.stat().st_mtime_ns for f in tmp_path.iterdir() if f.name != "curves.png"} == written
+    assert (tmp_path / "curves.png").exists()
     kept = load_lora(path)  # the file, as the finished run left it
     for key, (a, b) in done.lora.factors.items():
         assert torch.equal(kept.factors[key][0], a) and torch.equal(kept.factors[key][1], b)

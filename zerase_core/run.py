@@ -120,15 +120,21 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
                  run.checkpoint, config.steps)
     on_step, bar = progress_bar(config.steps, trainer.step)
     trainer.callbacks.extend([on_step, *callbacks])
+    start = trainer.step
     try:
         result = trainer.run()
     except (KeyboardInterrupt, ZEraseError, torch.OutOfMemoryError) as err:
         raise ZEraseError(_stopped(trainer, run.lora, err)) from err
     finally:
         bar.close()
-    save_lora(result.lora, run.lora)  # atomic; a resumed run replaces its own earlier file
-    write_curves(result, run.folder / CURVES, f"Z-Erase '{config.concept}': {len(result.history)} steps")
-    atomic_write_text(run.folder / HISTORY, json.dumps([asdict(r) for r in result.history]))
+    outputs = {run.lora: lambda path: save_lora(result.lora, path),  # atomic; a resumed run replaces its own
+               run.folder / CURVES: lambda path: write_curves(result, path, f"Z-Erase '{config.concept}': "
+                                                                             f"{len(result.history)} steps"),
+               run.folder / HISTORY: lambda path: atomic_write_text(path, json.dumps([asdict(r) for r in
+                                                                                      result.history]))}
+    for path, write in outputs.items():  # a finished run resumed trained nothing: only a missing file is written
+        if trainer.step > start or not path.exists():
+            write(path)
     log.info("wrote %s", run.lora)
     return result, run.lora
 

@@ -391,7 +391,7 @@ class ZEraseTrainer:
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        completed = True
+        completed, start = True, self.step
         try:
             while self.step < self.config.steps:
                 if self.should_stop is not None and self.should_stop():
@@ -402,7 +402,8 @@ class ZEraseTrainer:
                     callback(record, self)
                 if self.checkpoint_path and self.step % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
-            if self.checkpoint_path and self.step % self.config.checkpoint_every:  # a multiple was saved in the loop
+            # the last step's checkpoint, unless the loop saved it (a multiple) or ran no step (a finished run resumed)
+            if self.checkpoint_path and self.step > start and self.step % self.config.checkpoint_every:
                 self.save_checkpoint()  # in the try: Ctrl-C while it is written is answered by writing it again
         except BaseException as err:
             # Cancel (ComfyUI raises from its progress hook), NaN or a crash: keep the last good state.
