@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from zerase_core.render import curves, grid, latent_rgb, to_image, to_pil, word_map_rows  # noqa: F401  (re-exported)
+from zerase_core.render import (  # noqa: F401  (re-exported)
+    curves, grid, latent_rgb, rgb, to_image, to_pil, word_map_rows,
+)
 
 
 def latent_preview(model, latent: torch.Tensor) -> torch.Tensor:
@@ -23,5 +25,5 @@ def latent_preview(model, latent: torch.Tensor) -> torch.Tensor:
 def decode(model, vae, latent: torch.Tensor) -> torch.Tensor:
     """Decode a LATENT's samples (VAE space) with the VAE when one is connected, else the cheap preview."""
     if vae is not None:
-        return vae.decode(latent)[..., :3].float().cpu()
+        return rgb(vae.decode(latent)).cpu()
     return latent_preview(model, latent)

@@ -61,7 +61,7 @@ class AttentionMapViewer(io.ComfyNode):
         if latent is not None:
             samples = latent["samples"][:1]
         elif image is not None and vae is not None:
-            samples = vae.encode(image[:1, :, :, :3])
+            samples = vae.encode(_render.rgb(image[:1]))
         else:
             raise ZEraseError(f"{NODE}: connect a LATENT, or an IMAGE together with a VAE.")
         if samples.shape[0] == 0:
@@ -71,19 +71,27 @@ class AttentionMapViewer(io.ComfyNode):
                 f"{NODE}: the latent has shape {tuple(samples.shape)}; Z-Image's have {backend.latent_channels} "
                 "channels. Make it with EmptySD3LatentImage, or encode the image with Z-Image's VAE (ae.safetensors).")
         (encoded,) = backend.encode([prompt])  # after the cheap checks: this runs the text encoder
-        fix = "Type words that occur in the prompt, or put them into it."
-        columns = [concept_token_indices(encoded, w, fix) for w in words]
+        fix = ("Type words that occur in the prompt, or put them into it; separate words with commas ('cat, dog' is "
+               "two words, 'cat dog' one phrase).")
+        try:
+            columns = [concept_token_indices(encoded, w, fix) for w in words]
+        except ZEraseError as err:
+            raise ZEraseError(f"{NODE}: {err}") from err
         x0 = backend.patcher.model.process_latent_in(samples.float()).cpu()
         maps = [word_maps(backend, encoded, columns, x0, sigma_list, seed, layers)]
         labels = ["model"]
         if model_b is not None:
             other = ComfyZImageBackend(model_b, node=NODE)
+            if other.fingerprint() != backend.fingerprint():  # the prompt was encoded for model's caption width
+                raise ZEraseError(f"{NODE}: model_b is another architecture than model ({other.fingerprint()} vs "
+                                  f"{backend.fingerprint()}); compare two versions of one model, e.g. with and "
+                                  "without an erasure LoRA.")
             maps.append(word_maps(other, encoded, columns, x0, sigma_list, seed, layers))
             labels = ["model A", "model B"]
         # Drawn over the picture the maps were measured on: the LATENT's when one is connected, even beside an IMAGE.
-        picture = _render.to_pil(image[0, :, :, :3] if latent is None else _render.decode(model, vae, samples)[0])
+        picture = _render.to_pil(image[0] if latent is None else _render.decode(model, vae, samples)[0])
         rows = _render.word_map_rows(picture, maps, difference=model_b is not None)
         if model_b is not None:
             labels.append("A - B")
-        caption = f"{prompt} | σ {', '.join(f'{s:g}' for s in sigma_list)} | layers {layer_start}..{end - 1}"
+        caption = f"{prompt} | sigma {', '.join(f'{s:g}' for s in sigma_list)} | layers {layer_start}..{end - 1}"
         return io.NodeOutput(_render.grid(rows, words, labels, caption=caption))

@@ -10,7 +10,7 @@ from zerase_core.errors import ZEraseError
 from zerase_core.lora_file import save_new
 from zerase_core.merge import merge
 
-from .common import ErasureLoRAType, output_folder, parse_list
+from .common import ErasureLoRAType, output_folder, parse_list, portable
 
 NODE = "Merge Erasure LoRAs"
 log = logging.getLogger(__name__)
@@ -54,6 +54,6 @@ class MergeErasureLoRAs(io.ComfyNode):
         text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
         if save_name.strip():
             path = save_new(merged, output_folder(), save_name)  # never over another file
-            text += f"; saved {path.name}"
+            text += f"; saved {portable(str(path.relative_to(output_folder().parent)))}"  # as Apply lists it
             log.info("Z-Erase: %s", text)
         return io.NodeOutput(merged, text)

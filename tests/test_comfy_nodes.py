@@ -324,6 +324,39 @@ def test_load_and_merge(pack, loras_dir):
         merge.execute(lora_1=a, lora_2=b, weights="1", rank=0, save_name="")
 
 
+def test_merge_names_its_file_as_apply_lists_it_and_refuses_weights_that_keep_nothing(pack, loras_dir):
+    """The report said "saved cat.safetensors" for loras/zerase/sub/cat.safetensors; weights "0, 0" saved a LoRA
+    named "cat + dog" that erased nothing."""
+    merge, a, b = pack["ZEraseMergeLoRAs"], random_lora(3, concept="cat"), random_lora(4, concept="dog")
+    _, report = merge.execute(lora_1=a, lora_2=b, weights="", rank=0, save_name="sub/cat")
+    assert report.endswith("; saved zerase/sub/cat.safetensors")
+    assert (loras_dir / "zerase" / "sub" / "cat.safetensors").is_file()
+    comfy.folder_paths.filename_list_cache.clear()
+    assert "zerase/sub/cat.safetensors" in pack["ZEraseApplyLoRA"].define_schema().inputs[1].options
+    for weights in ("0, 0", "0, 1"):
+        with pytest.raises(ZEraseError, match="0 would keep nothing of its LoRA"):
+            merge.execute(lora_1=a, lora_2=b, weights=weights, rank=0, save_name="nothing")
+    assert not (loras_dir / "zerase" / "nothing.safetensors").exists()
+
+
+def test_the_viewer_tells_a_phrase_from_two_words_and_refuses_a_model_b_of_another_architecture(pack):
+    viewer, model, clip = pack["ZEraseAttentionMaps"], tiny_zimage(comfy), tiny_clip(comfy)
+    inputs = dict(model=model, clip=clip, prompt="a cat and a dog", sigmas="0.5", layer_start=0, layer_end=-1, seed=0,
+                  latent={"samples": torch.randn(1, 16, 8, 8)})
+    with pytest.raises(ZEraseError, match=r"^Attention Map Viewer: .*separate words with commas \('cat, dog' is two"):
+        viewer.execute(words="cat dog", **inputs)
+    with pytest.raises(ZEraseError, match="model_b is another architecture than model"):  # was torch's rms_norm error
+        viewer.execute(words="cat, dog", model_b=tiny_zimage(comfy, cap_feat_dim=128), **inputs)
+
+
+def test_compare_draws_images_of_one_channel_or_bfloat16(pack):
+    """Some nodes make such IMAGEs: PIL's and numpy's TypeErrors reached the user."""
+    grey = torch.rand(1, 64, 64, 1)
+    (grid,) = pack["ZEraseCompare"].execute(original=grey, erased=grey.bfloat16(), prompt="", label_original="a",
+                                            label_erased="b")
+    torch.testing.assert_close(grid[0, 18:82, :64], grey[0].expand(64, 64, 3), rtol=0, atol=0.5 / 255)
+
+
 def test_a_concept_with_comfyuis_escaped_parentheses_is_read_as_its_prompts_are(pack):
     """Prompts are unescaped as ComfyUI's tokenizer reads them; the concept was not, and was then "not in the
     prompt" although the template held it."""

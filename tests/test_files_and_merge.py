@@ -219,6 +219,17 @@ def test_a_native_file_stripped_of_its_metadata_is_told_as_such(tmp_path):
         load_lora(tmp_path / "bare.safetensors")
 
 
+def test_a_file_that_is_no_lora_or_no_safetensors_says_which_file_to_choose(tmp_path):
+    """A model checkpoint got "not a Z-Erase LoRA" with no next step; a whole .pt LoRA was called damaged."""
+    save_file({"model.diffusion_model.x.weight": torch.zeros(2)}, str(tmp_path / "ckpt.safetensors"))
+    with pytest.raises(ZEraseError, match="'ckpt.safetensors' is not a Z-Erase LoRA .*: choose a LoRA saved by Z-Erase "
+                                          "Train or Merge"):
+        load_lora(tmp_path / "ckpt.safetensors")
+    torch.save({"lora_up.weight": torch.zeros(2)}, tmp_path / "old.pt")
+    with pytest.raises(ZEraseError, match="'old.pt' is not a safetensors file; Z-Erase LoRAs are .safetensors files"):
+        load_lora(tmp_path / "old.pt")
+
+
 def test_a_merge_keeps_the_base_its_parts_share_and_warns_when_they_differ(caplog):
     """The base digest was dropped by a merge; LoRAs of one architecture trained on different bases merged silently."""
     def trained_on(base, seed):
@@ -488,8 +499,11 @@ def test_merge_refuses_a_negative_weight_and_the_command_an_out_that_is_not_a_lo
     file named newdir, as Path drops the slash."""
     from zerase_core.cli import main
 
-    with pytest.raises(ZEraseError, match=r"weights must be finite numbers ≥ 0 \(a negative one would strengthen"):
+    with pytest.raises(ZEraseError, match=r"weights must be finite numbers > 0 \(a negative one would strengthen"):
         merge_exact([_random_lora(KEYS, seed=0), _random_lora(KEYS, seed=1)], [-1.0, 1.0])
+    for zero in ([0.0, 0.0], [0.0, 1.0]):  # a merge named "red + red" that erased nothing, or only the second
+        with pytest.raises(ZEraseError, match=r"0 would keep nothing of its LoRA: leave that LoRA out"):
+            merge_exact([_random_lora(KEYS, seed=0), _random_lora(KEYS, seed=1)], zero)
     files = [str(save_lora(_random_lora(KEYS, seed=s), tmp_path / f"{s}.safetensors")) for s in (0, 1)]
     assert main(["merge", *files, "--out", str(tmp_path / "newdir") + "/"]) == 2
     assert "--out names the merged LoRA file, ending in .safetensors" in capsys.readouterr().err

@@ -44,3 +44,69 @@ def test_latent_rgb_maps_each_latent_pixel_to_its_colour_block():
     assert rgb.shape == (1, 16, 24, 3)
     assert torch.equal(rgb[0, :8, :8], torch.tensor([1.0, 0.0, 0.75]).expand(8, 8, 3))
     assert torch.equal(rgb[0, 8:, 8:], torch.tensor([0.5, 0.5, 0.75]).expand(8, 16, 3))
+
+
+def test_images_of_one_channel_of_bfloat16_or_with_alpha_are_drawn_and_others_refused():
+    """Some nodes make IMAGEs that are not float RGB: PIL's "Cannot handle this data type" and torch's "unsupported
+    ScalarType BFloat16" reached the Compare node's user as tracebacks."""
+    import pytest
+
+    from zerase_core.errors import ZEraseError
+    from zerase_core.render import rgb, to_pil
+
+    grey = torch.rand(4, 5, 1)
+    assert np.asarray(to_pil(grey)).shape == (4, 5, 3)
+    assert torch.equal(rgb(grey), grey.expand(4, 5, 3)) and rgb(grey).dtype == torch.float32
+    assert np.asarray(to_pil(grey.bfloat16())).shape == (4, 5, 3)
+    with_alpha = torch.rand(4, 5, 4)
+    assert torch.equal(rgb(with_alpha), with_alpha[..., :3])
+    with pytest.raises(ZEraseError, match=r"An image of shape \(4, 5, 2\) is not .* with 1, 3 or 4 channels"):
+        to_pil(torch.rand(4, 5, 2))
+
+
+def test_a_picture_of_other_proportions_is_fitted_into_its_cell_not_squashed():
+    """A 128×32 erased image beside a 64×64 original was squashed to a square."""
+    from zerase_core.render import grid
+
+    black = Image.new("RGB", (64, 64), (0, 0, 0))
+    wide = Image.new("RGB", (128, 32), (0, 0, 0))
+    out = (grid([[black, wide]], ["original", "erased"])[0].numpy() * 255).round()
+    cell = out[18:18 + 64, 64:128]  # the second column, below the labels' 18 rows
+    dark_rows = np.flatnonzero(cell.max(axis=(1, 2)) < 10)
+    assert dark_rows.tolist() == list(range(24, 40))  # 128×32 at half size: 64×16, centred
+    assert (out[18:18 + 64, :64] < 10).all()  # the square one fills its cell
+
+
+def test_a_caption_without_spaces_is_wrapped_and_a_long_one_cut():
+    """A CJK prompt has no spaces: it ran on one clipped line; a 1600-word prompt made a grid 3000 pixels tall."""
+    from zerase_core.render import CAPTION_LINES, _wrap
+
+    lines = _wrap("一只猫在草地上" * 20, 30)
+    assert len(lines) == 5 and all(len(line) <= 30 for line in lines) and "".join(lines) == "一只猫在草地上" * 20
+    long = _wrap("word " * 1600, 40, CAPTION_LINES)
+    assert len(long) == CAPTION_LINES and long[-1].endswith("...") and all(len(line) <= 40 for line in long)
+
+
+def test_text_beyond_latin_is_drawn_with_a_system_font_that_has_it(monkeypatch):
+    """PIL's default font draws Latin only: CJK words and σ came out as boxes in the Viewer's and Compare's labels."""
+    import zerase_core.render as render
+
+    found, tried, present = object(), [], render.WIDE_FONTS[2]
+
+    def truetype(name, size):
+        tried.append(name)
+        if name == present:
+            return found
+        raise OSError("not on this system")
+
+    monkeypatch.setattr(render.ImageFont, "truetype", truetype)
+    render._wide_font.cache_clear()
+    try:
+        assert render._font("a photo of a cat, café") is render._FONT and tried == []  # Latin: the default
+        assert render._font("一只猫") is found and render._font("σ 0.5") is found
+        assert tried == list(render.WIDE_FONTS[:3])  # looked up once
+        monkeypatch.setattr(render, "WIDE_FONTS", ("none.ttf",))
+        render._wide_font.cache_clear()
+        assert render._font("一只猫") is render._FONT  # none found: the default, the picture is still made
+    finally:
+        render._wide_font.cache_clear()

@@ -156,6 +156,9 @@ def _safely(path: Path, read: Callable[[Any], Any]) -> Any:
         with safe_open(str(path), framework="pt") as f:
             return read(f)
     except (SafetensorError, OSError, ValueError) as err:  # ``read`` raises none of the pack's own errors
+        if path.suffix.lower() != ".safetensors":  # a .pt or .ckpt LoRA is whole, in a format not read here
+            raise ZEraseError(f"'{path.name}' is not a safetensors file; Z-Erase LoRAs are .safetensors files (saved "
+                              "by Z-Erase Train or Merge, or exported by the official Z-Erase code).") from err
         raise ZEraseError(
             f"'{path.name}' is not a readable safetensors file ({err}); re-download or re-train it.") from err
 
@@ -198,7 +201,9 @@ def load_lora(path: str | Path) -> ErasureLoRA:
             "token; applied through the text-token gate they would be misused. Load it with ComfyUI's "
             "LoraLoader instead, or train an erasure LoRA (the Z-Erase Train node, or python -m zerase_core train)."
         )
-    raise ZEraseError(f"'{path.name}' is not a Z-Erase LoRA (no Z-Erase metadata and no known key layout).")
+    raise ZEraseError(f"'{path.name}' is not a Z-Erase LoRA (no Z-Erase metadata and no known key layout): choose a "
+                      "LoRA saved by Z-Erase Train or Merge (in models/loras/zerase/; on the command line "
+                      "erasure_lora.safetensors) or one exported by the official Z-Erase code.")
 
 
 def _finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

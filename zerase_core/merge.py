@@ -73,9 +73,11 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
     weights = [1.0 / len(loras)] * len(loras) if weights is None else list(weights)
     if len(weights) != len(loras):
         raise ZEraseError(f"Got {len(weights)} weights for {len(loras)} LoRAs; give one weight per LoRA.")
-    if not all(math.isfinite(w) and w >= 0 for w in weights):  # w < 0 adds the concept back, as η < 0 would
-        raise ZEraseError(f"Merge weights must be finite numbers ≥ 0 (a negative one would strengthen its concept, "
-                          f"not erase it); got {weights}.")
+    # w < 0 adds the concept back, as η < 0 would; w = 0 keeps nothing of its LoRA, yet the merge would be named for
+    # its concept (and drop it from the preservation list): a merge of all-zero weights said it erased what it did not
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ZEraseError(f"Merge weights must be finite numbers > 0 (a negative one would strengthen its concept, "
+                          f"not erase it; 0 would keep nothing of its LoRA: leave that LoRA out); got {weights}.")
     for lora in loras:
         lora.require_gated()  # the merge is written as a gated LoRA
     fingerprint = _same_architecture(loras)

@@ -5,6 +5,7 @@ Shared by the CLI demo and the ComfyUI nodes.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 from pathlib import Path
@@ -14,15 +15,48 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import ZEraseError
 from .files import atomic_write_bytes
 
-_FONT = ImageFont.load_default()
+_FONT = ImageFont.load_default()  # Aileron: Latin only, other scripts (a CJK prompt, σ) come out as boxes
+# Fonts for the rest, by file name, which PIL looks up in the system's font folders (Windows, macOS, Linux's XDG ones):
+# CJK first (they draw Greek and Latin too), DejaVu last (Greek, Cyrillic, no CJK).
+WIDE_FONTS = ("NotoSansCJK-Regular.ttc", "NotoSansCJKsc-Regular.otf", "wqy-microhei.ttc", "wqy-zenhei.ttc",
+              "DroidSansFallbackFull.ttf", "msyh.ttc", "msgothic.ttc", "malgun.ttf", "PingFang.ttc",
+              "Hiragino Sans GB.ttc", "Arial Unicode.ttf", "DejaVuSans.ttf")
+CAPTION_LINES = 8  # a caption longer than this ends in "...": a 1600-word prompt made a 3000-pixel-tall grid
 _COLOURS = [(220, 60, 60), (60, 120, 220), (60, 170, 90), (200, 140, 30), (150, 80, 200)]
 
 
+@functools.cache
+def _wide_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    for name in WIDE_FONTS:
+        try:
+            return ImageFont.truetype(name, 11)
+        except OSError:  # not on this system
+            continue
+    return _FONT  # none found: boxes, as before, but the picture is made
+
+
+def _font(text: str):
+    """The default font for Latin text, a system font that draws the rest where one is found."""
+    return _FONT if all(ord(c) < 0x250 for c in text) else _wide_font()
+
+
+def rgb(images: torch.Tensor) -> torch.Tensor:
+    """(…, H, W, C) images as float32 RGB: any float dtype (bf16 from some nodes), one channel as grey, an alpha
+    channel dropped. ComfyUI's IMAGE is RGB float, but not every node that makes one keeps to it."""
+    channels = images.shape[-1]
+    if images.ndim < 3 or channels not in (1, 3, 4):
+        raise ZEraseError(f"An image of shape {tuple(images.shape)} is not (height, width, channels) with 1, 3 or 4 "
+                          "channels; connect an IMAGE output (a VAE Decode's, a Load Image's).")
+    images = images.detach().float()
+    return images[..., :3] if channels == 4 else images.expand(*images.shape[:-1], 3)
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """(H, W, 3) float [0, 1] -> PIL."""
-    return Image.fromarray((image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
+    """(H, W, C) [0, 1] -> RGB PIL (C as :func:`rgb` takes it)."""
+    return Image.fromarray((rgb(image).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
@@ -70,7 +104,7 @@ def curves(series: dict[str, list[float]], width: int = 640, panel_height: int =
     top_margin = 22
     img = Image.new("RGB", (width, top_margin + n * panel_height + 16), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    d.text((8, 5), title, fill=(0, 0, 0), font=_FONT)
+    d.text((8, 5), title, fill=(0, 0, 0), font=_font(title))
     left, right = 60, width - 10
     for k, (name, values) in enumerate(series.items()):
         colour = _COLOURS[k % len(_COLOURS)]
@@ -93,7 +127,7 @@ def curves(series: dict[str, list[float]], width: int = 640, panel_height: int =
         d.text((4, top), f"{hi:.3g}", fill=(90, 90, 90), font=_FONT)
         d.text((4, bottom - 10), f"{lo:.3g}", fill=(90, 90, 90), font=_FONT)
         last = f"{smooth[-1]:.3g}" if smooth else "-"
-        d.text((left + 6, top + 3), f"{name} (smoothed, last {last})", fill=colour, font=_FONT)
+        d.text((left + 6, top + 3), f"{name} (smoothed, last {last})", fill=colour, font=_font(name))
     last_step = steps if steps is not None else max((len(v) for v in series.values()), default=0)
     d.text((left, img.height - 14), f"step 1 .. {last_step}", fill=(0, 0, 0), font=_FONT)
     return to_image([img])
@@ -104,32 +138,45 @@ def grid(cells: Sequence[Sequence[Image.Image]], col_labels: Sequence[str], row_
     """A labelled grid: rows of equally sized pictures, column labels on top, caption below."""
     cw, ch = cells[0][0].size
     label_w = 90 if row_labels else 0
-    caption_lines = _wrap(caption, max(20, (cw * len(cells[0]) + label_w) // 6)) if caption else []
+    caption_lines = _wrap(caption, max(20, (cw * len(cells[0]) + label_w) // 6), CAPTION_LINES) if caption else []
     W = label_w + cw * len(cells[0])
     H = 18 + ch * len(cells) + 14 * len(caption_lines) + (6 if caption_lines else 0)
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
     for c, text in enumerate(col_labels):
-        d.text((label_w + c * cw + 4, 3), text, fill=(0, 0, 0), font=_FONT)
+        d.text((label_w + c * cw + 4, 3), text, fill=(0, 0, 0), font=_font(text))
     for r, row in enumerate(cells):
         if r < len(row_labels):
-            d.text((4, 18 + r * ch + ch // 2), row_labels[r], fill=(0, 0, 0), font=_FONT)
+            d.text((4, 18 + r * ch + ch // 2), row_labels[r], fill=(0, 0, 0), font=_font(row_labels[r]))
         for c, pic in enumerate(row):
-            img.paste(pic.resize((cw, ch)), (label_w + c * cw, 18 + r * ch))
+            img.paste(*_fitted(pic, (cw, ch), (label_w + c * cw, 18 + r * ch)))
     for i, line in enumerate(caption_lines):
-        d.text((4, 18 + ch * len(cells) + 3 + 14 * i), line, fill=(0, 0, 0), font=_FONT)
+        d.text((4, 18 + ch * len(cells) + 3 + 14 * i), line, fill=(0, 0, 0), font=_font(line))
     return to_image([img])
 
 
-def _wrap(text: str, width: int) -> list[str]:
+def _fitted(pic: Image.Image, size: tuple[int, int], at: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """``pic`` scaled to fit ``size`` with its proportions kept, and where to paste it to sit centred in the cell at
+    ``at``: a 128×32 picture beside a 64×64 one was squashed to a square, a comparison that misleads."""
+    scale = min(size[0] / pic.width, size[1] / pic.height)
+    fitted = pic.resize((max(1, round(pic.width * scale)), max(1, round(pic.height * scale))))
+    return fitted, (at[0] + (size[0] - fitted.width) // 2, at[1] + (size[1] - fitted.height) // 2)
+
+
+def _wrap(text: str, width: int, most: int | None = None) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, a word longer than that (a CJK prompt has no spaces) cut;
+    at most ``most`` lines, the last ending in "..." where text was left out."""
     lines, line = [], ""
-    for word in text.split():
+    for word in (w[i:i + width] for w in text.split() for i in range(0, len(w), width)):
         if line and len(line) + 1 + len(word) > width:
             lines.append(line)
             line = word
         else:
             line = f"{line} {word}".strip()
-    return lines + ([line] if line else [])
+    lines += [line] if line else []
+    if most is not None and len(lines) > most:
+        lines = lines[:most - 1] + [lines[most - 1][:width - 3] + "..."]
+    return lines
 
 
 def heatmap(picture: Image.Image, heat: torch.Tensor, lo: float, hi: float) -> Image.Image:

@@ -73,8 +73,8 @@ def path_inside(folder: str | os.PathLike, name: str, suffix: str) -> Path:
     parts = name.replace("\\", "/").split("/")
     if not name or os.path.isabs(name) or any(p in ("", ".", "..") or not _SAFE_NAME.match(p) for p in parts):
         raise ZEraseError(
-            f"The save name '{name}' is not allowed: use letters, digits, '-', '_', '.' and optional "
-            "subfolders, without '..' or an absolute path; files stay inside the output folder."
+            f"The save name '{name}' is not allowed: use letters (of any script), digits, spaces, '-', '_', '.' and "
+            "optional subfolders, without '..' or an absolute path; files stay inside the output folder."
         )
     for part in parts[:-1]:
         check_portable(part)
