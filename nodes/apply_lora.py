@@ -42,8 +42,10 @@ class ApplyErasureLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, lora_name, strength, **_):
-        return file_state(lora_name), strength  # a socket LoRA is keyed by ComfyUI on its own node
+    def fingerprint_inputs(cls, lora_name, strength, **linked):
+        # A connected erasure_lora arrives here as None (ComfyUI keys it on its own node) and overrides the file, whose
+        # state then must not count: rewriting an unused file re-ran Apply and every sampler after it.
+        return (lora_name if "erasure_lora" in linked else file_state(lora_name)), strength
 
     @classmethod
     def execute(cls, model, lora_name, strength, erasure_lora=None) -> io.NodeOutput:

@@ -154,6 +154,29 @@ def test_file_choices_are_cached_on_the_files_contents(pack, loras_dir):
     assert before[0] != after[0] and before[1] != after[1]
 
 
+def test_a_connected_lora_is_not_keyed_on_the_file_it_overrides(pack, loras_dir):
+    """Through ComfyUI's own cache (IsChangedCache): with erasure_lora connected, rewriting the file the widget names
+    re-ran Apply and the sampler after it; unconnected, a rewrite is read again."""
+    import asyncio
+    import os
+
+    import execution
+    from comfy_execution.graph import DynamicPrompt
+
+    def comfyuis_key(**inputs):
+        prompt = DynamicPrompt({"7": {"class_type": "ZEraseApplyLoRA", "inputs": inputs}})
+        return asyncio.run(execution.IsChangedCache("p", prompt, None).get("7"))
+
+    path = save_lora(random_lora(1), loras_dir / "run.safetensors")
+    comfy.folder_paths.filename_list_cache.clear()
+    linked = dict(model=["1", 0], lora_name="run.safetensors", strength=1.0, erasure_lora=["21", 0])
+    alone = {k: v for k, v in linked.items() if k != "erasure_lora"}
+    before = comfyuis_key(**linked), comfyuis_key(**alone)
+    save_lora(random_lora(2), path)
+    os.utime(path, ns=(1, 1))  # a different time even where the clock is coarse
+    assert comfyuis_key(**linked) == before[0] and comfyuis_key(**alone) != before[1]
+
+
 def _train_module():
     """The pack's nodes/train.py as ComfyUI imported it (under custom_nodes.<folder>)."""
     import sys
