@@ -54,6 +54,7 @@ class MergeErasureLoRAs(io.ComfyNode):
         text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
         if save_name.strip():
             path = save_new(merged, output_folder(), save_name)  # never over another file
-            text += f"; saved {portable(str(path.relative_to(output_folder().parent)))}"  # as Apply lists it
+            # as Apply lists it; resolved both, as the saved path is: a loras folder may be a link to another disk
+            text += f"; saved {portable(str(path.resolve().relative_to(output_folder().resolve().parent)))}"
             log.info("Z-Erase: %s", text)
         return io.NodeOutput(merged, text)

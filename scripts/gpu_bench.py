@@ -308,7 +308,7 @@ def cli() -> int:
     try:
         return main()
     except KeyboardInterrupt:  # every finished row is already in --out (_save after each)
-        print("Stopped (Ctrl-C); the rows measured before it are in --out.", file=sys.stderr)
+        print("Stopped (Ctrl-C); every row finished before it is in --out, where one was given.", file=sys.stderr)
         return 130  # the shell's code for SIGINT
 
 

@@ -433,6 +433,7 @@ def test_ctrl_c_in_the_gpu_script_is_told_in_a_line_and_its_finished_rows_stay(t
     out = tmp_path / "gpu.json"
     monkeypatch.setattr(sys, "argv", ["gpu_bench.py", "--tiny", "--steps", "1", "--pool", "1", "--out", str(out)])
     assert gpu_bench.cli() == 130
-    assert capsys.readouterr().err.endswith("Stopped (Ctrl-C); the rows measured before it are in --out.\n")
+    assert capsys.readouterr().err.endswith("Stopped (Ctrl-C); every row finished before it is in --out, where one "
+                                            "was given.\n")
     (first,) = json.loads(out.read_text())["rows"]
     assert first["seconds_per_step"]["ours_pool_lambda_positive"] > 0

@@ -360,6 +360,11 @@ def test_merge_names_its_file_as_apply_lists_it_and_refuses_weights_that_keep_no
         with pytest.raises(ZEraseError, match="0 would keep nothing of its LoRA"):
             merge.execute(lora_1=a, lora_2=b, weights=weights, rank=0, save_name="nothing")
     assert not (loras_dir / "zerase" / "nothing.safetensors").exists()
+    linked = loras_dir.parent / "linked_loras"  # a loras folder that is a link to another disk: a ValueError after
+    linked.symlink_to(loras_dir, target_is_directory=True)  # the file was saved
+    comfy.folder_paths.folder_names_and_paths["loras"][0][:] = [str(linked)]
+    _, report = merge.execute(lora_1=a, lora_2=b, weights="", rank=0, save_name="dog")
+    assert report.endswith("; saved zerase/dog.safetensors") and (loras_dir / "zerase" / "dog.safetensors").is_file()
 
 
 def test_the_viewer_tells_a_phrase_from_two_words_and_refuses_a_model_b_of_another_architecture(pack):

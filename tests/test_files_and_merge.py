@@ -201,13 +201,18 @@ def test_a_second_lora_under_a_name_already_installed_is_refused_and_the_first_s
         return [m.adapters[name] for m in tiny_backend.transformer.modules()
                 if isinstance(m, GatedLoRALinear) and name in m.adapters]
 
-    first, second = _random_lora(KEYS, seed=1), _random_lora([(0, "q"), (1, "q")], seed=2)
+    def gated_layers():
+        return [m for m in tiny_backend.transformer.modules() if isinstance(m, GatedLoRALinear)]
+
+    first = _random_lora([(0, "q")], seed=1)
     installed = set(map(id, install_lora(tiny_backend, first).slots.values()))
-    with pytest.raises(ZEraseError, match="A LoRA named 'erasure' is already installed on this model"):
-        install_lora(tiny_backend, second)
-    assert set(map(id, in_the_model("erasure"))) == installed  # the first's, on the layers it was on
-    assert install_lora(tiny_backend, second, name="another").factors().keys() == {(0, "q"), (1, "q")}
-    assert len(in_the_model("another")) == 2 and set(map(id, in_the_model("erasure"))) == installed
+    layers = gated_layers()
+    for second in (_random_lora([(0, "q"), (1, "q")], seed=2), _random_lora([(1, "q")], seed=3)):  # one on its own
+        with pytest.raises(ZEraseError, match="A LoRA named 'erasure' is already installed on this model"):
+            install_lora(tiny_backend, second)  # a layer: the name is the model's
+        assert set(map(id, in_the_model("erasure"))) == installed and gated_layers() == layers  # nothing left behind
+    assert install_lora(tiny_backend, second, name="another").factors().keys() == {(1, "q")}
+    assert len(in_the_model("another")) == 1 and set(map(id, in_the_model("erasure"))) == installed
 
 
 def test_a_native_file_stripped_of_its_metadata_is_told_as_such(tmp_path):

@@ -79,12 +79,13 @@ def test_a_picture_of_other_proportions_is_fitted_into_its_cell_not_squashed():
 
 def test_a_caption_without_spaces_is_wrapped_and_a_long_one_cut():
     """A CJK prompt has no spaces: it ran on one clipped line; a 1600-word prompt made a grid 3000 pixels tall."""
-    from zerase_core.render import CAPTION_LINES, _wrap
+    from zerase_core.render import CAPTION_LINES, _wrap, columns
 
-    lines = _wrap("一只猫在草地上" * 20, 30)
-    assert len(lines) == 5 and all(len(line) <= 30 for line in lines) and "".join(lines) == "一只猫在草地上" * 20
+    assert columns("a cat") == 5 and columns("一只猫") == 6  # drawn about twice as wide
+    lines = _wrap("一只猫在草地上" * 20, 30)  # 140 characters, 280 columns: 10 lines of 15
+    assert len(lines) == 10 and all(columns(line) <= 30 for line in lines) and "".join(lines) == "一只猫在草地上" * 20
     long = _wrap("word " * 1600, 40, CAPTION_LINES)
-    assert len(long) == CAPTION_LINES and long[-1].endswith("...") and all(len(line) <= 40 for line in long)
+    assert len(long) == CAPTION_LINES and long[-1].endswith("...") and all(columns(line) <= 40 for line in long)
 
 
 def test_text_beyond_latin_is_drawn_with_a_system_font_that_has_it(monkeypatch):

@@ -51,7 +51,7 @@ def test_a_setting_out_of_its_range_is_refused_by_name(changes, message):
     (dict(layers=(0, 1, 2)), r"layers must be a tuple of 2 \(int, int\) or None"),
     (dict(alpha=0.0), r"alpha must be > 0"),  # a LoRA that can change nothing, trained for nothing
     (dict(alpha=-4.0), r"alpha must be > 0"),
-    (dict(strength=1e39), r"finite numbers \(float32"),  # finite in Python, inf in the model
+    (dict(strength=1e39), r"must be finite numbers in float32"),  # finite in Python, inf in the model
 ])
 def test_a_lora_setting_that_would_fail_late_or_train_nothing_is_refused(changes, message):
     with pytest.raises(ZEraseError, match=message):
@@ -73,3 +73,17 @@ def test_an_erasure_lora_that_could_not_be_read_back_is_refused_when_made():
                              (dict(preserve=(1, 2)), "preserve must be a tuple of str")):
         with pytest.raises(ZEraseError, match=message):
             ErasureLoRA(factors, **changes)
+
+
+def test_numpy_numbers_are_taken_as_pythons_and_a_numpy_nan_is_refused():
+    """np.int64 steps trained, then failed the checkpoint's JSON; np.float32 NaN passed the finiteness check, which
+    asks for a float."""
+    import numpy as np
+
+    config = _config(steps=np.int64(2), lr=np.float64(0.01), lora=LoRAConfig(layers=[np.int64(0), 2]))
+    assert (type(config.steps), type(config.lr), type(config.lora.layers[0])) == (int, float, int)
+    for changes in (dict(shift=np.float32("nan")), dict(epsilon=np.float32("inf"))):
+        with pytest.raises(ZEraseError, match="Settings must be finite numbers"):
+            _config(**changes)
+    with pytest.raises(ZEraseError, match="steps must be an int; got float64"):
+        _config(steps=np.float64(2.0))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
@@ -101,6 +103,12 @@ def test_resuming_a_finished_command_line_run_samples_no_pool_and_trains_nothing
     kept = load_lora(path)  # the file, as the finished run left it
     for key, (a, b) in done.lora.factors.items():
         assert torch.equal(kept.factors[key][0], a) and torch.equal(kept.factors[key][1], b)
+    # Files a stop left behind while they were written (a LoRA and history of an earlier step) are written again.
+    save_lora(replace(kept, training=kept.training | {"steps_done": 2}), path)
+    (tmp_path / "history.json").write_text(json.dumps(json.loads((tmp_path / "history.json").read_text())[:2]))
+    train_and_save(PlannedRun(tiny_zimage_backend(), config, tmp_path, resume=True))
+    assert load_lora(path).training["steps_done"] == 3
+    assert len(json.loads((tmp_path / "history.json").read_text())) == 3
 
 
 def _flat(history) -> list[float]:

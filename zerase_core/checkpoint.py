@@ -158,58 +158,66 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     """Continue ``trainer`` from ``path``: every part is read and checked first, so a damaged file changes nothing."""
     tensors, meta = _read(path, tensors=True)
     _refuse_mismatch(path, meta, trainer.config, trainer.backend.fingerprint(), trainer.base_digest)
-    try:
-        state = _state(trainer, tensors, meta)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:  # each part fails its own way
+    try:  # each part fails its own way: a missing key, a wrong shape, a generator state of other bytes
+        factors, moments = _lora_and_moments(trainer, tensors)
+        torch_rng = torch.Generator().set_state(tensors["rng.torch"]).get_state()
+        python_rng = _tupled(meta["python_rng"])
+        random.Random().setstate(python_rng)
+        lam = _lambda_rule(trainer, meta["lambda"])
+        step, seconds = int(meta["step"]), float(meta["seconds"])
+        history = [StepRecord(**r) for r in meta["history"]]
+        caller = dict(meta.get("caller", {}))
+        if meta.get("gradient_checkpointing_reason") == OUT_OF_MEMORY:
+            int(meta["gradient_checkpointing_from"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
         raise ZEraseError(_damaged(path, err)) from err
-    trainer.lora.load_factors(state["factors"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.gen.set_state(state["torch_rng"])
-    trainer.rng.setstate(state["python_rng"])
-    trainer.lam = state["lambda"]
-    trainer.step, trainer.seconds, trainer.history = state["step"], state["seconds"], state["history"]
-    trainer.checkpoint_meta = dict(meta.get("caller", {}))
+    trainer.lora.load_factors(factors)
+    # AdamW's hyperparameters are the run's settings, which resuming requires to be the same: the live optimizer's
+    groups = trainer.optimizer.state_dict()["param_groups"]
+    trainer.optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    trainer.gen.set_state(torch_rng)
+    trainer.rng.setstate(python_rng)
+    trainer.lam, trainer.step, trainer.seconds, trainer.history = lam, step, seconds, history
+    trainer.checkpoint_meta = caller
     _resume_checkpointing(trainer, meta)
 
 
-def _state(trainer: "ZEraseTrainer", tensors: dict, meta: dict) -> dict:
-    """What a checkpoint restores, each part tried on a scratch object of its kind (a generator, a λ rule), so that
-    a damaged part raises here, before anything of the trainer changes."""
+ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what AdamW keeps per parameter once it has stepped
+
+
+def _lora_and_moments(trainer: "ZEraseTrainer", tensors: dict) -> tuple[dict, dict]:
+    """The LoRA's factors and AdamW's per-parameter state (by the optimizer's index), each of the LoRA's shapes."""
     if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
         raise ValueError("NaN or infinite values in its tensors")  # resumed, they stop the run as a training NaN
     factors, moments = {}, {}
-    for index, (key, live) in enumerate(_params(trainer)):
-        saved = tensors[key]
-        if saved.shape != live.shape:
-            raise ValueError(f"{key} has shape {tuple(saved.shape)} where the LoRA has {tuple(live.shape)}")
-        factors.setdefault(key.rsplit(".", 1)[0], []).append(saved)
-        saved_moments = {name.split(".", 2)[2]: value for name, value in tensors.items()
-                         if name.startswith(f"optim.{index}.")}
-        if any(m.shape != live.shape for name, m in saved_moments.items() if name != "step"):
-            raise ValueError(f"AdamW's moments of {key} do not have its shape")
-        if saved_moments:
-            moments[index] = saved_moments
-    if len(meta["param_groups"]) != len(trainer.optimizer.param_groups):
-        raise ValueError(f"{len(meta['param_groups'])} optimizer parameter groups where AdamW has one")
-    torch_rng = torch.Generator().set_state(tensors["rng.torch"]).get_state()
-    python_rng = _tupled(meta["python_rng"])
-    random.Random().setstate(python_rng)
+    for index, (name, param) in enumerate(_named_params(trainer)):
+        saved = tensors[name]
+        if saved.shape != param.shape:
+            raise ValueError(f"{name} has shape {tuple(saved.shape)} where the LoRA has {tuple(param.shape)}")
+        factors.setdefault(name.rsplit(".", 1)[0], []).append(saved)
+        kept = {key.split(".", 2)[2]: value for key, value in tensors.items() if key.startswith(f"optim.{index}.")}
+        if kept and (kept.keys() != ADAMW_STATE or kept["exp_avg"].shape != param.shape
+                     or kept["exp_avg_sq"].shape != param.shape):
+            raise ValueError(f"AdamW's state of {name} holds {sorted(kept)}, not its moments of the LoRA's shape")
+        if kept:
+            moments[index] = kept
+    return {(int(k.split(".")[1]), k.split(".")[2]): tuple(ab) for k, ab in factors.items()}, moments
+
+
+def _named_params(trainer: "ZEraseTrainer"):
+    """(tensor name, parameter) in the optimizer's order: its parameters, each named as save_checkpoint names it."""
+    names = {id(t): f"lora.{layer}.{proj}.{part}" for (layer, proj), (a, b) in trainer.lora.factors().items()
+             for part, t in (("A", a), ("B", b))}
+    return [(names[id(p)], p) for p in trainer.params]
+
+
+def _lambda_rule(trainer: "ZEraseTrainer", state):
+    """A λ rule of the run's settings holding ``state``, whose numbers must be finite."""
     lam = rule_for(trainer.config)
-    lam.load_state(meta["lambda"])
+    lam.load_state(state)
     if not all(v is None or (isinstance(v, (int, float)) and math.isfinite(v)) for v in _flat(lam.state())):
-        raise ValueError(f"λ's state {meta['lambda']!r}")
-    return {"factors": {(int(k.split(".")[1]), k.split(".")[2]): tuple(ab) for k, ab in factors.items()},
-            "optimizer": {"state": moments, "param_groups": meta["param_groups"]},
-            "torch_rng": torch_rng, "python_rng": python_rng, "lambda": lam,
-            "step": int(meta["step"]), "seconds": float(meta["seconds"]),
-            "history": [StepRecord(**r) for r in meta["history"]]}
-
-
-def _params(trainer: "ZEraseTrainer"):
-    """(tensor name, live parameter) in the optimizer's order, which is the LoRA's parameters' order."""
-    for (layer, proj), (a, b) in trainer.lora.factors().items():
-        yield f"lora.{layer}.{proj}.A", a
-        yield f"lora.{layer}.{proj}.B", b
+        raise ValueError(f"λ's state {state!r}")
+    return lam
 
 
 def _flat(state) -> list:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import unicodedata
 from pathlib import Path
 from typing import Sequence
 
@@ -33,7 +34,7 @@ def _wide_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     for name in WIDE_FONTS:
         try:
             return ImageFont.truetype(name, 11)
-        except OSError:  # not on this system
+        except (OSError, ImportError):  # not on this system; a Pillow built without FreeType reads no font file
             continue
     return _FONT  # none found: boxes, as before, but the picture is made
 
@@ -164,19 +165,35 @@ def _fitted(pic: Image.Image, size: tuple[int, int], at: tuple[int, int]) -> tup
 
 
 def _wrap(text: str, width: int, most: int | None = None) -> list[str]:
-    """``text`` in lines of at most ``width`` characters, a word longer than that (a CJK prompt has no spaces) cut;
-    at most ``most`` lines, the last ending in "..." where text was left out."""
+    """``text`` in lines of at most ``width`` columns (:func:`columns`), a word wider than that (a CJK prompt has no
+    spaces) cut; at most ``most`` lines, the last ending in "..." where text was left out."""
     lines, line = [], ""
-    for word in (w[i:i + width] for w in text.split() for i in range(0, len(w), width)):
-        if line and len(line) + 1 + len(word) > width:
+    for word in (piece for w in text.split() for piece in _cut(w, width)):
+        if line and columns(line) + 1 + columns(word) > width:
             lines.append(line)
             line = word
         else:
             line = f"{line} {word}".strip()
     lines += [line] if line else []
     if most is not None and len(lines) > most:
-        lines = lines[:most - 1] + [lines[most - 1][:width - 3] + "..."]
+        lines = lines[:most - 1] + [_cut(lines[most - 1], width - 3)[0] + "..."]
     return lines
+
+
+def columns(text: str) -> int:
+    """Width in columns of a Latin letter: a CJK character is drawn about twice as wide (East Asian Wide, Fullwidth)."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _cut(word: str, width: int) -> list[str]:
+    """``word`` in pieces of at most ``width`` columns."""
+    pieces, piece = [], ""
+    for c in word:
+        if piece and columns(piece + c) > width:
+            pieces.append(piece)
+            piece = ""
+        piece += c
+    return pieces + [piece]
 
 
 def heatmap(picture: Image.Image, heat: torch.Tensor, lo: float, hi: float) -> Image.Image:

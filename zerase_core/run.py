@@ -16,7 +16,7 @@ from .checkpoint import check_run_files
 from .errors import ZEraseError
 from .files import atomic_write_text
 from .history import TrainResult, loss_series
-from .lora_file import save_lora
+from .lora_file import read_description, save_lora
 from .render import curves, save_png
 from .trainer import NonFiniteLoss, ZEraseTrainer
 
@@ -127,16 +127,32 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
         raise ZEraseError(_stopped(trainer, run.lora, err)) from err
     finally:
         bar.close()
-    outputs = {run.lora: lambda path: save_lora(result.lora, path),  # atomic; a resumed run replaces its own
-               run.folder / CURVES: lambda path: write_curves(result, path, f"Z-Erase '{config.concept}': "
-                                                                             f"{len(result.history)} steps"),
-               run.folder / HISTORY: lambda path: atomic_write_text(path, json.dumps([asdict(r) for r in
-                                                                                      result.history]))}
-    for path, write in outputs.items():  # a finished run resumed trained nothing: only a missing file is written
-        if trainer.step > start or not path.exists():
-            write(path)
-    log.info("wrote %s", run.lora)
+    _write_outputs(run, result, trained=trainer.step > start)
     return result, run.lora
+
+
+def _write_outputs(run: PlannedRun, result: TrainResult, trained: bool) -> None:
+    """The run's LoRA, curves and history, each written atomically (a resumed run replaces its own). A finished run
+    resumed (nothing ``trained``) keeps those that already hold every step: only one missing, or left behind by a stop
+    while they were written, is written again."""
+    done, history = len(result.history), run.folder / HISTORY
+    lora_done = not trained and read_description(run.lora).get("training", {}).get("steps_done") == done
+    history_done = not trained and _records(history) == done
+    if not lora_done:
+        save_lora(result.lora, run.lora)
+        log.info("wrote %s", run.lora)
+    if not (history_done and (run.folder / CURVES).exists()):
+        write_curves(result, run.folder / CURVES, f"Z-Erase '{run.config.concept}': {done} steps")
+    if not history_done:
+        atomic_write_text(history, json.dumps([asdict(r) for r in result.history]))
+
+
+def _records(path: Path) -> int | None:
+    """How many steps a history.json holds; None for none or a damaged one."""
+    try:
+        return len(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str:

@@ -2,13 +2,15 @@
 name when the settings are made, not found out minutes later (a string iterated as its letters, an allocator's
 error after the prompts are encoded).
 
-Lists become tuples (JSON has no tuples); an int is a float's value; a bool is neither (``True`` is 1 to Python, not
+Lists become tuples (JSON has no tuples) and numpy numbers Python's (``np.int64`` is not JSON, ``np.float32('nan')``
+is no ``float`` to a finiteness check); an int is a float's value; a bool is neither (``True`` is 1 to Python, not
 to a user). Ranges are the settings' own business (config.py, lora.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import types
 import typing
@@ -16,42 +18,70 @@ import typing
 from .errors import ZEraseError
 
 
+class _Wrong(Exception):
+    """A value that is not of its annotated type."""
+
+
 def settle(settings) -> None:
-    """Make ``settings`` (a frozen dataclass) hold tuples where it was given lists; refuse values of the wrong type."""
-    hints = typing.get_type_hints(type(settings))
+    """Make ``settings`` (a frozen dataclass) hold each value as its annotated type; refuse the values of another."""
     wrong = []
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        if isinstance(value, list):
-            value = tuple(value)
-            object.__setattr__(settings, f.name, value)
-        if not _is(value, hints[f.name]):
-            wrong.append(f"{f.name} must be {_said(hints[f.name])}; got {type(value).__name__} {value!r}")
+    for name, hint in _hints(type(settings)).items():
+        value = getattr(settings, name)
+        try:
+            object.__setattr__(settings, name, _as(value, hint))
+        except _Wrong:
+            wrong.append(f"{name} must be {_said(hint)}; got {type(value).__name__} {value!r}")
     if wrong:
         raise ZEraseError(f"{type(settings).__name__}: " + "; ".join(wrong) + ".")
 
 
-def _is(value, hint) -> bool:
+@functools.cache
+def _hints(cls: type) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _as(value, hint):
+    """``value`` as ``hint`` takes it, or _Wrong."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return value
     if origin in (typing.Union, types.UnionType):
-        return any(_is(value, h) for h in args)
+        for each in args:
+            try:
+                return _as(value, each)
+            except _Wrong:
+                continue
+        raise _Wrong
+    if hint is type(None) or origin is tuple or origin is not None:
+        return _container(value, hint, origin, args)
+    if isinstance(value, bool) and hint is not bool:
+        raise _Wrong
+    if hint is int and isinstance(value, numbers.Integral):
+        return value if type(value) is int else int(value)
+    if hint is float and isinstance(value, numbers.Real):
+        return value if type(value) in (int, float) else float(value)
+    if isinstance(value, hint):
+        return value
+    raise _Wrong
+
+
+def _container(value, hint, origin, args):
     if hint is type(None):
-        return value is None
+        if value is None:
+            return None
+        raise _Wrong
     if origin is tuple:
+        value = tuple(value) if isinstance(value, list) else value
         if not isinstance(value, tuple):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_is(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_is(v, h) for v, h in zip(value, args))
-    if origin is not None:  # dict[str, Any] and the like: the container's type (what it holds is its owner's check)
-        return isinstance(value, origin)
-    if isinstance(value, bool):
-        return hint is bool
-    if hint is float:
-        return isinstance(value, numbers.Real)
-    if hint is int:
-        return isinstance(value, numbers.Integral)
-    return isinstance(value, hint)
+            raise _Wrong
+        each = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(each) != len(value):
+            raise _Wrong
+        return tuple(_as(v, h) for v, h in zip(value, each))
+    if isinstance(value, origin):  # dict[str, Any] and the like: what it holds is its owner's check
+        return value
+    raise _Wrong
 
 
 def _said(hint) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -227,7 +227,9 @@ class InPlaceInstaller:
 
     def install(self, slots: list[HostSlot], config: LoRAConfig, name: str, n_layers: int,
                 replace: bool = True) -> LoRASet:
-        return install_on(slots, config, name, n_layers, lambda slot: self.wrap(slot, config.scope), replace=replace)
+        wrapped = [getattr(*_resolve(self.root, path)) for path in self.originals]
+        return install_on(slots, config, name, n_layers, lambda slot: self.wrap(slot, config.scope), replace=replace,
+                          installed=wrapped)
 
     def uninstall(self) -> None:
         for path, original in self.originals.items():
@@ -238,19 +240,20 @@ class InPlaceInstaller:
 
 def install_on(slots: list[HostSlot], config: LoRAConfig, name: str, n_layers: int,
                wrap: Callable[[HostSlot], GatedLoRALinear], device: torch.device | None = None,
-               replace: bool = True) -> LoRASet:
+               replace: bool = True, installed: Iterable[GatedLoRALinear] = ()) -> LoRASet:
     """One adapter named ``name`` on every slot ``config`` targets, each slot made gated by the host's ``wrap``;
-    ``device``: where the adapters live (default: the base weight's); ``replace``: see Backend.install."""
-    lora_set = LoRASet(name, config)
-    wanted = set(config.layer_indices(n_layers))
-    chosen = [(slot, targets) for slot in slots
-              if slot.layer in wanted and (targets := tuple(t for t in config.targets if t in slot.slices))]
-    wrapped = [wrap(slot) for slot, _ in chosen]  # a wrapper without adapters computes what its base layer does
-    if not replace and any(name in layer.adapters for layer in wrapped):  # before any adapter: nothing half-installed
+    ``device``: where the adapters live (default: the base weight's); ``replace``: see Backend.install, against the
+    host's gated layers so far (``installed``): the name is the model's, not a layer's."""
+    if not replace and any(name in layer.adapters for layer in installed):  # before anything is wrapped
         raise ZEraseError(f"A LoRA named '{name}' is already installed on this model, and a second under the same "
                           "name would replace it; give each LoRA its own name (install_lora(..., name=...)).")
-    for (slot, targets), layer in zip(chosen, wrapped):
-        adapter = layer.add_adapter(name, targets, config.rank, config.scale, config.strength, device=device)
+    lora_set = LoRASet(name, config)
+    wanted = set(config.layer_indices(n_layers))
+    for slot in slots:
+        targets = tuple(t for t in config.targets if t in slot.slices)
+        if slot.layer not in wanted or not targets:
+            continue
+        adapter = wrap(slot).add_adapter(name, targets, config.rank, config.scale, config.strength, device=device)
         for proj in targets:
             lora_set.add(slot.layer, proj, adapter)
     return lora_set

@@ -142,7 +142,7 @@ class ComfyZImageBackend(Backend):
             raise ZEraseError(f"{self.node}: in ComfyUI only gated LoRAs (scope 'text') are trained and applied; "
                               f"got scope {config.scope!r}.")
         return install_on(self.host_slots(), config, name, self.n_layers, self._wrap, device=self.device,
-                          replace=replace)
+                          replace=replace, installed=self._wrapped.values())
 
     def uninstall(self) -> None:
         """Our wrappers off this clone; the erasure LoRAs it came with stay, as they were."""
