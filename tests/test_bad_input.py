@@ -656,6 +656,30 @@ def test_ctrl_c_outside_a_runs_own_handling_is_told_not_a_traceback(monkeypatch,
     monkeypatch.setattr(tiny, "tiny_zimage_backend", ctrl_c)
     assert main(["train", "--tiny", "--concept", "cat", "--steps", "1"]) == 130
     assert "Stopped (Ctrl-C); every file written before is whole" in capsys.readouterr().err
+    import zerase_core.cli as cli  # while the subcommands' modules are imported (seconds): was a traceback
+
+    monkeypatch.setattr(cli, "_load_plugins", lambda: ctrl_c())
+    assert main(["inspect", "x"]) == 130 and "Stopped (Ctrl-C)" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_a_run_exits_as_ctrl_c_does_anywhere_else(tmp_path, capsys, monkeypatch):
+    """Stopped mid-run it exited with 2 (the code of bad input), where Ctrl-C elsewhere exits with 130."""
+    from zerase_core.cli import main
+    from zerase_core.run import progress_bar
+    import zerase_core.run as run
+
+    def bar_then_ctrl_c(total, initial=0, label="Z-Erase"):
+        on_step, bar = progress_bar(total, initial, label)
+
+        def step(record, trainer):
+            on_step(record, trainer)
+            raise KeyboardInterrupt
+
+        return step, bar
+
+    monkeypatch.setattr(run, "progress_bar", bar_then_ctrl_c)
+    code = main(["train", "--tiny", "--concept", "cat", "--steps", "3", "--out", str(tmp_path / "run")])
+    assert code == 130 and "Stopped at step 1 of 3" in capsys.readouterr().err
 
 
 def test_the_largest_seed_the_settings_take_trains(tmp_path, capsys):

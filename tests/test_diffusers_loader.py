@@ -98,6 +98,8 @@ def test_a_run_is_not_resumed_on_another_model_of_the_same_sizes(folder, tmp_pat
     save_file(tensors, weights, metadata={"format": "pt"})
     assert weights_digest(other / "transformer") != weights_digest(folder / "transformer")
     assert weights_digest(copy / "transformer") == weights_digest(folder / "transformer")
+    (copy / "transformer" / "erasure_lora.safetensors").write_bytes(b"x" * 100)  # a run's --out inside the folder
+    assert weights_digest(copy / "transformer") == weights_digest(folder / "transformer")  # counted, it locked resume
 
     def run(model, steps, *extra):
         return main(["train", "--model", str(model), "--concept", "red", "--preserve", "blue", "--template",
@@ -189,3 +191,57 @@ def test_a_damaged_text_encoder_file_is_refused_by_name(folder, tmp_path):
     with pytest.raises(ZEraseError, match=r"Cannot load .*text_encoder/ .* has transformer/, text_encoder/ and "
                                           r"tokenizer/"):
         load_diffusers_zimage(copy)
+
+
+@pytest.mark.parametrize("part, tensor", [("transformer", "context_refiner.0.attention.to_q.weight"),
+                                          ("text_encoder", "layers.1.self_attn.q_proj.weight")])
+def test_a_weight_file_lacking_a_tensor_is_refused_by_part(folder, tmp_path, part, tensor):
+    """The transformer failed later as "Cannot copy out of meta tensor" (a traceback after the prompts were encoded);
+    the text encoder trained to the end with that tensor random."""
+    from safetensors.torch import load_file, save_file
+
+    from zerase_core.backends.diffusers_loader import load_diffusers_zimage
+
+    copy = _copy(folder, tmp_path)
+    weights = next((copy / part).glob("*.safetensors"))
+    tensors = load_file(weights)
+    del tensors[tensor]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ZEraseError, match=rf"Cannot load .*{part}/: its weight files lack {tensor}\. Restore it"):
+        load_diffusers_zimage(copy)
+
+
+def test_a_text_encoder_or_tokenizer_of_another_model_is_refused_before_it_is_loaded(folder, tmp_path, monkeypatch):
+    """A T5 encoder (its width is d_model, which the width check does not read) failed inside the encoder; a
+    tokenizer with more tokens than the encoder embeds was an IndexError; both after the loads."""
+    import zerase_core.backends.diffusers_loader as loader
+
+    copy = _copy(folder, tmp_path)
+    config = copy / "text_encoder" / "config.json"
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps(settings | {"model_type": "t5"}))
+    monkeypatch.setattr(loader, "_loaded", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(ZEraseError, match="text_encoder/ holds a t5 model, not Z-Image's Qwen3 text encoder"):
+        loader.load_diffusers_zimage(copy)
+    config.write_text(json.dumps(settings | {"vocab_size": 100}))
+    with pytest.raises(ZEraseError, match=r"tokenizer/ has \d+ tokens and the text encoder embeds 100"):
+        loader.check_vocabulary(copy, 300)
+
+
+def test_the_run_folder_is_checked_before_the_model_is_loaded(folder, tmp_path, monkeypatch, capsys):
+    """A taken --out, --resume without a checkpoint, or a checkpoint of other settings were told after the model
+    had loaded: minutes on the real one, to learn of a typo."""
+    import zerase_core.backends.diffusers_loader as loader
+    from zerase_core.cli import main
+
+    flags = ["train", "--model", str(folder), "--concept", "red", "--preserve", "blue", "--template",
+             "a photo of a {} ball", "--steps", "2", "--resolution", "64", "--rank", "2", "--xt-pool", "2"]
+    out = tmp_path / "run"
+    assert main([*flags, "--out", str(out)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(loader, "load_diffusers_zimage", lambda *a, **k: pytest.fail("loaded before the check"))
+    for extra, message in ((["--out", str(out)], "holds erasure_lora.safetensors, curves.png, history.json of an "
+                                                 "earlier run"),
+                           (["--out", str(tmp_path / "none"), "--resume"], "No checkpoint to resume"),
+                           (["--out", str(out), "--resume", "--rank", "3"], "was made with different settings")):
+        assert main([*flags, *extra]) == 2 and message in capsys.readouterr().err

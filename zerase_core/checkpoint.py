@@ -61,18 +61,22 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path, non_finite_stop: bool 
     return atomic_save(tensors, path, meta)
 
 
-def check_run_files(lora: Path, checkpoint: Path, config: TrainConfig, backend: "Backend", resume: bool,
+def check_run_files(lora: Path, checkpoint: Path, config: TrainConfig, backend: "Backend | None", resume: bool,
                     advice: str) -> None:
     """Before any work: both files of a run of ``config`` on ``backend`` can be written, and its checkpoint is one
     this run may continue (``resume``) or, starting anew, no stopped run's that it would replace (``advice``: how to
-    continue or start over, in the caller's words)."""
+    continue or start over, in the caller's words). ``backend`` None: all but the model's architecture and digest,
+    for a caller about to load the model (minutes), which checks them again once it is loaded."""
     for path in (lora, checkpoint):
         check_writable(path)  # not at the first save, after the model is loaded and the x_t pool sampled
     if not resume:
         _refuse_replacing(checkpoint, advice)
     elif checkpoint.exists():  # before any work; the model's digest is made only here, where it is compared
         meta = _read(checkpoint, tensors=False)[1]
-        _refuse_mismatch(checkpoint, meta, config, backend.fingerprint(), backend.base_digest())
+        if backend is None:
+            _refuse_other_settings(checkpoint, meta, config)
+        else:
+            _refuse_mismatch(checkpoint, meta, config, backend.fingerprint(), backend.base_digest())
 
 
 def _refuse_replacing(path: Path, advice: str) -> None:
@@ -127,6 +131,18 @@ def _saved_config(path: Path, meta: dict) -> TrainConfig:
 def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict, base: str | None) -> None:
     """Refuse a checkpoint that a run of ``config`` on this model (its architecture ``fingerprint`` and ``base``
     digest: see Backend.base_digest) cannot continue."""
+    _refuse_other_settings(path, meta, config)
+    if meta["fingerprint"] != fingerprint:
+        raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
+    if meta.get("base") is not None and meta["base"] != base:
+        # base None: this model carries something the digest cannot describe, so it cannot be told the same
+        raise ZEraseError(f"The checkpoint {path.name} was trained on another model (another file, or other LoRAs "
+                          "applied to it), or this one carries a change that cannot be identified (hooks, bypass "
+                          "LoRAs); resume on the same model or start a fresh run.")
+
+
+def _refuse_other_settings(path: Path, meta: dict, config: TrainConfig) -> None:
+    """Refuse a checkpoint whose settings or step a run of ``config`` cannot continue, whatever the model."""
     if meta.get("kind") != KIND:
         raise ZEraseError(f"{path} is not a Z-Erase training checkpoint.")
     saved, wanted = resumable(_saved_config(path, meta).to_dict()), resumable(config.to_dict())
@@ -145,13 +161,6 @@ def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: d
         raise ZEraseError(
             f"The checkpoint {path.name} is at step {meta['step']}, past this run's {config.steps} steps; "
             f"set steps to {meta['step']} or more to continue it, or start a fresh run.")
-    if meta["fingerprint"] != fingerprint:
-        raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
-    if meta.get("base") is not None and meta["base"] != base:
-        # base None: this model carries something the digest cannot describe, so it cannot be told the same
-        raise ZEraseError(f"The checkpoint {path.name} was trained on another model (another file, or other LoRAs "
-                          "applied to it), or this one carries a change that cannot be identified (hooks, bypass "
-                          "LoRAs); resume on the same model or start a fresh run.")
 
 
 def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:

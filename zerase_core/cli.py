@@ -161,21 +161,23 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
 
 @command("train", "train an erasure LoRA (Algorithm 1) on a tiny random or a diffusers Z-Image", _add_train)
 def _train(args: argparse.Namespace) -> int:
-    from .run import PlannedRun, train_and_save
+    from .run import PlannedRun, check_folder, train_and_save
 
-    # The settings are checked before a model is built: loading Z-Image takes minutes.
+    # The settings and the run's folder are checked before a model is built: loading Z-Image takes minutes.
     if args.tiny:
         from .tiny import tiny_zimage_backend
 
         config = train_config_from_args(args, **TINY)
         backend = tiny_zimage_backend(seed=args.seed)
     else:
-        from .backends.diffusers_loader import load_diffusers_zimage
+        from .backends.diffusers_loader import load_diffusers_zimage, scheduler_shift
 
         config = train_config_from_args(args)
+        shift = scheduler_shift(Path(args.model))  # x_t as the model samples (there is no --shift flag)
+        if shift is not None:
+            config = dataclasses.replace(config, shift=shift)
+        check_folder(args.out, config, args.resume)
         backend = load_diffusers_zimage(args.model)
-        if backend.flow_shift is not None:  # x_t as the model samples (there is no --shift flag)
-            config = dataclasses.replace(config, shift=backend.flow_shift)
     result, path = train_and_save(PlannedRun(backend, config, args.out, args.resume), release_encoder=not args.tiny)
     last = result.history[-1]
     print(json.dumps({"lora": str(path), "steps": last.step, "L_erase": last.erase, "lambda": last.lam,
@@ -185,18 +187,19 @@ def _train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _load_plugins()
-    parser = argparse.ArgumentParser(prog="python -m zerase_core", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, add, _) in COMMANDS.items():
-        add(sub.add_parser(name, help=help_text))
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # benchmarks record the command they ran
     try:
+        _load_plugins()  # seconds of imports (torch, diffusers): Ctrl-C lands here too
+        parser = argparse.ArgumentParser(prog="python -m zerase_core", description=__doc__.splitlines()[0])
+        sub = parser.add_subparsers(dest="command", required=True)
+        for name, (help_text, add, _) in COMMANDS.items():
+            add(sub.add_parser(name, help=help_text))
+        args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # benchmarks record the command they ran
         return COMMANDS[args.command][2](args)
     except ZEraseError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        # a run stopped by Ctrl-C says what it kept (a ZEraseError); its exit code is still the shell's for SIGINT
+        return 130 if isinstance(err.__cause__, KeyboardInterrupt) else 2
     except KeyboardInterrupt:  # outside a run's own handling: loading a model, a demo's measuring, a benchmark
         print("Stopped (Ctrl-C); every file written before is whole (each is written at once or not at all).",
               file=sys.stderr)

@@ -74,21 +74,7 @@ class PlannedRun:
     also_writes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # os.path's checks, which answer False where Path's raise (a name too long): check_run_files then refuses
-        # such a folder by name. Nothing is created before a refusal.
-        out = self.folder
-        if os.path.isfile(out):
-            raise ZEraseError(f"{out} is a file; --out names a folder for the run's files.")
-        if self.resume and not os.path.exists(self.checkpoint):
-            raise ZEraseError(f"No checkpoint to resume in {out}; run without --resume.")
-        taken = [name for name in (LORA, CURVES, HISTORY, *self.also_writes) if os.path.lexists(out / name)]
-        if not self.resume and taken:
-            more = ", or add --resume to continue (or extend) its run" if os.path.exists(self.checkpoint) else ""
-            raise ZEraseError(f"{out} holds {', '.join(taken)} of an earlier run; choose another --out (files are "
-                              f"never overwritten){more}.")
-        check_run_files(self.lora, self.checkpoint, self.config, self.backend, self.resume,
-                        "Run the same command with --resume to continue it; to start over instead, choose another "
-                        "--out or delete that file.")
+        check_folder(self.folder, self.config, self.resume, self.also_writes, self.backend)
 
     @property
     def lora(self) -> Path:
@@ -97,6 +83,27 @@ class PlannedRun:
     @property
     def checkpoint(self) -> Path:
         return self.folder / CHECKPOINT
+
+
+def check_folder(folder: Path, config: TrainConfig, resume: bool, also_writes: tuple[str, ...] = (),
+                 backend: Backend | None = None) -> None:
+    """What PlannedRun refuses (see it). ``backend`` None: all of it that needs no model, for a caller about to load
+    one (minutes on Z-Image): the folder, and a checkpoint of other settings; its model is compared once loaded."""
+    # os.path's checks, which answer False where Path's raise (a name too long): check_run_files then refuses such a
+    # folder by name. Nothing is created before a refusal.
+    checkpoint = folder / CHECKPOINT
+    if os.path.isfile(folder):
+        raise ZEraseError(f"{folder} is a file; --out names a folder for the run's files.")
+    if resume and not os.path.exists(checkpoint):
+        raise ZEraseError(f"No checkpoint to resume in {folder}; run without --resume.")
+    taken = [name for name in (LORA, CURVES, HISTORY, *also_writes) if os.path.lexists(folder / name)]
+    if not resume and taken:
+        more = ", or add --resume to continue (or extend) its run" if os.path.exists(checkpoint) else ""
+        raise ZEraseError(f"{folder} holds {', '.join(taken)} of an earlier run; choose another --out (files are "
+                          f"never overwritten){more}.")
+    check_run_files(folder / LORA, checkpoint, config, backend, resume,
+                    "Run the same command with --resume to continue it; to start over instead, choose another --out "
+                    "or delete that file.")
 
 
 def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False) -> tuple[TrainResult, Path]:

@@ -45,9 +45,10 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
                     "loaded, ~25 GB after; minutes per step). Install a CUDA build of torch to train on a GPU.")
     # The transformer waits on the CPU while the text encoder has the GPU: it moves there once the prompts are
     # encoded and the encoder is released (DiffusersZImageBackend.release_encoder), never both at once.
-    transformer = _loaded(ZImageTransformer2DModel, folder, "transformer", torch_dtype=dtype)
+    transformer = _loaded_whole(ZImageTransformer2DModel, folder, "transformer", torch_dtype=dtype)
     tokenizer = _loaded(AutoTokenizer, folder, "tokenizer")
-    text_model = _loaded(AutoModel, folder, "text_encoder", torch_dtype=dtype).to(device)  # (dtype= only from 4.56)
+    check_vocabulary(folder, len(tokenizer))
+    text_model = _loaded_whole(AutoModel, folder, "text_encoder", torch_dtype=dtype).to(device)  # (dtype= from 4.56)
     encoder = ChatTemplateEncoder(tokenizer, text_model.eval())
     return DiffusersZImageBackend(transformer.eval(), encoder, LatentSpec(channels=transformer.config.in_channels),
                                   device=device, flow_shift=shift, digest=weights_digest(folder / "transformer"))
@@ -61,8 +62,11 @@ def weights_digest(folder: Path) -> str | None:
     header (every tensor's name, dtype, shape and place) and 64 samples of 64 KiB spread evenly over it. A fine-tune of
     the same architecture differs there; a copy or a move of the folder does not. A model that differs from another in
     a few tensors only may escape the samples. Resuming a run checks it (Backend.base_digest), so a checkpoint is not
-    continued on another model of the same sizes. None for weights in another format (.bin): not told apart."""
-    files = sorted(folder.glob("*.safetensors"))
+    continued on another model of the same sizes. None for weights in another format (.bin): not told apart.
+
+    Only the files diffusers loads count (``diffusion_pytorch_model*.safetensors``): a run whose --out lay inside the
+    folder added its own LoRA and checkpoint to the digest, and could then never be resumed."""
+    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
     if not files:
         return None
     h = hashlib.sha256()
@@ -86,11 +90,24 @@ def check_parts_agree(folder: Path) -> None:
     if kind != "ZImageTransformer2DModel":
         raise ZEraseError(f"{folder / 'transformer'}/ holds a {kind}, not Z-Image's ZImageTransformer2DModel: "
                           "Z-Erase trains Z-Image. Point --model at a Z-Image folder (e.g. Tongyi-MAI/Z-Image-Turbo).")
+    encoder = text.get("model_type", "qwen3")
+    if encoder != "qwen3":  # a T5's width is d_model, unchecked below: it failed after the loads, inside the encoder
+        raise ZEraseError(f"{folder / 'text_encoder'}/ holds a {encoder} model, not Z-Image's Qwen3 text encoder. "
+                          "Restore text_encoder/ from the model's download.")
     width, captions = text.get("hidden_size"), transformer.get("cap_feat_dim")
     if None not in (width, captions) and width != captions:
         raise ZEraseError(f"{folder}: the text encoder gives {width}-wide features and the transformer takes "
                           f"{captions}: they are not one model's parts. Restore text_encoder/ from the model's "
                           "download.")
+
+
+def check_vocabulary(folder: Path, tokens: int) -> None:
+    """The tokenizer's ids fit the text encoder's embedding table (another model's tokenizer was an IndexError inside
+    the encoder, after the loads)."""
+    vocabulary = _config(folder / "text_encoder").get("vocab_size")
+    if vocabulary is not None and tokens > vocabulary:
+        raise ZEraseError(f"{folder / 'tokenizer'}/ has {tokens} tokens and the text encoder embeds {vocabulary}: they "
+                          "are not one model's parts. Restore tokenizer/ from the model's download.")
 
 
 def _config(part: Path) -> dict:
@@ -120,6 +137,18 @@ def scheduler_shift(folder: Path) -> float | None:
         log.warning("%s asks for dynamic shifting, which training does not follow: x_t is sampled at shift %g.",
                     path, shift)
     return shift
+
+
+def _loaded_whole(cls, folder: Path, subfolder: str, **kwargs):
+    """A model part with every tensor from its files. One the files lack is initialised at random by transformers
+    (the text encoder then encodes wrongly, silently) and left unset by diffusers (a meta-tensor error at first use)."""
+    model, info = _loaded(cls, folder, subfolder, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ZEraseError(f"Cannot load {folder / subfolder}/: its weight files lack {shown}. Restore it from the "
+                          "model's download.")
+    return model
 
 
 def _loaded(cls, folder: Path, subfolder: str, **kwargs):
