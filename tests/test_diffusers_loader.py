@@ -78,7 +78,7 @@ def test_train_on_a_model_folder_writes_the_lora(folder, tmp_path):
     assert len(json.loads((out / "history.json").read_text())) == 2
 
 
-def test_a_run_is_not_resumed_on_another_model_of_the_same_sizes(folder, tmp_path):
+def test_a_run_is_not_resumed_on_another_model_of_the_same_sizes(folder, tmp_path, capsys):
     """The loaded model's digest (its weight files, sampled) goes into the checkpoint; a folder whose transformer has
     other weights is refused on --resume before any work, and the same weights elsewhere (a copy) are accepted."""
     import shutil
@@ -108,6 +108,7 @@ def test_a_run_is_not_resumed_on_another_model_of_the_same_sizes(folder, tmp_pat
 
     assert run(folder, 1) == 0
     assert run(other, 2, "--resume") == 2  # refused: trained on another model
+    assert "was trained on another model: on the command line another --model folder" in capsys.readouterr().err
     assert run(copy, 2, "--resume") == 0
 
 
@@ -243,5 +244,6 @@ def test_the_run_folder_is_checked_before_the_model_is_loaded(folder, tmp_path, 
     for extra, message in ((["--out", str(out)], "holds erasure_lora.safetensors, curves.png, history.json of an "
                                                  "earlier run"),
                            (["--out", str(tmp_path / "none"), "--resume"], "No checkpoint to resume"),
-                           (["--out", str(out), "--resume", "--rank", "3"], "was made with different settings")):
+                           (["--out", str(out), "--resume", "--rank", "3"],
+                            "different settings (lora.rank: 2 then, 3 now)")):  # was two whole LoRA settings dicts
         assert main([*flags, *extra]) == 2 and message in capsys.readouterr().err

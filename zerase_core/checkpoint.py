@@ -136,16 +136,17 @@ def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: d
         raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
     if meta.get("base") is not None and meta["base"] != base:
         # base None: this model carries something the digest cannot describe, so it cannot be told the same
-        raise ZEraseError(f"The checkpoint {path.name} was trained on another model (another file, or other LoRAs "
-                          "applied to it), or this one carries a change that cannot be identified (hooks, bypass "
-                          "LoRAs); resume on the same model or start a fresh run.")
+        raise ZEraseError(f"The checkpoint {path} was trained on another model: on the command line another "
+                          "--model folder (a fine-tune of the same sizes); in ComfyUI another model file or other "
+                          "LoRAs applied to it, or this one carries a change that cannot be identified (hooks, bypass "
+                          "LoRAs). Resume on the same model or start a fresh run.")
 
 
 def _refuse_other_settings(path: Path, meta: dict, config: TrainConfig) -> None:
     """Refuse a checkpoint whose settings or step a run of ``config`` cannot continue, whatever the model."""
     if meta.get("kind") != KIND:
         raise ZEraseError(f"{path} is not a Z-Erase training checkpoint.")
-    saved, wanted = resumable(_saved_config(path, meta).to_dict()), resumable(config.to_dict())
+    saved, wanted = (_flat_settings(resumable(c.to_dict())) for c in (_saved_config(path, meta), config))
     changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
     if changed:
         shown = "; ".join(f"{k}: {saved.get(k)!r} then, {wanted.get(k)!r} now" for k in changed)
@@ -161,6 +162,12 @@ def _refuse_other_settings(path: Path, meta: dict, config: TrainConfig) -> None:
         raise ZEraseError(
             f"The checkpoint {path.name} is at step {meta['step']}, past this run's {config.steps} steps; "
             f"set steps to {meta['step']} or more to continue it, or start a fresh run.")
+
+
+def _flat_settings(settings: dict) -> dict:
+    """The LoRA's settings as ``lora.rank`` and so on: a changed rank was told as two whole dicts."""
+    flat = {k: v for k, v in settings.items() if not isinstance(v, dict)}
+    return flat | {f"{k}.{sub}": v for k, d in settings.items() if isinstance(d, dict) for sub, v in d.items()}
 
 
 def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
