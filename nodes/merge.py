@@ -10,7 +10,7 @@ from zerase_core.errors import ZEraseError
 from zerase_core.lora_file import save_new
 from zerase_core.merge import merge
 
-from .common import ErasureLoRAType, output_folder, parse_list, portable
+from .common import SUBFOLDER, ErasureLoRAType, output_folder, parse_list, portable
 
 NODE = "Merge Erasure LoRAs"
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class MergeErasureLoRAs(io.ComfyNode):
         text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
         if save_name.strip():
             path = save_new(merged, output_folder(), save_name)  # never over another file
-            # as Apply lists it; resolved both, as the saved path is: a loras folder may be a link to another disk
-            text += f"; saved {portable(str(path.resolve().relative_to(output_folder().resolve().parent)))}"
+            # as Apply lists it; resolved both, as the saved path is: the loras folder or zerase/ may be a link
+            text += f"; saved {SUBFOLDER}/{portable(str(path.resolve().relative_to(output_folder().resolve())))}"
             log.info("Z-Erase: %s", text)
         return io.NodeOutput(merged, text)

@@ -365,6 +365,12 @@ def test_merge_names_its_file_as_apply_lists_it_and_refuses_weights_that_keep_no
     comfy.folder_paths.folder_names_and_paths["loras"][0][:] = [str(linked)]
     _, report = merge.execute(lora_1=a, lora_2=b, weights="", rank=0, save_name="dog")
     assert report.endswith("; saved zerase/dog.safetensors") and (loras_dir / "zerase" / "dog.safetensors").is_file()
+    store = loras_dir.parent / "store"  # zerase/ itself a link: named from its parent it read "store/…"
+    store.mkdir()
+    (linked / "zerase").rename(linked / "zerase_before")
+    (linked / "zerase").symlink_to(store, target_is_directory=True)
+    _, report = merge.execute(lora_1=a, lora_2=b, weights="", rank=0, save_name="cow")
+    assert report.endswith("; saved zerase/cow.safetensors") and (store / "cow.safetensors").is_file()
 
 
 def test_the_viewer_tells_a_phrase_from_two_words_and_refuses_a_model_b_of_another_architecture(pack):

@@ -213,7 +213,7 @@ def _lora_and_moments(trainer: "ZEraseTrainer", tensors: dict) -> tuple[dict, di
         factors.setdefault(name.rsplit(".", 1)[0], []).append(saved)
         kept = {key.split(".", 2)[2]: value for key, value in tensors.items() if key.startswith(f"optim.{index}.")}
         if kept and (kept.keys() != ADAMW_STATE or kept["exp_avg"].shape != param.shape
-                     or kept["exp_avg_sq"].shape != param.shape):
+                     or kept["exp_avg_sq"].shape != param.shape or kept["step"].numel() != 1):
             raise ValueError(f"AdamW's state of {name} holds {sorted(kept)}, not its moments of the LoRA's shape")
         if kept:
             moments[index] = kept

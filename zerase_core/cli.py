@@ -170,10 +170,10 @@ def _train(args: argparse.Namespace) -> int:
         config = train_config_from_args(args, **TINY)
         backend = tiny_zimage_backend(seed=args.seed)
     else:
-        from .backends.diffusers_loader import load_diffusers_zimage, scheduler_shift
+        from .backends.diffusers_loader import check_model_folder, load_diffusers_zimage
 
         config = train_config_from_args(args)
-        shift = scheduler_shift(Path(args.model))  # x_t as the model samples (there is no --shift flag)
+        shift = check_model_folder(args.model)  # x_t as the model samples (there is no --shift flag)
         if shift is not None:
             config = dataclasses.replace(config, shift=shift)
         check_folder(args.out, config, args.resume)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import logging
+import math
+import re
 from pathlib import Path
 
 import torch
@@ -22,9 +23,9 @@ from .text_encoders import ChatTemplateEncoder
 log = logging.getLogger(__name__)
 
 
-def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.dtype = torch.bfloat16):
-    from diffusers import ZImageTransformer2DModel
-
+def check_model_folder(folder: Path) -> float | None:
+    """What can be told of a diffusers Z-Image folder before its slow loads (a mistyped path, a missing part, parts of
+    other models, a damaged scheduler config); its flow shift (scheduler_shift)."""
     folder = Path(folder)  # the path first: a mistyped one is not told as a package to install
     if not folder.is_dir():
         raise ZEraseError(f"{folder} is not a folder; --model takes a diffusers Z-Image folder (transformer/, "
@@ -33,11 +34,22 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
     if missing:
         raise ZEraseError(f"{folder} is not a diffusers Z-Image folder: missing {', '.join(missing)}/.")
     try:
-        from transformers import AutoModel, AutoTokenizer
+        import transformers  # noqa: F401
     except ModuleNotFoundError as err:
         raise ZEraseError("Z-Image's text encoder needs transformers: pip install transformers accelerate") from err
-    shift = scheduler_shift(folder)  # before the slow loads: a damaged config is told at once
     check_parts_agree(folder)
+    return scheduler_shift(folder)
+
+
+def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.dtype = torch.bfloat16):
+    from diffusers import ZImageTransformer2DModel
+
+    shift = check_model_folder(folder)
+    folder = Path(folder)
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = _loaded(AutoTokenizer, folder, "tokenizer")  # seconds: checked before the minutes below
+    check_vocabulary(folder, len(tokenizer))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         dtype = torch.float32  # bf16 matmuls on CPU are slow and gain nothing here
@@ -46,14 +58,13 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
     # The transformer waits on the CPU while the text encoder has the GPU: it moves there once the prompts are
     # encoded and the encoder is released (DiffusersZImageBackend.release_encoder), never both at once.
     transformer = _loaded_whole(ZImageTransformer2DModel, folder, "transformer", torch_dtype=dtype)
-    tokenizer = _loaded(AutoTokenizer, folder, "tokenizer")
-    check_vocabulary(folder, len(tokenizer))
     text_model = _loaded_whole(AutoModel, folder, "text_encoder", torch_dtype=dtype).to(device)  # (dtype= from 4.56)
     encoder = ChatTemplateEncoder(tokenizer, text_model.eval())
     return DiffusersZImageBackend(transformer.eval(), encoder, LatentSpec(channels=transformer.config.in_channels),
                                   device=device, flow_shift=shift, digest=weights_digest(folder / "transformer"))
 
 
+_LOADED = re.compile(r"^diffusion_pytorch_model(-\d{5}-of-\d{5})?\.safetensors$")  # one file, or its shards
 SAMPLES, SAMPLE_BYTES = 64, 1 << 16  # read from each weight file, evenly spread: 4 MiB, a fraction of a second
 
 
@@ -64,9 +75,10 @@ def weights_digest(folder: Path) -> str | None:
     a few tensors only may escape the samples. Resuming a run checks it (Backend.base_digest), so a checkpoint is not
     continued on another model of the same sizes. None for weights in another format (.bin): not told apart.
 
-    Only the files diffusers loads count (``diffusion_pytorch_model*.safetensors``): a run whose --out lay inside the
-    folder added its own LoRA and checkpoint to the digest, and could then never be resumed."""
-    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+    Only the files diffusers loads count (``diffusion_pytorch_model.safetensors`` or its shards, not a variant such as
+    ``.fp16``): a run whose --out lay inside the folder added its own LoRA and checkpoint to the digest, and could
+    then never be resumed."""
+    files = sorted(p for p in folder.glob("diffusion_pytorch_model*.safetensors") if _LOADED.match(p.name))
     if not files:
         return None
     h = hashlib.sha256()
