@@ -82,10 +82,10 @@ class AttentionMapViewer(io.ComfyNode):
         labels = ["model"]
         if model_b is not None:
             other = ComfyZImageBackend(model_b, node=NODE)
-            if other.fingerprint() != backend.fingerprint():  # the prompt was encoded for model's caption width
-                raise ZEraseError(f"{NODE}: model_b is another architecture than model ({other.fingerprint()} vs "
-                                  f"{backend.fingerprint()}); compare two versions of one model, e.g. with and "
-                                  "without an erasure LoRA.")
+            ours, theirs = backend.fingerprint(), other.fingerprint()
+            if theirs != ours:  # the prompt was encoded for model's caption width
+                raise ZEraseError(f"{NODE}: model_b is another architecture than model ({theirs} vs {ours}); compare "
+                                  "two versions of one model, e.g. with and without an erasure LoRA.")
             maps.append(word_maps(other, encoded, columns, x0, sigma_list, seed, layers))
             labels = ["model A", "model B"]
         # Drawn over the picture the maps were measured on: the LATENT's when one is connected, even beside an IMAGE.

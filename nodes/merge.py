@@ -10,7 +10,7 @@ from zerase_core.errors import ZEraseError
 from zerase_core.lora_file import save_new
 from zerase_core.merge import merge
 
-from .common import SUBFOLDER, ErasureLoRAType, output_folder, parse_list, portable
+from .common import SUBFOLDER, ErasureLoRAType, output_folder, parse_list
 
 NODE = "Merge Erasure LoRAs"
 log = logging.getLogger(__name__)
@@ -55,6 +55,6 @@ class MergeErasureLoRAs(io.ComfyNode):
         if save_name.strip():
             path = save_new(merged, output_folder(), save_name)  # never over another file
             # as Apply lists it; resolved both, as the saved path is: the loras folder or zerase/ may be a link
-            text += f"; saved {SUBFOLDER}/{portable(str(path.resolve().relative_to(output_folder().resolve())))}"
+            text += f"; saved {SUBFOLDER}/{path.resolve().relative_to(output_folder().resolve()).as_posix()}"
             log.info("Z-Erase: %s", text)
         return io.NodeOutput(merged, text)

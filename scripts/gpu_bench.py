@@ -303,10 +303,10 @@ def _warm_up(backend: Backend) -> None:
     device_sync(backend)()
 
 
-def cli() -> int:
+def cli(argv=None) -> int:
     """``main`` as the shell runs it: Ctrl-C is told in a line, not a traceback."""
     try:
-        return main()
+        return main(argv)
     except KeyboardInterrupt:  # every finished row is already in --out (_save after each)
         print("Stopped (Ctrl-C); every row finished before it is in --out, where one was given.", file=sys.stderr)
         return 130  # the shell's code for SIGINT

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import pytest
 import torch
@@ -431,8 +430,7 @@ def test_ctrl_c_in_the_gpu_script_is_told_in_a_line_and_its_finished_rows_stay(t
 
     monkeypatch.setattr(gpu_bench, "time_case", ctrl_c_in_the_second_row)
     out = tmp_path / "gpu.json"
-    monkeypatch.setattr(sys, "argv", ["gpu_bench.py", "--tiny", "--steps", "1", "--pool", "1", "--out", str(out)])
-    assert gpu_bench.cli() == 130
+    assert gpu_bench.cli(["--tiny", "--steps", "1", "--pool", "1", "--out", str(out)]) == 130
     assert capsys.readouterr().err.endswith("Stopped (Ctrl-C); every row finished before it is in --out, where one "
                                             "was given.\n")
     (first,) = json.loads(out.read_text())["rows"]

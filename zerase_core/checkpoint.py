@@ -32,10 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def save_checkpoint(trainer: "ZEraseTrainer", path: Path, non_finite_stop: bool = False) -> Path:
-    tensors = {"rng.torch": trainer.gen.get_state()}
-    for (layer, proj), (a, b) in trainer.lora.factors().items():
-        tensors[f"lora.{layer}.{proj}.A"] = a
-        tensors[f"lora.{layer}.{proj}.B"] = b
+    tensors = {"rng.torch": trainer.gen.get_state()} | {_name(key, part): p for key, part, p in _lora_params(trainer)}
     optim = trainer.optimizer.state_dict()
     for index, state in optim["state"].items():
         for name, value in state.items():
@@ -183,8 +180,8 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
         step, seconds = int(meta["step"]), float(meta["seconds"])
         history = [StepRecord(**r) for r in meta["history"]]
         caller = dict(meta.get("caller", {}))
-        if meta.get("gradient_checkpointing_reason") == OUT_OF_MEMORY:
-            int(meta["gradient_checkpointing_from"])
+        out_of_memory_from = (int(meta["gradient_checkpointing_from"])
+                              if meta.get("gradient_checkpointing_reason") == OUT_OF_MEMORY else None)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
         raise ZEraseError(_damaged(path, err)) from err
     trainer.lora.load_factors(factors)
@@ -195,7 +192,7 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     trainer.rng.setstate(python_rng)
     trainer.lam, trainer.step, trainer.seconds, trainer.history = lam, step, seconds, history
     trainer.checkpoint_meta = caller
-    _resume_checkpointing(trainer, meta)
+    _resume_checkpointing(trainer, out_of_memory_from)
 
 
 ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what AdamW keeps per parameter once it has stepped
@@ -205,26 +202,35 @@ def _lora_and_moments(trainer: "ZEraseTrainer", tensors: dict) -> tuple[dict, di
     """The LoRA's factors and AdamW's per-parameter state (by the optimizer's index), each of the LoRA's shapes."""
     if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
         raise ValueError("NaN or infinite values in its tensors")  # resumed, they stop the run as a training NaN
+    optim: dict[str, dict] = {}  # AdamW's tensors by parameter index: "optim.{index}.{name}"
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            optim.setdefault(index, {})[name] = value
     factors, moments = {}, {}
-    for index, (name, param) in enumerate(_named_params(trainer)):
+    for index, (key, part, param) in enumerate(_lora_params(trainer)):
+        name = _name(key, part)
         saved = tensors[name]
         if saved.shape != param.shape:
             raise ValueError(f"{name} has shape {tuple(saved.shape)} where the LoRA has {tuple(param.shape)}")
-        factors.setdefault(name.rsplit(".", 1)[0], []).append(saved)
-        kept = {key.split(".", 2)[2]: value for key, value in tensors.items() if key.startswith(f"optim.{index}.")}
+        factors.setdefault(key, {})[part] = saved
+        kept = optim.get(str(index), {})
         if kept and (kept.keys() != ADAMW_STATE or kept["exp_avg"].shape != param.shape
                      or kept["exp_avg_sq"].shape != param.shape or kept["step"].numel() != 1):
             raise ValueError(f"AdamW's state of {name} holds {sorted(kept)}, not its moments of the LoRA's shape")
         if kept:
             moments[index] = kept
-    return {(int(k.split(".")[1]), k.split(".")[2]): tuple(ab) for k, ab in factors.items()}, moments
+    return {key: (ab["A"], ab["B"]) for key, ab in factors.items()}, moments
 
 
-def _named_params(trainer: "ZEraseTrainer"):
-    """(tensor name, parameter) in the optimizer's order: its parameters, each named as save_checkpoint names it."""
-    names = {id(t): f"lora.{layer}.{proj}.{part}" for (layer, proj), (a, b) in trainer.lora.factors().items()
-             for part, t in (("A", a), ("B", b))}
-    return [(names[id(p)], p) for p in trainer.params]
+def _lora_params(trainer: "ZEraseTrainer") -> list[tuple[tuple[int, str], str, torch.Tensor]]:
+    """((layer, projection), "A" or "B", parameter) in the optimizer's order, which indexes AdamW's state."""
+    where = {id(t): (key, part) for key, (a, b) in trainer.lora.factors().items() for part, t in (("A", a), ("B", b))}
+    return [(*where[id(p)], p) for p in trainer.params]
+
+
+def _name(key: tuple[int, str], part: str) -> str:
+    return f"lora.{key[0]}.{key[1]}.{part}"
 
 
 def _lambda_rule(trainer: "ZEraseTrainer", state):
@@ -246,7 +252,7 @@ def _damaged(path: Path, err: BaseException) -> str:
             f"{START_ELSEWHERE}.")
 
 
-def _resume_checkpointing(trainer: "ZEraseTrainer", meta: dict) -> None:
+def _resume_checkpointing(trainer: "ZEraseTrainer", out_of_memory_from: int | None) -> None:
     """Under "auto", a run that ran out of memory with fewer layers checkpointed (none, or part of them) keeps every
     layer checkpointed, from the step that began (its estimate was short on this card: trying again would fail once
     more, and on ComfyUI reload the model). Any other auto run decides again at its first step; "on" checkpoints from
@@ -254,8 +260,8 @@ def _resume_checkpointing(trainer: "ZEraseTrainer", meta: dict) -> None:
     mode = trainer.config.gradient_checkpointing
     if mode == "on":  # on since __init__: from this trainer's first step
         trainer.start_gradient_checkpointing("on")
-    elif mode == "auto" and meta.get("gradient_checkpointing_reason") == OUT_OF_MEMORY:
-        trainer.start_gradient_checkpointing(OUT_OF_MEMORY, from_step=int(meta["gradient_checkpointing_from"]))
+    elif mode == "auto" and out_of_memory_from is not None:
+        trainer.start_gradient_checkpointing(OUT_OF_MEMORY, from_step=out_of_memory_from)
 
 
 def _jsonable(state):

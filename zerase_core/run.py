@@ -122,19 +122,19 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
             raise ZEraseError(f"{why} while preparing to continue the run; its checkpoint is as it was: run the same "
                               "command with --resume.") from err
         raise ZEraseError(f"{why} before the first step (while preparing the run); nothing was saved.") from err
-    if trainer.step == config.steps:
+    finished = trainer.step == config.steps  # a finished run resumed: nothing to train
+    if finished:
         log.info("%s: every one of its %d steps is done; nothing to train (a larger --steps extends the run)",
                  run.checkpoint, config.steps)
     on_step, bar = progress_bar(config.steps, trainer.step)
     trainer.callbacks.extend([on_step, *callbacks])
-    start = trainer.step
     try:
         result = trainer.run()
     except (KeyboardInterrupt, ZEraseError, torch.OutOfMemoryError) as err:
         raise ZEraseError(_stopped(trainer, run.lora, err)) from err
     finally:
         bar.close()
-    _write_outputs(run, result, trained=trainer.step > start)
+    _write_outputs(run, result, trained=not finished)
     return result, run.lora
 
 

@@ -53,8 +53,12 @@ def _as(value, hint):
             except _Wrong:
                 continue
         raise _Wrong
-    if hint is type(None) or origin is tuple or origin is not None:
-        return _container(value, hint, origin, args)
+    if hint is type(None):
+        if value is None:
+            return None
+        raise _Wrong
+    if origin is not None:
+        return _container(value, origin, args)
     if isinstance(value, bool) and hint is not bool:
         raise _Wrong
     if hint is int and isinstance(value, numbers.Integral):
@@ -66,11 +70,7 @@ def _as(value, hint):
     raise _Wrong
 
 
-def _container(value, hint, origin, args):
-    if hint is type(None):
-        if value is None:
-            return None
-        raise _Wrong
+def _container(value, origin, args):
     if origin is tuple:
         value = tuple(value) if isinstance(value, list) else value
         if not isinstance(value, tuple):

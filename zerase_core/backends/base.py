@@ -227,7 +227,7 @@ class InPlaceInstaller:
 
     def install(self, slots: list[HostSlot], config: LoRAConfig, name: str, n_layers: int,
                 replace: bool = True) -> LoRASet:
-        wrapped = [getattr(*_resolve(self.root, path)) for path in self.originals]
+        wrapped = (getattr(*_resolve(self.root, path)) for path in self.originals)  # read only when not replacing
         return install_on(slots, config, name, n_layers, lambda slot: self.wrap(slot, config.scope), replace=replace,
                           installed=wrapped)
 
