@@ -600,7 +600,7 @@ def test_the_curves_say_how_many_layers_a_partial_plan_checkpoints(pack, loras_d
         pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
                                     **_train_inputs(steps=2, save_name="partial"))
     assert counts == [2]  # decided once, over the model's 2 main layers
-    assert titles[-1].endswith(", checkpointing 1/2 layers from step 1 (too little GPU memory without it)")
+    assert titles[-1].endswith(", checkpointing 1/2 layers from step 1 (too little memory free without it)")
 
 
 def test_the_curves_say_when_auto_checkpointed_from_the_start(pack, loras_dir, monkeypatch, titles):
@@ -621,4 +621,4 @@ def test_the_curves_say_when_auto_checkpointed_from_the_start(pack, loras_dir, m
         pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
                                     **_train_inputs(steps=2, save_name="small_card"))
     assert len(loaded) == 1 and "Lumina2" in loaded[0]  # asked once, with the diffusion model loaded
-    assert titles[-1].endswith(", checkpointing 2/2 layers from step 1 (too little GPU memory without it)")
+    assert titles[-1].endswith(", checkpointing 2/2 layers from step 1 (too little memory free without it)")

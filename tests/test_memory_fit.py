@@ -26,11 +26,13 @@ def _real(image_tokens: int, rows: int = 3, casts: float = 0.0, free_gib: float 
 
 def test_the_activation_estimate_scales_the_measured_step():
     """The estimate is the H200's measured 21.9 GiB for [c_er, ∅, c_pr] at 512² on the real model, scaled linearly:
-    at 1024² (4096 image tokens) 83.8 GiB; one row a third."""
+    at 1024² (4096 image tokens) 83.8 GiB; one row a third; in fp32 (a CPU run) twice."""
     assert memory_fit.step_bytes(1024, CAPTION, 3, N, DIM) / GIB == pytest.approx(21.91)
     assert memory_fit.step_bytes(4096, CAPTION, 3, N, DIM) / GIB == pytest.approx(21.91 * 4160 / 1088)
     assert memory_fit.step_bytes(1024, CAPTION, 1, N, DIM) / GIB == pytest.approx(21.91 / 3)
-    assert memory_fit.fits(1e30, None)  # a CPU run: nothing to decide
+    assert memory_fit.step_bytes(1024, CAPTION, 3, N, DIM, itemsize=4) / GIB == pytest.approx(2 * 21.91)
+    assert memory_fit.layer_input_bytes(1024, CAPTION, 3, DIM, itemsize=4) == 3 * 1088 * DIM * 4
+    assert memory_fit.fits(1e30, None)  # a device that cannot tell: nothing to decide
 
 
 @pytest.mark.parametrize("image_tokens, rows, measured_gb", [(1024, 3, 1.6), (4096, 1, 2.0), (4096, 3, 6.1)])
@@ -55,7 +57,7 @@ def test_auto_checkpoints_the_fewest_layers_that_fit(card_gib, image_tokens, exp
     """Each layer checkpointed costs its forward again, so auto takes the fewest that fit with the margin: one fewer
     would not fit. Where some must be checkpointed it is rarely all: at 512² a 24 GB card checkpoints 17 of 30."""
     free = card_gib - WEIGHTS_GIB - CONTEXT_GIB
-    layers, needed = _real(image_tokens, free_gib=free)
+    layers, needed, _ = _real(image_tokens, free_gib=free)
     assert {0: "none", N: "all"}.get(layers, "some") == expected
     per_layer = needed / N
     kept = memory_fit.layer_input_bytes(image_tokens, CAPTION, 3, DIM)
@@ -67,12 +69,26 @@ def test_auto_checkpoints_the_fewest_layers_that_fit(card_gib, image_tokens, exp
         assert layers == 17
 
 
+def test_the_memory_free_is_the_cards_on_cuda_metals_on_mps_and_the_systems_on_a_cpu(monkeypatch):
+    """Off CUDA a step too large does not fail either: Apple's unified memory and a CPU run swap (or the system stops
+    the process). So auto asks each device what is free: MPS its recommended working set less what Metal holds, a
+    CPU the system memory available."""
+    monkeypatch.setattr(memory_fit.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 7 * GIB}))
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 21 * GIB, raising=False)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 13 * GIB, raising=False)
+    assert memory_fit.available_bytes(torch.device("cpu")) == 7 * GIB
+    assert memory_fit.available_bytes(torch.device("mps")) == 8 * GIB
+    assert memory_fit.available_bytes(torch.device("meta")) is None  # cannot tell: nothing decided
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 22 * GIB, raising=False)
+    assert memory_fit.available_bytes(torch.device("mps")) == 0  # past the working set: nothing free, not less
+
+
 def test_fp8_weights_casts_count_against_the_layers_they_belong_to():
     """ComfyUI's fp8 weights keep a bf16 copy per op for backward, only in layers not checkpointed: with them a card
     checkpoints more layers than the same activations alone would ask."""
     free = 16 - 6.2 - CONTEXT_GIB  # fp8 weights take about 6.2 GiB
-    alone, _ = _real(1024, free_gib=free)
-    with_casts, needed = _real(1024, casts=10 * GIB, free_gib=free)
+    alone = _real(1024, free_gib=free).checkpointed
+    with_casts, needed, _ = _real(1024, casts=10 * GIB, free_gib=free)
     assert 0 < alone < with_casts < N
     assert needed == pytest.approx(memory_fit.step_bytes(1024, CAPTION, 3, N, DIM) + 10 * GIB)
 

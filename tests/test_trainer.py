@@ -254,13 +254,14 @@ def test_out_of_memory_inside_adamws_update_is_not_retried_and_the_last_checkpoi
 
 
 def _free_for(layers: int) -> int:
-    """GPU memory free in which auto must checkpoint ``layers`` of the tiny model's 2 main layers at _config's step
-    (16 image tokens, 3 rows of the longest caption, width 64): the peak of that many, with the margin, and a byte."""
+    """Memory free in which auto must checkpoint ``layers`` of the tiny model's 2 main layers at _config's step
+    (16 image tokens, 3 rows of the longest caption, width 64, fp32 on the CPU): the peak of that many, with the
+    margin, and a byte."""
     from zerase_core import memory_fit
 
     caption, tiny = memory_fit.PAD, TinyZImageConfig()  # every _config caption pads to 32 tokens
-    per_layer = memory_fit.step_bytes(16, caption, 3, tiny.n_layers, tiny.dim) / tiny.n_layers
-    kept = memory_fit.layer_input_bytes(16, caption, 3, tiny.dim)
+    per_layer = memory_fit.step_bytes(16, caption, 3, tiny.n_layers, tiny.dim, 4) / tiny.n_layers
+    kept = memory_fit.layer_input_bytes(16, caption, 3, tiny.dim, 4)
     return int(memory_fit.peak_bytes(tiny.n_layers, layers, per_layer, kept) * memory_fit.MARGIN) + 1
 
 
@@ -285,13 +286,29 @@ def test_auto_checkpointing_decides_before_the_first_step_by_the_memory_free(che
     trainer.run()
     assert len(asked) == 1 and loads == [1]  # once, with the model loaded
     # What is estimated: 64² is 4×8×8 latent cells, 16 image tokens of 2×2; the longest caption; the three rows
-    # [c_er, ∅, c_pr]; the model's layers and width.
+    # [c_er, ∅, c_pr]; the model's layers and width; 4 bytes per activation (the tiny model computes in fp32).
     caption = max(p.n_tokens for p in (*trainer.prompts.erase, trainer.prompts.uncond, *trainer.prompts.keep))
-    assert estimated == [(16, caption, 3, 2, 64)] and caption <= 32  # as _free_for takes it
+    assert estimated == [(16, caption, 3, 2, 64, 4)] and caption <= 32  # as _free_for takes it
     assert backend.checkpointed_layers == checkpointed
     assert (trainer.gradient_checkpointing_from, trainer.gradient_checkpointing_reason) == \
         ((1, TOO_LITTLE_MEMORY) if checkpointed else (None, None))
     assert (f"checkpointing {checkpointed} of 2 main layers from the start" in caplog.text) == bool(checkpointed)
+    # nothing fits even checkpointed: said before the step that swaps or fails
+    assert ("even with every main layer checkpointed" in caplog.text) == (checkpointed == 2)
+
+
+def test_auto_checkpointing_on_a_cpu_decides_by_the_system_memory_available(monkeypatch):
+    """A CPU run past the memory available swaps, or the system stops it (ComfyUI's server with it): auto checkpoints
+    there too, by what the system says is available."""
+    from zerase_core import memory_fit
+
+    free = _free_for(1)
+    monkeypatch.setattr(memory_fit.psutil, "virtual_memory", lambda: type("Memory", (), {"available": free}))
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1))
+    assert trainer.backend.device.type == "cpu"
+    trainer.run()
+    assert trainer.backend.checkpointed_layers == 1
+    assert (trainer.gradient_checkpointing_from, trainer.gradient_checkpointing_reason) == (1, TOO_LITTLE_MEMORY)
 
 
 def test_out_of_memory_with_part_of_the_layers_checkpointed_checkpoints_them_all(caplog):

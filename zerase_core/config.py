@@ -20,12 +20,12 @@ from .typed import settle
 
 
 XT_SOURCES = ("pool", "fresh")  # where x_t comes from, the default first: see trainer.py and xt_pool.py
-# Gradient checkpointing, the default first. auto: from the start where a step would not fit the free GPU memory
-# without it (memory_fit.py), else without it (faster), or from a step that runs out of memory after all (the same
-# gradients; trainer.py). on: from the start. off: never.
+# Gradient checkpointing, the default first. auto: from the start where a step would not fit the memory free on the
+# device without it (memory_fit.py), else without it (faster), or from a step that runs out of memory after all (the
+# same gradients; trainer.py). on: from the start. off: never.
 CHECKPOINTING_MODES = ("auto", "on", "off")
 # Why "auto" turned it on (kept beside the step, in checkpoints too; the Train node's curves say it).
-TOO_LITTLE_MEMORY = "too little GPU memory without it"
+TOO_LITTLE_MEMORY = "too little memory free without it"
 OUT_OF_MEMORY = "out of memory without it"
 
 

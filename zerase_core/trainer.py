@@ -283,22 +283,28 @@ class ZEraseTrainer:
 
     def _check_fit(self) -> None:
         """auto's decision before the first step: checkpoint from the start as few main layers as let a step fit the
-        GPU memory free with the model loaded (nothing to decide on a CPU)."""
+        memory free on the device with the model loaded (the GPU's; on a CPU, the system's)."""
         self.backend.load()
         available = memory_fit.available_bytes(self.backend.device)
         dim = self.backend.fingerprint().get("dim")
-        if available is None or dim is None:  # a CPU run, or a host that cannot tell its width: nothing to estimate
+        if available is None or dim is None:  # a device that cannot tell, or a host that cannot tell its width
             return
         prompts, layers = self.prompts, self.backend.n_layers
         caption = max(p.n_tokens for p in (*prompts.erase, prompts.uncond, *prompts.keep))
         rows = 2 + bool(prompts.keep)  # [c_er, ∅, c_pr], or [c_er, ∅] without preservation prompts
         image = self.backend.image_tokens(self.config.height, self.config.width)
         casts = self.backend.weight_casts_bytes()  # fp8 weights: their bf16 copies, kept for backward
-        checkpointed, needed = memory_fit.plan(image, caption, rows, layers, dim, casts, available)
-        if checkpointed:
+        plan = memory_fit.plan(image, caption, rows, layers, dim, casts, available, self.backend.dtype.itemsize)
+        if plan.checkpointed:
             log.info("A step without gradient checkpointing needs about %.1f GiB, %.1f GiB are free: checkpointing %d "
-                     "of %d main layers from the start.", needed / 2**30, available / 2**30, checkpointed, layers)
-            self.start_gradient_checkpointing(TOO_LITTLE_MEMORY, layers=checkpointed)
+                     "of %d main layers from the start.", plan.needed / 2**30, available / 2**30, plan.checkpointed,
+                     layers)
+            self.start_gradient_checkpointing(TOO_LITTLE_MEMORY, layers=plan.checkpointed)
+        if not memory_fit.fits(plan.peak, available):  # told before a step that fails, swaps or spills
+            log.warning("A step needs about %.1f GiB even with every main layer checkpointed and %.1f GiB are free on "
+                        "%s: it may run out of memory, or spill into system memory or swap and run many times slower. "
+                        "A lower resolution (height, width) takes less.", plan.peak / 2**30, available / 2**30,
+                        self.backend.device)
 
     def start_gradient_checkpointing(self, reason: str, from_step: int | None = None,
                                      layers: int | None = None) -> None:

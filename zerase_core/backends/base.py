@@ -166,6 +166,11 @@ class Backend(ABC):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes its activations in (what a step's memory scales with)."""
+        return torch.float32
+
     @abstractmethod
     def weights(self) -> Iterator[torch.Tensor]:
         """The model's parameters and buffers: held for the whole run, so no activation memory (the memory benches

@@ -254,7 +254,7 @@ def default_settings(card_gb: float, rows: dict) -> dict:
     if mode == "auto":  # by memory_fit's figure (the H200's 21.9 GiB), not the rows' A7 (the H100 7.2 GB × 3)
         free = int((card_gb - CONTEXT_ALLOWANCE_GIB) * GiB - _weights_gb() * 1e9)  # a "24 GB" card has 24 GiB
         image_tokens = _image_tokens(512)
-        layers, _ = memory_fit.plan(image_tokens, REAL["caption_tokens"], 3, n, REAL["dim"], 0, free)
+        layers = memory_fit.plan(image_tokens, REAL["caption_tokens"], 3, n, REAL["dim"], 0, free).checkpointed
     else:
         layers = n if mode == "on" else 0
     off, on = rows[f"{source}_no_ckpt"], rows[f"{source}_ckpt"]

@@ -86,6 +86,10 @@ class ComfyZImageBackend(Backend):
     def device(self) -> torch.device:
         return torch.device(self.patcher.load_device)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patcher.model.get_dtype_inference()  # the weights' dtype, or the one fp8 weights are cast to
+
     def fingerprint(self) -> dict[str, Any]:
         return {"family": "z-image", "dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads,
                 "cap_feat_dim": self.cap_feat_dim}
