@@ -247,15 +247,16 @@ def test_a_result_is_printed_before_it_is_written(tmp_path, capsys, monkeypatch)
     assert '"speedup": 3.0' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("empty", ["", " "])
 @pytest.mark.parametrize("argv", [["train", "--tiny", "--concept", "red"], ["demo"], ["merge", "a", "b"],
                                   ["bench-cost"], ["bench"], ["bench-xt"], ["bench-lambda"], ["bench-checkpointing"]])
-def test_an_empty_out_is_refused_not_taken_for_the_current_folder(argv, tmp_path, monkeypatch, capsys):
+def test_an_empty_out_is_refused_not_taken_for_the_current_folder(argv, empty, tmp_path, monkeypatch, capsys):
     """Path("") is ".": `train --out ""` wrote its LoRA, checkpoint, curves and history into the current folder."""
     from zerase_core.cli import main
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stopped:
-        main([*argv, "--out", " "])
+        main([*argv, "--out", empty])
     assert stopped.value.code == 2 and "argument --out: it is empty; name the folder" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 

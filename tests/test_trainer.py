@@ -100,9 +100,10 @@ def test_resuming_a_finished_command_line_run_samples_no_pool_and_trains_nothing
     assert _flat(again.history) == _flat(done.history) and again.lora.training["steps_done"] == 3
     assert {f.name: f.stat().st_mtime_ns for f in tmp_path.iterdir() if f.name != "curves.png"} == written
     assert (tmp_path / "curves.png").exists()
-    kept = load_lora(path)  # the file, as the finished run left it
+    kept = load_lora(path)  # the file, as the finished run left it, and the LoRA the resumed run returns
     for key, (a, b) in done.lora.factors.items():
-        assert torch.equal(kept.factors[key][0], a) and torch.equal(kept.factors[key][1], b)
+        for lora in (kept, again.lora):
+            assert torch.equal(lora.factors[key][0], a) and torch.equal(lora.factors[key][1], b)
     # Files a stop left behind while they were written (a LoRA and history of an earlier step) are written again.
     save_lora(replace(kept, training=kept.training | {"steps_done": 2}), path)
     (tmp_path / "history.json").write_text(json.dumps(json.loads((tmp_path / "history.json").read_text())[:2]))
