@@ -203,7 +203,6 @@ class ZEraseTrain(io.ComfyNode):
         if not result.completed:
             log.warning("Z-Erase: cancelled at step %d (LoRA so far saved when > 0: %s)", trainer.step, path)
             mm.throw_exception_if_processing_interrupted()
-        run.complete()
         switched = config.gradient_checkpointing == "auto" and trainer.gradient_checkpointing_from is not None
         note = (f", checkpointing {backend.checkpointed_layers}/{backend.n_layers} layers from step "  # it is slower
                 f"{trainer.gradient_checkpointing_from} ({trainer.gradient_checkpointing_reason})") if switched else ""

@@ -26,7 +26,7 @@ def _config(**over) -> TrainConfig:
 
 
 def _train(folder, config, resume=False, stop_after=None, backend=None):
-    """What the node does with a NamedRun: plan, check, attach, train, save (also when stopped), complete."""
+    """What the node does with a NamedRun: plan, check, attach, train, save (also when stopped)."""
     backend = backend or tiny_zimage_backend()
     run = NamedRun.plan(folder, "", config, resume)
     run.check(backend, ADVICE)
@@ -35,10 +35,7 @@ def _train(folder, config, resume=False, stop_after=None, backend=None):
         trainer.should_stop = lambda: trainer.step >= stop_after
     run = run.attach(trainer)
     result = trainer.run()
-    path = run.save(result.lora)
-    if result.completed:
-        run.complete()
-    return path, result
+    return run.save(result.lora), result
 
 
 def test_a_stopped_and_resumed_run_leaves_one_file_equal_to_an_uninterrupted_run(tmp_path):
@@ -57,6 +54,30 @@ def test_a_stopped_and_resumed_run_leaves_one_file_equal_to_an_uninterrupted_run
     for key, (a, b) in reference.factors.items():
         torch.testing.assert_close(done.factors[key][0], a, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(done.factors[key][1], b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_run_cancelled_with_its_last_step_done_leaves_no_checkpoint_to_refuse_the_next(tmp_path):
+    """ComfyUI's progress hook raises a Cancel at the last step's update: the run has done all its work but stops
+    by an exception, and the node saves its LoRA as a stopped one's. That save finishes the run, or the checkpoint
+    left beside a finished file (which a repeat reuses without training) refused every other run under the name."""
+    folder, config = tmp_path / "loras", _config(steps=3)
+    run = NamedRun.plan(folder, "", config, resume=False)
+    backend = tiny_zimage_backend()
+    trainer = ZEraseTrainer(backend, config)
+    run = run.attach(trainer)
+
+    def cancel_at_the_last_update(record, trainer):
+        if record.step == config.steps:
+            raise KeyboardInterrupt
+
+    trainer.callbacks.append(cancel_at_the_last_update)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert trainer.step == 3 and run.checkpoint.exists()  # the trainer keeps its last good state, as on any stop
+    path = run.save(trainer.export())  # as the node's except branch does
+    assert load_lora(path).training["steps_done"] == 3 and not run.checkpoint.exists()
+    _train(folder, _config(steps=3, seed=1))  # another run under the name: not refused, lands beside it
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["red.safetensors", "red_001.safetensors"]
 
 
 def test_the_partial_file_is_the_one_its_checkpoint_recorded(tmp_path):

@@ -76,13 +76,16 @@ class NamedRun:
     def save(self, lora: ErasureLoRA) -> Path:
         """Save to the name resolved before training, unless a file appeared there meanwhile (written by something
         else during a long run): then to the next free name, never over it. The partial file it continues is
-        replaced."""
+        replaced. A LoRA with every step done finishes the run: its checkpoint goes, nothing is left to resume (also
+        when a Cancel came with the last step, which stops the run after all its work)."""
+        path = self._write(lora)
+        if lora.training.get("steps_done", 0) >= self.config.steps:
+            self.checkpoint.unlink(missing_ok=True)
+        return path
+
+    def _write(self, lora: ErasureLoRA) -> Path:
         if self.replaces_partial:
             return save_lora(lora, self.lora)
         if self.lora.exists():
             return save_new(lora, self.folder, self.name)
         return save_lora(lora, self.lora, exclusive=True)
-
-    def complete(self) -> None:
-        """The run is finished: nothing is left to resume."""
-        self.checkpoint.unlink(missing_ok=True)
