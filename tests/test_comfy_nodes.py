@@ -468,7 +468,8 @@ def test_the_cheap_preview_matches_comfyuis_own_on_a_latents_samples(pack):
 
 def test_queueing_again_takes_the_finished_lora_instead_of_training(pack, loras_dir, tmp_path, monkeypatch):
     """After ComfyUI's cache is gone (a restart, another workflow), the same settings on the same MODEL (its file and
-    patches) take the saved LoRA; another seed, or another file behind the model, trains again."""
+    patches) and the same text encoder (its file and settings) take the saved LoRA; another seed, another file behind
+    the model, another text encoder, or a CLIP that nothing identifies, trains again."""
     train, trainer_class = pack["ZEraseTrain"], _train_module().ZEraseTrainer
     weights = tmp_path / "z_image_turbo.safetensors"
     weights.write_bytes(b"weights")
@@ -478,11 +479,20 @@ def test_queueing_again_takes_the_finished_lora_instead_of_training(pack, loras_
         model.cached_patcher_init = (lambda *a, **k: None, (str(path), {}))  # as Load Diffusion Model records
         return model
 
-    first = train.execute(model=model_from(weights), clip=tiny_clip(comfy), **_train_inputs())
+    encoder = tmp_path / "qwen_3_4b.safetensors"
+    encoder.write_bytes(b"text encoder")
+
+    def clip_from(path, seed=1):
+        clip = tiny_clip(comfy, seed=seed)
+        lumina2 = comfy.sd.CLIPType.LUMINA2  # as Load CLIP records: a list of files, the type, options
+        clip.patcher.cached_patcher_init = (lambda *a, **k: None, ([str(path)], None, lumina2, {}))
+        return clip
+
+    first = train.execute(model=model_from(weights), clip=clip_from(encoder), **_train_inputs())
     steps_run = []
     real_step = trainer_class.train_step
     monkeypatch.setattr(trainer_class, "train_step", lambda self: steps_run.append(1) or real_step(self))
-    again = train.execute(model=model_from(weights), clip=tiny_clip(comfy), **_train_inputs())
+    again = train.execute(model=model_from(weights), clip=clip_from(encoder), **_train_inputs())
     saved = sorted(p.name for p in (loras_dir / "zerase").glob("*.safetensors"))
     assert steps_run == [] and saved == ["cat.safetensors"]
     for key, (a, b) in first[0].factors.items():
@@ -493,12 +503,22 @@ def test_queueing_again_takes_the_finished_lora_instead_of_training(pack, loras_
     original, trained, reused = (ksample(comfy, m, pos, neg, latent, seed=3, steps=2, cfg=2.0)
                                  for m in (model_from(weights), first[1], again[1]))
     assert torch.equal(trained, reused) and not torch.equal(trained, original)  # one erased MODEL, made one way
-    train.execute(model=model_from(weights), clip=tiny_clip(comfy), **_train_inputs(seed=1))
+    train.execute(model=model_from(weights), clip=clip_from(encoder), **_train_inputs(seed=1))
     assert len(steps_run) == 2 and (loras_dir / "zerase" / "cat_001.safetensors").is_file()
     other = tmp_path / "finetune.safetensors"
     other.write_bytes(b"other weights")
-    train.execute(model=model_from(other), clip=tiny_clip(comfy), **_train_inputs())
+    train.execute(model=model_from(other), clip=clip_from(encoder), **_train_inputs())
     assert len(steps_run) == 4 and (loras_dir / "zerase" / "cat_002.safetensors").is_file()
+    other_encoder = tmp_path / "qwen_3_4b_fp8_scaled.safetensors"  # other prompt features
+    other_encoder.write_bytes(b"other text encoder")
+    train.execute(model=model_from(weights), clip=clip_from(other_encoder, seed=2), **_train_inputs())
+    assert len(steps_run) == 6 and (loras_dir / "zerase" / "cat_003.safetensors").is_file()
+    last_layer = clip_from(encoder)
+    last_layer.clip_layer(-2)  # CLIPSetLastLayer: the same file, other features
+    train.execute(model=model_from(weights), clip=last_layer, **_train_inputs())
+    assert len(steps_run) == 8
+    train.execute(model=model_from(weights), clip=tiny_clip(comfy), **_train_inputs())  # a CLIP of no file: no reuse
+    assert len(steps_run) == 10
 
 
 def test_a_run_stopped_by_nan_leaves_the_input_model_as_it_was(pack, loras_dir, monkeypatch):

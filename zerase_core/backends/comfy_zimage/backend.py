@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from contextlib import contextmanager
 from typing import Any, ContextManager, Iterator, Sequence
@@ -21,7 +22,7 @@ from ..base import Backend, HostSlot, LoRASet, install_on
 from ..row_sharing import RowGroups, SharedRowsForward, take_rows
 from .call_state import CallState
 from .clip_prompts import encode_with_clip
-from .digest import model_digest
+from .digest import model_digest, text_encoder_digest
 from .loading import load_whole, loaded_whole, own_weights, training_model
 from .nextdit_layout import image_patches, nextdit_layout
 from .object_patches import (LAYER_FORWARD, QKV_PATH, REFINER_FORWARD, CheckpointedForward, GatedForward,
@@ -45,6 +46,8 @@ class ComfyZImageBackend(Backend):
         self.node = node
         self.patcher = model.clone()
         self.clip = clip
+        # Taken now: training releases the CLIP once the prompts are encoded, before the run's digest is asked for.
+        self._encodes, self._text_digest = clip is not None, text_encoder_digest(clip)
         self.gate = TokenGate()
         self.key = f"{WRAPPER_PREFIX}_{uuid.uuid4().hex[:12]}"
         self._wrapped: dict[int, GatedLoRALinear] = {}
@@ -99,7 +102,14 @@ class ComfyZImageBackend(Backend):
         yield from self.dit.buffers()
 
     def base_digest(self) -> str | None:
-        return model_digest(self.patcher)
+        """The MODEL's digest, and with a CLIP (training) the text encoder's in it: a LoRA is trained on that
+        encoder's prompt features. None where either cannot be told (no reuse, no resume check)."""
+        model = model_digest(self.patcher)
+        if not self._encodes or model is None:
+            return model
+        if self._text_digest is None:
+            return None
+        return hashlib.sha256(f"{model}:{self._text_digest}".encode()).hexdigest()[:16]
 
     def host_slots(self) -> list[HostSlot]:
         d = self.dim // self.n_heads

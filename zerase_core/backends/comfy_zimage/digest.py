@@ -1,9 +1,11 @@
 """What a ComfyUI MODEL is beyond its architecture, in a form that survives a restart: the file it was loaded from
-and everything patched onto it. A finished erasure LoRA is reused only for a model with the same digest; where the
-digest cannot describe a change (injections, hooks, another node's callables), there is no digest and no reuse."""
+and everything patched onto it; the same of the CLIP a run encodes its prompts with. A finished erasure LoRA is
+reused only for a model with the same digest; where the digest cannot describe a change (injections, hooks, another
+node's callables), there is no digest and no reuse."""
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 import types
@@ -40,9 +42,10 @@ def model_digest(patcher: Any) -> str | None:
     try:
         for arg in init[1]:
             _feed(h, arg)
-            if isinstance(arg, (str, os.PathLike)) and os.path.isfile(arg):
-                stat = os.stat(arg)
-                h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            for item in arg if isinstance(arg, (list, tuple)) else (arg,):  # Load CLIP records a list of files
+                if isinstance(item, (str, os.PathLike)) and os.path.isfile(item):
+                    stat = os.stat(item)
+                    h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
         for key in sorted(patcher.patches):
             h.update(key.encode())
             _feed(h, patcher.patches[key])
@@ -56,9 +59,27 @@ def model_digest(patcher: Any) -> str | None:
     return h.hexdigest()[:16]
 
 
+def text_encoder_digest(clip: Any) -> str | None:
+    """A CLIP as :func:`model_digest` describes a MODEL (its files, options and weight patches: a LoraLoader's CLIP
+    side), with what its encoding reads beside them (CLIPSetLastLayer's layer, tokenizer options). A run trains on
+    this encoder's prompt features: a LoRA trained with another is another run. None where nothing stable identifies
+    it, or where hooks change its conditioning."""
+    patcher = getattr(clip, "patcher", None)
+    digest = model_digest(patcher) if patcher is not None else None
+    if digest is None or getattr(clip, "apply_hooks_to_conds", None):
+        return None
+    h = hashlib.sha256(digest.encode())
+    try:
+        _feed(h, getattr(clip, "layer_idx", None))
+        _feed(h, getattr(clip, "tokenizer_options", None))
+    except _Undescribed:
+        return None
+    return h.hexdigest()[:16]
+
+
 def _feed(h, value: Any) -> None:
     """Put a stable description of ``value`` into ``h``, or raise :class:`_Undescribed`."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, enum.Enum)):
         h.update(repr(value).encode())
     elif isinstance(value, os.PathLike):
         h.update(os.fspath(value).encode())
