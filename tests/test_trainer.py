@@ -775,3 +775,13 @@ def test_a_run_without_preservation_concepts_warns_that_l_pr_keeps_only_the_empt
     caplog.clear()
     ZEraseTrainer(tiny_zimage_backend(), _config(steps=1))
     assert "No preservation concept" not in caplog.text
+
+
+def test_a_preservation_concept_around_the_concept_is_warned_about(caplog):
+    """Preserving "dark red" while erasing "red" keeps the very tokens the erase term removes (an exact match is
+    refused by TrainConfig): said, naming it; a word that only contains the concept's letters ("bored") is not."""
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, preserve=("dark red", "blue")))
+    assert caplog.text.count("The preservation concept 'dark red' contains the concept 'red'") == 1
+    caplog.clear()
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, preserve=("bored", "blue")))
+    assert "contains the concept" not in caplog.text

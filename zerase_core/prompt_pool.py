@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .backends.base import Backend
 from .config import TrainConfig
-from .prompts import EncodedPrompt, concept_token_indices, fill_template, shuffle_words
+from .prompts import EncodedPrompt, concept_token_indices, fill_template, mentions, shuffle_words
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,12 @@ class PromptPool:
         if not config.preserve:  # allowed (Eq. 8's first term still holds), but the paper always trains with a D_pr
             log.warning("No preservation concept: L_pr (Eq. 8) keeps only the empty prompt's predictions. The paper "
                         "always trains with a preservation set, e.g. 'person' when erasing 'nude' or a celebrity.")
+        holding = [p for p in config.preserve if mentions(p, config.concept)]
+        if holding:  # an exact match is refused (TrainConfig); a phrase around the concept may be meant, but rarely
+            log.warning("The preservation concept %s contains the concept '%s': L_pr (Eq. 8) then keeps the very "
+                        "tokens L_erase removes, and the two pull against each other. Preserve what should stay "
+                        "without the concept (e.g. 'person' when erasing 'nude').",
+                        ", ".join(f"'{p}'" for p in holding), config.concept)
         return cls(erase, tokens, encoded[len(texts)], tuple(encoded[len(texts) + 1 :]))
 
     def pick(self, erase_index: int, keep_index: int | None) -> tuple[EncodedPrompt, list[int], EncodedPrompt | None]:

@@ -71,6 +71,11 @@ def _occurrences(text: str, word: str) -> list[tuple[int, int]]:
 _UNSPACED_SCRIPTS = ("THAI", "LAO", "KHMER", "MYANMAR")  # Unicode name prefixes; CJK is found by its width
 
 
+def mentions(text: str, word: str) -> bool:
+    """``word`` occurs in ``text`` as a whole word (see :func:`_occurrences`)."""
+    return bool(_occurrences(text, word))
+
+
 def _joined(neighbour: str, edge: str) -> bool:
     """Whether ``neighbour`` continues the word that ``edge`` (the phrase's first or last character) is part of."""
     return bool(neighbour) and _word_char(neighbour) and _word_char(edge)
