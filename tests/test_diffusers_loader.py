@@ -79,24 +79,32 @@ def test_train_on_a_model_folder_writes_the_lora(folder, tmp_path):
     assert len(json.loads((out / "history.json").read_text())) == 2
 
 
-def test_a_run_is_not_resumed_on_another_model_of_the_same_sizes(folder, tmp_path, capsys):
-    """The loaded model's digest (its weight files, sampled) goes into the checkpoint; a folder whose transformer has
-    other weights is refused on --resume before any work, and the same weights elsewhere (a copy) are accepted."""
-    import shutil
-
+def _fine_tuned(folder, part: str, prefix: str) -> None:
+    """One tensor of ``part``'s weights moved, as a fine-tune would."""
     from safetensors.torch import load_file, save_file
 
-    from zerase_core.backends.diffusers_loader import weights_digest
+    (weights,) = (folder / part).glob("*.safetensors")
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.startswith(prefix))
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
+def test_a_run_is_not_resumed_on_another_model_of_the_same_sizes(folder, tmp_path, capsys):
+    """The loaded model's digest (its weight files, sampled: the transformer's and the text encoder's, whose prompt
+    features it trains on) goes into the checkpoint; a folder with other weights in either is refused on --resume
+    before any work, and the same weights elsewhere (a copy) are accepted."""
+    import shutil
+
+    from zerase_core.backends.diffusers_loader import folder_digest, weights_digest
     from zerase_core.cli import main
 
-    other, copy = tmp_path / "finetune", tmp_path / "copy"
-    shutil.copytree(folder, other)
-    shutil.copytree(folder, copy)
-    (weights,) = (other / "transformer").glob("*.safetensors")
-    tensors = load_file(weights)
-    name = next(k for k in tensors if k.startswith("layers.1.attention.to_q"))
-    tensors[name] = tensors[name] + 0.01  # one tensor fine-tuned
-    save_file(tensors, weights, metadata={"format": "pt"})
+    other, other_encoder, copy = tmp_path / "finetune", tmp_path / "other_encoder", tmp_path / "copy"
+    for made in (other, other_encoder, copy):
+        shutil.copytree(folder, made)
+    _fine_tuned(other, "transformer", "layers.1.attention.to_q")
+    _fine_tuned(other_encoder, "text_encoder", "model.layers.0.self_attn.q_proj")
+    assert folder_digest(other_encoder) != folder_digest(folder) != folder_digest(other) is not None
     assert weights_digest(other / "transformer") != weights_digest(folder / "transformer")
     assert weights_digest(copy / "transformer") == weights_digest(folder / "transformer")
     (copy / "transformer" / "erasure_lora.safetensors").write_bytes(b"x" * 100)  # a run's --out inside the folder
@@ -109,8 +117,9 @@ def test_a_run_is_not_resumed_on_another_model_of_the_same_sizes(folder, tmp_pat
                      "--xt-pool", "2", "--out", str(tmp_path / "run"), *extra])
 
     assert run(folder, 1) == 0
-    assert run(other, 2, "--resume") == 2  # refused: trained on another model
-    assert "was trained on another model: on the command line another --model folder" in capsys.readouterr().err
+    for refused in (other, other_encoder):
+        assert run(refused, 2, "--resume") == 2  # refused: trained on another model
+        assert "was trained on another model: on the command line another --model folder" in capsys.readouterr().err
     assert run(copy, 2, "--resume") == 0
 
 

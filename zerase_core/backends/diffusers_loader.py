@@ -61,24 +61,33 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
     text_model = _loaded_whole(AutoModel, folder, "text_encoder", torch_dtype=dtype).to(device)  # (dtype= from 4.56)
     encoder = ChatTemplateEncoder(tokenizer, text_model.eval())
     return DiffusersZImageBackend(transformer.eval(), encoder, LatentSpec(channels=transformer.config.in_channels),
-                                  device=device, flow_shift=shift, digest=weights_digest(folder / "transformer"))
+                                  device=device, flow_shift=shift, digest=folder_digest(folder))
 
 
-_LOADED = re.compile(r"^diffusion_pytorch_model(-\d{5}-of-\d{5})?\.safetensors$")  # one file, or its shards
+# The weight files each part loads: one file, or its shards (diffusers' names, then transformers').
+LOADED = {"transformer": re.compile(r"^diffusion_pytorch_model(-\d{5}-of-\d{5})?\.safetensors$"),
+          "text_encoder": re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")}
 SAMPLES, SAMPLE_BYTES = 64, 1 << 16  # read from each weight file, evenly spread: 4 MiB, a fraction of a second
 
 
-def weights_digest(folder: Path) -> str | None:
-    """What the transformer's weights are, cheaply: sha256 over each weight file's name, size, its safetensors
-    header (every tensor's name, dtype, shape and place) and 64 samples of 64 KiB spread evenly over it. A fine-tune of
-    the same architecture differs there; a copy or a move of the folder does not. A model that differs from another in
-    a few tensors only may escape the samples. Resuming a run checks it (Backend.base_digest), so a checkpoint is not
+def folder_digest(folder: Path) -> str | None:
+    """The model a run trains on: the transformer's weights and the text encoder's, whose prompt features the run
+    trains on (:func:`weights_digest` of each). None where either cannot be told."""
+    parts = [weights_digest(folder / part, LOADED[part]) for part in ("transformer", "text_encoder")]
+    return None if None in parts else hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+
+
+def weights_digest(folder: Path, loaded: re.Pattern = LOADED["transformer"]) -> str | None:
+    """What a part's weights are, cheaply: sha256 over each weight file's name, size, its safetensors header (every
+    tensor's name, dtype, shape and place) and 64 samples of 64 KiB spread evenly over it. A fine-tune of the same
+    architecture differs there; a copy or a move of the folder does not. A model that differs from another in a few
+    tensors only may escape the samples. Resuming a run checks it (Backend.base_digest), so a checkpoint is not
     continued on another model of the same sizes. None for weights in another format (.bin): not told apart.
 
-    Only the files diffusers loads count (``diffusion_pytorch_model.safetensors`` or its shards, not a variant such as
-    ``.fp16``): a run whose --out lay inside the folder added its own LoRA and checkpoint to the digest, and could
-    then never be resumed."""
-    files = sorted(p for p in folder.glob("diffusion_pytorch_model*.safetensors") if _LOADED.match(p.name))
+    Only the files the part loads count (``loaded``: ``diffusion_pytorch_model.safetensors`` or its shards, not a
+    variant such as ``.fp16``): a run whose --out lay inside the folder added its own LoRA and checkpoint to the
+    digest, and could then never be resumed."""
+    files = sorted(p for p in folder.glob("*.safetensors") if loaded.match(p.name))
     if not files:
         return None
     h = hashlib.sha256()
