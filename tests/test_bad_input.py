@@ -617,6 +617,54 @@ def test_a_run_whose_checkpoint_could_not_be_written_does_not_say_to_resume_it(t
     assert load_lora(out / "erasure_lora.safetensors").training["steps_done"] == 2  # the work so far, kept
 
 
+def test_a_full_disk_at_a_stop_still_says_where_the_run_stopped_and_what_resumes_it(tmp_path, monkeypatch):
+    """Ctrl-C after step 3; the stop's LoRA cannot be written (a full disk). Its error replaced the whole message:
+    nothing said the run had stopped, nor that the checkpoint of step 3 resumes it."""
+    import zerase_core.run as run_module
+    from zerase_core.checkpoint import _read
+    from zerase_core.run import PlannedRun, train_and_save
+
+    def disk_full(lora, path, **kwargs):
+        raise ZEraseError(f"Could not write {path}: No space left on device.")
+
+    monkeypatch.setattr(run_module, "save_lora", disk_full)
+    backend, out = tiny_zimage_backend(), tmp_path / "run"
+    with pytest.raises(ZEraseError, match=r"Stopped at step 3 of 6. The LoRA so far could not be saved \(Could not "
+                                          r"write .*No space left on device.\)\nThe last checkpoint written, .*"
+                                          r"checkpoint.safetensors, resumes the run: free disk space and run the same "
+                                          r"command with --resume"):
+        train_and_save(PlannedRun(backend, _config(steps=6, checkpoint_every=2), out),
+                       callbacks=[lambda record, trainer: _ctrl_c_after(record, 3)])
+    assert _read(out / "checkpoint.safetensors", tensors=False)[1]["step"] == 3
+
+
+def _ctrl_c_after(record, step: int) -> None:
+    if record.step == step:
+        raise KeyboardInterrupt
+
+
+def test_a_run_trained_whose_outputs_cannot_be_written_says_resume_writes_them(tmp_path, monkeypatch):
+    """Every step trained and in the checkpoint, then curves.png fails (a full disk): the message now says --resume
+    writes the files without training again, and it does."""
+    import zerase_core.run as run_module
+    from zerase_core.run import PlannedRun, train_and_save
+
+    real_save_png = run_module.save_png
+
+    def disk_full(image, path):
+        raise ZEraseError(f"Could not write {path}: No space left on device.")
+
+    monkeypatch.setattr(run_module, "save_png", disk_full)
+    out, config = tmp_path / "run", _config(steps=3)
+    with pytest.raises(ZEraseError, match=r"curves.png: No space left on device.\nAll 3 steps are trained and kept in "
+                                          r".*checkpoint.safetensors: once the file can be written, run the same "
+                                          r"command with --resume to write it \(nothing is trained again\)"):
+        train_and_save(PlannedRun(tiny_zimage_backend(), config, out))
+    monkeypatch.setattr(run_module, "save_png", real_save_png)
+    result, _ = train_and_save(PlannedRun(tiny_zimage_backend(), config, out, resume=True))
+    assert (out / "curves.png").is_file() and len(result.history) == 3
+
+
 def test_a_picture_that_cannot_be_written_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
     """PIL's own save left a truncated curves.png on a full disk, and its OSError reached the user as a traceback."""
     import errno

@@ -206,6 +206,28 @@ def test_templates_frame_the_concept_short_and_in_full_prompts_covering_every_va
             assert {n[attribute] for n in full} == set(values)
 
 
+def test_a_demo_stopped_while_it_measures_says_that_resume_measures_it(tmp_path, random_toy, monkeypatch):
+    """Ctrl-C after training, while the erased model is measured: the run is trained and saved, only report.json is
+    missing, and the same command without --resume is refused its folder. It said only "Stopped (Ctrl-C)"."""
+    import zerase_core.toy.demo as demo
+
+    real_report = demo.erasure_report
+
+    def ctrl_c_on_the_erased_model(*args, lora=False, **kwargs):
+        if lora:
+            raise KeyboardInterrupt
+        return real_report(*args, lora=lora, **kwargs)
+
+    monkeypatch.setattr(demo, "erasure_report", ctrl_c_on_the_erased_model)
+    with pytest.raises(ZEraseError, match="while measuring the erased model. Its 2 steps are trained and saved in "
+                                          ".*run the same command with --resume to measure it") as stopped:
+        demo.run_demo("red", None, steps=2, seed=0, out=tmp_path, n_eval=2, bundle=random_toy)
+    assert isinstance(stopped.value.__cause__, KeyboardInterrupt)  # the command line exits 130
+    monkeypatch.setattr(demo, "erasure_report", real_report)
+    report = demo.run_demo("red", None, steps=2, seed=0, out=tmp_path, n_eval=2, bundle=random_toy, resume=True)
+    assert report["steps"] == 2 and (tmp_path / "report.json").is_file()
+
+
 def test_a_demo_stopped_before_its_first_step_leaves_nothing_that_refuses_the_next(tmp_path, random_toy, monkeypatch):
     """The previews folder was made before training: a run stopped before step 1 said "nothing was saved", and
     then refused its folder for holding previews/."""

@@ -492,6 +492,15 @@ def test_svd_rerank_reports_error_that_shrinks_with_rank():
     assert all(e1 > e2 for e1, e2 in zip(errors, errors[1:-1])) and errors[-1] < 1e-6
 
 
+def test_a_reranked_merge_says_in_its_file_that_it_approximates(tmp_path):
+    """The relative error was printed once; the file itself did not tell that it is an approximation."""
+    merged = merge_exact([_random_lora(KEYS, seed=s) for s in range(3)])
+    low, report = rerank(merged, 3)
+    kept = load_lora(save_lora(low, tmp_path / "merged.safetensors"))
+    assert kept.training["rerank"] == {"rank": 3, "relative_error": pytest.approx(report.relative_error)}
+    assert kept.training["merged_from"] == merged.training["merged_from"] and report.relative_error > 0.1
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_merge_refuses_weights_that_are_not_finite(bad):
     """A NaN weight would write a file every loader then refuses: refuse it at the merge, naming the weights."""

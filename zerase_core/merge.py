@@ -128,7 +128,8 @@ def rerank(lora: ErasureLoRA, rank: int) -> tuple[ErasureLoRA, MergeReport]:
         err2 += float((sv[k:] ** 2).sum())
         total2 += float((sv**2).sum())
     rel = (err2 / total2) ** 0.5 if total2 > 0 else 0.0
-    merged = replace(lora, factors=factors, scale=1.0, strength=1.0)  # the rest described as it was
+    training = lora.training | {"rerank": {"rank": rank, "relative_error": rel}}  # a lossy file says so itself
+    merged = replace(lora, factors=factors, scale=1.0, strength=1.0, training=training)  # the rest as it was
     return merged, MergeReport(rank, rel)
 
 

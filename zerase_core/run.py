@@ -134,7 +134,12 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
         raise ZEraseError(_stopped(trainer, run.lora, err)) from err
     finally:
         bar.close()
-    _write_outputs(run, result, trained=not finished)
+    try:
+        _write_outputs(run, result, trained=not finished)
+    except ZEraseError as err:  # every step is in the checkpoint: say how to get the files without training again
+        raise ZEraseError(f"{err}\nAll {config.steps} steps are trained and kept in {run.checkpoint}: once the file "
+                          "can be written, run the same command with --resume to write it (nothing is trained "
+                          "again).") from err
     return result, run.lora
 
 
@@ -174,8 +179,15 @@ def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str
     if not trainer.params_finite():  # an update overflowed the LoRA: nothing of it is worth keeping
         return (f"{why} at step {trainer.step} with the LoRA's weights no longer finite; nothing was saved. Start a "
                 "fresh run with a lower learning rate (train: --lr).")
-    save_lora(trainer.export(), lora_path)  # as the node does at Cancel: the LoRA so far, replaced when resumed
-    where = f"{why} at step {trainer.step} of {trainer.config.steps}. The LoRA so far is in {lora_path}"
+    at = f"{why} at step {trainer.step} of {trainer.config.steps}."
+    try:
+        save_lora(trainer.export(), lora_path)  # as the node does at Cancel: the LoRA so far, replaced when resumed
+    except ZEraseError as failed:  # a full disk: its message must not hide what stopped the run and what resumes it
+        resumes = trainer.checkpoint_path.exists() and not isinstance(err, NonFiniteLoss)
+        then = (f"The last checkpoint written, {trainer.checkpoint_path}, resumes the run: free disk space and run "
+                "the same command with --resume." if resumes else "Free disk space and start the run anew elsewhere.")
+        return f"{at} The LoRA so far could not be saved ({failed})\n{then}"
+    where = f"{at} The LoRA so far is in {lora_path}"
     if isinstance(err, NonFiniteLoss):  # the checkpoint would run into the same step, with the same settings
         return (f"{where} (its last good weights). Resuming would repeat the step that failed: start a fresh run "
                 "with another --out and a lower learning rate (train: --lr).")

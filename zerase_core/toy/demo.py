@@ -183,7 +183,12 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     previews = every(max(1, steps // 4), preview(backend, bundle, concept, seed, out))
     result, lora_path = train_and_save(run, callbacks=[previews])
     log.info("measuring the erased model")
-    erased = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=True, styles=PROMPT_STYLES)
+    try:
+        erased = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=True, styles=PROMPT_STYLES)
+    except KeyboardInterrupt as err:  # the run is trained and saved: only the measurement is lost
+        raise ZEraseError(f"Stopped while measuring the erased model. Its {steps} steps are trained and saved in "
+                          f"{out}: run the same command with --resume to measure it (nothing is trained again).") \
+            from err
     report = {
         "concept": concept.word, "attribute": concept.attribute, "value": concept.value,
         "preserve": list(config.preserve), "steps": steps, "seed": seed, "n_eval": n_eval,
