@@ -39,7 +39,9 @@ class MergeErasureLoRAs(io.ComfyNode):
                 ErasureLoRAType.Input("lora_2"),
                 ErasureLoRAType.Input("lora_3", optional=True),
                 ErasureLoRAType.Input("lora_4", optional=True),
-                io.String.Input("weights", default="", tooltip="Comma-separated, one per LoRA; empty: 1/N each."),
+                io.String.Input("weights", default="", tooltip=(
+                    "Comma-separated, one per LoRA; empty: 1/N each (the paper's: each concept erased less than "
+                    "alone). 1 each erases as the LoRAs stacked do (README).")),
                 io.Int.Input("rank", default=0, min=0, max=1024, tooltip="0: exact merge; else re-rank by SVD."),
                 io.String.Input("save_name", default="",
                                 tooltip="Empty: do not save. Saved under models/loras/zerase/."),

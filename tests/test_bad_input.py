@@ -86,6 +86,22 @@ def test_resume_refuses_what_is_not_a_checkpoint_of_this_model(tmp_path):
         deeper.resume(tmp_path / "run.ckpt")
 
 
+def test_a_resume_refusal_tells_another_architecture_first_and_cuts_long_settings(tmp_path):
+    """`train --tiny --out <a demo's folder> --resume` listed the settings that differ instead of saying the model
+    differs; the demo with another seed, from which it draws its templates, printed both lists (2000 characters)."""
+    saved = ZEraseTrainer(tiny_zimage_backend(), _config(), checkpoint_path=tmp_path / "run.ckpt")
+    saved.run()
+    deeper = ZEraseTrainer(tiny_zimage_backend(TinyZImageConfig(n_layers=3)), _config(eta=3.0))
+    with pytest.raises(ZEraseError, match="belongs to another model architecture; resume on the model it was"):
+        deeper.resume(tmp_path / "run.ckpt")
+    many = tuple(f"a photo number {i} of a {{}} ball" for i in range(40))
+    with pytest.raises(ZEraseError) as refused:
+        ZEraseTrainer(tiny_zimage_backend(), _config(templates=many)).resume(tmp_path / "run.ckpt")
+    message = str(refused.value)
+    assert "templates: ['a {} ball'] then, ['a photo number 0 of a {} ball'" in message
+    assert "…, 40 in all now" in message and len(message) < 400
+
+
 @pytest.mark.parametrize("written", ["qk", "q,k", "q, k"])
 def test_cli_targets_take_the_nodes_comma_list_too(written):
     """The README and the Train node write targets as "q,k,v"; the CLI takes that as well as "qkv"."""

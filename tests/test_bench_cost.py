@@ -344,7 +344,7 @@ def test_gpu_script_refuses_fp8_weights_outside_comfyui(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps and --repeats must be at least 1"),  # a JSON of NaN
     (["--out", "."], "is a folder; --out names the JSON file"),  # a traceback after the first row
-    (["--pool", "0"], "xt_pool ≥ 1; got 'pool', 0"),  # a traceback, after the model was built
+    (["--pool", "0"], "at least 1 trajectory (xt_pool; --xt-pool or --pool on the command line); got 0"),  # was late
     (["--resolutions", "0"], "resolution must be positive; got 0×0"),
 ])
 def test_gpu_script_refuses_what_would_fail_after_its_first_row_before_building_a_model(argv, message, capsys,

@@ -67,6 +67,27 @@ def test_official_file_imports_to_same_delta(tmp_path):
         load_lora(tmp_path / "official_f64.safetensors")
 
 
+def test_official_files_are_known_by_their_file_name_and_a_merge_warns_of_their_scale(tmp_path, caplog):
+    """An official file names no concept: merges of such files were named "red + " or " + ". Its code applies it at
+    a strength of about 15, which a merge at weight × 1 would drop without a word."""
+    for name, seed in (("nudity", 0), ("violence", 1)):
+        g = torch.Generator().manual_seed(seed)
+        down, up = torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g)
+        save_file({"layers.0.attention.to_q.lora_down.weight": down, "layers.0.attention.to_q.lora_up.weight": up},
+                  str(tmp_path / f"{name}.safetensors"))
+    loras = [load_lora(tmp_path / f"{name}.safetensors") for name in ("nudity", "violence")]
+    assert [lora.concept for lora in loras] == ["nudity", "violence"]
+    with caplog.at_level("INFO", logger="zerase_core.merge"):
+        merged = merge_exact(loras)
+    assert merged.concept == "nudity + violence" and merged.training["merged_from"] == ["nudity", "violence"]
+    assert caplog.text.count("is an official Z-Erase file, which its code applies at a strength of about 15") == 2
+    assert "Merge weights 1/2 each, the paper's blend" in caplog.text  # told when the defaults are taken
+    caplog.clear()
+    with caplog.at_level("INFO", logger="zerase_core.merge"):
+        merge_exact([_random_lora(KEYS, seed=0), _random_lora(KEYS, seed=1, concept="dog")], [1.0, 1.0])
+    assert caplog.text == ""  # native parts, weights given: nothing to say
+
+
 def test_a_training_checkpoint_given_as_a_lora_is_named_as_one(tmp_path):
     from zerase_core.config import TrainConfig
     from zerase_core.lora import LoRAConfig

@@ -128,9 +128,10 @@ def _saved_config(path: Path, meta: dict) -> TrainConfig:
 def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict, base: str | None) -> None:
     """Refuse a checkpoint that a run of ``config`` on this model (its architecture ``fingerprint`` and ``base``
     digest: see Backend.base_digest) cannot continue."""
+    if meta.get("kind") == KIND and meta.get("fingerprint") != fingerprint:  # told first: its settings do not matter
+        raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture; resume on the model it "
+                          "was trained on, or start a fresh run.")
     _refuse_other_settings(path, meta, config)
-    if meta["fingerprint"] != fingerprint:
-        raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture.")
     if meta.get("base") is not None and meta["base"] != base:
         # base None: this model carries something the digest cannot describe, so it cannot be told the same
         raise ZEraseError(f"The checkpoint {path} was trained on another model: on the command line another "
@@ -146,7 +147,7 @@ def _refuse_other_settings(path: Path, meta: dict, config: TrainConfig) -> None:
     saved, wanted = (_flat_settings(resumable(c.to_dict())) for c in (_saved_config(path, meta), config))
     changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
     if changed:
-        shown = "; ".join(f"{k}: {saved.get(k)!r} then, {wanted.get(k)!r} now" for k in changed)
+        shown = "; ".join(f"{k}: {_brief(saved.get(k))} then, {_brief(wanted.get(k))} now" for k in changed)
         raise ZEraseError(
             f"The checkpoint {path.name} was made with different settings ({shown}); resume with the same settings "
             "(only the number of steps, the checkpoint interval and gradient checkpointing may change) or start a "
@@ -159,6 +160,16 @@ def _refuse_other_settings(path: Path, meta: dict, config: TrainConfig) -> None:
         raise ZEraseError(
             f"The checkpoint {path.name} is at step {meta['step']}, past this run's {config.steps} steps; "
             f"set steps to {meta['step']} or more to continue it, or start a fresh run.")
+
+
+def _brief(value, most: int = 80) -> str:
+    """A setting as a refusal shows it: a long one cut (the demo's templates, drawn from its seed, ran to thousands
+    of characters)."""
+    text = repr(value)
+    if len(text) <= most:
+        return text
+    count = f", {len(value)} in all" if isinstance(value, (list, tuple)) else ""
+    return f"{text[: most - 20]}…{count}"
 
 
 def _flat_settings(settings: dict) -> dict:

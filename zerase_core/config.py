@@ -89,9 +89,11 @@ class TrainConfig:
         if self.gradient_checkpointing not in CHECKPOINTING_MODES:
             raise ZEraseError(f"gradient_checkpointing must be one of {CHECKPOINTING_MODES}; got "
                               f"{self.gradient_checkpointing!r}.")
-        if self.xt_source not in XT_SOURCES or self.xt_pool < 1:
-            raise ZEraseError(f"xt_source must be one of {XT_SOURCES} and xt_pool ≥ 1; "
-                              f"got {self.xt_source!r}, {self.xt_pool}.")
+        if self.xt_source not in XT_SOURCES:
+            raise ZEraseError(f"xt_source must be one of {XT_SOURCES}; got {self.xt_source!r}.")
+        if self.xt_pool < 1:
+            raise ZEraseError(f"The x_t pool needs at least 1 trajectory (xt_pool; --xt-pool or --pool on the command "
+                              f"line); got {self.xt_pool}.")
         # Only floats can be NaN or infinite: every float setting is checked, one added later too.
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         unreal = [f"{name}={value}" for name, value in values.items() if isinstance(value, float)

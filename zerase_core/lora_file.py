@@ -181,7 +181,7 @@ def load_lora(path: str | Path) -> ErasureLoRA:
     if keys and all(_OFFICIAL.match(k) for k in keys):
         tensors = _tensors(path)
         try:
-            return _from_official(tensors)
+            return _from_official(tensors, concept=path.stem)
         except ZEraseError as err:  # its factors' own complaint, which does not know the file
             raise ZEraseError(f"'{path.name}' has the official Z-Erase code's layout but cannot be used: {err} Export "
                               "it again from the official code.") from err
@@ -270,8 +270,9 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
     return described
 
 
-def _from_official(tensors: dict[str, torch.Tensor]) -> ErasureLoRA:
-    """Official Z-Erase (diffusers) files: lora_down (r, in) is A, lora_up (out, r) is B, scale 1."""
+def _from_official(tensors: dict[str, torch.Tensor], concept: str) -> ErasureLoRA:
+    """Official Z-Erase (diffusers) files: lora_down (r, in) is A, lora_up (out, r) is B, scale 1. They name no
+    concept: ``concept`` is what they are known by (the file's name), so a merge is not named "red + "."""
     parts: dict[Key, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         m = _OFFICIAL.match(name)
@@ -279,7 +280,7 @@ def _from_official(tensors: dict[str, torch.Tensor]) -> ErasureLoRA:
     broken = [k for k, ab in parts.items() if set(ab) != {"A", "B"}]
     if broken:
         raise ZEraseError(f"Official Z-Erase file misses lora_down or lora_up for {broken}.")
-    return ErasureLoRA({k: (ab["A"], ab["B"]) for k, ab in parts.items()}, source="official-z-erase")
+    return ErasureLoRA({k: (ab["A"], ab["B"]) for k, ab in parts.items()}, concept=concept, source="official-z-erase")
 
 
 def check_fits(lora: ErasureLoRA, fingerprint: dict[str, Any], widths: dict[Key, tuple[int, int]]) -> None:

@@ -70,7 +70,12 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
     """Rank-concatenating merge; default weights 1/N (the paper's normalised blend)."""
     if len(loras) < 2:
         raise ZEraseError("Merging needs at least two erasure LoRAs.")
-    weights = [1.0 / len(loras)] * len(loras) if weights is None else list(weights)
+    if weights is None:
+        weights = [1.0 / len(loras)] * len(loras)
+        log.info("Merge weights 1/%d each, the paper's blend: each concept is erased less than by its LoRA alone "
+                 "(README, Merge Erasure LoRAs); weights of 1 each erase as the LoRAs applied together do.",
+                 len(loras))
+    weights = list(weights)
     if len(weights) != len(loras):
         raise ZEraseError(f"Got {len(weights)} weights for {len(loras)} LoRAs; give one weight per LoRA.")
     # w < 0 adds the concept back, as η < 0 would; w = 0 keeps nothing of its LoRA, yet the merge would be named for
@@ -80,6 +85,10 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
                           f"not erase it; 0 would keep nothing of its LoRA: leave that LoRA out); got {weights}.")
     for lora in loras:
         lora.require_gated()  # the merge is written as a gated LoRA
+        if lora.source == "official-z-erase":  # its code applies it at lora_scale 15; a file does not say so
+            log.warning("'%s' is an official Z-Erase file, which its code applies at a strength of about 15: in this "
+                        "merge it counts at its weight × 1. Give it a weight near 15 × the others' to keep its "
+                        "erasure.", lora.concept)
     fingerprint = _same_architecture(loras)
     keys = sorted(set().union(*(lora.factors for lora in loras)))
     factors: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -392,7 +392,8 @@ class ZEraseTrainer:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
         return (
             f"Training produced a non-finite value at step {self.step + 1} ({shown}). The LoRA keeps its last "
-            "good weights and no file with NaNs is written. Lower the learning rate or η, or train in fp32."
+            "good weights and no file with NaNs is written. Lower the learning rate or η, or load the model in fp32 "
+            "where it ran in fp16."
         )
 
     # --- the loop ------------------------------------------------------------------------
