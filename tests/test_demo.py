@@ -241,3 +241,27 @@ def test_a_demo_stopped_before_its_first_step_leaves_nothing_that_refuses_the_ne
     with pytest.raises(ZEraseError, match="before the first step; nothing was saved"):
         run_demo("red", None, steps=2, seed=0, out=tmp_path / "demo", n_eval=2, bundle=random_toy)
     assert not (tmp_path / "demo").exists() or not list((tmp_path / "demo").iterdir())
+
+
+def test_measure_gives_the_demos_numbers_for_its_lora_and_the_original(tmp_path, random_toy):
+    """`measure` applies LoRA files to the toy and measures as the demo does: the demo's own LoRA measures as its
+    report says, no file as its original model; a merge is measured on each of its concepts."""
+    from zerase_core.lora_file import save_lora
+    from zerase_core.merge import merge_exact
+    from zerase_core.toy.demo import run_demo
+    from zerase_core.toy.measure import measure
+
+    report = run_demo("red", None, steps=2, seed=0, out=tmp_path / "red", n_eval=6, bundle=random_toy)
+    lora = tmp_path / "red" / "erasure_lora.safetensors"
+    erased = measure([lora], [], n_eval=6, seed=0, bundle=random_toy)["concepts"]
+    original = measure([], ["red"], n_eval=6, seed=0, bundle=random_toy)["concepts"]
+    for key in ("acc_e", "acc_ir", "fd"):
+        assert erased["red"][key] == pytest.approx(report["erased"][key])
+        assert original["red"][key] == pytest.approx(report["original"][key])
+    assert erased["red"]["fd"] != original["red"]["fd"]  # the LoRA was applied, and removed after
+    other = load_lora(lora)
+    merged = save_lora(merge_exact([other, type(other)(other.factors, concept="circle", fingerprint=other.fingerprint)],
+                                   [1.0, 1.0]), tmp_path / "merged.safetensors")
+    assert sorted(measure([merged], [], n_eval=2, seed=0, bundle=random_toy)["concepts"]) == ["circle", "red"]
+    with pytest.raises(ZEraseError, match="Name the concepts to measure"):
+        measure([], [], n_eval=2, seed=0, bundle=random_toy)

@@ -1,4 +1,4 @@
-"""The toy world's subcommands: ``demo`` (the README's main job)."""
+"""The toy world's subcommands: ``demo`` (the README's main job), ``bench``, ``measure``."""
 
 from __future__ import annotations
 
@@ -54,4 +54,20 @@ def _bench(args: argparse.Namespace) -> int:
     run_bench(args.concepts, args.seeds, args.steps, args.n_eval, args.out, args.methods, cmd,
               assemble_only=args.assemble_only)
     print((args.out / "bench.md").read_text())
+    return 0
+
+
+def _add_measure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="*", type=Path, help="erasure LoRA files, applied together (none: the original)")
+    p.add_argument("--concepts", nargs="+", default=[], help="concepts to measure (default: the files' own)")
+    p.add_argument("--n-eval", type=int, default=100, help="prompts per evaluation set, as demo's --n-eval")
+    p.add_argument("--seed", type=int, default=0, help="as demo's --seed: its report's prompts and images")
+
+
+@command("measure", "toy world: erasure of LoRA files applied together (a merge, several stacked), per concept",
+         _add_measure)
+def _measure(args: argparse.Namespace) -> int:
+    from .measure import measure
+
+    print(json.dumps(measure(args.files, args.concepts, args.n_eval, args.seed), indent=2))
     return 0

@@ -1,0 +1,44 @@
+"""What ``demo`` measures, for any erasure LoRA files applied together to the shipped toy model: a merge, several
+stacked, a LoRA of another run. Each concept is measured on the demo's own prompt sets and seeds, so a file the demo
+trained measures as its report says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..apply import install_lora
+from ..backends.toy import toy_backend
+from ..errors import ZEraseError
+from ..lora_file import load_lora
+from ..merge import JOIN
+from .erasure_metrics import check_n_eval, erasure_report, parse_concept
+from .world import PROMPT_STYLES
+
+SHOWN = ("acc_e", "acc_ir", "h_a", "fd")
+
+
+def measure(files: Sequence[Path], concepts: Sequence[str], n_eval: int, seed: int, bundle=None) -> dict[str, Any]:
+    """acc_e, acc_ir, h_a and fd per concept with every file in ``files`` applied (none: the original model).
+    ``concepts`` default to the files' own (a merge's split into its parts)."""
+    from . import load_toy
+
+    check_n_eval(n_eval)
+    loras = [load_lora(f) for f in files]
+    concepts = list(concepts) or list(dict.fromkeys(c for lora in loras for c in lora.concept.split(JOIN)))
+    if not concepts:
+        raise ZEraseError("Name the concepts to measure (--concepts red circle): without LoRA files there are none "
+                          "to take them from.")
+    parsed = [parse_concept(c) for c in concepts]  # an unknown concept is told before any LoRA is applied
+    bundle = bundle or load_toy()
+    backend = toy_backend(bundle)
+    try:
+        for i, lora in enumerate(loras):
+            install_lora(backend, lora, name=f"measured_{i}")
+        # seed + 1000 and the demo's prompt styles: the stream the demo's report is measured on
+        reports = {c.word: erasure_report(backend, bundle, c, n_eval, seed + 1000, lora=bool(loras),
+                                          styles=PROMPT_STYLES) for c in parsed}
+    finally:
+        backend.uninstall()  # give the bundle back as it came
+    return {"files": [str(f) for f in files], "n_eval": n_eval, "seed": seed,
+            "concepts": {word: {k: r[k] for k in SHOWN} for word, r in reports.items()}}
