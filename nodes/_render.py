@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from zerase_core.render import (  # noqa: F401  (re-exported)
-    curves, grid, latent_rgb, rgb, to_image, to_pil, word_map_rows,
-)
+from zerase_core.render import latent_rgb, rgb
 
 
 def latent_preview(model, latent: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ class ApplyErasureLoRA(io.ComfyNode):
             description="Puts a Z-Erase LoRA on a Z-Image model, acting on text tokens only. Stack several "
             "to erase several concepts; bypass the node to get the original model back.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="A Z-Image model (Load Diffusion Model); not changed: a patched "
+                               "clone is returned."),
                 io.Combo.Input("lora_name", options=lora_files(), default=NONE,
                                tooltip="A Z-Erase LoRA file (native or official Z-Erase) from the loras folders."),
                 io.Float.Input("strength", default=1.0, min=-20.0, max=20.0, step=0.05,

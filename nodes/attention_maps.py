@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from zerase_core.attention_maps import word_maps
+from zerase_core import render
+from zerase_core.attention_maps import check_latent, check_request, layer_range, word_maps
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized
 from zerase_core.errors import ZEraseError
 from zerase_core.prompts import concept_token_indices
@@ -24,17 +25,19 @@ class AttentionMapViewer(io.ComfyNode):
             category="Z-Erase",
             description="Where image tokens attend to each chosen word of the prompt, over the picture.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.String.Input("prompt", default="a photo of a cat", multiline=True),
+                io.Model.Input("model", tooltip="A Z-Image model, with or without erasure LoRAs."),
+                io.Clip.Input("clip", tooltip="Z-Image's text encoder (Load CLIP, type lumina2)."),
+                io.String.Input("prompt", default="a photo of a cat", multiline=True,
+                                tooltip="The prompt whose words are mapped; the words must occur in it."),
                 io.String.Input("words", default="cat", tooltip="Comma-separated words or phrases of the prompt."),
                 io.String.Input("sigmas", default="0.5", tooltip="Noise level(s) in (0, 1], comma-separated."),
-                io.Int.Input("layer_start", default=0, min=0, max=1000),
+                io.Int.Input("layer_start", default=0, min=0, max=1000, tooltip="First main layer averaged."),
                 io.Int.Input("layer_end", default=-1, min=-1, max=1000, tooltip="Exclusive; -1: to the last layer."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds the noise the maps are measured on. No randomize control, so the "
                              "maps stay comparable."),
-                io.Latent.Input("latent", optional=True),
+                io.Latent.Input("latent", optional=True, tooltip="The picture the maps are measured on (its first "
+                                "image); or connect an IMAGE and a VAE."),
                 io.Image.Input("image", optional=True, tooltip="Measured on (encoded by the VAE) when no LATENT is "
                                "connected; a connected LATENT takes precedence."),
                 io.Vae.Input("vae", optional=True, tooltip="Needed to encode an IMAGE; also draws the picture."),
@@ -48,28 +51,16 @@ class AttentionMapViewer(io.ComfyNode):
                 vae=None, model_b=None) -> io.NodeOutput:
         words = [as_tokenized(w) for w in parse_list(NODE, words, "words")]  # as the prompt is read: "\(cat\)"
         sigma_list = parse_list(NODE, sigmas, "sigmas", float)
-        if not words or not sigma_list:
-            raise ZEraseError(f"{NODE}: give at least one word and one noise level.")
-        if any(not 0.0 < s <= 1.0 for s in sigma_list):
-            raise ZEraseError(f"{NODE}: noise levels must lie in (0, 1]; got {sigma_list}.")
+        check_request(NODE, words, sigma_list)
         backend = ComfyZImageBackend(model, clip, node=NODE)
-        end = backend.n_layers if layer_end < 0 else min(layer_end, backend.n_layers)
-        if not 0 <= layer_start < end:
-            raise ZEraseError(
-                f"{NODE}: layer range {layer_start}..{layer_end} is empty; the model has {backend.n_layers} layers.")
-        layers = set(range(layer_start, end))
+        layers = layer_range(NODE, backend.n_layers, layer_start, layer_end)
         if latent is not None:
             samples = latent["samples"][:1]
         elif image is not None and vae is not None:
-            samples = vae.encode(_render.rgb(image[:1]))
+            samples = vae.encode(render.rgb(image[:1]))
         else:
             raise ZEraseError(f"{NODE}: connect a LATENT, or an IMAGE together with a VAE.")
-        if samples.shape[0] == 0:
-            raise ZEraseError(f"{NODE}: the LATENT holds no image (batch size 0); connect one with at least one.")
-        if samples.ndim != 4 or samples.shape[1] != backend.latent_channels:
-            raise ZEraseError(
-                f"{NODE}: the latent has shape {tuple(samples.shape)}; Z-Image's have {backend.latent_channels} "
-                "channels. Make it with EmptySD3LatentImage, or encode the image with Z-Image's VAE (ae.safetensors).")
+        check_latent(NODE, samples, backend.latent_channels)
         (encoded,) = backend.encode([prompt])  # after the cheap checks: this runs the text encoder
         fix = ("Type words that occur in the prompt, or put them into it; separate words with commas ('cat, dog' is "
                "two words, 'cat dog' one phrase).")
@@ -78,7 +69,7 @@ class AttentionMapViewer(io.ComfyNode):
         except ZEraseError as err:
             raise ZEraseError(f"{NODE}: {err}") from err
         x0 = backend.patcher.model.process_latent_in(samples.float()).cpu()
-        maps = [word_maps(backend, encoded, columns, x0, sigma_list, seed, layers)]
+        maps = [word_maps(backend, encoded, columns, x0, sigma_list, seed, set(layers))]
         labels = ["model"]
         if model_b is not None:
             other = ComfyZImageBackend(model_b, node=NODE)
@@ -86,12 +77,13 @@ class AttentionMapViewer(io.ComfyNode):
             if theirs != ours:  # the prompt was encoded for model's caption width
                 raise ZEraseError(f"{NODE}: model_b is another architecture than model ({theirs} vs {ours}); compare "
                                   "two versions of one model, e.g. with and without an erasure LoRA.")
-            maps.append(word_maps(other, encoded, columns, x0, sigma_list, seed, layers))
+            maps.append(word_maps(other, encoded, columns, x0, sigma_list, seed, set(layers)))
             labels = ["model A", "model B"]
         # Drawn over the picture the maps were measured on: the LATENT's when one is connected, even beside an IMAGE.
-        picture = _render.to_pil(image[0] if latent is None else _render.decode(model, vae, samples)[0])
-        rows = _render.word_map_rows(picture, maps, difference=model_b is not None)
+        picture = render.to_pil(image[0] if latent is None else _render.decode(model, vae, samples)[0])
+        rows = render.word_map_rows(picture, maps, difference=model_b is not None)
         if model_b is not None:
             labels.append("A - B")
-        caption = f"{prompt} | sigma {', '.join(f'{s:g}' for s in sigma_list)} | layers {layer_start}..{end - 1}"
-        return io.NodeOutput(_render.grid(rows, words, labels, caption=caption))
+        levels = ", ".join(f"{s:g}" for s in sigma_list)
+        caption = f"{prompt} | sigma {levels} | layers {layers.start}..{layers.stop - 1}"
+        return io.NodeOutput(render.grid(rows, words, labels, caption=caption))

@@ -35,10 +35,10 @@ class MergeErasureLoRAs(io.ComfyNode):
             is_output_node=True,  # with a save_name it writes a file, wired onward or not
             description="Σ w_i ΔW_i over the products ΔW = B·A (rank concatenation is exact); optional SVD re-rank.",
             inputs=[
-                ErasureLoRAType.Input("lora_1"),
-                ErasureLoRAType.Input("lora_2"),
-                ErasureLoRAType.Input("lora_3", optional=True),
-                ErasureLoRAType.Input("lora_4", optional=True),
+                ErasureLoRAType.Input("lora_1", tooltip="From Z-Erase Train or Load Erasure LoRA."),
+                ErasureLoRAType.Input("lora_2", tooltip="One LoRA twice with a rank: that LoRA re-ranked."),
+                ErasureLoRAType.Input("lora_3", optional=True, tooltip="Optional: a third LoRA."),
+                ErasureLoRAType.Input("lora_4", optional=True, tooltip="Optional: a fourth LoRA."),
                 io.String.Input("weights", default="", tooltip=(
                     "Comma-separated, one per LoRA; empty: 1/N each (the paper's: each concept erased less than "
                     "alone). 1 each erases as the LoRAs stacked do (README).")),

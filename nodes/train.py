@@ -7,6 +7,7 @@ from pathlib import Path
 
 from comfy_api.latest import io, ui
 
+from zerase_core import render
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized, training_session
 from zerase_core.apply import install_lora
 from zerase_core.config import CHECKPOINTING_MODES, LR_RANGE, PRESETS, XT_SOURCES, TrainConfig
@@ -45,9 +46,9 @@ def build_config(concept, preset, templates, preserve, steps, learning_rate, bet
 
 def _previews(backend, prompt, model, vae, config):
     """Before/after pictures of the first erase prompt from one noise (not the run's: see before_after)."""
-    pictures = [_render.to_pil(_render.decode(model, vae, backend.patcher.model.process_latent_out(x0))[0])
+    pictures = [render.to_pil(_render.decode(model, vae, backend.patcher.model.process_latent_out(x0))[0])
                 for x0 in before_after(backend, prompt, config)]
-    return _render.grid([pictures], ["before", "after"], caption=prompt.text)
+    return render.grid([pictures], ["before", "after"], caption=prompt.text)
 
 
 def _reused(cls, path: Path, backend: ComfyZImageBackend, model, vae, config) -> io.NodeOutput:
@@ -59,7 +60,7 @@ def _reused(cls, path: Path, backend: ComfyZImageBackend, model, vae, config) ->
     install_lora(backend, lora, name=backend.key)
     previews = _previews(backend, prompt, model, vae, config)
     steps = config.steps  # finished_lora takes only files with every step done
-    curves = _render.curves(lora.history, title=f"Z-Erase '{config.concept}': {steps} steps (reused {path.name})",
+    curves = render.curves(lora.history, title=f"Z-Erase '{config.concept}': {steps} steps (reused {path.name})",
                             steps=steps)
     return _outputs(cls, lora, curves, previews, model)
 
@@ -181,9 +182,9 @@ class ZEraseTrain(io.ComfyNode):
         config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
                               targets, resolution, seed, gradient_checkpointing, xt_source, probe.flow_shift)
         run = NamedRun.plan(output_folder(), save_name, config, resume)  # names checked before any work
-        done = run.finished(probe)
-        if done is not None:
-            return _reused(cls, done, probe, model, vae, config)
+        finished = run.finished(probe)  # the file an earlier run of these settings saved, all steps done
+        if finished is not None:
+            return _reused(cls, finished, probe, model, vae, config)
         run.check(probe, "Turn resume on to continue it; to start over instead, choose another save_name or delete "
                   "that file.")
         backend = ComfyZImageBackend.for_training(model, clip, node=NODE)
@@ -206,7 +207,7 @@ class ZEraseTrain(io.ComfyNode):
         switched = config.gradient_checkpointing == "auto" and trainer.gradient_checkpointing_from is not None
         note = (f", checkpointing {backend.checkpointed_layers}/{backend.n_layers} layers from step "  # it is slower
                 f"{trainer.gradient_checkpointing_from} ({trainer.gradient_checkpointing_reason})") if switched else ""
-        curves = _render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}': "
+        curves = render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}': "
                                 f"{len(result.history)} steps, {result.seconds:.0f}s{note}")
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)
         return _outputs(cls, result.lora, curves, previews, model)

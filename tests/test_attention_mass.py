@@ -192,3 +192,24 @@ def test_the_recorded_mass_is_the_mean_over_image_queries_and_then_over_layers()
     recorder.keep(0, torch.tensor([[0.2, 0.4, 0.9, 0.9]]))  # image queries: (0.2 + 0.4) / 2 = 0.3
     recorder.keep(1, torch.tensor([[0.6, 0.8, 0.0, 0.0]]))  # 0.7
     assert recorder.result().tolist() == pytest.approx([0.5])  # (0.3 + 0.7) / 2
+
+
+def test_a_map_request_is_checked_before_any_model_runs():
+    """The Attention Map Viewer's inputs, checked in the engine (testable without ComfyUI): a word and a noise level
+    in (0, 1], a layer range that is not empty (cut at the model's last layer), a latent of the model's channels."""
+    from zerase_core.attention_maps import check_latent, check_request, layer_range
+    from zerase_core.errors import ZEraseError
+
+    check_request("Viewer", ["cat"], [0.5, 1.0])
+    with pytest.raises(ZEraseError, match="Viewer: give at least one word and one noise level"):
+        check_request("Viewer", [], [0.5])
+    with pytest.raises(ZEraseError, match=r"noise levels must lie in \(0, 1\]; got \[0.0\]"):
+        check_request("Viewer", ["cat"], [0.0])
+    assert layer_range("Viewer", 30, 0, -1) == range(0, 30) and layer_range("Viewer", 30, 5, 100) == range(5, 30)
+    with pytest.raises(ZEraseError, match=r"layer range 30..-1 is empty; the model has 30 layers"):
+        layer_range("Viewer", 30, 30, -1)
+    check_latent("Viewer", torch.zeros(1, 16, 8, 8), 16)
+    with pytest.raises(ZEraseError, match=r"holds no image \(batch size 0\)"):
+        check_latent("Viewer", torch.zeros(0, 16, 8, 8), 16)
+    with pytest.raises(ZEraseError, match=r"the latent has shape \(1, 4, 8, 8\); Z-Image's have 16 channels"):
+        check_latent("Viewer", torch.zeros(1, 4, 8, 8), 16)

@@ -23,14 +23,17 @@ def _config(**over):
     return TrainConfig(**(base | over))
 
 
-def test_the_command_line_sets_beta_and_eta_and_refuses_a_negative_beta():
-    """β is the preservation knob (README, Algorithm 1's λ): the command line sets it as the node does."""
-    config = _cli_config("--beta", "0.5", "--eta", "3")
-    assert (config.beta, config.eta) == (0.5, 3.0)
+def test_the_command_line_sets_beta_eta_and_the_attention_weight_and_refuses_a_negative_beta():
+    """β is the preservation knob (README, Algorithm 1's λ): the command line sets it as the node does; L_attn's
+    weight in Eq. 7 (TrainConfig.attn_weight) had no flag."""
+    config = _cli_config("--beta", "0.5", "--eta", "3", "--attn-weight", "4")
+    assert (config.beta, config.eta, config.attn_weight) == (0.5, 3.0, 4.0)
     default = _cli_config()
-    assert (default.beta, default.eta) == (TrainConfig.beta, TrainConfig.eta)
+    assert (default.beta, default.eta, default.attn_weight) == (TrainConfig.beta, TrainConfig.eta, 1.0)
     with pytest.raises(ZEraseError, match=r"β \(beta\) must be ≥ 0; got -1"):
         _cli_config("--beta", "-1")
+    with pytest.raises(ZEraseError, match="attn_weight"):
+        _cli_config("--attn-weight", "-1")
 
 
 def _two_lora_files(folder):

@@ -97,13 +97,13 @@ def test_bench_variants_run_the_lambda_their_names_say():
 
     base = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="fresh"))
     trainers = _variant_trainers(base, base.build_pool())
-    assert len({id(t.lam) for t in trainers.values()}) == len(trainers)
+    assert len({id(t.lambda_rule) for t in trainers.values()}) == len(trainers)
     for name, t in trainers.items():
         if name.startswith("ours_"):
             record = t.train_step()
             assert record.lam == (1.0 if name.endswith("lambda_positive") else 0.0), name
-            assert t.lam.needs_pr_gradient() == name.endswith("lambda_positive"), name
-    assert base.lam.state() == rule_for(base.config).state()  # the base's rule was never stepped
+            assert t.lambda_rule.needs_pr_gradient() == name.endswith("lambda_positive"), name
+    assert base.lambda_rule.state() == rule_for(base.config).state()  # the base's rule was never stepped
 
 
 def test_pool_holds_the_frozen_teachers_predictions():

@@ -108,3 +108,12 @@ def test_a_zerase_core_imported_from_elsewhere_before_the_pack_is_told(tmp_path)
     done = _load_pack_as_comfyui(tmp_path, f"import logging, sys; logging.basicConfig(); "
                                            f"sys.path.insert(0, {str(other.parent)!r}); import zerase_core\n")
     assert f"zerase_core was already imported from {other}, not from this pack" in done.stderr, done.stderr[-2000:]
+
+
+def test_the_version_is_one_in_pyproject_and_the_engine():
+    """Stated twice (the registry reads pyproject.toml, Python the engine's __version__): a release bump must move
+    both."""
+    import zerase_core
+
+    stated = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), flags=re.MULTILINE)
+    assert stated and stated[1] == zerase_core.__version__

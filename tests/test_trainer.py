@@ -391,7 +391,7 @@ def test_no_grad_preservation_changes_no_update(monkeypatch):
     for always_batched in (False, True):
         trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=12, lr=1e-2))
         if always_batched:
-            monkeypatch.setattr(trainer.lam, "needs_pr_gradient", lambda: True)
+            monkeypatch.setattr(trainer.lambda_rule, "needs_pr_gradient", lambda: True)
         runs.append(trainer.run())
     ours, batched = runs
     assert [r.lam for r in ours.history] == pytest.approx([r.lam for r in batched.history], rel=1e-4, abs=1e-8)
@@ -477,7 +477,7 @@ def test_the_update_is_l_er_plus_lambda_l_pr_whichever_way_l_pr_was_computed(mod
         for p in trainer.params:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     if mode == "paper":
-        trainer.lam.previous_pr = 0.0  # L_pr rose from 0: g̃ < 0, so λ_{t+1} > 0 although λ_t = 0
+        trainer.lambda_rule.previous_pr = 0.0  # L_pr rose from 0: g̃ < 0, so λ_{t+1} > 0 although λ_t = 0
     pool, w = trainer.prompts, trainer.config.attn_weight
     x_t = torch.randn(1, *trainer.latent_shape, generator=torch.Generator().manual_seed(1))
     step = trainer._losses(pool.erase[0], list(pool.erase_tokens[0]), pool.keep[0], x_t, torch.tensor([0.6]))
@@ -581,12 +581,12 @@ def test_nan_gradient_leaves_lora_lambda_and_step_as_they_were():
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, lr=1e-2))
     for _ in range(3):
         trainer.train_step()
-    assert trainer.lam.value > 0  # λ moves on a good step at this learning rate, so a moved λ would show
-    lam, factors = trainer.lam.state(), [p.detach().clone() for p in trainer.params]
+    assert trainer.lambda_rule.value > 0  # λ moves on a good step at this learning rate, so a moved λ would show
+    lam, factors = trainer.lambda_rule.state(), [p.detach().clone() for p in trainer.params]
     trainer.params[0].register_hook(lambda g: torch.full_like(g, float("nan")))  # finite losses, NaN gradient
     with pytest.raises(NonFiniteLoss, match="step 4"):
         trainer.train_step()
-    assert trainer.lam.state() == lam and trainer.step == 3
+    assert trainer.lambda_rule.state() == lam and trainer.step == 3
     assert all(torch.equal(p, f) for p, f in zip(trainer.params, factors))
     assert all(p.grad is None for p in trainer.params)
 
@@ -675,11 +675,11 @@ def test_paired_pair_is_measured_by_one_call_shape(monkeypatch):
     """With λ_t > 0 the step's L_pr comes from the batched mass-recording call; the pair handed to the paired rule
     must still be two _pr_loss values (before and after the update), not one of each kind."""
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=2, lambda_mode="paired"))
-    trainer.lam.value = 0.5  # λ_t > 0: the batched path
+    trainer.lambda_rule.value = 0.5  # λ_t > 0: the batched path
     values, pairs = [], []
     real = trainer._pr_loss
     monkeypatch.setattr(trainer, "_pr_loss", lambda *a: values.append(real(*a)) or values[-1])
-    monkeypatch.setattr(trainer.lam, "observe", lambda before, after: pairs.append((before, after)))
+    monkeypatch.setattr(trainer.lambda_rule, "observe", lambda before, after: pairs.append((before, after)))
     trainer.train_step()
     assert len(values) == 2 and pairs == [(values[0].item(), values[1].item())]
 

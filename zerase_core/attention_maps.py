@@ -12,8 +12,35 @@ from typing import Sequence
 import torch
 
 from .attention_mass import Recorder, attention_with_mass
+from .errors import ZEraseError
 from .layout import TokenLayout
 from .prompts import EncodedPrompt
+
+
+def check_request(who: str, words: Sequence[str], sigmas: Sequence[float]) -> None:
+    """What a map request must hold before any model runs: a word and a noise level, each level in (0, 1]."""
+    if not words or not sigmas:
+        raise ZEraseError(f"{who}: give at least one word and one noise level.")
+    if any(not 0.0 < s <= 1.0 for s in sigmas):
+        raise ZEraseError(f"{who}: noise levels must lie in (0, 1]; got {list(sigmas)}.")
+
+
+def layer_range(who: str, n_layers: int, start: int, end: int) -> range:
+    """Main layers ``start`` … ``end`` − 1 (``end`` < 0: to the last; past the last: cut there), refused when empty."""
+    stop = n_layers if end < 0 else min(end, n_layers)
+    if not 0 <= start < stop:
+        raise ZEraseError(f"{who}: layer range {start}..{end} is empty; the model has {n_layers} layers.")
+    return range(start, stop)
+
+
+def check_latent(who: str, samples: torch.Tensor, channels: int) -> None:
+    """A latent batch the maps can be drawn over: at least one image of the model's latent channels."""
+    if samples.shape[0] == 0:
+        raise ZEraseError(f"{who}: the LATENT holds no image (batch size 0); connect one with at least one.")
+    if samples.ndim != 4 or samples.shape[1] != channels:
+        raise ZEraseError(
+            f"{who}: the latent has shape {tuple(samples.shape)}; Z-Image's have {channels} channels. Make it with "
+            "EmptySD3LatentImage, or encode the image with Z-Image's VAE (ae.safetensors).")
 
 
 class WordMapRecorder(Recorder):

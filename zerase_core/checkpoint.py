@@ -41,7 +41,7 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path, non_finite_stop: bool 
         "kind": KIND,
         "step": trainer.step,
         "seconds": trainer.seconds,
-        "lambda": trainer.lam.state(),
+        "lambda": trainer.lambda_rule.state(),
         "python_rng": _jsonable(trainer.rng.getstate()),
         "param_groups": optim["param_groups"],
         "config": trainer.config.to_dict(),
@@ -201,7 +201,7 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     trainer.optimizer.load_state_dict({"state": moments, "param_groups": groups})
     trainer.gen.set_state(torch_rng)
     trainer.rng.setstate(python_rng)
-    trainer.lam, trainer.step, trainer.seconds, trainer.history = lam, step, seconds, history
+    trainer.lambda_rule, trainer.step, trainer.seconds, trainer.history = lam, step, seconds, history
     trainer.checkpoint_meta = caller
     _resume_checkpointing(trainer, out_of_memory_from)
 

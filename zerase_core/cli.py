@@ -108,6 +108,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    f"the preservation knob (default {TrainConfig.beta:g})")
     p.add_argument("--eta", type=float, default=None,
                    help=f"η of Eq. 5, the erasing guidance (default {TrainConfig.eta:g})")
+    p.add_argument("--attn-weight", type=float, default=None, help="weight of L_attn (Eq. 6) in L_er (Eq. 7: "
+                   f"default {TrainConfig.attn_weight:g}; 0: L_erase alone, as ESD)")
     p.add_argument("--lambda-mode", default=None, choices=list(MODES),
                    help=f"the λ rule (default {TrainConfig.lambda_mode}: Algorithm 1's)")
     p.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {LoRAConfig.rank}; "
@@ -116,11 +118,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    f"{''.join(LoRAConfig.targets)})")
     p.add_argument("--resolution", type=int, default=None, help=f"training resolution in pixels, square (default "
                    f"{TrainConfig.height}; {TINY['height']} with --tiny)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the LoRA's init, the prompt order and x_t (default 0)")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed,
+                   help=f"seeds the LoRA's init, the prompt order and x_t (default {TrainConfig.seed})")
     p.add_argument("--gradient-checkpointing", nargs="?", const="on", default=TrainConfig.gradient_checkpointing,
-                   choices=CHECKPOINTING_MODES, help="auto (default): as few main layers as let a step fit the free "
-                   "GPU memory (estimated; all from a step that runs out); on (also the flag alone): all, always; "
-                   "off: never")
+                   choices=CHECKPOINTING_MODES, help="auto (default): as few main layers as let a step fit the memory "
+                   "free (estimated; all from a step that runs out); on (also the flag alone): all, always; off: never")
     p.add_argument("--xt-source", default=None, choices=list(XT_SOURCES),
                    help="x_t: sampled every step (fresh, ESD) or from trajectories sampled once (pool, the default)")
     p.add_argument("--xt-pool", type=int, default=None, help=f"trajectories in the x_t pool (default "
@@ -144,6 +146,7 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
         "epsilon": args.epsilon,
         "beta": args.beta,
         "eta": args.eta,
+        "attn_weight": args.attn_weight,
         "lambda_mode": args.lambda_mode,
         "templates": tuple(args.templates) if args.templates else None,
         "xt_source": args.xt_source,

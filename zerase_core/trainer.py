@@ -124,7 +124,7 @@ class ZEraseTrainer:
         # §5.1 names AdamW at α and gives no weight decay; we keep torch's default 0.01, written out so that it is a
         # choice, not an accident.
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=0.01)
-        self.lam = rule_for(config)
+        self.lambda_rule = rule_for(config)
         self.rng = random.Random(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.step, self.seconds, self.history = 0, 0.0, []
@@ -199,7 +199,7 @@ class ZEraseTrainer:
         want_mass = config.attn_weight > 0
         n = len(pr_prompts)
         v_pr = None
-        if self.lam.needs_pr_gradient():
+        if self.lambda_rule.needs_pr_gradient():
             # L_pr's gradient will count: every student prediction in one forward/backward.
             prompts = [er, *pr_prompts]
             v, mass = self.backend.velocity(
@@ -233,13 +233,13 @@ class ZEraseTrainer:
 
     def _backward(self, l_er: torch.Tensor, l_pr: torch.Tensor, batch: PrBatch) -> tuple[float, bool]:
         """Set .grad on the LoRA parameters by the λ rule; return the λ used and whether L_pr was recomputed."""
-        if self.lam.from_gradients:
+        if self.lambda_rule.from_gradients:
             g_er = _flat_grad(l_er, self.params, retain_graph=True)  # L_pr shares the batched student graph
             g_pr = _flat_grad(l_pr, self.params)
-            lam = self.lam.solve(g_er, g_pr)
+            lam = self.lambda_rule.solve(g_er, g_pr)
             _assign_flat_grad(direction(g_er, g_pr, lam), self.params)
             return lam, False
-        lam = self.lam.update(l_pr.item())
+        lam = self.lambda_rule.update(l_pr.item())
         recomputed = lam > 0 and not l_pr.requires_grad
         if recomputed:  # λ_t = 0 but λ_{t+1} > 0: L_pr ran without a graph; rerun it with one (rare)
             l_pr = self._pr_loss(batch)
@@ -315,11 +315,21 @@ class ZEraseTrainer:
         self.gradient_checkpointing_reason = reason
 
     def _step(self) -> StepRecord:
-        """One step of Algorithm 1. A step that fails before its update (NaN, out of memory, a cancel) leaves the run
-        as it was before it, random generators included, so the checkpoint then saved resumes into the same step an
-        uninterrupted run takes; under the paired λ rule, whose forward after the update may fail too, the update is
-        undone (:class:`_OptimizerUndo`, taken before AdamW's step, so a failure inside that step is undone too);
-        under the other rules a failure inside AdamW's own step is not."""
+        """One iteration of Algorithm 1:
+
+        1. c_er ~ D_er, c_pr ~ D_pr and x_t (:meth:`draw`; fresh x_t: :meth:`sample_xt` in :meth:`_losses`);
+        2. L_erase (Eq. 5), L_attn (Eq. 6) and L_pr (Eq. 8) in one student forward (:meth:`_losses`);
+        3. L_er = L_erase + L_attn (Eq. 7, ``loss_er``);
+        4. λ by its rule (Eq. 15, or 11-12) and one AdamW step on L_total = L_er + λ L_pr (:meth:`_descend`,
+           :meth:`_backward`).
+
+        (:meth:`train_step` runs it under the memory policy: auto checkpointing, out of memory taken again.)
+
+        A step that fails before its update (NaN, out of memory, a cancel) leaves the run as it was before it, random
+        generators included, so the checkpoint then saved resumes into the same step an uninterrupted run takes; under
+        the paired λ rule, whose forward after the update may fail too, the update is undone (:class:`_OptimizerUndo`,
+        taken before AdamW's step, so a failure inside that step is undone too); under the other rules a failure
+        inside AdamW's own step is not."""
         start = time.perf_counter()
         draws = self.rng.getstate(), self.gen.get_state()
         try:
@@ -337,7 +347,7 @@ class ZEraseTrainer:
         elapsed = time.perf_counter() - start
         self.seconds += elapsed
         record = StepRecord(
-            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lam.last_g,
+            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lambda_rule.last_g,
             float(losses.pr_batch.sigma), elapsed, recomputed,
         )
         self.history.append(record)
@@ -350,12 +360,12 @@ class ZEraseTrainer:
         A failed step (NaN gradient, out of memory, a cancel from a hook) moves neither the LoRA nor λ:
         the checkpoint keeps the last good state.
         """
-        lam_before, undo = self.lam.state(), None
+        lam_before, undo = self.lambda_rule.state(), None
         try:
             lam, recomputed = self._backward(l_er, l_pr, batch)
             if not _all_finite([p.grad for p in self.params if p.grad is not None]):
                 raise NonFiniteLoss(self._nan_message({"gradient": float("nan")}))
-            if self.lam.observes_update:
+            if self.lambda_rule.observes_update:
                 pr_before = self._pr_before(l_pr, pr_value, batch)
                 undo = _OptimizerUndo(self.optimizer)  # the after-update forward below may still fail
             try:
@@ -365,18 +375,18 @@ class ZEraseTrainer:
                     self.torn = True
                     raise _OutOfMemoryInUpdate(str(err)) from err
                 raise
-            if self.lam.observes_update:
+            if self.lambda_rule.observes_update:
                 with torch.no_grad():  # the same batch after the update: what d_t did to L_pr (Eq. 14)
                     pr_after = self._pr_loss(batch).item()
         except BaseException:
             if undo is not None:
                 undo.restore()
-            self.lam.load_state(lam_before)
+            self.lambda_rule.load_state(lam_before)
             raise
         finally:
             self.optimizer.zero_grad(set_to_none=True)
-        if self.lam.observes_update:
-            self.lam.observe(pr_before, pr_after)
+        if self.lambda_rule.observes_update:
+            self.lambda_rule.observe(pr_before, pr_after)
         return lam, recomputed
 
     def _pr_before(self, l_pr: torch.Tensor, pr_value: float, batch: PrBatch) -> float:

@@ -121,7 +121,7 @@ def _variant_trainers(base: ZEraseTrainer, shared_pool: TrajectoryPool) -> dict[
     def trainer(source: str, **over) -> ZEraseTrainer:
         t = copy.copy(base)  # a shallow copy with its own settings and x_t source
         t.config = dataclasses.replace(c, **over)
-        t.lam = rule_for(t.config)  # its own λ rule: the copy would share the base's, whatever the config says
+        t.lambda_rule = rule_for(t.config)  # its own λ rule: the copy would share the base's, whatever the config says
         t.xt_pool = shared_pool if source == "pool" else None
         # Its own RNGs, seeded alike: every variant draws the same prompts and levels in the
         # same order, so fresh variants sample x_t to the same random depths step by step.

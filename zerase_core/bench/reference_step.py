@@ -76,7 +76,7 @@ def reference_step(trainer: "ZEraseTrainer") -> dict[str, float]:
     er, tokens, keep = trainer.prompts.draw(trainer.rng)
     x_t, sigma = trainer.sample_xt(er)  # re-sampled through the sampler every step
     l_erase, l_attn, l_pr = reference_losses(trainer, er, tokens, keep, x_t, sigma)
-    lam = trainer.lam.update(l_pr.item())
+    lam = trainer.lambda_rule.update(l_pr.item())
     # The whole objective goes backward every step, whatever λ is.
     (loss_er(l_erase, l_attn, trainer.config.attn_weight) + lam * l_pr).backward()
     trainer.optimizer.step()

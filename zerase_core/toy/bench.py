@@ -76,7 +76,7 @@ def _zeroing_fn(concept: Concept):
         for p in prompts:
             try:
                 found.append(concept_token_indices(p, concept.word))
-            except Exception:  # ZEraseError: the word is absent, so this baseline removes nothing
+            except ZEraseError:  # the word is absent, so this baseline removes nothing
                 found.append([])
         return found
 
