@@ -82,6 +82,11 @@ class TrainConfig:
         settle(self)  # first: every check below reads the values as their types
         if is_blank(self.concept):
             raise ZEraseError("The concept is empty: type the word or phrase to erase, e.g. 'red' or 'Van Gogh'.")
+        self._check_choices()
+        self._check_numbers()
+        self._check_preserve()
+
+    def _check_choices(self) -> None:
         if self.preset not in PRESETS:
             raise ZEraseError(f"Unknown concept-type preset '{self.preset}'; choose one of {sorted(PRESETS)}.")
         if self.lambda_mode not in MODES:
@@ -91,6 +96,8 @@ class TrainConfig:
                               f"{self.gradient_checkpointing!r}.")
         if self.xt_source not in XT_SOURCES:
             raise ZEraseError(f"xt_source must be one of {XT_SOURCES}; got {self.xt_source!r}.")
+
+    def _check_numbers(self) -> None:
         if self.xt_pool < 1:
             raise ZEraseError(f"The x_t pool needs at least 1 trajectory (xt_pool; --xt-pool or --pool on the command "
                               f"line); got {self.xt_pool}.")
@@ -126,6 +133,8 @@ class TrainConfig:
                               "ModelSamplingAuraFlow).")
         if self.height < 1 or self.width < 1:
             raise ZEraseError(f"The training resolution must be positive; got {self.height}×{self.width}.")
+
+    def _check_preserve(self) -> None:
         if any(is_blank(p) for p in self.preserve):
             raise ZEraseError("A preservation concept is empty; remove it or type a word.")
         if any(concept_words(p) == concept_words(self.concept) for p in self.preserve):

@@ -81,6 +81,19 @@ class PrBatch:
     teacher: Teacher
 
 
+class StepDraw(NamedTuple):
+    """Algorithm 1's draws for one step: c_er with its concept's token indices, c_pr (None: no preservation
+    concepts); from the pool also x_t, σ and the frozen teacher's predictions there (None: fresh, sampled in the step).
+    In :meth:`ZEraseTrainer._losses`'s argument order."""
+
+    erase: EncodedPrompt
+    tokens: list[int]
+    keep: EncodedPrompt | None
+    x_t: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
+    teacher: torch.Tensor | None = None
+
+
 class StepLosses(NamedTuple):
     erase: torch.Tensor  # L_erase (Eq. 5)
     attn: torch.Tensor  # L_attn (Eq. 6)
@@ -154,13 +167,13 @@ class ZEraseTrainer:
                               should_stop=should_stop, progress=progress)
 
     # --- a step's parts; public, since the benches build their yardstick steps from the same parts -------
-    def draw(self) -> tuple:
+    def draw(self) -> StepDraw:
         """This step's erase prompt, its concept tokens and a preservation prompt; from the pool also x_t, σ and
         the teacher's predictions there (fresh: :meth:`_losses` samples them)."""
         if self.xt_pool is None:
-            return self.prompts.draw(self.rng)
+            return StepDraw(*self.prompts.draw(self.rng))
         d = self.xt_pool.draw(self.rng, self.gen, self.backend.device)
-        return *self.prompts.pick(d.erase_index, d.keep_index), d.x_t, d.sigma, d.teacher
+        return StepDraw(*self.prompts.pick(d.erase_index, d.keep_index), d.x_t, d.sigma, d.teacher)
 
     def pr_prompts(self, keep: EncodedPrompt | None) -> list[EncodedPrompt]:
         """Eq. 8's prompts: ∅, and the preservation prompt c_pr when there is one."""

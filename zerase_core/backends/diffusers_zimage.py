@@ -90,6 +90,9 @@ class _WatchedProcessor:
         recorder, blocked = self.backend._recorder, self.backend._blocked
         if blocked is None and (recorder is None or not recorder.wants(self.layer)):
             return self.inner(*args)
+        # The stock processor runs with the module's attention function swapped for this one call: its own code, not
+        # a copy, computes q, k, v and RoPE. The swap is the process's for that call, so a second diffusers Z-Image
+        # running in another thread meanwhile would pass through it; this engine runs one model call at a time.
         with scoped(z_image_module, dispatch_attention_fn=_AttentionCall(recorder, self.layer, blocked)):
             return self.inner(*args)
 

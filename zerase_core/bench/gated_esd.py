@@ -16,10 +16,9 @@ def gated_esd_step(trainer: ZEraseTrainer) -> None:
     Fresh: x_t sampled as ours does, teacher v(c_er), v(∅) in one no-grad forward, student
     v(c_er) forward/backward. Pool: x_t and both teacher predictions drawn from the pool.
     """
-    er, _, _, *at = trainer.draw()  # the draw Z-Erase makes, so both see the same prompts and levels
-    if at:
-        x_t, sigma, teacher = at
-    else:
+    d = trainer.draw()  # the draw Z-Erase makes, so both see the same prompts and levels
+    er, x_t, sigma, teacher = d.erase, d.x_t, d.sigma, d.teacher
+    if x_t is None:  # fresh
         x_t, sigma = trainer.sample_xt(er)
         teacher = trainer.teacher_predictions(x_t, sigma, [er, trainer.prompts.uncond])
     v, _ = trainer.backend.velocity(x_t, sigma, [er], lora=True)
