@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from zerase_core.render import latent_rgb, rgb
+from zerase_core.render import latent_rgb
 
 
 def latent_preview(model, latent: torch.Tensor) -> torch.Tensor:
@@ -23,5 +23,5 @@ def latent_preview(model, latent: torch.Tensor) -> torch.Tensor:
 def decode(model, vae, latent: torch.Tensor) -> torch.Tensor:
     """Decode a LATENT's samples (VAE space) with the VAE when one is connected, else the cheap preview."""
     if vae is not None:
-        return rgb(vae.decode(latent)).cpu()
+        return vae.decode(latent).cpu()  # render.to_pil, which every caller draws with, makes it RGB
     return latent_preview(model, latent)

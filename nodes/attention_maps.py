@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from zerase_core import render
-from zerase_core.attention_maps import check_latent, check_request, layer_range, word_maps
+from zerase_core.attention_maps import check_comparable, check_latent, check_request, layer_range, word_maps
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized
 from zerase_core.errors import ZEraseError
 from zerase_core.prompts import concept_token_indices
@@ -53,7 +53,8 @@ class AttentionMapViewer(io.ComfyNode):
         sigma_list = parse_list(NODE, sigmas, "sigmas", float)
         check_request(NODE, words, sigma_list)
         backend = ComfyZImageBackend(model, clip, node=NODE)
-        layers = layer_range(NODE, backend.n_layers, layer_start, layer_end)
+        span = layer_range(NODE, backend.n_layers, layer_start, layer_end)
+        layers = set(span)
         if latent is not None:
             samples = latent["samples"][:1]
         elif image is not None and vae is not None:
@@ -69,15 +70,12 @@ class AttentionMapViewer(io.ComfyNode):
         except ZEraseError as err:
             raise ZEraseError(f"{NODE}: {err}") from err
         x0 = backend.patcher.model.process_latent_in(samples.float()).cpu()
-        maps = [word_maps(backend, encoded, columns, x0, sigma_list, seed, set(layers))]
+        maps = [word_maps(backend, encoded, columns, x0, sigma_list, seed, layers)]
         labels = ["model"]
         if model_b is not None:
             other = ComfyZImageBackend(model_b, node=NODE)
-            ours, theirs = backend.fingerprint(), other.fingerprint()
-            if theirs != ours:  # the prompt was encoded for model's caption width
-                raise ZEraseError(f"{NODE}: model_b is another architecture than model ({theirs} vs {ours}); compare "
-                                  "two versions of one model, e.g. with and without an erasure LoRA.")
-            maps.append(word_maps(other, encoded, columns, x0, sigma_list, seed, set(layers)))
+            check_comparable(NODE, backend.fingerprint(), other.fingerprint())
+            maps.append(word_maps(other, encoded, columns, x0, sigma_list, seed, layers))
             labels = ["model A", "model B"]
         # Drawn over the picture the maps were measured on: the LATENT's when one is connected, even beside an IMAGE.
         picture = render.to_pil(image[0] if latent is None else _render.decode(model, vae, samples)[0])
@@ -85,5 +83,5 @@ class AttentionMapViewer(io.ComfyNode):
         if model_b is not None:
             labels.append("A - B")
         levels = ", ".join(f"{s:g}" for s in sigma_list)
-        caption = f"{prompt} | sigma {levels} | layers {layers.start}..{layers.stop - 1}"
+        caption = f"{prompt} | sigma {levels} | layers {span.start}..{span.stop - 1}"
         return io.NodeOutput(render.grid(rows, words, labels, caption=caption))

@@ -197,7 +197,7 @@ def test_the_recorded_mass_is_the_mean_over_image_queries_and_then_over_layers()
 def test_a_map_request_is_checked_before_any_model_runs():
     """The Attention Map Viewer's inputs, checked in the engine (testable without ComfyUI): a word and a noise level
     in (0, 1], a layer range that is not empty (cut at the model's last layer), a latent of the model's channels."""
-    from zerase_core.attention_maps import check_latent, check_request, layer_range
+    from zerase_core.attention_maps import check_comparable, check_latent, check_request, layer_range
     from zerase_core.errors import ZEraseError
 
     check_request("Viewer", ["cat"], [0.5, 1.0])
@@ -213,3 +213,6 @@ def test_a_map_request_is_checked_before_any_model_runs():
         check_latent("Viewer", torch.zeros(0, 16, 8, 8), 16)
     with pytest.raises(ZEraseError, match=r"the latent has shape \(1, 4, 8, 8\); Z-Image's have 16 channels"):
         check_latent("Viewer", torch.zeros(1, 4, 8, 8), 16)
+    check_comparable("Viewer", {"dim": 64}, {"dim": 64})
+    with pytest.raises(ZEraseError, match="model_b is another architecture than model"):
+        check_comparable("Viewer", {"dim": 64}, {"dim": 3840})

@@ -29,8 +29,17 @@ def layer_range(who: str, n_layers: int, start: int, end: int) -> range:
     """Main layers ``start`` … ``end`` − 1 (``end`` < 0: to the last; past the last: cut there), refused when empty."""
     stop = n_layers if end < 0 else min(end, n_layers)
     if not 0 <= start < stop:
-        raise ZEraseError(f"{who}: layer range {start}..{end} is empty; the model has {n_layers} layers.")
+        raise ZEraseError(f"{who}: layer range {start}..{end} is empty; the model has {n_layers} layers. Set "
+                          "layer_start below layer_end (which is exclusive; -1: to the last layer).")
     return range(start, stop)
+
+
+def check_comparable(who: str, ours: dict, theirs: dict) -> None:
+    """A second model whose maps can be set beside the first's: the same architecture (``fingerprint``s), since the
+    prompt is encoded once, for the first's caption width."""
+    if theirs != ours:
+        raise ZEraseError(f"{who}: model_b is another architecture than model ({theirs} vs {ours}); compare two "
+                          "versions of one model, e.g. with and without an erasure LoRA.")
 
 
 def check_latent(who: str, samples: torch.Tensor, channels: int) -> None:

@@ -3,7 +3,7 @@
 Two lookups: the partial file a resumed run replaces when it finishes (instead of landing beside it), and the
 finished file a repeated run takes instead of training again. A file matches by the settings it was trained with,
 the model's architecture and, where the host can tell, the model itself (``Backend.base_digest``: for a ComfyUI
-MODEL its file and the patches on it).
+MODEL its file and the patches on it, and its CLIP's).
 """
 
 from __future__ import annotations

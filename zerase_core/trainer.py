@@ -260,10 +260,10 @@ class ZEraseTrainer:
         return lam, recomputed
 
     def train_step(self) -> StepRecord:
-        """One step of Algorithm 1. Under ``gradient_checkpointing="auto"`` checkpointing turns on before the first
-        step for as few main layers as let the step's estimated activations fit the GPU memory free
-        (:mod:`.memory_fit`), and where the estimate was short, for every layer at the first step that runs out of
-        memory, which is then taken again; it stays on for the rest of the run.
+        """One step of Algorithm 1 (:meth:`_step`) under the memory policy. Under ``gradient_checkpointing="auto"``
+        checkpointing turns on before the first step for as few main layers as let the step's estimated activations
+        fit the memory free on the device (:mod:`.memory_fit`), and where the estimate was short, for every layer at
+        the first step that runs out of memory, which is then taken again; it stays on for the rest of the run.
 
         The failed step left the run as it was (:meth:`_step`), so the retry is the step an uninterrupted run takes:
         checkpointing changes where activations are kept, not the gradients. Out of memory inside AdamW's own update
@@ -296,7 +296,8 @@ class ZEraseTrainer:
 
     def _check_fit(self) -> None:
         """auto's decision before the first step: checkpoint from the start as few main layers as let a step fit the
-        memory free on the device with the model loaded (the GPU's; on a CPU, the system's)."""
+        memory free on the device with the model loaded (the GPU's; on MPS, Metal's working set; on a CPU, the
+        system's)."""
         self.backend.load()
         available = memory_fit.available_bytes(self.backend.device)
         dim = self.backend.fingerprint().get("dim")

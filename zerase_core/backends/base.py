@@ -11,6 +11,7 @@ how to watch attention. Conventions every backend follows (so objectives never b
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -177,8 +178,9 @@ class Backend(ABC):
         leave them out of what a step saves for backward)."""
 
     def base_digest(self) -> str | None:
-        """A short digest of what this model is beyond its architecture, stable across restarts, or None where
-        the host cannot tell (then a saved LoRA is never taken for a run on this model without training)."""
+        """A short digest of what this model is beyond its architecture (a training host's includes its text
+        encoder, whose prompt features a run trains on), stable across restarts, or None where the host cannot tell
+        (then a saved LoRA is never taken for a run on this model without training)."""
         return None
 
     def load(self) -> None:
@@ -241,6 +243,11 @@ class InPlaceInstaller:
             parent, attr = _resolve(self.root, path)
             setattr(parent, attr, original)
         self.originals.clear()
+
+
+def combined_digest(*parts: str | None) -> str | None:
+    """One digest of several (a model and its text encoder); None where any part cannot be told."""
+    return None if None in parts else hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
 
 
 def install_on(slots: list[HostSlot], config: LoRAConfig, name: str, n_layers: int,

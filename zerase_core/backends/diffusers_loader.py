@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ZEraseError
+from .base import combined_digest
 from .diffusers_zimage import DiffusersZImageBackend, LatentSpec
 from .text_encoders import ChatTemplateEncoder
 
@@ -73,8 +74,7 @@ SAMPLES, SAMPLE_BYTES = 64, 1 << 16  # read from each weight file, evenly spread
 def folder_digest(folder: Path) -> str | None:
     """The model a run trains on: the transformer's weights and the text encoder's, whose prompt features the run
     trains on (:func:`weights_digest` of each). None where either cannot be told."""
-    parts = [weights_digest(folder / part, LOADED[part]) for part in ("transformer", "text_encoder")]
-    return None if None in parts else hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+    return combined_digest(*(weights_digest(folder / part, LOADED[part]) for part in ("transformer", "text_encoder")))
 
 
 def weights_digest(folder: Path, loaded: re.Pattern = LOADED["transformer"]) -> str | None:

@@ -131,7 +131,7 @@ class DiffusersZImageBackend(Backend):
         # Checkpointing switched on by an earlier backend over this transformer would call that backend's _checkpoint.
         self._checkpoint_first(0)  # the main layers _checkpoint recomputes: none
         self.encoder, self.latent, self.family, self.flow_shift = encoder, latent, family, flow_shift
-        self._digest = digest  # of the weights it was loaded from (diffusers_loader.weights_digest); None: built here
+        self._digest = digest  # of the weights it was loaded from (diffusers_loader.folder_digest); None: built here
         # Where the transformer is to run, when not where it is: a loader leaves it on the CPU while the text encoder
         # has the GPU to encode the prompts (12.3 + 8 GB in bf16 at once would not fit a 16 GB card). It moves at
         # the first use after that; from then on the backend follows the transformer.

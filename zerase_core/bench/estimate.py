@@ -23,6 +23,7 @@ from ..config import XT_SOURCES, TrainConfig
 from ..prompts import EncodedPrompt
 
 REAL = dict(dim=3840, n_layers=30, n_heads=30, params=6.15e9, caption_tokens=64, ffn_ratio=8 / 3)
+PIXELS_PER_TOKEN = 8 * 2  # the VAE's downsampling, then the 2×2 patch: a token's side in pixels
 HEAD_DIM = 128
 CONTEXT_ALLOWANCE_GIB = 1.0  # CUDA context + cuBLAS/attention workspaces (assumed, typical for an H100)
 # Measured on one H100 by the author (random full-size Z-Image, bf16, rank-16 gated LoRA,
@@ -111,7 +112,7 @@ class MemoryCase:
 
 
 def _image_tokens(resolution: int) -> int:
-    return (resolution // 16) ** 2  # VAE /8, patch 2
+    return (resolution // PIXELS_PER_TOKEN) ** 2
 
 
 def estimate(case: MemoryCase, fit: dict[str, float], rank: int = 16) -> dict:
@@ -253,7 +254,7 @@ def default_settings(card_gb: float, rows: dict) -> dict:
     source, mode, n = TrainConfig.xt_source, TrainConfig.gradient_checkpointing, REAL["n_layers"]
     if mode == "auto":  # by memory_fit's figure (the H200's 21.9 GiB), not the rows' A7 (the H100 7.2 GB × 3)
         free = int((card_gb - CONTEXT_ALLOWANCE_GIB) * GiB - _weights_gb() * 1e9)  # a "24 GB" card has 24 GiB
-        image_tokens = _image_tokens(512)
+        image_tokens = _image_tokens(TrainConfig.height)
         layers = memory_fit.plan(image_tokens, REAL["caption_tokens"], 3, n, REAL["dim"], 0, free).checkpointed
     else:
         layers = n if mode == "on" else 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from contextlib import contextmanager
 from typing import Any, ContextManager, Iterator, Sequence
@@ -18,7 +17,7 @@ from ...layout import TokenLayout, pad_to_multiple
 from ...lora import GatedLoRALinear, LoRAConfig
 from ...prompts import EncodedPrompt
 from ...scoped import scoped
-from ..base import Backend, HostSlot, LoRASet, install_on
+from ..base import Backend, HostSlot, LoRASet, combined_digest, install_on
 from ..row_sharing import RowGroups, SharedRowsForward, take_rows
 from .call_state import CallState
 from .clip_prompts import encode_with_clip
@@ -46,8 +45,8 @@ class ComfyZImageBackend(Backend):
         self.node = node
         self.patcher = model.clone()
         self.clip = clip
-        # Taken now: training releases the CLIP once the prompts are encoded, before the run's digest is asked for.
-        self._encodes, self._text_digest = clip is not None, text_encoder_digest(clip)
+        # A run's digest takes its text encoder's (base_digest); kept when training releases the CLIP.
+        self._encodes, self._released_digest = clip is not None, None
         self.gate = TokenGate()
         self.key = f"{WRAPPER_PREFIX}_{uuid.uuid4().hex[:12]}"
         self._wrapped: dict[int, GatedLoRALinear] = {}
@@ -104,12 +103,10 @@ class ComfyZImageBackend(Backend):
     def base_digest(self) -> str | None:
         """The MODEL's digest, and with a CLIP (training) the text encoder's in it: a LoRA is trained on that
         encoder's prompt features. None where either cannot be told (no reuse, no resume check)."""
-        model = model_digest(self.patcher)
-        if not self._encodes or model is None:
-            return model
-        if self._text_digest is None:
-            return None
-        return hashlib.sha256(f"{model}:{self._text_digest}".encode()).hexdigest()[:16]
+        if not self._encodes:  # Apply: the MODEL alone
+            return model_digest(self.patcher)
+        text = self._released_digest if self.clip is None else text_encoder_digest(self.clip)
+        return combined_digest(model_digest(self.patcher), text)
 
     def host_slots(self) -> list[HostSlot]:
         d = self.dim // self.n_heads
@@ -239,6 +236,8 @@ class ComfyZImageBackend(Backend):
     def release_encoder(self) -> None:
         """Drop this backend's hold on the CLIP once the prompts are encoded (ComfyUI moves it out as memory is
         needed; the node's own input keeps it for other nodes)."""
+        if self.clip is not None:
+            self._released_digest = text_encoder_digest(self.clip)  # asked for after this (base_digest)
         self.clip = None
 
     def load(self) -> None:
