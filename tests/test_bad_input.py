@@ -29,7 +29,8 @@ def test_the_command_line_sets_beta_eta_and_the_attention_weight_and_refuses_a_n
     config = _cli_config("--beta", "0.5", "--eta", "3", "--attn-weight", "4")
     assert (config.beta, config.eta, config.attn_weight) == (0.5, 3.0, 4.0)
     default = _cli_config()
-    assert (default.beta, default.eta, default.attn_weight) == (TrainConfig.beta, TrainConfig.eta, 1.0)
+    assert (default.beta, default.eta, default.attn_weight) == \
+        (TrainConfig.beta, TrainConfig.eta, TrainConfig.attn_weight)
     with pytest.raises(ZEraseError, match=r"β \(beta\) must be ≥ 0; got -1"):
         _cli_config("--beta", "-1")
     with pytest.raises(ZEraseError, match="attn_weight"):
@@ -618,6 +619,11 @@ def test_a_command_line_run_out_of_memory_inside_the_optimizers_update_saves_not
     assert _read(out / "checkpoint.safetensors", tensors=False)[1]["step"] == 2  # what resumes
 
 
+def _disk_full(_, path, *rest, **kwargs):
+    """A writer (save_checkpoint, save_lora, save_png) on a full disk: each takes its path second."""
+    raise ZEraseError(f"Could not write {path}: No space left on device.")
+
+
 def test_a_run_whose_checkpoint_could_not_be_written_does_not_say_to_resume_it(tmp_path, monkeypatch):
     """A full disk at the first checkpoint: the message said to --resume from a checkpoint that was never written,
     and --resume then said there was none."""
@@ -625,10 +631,7 @@ def test_a_run_whose_checkpoint_could_not_be_written_does_not_say_to_resume_it(t
     from zerase_core.lora_file import load_lora
     from zerase_core.run import PlannedRun, train_and_save
 
-    def disk_full(trainer, path, non_finite_stop=False):
-        raise ZEraseError(f"Could not write {path}: No space left on device.")
-
-    monkeypatch.setattr(trainer_module, "save_checkpoint", disk_full)
+    monkeypatch.setattr(trainer_module, "save_checkpoint", _disk_full)
     out = tmp_path / "run"
     with pytest.raises(ZEraseError, match=r"No space left on device.*\nStopped at step 2 of 3.*no checkpoint could be "
                                           r"saved, so the run cannot be continued: start it anew in another --out"):
@@ -643,10 +646,7 @@ def test_a_full_disk_at_a_stop_still_says_where_the_run_stopped_and_what_resumes
     from zerase_core.checkpoint import _read
     from zerase_core.run import PlannedRun, train_and_save
 
-    def disk_full(lora, path, **kwargs):
-        raise ZEraseError(f"Could not write {path}: No space left on device.")
-
-    monkeypatch.setattr(run_module, "save_lora", disk_full)
+    monkeypatch.setattr(run_module, "save_lora", _disk_full)
     backend, out = tiny_zimage_backend(), tmp_path / "run"
     with pytest.raises(ZEraseError, match=r"Stopped at step 3 of 6. The LoRA so far could not be saved \(Could not "
                                           r"write .*No space left on device.\)\nThe last checkpoint written, .*"
@@ -670,10 +670,7 @@ def test_a_run_trained_whose_outputs_cannot_be_written_says_resume_writes_them(t
 
     real_save_png = run_module.save_png
 
-    def disk_full(image, path):
-        raise ZEraseError(f"Could not write {path}: No space left on device.")
-
-    monkeypatch.setattr(run_module, "save_png", disk_full)
+    monkeypatch.setattr(run_module, "save_png", _disk_full)
     out, config = tmp_path / "run", _config(steps=3)
     with pytest.raises(ZEraseError, match=r"curves.png: No space left on device.\nAll 3 steps are trained and kept in "
                                           r".*checkpoint.safetensors: once the file can be written, run the same "

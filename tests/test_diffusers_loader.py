@@ -64,14 +64,18 @@ def test_loaded_folder_encodes_through_the_chat_template_and_finds_the_concept(f
         backend.encode(["a photo of a ball, " * 4 + "red"])
 
 
+def _train_argv(model, steps: int = 2) -> list[str]:
+    """`train --model` at the tests' tiny settings, without --out."""
+    return ["train", "--model", str(model), "--concept", "red", "--preserve", "blue", "--template",
+            "a photo of a {} ball", "--steps", str(steps), "--resolution", "64", "--rank", "2", "--xt-pool", "2"]
+
+
 def test_train_on_a_model_folder_writes_the_lora(folder, tmp_path):
     from zerase_core.cli import main
     from zerase_core.lora_file import load_lora
 
     out = tmp_path / "run"
-    code = main(["train", "--model", str(folder), "--concept", "red", "--preserve", "blue", "--template",
-                 "a photo of a {} ball", "--steps", "2", "--resolution", "64", "--rank", "2", "--xt-pool", "2",
-                 "--out", str(out)])
+    code = main([*_train_argv(folder), "--out", str(out)])
     assert code == 0
     lora = load_lora(out / "erasure_lora.safetensors")
     assert lora.concept == "red" and lora.training["steps_done"] == 2
@@ -112,9 +116,7 @@ def test_a_run_is_not_resumed_on_another_model_of_the_same_sizes(folder, tmp_pat
     assert weights_digest(copy / "transformer") == weights_digest(folder / "transformer")  # counted, it locked resume
 
     def run(model, steps, *extra):
-        return main(["train", "--model", str(model), "--concept", "red", "--preserve", "blue", "--template",
-                     "a photo of a {} ball", "--steps", str(steps), "--resolution", "64", "--rank", "2",
-                     "--xt-pool", "2", "--out", str(tmp_path / "run"), *extra])
+        return main([*_train_argv(model, steps), "--out", str(tmp_path / "run"), *extra])
 
     assert run(folder, 1) == 0
     for refused in (other, other_encoder):
@@ -250,8 +252,7 @@ def test_the_run_folder_is_checked_before_the_model_is_loaded(folder, tmp_path, 
     import zerase_core.backends.diffusers_loader as loader
     from zerase_core.cli import main
 
-    flags = ["train", "--model", str(folder), "--concept", "red", "--preserve", "blue", "--template",
-             "a photo of a {} ball", "--steps", "2", "--resolution", "64", "--rank", "2", "--xt-pool", "2"]
+    flags = _train_argv(folder)
     out = tmp_path / "run"
     assert main([*flags, "--out", str(out)]) == 0
     capsys.readouterr()

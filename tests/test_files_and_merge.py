@@ -228,11 +228,12 @@ def test_a_second_lora_under_a_name_already_installed_is_refused_and_the_first_s
     first = _random_lora([(0, "q")], seed=1)
     installed = set(map(id, install_lora(tiny_backend, first).slots.values()))
     layers = gated_layers()
-    for second in (_random_lora([(0, "q"), (1, "q")], seed=2), _random_lora([(1, "q")], seed=3)):  # one on its own
+    elsewhere = _random_lora([(1, "q")], seed=3)  # on a layer of its own
+    for second in (_random_lora([(0, "q"), (1, "q")], seed=2), elsewhere):
         with pytest.raises(ZEraseError, match="A LoRA named 'erasure' is already installed on this model"):
             install_lora(tiny_backend, second)  # a layer: the name is the model's
         assert set(map(id, in_the_model("erasure"))) == installed and gated_layers() == layers  # nothing left behind
-    assert install_lora(tiny_backend, second, name="another").factors().keys() == {(1, "q")}
+    assert install_lora(tiny_backend, elsewhere, name="another").factors().keys() == {(1, "q")}
     assert len(in_the_model("another")) == 1 and set(map(id, in_the_model("erasure"))) == installed
 
 

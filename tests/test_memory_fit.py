@@ -69,7 +69,7 @@ def test_auto_checkpoints_the_fewest_layers_that_fit(card_gib, image_tokens, exp
         assert layers == 17
 
 
-def test_the_memory_free_is_the_cards_on_cuda_metals_on_mps_and_the_systems_on_a_cpu(monkeypatch):
+def test_the_memory_free_off_cuda_is_metals_on_mps_and_the_systems_on_a_cpu(monkeypatch):
     """Off CUDA a step too large does not fail either: Apple's unified memory and a CPU run swap (or the system stops
     the process). So auto asks each device what is free: MPS its recommended working set less what Metal holds, a
     CPU the system memory available."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import weakref
 from dataclasses import replace
 
@@ -92,6 +93,8 @@ def test_resuming_a_finished_command_line_run_samples_no_pool_and_trains_nothing
     config = _config(steps=3)
     done, _ = train_and_save(PlannedRun(tiny_zimage_backend(), config, tmp_path))
     (tmp_path / "curves.png").unlink()  # a file the user deleted is written again; the others stay as they were
+    for f in tmp_path.iterdir():  # times no rewrite can land on, however coarse the file system's clock
+        os.utime(f, ns=(1, 1))
     written = {f.name: f.stat().st_mtime_ns for f in tmp_path.iterdir()}
     monkeypatch.setattr(trainer_module, "TrajectoryPool", lambda *a, **k: pytest.fail("the pool was sampled again"))
     with caplog.at_level("INFO", logger="zerase_core.run"):
