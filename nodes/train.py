@@ -205,9 +205,9 @@ class ZEraseTrain(io.ComfyNode):
         if not result.completed:
             log.warning("Z-Erase: cancelled at step %d (LoRA so far saved when > 0: %s)", trainer.step, path)
             mm.throw_exception_if_processing_interrupted()
-        switched = config.gradient_checkpointing == "auto" and trainer.gradient_checkpointing_from is not None
+        switched = config.gradient_checkpointing == "auto" and trainer.checkpointing.from_step is not None
         note = (f", checkpointing {backend.checkpointed_layers}/{backend.n_layers} layers from step "  # it is slower
-                f"{trainer.gradient_checkpointing_from} ({trainer.gradient_checkpointing_reason})") if switched else ""
+                f"{trainer.checkpointing.from_step} ({trainer.checkpointing.reason})") if switched else ""
         curves = render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}': "
                                 f"{len(result.history)} steps, {result.seconds:.0f}s{note}")
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)

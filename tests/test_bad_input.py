@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import ErasureLoRA, check_fits, save_lora
 from zerase_core.tiny import TinyZImageConfig, tiny_zimage_backend
 from zerase_core.trainer import ZEraseTrainer
+
+from device_errors import DEVICES, OUT_OF_MEMORY
 
 
 def _config(**over):
@@ -554,9 +557,11 @@ def test_a_resolution_past_the_models_position_tables_is_refused_before_any_work
            "16). Choose a resolution ≤ 1024." in capsys.readouterr().err
 
 
-def test_a_command_line_run_out_of_gpu_memory_keeps_its_work_and_says_what_to_do(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_command_line_run_out_of_memory_keeps_its_work_and_says_what_to_do(device, tmp_path, monkeypatch):
     """Out of memory after the trainer's own answer was a traceback from the command line (only ZEraseError and
-    Ctrl-C were told); in the x_t pool's sampling, before the first step, too."""
+    Ctrl-C were told); in the x_t pool's sampling, before the first step, too. MPS and the CPU say it with a plain
+    RuntimeError, which was a traceback however it came."""
     from zerase_core.lora_file import load_lora
     from zerase_core.run import PlannedRun, train_and_save
 
@@ -567,24 +572,24 @@ def test_a_command_line_run_out_of_gpu_memory_keeps_its_work_and_says_what_to_do
         if kwargs.get("lora"):  # one student forward a step here
             calls.append(1)
             if len(calls) > 2:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+                raise OUT_OF_MEMORY[device]()
         return real(*args, **kwargs)
 
     monkeypatch.setattr(backend, "velocity", runs_out_at_step_3)
     config = _config(steps=4, gradient_checkpointing="off", lambda_mode="fixed", fixed_lambda=1.0)
-    with pytest.raises(ZEraseError, match=r"Out of GPU memory \(CUDA out of memory. Tried to allocate 2.00 GiB "
-                                          r"\(simulated\)\). .* a lower --resolution or --rank; or run again with "
-                                          r"--gradient-checkpointing on \(every main layer\) and --resume.\nStopped "
-                                          r"at step 2 of 4"):
+    told = re.escape(str(OUT_OF_MEMORY[device]()))
+    with pytest.raises(ZEraseError, match=rf"Out of memory \({told}\). .* a lower --resolution or --rank; or run again "
+                                          r"with --gradient-checkpointing on \(every main layer\) and --resume.\n"
+                                          r"Stopped at step 2 of 4"):
         train_and_save(PlannedRun(backend, config, out))
     assert load_lora(out / "erasure_lora.safetensors").training["steps_done"] == 2
     assert (out / "checkpoint.safetensors").exists()
 
     def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        raise OUT_OF_MEMORY[device]()
 
     monkeypatch.setattr(backend, "velocity", no_memory)  # the pool's sampling, one trajectory at a time
-    with pytest.raises(ZEraseError, match=r"Out of GPU memory \(x_t pool: out of memory sampling one trajectory at a "
+    with pytest.raises(ZEraseError, match=r"Out of memory \(x_t pool: out of memory sampling one trajectory at a "
                                           r"time\). .* or choose a lower --resolution.\nStopped before the first step "
                                           r"\(while preparing the run\);"):
         train_and_save(PlannedRun(backend, _config(steps=2), tmp_path / "other"))

@@ -20,6 +20,8 @@ from zerase_core.tiny import tiny_zimage_backend
 from zerase_core.trainer import ZEraseTrainer
 from zerase_core.xt_pool import PoolCancelled
 
+from device_errors import DEVICES, OUT_OF_MEMORY
+
 
 def _config(**over):
     base = dict(concept="red", preserve=("blue",), templates=("a photo of a {} ball",), steps=5, height=64,
@@ -130,9 +132,10 @@ def test_cancel_while_the_pool_is_sampled():
                       should_stop=lambda: asked.append(1) or len(asked) > 1)  # no to the first batch, yes after
 
 
-def test_pool_halves_its_batch_when_memory_runs_out(monkeypatch):
-    """A pool batch is batch × 3 rows in one forward (gigabytes at 1024²): out of memory, it samples fewer
-    trajectories at a time and ends with the pool it would have had."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_pool_halves_its_batch_when_memory_runs_out(device, monkeypatch):
+    """A pool batch is batch × 3 rows in one forward (gigabytes at 1024²): out of memory, as each device's allocator
+    says it, it samples fewer trajectories at a time and ends with the pool it would have had."""
     from zerase_core.xt_pool import TrajectoryPool
 
     backend = tiny_zimage_backend()
@@ -145,7 +148,7 @@ def test_pool_halves_its_batch_when_memory_runs_out(monkeypatch):
     def small_memory(x, sigma, prompts, **kw):
         rows_seen.append(x.shape[0])
         if x.shape[0] > 6:  # room for two trajectories' three predictions, not more
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise OUT_OF_MEMORY[device]()
         return real(x, sigma, prompts, **kw)
 
     monkeypatch.setattr(backend, "velocity", small_memory)

@@ -5,6 +5,7 @@ import weakref
 
 import pytest
 from comfy_support import encode, require_comfyui, tiny_clip, tiny_lumina2, tiny_zimage
+from device_errors import DEVICES, OUT_OF_MEMORY
 
 comfy = require_comfyui()
 import torch  # noqa: E402
@@ -352,13 +353,14 @@ def test_training_loads_the_whole_model_and_refuses_a_partial_load(monkeypatch):
         with training_session(fresh):
             fresh.load()  # as the first forward does
 
-    def out_of_memory(models, **kw):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    for device in DEVICES:  # ComfyUI on a Mac: MPS says it with a plain RuntimeError
+        def out_of_memory(models, raised=OUT_OF_MEMORY[device], **kw):
+            raise raised()
 
-    monkeypatch.setattr(mm, "load_models_gpu", out_of_memory)
-    with pytest.raises(ZEraseError, match="whole Z-Image on the GPU.*fp8"):
-        with training_session(fresh):
-            fresh.load()
+        monkeypatch.setattr(mm, "load_models_gpu", out_of_memory)
+        with pytest.raises(ZEraseError, match="whole Z-Image on the GPU.*fp8"):
+            with training_session(fresh):
+                fresh.load()
 
 
 def test_under_dynamic_vram_training_runs_on_a_non_dynamic_twin(monkeypatch):

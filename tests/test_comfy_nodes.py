@@ -599,7 +599,7 @@ def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, mon
     real_step = module.ZEraseTrainer._step
 
     def step_that_runs_out_once(self):
-        if self.step == 1 and self.gradient_checkpointing_from is None:
+        if self.step == 1 and self.checkpointing.from_step is None:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_step(self)
 

@@ -11,13 +11,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from zerase_core.config import TrainConfig
+from zerase_core.config import OUT_OF_MEMORY, TOO_LITTLE_MEMORY, TrainConfig
 from zerase_core.errors import ZEraseError
 from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import load_lora, save_lora
 from zerase_core.objectives import loss_erase
 from zerase_core.tiny import TinyZImageConfig, tiny_zimage_backend
-from zerase_core.trainer import OUT_OF_MEMORY, TOO_LITTLE_MEMORY, NonFiniteLoss, ZEraseTrainer
+from zerase_core.trainer import NonFiniteLoss, ZEraseTrainer
+
+from device_errors import DEVICES, OUT_OF_MEMORY as OUT_OF_MEMORY_ON
 
 
 def _config(**over):
@@ -144,10 +146,10 @@ def test_a_run_stopped_mid_step_resumes_into_the_run_an_uninterrupted_one_takes(
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
 
 
-def _out_of_memory_unless_checkpointing(trainer, from_step: int, where: str = "forward"):
+def _out_of_memory_unless_checkpointing(trainer, from_step: int, where: str = "forward", device: str = "cuda"):
     """A card too small to train without checkpointing from ``from_step`` on: the last layer's forward with
-    gradients (or its backward) raises there unless every main layer is checkpointed. The failed forward's input is
-    kept by weak reference in the returned list."""
+    gradients (or its backward) raises there unless every main layer is checkpointed, as ``device``'s allocator
+    says it. The failed forward's input is kept by weak reference in the returned list."""
     backend, failed = trainer.backend, []
     transformer = backend.transformer
 
@@ -156,37 +158,37 @@ def _out_of_memory_unless_checkpointing(trainer, from_step: int, where: str = "f
                 and backend.checkpointed_layers < backend.n_layers:
             if where == "forward":
                 failed.append(weakref.ref(args[0][0]))
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise OUT_OF_MEMORY_ON[device]()
 
     layer = transformer.layers[-1]
     register = layer.register_forward_pre_hook if where == "forward" else layer.register_full_backward_pre_hook
     return register(hook), failed
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("where", ["forward", "backward"])
-def test_auto_checkpointing_takes_a_step_that_ran_out_of_memory_again_with_checkpointing(where, caplog):
+def test_auto_checkpointing_takes_a_step_that_ran_out_of_memory_again_with_checkpointing(where, device, caplog):
     """gradient_checkpointing="auto" (the default) trains without checkpointing until a step runs out of memory (in
     its forward, or in its backward, where the graph is half consumed), then takes that step again with it and keeps
     it: the run is the one that never ran out (checkpointing gives the same gradients; the failed step left no
-    trace)."""
+    trace). MPS and the CPU say it with a plain RuntimeError, which gets the same answer."""
     config = _config(steps=8, lr=1e-2)
     assert config.gradient_checkpointing == "auto"
     reference = ZEraseTrainer(tiny_zimage_backend(), config).run()
 
     backend = tiny_zimage_backend()
     trainer = ZEraseTrainer(backend, config)
-    assert trainer.gradient_checkpointing_from is None and backend.checkpointed_layers == 0
-    hook, failed = _out_of_memory_unless_checkpointing(trainer, 4, where)
-    start = trainer.start_gradient_checkpointing
+    assert trainer.checkpointing.from_step is None and backend.checkpointed_layers == 0
+    hook, failed = _out_of_memory_unless_checkpointing(trainer, 4, where, device)
+    start = trainer.checkpointing.start
     freed_at_retry = []
-    trainer.start_gradient_checkpointing = lambda *a: (freed_at_retry.extend(ref() is None for ref in failed),
-                                                       start(*a))
+    trainer.checkpointing.start = lambda *a: (freed_at_retry.extend(ref() is None for ref in failed), start(*a))
     result = trainer.run()
     hook.remove()
     # The failed forward's activations are freed before the step is taken again, not held by its traceback.
     assert freed_at_retry == ([True] if where == "forward" else [])
-    assert trainer.gradient_checkpointing_from == 4 and backend.checkpointed_layers == backend.n_layers
-    assert trainer.gradient_checkpointing_reason == OUT_OF_MEMORY and "Out of GPU memory at step 4" in caplog.text
+    assert trainer.checkpointing.from_step == 4 and backend.checkpointed_layers == backend.n_layers
+    assert trainer.checkpointing.reason == OUT_OF_MEMORY and "Out of memory on cpu at step 4" in caplog.text
     assert len(result.history) == 8 and [r.step for r in result.history] == list(range(1, 9))
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
     for mine, theirs in zip(result.lora.factors.values(), reference.lora.factors.values()):
@@ -210,25 +212,26 @@ def test_auto_checkpointing_is_kept_by_a_resumed_run_that_ran_out_of_memory(tmp_
         resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6))
         resumed.resume(tmp_path / name)
         assert resumed.backend.checkpointed_layers == (resumed.backend.n_layers if on else 0)
-        assert (resumed.gradient_checkpointing_from, resumed.gradient_checkpointing_reason) == \
+        assert (resumed.checkpointing.from_step, resumed.checkpointing.reason) == \
             ((2, OUT_OF_MEMORY) if on else (None, None))
     off = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, gradient_checkpointing="off"))
     off.resume(tmp_path / "a.ckpt")  # "off" is the user's word, whatever the run needed before
     assert off.backend.checkpointed_layers == 0
     # A run the estimate put on checkpointing decides again when resumed (on another card, or with more free).
     estimated = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6), checkpoint_path=tmp_path / "c.ckpt")
-    estimated.start_gradient_checkpointing(TOO_LITTLE_MEMORY)
+    estimated.checkpointing.start(TOO_LITTLE_MEMORY, 1)
     estimated.train_step()
     estimated.save_checkpoint()
     again = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6))
     again.resume(tmp_path / "c.ckpt")
     decided = []
-    again._check_fit = lambda: decided.append(again.step)
+    again.checkpointing.estimate = lambda shape, step: decided.append(again.step)
     again.train_step()
-    assert decided == [1] and again.gradient_checkpointing_from is None
+    assert decided == [1] and again.checkpointing.from_step is None
 
 
-def test_out_of_memory_inside_adamws_update_is_not_retried_and_the_last_checkpoint_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_memory_inside_adamws_update_is_not_retried_and_the_last_checkpoint_resumes_exactly(device, tmp_path):
     """AdamW's update is not undone (but under the paired rule): a step that ran out of memory inside it may have
     moved part of the LoRA, and taking it again would move it twice. It fails as it is, under "auto" too, and saves
     nothing: the checkpoint of the step before stays, and resuming it ends where an uninterrupted run ends (a
@@ -242,12 +245,12 @@ def test_out_of_memory_inside_adamws_update_is_not_retried_and_the_last_checkpoi
 
     def half_done(*args, **kwargs):
         real(*args, **kwargs)
-        raise torch.OutOfMemoryError("simulated")
+        raise OUT_OF_MEMORY_ON[device]()
 
     trainer.optimizer.step = half_done
     with pytest.raises(torch.OutOfMemoryError):
         trainer.run()
-    assert trainer.gradient_checkpointing_from is None and trainer.step == 1 and not trainer.has_progress()
+    assert trainer.checkpointing.from_step is None and trainer.step == 1 and not trainer.has_progress()
     resumed = ZEraseTrainer(tiny_zimage_backend(), config)
     resumed.resume(tmp_path / "c.ckpt")
     assert resumed.step == 1
@@ -255,6 +258,24 @@ def test_out_of_memory_inside_adamws_update_is_not_retried_and_the_last_checkpoi
     for key, (a, b) in reference.lora.factors.items():
         torch.testing.assert_close(result.lora.factors[key][0], a, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(result.lora.factors[key][1], b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_runtime_error_that_is_not_out_of_memory_is_raised_as_it_is_and_not_retried():
+    """Only an allocator's words make a RuntimeError out of memory: any other failure of a step (a shape, a kernel)
+    is raised unchanged, and auto does not take the step again with checkpointing."""
+    backend = tiny_zimage_backend()
+    trainer = ZEraseTrainer(backend, _config(steps=3))
+    failure = RuntimeError("mat1 and mat2 shapes cannot be multiplied (simulated)")
+
+    def fails(module, args):
+        if torch.is_grad_enabled():
+            raise failure
+
+    hook = backend.transformer.layers[-1].register_forward_pre_hook(fails)
+    with pytest.raises(RuntimeError) as raised:
+        trainer.train_step()
+    hook.remove()
+    assert raised.value is failure and backend.checkpointed_layers == 0 and trainer.checkpointing.from_step is None
 
 
 def _free_for(layers: int) -> int:
@@ -286,7 +307,7 @@ def test_auto_checkpointing_decides_before_the_first_step_by_the_memory_free(che
     loads = []
     backend.load = lambda: loads.append(1)
     trainer = ZEraseTrainer(backend, _config(steps=2))
-    assert trainer.gradient_checkpointing_from is None and not asked  # decided at the first step, not before
+    assert trainer.checkpointing.from_step is None and not asked  # decided at the first step, not before
     trainer.run()
     assert len(asked) == 1 and loads == [1]  # once, with the model loaded
     # What is estimated: 64² is 4×8×8 latent cells, 16 image tokens of 2×2; the longest caption; the three rows
@@ -294,7 +315,7 @@ def test_auto_checkpointing_decides_before_the_first_step_by_the_memory_free(che
     caption = max(p.n_tokens for p in (*trainer.prompts.erase, trainer.prompts.uncond, *trainer.prompts.keep))
     assert estimated == [(16, caption, 3, 2, 64, 4)] and caption <= 32  # as _free_for takes it
     assert backend.checkpointed_layers == checkpointed
-    assert (trainer.gradient_checkpointing_from, trainer.gradient_checkpointing_reason) == \
+    assert (trainer.checkpointing.from_step, trainer.checkpointing.reason) == \
         ((1, TOO_LITTLE_MEMORY) if checkpointed else (None, None))
     assert (f"checkpointing {checkpointed} of 2 main layers from the start" in caplog.text) == bool(checkpointed)
     # nothing fits even checkpointed: said before the step that swaps or fails
@@ -312,7 +333,7 @@ def test_auto_checkpointing_on_a_cpu_decides_by_the_system_memory_available(monk
     assert trainer.backend.device.type == "cpu"
     trainer.run()
     assert trainer.backend.checkpointed_layers == 1
-    assert (trainer.gradient_checkpointing_from, trainer.gradient_checkpointing_reason) == (1, TOO_LITTLE_MEMORY)
+    assert (trainer.checkpointing.from_step, trainer.checkpointing.reason) == (1, TOO_LITTLE_MEMORY)
 
 
 def test_out_of_memory_with_part_of_the_layers_checkpointed_checkpoints_them_all(caplog):
@@ -323,12 +344,12 @@ def test_out_of_memory_with_part_of_the_layers_checkpointed_checkpoints_them_all
     reference = ZEraseTrainer(tiny_zimage_backend(), config).run()
     backend = tiny_zimage_backend()
     trainer = ZEraseTrainer(backend, config)
-    trainer._check_fit = lambda: trainer.start_gradient_checkpointing(TOO_LITTLE_MEMORY, layers=1)
+    trainer.checkpointing.estimate = lambda shape, step: trainer.checkpointing.start(TOO_LITTLE_MEMORY, step, layers=1)
     hook, _ = _out_of_memory_unless_checkpointing(trainer, 3)
     result = trainer.run()
     hook.remove()
     assert backend.checkpointed_layers == 2 and "with 1 of 2 main layers checkpointed" in caplog.text
-    assert (trainer.gradient_checkpointing_from, trainer.gradient_checkpointing_reason) == (3, OUT_OF_MEMORY)
+    assert (trainer.checkpointing.from_step, trainer.checkpointing.reason) == (3, OUT_OF_MEMORY)
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
 
 
@@ -337,7 +358,7 @@ def test_out_of_memory_is_raised_when_checkpointing_is_not_auto(mode):
     """off: the user said never, so the step fails as it is; on: checkpointing already ran, nothing is left to try."""
     backend = tiny_zimage_backend()
     trainer = ZEraseTrainer(backend, _config(steps=3, gradient_checkpointing=mode))
-    assert (trainer.gradient_checkpointing_from == 1) == (mode == "on")
+    assert (trainer.checkpointing.from_step == 1) == (mode == "on")
 
     def always(module, args):
         if torch.is_grad_enabled():

@@ -52,8 +52,8 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path, non_finite_stop: bool 
         "non_finite_stop": non_finite_stop,
         # From which step and why the run checkpointed: a run that ran out of memory under "auto" keeps it when
         # resumed, from that step (_resume_checkpointing).
-        "gradient_checkpointing_from": trainer.gradient_checkpointing_from,
-        "gradient_checkpointing_reason": trainer.gradient_checkpointing_reason,
+        "gradient_checkpointing_from": trainer.checkpointing.from_step,
+        "gradient_checkpointing_reason": trainer.checkpointing.reason,
     }
     return atomic_save(tensors, path, meta)
 
@@ -270,9 +270,9 @@ def _resume_checkpointing(trainer: "ZEraseTrainer", out_of_memory_from: int | No
     the step the run continues with."""
     mode = trainer.config.gradient_checkpointing
     if mode == "on":  # on since __init__: from this trainer's first step
-        trainer.start_gradient_checkpointing("on")
+        trainer.checkpointing.start("on", trainer.step + 1)
     elif mode == "auto" and out_of_memory_from is not None:
-        trainer.start_gradient_checkpointing(OUT_OF_MEMORY, from_step=out_of_memory_from)
+        trainer.checkpointing.start(OUT_OF_MEMORY, out_of_memory_from)
 
 
 def _jsonable(state):

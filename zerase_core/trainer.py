@@ -32,15 +32,16 @@ import torch
 
 from .apply import export_lora
 from .backends.base import Backend
-from .config import OUT_OF_MEMORY, TOO_LITTLE_MEMORY, TrainConfig
+from .config import TrainConfig
 from .errors import ZEraseError
 from .checkpoint import load_checkpoint, save_checkpoint
+from .gradient_checkpointing import GradientCheckpointing, StepShape
 from .history import StepRecord, TrainResult, stored_series
 from .lagrangian import direction, rule_for
 from .lora import LoRAConfig
 from .lora_file import ErasureLoRA
-from . import memory_fit
 from .objectives import loss_attn, loss_er, loss_erase, loss_pr, loss_total
+from .out_of_memory import told_as_out_of_memory
 from .prompt_pool import PromptPool
 from .prompts import EncodedPrompt
 from .sampling import euler, flow_sigmas
@@ -144,15 +145,8 @@ class ZEraseTrainer:
         self.checkpoint_meta: dict = {}  # the caller's notes, kept in every checkpoint (the node: its LoRA's name)
         self.mass_layers = set(config.lora.layer_indices(backend.n_layers))
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
-        # Gradient checkpointing: from which step, and why (``"on"`` or one of auto's two reasons); how many of the
-        # main layers are checkpointed now is the backend's ``checkpointed_layers``.
-        self.gradient_checkpointing_from: int | None = None
-        self.gradient_checkpointing_reason: str | None = None
-        self._fit_checked = config.gradient_checkpointing != "auto"  # auto decides at the first step, loaded
+        self.checkpointing = GradientCheckpointing(backend, config.gradient_checkpointing)
         self.torn = False  # out of memory inside AdamW's update moved part of the LoRA (see has_progress)
-        backend.set_gradient_checkpointing(0)  # as the settings say, whatever the backend was left with
-        if config.gradient_checkpointing == "on":
-            self.start_gradient_checkpointing("on")
         if resume_from is not None:
             self.resume(resume_from)
         wants_pool = config.xt_source == "pool" and self.step < config.steps
@@ -260,73 +254,39 @@ class ZEraseTrainer:
         return lam, recomputed
 
     def train_step(self) -> StepRecord:
-        """One step of Algorithm 1 (:meth:`_step`) under the memory policy. Under ``gradient_checkpointing="auto"``
-        checkpointing turns on before the first step for as few main layers as let the step's estimated activations
-        fit the memory free on the device (:mod:`.memory_fit`), and where the estimate was short, for every layer at
-        the first step that runs out of memory, which is then taken again; it stays on for the rest of the run.
+        """One step of Algorithm 1 (:meth:`_step`) under the run's gradient checkpointing (gradient_checkpointing.py):
+        auto's estimate before the first step, and a step that runs out of memory taken again with every main layer
+        checkpointed.
 
-        The failed step left the run as it was (:meth:`_step`), so the retry is the step an uninterrupted run takes:
-        checkpointing changes where activations are kept, not the gradients. Out of memory inside AdamW's own update
-        (not undone but under the paired rule; unlikely, as the step's activations are freed by then) is not retried.
+        The failed step left the run as it was (:meth:`_step`), so the retry is the step an uninterrupted run takes.
+        Out of memory inside AdamW's own update (not undone but under the paired rule; unlikely, as the step's
+        activations are freed by then) is not retried. Every device's out of memory is raised as
+        ``torch.OutOfMemoryError`` (out_of_memory.py).
         """
-        if not self._fit_checked:
-            self._fit_checked = True
-            if self.gradient_checkpointing_from is None:  # not already on from a resumed run that ran out
-                self._check_fit()
+        self.checkpointing.before_step(self.step + 1, self._step_shape)
         start = time.perf_counter()
         try:
-            return self._step()
+            with told_as_out_of_memory():
+                return self._step()
         except _OutOfMemoryInUpdate:
             raise
         except torch.OutOfMemoryError:
-            all_checkpointed = self.backend.checkpointed_layers == self.backend.n_layers
-            if self.config.gradient_checkpointing != "auto" or all_checkpointed:
+            if not self.checkpointing.can_retry():
                 raise
         # Outside the except clause, whose traceback holds the failed forward's tensors: Python frees them here.
         # (What a failed backward leaves inside autograd's engine may outlive this; the retry's own backward
         # releases it.)
         self.seconds += time.perf_counter() - start  # the failed attempt is part of the run's time
-        log.warning("Out of GPU memory at step %d with %d of %d main layers checkpointed; taking it again with all of "
-                    "them, which stays so for the rest of the run (the same gradients, up to a third more time per "
-                    "step).", self.step + 1, self.backend.checkpointed_layers, self.backend.n_layers)
-        self.start_gradient_checkpointing(OUT_OF_MEMORY)
-        if torch.cuda.is_available():  # the failed step's cached blocks back to the device, for a layout that fits
-            torch.cuda.empty_cache()
-        return self._step()
+        self.checkpointing.after_out_of_memory(self.step + 1)
+        with told_as_out_of_memory():
+            return self._step()
 
-    def _check_fit(self) -> None:
-        """auto's decision before the first step: checkpoint from the start as few main layers as let a step fit the
-        memory free on the device with the model loaded (the GPU's; on MPS, Metal's working set; on a CPU, the
-        system's)."""
-        self.backend.load()
-        available = memory_fit.available_bytes(self.backend.device)
-        dim = self.backend.fingerprint().get("dim")
-        if available is None or dim is None:  # a device that cannot tell, or a host that cannot tell its width
-            return
-        prompts, layers = self.prompts, self.backend.n_layers
+    def _step_shape(self) -> StepShape:
+        """This run's step as the memory estimate takes it: image tokens, the longest caption, student rows."""
+        prompts = self.prompts
         caption = max(p.n_tokens for p in (*prompts.erase, prompts.uncond, *prompts.keep))
-        rows = 2 + bool(prompts.keep)  # [c_er, ∅, c_pr], or [c_er, ∅] without preservation prompts
         image = self.backend.image_tokens(self.config.height, self.config.width)
-        casts = self.backend.weight_casts_bytes()  # fp8 weights: their bf16 copies, kept for backward
-        plan = memory_fit.plan(image, caption, rows, layers, dim, casts, available, self.backend.dtype.itemsize)
-        if plan.checkpointed:
-            log.info("A step without gradient checkpointing needs about %.1f GiB, %.1f GiB are free: checkpointing %d "
-                     "of %d main layers from the start.", plan.needed / 2**30, available / 2**30, plan.checkpointed,
-                     layers)
-            self.start_gradient_checkpointing(TOO_LITTLE_MEMORY, layers=plan.checkpointed)
-        if not memory_fit.fits(plan.peak, available):  # told before a step that fails, swaps or spills
-            log.warning("A step needs about %.1f GiB even with every main layer checkpointed and %.1f GiB are free on "
-                        "%s: it may run out of memory, or spill into system memory or swap and run many times slower. "
-                        "A lower resolution (height, width) takes less.", plan.peak / 2**30, available / 2**30,
-                        self.backend.device)
-
-    def start_gradient_checkpointing(self, reason: str, from_step: int | None = None,
-                                     layers: int | None = None) -> None:
-        """Gradient checkpointing of the first ``layers`` main layers (all by default) from the next step on (or,
-        resumed, from the step it began at), and why: the plan in force, replacing a partial one."""
-        self.backend.set_gradient_checkpointing(self.backend.n_layers if layers is None else layers)
-        self.gradient_checkpointing_from = self.step + 1 if from_step is None else from_step
-        self.gradient_checkpointing_reason = reason
+        return StepShape(image, caption, 2 + bool(prompts.keep))
 
     def _step(self) -> StepRecord:
         """One iteration of Algorithm 1:
@@ -337,7 +297,8 @@ class ZEraseTrainer:
         4. λ by its rule (Eq. 15, or 11-12) and one AdamW step on L_total = L_er + λ L_pr (:meth:`_descend`,
            :meth:`_backward`).
 
-        (:meth:`train_step` runs it under the memory policy: auto checkpointing, out of memory taken again.)
+        (:meth:`train_step` runs it under the run's gradient checkpointing: auto's estimate, out of memory taken
+        again.)
 
         A step that fails before its update (NaN, out of memory, a cancel) leaves the run as it was before it, random
         generators included, so the checkpoint then saved resumes into the same step an uninterrupted run takes; under
@@ -383,7 +344,8 @@ class ZEraseTrainer:
                 pr_before = self._pr_before(l_pr, pr_value, batch)
                 undo = _OptimizerUndo(self.optimizer)  # the after-update forward below may still fail
             try:
-                self.optimizer.step()
+                with told_as_out_of_memory():
+                    self.optimizer.step()
             except torch.OutOfMemoryError as err:
                 if undo is None:  # AdamW may have moved part of the LoRA: taking the step again would do it twice
                     self.torn = True

@@ -28,6 +28,7 @@ import torch
 from . import memory_fit
 from .backends.base import Backend
 from .errors import ZEraseError
+from .out_of_memory import empty_cache, told_as_out_of_memory
 from .prompts import EncodedPrompt
 from .sampling import guide, integrate
 
@@ -133,15 +134,15 @@ class TrajectoryPool:
                 # batch-dependent rounding).
                 batch //= 2
                 log.warning("x_t pool: out of memory; sampling %d trajectories at a time", batch)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # here, not in the except: its traceback held the failed batch
+                empty_cache(backend.device)  # here, not in the except: its traceback held the failed batch
             else:
                 raise torch.OutOfMemoryError("x_t pool: out of memory sampling one trajectory at a time")
 
     def _sampled(self, *args) -> bool:
         """:meth:`_trajectories`; False if the device ran out of memory (the batch is retried smaller)."""
         try:
-            self._trajectories(*args)
+            with told_as_out_of_memory():
+                self._trajectories(*args)
             return True
         except torch.OutOfMemoryError:
             return False

@@ -24,6 +24,7 @@ from ..errors import ZEraseError
 from ..gate import TokenGate
 from ..layout import TokenLayout, pad_to_multiple
 from ..lora import GatedLoRALinear, LoRAConfig
+from ..out_of_memory import empty_cache
 from ..prompts import EncodedPrompt, PromptEncoder
 from ..replay_checkpoint import replayed_checkpoint
 from ..scoped import scoped
@@ -274,8 +275,7 @@ class DiffusersZImageBackend(Backend):
         """Drop the text encoder (Qwen3 4B: ~8 GB in bf16) so training has that memory back, and put the
         transformer in its place."""
         self.encoder = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        empty_cache(self.device)
         self._place()
 
     def layout(self, x: torch.Tensor, prompts: Sequence[EncodedPrompt]) -> TokenLayout:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...errors import ZEraseError
+from ...out_of_memory import told_as_out_of_memory
 from ...scoped import scoped
 from .object_patches import GatedForward
 
@@ -68,7 +69,8 @@ def load_whole(patcher: Any, node: str) -> None:
     try:
         # memory_required beyond any card: every other model leaves the GPU first (the text encoder, ~8 GB, is
         # done), so the activations and the x_t pool get the room; ComfyUI's trainer loads the same way.
-        mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+        with told_as_out_of_memory():
+            mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
     except torch.OutOfMemoryError as err:
         raise ZEraseError(f"{node}: {TOO_LITTLE_VRAM} ({err})") from err
     if getattr(patcher.model, "model_lowvram", False):

@@ -1,0 +1,47 @@
+"""Running out of memory, told one way on every device.
+
+CUDA raises ``torch.OutOfMemoryError``; Apple's MPS allocator and the CPU allocator raise a plain ``RuntimeError``
+whose message says so. Every answer of the pack (auto checkpointing's retry, the x_t pool's smaller batches, the
+command line's advice) is written against ``torch.OutOfMemoryError``: :func:`told_as_out_of_memory` raises that for
+the others too, so a Mac or a CPU run gets the same answers as a CUDA one.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+# What torch's allocators write when they cannot allocate, where they raise a plain RuntimeError: MPS
+# ("MPS backend out of memory (MPS allocated: …"), the CPU ("DefaultCPUAllocator: can't allocate memory: you
+# tried to allocate …"), and cuBLAS's workspace on CUDA. Specific words: a bare "out of memory" also names failures
+# that are not the device's.
+MESSAGES = ("mps backend out of memory", "can't allocate memory", "cublas_status_alloc_failed")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in MESSAGES)
+
+
+@contextmanager
+def told_as_out_of_memory() -> Iterator[None]:
+    """Raise ``torch.OutOfMemoryError`` for a device that ran out of memory whatever it raised (the original chained),
+    and anything else as it was."""
+    try:
+        yield
+    except RuntimeError as err:
+        if isinstance(err, torch.OutOfMemoryError) or not is_out_of_memory(err):
+            raise
+        raise torch.OutOfMemoryError(str(err)) from err
+
+
+def empty_cache(device: torch.device) -> None:
+    """Give the blocks torch's allocator caches on ``device`` back, after a failed attempt's tensors are freed, so
+    that the next attempt's layout can fit."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
