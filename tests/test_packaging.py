@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 # Installed for the standalone engine (requirements-engine.txt) and the tests, never for the nodes: ComfyUI-Manager
 # would put them into the shared ComfyUI environment, where they can move huggingface_hub and others.
@@ -55,6 +57,15 @@ def test_requirements_txt_holds_only_what_the_nodes_need():
     names = {re.split(r"[<>=\[ ]", line.strip())[0].lower() for line in (REPO / "requirements.txt").read_text()
              .splitlines() if line.strip() and not line.startswith("#")}
     assert names and not names & set(NOT_FOR_NODES)
+
+
+def test_pyproject_lists_the_same_dependencies_as_requirements_txt():
+    """The Comfy Registry reads pyproject.toml, ComfyUI-Manager and git installs requirements.txt: one list, twice."""
+    tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11, as CI runs
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    required = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    assert sorted(declared) == sorted(r for r in required if r)
 
 
 # The folders ComfyUI's template browser reads a pack's example workflows from (app/custom_node_manager.py,

@@ -52,6 +52,7 @@ def test_a_setting_out_of_its_range_is_refused_by_name(changes, message):
     (dict(alpha=0.0), r"alpha must be > 0"),  # a LoRA that can change nothing, trained for nothing
     (dict(alpha=-4.0), r"alpha must be > 0"),
     (dict(strength=1e39), r"must be finite numbers in float32"),  # finite in Python, inf in the model
+    (dict(alpha=1e20, rank=1, strength=1e20), r"float32 .*; got 1e\+20, 1e\+20, 1e\+40"),  # the product told too
 ])
 def test_a_lora_setting_that_would_fail_late_or_train_nothing_is_refused(changes, message):
     with pytest.raises(ZEraseError, match=message):
@@ -68,7 +69,8 @@ def test_an_erasure_lora_that_could_not_be_read_back_is_refused_when_made():
     factors = {(0, "q"): (torch.zeros(2, 8), torch.zeros(8, 2))}
     for changes, message in ((dict(scale=float("nan")), "finite numbers in float32"),
                              (dict(strength=1e39), "finite numbers in float32"),
-                             (dict(scale=1e20, strength=1e20), "finite numbers in float32"),  # ΔW's multiplier
+                             # ΔW's multiplier, told as the number that is not finite
+                             (dict(scale=1e20, strength=1e20), "their product 1e[+]40 must be finite numbers in"),
                              (dict(concept=None), "concept must be a str"),
                              (dict(preserve=(1, 2)), "preserve must be a tuple of str")):
         with pytest.raises(ZEraseError, match=message):

@@ -15,7 +15,7 @@ from .errors import ZEraseError
 from .lagrangian import MODES
 from .lora import LoRAConfig
 from .prompts import concept_words, is_blank
-from .seeds import valid_seed
+from .seeds import SEED_RANGE, valid_seed
 from .typed import settle
 
 
@@ -124,7 +124,7 @@ class TrainConfig:
             raise ZEraseError(f"The learning rate must be between {LR_RANGE[0]:g} and {LR_RANGE[1]:g} (the paper's "
                               f"is 1e-3); got {self.lr:g}.")
         if not valid_seed(self.seed):
-            raise ZEraseError(f"The seed must be between 0 and 2^64 − 1; got {self.seed}.")
+            raise ZEraseError(f"The seed must be {SEED_RANGE}; got {self.seed}.")
         if self.epsilon is not None and self.epsilon < 0:  # the Train node reads a negative ε as "the preset's"
             raise ZEraseError(f"ε is the rise of L_pr a step may cause (Eq. 9), ≥ 0; got {self.epsilon}. Leave it "
                               "out for the preset's (Table 6).")

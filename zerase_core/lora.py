@@ -53,7 +53,8 @@ class LoRAConfig:
             raise ZEraseError(f"LoRA rank must be at least 1, got {self.rank}.")
         if not finite_in_fp32(self.alpha or 1.0, self.strength, self.scale * self.strength):
             raise ZEraseError(f"LoRA alpha, strength and alpha / rank · strength must be finite numbers in float32 "
-                              f"(|x| ≤ {FP32_MAX:.1e}); got {self.alpha}, {self.strength}.")
+                              f"(|x| ≤ {FP32_MAX:.1e}); got {self.alpha}, {self.strength}, "
+                              f"{self.scale * self.strength:g}.")
         if self.alpha is not None and self.alpha <= 0:  # 0: a LoRA that cannot change anything, trained for nothing
             raise ZEraseError(f"LoRA alpha must be > 0 (or None: the rank); got {self.alpha}.")
         bad = [t for t in self.targets if t not in PROJECTIONS]

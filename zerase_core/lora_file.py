@@ -62,8 +62,9 @@ class ErasureLoRA:
         if not self.factors:
             raise ZEraseError("This erasure LoRA has no weights.")
         if not finite_in_fp32(self.scale, self.strength, self.multiplier):  # else the model's output is inf or NaN
-            raise ZEraseError(f"This erasure LoRA's scale {self.scale:g} and strength {self.strength:g} must be finite "
-                              "numbers in float32, as the model computes with them.")
+            raise ZEraseError(f"This erasure LoRA's scale {self.scale:g}, strength {self.strength:g} and their "
+                              f"product {self.multiplier:g} must be finite numbers in float32, as the model computes "
+                              "with them.")
         if self.scope not in _SCOPES.values():
             raise ZEraseError(f"Unknown LoRA scope {self.scope!r}; expected 'text' or 'all'.")
         for key, (a, b) in self.factors.items():

@@ -3,6 +3,7 @@
 the sums they always were, so no seeded result changes."""
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below it (and negative ones, not offered)
+SEED_RANGE = "between 0 and 2^64 − 1"  # what a refusal of a seed says
 
 
 def valid_seed(seed: int) -> bool:

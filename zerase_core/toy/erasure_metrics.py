@@ -26,7 +26,7 @@ import torch
 from ..backends.base import Backend
 from ..errors import ZEraseError
 from ..sampling import euler
-from ..seeds import offset_seed, valid_seed
+from ..seeds import SEED_RANGE, offset_seed, valid_seed
 from . import world
 from .world import ATTRIBUTES, Labels, make_prompt, random_labels
 
@@ -72,7 +72,7 @@ def check_grid(concepts: list[str], seeds: list[int]) -> None:
     if twice:
         raise ZEraseError(f"{', '.join(twice)} named twice in --concepts or --seeds; each cell is measured once.")
     if not all(map(valid_seed, seeds)):
-        raise ZEraseError(f"Seeds must be between 0 and 2^64 − 1; got {seeds}.")
+        raise ZEraseError(f"Seeds must be {SEED_RANGE}; got {seeds}.")
 
 
 def parse_concept(word: str) -> Concept:
