@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from zerase_core.apply import install_lora
+from zerase_core.apply import check_applicable, install_lora
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend
 
-from .common import NONE, ErasureLoRAType, file_state, lora_files, pick_lora
+from .common import NONE, ErasureLoRAType, file_state, lora_files, pick_lora, told_as
 
 NODE = "Apply Erasure LoRA"
 
 
 def apply_erasure(model, lora, strength: float):
-    """A clone of ``model`` carrying ``lora`` gated to text tokens; ``model`` itself is untouched."""
+    """A clone of ``model`` carrying ``lora`` gated to text tokens; ``model`` itself is untouched. At strength 0 the
+    model itself, once the LoRA is checked to fit it (as ComfyUI's LoraLoader, no clone; a wrong choice still says
+    so)."""
     backend = ComfyZImageBackend(model, node=NODE)
-    install_lora(backend, lora, name=backend.key, multiplier=strength)
+    with told_as(NODE):
+        if strength == 0:
+            check_applicable(backend, lora)
+            return model
+        install_lora(backend, lora, name=backend.key, multiplier=strength)
     return backend.patcher
 
 
@@ -27,7 +33,8 @@ class ApplyErasureLoRA(io.ComfyNode):
             display_name=NODE,
             category="Z-Erase",
             description="Puts a Z-Erase LoRA on a Z-Image model, acting on text tokens only. Stack several "
-            "to erase several concepts; bypass the node to get the original model back.",
+            "to erase several concepts; bypass the node to get the original model back. The erasure lives in the "
+            "patch, not the weights: a checkpoint saved from this MODEL is the original one (share the LoRA file).",
             inputs=[
                 io.Model.Input("model", tooltip="A Z-Image model (Load Diffusion Model); not changed: a patched "
                                "clone is returned."),
@@ -51,6 +58,4 @@ class ApplyErasureLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name, strength, erasure_lora=None) -> io.NodeOutput:
         lora = pick_lora(NODE, lora_name, erasure_lora)  # checked even at strength 0: a wrong choice still says so
-        if strength == 0:
-            return io.NodeOutput(model)  # as ComfyUI's LoraLoader: no clone, no patch
         return io.NodeOutput(apply_erasure(model, lora, strength))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from comfy_api.latest import io
 
@@ -30,10 +32,25 @@ def portable(name: str, sep: str = os.sep) -> str:
 def read_lora_file(name: str, node: str) -> ErasureLoRA:
     import folder_paths
 
+    if not name:  # the file list was empty when the node was made
+        raise ZEraseError(f"{node}: there is no LoRA file to choose: train one with Z-Erase Train, or put a Z-Erase "
+                          "LoRA into models/loras/ and refresh the page.")
     path = folder_paths.get_full_path("loras", name)
     if path is None:
         raise ZEraseError(f"{node}: LoRA file '{name}' is not in any loras folder.")
-    return load_lora(path)
+    with told_as(node):
+        return load_lora(path)
+
+
+@contextmanager
+def told_as(node: str) -> Iterator[None]:
+    """The engine's refusals under the node's name, as the node's own are: ComfyUI shows the message alone."""
+    try:
+        yield
+    except ZEraseError as err:
+        if str(err).startswith(f"{node}:"):
+            raise
+        raise ZEraseError(f"{node}: {err}") from err
 
 
 def parse_list(node: str, text: str, what: str, cast=str) -> list:

@@ -7,6 +7,8 @@ from comfy_api.latest import io
 from zerase_core import render
 from zerase_core.errors import ZEraseError
 
+from .common import told_as
+
 
 NODE = "Z-Erase Compare"
 
@@ -36,7 +38,8 @@ class CompareGrid(io.ComfyNode):
                               "the same size (the same latent batch through both samplers).")
         if not len(original):
             raise ZEraseError(f"{NODE}: both batches are empty; connect the images of the two samplers.")
-        rows = [[render.to_pil(a), render.to_pil(b)] for a, b in zip(original, erased)]
+        with told_as(NODE):  # an IMAGE of a shape no picture has
+            rows = [[render.to_pil(a), render.to_pil(b)] for a, b in zip(original, erased)]
         # ComfyUI draws a batch's noise in one call from the seed: item i is not "seed + i", it is batch index i.
         labels = [f"batch {i}" for i in range(len(rows))] if len(rows) > 1 else []
         return io.NodeOutput(render.grid(rows, [label_original, label_erased], labels, caption=prompt))

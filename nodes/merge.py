@@ -10,7 +10,7 @@ from zerase_core.errors import ZEraseError
 from zerase_core.lora_file import save_new
 from zerase_core.merge import merge
 
-from .common import SUBFOLDER, ErasureLoRAType, output_folder, parse_list
+from .common import SUBFOLDER, ErasureLoRAType, output_folder, parse_list, told_as
 
 NODE = "Merge Erasure LoRAs"
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ class MergeErasureLoRAs(io.ComfyNode):
             description="Σ w_i ΔW_i over the products ΔW = B·A (rank concatenation is exact); optional SVD re-rank.",
             inputs=[
                 ErasureLoRAType.Input("lora_1", tooltip="From Z-Erase Train or Load Erasure LoRA."),
-                ErasureLoRAType.Input("lora_2", tooltip="One LoRA twice with a rank: that LoRA re-ranked."),
+                ErasureLoRAType.Input("lora_2", tooltip="The second LoRA. (One LoRA into both inputs, with empty "
+                                      "weights and a rank: that LoRA re-ranked.)"),
                 ErasureLoRAType.Input("lora_3", optional=True, tooltip="Optional: a third LoRA."),
                 ErasureLoRAType.Input("lora_4", optional=True, tooltip="Optional: a fourth LoRA."),
                 io.String.Input("weights", default="", tooltip=(
@@ -52,10 +53,12 @@ class MergeErasureLoRAs(io.ComfyNode):
     @classmethod
     def execute(cls, lora_1, lora_2, weights, rank, save_name, lora_3=None, lora_4=None) -> io.NodeOutput:
         loras = [x for x in (lora_1, lora_2, lora_3, lora_4) if x is not None]
-        merged, report = merge(loras, parse_weights(weights, len(loras)), rank or None)
+        with told_as(NODE):
+            merged, report = merge(loras, parse_weights(weights, len(loras)), rank or None)
         text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
         if save_name.strip():
-            path = save_new(merged, output_folder(), save_name)  # never over another file
+            with told_as(NODE):
+                path = save_new(merged, output_folder(), save_name)  # never over another file
             # as Apply lists it; resolved both, as the saved path is: the loras folder or zerase/ may be a link
             text += f"; saved {SUBFOLDER}/{path.resolve().relative_to(output_folder().resolve()).as_posix()}"
             log.info("Z-Erase: %s", text)

@@ -141,6 +141,17 @@ def test_apply_stacks_and_refuses_what_does_not_fit(pack, loras_dir):
     assert apply.execute(model=model, lora_name="native.safetensors", strength=0.0)[0] is model  # as LoraLoader
     with pytest.raises(ZEraseError, match="choose a LoRA"):
         apply.execute(model=model, lora_name="(none)", strength=0.0)
+    # At strength 0 too a choice that does not fit says so (it returned the model unchecked), under the node's name
+    # as the node's own refusals are
+    with pytest.raises(ZEraseError, match="^Apply Erasure LoRA: This erasure LoRA was made for a different arch"):
+        apply.execute(model=model, lora_name="small.safetensors", strength=0.0)
+    with pytest.raises(ZEraseError, match="not Z-Image"):
+        apply.execute(model=tiny_lumina2(comfy), lora_name="native.safetensors", strength=0.0)
+    with pytest.raises(ZEraseError, match="^Apply Erasure LoRA: 'stock.safetensors' is an ordinary LoRA"):
+        apply.execute(model=model, lora_name="stock.safetensors", strength=1.0)
+    for strength in (float("nan"), float("inf"), 1e39):  # ComfyUI's min/max check lets NaN through
+        with pytest.raises(ZEraseError, match="^Apply Erasure LoRA: The strength must be a finite number .*got"):
+            apply.execute(model=model, lora_name="native.safetensors", strength=strength)
 
 
 def test_file_choices_are_cached_on_the_files_contents(pack, loras_dir):
@@ -353,6 +364,19 @@ def test_load_and_merge(pack, loras_dir):
     assert small.rank == 2 and "relative error" in report
     with pytest.raises(ZEraseError, match="weights"):
         merge.execute(lora_1=a, lora_2=b, weights="1", rank=0, save_name="")
+    with pytest.raises(ZEraseError, match="^Merge Erasure LoRAs: Merge weights must be finite numbers > 0"):
+        merge.execute(lora_1=a, lora_2=b, weights="1, -1", rank=0, save_name="")
+    itself, _ = merge.execute(lora_1=a, lora_2=a, weights="", rank=2, save_name="")  # lora_2's tooltip: a re-rank
+    assert itself.concept == "cat" and itself.rank == 2
+
+
+def test_load_with_no_lora_file_to_choose_says_where_one_comes_from(pack, loras_dir):
+    """With no file in the loras folders the node offers '' (ComfyUI needs an option): queued, it said "LoRA file ''
+    is not in any loras folder"."""
+    comfy.folder_paths.filename_list_cache.clear()
+    assert pack["ZEraseLoadLoRA"].define_schema().inputs[0].options == [""]
+    with pytest.raises(ZEraseError, match="^Load Erasure LoRA: there is no LoRA file to choose: train one"):
+        pack["ZEraseLoadLoRA"].execute(lora_name="")
 
 
 def test_merge_names_its_file_as_apply_lists_it_and_refuses_weights_that_keep_nothing(pack, loras_dir):
@@ -397,6 +421,9 @@ def test_compare_draws_images_of_one_channel_or_bfloat16(pack):
     (grid,) = pack["ZEraseCompare"].execute(original=grey, erased=grey.bfloat16(), prompt="", label_original="a",
                                             label_erased="b")
     torch.testing.assert_close(grid[0, 18:82, :64], grey[0].expand(64, 64, 3), rtol=0, atol=0.5 / 255)
+    with pytest.raises(ZEraseError, match="^Z-Erase Compare: "):  # the picture's own refusal, under the node's name
+        pack["ZEraseCompare"].execute(original=torch.rand(1, 8, 8, 5), erased=torch.rand(1, 8, 8, 5), prompt="",
+                                      label_original="a", label_erased="b")
 
 
 def test_a_concept_with_comfyuis_escaped_parentheses_is_read_as_its_prompts_are(pack):

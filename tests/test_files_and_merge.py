@@ -204,8 +204,15 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     (dict(scale="NaN"), "damaged Z-Erase metadata"),  # would load and turn every prediction into NaN
     (dict(strength="Infinity"), "damaged Z-Erase metadata"),
     (dict(strength="1e39"), "damaged Z-Erase metadata"),  # finite in the file, inf in the float32 model
-    (dict(preserve="[1, 2]"), "'bad.safetensors': .*preserve must be a tuple of str.* The file is damaged"),
+    (dict(preserve="[1, 2]"), "damaged Z-Erase metadata .*expected a list of strings"),
+    (dict(preserve="dog"), "damaged Z-Erase metadata .*expected a list of strings"),  # was read as ('d', 'o', 'g')
     (dict(gate='{"kind": "image-tokens"}'), "damaged Z-Erase metadata"),  # no scope writes this
+    # in a version that may add gate kinds: one added later than this pack
+    (dict(format_version="2", gate='{"kind": "image-tokens"}'), "gate of kind 'image-tokens'.*update the Z-Erase"),
+    # ≤ 0 strengthens its concept: Apply refused it as "alpha", Load and Merge took it
+    (dict(scale="0"), "'bad.safetensors': .*scale must be > 0 .*got 0[.] The file is damaged"),
+    (dict(scale="-5"), "'bad.safetensors': .*scale must be > 0 .*got -5[.] The file is damaged"),
+    (dict(format="zerase-gated-lora-v2"), "format 'zerase-gated-lora-v2', newer than this pack reads.*update"),
 ])
 def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
     tensors, meta = _damaged(_random_lora(KEYS), **damage)
@@ -404,9 +411,20 @@ def test_lora_of_another_architecture_is_refused(tiny_backend):
     wide = _random_lora(KEYS, d_in=128, d_out=128)
     with pytest.raises(ZEraseError, match="different architecture.*layer 0 q: LoRA maps 128→128, model needs 64→64"):
         check_fits(wide, tiny_backend.fingerprint(), host_widths(tiny_backend))
+    # Widths that fit, heads that do not: every fact both record is compared, as a merge compares them
+    heads = ErasureLoRA(_random_lora(KEYS).factors, fingerprint=tiny_backend.fingerprint() | {"n_heads": 8})
+    with pytest.raises(ZEraseError, match="different architecture .*n_heads: LoRA 8 vs model 2"):
+        install_lora(tiny_backend, heads)
     deep = _random_lora([(5, "q")])
     with pytest.raises(ZEraseError, match="layer 5 q: the model has no such projection"):
         install_lora(tiny_backend, deep)
+
+
+@pytest.mark.parametrize("multiplier", [float("nan"), float("inf"), 1e39])
+def test_a_strength_that_is_not_a_finite_number_is_refused_as_the_strength(tiny_backend, multiplier):
+    """It was refused by LoRAConfig, as "alpha, strength and alpha / rank · strength", with an alpha never set."""
+    with pytest.raises(ZEraseError, match="^The strength must be a finite number .*got"):
+        install_lora(tiny_backend, _random_lora(KEYS), multiplier=multiplier)
 
 
 def test_stock_loaders_do_not_recognise_native_files(tiny_backend, tmp_path):
@@ -561,6 +579,15 @@ def test_merge_refuses_factors_that_do_not_fit_together_and_an_overflow():
         merge_exact([_random_lora(KEYS), official])
     with pytest.raises(ZEraseError, match="overflows at layer 0 k"):
         merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1)], [1e308, 1e308])
+
+
+def test_one_lora_merged_with_itself_keeps_its_concept():
+    """The re-rank recipe (one LoRA into both inputs, weights 1/2 each) is that LoRA: named "red", not "red + red",
+    which a further merge would carry ("red + red + blue")."""
+    lora = _random_lora(KEYS)
+    merged, report = merge([lora, lora], rank=2)
+    assert merged.concept == "red" and merged.training["merged_from"] == ["red", "red"]
+    assert merge_exact([merged, _random_lora(KEYS, concept="blue")]).concept == "red + blue"
 
 
 def test_merge_compares_what_both_files_record():

@@ -71,6 +71,8 @@ def test_an_erasure_lora_that_could_not_be_read_back_is_refused_when_made():
                              (dict(strength=1e39), "finite numbers in float32"),
                              # ΔW's multiplier, told as the number that is not finite
                              (dict(scale=1e20, strength=1e20), "their product 1e[+]40 must be finite numbers in"),
+                             (dict(scale=0.0), "scale must be > 0"),  # alpha / rank: ≤ 0 would strengthen
+                             (dict(scale=-1.0), "scale must be > 0 .*got -1"),
                              (dict(concept=None), "concept must be a str"),
                              (dict(preserve=(1, 2)), "preserve must be a tuple of str")):
         with pytest.raises(ZEraseError, match=message):

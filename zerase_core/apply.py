@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .backends.base import Backend, LoRASet
-from .lora import LoRAConfig
+from .errors import ZEraseError
+from .lora import LoRAConfig, finite_in_fp32
 from .lora_file import ErasureLoRA, Key, check_fits
 
 
@@ -31,10 +32,18 @@ def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", mul
     Built outside inference mode (ComfyUI runs nodes inside it): a LoRA trained later on top of
     this one back-propagates through it, and autograd cannot save inference tensors.
     """
-    lora.require_gated()
-    check_fits(lora, backend.fingerprint(), host_widths(backend))
+    check_applicable(backend, lora)
+    if not finite_in_fp32(multiplier):  # before LoRAConfig, whose refusal would name alpha and scale
+        raise ZEraseError(f"The strength must be a finite number (it multiplies the LoRA's own scale); got "
+                          f"{multiplier}.")
     with torch.inference_mode(False), torch.no_grad():
         return _installed(backend, lora, name, lora.strength * multiplier)
+
+
+def check_applicable(backend: Backend, lora: ErasureLoRA) -> None:
+    """Refuse a LoRA that ``backend``'s model cannot take: trained without the gate, or for another architecture."""
+    lora.require_gated()
+    check_fits(lora, backend.fingerprint(), host_widths(backend))
 
 
 def _installed(backend: Backend, lora: ErasureLoRA, name: str, strength: float) -> LoRASet:

@@ -65,6 +65,9 @@ class ErasureLoRA:
             raise ZEraseError(f"This erasure LoRA's scale {self.scale:g}, strength {self.strength:g} and their "
                               f"product {self.multiplier:g} must be finite numbers in float32, as the model computes "
                               "with them.")
+        if self.scale <= 0:  # alpha / rank of training, alpha > 0 (LoRAConfig): ≤ 0 would strengthen its concept
+            raise ZEraseError(f"This erasure LoRA's scale must be > 0 (alpha / rank of its training); got "
+                              f"{self.scale:g}.")
         if self.scope not in _SCOPES.values():
             raise ZEraseError(f"Unknown LoRA scope {self.scope!r}; expected 'text' or 'all'.")
         for key, (a, b) in self.factors.items():
@@ -192,6 +195,9 @@ def load_lora(path: str | Path) -> ErasureLoRA:
         raise ZEraseError(f"'{path.name}' is a Z-Erase training checkpoint (for resuming a run), not a LoRA; use the "
                           "run's LoRA file (erasure_lora.safetensors beside a command-line run's checkpoint; the "
                           "node's under models/loras/zerase/).")
+    if str(meta.get("format", "")).startswith(FORMAT):  # a later format's name ("…-v2"): ours, not yet readable
+        raise ZEraseError(f"'{path.name}' is a Z-Erase LoRA of format {meta['format']!r}, newer than this pack reads "
+                          f"({FORMAT!r}); update the Z-Erase pack to read it.")
     if keys and all(_NATIVE.match(k) for k in keys):  # re-saved by a tool that keeps tensors only (save_file)
         raise ZEraseError(f"'{path.name}' holds a Z-Erase LoRA's tensors without its metadata (scale, concept, gate), "
                           "so it cannot be applied as trained; it was re-saved by a tool that drops metadata. Use the "
@@ -248,6 +254,10 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
         version = -1  # refused as damaged below
     if version > FORMAT_VERSION:  # before reading the rest: a newer format may describe itself differently
         raise ZEraseError(f"'{path.name}' uses format version {version}; update the Z-Erase pack to read it.")
+    kind = _gate_kind(info)
+    if version >= 2 and isinstance(kind, str) and kind not in _SCOPES:  # a kind added later than this pack
+        raise ZEraseError(f"'{path.name}' has a gate of kind {kind!r}, which this pack does not know; update the "
+                          "Z-Erase pack to read it.")
     try:
         if version < 0:
             raise ValueError(f"format_version {meta['format_version']!r}")
@@ -255,12 +265,12 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
             scale=float(info["scale"]),
             strength=float(info.get("strength", 1.0)),
             concept=str(info.get("concept", "")),
-            preserve=tuple(info.get("preserve", ())),
+            preserve=_strings(info.get("preserve", [])),
             fingerprint=dict(info.get("fingerprint", {})),
             training=dict(info.get("training", {})),
             source=str(info.get("source", "native")),
             history={str(k): [float(v) for v in vs] for k, vs in dict(info.get("history", {})).items()},
-            scope=_SCOPES[dict(info.get("gate", GATE))["kind"]],
+            scope=_SCOPES[kind],
         )
         if not finite_in_fp32(described["scale"], described["strength"]):  # told as the file's, not as a LoRA's
             raise ValueError(f"scale {described['scale']}, strength {described['strength']}")
@@ -269,6 +279,19 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
             f"'{path.name}' has damaged Z-Erase metadata ({type(err).__name__}: {err}); re-train or re-download it."
         ) from err
     return described
+
+
+def _gate_kind(info: dict[str, Any]) -> Any:
+    """The gate's kind a file's metadata records (a file before the field: the text-token gate); None if damaged."""
+    gate = info.get("gate", GATE)
+    return gate.get("kind") if isinstance(gate, dict) else None
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    """A list of strings from metadata; a bare string would be taken letter by letter."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
 
 
 def _from_official(tensors: dict[str, torch.Tensor], concept: str) -> ErasureLoRA:
@@ -290,8 +313,8 @@ def check_fits(lora: ErasureLoRA, fingerprint: dict[str, Any], widths: dict[Key,
     ``widths`` maps each (layer, proj) the model can host to (in_features, out_width).
     """
     problems = []
-    for name in ("dim", "n_layers"):
-        if name in lora.fingerprint and name in fingerprint and lora.fingerprint[name] != fingerprint[name]:
+    for name in sorted(lora.fingerprint.keys() & fingerprint.keys()):  # what both record, as merge compares
+        if lora.fingerprint[name] != fingerprint[name]:
             problems.append(f"{name}: LoRA {lora.fingerprint[name]} vs model {fingerprint[name]}")
     for key, (a, b) in sorted(lora.factors.items()):
         if key not in widths:

@@ -109,7 +109,7 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
         factors,
         scale=1.0,
         strength=1.0,
-        concept=JOIN.join(lora.concept for lora in loras),
+        concept=JOIN.join(dict.fromkeys(lora.concept for lora in loras)),  # one LoRA twice (a re-rank): its own
         preserve=tuple(dict.fromkeys(p for lora in loras for p in lora.preserve
                                      if tuple(concept_words(p)) not in erased)),
         fingerprint=fingerprint,
