@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from zerase_core.tiny import TinyZImageConfig, tiny_zimage_backend
 from zerase_core.trainer import ZEraseTrainer
 
 from device_errors import DEVICES, OUT_OF_MEMORY
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _config(**over):
@@ -38,6 +41,80 @@ def test_the_command_line_sets_beta_eta_and_the_attention_weight_and_refuses_a_n
         _cli_config("--beta", "-1")
     with pytest.raises(ZEraseError, match="attn_weight"):
         _cli_config("--attn-weight", "-1")
+
+
+def test_a_second_run_into_the_folder_a_run_is_writing_into_is_refused_at_once(tmp_path, capsys):
+    """Two runs into one --out (two terminals) both passed the folder's checks until the first one's checkpoint was
+    written, then wrote the same files: one run was lost without a word. The folder is locked for a run; a process
+    that ends, however it ends, lets go of it."""
+    import signal
+    import subprocess
+    import sys
+
+    from zerase_core.cli import main
+    from zerase_core.run_lock import LOCK, run_lock
+
+    out = tmp_path / "run"
+    argv = ["train", "--tiny", "--concept", "red", "--steps", "2", "--out", str(out)]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom zerase_core.run_lock import run_lock\n"
+                               f"with run_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert main(argv) == 2
+        assert "Another run is writing into" in capsys.readouterr().err
+        assert os.listdir(out) == [LOCK]  # nothing of the refused run
+    finally:
+        holder.send_signal(signal.SIGKILL)  # killed, not ended: the system lets go of its lock
+        holder.wait()
+    assert main(argv) == 0 and (out / "erasure_lora.safetensors").is_file()
+    deeper = tmp_path / "new" / "deeper"  # a run refused inside its lock leaves no folder it made
+    with pytest.raises(ZEraseError, match="refused"):
+        with run_lock(deeper):
+            raise ZEraseError("refused")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_resumed_run_refuses_a_folder_in_its_files_place_before_training(tmp_path, capsys):
+    """It trained every step, then could not write its LoRA: "Is a directory" (on the real model, hours lost). A
+    folder named as the checkpoint was "No such device"."""
+    from zerase_core.checkpoint import _read
+    from zerase_core.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--tiny", "--concept", "red", "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    for name in ("erasure_lora.safetensors", "history.json", "curves.png"):
+        (out / name).rename(out / f"{name}.kept")
+        (out / name).mkdir()
+        assert main([*argv[:-4], "--steps", "4", "--out", str(out), "--resume"]) == 2
+        assert f"{out / name} is a folder, where the file {name} is to be written" in capsys.readouterr().err
+        assert _read(out / "checkpoint.safetensors", tensors=False)[1]["step"] == 2  # nothing trained
+        (out / name).rmdir()
+        (out / f"{name}.kept").rename(out / name)
+    (out / "checkpoint.safetensors").rename(out / "kept")
+    (out / "checkpoint.safetensors").mkdir()
+    assert main([*argv[:-4], "--steps", "4", "--out", str(out), "--resume"]) == 2
+    assert "checkpoint.safetensors is a folder" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_commands_modules_load_is_one_line(tmp_path):
+    """main()'s own handling starts after torch is imported (seconds): a Ctrl-C before it was a traceback."""
+    import subprocess
+    import sys
+
+    from zerase_core.errors import STOPPED
+
+    interrupted = ("import importlib.abc, runpy, sys\n"
+                   "class Stop(importlib.abc.MetaPathFinder):\n"
+                   "    def find_spec(self, name, path, target=None):\n"
+                   "        if name == 'torch':\n"
+                   "            raise KeyboardInterrupt\n"
+                   "sys.meta_path.insert(0, Stop())\n"
+                   "sys.argv = ['zerase_core', '--help']\n"
+                   "runpy.run_module('zerase_core', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", interrupted], cwd=REPO, capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (130, STOPPED + "\n")
 
 
 def _two_lora_files(folder):
@@ -253,6 +330,16 @@ def test_a_benchmark_refuses_an_out_it_cannot_write_before_measuring(command, tm
     assert "is a folder; --out names the JSON file" in capsys.readouterr().err
     assert main([command, *extra, "--out", str(tmp_path / ("x" * 300))]) == 2
     assert "too long" in capsys.readouterr().err
+    # A trained LoRA given as --out by mistake was replaced by the table; a JSON of an earlier result is replaced
+    lora = _two_lora_files(tmp_path)[0]
+    before = lora.read_bytes()
+    for out, message in ((lora, "ending in .json"), (tmp_path / "notes.txt", "ending in .json")):
+        assert main([command, *extra, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "lora.json").write_bytes(before)
+    assert main([command, *extra, "--out", str(tmp_path / "lora.json")]) == 2
+    assert "exists and is not JSON" in capsys.readouterr().err
+    assert lora.read_bytes() == before == (tmp_path / "lora.json").read_bytes()
 
 
 def test_a_result_is_printed_before_it_is_written(tmp_path, capsys, monkeypatch):

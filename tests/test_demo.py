@@ -4,6 +4,7 @@ metrics in range, and exact metric helpers."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,12 @@ def test_the_readmes_assemble_command_rebuilds_the_committed_toy_table(tmp_path)
     assert table[0] == table[1]  # all but the first line, which says how the cells were made
     with pytest.raises(ZEraseError, match="holds no trained cell of these settings"):  # other --steps: none found
         run_bench(["red"], [0], 299, 24, tmp_path / "other", None, "test", assemble_only=True)
+    # A cell cut short (a full disk) or edited was a JSONDecodeError, KeyError or TypeError traceback
+    cell = sorted((tmp_path / "cells").glob("zerase__red__0__*"))[0]
+    for damage in (cell.read_text()[:50], "{}", "[1, 2]", '{"acc_e": "x"}'):
+        cell.write_text(damage)
+        with pytest.raises(ZEraseError, match=f"The bench cell {re.escape(str(cell))} is damaged .*delete it"):
+            run_bench(["red", "circle", "left"], [0, 1], 300, 24, tmp_path, None, "test", assemble_only=True)
 
 
 @pytest.mark.parametrize("word", ["red", "circle", "left"])
@@ -265,3 +272,11 @@ def test_measure_gives_the_demos_numbers_for_its_lora_and_the_original(tmp_path,
     assert sorted(measure([merged], [], n_eval=2, seed=0, bundle=random_toy)["concepts"]) == ["circle", "red"]
     with pytest.raises(ZEraseError, match="Name the concepts to measure"):
         measure([], [], n_eval=2, seed=0, bundle=random_toy)
+    # Another model's LoRA: told as such, not as a concept ('cat') the user never typed that the toy does not know
+    foreign = save_lora(type(other)(other.factors, concept="cat", fingerprint=other.fingerprint | {"dim": 3840}),
+                        tmp_path / "foreign.safetensors")
+    with pytest.raises(ZEraseError, match=f"{re.escape(str(foreign))}: This erasure LoRA was made for a different"):
+        measure([foreign], [], n_eval=2, seed=0, bundle=random_toy)
+    for seed in (-1, 2**64):  # as the demo refuses it: its report could not be matched
+        with pytest.raises(ZEraseError, match="--seed must be between 0 and 2"):
+            measure([lora], [], n_eval=2, seed=seed, bundle=random_toy)

@@ -581,6 +581,14 @@ def test_merge_refuses_factors_that_do_not_fit_together_and_an_overflow():
         merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1)], [1e308, 1e308])
 
 
+def test_merge_refuses_a_weight_whose_lora_rounds_to_nothing():
+    """1e-300 passed as > 0, and its LoRA's factors were exactly 0 in float32: the case a weight of 0 is refused for
+    (the merge named for a concept it keeps nothing of, and dropped from the preservation list)."""
+    with pytest.raises(ZEraseError, match=r"Merge weights \[1e-300\] are so small .*round to 0 in float32"):
+        merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1, concept="blue")], [1e-300, 1.0])
+    assert merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1, concept="blue")], [1e-6, 1.0])
+
+
 def test_one_lora_merged_with_itself_keeps_its_concept():
     """The re-rank recipe (one LoRA into both inputs, weights 1/2 each) is that LoRA: named "red", not "red + red",
     which a further merge would carry ("red + red + blue")."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import CHECKPOINTING_MODES, PRESETS, XT_SOURCES, TrainConfig
-from .errors import ZEraseError
+from .errors import STOPPED, ZEraseError
 from .lagrangian import MODES
 from .lora import LoRAConfig
 
@@ -167,13 +167,11 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
 @command("train", "train an erasure LoRA (Algorithm 1) on a tiny random or a diffusers Z-Image", _add_train)
 def _train(args: argparse.Namespace) -> int:
     from .run import PlannedRun, check_folder, train_and_save
+    from .run_lock import run_lock
 
     # The settings and the run's folder are checked before a model is built: loading Z-Image takes minutes.
     if args.tiny:
-        from .tiny import tiny_zimage_backend
-
         config = train_config_from_args(args, **TINY)
-        backend = tiny_zimage_backend(seed=args.seed)
     else:
         from .backends.diffusers_loader import check_model_folder, load_diffusers_zimage
 
@@ -181,9 +179,16 @@ def _train(args: argparse.Namespace) -> int:
         shift = check_model_folder(args.model)  # x_t as the model samples (there is no --shift flag)
         if shift is not None:
             config = dataclasses.replace(config, shift=shift)
-        check_folder(args.out, config, args.resume)
-        backend = load_diffusers_zimage(args.model)
-    result, path = train_and_save(PlannedRun(backend, config, args.out, args.resume), release_encoder=not args.tiny)
+    with run_lock(args.out):  # a refusal inside leaves no folder it made
+        if args.tiny:
+            from .tiny import tiny_zimage_backend
+
+            backend = tiny_zimage_backend(seed=args.seed)
+        else:
+            check_folder(args.out, config, args.resume)  # before minutes of loading; PlannedRun adds the model's
+            backend = load_diffusers_zimage(args.model)
+        result, path = train_and_save(PlannedRun(backend, config, args.out, args.resume),
+                                      release_encoder=not args.tiny)
     last = result.history[-1]
     print(json.dumps({"lora": str(path), "steps": last.step, "L_erase": last.erase, "lambda": last.lam,
                       "seconds": round(result.seconds, 2)}))
@@ -206,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         # a run stopped by Ctrl-C says what it kept (a ZEraseError); its exit code is still the shell's for SIGINT
         return 130 if isinstance(err.__cause__, KeyboardInterrupt) else 2
     except KeyboardInterrupt:  # outside a run's own handling: loading a model, a demo's measuring, a benchmark
-        print("Stopped (Ctrl-C); every file written before is whole (each is written at once or not at all).",
-              file=sys.stderr)
+        print(STOPPED, file=sys.stderr)
         return 130  # the shell's code for SIGINT
 
 

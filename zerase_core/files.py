@@ -109,6 +109,9 @@ def check_writable(path: str | os.PathLike) -> None:
     blocked = [p for p in to_make if os.path.lexists(p)]
     if blocked:
         raise ZEraseError(f"{blocked[-1]} is a file, where a folder is needed for {path}; choose another place.")
+    if os.path.isdir(path):  # the write would fail at the end, after the work (a resumed run's whole training)
+        raise ZEraseError(f"{path} is a folder, where the file {path.name} is to be written; remove or rename that "
+                          "folder, or choose another place.")
     existing = chain[len(to_make)]
     tmp = _temporary(existing)
     try:

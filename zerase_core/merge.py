@@ -83,6 +83,11 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
     if not all(math.isfinite(w) and w > 0 for w in weights):
         raise ZEraseError(f"Merge weights must be finite numbers > 0 (a negative one would strengthen its concept, "
                           f"not erase it; 0 would keep nothing of its LoRA: leave that LoRA out); got {weights}.")
+    vanishing = [w for w, lora in zip(weights, loras) if abs(w * lora.multiplier) < torch.finfo(torch.float32).tiny]
+    if vanishing:  # its factors round to 0 in float32: as a weight of 0, nothing of that LoRA is kept
+        raise ZEraseError(f"Merge weights {vanishing} are so small that their LoRAs' changes round to 0 in float32, "
+                          "keeping nothing of them, as a weight of 0 would; leave those LoRAs out, or use weights "
+                          "near 1.")
     for lora in loras:
         lora.require_gated()  # the merge is written as a gated LoRA
         if lora.source == "official-z-erase":  # its code applies it at lora_scale 15; a file does not say so

@@ -14,7 +14,7 @@ from .backends.base import Backend
 from .config import TrainConfig
 from .checkpoint import check_run_files
 from .errors import ZEraseError
-from .files import atomic_write_text
+from .files import atomic_write_text, check_writable
 from .history import TrainResult, loss_series
 from .lora_file import read_description, save_lora
 from .render import curves, save_png
@@ -101,6 +101,8 @@ def check_folder(folder: Path, config: TrainConfig, resume: bool, also_writes: t
         more = ", or add --resume to continue (or extend) its run" if os.path.exists(checkpoint) else ""
         raise ZEraseError(f"{folder} holds {', '.join(taken)} of an earlier run; choose another --out (files are "
                           f"never overwritten){more}.")
+    for name in (CURVES, HISTORY):  # the run's other files; the LoRA and the checkpoint: check_run_files
+        check_writable(folder / name)  # a folder in a file's place: refused now, not after the training
     check_run_files(folder / LORA, checkpoint, config, backend, resume,
                     "Run the same command with --resume to continue it; to start over instead, choose another --out "
                     "or delete that file.")

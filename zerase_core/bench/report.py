@@ -34,6 +34,19 @@ def check_out(out: Path | None) -> None:
     if os.path.isdir(out):
         raise ZEraseError(f"{out} is a folder; --out names the JSON file to write.")
     check_writable(out)
+    if out.suffix.lower() != ".json":  # a LoRA or a checkpoint given by mistake would be replaced by the table
+        raise ZEraseError(f"--out names the JSON file to write, ending in .json; got {out}.")
+    if os.path.isfile(out) and not _json_file(out):
+        raise ZEraseError(f"{out} exists and is not JSON, so not an earlier result of a benchmark, which is all --out "
+                          "replaces; choose another --out.")
+
+
+def _json_file(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def emit(result: dict, args: argparse.Namespace) -> None:

@@ -134,6 +134,24 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+# What summarise reads of a cell.
+CELL_KEYS = ("acc_e", "acc_ir", "h_a", "fd", "acc_e_synonym", "acc_e_shuffled", "acc_e_paraphrase", "train_seconds")
+
+
+def _read_cell(path: Path) -> dict[str, Any]:
+    """A measured cell; a damaged one (cut short by a full disk, edited) is refused by name, saying how to measure it
+    anew."""
+    try:
+        cell = json.loads(path.read_text(encoding="utf-8"))
+        missing = [k for k in CELL_KEYS if not isinstance(cell.get(k), (int, float))]
+        if missing:
+            raise ValueError(f"no number for {', '.join(missing)}")
+    except (OSError, ValueError, AttributeError) as err:  # AttributeError: JSON that is not an object
+        raise ZEraseError(f"The bench cell {path} is damaged ({err}); delete it and run the same command again to "
+                          "measure it anew.") from err
+    return cell
+
+
 def summarise(cells: dict[tuple[str, str, int], dict], concepts: list[Concept]) -> list[dict[str, Any]]:
     """Per method: mean ± sd of each metric, per attribute type and overall."""
     rows = []
@@ -211,7 +229,7 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
                         continue
                     log.info("bench cell: %s / %s / seed %d", method.name, concept.word, seed)
                     atomic_write_text(path, json.dumps(run_cell(bundle, method, concept, seed, config, n_eval)))
-                cells[(method.name, concept.word, seed)] = json.loads(path.read_text())
+                cells[(method.name, concept.word, seed)] = _read_cell(path)
     if assemble_only and all(configs[key] is None for key in cells):  # an empty or untrained-only table
         raise ZEraseError(f"{out / 'cells'} holds no trained cell of these settings (concepts, seeds, --steps, "
                           "--n-eval, the toy's weights and the methods' training settings): nothing was written. Run "

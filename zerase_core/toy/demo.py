@@ -22,6 +22,7 @@ from ..files import atomic_write_text
 from ..lora import LoRAConfig
 from ..render import grid, save_png, to_pil
 from ..run import CURVES, PlannedRun, every, train_and_save
+from ..run_lock import run_lock
 from ..sampling import preview_seed
 from .erasure_metrics import (
     Concept, check_n_eval, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word,
@@ -175,6 +176,14 @@ def run_demo(concept_word: str, preserve: tuple[str, ...] | None, steps: int, se
     backend = toy_backend(bundle)
     concept = parse_concept(concept_word)
     config = toy_train_config(concept, preserve, steps, seed, bundle.sampling)
+    with run_lock(out):  # one demo or run at a time in ``out``
+        return _measured_run(bundle, backend, concept, config, out, n_eval, resume, identity, start)
+
+
+def _measured_run(bundle, backend, concept, config: TrainConfig, out: Path, n_eval: int, resume: bool,
+                  identity: dict, start: float) -> dict:
+    """The demo's run in its locked folder: the original measured, trained, the erased measured, the files."""
+    steps, seed = config.steps, config.seed
     # A taken --out is told now, not after measuring the original.
     run = PlannedRun(backend, config, out, resume, also_writes=(GRID, ATTENTION, REPORT, PREVIEWS))
     log.info("measuring the original model on %d + %d prompts", n_eval, n_eval)

@@ -7,11 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..apply import install_lora
+from ..apply import check_applicable, install_lora
 from ..backends.toy import toy_backend
 from ..errors import ZEraseError
 from ..lora_file import load_lora
 from ..merge import JOIN
+from ..seeds import SEED_RANGE, valid_seed
 from .erasure_metrics import check_n_eval, erasure_report, parse_concept
 from .world import PROMPT_STYLES
 
@@ -24,14 +25,21 @@ def measure(files: Sequence[Path], concepts: Sequence[str], n_eval: int, seed: i
     from . import load_toy
 
     check_n_eval(n_eval)
+    if not valid_seed(seed):  # as the demo refuses it: its report could not be matched
+        raise ZEraseError(f"--seed must be {SEED_RANGE}; got {seed}.")
     loras = [load_lora(f) for f in files]
+    bundle = bundle or load_toy()
+    backend = toy_backend(bundle)
+    for path, lora in zip(files, loras):  # first: another model's LoRA names no concept of the toy world
+        try:
+            check_applicable(backend, lora)
+        except ZEraseError as err:
+            raise ZEraseError(f"{path}: {err}") from err
     concepts = list(concepts) or list(dict.fromkeys(c for lora in loras for c in lora.concept.split(JOIN)))
     if not concepts:
         raise ZEraseError("Name the concepts to measure (--concepts red circle): without LoRA files there are none "
                           "to take them from.")
     parsed = [parse_concept(c) for c in concepts]  # an unknown concept is told before any LoRA is applied
-    bundle = bundle or load_toy()
-    backend = toy_backend(bundle)
     try:
         for i, lora in enumerate(loras):
             install_lora(backend, lora, name=f"measured_{i}")

@@ -1,0 +1,77 @@
+"""One run at a time in a run's folder.
+
+Two command-line runs into one ``--out`` (two terminals) both passed the folder's checks, which look at the files
+there, until the first checkpoint was written (minutes on the real model): both then wrote the same files, and one run
+was lost without a word. The folder is held by an operating-system lock for the whole run, which the system releases
+when the process ends, however it ends: a killed run leaves nothing that blocks the next.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ZEraseError
+from .files import check_writable
+
+log = logging.getLogger(__name__)
+
+LOCK = ".zerase-run.lock"  # empty; kept in the folder (removing it could let two later runs lock two files)
+_HELD = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # what a lock held by another process answers
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder`` (made if needed) for one run; another run holding it is refused at once. A folder made only
+    for the lock is removed again if the run leaves nothing else in it (a run refused before its first file)."""
+    folder = Path(folder)
+    if os.path.isfile(folder):
+        raise ZEraseError(f"{folder} is a file; --out names a folder for the run's files.")
+    check_writable(folder / LOCK)  # a name too long, a folder that cannot be written: told by name, nothing made
+    made = [p for p in (folder, *folder.parents) if not os.path.exists(p)]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_CREAT | os.O_RDWR, 0o666)
+    except OSError as err:
+        raise ZEraseError(f"Cannot make {folder / LOCK} ({err.strerror or err}); choose another --out.") from err
+    try:
+        _lock(fd, folder)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+        _remove_unused(folder, made)
+
+
+def _lock(fd: int, folder: Path) -> None:
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in _HELD:  # a file system without locks (some network shares): the run goes on unguarded
+            log.warning("Cannot lock %s (%s): nothing stops a second run into the same folder meanwhile.", folder,
+                        err.strerror or err)
+            return
+        raise ZEraseError(f"Another run is writing into {folder} now; wait for it to end, or choose another "
+                          "--out.") from err
+
+
+def _remove_unused(folder: Path, made: list[Path]) -> None:
+    """The folders this run made, if nothing but the lock is in them."""
+    if not made or os.listdir(folder) != [LOCK]:
+        return
+    try:
+        os.remove(folder / LOCK)
+        for path in made:  # deepest first
+            os.rmdir(path)
+    except OSError:  # another run made something meanwhile: it keeps the folder
+        pass
