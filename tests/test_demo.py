@@ -188,6 +188,7 @@ def test_the_readmes_assemble_command_rebuilds_the_committed_toy_table(tmp_path)
     assert table[0] == table[1]  # all but the first line, which says how the cells were made
     with pytest.raises(ZEraseError, match="holds no trained cell of these settings"):  # other --steps: none found
         run_bench(["red"], [0], 299, 24, tmp_path / "other", None, "test", assemble_only=True)
+    assert not (tmp_path / "other").exists()  # "nothing was written": it made an empty cells/ there
     # A cell cut short (a full disk) or edited was a JSONDecodeError, KeyError or TypeError traceback
     cell = sorted((tmp_path / "cells").glob("zerase__red__0__*"))[0]
     for damage in (cell.read_text()[:50], "{}", "[1, 2]", '{"acc_e": "x"}'):

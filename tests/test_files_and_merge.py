@@ -562,6 +562,10 @@ def test_merge_refuses_a_negative_weight_and_the_command_an_out_that_is_not_a_lo
     assert main(["merge", *files, "--out", str(tmp_path / "newdir") + "/"]) == 2
     assert "--out names the merged LoRA file, ending in .safetensors" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.safetensors", "1.safetensors"]
+    assert main(["merge", *files, "--out", str(tmp_path / ".safetensors")]) == 2  # a name without one, told by example
+    assert "ending in .safetensors (e.g. merged.safetensors)" in capsys.readouterr().err
+    assert main(["merge", *files, "--out", str(tmp_path / "BOTH.SAFETENSORS")]) == 0  # as Windows names it
+    assert load_lora(tmp_path / "BOTH.SAFETENSORS").concept == "red"
 
 
 def test_merge_refuses_different_architectures():

@@ -74,8 +74,10 @@ def _merge(args: argparse.Namespace) -> int:
     from .lora_file import load_lora, save_lora
     from .merge import merge
 
-    if args.out.suffix != ".safetensors":  # "newdir/" reads as a file named newdir: Path drops the slash
-        raise ZEraseError(f"--out names the merged LoRA file, ending in .safetensors; got {args.out}.")
+    # "newdir/" reads as a file named newdir (Path drops the slash); ".safetensors" alone is a name with no suffix
+    if args.out.suffix.lower() != ".safetensors":
+        raise ZEraseError(f"--out names the merged LoRA file, ending in .safetensors (e.g. merged.safetensors); got "
+                          f"{args.out}.")
     if os.path.lexists(args.out):
         raise ZEraseError(f"{args.out} exists; choose another --out (files are never overwritten).")
     merged, report = merge([load_lora(f) for f in args.files], args.weights, args.rank)

@@ -212,8 +212,7 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
     # Every cell's settings first: one that TrainConfig refuses (--steps 0) is told before any cell is measured.
     configs = {(m.name, c.word, seed): cell_config(bundle, m, c, seed, steps)
                for m in chosen for c in concepts for seed in seeds}
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    cells = {}
+    cells = {}  # cells/ is made by the first cell written: --assemble-only that finds none leaves nothing behind
     identity = weights_identity(bundle)  # at load time: the file may be replaced while the bench runs
     weights = identity["sha256_16"]
     for method in chosen:
