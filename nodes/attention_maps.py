@@ -11,7 +11,7 @@ from zerase_core.errors import ZEraseError
 from zerase_core.prompts import concept_token_indices
 
 from . import _render
-from .common import parse_list
+from .common import parse_list, told_as
 
 NODE = "Attention Map Viewer"
 
@@ -65,10 +65,8 @@ class AttentionMapViewer(io.ComfyNode):
         (encoded,) = backend.encode([prompt])  # after the cheap checks: this runs the text encoder
         fix = ("Type words that occur in the prompt, or put them into it; separate words with commas ('cat, dog' is "
                "two words, 'cat dog' one phrase).")
-        try:
+        with told_as(NODE):
             columns = [concept_token_indices(encoded, w, fix) for w in words]
-        except ZEraseError as err:
-            raise ZEraseError(f"{NODE}: {err}") from err
         x0 = backend.patcher.model.process_latent_in(samples.float()).cpu()
         maps = [word_maps(backend, encoded, columns, x0, sigma_list, seed, layers)]
         labels = ["model"]

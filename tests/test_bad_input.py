@@ -18,7 +18,7 @@ from zerase_core.lora_file import ErasureLoRA, check_fits, save_lora
 from zerase_core.tiny import TinyZImageConfig, tiny_zimage_backend
 from zerase_core.trainer import ZEraseTrainer
 
-from device_errors import DEVICES, OUT_OF_MEMORY
+from device_errors import DEVICES, ran_out
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,6 @@ def test_a_second_run_into_the_folder_a_run_is_writing_into_is_refused_at_once(t
     """Two runs into one --out (two terminals) both passed the folder's checks until the first one's checkpoint was
     written, then wrote the same files: one run was lost without a word. The folder is locked for a run; a process
     that ends, however it ends, lets go of it."""
-    import signal
     import subprocess
     import sys
 
@@ -56,23 +55,40 @@ def test_a_second_run_into_the_folder_a_run_is_writing_into_is_refused_at_once(t
 
     out = tmp_path / "run"
     argv = ["train", "--tiny", "--concept", "red", "--steps", "2", "--out", str(out)]
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom zerase_core.run_lock import run_lock\n"
-                               f"with run_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(120)"],
-                              stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        assert main(argv) == 2
-        assert "Another run is writing into" in capsys.readouterr().err
-        assert os.listdir(out) == [LOCK]  # nothing of the refused run
-    finally:
-        holder.send_signal(signal.SIGKILL)  # killed, not ended: the system lets go of its lock
-        holder.wait()
+    code = ("import time\nfrom zerase_core.run_lock import run_lock\n"
+            f"with run_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(120)")
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=REPO) as holder:
+        try:
+            assert holder.stdout.readline() == "held\n", holder.stderr.read() if holder.poll() is not None else ""
+            assert main(argv) == 2
+            assert "Another run is writing into" in capsys.readouterr().err
+            assert os.listdir(out) == [LOCK]  # nothing of the refused run
+        finally:
+            holder.kill()  # killed, not ended: the system lets go of its lock
+            holder.wait()
     assert main(argv) == 0 and (out / "erasure_lora.safetensors").is_file()
     deeper = tmp_path / "new" / "deeper"  # a run refused inside its lock leaves no folder it made
     with pytest.raises(ZEraseError, match="refused"):
         with run_lock(deeper):
             raise ZEraseError("refused")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX: Windows removes no open file, so the case cannot arise there")
+def test_a_lock_taken_on_a_lock_file_its_run_removed_meanwhile_is_refused(tmp_path):
+    """An ending run removes the lock file of a folder it made; a run that opened the file just before holds a lock on
+    a file no later run finds, which would let a third run in beside it."""
+    from zerase_core.run_lock import LOCK, _lock
+
+    (tmp_path / "run").mkdir()
+    fd = os.open(tmp_path / "run" / LOCK, os.O_CREAT | os.O_RDWR)
+    try:
+        os.remove(tmp_path / "run" / LOCK)  # what the ending run does, holding its lock
+        with pytest.raises(ZEraseError, match="Another run is writing into"):
+            _lock(fd, tmp_path / "run")
+    finally:
+        os.close(fd)
 
 
 def test_a_resumed_run_refuses_a_folder_in_its_files_place_before_training(tmp_path, capsys):
@@ -113,7 +129,7 @@ def test_ctrl_c_while_the_commands_modules_load_is_one_line(tmp_path):
                    "sys.meta_path.insert(0, Stop())\n"
                    "sys.argv = ['zerase_core', '--help']\n"
                    "runpy.run_module('zerase_core', run_name='__main__')")
-    done = subprocess.run([sys.executable, "-c", interrupted], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", interrupted], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (130, STOPPED + "\n")
 
 
@@ -319,13 +335,14 @@ def test_a_benchmark_refuses_what_would_fail_after_its_work_before_it(argv, mess
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["bench-xt", "bench-lambda", "bench-cost"])
+@pytest.mark.parametrize("command", ["bench-xt", "bench-lambda", "bench-cost", "bench-checkpointing"])
 def test_a_benchmark_refuses_an_out_it_cannot_write_before_measuring(command, tmp_path, capsys, monkeypatch):
     import zerase_core.trainer as trainer_module
+    from zerase_core.bench.report import check_out
     from zerase_core.cli import main
 
     monkeypatch.setattr(trainer_module.ZEraseTrainer, "__init__", lambda *a, **k: pytest.fail("measured"))
-    extra = ["--tiny"] if command == "bench-cost" else ["--concepts", "red"]
+    extra = {"bench-cost": ["--tiny"], "bench-checkpointing": []}.get(command, ["--concepts", "red"])
     assert main([command, *extra, "--out", str(tmp_path)]) == 2
     assert "is a folder; --out names the JSON file" in capsys.readouterr().err
     assert main([command, *extra, "--out", str(tmp_path / ("x" * 300))]) == 2
@@ -340,6 +357,8 @@ def test_a_benchmark_refuses_an_out_it_cannot_write_before_measuring(command, tm
     assert main([command, *extra, "--out", str(tmp_path / "lora.json")]) == 2
     assert "exists and is not JSON" in capsys.readouterr().err
     assert lora.read_bytes() == before == (tmp_path / "lora.json").read_bytes()
+    (tmp_path / "earlier.json").write_text('{"old": 1}')
+    check_out(tmp_path / "earlier.json")  # an earlier result is what --out replaces
 
 
 def test_a_result_is_printed_before_it_is_written(tmp_path, capsys, monkeypatch):
@@ -659,12 +678,12 @@ def test_a_command_line_run_out_of_memory_keeps_its_work_and_says_what_to_do(dev
         if kwargs.get("lora"):  # one student forward a step here
             calls.append(1)
             if len(calls) > 2:
-                raise OUT_OF_MEMORY[device]()
+                raise ran_out(device)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(backend, "velocity", runs_out_at_step_3)
     config = _config(steps=4, gradient_checkpointing="off", lambda_mode="fixed", fixed_lambda=1.0)
-    told = re.escape(str(OUT_OF_MEMORY[device]()))
+    told = re.escape(str(ran_out(device)))
     with pytest.raises(ZEraseError, match=rf"Out of memory \({told}\). .* a lower --resolution or --rank; or run again "
                                           r"with --gradient-checkpointing on \(every main layer\) and --resume.\n"
                                           r"Stopped at step 2 of 4"):
@@ -673,7 +692,7 @@ def test_a_command_line_run_out_of_memory_keeps_its_work_and_says_what_to_do(dev
     assert (out / "checkpoint.safetensors").exists()
 
     def no_memory(*args, **kwargs):
-        raise OUT_OF_MEMORY[device]()
+        raise ran_out(device)
 
     monkeypatch.setattr(backend, "velocity", no_memory)  # the pool's sampling, one trajectory at a time
     with pytest.raises(ZEraseError, match=r"Out of memory \(x_t pool: out of memory sampling one trajectory at a "
@@ -700,7 +719,7 @@ def test_a_command_line_run_out_of_memory_inside_the_optimizers_update_saves_not
         real_step(self, *args, **kwargs)
         steps.append(1)
         if len(steps) == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise ran_out()
 
     monkeypatch.setattr(trainer_module.torch.optim.AdamW, "step", half_done)
     out = tmp_path / "run"

@@ -20,7 +20,7 @@ from zerase_core.tiny import tiny_zimage_backend
 from zerase_core.trainer import ZEraseTrainer
 from zerase_core.xt_pool import PoolCancelled
 
-from device_errors import DEVICES, OUT_OF_MEMORY
+from device_errors import DEVICES, ran_out
 
 
 def _config(**over):
@@ -148,7 +148,7 @@ def test_pool_halves_its_batch_when_memory_runs_out(device, monkeypatch):
     def small_memory(x, sigma, prompts, **kw):
         rows_seen.append(x.shape[0])
         if x.shape[0] > 6:  # room for two trajectories' three predictions, not more
-            raise OUT_OF_MEMORY[device]()
+            raise ran_out(device)
         return real(x, sigma, prompts, **kw)
 
     monkeypatch.setattr(backend, "velocity", small_memory)
@@ -320,7 +320,7 @@ def test_gpu_script_records_a_failed_row_and_goes_on(tmp_path, monkeypatch):
     def first_fails(case, steps):
         calls.append(case.config.gradient_checkpointing)
         if len(calls) == 1:
-            raise torch.OutOfMemoryError("simulated")
+            raise ran_out()
         return real(case, steps)
 
     monkeypatch.setattr(gpu_bench, "time_case", first_fails)

@@ -5,7 +5,7 @@ import weakref
 
 import pytest
 from comfy_support import encode, require_comfyui, tiny_clip, tiny_lumina2, tiny_zimage
-from device_errors import DEVICES, OUT_OF_MEMORY
+from device_errors import DEVICES, ran_out
 
 comfy = require_comfyui()
 import torch  # noqa: E402
@@ -354,8 +354,8 @@ def test_training_loads_the_whole_model_and_refuses_a_partial_load(monkeypatch):
             fresh.load()  # as the first forward does
 
     for device in DEVICES:  # ComfyUI on a Mac: MPS says it with a plain RuntimeError
-        def out_of_memory(models, raised=OUT_OF_MEMORY[device], **kw):
-            raise raised()
+        def out_of_memory(models, raised=ran_out(device), **kw):
+            raise raised
 
         monkeypatch.setattr(mm, "load_models_gpu", out_of_memory)
         with pytest.raises(ZEraseError, match="whole Z-Image on the GPU.*fp8"):
@@ -471,3 +471,21 @@ def test_gpu_script_measures_the_nodes_backend_on_bf16_and_fp8_weights(tmp_path)
         peaks = [r["peak_mib"] for r in partial["rows"]]
         assert [r["checkpointed_layers"] for r in partial["rows"]] == [0, 1, 2] and peaks[0] > peaks[1]
     assert [p["weights"] for p in result["checkpointing"]] == ["bf16", "fp8"]
+
+
+def test_the_fingerprint_records_the_caption_width_only_where_the_model_tells_it():
+    """Apply compares every fact a LoRA and the model both record: a width the model's config does not tell, kept as
+    0, would refuse every LoRA trained elsewhere (the command line records the real width)."""
+    from zerase_core.apply import check_applicable
+    from zerase_core.lora_file import ErasureLoRA
+
+    backend = ComfyZImageBackend(tiny_zimage(comfy))
+    told = backend.fingerprint()
+    assert told["cap_feat_dim"] == backend.cap_feat_dim > 0
+    lora = ErasureLoRA({(0, "q"): (torch.zeros(2, backend.dim), torch.zeros(backend.dim, 2))}, fingerprint=told)
+    backend.cap_feat_dim = 0  # a config without it
+    assert "cap_feat_dim" not in backend.fingerprint()
+    check_applicable(backend, lora)  # not refused for a width the model does not know
+    backend.cap_feat_dim = told["cap_feat_dim"] * 2
+    with pytest.raises(ZEraseError, match="cap_feat_dim: LoRA"):
+        check_applicable(backend, lora)

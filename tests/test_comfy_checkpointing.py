@@ -25,6 +25,8 @@ from zerase_core.prompts import concept_token_indices  # noqa: E402
 from zerase_core.scoped import scoped  # noqa: E402
 from zerase_core.trainer import ZEraseTrainer  # noqa: E402
 
+from device_errors import ran_out  # noqa: E402
+
 LAYERS, DIM = 2, 256
 
 
@@ -312,7 +314,7 @@ def test_auto_checkpointing_switches_on_mid_run_on_comfys_model(where, caplog):
             applied.append(isinstance(module.forward, CheckpointedForward))
             if (out_of_memory_from is not None and (torch.is_grad_enabled() or where == "backward")
                     and not applied[-1] and trainer.step + 1 >= out_of_memory_from):
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+                raise ran_out()
 
         with training_session(backend):
             trainer = ZEraseTrainer(backend, config)

@@ -12,6 +12,8 @@ from safetensors.torch import save_file  # noqa: E402
 from zerase_core.errors import ZEraseError  # noqa: E402
 from zerase_core.lora_file import ErasureLoRA, load_lora, save_lora  # noqa: E402
 
+from device_errors import ran_out  # noqa: E402
+
 DIM, LAYERS = 256, 2
 
 
@@ -109,6 +111,9 @@ def test_apply_gates_image_rows_and_leaves_original_bit_identical(pack):
     assert not torch.equal(before, after)
     again = ksample(comfy, model, pos, neg, latent, seed=3, steps=2, cfg=2.0)
     assert torch.equal(before, again)  # the original MODEL is untouched after the clone ran
+    # The erasure is the patch, not the weights: what a checkpoint save would write is the original model (README)
+    saved, original = erased.model_state_dict(), model.model_state_dict()
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
 
 
 def test_apply_stacks_and_refuses_what_does_not_fit(pack, loras_dir):
@@ -368,6 +373,8 @@ def test_load_and_merge(pack, loras_dir):
         merge.execute(lora_1=a, lora_2=b, weights="1, -1", rank=0, save_name="")
     itself, _ = merge.execute(lora_1=a, lora_2=a, weights="", rank=2, save_name="")  # lora_2's tooltip: a re-rank
     assert itself.concept == "cat" and itself.rank == 2
+    with pytest.raises(ZEraseError, match="^Merge Erasure LoRAs: .*bad:name"):  # the file's refusal, under its name
+        merge.execute(lora_1=a, lora_2=b, weights="", rank=0, save_name="bad:name")
 
 
 def test_load_with_no_lora_file_to_choose_says_where_one_comes_from(pack, loras_dir):
@@ -627,7 +634,7 @@ def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, mon
 
     def step_that_runs_out_once(self):
         if self.step == 1 and self.checkpointing.from_step is None:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise ran_out()
         return real_step(self)
 
     monkeypatch.setattr(module.ZEraseTrainer, "_step", step_that_runs_out_once)

@@ -251,6 +251,17 @@ def test_a_demo_stopped_before_its_first_step_leaves_nothing_that_refuses_the_ne
     assert not (tmp_path / "demo").exists() or not list((tmp_path / "demo").iterdir())
 
 
+def test_a_demo_into_a_folder_a_run_is_writing_into_is_refused_before_it_measures(tmp_path, random_toy, monkeypatch):
+    """The demo holds its --out for the run, as train does (README: one run at a time writes into a folder)."""
+    import zerase_core.toy.demo as demo
+    from zerase_core.run_lock import run_lock
+
+    monkeypatch.setattr(demo, "erasure_report", lambda *a, **k: pytest.fail("measured"))
+    with run_lock(tmp_path / "red"):  # flock refuses a second open of the file in this process too
+        with pytest.raises(ZEraseError, match="Another run is writing into"):
+            demo.run_demo("red", None, steps=2, seed=0, out=tmp_path / "red", n_eval=2, bundle=random_toy)
+
+
 def test_measure_gives_the_demos_numbers_for_its_lora_and_the_original(tmp_path, random_toy):
     """`measure` applies LoRA files to the toy and measures as the demo does: the demo's own LoRA measures as its
     report says, no file as its original model; a merge is measured on each of its concepts."""

@@ -212,7 +212,7 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     # ≤ 0 strengthens its concept: Apply refused it as "alpha", Load and Merge took it
     (dict(scale="0"), "'bad.safetensors': .*scale must be > 0 .*got 0[.] The file is damaged"),
     (dict(scale="-5"), "'bad.safetensors': .*scale must be > 0 .*got -5[.] The file is damaged"),
-    (dict(format="zerase-gated-lora-v2"), "format 'zerase-gated-lora-v2', newer than this pack reads.*update"),
+    (dict(format="zerase-gated-lora-v2"), "metadata of format 'zerase-gated-lora-v2', where this pack reads .*update"),
 ])
 def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
     tensors, meta = _damaged(_random_lora(KEYS), **damage)
@@ -590,7 +590,13 @@ def test_merge_refuses_a_weight_whose_lora_rounds_to_nothing():
     (the merge named for a concept it keeps nothing of, and dropped from the preservation list)."""
     with pytest.raises(ZEraseError, match=r"Merge weights \[1e-300\] are so small .*round to 0 in float32"):
         merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1, concept="blue")], [1e-300, 1.0])
-    assert merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1, concept="blue")], [1e-6, 1.0])
+    # what counts is the factors after the multiply: small B times a weight that is a normal float32 is nothing, a
+    # subnormal product of ordinary factors is something
+    small = ErasureLoRA({k: (a, b * 1e-20) for k, (a, b) in _random_lora(KEYS).factors.items()}, concept="small")
+    with pytest.raises(ZEraseError, match=r"Merge weights \[1e-30\] are so small"):
+        merge_exact([small, _random_lora(KEYS, seed=1, concept="blue")], [1e-30, 1.0])
+    kept = merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1, concept="blue")], [1e-40, 1.0])
+    assert kept.factors[KEYS[0]][1][:, :4].any()  # red's part: subnormal, not nothing
 
 
 def test_one_lora_merged_with_itself_keeps_its_concept():
@@ -600,6 +606,8 @@ def test_one_lora_merged_with_itself_keeps_its_concept():
     merged, report = merge([lora, lora], rank=2)
     assert merged.concept == "red" and merged.training["merged_from"] == ["red", "red"]
     assert merge_exact([merged, _random_lora(KEYS, concept="blue")]).concept == "red + blue"
+    both = merge_exact([merged, _random_lora(KEYS, concept="blue")])
+    assert merge_exact([both, _random_lora(KEYS, seed=2)]).concept == "red + blue"  # "red" again: not "… + red"
 
 
 def test_merge_compares_what_both_files_record():

@@ -19,7 +19,7 @@ from zerase_core.objectives import loss_erase
 from zerase_core.tiny import TinyZImageConfig, tiny_zimage_backend
 from zerase_core.trainer import NonFiniteLoss, ZEraseTrainer
 
-from device_errors import DEVICES, OUT_OF_MEMORY as OUT_OF_MEMORY_ON
+from device_errors import DEVICES, MESSAGES, NOT_OUT_OF_MEMORY, ran_out
 
 
 def _config(**over):
@@ -133,7 +133,7 @@ def test_a_run_stopped_mid_step_resumes_into_the_run_an_uninterrupted_one_takes(
 
     def out_of_memory(module, args):
         if torch.is_grad_enabled() and trainer.step == 6:
-            raise torch.OutOfMemoryError("simulated")
+            raise ran_out()
 
     hook = backend.transformer.layers[-1].register_forward_pre_hook(out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
@@ -158,7 +158,7 @@ def _out_of_memory_unless_checkpointing(trainer, from_step: int, where: str = "f
                 and backend.checkpointed_layers < backend.n_layers:
             if where == "forward":
                 failed.append(weakref.ref(args[0][0]))
-            raise OUT_OF_MEMORY_ON[device]()
+            raise ran_out(device)
 
     layer = transformer.layers[-1]
     register = layer.register_forward_pre_hook if where == "forward" else layer.register_full_backward_pre_hook
@@ -245,7 +245,7 @@ def test_out_of_memory_inside_adamws_update_is_not_retried_and_the_last_checkpoi
 
     def half_done(*args, **kwargs):
         real(*args, **kwargs)
-        raise OUT_OF_MEMORY_ON[device]()
+        raise ran_out(device)
 
     trainer.optimizer.step = half_done
     with pytest.raises(torch.OutOfMemoryError):
@@ -362,7 +362,7 @@ def test_out_of_memory_is_raised_when_checkpointing_is_not_auto(mode):
 
     def always(module, args):
         if torch.is_grad_enabled():
-            raise torch.OutOfMemoryError("simulated")
+            raise ran_out()
 
     backend.transformer.layers[-1].register_forward_pre_hook(always)
     with pytest.raises(torch.OutOfMemoryError):
@@ -392,7 +392,7 @@ def test_a_paired_step_failing_after_its_update_is_undone():
 
     def pr_loss_after_the_update(*args):
         if stepped:
-            raise torch.OutOfMemoryError("simulated")
+            raise ran_out()
         return real_pr(*args)
 
     trainer.optimizer.step = lambda *a: (real_step(*a), stepped.append(1))[0]
@@ -574,7 +574,7 @@ def _nan_loss(backend, monkeypatch):
 def _out_of_memory_in_the_last_layer(backend, monkeypatch):
     def out_of_memory(module, args):
         if torch.is_grad_enabled():  # the student's forward; sampling and the teacher run without gradients
-            raise torch.OutOfMemoryError("simulated")
+            raise ran_out()
 
     backend.transformer.layers[-1].register_forward_pre_hook(out_of_memory)
     return torch.OutOfMemoryError
@@ -809,3 +809,13 @@ def test_a_preservation_concept_around_the_concept_is_warned_about(caplog):
     caplog.clear()
     ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, preserve=("bored", "blue")))
     assert "contains the concept" not in caplog.text
+
+
+@pytest.mark.parametrize("raised, told", [*((ran_out(d), True) for d in MESSAGES),
+                                          *((RuntimeError(m), False) for m in NOT_OUT_OF_MEMORY)])
+def test_each_allocators_words_for_running_out_are_known_and_no_others(raised, told):
+    """Each allocator's out of memory, as it raises it (the CPU's words differ on Windows: "not enough memory", which
+    the POSIX words alone left a plain RuntimeError); a bare "out of memory" is not taken for the device's."""
+    from zerase_core.out_of_memory import is_out_of_memory
+
+    assert is_out_of_memory(raised) is told

@@ -51,7 +51,7 @@ def save_checkpoint(trainer: "ZEraseTrainer", path: Path, non_finite_stop: bool 
         "caller": trainer.checkpoint_meta,
         "non_finite_stop": non_finite_stop,
         # From which step and why the run checkpointed: a run that ran out of memory under "auto" keeps it when
-        # resumed, from that step (_resume_checkpointing).
+        # resumed, from that step (GradientCheckpointing.resume).
         "gradient_checkpointing_from": trainer.checkpointing.from_step,
         "gradient_checkpointing_reason": trainer.checkpointing.reason,
     }
@@ -203,7 +203,7 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     trainer.rng.setstate(python_rng)
     trainer.lambda_rule, trainer.step, trainer.seconds, trainer.history = lam, step, seconds, history
     trainer.checkpoint_meta = caller
-    _resume_checkpointing(trainer, out_of_memory_from)
+    trainer.checkpointing.resume(trainer.step + 1, out_of_memory_from)
 
 
 ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what AdamW keeps per parameter once it has stepped
@@ -261,18 +261,6 @@ def _flat(state) -> list:
 def _damaged(path: Path, err: BaseException) -> str:
     return (f"The checkpoint {path} is damaged ({type(err).__name__}: {err}); it cannot be resumed. "
             f"{START_ELSEWHERE}.")
-
-
-def _resume_checkpointing(trainer: "ZEraseTrainer", out_of_memory_from: int | None) -> None:
-    """Under "auto", a run that ran out of memory with fewer layers checkpointed (none, or part of them) keeps every
-    layer checkpointed, from the step that began (its estimate was short on this card: trying again would fail once
-    more, and on ComfyUI reload the model). Any other auto run decides again at its first step; "on" checkpoints from
-    the step the run continues with."""
-    mode = trainer.config.gradient_checkpointing
-    if mode == "on":  # on since __init__: from this trainer's first step
-        trainer.checkpointing.start("on", trainer.step + 1)
-    elif mode == "auto" and out_of_memory_from is not None:
-        trainer.checkpointing.start(OUT_OF_MEMORY, out_of_memory_from)
 
 
 def _jsonable(state):

@@ -33,7 +33,7 @@ class GradientCheckpointing:
         self.backend, self.mode = backend, mode
         self.from_step: int | None = None  # the first step it applied to; None: not checkpointing
         self.reason: str | None = None  # "on", TOO_LITTLE_MEMORY or OUT_OF_MEMORY
-        self.estimated = mode != "auto"  # auto estimates once, at the run's first step, with the model loaded
+        self.pending = mode == "auto"  # auto estimates once, at the run's first step, with the model loaded
         backend.set_gradient_checkpointing(0)  # as the settings say, whatever the backend was left with
         if mode == "on":
             self.start("on", 1)
@@ -47,9 +47,9 @@ class GradientCheckpointing:
     def before_step(self, step: int, shape: Callable[[], StepShape]) -> None:
         """auto's estimate, once, before the first step this trainer takes; not where a resumed run already
         checkpoints every layer because it ran out of memory."""
-        if self.estimated:
+        if not self.pending:
             return
-        self.estimated = True
+        self.pending = False
         if self.from_step is None:
             self.estimate(shape(), step)
 
@@ -75,6 +75,16 @@ class GradientCheckpointing:
                         "%s: it may run out of memory, or spill into system memory or swap and run many times slower. "
                         "A lower resolution (height, width) takes less.", plan.peak / 2**30, available / 2**30,
                         backend.device)
+
+    def resume(self, next_step: int, out_of_memory_from: int | None) -> None:
+        """A resumed run continuing with ``next_step``. Under auto, one that ran out of memory with fewer layers
+        checkpointed (``out_of_memory_from``: the step it began) keeps every layer from that step: its estimate was
+        short on this card, and trying again would fail once more (and on ComfyUI reload the model). Any other auto
+        run decides again at its first step; "on" checkpoints from the step the run continues with."""
+        if self.mode == "on":
+            self.start("on", next_step)
+        elif self.mode == "auto" and out_of_memory_from is not None:
+            self.start(OUT_OF_MEMORY, out_of_memory_from)
 
     def can_retry(self) -> bool:
         """Whether a step that ran out of memory is taken again: auto's answer, while some layer is not checkpointed."""

@@ -195,10 +195,11 @@ def load_lora(path: str | Path) -> ErasureLoRA:
         raise ZEraseError(f"'{path.name}' is a Z-Erase training checkpoint (for resuming a run), not a LoRA; use the "
                           "run's LoRA file (erasure_lora.safetensors beside a command-line run's checkpoint; the "
                           "node's under models/loras/zerase/).")
-    if str(meta.get("format", "")).startswith(FORMAT):  # a later format's name ("…-v2"): ours, not yet readable
-        raise ZEraseError(f"'{path.name}' is a Z-Erase LoRA of format {meta['format']!r}, newer than this pack reads "
-                          f"({FORMAT!r}); update the Z-Erase pack to read it.")
-    if keys and all(_NATIVE.match(k) for k in keys):  # re-saved by a tool that keeps tensors only (save_file)
+    native = keys and all(_NATIVE.match(k) for k in keys)
+    if native and "format" in meta:  # our tensors, described as another format: a later version's (or a tool's)
+        raise ZEraseError(f"'{path.name}' holds a Z-Erase LoRA's tensors with metadata of format {meta['format']!r}, "
+                          f"where this pack reads {FORMAT!r}: update the Z-Erase pack to read it.")
+    if native:  # re-saved by a tool that keeps tensors only (save_file)
         raise ZEraseError(f"'{path.name}' holds a Z-Erase LoRA's tensors without its metadata (scale, concept, gate), "
                           "so it cannot be applied as trained; it was re-saved by a tool that drops metadata. Use the "
                           "file the training wrote, or re-train it.")
@@ -307,15 +308,19 @@ def _from_official(tensors: dict[str, torch.Tensor], concept: str) -> ErasureLoR
     return ErasureLoRA({k: (ab["A"], ab["B"]) for k, ab in parts.items()}, concept=concept, source="official-z-erase")
 
 
+def differing_facts(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The architecture facts two fingerprints both record and disagree on: a file of an older version records fewer,
+    an official Z-Erase import none, and what one does not record cannot clash."""
+    return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
+
+
 def check_fits(lora: ErasureLoRA, fingerprint: dict[str, Any], widths: dict[Key, tuple[int, int]]) -> None:
     """Refuse a LoRA that does not fit the target model, saying exactly what does not fit.
 
     ``widths`` maps each (layer, proj) the model can host to (in_features, out_width).
     """
-    problems = []
-    for name in sorted(lora.fingerprint.keys() & fingerprint.keys()):  # what both record, as merge compares
-        if lora.fingerprint[name] != fingerprint[name]:
-            problems.append(f"{name}: LoRA {lora.fingerprint[name]} vs model {fingerprint[name]}")
+    problems = [f"{name}: LoRA {lora.fingerprint[name]} vs model {fingerprint[name]}"
+                for name in differing_facts(lora.fingerprint, fingerprint)]
     for key, (a, b) in sorted(lora.factors.items()):
         if key not in widths:
             problems.append(f"layer {key[0]} {key[1]}: the model has no such projection")

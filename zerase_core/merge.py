@@ -15,7 +15,7 @@ import torch
 
 from .prompts import concept_words
 from .errors import ZEraseError
-from .lora_file import ErasureLoRA, Key
+from .lora_file import ErasureLoRA, Key, differing_facts
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def _same_architecture(loras: list[ErasureLoRA]) -> dict:
     """
     agreed: dict = {}
     for lora in loras:
-        clash = sorted(k for k in agreed.keys() & lora.fingerprint.keys() if agreed[k] != lora.fingerprint[k])
+        clash = differing_facts(agreed, lora.fingerprint)
         if clash:
             raise ZEraseError(
                 f"Cannot merge LoRAs of different architectures: {agreed} vs {lora.fingerprint} (differ in "
@@ -76,18 +76,7 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
                  "(README, Merge Erasure LoRAs); weights of 1 each erase as the LoRAs applied together do.",
                  len(loras))
     weights = list(weights)
-    if len(weights) != len(loras):
-        raise ZEraseError(f"Got {len(weights)} weights for {len(loras)} LoRAs; give one weight per LoRA.")
-    # w < 0 adds the concept back, as η < 0 would; w = 0 keeps nothing of its LoRA, yet the merge would be named for
-    # its concept (and drop it from the preservation list): a merge of all-zero weights said it erased what it did not
-    if not all(math.isfinite(w) and w > 0 for w in weights):
-        raise ZEraseError(f"Merge weights must be finite numbers > 0 (a negative one would strengthen its concept, "
-                          f"not erase it; 0 would keep nothing of its LoRA: leave that LoRA out); got {weights}.")
-    vanishing = [w for w, lora in zip(weights, loras) if abs(w * lora.multiplier) < torch.finfo(torch.float32).tiny]
-    if vanishing:  # its factors round to 0 in float32: as a weight of 0, nothing of that LoRA is kept
-        raise ZEraseError(f"Merge weights {vanishing} are so small that their LoRAs' changes round to 0 in float32, "
-                          "keeping nothing of them, as a weight of 0 would; leave those LoRAs out, or use weights "
-                          "near 1.")
+    _check_weights(weights, len(loras))
     for lora in loras:
         lora.require_gated()  # the merge is written as a gated LoRA
         if lora.source == "official-z-erase":  # its code applies it at lora_scale 15; a file does not say so
@@ -95,32 +84,60 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
                         "merge it counts at its weight × 1. Give it a weight near 15 × the others' to keep its "
                         "erasure.", lora.concept)
     fingerprint = _same_architecture(loras)
-    keys = sorted(set().union(*(lora.factors for lora in loras)))
-    factors: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key in keys:
-        parts = [(lora, w) for lora, w in zip(loras, weights) if key in lora.factors]
-        _same_widths(key, [lora for lora, _ in parts])
-        a = torch.cat([lora.factors[key][0] for lora, _ in parts])
-        b = torch.cat([lora.factors[key][1] * (w * lora.multiplier) for lora, w in parts], dim=1)
-        if not torch.isfinite(b).all():  # finite weights, yet beyond float32 once multiplied
-            raise ZEraseError(f"The merge overflows at layer {key[0]} {key[1]}: weights {weights} times the LoRAs' "
-                              "scales leave float32's range. Use weights near 1.")
-        factors[key] = (a, b)
+    factors = _concatenated(loras, weights)
     # What the merge preserves: every part's preservation concepts but those a part erases ("cat" keeping "dog"
     # merged with "dog" erases both); a part that is itself a merge erases each concept of its "a + b".
-    erased = {tuple(concept_words(c)) for lora in loras
-              for c in (lora.concept.split(JOIN) if lora.source == "merge" else [lora.concept])}
+    concepts = list(dict.fromkeys(c for lora in loras for c in _concepts(lora)))  # one LoRA twice: its own name
+    erased = {tuple(concept_words(c)) for c in concepts}
     return ErasureLoRA(
         factors,
         scale=1.0,
         strength=1.0,
-        concept=JOIN.join(dict.fromkeys(lora.concept for lora in loras)),  # one LoRA twice (a re-rank): its own
+        concept=JOIN.join(concepts),
         preserve=tuple(dict.fromkeys(p for lora in loras for p in lora.preserve
                                      if tuple(concept_words(p)) not in erased)),
         fingerprint=fingerprint,
         training={"merged_from": [lora.concept for lora in loras], "weights": weights} | _same_base(loras),
         source="merge",
     )
+
+
+def _check_weights(weights: list[float], n: int) -> None:
+    if len(weights) != n:
+        raise ZEraseError(f"Got {len(weights)} weights for {n} LoRAs; give one weight per LoRA.")
+    # w < 0 adds the concept back, as η < 0 would; w = 0 keeps nothing of its LoRA, yet the merge would be named for
+    # its concept (and drop it from the preservation list): a merge of all-zero weights said it erased what it did not
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ZEraseError(f"Merge weights must be finite numbers > 0 (a negative one would strengthen its concept, "
+                          f"not erase it; 0 would keep nothing of its LoRA: leave that LoRA out); got {weights}.")
+
+
+def _concatenated(loras: list[ErasureLoRA], weights: list[float]) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
+    """Per projection [w_1 s_1 B_1 | … | w_N s_N B_N] and [A_1; …; A_N], whose product is Σ w_i s_i B_i A_i."""
+    factors, kept = {}, set()
+    for key in sorted(set().union(*(lora.factors for lora in loras))):
+        parts = [(i, lora.factors[key], w * lora.multiplier)
+                 for i, (lora, w) in enumerate(zip(loras, weights)) if key in lora.factors]
+        _same_widths(key, [loras[i] for i, _, _ in parts])
+        scaled = [b * m for _, (_, b), m in parts]
+        kept |= {i for (i, _, _), b in zip(parts, scaled) if b.any()}
+        b = torch.cat(scaled, dim=1)
+        if not torch.isfinite(b).all():  # finite weights, yet beyond float32 once multiplied
+            raise ZEraseError(f"The merge overflows at layer {key[0]} {key[1]}: weights {weights} times the LoRAs' "
+                              "scales leave float32's range. Use weights near 1.")
+        factors[key] = (torch.cat([a for _, (a, _), _ in parts]), b)
+    vanished = [w for i, (lora, w) in enumerate(zip(loras, weights))
+                if i not in kept and any(b.any() for _, b in lora.factors.values())]
+    if vanished:  # as a weight of 0: the merge would be named for a concept it keeps nothing of
+        raise ZEraseError(f"Merge weights {vanished} are so small that their LoRAs' changes round to 0 in float32, "
+                          "keeping nothing of them, as a weight of 0 would; leave those LoRAs out, or use weights "
+                          "near 1.")
+    return factors
+
+
+def _concepts(lora: ErasureLoRA) -> list[str]:
+    """The concepts a LoRA erases: a merge's are those of its "a + b"."""
+    return lora.concept.split(JOIN) if lora.source == "merge" else [lora.concept]
 
 
 def rerank(lora: ErasureLoRA, rank: int) -> tuple[ErasureLoRA, MergeReport]:

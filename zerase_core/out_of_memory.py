@@ -15,9 +15,10 @@ import torch
 
 # What torch's allocators write when they cannot allocate, where they raise a plain RuntimeError: MPS
 # ("MPS backend out of memory (MPS allocated: …"), the CPU ("DefaultCPUAllocator: can't allocate memory: you
-# tried to allocate …"), and cuBLAS's workspace on CUDA. Specific words: a bare "out of memory" also names failures
-# that are not the device's.
-MESSAGES = ("mps backend out of memory", "can't allocate memory", "cublas_status_alloc_failed")
+# tried to allocate …"; on Windows "DefaultCPUAllocator: not enough memory: …"), and cuBLAS's workspace on CUDA.
+# Specific words: a bare "out of memory" also names failures that are not the device's.
+MESSAGES = ("mps backend out of memory", "defaultcpuallocator: can't allocate memory",
+            "defaultcpuallocator: not enough memory", "cublas_status_alloc_failed")
 
 
 def is_out_of_memory(err: BaseException) -> bool:

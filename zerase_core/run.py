@@ -18,6 +18,7 @@ from .files import atomic_write_text, check_writable
 from .history import TrainResult, loss_series
 from .lora_file import read_description, save_lora
 from .render import curves, save_png
+from .run_lock import NOT_A_FOLDER
 from .trainer import NonFiniteLoss, ZEraseTrainer
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def check_folder(folder: Path, config: TrainConfig, resume: bool, also_writes: t
     # folder by name. Nothing is created before a refusal.
     checkpoint = folder / CHECKPOINT
     if os.path.isfile(folder):
-        raise ZEraseError(f"{folder} is a file; --out names a folder for the run's files.")
+        raise ZEraseError(NOT_A_FOLDER.format(folder))
     if resume and not os.path.exists(checkpoint):
         raise ZEraseError(f"No checkpoint to resume in {folder}; run without --resume.")
     taken = [name for name in (LORA, CURVES, HISTORY, *also_writes) if os.path.lexists(folder / name)]

@@ -20,17 +20,19 @@ from .files import check_writable
 
 log = logging.getLogger(__name__)
 
-LOCK = ".zerase-run.lock"  # empty; kept in the folder (removing it could let two later runs lock two files)
+LOCK = ".zerase-run.lock"  # empty; kept in a folder that holds the run's files
+NOT_A_FOLDER = "{} is a file; --out names a folder for the run's files."
 _HELD = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # what a lock held by another process answers
 
 
 @contextmanager
 def run_lock(folder: Path) -> Iterator[None]:
-    """Hold ``folder`` (made if needed) for one run; another run holding it is refused at once. A folder made only
-    for the lock is removed again if the run leaves nothing else in it (a run refused before its first file)."""
+    """Hold ``folder`` (made if needed) for one run; another run holding it is refused at once, and touches nothing
+    there. A folder made only for the lock is removed again if the run leaves nothing else in it (a run refused before
+    its first file)."""
     folder = Path(folder)
     if os.path.isfile(folder):
-        raise ZEraseError(f"{folder} is a file; --out names a folder for the run's files.")
+        raise ZEraseError(NOT_A_FOLDER.format(folder))
     check_writable(folder / LOCK)  # a name too long, a folder that cannot be written: told by name, nothing made
     made = [p for p in (folder, *folder.parents) if not os.path.exists(p)]
     try:
@@ -40,10 +42,19 @@ def run_lock(folder: Path) -> Iterator[None]:
         raise ZEraseError(f"Cannot make {folder / LOCK} ({err.strerror or err}); choose another --out.") from err
     try:
         _lock(fd, folder)
+    except BaseException:
+        os.close(fd)  # refused: the folder and its lock file are the other run's
+        raise
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
-        _remove_unused(folder, made)
+        if os.name == "nt":  # Windows removes no open file: release first; a run opening it meanwhile keeps it
+            _unlock_windows(fd)
+            os.close(fd)
+            _remove_unused(folder, made)
+        else:  # POSIX: remove while holding, so that no run locks a file already unlinked (see _lock)
+            _remove_unused(folder, made)
+            os.close(fd)  # releases the lock
 
 
 def _lock(fd: int, folder: Path) -> None:
@@ -61,17 +72,43 @@ def _lock(fd: int, folder: Path) -> None:
             log.warning("Cannot lock %s (%s): nothing stops a second run into the same folder meanwhile.", folder,
                         err.strerror or err)
             return
-        raise ZEraseError(f"Another run is writing into {folder} now; wait for it to end, or choose another "
-                          "--out.") from err
+        raise ZEraseError(_HELD_BY_ANOTHER.format(folder)) from err
+    # The run that held it may have removed the file between our open and our lock: the lock is then on a file no
+    # other run finds (POSIX), so it guards nothing.
+    if os.name != "nt" and not _same_file(fd, folder / LOCK):
+        raise ZEraseError(_HELD_BY_ANOTHER.format(folder))
+
+
+_HELD_BY_ANOTHER = "Another run is writing into {} now; wait for it to end, or choose another --out."
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def _unlock_windows(fd: int) -> None:
+    """Release the byte locked, before closing: Windows releases a lock at close only when resources allow."""
+    import msvcrt
+
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    except OSError:  # not locked (a file system without locks)
+        pass
 
 
 def _remove_unused(folder: Path, made: list[Path]) -> None:
-    """The folders this run made, if nothing but the lock is in them."""
-    if not made or os.listdir(folder) != [LOCK]:
+    """The folders this run made, if nothing but the lock is in them (the user may have removed them meanwhile)."""
+    if not made:
         return
     try:
+        if os.listdir(folder) != [LOCK]:
+            return
         os.remove(folder / LOCK)
         for path in made:  # deepest first
             os.rmdir(path)
-    except OSError:  # another run made something meanwhile: it keeps the folder
+    except OSError:  # gone already, or another run made something meanwhile: it keeps the folder
         pass

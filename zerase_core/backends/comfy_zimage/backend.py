@@ -93,8 +93,10 @@ class ComfyZImageBackend(Backend):
         return self.patcher.model.get_dtype_inference()  # the weights' dtype, or the one fp8 weights are cast to
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"family": "z-image", "dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads,
-                "cap_feat_dim": self.cap_feat_dim}
+        facts = {"family": "z-image", "dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads}
+        # the caption width where the model's config tells it (ComfyUI's detection reads it from the weights): a 0
+        # would be compared as a fact, and refuse every LoRA trained elsewhere
+        return facts | ({"cap_feat_dim": self.cap_feat_dim} if self.cap_feat_dim else {})
 
     def weights(self) -> Iterator[torch.Tensor]:
         yield from self.dit.parameters()
