@@ -213,12 +213,32 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     (dict(scale="0"), "'bad.safetensors': .*scale must be > 0 .*got 0[.] The file is damaged"),
     (dict(scale="-5"), "'bad.safetensors': .*scale must be > 0 .*got -5[.] The file is damaged"),
     (dict(format="zerase-gated-lora-v2"), "metadata of format 'zerase-gated-lora-v2', where this pack reads .*update"),
+    # no trained weight is an integer or a boolean: they were cast to float32 and applied
+    (dict(tensors=lambda t: t | {"zerase.layers.0.k.A": t["zerase.layers.0.k.A"].to(torch.int8)}),
+     "'bad.safetensors' holds zerase.layers.0.k.A as torch.int8, not as floating point weights; the file is damaged"),
+    (dict(tensors=lambda t: t | {"zerase.layers.0.q.B": t["zerase.layers.0.q.B"] > 0}), "as torch.bool, not as float"),
+    # training refuses a non-finite loss, so a recorded NaN is an edit (inspect printed it as invalid JSON)
+    (dict(history='{"L_erase": [0.5, NaN]}'), "damaged Z-Erase metadata .*history values must be finite, got .nan"),
 ])
 def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
     tensors, meta = _damaged(_random_lora(KEYS), **damage)
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ZEraseError, match=message):
         load_lora(tmp_path / "bad.safetensors")
+
+
+def test_inspect_prints_the_metadata_as_stored(tmp_path, capsys):
+    """A file from before format_version and gate were recorded: inspect printed the metadata rebuilt on loading
+    (format_version 1, the gate), which the file does not hold."""
+    from zerase_core.cli import main
+
+    tensors, meta = _damaged(_random_lora(KEYS), format_version=None, gate=None)
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    assert main(["inspect", str(tmp_path / "old.safetensors")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert "format_version" not in shown and "gate" not in shown
+    assert shown["concept"] == "red" and shown["rank"] == 4 and shown["scale"] == 0.5
+    assert load_lora(tmp_path / "old.safetensors").metadata()["format_version"] == 1  # what it is read as
 
 
 def test_a_second_lora_under_a_name_already_installed_is_refused_and_the_first_stays(tiny_backend):

@@ -51,10 +51,11 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
 
 @command("inspect", "print a LoRA file's metadata as JSON", _add_inspect)
 def _inspect(args: argparse.Namespace) -> int:
-    from .lora_file import load_lora
+    from .lora_file import load_lora, read_description
 
-    lora = load_lora(args.file)
-    print(json.dumps(lora.metadata(), indent=2, sort_keys=True))
+    lora = load_lora(args.file)  # refuses what cannot be used, as Apply would
+    # As stored (an older file shows its own format version); an official file stores none: as it is read.
+    print(json.dumps(read_description(args.file) or lora.metadata(), indent=2, sort_keys=True))
     return 0
 
 

@@ -10,6 +10,7 @@ recognise it at all.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -215,8 +216,13 @@ def load_lora(path: str | Path) -> ErasureLoRA:
 
 
 def _finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors``, once none holds NaN or inf (which would reach the model, or a merge, unnoticed), in float32 as
-    they are used: a float64 1e300 is finite in the file and inf in the model."""
+    """``tensors``, once each is floating point (an integer or boolean factor is no trained weight: an edited or
+    damaged file) and none holds NaN or inf (which would reach the model, or a merge, unnoticed), in float32 as they
+    are used: a float64 1e300 is finite in the file and inf in the model."""
+    not_float = sorted(k for k, t in tensors.items() if not t.is_floating_point())
+    if not_float:
+        raise ZEraseError(f"'{path.name}' holds {not_float[0]} as {tensors[not_float[0]].dtype}, not as floating point "
+                          "weights; the file is damaged. Re-train or re-download it.")
     if any(not torch.isfinite(t.float()).all() for t in tensors.values()):
         raise ZEraseError(f"'{path.name}' contains NaN or infinite weights; it cannot be used.")
     return tensors
@@ -270,7 +276,7 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
             fingerprint=dict(info.get("fingerprint", {})),
             training=dict(info.get("training", {})),
             source=str(info.get("source", "native")),
-            history={str(k): [float(v) for v in vs] for k, vs in dict(info.get("history", {})).items()},
+            history={str(k): _finite_numbers(vs) for k, vs in dict(info.get("history", {})).items()},
             scope=_SCOPES[kind],
         )
         if not finite_in_fp32(described["scale"], described["strength"]):  # told as the file's, not as a LoRA's
@@ -286,6 +292,15 @@ def _gate_kind(info: dict[str, Any]) -> Any:
     """The gate's kind a file's metadata records (a file before the field: the text-token gate); None if damaged."""
     gate = info.get("gate", GATE)
     return gate.get("kind") if isinstance(gate, dict) else None
+
+
+def _finite_numbers(values: Any) -> list[float]:
+    """A recorded curve: training refuses a non-finite loss, so a NaN here was written by hand (and would print as
+    invalid JSON in ``inspect``)."""
+    numbers = [float(v) for v in values]
+    if not all(map(math.isfinite, numbers)):
+        raise ValueError(f"history values must be finite, got {[v for v in numbers if not math.isfinite(v)][:3]}")
+    return numbers
 
 
 def _strings(value: Any) -> tuple[str, ...]:
