@@ -44,7 +44,9 @@ def read_lora_file(name: str, node: str) -> ErasureLoRA:
 
 @contextmanager
 def told_as(node: str) -> Iterator[None]:
-    """The engine's refusals under the node's name, as the node's own are: ComfyUI shows the message alone."""
+    """The engine's refusals under the node's name, as the node's own are: ComfyUI shows the message alone. (The
+    ComfyUI backend is given the name too, for what its patches refuse later, inside a sampler's run; its messages
+    already carry the prefix and pass unchanged.)"""
     try:
         yield
     except ZEraseError as err:

@@ -41,6 +41,9 @@ class ComfyZImageBackend(Backend):
         return cls(training_model(model, node), clip, node)
 
     def __init__(self, model: Any, clip: Any = None, node: str = "Z-Erase"):
+        # ``node`` prefixes this backend's refusals. The nodes' told_as prefixes what fails inside a node's own call;
+        # the patches' refusals (call_state.py) come later, inside a KSampler run, where only this name says which
+        # node put the LoRA on the model.
         check_zimage(model, node)
         self.node = node
         self.patcher = model.clone()
