@@ -117,7 +117,9 @@ class ZEraseTrain(io.ComfyNode):
                 io.String.Input("templates", default="", multiline=True,
                                 tooltip="One erase prompt template per line with {} for the concept; "
                                 "empty: the preset's."),
-                io.String.Input("preserve", default="", tooltip="Comma-separated preservation concepts."),
+                io.String.Input("preserve", default="", tooltip="Comma-separated concepts that must stay, e.g. "
+                                "'person' when erasing 'nude' (the paper always gives some). Empty: only the empty "
+                                "prompt's predictions are kept (Eq. 8's first term)."),
                 io.Int.Input("steps", default=TrainConfig.steps, min=1, max=100000,
                              tooltip="Training steps (the paper: 1000)."),
                 # The frontend rounds a number to its step's decimals: a coarser step turned a small rate, β or ε into 0

@@ -144,3 +144,20 @@ def test_a_concept_alone_warns_that_shuffling_cannot_move_it(caplog):
     with caplog.at_level("WARNING", logger="zerase_core.prompt_pool"):
         assert len(erase_texts(TrainConfig(concept="nude", preset="nsfw", templates=("a photo of a {} person",)))) > 1
     assert "nothing to shuffle" not in caplog.text
+
+
+def test_preservation_prompts_never_hold_the_erased_concept(tiny_backend):
+    """A template without '{}' names the concept itself: filled "as written" it was also the preservation prompt, so
+    L_pr's c_pr term held the very concept L_erase removes (reproduced by a review: c_pr 'a red circle on the left')."""
+    from zerase_core.config import TrainConfig
+    from zerase_core.prompt_pool import PromptPool
+    from zerase_core.prompts import mentions, preservation_text
+
+    config = TrainConfig(concept="red", templates=("a red circle on the left, RED as fire", "a {} square"),
+                         preserve=("blue", "dark green"), shuffle_pool=0)
+    keep = [p.text for p in PromptPool.build(tiny_backend, config).keep]
+    assert keep == ["a blue circle on the left, blue as fire", "a blue square",
+                    "a dark green circle on the left, dark green as fire", "a dark green square"]
+    assert not any(mentions(text, "red") for text in keep)
+    assert preservation_text("a bored red-haired {}", "red", "blue") == "a bored blue-haired blue"  # 'bored' stays
+    assert preservation_text("Van  Gogh's starry night", "van gogh", "Monet") == "Monet's starry night"

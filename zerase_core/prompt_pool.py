@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from .backends.base import Backend
 from .config import TrainConfig
-from .prompts import EncodedPrompt, concept_token_indices, fill_template, mentions, shuffle_words
+from .prompts import (EncodedPrompt, concept_token_indices, fill_template, mentions, preservation_text,
+                      shuffle_words)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class PromptPool:
     @classmethod
     def build(cls, backend: Backend, config: TrainConfig) -> "PromptPool":
         texts = erase_texts(config)
-        keep_texts = [fill_template(t, p) for p in config.preserve for t in config.erase_templates]
+        keep_texts = [preservation_text(t, config.concept, p) for p in config.preserve for t in config.erase_templates]
         encoded = backend.encode([*texts, "", *keep_texts])
         erase = tuple(encoded[: len(texts)])
         tokens = tuple(tuple(concept_token_indices(p, config.concept)) for p in erase)

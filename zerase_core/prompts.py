@@ -150,6 +150,17 @@ def fill_template(template: str, concept: str) -> str:
     return template.replace("{}", concept)
 
 
+def preservation_text(template: str, concept: str, keep: str) -> str:
+    """c_pr of Eq. 8 from an erase template: its erase prompt with ``keep`` wherever the concept is. A template that
+    names the concept itself (one without '{}' must) filled with ``keep`` alone still held the concept, and L_pr then
+    kept what L_erase removes."""
+    text, done, parts = fill_template(template, concept), 0, []
+    for start, end in _occurrences(text, concept):
+        parts += [text[done:start], keep]
+        done = end
+    return "".join(parts) + text[done:]
+
+
 def shuffle_words(text: str, rng: random.Random, keep: str | None = None) -> str:
     """Shuffle the word order of ``text`` (paper §4.1: keeps the concept's token indices moving).
 
