@@ -14,6 +14,9 @@ from . import _render
 from .common import parse_list, told_as
 
 NODE = "Attention Map Viewer"
+NODE_B = f"{NODE} (model_b)"  # what is refused of the second model
+FIX = ("Type words that occur in the prompt, or put them into it; separate words with commas ('cat, dog' is two words, "
+       "'cat dog' one phrase).")
 
 
 class AttentionMapViewer(io.ComfyNode):
@@ -54,32 +57,37 @@ class AttentionMapViewer(io.ComfyNode):
         check_request(NODE, words, sigma_list)
         backend = ComfyZImageBackend(model, clip, node=NODE)
         span = layer_range(NODE, backend.n_layers, layer_start, layer_end)
-        layers = set(span)
-        if latent is not None:
-            samples = latent["samples"][:1]
-        elif image is not None and vae is not None:
-            samples = vae.encode(render.rgb(image[:1]))
-        else:
-            raise ZEraseError(f"{NODE}: connect a LATENT, or an IMAGE together with a VAE.")
-        check_latent(NODE, samples, backend.latent_channels)
-        (encoded,) = backend.encode([prompt])  # after the cheap checks: this runs the text encoder
-        fix = ("Type words that occur in the prompt, or put them into it; separate words with commas ('cat, dog' is "
-               "two words, 'cat dog' one phrase).")
-        with told_as(NODE):
-            columns = [concept_token_indices(encoded, w, fix) for w in words]
-        x0 = backend.patcher.model.process_latent_in(samples.float()).cpu()
-        maps = [word_maps(backend, encoded, columns, x0, sigma_list, seed, layers)]
-        labels = ["model"]
-        if model_b is not None:
-            other = ComfyZImageBackend(model_b, node=NODE)
+        other = None
+        if model_b is not None:  # refused before any forward of the first model, and under its input's name
+            other = ComfyZImageBackend(model_b, node=NODE_B)
             check_comparable(NODE, backend.fingerprint(), other.fingerprint())
-            maps.append(word_maps(other, encoded, columns, x0, sigma_list, seed, layers))
-            labels = ["model A", "model B"]
+        with told_as(NODE):
+            samples = _samples(latent, image, vae)
+            check_latent(NODE, samples, backend.latent_channels)
+            (encoded,) = backend.encode([prompt])  # after the cheap checks: this runs the text encoder
+            columns = [concept_token_indices(encoded, w, FIX, what="word") for w in words]
+        x0 = backend.patcher.model.process_latent_in(samples.float()).cpu()
+        maps, labels = [], ["model"] if other is None else ["model A", "model B"]
+        for who, each in ((NODE, backend), (NODE_B, other)):
+            if each is not None:
+                with told_as(who):
+                    maps.append(word_maps(each, encoded, columns, x0, sigma_list, seed, set(span)))
         # Drawn over the picture the maps were measured on: the LATENT's when one is connected, even beside an IMAGE.
         picture = render.to_pil(image[0] if latent is None else _render.decode(model, vae, samples)[0])
-        rows = render.word_map_rows(picture, maps, difference=model_b is not None)
-        if model_b is not None:
+        rows = render.word_map_rows(picture, maps, difference=other is not None)
+        if other is not None:
             labels.append("A - B")
         levels = ", ".join(f"{s:g}" for s in sigma_list)
-        caption = f"{prompt} | sigma {levels} | layers {span.start}..{span.stop - 1}"
+        # The settings first: a long prompt is cut at the caption's last line, and they tell two Viewer images apart.
+        caption = f"sigma {levels} | layers {span.start}..{span.stop - 1} | {prompt}"
         return io.NodeOutput(render.grid(rows, words, labels, caption=caption))
+
+
+def _samples(latent, image, vae):
+    """The latent the maps are measured on: the LATENT's first image, else the IMAGE's first encoded by the VAE."""
+    if latent is not None:
+        return latent["samples"][:1]
+    if image is not None and vae is not None:
+        render.check_images(image)
+        return vae.encode(render.rgb(image[:1]))
+    raise ZEraseError("connect a LATENT, or an IMAGE together with a VAE.")

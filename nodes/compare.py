@@ -39,6 +39,8 @@ class CompareGrid(io.ComfyNode):
         if not len(original):
             raise ZEraseError(f"{NODE}: both batches are empty; connect the images of the two samplers.")
         with told_as(NODE):  # an IMAGE of a shape no picture has
+            render.check_images(original)
+            render.check_images(erased)
             rows = [[render.to_pil(a), render.to_pil(b)] for a, b in zip(original, erased)]
         # ComfyUI draws a batch's noise in one call from the seed: item i is not "seed + i", it is batch index i.
         labels = [f"batch {i}" for i in range(len(rows))] if len(rows) > 1 else []

@@ -7,6 +7,7 @@ import torch
 from recorders import keeping_recorders
 
 from zerase_core.attention_mass import attention_with_mass, sdpa_attention
+from zerase_core.errors import ZEraseError
 from zerase_core.lora import LoRAConfig
 
 
@@ -101,6 +102,10 @@ def test_word_maps_are_image_shaped_shares_and_see_the_lora(tiny_backend):
     off = word_maps(tiny_backend, enc, columns, x0, [0.3, 0.7], seed=0, lora=False)
     assert not torch.allclose(after, before) and torch.equal(off, before)
     assert concept_tokens  # "circle" was found
+    with torch.no_grad():  # a forward that overflowed (fp16, a strong LoRA): drawn, NaN spoiled the shared colour scale
+        next(iter(lora_set.parameters())).fill_(float("inf"))
+    with pytest.raises(ZEraseError, match="The attention is not a finite number .NaN or inf. somewhere: the model's"):
+        word_maps(tiny_backend, enc, columns, x0, [0.3, 0.7], seed=0)
 
 
 def test_mass_is_recorded_whatever_attention_backend_diffusers_is_set_to(monkeypatch):
@@ -213,6 +218,8 @@ def test_a_map_request_is_checked_before_any_model_runs():
         check_latent("Viewer", torch.zeros(0, 16, 8, 8), 16)
     with pytest.raises(ZEraseError, match=r"the latent has shape \(1, 4, 8, 8\); Z-Image's have 16 channels"):
         check_latent("Viewer", torch.zeros(1, 4, 8, 8), 16)
+    with pytest.raises(ZEraseError, match=r"the latent has shape \(1, 16, 8, 0\)"):  # was reshape's RuntimeError
+        check_latent("Viewer", torch.zeros(1, 16, 8, 0), 16)
     check_comparable("Viewer", {"dim": 64}, {"dim": 64})
     with pytest.raises(ZEraseError, match="model_b is another architecture than model"):
         check_comparable("Viewer", {"dim": 64}, {"dim": 3840})

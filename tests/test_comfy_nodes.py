@@ -422,6 +422,48 @@ def test_the_viewer_tells_a_phrase_from_two_words_and_refuses_a_model_b_of_anoth
         viewer.execute(words="cat, dog", model_b=tiny_zimage(comfy, cap_feat_dim=128), **inputs)
 
 
+def test_the_viewer_refuses_what_it_cannot_draw_under_the_input_it_came_from(pack, monkeypatch):
+    """A QA run in ComfyUI's executor: an overflowing model B (fp16, a strong LoRA) was drawn as a dark row, its NaN
+    spoiling model A's row through the shared colour scale; a Lumina 2 model_b was refused as "this MODEL" after model
+    A's forwards; a prompt the encoder could not spell out, or a LATENT or IMAGE without pixels, was told without the
+    node's name or as a traceback; a long prompt cut the settings off the caption."""
+    from zerase_core.backends.comfy_zimage import ComfyZImageBackend
+
+    viewer, model, clip = pack["ZEraseAttentionMaps"], tiny_zimage(comfy), tiny_clip(comfy)
+    inputs = dict(clip=clip, prompt="a photo of a cat on a mat", words="cat", sigmas="0.5", layer_start=0,
+                  layer_end=-1, seed=0, latent={"samples": torch.randn(1, 16, 8, 8)})
+    broken = tiny_zimage(comfy)  # as a forward that overflowed (fp16, a LoRA at strength 20): inf, then NaN
+    with torch.no_grad():
+        next(broken.model.diffusion_model.layers[0].parameters()).fill_(float("inf"))
+    with pytest.raises(ZEraseError, match=r"^Attention Map Viewer \(model_b\): The attention is not a finite number"):
+        viewer.execute(model=model, model_b=broken, **inputs)
+    with pytest.raises(ZEraseError, match=r"^Attention Map Viewer: The attention is not a finite number .*bf16"):
+        viewer.execute(model=broken, model_b=model, **inputs)
+    forwards = []
+    original = ComfyZImageBackend.attention_maps
+    monkeypatch.setattr(ComfyZImageBackend, "attention_maps", lambda *a, **k: forwards.append(1) or original(*a, **k))
+    with pytest.raises(ZEraseError, match=r"^Attention Map Viewer \(model_b\): this MODEL is Lumina2"):
+        viewer.execute(model=model, model_b=tiny_lumina2(comfy), **inputs)
+    assert forwards == []  # refused before model A ran
+    with pytest.raises(ZEraseError, match="^Attention Map Viewer: the text encoder's tokens do not spell out"):
+        viewer.execute(model=model, **inputs | dict(prompt="embedding:cat a cat"))
+    with pytest.raises(ZEraseError, match=r"^Attention Map Viewer: the latent has shape \(1, 16, 0, 8\)"):
+        viewer.execute(model=model, **inputs | dict(latent={"samples": torch.randn(1, 16, 0, 8)}))
+    with pytest.raises(ZEraseError, match=r"^Attention Map Viewer: An IMAGE of shape \(1, 64, 0, 3\) is not"):
+        viewer.execute(model=model, **inputs | dict(latent=None, image=torch.rand(1, 64, 0, 3), vae=object()))
+    with pytest.raises(ZEraseError, match="^Attention Map Viewer: The word 'dog' does not occur in the prompt"):
+        viewer.execute(model=model, **inputs | dict(words="dog"))
+    for image in (torch.rand(1, 64, 0, 3), torch.rand(1, 2, 16, 16, 3), torch.rand(64, 64, 3)):
+        with pytest.raises(ZEraseError, match="^Z-Erase Compare: An IMAGE of shape .* is not .batch, height, width"):
+            pack["ZEraseCompare"].execute(original=image, erased=image, prompt="", label_original="a",
+                                          label_erased="b")
+    captions = []
+    render = next(m for n, m in __import__("sys").modules.items() if n.endswith(".nodes.attention_maps")).render
+    monkeypatch.setattr(render, "grid", lambda *a, caption="": captions.append(caption) or torch.zeros(1, 8, 8, 3))
+    viewer.execute(model=model, **inputs | dict(prompt="a photo of a cat on a mat" + ", in the rain" * 200))
+    assert captions[0].startswith("sigma 0.5 | layers 0..1 | a photo of a cat")  # before the prompt, which is cut
+
+
 def test_compare_draws_images_of_one_channel_or_bfloat16(pack):
     """Some nodes make such IMAGEs: PIL's and numpy's TypeErrors reached the user."""
     grey = torch.rand(1, 64, 64, 1)

@@ -43,10 +43,10 @@ def check_comparable(who: str, ours: dict, theirs: dict) -> None:
 
 
 def check_latent(who: str, samples: torch.Tensor, channels: int) -> None:
-    """A latent batch the maps can be drawn over: at least one image of the model's latent channels."""
+    """A latent batch the maps can be drawn over: at least one image of the model's latent channels, with pixels."""
     if samples.shape[0] == 0:
         raise ZEraseError(f"{who}: the LATENT holds no image (batch size 0); connect one with at least one.")
-    if samples.ndim != 4 or samples.shape[1] != channels:
+    if samples.ndim != 4 or samples.shape[1] != channels or 0 in samples.shape[2:]:
         raise ZEraseError(
             f"{who}: the latent has shape {tuple(samples.shape)}; Z-Image's have {channels} channels. Make it with "
             "EmptySD3LatentImage, or encode the image with Z-Image's VAE (ae.safetensors).")
@@ -98,4 +98,8 @@ def word_maps(backend, prompt: EncodedPrompt, columns: list[list[int]], x0: torc
         x = s * noise + (1.0 - s) * x0
         maps = backend.attention_maps(x, torch.tensor([float(s)]), prompt, columns, layers, lora=lora)
         total = maps if total is None else total + maps
+    if not torch.isfinite(total).all():  # drawn, NaN spoils the colour scale the other model's row shares
+        raise ZEraseError("The attention is not a finite number (NaN or inf) somewhere: the model's forward "
+                          "overflowed (fp16 weights, or an erasure LoRA at a high strength). Load the model in bf16 or "
+                          "fp32 (weight_dtype default), or lower the strength.")
     return total / len(sigmas)

@@ -117,11 +117,13 @@ def token_span(a: int, b: int, start: int, end: int) -> Span:
     return max(a, start) - start, min(b, end) - start
 
 
-def concept_token_indices(prompt: EncodedPrompt, word: str, fix: str = TEMPLATE_FIX) -> list[int]:
+def concept_token_indices(prompt: EncodedPrompt, word: str, fix: str = TEMPLATE_FIX,
+                          what: str = "concept") -> list[int]:
     """Indices of the tokens of ``prompt`` that encode ``word`` (all occurrences, all sub-tokens).
 
     Raises :class:`ZEraseError` when the word is empty or not in the prompt, since an
-    attention loss on no columns would silently do nothing; ``fix`` tells the caller's user what to change.
+    attention loss on no columns would silently do nothing; ``fix`` tells the caller's user what to change, ``what``
+    names the word as the caller does (the Viewer's are words, not concepts).
     """
     word = as_read(word.strip())
     if not word:
@@ -129,7 +131,7 @@ def concept_token_indices(prompt: EncodedPrompt, word: str, fix: str = TEMPLATE_
     hits = _occurrences(prompt.text, word)
     if not hits:
         raise ZEraseError(
-            f"The concept '{word}' does not occur in the prompt '{prompt.text}'. {fix}"
+            f"The {what} '{word}' does not occur in the prompt '{prompt.text}'. {fix}"
         )
     indices = [
         i
@@ -138,7 +140,7 @@ def concept_token_indices(prompt: EncodedPrompt, word: str, fix: str = TEMPLATE_
     ]
     if not indices:
         raise ZEraseError(
-            f"The concept '{word}' is in the prompt '{prompt.text}' but no token of the encoder covers it; "
+            f"The {what} '{word}' is in the prompt '{prompt.text}' but no token of the encoder covers it; "
             "this encoder cannot localise it. Report this with the prompt."
         )
     return indices

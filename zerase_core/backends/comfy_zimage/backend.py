@@ -229,7 +229,7 @@ class ComfyZImageBackend(Backend):
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
         if self.clip is None:
             raise ZEraseError(f"{self.node}: no CLIP is connected to encode prompts with.")
-        encoded = encode_with_clip(self.clip, prompts)
+        encoded = encode_with_clip(self.clip, prompts, self.node)
         width = encoded[0].features.shape[-1] if encoded else self.cap_feat_dim
         if self.cap_feat_dim and width != self.cap_feat_dim:  # another LLM's chat template passes the tokenizer check
             raise ZEraseError(

@@ -8,20 +8,21 @@ from ...errors import ZEraseError
 from ...prompts import EncodedPrompt, Span, as_read, token_span
 
 
-def _inner_tokenizer(clip: Any):
+def _inner_tokenizer(clip: Any, node: str):
     """(SD tokenizer holding the HF tokenizer, chat template) of a Z-Image CLIP."""
     outer = clip.tokenizer
     inner = getattr(outer, getattr(outer, "clip", ""), None)
     template = getattr(outer, "llama_template", None)
     if inner is None or template is None or "{}" not in template:
         raise ZEraseError(
-            "Z-Erase: this CLIP is not Z-Image's text encoder (Qwen3 with its chat template). Load "
+            f"{node}: this CLIP is not Z-Image's text encoder (Qwen3 with its chat template). Load "
             "qwen_3_4b.safetensors with Load CLIP, type 'lumina2'."
         )
     return inner, template
 
 
-def token_spans(hf_tokenizer: Any, ids: list[int], text: str, start: int, end: int) -> tuple[Span, ...]:
+def token_spans(hf_tokenizer: Any, ids: list[int], text: str, start: int, end: int,
+                node: str = "Z-Erase") -> tuple[Span, ...]:
     """Per token: its (start, end) inside ``text[start:end]`` (the user's prompt), else None.
 
     Character offsets come from decoding growing prefixes, which works for any tokenizer whose
@@ -39,7 +40,7 @@ def token_spans(hf_tokenizer: Any, ids: list[int], text: str, start: int, end: i
         done, pending = len(prefix), 0
     if done != len(text):
         raise ZEraseError(
-            "Z-Erase: the text encoder's tokens do not spell out the prompt (does it name an 'embedding:'? "
+            f"{node}: the text encoder's tokens do not spell out the prompt (does it name an 'embedding:'? "
             "ComfyUI drops or replaces those); write Z-Erase prompts as plain text."
         )
     return tuple(spans)
@@ -51,9 +52,10 @@ def as_tokenized(prompt: str) -> str:
     return as_read(prompt.replace("\\(", "(").replace("\\)", ")"))
 
 
-def encode_with_clip(clip: Any, prompts: Sequence[str]) -> list[EncodedPrompt]:
-    """Encode like CLIPTextEncode, plus per feature row the character span of the user's prompt."""
-    inner, template = _inner_tokenizer(clip)
+def encode_with_clip(clip: Any, prompts: Sequence[str], node: str = "Z-Erase") -> list[EncodedPrompt]:
+    """Encode like CLIPTextEncode, plus per feature row the character span of the user's prompt; refusals start with
+    ``node``."""
+    inner, template = _inner_tokenizer(clip, node)
     out = []
     for prompt in prompts:
         tokens = clip.tokenize(prompt)
@@ -67,10 +69,10 @@ def encode_with_clip(clip: Any, prompts: Sequence[str]) -> list[EncodedPrompt]:
         read = as_tokenized(prompt)
         text = template.format(read)
         begin = template.index("{}")
-        spans = token_spans(inner.tokenizer, ids, text, begin, begin + len(read))
+        spans = token_spans(inner.tokenizer, ids, text, begin, begin + len(read), node)
         if len(spans) != features.shape[0]:
             raise ZEraseError(
-                f"Z-Erase: {features.shape[0]} caption features but {len(spans)} tokens for '{prompt}'."
+                f"{node}: {features.shape[0]} caption features but {len(spans)} tokens for '{prompt}'."
             )
         out.append(EncodedPrompt(read, features.detach().float().cpu(), spans))
     return out
