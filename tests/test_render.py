@@ -111,3 +111,13 @@ def test_text_beyond_latin_is_drawn_with_a_system_font_that_has_it(monkeypatch):
         assert render._font("一只猫") is render._FONT  # none found: the default, the picture is still made
     finally:
         render._wide_font.cache_clear()
+
+
+def test_a_column_label_stays_in_its_cell():
+    """A QA run: at 64 px cells "wooden table" ran into the next column's label, reading "wooden table soft light"."""
+    from zerase_core.render import grid
+
+    cells = [[Image.new("RGB", (64, 64), (255, 255, 255))] * 2]
+    strip = grid(cells, ["wooden table in the evening", ""])[0, :18].numpy()  # the label strip
+    assert strip[:, 4:60].min() < 0.5  # the first label is drawn in its cell
+    assert strip[:, 64:].min() == 1.0  # and nothing of it in the second's

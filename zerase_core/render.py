@@ -152,7 +152,8 @@ def grid(cells: Sequence[Sequence[Image.Image]], col_labels: Sequence[str], row_
     H = 18 + ch * len(cells) + 14 * len(caption_lines) + (6 if caption_lines else 0)
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    for c, text in enumerate(col_labels):
+    for c, text in enumerate(col_labels):  # cut to its cell: at 64 px "wooden table" ran into the next label
+        text = (_wrap(text, max(4, (cw - 6) // 6), 1) or [""])[0]
         d.text((label_w + c * cw + 4, 3), text, fill=(0, 0, 0), font=_font(text))
     for r, row in enumerate(cells):
         if r < len(row_labels):
