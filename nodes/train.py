@@ -210,7 +210,9 @@ class ZEraseTrain(io.ComfyNode):
         switched = config.gradient_checkpointing == "auto" and trainer.checkpointing.from_step is not None
         note = (f", checkpointing {backend.checkpointed_layers}/{backend.n_layers} layers from step "  # it is slower
                 f"{trainer.checkpointing.from_step} ({trainer.checkpointing.reason})") if switched else ""
-        curves = render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}': "
+        # The engine's warning goes to the console, which ComfyUI users rarely read; the curves are on the node.
+        alone = "" if config.preserve else " (no preservation concepts)"
+        curves = render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}'{alone}: "
                                 f"{len(result.history)} steps, {result.seconds:.0f}s{note}")
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)
         return _outputs(cls, result.lora, curves, previews, model)

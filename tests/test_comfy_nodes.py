@@ -687,6 +687,17 @@ def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, mon
     assert load_lora(loras_dir / "zerase" / "switched.safetensors").training["steps_done"] == 3
 
 
+def test_the_curves_say_when_nothing_but_the_empty_prompt_is_preserved(pack, loras_dir, titles):
+    """The paper always trains with preservation concepts; without them the engine's warning went to the console
+    only. The curves, shown on the node, say it."""
+    for preserve, name in (("", "alone"), ("dog", "kept")):
+        with torch.inference_mode():
+            pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                        **_train_inputs(steps=1, preserve=preserve, save_name=name))
+    assert titles[0].startswith("Z-Erase 'cat' (no preservation concepts): 1 steps")
+    assert titles[1].startswith("Z-Erase 'cat': 1 steps")
+
+
 def test_the_curves_say_how_many_layers_a_partial_plan_checkpoints(pack, loras_dir, monkeypatch, titles):
     """Where part of the layers fit (simulated: auto's plan says 1 of the tiny model's 2), the node's run checkpoints
     that many, through ComfyUI's patches, and its curves say so."""
