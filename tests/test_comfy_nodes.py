@@ -687,6 +687,26 @@ def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, mon
     assert load_lora(loras_dir / "zerase" / "switched.safetensors").training["steps_done"] == 3
 
 
+def test_train_runs_a_compiled_model_uncompiled_and_leaves_its_input_compiled(pack, loras_dir):
+    """TorchCompileModel before Z-Erase Train: dynamo traced the run's hooks and failed while the x_t pool was
+    sampled (a ComfyUI review reproduced it with the eager backend). The run takes the wrapper off its own clone."""
+    from comfy.patcher_extension import WrappersMP
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    trained = {}
+    for compiled in (False, True):
+        with torch.inference_mode():
+            model = tiny_zimage(comfy, inference_tensors=True)
+            if compiled:
+                set_torch_compile_wrapper(model=model, backend="eager")
+            out = pack["ZEraseTrain"].execute(model=model, clip=tiny_clip(comfy), **_train_inputs(
+                steps=2, save_name=f"compiled_{compiled}", gradient_checkpointing="on"))
+        trained[compiled] = out[0]
+        assert bool(model.get_wrappers(WrappersMP.APPLY_MODEL, "torch.compile")) == compiled  # the input kept it
+    for key, (a, b) in trained[False].factors.items():  # the same run: compiling changes nothing it computes
+        assert torch.equal(a, trained[True].factors[key][0]) and torch.equal(b, trained[True].factors[key][1])
+
+
 def test_the_curves_say_when_nothing_but_the_empty_prompt_is_preserved(pack, loras_dir, titles):
     """The paper always trains with preservation concepts; without them the engine's warning went to the console
     only. The curves, shown on the node, say it."""

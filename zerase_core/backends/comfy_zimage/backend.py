@@ -22,7 +22,7 @@ from ..row_sharing import RowGroups, SharedRowsForward, take_rows
 from .call_state import CallState
 from .clip_prompts import encode_with_clip
 from .digest import model_digest, text_encoder_digest
-from .loading import load_whole, loaded_whole, own_weights, training_model
+from .loading import load_whole, loaded_whole, own_weights, training_model, uncompiled
 from .nextdit_layout import image_patches, nextdit_layout
 from .object_patches import (LAYER_FORWARD, QKV_PATH, REFINER_FORWARD, CheckpointedForward, GatedForward,
                              PreviousForward, own_forward)
@@ -36,9 +36,12 @@ class ComfyZImageBackend(Backend):
 
     @classmethod
     def for_training(cls, model: Any, clip: Any = None, node: str = "Z-Erase") -> "ComfyZImageBackend":
-        """A backend to train on ``model``: on its non-dynamic twin under dynamic VRAM (see training_model)."""
+        """A backend to train on ``model``: on its non-dynamic twin under dynamic VRAM (see training_model), without
+        TorchCompileModel's wrapper (see uncompiled)."""
         check_zimage(model, node)
-        return cls(training_model(model, node), clip, node)
+        backend = cls(training_model(model, node), clip, node)
+        uncompiled(backend.patcher, node)  # on the backend's own clone: the input MODEL keeps it
+        return backend
 
     def __init__(self, model: Any, clip: Any = None, node: str = "Z-Erase"):
         # ``node`` prefixes this backend's refusals. The nodes' told_as prefixes what fails inside a node's own call;

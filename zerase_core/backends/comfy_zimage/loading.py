@@ -56,6 +56,20 @@ def training_model(model: Any, node: str) -> Any:
     return model.clone(disable_dynamic=True)
 
 
+COMPILE_KEY = "torch.compile"  # the key of TorchCompileModel's wrapper (comfy_api.torch_helpers.torch_compile)
+
+
+def uncompiled(patcher: Any, node: str) -> None:
+    """Take TorchCompileModel's wrapper off a training clone: dynamo traced the run's own hooks and failed
+    ("already tracked for mutation"), and its graphs are built for sampling, not for a backward through the gated
+    layers. The model computes the same without it; samplers given the input MODEL still run it compiled."""
+    from comfy.patcher_extension import WrappersMP
+
+    if patcher.get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY):
+        log.info("%s: training runs the model uncompiled (TorchCompileModel's wrapper is left out of the run)", node)
+        patcher.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY)
+
+
 def load_whole(patcher: Any, node: str) -> None:
     """Load ``patcher`` whole onto its device with every other model moved out first, or say what to do.
 
