@@ -236,6 +236,34 @@ def test_captions_that_pad_alike_share_one_call_and_equal_separate_calls():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_training_forwards_use_attention_with_a_backward(monkeypatch):
+    """SageAttention (ComfyUI's --use-sage-attention, or another node's override) has no backward: its outputs are cut
+    off from q, k and v. A training forward without a recorder (L_pr recomputed with a graph, attn_weight 0) ran on it
+    and the LoRA learned nothing there, without a word (a ComfyUI review). Simulated by a kernel that detaches."""
+    import comfy.ldm.lumina.model as lumina
+    from comfy.ldm.modules.attention import wrap_attn
+
+    stock, ran = lumina.optimized_attention_masked, []
+    cut = wrap_attn(lambda q, *args, **kwargs: ran.append(q.requires_grad) or stock(q, *args, **kwargs).detach())
+    monkeypatch.setattr(lumina, "optimized_attention_masked", cut)
+    backend = ComfyZImageBackend(tiny_zimage(comfy), tiny_clip(comfy))
+    lora_set = backend.install(LoRAConfig(rank=2))
+    _randomise(lora_set)
+    prompts = backend.encode(["a photo of a dog"])
+    x, sigma = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((1,), 0.6)
+    with training_session(backend):
+        v, _ = backend.velocity(x, sigma, prompts)  # no recorder: as L_pr's forward
+        v.square().mean().backward()
+        assert True not in ran  # only the refiners' attention ran on it, which needs no gradient
+        ran.clear()
+        with torch.no_grad():  # sampling keeps the host's kernel: nothing there needs a backward
+            backend.velocity(x, sigma, prompts)
+        dit = backend.dit
+        assert len(ran) == len(dit.layers) + len(dit.noise_refiner) + len(dit.context_refiner)  # every layer's
+    grads = [p.grad for p in lora_set.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float8_e4m3fn], ids=["fp32", "fp8"])
 def test_training_keeps_base_weights_frozen_and_runs_on_fp8_weights(weight_dtype):
     """A model built outside inference mode has trainable-looking parameters: the session freezes them (no base

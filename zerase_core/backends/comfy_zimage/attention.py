@@ -19,6 +19,13 @@ def _comfy_sdpa(mask: torch.Tensor | None):
     return lambda q, k, v, scale: comfy.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _differentiable() -> Callable:
+    """ComfyUI's SDPA attention function: autograd's own kernels (flash or memory-efficient on a GPU)."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch
+
+
 def _sdpa_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """A ComfyUI attention mask broadcast to (B, H, L, L) as ``attention_pytorch`` shapes it."""
     if mask is not None:
@@ -37,7 +44,13 @@ def recording_override(inner: Callable | None, state: Callable[[], tuple]) -> Ca
     """
 
     def override(func, q, k, v, heads, mask=None, **kwargs):
-        run = func if inner is None else (lambda *args, **kw: inner(func, *args, **kw))
+        stock = inner
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            # A training forward: a kernel with a backward. ComfyUI's pick (or another node's override) may be one
+            # without: SageAttention returns outputs cut off from q, k and v, and the LoRA then learns nothing of
+            # that forward, without a word. The recorded layers below use ComfyUI's SDPA anyway.
+            func, stock = _differentiable(), None
+        run = func if stock is None else (lambda *args, **kw: stock(func, *args, **kw))
         layer = (kwargs.get("transformer_options") or {}).get("block_index")
         recorder, layout = state()
         if layer is None or recorder is None or layout is None or not recorder.wants(int(layer)):

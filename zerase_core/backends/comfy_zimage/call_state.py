@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from ...attention_mass import Recorder, checkpointed
@@ -54,7 +55,7 @@ class CallState:
         options = kwargs.get("transformer_options")
         if options is not None:
             options.pop("block_index", None)  # refiners run first; only main layers set it
-            if self.recorder is not None:
+            if self.recorder is not None or torch.is_grad_enabled():  # a training forward: see recording_override
                 inner = options.get("optimized_attention_override")
                 options["optimized_attention_override"] = recording_override(inner, self.recorder_state)
         with scoped(self, layout=layout), self.gate.active(layout, self.gate.lora_on):
