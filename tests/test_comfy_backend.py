@@ -426,6 +426,16 @@ def test_under_dynamic_vram_training_runs_on_a_non_dynamic_twin(monkeypatch):
         ComfyZImageBackend.for_training(applied.patcher, tiny_clip(comfy))
 
 
+class _PackA:  # another node's patch, as a bound method (a class of its module: its name is stable)
+    def forward(self, x):
+        return x
+
+
+class _PackB(_PackA):
+    def forward(self, x):
+        return -x
+
+
 def test_the_model_digest_tells_the_file_and_its_patches(tmp_path):
     """What a saved LoRA is reused for: the same file with the same patches, not just the same architecture."""
     from zerase_core.apply import install_lora
@@ -472,6 +482,19 @@ def test_the_model_digest_tells_the_file_and_its_patches(tmp_path):
     opaque = model.clone()
     opaque.add_object_patch("diffusion_model.norm_final.forward", lambda x: x)  # another node's callable
     assert model_digest(opaque) is None  # nothing stable to compare: never reused
+    import functools
+
+    def patched(fn):
+        clone = model.clone()
+        clone.add_object_patch("diffusion_model.norm_final.forward", fn)
+        return model_digest(clone)
+
+    bound = [patched(_PackA().forward), patched(_PackB().forward), patched(functools.partial(_randomise)),
+             patched(functools.partial(encode)), patched(functools.partial(_randomise, seed=2))]
+    # Two nodes' bound methods, or partials of two functions, were digested alike ("method", "partial"): a ComfyUI
+    # review found a finished LoRA reused for a model patched otherwise.
+    assert None not in bound and len(set(bound)) == len(bound)
+    assert patched(_PackA().forward) == bound[0]  # and each the same again
     other_file = tmp_path / "finetune.safetensors"
     other_file.write_bytes(b"weights")
     model.cached_patcher_init = (lambda *a, **k: None, (str(other_file), {}))

@@ -6,6 +6,7 @@ node's callables), there is no digest and no reuse."""
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import os
 import types
@@ -99,6 +100,15 @@ def _feed(h, value: Any) -> None:
         if "<" in value.__qualname__:  # a lambda or a closure: what it does is not in its name
             raise _Undescribed(value.__qualname__)
         h.update(f"{value.__module__}.{value.__qualname__}".encode())
+    elif isinstance(value, types.MethodType):  # another node's bound method: what it runs and on what
+        _feed(h, value.__func__)
+        _feed(h, value.__self__)
+    elif isinstance(value, functools.partial):
+        _feed(h, (value.func, value.args, value.keywords))
+    elif isinstance(value, types.BuiltinFunctionType):  # a C function, or a bound C method (then its object too)
+        h.update(f"{getattr(value, '__module__', None)}.{value.__qualname__}".encode())
+        if value.__self__ is not None and not isinstance(value.__self__, types.ModuleType):
+            _feed(h, value.__self__)
     elif isinstance(value, GatedForward):
         _feed_erasure_chain(h, value)
     elif isinstance(value, nn.Module) or hasattr(value, "__dict__"):
