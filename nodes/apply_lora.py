@@ -30,6 +30,7 @@ class ApplyErasureLoRA(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ZEraseApplyLoRA",
+            search_aliases=["concept erasure", "erasure LoRA", "unlearn", "remove concept"],
             display_name=NODE,
             category="Z-Erase",
             description="Puts a Z-Erase LoRA on a Z-Image model, acting on text tokens only. Stack several "

@@ -24,6 +24,7 @@ class AttentionMapViewer(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ZEraseAttentionMaps",
+            search_aliases=["attention heatmap", "cross attention map", "word attention"],
             display_name=NODE,
             category="Z-Erase",
             description="Where image tokens attend to each chosen word of the prompt, over the picture.",

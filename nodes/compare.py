@@ -18,6 +18,7 @@ class CompareGrid(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ZEraseCompare",
+            search_aliases=["before after", "side by side", "image comparison grid"],
             display_name=NODE,
             category="Z-Erase",
             description="A labelled grid: one row per image of the batch, original left, erased right.",

@@ -14,6 +14,7 @@ class LoadErasureLoRA(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ZEraseLoadLoRA",
+            search_aliases=["erasure LoRA loader"],
             display_name=NODE,
             category="Z-Erase",
             description="Reads a Z-Erase LoRA file (native, or the official Z-Erase format) for Merge or Apply.",

@@ -30,6 +30,7 @@ class MergeErasureLoRAs(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ZEraseMergeLoRAs",
+            search_aliases=["multi-concept erasure", "combine erasure LoRAs"],
             display_name=NODE,
             category="Z-Erase",
             is_output_node=True,  # with a save_name it writes a file, wired onward or not

@@ -100,6 +100,8 @@ class ZEraseTrain(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ZEraseTrain",
+            search_aliases=["concept erasure", "unlearn concept", "remove concept", "erase nudity", "erase style",
+                            "safety LoRA"],
             display_name=NODE,
             category="Z-Erase",
             is_output_node=True,  # it writes the LoRA file, wired onward or not

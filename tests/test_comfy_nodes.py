@@ -63,6 +63,14 @@ def test_every_input_of_every_node_says_what_it_takes(pack):
     assert bare == []
 
 
+def test_every_node_is_found_by_what_users_search_for(pack):
+    """The node search matches names and aliases: "concept erasure", "unlearn" or "heatmap" found none of the nodes.
+    What ComfyUI sends the frontend (/object_info) carries them."""
+    info = {node_id: cls.GET_NODE_INFO_V1() for node_id, cls in pack.items() if node_id.startswith("ZErase")}
+    assert all(node["search_aliases"] for node in info.values())
+    assert "concept erasure" in info["ZEraseTrain"]["search_aliases"]
+
+
 @pytest.mark.parametrize("name, smallest", [
     ("learning_rate", 1e-5),  # a hundredth of the paper's 1e-3
     ("beta", 1e-3),  # a hundredth of the paper's β = 0.1; 0 switches preservation off

@@ -128,3 +128,29 @@ def test_the_version_is_one_in_pyproject_and_the_engine():
 
     stated = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), flags=re.MULTILINE)
     assert stated and stated[1] == zerase_core.__version__
+
+
+def test_the_shipped_workflows_are_the_generators_and_name_their_packs_and_model_files():
+    """workflows/ is written by tools/make_workflows.py; a hand edit of one file would drift from it. Each UI node
+    names its pack and version (the frontend's and ComfyUI-Manager's missing-node dialog), and each loader its model
+    file with where to download it (the missing-model dialog), as ComfyUI's own blueprints do."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("make_workflows", REPO / "tools" / "make_workflows.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    for name, build in make.WORKFLOWS.items():
+        graph = build()
+        assert json.loads((REPO / "workflows" / f"{name}.json").read_text()) == graph.ui()
+        assert json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()) == graph.api()
+        for node in graph.ui()["nodes"]:
+            ours = node["type"].startswith("ZErase")
+            assert node["properties"]["cnr_id"] == ("z-erase" if ours else "comfy-core")
+            models = node["properties"].get("models")
+            if node["type"] in ("UNETLoader", "CLIPLoader", "VAELoader"):
+                (model,) = models
+                assert model["name"] == node["widgets_values"][0]  # the file the loader loads
+                assert model["url"].endswith(f"/{model['directory']}/{model['name']}")
+            else:
+                assert models is None

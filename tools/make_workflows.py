@@ -11,10 +11,17 @@ workflows/api/<name>.json (API), which it does not (it reads only a template fol
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET, CLIP, VAE = "z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors"
+# Where the frontend's missing-model dialog downloads them from (ComfyUI's own Z-Image Turbo blueprints' addresses).
+FILES = "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files"
+MODELS = {"UNETLoader": (UNET, "diffusion_models"), "CLIPLoader": (CLIP, "text_encoders"), "VAELoader": (VAE, "vae")}
+# Which pack each node comes from and its version, as the frontend and ComfyUI-Manager read them (missing nodes).
+PACK = ("z-erase", tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
+CORE = ("comfy-core", "0.18.1")  # the ComfyUI release the workflows are tested against
 PROMPT = "A photo of a cat sitting on a wooden table, soft light"
 SEED = 42
 
@@ -94,13 +101,23 @@ class Graph:
                 "id": int(node_id), "type": node["class_type"], "pos": [60 + 340 * (n % 5), 60 + 420 * (n // 5)],
                 "size": [315, 200], "flags": {}, "order": n, "mode": 0, "inputs": inputs,
                 "outputs": [{"name": name, "type": typ, "links": []} for name, typ in outputs],
-                "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": values,
+                "properties": _properties(node["class_type"]), "widgets_values": values,
             })
         by_id = {node["id"]: node for node in nodes}
         for link_id, src, slot, *_ in links:
             by_id[src]["outputs"][slot]["links"].append(link_id)
         return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
                 "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def _properties(node_type: str) -> dict:
+    """A UI node's properties: its pack and version, its search name, and a loader's model file with its address."""
+    cnr_id, ver = PACK if node_type.startswith("ZErase") else CORE
+    properties = {"cnr_id": cnr_id, "ver": ver, "Node name for S&R": node_type}
+    if node_type in MODELS:
+        name, folder = MODELS[node_type]
+        properties["models"] = [{"name": name, "url": f"{FILES}/{folder}/{name}", "directory": folder}]
+    return properties
 
 
 def base(g: Graph):
