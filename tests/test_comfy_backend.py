@@ -30,16 +30,44 @@ def test_refuses_non_zimage_models():
         ComfyZImageBackend(object())
 
 
-def test_a_model_rebuilt_under_the_patches_is_refused_not_silently_run():
-    """clone(model_override=...) keeps object patches bound to the old model's modules: refuse, don't run them."""
+def test_a_model_rebuilt_under_the_patches_is_followed_or_refused_never_run_silently():
+    """clone(model_override=...) (dynamic VRAM's non-dynamic delegate: TorchCompileModel after Apply, hooked
+    conditioning) puts the patches onto another model object loaded from the same file. They are built again on its
+    modules, two stacked erasure LoRAs too, so it samples what the model it was cloned from samples (they were
+    refused; a ComfyUI review showed ON_CLONE lets them follow). Where another extension's patch sits under ours,
+    they cannot follow, and sampling is refused rather than run on the old object's layers."""
     from comfy_support import empty_latent, ksample
 
-    backend = ComfyZImageBackend(tiny_zimage(comfy))
-    _randomise(backend.install(LoRAConfig(rank=2)))
-    rebuilt = backend.patcher.clone(model_override=tiny_zimage(comfy, seed=5).get_clone_model_override())
+    def erased(model, seeds=(0, 1)):
+        patcher = model
+        for seed in seeds:  # Apply twice: a chain of two LoRAs on each qkv
+            backend = ComfyZImageBackend(patcher)
+            _randomise(backend.install(LoRAConfig(rank=2)), seed)
+            patcher = backend.patcher
+        return patcher
+
     cond = encode(tiny_clip(comfy), "a cat")
+    model = erased(tiny_zimage(comfy))
+    same_file = tiny_zimage(comfy)  # what ComfyUI loads again: the same weights, another object
+    rebuilt = model.clone(model_override=same_file.get_clone_model_override())
+    assert rebuilt.model is same_file.model
+    expected = ksample(comfy, model, cond, cond, empty_latent())
+    torch.testing.assert_close(ksample(comfy, rebuilt, cond, cond, empty_latent()), expected, rtol=0, atol=1e-6)
+    plain = ksample(comfy, same_file, cond, cond, empty_latent())
+    assert (plain - expected).abs().max() > 1e-2  # the LoRAs change the picture: the rebuilt model runs them
+    again = rebuilt.clone(model_override=tiny_zimage(comfy).get_clone_model_override())  # rebuilt twice
+    torch.testing.assert_close(ksample(comfy, again, cond, cond, empty_latent()), expected, rtol=0, atol=1e-6)
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    set_torch_compile_wrapper(model=again, backend="eager")  # TorchCompileModel after Apply: on the rebuilt model
+    torch.testing.assert_close(ksample(comfy, again, cond, cond, empty_latent()), expected, rtol=0, atol=1e-5)
+
+    other = tiny_zimage(comfy)  # another extension patched a qkv before the erasure LoRA was applied
+    qkv = other.get_model_object("diffusion_model.layers.0.attention.qkv")
+    other.add_object_patch("diffusion_model.layers.0.attention.qkv.forward", lambda x: qkv.__class__.forward(qkv, x))
+    stuck = erased(other).clone(model_override=tiny_zimage(comfy).get_clone_model_override())
     with pytest.raises(ZEraseError, match="rebuilt the model after the erasure LoRA"):
-        ksample(comfy, rebuilt, cond, cond, empty_latent())
+        ksample(comfy, stuck, cond, cond, empty_latent())
 
 
 @pytest.mark.parametrize("compile_first", [False, True], ids=["compile_after_apply", "compile_before_apply"])

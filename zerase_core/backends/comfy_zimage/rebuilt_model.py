@@ -1,0 +1,90 @@
+"""Following ComfyUI when it rebuilds the model object under the patches.
+
+``ModelPatcher.clone(model_override=...)`` puts the object patches and wrappers of a clone onto another model object
+loaded from the same file: dynamic VRAM's non-dynamic delegate does (TorchCompileModel after Apply, hooked
+conditioning). Ours would call the old object's modules there. ComfyUI calls every ON_CLONE callback with (source,
+clone); :func:`rebind` then builds each erasure LoRA's chain, the refiners' row sharing and each installation's call
+state again on the clone's own modules. The adapters (the LoRA's weights) and the gates are shared, so the clone runs
+what its source runs, on its own model. A patch it cannot follow (another extension's forward under ours,
+checkpointing) leaves the clone as it was, and the call state refuses to sample it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ...lora import GatedLoRALinear
+from ..row_sharing import SharedRowsForward
+from .call_state import CallState
+from .object_patches import CheckpointedForward, GatedForward, PreviousForward, erasure_chain, own_forward
+
+REBIND_KEY = "zerase_rebind"
+
+
+class _Unfollowed(Exception):
+    """A patch that cannot be built again on another model."""
+
+
+def follow_rebuilds(patcher: Any) -> None:
+    """Register :func:`rebind` on ``patcher``, once (its clones inherit it)."""
+    from comfy.patcher_extension import CallbacksMP
+
+    patcher.remove_callbacks_with_key(CallbacksMP.ON_CLONE, REBIND_KEY)
+    patcher.add_callback_with_key(CallbacksMP.ON_CLONE, REBIND_KEY, rebind)
+
+
+def rebind(source: Any, clone: Any) -> None:
+    """ON_CLONE: where ``clone`` holds another model object than ``source``, our patches on its own modules."""
+    if clone.model is source.model:
+        return
+    if any(isinstance(patch, CheckpointedForward) for patch in clone.object_patches.values()):
+        return  # a training clone's: its layers' forwards are not followed (training runs on one model)
+    from comfy.patcher_extension import WrappersMP
+
+    dit = clone.model.diffusion_model
+    wrappers = clone.wrappers.get(WrappersMP.DIFFUSION_MODEL, {})
+    calls = {id(w.__self__): CallState(w.__self__.node, dit, w.__self__.gate)  # each installation's, on the clone's
+             for found in wrappers.values() for w in found if isinstance(getattr(w, "__self__", None), CallState)}
+    try:
+        patches = {key: _rebuilt(patch, clone, key, calls) for key, patch in clone.object_patches.items()
+                   if isinstance(patch, (GatedForward, SharedRowsForward))}
+    except _Unfollowed:
+        return  # every patch as it was: the call state refuses to run them on this model
+    clone.object_patches.update(patches)
+    for key, found in wrappers.items():  # the clone's own lists (clone() copies them)
+        found[:] = [calls[id(w.__self__)].diffusion_wrapper if id(getattr(w, "__self__", None)) in calls else w
+                    for w in found]
+
+
+def _rebuilt(patch: Any, clone: Any, key: str, calls: dict[int, CallState]) -> Any:
+    module = clone.get_model_object(key.removesuffix(".forward"))
+    if isinstance(patch, GatedForward):
+        return _chain(patch, module)
+    return SharedRowsForward(_own(patch.inner, module), _groups(patch.groups, calls))
+
+
+def _chain(newest: GatedForward, host: Any) -> GatedForward:
+    """An erasure-LoRA chain on one qkv again, bottom up, on ``host``: the same adapters, slices and gates."""
+    chain = list(erasure_chain(newest))
+    forward: Callable = _own(chain[-1].base_layer._previous, host)
+    for lora in reversed(chain):
+        again = GatedLoRALinear(PreviousForward(host, forward), lora.slices, lora.gate, lora.scope)
+        again.adapters = lora.adapters
+        forward = GatedForward(again)
+    return forward
+
+
+def _own(forward: Callable, host: Any) -> Callable:
+    """``host``'s own forward where ``forward`` was the old module's own; anything else cannot be followed."""
+    old = getattr(forward, "__self__", None)
+    if old is None or not own_forward(forward, old):  # another extension's patch: not ours to move
+        raise _Unfollowed(forward)
+    return host.forward
+
+
+def _groups(groups: Callable, calls: dict[int, CallState]) -> Callable:
+    """The refiners' row groups from the clone's call state that replaces the one they were read from."""
+    state = getattr(groups, "__self__", None)
+    if id(state) not in calls:
+        raise _Unfollowed(groups)
+    return calls[id(state)].current_row_groups
