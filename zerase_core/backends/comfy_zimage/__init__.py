@@ -19,7 +19,9 @@ The LoRA is installed on a ModelPatcher *clone* as object patches on
 ``diffusion_model.layers.N.attention.qkv.forward``: the module itself stays in place, so
 ComfyUI's own weight patches (stock LoRAs on qkv) and low-VRAM casting keep working, and
 unpatching restores the original forward. Each installation has its own gate and its own
-keyed wrapper, so several erasure LoRAs applied in a row add up.
+keyed wrapper, so several erasure LoRAs applied in a row add up. A clone onto another model object
+(``clone(model_override=...)``, dynamic VRAM's non-dynamic delegate) gets them built again on that object's modules
+(``rebuilt_model.py``).
 
 Gradient checkpointing is another object patch, on ``diffusion_model.layers.N.forward``: the
 layer's forward runs under ``torch.utils.checkpoint`` with the per-call state (every gate's
