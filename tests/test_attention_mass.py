@@ -223,3 +223,22 @@ def test_a_map_request_is_checked_before_any_model_runs():
     check_comparable("Viewer", {"dim": 64}, {"dim": 64})
     with pytest.raises(ZEraseError, match="model_b is another architecture than model"):
         check_comparable("Viewer", {"dim": 64}, {"dim": 3840})
+
+
+def test_mass_recorder_averages_the_concept_mass_over_heads():
+    """M3: MassRecorder.attend's per-query mass is the MEAN over heads of softmax(qkᵀ/√d)[:, concept columns],
+    against a materialised softmax (heads made to differ, so max/sum/one head all miss by far more than 1e-5)."""
+    from zerase_core.attention_mass import MassRecorder, sdpa_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d = 1, 4, 6, 8
+    q, k, v = (torch.randn(b, h, n, d, generator=g) * 2 for _ in range(3))
+    columns = torch.zeros(b, n)
+    columns[0, 1] = 1.0
+    rows = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    recorder = MassRecorder(columns, rows)
+    recorder.attend(0, sdpa_attention(), q, k, v)
+    p = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)[..., 1]  # (B, H, L)
+    expected = (p.mean(dim=1) * rows).sum(dim=1) / rows.sum(dim=1)
+    assert p.std(dim=1).mean() > 0.05  # heads really differ
+    torch.testing.assert_close(recorder.result(), expected, rtol=1e-5, atol=1e-6)

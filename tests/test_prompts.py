@@ -161,3 +161,22 @@ def test_preservation_prompts_never_hold_the_erased_concept(tiny_backend):
     assert not any(mentions(text, "red") for text in keep)
     assert preservation_text("a bored red-haired {}", "red", "blue") == "a bored blue-haired blue"  # 'bored' stays
     assert preservation_text("Van  Gogh's starry night", "van gogh", "Monet") == "Monet's starry night"
+
+
+def test_shuffled_erase_prompts_keep_a_multi_word_concept_whole():
+    """P1: erase_texts shuffles with the concept as one unit; every variant still names 'van gogh'."""
+    from zerase_core.config import TrainConfig
+    from zerase_core.prompt_pool import erase_texts
+    from zerase_core.prompts import mentions
+
+    texts = erase_texts(TrainConfig(concept="van gogh", templates=("a starry night painted by {} in thick oil",),
+                                    shuffle_pool=8, seed=3))
+    assert len(texts) > 5
+    assert all(mentions(t, "van gogh") for t in texts), texts
+
+
+def test_a_preservation_concept_around_the_concept_is_put_in_once():
+    """P4: the concept's place is taken by the preservation concept once, also when it contains the concept."""
+    from zerase_core.prompts import preservation_text
+
+    assert preservation_text("a photo of {}", "cat", "black cat") == "a photo of black cat"

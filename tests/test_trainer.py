@@ -819,3 +819,112 @@ def test_each_allocators_words_for_running_out_are_known_and_no_others(raised, t
     from zerase_core.out_of_memory import is_out_of_memory
 
     assert is_out_of_memory(raised) is told
+
+
+# --- from a mutation audit (stop 24): each kills a mutant the suite let through ---------------------------
+
+def test_fresh_x_t_carries_the_sigma_it_was_sampled_to():
+    """T9: sample_xt integrates sigmas[:k+1], so x_t sits at σ_k; the σ handed to the student must be σ_k, not a
+    neighbour (the schedule's neighbours differ by ≥ 0.1 at 4 steps)."""
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="fresh"))
+    state = trainer.gen.get_state()
+    for _ in range(4):
+        start = trainer.gen.get_state()
+        torch.randn((1, *trainer.latent_shape), generator=trainer.gen)
+        k = int(torch.randint(0, trainer.config.sample_steps, (1,), generator=trainer.gen))
+        trainer.gen.set_state(start)
+        _, sigma = trainer.sample_xt(trainer.prompts.erase[0])
+        assert float(sigma) == float(trainer.sigmas[k])
+    trainer.gen.set_state(state)
+
+
+
+def test_the_trainer_weighs_l_attn_by_attn_weight():
+    """T10: L_er handed to the update is L_erase + w·L_attn for the configured w (not the paper's 1)."""
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, attn_weight=0.25))
+    seen = {}
+    real_losses, real_descend = trainer._losses, trainer._descend
+
+    def losses(*a, **kw):
+        seen["losses"] = real_losses(*a, **kw)
+        return seen["losses"]
+
+    def descend(l_er, *a, **kw):
+        seen["l_er"] = l_er.item()
+        return real_descend(l_er, *a, **kw)
+
+    trainer._losses, trainer._descend = losses, descend
+    trainer.train_step()
+    erase, attn = seen["losses"].erase.item(), seen["losses"].attn.item()
+    assert attn > 1e-3
+    assert seen["l_er"] == pytest.approx(erase + 0.25 * attn, rel=1e-6)
+
+
+
+def test_guidance_is_the_negative_prompt_plus_cfg_times_the_difference_also_in_euler():
+    """S4/S5: guide on hand numbers, and sampling.euler with cfg ≠ 1 takes the guided step (fresh x_t at
+    sample_cfg ≠ 1 samples as the pool does)."""
+    from zerase_core.sampling import euler, guide
+
+    assert guide(torch.tensor(1.0), torch.tensor(0.0), 3.0).item() == 3.0
+    assert guide(torch.tensor(2.0), torch.tensor(1.0), 0.0).item() == 1.0
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", sample_cfg=2.0, xt_pool=1))
+    pool, prompts = trainer.xt_pool, trainer.prompts
+    erase = prompts.erase[pool.erase_index[0]]
+    x = euler(trainer.backend, pool.x[0, 0:1], pool.sigmas[:3], [erase], uncond=[prompts.uncond], cfg=2.0)
+    torch.testing.assert_close(x[0], pool.x[0, 2], rtol=1e-4, atol=1e-5)
+    plain = euler(trainer.backend, pool.x[0, 0:1], pool.sigmas[:3], [erase])
+    assert not torch.allclose(plain, x, atol=1e-3)
+
+
+
+def test_every_step_marks_the_concept_in_the_prompt_it_draws():
+    """P7: the concept tokens a step hands the backend are those of the erase prompt it drew (shuffled variants
+    move the concept), for every draw: read back through the prompt's spans they spell the concept."""
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, shuffle_pool=6, xt_pool=8))
+    seen = []
+    real = trainer.backend.velocity
+
+    def velocity(x, sigma, prompts, **kw):
+        if kw.get("concept_tokens") is not None:
+            seen.append((prompts[0], kw["concept_tokens"][0]))
+        return real(x, sigma, prompts, **kw)
+
+    trainer.backend.velocity = velocity
+    trainer.run()
+    assert len(seen) == 6 and len({p.text for p, _ in seen}) > 1
+    for prompt, tokens in seen:
+        assert {prompt.text[slice(*prompt.spans[i])].strip().lower() for i in tokens} == {"red"}, prompt.text
+
+
+
+def test_the_pool_draws_every_level_uniformly_including_pure_noise():
+    """X5: a pool draw is uniform over levels k = 0 … K−1 (σ_0 = 1, x_t the noise itself, included), as fresh
+    sampling draws k. 400 draws over 4 levels: 100 expected each, binomial sd ≈ 8.7; 60–140 is a 4.6 sd band."""
+    import random
+    from collections import Counter
+
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", xt_pool=2))
+    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    counts = Counter(float(trainer.xt_pool.draw(rng, gen, torch.device("cpu")).sigma) for _ in range(400))
+    assert sorted(counts) == sorted(trainer.sigmas[:-1].tolist())
+    assert all(60 <= c <= 140 for c in counts.values()), counts
+
+
+
+def test_previews_show_the_model_without_the_lora_before_and_with_it_after():
+    """S6: before_after's first image is sampled with the LoRA off, the second with it on (a LoRA that changes the
+    model: at B = 0 the two would agree whatever the order)."""
+    from zerase_core.sampling import before_after, euler, flow_sigmas, preview_seed
+
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="fresh"))
+    with torch.no_grad():
+        for p in trainer.params:
+            p.add_(0.05)
+    config, backend, prompt = trainer.config, trainer.backend, trainer.prompts.erase[0]
+    before, after = before_after(backend, prompt, config)
+    noise = torch.randn((1, *trainer.latent_shape), generator=torch.Generator().manual_seed(preview_seed(config.seed)))
+    sigmas = flow_sigmas(config.sample_steps, config.shift)
+    off, on = (euler(backend, noise, sigmas, [prompt], lora=lora) for lora in (False, True))
+    assert not torch.allclose(off, on, atol=1e-4)
+    assert torch.equal(before, off) and torch.equal(after, on)
