@@ -38,6 +38,8 @@ def test_a_model_rebuilt_under_the_patches_is_followed_or_refused_never_run_sile
     they cannot follow, and sampling is refused rather than run on the old object's layers."""
     from comfy_support import empty_latent, ksample
 
+    from zerase_core.backends.comfy_zimage.object_patches import GatedForward, erasure_chain
+
     def erased(model, seeds=(0, 1)):
         patcher = model
         for seed in seeds:  # Apply twice: a chain of two LoRAs on each qkv
@@ -53,6 +55,13 @@ def test_a_model_rebuilt_under_the_patches_is_followed_or_refused_never_run_sile
     assert rebuilt.model is same_file.model
     expected = ksample(comfy, model, cond, cond, empty_latent())
     torch.testing.assert_close(ksample(comfy, rebuilt, cond, cond, empty_latent()), expected, rtol=0, atol=1e-6)
+    # ComfyUI's cached delegate: the same model object again, its modules still patched by the run just done. A chain
+    # built on what the instance held ran the LoRAs twice (a review reproduced it).
+    qkv = same_file.model.diffusion_model.layers[0].attention.qkv
+    assert isinstance(vars(qkv).get("forward"), GatedForward)  # the case: still patched
+    cached = model.clone(model_override=rebuilt.get_clone_model_override())
+    assert len(list(erasure_chain(cached.object_patches["diffusion_model.layers.0.attention.qkv.forward"]))) == 2
+    torch.testing.assert_close(ksample(comfy, cached, cond, cond, empty_latent()), expected, rtol=0, atol=1e-6)
     plain = ksample(comfy, same_file, cond, cond, empty_latent())
     assert (plain - expected).abs().max() > 1e-2  # the LoRAs change the picture: the rebuilt model runs them
     again = rebuilt.clone(model_override=tiny_zimage(comfy).get_clone_model_override())  # rebuilt twice
@@ -66,7 +75,14 @@ def test_a_model_rebuilt_under_the_patches_is_followed_or_refused_never_run_sile
     qkv = other.get_model_object("diffusion_model.layers.0.attention.qkv")
     other.add_object_patch("diffusion_model.layers.0.attention.qkv.forward", lambda x: qkv.__class__.forward(qkv, x))
     stuck = erased(other).clone(model_override=tiny_zimage(comfy).get_clone_model_override())
-    with pytest.raises(ZEraseError, match="rebuilt the model after the erasure LoRA"):
+    with pytest.raises(ZEraseError, match="rebuilt the model after the erasure LoRA .* the LoRA cannot follow"):
+        ksample(comfy, stuck, cond, cond, empty_latent())
+    above = erased(tiny_zimage(comfy)).clone()  # another extension's patch on top of the LoRA's (a review: this one
+    key = "diffusion_model.layers.0.attention.qkv.forward"  # kept calling the old model's qkv, unrefused)
+    below = above.get_model_object(key)
+    above.add_object_patch(key, lambda x: below(x))
+    stuck = above.clone(model_override=tiny_zimage(comfy).get_clone_model_override())
+    with pytest.raises(ZEraseError, match="rebuilt the model after the erasure LoRA .* the LoRA cannot follow"):
         ksample(comfy, stuck, cond, cond, empty_latent())
 
 

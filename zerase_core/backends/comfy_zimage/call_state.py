@@ -46,12 +46,12 @@ class CallState:
         if executor.class_obj is not None and executor.class_obj is not self.host:
             # ModelPatcher.clone(model_override=...) (dynamic VRAM's non-dynamic delegate) copies object patches
             # that call this model's modules; rebuilt_model.rebind builds ours again on the new model's, except
-            # over another extension's patch: the new model would run the old one's layers.
+            # beside another extension's forward patch: the new model would run the old one's layers.
             raise ZEraseError(
                 f"{self.node}: ComfyUI rebuilt the model after the erasure LoRA was put on it (its dynamic VRAM "
                 "does so for TorchCompileModel and hooked conditioning), and the LoRA cannot follow: another "
-                "extension patched the same attention layers before it. Put that extension's node after Apply "
-                "Erasure LoRA, or start ComfyUI with --disable-dynamic-vram."
+                "extension patched the forward of the model's layers, which is bound to the old model. Leave that "
+                "extension's node out of this workflow, or start ComfyUI with --disable-dynamic-vram."
             )
         layout = nextdit_layout(context.shape[1], x, self.patch, self.multiple)
         options = kwargs.get("transformer_options")

@@ -5,18 +5,20 @@ loaded from the same file: dynamic VRAM's non-dynamic delegate does (TorchCompil
 conditioning). Ours would call the old object's modules there. ComfyUI calls every ON_CLONE callback with (source,
 clone); :func:`rebind` then builds each erasure LoRA's chain, the refiners' row sharing and each installation's call
 state again on the clone's own modules. The adapters (the LoRA's weights) and the gates are shared, so the clone runs
-what its source runs, on its own model. A patch it cannot follow (another extension's forward under ours,
-checkpointing) leaves the clone as it was, and the call state refuses to sample it.
+what its source runs, on its own model. Where it cannot follow (another extension's forward patch on the model,
+under ours or above them, and a training clone's checkpointing are bound to the old object's modules) it leaves the
+clone as it was, and the call state refuses to sample it.
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable
 
 from ...lora import GatedLoRALinear
 from ..row_sharing import SharedRowsForward
 from .call_state import CallState
-from .object_patches import CheckpointedForward, GatedForward, PreviousForward, erasure_chain, own_forward
+from .object_patches import GatedForward, PreviousForward, erasure_chain, own_forward
 
 REBIND_KEY = "zerase_rebind"
 
@@ -37,8 +39,6 @@ def rebind(source: Any, clone: Any) -> None:
     """ON_CLONE: where ``clone`` holds another model object than ``source``, our patches on its own modules."""
     if clone.model is source.model:
         return
-    if any(isinstance(patch, CheckpointedForward) for patch in clone.object_patches.values()):
-        return  # a training clone's: its layers' forwards are not followed (training runs on one model)
     from comfy.patcher_extension import WrappersMP
 
     dit = clone.model.diffusion_model
@@ -47,7 +47,7 @@ def rebind(source: Any, clone: Any) -> None:
              for found in wrappers.values() for w in found if isinstance(getattr(w, "__self__", None), CallState)}
     try:
         patches = {key: _rebuilt(patch, clone, key, calls) for key, patch in clone.object_patches.items()
-                   if isinstance(patch, (GatedForward, SharedRowsForward))}
+                   if _is_forward(key)}
     except _Unfollowed:
         return  # every patch as it was: the call state refuses to run them on this model
     clone.object_patches.update(patches)
@@ -56,11 +56,18 @@ def rebind(source: Any, clone: Any) -> None:
                     for w in found]
 
 
+def _is_forward(key: str) -> bool:
+    """An object patch on a module's forward: bound to the source's module, so moved or refused."""
+    return key.startswith("diffusion_model.") and key.endswith(".forward")
+
+
 def _rebuilt(patch: Any, clone: Any, key: str, calls: dict[int, CallState]) -> Any:
     module = clone.get_model_object(key.removesuffix(".forward"))
     if isinstance(patch, GatedForward):
         return _chain(patch, module)
-    return SharedRowsForward(_own(patch.inner, module), _groups(patch.groups, calls))
+    if isinstance(patch, SharedRowsForward):
+        return SharedRowsForward(_own(patch.inner, module), _groups(patch.groups, calls))
+    raise _Unfollowed(patch)  # another extension's, on top of ours or elsewhere: it would run the old module
 
 
 def _chain(newest: GatedForward, host: Any) -> GatedForward:
@@ -75,11 +82,14 @@ def _chain(newest: GatedForward, host: Any) -> GatedForward:
 
 
 def _own(forward: Callable, host: Any) -> Callable:
-    """``host``'s own forward where ``forward`` was the old module's own; anything else cannot be followed."""
+    """``host``'s own forward where ``forward`` was the old module's own; anything else cannot be followed.
+
+    Its class's, not what the instance holds: a model object ComfyUI reuses (the cached non-dynamic delegate) may
+    still carry the last run's patches on its modules, and a chain built on those would run the LoRA twice."""
     old = getattr(forward, "__self__", None)
     if old is None or not own_forward(forward, old):  # another extension's patch: not ours to move
         raise _Unfollowed(forward)
-    return host.forward
+    return types.MethodType(type(host).forward, host)
 
 
 def _groups(groups: Callable, calls: dict[int, CallState]) -> Callable:
