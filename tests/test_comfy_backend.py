@@ -480,6 +480,13 @@ class _PackB(_PackA):
         return -x
 
 
+class _Keeper:  # another node's patch object that keeps what it patched, once it is put on
+    patcher = None
+
+    def forward(self, x):
+        return x
+
+
 def test_the_model_digest_tells_the_file_and_its_patches(tmp_path):
     """What a saved LoRA is reused for: the same file with the same patches, not just the same architecture."""
     from zerase_core.apply import install_lora
@@ -539,6 +546,15 @@ def test_the_model_digest_tells_the_file_and_its_patches(tmp_path):
     # review found a finished LoRA reused for a model patched otherwise.
     assert None not in bound and len(set(bound)) == len(bound)
     assert patched(_PackA().forward) == bound[0]  # and each the same again
+    # An extension's patch that keeps the patcher it patched was described without end: a review found RecursionError,
+    # which failed Z-Erase Train. Now it is not described (no reuse); without the cycle it is.
+    kept, keeper = model.clone(), _Keeper()
+    kept.cached_patcher_init = (importlib.import_module("comfy.sd").load_diffusion_model, (str(weights), {}))
+    keeper.patcher = kept
+    kept.add_object_patch("diffusion_model.norm_final.forward", keeper.forward)
+    assert model_digest(kept) is None
+    keeper.patcher = None
+    assert model_digest(kept) is not None
     other_file = tmp_path / "finetune.safetensors"
     other_file.write_bytes(b"weights")
     model.cached_patcher_init = (lambda *a, **k: None, (str(other_file), {}))

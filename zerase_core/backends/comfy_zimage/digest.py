@@ -117,16 +117,27 @@ def _feed(h, value: Any) -> None:
         raise _Undescribed(type(value).__qualname__)
 
 
+_FEEDING: set[int] = set()  # the objects being described, outermost first
+
+
 def _feed_object(h, obj: Any) -> None:
-    """An object by its type and public settings; a module also by its tensors. Callables are not describable."""
-    h.update(f"{type(obj).__module__}.{type(obj).__qualname__}".encode())
-    if isinstance(obj, nn.Module):
-        for name, tensor in [*obj.named_parameters(), *obj.named_buffers()]:
-            h.update(name.encode())
-            h.update(_sample(tensor))
-    for name in sorted(vars(obj)):
-        if not name.startswith("_") and name != "training":
-            _feed(h, vars(obj)[name])
+    """An object by its type and public settings; a module also by its tensors. Not described: an object met again
+    inside its own description (an extension's patch that keeps the patcher it patched reached it through
+    ``object_patches`` without end), and a model patcher itself."""
+    if id(obj) in _FEEDING or hasattr(obj, "object_patches"):
+        raise _Undescribed(type(obj).__qualname__)
+    _FEEDING.add(id(obj))
+    try:
+        h.update(f"{type(obj).__module__}.{type(obj).__qualname__}".encode())
+        if isinstance(obj, nn.Module):
+            for name, tensor in [*obj.named_parameters(), *obj.named_buffers()]:
+                h.update(name.encode())
+                h.update(_sample(tensor))
+        for name in sorted(vars(obj)):
+            if not name.startswith("_") and name != "training":
+                _feed(h, vars(obj)[name])
+    finally:
+        _FEEDING.discard(id(obj))
 
 
 def _feed_erasure_chain(h, forward: Any) -> None:
