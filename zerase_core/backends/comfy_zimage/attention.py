@@ -34,10 +34,10 @@ def _sdpa_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask
 
 
-def recording_override(inner: Callable | None, state: Callable[[], tuple]) -> Callable:
+def recording_override(inner: Callable | None, state: Callable[[], tuple], training: bool = False) -> Callable:
     """An attention override that hands main-layer attention to the recorder, else runs the stock path
-    (``inner``: an override already in place, e.g. another node's). ``state()`` gives the running call's
-    (recorder, layout).
+    (``inner``: an override already in place, e.g. another node's), or in ``training`` ComfyUI's SDPA. ``state()``
+    gives the running call's (recorder, layout).
 
     Recorded layers (the student's erase prediction while training, the Attention Map
     Viewer) run on ComfyUI's SDPA, not on ``func`` or an earlier override (see _comfy_sdpa).
@@ -45,10 +45,11 @@ def recording_override(inner: Callable | None, state: Callable[[], tuple]) -> Ca
 
     def override(func, q, k, v, heads, mask=None, **kwargs):
         stock = inner
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            # A training forward: a kernel with a backward. ComfyUI's pick (or another node's override) may be one
-            # without: SageAttention returns outputs cut off from q, k and v, and the LoRA then learns nothing of
-            # that forward, without a word. The recorded layers below use ComfyUI's SDPA anyway.
+        if training:
+            # A kernel with a backward. ComfyUI's pick (or another node's override) may be one without: SageAttention
+            # returns outputs cut off from q, k and v, and the LoRA then learns nothing of that forward, without a
+            # word. The forwards without a graph too (the teacher, L_pr while λ = 0): λ compares L_pr values, which
+            # must come from one kernel. The recorded layers below use ComfyUI's SDPA anyway.
             func, stock = _differentiable(), None
         run = func if stock is None else (lambda *args, **kw: stock(func, *args, **kw))
         layer = (kwargs.get("transformer_options") or {}).get("block_index")

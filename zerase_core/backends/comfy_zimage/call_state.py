@@ -11,7 +11,6 @@ from __future__ import annotations
 from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
-import torch
 from torch import nn
 
 from ...attention_mass import Recorder, checkpointed
@@ -36,6 +35,7 @@ class CallState:
         self.layout: TokenLayout | None = None
         self.recorder: Recorder | None = None  # MassRecorder or WordMapRecorder of the running call
         self.row_groups: RowGroups | None = None  # rows of the running call with equal (x_t, σ)
+        self.training = False  # inside training_session: every attention on ComfyUI's SDPA (recording_override)
 
     def diffusion_wrapper(self, executor, x, timesteps, context, num_tokens, attention_mask=None, **kwargs):
         """DIFFUSION_MODEL wrapper: the layout of this call, from its conditioning, into the gate."""
@@ -57,9 +57,10 @@ class CallState:
         options = kwargs.get("transformer_options")
         if options is not None:
             options.pop("block_index", None)  # refiners run first; only main layers set it
-            if self.recorder is not None or torch.is_grad_enabled():  # a training forward: see recording_override
+            if self.recorder is not None or self.training:
                 inner = options.get("optimized_attention_override")
-                options["optimized_attention_override"] = recording_override(inner, self.recorder_state)
+                options["optimized_attention_override"] = recording_override(inner, self.recorder_state,
+                                                                             self.training)
         with scoped(self, layout=layout), self.gate.active(layout, self.gate.lora_on):
             return executor(x, timesteps, context, num_tokens, attention_mask, **kwargs)
 

@@ -130,11 +130,13 @@ def loaded_whole(patcher: Any) -> bool:
 @contextmanager
 def training_session(backend: "ComfyZImageBackend") -> Iterator[None]:
     """Leave inference mode and set ComfyUI's training flag; while inside, the backend loads the model whole,
-    with weights autograd can use (see ``ComfyZImageBackend.load``). The first load comes with the first forward,
+    with weights autograd can use (see ``ComfyZImageBackend.load``), and its attention runs on ComfyUI's SDPA (see
+    ``attention.recording_override``). The first load comes with the first forward,
     after the prompts are encoded, so the text encoder makes room for it and the model is not loaded whole twice."""
     import comfy.model_management as mm
 
-    with torch.inference_mode(False), scoped(backend, _whole=True, _weights_owned=False, _frozen=[]):
+    with torch.inference_mode(False), scoped(backend, _whole=True, _weights_owned=False, _frozen=[]), \
+            scoped(backend.calls, training=True):
         mm.in_training = True
         try:
             yield
