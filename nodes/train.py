@@ -60,9 +60,14 @@ def _reused(cls, path: Path, backend: ComfyZImageBackend, model, vae, config) ->
     install_lora(backend, lora, name=backend.key)
     previews = _previews(backend, prompt, model, vae, config)
     steps = config.steps  # finished_lora takes only files with every step done
-    curves = render.curves(lora.history, title=f"Z-Erase '{config.concept}': {steps} steps (reused {path.name})",
-                            steps=steps)
+    curves = render.curves(lora.history, title=f"{_title(config)}: {steps} steps (reused {path.name})", steps=steps)
     return _outputs(cls, lora, curves, previews, model)
+
+
+def _title(config) -> str:
+    """The curves' title, trained or reused. The engine's warning of no preservation concepts goes to the console,
+    which ComfyUI users rarely read; the curves are shown on the node."""
+    return f"Z-Erase '{config.concept}'" + ("" if config.preserve else " (no preservation concepts)")
 
 
 def _outputs(cls, lora, curves, previews, model) -> io.NodeOutput:
@@ -212,9 +217,7 @@ class ZEraseTrain(io.ComfyNode):
         switched = config.gradient_checkpointing == "auto" and trainer.checkpointing.from_step is not None
         note = (f", checkpointing {backend.checkpointed_layers}/{backend.n_layers} layers from step "  # it is slower
                 f"{trainer.checkpointing.from_step} ({trainer.checkpointing.reason})") if switched else ""
-        # The engine's warning goes to the console, which ComfyUI users rarely read; the curves are on the node.
-        alone = "" if config.preserve else " (no preservation concepts)"
-        curves = render.curves(loss_series(result.history), title=f"Z-Erase '{config.concept}'{alone}: "
-                                f"{len(result.history)} steps, {result.seconds:.0f}s{note}")
+        curves = render.curves(loss_series(result.history), title=f"{_title(config)}: {len(result.history)} steps, "
+                                f"{result.seconds:.0f}s{note}")
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)
         return _outputs(cls, result.lora, curves, previews, model)

@@ -715,15 +715,22 @@ def test_train_runs_a_compiled_model_uncompiled_and_leaves_its_input_compiled(pa
         assert torch.equal(a, trained[True].factors[key][0]) and torch.equal(b, trained[True].factors[key][1])
 
 
-def test_the_curves_say_when_nothing_but_the_empty_prompt_is_preserved(pack, loras_dir, titles):
+def test_the_curves_say_when_nothing_but_the_empty_prompt_is_preserved(pack, loras_dir, titles, tmp_path):
     """The paper always trains with preservation concepts; without them the engine's warning went to the console
-    only. The curves, shown on the node, say it."""
-    for preserve, name in (("", "alone"), ("dog", "kept")):
+    only. The curves, shown on the node, say it, also for a finished run taken again (a review: its title did not)."""
+    weights, encoder = tmp_path / "z.safetensors", tmp_path / "qwen.safetensors"
+    weights.write_bytes(b"weights")
+    encoder.write_bytes(b"text encoder")
+    model, clip = tiny_zimage(comfy), tiny_clip(comfy)  # known by their files, so a repeat is reused
+    model.cached_patcher_init = (lambda *a, **k: None, (str(weights), {}))
+    clip.patcher.cached_patcher_init = (lambda *a, **k: None, ([str(encoder)], None, comfy.sd.CLIPType.LUMINA2, {}))
+    for preserve, name in (("", "alone"), ("dog", "kept"), ("", "alone")):
         with torch.inference_mode():
-            pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+            pack["ZEraseTrain"].execute(model=model, clip=clip,
                                         **_train_inputs(steps=1, preserve=preserve, save_name=name))
     assert titles[0].startswith("Z-Erase 'cat' (no preservation concepts): 1 steps")
     assert titles[1].startswith("Z-Erase 'cat': 1 steps")
+    assert titles[2] == "Z-Erase 'cat' (no preservation concepts): 1 steps (reused alone.safetensors)"
 
 
 def test_the_curves_say_how_many_layers_a_partial_plan_checkpoints(pack, loras_dir, monkeypatch, titles):

@@ -11,7 +11,7 @@ workflows/api/<name>.json (API), which it does not (it reads only a template fol
 from __future__ import annotations
 
 import json
-import tomllib
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ UNET, CLIP, VAE = "z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae
 FILES = "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files"
 MODELS = {"UNETLoader": (UNET, "diffusion_models"), "CLIPLoader": (CLIP, "text_encoders"), "VAELoader": (VAE, "vae")}
 # Which pack each node comes from and its version, as the frontend and ComfyUI-Manager read them (missing nodes).
-PACK = ("z-erase", tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
+PACK = ("z-erase", re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)[1])
 CORE = ("comfy-core", "0.18.1")  # the ComfyUI release the workflows are tested against
 PROMPT = "A photo of a cat sitting on a wooden table, soft light"
 SEED = 42

@@ -44,7 +44,8 @@ def training_model(model: Any, node: str) -> Any:
     short, and keeps per-op casts made while sampling (inference tensors). Backward needs every weight a
     forward saved, unchanged. ComfyUI itself turns to the non-dynamic model where a feature needs fixed
     weights (torch.compile, hooked conditioning); the twin is loaded from the model's file again for this run
-    and released with it. Erasure LoRAs applied to ``model`` are bound to its modules, so they cannot move.
+    and released with it. A MODEL with erasure LoRAs is refused here, although they would follow onto the twin
+    (rebuilt_model.py): training on top of them under dynamic VRAM has not been run.
     """
     if not getattr(model, "is_dynamic", lambda: False)():
         return model
@@ -56,14 +57,12 @@ def training_model(model: Any, node: str) -> Any:
     return model.clone(disable_dynamic=True)
 
 
-COMPILE_KEY = "torch.compile"  # the key of TorchCompileModel's wrapper (comfy_api.torch_helpers.torch_compile)
-
-
 def uncompiled(patcher: Any, node: str) -> None:
     """Take TorchCompileModel's wrapper off a training clone: dynamo traced the run's own hooks and failed
     ("already tracked for mutation"), and its graphs are built for sampling, not for a backward through the gated
     layers. The model computes the same without it; samplers given the input MODEL still run it compiled."""
     from comfy.patcher_extension import WrappersMP
+    from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
 
     if patcher.get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY):
         log.info("%s: training runs the model uncompiled (TorchCompileModel's wrapper is left out of the run)", node)
