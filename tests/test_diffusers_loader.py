@@ -132,9 +132,12 @@ def test_a_folder_without_its_files_names_the_part_that_is_missing(tmp_path):
         (tmp_path / part).mkdir()
     with pytest.raises(ZEraseError, match=r"(?s)Cannot load .*tokenizer/.*config and weight files"):  # loaded first
         load_diffusers_zimage(tmp_path)
-    with pytest.raises(ZEraseError, match="not a diffusers Z-Image folder: missing text_encoder"):
+    with pytest.raises(ZEraseError, match="not a diffusers Z-Image folder: missing text_encoder/[.]"):
         (tmp_path / "text_encoder").rmdir()
         load_diffusers_zimage(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ZEraseError, match="missing transformer/, text_encoder/, tokenizer/[.]$"):  # each a folder
+        load_diffusers_zimage(tmp_path / "empty")
 
 
 def test_a_missing_transformers_is_named_with_the_fix(tmp_path, monkeypatch):

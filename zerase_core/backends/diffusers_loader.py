@@ -33,7 +33,7 @@ def check_model_folder(folder: Path) -> float | None:
                           "text_encoder/, tokenizer/ inside), as Tongyi-MAI/Z-Image-Turbo is downloaded.")
     missing = [s for s in ("transformer", "text_encoder", "tokenizer") if not (folder / s).is_dir()]
     if missing:
-        raise ZEraseError(f"{folder} is not a diffusers Z-Image folder: missing {', '.join(missing)}/.")
+        raise ZEraseError(f"{folder} is not a diffusers Z-Image folder: missing {', '.join(s + '/' for s in missing)}.")
     try:
         import transformers  # noqa: F401
     except ModuleNotFoundError as err:

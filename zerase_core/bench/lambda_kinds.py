@@ -61,7 +61,7 @@ def measure(concepts: list[str], seeds: list[int], steps: int, sources: list[str
     summary = total | {"fraction_lambda_positive": pos / total["steps"],
                        "fraction_batched": total["batched"] / total["steps"],
                        "fraction_recomputed": total["recomputed"] / total["steps"]}
-    return {"settings": "zerase_core.toy.demo.toy_train_config (paper α, β, η, λ rule; preset ε)",
+    return {"settings": "zerase_core.toy.demo.toy_train_config (paper α, β, η, λ rule; ε = 1e-3)",
             "cells": cells, "summary": summary}
 
 
