@@ -117,7 +117,7 @@ def _feed(h, value: Any) -> None:
         raise _Undescribed(type(value).__qualname__)
 
 
-_FEEDING: set[int] = set()  # the objects being described, outermost first
+_FEEDING: set[int] = set()  # the objects whose description is under way (one met again is a cycle)
 
 
 def _feed_object(h, obj: Any) -> None:
