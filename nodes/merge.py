@@ -56,11 +56,10 @@ class MergeErasureLoRAs(io.ComfyNode):
         loras = [x for x in (lora_1, lora_2, lora_3, lora_4) if x is not None]
         with told_as(NODE):
             merged, report = merge(loras, parse_weights(weights, len(loras)), rank or None)
-        text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
-        if save_name.strip():
-            with told_as(NODE):
+            text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
+            if save_name.strip():
                 path = save_new(merged, output_folder(), save_name)  # never over another file
-            # as Apply lists it; resolved both, as the saved path is: the loras folder or zerase/ may be a link
-            text += f"; saved {SUBFOLDER}/{path.resolve().relative_to(output_folder().resolve()).as_posix()}"
-            log.info("Z-Erase: %s", text)
+                # as Apply lists it; resolved both, as the saved path is: the loras folder or zerase/ may be a link
+                text += f"; saved {SUBFOLDER}/{path.resolve().relative_to(output_folder().resolve()).as_posix()}"
+                log.info("Z-Erase: %s", text)
         return io.NodeOutput(merged, text)

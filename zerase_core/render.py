@@ -44,21 +44,24 @@ def _font(text: str):
     return _FONT if all(ord(c) < 0x250 for c in text) else _wide_font()
 
 
+CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what rgb() makes RGB of
+CONNECT_IMAGE = "connect an IMAGE output (a VAE Decode's, a Load Image's)."
+
+
 def check_images(images: torch.Tensor) -> None:
     """A ComfyUI IMAGE with pictures in it: (batch, height, width, channels), at least one pixel each way."""
-    if images.ndim != 4 or 0 in images.shape[1:3] or images.shape[-1] not in (1, 3, 4):
+    if images.ndim != 4 or 0 in images.shape[1:3] or images.shape[-1] not in CHANNELS:
         raise ZEraseError(f"An IMAGE of shape {tuple(images.shape)} is not (batch, height, width, channels) with at "
-                          "least one pixel and 1, 3 or 4 channels; connect an IMAGE output (a VAE Decode's, a Load "
-                          "Image's).")
+                          f"least one pixel and 1, 3 or 4 channels; {CONNECT_IMAGE}")
 
 
 def rgb(images: torch.Tensor) -> torch.Tensor:
     """(…, H, W, C) images as float32 RGB: any float dtype (bf16 from some nodes), one channel as grey, an alpha
     channel dropped. ComfyUI's IMAGE is RGB float, but not every node that makes one keeps to it."""
     channels = images.shape[-1]
-    if images.ndim < 3 or channels not in (1, 3, 4):
+    if images.ndim < 3 or channels not in CHANNELS:
         raise ZEraseError(f"An image of shape {tuple(images.shape)} is not (height, width, channels) with 1, 3 or 4 "
-                          "channels; connect an IMAGE output (a VAE Decode's, a Load Image's).")
+                          f"channels; {CONNECT_IMAGE}")
     images = images.detach().float()
     return images[..., :3] if channels == 4 else images.expand(*images.shape[:-1], 3)
 

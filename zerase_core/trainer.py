@@ -266,8 +266,7 @@ class ZEraseTrainer:
         self.checkpointing.before_step(self.step + 1, self._step_shape)
         start = time.perf_counter()
         try:
-            with told_as_out_of_memory():
-                return self._step()
+            return self._step()
         except _OutOfMemoryInUpdate:
             raise
         except torch.OutOfMemoryError:
@@ -278,8 +277,7 @@ class ZEraseTrainer:
         # releases it.)
         self.seconds += time.perf_counter() - start  # the failed attempt is part of the run's time
         self.checkpointing.after_out_of_memory(self.step + 1)
-        with told_as_out_of_memory():
-            return self._step()
+        return self._step()
 
     def _step_shape(self) -> StepShape:
         """This run's step as the memory estimate takes it: image tokens, the longest caption, student rows."""
@@ -288,6 +286,7 @@ class ZEraseTrainer:
         image = self.backend.image_tokens(self.config.height, self.config.width)
         return StepShape(image, caption, 2 + bool(prompts.keep))
 
+    @told_as_out_of_memory()  # every device's out of memory as torch.OutOfMemoryError, for train_step's retry
     def _step(self) -> StepRecord:
         """One iteration of Algorithm 1:
 

@@ -43,14 +43,16 @@ def recording_override(inner: Callable | None, state: Callable[[], tuple], train
     Viewer) run on ComfyUI's SDPA, not on ``func`` or an earlier override (see _comfy_sdpa).
     """
 
+    forced = _differentiable() if training else None  # resolved once, not in every layer's call
+
     def override(func, q, k, v, heads, mask=None, **kwargs):
         stock = inner
-        if training:
+        if forced is not None:
             # A kernel with a backward. ComfyUI's pick (or another node's override) may be one without: SageAttention
             # returns outputs cut off from q, k and v, and the LoRA then learns nothing of that forward, without a
             # word. The forwards without a graph too (the teacher, L_pr while λ = 0): λ compares L_pr values, which
             # must come from one kernel. The recorded layers below use ComfyUI's SDPA anyway.
-            func, stock = _differentiable(), None
+            func, stock = forced, None
         run = func if stock is None else (lambda *args, **kw: stock(func, *args, **kw))
         layer = (kwargs.get("transformer_options") or {}).get("block_index")
         recorder, layout = state()

@@ -22,7 +22,7 @@ def _inner_tokenizer(clip: Any, node: str):
 
 
 def token_spans(hf_tokenizer: Any, ids: list[int], text: str, start: int, end: int,
-                node: str = "Z-Erase") -> tuple[Span, ...]:
+                node: str) -> tuple[Span, ...]:
     """Per token: its (start, end) inside ``text[start:end]`` (the user's prompt), else None.
 
     Character offsets come from decoding growing prefixes, which works for any tokenizer whose
