@@ -442,7 +442,8 @@ def test_under_dynamic_vram_training_runs_on_a_non_dynamic_twin(monkeypatch):
     """ComfyUI's dynamic VRAM (its default on NVIDIA) pages weights in per op; on a CPU ComfyUI falls back to the
     plain patcher, so it is simulated by what ComfyUI itself consults: is_dynamic() and the loader it keeps in
     cached_patcher_init. Training builds on a twin loaded again from the model's file (ComfyUI's own route for
-    torch.compile); with no file, or with erasure LoRAs applied (bound to the other model), it says what to do."""
+    torch.compile); erasure LoRAs applied before are built again on the twin and trained on top of; with no file,
+    or with another extension's patch under those LoRAs (bound to the other model), it says what to do."""
     from zerase_core.config import TrainConfig
     from zerase_core.trainer import ZEraseTrainer
 
@@ -465,12 +466,39 @@ def test_under_dynamic_vram_training_runs_on_a_non_dynamic_twin(monkeypatch):
     with training_session(backend):
         assert ZEraseTrainer(backend, config).run().completed
 
-    with torch.inference_mode():
+    # Erasure LoRAs applied before come onto the twin (rebuilt_model.rebind), and the run trains on top of them (it
+    # was refused: they were bound to the other model object)
+    from zerase_core.apply import export_lora, install_lora
+
+    trained = ComfyZImageBackend(model)
+    trained_set = trained.install(LoRAConfig(rank=2))
+    _randomise(trained_set)
+    lora = export_lora(trained_set, concept="dog", preserve=(), fingerprint=trained.fingerprint(), training={})
+    with torch.inference_mode():  # as Apply Erasure LoRA runs
         applied = ComfyZImageBackend(model)
-        _randomise(applied.install(LoRAConfig(rank=2)))
+        applied_set = install_lora(applied, lora, name=applied.key)
+    before = [p.clone() for p in applied_set.parameters()]
     monkeypatch.setattr(applied.patcher, "is_dynamic", lambda: True)
-    with pytest.raises(ZEraseError, match="carries erasure LoRAs.*before Apply Erasure LoRA"):
-        ComfyZImageBackend.for_training(applied.patcher, tiny_clip(comfy))
+    on_top = ComfyZImageBackend.for_training(applied.patcher, tiny_clip(comfy))
+    assert loads == [True, True] and on_top.dit is not applied.dit
+    with torch.no_grad():  # its teacher (our LoRA off) is the applied model: the LoRA runs, on the twin's modules
+        teacher = on_top.velocity(x, sigma, prompts, lora=False)[0]
+        torch.testing.assert_close(teacher, applied.velocity(x, sigma, prompts)[0])
+        assert (teacher - backend.velocity(x, sigma, prompts, lora=False)[0]).abs().max() > 1e-3
+    with training_session(on_top):
+        assert ZEraseTrainer(on_top, config).run().completed
+    assert all(torch.equal(a, b) for a, b in zip(before, applied_set.parameters()))  # applied, not trained
+
+    other = tiny_zimage(comfy, seed=3)  # another extension's patch under the LoRA: bound to the old model
+    other.cached_patcher_init = model.cached_patcher_init
+    qkv = other.get_model_object("diffusion_model.layers.0.attention.qkv")
+    other.add_object_patch("diffusion_model.layers.0.attention.qkv.forward", lambda x: qkv.__class__.forward(qkv, x))
+    with torch.inference_mode():
+        stuck = ComfyZImageBackend(other)
+        install_lora(stuck, lora, name=stuck.key)
+    monkeypatch.setattr(stuck.patcher, "is_dynamic", lambda: True)
+    with pytest.raises(ZEraseError, match="cannot be carried onto it: another extension.*--disable-dynamic-vram"):
+        ComfyZImageBackend.for_training(stuck.patcher, tiny_clip(comfy))
 
 
 class _PackA:  # another node's patch, as a bound method (a class of its module: its name is stable)

@@ -13,17 +13,17 @@ from torch import nn
 from ...errors import ZEraseError
 from ...out_of_memory import told_as_out_of_memory
 from ...scoped import scoped
-from .object_patches import GatedForward
+from .rebuilt_model import followed
 
 if TYPE_CHECKING:
     from .backend import ComfyZImageBackend
 
 log = logging.getLogger(__name__)
 
-DYNAMIC_WITH_LORAS = (
-    "this MODEL carries erasure LoRAs and ComfyUI runs with dynamic VRAM, under which training needs a fresh copy "
-    "of the model that cannot carry them. Train on the model before Apply Erasure LoRA (stack the LoRAs afterwards "
-    "or merge them), or start ComfyUI with --disable-dynamic-vram."
+LORAS_LEFT_BEHIND = (
+    "ComfyUI runs with dynamic VRAM, under which training needs a copy of the model loaded from its file again, and "
+    "the erasure LoRAs on this MODEL cannot be carried onto it: another extension patched the forward of the same "
+    "layers. Put that extension's node after Z-Erase Train, or start ComfyUI with --disable-dynamic-vram."
 )
 DYNAMIC_WITHOUT_FILE = (
     "ComfyUI runs with dynamic VRAM, under which training needs a copy of the model loaded from its file again, and "
@@ -44,17 +44,19 @@ def training_model(model: Any, node: str) -> Any:
     short, and keeps per-op casts made while sampling (inference tensors). Backward needs every weight a
     forward saved, unchanged. ComfyUI itself turns to the non-dynamic model where a feature needs fixed
     weights (torch.compile, hooked conditioning); the twin is loaded from the model's file again for this run
-    and released with it. A MODEL with erasure LoRAs is refused here, although they would follow onto the twin
-    (rebuilt_model.py): training on top of them under dynamic VRAM has not been run.
+    and released with it. Erasure LoRAs applied before come along: cloning onto another model object runs
+    rebuilt_model.rebind, which builds them again on the twin's modules (the same adapters), so the run trains on
+    top of them as it does without dynamic VRAM.
     """
     if not getattr(model, "is_dynamic", lambda: False)():
         return model
-    if any(isinstance(p, GatedForward) for p in model.object_patches.values()):
-        raise ZEraseError(f"{node}: {DYNAMIC_WITH_LORAS}")
     if getattr(model, "cached_patcher_init", None) is None:  # built in memory: no file to load the twin from
         raise ZEraseError(f"{node}: {DYNAMIC_WITHOUT_FILE}")
     log.info("%s: training on a non-dynamic copy of the model (ComfyUI's dynamic VRAM pages weights per op)", node)
-    return model.clone(disable_dynamic=True)
+    twin = model.clone(disable_dynamic=True)
+    if not followed(twin):  # refused now, not at the first forward after the model and the prompts are loaded
+        raise ZEraseError(f"{node}: {LORAS_LEFT_BEHIND}")
+    return twin
 
 
 def uncompiled(patcher: Any, node: str) -> None:

@@ -43,8 +43,8 @@ def rebind(source: Any, clone: Any) -> None:
 
     dit = clone.model.diffusion_model
     wrappers = clone.wrappers.get(WrappersMP.DIFFUSION_MODEL, {})
-    calls = {id(w.__self__): CallState(w.__self__.node, dit, w.__self__.gate)  # each installation's, on the clone's
-             for found in wrappers.values() for w in found if isinstance(getattr(w, "__self__", None), CallState)}
+    calls = {id(state): CallState(state.node, dit, state.gate)  # each installation's, on the clone's model
+             for state in _call_states(clone)}
     try:
         patches = {key: _rebuilt(patch, clone, key, calls) for key, patch in clone.object_patches.items()
                    if _is_forward(key)}
@@ -54,6 +54,20 @@ def rebind(source: Any, clone: Any) -> None:
     for key, found in wrappers.items():  # the clone's own lists (clone() copies them)
         found[:] = [calls[id(w.__self__)].diffusion_wrapper if id(getattr(w, "__self__", None)) in calls else w
                     for w in found]
+
+
+def followed(clone: Any) -> bool:
+    """Whether every erasure LoRA on ``clone`` runs on its own model: :func:`rebind` built them again there, or the
+    model object was never changed. False where another extension's patch kept them on the old one."""
+    return all(state.host is clone.model.diffusion_model for state in _call_states(clone))
+
+
+def _call_states(patcher: Any) -> list[CallState]:
+    """The call state of each erasure-LoRA installation on ``patcher``, read off its DIFFUSION_MODEL wrappers."""
+    from comfy.patcher_extension import WrappersMP
+
+    found = patcher.wrappers.get(WrappersMP.DIFFUSION_MODEL, {}).values()
+    return [w.__self__ for wrappers in found for w in wrappers if isinstance(getattr(w, "__self__", None), CallState)]
 
 
 def _is_forward(key: str) -> bool:
