@@ -501,6 +501,31 @@ def test_under_dynamic_vram_training_runs_on_a_non_dynamic_twin(monkeypatch):
         ComfyZImageBackend.for_training(stuck.patcher, tiny_clip(comfy))
 
 
+def test_applied_lora_weights_leave_the_gpu_with_the_model():
+    """ComfyUI moves a detached model to its offload device; the applied erasure LoRAs, held in object patches
+    outside the module tree, stayed on the GPU (a ComfyUI review: ~44 MB each at rank 16, outside ComfyUI's
+    accounting). Now they go with it, and a LoRA in training stays beside its optimizer state. A CPU has no second
+    device: the offload device is "meta" here, so where the weights went is all that can be read."""
+    from zerase_core.apply import export_lora, install_lora
+
+    trained = ComfyZImageBackend(tiny_zimage(comfy))
+    lora = export_lora(trained.install(LoRAConfig(rank=2)), concept="dog", preserve=(),
+                       fingerprint=trained.fingerprint(), training={})
+    with torch.inference_mode():  # as Apply Erasure LoRA runs
+        applied = ComfyZImageBackend(tiny_zimage(comfy))
+        applied_set = install_lora(applied, lora, name=applied.key)
+    training = ComfyZImageBackend(applied.patcher)  # Train on top of it: its LoRA and the applied one, in one chain
+    training_set = training.install(LoRAConfig(rank=2))
+    training.patcher.offload_device = torch.device("meta")
+    training.patcher.detach(unpatch_all=False)  # ComfyUI keeps the weights in place: so do we
+    assert {p.device.type for p in applied_set.parameters()} == {"cpu"}
+    with torch.inference_mode():  # where ComfyUI unloads models: inside a node's run
+        training.patcher.detach()
+    assert {p.device.type for p in applied_set.parameters()} == {"meta"}
+    assert {p.device.type for p in training_set.parameters()} == {"cpu"}
+    assert not any(p.is_inference() for p in applied_set.parameters())  # a later training can back-propagate
+
+
 class _PackA:  # another node's patch, as a bound method (a class of its module: its name is stable)
     def forward(self, x):
         return x

@@ -25,7 +25,7 @@ from .digest import model_digest, text_encoder_digest
 from .loading import load_whole, loaded_whole, own_weights, training_model, uncompiled
 from .nextdit_layout import image_patches, nextdit_layout
 from .object_patches import (LAYER_FORWARD, QKV_PATH, REFINER_FORWARD, CheckpointedForward, GatedForward,
-                             PreviousForward, own_forward)
+                             PreviousForward, offload_with_model, own_forward)
 from .rebuilt_model import follow_rebuilds
 from .recognise import check_zimage
 
@@ -78,6 +78,7 @@ class ComfyZImageBackend(Backend):
 
         self.patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, self.key, self.calls.diffusion_wrapper)
         follow_rebuilds(self.patcher)  # ComfyUI may put these patches onto another model object (rebuilt_model.py)
+        offload_with_model(self.patcher)  # and move the model off the GPU: the applied LoRAs' weights go with it
         for i in range(len(self.dit.noise_refiner)):  # image tokens and t only: shareable across prompts
             key = REFINER_FORWARD.format(i)  # a wrapper inherited from the input MODEL's clone is replaced
             self.patcher.add_object_patch(

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 QKV_PATH = "diffusion_model.layers.{}.attention.qkv"
 LAYER_FORWARD = "diffusion_model.layers.{}.forward"
 REFINER_FORWARD = "diffusion_model.noise_refiner.{}.forward"
+OFFLOAD_KEY = "zerase_offload"
 
 
 class PreviousForward(nn.Module):
@@ -60,6 +61,27 @@ def erasure_chain(forward: Any) -> Iterator[GatedLoRALinear]:
     while isinstance(forward, GatedForward):
         yield forward.lora
         forward = getattr(forward.lora.base_layer, "_previous", None)
+
+
+def offload_with_model(patcher: Any) -> None:
+    """Register :func:`offload_adapters` on ``patcher``, once (its clones inherit it)."""
+    from comfy.patcher_extension import CallbacksMP
+
+    patcher.remove_callbacks_with_key(CallbacksMP.ON_DETACH, OFFLOAD_KEY)
+    patcher.add_callback_with_key(CallbacksMP.ON_DETACH, OFFLOAD_KEY, offload_adapters)
+
+
+def offload_adapters(patcher: Any, unpatch_all: bool = True) -> None:
+    """ON_DETACH: applied erasure LoRAs leave the GPU with the model. They sit in object patches, outside the module
+    tree ComfyUI moves and outside its memory accounting; GatedForward brings them back at the next call. A LoRA
+    being trained stays where it is, beside its optimizer state."""
+    if not unpatch_all:  # ComfyUI keeps the weights where they are too
+        return
+    with torch.inference_mode(False):  # moved inside a node's run, they would become inference tensors
+        for patch in patcher.object_patches.values():
+            for lora in erasure_chain(patch):
+                if not any(p.requires_grad for p in lora.adapters.parameters()):
+                    lora.adapters.to(patcher.offload_device)
 
 
 def own_forward(forward: Any, module: nn.Module) -> bool:
