@@ -16,6 +16,7 @@ from zerase_core.lora import LoRAConfig, targets_from
 from zerase_core.lora_file import load_lora
 from zerase_core.named_run import NamedRun
 from zerase_core.prompt_pool import first_erase_text
+from zerase_core.prompts import EMPTY_CONCEPT, is_blank
 from zerase_core.sampling import before_after
 from zerase_core.trainer import ZEraseTrainer
 from zerase_core.xt_pool import PoolCancelled
@@ -179,6 +180,16 @@ class ZEraseTrain(io.ComfyNode):
                 io.Image.Output(display_name="previews"),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, concept) -> bool | str:
+        """ComfyUI's check of a queued prompt, before any loader runs: an empty concept is told in a moment, not
+        after the model and the text encoder are read (minutes on Z-Image). Only the concept: ComfyUI files a
+        failure here under every input this function takes, so each one would carry it; the rest is checked at
+        the start of execute."""
+        if concept is not None and is_blank(concept):  # None: it comes from a link, checked in execute
+            return EMPTY_CONCEPT
+        return True
 
     @classmethod
     def execute(cls, model, clip, concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon,

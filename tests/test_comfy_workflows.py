@@ -206,6 +206,34 @@ def _stub_loader(table, monkeypatch, name: str, widgets: dict, kind: str, value)
     monkeypatch.setitem(table, name, Loader)
 
 
+def test_an_empty_concept_is_refused_when_the_prompt_is_queued(mappings, loras_dir, monkeypatch):  # noqa: F811
+    """ComfyUI validates a queued prompt before it runs any node: Train's empty concept is told then, once, under the
+    concept input (it was told after the loaders had read the model and the text encoder, minutes on Z-Image)."""
+    import execution
+    import nodes
+
+    for name, widgets, kind in [
+        ("UNETLoader", {"unet_name": "z_image_turbo_bf16.safetensors", "weight_dtype": "default"}, "MODEL"),
+        ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}, "CLIP"),
+        ("VAELoader", {"vae_name": "ae.safetensors"}, "VAE"),
+    ]:
+        _stub_loader(nodes.NODE_CLASS_MAPPINGS, monkeypatch, name, widgets, kind, None)
+    for name in ("ModelSamplingAuraFlow", "EmptySD3LatentImage"):
+        monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, name, mappings[name])
+    graph = _shrink(json.loads((REPO / "workflows" / "api" / "zerase_train_and_compare.json").read_text()))
+    train_id = next(i for i, node in graph.items() if node["class_type"] == "ZEraseTrain")
+    _stub_loader(nodes.NODE_CLASS_MAPPINGS, monkeypatch, "StringFromAnotherNode", {}, "STRING", "")
+    graph["99"] = {"class_type": "StringFromAnotherNode", "inputs": {}}
+    # a linked concept has no value yet when ComfyUI validates: it is checked when Train runs
+    for concept, refused in [(" \u200b", True), ("cat", False), (["99", 0], False)]:
+        graph[train_id]["inputs"]["concept"] = concept
+        valid, _, _, node_errors = asyncio.run(execution.validate_prompt("1", graph, None))
+        assert valid is not refused
+        errors = node_errors.get(train_id, {}).get("errors", [])
+        assert [(e["extra_info"]["input_name"], "The concept is empty" in e["details"]) for e in errors] == \
+            [("concept", True)] * refused
+
+
 def test_workflows_run_through_comfyuis_executor(mappings, loras_dir, tmp_path, monkeypatch):  # noqa: F811
     """The shipped API workflows as ComfyUI queues them: validated (the 'zerase/…' file choices included), run by
     its PromptExecutor under inference mode, and cached: queueing train-and-compare again trains no step."""

@@ -14,7 +14,7 @@ from typing import Any
 from .errors import ZEraseError
 from .lagrangian import MODES
 from .lora import LoRAConfig
-from .prompts import concept_words, is_blank
+from .prompts import EMPTY_CONCEPT, concept_words, is_blank
 from .seeds import SEED_RANGE, valid_seed
 from .typed import settle
 
@@ -81,7 +81,7 @@ class TrainConfig:
     def __post_init__(self):
         settle(self)  # first: every check below reads the values as their types
         if is_blank(self.concept):
-            raise ZEraseError("The concept is empty: type the word or phrase to erase, e.g. 'red' or 'Van Gogh'.")
+            raise ZEraseError(EMPTY_CONCEPT)
         self._check_choices()
         self._check_numbers()
         self._check_preserve()

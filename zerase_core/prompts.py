@@ -97,6 +97,9 @@ def as_read(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+EMPTY_CONCEPT = "The concept is empty: type the word or phrase to erase, e.g. 'red' or 'Van Gogh'."
+
+
 def is_blank(text: str) -> bool:
     """Nothing a prompt could show: spaces, and characters that take no place (a zero-width space, a direction mark,
     a control character) pasted alone."""
@@ -127,7 +130,7 @@ def concept_token_indices(prompt: EncodedPrompt, word: str, fix: str = TEMPLATE_
     """
     word = as_read(word.strip())
     if not word:
-        raise ZEraseError("The concept is empty: type the word or phrase to erase, e.g. 'red' or 'Van Gogh'.")
+        raise ZEraseError(EMPTY_CONCEPT)
     hits = _occurrences(prompt.text, word)
     if not hits:
         raise ZEraseError(
