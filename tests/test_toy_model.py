@@ -3,6 +3,7 @@
 import ast
 from dataclasses import FrozenInstanceError
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,27 @@ def test_toy_weights_metadata_reads_back_as_the_files_always_stored_it(tmp_path)
     assert load_weights(tmp_path / "w.safetensors")[1] == {"step": "40000", "format_version": "1",
                                                             "sampler": "{'steps': 20}"}
     assert load_weights(DIT_FILE)[1]["step"].isdigit()
+
+
+def test_the_toy_trainer_resumes_from_a_checkpoint_read_without_pickled_objects(tmp_path, monkeypatch):
+    """The toy DiT trainer's checkpoint holds tensors, numbers and strings only, so it is read with torch.load's
+    weights_only (a checkpoint file cannot run code when read) and resumes the exact state it saved."""
+    from zerase_core.toy.train import DiTTraining, Trainer
+
+    def trainer():
+        return Trainer(tmp_path, DiTTraining(batch=2), DiTConfig(), TextConfig(), SamplerConfig())
+
+    first = trainer()
+    first.train_step()
+    first.step, first.best = 1, np.float64(0.5)  # as the classifier's adherence score comes
+    first.save_checkpoint()
+    again = trainer()
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(k.get("weights_only")) or load(*a, **k))
+    again.try_resume()
+    assert reads == [True]
+    assert (again.step, again.best) == (1, 0.5)
+    for a, b in zip(first.transformer.state_dict().values(), again.transformer.state_dict().values()):
+        assert torch.equal(a, b)
+    assert again.opt.state_dict()["state"][0]["step"] == first.opt.state_dict()["state"][0]["step"] == 1

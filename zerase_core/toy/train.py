@@ -147,7 +147,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         state = {
             "step": self.step,
-            "best": self.best,
+            "best": float(self.best),  # a plain float: the file loads with weights_only (no pickled objects)
             "transformer": self.transformer.state_dict(),
             "encoder": self.encoder.state_dict(),
             "ema_transformer": self.ema_transformer.state_dict(),
@@ -167,7 +167,7 @@ class Trainer:
         The transformer blocks do not depend on the patch size (only the embedder and final layer
         do), so a patch-2 run can seed a patch-1 run and keep what it learnt about the prompts.
         """
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         pairs = ((self.transformer, self.ema_transformer, "transformer"), (self.encoder, self.ema_encoder, "encoder"))
         for module, ema, key in pairs:
             own = module.state_dict()
@@ -179,7 +179,7 @@ class Trainer:
     def try_resume(self) -> None:
         if not self.ckpt_path.exists():
             return
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         self.transformer.load_state_dict(state["transformer"])
         self.encoder.load_state_dict(state["encoder"])
         self.ema_transformer.load_state_dict(state["ema_transformer"])
