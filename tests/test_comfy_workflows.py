@@ -96,8 +96,9 @@ def test_workflow_is_consistent(name, mappings):
     ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     missing = {n["class_type"] for n in api.values()} - set(mappings)
     assert not missing, f"unknown node types {missing}"
-    assert {str(n["id"]) for n in ui["nodes"]} == set(api)
-    assert {n["type"] for n in ui["nodes"]} == {n["class_type"] for n in api.values()}
+    assert {str(n["id"]) for n in _queued(ui)} == set(api)
+    assert {n["type"] for n in _queued(ui)} == {n["class_type"] for n in api.values()}
+    assert [n["type"] for n in ui["nodes"] if n not in _queued(ui)] == ["MarkdownNote"]  # what to set, beside it
     for node in api.values():  # model files are those of ComfyUI's Z-Image Turbo template
         i = node["inputs"]
         if node["class_type"] == "UNETLoader":
@@ -109,6 +110,11 @@ def test_workflow_is_consistent(name, mappings):
 
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _queued(ui: dict) -> list[dict]:
+    """The UI nodes ComfyUI runs: all but the frontend's note, which it only draws."""
+    return [node for node in ui["nodes"] if node["type"] != "MarkdownNote"]
 
 
 def _widget_names(cls) -> list[str]:
@@ -142,7 +148,7 @@ def test_ui_nodes_list_every_socket_and_links_land_on_their_own(name, mappings):
     api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
     ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     by_id = {node["id"]: node for node in ui["nodes"]}
-    for node in ui["nodes"]:
+    for node in _queued(ui):
         assert [i["name"] for i in node["inputs"]] == _socket_names(mappings[node["type"]]), node["type"]
     for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
         socket = by_id[dst]["inputs"][dst_slot]
@@ -157,7 +163,7 @@ def test_ui_widget_values_line_up_with_the_node_schemas(name, mappings):
     """A value in the wrong slot loads silently (a save_name of 'True'): every slot must hold its widget's value."""
     api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
     ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
-    for node in ui["nodes"]:
+    for node in _queued(ui):
         names = _widget_names(mappings[node["type"]])
         assert len(node["widgets_values"]) == len(names), (node["type"], names, node["widgets_values"])
         stored = dict(zip(names, node["widgets_values"]))
