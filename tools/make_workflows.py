@@ -219,7 +219,7 @@ def base(g: Graph):
     vae = g.add("VAELoader", vae_name=VAE)
     model = g.add("ModelSamplingAuraFlow", model=[unet, 0], shift=3.0)
     pos = g.add("CLIPTextEncode", "Prompt", text=PROMPT, clip=[clip, 0])
-    neg = g.add("CLIPTextEncode", "Negative (unused at cfg 1, as Turbo samples)", text="", clip=[clip, 0])
+    neg = g.add("CLIPTextEncode", "Negative (unused at cfg 1)", text="", clip=[clip, 0])
     latent = g.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
     return model, clip, vae, pos, neg, latent
 
