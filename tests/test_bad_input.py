@@ -859,6 +859,109 @@ def test_ctrl_c_during_a_run_exits_as_ctrl_c_does_anywhere_else(tmp_path, capsys
     assert code == 130 and "Stopped at step 1 of 3" in capsys.readouterr().err
 
 
+def _ctrl_c_while(files, writes):
+    """``files._atomic_write`` as if the user pressed Ctrl-C while each file ``writes(path)`` names was written."""
+    import signal
+
+    real = files._atomic_write
+
+    def pressed(path, data, exclusive=False):
+        if writes(path):
+            signal.raise_signal(signal.SIGINT)  # delivered at once in the main thread, as a real Ctrl-C is
+        return real(path, data, exclusive)
+
+    return pressed
+
+
+def test_ctrl_c_pressed_again_while_a_stopped_run_saves_waits_until_its_files_are_written(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """A second Ctrl-C while the stop saved its checkpoint and the LoRA so far aborted both saves: the run was lost,
+    and the command said only "Stopped". Held back while they are written, it stops nothing more; Ctrl-C's handler is
+    put back after."""
+    import signal
+
+    import zerase_core.files as files
+    import zerase_core.run as run
+    from zerase_core.checkpoint import _read
+    from zerase_core.cli import main
+    from zerase_core.lora_file import read_description
+
+    stopped, progress_bar = [], run.progress_bar
+
+    def bar_then_ctrl_c(total, initial=0, label="Z-Erase"):
+        on_step, bar = progress_bar(total, initial, label)
+
+        def step(record, trainer):
+            on_step(record, trainer)
+            stopped.append(record.step)
+            raise KeyboardInterrupt
+
+        return step, bar
+
+    monkeypatch.setattr(run, "progress_bar", bar_then_ctrl_c)
+    monkeypatch.setattr(files, "_atomic_write", _ctrl_c_while(files, lambda path: bool(stopped)))
+    out = tmp_path / "run"
+    code = main(["train", "--tiny", "--concept", "cat", "--steps", "3", "--resolution", "32", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 130 and "Stopped at step 1 of 3. The LoRA so far is in" in err, err
+    assert "the checkpoint beside it: run the same command with --resume to continue" in err
+    assert read_description(out / "erasure_lora.safetensors")["training"]["steps_done"] == 1
+    assert _read(out / "checkpoint.safetensors", tensors=False)[1]["step"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_while_a_finished_run_writes_its_files_stops_once_they_are_written(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the LoRA of a finished run was written left it, the curves and the history unwritten (a --resume
+    wrote them, after loading the model again). Held back for that second, it stops the command once all are."""
+    import signal
+
+    import zerase_core.files as files
+    from zerase_core.cli import main
+    from zerase_core.errors import STOPPED
+    from zerase_core.run_lock import LOCK
+
+    lora = "erasure_lora.safetensors"
+    monkeypatch.setattr(files, "_atomic_write", _ctrl_c_while(files, lambda path: path.name == lora))
+    out = tmp_path / "run"
+    code = main(["train", "--tiny", "--concept", "cat", "--steps", "2", "--resolution", "32", "--out", str(out)])
+    assert code == 130 and STOPPED in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [LOCK, "checkpoint.safetensors", "curves.png", lora, "history.json"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_is_held_back_only_where_python_lets_a_handler_be_set():
+    """Signal handlers can be set in the main thread only (signal.signal raises ValueError elsewhere): ComfyUI runs
+    the engine in a worker thread, where the body runs as it is. In the main thread a Ctrl-C in the body is delivered
+    after it, or, for a caller stopping already, not at all."""
+    import signal
+    import threading
+
+    from zerase_core.files import ctrl_c_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_deferred():
+            signal.raise_signal(signal.SIGINT)
+            done.append("written")
+    with ctrl_c_deferred(stopping=True):
+        signal.raise_signal(signal.SIGINT)
+        done.append("saved")
+    assert done == ["written", "saved"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    failed = []
+
+    def worker():
+        try:
+            with ctrl_c_deferred():
+                done.append("in a worker")
+        except BaseException as err:  # ValueError: signal only works in main thread
+            failed.append(err)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert not failed and done[-1] == "in a worker"
+
+
 def test_the_largest_seed_the_settings_take_trains(tmp_path, capsys):
     """Seeds up to 2⁶⁴ − 1 are accepted, but a seed above about 1.8e13 overflowed torch where it was offset (the tiny
     encoder's word vectors, the previews, the demo's measuring noise); derived seeds below the top are unchanged."""

@@ -1,4 +1,5 @@
-"""Atomic writes, safetensors metadata, and what the file system allows: one way to put a file on disk.
+"""Atomic writes, safetensors metadata, what the file system allows, and Ctrl-C held back while a run's files are
+written: one way to put a file on disk.
 
 Save names users type (a node's ``save_name``) are in :mod:`.save_names`.
 """
@@ -8,9 +9,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
+import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save
@@ -67,6 +71,33 @@ def _atomic_write(path: Path, data: bytes, exclusive: bool = False) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@contextmanager
+def ctrl_c_deferred(stopping: bool = False) -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back while the body writes: pressed again while a stopped run saves what it has, it
+    aborted that save, and the run's progress was lost. Held back, it is delivered once the body has ended, to the
+    handler that was there (Python's raises KeyboardInterrupt), so the user still stops; unless ``stopping``: the
+    caller is on its way out already, with what stopped it to tell, and a Ctrl-C asks for nothing more. A body that
+    raises goes on raising its own error, which ends the caller as the Ctrl-C would have.
+
+    Only in the main thread, the one Python runs signal handlers in and lets set them; elsewhere (ComfyUI runs nodes
+    in a worker thread and cancels them by other means) the body runs as it is. So does a handler not set from Python
+    (an embedding program's), which could not be put back.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    if previous is None:
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)  # handles a Ctrl-C still pending with ours first
+    if held and not stopping:
+        signal.raise_signal(signal.SIGINT)  # to the handler put back; Python's raises KeyboardInterrupt here
 
 
 def _publish_new(tmp: str, path: Path) -> None:

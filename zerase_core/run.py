@@ -14,7 +14,7 @@ from .backends.base import Backend
 from .config import TrainConfig
 from .checkpoint import check_run_files
 from .errors import ZEraseError
-from .files import atomic_write_text, check_writable
+from .files import atomic_write_text, check_writable, ctrl_c_deferred
 from .history import TrainResult, loss_series
 from .lora_file import read_description, save_lora
 from .render import curves, save_png
@@ -138,7 +138,8 @@ def train_and_save(run: PlannedRun, callbacks=(), release_encoder: bool = False)
     finally:
         bar.close()
     try:
-        _write_outputs(run, result, trained=not finished)
+        with ctrl_c_deferred():  # a second or so: Ctrl-C stops the run once all are written, not some left to --resume
+            _write_outputs(run, result, trained=not finished)
     except ZEraseError as err:  # every step is in the checkpoint: say how to get the files without training again
         raise ZEraseError(f"{err}\nAll {config.steps} steps are trained and kept in {run.checkpoint}: once the file "
                           "can be written, run the same command with --resume to write it (nothing is trained "
@@ -184,7 +185,8 @@ def _stopped(trainer: ZEraseTrainer, lora_path: Path, err: BaseException) -> str
                 "fresh run with a lower learning rate (train: --lr).")
     at = f"{why} at step {trainer.step} of {trainer.config.steps}."
     try:
-        save_lora(trainer.export(), lora_path)  # as the node does at Cancel: the LoRA so far, replaced when resumed
+        with ctrl_c_deferred(stopping=True):  # a second Ctrl-C waits for it (it aborted it): the run stops anyway
+            save_lora(trainer.export(), lora_path)  # as the node does at Cancel: the LoRA so far, replaced when resumed
     except ZEraseError as failed:  # a full disk: its message must not hide what stopped the run and what resumes it
         resumes = trainer.checkpoint_path.exists() and not isinstance(err, NonFiniteLoss)
         then = (f"The last checkpoint written, {trainer.checkpoint_path}, resumes the run: free disk space and run "

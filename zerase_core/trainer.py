@@ -34,6 +34,7 @@ from .apply import export_lora
 from .backends.base import Backend
 from .config import TrainConfig
 from .errors import ZEraseError
+from .files import ctrl_c_deferred
 from .checkpoint import load_checkpoint, save_checkpoint
 from .gradient_checkpointing import GradientCheckpointing, StepShape
 from .history import StepRecord, TrainResult, stored_series
@@ -400,7 +401,8 @@ class ZEraseTrainer:
         except BaseException as err:
             # Cancel (ComfyUI raises from its progress hook), NaN or a crash: keep the last good state.
             if self.checkpoint_path and self.has_progress():  # step 0 holds nothing to resume
-                self.save_checkpoint(non_finite_stop=isinstance(err, NonFiniteLoss))
+                with ctrl_c_deferred(stopping=True):  # a second Ctrl-C would abort it; the run stops with ``err``
+                    self.save_checkpoint(non_finite_stop=isinstance(err, NonFiniteLoss))
             raise
         return TrainResult(self.export(), tuple(self.history), self.seconds, completed)
 
