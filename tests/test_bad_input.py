@@ -75,6 +75,55 @@ def test_a_second_run_into_the_folder_a_run_is_writing_into_is_refused_at_once(t
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("fails", ["the lock file", "the run's folder", "the first file"])
+def test_a_run_refused_by_a_full_disk_leaves_no_folder_it_made(fails, tmp_path, capsys, monkeypatch):
+    """A disk that filled while the run's folder was made: the lock file (or the last folder) could not be made, and
+    the folders made on the way stayed behind, empty. A folder that was there stays, even empty."""
+    import errno
+
+    import zerase_core.files as files
+    from zerase_core.cli import main
+    from zerase_core.run_lock import LOCK
+
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def full(real, last):
+        def call(path, *args, **kwargs):
+            if os.path.basename(path) == last and os.path.isdir(os.path.dirname(path)):  # the folders above made
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, *args, **kwargs)
+
+        return call
+
+    class FullDisk:  # every file's data (the checkpoint is the run's first)
+        def __init__(self, fd, mode):
+            os.close(fd)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    outs = [tmp_path / "new" / "deeper" / "run", tmp_path / "there" / "run"]
+    if fails == "the lock file":
+        monkeypatch.setattr(os, "open", full(real_open, LOCK))
+    elif fails == "the run's folder":
+        monkeypatch.setattr(os, "mkdir", full(real_mkdir, "run"))
+    else:
+        monkeypatch.setattr(files.os, "fdopen", FullDisk)
+    if fails != "the run's folder":
+        outs.append(tmp_path / "there")  # made by the user: kept
+    (tmp_path / "there").mkdir()
+    for out in outs:
+        assert main(["train", "--tiny", "--concept", "red", "--steps", "1", "--out", str(out)]) == 2
+        assert "No space left on device" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.rglob("*") if p.name != LOCK) == ["there"]  # "there" keeps a lock file
+
+
 @pytest.mark.skipif(os.name == "nt", reason="POSIX: Windows removes no open file, so the case cannot arise there")
 def test_a_lock_taken_on_a_lock_file_its_run_removed_meanwhile_is_refused(tmp_path):
     """An ending run removes the lock file of a folder it made; a run that opened the file just before holds a lock on

@@ -29,7 +29,7 @@ _HELD = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # what a lock held by a
 def run_lock(folder: Path) -> Iterator[None]:
     """Hold ``folder`` (made if needed) for one run; another run holding it is refused at once, and touches nothing
     there. A folder made only for the lock is removed again if the run leaves nothing else in it (a run refused before
-    its first file)."""
+    its first file), and so are those made on the way when the lock file cannot be made (a full disk)."""
     folder = Path(folder)
     if os.path.isfile(folder):
         raise ZEraseError(NOT_A_FOLDER.format(folder))
@@ -39,6 +39,7 @@ def run_lock(folder: Path) -> Iterator[None]:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK, os.O_CREAT | os.O_RDWR, 0o666)
     except OSError as err:
+        _remove_made(made)  # those made before the disk filled would stay behind, empty
         raise ZEraseError(f"Cannot make {folder / LOCK} ({err.strerror or err}); choose another --out.") from err
     try:
         _lock(fd, folder)
@@ -108,7 +109,18 @@ def _remove_unused(folder: Path, made: list[Path]) -> None:
         if os.listdir(folder) != [LOCK]:
             return
         os.remove(folder / LOCK)
-        for path in made:  # deepest first
-            os.rmdir(path)
     except OSError:  # gone already, or another run made something meanwhile: it keeps the folder
-        pass
+        return
+    _remove_made(made)
+
+
+def _remove_made(made: list[Path]) -> None:
+    """The folders in ``made`` (deepest first) that are empty: rmdir removes no folder that holds anything, so one
+    another writer filled meanwhile stays, with those above it."""
+    for path in made:
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:  # never made (its mkdir failed), or removed meanwhile
+            continue
+        except OSError:
+            return
