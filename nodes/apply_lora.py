@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from zerase_core.apply import check_applicable, install_lora
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend
+from zerase_core.lora_file import STRENGTH_MAX
 
 from .common import NONE, ErasureLoRAType, file_state, lora_files, pick_lora, told_as
 
@@ -41,7 +42,7 @@ class ApplyErasureLoRA(io.ComfyNode):
                                "clone is returned."),
                 io.Combo.Input("lora_name", options=lora_files(), default=NONE,
                                tooltip="A Z-Erase LoRA file (native or official Z-Erase) from the loras folders."),
-                io.Float.Input("strength", default=1.0, min=-20.0, max=20.0, step=0.05,
+                io.Float.Input("strength", default=1.0, min=-STRENGTH_MAX, max=STRENGTH_MAX, step=0.05,
                                tooltip="Multiplies the file's own scale. Official Z-Erase files load at scale 1; "
                                "their code applies them at 15."),
                 ErasureLoRAType.Input("erasure_lora", optional=True,

@@ -43,7 +43,8 @@ class MergeErasureLoRAs(io.ComfyNode):
                 ErasureLoRAType.Input("lora_4", optional=True, tooltip="Optional: a fourth LoRA."),
                 io.String.Input("weights", default="", tooltip=(
                     "Comma-separated, one per LoRA; empty: 1/N each (the paper's: each concept erased less than "
-                    "alone). 1 each erases as the LoRAs stacked do (README).")),
+                    "alone). 1 each erases as the LoRAs stacked do (README). Each above 0 and at most 20, as a "
+                    "strength.")),
                 io.Int.Input("rank", default=0, min=0, max=1024, tooltip="0: exact merge; else re-rank by SVD."),
                 io.String.Input("save_name", default="",
                                 tooltip="Empty: do not save. Saved under models/loras/zerase/."),

@@ -596,13 +596,39 @@ def test_merge_refuses_different_architectures():
 
 
 def test_merge_refuses_factors_that_do_not_fit_together_and_an_overflow():
-    """An official file records no architecture: its widths still tell another model. Finite weights can still
-    leave float32 once multiplied; that file no loader would take is refused at the merge."""
+    """An official file records no architecture: its widths still tell another model. Weights within bounds can
+    still leave float32 once multiplied by a file's strength; that file no loader would take is refused at the
+    merge."""
     official = ErasureLoRA(_random_lora(KEYS, d_in=32, d_out=32).factors, source="official-z-erase")
     with pytest.raises(ZEraseError, match="layer 0 k maps 32→32 vs 64→64"):  # keys in order: (0, k) first
         merge_exact([_random_lora(KEYS), official])
+    strong = ErasureLoRA(_random_lora(KEYS).factors, strength=1e38)  # finite in float32, as a file may hold it
     with pytest.raises(ZEraseError, match="overflows at layer 0 k"):
+        merge_exact([strong, _random_lora(KEYS, seed=1)], [20.0, 1.0])
+    with pytest.raises(ZEraseError, match="above 20"):  # the weights that overflowed before there was a bound
         merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1)], [1e308, 1e308])
+
+
+def test_merge_refuses_a_weight_past_any_strength_and_factors_that_are_not_finite(tmp_path, capsys):
+    """1e38 is finite in float32, and was merged: a file whose ΔW was 1e38 times the trained one. A weight is the
+    strength its LoRA enters the merge at, refused past Apply's 20; a merged factor that is not finite (a LoRA made in
+    Python with NaN, a re-rank of factors near float32's limit, computed in float64) is refused, and nothing is
+    written."""
+    from zerase_core.cli import main
+
+    red, blue = _random_lora(KEYS), _random_lora(KEYS, seed=1, concept="blue")
+    with pytest.raises(ZEraseError, match=r"Merge weights \[1e\+38\] are above 20: .*Use weights near 1"):
+        merge_exact([red, blue], [1e38, 1.0])
+    assert merge_exact([red, blue], [20.0, 20.0]).training["weights"] == [20.0, 20.0]  # the bound itself merges
+    files = [str(save_lora(lora, tmp_path / f"{lora.concept}.safetensors")) for lora in (red, blue)]
+    assert main(["merge", *files, "--weights", "1e38", "1", "--out", str(tmp_path / "both.safetensors")]) == 2
+    assert "are above 20" in capsys.readouterr().err and not (tmp_path / "both.safetensors").exists()
+    nan = ErasureLoRA({k: (a.clone().fill_(float("nan")), b) for k, (a, b) in red.factors.items()}, concept="nan")
+    with pytest.raises(ZEraseError, match="overflows at layer 0 k: .*not finite.*no file was written"):
+        merge_exact([nan, blue])
+    huge = ErasureLoRA({k: (torch.full_like(a, 3e38), torch.full_like(b, 3e38)) for k, (a, b) in red.factors.items()})
+    with pytest.raises(ZEraseError, match="overflows at layer 0 k"):
+        merge([huge, blue], [1.0, 1.0], rank=1)
 
 
 def test_merge_refuses_a_weight_whose_lora_rounds_to_nothing():

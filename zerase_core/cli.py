@@ -63,8 +63,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _add_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", type=Path, nargs="+", help="two or more erasure LoRAs")
     p.add_argument("--weights", type=float, nargs="+",
-                   help="one weight per LoRA (default 1/N each, the paper's: each concept is erased less than by its "
-                        "LoRA alone; 1 each erases as the LoRAs applied together)")
+                   help="one weight per LoRA, above 0 and at most 20 (default 1/N each, the paper's: each concept is "
+                        "erased less than by its LoRA alone; 1 each erases as the LoRAs applied together)")
     p.add_argument("--rank", type=int, help="re-rank the exact merge to this rank by SVD")
     p.add_argument("--out", type=out_path, required=True, help="output .safetensors (never overwritten)")
 

@@ -38,6 +38,9 @@ _WRITTEN = {"text": (1, GATE), "all": (2, UNGATED)}
 _SCOPES = {gate["kind"]: scope for scope, (_, gate) in _WRITTEN.items()}  # the gate's kind in a file -> scope
 
 Key = tuple[int, str]  # (main layer, projection)
+# The most a LoRA is applied at: Apply's strength, and a merge's weight (the strength its LoRA enters the merge at).
+# An official Z-Erase file needs about 15 (its code's lora_scale); 1 is a LoRA as trained.
+STRENGTH_MAX = 20.0
 _NATIVE = re.compile(r"^zerase\.layers\.(\d+)\.([qkv])\.([AB])$")
 _OFFICIAL = re.compile(r"^(?:transformer\.)?layers\.(\d+)\.attention\.to_([qkv])\.lora_(down|up)\.weight$")
 _STOCK_HINTS = ("lora_A", "lora_B", "lora_up", "lora_down", "lora_unet", "lora_te", ".alpha", "hada_", "lokr_")

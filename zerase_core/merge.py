@@ -15,7 +15,7 @@ import torch
 
 from .prompts import concept_words
 from .errors import ZEraseError
-from .lora_file import ErasureLoRA, Key, differing_facts
+from .lora_file import STRENGTH_MAX, ErasureLoRA, Key, differing_facts
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,14 @@ def _check_weights(weights: list[float], n: int) -> None:
     if not all(math.isfinite(w) and w > 0 for w in weights):
         raise ZEraseError(f"Merge weights must be finite numbers > 0 (a negative one would strengthen its concept, "
                           f"not erase it; 0 would keep nothing of its LoRA: leave that LoRA out); got {weights}.")
+    # Merged at w and applied at 1, a LoRA acts as applied alone at strength w: a weight takes the strengths Apply
+    # takes. 1e38 passed (finite in float32) and wrote a file whose ΔW was 1e38 times the one trained.
+    too_large = [w for w in weights if w > STRENGTH_MAX]
+    if too_large:
+        raise ZEraseError(f"Merge weights {too_large} are above {STRENGTH_MAX:g}: a weight is the strength its LoRA "
+                          f"enters the merge at, and {STRENGTH_MAX:g} is the most Apply Erasure LoRA's strength takes "
+                          "(an official Z-Erase file needs about 15). Use weights near 1: 1 each erases as the LoRAs "
+                          "applied together, 1/N each is the paper's blend.")
 
 
 def _concatenated(loras: list[ErasureLoRA], weights: list[float]) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
@@ -121,11 +129,10 @@ def _concatenated(loras: list[ErasureLoRA], weights: list[float]) -> dict[Key, t
         _same_widths(key, [loras[i] for i, _, _ in parts])
         scaled = [b * m for _, (_, b), m in parts]
         kept |= {i for (i, _, _), b in zip(parts, scaled) if b.any()}
-        b = torch.cat(scaled, dim=1)
-        if not torch.isfinite(b).all():  # finite weights, yet beyond float32 once multiplied
-            raise ZEraseError(f"The merge overflows at layer {key[0]} {key[1]}: weights {weights} times the LoRAs' "
-                              "scales leave float32's range. Use weights near 1.")
-        factors[key] = (torch.cat([a for _, (a, _), _ in parts]), b)
+        factors[key] = (torch.cat([a for _, (a, _), _ in parts]), torch.cat(scaled, dim=1))
+        _check_finite(key, *factors[key], weights)
+    # Its factors scaled to all zeros by its weight: the second test is needed, as a LoRA all zero from the start (B
+    # is zero at init) is no weight's doing.
     vanished = [w for i, (lora, w) in enumerate(zip(loras, weights))
                 if i not in kept and any(b.any() for _, b in lora.factors.values())]
     if vanished:  # as a weight of 0: the merge would be named for a concept it keeps nothing of
@@ -133,6 +140,17 @@ def _concatenated(loras: list[ErasureLoRA], weights: list[float]) -> dict[Key, t
                           "keeping nothing of them, as a weight of 0 would; leave those LoRAs out, or use weights "
                           "near 1.")
     return factors
+
+
+def _check_finite(key: Key, a: torch.Tensor, b: torch.Tensor, weights: list[float] | None) -> None:
+    """A merged factor must be finite in float32, where the model computes: inf or NaN there turns every image it
+    touches into NaN. Refused before the merge is returned, so no file of it is written."""
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # finite weights times a file's scale or strength
+        raise ZEraseError(f"The merge overflows at layer {key[0]} {key[1]}: weights {weights} times the LoRAs' "
+                          "scales and strengths leave float32's range (or a LoRA's own factors are not finite); no "
+                          "file was written. Use weights near 1, and check each LoRA's scale and strength with "
+                          "inspect: no trained LoRA holds values that large; re-train or re-download the one that "
+                          "does.")
 
 
 def _concepts(lora: ErasureLoRA) -> list[str]:
@@ -156,6 +174,7 @@ def rerank(lora: ErasureLoRA, rank: int) -> tuple[ErasureLoRA, MergeReport]:
         k = min(rank, sv.numel())
         root = sv[:k].sqrt()
         factors[key] = ((root[:, None] * (vh[:k] @ q_a.T)).float(), ((q_b @ u[:, :k]) * root).float())
+        _check_finite(key, *factors[key], lora.training.get("weights"))  # computed in float64: may not fit float32
         err2 += float((sv[k:] ** 2).sum())
         total2 += float((sv**2).sum())
     rel = (err2 / total2) ** 0.5 if total2 > 0 else 0.0
