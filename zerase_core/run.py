@@ -18,7 +18,7 @@ from .files import atomic_write_text, check_writable, ctrl_c_deferred
 from .history import TrainResult, loss_series
 from .lora_file import read_description, save_lora
 from .render import curves, save_png
-from .run_lock import NOT_A_FOLDER
+from .run_lock import refuse_a_file
 from .trainer import NonFiniteLoss, ZEraseTrainer
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,7 @@ def check_folder(folder: Path, config: TrainConfig, resume: bool, also_writes: t
     # os.path's checks, which answer False where Path's raise (a name too long): check_run_files then refuses such a
     # folder by name. Nothing is created before a refusal.
     checkpoint = folder / CHECKPOINT
-    if os.path.isfile(folder):
-        raise ZEraseError(NOT_A_FOLDER.format(folder))
+    refuse_a_file(folder)
     if resume and not os.path.exists(checkpoint):
         raise ZEraseError(f"No checkpoint to resume in {folder}; run without --resume.")
     taken = [name for name in (LORA, CURVES, HISTORY, *also_writes) if os.path.lexists(folder / name)]

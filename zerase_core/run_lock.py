@@ -31,8 +31,7 @@ def run_lock(folder: Path) -> Iterator[None]:
     there. A folder made only for the lock is removed again if the run leaves nothing else in it (a run refused before
     its first file), and so are those made on the way when the lock file cannot be made (a full disk)."""
     folder = Path(folder)
-    if os.path.isfile(folder):
-        raise ZEraseError(NOT_A_FOLDER.format(folder))
+    refuse_a_file(folder)
     check_writable(folder / LOCK)  # a name too long, a folder that cannot be written: told by name, nothing made
     made = [p for p in (folder, *folder.parents) if not os.path.exists(p)]
     try:
@@ -56,6 +55,12 @@ def run_lock(folder: Path) -> Iterator[None]:
         else:  # POSIX: remove while holding, so that no run locks a file already unlinked (see _lock)
             _remove_unused(folder, made)
             os.close(fd)  # releases the lock
+
+
+def refuse_a_file(folder: Path) -> None:
+    """A file where ``--out`` names the run's folder, refused by name (the lock and a run's checks share it)."""
+    if os.path.isfile(folder):
+        raise ZEraseError(NOT_A_FOLDER.format(folder))
 
 
 def _lock(fd: int, folder: Path) -> None:
