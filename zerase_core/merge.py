@@ -87,7 +87,7 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
     factors = _concatenated(loras, weights)
     # What the merge preserves: every part's preservation concepts but those a part erases ("cat" keeping "dog"
     # merged with "dog" erases both); a part that is itself a merge erases each concept of its "a + b".
-    concepts = list(dict.fromkeys(c for lora in loras for c in _concepts(lora)))  # one LoRA twice: its own name
+    concepts = list(dict.fromkeys(c for lora in loras for c in concepts_of(lora)))  # one LoRA twice: its own name
     erased = {tuple(concept_words(c)) for c in concepts}
     return ErasureLoRA(
         factors,
@@ -153,7 +153,7 @@ def _check_finite(key: Key, a: torch.Tensor, b: torch.Tensor, weights: list[floa
                           "does.")
 
 
-def _concepts(lora: ErasureLoRA) -> list[str]:
+def concepts_of(lora: ErasureLoRA) -> list[str]:
     """The concepts a LoRA erases: a merge's are those of its "a + b"."""
     return lora.concept.split(JOIN) if lora.source == "merge" else [lora.concept]
 

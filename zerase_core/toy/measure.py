@@ -11,7 +11,7 @@ from ..apply import check_applicable, install_lora
 from ..backends.toy import toy_backend
 from ..errors import ZEraseError
 from ..lora_file import load_lora
-from ..merge import JOIN
+from ..merge import concepts_of
 from ..seeds import SEED_RANGE, valid_seed
 from .erasure_metrics import check_n_eval, erasure_report, parse_concept
 from .world import PROMPT_STYLES
@@ -35,7 +35,7 @@ def measure(files: Sequence[Path], concepts: Sequence[str], n_eval: int, seed: i
             check_applicable(backend, lora)
         except ZEraseError as err:
             raise ZEraseError(f"{path}: {err}") from err
-    concepts = list(concepts) or list(dict.fromkeys(c for lora in loras for c in lora.concept.split(JOIN)))
+    concepts = list(concepts) or list(dict.fromkeys(c for lora in loras for c in concepts_of(lora)))
     if not concepts:
         raise ZEraseError("Name the concepts to measure (--concepts red circle): without LoRA files there are none "
                           "to take them from.")
