@@ -154,3 +154,7 @@ def test_the_toy_trainer_resumes_from_a_checkpoint_read_without_pickled_objects(
     for a, b in zip(first.transformer.state_dict().values(), again.transformer.state_dict().values()):
         assert torch.equal(a, b)
     assert again.opt.state_dict()["state"][0]["step"] == first.opt.state_dict()["state"][0]["step"] == 1
+    old = torch.load(first.ckpt_path, weights_only=True) | {"best": np.float64(0.5)}  # as written before 25759ae
+    torch.save(old, first.ckpt_path)
+    with pytest.raises(ZEraseError, match="numpy's float.*convert it once"):
+        trainer().try_resume()

@@ -93,7 +93,8 @@ TRAIN_NOTE = f"""## Z-Erase: train and compare
 
 1. Set **concept** on Z-Erase Train (the word or phrase to erase), its **preset** (nsfw, style, entity, …) and
    **preserve** (what must stay, e.g. "person" when erasing "nude").
-2. Queue. It trains 1000 steps (about 13 GiB of VRAM at 512²), saves `models/loras/zerase/<save_name>.safetensors` and
+2. Queue. It trains 1000 steps (about 13 GiB of VRAM at 512²), saves `models/loras/zerase/<save_name>.safetensors`
+   (save_name empty: named after the concept, here `zerase/cat.safetensors`, which the other workflows load) and
    shows its loss and λ curves and a before | after preview on the node.
 3. The two samplers draw the prompt at one seed with the original and the erased model; Compare puts them side by side.
 

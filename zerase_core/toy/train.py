@@ -17,6 +17,7 @@ import copy
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, replace
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import ZEraseError
 from .classifier import ClassifierTraining, ToyClassifier, train_classifier
 from .evaluate import adherence
 from .model import DiTConfig, build_transformer, config_metadata, predict, to_latent
@@ -124,6 +126,18 @@ def lr_at(step: int, cfg: DiTTraining) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _read_checkpoint(path: Path) -> dict:
+    """A checkpoint of this trainer, read without unpickling objects (reading a file cannot run code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # written before 25759ae: its best score was numpy's float
+        raise ZEraseError(
+            f"{path} holds Python objects beyond tensors and numbers (a checkpoint written before checkpoints were "
+            "read without unpickling: its score is numpy's float). If you wrote it yourself, convert it once: "
+            f"python -c \"import torch; p = r'{path}'; s = torch.load(p, weights_only=False); "
+            "s['best'] = float(s['best']); torch.save(s, p)\"") from err
+
+
 class Trainer:
     def __init__(self, run_dir: Path, cfg: DiTTraining, dit: DiTConfig, text: TextConfig, sampler: SamplerConfig):
         self.run_dir, self.cfg, self.dit, self.text, self.sampler = run_dir, cfg, dit, text, sampler
@@ -167,7 +181,7 @@ class Trainer:
         The transformer blocks do not depend on the patch size (only the embedder and final layer
         do), so a patch-2 run can seed a patch-1 run and keep what it learnt about the prompts.
         """
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_checkpoint(path)
         pairs = ((self.transformer, self.ema_transformer, "transformer"), (self.encoder, self.ema_encoder, "encoder"))
         for module, ema, key in pairs:
             own = module.state_dict()
@@ -179,7 +193,7 @@ class Trainer:
     def try_resume(self) -> None:
         if not self.ckpt_path.exists():
             return
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        state = _read_checkpoint(self.ckpt_path)
         self.transformer.load_state_dict(state["transformer"])
         self.encoder.load_state_dict(state["encoder"])
         self.ema_transformer.load_state_dict(state["ema_transformer"])

@@ -24,9 +24,9 @@ from .clip_prompts import encode_with_clip
 from .digest import model_digest, text_encoder_digest
 from .loading import load_whole, loaded_whole, own_weights, training_model, uncompiled
 from .nextdit_layout import image_patches, nextdit_layout
-from .object_patches import (LAYER_FORWARD, QKV_PATH, REFINER_FORWARD, CheckpointedForward, GatedForward,
-                             PreviousForward, offload_with_model, own_forward)
-from .rebuilt_model import follow_rebuilds
+from .object_patches import (LAYER_FORWARD, OFFLOAD_KEY, QKV_PATH, REFINER_FORWARD, CheckpointedForward, GatedForward,
+                             PreviousForward, offload_adapters, own_forward)
+from .rebuilt_model import REBIND_KEY, rebind
 from .recognise import check_zimage
 
 WRAPPER_PREFIX = "zerase"
@@ -74,11 +74,15 @@ class ComfyZImageBackend(Backend):
         self.n_heads = int(unet["n_heads"])
         self.n_kv_heads = int(unet.get("n_kv_heads") or self.n_heads)
         self.cap_feat_dim = int(unet.get("cap_feat_dim", 0))
-        from comfy.patcher_extension import WrappersMP
+        from comfy.patcher_extension import CallbacksMP, WrappersMP
 
         self.patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, self.key, self.calls.diffusion_wrapper)
-        follow_rebuilds(self.patcher)  # ComfyUI may put these patches onto another model object (rebuilt_model.py)
-        offload_with_model(self.patcher)  # and move the model off the GPU: the applied LoRAs' weights go with it
+        # ComfyUI may put these patches onto another model object (rebuilt_model.py), and move the model off the GPU:
+        # the applied LoRAs' weights go with it. Once each (a clone inherits its source's callbacks).
+        for call, key, callback in ((CallbacksMP.ON_CLONE, REBIND_KEY, rebind),
+                                    (CallbacksMP.ON_DETACH, OFFLOAD_KEY, offload_adapters)):
+            self.patcher.remove_callbacks_with_key(call, key)
+            self.patcher.add_callback_with_key(call, key, callback)
         for i in range(len(self.dit.noise_refiner)):  # image tokens and t only: shareable across prompts
             key = REFINER_FORWARD.format(i)  # a wrapper inherited from the input MODEL's clone is replaced
             self.patcher.add_object_patch(

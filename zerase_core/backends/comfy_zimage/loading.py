@@ -13,17 +13,18 @@ from torch import nn
 from ...errors import ZEraseError
 from ...out_of_memory import told_as_out_of_memory
 from ...scoped import scoped
-from .rebuilt_model import followed
+from .rebuilt_model import can_follow
 
 if TYPE_CHECKING:
     from .backend import ComfyZImageBackend
 
 log = logging.getLogger(__name__)
 
-LORAS_LEFT_BEHIND = (
+PATCHES_LEFT_BEHIND = (
     "ComfyUI runs with dynamic VRAM, under which training needs a copy of the model loaded from its file again, and "
-    "the erasure LoRAs on this MODEL cannot be carried onto it: another extension patched the forward of the same "
-    "layers. Put that extension's node after Z-Erase Train, or start ComfyUI with --disable-dynamic-vram."
+    "another extension patched the forward of one of this MODEL's modules: that patch is bound to this copy and "
+    "cannot be carried onto the other (erasure LoRAs are). Put that extension's node after Z-Erase Train, or start "
+    "ComfyUI with --disable-dynamic-vram."
 )
 DYNAMIC_WITHOUT_FILE = (
     "ComfyUI runs with dynamic VRAM, under which training needs a copy of the model loaded from its file again, and "
@@ -52,11 +53,10 @@ def training_model(model: Any, node: str) -> Any:
         return model
     if getattr(model, "cached_patcher_init", None) is None:  # built in memory: no file to load the twin from
         raise ZEraseError(f"{node}: {DYNAMIC_WITHOUT_FILE}")
+    if not can_follow(model):  # before the twin is loaded: the whole model file again
+        raise ZEraseError(f"{node}: {PATCHES_LEFT_BEHIND}")
     log.info("%s: training on a non-dynamic copy of the model (ComfyUI's dynamic VRAM pages weights per op)", node)
-    twin = model.clone(disable_dynamic=True)
-    if not followed(twin):  # refused now, not at the first forward after the model and the prompts are loaded
-        raise ZEraseError(f"{node}: {LORAS_LEFT_BEHIND}")
-    return twin
+    return model.clone(disable_dynamic=True)
 
 
 def uncompiled(patcher: Any, node: str) -> None:

@@ -63,14 +63,6 @@ def erasure_chain(forward: Any) -> Iterator[GatedLoRALinear]:
         forward = getattr(forward.lora.base_layer, "_previous", None)
 
 
-def offload_with_model(patcher: Any) -> None:
-    """Register :func:`offload_adapters` on ``patcher``, once (its clones inherit it)."""
-    from comfy.patcher_extension import CallbacksMP
-
-    patcher.remove_callbacks_with_key(CallbacksMP.ON_DETACH, OFFLOAD_KEY)
-    patcher.add_callback_with_key(CallbacksMP.ON_DETACH, OFFLOAD_KEY, offload_adapters)
-
-
 def offload_adapters(patcher: Any, unpatch_all: bool = True) -> None:
     """ON_DETACH: applied erasure LoRAs leave the GPU with the model. They sit in object patches, outside the module
     tree ComfyUI moves and outside its memory accounting; GatedForward brings them back at the next call. A LoRA

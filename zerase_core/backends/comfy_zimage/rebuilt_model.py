@@ -27,14 +27,6 @@ class _Unfollowed(Exception):
     """A patch that cannot be built again on another model."""
 
 
-def follow_rebuilds(patcher: Any) -> None:
-    """Register :func:`rebind` on ``patcher``, once (its clones inherit it)."""
-    from comfy.patcher_extension import CallbacksMP
-
-    patcher.remove_callbacks_with_key(CallbacksMP.ON_CLONE, REBIND_KEY)
-    patcher.add_callback_with_key(CallbacksMP.ON_CLONE, REBIND_KEY, rebind)
-
-
 def rebind(source: Any, clone: Any) -> None:
     """ON_CLONE: where ``clone`` holds another model object than ``source``, our patches on its own modules."""
     if clone.model is source.model:
@@ -45,10 +37,8 @@ def rebind(source: Any, clone: Any) -> None:
     wrappers = clone.wrappers.get(WrappersMP.DIFFUSION_MODEL, {})
     calls = {id(state): CallState(state.node, dit, state.gate)  # each installation's, on the clone's model
              for state in _call_states(clone)}
-    try:
-        patches = {key: _rebuilt(patch, clone, key, calls) for key, patch in clone.object_patches.items()
-                   if _is_forward(key)}
-    except _Unfollowed:
+    patches = _rebuilt_patches(clone, calls)
+    if patches is None:
         return  # every patch as it was: the call state refuses to run them on this model
     clone.object_patches.update(patches)
     for key, found in wrappers.items():  # the clone's own lists (clone() copies them)
@@ -56,10 +46,19 @@ def rebind(source: Any, clone: Any) -> None:
                     for w in found]
 
 
-def followed(clone: Any) -> bool:
-    """Whether every erasure LoRA on ``clone`` runs on its own model: :func:`rebind` built them again there, or the
-    model object was never changed. False where another extension's patch kept them on the old one."""
-    return all(state.host is clone.model.diffusion_model for state in _call_states(clone))
+def can_follow(patcher: Any) -> bool:
+    """Whether :func:`rebind` would carry every forward patch on ``patcher`` onto another model object. Tried on its own
+    modules (what is built is dropped), so a caller can tell before ComfyUI loads the other (the model file again)."""
+    return _rebuilt_patches(patcher, {id(state): state for state in _call_states(patcher)}) is not None
+
+
+def _rebuilt_patches(clone: Any, calls: dict[int, CallState]) -> dict[str, Any] | None:
+    """Each forward patch on ``clone`` built again on its own modules; None where one cannot be."""
+    try:
+        return {key: _rebuilt(patch, clone, key, calls) for key, patch in clone.object_patches.items()
+                if _is_forward(key)}
+    except _Unfollowed:
+        return None
 
 
 def _call_states(patcher: Any) -> list[CallState]:
