@@ -325,7 +325,7 @@ def _edited(checkpoint, tensors=lambda t: t, **metadata):
 @pytest.mark.parametrize("damage", [
     dict(step='"abc"'), dict(seconds='"x"'), dict(python_rng="[1, 2]"), dict(lambda_='"x"'),
     dict(lambda_='{"value": "x", "previous_pr": null, "last_g": null}'), dict(history='[{"x": 1}]'),
-    dict(caller="[1]"),
+    dict(caller="[1]"), dict(fingerprint="[" * 100_000),  # past JSON's limits: a RecursionError, then text
     dict(tensors=lambda t: t | {"optim.0.step": torch.zeros(2)}),  # AdamW's .item() failed at the next step
     dict(tensors=lambda t: {k: v for k, v in t.items() if k != "optim.0.exp_avg_sq"}),  # AdamW failed a step later
     dict(tensors=lambda t: {k: v for k, v in t.items() if k != "lora.0.q.A"}),

@@ -219,6 +219,9 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.B": t["zerase.layers.0.q.B"] > 0}), "as torch.bool, not as float"),
     # training refuses a non-finite loss, so a recorded NaN is an edit (inspect printed it as invalid JSON)
     (dict(history='{"L_erase": [0.5, NaN]}'), "damaged Z-Erase metadata .*history values must be finite, got .nan"),
+    # past the JSON parser's limits (shared files are untrusted): a RecursionError and a ValueError traceback
+    (dict(training="[" * 100_000 + "]" * 100_000), "damaged Z-Erase metadata"),
+    (dict(training="1" * 5000), "damaged Z-Erase metadata"),
 ])
 def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
     tensors, meta = _damaged(_random_lora(KEYS), **damage)
@@ -303,7 +306,8 @@ def test_metadata_reads_back_as_written_even_strings_that_look_like_json(tmp_pat
     from safetensors import safe_open
 
     given = {"concept": "null", "number": "3.50", "digest": "8301945672103958", "word": "cat", "quoted": '"x"',
-             "list": ["a", 1], "steps": 4, "none": None}
+             "list": ["a", 1], "steps": 4, "none": None,
+             "deep": "[" * 100_000, "digits": "1" * 5000}  # past the parser's limits: text, not a traceback
     path = atomic_save({"t": torch.zeros(1)}, tmp_path / "m.safetensors", given)
     with safe_open(str(path), framework="pt") as f:
         stored = f.metadata()

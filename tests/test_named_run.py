@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from zerase_core.config import TrainConfig
 from zerase_core.errors import ZEraseError
@@ -119,3 +121,18 @@ def test_a_file_written_under_the_name_during_the_run_is_kept(tmp_path):
     run.lora.write_bytes(b"someone else's file")
     path = run.save(result.lora)
     assert path.name == "cat_001.safetensors" and run.lora.read_bytes() == b"someone else's file"
+
+
+def test_damaged_files_under_the_name_are_no_finished_run(tmp_path):
+    """Train reads every file saved under its name for a finished run to take: shared files are untrusted, and one
+    whose metadata was nested too deep, held an integer of 5000 digits or a training that is no dict stopped Train
+    with a traceback (RecursionError, ValueError) before any other file was looked at."""
+    backend = tiny_zimage_backend()
+    backend.base_digest = lambda: "this-model"
+    finished, _ = _train(tmp_path, _config(), backend=backend)
+    with safe_open(str(finished), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    kept = finished.rename(tmp_path / "red_003.safetensors")  # found after the damaged ones
+    for name, training in (("red", "[" * 100_000), ("red_001", "1" * 5000), ("red_002", "[1, 2]")):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=meta | {"training": training})
+    assert NamedRun.plan(tmp_path, "", _config(), False).finished(backend) == kept

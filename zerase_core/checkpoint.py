@@ -128,6 +128,9 @@ def _saved_config(path: Path, meta: dict) -> TrainConfig:
 def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict, base: str | None) -> None:
     """Refuse a checkpoint that a run of ``config`` on this model (its architecture ``fingerprint`` and ``base``
     digest: see Backend.base_digest) cannot continue."""
+    if meta.get("kind") == KIND and not isinstance(meta.get("fingerprint"), dict):  # text past JSON's limits, a list
+        raise ZEraseError(_damaged(path, TypeError(f"its fingerprint is a {type(meta.get('fingerprint')).__name__}, "
+                                                   "not a dict")))
     if meta.get("kind") == KIND and meta.get("fingerprint") != fingerprint:  # told first: its settings do not matter
         raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture; resume on the model it "
                           "was trained on, or start a fresh run.")

@@ -199,10 +199,13 @@ _NOT_JSON = object()
 
 
 def _json(text: str) -> Any:
-    """``text`` parsed as JSON, or ``_NOT_JSON``."""
+    """``text`` parsed as JSON, or ``_NOT_JSON``: also text past the parser's limits (nested deeper than Python's
+    recursion limit, an integer of more than 4300 digits), which :func:`atomic_save` then stores as it is and
+    :func:`decode_metadata` reads back as text; a file's damaged value is refused by what expects a number or a
+    dict there, not by a traceback."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as int()'s digit limit is
         return _NOT_JSON
 
 

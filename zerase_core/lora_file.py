@@ -172,12 +172,20 @@ def _safely(path: Path, read: Callable[[Any], Any]) -> Any:
 
 
 def read_description(path: str | Path) -> dict[str, Any]:
-    """A native file's decoded metadata without its tensors; {} for anything else (missing, damaged, not ours)."""
+    """A native file's decoded metadata without its tensors; {} for anything else (missing, damaged, not ours).
+
+    Its metadata is checked as loading checks it: a shared file under a Train node's save name is read for a finished
+    run, and a ``training`` that is no dict was a traceback there."""
+    path = Path(path)
     try:
-        meta = _header(Path(path))[1]
+        meta = _header(path)[1]
+        if meta.get("format") != FORMAT:
+            return {}
+        info = decode_metadata(meta)
+        _description(path, meta, info)
     except ZEraseError:  # missing, a folder, damaged
         return {}
-    return decode_metadata(meta) if meta.get("format") == FORMAT else {}
+    return info
 
 
 def load_lora(path: str | Path) -> ErasureLoRA:
