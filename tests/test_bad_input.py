@@ -326,6 +326,9 @@ def _edited(checkpoint, tensors=lambda t: t, **metadata):
     dict(step='"abc"'), dict(seconds='"x"'), dict(python_rng="[1, 2]"), dict(lambda_='"x"'),
     dict(lambda_='{"value": "x", "previous_pr": null, "last_g": null}'), dict(history='[{"x": 1}]'),
     dict(caller="[1]"), dict(fingerprint="[" * 100_000),  # past JSON's limits: a RecursionError, then text
+    # numbers past float's range (an OverflowError traceback)
+    dict(step="Infinity"), dict(seconds="1" + "0" * 400),
+    dict(lambda_='{"value": 1' + "0" * 400 + ', "previous_pr": null, "last_g": 0.0}'),
     dict(tensors=lambda t: t | {"optim.0.step": torch.zeros(2)}),  # AdamW's .item() failed at the next step
     dict(tensors=lambda t: {k: v for k, v in t.items() if k != "optim.0.exp_avg_sq"}),  # AdamW failed a step later
     dict(tensors=lambda t: {k: v for k, v in t.items() if k != "lora.0.q.A"}),
@@ -516,6 +519,11 @@ def test_a_checkpoint_with_settings_this_version_does_not_know_is_refused_by_nam
     with pytest.raises(ZEraseError, match="cannot be read .*new_setting.*so no run can resume from it"):
         check_run_files(out / "new.safetensors", out / "checkpoint.safetensors", _config(steps=2),
                         tiny_zimage_backend(), False, "")
+    del meta["config"]["new_setting_of_a_later_version"]
+    meta["config"]["lr"] = 10**400  # JSON's integers have no bound: an OverflowError traceback
+    atomic_save(tensors, out / "checkpoint.safetensors", meta)
+    with pytest.raises(ZEraseError, match="settings this version of the pack cannot read .int too large"):
+        PlannedRun(tiny_zimage_backend(), _config(steps=2), out, resume=True)
 
 
 def test_a_rank_beyond_the_models_width_is_refused_before_any_work():

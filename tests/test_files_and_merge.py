@@ -222,6 +222,9 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     # past the JSON parser's limits (shared files are untrusted): a RecursionError and a ValueError traceback
     (dict(training="[" * 100_000 + "]" * 100_000), "damaged Z-Erase metadata"),
     (dict(training="1" * 5000), "damaged Z-Erase metadata"),
+    # integers JSON reads, past float's range: an OverflowError traceback
+    (dict(scale="1" + "0" * 400), "damaged Z-Erase metadata .*OverflowError"),
+    (dict(history='{"L_erase": [1' + "0" * 400 + "]}"), "damaged Z-Erase metadata .*OverflowError"),
 ])
 def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
     tensors, meta = _damaged(_random_lora(KEYS), **damage)

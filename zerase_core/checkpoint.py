@@ -120,7 +120,8 @@ def _saved_config(path: Path, meta: dict) -> TrainConfig:
     """The settings a checkpoint was made with, refused by name when this version cannot read them."""
     try:
         return TrainConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as err:  # a setting this version does not know, or none at all
+    # a setting this version does not know, or none at all; a number past float's range (lr: 10**400) overflows
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise ZEraseError(f"The checkpoint {path.name} holds settings this version of the pack cannot read ({err}); "
                           f"it was made by another version, or is damaged. {START_ELSEWHERE}.") from err
 
@@ -157,7 +158,7 @@ def _refuse_other_settings(path: Path, meta: dict, config: TrainConfig) -> None:
             "fresh run.")
     try:
         step = int(meta["step"])
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError) as err:  # OverflowError: int(Infinity)
         raise ZEraseError(_damaged(path, err)) from err
     if step > config.steps:  # the loop would not run, and the LoRA would be past its steps
         raise ZEraseError(
@@ -196,7 +197,7 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
         caller = dict(meta.get("caller", {}))
         out_of_memory_from = (int(meta["gradient_checkpointing_from"])
                               if meta.get("gradient_checkpointing_reason") == OUT_OF_MEMORY else None)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError) as err:  # 10**400 as a float
         raise ZEraseError(_damaged(path, err)) from err
     trainer.lora.load_factors(factors)
     # AdamW's hyperparameters are the run's settings, which resuming requires to be the same: the live optimizer's

@@ -292,7 +292,7 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
         )
         if not finite_in_fp32(described["scale"], described["strength"]):  # told as the file's, not as a LoRA's
             raise ValueError(f"scale {described['scale']}, strength {described['strength']}")
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError) as err:  # OverflowError: float() of 10**400
         raise ZEraseError(
             f"'{path.name}' has damaged Z-Erase metadata ({type(err).__name__}: {err}); re-train or re-download it."
         ) from err
