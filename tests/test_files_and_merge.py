@@ -57,6 +57,16 @@ def test_official_file_imports_to_same_delta(tmp_path):
     with pytest.raises(ZEraseError, match="'official_cut.safetensors' has the official Z-Erase code's layout but "
                                           "cannot be used: LoRA factors for layer"):
         load_lora(tmp_path / "official_cut.safetensors")
+    twice = tensors | {"transformer.layers.0.attention.to_q.lora_down.weight": torch.zeros(4, 64)}
+    save_file(twice, str(tmp_path / "official_twice.safetensors"))  # two names of one factor: one was read over
+    with pytest.raises(ZEraseError, match="'official_twice.safetensors' has the official .* cannot be used: The file "
+                                          "holds layer 0 q's down twice"):
+        load_lora(tmp_path / "official_twice.safetensors")
+    far = {k.replace("layers.1.", f"layers.{'9' * 5000}."): v for k, v in tensors.items()}  # int() could not read it
+    save_file(far, str(tmp_path / "official_far.safetensors"))
+    with pytest.raises(ZEraseError, match="'official_far.safetensors' has the official .* cannot be used: The file has "
+                                          "an unexpected tensor 'layers.99999"):
+        load_lora(tmp_path / "official_far.safetensors")
     tensors["layers.1.attention.to_k.lora_down.weight"][0, 0] = float("inf")  # as native files, refused by name
     save_file(tensors, str(tmp_path / "official_inf.safetensors"))
     with pytest.raises(ZEraseError, match="'official_inf.safetensors' contains NaN or infinite weights"):
@@ -187,6 +197,13 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
 @pytest.mark.parametrize("damage, message", [
     (dict(tensors=lambda t: t | {"zerase.extra": torch.zeros(1)}), "unexpected tensor 'zerase.extra'"),
     (dict(tensors=lambda t: {k: v for k, v in t.items() if k != "zerase.layers.0.q.B"}), "misses half"),
+    # one factor under a second name, read over the first or taken for another layer; an index int() cannot read
+    (dict(tensors=lambda t: t | {"zerase.layers.00.q.A": torch.zeros(4, 64),
+                                 "zerase.layers.00.q.B": torch.zeros(64, 4)}),
+     "'bad.safetensors' has an unexpected tensor 'zerase.layers.00.q.A'; the file is damaged"),
+    (dict(tensors=lambda t: t | {"zerase.layers.0.q.A\n": torch.zeros(4, 64)}), "unexpected tensor"),
+    (dict(tensors=lambda t: {k.replace(".1.", ".\u0661."): v for k, v in t.items()}), "unexpected tensor"),
+    (dict(tensors=lambda t: {k.replace(".1.", f".{'9' * 5000}."): v for k, v in t.items()}), "unexpected tensor"),
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.A": torch.full_like(t["zerase.layers.0.q.A"], float("nan"))}),
      "NaN or infinite"),
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.B": torch.zeros(64, 3)}), "'bad.safetensors': .*inconsistent"),

@@ -41,8 +41,13 @@ Key = tuple[int, str]  # (main layer, projection)
 # The most a LoRA is applied at: Apply's strength, and a merge's weight (the strength its LoRA enters the merge at).
 # An official Z-Erase file needs about 15 (its code's lora_scale); 1 is a LoRA as trained.
 STRENGTH_MAX = 20.0
-_NATIVE = re.compile(r"^zerase\.layers\.(\d+)\.([qkv])\.([AB])$")
-_OFFICIAL = re.compile(r"^(?:transformer\.)?layers\.(\d+)\.attention\.to_([qkv])\.lora_(down|up)\.weight$")
+# Tensor names (layer, projection, factor), matched whole (fullmatch: "$" matches before a final newline), their
+# digits ASCII ("\d" takes any script's): one name per factor. The layouts take any index, so that a file of one is
+# told as such; _factors then takes only an index as Python writes it: no leading zero ("00" was a second name for
+# layer 0, read over the first), at most 4 digits (models have tens of layers; 5000 digits overran int()).
+_NATIVE = re.compile(r"zerase\.layers\.([0-9]+)\.([qkv])\.([AB])")
+_OFFICIAL = re.compile(r"(?:transformer\.)?layers\.([0-9]+)\.attention\.to_([qkv])\.lora_(down|up)\.weight")
+_LAYER = re.compile(r"0|[1-9][0-9]{0,3}")
 _STOCK_HINTS = ("lora_A", "lora_B", "lora_up", "lora_down", "lora_unet", "lora_te", ".alpha", "hada_", "lokr_")
 
 
@@ -194,7 +199,7 @@ def load_lora(path: str | Path) -> ErasureLoRA:
     keys, meta = _header(path)
     if meta.get("format") == FORMAT:
         return _from_native(path, _tensors(path), meta)
-    if keys and all(_OFFICIAL.match(k) for k in keys):
+    if keys and all(_OFFICIAL.fullmatch(k) for k in keys):
         tensors = _tensors(path)
         try:
             return _from_official(tensors, concept=path.stem)
@@ -207,7 +212,7 @@ def load_lora(path: str | Path) -> ErasureLoRA:
         raise ZEraseError(f"'{path.name}' is a Z-Erase training checkpoint (for resuming a run), not a LoRA; use the "
                           "run's LoRA file (erasure_lora.safetensors beside a command-line run's checkpoint; the "
                           "node's under models/loras/zerase/).")
-    native = keys and all(_NATIVE.match(k) for k in keys)
+    native = keys and all(_NATIVE.fullmatch(k) for k in keys)
     if native and "format" in meta:  # our tensors, described as another format: a later version's (or a tool's)
         raise ZEraseError(f"'{path.name}' holds a Z-Erase LoRA's tensors with metadata of format {meta['format']!r}, "
                           f"where this pack reads {FORMAT!r}: update the Z-Erase pack to read it.")
@@ -242,17 +247,12 @@ def _finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> ErasureLoRA:
     info = decode_metadata(meta)
     described = _description(path, meta, info)
-    parts: dict[Key, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        m = _NATIVE.match(name)
-        if not m:
-            raise ZEraseError(f"'{path.name}' has an unexpected tensor '{name}'; the file is damaged.")
-        parts.setdefault((int(m[1]), m[2]), {})[m[3]] = tensor.float()
-    broken = [k for k, ab in parts.items() if set(ab) != {"A", "B"}]
-    if broken:
-        raise ZEraseError(f"'{path.name}' misses half of the factors for {broken}; the file is damaged.")
     try:
-        lora = ErasureLoRA(factors={k: (ab["A"], ab["B"]) for k, ab in parts.items()}, **described)
+        factors = _factors(tensors, _NATIVE, {"A": "A", "B": "B"})
+    except ZEraseError as err:
+        raise ZEraseError(f"'{path.name}' {err}; the file is damaged.") from err
+    try:
+        lora = ErasureLoRA(factors=factors, **described)
     except ZEraseError as err:  # name the file, as every other refusal of a damaged one does
         raise ZEraseError(f"'{path.name}': {err} The file is damaged.") from err
     recorded = info.get("rank")
@@ -324,14 +324,31 @@ def _strings(value: Any) -> tuple[str, ...]:
 def _from_official(tensors: dict[str, torch.Tensor], concept: str) -> ErasureLoRA:
     """Official Z-Erase (diffusers) files: lora_down (r, in) is A, lora_up (out, r) is B, scale 1. They name no
     concept: ``concept`` is what they are known by (the file's name), so a merge is not named "red + "."""
-    parts: dict[Key, dict[str, torch.Tensor]] = {}
+    try:
+        factors = _factors(tensors, _OFFICIAL, {"down": "A", "up": "B"})
+    except ZEraseError as err:
+        raise ZEraseError(f"The file {err}.") from err
+    return ErasureLoRA(factors, concept=concept, source="official-z-erase")
+
+
+def _factors(tensors: dict[str, torch.Tensor], pattern: re.Pattern,
+             parts: dict[str, str]) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) in float32 by (layer, projection) from tensors named by ``pattern`` (layer, projection, part; ``parts``
+    says which part is A and which B). A name off the pattern, a factor named twice and half a pair are refused (what
+    is wrong, for the caller to say which file)."""
+    found: dict[Key, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
-        m = _OFFICIAL.match(name)
-        parts.setdefault((int(m[1]), m[2]), {})["A" if m[3] == "down" else "B"] = tensor.float()
-    broken = [k for k, ab in parts.items() if set(ab) != {"A", "B"}]
+        m = pattern.fullmatch(name)
+        if not (m and _LAYER.fullmatch(m[1])):
+            raise ZEraseError(f"has an unexpected tensor '{name}'")
+        pair = found.setdefault((int(m[1]), m[2]), {})
+        if parts[m[3]] in pair:  # "transformer.layers.0…" and "layers.0…": one would silently replace the other
+            raise ZEraseError(f"holds layer {m[1]} {m[2]}'s {m[3]} twice (one is '{name}')")
+        pair[parts[m[3]]] = tensor.float()
+    broken = [k for k, ab in found.items() if len(ab) != 2]
     if broken:
-        raise ZEraseError(f"Official Z-Erase file misses lora_down or lora_up for {broken}.")
-    return ErasureLoRA({k: (ab["A"], ab["B"]) for k, ab in parts.items()}, concept=concept, source="official-z-erase")
+        raise ZEraseError(f"misses half of the factors for {broken}")
+    return {k: (ab["A"], ab["B"]) for k, ab in found.items()}
 
 
 def differing_facts(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
