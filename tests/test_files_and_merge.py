@@ -209,6 +209,10 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.B": torch.zeros(64, 3)}), "'bad.safetensors': .*inconsistent"),
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.A": torch.zeros(0, 64), "zerase.layers.0.q.B": torch.zeros(64, 0)}),
      r"'bad.safetensors': .*A \(0, 64\), B \(64, 0\)"),  # rank 0: refused by the file's name, not at install
+    # width 0: no bytes in the file, and a merge wrote it as rank 2**40
+    (dict(tensors=lambda t: t | {"zerase.layers.0.q.A": torch.zeros(2**40, 0), "zerase.layers.0.q.B":
+                                 torch.zeros(0, 2**40)}, rank=str(2**40)),
+     r"'bad.safetensors': .*A \(1099511627776, 0\)"),
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.A": t["zerase.layers.0.q.B"], "zerase.layers.0.q.B":
                                  t["zerase.layers.0.q.A"]}),  # on a square projection they fit, at rank 64
      "'bad.safetensors': its factors have rank 64 where the file records rank 4 .A and B swapped"),
@@ -462,6 +466,23 @@ def test_lora_of_another_architecture_is_refused(tiny_backend):
     deep = _random_lora([(5, "q")])
     with pytest.raises(ZEraseError, match="layer 5 q: the model has no such projection"):
         install_lora(tiny_backend, deep)
+
+
+def test_a_rank_above_what_its_projection_holds_is_refused_before_anything_is_allocated(tiny_backend, monkeypatch):
+    """A file with one factor of rank 50000 on a 64→64 projection was applied: every slot it spans was padded to that
+    rank, a hundred times the file's size in memory. A rank above min(in, out) adds nothing; training refuses one."""
+    from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
+
+    lora = _random_lora([(0, "q"), (0, "k"), (1, "v")], rank=1)
+    factors = lora.factors | {(0, "q"): (torch.randn(65, 64), torch.randn(64, 65))}
+    monkeypatch.setattr(DiffusersZImageBackend, "install", lambda *a, **k: pytest.fail("allocated before refusing"))
+    with pytest.raises(ZEraseError, match="rank exceeds what its projections can hold .layer 0 q: rank 65 on a "
+                                          "64→64 projection.* re-train or re-download it, or merge them again"):
+        install_lora(tiny_backend, replace(lora, factors=factors))
+    with pytest.raises(ZEraseError, match="rank 65 on a 64→64"):
+        check_fits(replace(lora, factors=factors), tiny_backend.fingerprint(), host_widths(tiny_backend))
+    full = lora.factors | {(0, "q"): (torch.randn(64, 64), torch.randn(64, 64))}  # the most a 64→64 matrix holds
+    check_fits(replace(lora, factors=full), tiny_backend.fingerprint(), host_widths(tiny_backend))
 
 
 @pytest.mark.parametrize("multiplier", [float("nan"), float("inf"), 1e39])

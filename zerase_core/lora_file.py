@@ -80,9 +80,10 @@ class ErasureLoRA:
         if self.scope not in _SCOPES.values():
             raise ZEraseError(f"Unknown LoRA scope {self.scope!r}; expected 'text' or 'all'.")
         for key, (a, b) in self.factors.items():
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            # no width 0 either: A (2**40, 0) and B (0, 2**40) hold nothing, and a merge wrote them as rank 2**40
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or 0 in (*a.shape, *b.shape):
                 raise ZEraseError(f"LoRA factors for layer {key[0]} {key[1]} have inconsistent shapes "
-                                  f"(A {tuple(a.shape)}, B {tuple(b.shape)}: rank × in and out × rank, rank ≥ 1).")
+                                  f"(A {tuple(a.shape)}, B {tuple(b.shape)}: rank × in and out × rank, each ≥ 1).")
 
     def require_gated(self) -> None:
         """Refuse to go on with a LoRA trained without the gate: every host applies LoRAs through it."""
@@ -373,9 +374,27 @@ def check_fits(lora: ErasureLoRA, fingerprint: dict[str, Any], widths: dict[Key,
                 f"{widths[key][0]}→{widths[key][1]}"
             )
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         trained = lora.fingerprint.get("family", "another model")
         raise ZEraseError(
             f"This erasure LoRA was made for a different architecture ({trained}) and does not fit this model: "
-            f"{shown}. Use a LoRA trained on this model."
+            f"{_listed(problems)}. Use a LoRA trained on this model."
         )
+    _check_ranks(lora)
+
+
+def _check_ranks(lora: ErasureLoRA) -> None:
+    """Refuse factors of a rank above min(in, out) of their projection (which check_fits has matched to the model's),
+    before anything is allocated: a matrix of that shape holds no more, and applied, every slot the LoRA spans is
+    padded to its largest rank, so one such factor in a file made memory grow a hundredfold."""
+    over = [f"layer {i} {p}: rank {a.shape[0]} on a {a.shape[1]}→{b.shape[0]} projection"
+            for (i, p), (a, b) in sorted(lora.factors.items()) if a.shape[0] > min(a.shape[1], b.shape[0])]
+    if over:
+        raise ZEraseError(f"This erasure LoRA's rank exceeds what its projections can hold ({_listed(over)}): a rank "
+                          "above min(in, out) of the matrix adds nothing (training refuses one). The file is damaged, "
+                          "or a merge of very many LoRAs: re-train or re-download it, or merge them again with a rank "
+                          "of at most min(in, out).")
+
+
+def _listed(problems: list[str]) -> str:
+    """The first six of ``problems``, then how many more."""
+    return "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
