@@ -243,6 +243,9 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     # past the JSON parser's limits (shared files are untrusted): a RecursionError and a ValueError traceback
     (dict(training="[" * 100_000 + "]" * 100_000), "damaged Z-Erase metadata"),
     (dict(training="1" * 5000), "damaged Z-Erase metadata"),
+    # merge compares and sorts the parts' base digests: a list, an int or a dict there was a traceback
+    *[(dict(training=json.dumps({"base": base})), "damaged Z-Erase metadata .*training.base must be a string")
+      for base in ([1, 2], 5, {"a": 1})],
     # integers JSON reads, past float's range: an OverflowError traceback
     (dict(scale="1" + "0" * 400), "damaged Z-Erase metadata .*OverflowError"),
     (dict(history='{"L_erase": [1' + "0" * 400 + "]}"), "damaged Z-Erase metadata .*OverflowError"),

@@ -286,7 +286,7 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
             concept=str(info.get("concept", "")),
             preserve=_strings(info.get("preserve", [])),
             fingerprint=dict(info.get("fingerprint", {})),
-            training=dict(info.get("training", {})),
+            training=_training(info.get("training", {})),
             source=str(info.get("source", "native")),
             history={str(k): _finite_numbers(vs) for k, vs in dict(info.get("history", {})).items()},
             scope=_SCOPES[kind],
@@ -313,6 +313,16 @@ def _finite_numbers(values: Any) -> list[float]:
     if not all(map(math.isfinite, numbers)):
         raise ValueError(f"history values must be finite, got {[v for v in numbers if not math.isfinite(v)][:3]}")
     return numbers
+
+
+def _training(value: Any) -> dict[str, Any]:
+    """The training record from metadata; its ``base`` (the model's digest, or None) a string: merge compares and
+    sorts the parts' digests, and a list or an int there stopped it with a traceback."""
+    training = dict(value)
+    base = training.get("base")
+    if base is not None and not isinstance(base, str):
+        raise TypeError(f"training.base must be a string (the base model's digest), got {base!r}")
+    return training
 
 
 def _strings(value: Any) -> tuple[str, ...]:
