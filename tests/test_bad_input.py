@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -312,6 +313,12 @@ def test_a_damaged_checkpoint_is_not_offered_for_resuming(tmp_path):
     assert not (tmp_path / "new").exists()  # a refused run creates nothing
 
 
+def _history(steps: int = 2, **first) -> str:
+    """A checkpoint's history of ``steps`` steps, as stored, with ``first`` changed in the first record."""
+    record = dict(step=1, erase=0.5, attn=0.1, pr=0.01, lam=0.0, g=0.001, sigma=0.5, seconds=0.1, pr_recomputed=False)
+    return json.dumps([record | {"step": i + 1} | (first if i == 0 else {}) for i in range(steps)])
+
+
 def _edited(checkpoint, tensors=lambda t: t, **metadata):
     """The checkpoint re-written with its tensors passed through ``tensors`` and metadata entries replaced."""
     from safetensors import safe_open
@@ -329,6 +336,8 @@ def _edited(checkpoint, tensors=lambda t: t, **metadata):
     # numbers past float's range (an OverflowError traceback)
     dict(step="Infinity"), dict(seconds="1" + "0" * 400),
     dict(lambda_='{"value": 1' + "0" * 400 + ', "previous_pr": null, "last_g": 0.0}'),
+    # a step edited apart from its history: a negative one trained past the run's steps (a huge one never ended)
+    dict(step="-3"), dict(history=_history(steps=1)), dict(history=_history(steps=3)),
     dict(tensors=lambda t: t | {"optim.0.step": torch.zeros(2)}),  # AdamW's .item() failed at the next step
     dict(tensors=lambda t: {k: v for k, v in t.items() if k != "optim.0.exp_avg_sq"}),  # AdamW failed a step later
     dict(tensors=lambda t: {k: v for k, v in t.items() if k != "lora.0.q.A"}),

@@ -160,10 +160,12 @@ def _refuse_other_settings(path: Path, meta: dict, config: TrainConfig) -> None:
         step = int(meta["step"])
     except (KeyError, TypeError, ValueError, OverflowError) as err:  # OverflowError: int(Infinity)
         raise ZEraseError(_damaged(path, err)) from err
+    if step < 0:  # no run writes one: resumed, it trained past its steps (a huge one never ended), mislabelled
+        raise ZEraseError(_damaged(path, ValueError(f"step {step} is negative")))
     if step > config.steps:  # the loop would not run, and the LoRA would be past its steps
         raise ZEraseError(
-            f"The checkpoint {path.name} is at step {meta['step']}, past this run's {config.steps} steps; "
-            f"set steps to {meta['step']} or more to continue it, or start a fresh run.")
+            f"The checkpoint {path.name} is at step {step}, past this run's {config.steps} steps; "
+            f"set steps to {step} or more to continue it, or start a fresh run.")
 
 
 def _brief(value, most: int = 80) -> str:
@@ -193,7 +195,7 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
         random.Random().setstate(python_rng)
         lam = _lambda_rule(trainer, meta["lambda"])
         step, seconds = int(meta["step"]), float(meta["seconds"])
-        history = [StepRecord(**r) for r in meta["history"]]
+        history = _history(meta["history"], step)
         caller = dict(meta.get("caller", {}))
         out_of_memory_from = (int(meta["gradient_checkpointing_from"])
                               if meta.get("gradient_checkpointing_reason") == OUT_OF_MEMORY else None)
@@ -208,6 +210,15 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     trainer.lambda_rule, trainer.step, trainer.seconds, trainer.history = lam, step, seconds, history
     trainer.checkpoint_meta = caller
     trainer.checkpointing.resume(trainer.step + 1, out_of_memory_from)
+
+
+def _history(records: list, step: int) -> list[StepRecord]:
+    """The run's step records, one for each step done: a step edited apart from them trained on from it, its LoRA
+    labelled with steps it did not train."""
+    history = [StepRecord(**r) for r in records]
+    if len(history) != step:
+        raise ValueError(f"its history holds {len(history)} steps, its step is {step}")
+    return history
 
 
 ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what AdamW keeps per parameter once it has stepped
