@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -338,6 +339,11 @@ def _edited(checkpoint, tensors=lambda t: t, **metadata):
     dict(lambda_='{"value": 1' + "0" * 400 + ', "previous_pr": null, "last_g": 0.0}'),
     # a step edited apart from its history: a negative one trained past the run's steps (a huge one never ended)
     dict(step="-3"), dict(history=_history(steps=1)), dict(history=_history(steps=3)),
+    # a record's field of another type or not finite trained to the end, then wrote a LoRA loading refuses (NaN) or
+    # failed at its export ("oops"); the caller's notes: the Train node stopped with an AttributeError
+    dict(history=_history(erase=float("nan"))), dict(history=_history(erase="oops")),
+    dict(history=_history(step=1.5)), dict(history=_history(pr_recomputed="yes")),
+    dict(history=_history(seconds=float("inf"))), dict(seconds="NaN"), dict(caller='{"lora_file": 5}'),
     dict(tensors=lambda t: t | {"optim.0.step": torch.zeros(2)}),  # AdamW's .item() failed at the next step
     dict(tensors=lambda t: {k: v for k, v in t.items() if k != "optim.0.exp_avg_sq"}),  # AdamW failed a step later
     dict(tensors=lambda t: {k: v for k, v in t.items() if k != "lora.0.q.A"}),
@@ -364,6 +370,16 @@ def test_a_checkpoint_with_damaged_contents_is_refused_by_name_and_the_trainer_i
             trainer.resume(out / "checkpoint.safetensors")
         finally:  # nothing of a damaged file reaches the trainer
             assert trainer.step == 0 and all(torch.equal(p, q) for p, q in zip(trainer.params, before))
+
+
+def test_a_checkpoints_history_is_taken_as_it_was_written(tmp_path):
+    """The records the damaged ones above are edited from: each field of its type, every number finite."""
+    out = tmp_path / "run"
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=out / "checkpoint.safetensors").run()
+    _edited(out / "checkpoint.safetensors", history=_history())
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4))
+    trainer.resume(out / "checkpoint.safetensors")
+    assert [dataclasses.asdict(r) for r in trainer.history] == json.loads(_history())
 
 
 def test_a_demo_without_evaluation_prompts_is_refused_before_any_work(tmp_path, capsys):

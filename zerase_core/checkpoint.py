@@ -22,6 +22,7 @@ from .files import atomic_save, check_writable, decode_metadata
 from .history import StepRecord
 from .lagrangian import rule_for
 from .run_files import resumable
+from .typed import settle
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -194,9 +195,9 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
         python_rng = _tupled(meta["python_rng"])
         random.Random().setstate(python_rng)
         lam = _lambda_rule(trainer, meta["lambda"])
-        step, seconds = int(meta["step"]), float(meta["seconds"])
+        step, seconds = int(meta["step"]), _finite(float(meta["seconds"]), "seconds")
         history = _history(meta["history"], step)
-        caller = dict(meta.get("caller", {}))
+        caller = _caller(meta.get("caller", {}))
         out_of_memory_from = (int(meta["gradient_checkpointing_from"])
                               if meta.get("gradient_checkpointing_reason") == OUT_OF_MEMORY else None)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError) as err:  # 10**400 as a float
@@ -215,10 +216,35 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
 def _history(records: list, step: int) -> list[StepRecord]:
     """The run's step records, one for each step done: a step edited apart from them trained on from it, its LoRA
     labelled with steps it did not train."""
-    history = [StepRecord(**r) for r in records]
+    history = [_record(r) for r in records]
     if len(history) != step:
         raise ValueError(f"its history holds {len(history)} steps, its step is {step}")
     return history
+
+
+def _record(fields: dict) -> StepRecord:
+    """One step's record, each field of its type and every number finite (training refuses a non-finite loss): a NaN
+    or a string there trained to the end, then wrote a LoRA that loading refuses, or failed at its export."""
+    record = StepRecord(**fields)
+    settle(record)
+    for name in ("erase", "attn", "pr", "lam", "g", "sigma", "seconds"):
+        _finite(getattr(record, name), f"step {record.step}'s {name}")
+    return record
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is {value}")
+    return value
+
+
+def _caller(notes) -> dict[str, str]:
+    """The caller's notes (the Train node's: where its LoRA goes), names by name: a number there stopped the node
+    with a traceback once the run was planned."""
+    caller = dict(notes)
+    if not all(isinstance(v, str) for v in caller.values()):
+        raise TypeError(f"its caller's notes {caller!r} are not all names")
+    return caller
 
 
 ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what AdamW keeps per parameter once it has stepped
