@@ -115,6 +115,9 @@ def test_resuming_a_finished_command_line_run_samples_no_pool_and_trains_nothing
     train_and_save(PlannedRun(tiny_zimage_backend(), config, tmp_path, resume=True))
     assert load_lora(path).training["steps_done"] == 3
     assert len(json.loads((tmp_path / "history.json").read_text())) == 3
+    (tmp_path / "history.json").write_text("[" * 100_000)  # damaged past JSON's limits: a RecursionError traceback
+    train_and_save(PlannedRun(tiny_zimage_backend(), config, tmp_path, resume=True))
+    assert len(json.loads((tmp_path / "history.json").read_text())) == 3
 
 
 def _flat(history) -> list[float]:

@@ -163,10 +163,11 @@ def _write_outputs(run: PlannedRun, result: TrainResult, trained: bool) -> None:
 
 
 def _records(path: Path) -> int | None:
-    """How many steps a history.json holds; None for none or a damaged one."""
+    """How many steps a history.json holds; None for none or a damaged one (also one nested past the parser's
+    recursion limit)."""
     try:
         return len(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, RecursionError):
         return None
 
 
