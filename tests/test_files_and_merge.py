@@ -440,6 +440,8 @@ def test_a_save_name_too_long_is_refused_by_name_and_a_long_concept_makes_one_th
     for lookup in (safe_output_path, saved_versions):
         with pytest.raises(ZEraseError, match="too long .*choose a shorter save name"):
             lookup(tmp_path, "y" * 250)
+        with pytest.raises(ZEraseError, match="too long .*choose a shorter save name, or fewer subfolders"):
+            lookup(tmp_path, "/".join(["d" * 200] * 25))  # each part fits; the whole path does not
     name = name_from("猫" * 90)  # 270 bytes as a concept; the node's default save name
     assert len(name.encode()) + len("_001.zerase-ckpt") <= NAME_MAX and name == "猫" * len(name)
     assert safe_output_path(tmp_path, name).name == name + ".safetensors"
@@ -510,7 +512,7 @@ def test_stock_loaders_do_not_recognise_native_files(tiny_backend, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in transformer.state_dict().items() if k in before)
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "", "bad:name"])
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "", "bad:name", "sub\n/cat"])
 def test_save_name_cannot_leave_its_folder(tmp_path, name):
     with pytest.raises(ZEraseError, match="not allowed|would leave"):
         safe_output_path(tmp_path, name)

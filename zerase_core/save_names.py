@@ -16,7 +16,7 @@ from .files import NAME_MAX, NAME_UNIT, check_portable, name_length, windows_dev
 # A save name's longest part, leaving room for a suffix (".safetensors"; ".zerase-ckpt" is as long) and a number.
 _NAME_ROOM = NAME_MAX - len(".safetensors") - len("_001")
 _NAME_CHARS = r"\w\-. "  # what a save name may hold
-_SAFE_NAME = re.compile(rf"^[{_NAME_CHARS}]+$")
+_SAFE_NAME = re.compile(rf"[{_NAME_CHARS}]+")  # fullmatch: "$" matches before a final newline ("sub\n")
 
 
 def safe_output_path(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> Path:
@@ -24,7 +24,7 @@ def safe_output_path(folder: str | os.PathLike, name: str, suffix: str = ".safet
 
     An existing file gets a numbered sibling (name_001) instead of being replaced.
     """
-    return next(p for p in numbered_paths(folder, name, suffix) if not p.exists())
+    return next(p for p in numbered_paths(folder, name, suffix) if not _exists(p, name))
 
 
 def numbered_paths(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> Iterator[Path]:
@@ -71,7 +71,7 @@ def path_inside(folder: str | os.PathLike, name: str, suffix: str) -> Path:
     if name.endswith(suffix):
         name = name[: -len(suffix)]
     parts = name.replace("\\", "/").split("/")
-    if not name or os.path.isabs(name) or any(p in ("", ".", "..") or not _SAFE_NAME.match(p) for p in parts):
+    if not name or os.path.isabs(name) or any(p in ("", ".", "..") or not _SAFE_NAME.fullmatch(p) for p in parts):
         raise ZEraseError(
             f"The save name '{name}' is not allowed: use letters (of any script), digits, spaces, '-', '_', '.' and "
             "optional subfolders, without '..' or an absolute path; files stay inside the output folder."
@@ -87,4 +87,15 @@ def path_inside(folder: str | os.PathLike, name: str, suffix: str) -> Path:
     path = root.joinpath(*parts[:-1], parts[-1] + suffix)
     if root not in path.resolve().parents:
         raise ZEraseError(f"The save name '{name}' would leave the folder {root}; choose a plain name.")
+    _exists(path, name)  # a path too long as a whole is refused here, before any caller looks it up
     return path
+
+
+def _exists(path: Path, name: str) -> bool:
+    """Whether ``path`` exists; one the system cannot look up (too long as a whole, 25 subfolders of 200 characters,
+    each part short enough) is refused by the save ``name`` it is made of: Path.exists() raises on it."""
+    try:
+        return path.exists()
+    except OSError as err:
+        raise ZEraseError(f"The save name '{name[:60]}…' makes a path too long for the system, or one it cannot look "
+                          f"up ({err.strerror or err}); choose a shorter save name, or fewer subfolders.") from err
