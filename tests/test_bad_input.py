@@ -372,6 +372,16 @@ def test_a_checkpoint_with_damaged_contents_is_refused_by_name_and_the_trainer_i
             assert trainer.step == 0 and all(torch.equal(p, q) for p, q in zip(trainer.params, before))
 
 
+def test_a_damaged_checkpoints_text_reaches_the_message_with_its_control_characters_escaped(tmp_path):
+    """Python quotes an unknown keyword as it is: a record's field named with escape codes reached the terminal."""
+    out = tmp_path / "run"
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=out / "checkpoint.safetensors").run()
+    _edited(out / "checkpoint.safetensors", history='[{"x\\u001b[2J": 1}]')
+    with pytest.raises(ZEraseError, match=r"is damaged .*argument 'x\\x1b\[2J'") as refused:
+        ZEraseTrainer(tiny_zimage_backend(), _config(steps=4)).resume(out / "checkpoint.safetensors")
+    assert "\x1b" not in str(refused.value)
+
+
 def test_a_checkpoints_history_is_taken_as_it_was_written(tmp_path):
     """The records the damaged ones above are edited from: each field of its type, every number finite."""
     out = tmp_path / "run"

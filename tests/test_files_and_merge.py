@@ -257,6 +257,29 @@ def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
         load_lora(tmp_path / "bad.safetensors")
 
 
+def test_text_from_a_file_reaches_messages_with_its_control_characters_escaped(tmp_path, capsys, tiny_backend):
+    """Files are shared: a concept's escape codes cleared the terminal that merge printed its refusal to, set its
+    title, and its line break printed a line of its own ("Done: merged OK")."""
+    from zerase_core.cli import main
+
+    hostile = "x\x1b[2J\x1b]0;pwned\x07\nDone: merged OK"
+    ungated = replace(_random_lora(KEYS, concept=hostile), scope="all")
+    parts = [save_lora(ungated, tmp_path / "a.safetensors"), save_lora(_random_lora(KEYS), tmp_path / "b.safetensors")]
+    assert main(["merge", *map(str, parts), "--out", str(tmp_path / "merged.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "for 'x\\x1b[2J\\x1b]0;pwned\\x07\\nDone: merged OK' was trained without the token gate" in err
+    assert "\x1b" not in err and "\x07" not in err and err.count("\n") == 1  # the one line the refusal is
+    tensors, meta = _damaged(_random_lora(KEYS), tensors=lambda t: t | {"zerase.\x1b[2J": torch.zeros(1)})
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ZEraseError, match=r"unexpected tensor 'zerase.\\x1b\[2J'; the file is damaged"):
+        load_lora(tmp_path / "bad.safetensors")
+    other = replace(_random_lora(KEYS), fingerprint=tiny_backend.fingerprint() | {"family": "z\x1b[2J" + "!" * 300})
+    with pytest.raises(ZEraseError) as refused:
+        check_fits(other, tiny_backend.fingerprint(), host_widths(tiny_backend))
+    assert "family: LoRA z\\x1b[2J!!" in str(refused.value) and "\x1b" not in str(refused.value)
+    assert "!" * 201 not in str(refused.value)  # cut: a value of megabytes was a message of megabytes
+
+
 def test_inspect_prints_the_metadata_as_stored(tmp_path, capsys):
     """A file from before format_version and gate were recorded: inspect printed the metadata rebuilt on loading
     (format_version 1, the gate), which the file does not hold."""

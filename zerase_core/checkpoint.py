@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .config import OUT_OF_MEMORY, TrainConfig
-from .errors import ZEraseError
+from .errors import ZEraseError, shown
 from .files import atomic_save, check_writable, decode_metadata
 from .history import StepRecord
 from .lagrangian import rule_for
@@ -87,15 +87,16 @@ def _refuse_replacing(path: Path, advice: str) -> None:
     try:
         meta = _read(path, tensors=False)[1]
         if meta.get("non_finite_stop"):  # resuming would repeat the failed step: the fix is a new run, here
-            log.warning("%s: replacing the checkpoint of a run stopped by NaN at step %s", path, meta["step"])
+            log.warning("%s: replacing the checkpoint of a run stopped by NaN at step %s", path,
+                        shown(str(meta["step"])))
             return
         _saved_config(path, meta)  # one this version cannot read cannot be resumed by it either
         at = f" stopped at step {int(meta['step'])} of {int(meta['config']['steps'])}"
     except Exception as err:  # a damaged checkpoint is still the user's file: refuse all the same, but no resume
         cause = err.__cause__ if isinstance(err, ZEraseError) and err.__cause__ else err
-        raise ZEraseError(f"{path} is a checkpoint that cannot be read ({type(cause).__name__}: {cause}), so no run "
-                          "can resume from it; a new run here would replace it. Delete or move that file, or start "
-                          "the run elsewhere.") from err
+        raise ZEraseError(f"{path} is a checkpoint that cannot be read ({type(cause).__name__}: {shown(str(cause))}), "
+                          "so no run can resume from it; a new run here would replace it. Delete or move that file, or "
+                          "start the run elsewhere.") from err
     raise ZEraseError(f"{path} holds a run{at} that can still be resumed; starting another here would replace it. "
                       f"{advice}")
 
@@ -114,7 +115,7 @@ def _read(path: Path, tensors: bool) -> tuple[dict, dict]:
                 meta["base"] = raw["base"]                   # reads back as a number; its text is the digest
             return ({k: f.get_tensor(k) for k in f.keys()} if tensors else {}), meta
     except Exception as err:  # safetensors raises several types for damaged files
-        raise ZEraseError(f"Cannot read the checkpoint {path}: {err}. {START_ELSEWHERE}.") from err
+        raise ZEraseError(f"Cannot read the checkpoint {path}: {shown(str(err))}. {START_ELSEWHERE}.") from err
 
 
 def _saved_config(path: Path, meta: dict) -> TrainConfig:
@@ -123,8 +124,9 @@ def _saved_config(path: Path, meta: dict) -> TrainConfig:
         return TrainConfig.from_dict(meta["config"])
     # a setting this version does not know, or none at all; a number past float's range (lr: 10**400) overflows
     except (KeyError, TypeError, ValueError, OverflowError) as err:
-        raise ZEraseError(f"The checkpoint {path.name} holds settings this version of the pack cannot read ({err}); "
-                          f"it was made by another version, or is damaged. {START_ELSEWHERE}.") from err
+        raise ZEraseError(f"The checkpoint {path.name} holds settings this version of the pack cannot read "
+                          f"({shown(str(err))}); it was made by another version, or is damaged. {START_ELSEWHERE}."
+                          ) from err
 
 
 def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict, base: str | None) -> None:
@@ -300,7 +302,7 @@ def _flat(state) -> list:
 
 
 def _damaged(path: Path, err: BaseException) -> str:
-    return (f"The checkpoint {path} is damaged ({type(err).__name__}: {err}); it cannot be resumed. "
+    return (f"The checkpoint {path} is damaged ({type(err).__name__}: {shown(str(err))}); it cannot be resumed. "
             f"{START_ELSEWHERE}.")
 
 

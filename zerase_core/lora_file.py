@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import ZEraseError
+from .errors import ZEraseError, shown
 from .files import atomic_save, decode_metadata
 from .lora import finite_in_fp32
 from .save_names import safe_output_path
@@ -89,7 +89,7 @@ class ErasureLoRA:
         """Refuse to go on with a LoRA trained without the gate: every host applies LoRAs through it."""
         if self.scope != "text":
             raise ZEraseError(
-                f"The LoRA for '{self.concept}' was trained without the token gate (scope 'all', the paper's §3 "
+                f"The LoRA for '{shown(self.concept)}' was trained without the token gate (scope 'all', the paper's §3 "
                 "ablation): it changes every token's q/k/v, so applied or merged through the gate it would not be "
                 "the model it was trained as. Train it with the default scope 'text' to use it.")
 
@@ -173,8 +173,8 @@ def _safely(path: Path, read: Callable[[Any], Any]) -> Any:
         if path.suffix.lower() != ".safetensors":  # a .pt or .ckpt LoRA is whole, in a format not read here
             raise ZEraseError(f"'{path.name}' is not a safetensors file; Z-Erase LoRAs are .safetensors files (saved "
                               "by Z-Erase Train or Merge, or exported by the official Z-Erase code).") from err
-        raise ZEraseError(
-            f"'{path.name}' is not a readable safetensors file ({err}); re-download or re-train it.") from err
+        raise ZEraseError(f"'{path.name}' is not a readable safetensors file ({shown(str(err))}); re-download or "
+                          "re-train it.") from err
 
 
 def read_description(path: str | Path) -> dict[str, Any]:
@@ -215,8 +215,9 @@ def load_lora(path: str | Path) -> ErasureLoRA:
                           "node's under models/loras/zerase/).")
     native = keys and all(_NATIVE.fullmatch(k) for k in keys)
     if native and "format" in meta:  # our tensors, described as another format: a later version's (or a tool's)
-        raise ZEraseError(f"'{path.name}' holds a Z-Erase LoRA's tensors with metadata of format {meta['format']!r}, "
-                          f"where this pack reads {FORMAT!r}: update the Z-Erase pack to read it.")
+        raise ZEraseError(f"'{path.name}' holds a Z-Erase LoRA's tensors with metadata of format "
+                          f"{shown(repr(meta['format']))}, where this pack reads {FORMAT!r}: update the Z-Erase pack "
+                          "to read it.")
     if native:  # re-saved by a tool that keeps tensors only (save_file)
         raise ZEraseError(f"'{path.name}' holds a Z-Erase LoRA's tensors without its metadata (scale, concept, gate), "
                           "so it cannot be applied as trained; it was re-saved by a tool that drops metadata. Use the "
@@ -258,9 +259,9 @@ def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
         raise ZEraseError(f"'{path.name}': {err} The file is damaged.") from err
     recorded = info.get("rank")
     if recorded is not None and lora.rank != recorded:  # A and B swapped fit together too, at rank = the width
-        raise ZEraseError(f"'{path.name}': its factors have rank {lora.rank} where the file records rank {recorded} "
-                          "(A and B swapped, or tensors from another file). The file is damaged; re-train or "
-                          "re-download it.")
+        raise ZEraseError(f"'{path.name}': its factors have rank {lora.rank} where the file records rank "
+                          f"{shown(str(recorded))} (A and B swapped, or tensors from another file). The file is "
+                          "damaged; re-train or re-download it.")
     return lora
 
 
@@ -275,8 +276,8 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
         raise ZEraseError(f"'{path.name}' uses format version {version}; update the Z-Erase pack to read it.")
     kind = _gate_kind(info)
     if version >= 2 and isinstance(kind, str) and kind not in _SCOPES:  # a kind added later than this pack
-        raise ZEraseError(f"'{path.name}' has a gate of kind {kind!r}, which this pack does not know; update the "
-                          "Z-Erase pack to read it.")
+        raise ZEraseError(f"'{path.name}' has a gate of kind {shown(repr(kind))}, which this pack does not know; "
+                          "update the Z-Erase pack to read it.")
     try:
         if version < 0:
             raise ValueError(f"format_version {meta['format_version']!r}")
@@ -294,9 +295,8 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
         if not finite_in_fp32(described["scale"], described["strength"]):  # told as the file's, not as a LoRA's
             raise ValueError(f"scale {described['scale']}, strength {described['strength']}")
     except (KeyError, TypeError, ValueError, OverflowError) as err:  # OverflowError: float() of 10**400
-        raise ZEraseError(
-            f"'{path.name}' has damaged Z-Erase metadata ({type(err).__name__}: {err}); re-train or re-download it."
-        ) from err
+        raise ZEraseError(f"'{path.name}' has damaged Z-Erase metadata ({type(err).__name__}: {shown(str(err))}); "
+                          "re-train or re-download it.") from err
     return described
 
 
@@ -351,10 +351,10 @@ def _factors(tensors: dict[str, torch.Tensor], pattern: re.Pattern,
     for name, tensor in tensors.items():
         m = pattern.fullmatch(name)
         if not (m and _LAYER.fullmatch(m[1])):
-            raise ZEraseError(f"has an unexpected tensor '{name}'")
+            raise ZEraseError(f"has an unexpected tensor '{shown(name)}'")
         pair = found.setdefault((int(m[1]), m[2]), {})
         if parts[m[3]] in pair:  # "transformer.layers.0…" and "layers.0…": one would silently replace the other
-            raise ZEraseError(f"holds layer {m[1]} {m[2]}'s {m[3]} twice (one is '{name}')")
+            raise ZEraseError(f"holds layer {m[1]} {m[2]}'s {m[3]} twice (one is '{shown(name)}')")
         pair[parts[m[3]]] = tensor.float()
     broken = [k for k, ab in found.items() if len(ab) != 2]
     if broken:
@@ -373,7 +373,7 @@ def check_fits(lora: ErasureLoRA, fingerprint: dict[str, Any], widths: dict[Key,
 
     ``widths`` maps each (layer, proj) the model can host to (in_features, out_width).
     """
-    problems = [f"{name}: LoRA {lora.fingerprint[name]} vs model {fingerprint[name]}"
+    problems = [f"{name}: LoRA {shown(str(lora.fingerprint[name]))} vs model {fingerprint[name]}"
                 for name in differing_facts(lora.fingerprint, fingerprint)]
     for key, (a, b) in sorted(lora.factors.items()):
         if key not in widths:
@@ -384,7 +384,7 @@ def check_fits(lora: ErasureLoRA, fingerprint: dict[str, Any], widths: dict[Key,
                 f"{widths[key][0]}→{widths[key][1]}"
             )
     if problems:
-        trained = lora.fingerprint.get("family", "another model")
+        trained = shown(str(lora.fingerprint.get("family", "another model")))
         raise ZEraseError(
             f"This erasure LoRA was made for a different architecture ({trained}) and does not fit this model: "
             f"{_listed(problems)}. Use a LoRA trained on this model."

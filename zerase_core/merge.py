@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .prompts import concept_words
-from .errors import ZEraseError
+from .errors import ZEraseError, shown
 from .lora_file import STRENGTH_MAX, ErasureLoRA, Key, differing_facts
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ def _same_architecture(loras: list[ErasureLoRA]) -> dict:
         clash = differing_facts(agreed, lora.fingerprint)
         if clash:
             raise ZEraseError(
-                f"Cannot merge LoRAs of different architectures: {agreed} vs {lora.fingerprint} (differ in "
-                f"{', '.join(clash)}). Merge only LoRAs trained on the same base model."
+                f"Cannot merge LoRAs of different architectures: {shown(str(agreed))} vs "
+                f"{shown(str(lora.fingerprint))} (differ in {', '.join(clash)}). Merge only LoRAs trained on the same "
+                "base model."
             )
         agreed |= lora.fingerprint
     return agreed
@@ -53,7 +54,8 @@ def _same_base(loras: list[ErasureLoRA]) -> dict:
     bases = {lora.training.get("base") for lora in loras}
     if len(bases - {None}) > 1:
         log.warning("Merging LoRAs trained on different base models (digests %s): each erases its concept from its "
-                    "own base; check the merge on the model it is applied to.", ", ".join(sorted(bases - {None})))
+                    "own base; check the merge on the model it is applied to.",
+                    ", ".join(map(shown, sorted(bases - {None}))))
     return {"base": bases.pop()} if len(bases) == 1 and None not in bases else {}
 
 
@@ -146,11 +148,11 @@ def _check_finite(key: Key, a: torch.Tensor, b: torch.Tensor, weights: list[floa
     """A merged factor must be finite in float32, where the model computes: inf or NaN there turns every image it
     touches into NaN. Refused before the merge is returned, so no file of it is written."""
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # finite weights times a file's scale or strength
-        raise ZEraseError(f"The merge overflows at layer {key[0]} {key[1]}: weights {weights} times the LoRAs' "
-                          "scales and strengths leave float32's range (or a LoRA's own factors are not finite); no "
-                          "file was written. Use weights near 1, and check each LoRA's scale and strength with "
-                          "inspect: no trained LoRA holds values that large; re-train or re-download the one that "
-                          "does.")
+        raise ZEraseError(f"The merge overflows at layer {key[0]} {key[1]}: weights {shown(str(weights))} times the "
+                          "LoRAs' scales and strengths leave float32's range (or a LoRA's own factors are not "
+                          "finite); no file was written. Use weights near 1, and check each LoRA's scale and strength "
+                          "with inspect: no trained LoRA holds values that large; re-train or re-download the one "
+                          "that does.")
 
 
 def concepts_of(lora: ErasureLoRA) -> list[str]:

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ZEraseError
+from .errors import ZEraseError, shown
 from .files import NAME_MAX, NAME_UNIT, check_portable, name_length, windows_device
 
 # A save name's longest part, leaving room for a suffix (".safetensors"; ".zerase-ckpt" is as long) and a number.
@@ -73,8 +73,8 @@ def path_inside(folder: str | os.PathLike, name: str, suffix: str) -> Path:
     parts = name.replace("\\", "/").split("/")
     if not name or os.path.isabs(name) or any(p in ("", ".", "..") or not _SAFE_NAME.fullmatch(p) for p in parts):
         raise ZEraseError(
-            f"The save name '{name}' is not allowed: use letters (of any script), digits, spaces, '-', '_', '.' and "
-            "optional subfolders, without '..' or an absolute path; files stay inside the output folder."
+            f"The save name '{shown(name)}' is not allowed: use letters (of any script), digits, spaces, '-', '_', '.' "
+            "and optional subfolders, without '..' or an absolute path; files stay inside the output folder."
         )
     for part in parts[:-1]:
         check_portable(part)
@@ -97,5 +97,5 @@ def _exists(path: Path, name: str) -> bool:
     try:
         return path.exists()
     except OSError as err:
-        raise ZEraseError(f"The save name '{name[:60]}…' makes a path too long for the system, or one it cannot look "
-                          f"up ({err.strerror or err}); choose a shorter save name, or fewer subfolders.") from err
+        raise ZEraseError(f"The save name '{shown(name, 60)}' makes a path too long for the system, or one it cannot "
+                          f"look up ({err.strerror or err}); choose a shorter save name, or fewer subfolders.") from err
