@@ -22,6 +22,24 @@ from zerase_core.trainer import ZEraseTrainer
 
 from device_errors import DEVICES, ran_out
 
+
+class _FullDisk:
+    """os.fdopen on a full disk: the file opens, its data cannot be written."""
+
+    def __init__(self, fd, mode):
+        os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, data):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -97,26 +115,13 @@ def test_a_run_refused_by_a_full_disk_leaves_no_folder_it_made(fails, tmp_path, 
 
         return call
 
-    class FullDisk:  # every file's data (the checkpoint is the run's first)
-        def __init__(self, fd, mode):
-            os.close(fd)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
     outs = [tmp_path / "new" / "deeper" / "run", tmp_path / "there" / "run"]
     if fails == "the lock file":
         monkeypatch.setattr(os, "open", full(real_open, LOCK))
     elif fails == "the run's folder":
         monkeypatch.setattr(os, "mkdir", full(real_mkdir, "run"))
     else:
-        monkeypatch.setattr(files.os, "fdopen", FullDisk)
+        monkeypatch.setattr(files.os, "fdopen", _FullDisk)
     if fails != "the run's folder":
         outs.append(tmp_path / "there")  # made by the user: kept
     (tmp_path / "there").mkdir()
@@ -886,7 +891,6 @@ def test_a_run_trained_whose_outputs_cannot_be_written_says_resume_writes_them(t
 
 def test_a_picture_that_cannot_be_written_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
     """PIL's own save left a truncated curves.png on a full disk, and its OSError reached the user as a traceback."""
-    import errno
 
     import zerase_core.files as files
     from zerase_core.render import save_png
@@ -894,20 +898,7 @@ def test_a_picture_that_cannot_be_written_leaves_the_earlier_one_whole(tmp_path,
     path = save_png(torch.zeros(8, 8, 3), tmp_path / "curves.png")
     before = path.read_bytes()
 
-    class FullDisk:
-        def __init__(self, fd, mode):
-            os.close(fd)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(files.os, "fdopen", FullDisk)
+    monkeypatch.setattr(files.os, "fdopen", _FullDisk)
     with pytest.raises(ZEraseError, match=r"Could not write .*curves.png: No space left on device. .*no earlier file "
                                           r"was changed"):
         save_png(torch.ones(8, 8, 3), path)
