@@ -562,7 +562,8 @@ def test_a_checkpoint_with_settings_this_version_does_not_know_is_refused_by_nam
     del meta["config"]["new_setting_of_a_later_version"]
     meta["config"]["lr"] = 10**400  # JSON's integers have no bound: an OverflowError traceback
     atomic_save(tensors, out / "checkpoint.safetensors", meta)
-    with pytest.raises(ZEraseError, match="settings this version of the pack cannot read .int too large"):
+    with pytest.raises(ZEraseError, match="settings this version of the pack cannot read .TrainConfig: lr must be a "
+                                          "float; got int 1000+…"):
         PlannedRun(tiny_zimage_backend(), _config(steps=2), out, resume=True)
 
 

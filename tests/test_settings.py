@@ -26,6 +26,7 @@ def _config(**changes) -> TrainConfig:
     (dict(lr="0.001"), r"lr must be a float; got str"),
     (dict(lora={"rank": 4}), r"lora must be a LoRAConfig; got dict"),
     (dict(epsilon="1e-3"), r"epsilon must be a float or None; got str"),
+    (dict(lr=10**400), r"lr must be a float; got int 1000+…\.$"),  # no float holds it: was an OverflowError
 ])
 def test_a_setting_of_the_wrong_type_is_refused_by_name(changes, message):
     with pytest.raises(ZEraseError, match=message):

@@ -122,8 +122,8 @@ def _saved_config(path: Path, meta: dict) -> TrainConfig:
     """The settings a checkpoint was made with, refused by name when this version cannot read them."""
     try:
         return TrainConfig.from_dict(meta["config"])
-    # a setting this version does not know, or none at all; a number past float's range (lr: 10**400) overflows
-    except (KeyError, TypeError, ValueError, OverflowError) as err:
+    # a setting this version does not know, or none at all; one the settings refuse (lr: 10**400, which no float holds)
+    except (KeyError, TypeError, ValueError) as err:
         raise ZEraseError(f"The checkpoint {path.name} holds settings this version of the pack cannot read "
                           f"({shown(str(err))}); it was made by another version, or is damaged. {START_ELSEWHERE}."
                           ) from err

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import sys
 import types
 import typing
 
-from .errors import ZEraseError
+from .errors import ZEraseError, shown
 
 
 class _Wrong(Exception):
@@ -30,7 +31,7 @@ def settle(settings) -> None:
         try:
             object.__setattr__(settings, name, _as(value, hint))
         except _Wrong:
-            wrong.append(f"{name} must be {_said(hint)}; got {type(value).__name__} {value!r}")
+            wrong.append(f"{name} must be {_said(hint)}; got {type(value).__name__} {shown(repr(value))}")
     if wrong:
         raise ZEraseError(f"{type(settings).__name__}: " + "; ".join(wrong) + ".")
 
@@ -64,6 +65,8 @@ def _as(value, hint):
     if hint is int and isinstance(value, numbers.Integral):
         return value if type(value) is int else int(value)
     if hint is float and isinstance(value, numbers.Real):
+        if isinstance(value, numbers.Integral) and abs(value) > sys.float_info.max:  # 10**400: no float holds it
+            raise _Wrong
         return value if type(value) in (int, float) else float(value)
     if isinstance(value, hint):
         return value
