@@ -149,6 +149,31 @@ def test_a_run_stopped_mid_step_resumes_into_the_run_an_uninterrupted_one_takes(
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
 
 
+def test_ctrl_c_as_a_step_is_recorded_leaves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
+    """Ctrl-C after step 3's update, while its record was being made: the step count had moved, the history not,
+    and the checkpoint saved at that stop was refused as damaged on --resume (a review reproduced it). The step is
+    the history's length now: the checkpoint holds step 2 and resumes."""
+    import zerase_core.trainer as trainer_module
+
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4, checkpoint_every=10),
+                            checkpoint_path=tmp_path / "a.ckpt")
+    record = trainer_module.StepRecord
+
+    def interrupted(step, *values):
+        if step == 3:
+            raise KeyboardInterrupt
+        return record(step, *values)
+
+    monkeypatch.setattr(trainer_module, "StepRecord", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    monkeypatch.setattr(trainer_module, "StepRecord", record)
+    resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4, checkpoint_every=10))
+    resumed.resume(tmp_path / "a.ckpt")
+    assert resumed.step == len(resumed.history) == 2
+    assert resumed.run().completed and [r.step for r in resumed.history] == [1, 2, 3, 4]
+
+
 def _out_of_memory_unless_checkpointing(trainer, from_step: int, where: str = "forward", device: str = "cuda"):
     """A card too small to train without checkpointing from ``from_step`` on: the last layer's forward with
     gradients (or its backward) raises there unless every main layer is checkpointed, as ``device``'s allocator

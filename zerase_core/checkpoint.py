@@ -210,7 +210,7 @@ def load_checkpoint(trainer: "ZEraseTrainer", path: Path) -> None:
     trainer.optimizer.load_state_dict({"state": moments, "param_groups": groups})
     trainer.gen.set_state(torch_rng)
     trainer.rng.setstate(python_rng)
-    trainer.lambda_rule, trainer.step, trainer.seconds, trainer.history = lam, step, seconds, history
+    trainer.lambda_rule, trainer.seconds, trainer.history = lam, seconds, history  # its step: len(history)
     trainer.checkpoint_meta = caller
     trainer.checkpointing.resume(trainer.step + 1, out_of_memory_from)
 

@@ -142,7 +142,7 @@ class ZEraseTrainer:
         self.lambda_rule = rule_for(config)
         self.rng = random.Random(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
-        self.step, self.seconds, self.history = 0, 0.0, []
+        self.seconds, self.history = 0.0, []
         self.checkpoint_meta: dict = {}  # the caller's notes, kept in every checkpoint (the node: its LoRA's name)
         self.mass_layers = set(config.lora.layer_indices(backend.n_layers))
         self.sigmas = flow_sigmas(config.sample_steps, config.shift)
@@ -318,15 +318,20 @@ class ZEraseTrainer:
             self.rng.setstate(draws[0])
             self.gen.set_state(draws[1])
             raise
-        self.step += 1
         elapsed = time.perf_counter() - start
-        self.seconds += elapsed
         record = StepRecord(
-            self.step, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lambda_rule.last_g,
+            self.step + 1, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lambda_rule.last_g,
             float(losses.pr_batch.sigma), elapsed, recomputed,
         )
-        self.history.append(record)
+        self.history.append(record)  # the step is done: one operation, so a Ctrl-C lands before it or after
+        self.seconds += elapsed
         return record
+
+    @property
+    def step(self) -> int:
+        """Steps done: read off the history, so a stop between two statements cannot save one without the other (a
+        checkpoint whose step and history disagree is refused as damaged)."""
+        return len(self.history)
 
     def _descend(self, l_er: torch.Tensor, l_pr: torch.Tensor, pr_value: float, batch: PrBatch) -> tuple[float, bool]:
         """One AdamW update of the LoRA along the λ rule's direction; returns the λ used and whether L_pr was

@@ -81,5 +81,4 @@ def reference_step(trainer: "ZEraseTrainer") -> dict[str, float]:
     (loss_er(l_erase, l_attn, trainer.config.attn_weight) + lam * l_pr).backward()
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.step += 1
     return {"erase": l_erase.item(), "attn": l_attn.item(), "pr": l_pr.item(), "lam": lam}
