@@ -513,6 +513,23 @@ def test_a_rank_above_what_its_projection_holds_is_refused_before_anything_is_al
     check_fits(replace(lora, factors=full), tiny_backend.fingerprint(), host_widths(tiny_backend))
 
 
+def test_an_exact_merge_past_what_a_projection_holds_stays_exact_and_applies(tiny_backend):
+    """An exact merge's ranks add up: two rank-48 LoRAs on 64→64 projections made rank 96, which Apply then refused
+    as above what the projection holds (a review reproduced it with two trained rank-64 LoRAs). Past min(in, out) the
+    merge now keeps that rank, which holds the sum exactly."""
+    first, second = (_random_lora(KEYS, rank=48, seed=seed, concept=c) for seed, c in ((0, "red"), (1, "blue")))
+    merged = merge_exact([first, second], [1.0, 0.5])
+    for key in KEYS:
+        a, b = merged.factors[key]
+        assert a.shape[0] == 64  # not 96
+        want = sum(w * lora.multiplier * lora.factors[key][1] @ lora.factors[key][0]
+                   for lora, w in ((first, 1.0), (second, 0.5)))
+        torch.testing.assert_close(b @ a, want, rtol=1e-4, atol=1e-3)
+    small = merge_exact([_random_lora(KEYS, rank=4), _random_lora(KEYS, rank=4, seed=1, concept="blue")])
+    assert {a.shape[0] for a, _ in small.factors.values()} == {8}  # under it the factors are concatenated, as were
+    install_lora(tiny_backend, merged)
+
+
 @pytest.mark.parametrize("multiplier", [float("nan"), float("inf"), 1e39])
 def test_a_strength_that_is_not_a_finite_number_is_refused_as_the_strength(tiny_backend, multiplier):
     """It was refused by LoRAConfig, as "alpha, strength and alpha / rank · strength", with an alpha never set."""

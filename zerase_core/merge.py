@@ -131,8 +131,11 @@ def _concatenated(loras: list[ErasureLoRA], weights: list[float]) -> dict[Key, t
         _same_widths(key, [loras[i] for i, _, _ in parts])
         scaled = [b * m for _, (_, b), m in parts]
         kept |= {i for (i, _, _), b in zip(parts, scaled) if b.any()}
-        factors[key] = (torch.cat([a for _, (a, _), _ in parts]), torch.cat(scaled, dim=1))
-        _check_finite(key, *factors[key], weights)
+        a, b = torch.cat([a for _, (a, _), _ in parts]), torch.cat(scaled, dim=1)
+        if a.shape[0] > min(a.shape[1], b.shape[0]):  # the ranks add up; past min(in, out) the matrix holds no more,
+            a, b, _ = _best_rank(a, b, min(a.shape[1], b.shape[0]))  # so this rank is exact (and what Apply takes)
+        factors[key] = (a, b)
+        _check_finite(key, a, b, weights)
     # Its factors scaled to all zeros by its weight: the second test is needed, as a LoRA all zero from the start (B
     # is zero at init) is no weight's doing.
     vanished = [w for i, (lora, w) in enumerate(zip(loras, weights))
@@ -170,19 +173,25 @@ def rerank(lora: ErasureLoRA, rank: int) -> tuple[ErasureLoRA, MergeReport]:
         raise ZEraseError(f"The merge rank must be at least 1, got {rank}.")
     factors, err2, total2 = {}, 0.0, 0.0
     for key, (a, b) in lora.factors.items():
-        q_b, r_b = torch.linalg.qr(b.double() * lora.multiplier)
-        q_a, r_a = torch.linalg.qr(a.double().T)
-        u, sv, vh = torch.linalg.svd(r_b @ r_a.T)
-        k = min(rank, sv.numel())
-        root = sv[:k].sqrt()
-        factors[key] = ((root[:, None] * (vh[:k] @ q_a.T)).float(), ((q_b @ u[:, :k]) * root).float())
-        _check_finite(key, *factors[key], lora.training.get("weights"))  # computed in float64: may not fit float32
-        err2 += float((sv[k:] ** 2).sum())
+        a, b, sv = _best_rank(a, b * lora.multiplier, rank)
+        factors[key] = (a, b)
+        _check_finite(key, a, b, lora.training.get("weights"))  # computed in float64: may not fit float32
+        err2 += float((sv[a.shape[0]:] ** 2).sum())
         total2 += float((sv**2).sum())
     rel = (err2 / total2) ** 0.5 if total2 > 0 else 0.0
     training = lora.training | {"rerank": {"rank": rank, "relative_error": rel}}  # a lossy file says so itself
     merged = replace(lora, factors=factors, scale=1.0, strength=1.0, training=training)  # the rest as it was
     return merged, MergeReport(rank, rel)
+
+
+def _best_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` factors of ΔW = B A (at most min(in, out)) and all of ΔW's singular values."""
+    q_b, r_b = torch.linalg.qr(b.double())
+    q_a, r_a = torch.linalg.qr(a.double().T)
+    u, sv, vh = torch.linalg.svd(r_b @ r_a.T)
+    k = min(rank, sv.numel())
+    root = sv[:k].sqrt()
+    return (root[:, None] * (vh[:k] @ q_a.T)).float(), ((q_b @ u[:, :k]) * root).float(), sv
 
 
 def merge(loras: list[ErasureLoRA], weights: list[float] | None = None, rank: int | None = None):
