@@ -342,6 +342,9 @@ def _edited(checkpoint, tensors=lambda t: t, **metadata):
     # numbers past float's range (an OverflowError traceback)
     dict(step="Infinity"), dict(seconds="1" + "0" * 400),
     dict(lambda_='{"value": 1' + "0" * 400 + ', "previous_pr": null, "last_g": 0.0}'),
+    # a null where a run always holds a number: λ's comparison failed at the first step (a review reproduced it)
+    dict(lambda_='{"value": null, "previous_pr": 0.1, "last_g": 0.0}'),
+    dict(lambda_='{"value": 0.5, "previous_pr": 0.1, "last_g": null}'),
     # a step edited apart from its history: a negative one trained past the run's steps (a huge one never ended)
     dict(step="-3"), dict(history=_history(steps=1)), dict(history=_history(steps=3)),
     # a record's field of another type or not finite trained to the end, then wrote a LoRA loading refuses (NaN) or

@@ -287,12 +287,20 @@ def _name(key: tuple[int, str], part: str) -> str:
     return f"lora.{key[0]}.{key[1]}.{part}"
 
 
+# λ-state entries a real run may leave unset: no L_pr before the first step, no observed pair before a paired step
+_UNSET_AT_FIRST = ("previous_pr", "pair")
+
+
 def _lambda_rule(trainer: "ZEraseTrainer", state):
-    """A λ rule of the run's settings holding ``state``, whose numbers must be finite."""
+    """A λ rule of the run's settings holding ``state``: finite numbers, None only where a run leaves one unset (a
+    null λ passed, and the first step's comparison with it was a TypeError)."""
     lam = rule_for(trainer.config)
     lam.load_state(state)
-    if not all(v is None or (isinstance(v, (int, float)) and math.isfinite(v)) for v in _flat(lam.state())):
-        raise ValueError(f"λ's state {state!r}")
+    held = {k: v for k, v in lam.state().items() if not (k in _UNSET_AT_FIRST and v is None)}
+    numbers = _flat(held)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers) or \
+            len(held.get("pair") or (0, 0)) != 2:
+        raise ValueError(f"λ's state {shown(repr(state))}")
     return lam
 
 
