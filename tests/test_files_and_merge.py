@@ -246,6 +246,10 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     # merge compares and sorts the parts' base digests: a list, an int or a dict there was a traceback
     *[(dict(training=json.dumps({"base": base})), "damaged Z-Erase metadata .*training.base must be a string")
       for base in ([1, 2], 5, {"a": 1})],
+    # a list of pairs, which dict() took: read_description then returned the list, and Train's lookup of a finished
+    # run failed on it (AttributeError)
+    (dict(training='[["steps_done", 3]]'), "damaged Z-Erase metadata .*training must be a JSON object, got list"),
+    (dict(fingerprint='[["dim", 64]]'), "damaged Z-Erase metadata .*fingerprint must be a JSON object, got list"),
     # integers JSON reads, past float's range: an OverflowError traceback
     (dict(scale="1" + "0" * 400), "damaged Z-Erase metadata .*OverflowError"),
     (dict(history='{"L_erase": [1' + "0" * 400 + "]}"), "damaged Z-Erase metadata .*OverflowError"),
@@ -255,6 +259,17 @@ def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ZEraseError, match=message):
         load_lora(tmp_path / "bad.safetensors")
+
+
+def test_a_file_whose_training_is_no_object_describes_no_run(tmp_path):
+    """Train looks for a finished run among the files under its save name by their description; one whose training
+    record was a list of pairs was described as that list, and the lookup stopped with an AttributeError."""
+    from zerase_core.lora_file import read_description
+
+    for damage in (dict(training='[["steps_done", 3]]'), dict(fingerprint='[["dim", 64]]')):
+        tensors, meta = _damaged(_random_lora(KEYS), **damage)
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+        assert read_description(tmp_path / "bad.safetensors") == {}
 
 
 def test_text_from_a_file_reaches_messages_with_its_control_characters_escaped(tmp_path, capsys, tiny_backend):

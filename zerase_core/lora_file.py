@@ -286,7 +286,7 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
             strength=float(info.get("strength", 1.0)),
             concept=str(info.get("concept", "")),
             preserve=_strings(info.get("preserve", [])),
-            fingerprint=dict(info.get("fingerprint", {})),
+            fingerprint=_mapping(info.get("fingerprint", {}), "fingerprint"),
             training=_training(info.get("training", {})),
             source=str(info.get("source", "native")),
             history={str(k): _finite_numbers(vs) for k, vs in dict(info.get("history", {})).items()},
@@ -318,11 +318,19 @@ def _finite_numbers(values: Any) -> list[float]:
 def _training(value: Any) -> dict[str, Any]:
     """The training record from metadata; its ``base`` (the model's digest, or None) a string: merge compares and
     sorts the parts' digests, and a list or an int there stopped it with a traceback."""
-    training = dict(value)
+    training = _mapping(value, "training")
     base = training.get("base")
     if base is not None and not isinstance(base, str):
         raise TypeError(f"training.base must be a string (the base model's digest), got {base!r}")
     return training
+
+
+def _mapping(value: Any, name: str) -> dict[str, Any]:
+    """A JSON object from metadata. dict() also took a list of pairs, which read_description then returned as the
+    list, and a finished run's lookup failed on it with an AttributeError."""
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _strings(value: Any) -> tuple[str, ...]:
