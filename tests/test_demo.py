@@ -284,6 +284,10 @@ def test_measure_gives_the_demos_numbers_for_its_lora_and_the_original(tmp_path,
     assert sorted(measure([merged], [], n_eval=2, seed=0, bundle=random_toy)["concepts"]) == ["circle", "red"]
     with pytest.raises(ZEraseError, match="Name the concepts to measure"):
         measure([], [], n_eval=2, seed=0, bundle=random_toy)
+    hostile = save_lora(type(other)(other.factors, concept="x\x1b[2J", fingerprint=other.fingerprint),
+                        tmp_path / "hostile.safetensors")  # a shared file's concept reaches the message escaped
+    with pytest.raises(ZEraseError, match=r"'x\\x1b\[2J' is not one concept of the toy world"):
+        measure([hostile], [], n_eval=2, seed=0, bundle=random_toy)
     # Another model's LoRA: told as such, not as a concept ('cat') the user never typed that the toy does not know
     foreign = save_lora(type(other)(other.factors, concept="cat", fingerprint=other.fingerprint | {"dim": 3840}),
                         tmp_path / "foreign.safetensors")

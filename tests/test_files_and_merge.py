@@ -293,6 +293,14 @@ def test_text_from_a_file_reaches_messages_with_its_control_characters_escaped(t
         check_fits(other, tiny_backend.fingerprint(), host_widths(tiny_backend))
     assert "family: LoRA z\\x1b[2J!!" in str(refused.value) and "\x1b" not in str(refused.value)
     assert "!" * 201 not in str(refused.value)  # cut: a value of megabytes was a message of megabytes
+    # a review found three more: an integer tensor's name, the keys two merged files' fingerprints differ in
+    tensors, meta = _damaged(_random_lora(KEYS), tensors=lambda t: t | {"zerase.\x1b[2J": torch.zeros(1, dtype=int)})
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ZEraseError, match=r"holds zerase.\\x1b\[2J as torch.int64"):
+        load_lora(tmp_path / "bad.safetensors")
+    clashing = [replace(_random_lora(KEYS, seed=i), fingerprint={"k\x1b[2J": i}) for i in (0, 1)]
+    with pytest.raises(ZEraseError, match=r"differ in k\\x1b\[2J\)"):
+        merge_exact(clashing)
 
 
 def test_inspect_prints_the_metadata_as_stored(tmp_path, capsys):

@@ -239,8 +239,8 @@ def _finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     are used: a float64 1e300 is finite in the file and inf in the model."""
     not_float = sorted(k for k, t in tensors.items() if not t.is_floating_point())
     if not_float:
-        raise ZEraseError(f"'{path.name}' holds {not_float[0]} as {tensors[not_float[0]].dtype}, not as floating point "
-                          "weights; the file is damaged. Re-train or re-download it.")
+        raise ZEraseError(f"'{path.name}' holds {shown(not_float[0])} as {tensors[not_float[0]].dtype}, not as "
+                          "floating point weights; the file is damaged. Re-train or re-download it.")
     if any(not torch.isfinite(t.float()).all() for t in tensors.values()):
         raise ZEraseError(f"'{path.name}' contains NaN or infinite weights; it cannot be used.")
     return tensors

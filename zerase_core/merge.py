@@ -40,8 +40,8 @@ def _same_architecture(loras: list[ErasureLoRA]) -> dict:
         if clash:
             raise ZEraseError(
                 f"Cannot merge LoRAs of different architectures: {shown(str(agreed))} vs "
-                f"{shown(str(lora.fingerprint))} (differ in {', '.join(clash)}). Merge only LoRAs trained on the same "
-                "base model."
+                f"{shown(str(lora.fingerprint))} (differ in {shown(', '.join(clash))}). Merge only LoRAs trained on "
+                "the same base model."
             )
         agreed |= lora.fingerprint
     return agreed

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..backends.base import Backend
-from ..errors import ZEraseError
+from ..errors import ZEraseError, shown
 from ..sampling import euler
 from ..seeds import SEED_RANGE, offset_seed, valid_seed
 from . import world
@@ -79,8 +79,8 @@ def parse_concept(word: str) -> Concept:
     named = world.concept_phrase(word)
     if named is None:
         known = ", ".join(v for values in ATTRIBUTES.values() for v in values)
-        raise ZEraseError(f"'{word}' is not one concept of the toy world; give just its word, one of {known} (or a "
-                          "synonym such as 'crimson').")
+        raise ZEraseError(f"'{shown(word)}' is not one concept of the toy world; give just its word, one of {known} "
+                          "(or a synonym such as 'crimson').")
     return Concept(" ".join(word.lower().split()), *named)
 
 
