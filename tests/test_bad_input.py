@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -36,8 +37,6 @@ class _FullDisk:
         return False
 
     def write(self, data):
-        import errno
-
         raise OSError(errno.ENOSPC, "No space left on device")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -378,6 +377,24 @@ def test_a_checkpoint_with_damaged_contents_is_refused_by_name_and_the_trainer_i
             trainer.resume(out / "checkpoint.safetensors")
         finally:  # nothing of a damaged file reaches the trainer
             assert trainer.step == 0 and all(torch.equal(p, q) for p, q in zip(trainer.params, before))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (dict(step="-3"), "step -3 is negative"),  # the history-length rule alone would also refuse it, less clearly
+    *[(dict(history=_history(**{name: float("nan")})), f"step 1's {name} is nan")
+      for name in ("erase", "attn", "pr", "lam", "g", "sigma", "seconds")],
+])
+def test_a_damaged_checkpoint_says_what_is_damaged(tmp_path, damage, reason):
+    """Each check of a checkpoint's contents names what it found (a review: with one removed, the generic 'is damaged'
+    of another still passed every case)."""
+    from zerase_core.run import PlannedRun
+
+    out = tmp_path / "run"
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=out / "checkpoint.safetensors").run()
+    _edited(out / "checkpoint.safetensors", **damage)
+    with pytest.raises(ZEraseError, match=f"is damaged .*{re.escape(reason)}"):
+        PlannedRun(tiny_zimage_backend(), _config(steps=4), out, resume=True)
+        ZEraseTrainer(tiny_zimage_backend(), _config(steps=4)).resume(out / "checkpoint.safetensors")
 
 
 def test_a_damaged_checkpoints_text_reaches_the_message_with_its_control_characters_escaped(tmp_path):

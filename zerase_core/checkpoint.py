@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -220,7 +221,7 @@ def _history(records: list, step: int) -> list[StepRecord]:
     labelled with steps it did not train."""
     history = [_record(r) for r in records]
     if len(history) != step:
-        raise ValueError(f"its history holds {len(history)} steps, its step is {step}")
+        raise ValueError(f"its step is {step} and its history holds {len(history)} step record(s)")
     return history
 
 
@@ -229,8 +230,9 @@ def _record(fields: dict) -> StepRecord:
     or a string there trained to the end, then wrote a LoRA that loading refuses, or failed at its export."""
     record = StepRecord(**fields)
     settle(record)
-    for name in ("erase", "attn", "pr", "lam", "g", "sigma", "seconds"):
-        _finite(getattr(record, name), f"step {record.step}'s {name}")
+    for field in dataclasses.fields(record):  # every number, so a field added later is checked too
+        if field.type in ("float", float):  # the annotation, as a string under postponed evaluation
+            _finite(getattr(record, field.name), f"step {record.step}'s {field.name}")
     return record
 
 
@@ -241,11 +243,11 @@ def _finite(value: float, what: str) -> float:
 
 
 def _caller(notes) -> dict[str, str]:
-    """The caller's notes (the Train node's: where its LoRA goes), names by name: a number there stopped the node
-    with a traceback once the run was planned."""
+    """What the program that ran the training kept in the checkpoint (the Train node: the name of its LoRA file),
+    all text: a number there stopped the node with a traceback once the run was planned."""
     caller = dict(notes)
     if not all(isinstance(v, str) for v in caller.values()):
-        raise TypeError(f"its caller's notes {caller!r} are not all names")
+        raise TypeError(f"its notes of the run's files {shown(repr(caller))} are not all text")
     return caller
 
 
