@@ -65,7 +65,7 @@ def test_official_file_imports_to_same_delta(tmp_path):
     far = {k.replace("layers.1.", f"layers.{'9' * 5000}."): v for k, v in tensors.items()}  # int() could not read it
     save_file(far, str(tmp_path / "official_far.safetensors"))
     with pytest.raises(ZEraseError, match="'official_far.safetensors' has the official .* cannot be used: The file has "
-                                          "an unexpected tensor 'layers.99999"):
+                                          "a tensor 'layers.99999.*whose layer index is not a plain number"):
         load_lora(tmp_path / "official_far.safetensors")
     tensors["layers.1.attention.to_k.lora_down.weight"][0, 0] = float("inf")  # as native files, refused by name
     save_file(tensors, str(tmp_path / "official_inf.safetensors"))
@@ -200,10 +200,12 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     # one factor under a second name, read over the first or taken for another layer; an index int() cannot read
     (dict(tensors=lambda t: t | {"zerase.layers.00.q.A": torch.zeros(4, 64),
                                  "zerase.layers.00.q.B": torch.zeros(64, 4)}),
-     "'bad.safetensors' has an unexpected tensor 'zerase.layers.00.q.A'; the file is damaged"),
+     "'bad.safetensors' has a tensor 'zerase.layers.00.q.A' whose layer index is not a plain number .no leading "
+     "zero, at most 4 digits.; the file is damaged"),
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.A\n": torch.zeros(4, 64)}), "unexpected tensor"),
     (dict(tensors=lambda t: {k.replace(".1.", ".\u0661."): v for k, v in t.items()}), "unexpected tensor"),
-    (dict(tensors=lambda t: {k.replace(".1.", f".{'9' * 5000}."): v for k, v in t.items()}), "unexpected tensor"),
+    (dict(tensors=lambda t: {k.replace(".1.", f".{'9' * 5000}."): v for k, v in t.items()}),
+     "layer index is not a plain number"),
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.A": torch.full_like(t["zerase.layers.0.q.A"], float("nan"))}),
      "NaN or infinite"),
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.B": torch.zeros(64, 3)}), "'bad.safetensors': .*inconsistent"),

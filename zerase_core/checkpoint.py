@@ -133,12 +133,13 @@ def _saved_config(path: Path, meta: dict) -> TrainConfig:
 def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: dict, base: str | None) -> None:
     """Refuse a checkpoint that a run of ``config`` on this model (its architecture ``fingerprint`` and ``base``
     digest: see Backend.base_digest) cannot continue."""
-    if meta.get("kind") == KIND and not isinstance(meta.get("fingerprint"), dict):  # text past JSON's limits, a list
-        raise ZEraseError(_damaged(path, TypeError(f"its fingerprint is a {type(meta.get('fingerprint')).__name__}, "
-                                                   "not a dict")))
-    if meta.get("kind") == KIND and meta.get("fingerprint") != fingerprint:  # told first: its settings do not matter
-        raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture; resume on the model it "
-                          "was trained on, or start a fresh run.")
+    if meta.get("kind") == KIND:  # a checkpoint of ours records its model's architecture
+        recorded = meta.get("fingerprint")
+        if not isinstance(recorded, dict):  # text past JSON's limits, a list
+            raise ZEraseError(_damaged(path, TypeError(f"its fingerprint is a {type(recorded).__name__}, not a dict")))
+        if meta["fingerprint"] != fingerprint:  # told first: its settings do not matter
+            raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture; resume on the "
+                              "model it was trained on, or start a fresh run.")
     _refuse_other_settings(path, meta, config)
     if meta.get("base") is not None and meta["base"] != base:
         # base None: this model carries something the digest cannot describe, so it cannot be told the same

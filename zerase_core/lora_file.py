@@ -358,8 +358,11 @@ def _factors(tensors: dict[str, torch.Tensor], pattern: re.Pattern,
     found: dict[Key, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         m = pattern.fullmatch(name)
-        if not (m and _LAYER.fullmatch(m[1])):
+        if not m:
             raise ZEraseError(f"has an unexpected tensor '{shown(name)}'")
+        if not _LAYER.fullmatch(m[1]):  # "00" beside "0" would name one slot twice; no writer makes either
+            raise ZEraseError(f"has a tensor '{shown(name)}' whose layer index is not a plain number (no leading "
+                              "zero, at most 4 digits)")
         pair = found.setdefault((int(m[1]), m[2]), {})
         if parts[m[3]] in pair:  # "transformer.layers.0…" and "layers.0…": one would silently replace the other
             raise ZEraseError(f"holds layer {m[1]} {m[2]}'s {m[3]} twice (one is '{shown(name)}')")
