@@ -344,6 +344,8 @@ def _edited(checkpoint, tensors=lambda t: t, **metadata):
     # a null where a run always holds a number: λ's comparison failed at the first step (a review reproduced it)
     dict(lambda_='{"value": null, "previous_pr": 0.1, "last_g": 0.0}'),
     dict(lambda_='{"value": 0.5, "previous_pr": 0.1, "last_g": null}'),
+    dict(lambda_='{"value": [0.5], "previous_pr": 0.1, "last_g": 0.0}'),  # a list or a dict passed as well
+    dict(lambda_='{"value": 0.5, "previous_pr": {"x": 0.1}, "last_g": 0.0}'),
     # a step edited apart from its history: a negative one trained past the run's steps (a huge one never ended)
     dict(step="-3"), dict(history=_history(steps=1)), dict(history=_history(steps=3)),
     # a record's field of another type or not finite trained to the end, then wrote a LoRA loading refuses (NaN) or
@@ -377,6 +379,19 @@ def test_a_checkpoint_with_damaged_contents_is_refused_by_name_and_the_trainer_i
             trainer.resume(out / "checkpoint.safetensors")
         finally:  # nothing of a damaged file reaches the trainer
             assert trainer.step == 0 and all(torch.equal(p, q) for p, q in zip(trainer.params, before))
+
+
+@pytest.mark.parametrize("pair", ["[]", "[0.1]", "[[0.1, 0.2], [0.3, 0.4]]", "[0.1, [0.2]]", '{"a": 1, "b": 2}'])
+def test_a_paired_rules_pair_must_be_two_numbers(tmp_path, pair):
+    """The paired λ rule's observed pair: an empty one, nested lists or a dict passed and failed in the first step."""
+    config = _config(steps=2, lambda_mode="paired")
+    out = tmp_path / "run"
+    ZEraseTrainer(tiny_zimage_backend(), config, checkpoint_path=out / "checkpoint.safetensors").run()
+    _edited(out / "checkpoint.safetensors", **{"lambda": '{"value": 0.5, "previous_pr": 0.1, "last_g": 0.0, '
+                                                         f'"pair": {pair}}}'})
+    with pytest.raises(ZEraseError, match="is damaged .*λ's state"):
+        ZEraseTrainer(tiny_zimage_backend(), _config(steps=4, lambda_mode="paired")).resume(
+            out / "checkpoint.safetensors")
 
 
 @pytest.mark.parametrize("damage, reason", [

@@ -149,29 +149,38 @@ def test_a_run_stopped_mid_step_resumes_into_the_run_an_uninterrupted_one_takes(
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
 
 
-def test_ctrl_c_as_a_step_is_recorded_leaves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
-    """Ctrl-C after step 3's update, while its record was being made: the step count had moved, the history not,
-    and the checkpoint saved at that stop was refused as damaged on --resume (a review reproduced it). The step is
-    the history's length now: the checkpoint holds step 2 and resumes."""
+def test_ctrl_c_as_a_step_is_recorded_leaves_a_checkpoint_that_resumes_the_same_run(tmp_path, monkeypatch):
+    """Ctrl-C after step 3's update, while its record was being made. First the step count had moved and the
+    history not, and the checkpoint was refused as damaged on --resume; then (the step read off the history) the
+    LoRA was a step ahead of the checkpoint's step, and the resumed run took one update too many (two reviews
+    reproduced these). From the update to the record a Ctrl-C now waits: the run stops after step 3, and resumes
+    into the run an uninterrupted one takes."""
+    import signal
+
     import zerase_core.trainer as trainer_module
 
+    reference = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4)).run()
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4, checkpoint_every=10),
                             checkpoint_path=tmp_path / "a.ckpt")
     record = trainer_module.StepRecord
 
     def interrupted(step, *values):
         if step == 3:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, between AdamW's update and the record
         return record(step, *values)
 
     monkeypatch.setattr(trainer_module, "StepRecord", interrupted)
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     monkeypatch.setattr(trainer_module, "StepRecord", record)
+    assert trainer.step == trainer.optimizer.state_dict()["state"][0]["step"] == 3  # the record and the update
     resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4, checkpoint_every=10))
     resumed.resume(tmp_path / "a.ckpt")
-    assert resumed.step == len(resumed.history) == 2
-    assert resumed.run().completed and [r.step for r in resumed.history] == [1, 2, 3, 4]
+    result = resumed.run()
+    assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
+    for key, (a, b) in reference.lora.factors.items():
+        torch.testing.assert_close(result.lora.factors[key][0], a)
+        torch.testing.assert_close(result.lora.factors[key][1], b)
 
 
 def _out_of_memory_unless_checkpointing(trainer, from_step: int, where: str = "forward", device: str = "cuda"):

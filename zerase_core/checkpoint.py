@@ -295,21 +295,21 @@ _UNSET_AT_FIRST = ("previous_pr", "pair")
 
 
 def _lambda_rule(trainer: "ZEraseTrainer", state):
-    """A λ rule of the run's settings holding ``state``: finite numbers, None only where a run leaves one unset (a
-    null λ passed, and the first step's comparison with it was a TypeError)."""
+    """A λ rule of the run's settings holding ``state``: each entry a finite number (``pair``: two), None only where a
+    run leaves one unset. A null, a list or a dict there passed, and the first step failed with a traceback."""
     lam = rule_for(trainer.config)
     lam.load_state(state)
-    held = {k: v for k, v in lam.state().items() if not (k in _UNSET_AT_FIRST and v is None)}
-    numbers = _flat(held)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers) or \
-            len(held.get("pair") or (0, 0)) != 2:
-        raise ValueError(f"λ's state {shown(repr(state))}")
+    for name, value in lam.state().items():
+        if value is None and name in _UNSET_AT_FIRST:
+            continue
+        numbers = value if name == "pair" and isinstance(value, list) and len(value) == 2 else [value]
+        if (name == "pair") != (numbers is value) or not all(_is_number(v) for v in numbers):
+            raise ValueError(f"λ's state {shown(repr(state))}")
     return lam
 
 
-def _flat(state) -> list:
-    values = state.values() if isinstance(state, dict) else state
-    return [x for v in values for x in (_flat(v) if isinstance(v, (dict, list, tuple)) else [v])]
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _damaged(path: Path, err: BaseException) -> str:

@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Protocol, Sequence
@@ -307,24 +308,28 @@ class ZEraseTrainer:
         inside AdamW's own step is not."""
         start = time.perf_counter()
         draws = self.rng.getstate(), self.gen.get_state()
-        try:
-            losses = self._losses(*self.draw())
-            values = {"L_erase": losses.erase.item(), "L_attn": losses.attn.item(), "L_pr": losses.pr.item()}
-            if not all(map(math.isfinite, values.values())):
-                raise NonFiniteLoss(self._nan_message(values))
-            l_er = loss_er(losses.erase, losses.attn, self.config.attn_weight)
-            lam, recomputed = self._descend(l_er, losses.pr, values["L_pr"], losses.pr_batch)
-        except BaseException:
-            self.rng.setstate(draws[0])
-            self.gen.set_state(draws[1])
-            raise
-        elapsed = time.perf_counter() - start
-        record = StepRecord(
-            self.step + 1, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lambda_rule.last_g,
-            float(losses.pr_batch.sigma), elapsed, recomputed,
-        )
-        self.history.append(record)  # the step is done: one operation, so a Ctrl-C lands before it or after
-        self.seconds += elapsed
+        # From AdamW's update to the step's record, a Ctrl-C waits (command line only: the main thread): stopped in
+        # between, the LoRA was a step ahead of the record, and the checkpoint resumed into another run.
+        with ExitStack() as update_to_record:
+            try:
+                losses = self._losses(*self.draw())
+                values = {"L_erase": losses.erase.item(), "L_attn": losses.attn.item(), "L_pr": losses.pr.item()}
+                if not all(map(math.isfinite, values.values())):
+                    raise NonFiniteLoss(self._nan_message(values))
+                l_er = loss_er(losses.erase, losses.attn, self.config.attn_weight)
+                lam, recomputed = self._descend(l_er, losses.pr, values["L_pr"], losses.pr_batch,
+                                                update_to_record=update_to_record)
+            except BaseException:
+                self.rng.setstate(draws[0])
+                self.gen.set_state(draws[1])
+                raise
+            elapsed = time.perf_counter() - start
+            record = StepRecord(
+                self.step + 1, values["L_erase"], values["L_attn"], values["L_pr"], lam, self.lambda_rule.last_g,
+                float(losses.pr_batch.sigma), elapsed, recomputed,
+            )
+            self.history.append(record)  # the step is done
+            self.seconds += elapsed
         return record
 
     @property
@@ -333,7 +338,8 @@ class ZEraseTrainer:
         checkpoint whose step and history disagree is refused as damaged)."""
         return len(self.history)
 
-    def _descend(self, l_er: torch.Tensor, l_pr: torch.Tensor, pr_value: float, batch: PrBatch) -> tuple[float, bool]:
+    def _descend(self, l_er: torch.Tensor, l_pr: torch.Tensor, pr_value: float, batch: PrBatch,
+                 update_to_record: ExitStack | None = None) -> tuple[float, bool]:
         """One AdamW update of the LoRA along the λ rule's direction; returns the λ used and whether L_pr was
         recomputed.
 
@@ -348,6 +354,8 @@ class ZEraseTrainer:
             if self.lambda_rule.observes_update:
                 pr_before = self._pr_before(l_pr, pr_value, batch)
                 undo = _OptimizerUndo(self.optimizer)  # the after-update forward below may still fail
+            if update_to_record is not None:  # see _step; a failure after this point still undoes as before
+                update_to_record.enter_context(ctrl_c_deferred())
             try:
                 with told_as_out_of_memory():
                     self.optimizer.step()
