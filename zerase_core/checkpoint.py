@@ -6,10 +6,10 @@ noise and timesteps follow, because both random generators are restored.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
-import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -137,7 +137,7 @@ def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: d
         recorded = meta.get("fingerprint")
         if not isinstance(recorded, dict):  # text past JSON's limits, a list
             raise ZEraseError(_damaged(path, TypeError(f"its fingerprint is a {type(recorded).__name__}, not a dict")))
-        if meta["fingerprint"] != fingerprint:  # told first: its settings do not matter
+        if recorded != fingerprint:  # told first: its settings do not matter
             raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture; resume on the "
                               "model it was trained on, or start a fresh run.")
     _refuse_other_settings(path, meta, config)
