@@ -98,6 +98,10 @@ def test_the_partial_file_is_the_one_its_checkpoint_recorded(tmp_path):
     assert run._partial_file(resumed) == (tmp_path / "stop_001.safetensors").resolve()
     resumed.step = 1  # that file stopped after the checkpoint's step: not this run's
     assert run._partial_file(resumed) is None
+    # a note edited to lead out of the folder (or no text) is no file of this run: it was refused as a save name
+    for note in ("../stop_001", "/etc/passwd", "a\nb"):
+        resumed.step, resumed.checkpoint_meta = 2, {LORA_FILE: note}
+        assert run._partial_file(resumed) is None
 
 
 def test_a_finished_run_of_these_settings_on_this_model_is_found_and_no_other(tmp_path):

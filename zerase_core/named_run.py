@@ -15,6 +15,7 @@ from pathlib import Path
 from .backends.base import Backend
 from .checkpoint import check_run_files
 from .config import TrainConfig
+from .errors import ZEraseError
 from .lora_file import ErasureLoRA, save_lora, save_new
 from .run_files import finished_lora, partial_lora
 from .save_names import name_from, path_inside, safe_output_path, saved_versions
@@ -71,7 +72,11 @@ class NamedRun:
         recorded = trainer.checkpoint_meta.get(LORA_FILE) if trainer.step else None
         if not recorded:
             return None
-        return partial_lora(trainer, [path_inside(self.folder, recorded, ".safetensors")])  # missing: not it
+        try:
+            path = path_inside(self.folder, recorded, ".safetensors")
+        except ZEraseError:  # the run never writes one outside: an edited note, told as no file of this run
+            return None
+        return partial_lora(trainer, [path])  # missing: not it
 
     def save(self, lora: ErasureLoRA) -> Path:
         """Save to the name resolved before training, unless a file appeared there meanwhile (written by something
