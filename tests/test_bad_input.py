@@ -353,6 +353,8 @@ def _edited(checkpoint, tensors=lambda t: t, **metadata):
     dict(history=_history(erase=float("nan"))), dict(history=_history(erase="oops")),
     dict(history=_history(step=1.5)), dict(history=_history(pr_recomputed="yes")),
     dict(history=_history(seconds=float("inf"))), dict(seconds="NaN"), dict(caller='{"lora_file": 5}'),
+    # a list of pairs, which dict() took as the notes; a record that is no object
+    dict(caller='[["lora_file", "red"]]'), dict(history='["step"]'),
     dict(tensors=lambda t: t | {"optim.0.step": torch.zeros(2)}),  # AdamW's .item() failed at the next step
     dict(tensors=lambda t: {k: v for k, v in t.items() if k != "optim.0.exp_avg_sq"}),  # AdamW failed a step later
     dict(tensors=lambda t: {k: v for k, v in t.items() if k != "lora.0.q.A"}),
@@ -396,6 +398,8 @@ def test_a_paired_rules_pair_must_be_two_numbers(tmp_path, pair):
 
 @pytest.mark.parametrize("damage, reason", [
     (dict(step="-3"), "step -3 is negative"),  # the history-length rule alone would also refuse it, less clearly
+    (dict(caller='[["lora_file", "red"]]'), "its notes of the run's files must be a JSON object, got list"),
+    (dict(history='["step"]'), "a step record must be a JSON object, got str"),
     *[(dict(history=_history(**{name: float("nan")})), f"step 1's {name} is nan")
       for name in ("erase", "attn", "pr", "lam", "g", "sigma", "seconds")],
 ])
@@ -600,6 +604,12 @@ def test_a_checkpoint_with_settings_this_version_does_not_know_is_refused_by_nam
     with pytest.raises(ZEraseError, match="settings this version of the pack cannot read .TrainConfig: lr must be a "
                                           "float; got int 1000+…"):
         PlannedRun(tiny_zimage_backend(), _config(steps=2), out, resume=True)
+    # settings that are no JSON object (a string was told as "dictionary update sequence element #0 …")
+    for config, name in (("red", "the settings"), (meta["config"] | {"lora": [["rank", 4]]}, "the LoRA's settings")):
+        atomic_save(tensors, out / "checkpoint.safetensors", meta | {"config": config})
+        with pytest.raises(ZEraseError, match=f"settings this version of the pack cannot read .{name} must be a "
+                                              "JSON object, got (str|list)"):
+            PlannedRun(tiny_zimage_backend(), _config(steps=2), out, resume=True)
 
 
 def test_a_rank_beyond_the_models_width_is_refused_before_any_work():

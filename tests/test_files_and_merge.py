@@ -252,6 +252,7 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     # run failed on it (AttributeError)
     (dict(training='[["steps_done", 3]]'), "damaged Z-Erase metadata .*training must be a JSON object, got list"),
     (dict(fingerprint='[["dim", 64]]'), "damaged Z-Erase metadata .*fingerprint must be a JSON object, got list"),
+    (dict(history='[["L_erase", [0.5]]]'), "damaged Z-Erase metadata .*history must be a JSON object, got list"),
     # integers JSON reads, past float's range: an OverflowError traceback
     (dict(scale="1" + "0" * 400), "damaged Z-Erase metadata .*OverflowError"),
     (dict(history='{"L_erase": [1' + "0" * 400 + "]}"), "damaged Z-Erase metadata .*OverflowError"),

@@ -23,7 +23,7 @@ from .files import atomic_save, check_writable, decode_metadata
 from .history import StepRecord
 from .lagrangian import rule_for
 from .run_files import resumable
-from .typed import settle
+from .typed import json_object, settle
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -229,7 +229,7 @@ def _history(records: list, step: int) -> list[StepRecord]:
 def _record(fields: dict) -> StepRecord:
     """One step's record, each field of its type and every number finite (training refuses a non-finite loss): a NaN
     or a string there trained to the end, then wrote a LoRA that loading refuses, or failed at its export."""
-    record = StepRecord(**fields)
+    record = StepRecord(**json_object(fields, "a step record"))
     settle(record)
     for field in dataclasses.fields(record):  # every number, so a field added later is checked too
         if field.type in ("float", float):  # the annotation, as a string under postponed evaluation
@@ -246,7 +246,7 @@ def _finite(value: float, what: str) -> float:
 def _caller(notes) -> dict[str, str]:
     """What the program that ran the training kept in the checkpoint (the Train node: the name of its LoRA file),
     all text: a number there stopped the node with a traceback once the run was planned."""
-    caller = dict(notes)
+    caller = json_object(notes, "its notes of the run's files")
     if not all(isinstance(v, str) for v in caller.values()):
         raise TypeError(f"its notes of the run's files {shown(repr(caller))} are not all text")
     return caller

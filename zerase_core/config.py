@@ -16,7 +16,7 @@ from .lagrangian import MODES
 from .lora import LoRAConfig
 from .prompts import EMPTY_CONCEPT, concept_words, is_blank
 from .seeds import SEED_RANGE, valid_seed
-from .typed import settle
+from .typed import json_object, settle
 
 
 XT_SOURCES = ("pool", "fresh")  # where x_t comes from, the default first: see trainer.py and xt_pool.py
@@ -156,8 +156,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        data = dict(data)
-        lora = LoRAConfig(**data.pop("lora", {}))  # JSON's lists become tuples in the settings (typed.settle)
+        data = dict(json_object(data, "the settings"))
+        # JSON's lists become tuples in the settings (typed.settle)
+        lora = LoRAConfig(**json_object(data.pop("lora", {}), "the LoRA's settings"))
         if isinstance(data.get("gradient_checkpointing"), bool):  # files before "auto" stored on/off as a bool
             data["gradient_checkpointing"] = "on" if data["gradient_checkpointing"] else "off"
         return cls(**data, lora=lora)

@@ -24,7 +24,7 @@ from .errors import ZEraseError, shown
 from .files import atomic_save, decode_metadata
 from .lora import finite_in_fp32
 from .save_names import safe_output_path
-from .typed import settle
+from .typed import json_object, settle
 
 FORMAT = "zerase-gated-lora"
 # The newest version this pack reads. Version 2 adds the ungated gate kind ("all-tokens"); gated files are still
@@ -286,10 +286,10 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
             strength=float(info.get("strength", 1.0)),
             concept=str(info.get("concept", "")),
             preserve=_strings(info.get("preserve", [])),
-            fingerprint=_mapping(info.get("fingerprint", {}), "fingerprint"),
+            fingerprint=json_object(info.get("fingerprint", {}), "fingerprint"),
             training=_training(info.get("training", {})),
             source=str(info.get("source", "native")),
-            history={str(k): _finite_numbers(vs) for k, vs in dict(info.get("history", {})).items()},
+            history={str(k): _finite_numbers(vs) for k, vs in json_object(info.get("history", {}), "history").items()},
             scope=_SCOPES[kind],
         )
         if not finite_in_fp32(described["scale"], described["strength"]):  # told as the file's, not as a LoRA's
@@ -318,19 +318,11 @@ def _finite_numbers(values: Any) -> list[float]:
 def _training(value: Any) -> dict[str, Any]:
     """The training record from metadata; its ``base`` (the model's digest, or None) a string: merge compares and
     sorts the parts' digests, and a list or an int there stopped it with a traceback."""
-    training = _mapping(value, "training")
+    training = json_object(value, "training")
     base = training.get("base")
     if base is not None and not isinstance(base, str):
         raise TypeError(f"training.base must be a string (the base model's digest), got {base!r}")
     return training
-
-
-def _mapping(value: Any, name: str) -> dict[str, Any]:
-    """A JSON object from metadata. dict() also took a list of pairs, which read_description then returned as the
-    list, and a finished run's lookup failed on it with an AttributeError."""
-    if not isinstance(value, dict):
-        raise TypeError(f"{name} must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _strings(value: Any) -> tuple[str, ...]:

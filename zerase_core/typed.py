@@ -36,6 +36,14 @@ def settle(settings) -> None:
         raise ZEraseError(f"{type(settings).__name__}: " + "; ".join(wrong) + ".")
 
 
+def json_object(value, name: str) -> dict:
+    """A JSON object read from a file, or TypeError naming it. dict() also took a list of pairs (and a string's
+    message was "dictionary update sequence element #0…"), which the reader then handed on as a list."""
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 @functools.cache
 def _hints(cls: type) -> dict[str, typing.Any]:
     hints = typing.get_type_hints(cls)
