@@ -528,6 +528,23 @@ def test_applied_lora_weights_leave_the_gpu_with_the_model():
     assert not any(p.is_inference() for p in applied_set.parameters())  # a later training can back-propagate
 
 
+def test_an_applied_lora_waits_on_the_offload_device_until_the_model_runs():
+    """Made on the compute device at Apply, an erasure LoRA held GPU memory outside ComfyUI's accounting until the
+    model's first unload, though ComfyUI loads the model only when a sampler runs. ("meta" stands for the offload
+    device: a CPU has no second one; GatedForward's way back is a move to the input's device.)"""
+    from zerase_core.apply import export_lora, install_lora
+
+    trained = ComfyZImageBackend(tiny_zimage(comfy))
+    lora = export_lora(trained.install(LoRAConfig(rank=2)), concept="dog", preserve=(),
+                       fingerprint=trained.fingerprint(), training={})
+    with torch.inference_mode():  # as Apply Erasure LoRA runs
+        applied = ComfyZImageBackend(tiny_zimage(comfy))
+        applied.patcher.offload_device = torch.device("meta")
+        applied_set = install_lora(applied, lora, name=applied.key)
+    assert {p.device.type for p in applied_set.parameters()} == {"meta"}
+    assert not any(p.is_inference() for p in applied_set.parameters())  # a later training can back-propagate
+
+
 class _PackA:  # another node's patch, as a bound method (a class of its module: its name is stable)
     def forward(self, x):
         return x

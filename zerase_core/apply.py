@@ -62,6 +62,7 @@ def _installed(backend: Backend, lora: ErasureLoRA, name: str, strength: float) 
     lora_set.load_factors(factors)
     for p in lora_set.parameters():
         p.requires_grad_(False)  # applied, not trained: no gradient is computed or kept for it
+    backend.rest(lora_set)
     return lora_set
 
 

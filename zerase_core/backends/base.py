@@ -163,6 +163,10 @@ class Backend(ABC):
     def uninstall(self) -> None:
         """Remove every gated layer, restoring the original modules exactly."""
 
+    def rest(self, lora_set: LoRASet) -> None:
+        """Put an applied (frozen) LoRA where it waits until the model runs: here, where it was made. A host that
+        loads its model only to run it overrides this (ComfyUI: with the model's offloaded weights)."""
+
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")

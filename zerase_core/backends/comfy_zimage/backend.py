@@ -170,6 +170,13 @@ class ComfyZImageBackend(Backend):
         return install_on(self.host_slots(), config, name, self.n_layers, self._wrap, device=self.device,
                           replace=replace, installed=self._wrapped.values())
 
+    def rest(self, lora_set: LoRASet) -> None:
+        """An applied LoRA waits on the offload device, as the model's weights do until a sampler loads them: made on
+        the GPU at Apply, it held ~44 MB there (rank 16) outside ComfyUI's accounting until the model's first unload.
+        GatedForward brings it in at the model's first call; ON_DETACH takes it back out (object_patches)."""
+        for adapter in set(lora_set.slots.values()):
+            adapter.to(self.patcher.offload_device)
+
     def uninstall(self) -> None:
         """Our wrappers off this clone; the erasure LoRAs it came with stay, as they were."""
         for layer in self._wrapped:
