@@ -7,7 +7,7 @@ import logging
 from comfy_api.latest import io
 
 from zerase_core.errors import ZEraseError
-from zerase_core.lora_file import save_new
+from zerase_core.lora_file import saved_or_new
 from zerase_core.merge import merge
 
 from .common import SUBFOLDER, ErasureLoRAType, output_folder, parse_list, told_as
@@ -59,8 +59,9 @@ class MergeErasureLoRAs(io.ComfyNode):
             merged, report = merge(loras, parse_weights(weights, len(loras)), rank or None)
             text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
             if save_name.strip():
-                path = save_new(merged, output_folder(), save_name)  # never over another file
+                path, written = saved_or_new(merged, output_folder(), save_name)  # never over another file
                 # as Apply lists it; resolved both, as the saved path is: the loras folder or zerase/ may be a link
-                text += f"; saved {SUBFOLDER}/{path.resolve().relative_to(output_folder().resolve()).as_posix()}"
+                listed = f"{SUBFOLDER}/{path.resolve().relative_to(output_folder().resolve()).as_posix()}"
+                text += f"; saved {listed}" if written else f"; {listed} holds this merge already"
                 log.info("Z-Erase: %s", text)
         return io.NodeOutput(merged, text)

@@ -373,6 +373,10 @@ def test_load_and_merge(pack, loras_dir):
     key = (0, "q")
     torch.testing.assert_close(merged.delta_weight(key), 0.5 * a.delta_weight(key) + 0.5 * b.delta_weight(key))
     assert (loras_dir / "zerase" / "both.safetensors").is_file() and "rank 4" in report
+    # queued again (after a restart the node runs again): the file it wrote is taken, no identical both_001
+    _, report = merge.execute(lora_1=a, lora_2=b, weights="", rank=0, save_name="both")
+    assert report.endswith("; zerase/both.safetensors holds this merge already")
+    assert sorted(p.name for p in (loras_dir / "zerase").iterdir()) == ["both.safetensors"]
     small, report = merge.execute(lora_1=a, lora_2=b, weights="1, 1", rank=2, save_name="")
     assert small.rank == 2 and "relative error" in report
     with pytest.raises(ZEraseError, match="weights"):

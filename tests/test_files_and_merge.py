@@ -830,3 +830,25 @@ def test_an_applied_lora_adds_its_delta_weight_at_its_scale_and_strength():
         added = lora_set.slots[key].delta(key[1], x).double()
         expected = x.double() @ (2.0 * lora.delta_weight(key)).T  # delta_weight carries scale · strength
         assert torch.allclose(added, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_merge_saved_again_under_its_name_is_the_file_it_wrote(tmp_path):
+    """The Merge node runs again after every restart of ComfyUI (an output node), and each run saved another
+    identical file (cat_dog_001, _002, … in every LoRA list). A file that holds exactly the merge is taken; any
+    other content, even one factor's last bit, gets the next free name as before."""
+    from zerase_core.lora_file import saved_or_new
+
+    a, b = _random_lora(KEYS, seed=1, concept="cat"), _random_lora(KEYS, seed=2, concept="dog")
+    merged, _ = merge([a, b])
+    first, written = saved_or_new(merged, tmp_path, "cat_dog")
+    assert written and first.name == "cat_dog.safetensors"
+    assert saved_or_new(merge([a, b])[0], tmp_path, "cat_dog") == (first, False)
+    other, _ = merge([a, b], [1.0, 1.0])  # other weights: other metadata and factors
+    assert saved_or_new(other, tmp_path, "cat_dog") == (tmp_path / "cat_dog_001.safetensors", True)
+    factors = dict(merged.factors)
+    a0, b0 = factors[KEYS[0]]
+    factors[KEYS[0]] = (a0, torch.nextafter(b0, torch.full_like(b0, 2.0)))  # the metadata alike, one factor not
+    assert saved_or_new(replace(merged, factors=factors), tmp_path, "cat_dog")[0].name == "cat_dog_002.safetensors"
+    (tmp_path / "cat_dog.safetensors").write_bytes(b"damaged")  # not this merge any more: a new file, none replaced
+    assert saved_or_new(merged, tmp_path, "cat_dog") == (tmp_path / "cat_dog_003.safetensors", True)
+    assert saved_or_new(merged, tmp_path, "cat_dog") == (tmp_path / "cat_dog_003.safetensors", False)

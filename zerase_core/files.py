@@ -212,3 +212,8 @@ def _json(text: str) -> Any:
 def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:
     """Inverse of :func:`atomic_save`'s encoding: JSON where it parses, plain strings otherwise."""
     return {key: value if (parsed := _json(value)) is _NOT_JSON else parsed for key, value in meta.items()}
+
+
+def as_json(value: Any) -> Any:
+    """``value`` as its JSON metadata round trip holds it (tuples become lists): what a file compares equal to."""
+    return json.loads(json.dumps(value))

@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import ZEraseError, shown
-from .files import atomic_save, decode_metadata
+from .files import as_json, atomic_save, decode_metadata
 from .lora import finite_in_fp32
-from .save_names import safe_output_path
+from .save_names import safe_output_path, saved_versions
 from .typed import json_object, settle
 
 FORMAT = "zerase-gated-lora"
@@ -146,6 +146,27 @@ def save_lora(lora: ErasureLoRA, path: str | Path, exclusive: bool = False) -> P
 def save_new(lora: ErasureLoRA, folder: str | Path, name: str) -> Path:
     """``lora`` under the next free name for ``name`` in ``folder`` (``name_001``, …), never over another file."""
     return save_lora(lora, safe_output_path(folder, name), exclusive=True)
+
+
+def saved_or_new(lora: ErasureLoRA, folder: str | Path, name: str) -> tuple[Path, bool]:
+    """(``lora``'s file under ``name``, whether it was written now): a file saved earlier under the name that holds
+    exactly ``lora`` (metadata and factors) is taken, else :func:`save_new`. A merge node runs again after every
+    restart of ComfyUI (an output node), and each run wrote another identical ``name_00N``."""
+    for path in saved_versions(folder, name):
+        if _holds(path, lora):
+            return path, False
+    return save_new(lora, folder, name), True
+
+
+def _holds(path: Path, lora: ErasureLoRA) -> bool:
+    try:
+        saved = load_lora(path)
+    except ZEraseError:  # damaged, or not ours: not this LoRA
+        return False
+    same_factors = saved.factors.keys() == lora.factors.keys() and all(
+        torch.equal(a, lora.factors[key][0].float()) and torch.equal(b, lora.factors[key][1].float())
+        for key, (a, b) in saved.factors.items())
+    return same_factors and as_json(saved.metadata()) == as_json(lora.metadata())
 
 
 def _header(path: Path) -> tuple[list[str], dict[str, str]]:

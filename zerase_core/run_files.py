@@ -8,11 +8,11 @@ MODEL its file and the patches on it, and its CLIP's).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .config import TrainConfig
+from .files import as_json
 from .lora_file import read_description
 
 if TYPE_CHECKING:
@@ -42,14 +42,14 @@ def partial_lora(trainer: "ZEraseTrainer", candidates: Iterable[Path]) -> Path |
     The caller names the candidates (the node: the one file its checkpoint recorded), so another run's file is
     never taken for it.
     """
-    wanted = _as_json(_run(resumable(trainer.config.to_dict()), trainer.backend.fingerprint(), trainer.base_digest))
+    wanted = as_json(_run(resumable(trainer.config.to_dict()), trainer.backend.fingerprint(), trainer.base_digest))
     for path in candidates:
         run, done = _run_of(path)
         if run is None:
             continue
         # A file saved before LoRAs recorded their model has no base: its settings and architecture decide.
         candidate = {**run, "settings": resumable(run["settings"]), "base": run["base"] or trainer.base_digest}
-        if _as_json(candidate) == wanted and isinstance(done, int) and 0 < done <= trainer.step:
+        if as_json(candidate) == wanted and isinstance(done, int) and 0 < done <= trainer.step:
             return path
     return None
 
@@ -62,10 +62,10 @@ def finished_lora(config: TrainConfig, fingerprint: dict, base: str | None, cand
     """
     if base is None:
         return None
-    wanted = _as_json(_run(trained_as(config.to_dict()), fingerprint, base))
+    wanted = as_json(_run(trained_as(config.to_dict()), fingerprint, base))
     for path in candidates:
         run, done = _run_of(path)
-        if run is not None and _as_json(run) == wanted and done == config.steps:
+        if run is not None and as_json(run) == wanted and done == config.steps:
             return path
     return None
 
@@ -85,8 +85,3 @@ def _run_of(path: Path) -> tuple[dict[str, Any] | None, Any]:
     settings.pop("seconds", None)
     base = settings.pop("base", None)
     return _run(settings, info.get("fingerprint"), base), done
-
-
-def _as_json(value):
-    """``value`` as its JSON metadata round trip holds it (tuples become lists)."""
-    return json.loads(json.dumps(value))
