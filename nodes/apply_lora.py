@@ -41,7 +41,9 @@ class ApplyErasureLoRA(io.ComfyNode):
                 io.Model.Input("model", tooltip="A Z-Image model (Load Diffusion Model); not changed: a patched "
                                "clone is returned."),
                 io.Combo.Input("lora_name", options=lora_files(), default=NONE,
-                               tooltip="A Z-Erase LoRA file (native or official Z-Erase) from the loras folders."),
+                               tooltip="A Z-Erase LoRA file (native or official Z-Erase) from the loras folders. "
+                               "Not in the stock LoRA loaders: an official file there acts on every token, ungated; "
+                               "a native one does nothing."),
                 io.Float.Input("strength", default=1.0, min=-STRENGTH_MAX, max=STRENGTH_MAX, step=0.05,
                                tooltip="Multiplies the file's own scale. Official Z-Erase files load at scale 1; "
                                "their code applies them at 15."),
