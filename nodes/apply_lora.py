@@ -8,9 +8,10 @@ from zerase_core.apply import check_applicable, install_lora
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend
 from zerase_core.lora_file import STRENGTH_MAX
 
-from .common import NONE, ErasureLoRAType, file_state, lora_files, pick_lora, told_as
+from .common import NONE, ErasureLoRAType, file_problem, file_state, lora_files, pick_lora, told_as
 
 NODE = "Apply Erasure LoRA"
+_UNLINKED = object()  # validate_inputs' erasure_lora when nothing is connected to it
 
 
 def apply_erasure(model, lora, strength: float):
@@ -58,6 +59,12 @@ class ApplyErasureLoRA(io.ComfyNode):
         # A connected erasure_lora arrives here as None (ComfyUI keys it on its own node) and overrides the file, whose
         # state then must not count: rewriting an unused file re-ran Apply and every sampler after it.
         return (lora_name if "erasure_lora" in linked else file_state(lora_name)), strength
+
+    @classmethod
+    def validate_inputs(cls, lora_name, erasure_lora=_UNLINKED) -> bool | str:
+        """A file to read, or a LoRA linked (None here: a link has no value before it runs), told when the prompt is
+        queued. Taking lora_name here, the function replaces ComfyUI's own check that it is in the list."""
+        return True if erasure_lora is not _UNLINKED else file_problem(NODE, lora_name) or True
 
     @classmethod
     def execute(cls, model, lora_name, strength, erasure_lora=None) -> io.NodeOutput:

@@ -29,17 +29,29 @@ def portable(name: str, sep: str = os.sep) -> str:
     return name.replace(sep, "/")
 
 
-def read_lora_file(name: str, node: str) -> ErasureLoRA:
+def file_problem(node: str, name: str) -> str | None:
+    """Why the file choice ``name`` cannot be read, or None. Told by the file nodes' ``validate_inputs`` when a
+    prompt is queued (before the loaders read the model, minutes on Z-Image), and again when they run."""
     import folder_paths
 
     if not name:  # the file list was empty when the node was made
-        raise ZEraseError(f"{node}: there is no LoRA file to choose: train one with Z-Erase Train, or put a Z-Erase "
-                          "LoRA into models/loras/ and refresh the page.")
-    path = folder_paths.get_full_path("loras", name)
-    if path is None:
-        raise ZEraseError(f"{node}: LoRA file '{name}' is not in any loras folder.")
+        return (f"{node}: there is no LoRA file to choose: train one with Z-Erase Train, or put a Z-Erase LoRA into "
+                "models/loras/ and refresh the page.")
+    if name == NONE:
+        return f"{node}: choose a LoRA file or connect an erasure LoRA."
+    if folder_paths.get_full_path("loras", name) is None:
+        return f"{node}: LoRA file '{name}' is not in any loras folder."
+    return None
+
+
+def read_lora_file(name: str, node: str) -> ErasureLoRA:
+    import folder_paths
+
+    problem = file_problem(node, name)
+    if problem:
+        raise ZEraseError(problem)
     with told_as(node):
-        return load_lora(path)
+        return load_lora(folder_paths.get_full_path("loras", name))
 
 
 @contextmanager
@@ -84,8 +96,4 @@ def output_folder() -> Path:
 
 def pick_lora(node: str, lora_name: str = NONE, erasure_lora: ErasureLoRA | None = None) -> ErasureLoRA:
     """The socket input wins over the file choice; one of them is needed."""
-    if erasure_lora is not None:
-        return erasure_lora
-    if lora_name and lora_name != NONE:
-        return read_lora_file(lora_name, node)
-    raise ZEraseError(f"{node}: choose a LoRA file or connect an erasure LoRA.")
+    return erasure_lora if erasure_lora is not None else read_lora_file(lora_name, node)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import ErasureLoRAType, file_state, lora_files, read_lora_file
+from .common import ErasureLoRAType, file_problem, file_state, lora_files, read_lora_file
 
 NODE = "Load Erasure LoRA"
 
@@ -26,6 +26,11 @@ class LoadErasureLoRA(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, lora_name, **_):
         return file_state(lora_name)
+
+    @classmethod
+    def validate_inputs(cls, lora_name) -> bool | str:
+        """Told when the prompt is queued (this replaces ComfyUI's own check that the name is in the list)."""
+        return file_problem(NODE, lora_name) or True
 
     @classmethod
     def execute(cls, lora_name) -> io.NodeOutput:

@@ -240,6 +240,50 @@ def test_an_empty_concept_is_refused_when_the_prompt_is_queued(mappings, loras_d
             [("concept", True)] * refused
 
 
+def test_a_missing_lora_file_is_refused_when_the_prompt_is_queued(mappings, loras_dir, monkeypatch):  # noqa: F811
+    """Apply with no file chosen and nothing connected, or a file that is not there, and Load with none to choose,
+    were told after the loaders had read the model (minutes on Z-Image); now when the prompt is queued, once, under
+    lora_name. A connected erasure LoRA overrides the file choice, which then need not exist."""
+    import execution
+    import nodes
+
+    for name, widgets, kind in [
+        ("UNETLoader", {"unet_name": "z_image_turbo_bf16.safetensors", "weight_dtype": "default"}, "MODEL"),
+        ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}, "CLIP"),
+        ("VAELoader", {"vae_name": "ae.safetensors"}, "VAE"),
+    ]:
+        _stub_loader(nodes.NODE_CLASS_MAPPINGS, monkeypatch, name, widgets, kind, None)
+    for name in ("ModelSamplingAuraFlow", "EmptySD3LatentImage"):
+        monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, name, mappings[name])
+    save_lora(random_lora(1, concept="cat"), loras_dir / "zerase" / "cat.safetensors")
+    save_lora(random_lora(1, concept="dog"), loras_dir / "zerase" / "dog.safetensors")
+    comfy.folder_paths.filename_list_cache.clear()
+
+    def refusals(name: str, node_type: str, **inputs) -> list[tuple[str, str]]:
+        graph = _shrink(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
+        node_id = next(i for i, node in graph.items() if node["class_type"] == node_type)
+        graph[node_id]["inputs"] |= inputs
+        for key in [k for k, v in inputs.items() if v is None]:
+            del graph[node_id]["inputs"][key]
+        _, _, _, node_errors = asyncio.run(execution.validate_prompt("1", graph, None))
+        return [(e["extra_info"]["input_name"], e["details"]) for e in node_errors.get(node_id, {}).get("errors", [])]
+
+    apply, merge = "zerase_apply_and_compare", "zerase_multi_concept_merge"
+    assert refusals(apply, "ZEraseApplyLoRA") == []
+    assert refusals(apply, "ZEraseApplyLoRA", lora_name="(none)") == [
+        ("lora_name", "lora_name - Apply Erasure LoRA: choose a LoRA file or connect an erasure LoRA.")]
+    assert refusals(apply, "ZEraseApplyLoRA", lora_name="zerase/gone.safetensors") == [
+        ("lora_name", "lora_name - Apply Erasure LoRA: LoRA file 'zerase/gone.safetensors' is not in any loras "
+                      "folder.")]
+    assert refusals(merge, "ZEraseApplyLoRA") == []  # "(none)", with the merge connected
+    assert refusals(merge, "ZEraseApplyLoRA", lora_name="zerase/gone.safetensors") == []  # overridden: not read
+    assert refusals(merge, "ZEraseApplyLoRA", erasure_lora=None) == [
+        ("lora_name", "lora_name - Apply Erasure LoRA: choose a LoRA file or connect an erasure LoRA.")]
+    assert refusals(merge, "ZEraseLoadLoRA", lora_name="") == [
+        ("lora_name", "lora_name - Load Erasure LoRA: there is no LoRA file to choose: train one with Z-Erase Train, "
+                      "or put a Z-Erase LoRA into models/loras/ and refresh the page.")]
+
+
 def test_workflows_run_through_comfyuis_executor(mappings, loras_dir, tmp_path, monkeypatch):  # noqa: F811
     """The shipped API workflows as ComfyUI queues them: validated (the 'zerase/…' file choices included), run by
     its PromptExecutor under inference mode, and cached: queueing train-and-compare again trains no step."""
