@@ -98,8 +98,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     src.add_argument("--tiny", action="store_true", help="a tiny randomly initialised diffusers Z-Image (CPU, seconds)")
     src.add_argument("--model", type=Path, help="a diffusers Z-Image folder (transformer/, text_encoder/, tokenizer/)")
     p.add_argument("--concept", required=True, help="the word or phrase to erase, as it appears in the prompts")
-    p.add_argument("--preserve", nargs="*", default=[], help="preservation concepts")
-    p.add_argument("--template", dest="templates", action="append", help="erase prompt template with {} (repeatable)")
+    p.add_argument("--preserve", nargs="*", default=[], help="preservation concepts (default: none)")
+    p.add_argument("--template", dest="templates", action="append",
+                   help="erase prompt template with {} (repeatable; default: the preset's, paper Table 7)")
     p.add_argument("--preset", default=TrainConfig.preset, choices=list(PRESETS),
                    help=f"concept type (sets ε, template; default {TrainConfig.preset})")
     p.add_argument("--steps", type=int, default=None, help=f"training steps (default {TrainConfig.steps}; "
