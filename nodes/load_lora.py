@@ -4,21 +4,28 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import ErasureLoRAType, file_problem, file_state, lora_files, read_lora_file
+from .common import SUBFOLDER, ErasureLoRAType, file_problem, file_state, lora_files, read_lora_file
 
 NODE = "Load Erasure LoRA"
+
+
+def _first_ours(files: list[str]) -> str:
+    """A new node's choice: the first file Train or Merge saved (the list's first is usually a stock LoRA, refused
+    when the node runs)."""
+    return next((name for name in files if name.startswith(f"{SUBFOLDER}/")), files[0])
 
 
 class LoadErasureLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        files = lora_files()[1:] or [""]
         return io.Schema(
             node_id="ZEraseLoadLoRA",
             search_aliases=["erasure LoRA loader"],
             display_name=NODE,
             category="Z-Erase",
             description="Reads a Z-Erase LoRA file (native, or the official Z-Erase format) for Merge or Apply.",
-            inputs=[io.Combo.Input("lora_name", options=lora_files()[1:] or [""],
+            inputs=[io.Combo.Input("lora_name", options=files, default=_first_ours(files),
                                    tooltip="A file from the loras folders; Train saves under zerase/.")],
             outputs=[ErasureLoRAType.Output(display_name="erasure_lora"), io.String.Output(display_name="concept")],
         )

@@ -394,6 +394,10 @@ def test_load_with_no_lora_file_to_choose_says_where_one_comes_from(pack, loras_
     is not in any loras folder"."""
     comfy.folder_paths.filename_list_cache.clear()
     assert pack["ZEraseLoadLoRA"].define_schema().inputs[0].options == [""]
+    (loras_dir / "a_stock_lora.safetensors").write_bytes(b"")  # sorts before zerase/: a new node took it
+    save_lora(random_lora(1, concept="cat"), loras_dir / "zerase" / "cat.safetensors")
+    comfy.folder_paths.filename_list_cache.clear()
+    assert pack["ZEraseLoadLoRA"].define_schema().inputs[0].default == "zerase/cat.safetensors"
     with pytest.raises(ZEraseError, match="^Load Erasure LoRA: there is no LoRA file to choose: train one"):
         pack["ZEraseLoadLoRA"].execute(lora_name="")
 
