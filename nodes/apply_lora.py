@@ -62,9 +62,12 @@ class ApplyErasureLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name, erasure_lora=_UNLINKED) -> bool | str:
-        """A file to read, or a LoRA linked (None here: a link has no value before it runs), told when the prompt is
-        queued. Taking lora_name here, the function replaces ComfyUI's own check that it is in the list."""
-        return True if erasure_lora is not _UNLINKED else file_problem(NODE, lora_name) or True
+        """A file to read, or a LoRA linked, told when the prompt is queued. A linked input has no value yet (None
+        here): a linked erasure_lora overrides the file, a linked lora_name is checked when the node runs. Taking
+        lora_name here, the function replaces ComfyUI's own check that it is in the list."""
+        if erasure_lora is not _UNLINKED or lora_name is None:
+            return True
+        return file_problem(NODE, lora_name) or True
 
     @classmethod
     def execute(cls, model, lora_name, strength, erasure_lora=None) -> io.NodeOutput:

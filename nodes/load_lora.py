@@ -36,8 +36,9 @@ class LoadErasureLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name) -> bool | str:
-        """Told when the prompt is queued (this replaces ComfyUI's own check that the name is in the list)."""
-        return file_problem(NODE, lora_name) or True
+        """Told when the prompt is queued (this replaces ComfyUI's own check that the name is in the list); a linked
+        name (None here: no value yet) is checked when the node runs."""
+        return lora_name is None or file_problem(NODE, lora_name) or True
 
     @classmethod
     def execute(cls, lora_name) -> io.NodeOutput:

@@ -212,20 +212,27 @@ def _stub_loader(table, monkeypatch, name: str, widgets: dict, kind: str, value)
     monkeypatch.setitem(table, name, Loader)
 
 
+def _stub_workflow_nodes(mappings, monkeypatch, model=None, clip=None, vae=None) -> None:
+    """ComfyUI's loaders of the workflows' files, handing out the given stand-ins, and the core nodes they use."""
+    import nodes
+
+    for name, widgets, kind, value in [
+        ("UNETLoader", {"unet_name": "z_image_turbo_bf16.safetensors", "weight_dtype": "default"}, "MODEL", model),
+        ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}, "CLIP", clip),
+        ("VAELoader", {"vae_name": "ae.safetensors"}, "VAE", vae),
+    ]:
+        _stub_loader(nodes.NODE_CLASS_MAPPINGS, monkeypatch, name, widgets, kind, value)
+    for name in ("ModelSamplingAuraFlow", "EmptySD3LatentImage"):
+        monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, name, mappings[name])
+
+
 def test_an_empty_concept_is_refused_when_the_prompt_is_queued(mappings, loras_dir, monkeypatch):  # noqa: F811
     """ComfyUI validates a queued prompt before it runs any node: Train's empty concept is told then, once, under the
     concept input (it was told after the loaders had read the model and the text encoder, minutes on Z-Image)."""
     import execution
     import nodes
 
-    for name, widgets, kind in [
-        ("UNETLoader", {"unet_name": "z_image_turbo_bf16.safetensors", "weight_dtype": "default"}, "MODEL"),
-        ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}, "CLIP"),
-        ("VAELoader", {"vae_name": "ae.safetensors"}, "VAE"),
-    ]:
-        _stub_loader(nodes.NODE_CLASS_MAPPINGS, monkeypatch, name, widgets, kind, None)
-    for name in ("ModelSamplingAuraFlow", "EmptySD3LatentImage"):
-        monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, name, mappings[name])
+    _stub_workflow_nodes(mappings, monkeypatch)
     graph = _shrink(json.loads((REPO / "workflows" / "api" / "zerase_train_and_compare.json").read_text()))
     train_id = next(i for i, node in graph.items() if node["class_type"] == "ZEraseTrain")
     _stub_loader(nodes.NODE_CLASS_MAPPINGS, monkeypatch, "StringFromAnotherNode", {}, "STRING", "")
@@ -247,20 +254,16 @@ def test_a_missing_lora_file_is_refused_when_the_prompt_is_queued(mappings, lora
     import execution
     import nodes
 
-    for name, widgets, kind in [
-        ("UNETLoader", {"unet_name": "z_image_turbo_bf16.safetensors", "weight_dtype": "default"}, "MODEL"),
-        ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}, "CLIP"),
-        ("VAELoader", {"vae_name": "ae.safetensors"}, "VAE"),
-    ]:
-        _stub_loader(nodes.NODE_CLASS_MAPPINGS, monkeypatch, name, widgets, kind, None)
-    for name in ("ModelSamplingAuraFlow", "EmptySD3LatentImage"):
-        monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, name, mappings[name])
+    _stub_workflow_nodes(mappings, monkeypatch)
     save_lora(random_lora(1, concept="cat"), loras_dir / "zerase" / "cat.safetensors")
     save_lora(random_lora(1, concept="dog"), loras_dir / "zerase" / "dog.safetensors")
     comfy.folder_paths.filename_list_cache.clear()
 
+    _stub_loader(nodes.NODE_CLASS_MAPPINGS, monkeypatch, "ComboFromAnotherNode", {}, "COMBO", "zerase/cat.safetensors")
+
     def refusals(name: str, node_type: str, **inputs) -> list[tuple[str, str]]:
         graph = _shrink(json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()))
+        graph["99"] = {"class_type": "ComboFromAnotherNode", "inputs": {}}
         node_id = next(i for i, node in graph.items() if node["class_type"] == node_type)
         graph[node_id]["inputs"] |= inputs
         for key in [k for k, v in inputs.items() if v is None]:
@@ -279,6 +282,9 @@ def test_a_missing_lora_file_is_refused_when_the_prompt_is_queued(mappings, lora
     assert refusals(merge, "ZEraseApplyLoRA", lora_name="zerase/gone.safetensors") == []  # overridden: not read
     assert refusals(merge, "ZEraseApplyLoRA", erasure_lora=None) == [
         ("lora_name", "lora_name - Apply Erasure LoRA: choose a LoRA file or connect an erasure LoRA.")]
+    # a linked name has no value yet when ComfyUI validates (None): it is read when the node runs
+    assert refusals(apply, "ZEraseApplyLoRA", lora_name=["99", 0]) == []
+    assert refusals(merge, "ZEraseLoadLoRA", lora_name=["99", 0]) == []
     assert refusals(merge, "ZEraseLoadLoRA", lora_name="") == [
         ("lora_name", "lora_name - Load Erasure LoRA: there is no LoRA file to choose: train one with Z-Erase Train, "
                       "or put a Z-Erase LoRA into models/loras/ and refresh the page.")]
@@ -288,19 +294,11 @@ def test_workflows_run_through_comfyuis_executor(mappings, loras_dir, tmp_path, 
     """The shipped API workflows as ComfyUI queues them: validated (the 'zerase/…' file choices included), run by
     its PromptExecutor under inference mode, and cached: queueing train-and-compare again trains no step."""
     import execution
-    import nodes
 
     train = _train_module()
     with torch.inference_mode():  # as ComfyUI's loaders leave them
         model, clip = tiny_zimage(comfy, inference_tensors=True), tiny_clip(comfy)
-    for name, widgets, kind, value in [
-        ("UNETLoader", {"unet_name": "z_image_turbo_bf16.safetensors", "weight_dtype": "default"}, "MODEL", model),
-        ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}, "CLIP", clip),
-        ("VAELoader", {"vae_name": "ae.safetensors"}, "VAE", _StandInVAE(model)),
-    ]:
-        _stub_loader(nodes.NODE_CLASS_MAPPINGS, monkeypatch, name, widgets, kind, value)
-    for name in ("ModelSamplingAuraFlow", "EmptySD3LatentImage"):
-        monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, name, mappings[name])
+    _stub_workflow_nodes(mappings, monkeypatch, model, clip, _StandInVAE(model))
     saved_output = comfy.folder_paths.get_output_directory()
     comfy.folder_paths.set_output_directory(str(tmp_path / "output"))
     steps = []
