@@ -849,6 +849,8 @@ def test_a_merge_saved_again_under_its_name_is_the_file_it_wrote(tmp_path):
     a0, b0 = factors[KEYS[0]]
     factors[KEYS[0]] = (a0, torch.nextafter(b0, torch.full_like(b0, 2.0)))  # the metadata alike, one factor not
     assert saved_or_new(replace(merged, factors=factors), tmp_path, "cat_dog")[0].name == "cat_dog_002.safetensors"
+    # the factors alike, the metadata not (another preservation list): a new file too
+    assert saved_or_new(replace(merged, preserve=("cow",)), tmp_path, "cat_dog")[0].name == "cat_dog_003.safetensors"
     (tmp_path / "cat_dog.safetensors").write_bytes(b"damaged")  # not this merge any more: a new file, none replaced
-    assert saved_or_new(merged, tmp_path, "cat_dog") == (tmp_path / "cat_dog_003.safetensors", True)
-    assert saved_or_new(merged, tmp_path, "cat_dog") == (tmp_path / "cat_dog_003.safetensors", False)
+    assert saved_or_new(merged, tmp_path, "cat_dog") == (tmp_path / "cat_dog_004.safetensors", True)
+    assert saved_or_new(merged, tmp_path, "cat_dog") == (tmp_path / "cat_dog_004.safetensors", False)

@@ -159,14 +159,16 @@ def saved_or_new(lora: ErasureLoRA, folder: str | Path, name: str) -> tuple[Path
 
 
 def _holds(path: Path, lora: ErasureLoRA) -> bool:
+    """Whether ``path`` holds exactly ``lora``: its metadata first (no tensor read), then every factor."""
+    if read_description(path) != as_json(lora.metadata()):  # {} for a damaged file or one not ours
+        return False
     try:
         saved = load_lora(path)
-    except ZEraseError:  # damaged, or not ours: not this LoRA
+    except ZEraseError:  # damaged tensors
         return False
-    same_factors = saved.factors.keys() == lora.factors.keys() and all(
+    return saved.factors.keys() == lora.factors.keys() and all(
         torch.equal(a, lora.factors[key][0].float()) and torch.equal(b, lora.factors[key][1].float())
         for key, (a, b) in saved.factors.items())
-    return same_factors and as_json(saved.metadata()) == as_json(lora.metadata())
 
 
 def _header(path: Path) -> tuple[list[str], dict[str, str]]:
