@@ -83,8 +83,9 @@ def test_short_demo_writes_every_output(tmp_path, random_toy, monkeypatch):
 
 def test_demo_with_defaults_erases_red_and_keeps_the_other_attributes(tmp_path):
     """Issue 5's must-show on the shipped model, the demo exactly as `python -m zerase_core demo` runs it
-    (~4 min on one thread: 3.8 measured alone). h_a ≥ 0.6 is the issue's floor (seeds 0–2 gave 0.86 / 0.91 / 0.67). The issue's
-    "≤ 5 points" is met by the committed report (shape −5, the rest ≤ 1) but with no margin: seeds give −4 to −6
+    (~4 min on one thread: 3.8 measured alone). h_a ≥ 0.6 is the issue's floor (seeds 0–2 gave 0.86 / 0.91 /
+    0.67). The issue's "≤ 5 points" is met by the committed report (shape −5, the rest ≤ 1) but with no margin: seeds
+    give −4 to −6
     and 100 prompts carry ±2.5 points of sampling error, and float differences between CPUs change a training
     run. So this guard allows 8 points — the previous default's −9 (triangles never preserved) fails it."""
     from zerase_core.toy.demo import run_demo
