@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
+import sys
+import time
 from pathlib import Path
 
 from comfy_api.latest import io, ui
@@ -11,7 +14,7 @@ from zerase_core import render
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized, training_session
 from zerase_core.apply import install_lora
 from zerase_core.config import CHECKPOINTING_MODES, LR_RANGE, PRESETS, XT_SOURCES, TrainConfig
-from zerase_core.history import loss_series
+from zerase_core.history import StepRecord, loss_series
 from zerase_core.lora import LoRAConfig, targets_from
 from zerase_core.lora_file import load_lora
 from zerase_core.named_run import NamedRun
@@ -77,7 +80,26 @@ def _outputs(cls, lora, curves, previews, model) -> io.NodeOutput:
     return io.NodeOutput(lora, apply_erasure(model, lora, 1.0), curves, previews, ui={"images": shown[0] + shown[1]})
 
 
-def _trainer(backend, run: NamedRun) -> tuple[ZEraseTrainer, NamedRun]:
+def _progress_text(node_id: str | None, steps: int, every: float = 0.5):
+    """A step callback showing the step's losses and λ as the node's progress text (the curves come only after minutes
+    of training): at most every ``every`` seconds, and the last step. Nothing without a server (ComfyUI run as a
+    library) or a node id. The server is looked up, not imported: ComfyUI's main imports it before any node runs, and
+    importing it elsewhere starts its frontend management."""
+    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    last = [-math.inf]
+
+    def tell(record: StepRecord, trainer: ZEraseTrainer) -> None:
+        now = time.monotonic()
+        if server is None or node_id is None or (now - last[0] < every and record.step < steps):
+            return
+        last[0] = now
+        server.send_progress_text(f"step {record.step}/{steps} · L_erase {record.erase:.4g} · L_attn {record.attn:.3g}"
+                                  f" · L_pr {record.pr:.3g} · λ {record.lam:.3g}", node_id)
+
+    return tell
+
+
+def _trainer(backend, run: NamedRun, node_id: str | None = None) -> tuple[ZEraseTrainer, NamedRun]:
     """The run's trainer, continued from its checkpoint when asked and one exists (and the run with the file its LoRA
     goes to). The node's bar counts the x_t pool's trajectories while they are sampled (minutes on a large model),
     then the training steps."""
@@ -93,7 +115,7 @@ def _trainer(backend, run: NamedRun) -> tuple[ZEraseTrainer, NamedRun]:
         mm.throw_exception_if_processing_interrupted()
         raise
     pbar = comfy.utils.ProgressBar(run.config.steps)
-    trainer.callbacks.append(lambda record, t: pbar.update_absolute(t.step))
+    trainer.callbacks += [lambda record, t: pbar.update_absolute(t.step), _progress_text(node_id, run.config.steps)]
     run = run.attach(trainer)
     if trainer.step:
         pbar.update_absolute(trainer.step)
@@ -173,6 +195,7 @@ class ZEraseTrain(io.ComfyNode):
                                "erased more on the toy, with more collateral change (README)."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the previews; without it a cheap preview."),
             ],
+            hidden=[io.Hidden.unique_id],  # the node its progress text goes to
             outputs=[
                 ErasureLoRAType.Output(display_name="erasure_lora"),
                 io.Model.Output(display_name="erased_model"),
@@ -210,7 +233,7 @@ class ZEraseTrain(io.ComfyNode):
                   "that file.")
         backend = ComfyZImageBackend.for_training(model, clip, node=NODE)
         with training_session(backend):
-            trainer, run = _trainer(backend, run)
+            trainer, run = _trainer(backend, run, getattr(cls.hidden, "unique_id", None))
             path = run.lora
             try:
                 result = trainer.run()

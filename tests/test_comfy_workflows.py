@@ -4,6 +4,8 @@ latent-preview stand-in, since no tiny Z-Image VAE can be built without weights)
 
 import asyncio
 import json
+import sys
+from types import SimpleNamespace
 
 import pytest
 from comfy_support import REPO, require_comfyui, tiny_clip, tiny_zimage
@@ -292,9 +294,13 @@ def test_a_missing_lora_file_is_refused_when_the_prompt_is_queued(mappings, lora
 
 def test_workflows_run_through_comfyuis_executor(mappings, loras_dir, tmp_path, monkeypatch):  # noqa: F811
     """The shipped API workflows as ComfyUI queues them: validated (the 'zerase/…' file choices included), run by
-    its PromptExecutor under inference mode, and cached: queueing train-and-compare again trains no step."""
+    its PromptExecutor under inference mode, and cached: queueing train-and-compare again trains no step. Train
+    shows each step's losses and λ on the node as progress text (the curves come only at the end)."""
     import execution
 
+    told = []  # what the web UI would show on a node: (node id, text); ComfyUI's server, as its main leaves it
+    sent = SimpleNamespace(send_progress_text=lambda text, node_id: told.append((node_id, text)))
+    monkeypatch.setitem(sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=sent)))
     train = _train_module()
     with torch.inference_mode():  # as ComfyUI's loaders leave them
         model, clip = tiny_zimage(comfy, inference_tensors=True), tiny_clip(comfy)
@@ -317,6 +323,11 @@ def test_workflows_run_through_comfyuis_executor(mappings, loras_dir, tmp_path, 
     try:
         queue("zerase_train_and_compare", "1")
         assert len(steps) == 2 and (loras_dir / "zerase" / "cat.safetensors").is_file()
+        graph = json.loads((REPO / "workflows" / "api" / "zerase_train_and_compare.json").read_text())
+        train_id = next(i for i, node in graph.items() if node["class_type"] == "ZEraseTrain")
+        texts = [text for node_id, text in told if node_id == train_id]  # the first step, and the last however soon
+        assert [text.split(" · ")[0] for text in texts] == ["step 1/2", "step 2/2"] and len(told) == 2
+        assert [part.split(" ")[0] for part in texts[-1].split(" · ")[1:]] == ["L_erase", "L_attn", "L_pr", "λ"]
         queue("zerase_train_and_compare", "2")
         assert len(steps) == 2  # nothing changed: ComfyUI's cache answered, no step was trained again
         save_lora(random_lora(1, concept="dog"), loras_dir / "zerase" / "dog.safetensors")
