@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -52,6 +53,15 @@ def read_lora_file(name: str, node: str) -> ErasureLoRA:
         raise ZEraseError(problem)
     with told_as(node):
         return load_lora(folder_paths.get_full_path("loras", name))
+
+
+def show_text(node_id: str | None, text: str) -> None:
+    """``text`` on the node in the web UI (ComfyUI's progress text); nothing without a server (ComfyUI run as a
+    library) or a node id. The server is looked up, not imported: ComfyUI's main imports it before any node runs, and
+    importing it elsewhere starts its frontend management."""
+    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    if server is not None and node_id is not None:
+        server.send_progress_text(text, node_id)
 
 
 @contextmanager

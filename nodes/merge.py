@@ -10,7 +10,7 @@ from zerase_core.errors import ZEraseError
 from zerase_core.lora_file import saved_or_new
 from zerase_core.merge import merge
 
-from .common import SUBFOLDER, ErasureLoRAType, output_folder, parse_list, told_as
+from .common import SUBFOLDER, ErasureLoRAType, output_folder, parse_list, show_text, told_as
 
 NODE = "Merge Erasure LoRAs"
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class MergeErasureLoRAs(io.ComfyNode):
                 io.String.Input("save_name", default="",
                                 tooltip="Empty: do not save. Saved under models/loras/zerase/."),
             ],
+            hidden=[io.Hidden.unique_id],  # the node its report is shown on
             outputs=[ErasureLoRAType.Output(display_name="erasure_lora"), io.String.Output(display_name="report")],
         )
 
@@ -64,4 +65,5 @@ class MergeErasureLoRAs(io.ComfyNode):
                 listed = f"{SUBFOLDER}/{path.resolve().relative_to(output_folder().resolve()).as_posix()}"
                 text += f"; saved {listed}" if written else f"; {listed} holds this merge already"
                 log.info("Z-Erase: %s", text)
+        show_text(getattr(cls.hidden, "unique_id", None), text)  # seen on the node, wired onward or not
         return io.NodeOutput(merged, text)

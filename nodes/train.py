@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from zerase_core.xt_pool import PoolCancelled
 
 from . import _render
 from .apply_lora import apply_erasure
-from .common import ErasureLoRAType, output_folder, parse_list
+from .common import ErasureLoRAType, output_folder, parse_list, show_text
 
 NODE = "Z-Erase Train"
 TARGETS = ["q,k,v", "q,k", "q,v", "k,v", "q", "k", "v"]  # every subset; the paper's first
@@ -81,20 +80,17 @@ def _outputs(cls, lora, curves, previews, model) -> io.NodeOutput:
 
 
 def _progress_text(node_id: str | None, steps: int, every: float = 0.5):
-    """A step callback showing the step's losses and λ as the node's progress text (the curves come only after minutes
-    of training): at most every ``every`` seconds, and the last step. Nothing without a server (ComfyUI run as a
-    library) or a node id. The server is looked up, not imported: ComfyUI's main imports it before any node runs, and
-    importing it elsewhere starts its frontend management."""
-    server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    """A step callback showing the step's losses and λ on the node (the curves come only after minutes of training):
+    at most every ``every`` seconds, and the last step."""
     last = [-math.inf]
 
     def tell(record: StepRecord, trainer: ZEraseTrainer) -> None:
         now = time.monotonic()
-        if server is None or node_id is None or (now - last[0] < every and record.step < steps):
+        if now - last[0] < every and record.step < steps:
             return
         last[0] = now
-        server.send_progress_text(f"step {record.step}/{steps} · L_erase {record.erase:.4g} · L_attn {record.attn:.3g}"
-                                  f" · L_pr {record.pr:.3g} · λ {record.lam:.3g}", node_id)
+        show_text(node_id, f"step {record.step}/{steps} · L_erase {record.erase:.4g} · L_attn {record.attn:.3g} · "
+                           f"L_pr {record.pr:.3g} · λ {record.lam:.3g}")
 
     return tell
 

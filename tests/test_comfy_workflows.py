@@ -335,6 +335,11 @@ def test_workflows_run_through_comfyuis_executor(mappings, loras_dir, tmp_path, 
         for prompt_id, name in enumerate(["zerase_apply_and_compare", "zerase_attention_maps",
                                           "zerase_multi_concept_merge"], start=3):
             queue(name, str(prompt_id))
+        graph = json.loads((REPO / "workflows" / "api" / "zerase_multi_concept_merge.json").read_text())
+        merge_id = next(i for i, node in graph.items() if node["class_type"] == "ZEraseMergeLoRAs")
+        (shown_on, report), = told[2:]  # the report, seen on the Merge node though the workflow wires it nowhere
+        assert shown_on == merge_id and report.startswith("merged 2 LoRAs, rank ")
+        assert report.endswith("; saved zerase/cat_dog.safetensors")
     finally:
         comfy.folder_paths.set_output_directory(saved_output)
     assert len(list((tmp_path / "output").rglob("*.png"))) >= 4  # each workflow saved its comparison
