@@ -55,6 +55,12 @@ def read_lora_file(name: str, node: str) -> ErasureLoRA:
         return load_lora(folder_paths.get_full_path("loras", name))
 
 
+def listed(path: Path) -> str:
+    """A saved file's name as Apply and Load list it ("zerase/…"); both resolved, as the saved path is: the loras
+    folder or zerase/ may be a link."""
+    return f"{SUBFOLDER}/{Path(path).resolve().relative_to(output_folder().resolve()).as_posix()}"
+
+
 def show_text(node_id: str | None, text: str) -> None:
     """``text`` on the node in the web UI (ComfyUI's progress text); nothing without a server (ComfyUI run as a
     library) or a node id. The server is looked up, not imported: ComfyUI's main imports it before any node runs, and

@@ -10,7 +10,7 @@ from zerase_core.errors import ZEraseError
 from zerase_core.lora_file import saved_or_new
 from zerase_core.merge import merge
 
-from .common import SUBFOLDER, ErasureLoRAType, output_folder, parse_list, show_text, told_as
+from .common import ErasureLoRAType, listed, output_folder, parse_list, show_text, told_as
 
 NODE = "Merge Erasure LoRAs"
 log = logging.getLogger(__name__)
@@ -61,9 +61,7 @@ class MergeErasureLoRAs(io.ComfyNode):
             text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
             if save_name.strip():
                 path, written = saved_or_new(merged, output_folder(), save_name)  # never over another file
-                # as Apply lists it; resolved both, as the saved path is: the loras folder or zerase/ may be a link
-                listed = f"{SUBFOLDER}/{path.resolve().relative_to(output_folder().resolve()).as_posix()}"
-                text += f"; saved {listed}" if written else f"; {listed} holds this merge already"
+                text += f"; saved {listed(path)}" if written else f"; {listed(path)} holds this merge already"
                 log.info("Z-Erase: %s", text)
         show_text(getattr(cls.hidden, "unique_id", None), text)  # seen on the node, wired onward or not
         return io.NodeOutput(merged, text)

@@ -182,3 +182,12 @@ def ksample(comfy, model, positive, negative, latent, seed: int = 0, steps: int 
     noise = comfy.sample.prepare_noise(samples, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, samples,
                                seed=seed, disable_pbar=True)
+
+
+def node_texts(monkeypatch) -> list[tuple[str, str]]:
+    """What the web UI would show on nodes, (node id, text), as the pack sends it: through ComfyUI's server as its
+    main leaves it (``PromptServer.instance`` of the ``server`` module)."""
+    told: list[tuple[str, str]] = []
+    sent = SimpleNamespace(send_progress_text=lambda text, node_id: told.append((node_id, text)))
+    monkeypatch.setitem(sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=sent)))
+    return told

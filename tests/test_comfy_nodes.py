@@ -3,7 +3,8 @@
 import asyncio
 
 import pytest
-from comfy_support import REPO, empty_latent, encode, ksample, require_comfyui, tiny_clip, tiny_lumina2, tiny_zimage
+from comfy_support import (REPO, empty_latent, encode, ksample, node_texts, require_comfyui, tiny_clip, tiny_lumina2,
+                           tiny_zimage)
 
 comfy = require_comfyui()
 import torch  # noqa: E402
@@ -592,9 +593,14 @@ def test_queueing_again_takes_the_finished_lora_instead_of_training(pack, loras_
     steps_run = []
     real_step = trainer_class.train_step
     monkeypatch.setattr(trainer_class, "train_step", lambda self: steps_run.append(1) or real_step(self))
+    told = node_texts(monkeypatch)
+    from comfy_api.latest import io
+
+    monkeypatch.setattr(train, "hidden", io.HiddenHolder.from_dict({io.Hidden.unique_id: "7"}), raising=False)  # as run
     again = train.execute(model=model_from(weights), clip=clip_from(encoder), **_train_inputs())
     saved = sorted(p.name for p in (loras_dir / "zerase").glob("*.safetensors"))
     assert steps_run == [] and saved == ["cat.safetensors"]
+    assert told == [("7", "zerase/cat.safetensors: a finished run of these settings on this model, reused")]
     for key, (a, b) in first[0].factors.items():
         assert torch.equal(again[0].factors[key][0], a) and torch.equal(again[0].factors[key][1], b)
     assert again[2].shape[-1] == 3 and len(again.ui["images"]) == 2  # its curves, from the file, and previews

@@ -4,11 +4,9 @@ latent-preview stand-in, since no tiny Z-Image VAE can be built without weights)
 
 import asyncio
 import json
-import sys
-from types import SimpleNamespace
 
 import pytest
-from comfy_support import REPO, require_comfyui, tiny_clip, tiny_zimage
+from comfy_support import REPO, node_texts, require_comfyui, tiny_clip, tiny_zimage
 
 comfy = require_comfyui()
 import torch  # noqa: E402
@@ -298,9 +296,7 @@ def test_workflows_run_through_comfyuis_executor(mappings, loras_dir, tmp_path, 
     shows each step's losses and λ on the node as progress text (the curves come only at the end)."""
     import execution
 
-    told = []  # what the web UI would show on a node: (node id, text); ComfyUI's server, as its main leaves it
-    sent = SimpleNamespace(send_progress_text=lambda text, node_id: told.append((node_id, text)))
-    monkeypatch.setitem(sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=sent)))
+    told = node_texts(monkeypatch)
     train = _train_module()
     with torch.inference_mode():  # as ComfyUI's loaders leave them
         model, clip = tiny_zimage(comfy, inference_tensors=True), tiny_clip(comfy)
@@ -326,8 +322,9 @@ def test_workflows_run_through_comfyuis_executor(mappings, loras_dir, tmp_path, 
         graph = json.loads((REPO / "workflows" / "api" / "zerase_train_and_compare.json").read_text())
         train_id = next(i for i, node in graph.items() if node["class_type"] == "ZEraseTrain")
         texts = [text for node_id, text in told if node_id == train_id]  # the first step, and the last however soon
-        assert [text.split(" · ")[0] for text in texts] == ["step 1/2", "step 2/2"] and len(told) == 2
-        assert [part.split(" ")[0] for part in texts[-1].split(" · ")[1:]] == ["L_erase", "L_attn", "L_pr", "λ"]
+        assert [text.split(" · ")[0] for text in texts[:2]] == ["step 1/2", "step 2/2"] and len(told) == 3
+        assert [part.split(" ")[0] for part in texts[1].split(" · ")[1:]] == ["L_erase", "L_attn", "L_pr", "λ"]
+        assert texts[2] == "saved: zerase/cat.safetensors (2 of 2 steps)"  # the name Apply lists it by
         queue("zerase_train_and_compare", "2")
         assert len(steps) == 2  # nothing changed: ComfyUI's cache answered, no step was trained again
         save_lora(random_lora(1, concept="dog"), loras_dir / "zerase" / "dog.safetensors")
@@ -337,7 +334,7 @@ def test_workflows_run_through_comfyuis_executor(mappings, loras_dir, tmp_path, 
             queue(name, str(prompt_id))
         graph = json.loads((REPO / "workflows" / "api" / "zerase_multi_concept_merge.json").read_text())
         merge_id = next(i for i, node in graph.items() if node["class_type"] == "ZEraseMergeLoRAs")
-        (shown_on, report), = told[2:]  # the report, seen on the Merge node though the workflow wires it nowhere
+        (shown_on, report), = told[3:]  # the report, seen on the Merge node though the workflow wires it nowhere
         assert shown_on == merge_id and report.startswith("merged 2 LoRAs, rank ")
         assert report.endswith("; saved zerase/cat_dog.safetensors")
     finally:
