@@ -56,18 +56,24 @@ def read_lora_file(name: str, node: str) -> ErasureLoRA:
 
 
 def listed(path: Path) -> str:
-    """A saved file's name as Apply and Load list it ("zerase/…"); both resolved, as the saved path is: the loras
-    folder or zerase/ may be a link."""
-    return f"{SUBFOLDER}/{Path(path).resolve().relative_to(output_folder().resolve()).as_posix()}"
+    """A saved file's name as Apply and Load list it ("zerase/…"), or its file name if it is not under the output
+    folder as saved (a display string never fails a run). The folder is resolved as the saved path's root was (the
+    loras folder or zerase/ may be a link); the file is not: a numbered version that links elsewhere is listed by its
+    own name."""
+    try:
+        return f"{SUBFOLDER}/{Path(path).relative_to(output_folder().resolve()).as_posix()}"
+    except ValueError:
+        return Path(path).name
 
 
 def show_text(node_id: str | None, text: str) -> None:
-    """``text`` on the node in the web UI (ComfyUI's progress text); nothing without a server (ComfyUI run as a
-    library) or a node id. The server is looked up, not imported: ComfyUI's main imports it before any node runs, and
+    """``text`` on the node in the web UI (ComfyUI's progress text; v0.18.1's frontend 1.42.8 reads the message in
+    another layout and shows nothing, later ones show it); nothing without a server (ComfyUI run as a library) or a
+    node id. The server is looked up, not imported: ComfyUI's main imports it before any node runs, and
     importing it elsewhere starts its frontend management."""
     server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
-    if server is not None and node_id is not None:
-        server.send_progress_text(text, node_id)
+    if server is not None and node_id is not None:  # to the client that queued the prompt, as ComfyUI's progress
+        server.send_progress_text(text, node_id, getattr(server, "client_id", None))  # (names can be private)
 
 
 @contextmanager

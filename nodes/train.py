@@ -63,7 +63,7 @@ def _reused(cls, path: Path, backend: ComfyZImageBackend, model, vae, config) ->
     install_lora(backend, lora, name=backend.key)
     previews = _previews(backend, prompt, model, vae, config)
     steps = config.steps  # finished_lora takes only files with every step done
-    curves = render.curves(lora.history, title=f"{_title(config)}: {steps} steps (reused {path.name})", steps=steps)
+    curves = render.curves(lora.history, title=f"{_title(config)}: {steps} steps\nreused: {listed(path)}", steps=steps)
     return _outputs(cls, lora, curves, previews, model)
 
 
@@ -252,7 +252,8 @@ class ZEraseTrain(io.ComfyNode):
         switched = config.gradient_checkpointing == "auto" and trainer.checkpointing.from_step is not None
         note = (f", checkpointing {backend.checkpointed_layers}/{backend.n_layers} layers from step "  # it is slower
                 f"{trainer.checkpointing.from_step} ({trainer.checkpointing.reason})") if switched else ""
+        # the file's name on the curves too: v0.18.1's frontend shows no node text, and a taken name gets _001
         curves = render.curves(loss_series(result.history), title=f"{_title(config)}: {len(result.history)} steps, "
-                                f"{result.seconds:.0f}s{note}")
+                                f"{result.seconds:.0f}s{note}\nsaved: {listed(path)}")
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)
         return _outputs(cls, result.lora, curves, previews, model)

@@ -186,8 +186,15 @@ def ksample(comfy, model, positive, negative, latent, seed: int = 0, steps: int 
 
 def node_texts(monkeypatch) -> list[tuple[str, str]]:
     """What the web UI would show on nodes, (node id, text), as the pack sends it: through ComfyUI's server as its
-    main leaves it (``PromptServer.instance`` of the ``server`` module)."""
+    main leaves it (``PromptServer.instance`` of the ``server`` module), and only to the client that queued the prompt
+    (a concept's name can be private: broadcast, it showed on every connected client's node of that id)."""
     told: list[tuple[str, str]] = []
-    sent = SimpleNamespace(send_progress_text=lambda text, node_id: told.append((node_id, text)))
-    monkeypatch.setitem(sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=sent)))
+    server = SimpleNamespace(client_id="the queuing client")
+
+    def send_progress_text(text, node_id, sid=None):
+        assert sid == server.client_id, f"sent to {sid!r}, not to the client that queued the prompt"
+        told.append((node_id, text))
+
+    server.send_progress_text = send_progress_text
+    monkeypatch.setitem(sys.modules, "server", SimpleNamespace(PromptServer=SimpleNamespace(instance=server)))
     return told

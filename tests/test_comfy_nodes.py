@@ -8,6 +8,7 @@ from comfy_support import (REPO, empty_latent, encode, ksample, node_texts, requ
 
 comfy = require_comfyui()
 import torch  # noqa: E402
+from comfy_api.latest import io  # noqa: E402  (the node's hidden inputs, as ComfyUI's executor sets them)
 from safetensors.torch import save_file  # noqa: E402
 
 from zerase_core.errors import ZEraseError  # noqa: E402
@@ -270,6 +271,8 @@ def test_cancel_during_training_leaves_a_loadable_lora_and_resume_finishes_the_r
 
     old = utils.PROGRESS_BAR_HOOK
     utils.set_progress_bar_global_hook(hook)
+    told = node_texts(monkeypatch)
+    monkeypatch.setattr(train, "hidden", io.HiddenHolder.from_dict({io.Hidden.unique_id: "7"}), raising=False)
     try:
         with pytest.raises(mm.InterruptProcessingException):
             train.execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy), **_train_inputs(steps=50, save_name="stop"))
@@ -279,6 +282,8 @@ def test_cancel_during_training_leaves_a_loadable_lora_and_resume_finishes_the_r
     lora = load_lora(loras_dir / "zerase" / "stop.safetensors")
     # ComfyUI's ProgressBar may skip hook calls between fast steps; Cancel lands at the step it saw.
     assert lora.training["steps_done"] == calls[-1][0] >= 2
+    done = lora.training["steps_done"]  # the node says where the LoRA so far went
+    assert told[-1] == ("7", f"stopped at step {done}; the LoRA so far: zerase/stop.safetensors")
     pool = [(v, t) for v, t in calls if t != 50]  # the pool's trajectories counted before the first step
     assert pool and pool[-1][0] == pool[-1][1] and calls.index(pool[-1]) < calls.index((1, 50))
     assert all(torch.isfinite(b).all() for _, b in lora.factors.values())
@@ -594,8 +599,6 @@ def test_queueing_again_takes_the_finished_lora_instead_of_training(pack, loras_
     real_step = trainer_class.train_step
     monkeypatch.setattr(trainer_class, "train_step", lambda self: steps_run.append(1) or real_step(self))
     told = node_texts(monkeypatch)
-    from comfy_api.latest import io
-
     monkeypatch.setattr(train, "hidden", io.HiddenHolder.from_dict({io.Hidden.unique_id: "7"}), raising=False)  # as run
     again = train.execute(model=model_from(weights), clip=clip_from(encoder), **_train_inputs())
     saved = sorted(p.name for p in (loras_dir / "zerase").glob("*.safetensors"))
@@ -705,7 +708,7 @@ def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, mon
     with torch.inference_mode():
         pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
                                     **_train_inputs(steps=3, save_name="switched"))
-    assert titles[-1].endswith(", checkpointing 2/2 layers from step 2 (out of memory without it)")
+    assert titles[-1].split("\n")[0].endswith(", checkpointing 2/2 layers from step 2 (out of memory without it)")
     assert load_lora(loras_dir / "zerase" / "switched.safetensors").training["steps_done"] == 3
 
 
@@ -744,7 +747,9 @@ def test_the_curves_say_when_nothing_but_the_empty_prompt_is_preserved(pack, lor
                                         **_train_inputs(steps=1, preserve=preserve, save_name=name))
     assert titles[0].startswith("Z-Erase 'cat' (no preservation concepts): 1 steps")
     assert titles[1].startswith("Z-Erase 'cat': 1 steps")
-    assert titles[2] == "Z-Erase 'cat' (no preservation concepts): 1 steps (reused alone.safetensors)"
+    assert titles[2] == "Z-Erase 'cat' (no preservation concepts): 1 steps\nreused: zerase/alone.safetensors"
+    assert [title.split("\n")[1] for title in titles[:2]] == ["saved: zerase/alone.safetensors",
+                                                              "saved: zerase/kept.safetensors"]
 
 
 def test_the_curves_say_how_many_layers_a_partial_plan_checkpoints(pack, loras_dir, monkeypatch, titles):
@@ -764,7 +769,8 @@ def test_the_curves_say_how_many_layers_a_partial_plan_checkpoints(pack, loras_d
         pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
                                     **_train_inputs(steps=2, save_name="partial"))
     assert counts == [2]  # decided once, over the model's 2 main layers
-    assert titles[-1].endswith(", checkpointing 1/2 layers from step 1 (too little memory free without it)")
+    first_line = titles[-1].split("\n")[0]
+    assert first_line.endswith(", checkpointing 1/2 layers from step 1 (too little memory free without it)")
 
 
 def test_the_curves_say_when_auto_checkpointed_from_the_start(pack, loras_dir, monkeypatch, titles):
@@ -785,4 +791,19 @@ def test_the_curves_say_when_auto_checkpointed_from_the_start(pack, loras_dir, m
         pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
                                     **_train_inputs(steps=2, save_name="small_card"))
     assert len(loaded) == 1 and "Lumina2" in loaded[0]  # asked once, with the diffusion model loaded
-    assert titles[-1].endswith(", checkpointing 2/2 layers from step 1 (too little memory free without it)")
+    first_line = titles[-1].split("\n")[0]
+    assert first_line.endswith(", checkpointing 2/2 layers from step 1 (too little memory free without it)")
+
+
+def test_a_saved_file_is_named_as_apply_lists_it_wherever_it_links(pack, loras_dir, tmp_path):
+    """What Train and Merge show of a file they saved or reused: a numbered version that links out of the folder (a
+    shared store) turned a reuse into a ValueError; a display name never fails a run."""
+    listed = _train_module().listed
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "cat.safetensors").write_bytes(b"")
+    (loras_dir / "zerase").mkdir(exist_ok=True)
+    link = loras_dir / "zerase" / "cat_001.safetensors"
+    link.symlink_to(store / "cat.safetensors")
+    assert listed(link) == "zerase/cat_001.safetensors"  # as Apply lists it, not where it links
+    assert listed(store / "cat.safetensors") == "cat.safetensors"  # not under the folder: its own name

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zerase_core.render import word_map_rows
+from zerase_core.render import curves, word_map_rows
 
 
 def _red(img: Image.Image) -> float:
@@ -121,3 +121,14 @@ def test_a_column_label_stays_in_its_cell():
     strip = grid(cells, ["wooden table in the evening", ""])[0, :18].numpy()  # the label strip
     assert strip[:, 4:60].min() < 0.5  # the first label is drawn in its cell
     assert strip[:, 64:].min() == 1.0  # and nothing of it in the second's
+
+
+def test_a_title_of_two_lines_gets_a_row_for_each():
+    """The Train node's curves name the file they were saved to on a second line (the one thing shown on the node in
+    every ComfyUI version): it was drawn over the first panel."""
+    series = {"L_erase": [0.3, 0.2, 0.1]}
+    one, two = curves(series, title="Z-Erase 'cat': 3 steps"), curves(series, title="Z-Erase 'cat'\nsaved: x")
+    assert two.shape[1] == one.shape[1] + 14  # a row more, the panels below it as before
+    assert torch.equal(two[0, 14 + 22:], one[0, 22:])
+    blank = curves(series, title="Z-Erase 'cat'\n")  # the same rows, nothing written in the second
+    assert (two[0, 22:36] < 0.5).any() and not (blank[0, 22:36] < 0.5).any()  # drawn there, above the first panel

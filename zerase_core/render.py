@@ -111,9 +111,10 @@ def _smoothed(values: list[float], window: int) -> list[float]:
 def curves(series: dict[str, list[float]], width: int = 640, panel_height: int = 110, title: str = "",
            steps: int | None = None) -> torch.Tensor:
     """One panel per named series: raw values faint, a moving average bold, min/max/last labelled. ``steps``: the
-    run's step count when the series hold every k-th step only (a LoRA file's stored curves)."""
+    run's step count when the series hold every k-th step only (a LoRA file's stored curves). ``title`` may hold
+    line breaks: each line gets its own row above the panels."""
     n = max(1, len(series))
-    top_margin = 22
+    top_margin = 8 + 14 * (title.count("\n") + 1)
     img = Image.new("RGB", (width, top_margin + n * panel_height + 16), (255, 255, 255))
     d = ImageDraw.Draw(img)
     d.text((8, 5), title, fill=(0, 0, 0), font=_font(title))
