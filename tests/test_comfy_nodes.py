@@ -807,3 +807,20 @@ def test_a_saved_file_is_named_as_apply_lists_it_wherever_it_links(pack, loras_d
     link.symlink_to(store / "cat.safetensors")
     assert listed(link) == "zerase/cat_001.safetensors"  # as Apply lists it, not where it links
     assert listed(store / "cat.safetensors") == "cat.safetensors"  # not under the folder: its own name
+
+
+def test_the_step_text_is_sent_at_most_twice_a_second_and_at_the_last_step(pack, monkeypatch):
+    """A step of the tiny model takes milliseconds: a message per step would flood every open page's socket."""
+    from types import SimpleNamespace
+
+    from zerase_core.history import StepRecord
+
+    told, clock = node_texts(monkeypatch), iter([0.0, 0.1, 0.2, 0.6, 0.7, 0.8])
+    module = _train_module()
+    monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=lambda: next(clock)))  # the node's clock only
+    tell = module._progress_text("7", steps=6)
+    for step in range(1, 7):
+        tell(StepRecord(step, 0.25, 0.0123, 1e-4, 0.5, 0.0, 0.6, 0.01), None)
+    assert [(node, text.split(" · ")[0]) for node, text in told] == [("7", "step 1/6"), ("7", "step 4/6"),
+                                                                     ("7", "step 6/6")]
+    assert told[-1][1] == "step 6/6 · L_erase 0.25 · L_attn 0.0123 · L_pr 0.0001 · λ 0.5"
