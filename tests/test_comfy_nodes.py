@@ -356,6 +356,31 @@ def test_cancel_before_the_first_step_writes_nothing(pack, loras_dir, monkeypatc
     assert not (loras_dir / "zerase" / ".checkpoints" / "early.zerase-ckpt").exists()  # step 0: nothing to resume
 
 
+def test_a_cancel_seen_between_steps_saves_the_lora_so_far_and_says_where(pack, loras_dir, monkeypatch):
+    """ComfyUI's interrupt seen by the trainer between two steps (no progress hook raising it): the run ends there, its
+    LoRA so far is saved, and the node says where before the interrupt is raised."""
+    mm, train = comfy.mm, pack["ZEraseTrain"]
+    told = node_texts(monkeypatch)
+    monkeypatch.setattr(train, "hidden", io.HiddenHolder.from_dict({io.Hidden.unique_id: "7"}), raising=False)
+    trainer_class = _train_module().ZEraseTrainer
+    real_step = trainer_class.train_step
+
+    def step_then_cancel(self):  # the Cancel button pressed during step 2
+        record = real_step(self)
+        if self.step == 2:
+            mm.interrupt_current_processing(True)
+        return record
+
+    monkeypatch.setattr(trainer_class, "train_step", step_then_cancel)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train.execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy), **_train_inputs(steps=5, save_name="halt"))
+    finally:
+        mm.interrupt_current_processing(False)
+    assert load_lora(loras_dir / "zerase" / "halt.safetensors").training["steps_done"] == 2
+    assert told[-1] == ("7", "cancelled; the LoRA so far: zerase/halt.safetensors (2 of 5 steps)")
+
+
 def test_a_save_name_no_file_system_can_hold_is_refused_before_training(pack, loras_dir, monkeypatch):
     monkeypatch.setattr(_train_module().ZEraseTrainer, "__init__", lambda *a, **k: pytest.fail("trained"))
     (loras_dir / "zerase").mkdir(exist_ok=True)  # where the lookup of earlier files raised OSError
