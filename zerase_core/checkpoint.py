@@ -134,9 +134,10 @@ def _refuse_mismatch(path: Path, meta: dict, config: TrainConfig, fingerprint: d
     """Refuse a checkpoint that a run of ``config`` on this model (its architecture ``fingerprint`` and ``base``
     digest: see Backend.base_digest) cannot continue."""
     if meta.get("kind") == KIND:  # a checkpoint of ours records its model's architecture
-        recorded = meta.get("fingerprint")
-        if not isinstance(recorded, dict):  # text past JSON's limits, a list
-            raise ZEraseError(_damaged(path, TypeError(f"its fingerprint is a {type(recorded).__name__}, not a dict")))
+        try:
+            recorded = json_object(meta.get("fingerprint"), "its fingerprint")  # not text past JSON's limits, a list
+        except TypeError as err:
+            raise ZEraseError(_damaged(path, err)) from err
         if recorded != fingerprint:  # told first: its settings do not matter
             raise ZEraseError(f"The checkpoint {path.name} belongs to another model architecture; resume on the "
                               "model it was trained on, or start a fresh run.")
