@@ -33,26 +33,28 @@ def portable(name: str, sep: str = os.sep) -> str:
 def file_problem(node: str, name: str) -> str | None:
     """Why the file choice ``name`` cannot be read, or None. Told by the file nodes' ``validate_inputs`` when a
     prompt is queued (before the loaders read the model, minutes on Z-Image), and again when they run."""
-    import folder_paths
-
-    if not name:  # the file list was empty when the node was made
-        return (f"{node}: there is no LoRA file to choose: train one with Z-Erase Train, or put a Z-Erase LoRA into "
-                "models/loras/ and refresh the page.")
-    if name == NONE:
-        return f"{node}: choose a LoRA file or connect an erasure LoRA."
-    if folder_paths.get_full_path("loras", name) is None:
-        return f"{node}: LoRA file '{name}' is not in any loras folder."
-    return None
+    return _found(node, name)[1]
 
 
 def read_lora_file(name: str, node: str) -> ErasureLoRA:
-    import folder_paths
-
-    problem = file_problem(node, name)
+    path, problem = _found(node, name)
     if problem:
         raise ZEraseError(problem)
     with told_as(node):
-        return load_lora(folder_paths.get_full_path("loras", name))
+        return load_lora(path)
+
+
+def _found(node: str, name: str) -> tuple[str | None, str | None]:
+    """(the chosen file's path, None), or (None, why it cannot be read): one lookup for both."""
+    import folder_paths
+
+    if not name:  # the file list was empty when the node was made
+        return None, (f"{node}: there is no LoRA file to choose: train one with Z-Erase Train, or put a Z-Erase LoRA "
+                      "into models/loras/ and refresh the page.")
+    if name == NONE:
+        return None, f"{node}: choose a LoRA file or connect an erasure LoRA."
+    path = folder_paths.get_full_path("loras", name)
+    return (path, None) if path is not None else (None, f"{node}: LoRA file '{name}' is not in any loras folder.")
 
 
 def listed(path: Path) -> str:

@@ -157,9 +157,9 @@ def _refuse_other_settings(path: Path, meta: dict, config: TrainConfig) -> None:
     saved, wanted = (_flat_settings(resumable(c.to_dict())) for c in (_saved_config(path, meta), config))
     changed = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
     if changed:
-        shown = "; ".join(f"{k}: {_brief(saved.get(k))} then, {_brief(wanted.get(k))} now" for k in changed)
+        changes = "; ".join(f"{k}: {_brief(saved.get(k))} then, {_brief(wanted.get(k))} now" for k in changed)
         raise ZEraseError(
-            f"The checkpoint {path.name} was made with different settings ({shown}); resume with the same settings "
+            f"The checkpoint {path.name} was made with different settings ({changes}); resume with the same settings "
             "(only the number of steps, the checkpoint interval and gradient checkpointing may change) or start a "
             "fresh run.")
     try:

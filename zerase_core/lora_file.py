@@ -423,12 +423,17 @@ def _check_ranks(lora: ErasureLoRA) -> None:
     before anything is allocated: a matrix of that shape holds no more, and applied, every slot the LoRA spans is
     padded to its largest rank, so one such factor in a file made memory grow a hundredfold."""
     over = [f"layer {i} {p}: rank {a.shape[0]} on a {a.shape[1]}→{b.shape[0]} projection"
-            for (i, p), (a, b) in sorted(lora.factors.items()) if a.shape[0] > min(a.shape[1], b.shape[0])]
+            for (i, p), (a, b) in sorted(lora.factors.items()) if a.shape[0] > max_rank(a, b)]
     if over:
         raise ZEraseError(f"This erasure LoRA's rank exceeds what its projections can hold ({_listed(over)}): a rank "
                           "above min(in, out) of the matrix adds nothing (training refuses one). The file is damaged, "
                           "or a merge of very many LoRAs: re-train or re-download it, or merge them again with a rank "
                           "of at most min(in, out).")
+
+
+def max_rank(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The most rank factors A (r, in) and B (out, r) can hold: min(in, out), the rank of an in → out matrix."""
+    return min(a.shape[1], b.shape[0])
 
 
 def _listed(problems: list[str]) -> str:

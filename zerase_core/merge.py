@@ -15,7 +15,7 @@ import torch
 
 from .prompts import concept_words
 from .errors import ZEraseError, shown
-from .lora_file import STRENGTH_MAX, ErasureLoRA, Key, differing_facts
+from .lora_file import STRENGTH_MAX, ErasureLoRA, Key, differing_facts, max_rank
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def _same_widths(key: Key, loras: list[ErasureLoRA]) -> None:
     """The factors of one projection fit together (an official import records no architecture to compare)."""
     widths = {(lora.factors[key][0].shape[1], lora.factors[key][1].shape[0]) for lora in loras}
     if len(widths) > 1:
-        shown = " vs ".join(f"{i}→{o}" for i, o in sorted(widths))
-        raise ZEraseError(f"Cannot merge: layer {key[0]} {key[1]} maps {shown} in different LoRAs, so they were made "
+        maps = " vs ".join(f"{i}→{o}" for i, o in sorted(widths))
+        raise ZEraseError(f"Cannot merge: layer {key[0]} {key[1]} maps {maps} in different LoRAs, so they were made "
                           "for different models. Merge only LoRAs trained on the same base model.")
 
 
@@ -132,8 +132,8 @@ def _concatenated(loras: list[ErasureLoRA], weights: list[float]) -> dict[Key, t
         scaled = [b * m for _, (_, b), m in parts]
         kept |= {i for (i, _, _), b in zip(parts, scaled) if b.any()}
         a, b = torch.cat([a for _, (a, _), _ in parts]), torch.cat(scaled, dim=1)
-        if a.shape[0] > min(a.shape[1], b.shape[0]):  # the ranks add up; past min(in, out) the matrix holds no more,
-            a, b, _ = _best_rank(a, b, min(a.shape[1], b.shape[0]))  # so this rank is exact (and what Apply takes)
+        if a.shape[0] > max_rank(a, b):  # the ranks add up; past min(in, out) the matrix holds no more,
+            a, b, _ = _best_rank(a, b, max_rank(a, b))  # so this rank is exact (and what Apply takes)
         factors[key] = (a, b)
         _check_finite(key, a, b, weights)
     # Its factors scaled to all zeros by its weight: the second test is needed, as a LoRA all zero from the start (B

@@ -338,8 +338,8 @@ class ZEraseTrainer:
         checkpoint whose step and history disagree is refused as damaged)."""
         return len(self.history)
 
-    def _descend(self, l_er: torch.Tensor, l_pr: torch.Tensor, pr_value: float, batch: PrBatch,
-                 update_to_record: ExitStack | None = None) -> tuple[float, bool]:
+    def _descend(self, l_er: torch.Tensor, l_pr: torch.Tensor, pr_value: float, batch: PrBatch, *,
+                 update_to_record: ExitStack) -> tuple[float, bool]:
         """One AdamW update of the LoRA along the λ rule's direction; returns the λ used and whether L_pr was
         recomputed.
 
@@ -354,8 +354,7 @@ class ZEraseTrainer:
             if self.lambda_rule.observes_update:
                 pr_before = self._pr_before(l_pr, pr_value, batch)
                 undo = _OptimizerUndo(self.optimizer)  # the after-update forward below may still fail
-            if update_to_record is not None:  # see _step; a failure after this point still undoes as before
-                update_to_record.enter_context(ctrl_c_deferred())
+            update_to_record.enter_context(ctrl_c_deferred())  # see _step; a failure after it still undoes as before
             try:
                 with told_as_out_of_memory():
                     self.optimizer.step()

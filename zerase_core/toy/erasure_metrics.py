@@ -169,6 +169,6 @@ def erasure_report(backend: Backend, bundle, concept: Concept, n: int, seed: int
             continue
         m = max(1, n // 2)  # robustness sets are half size: they estimate acc_e alone
         _, prompts, _, _ = prompt_sets(concept, m, seed + 1, style)
-        shown = bundle.classifier.predict(generate(backend, bundle, prompts, seed + 1, lora))[concept.attribute]
-        report[f"acc_e_{style}"] = sum(v == concept.value for v in shown) / m
+        predicted = bundle.classifier.predict(generate(backend, bundle, prompts, seed + 1, lora))[concept.attribute]
+        report[f"acc_e_{style}"] = sum(v == concept.value for v in predicted) / m
     return report
