@@ -38,6 +38,17 @@ def test_groups_of_equal_rows():
     assert RowGroups.of(same_x, torch.tensor([0.6, 0.6])).inverse.tolist() == [0, 0]
 
 
+def test_tags_keep_rows_apart():
+    """Rows equal in (x, σ) but of other tags (diffusers: captions padded to other lengths beside a padded image)."""
+    x = torch.randn(1, 4, 8, 8).expand(3, -1, -1, -1)  # expanded: grouped without reading the rows
+    groups = RowGroups.of(x, torch.full((3,), 0.5), tags=[64, 32, 32])
+    assert groups.first.tolist() == [0, 1] and groups.inverse.tolist() == [0, 1, 1]
+    assert RowGroups.of(x[:2], torch.full((2,), 0.5), tags=[64, 32]) is None
+    copies = torch.cat([x[:1], x[:1].clone(), x[:1].clone()])  # the same values in separate rows: compared
+    groups = RowGroups.of(copies, torch.full((3,), 0.5), tags=[32, 64, 32])
+    assert groups.first.tolist() == [0, 1] and groups.inverse.tolist() == [0, 1, 0]
+
+
 def test_expanded_rows_are_grouped_without_reading_them():
     """x_t.expand(n) is one group by its strides: on a meta tensor (no data to read, no host sync
     possible) the comparison path would raise; the expanded rows still come out as one group."""
@@ -95,3 +106,24 @@ def test_shared_refiner_gradients_match(tiny_backend):
     separate = torch.autograd.grad(v.square().mean(), params)
     for a, b in zip(shared, separate):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_captions_of_other_padded_lengths_beside_a_padded_image(tiny_backend):
+    """diffusers numbers image positions from the padded caption's length on and attends to the image padding at
+    position 0: at 16 image tokens (padded to 32) a 40-word caption and the empty one see other refiner outputs, so
+    they are not shared (the empty prompt's v was off by up to a third of |v| when they were)."""
+    backend = tiny_backend
+    _random_lora(backend)
+    long = "a red car on a road " + " ".join(f"word{i}" for i in range(40))
+    prompts = backend.encode([long, "", "a blue house"])
+    assert prompts[0].n_tokens > 32 >= max(p.n_tokens for p in prompts[1:])
+    x = torch.randn(1, 4, 8, 8).expand(3, -1, -1, -1)  # 4 × 4 patches: 16 image tokens
+    sigma = torch.full((3,), 0.6)
+    seen, hooks = _count_refiner_rows(backend)
+    batched, _ = backend.velocity(x, sigma, prompts, lora=True)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [2] * len(backend.transformer.noise_refiner)  # the two short captions still share
+    separate = torch.cat([backend.velocity(x[:1], sigma[:1], [p], lora=True)[0] for p in prompts])
+    assert torch.allclose(batched, separate, rtol=1e-4, atol=1e-5)
+

@@ -1,7 +1,9 @@
 """Run the noise refiner once per distinct image input, not once per prompt.
 
 Z-Image's noise refiner sees only image tokens and the timestep, before any gated layer:
-its output depends on neither the prompt nor the LoRA. A Z-Erase step asks for several
+its output depends on neither the prompt nor the LoRA (in diffusers, where the image is padded, it
+sees the caption's padded length through the image tokens' positions: rows are then grouped by
+that too, ``tags``). A Z-Erase step asks for several
 predictions at one x_t (student c_er, ∅, c_pr; the teacher's three; [c, ∅] in every CFG
 sampling step), so sharing the refiner across rows with equal (x_t, σ) skips work that
 could only repeat itself. The share on the real model is small (2 refiner layers beside 30
@@ -11,7 +13,7 @@ main layers: ~6 % of a forward); on the tiny benchmark model (1 beside 2) it is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -24,19 +26,27 @@ class RowGroups:
     inverse: torch.Tensor  # (B,)
 
     @classmethod
-    def of(cls, x: torch.Tensor, sigma: torch.Tensor) -> "RowGroups | None":
-        """Groups of equal (x, σ) rows, numbered by first appearance; None when every row is distinct."""
+    def of(cls, x: torch.Tensor, sigma: torch.Tensor, tags: Sequence[int] | None = None) -> "RowGroups | None":
+        """Groups of rows equal in (x, σ) and in ``tags`` (what else of a row the shared layers see, if anything: see
+        the diffusers backend's ``_refiner_tags``), numbered by first appearance; None when every row is distinct."""
         if x.shape[0] < 2:
             return None  # nothing to share, and no host sync for it
+        tags = list(tags) if tags is not None else [0] * x.shape[0]
         if _one_row_repeated(x) and _one_row_repeated(sigma.reshape(-1)):
             # The step's batches are x_t.expand(n, …): equal by construction, so no comparison and no
             # host sync (on a GPU a sync stalls the queue of kernels the step has launched).
-            return cls(torch.zeros(1, dtype=torch.long), torch.zeros(x.shape[0], dtype=torch.long))
+            return cls._numbered([tags.index(t) for t in tags])
         # σ compared at its own precision, not x's, on x's device (the pool and the sampler keep σ on the host)
         rows, sigma = x.flatten(1), sigma.reshape(-1).to(x.device)
+        tag = torch.tensor(tags, device=x.device)
         # Row i against all rows: elementwise on the device; one host sync for the whole table.
-        equal = torch.stack([(rows == rows[i]).all(dim=1) & (sigma == sigma[i]) for i in range(rows.shape[0])])
-        first_equal = equal.int().argmax(dim=1).tolist()  # each row's first equal row
+        equal = torch.stack([(rows == rows[i]).all(dim=1) & (sigma == sigma[i]) & (tag == tag[i])
+                             for i in range(rows.shape[0])])
+        return cls._numbered(equal.int().argmax(dim=1).tolist())  # each row's first equal row
+
+    @classmethod
+    def _numbered(cls, first_equal: list[int]) -> "RowGroups | None":
+        """The groups of rows that name the same first equal row; None when no two rows do."""
         first = sorted(set(first_equal))
         if len(first) == len(first_equal):
             return None
