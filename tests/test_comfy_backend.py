@@ -675,3 +675,26 @@ def test_the_fingerprint_records_the_caption_width_only_where_the_model_tells_it
     backend.cap_feat_dim = told["cap_feat_dim"] * 2
     with pytest.raises(ZEraseError, match="cap_feat_dim: LoRA"):
         check_applicable(backend, lora)
+
+
+def test_other_nodes_diffusion_model_wrappers_stay_out_of_the_engines_calls():
+    """ComfyUI's EasyCache wraps the diffusion model: it reads the sampler's sigmas and answers steps from outputs
+    cached at earlier ones. The engine's calls (training steps, the viewer's maps, previews) are no sampler's steps:
+    they failed with its KeyError 'sigmas' (a review), and given the sigmas would have been answered from its cache.
+    They leave it out; the MODEL samplers get keeps it."""
+    from comfy.patcher_extension import WrappersMP
+    from comfy_extras.nodes_easycache import EasyCacheNode
+    from comfy_support import empty_latent, ksample
+
+    model, clip = tiny_zimage(comfy), tiny_clip(comfy)
+    (cached,) = EasyCacheNode.execute(model, 0.2, 0.15, 0.95, False)
+    cond = encode(clip, "a cat")
+    ksample(comfy, cached, cond, cond, empty_latent(), steps=4)  # EasyCache now holds a sampling's state
+    plain, wrapped = ComfyZImageBackend(model, clip), ComfyZImageBackend(cached, clip)
+    _randomise(wrapped.install(LoRAConfig(rank=2)))
+    prompts = plain.encode(["a photo of a cat"])
+    for seed in (0, 1):  # two inputs: a cache would answer the second from the first
+        x, sigma = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(seed)), torch.tensor([0.5])
+        assert torch.equal(wrapped.velocity(x, sigma, prompts, lora=False)[0], plain.velocity(x, sigma, prompts)[0])
+    assert wrapped.patcher.get_wrappers(WrappersMP.DIFFUSION_MODEL, "easycache")  # still there for samplers
+    assert len(wrapped.patcher.get_wrappers(WrappersMP.DIFFUSION_MODEL, wrapped.key)) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from contextlib import contextmanager
 from typing import Any, ContextManager, Iterator, Sequence
@@ -19,7 +20,7 @@ from ...prompts import EncodedPrompt
 from ...scoped import scoped
 from ..base import Backend, HostSlot, LoRASet, combined_digest, install_on
 from ..row_sharing import RowGroups, SharedRowsForward, take_rows
-from .call_state import CallState
+from .call_state import CallState, call_state_of
 from .clip_prompts import encode_with_clip
 from .digest import model_digest, text_encoder_digest
 from .loading import load_whole, loaded_whole, own_weights, training_model, uncompiled
@@ -30,6 +31,8 @@ from .rebuilt_model import REBIND_KEY, rebind
 from .recognise import check_zimage
 
 WRAPPER_PREFIX = "zerase"
+
+log = logging.getLogger(__name__)
 
 
 class ComfyZImageBackend(Backend):
@@ -63,6 +66,7 @@ class ComfyZImageBackend(Backend):
         self._inherited: dict[str, Any] = {}
         # Set by training_session: every load puts the whole model on the device, with weights autograd can use.
         self._whole, self._weights_owned, self._frozen = False, False, []
+        self._told_left_out = False  # denoise says once which wrappers of other nodes its calls leave out
         # What the patches read while a call runs, apart from this backend (see call_state.py).
         self.calls = CallState(node, self.dit, self.gate)
         self.patch, self.multiple = self.calls.patch, self.calls.multiple
@@ -290,12 +294,18 @@ class ComfyZImageBackend(Backend):
         return nextdit_layout(lengths.pop(), x, self.patch, self.multiple)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """x0 from ``apply_model`` for a batch sharing one padded caption length; wrappers included."""
+        """x0 from ``apply_model`` for a batch sharing one padded caption length; wrappers included, but of the
+        DIFFUSION_MODEL ones only the erasure LoRAs' (see _erasure_wrappers_only)."""
         from comfy.patcher_extension import copy_nested_dicts, merge_nested_dicts
 
         model = self.patcher.model
         options = copy_nested_dicts(self.patcher.model_options.get("transformer_options", {}))
         merge_nested_dicts(options.setdefault("wrappers", {}), self.patcher.wrappers, copy_dict1=False)
+        left_out = _erasure_wrappers_only(options["wrappers"])
+        if left_out and not self._told_left_out:
+            log.info("%s: other nodes' model wrappers (%s) are left out of its own model calls; samplers still run "
+                     "them", self.node, ", ".join(left_out))
+            self._told_left_out = True
         device = self.patcher.load_device
         return model.apply_model(
             x.to(device), sigma.to(device), c_crossattn=features.to(device),
@@ -347,3 +357,19 @@ class ComfyZImageBackend(Backend):
         if not recorder.seen:
             raise ZEraseError(f"{self.node}: no main layer in the chosen range ran (the model has {self.n_layers}).")
         return recorder.image_maps(lay, *image_patches(x, self.patch))
+
+
+def _erasure_wrappers_only(wrappers: dict) -> list[str]:
+    """Leave other nodes' DIFFUSION_MODEL wrappers out of ``wrappers`` (a call's own copy); the keys left out.
+
+    The engine's calls are single forwards at chosen (x_t, σ) — training steps, the viewer's maps, previews — not a
+    sampler's steps. ComfyUI's EasyCache wraps there: it reads the sampler's sigmas (a KeyError outside a sampler) and
+    answers a step from outputs cached at earlier ones, which would stand in for the forwards training asks for."""
+    from comfy.patcher_extension import WrappersMP
+
+    found = wrappers.get(WrappersMP.DIFFUSION_MODEL, {})
+    kept = {key: [w for w in each if call_state_of(w) is not None] for key, each in found.items()}
+    wrappers[WrappersMP.DIFFUSION_MODEL] = {key: each for key, each in kept.items() if each}  # new lists: the
+    # merged dict shares the patcher's
+    return sorted(key for key, each in kept.items() if len(each) < len(found[key]))
+

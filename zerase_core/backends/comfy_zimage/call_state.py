@@ -9,7 +9,7 @@ host model's modules and the running call's layout, recorder and row groups, and
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -85,3 +85,10 @@ class CallState:
             for gate, gate_layout, lora_on in gates:
                 stack.enter_context(gate.active(gate_layout, lora_on))
             yield
+
+
+def call_state_of(wrapper: Any) -> CallState | None:
+    """The erasure-LoRA installation a DIFFUSION_MODEL wrapper is the call state of; None for another node's."""
+    owner = getattr(wrapper, "__self__", None)
+    return owner if isinstance(owner, CallState) else None
+

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ...lora import GatedLoRALinear
 from ..row_sharing import SharedRowsForward
-from .call_state import CallState
+from .call_state import CallState, call_state_of
 from .object_patches import GatedForward, PreviousForward, erasure_chain, own_forward
 
 REBIND_KEY = "zerase_rebind"
@@ -66,7 +66,7 @@ def _call_states(patcher: Any) -> list[CallState]:
     from comfy.patcher_extension import WrappersMP
 
     found = patcher.wrappers.get(WrappersMP.DIFFUSION_MODEL, {}).values()
-    return [w.__self__ for wrappers in found for w in wrappers if isinstance(getattr(w, "__self__", None), CallState)]
+    return [state for wrappers in found for w in wrappers if (state := call_state_of(w)) is not None]
 
 
 def _is_forward(key: str) -> bool:
