@@ -1002,6 +1002,39 @@ def _ctrl_c_while(files, writes):
     return pressed
 
 
+def test_a_run_stopped_by_sigterm_or_sighup_keeps_its_work_as_ctrl_c_does(tmp_path):
+    """``timeout``, ``docker stop`` or a job scheduler stop a run with SIGTERM, a closed terminal with SIGHUP. Left to
+    the system they ended the process at once: no LoRA so far, the steps since the last checkpoint lost (a review).
+    They take Ctrl-C's way now, in a process of its own (without the fix the signal ends that process, not pytest),
+    and the handlers are put back after the command."""
+    import signal
+    import subprocess
+    import sys
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if not hasattr(signal, name):
+            continue  # Windows has no SIGHUP
+        out = tmp_path / name
+        code = ("import signal\nimport zerase_core.run as run\nfrom zerase_core.cli import main\n"
+                "bar = run.progress_bar\n"
+                "def stopped_at_2(total, initial=0, label=''):\n"
+                "    on_step, b = bar(total, initial, label)\n"
+                "    def step(record, trainer):\n"
+                "        on_step(record, trainer)\n"
+                f"        if record.step == 2: signal.raise_signal(signal.{name})\n"
+                "    return step, b\n"
+                "run.progress_bar = stopped_at_2\n"
+                f"code = main(['train', '--tiny', '--concept', 'cat', '--steps', '5', '--out', {str(out)!r}])\n"
+                f"print(code, signal.getsignal(signal.{name}) == signal.SIG_DFL)\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert done.returncode == 0 and done.stdout.split()[-2:] == ["130", "True"], (name, done.returncode,
+                                                                                     done.stderr[-2000:])
+        assert "Stopped at step 2 of 5" in done.stderr and "--resume" in done.stderr
+        from zerase_core.lora_file import load_lora
+
+        assert load_lora(out / "erasure_lora.safetensors").training["steps_done"] == 2
+
+
 def test_ctrl_c_pressed_again_while_a_stopped_run_saves_waits_until_its_files_are_written(tmp_path, capsys,
                                                                                           monkeypatch):
     """A second Ctrl-C while the stop saved its checkpoint and the LoRA so far aborted both saves: the run was lost,

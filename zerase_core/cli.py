@@ -11,9 +11,12 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .config import CHECKPOINTING_MODES, PRESETS, XT_SOURCES, TrainConfig
 from .errors import STOPPED, ZEraseError
@@ -201,6 +204,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with _stops_as_ctrl_c():
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         _load_plugins()  # seconds of imports (torch, diffusers): Ctrl-C lands here too
         parser = argparse.ArgumentParser(prog="python -m zerase_core", description=__doc__.splitlines()[0])
@@ -217,6 +225,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outside a run's own handling: loading a model, a demo's measuring, a benchmark
         print(STOPPED, file=sys.stderr)
         return 130  # the shell's code for SIGINT
+
+
+@contextmanager
+def _stops_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (``timeout``, ``docker stop``, a job scheduler) and SIGHUP (a closed terminal) take Ctrl-C's way while a
+    command runs: a stopped run saves its LoRA so far and its checkpoint and says how to resume. Left to the system
+    they ended the process at once, and the steps since the last checkpoint were lost (a review: 140 of 440). Only
+    where no one else set a handler (nohup's ignored SIGHUP stays ignored); put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {}
+    for name in ("SIGTERM", "SIGHUP"):  # Windows has no SIGHUP
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) == signal.SIG_DFL:
+            kept[number] = signal.signal(number, _as_ctrl_c)
+    try:
+        yield
+    finally:
+        for number, handler in kept.items():
+            signal.signal(number, handler)
+
+
+def _as_ctrl_c(signum: int, frame) -> None:
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.raise_signal(signal.SIGINT)  # to Ctrl-C's handler, held back while a stopped run writes its files
+    else:  # SIGINT ignored (a background job of a script): the stop must still stop
+        raise KeyboardInterrupt
 
 
 def _load_plugins() -> None:
