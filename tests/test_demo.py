@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from zerase_core.errors import ZEraseError
+from zerase_core.lora import LoRAConfig
 from zerase_core.lora_file import load_lora
 from zerase_core.toy.erasure_metrics import frechet_distance, parse_concept, prompt_sets
 
@@ -121,6 +122,25 @@ def test_concepts_parse_and_prompt_sets_name_them():
     named, named_prompts, other, _ = prompt_sets(parse_concept("crimson"), 20, 0)
     assert all(lab.colour == "red" for lab in named) and all(lab.colour != "red" for lab in other)
     assert all("crimson" in p for p in named_prompts)
+
+
+def test_the_attention_picture_finds_its_words_for_every_concept_word(random_toy):
+    """A shape or position synonym ("dot" for circle, "centre") trained and measured, then stopped the demo: the
+    attention picture asked its prompt for the attribute's value, which the prompt names by the synonym (14 of the
+    world's 63 words). Every word's picture now finds its words; one is drawn whole."""
+    from zerase_core.backends.toy import toy_backend
+    from zerase_core.prompts import concept_token_indices
+    from zerase_core.toy.demo import attention_picture, map_words
+    from zerase_core.toy.world import SYNONYMS
+
+    backend = toy_backend(random_toy)
+    for word in [w for words in SYNONYMS.values() for w in words]:
+        words, prompts = map_words(parse_concept(word), seed=0)
+        (encoded,) = backend.encode(prompts)
+        assert all(concept_token_indices(encoded, w) for w in words), (word, prompts)
+    backend.install(LoRAConfig(rank=2))
+    picture = attention_picture(backend, random_toy, parse_concept("dot"), seed=0)
+    assert picture.shape[0] == 1 and picture.shape[-1] == 3 and torch.isfinite(picture).all()  # (1, H, W, RGB)
 
 
 def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():

@@ -133,10 +133,9 @@ def attention_picture(backend, bundle, concept: Concept, seed: int):
     from ..prompts import concept_token_indices
     from ..render import word_map_rows
 
-    labels, prompts, _, _ = prompt_sets(concept, 1, seed + 11)
+    words, prompts = map_words(concept, seed)
     picture = generate(backend, bundle, prompts, preview_seed(seed), lora=False)  # (1, 3, 32, 32)
     (encoded,) = backend.encode(prompts)
-    words = [concept.word] + [w for w in (labels[0].shape, labels[0].position) if w != concept.word]
     columns = [concept_token_indices(encoded, w) for w in words]
     x0 = bundle.to_latent(picture)
     maps = [word_maps(backend, encoded, columns, x0, (0.3, 0.6, 0.9), preview_seed(seed), lora=lora)
@@ -144,6 +143,14 @@ def attention_picture(backend, bundle, concept: Concept, seed: int):
     base = to_pil(picture[0].permute(1, 2, 0)).resize((128, 128))
     return grid(word_map_rows(base, maps), words, ["original", "erased"],
                 caption=f"{prompts[0]} (attention of image tokens to each word)")
+
+
+def map_words(concept: Concept, seed: int) -> tuple[list[str], list[str]]:
+    """The words whose maps the attention picture shows (the concept, and the shape and position beside it) and its
+    one prompt. The prompt names the concept by the user's word, a synonym too ("dot"), the rest by their values: the
+    value of a synonym's attribute ("circle") is not in it, and asking for it stopped the demo after training."""
+    labels, prompts, _, _ = prompt_sets(concept, 1, seed + 11)
+    return [concept.word] + [getattr(labels[0], a) for a in ("shape", "position") if a != concept.attribute], prompts
 
 
 def preview(backend, bundle, concept: Concept, seed: int, out: Path):
