@@ -218,6 +218,24 @@ def test_the_readmes_assemble_command_rebuilds_the_committed_toy_table(tmp_path)
             run_bench(["red", "circle", "left"], [0, 1], 300, 24, tmp_path, None, "test", assemble_only=True)
 
 
+def test_bench_prints_its_table_under_a_locale_that_is_not_utf8(tmp_path):
+    """bench.md is written as UTF-8 (↓, ±); printed back in the locale's encoding it was a UnicodeDecodeError
+    traceback after the bench had run (a POSIX C locale; on Windows, cp1252, garbled). Python's UTF-8 mode is off
+    here, as it is by default; what is printed goes out as UTF-8."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(REPO / "docs" / "bench" / "toy" / "cells", tmp_path / "cells")
+    env = os.environ | {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+                        "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-m", "zerase_core", "bench", "--out", str(tmp_path), "--assemble-only"],
+                          capture_output=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert "acc_e ↓" in done.stdout.decode("utf-8")
+
+
 @pytest.mark.parametrize("word", ["red", "circle", "left"])
 def test_templates_frame_the_concept_short_and_in_full_prompts_covering_every_value(word):
     """Short templates name only the concept; full ones show every value of each other attribute."""

@@ -242,6 +242,11 @@ def test_a_text_encoder_or_tokenizer_of_another_model_is_refused_before_it_is_lo
     monkeypatch.setattr(loader, "_loaded", lambda *a, **k: pytest.fail("loaded before the check"))
     with pytest.raises(ZEraseError, match="text_encoder/ holds a t5 model, not Z-Image's Qwen3 text encoder"):
         loader.load_diffusers_zimage(copy)
+    for not_an_object in ("null", "[]"):  # JSON all the same: an AttributeError traceback once
+        config.write_text(not_an_object)
+        with pytest.raises(ZEraseError, match=r"Cannot read .*config.json \(TypeError: it must be a JSON object, "
+                                              r"got (NoneType|list)\)\. Restore it"):
+            loader.load_diffusers_zimage(copy)
     config.write_text(json.dumps(settings | {"vocab_size": 100}))
     monkeypatch.undo()  # the tokenizer is loaded (seconds); the models must not be (minutes)
     monkeypatch.setattr(loader, "_loaded_whole", lambda *a, **k: pytest.fail("a model loaded before the check"))

@@ -166,7 +166,7 @@ def _records(path: Path) -> int | None:
     """How many steps a history.json holds; None for none or a damaged one (also one nested past the parser's
     recursion limit)."""
     try:
-        return len(json.loads(path.read_text()))
+        return len(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError, RecursionError):
         return None
 

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ZEraseError
+from ..typed import json_object
 from .base import combined_digest
 from .diffusers_zimage import DiffusersZImageBackend, LatentSpec
 from .text_encoders import ChatTemplateEncoder
@@ -134,9 +135,9 @@ def check_vocabulary(folder: Path, tokens: int) -> None:
 def _config(part: Path) -> dict:
     """A part's config.json, {} where there is none (from_pretrained then names what is missing)."""
     path = part / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as err:
+    try:  # JSON that is no object (null, a list) failed later as an AttributeError traceback
+        return json_object(json.loads(path.read_text(encoding="utf-8")), "it") if path.is_file() else {}
+    except (OSError, ValueError, TypeError) as err:
         raise ZEraseError(f"Cannot read {path} ({type(err).__name__}: {err}). Restore it from the model's "
                           "download.") from err
 

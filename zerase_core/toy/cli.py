@@ -53,7 +53,7 @@ def _bench(args: argparse.Namespace) -> int:
     cmd = command_line(args.argv)
     run_bench(args.concepts, args.seeds, args.steps, args.n_eval, args.out, args.methods, cmd,
               assemble_only=args.assemble_only)
-    print((args.out / "bench.md").read_text())
+    print((args.out / "bench.md").read_text(encoding="utf-8"))  # written as UTF-8 (↓, ±), whatever the locale
     return 0
 
 
