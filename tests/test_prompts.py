@@ -4,6 +4,7 @@ multi-token words, repeated words, case; shuffling; the CLI."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import random
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 from zerase_core.backends.text_encoders import ChatTemplateEncoder
 from zerase_core.errors import ZEraseError
-from zerase_core.lora_file import load_lora
+from zerase_core.lora_file import load_lora, save_lora
 from zerase_core.merge import merge_exact, rerank
 from zerase_core.prompts import concept_token_indices, shuffle_words
 
@@ -96,6 +97,13 @@ def test_cli_train_inspect_merge(tmp_path, capsys):
     assert load_lora(merged).rank == 2
     code, _, err = _cli(capsys, "merge", lora, lora, "--out", merged)
     assert code == 2 and "exists" in err
+    # An ungated file (the §3 ablation), which merge refuses, is shown: its gate says why Apply refuses it.
+    ungated = str(tmp_path / "ungated.safetensors")
+    save_lora(replace(load_lora(lora), scope="all"), ungated)
+    code, out, _ = _cli(capsys, "inspect", ungated)
+    assert code == 0 and json.loads(out)["gate"]["kind"] == "all-tokens"
+    code, _, err = _cli(capsys, "merge", ungated, lora, "--out", str(tmp_path / "m2.safetensors"))
+    assert code == 2 and "error:" in err
 
 
 def test_cli_train_selects_the_x_t_pool(tmp_path, capsys):

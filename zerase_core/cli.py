@@ -56,7 +56,7 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
 def _inspect(args: argparse.Namespace) -> int:
     from .lora_file import load_lora, read_description
 
-    lora = load_lora(args.file)  # refuses what cannot be used, as Apply would
+    lora = load_lora(args.file)  # refuses what is no erasure LoRA; an ungated one is shown (its gate says why not)
     # As stored (an older file shows its own format version); an official file stores none: as it is read.
     print(json.dumps(read_description(args.file) or lora.metadata(), indent=2, sort_keys=True))
     return 0
