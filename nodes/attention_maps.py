@@ -57,6 +57,7 @@ class AttentionMapViewer(io.ComfyNode):
         sigma_list = parse_list(NODE, sigmas, "sigmas", float)
         check_request(NODE, words, sigma_list)
         backend = ComfyZImageBackend(model, clip, node=NODE)
+        _render.check_vae(NODE, vae, backend.latent_channels)
         span = layer_range(NODE, backend.n_layers, layer_start, layer_end)
         other = None
         if model_b is not None:  # refused before any forward of the first model, and under its input's name

@@ -218,6 +218,7 @@ class ZEraseTrain(io.ComfyNode):
         import comfy.model_management as mm
 
         probe = ComfyZImageBackend(model, clip, node=NODE)  # a clone: the input's architecture, digest and shift
+        _render.check_vae(NODE, vae, probe.latent_channels)
         # x_t on the σ schedule the model samples with (ModelSamplingAuraFlow's shift when it is patched)
         config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
                               targets, resolution, seed, gradient_checkpointing, xt_source, probe.flow_shift)

@@ -392,6 +392,25 @@ def test_a_save_name_no_file_system_can_hold_is_refused_before_training(pack, lo
                                          save_name="y" * 250)
 
 
+def test_another_models_vae_is_refused_before_training_or_the_viewers_forwards(pack, loras_dir, monkeypatch):
+    """An SD VAE (4-channel latents) failed with torch's channel error when the previews or the picture were decoded:
+    Train after training and saving (and again on every queue, on the reuse path), the viewer after its forwards."""
+    from zerase_core.backends.comfy_zimage import ComfyZImageBackend
+
+    sd_vae = comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.randn(512, 4, 3, 3)})  # ComfyUI's class, 4 channels
+    assert sd_vae.latent_channels == 4
+    monkeypatch.setattr(_train_module().ZEraseTrainer, "__init__", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(ComfyZImageBackend, "attention_maps", lambda *a, **k: pytest.fail("a forward ran"))
+    told = r"this VAE takes 4-channel latents and Z-Image's have 16: connect Z-Image's VAE \(ae.safetensors\)"
+    with pytest.raises(ZEraseError, match=rf"^Z-Erase Train: {told}"):
+        pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy), vae=sd_vae, **_train_inputs())
+    assert not (loras_dir / "zerase").exists() or not list((loras_dir / "zerase").iterdir())
+    with pytest.raises(ZEraseError, match=rf"^Attention Map Viewer: {told}"):
+        pack["ZEraseAttentionMaps"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy), prompt="a cat",
+                                            words="cat", sigmas="0.5", layer_start=0, layer_end=-1, seed=0,
+                                            latent={"samples": torch.randn(1, 16, 8, 8)}, vae=sd_vae)
+
+
 def test_load_and_merge(pack, loras_dir):
     save_lora(random_lora(3, concept="cat"), loras_dir / "a.safetensors")
     save_lora(random_lora(4, concept="dog"), loras_dir / "b.safetensors")
