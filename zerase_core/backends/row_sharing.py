@@ -1,9 +1,8 @@
 """Run the noise refiner once per distinct image input, not once per prompt.
 
 Z-Image's noise refiner sees only image tokens and the timestep, before any gated layer:
-its output depends on neither the prompt nor the LoRA (in diffusers, where the image is padded, it
-sees the caption's padded length through the image tokens' positions: rows are then grouped by
-that too, ``tags``). A Z-Erase step asks for several
+its output depends on neither the prompt nor the LoRA (in diffusers it sees the caption's padded
+length through the image tokens' positions: rows are grouped by that too, ``tags``). A Z-Erase step asks for several
 predictions at one x_t (student c_er, ∅, c_pr; the teacher's three; [c, ∅] in every CFG
 sampling step), so sharing the refiner across rows with equal (x_t, σ) skips work that
 could only repeat itself. The share on the real model is small (2 refiner layers beside 30
