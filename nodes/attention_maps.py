@@ -5,7 +5,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from zerase_core import render
-from zerase_core.attention_maps import check_comparable, check_latent, check_request, layer_range, word_maps
+from zerase_core.attention_maps import (check_comparable, check_latent, check_request, layer_range, shown_share,
+                                        word_maps)
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized
 from zerase_core.errors import ZEraseError
 from zerase_core.prompts import concept_token_indices
@@ -76,7 +77,8 @@ class AttentionMapViewer(io.ComfyNode):
                     maps.append(word_maps(each, encoded, columns, x0, sigma_list, seed, set(span)))
         # Drawn over the picture the maps were measured on: the LATENT's when one is connected, even beside an IMAGE.
         picture = render.to_pil(image[0] if latent is None else _render.decode(model, vae, samples)[0])
-        rows = render.word_map_rows(picture, maps, difference=other is not None)
+        rows = render.word_map_rows(picture, maps, difference=other is not None,
+                                    shown=shown_share(samples.shape[-2:], backend.patch))
         if other is not None:
             labels.append("A - B")
         levels = ", ".join(f"{s:g}" for s in sigma_list)

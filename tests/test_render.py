@@ -34,6 +34,22 @@ def test_models_share_one_colour_scale_and_the_difference_is_centred():
     assert red > blue + 20
 
 
+def test_a_map_over_whole_patches_is_cut_to_the_picture_not_squeezed_into_it():
+    """A 9 × 7 latent (an IMAGE of 72 × 56 px encoded) is padded to whole patches of 2: a 5 × 4 map over 80 × 64 px.
+    Stretched over the picture, token (2, 1) was drawn up to half a patch toward the top-left (a review); cut, its
+    heat is centred on its own pixels, rows 32–47 and columns 16–31."""
+    from zerase_core.attention_maps import shown_share
+
+    picture = Image.new("RGB", (56, 72), (128, 128, 128))  # PIL: (width, height)
+    heat = torch.zeros(1, 5, 4)
+    heat[0, 2, 1] = 1.0
+    shown = shown_share((9, 7), patch=2)
+    assert shown == (9 / 10, 7 / 8)
+    red = np.asarray(word_map_rows(picture, [heat], shown=shown)[0][0], dtype=np.float32)[..., 0]
+    rows, cols = np.nonzero(red == red.max())
+    assert abs(rows.mean() - 39.5) <= 1 and abs(cols.mean() - 23.5) <= 1, (rows.mean(), cols.mean())
+
+
 def test_latent_rgb_maps_each_latent_pixel_to_its_colour_block():
     """Channel 0 drives red up and green down; the bias lifts blue. Each latent pixel becomes an 8×8 block."""
     from zerase_core.render import latent_rgb

@@ -34,6 +34,13 @@ def layer_range(who: str, n_layers: int, start: int, end: int) -> range:
     return range(start, stop)
 
 
+def shown_share(latent_size: Sequence[int], patch: int) -> tuple[float, float]:
+    """The share of a map's height and width a latent's picture shows: the model pads the latent up to whole patches
+    (ComfyUI's NextDiT), so where a side is no multiple of ``patch`` the map's last tokens reach past the picture.
+    Stretched over it instead, a token was drawn up to half a patch (8 px) toward the top-left."""
+    return tuple(n / (-(-n // patch) * patch) for n in latent_size)
+
+
 def check_comparable(who: str, ours: dict, theirs: dict) -> None:
     """A second model whose maps can be set beside the first's: the same architecture (``fingerprint``s), since the
     prompt is encoded once, for the first's caption width."""

@@ -209,24 +209,28 @@ def _cut(word: str, width: int) -> list[str]:
     return pieces + [piece]
 
 
-def heatmap(picture: Image.Image, heat: torch.Tensor, lo: float, hi: float) -> Image.Image:
-    """Overlay a (h, w) map (scaled by lo..hi) on a picture, red = more attention."""
+def heatmap(picture: Image.Image, heat: torch.Tensor, lo: float, hi: float,
+            shown: tuple[float, float] = (1.0, 1.0)) -> Image.Image:
+    """Overlay a (h, w) map (scaled by lo..hi) on a picture, red = more attention. ``shown``: the share of the map's
+    height and width the picture shows, from its top-left (a map over whole patches reaching past the picture)."""
     h = ((heat.float() - lo) / (hi - lo or 1.0)).clamp(0, 1)
-    h = torch.nn.functional.interpolate(h[None, None], size=picture.size[::-1], mode="bilinear")[0, 0]
+    size = (round(picture.height / shown[0]), round(picture.width / shown[1]))
+    h = torch.nn.functional.interpolate(h[None, None], size=size, mode="bilinear")[0, 0]
+    h = h[:picture.height, :picture.width]
     base = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
     colour = np.stack([h.numpy(), np.zeros_like(h.numpy()), 1.0 - h.numpy()], axis=-1)
     out = 0.45 * base + 0.55 * colour
     return Image.fromarray((out.clip(0, 1) * 255).round().astype(np.uint8))
 
 
-def word_map_rows(picture: Image.Image, maps: Sequence[torch.Tensor],
-                  difference: bool = False) -> list[list[Image.Image]]:
+def word_map_rows(picture: Image.Image, maps: Sequence[torch.Tensor], difference: bool = False,
+                  shown: tuple[float, float] = (1.0, 1.0)) -> list[list[Image.Image]]:
     """One row of heatmaps per model's (n_words, h, w) maps, on one colour scale so models compare;
-    with ``difference``, a last row maps[0] − maps[1] on a scale symmetric about 0."""
+    with ``difference``, a last row maps[0] − maps[1] on a scale symmetric about 0. ``shown``: see :func:`heatmap`."""
     lo, hi = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
-    rows = [[heatmap(picture, m[n], lo, hi) for n in range(m.shape[0])] for m in maps]
+    rows = [[heatmap(picture, m[n], lo, hi, shown) for n in range(m.shape[0])] for m in maps]
     if difference:
         diff = maps[0] - maps[1]
         r = float(diff.abs().max()) or 1.0
-        rows.append([heatmap(picture, diff[n], -r, r) for n in range(diff.shape[0])])
+        rows.append([heatmap(picture, diff[n], -r, r, shown) for n in range(diff.shape[0])])
     return rows
