@@ -82,7 +82,7 @@ def _one_step_gradient(checkpointing: bool, mode: str, stacked: bool, layers=Non
         l_erase, l_attn, l_pr = losses.erase, losses.attn, losses.pr
         assert l_pr.requires_grad  # λ > 0 expected: the batched [c_er, ∅, c_pr] student forward
         with _qkv_calls(model) as seen:
-            lam, _ = trainer._backward(l_erase + config.attn_weight * l_attn, l_pr, losses.pr_batch)
+            lam, _ = trainer._backward(l_erase + config.attn_weight * l_attn, l_pr, l_pr.item(), losses.pr_batch)
         grad = torch.cat([p.grad.reshape(-1) for p in trainer.params])
     return grad, torch.stack([l_erase, l_attn, l_pr]).detach(), lam, seen
 

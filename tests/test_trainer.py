@@ -550,7 +550,7 @@ def test_the_update_is_l_er_plus_lambda_l_pr_whichever_way_l_pr_was_computed(mod
     g_er = grad(step.erase + w * step.attn)
     g_pr = grad(step.pr if step.pr.requires_grad else trainer._pr_loss(step.pr_batch))
     assert not torch.allclose(g_er, grad(step.erase), atol=1e-7)  # L_attn moves the update: a lost term shows
-    lam, recomputed = trainer._backward(loss_er(step.erase, step.attn, w), step.pr, step.pr_batch)
+    lam, recomputed = trainer._backward(loss_er(step.erase, step.attn, w), step.pr, step.pr.item(), step.pr_batch)
     assert recomputed == (mode == "paper") and (lam == 0.5 if mode == "fixed" else lam > 0.01)
     applied = torch.cat([p.grad.reshape(-1) for p in trainer.params])
     assert torch.allclose(applied, g_er + lam * g_pr, rtol=1e-4, atol=1e-9)
@@ -569,9 +569,9 @@ def test_exact_mode_steps_along_eq_11_with_the_eq_12_lambda():
 
     def losses():
         step = trainer._losses(*args)
-        return step.erase + trainer.config.attn_weight * step.attn, step.pr, step.pr_batch
+        return step.erase + trainer.config.attn_weight * step.attn, step.pr, step.pr.item(), step.pr_batch
 
-    l_er, l_pr, _ = losses()
+    l_er, l_pr, _, _ = losses()
     g_er = torch.cat([g.reshape(-1) for g in torch.autograd.grad(l_er, trainer.params, retain_graph=True)]).double()
     g_pr = torch.cat([g.reshape(-1) for g in torch.autograd.grad(l_pr, trainer.params)]).double()
     lam_star = float((-g_er @ g_pr - eps) / (g_pr @ g_pr))

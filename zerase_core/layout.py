@@ -1,13 +1,15 @@
 """Where the text and image tokens sit in a main-layer sequence, per sample.
 
-Backends build a :class:`TokenLayout` on every call from what the transformer is given
-(latent sizes, caption lengths, batch), because the layout depends on all of them:
+Backends ask for a :class:`TokenLayout` on every call (:meth:`TokenLayout.of`, one object per
+distinct layout) from what the transformer is given (latent sizes, caption lengths, batch), because
+the layout depends on all of them:
 diffusers orders each sample [image | caption], ComfyUI [caption | image], both pad each
 segment to a multiple of 32 and pad the batch to its longest sample.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -49,6 +51,16 @@ class TokenLayout:
             or any(not 0 <= n <= e - s for n, (s, e) in zip(self.image_tokens, self.image))
         ):
             raise ValueError("TokenLayout: image_tokens must give per sample a count within its image segment")
+
+    @classmethod
+    def of(cls, seq_len: int, text: tuple[Segment, ...], image: tuple[Segment, ...],
+           image_tokens: tuple[int, ...] | None = None) -> "TokenLayout":
+        """The layout of these segments, one object per distinct layout (the last 64 kept): what it copies to a
+        device (masks, row indices) is copied there once, not at every call (a review counted one copy per call).
+        Traced by torch.compile (TorchCompileModel after Apply), a new one, as dynamo would trace the cache away."""
+        if torch.compiler.is_compiling():
+            return cls(seq_len, text, image, image_tokens)
+        return _layout(cls, seq_len, text, image, image_tokens)
 
     @property
     def batch(self) -> int:
@@ -103,7 +115,7 @@ class TokenLayout:
         if self.image_tokens is None:
             return self.image_mask(device)
         real = tuple((s, s + n) for (s, _), n in zip(self.image, self.image_tokens))
-        return self._segments_mask(real).to(device)
+        return self._cached("image_query_mask", lambda: self._segments_mask(real), device)
 
     def columns(self, token_indices: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, L) float indicator of caption tokens ``token_indices[b]`` as sequence columns."""
@@ -117,3 +129,9 @@ class TokenLayout:
                     raise ValueError(f"caption token {i} lies outside the text segment of sample {b}")
                 out[b, start + i] = 1.0
         return out.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(cls: type, seq_len: int, text: tuple, image: tuple, image_tokens: tuple | None) -> TokenLayout:
+    return cls(seq_len, text, image, image_tokens)
+

@@ -284,7 +284,7 @@ class DiffusersZImageBackend(Backend):
         image_len = pad_to_multiple(n_image, SEQ_MULTIPLE)
         text = [(image_len, image_len + pad_to_multiple(p.n_tokens, SEQ_MULTIPLE)) for p in prompts]
         seq_len = max(end for _, end in text)
-        return TokenLayout(seq_len, tuple(text), tuple((0, image_len) for _ in prompts), (n_image,) * len(prompts))
+        return TokenLayout.of(seq_len, tuple(text), tuple((0, image_len) for _ in prompts), (n_image,) * len(prompts))
 
     @contextmanager
     def zeroing_tokens(self, token_indices: Callable[[Sequence[EncodedPrompt]], list[list[int]]]) -> Iterator[None]:

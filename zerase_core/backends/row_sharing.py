@@ -11,7 +11,7 @@ main layers: ~6 % of a forward); on the tiny benchmark model (1 beside 2) it is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -23,6 +23,9 @@ class RowGroups:
 
     first: torch.Tensor  # (G,)
     inverse: torch.Tensor  # (B,)
+    # Both on each device asked for, copied there once per call: every argument of every refiner layer asks, and a
+    # host→device copy stalls the host behind the GPU (a review counted 8 per call on the real model).
+    _copies: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, x: torch.Tensor, sigma: torch.Tensor, tags: Sequence[int] | None = None) -> "RowGroups | None":
@@ -34,22 +37,26 @@ class RowGroups:
         if _one_row_repeated(x) and _one_row_repeated(sigma.reshape(-1)):
             # The step's batches are x_t.expand(n, …): equal by construction, so no comparison and no
             # host sync (on a GPU a sync stalls the queue of kernels the step has launched).
-            return cls._numbered([tags.index(t) for t in tags])
+            return cls._numbered([tags.index(t) for t in tags], x.device)
         # σ compared at its own precision, not x's, on x's device (the pool and the sampler keep σ on the host)
         rows, sigma = x.flatten(1), sigma.reshape(-1).to(x.device)
         tag = torch.tensor(tags, device=x.device)
         # Row i against all rows: elementwise on the device; one host sync for the whole table.
         equal = torch.stack([(rows == rows[i]).all(dim=1) & (sigma == sigma[i]) & (tag == tag[i])
                              for i in range(rows.shape[0])])
-        return cls._numbered(equal.int().argmax(dim=1).tolist())  # each row's first equal row
+        return cls._numbered(equal.int().argmax(dim=1).tolist(), x.device)  # each row's first equal row
 
     @classmethod
-    def _numbered(cls, first_equal: list[int]) -> "RowGroups | None":
-        """The groups of rows that name the same first equal row; None when no two rows do."""
+    def _numbered(cls, first_equal: list[int], device: torch.device) -> "RowGroups | None":
+        """The groups of rows that name the same first equal row, indices on ``device``; None when no two rows do."""
         first = sorted(set(first_equal))
         if len(first) == len(first_equal):
             return None
-        return cls(torch.tensor(first), torch.tensor([first.index(j) for j in first_equal]))
+        if first == [0]:  # one group, every training step's: made on the device, nothing copied from the host
+            return cls(torch.zeros(1, dtype=torch.long, device=device),
+                       torch.zeros(len(first_equal), dtype=torch.long, device=device))
+        return cls(torch.tensor(first, device=device),
+                   torch.tensor([first.index(j) for j in first_equal], device=device))
 
     @property
     def batch(self) -> int:
@@ -58,11 +65,18 @@ class RowGroups:
     def shrink(self, value: Any) -> Any:
         """One row per group of a per-row tensor; anything else unchanged."""
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.batch:
-            return value.index_select(0, self.first.to(value.device))
+            return value.index_select(0, self._on(value.device)[0])
         return value
 
     def expand(self, value: torch.Tensor) -> torch.Tensor:
-        return value.index_select(0, self.inverse.to(value.device))
+        return value.index_select(0, self._on(value.device)[1])
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device == self.first.device:
+            return self.first, self.inverse
+        if device not in self._copies:
+            self._copies[device] = (self.first.to(device), self.inverse.to(device))
+        return self._copies[device]
 
 
 def take_rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:

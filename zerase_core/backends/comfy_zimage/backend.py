@@ -230,11 +230,12 @@ class ComfyZImageBackend(Backend):
         if len(set(lengths)) == 1:
             yield
             return
-        lengths_t = torch.tensor(lengths)
 
         def pad_rows(module, inputs, out):
-            beyond = torch.arange(out.shape[1], device=out.device)[None, :] >= lengths_t.to(out.device)[:, None]
-            return torch.where(beyond[..., None], self.dit.cap_pad_token.to(out), out)
+            # By slices, so nothing is copied from the host in the middle of the forward (a stall behind the GPU)
+            pad = self.dit.cap_pad_token.to(out)
+            return torch.stack([torch.cat([row[:n], pad.expand(out.shape[1] - n, -1)]) if n < out.shape[1] else row
+                                for row, n in zip(out, lengths)])
 
         handle = self.dit.cap_embedder.register_forward_hook(pad_rows)
         try:
@@ -323,14 +324,17 @@ class ComfyZImageBackend(Backend):
             groups.setdefault(pad_to_multiple(p.n_tokens, self.multiple), []).append(i)
         v_out: list[torch.Tensor | None] = [None] * len(prompts)
         mass_out: list[torch.Tensor | None] = [None] * len(prompts)
+        device = self.patcher.load_device
         for _, idx in groups.items():
             xs, ss = take_rows(x, idx), take_rows(sigma, idx).float()
+            sharing = self._sharing_rows(xs, ss)  # grouped as given: an expanded x_t by its strides, no host sync
+            xs, ss = xs.to(device), ss.to(device)  # before the forward, not σ again after it (a stall behind it)
             lengths = [prompts[i].n_tokens for i in idx]
             feats = torch.nn.utils.rnn.pad_sequence([prompts[i].features for i in idx], batch_first=True)
             lay = self.layout(xs, [prompts[i] for i in idx])
             tokens = None if concept_tokens is None else [concept_tokens[i] for i in idx]
             recorder = self._mass_recorder(lay, tokens, mass_layers)
-            with self.lora_switched(lora), self._caption_lengths(lengths), self._sharing_rows(xs, ss):
+            with self.lora_switched(lora), self._caption_lengths(lengths), sharing:
                 with self.recording(recorder):  # a checkpointed layer replays this group's recorder in backward
                     x0 = self.denoise(xs, ss, feats)
             s = ss.to(x0.device).view(-1, 1, 1, 1)

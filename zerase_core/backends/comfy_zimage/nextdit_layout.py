@@ -20,4 +20,4 @@ def nextdit_layout(context_len: int, x: torch.Tensor, patch: int, multiple: int)
     h, w = image_patches(x, patch)
     image = pad_to_multiple(h * w, multiple)
     b = x.shape[0]
-    return TokenLayout(text + image, ((0, text),) * b, ((text, text + image),) * b, (h * w,) * b)
+    return TokenLayout.of(text + image, ((0, text),) * b, ((text, text + image),) * b, (h * w,) * b)
