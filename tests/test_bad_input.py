@@ -1109,6 +1109,14 @@ def test_ctrl_c_is_held_back_only_where_python_lets_a_handler_be_set():
         signal.raise_signal(signal.SIGINT)
         done.append("saved")
     assert done == ["written", "saved"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # A body that fails ends with the Ctrl-C too: its caller may take it again (a training step out of memory after
+    # its update, under auto checkpointing), and the Ctrl-C held back was lost there (a review).
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with ctrl_c_deferred():
+            signal.raise_signal(signal.SIGINT)
+            raise RuntimeError("out of memory")
+    assert isinstance(stopped.value.__context__, RuntimeError)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     failed = []
 
     def worker():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 import math
 import os
@@ -444,6 +446,27 @@ def test_a_paired_step_failing_after_its_update_is_undone():
     for key, (a, b) in reference.lora.factors.items():
         ours = trainer.export().factors[key]
         assert torch.allclose(ours[0], a, atol=1e-7) and torch.allclose(ours[1], b, atol=1e-7)
+
+
+def test_a_paired_step_whose_l_pr_is_not_finite_around_its_update_is_refused_and_undone():
+    """The paired rule's L_pr before and after the update were taken unchecked: a NaN there was kept as its pair, the
+    next g̃ was NaN, max(0, λ − β·NaN) set λ to 0 without a word, and every later checkpoint was refused as damaged
+    (a review). The step is refused as a non-finite one, and undone: LoRA, AdamW, λ."""
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, lr=1e-2, lambda_mode="paired"))
+    for _ in range(3):
+        trainer.train_step()
+    factors = {k: (a.clone(), b.clone()) for k, (a, b) in trainer.export().factors.items()}
+    lam, moments = trainer.lambda_rule.state(), copy.deepcopy(trainer.optimizer.state_dict())
+    real_step, real_pr, stepped = trainer.optimizer.step, trainer._pr_loss, []
+    trainer.optimizer.step = lambda *a: (real_step(*a), stepped.append(1))[0]
+    trainer._pr_loss = lambda *a: real_pr(*a) * float("nan") if stepped else real_pr(*a)
+    with pytest.raises(NonFiniteLoss, match="L_pr after it=nan"):
+        trainer.train_step()
+    assert stepped and trainer.step == 3 and trainer.lambda_rule.state() == lam
+    assert all(torch.equal(a, factors[k][0]) and torch.equal(b, factors[k][1])
+               for k, (a, b) in trainer.export().factors.items())
+    state = trainer.optimizer.state_dict()["state"]
+    assert all(torch.equal(state[i]["exp_avg"], moments["state"][i]["exp_avg"]) for i in state)
 
 
 def test_no_grad_preservation_changes_no_update(monkeypatch):

@@ -79,7 +79,8 @@ def ctrl_c_deferred(stopping: bool = False) -> Iterator[None]:
     aborted that save, and the run's progress was lost. Held back, it is delivered once the body has ended, to the
     handler that was there (Python's raises KeyboardInterrupt), so the user still stops; unless ``stopping``: the
     caller is on its way out already, with what stopped it to tell, and a Ctrl-C asks for nothing more. A body that
-    raises goes on raising its own error, which ends the caller as the Ctrl-C would have.
+    raises ends with the Ctrl-C too, its error as the KeyboardInterrupt's context: a caller may take a failed body
+    again (a training step that ran out of memory), and the Ctrl-C held back was lost there.
 
     Only in the main thread, the one Python runs signal handlers in and lets set them; elsewhere (ComfyUI runs nodes
     in a worker thread and cancels them by other means) the body runs as it is. So does a handler not set from Python
@@ -96,8 +97,8 @@ def ctrl_c_deferred(stopping: bool = False) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)  # handles a Ctrl-C still pending with ours first
-    if held and not stopping:
-        signal.raise_signal(signal.SIGINT)  # to the handler put back; Python's raises KeyboardInterrupt here
+        if held and not stopping:
+            signal.raise_signal(signal.SIGINT)  # to the handler put back; Python's raises KeyboardInterrupt here
 
 
 def _publish_new(tmp: str, path: Path) -> None:

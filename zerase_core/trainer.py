@@ -367,6 +367,9 @@ class ZEraseTrainer:
             if self.lambda_rule.observes_update:
                 with torch.no_grad():  # the same batch after the update: what d_t did to L_pr (Eq. 14)
                     pr_after = self._pr_loss(batch).item()
+                if not math.isfinite(pr_before) or not math.isfinite(pr_after):  # else a NaN pair set λ to 0
+                    raise NonFiniteLoss(self._nan_message({"L_pr before the update": pr_before,
+                                                           "L_pr after it": pr_after}))
         except BaseException:
             if undo is not None:
                 undo.restore()
