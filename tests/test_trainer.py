@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-
 import json
 import math
 import os
@@ -467,6 +466,33 @@ def test_a_paired_step_whose_l_pr_is_not_finite_around_its_update_is_refused_and
                for k, (a, b) in trainer.export().factors.items())
     state = trainer.optimizer.state_dict()["state"]
     assert all(torch.equal(state[i]["exp_avg"], moments["state"][i]["exp_avg"]) for i in state)
+
+
+def test_a_ctrl_c_held_during_an_update_that_then_runs_out_of_memory_stops_the_run():
+    """Ctrl-C pressed during the paired rule's update is held back until the step's record; when the forward after
+    the update then ran out of memory, the step was undone and taken again with every layer checkpointed (auto), and
+    the Ctrl-C was lost: the run went on to its end (a review). The undone step now stops the run instead."""
+    import signal
+
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, lambda_mode="paired",
+                                                           gradient_checkpointing="auto"))
+    for _ in range(2):
+        trainer.train_step()
+    factors = {k: a.clone() for k, (a, _) in trainer.export().factors.items()}
+    real_step, real_pr, stepped = trainer.optimizer.step, trainer._pr_loss, []
+
+    def step_with_ctrl_c(*args):
+        signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, held back from here to the step's record
+        stepped.append(1)
+        return real_step(*args)
+
+    trainer.optimizer.step = step_with_ctrl_c
+    trainer._pr_loss = lambda *a: (_ for _ in ()).throw(ran_out()) if stepped else real_pr(*a)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_step()
+    assert stepped == [1] and trainer.step == 2  # not taken again
+    assert all(torch.equal(a, factors[k]) for k, (a, _) in trainer.export().factors.items())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_no_grad_preservation_changes_no_update(monkeypatch):

@@ -74,13 +74,15 @@ def _atomic_write(path: Path, data: bytes, exclusive: bool = False) -> Path:
 
 
 @contextmanager
-def ctrl_c_deferred(stopping: bool = False) -> Iterator[None]:
+def ctrl_c_deferred(stopping: bool = False) -> Iterator[list[int]]:
     """Hold Ctrl-C (SIGINT) back while the body writes: pressed again while a stopped run saves what it has, it
     aborted that save, and the run's progress was lost. Held back, it is delivered once the body has ended, to the
     handler that was there (Python's raises KeyboardInterrupt), so the user still stops; unless ``stopping``: the
     caller is on its way out already, with what stopped it to tell, and a Ctrl-C asks for nothing more. A body that
-    raises ends with the Ctrl-C too, its error as the KeyboardInterrupt's context: a caller may take a failed body
-    again (a training step that ran out of memory), and the Ctrl-C held back was lost there.
+    raises goes on raising its own error, which ends the caller as the Ctrl-C would have; a caller that may take the
+    body again instead (a training step out of memory) asks what was held: the list given by ``as``. Where Ctrl-C is
+    ignored (a background job) what was held came from the command line's SIGTERM or SIGHUP (cli._stops_as_ctrl_c),
+    and is delivered as KeyboardInterrupt: sent to the ignoring handler put back, it was lost.
 
     Only in the main thread, the one Python runs signal handlers in and lets set them; elsewhere (ComfyUI runs nodes
     in a worker thread and cancels them by other means) the body runs as it is. So does a handler not set from Python
@@ -88,17 +90,19 @@ def ctrl_c_deferred(stopping: bool = False) -> Iterator[None]:
     """
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
-    if previous is None:
-        yield
-        return
     held: list[int] = []
+    if previous is None:
+        yield held
+        return
     signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
-        yield
+        yield held
     finally:
         signal.signal(signal.SIGINT, previous)  # handles a Ctrl-C still pending with ours first
-        if held and not stopping:
-            signal.raise_signal(signal.SIGINT)  # to the handler put back; Python's raises KeyboardInterrupt here
+    if held and not stopping:
+        if not callable(previous):
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)  # to the handler put back; Python's raises KeyboardInterrupt here
 
 
 def _publish_new(tmp: str, path: Path) -> None:
