@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from zerase_core.errors import ZEraseError
 from zerase_core.render import latent_rgb
 
 
@@ -26,14 +25,4 @@ def decode(model, vae, latent: torch.Tensor) -> torch.Tensor:
     if vae is not None:
         return vae.decode(latent).cpu()  # render.to_pil, which every caller draws with, makes it RGB
     return latent_preview(model, latent)
-
-
-def check_vae(who: str, vae, channels: int) -> None:
-    """A connected VAE that takes the model's latents, told before the node's work: another model's (SD's, 4
-    channels) failed with torch's channel error only when it decoded, after Train had trained and the viewer had run
-    its forwards."""
-    found = getattr(vae, "latent_channels", None)  # ComfyUI's VAE says; anything else is left to its decode
-    if vae is not None and found is not None and found != channels:
-        raise ZEraseError(f"{who}: this VAE takes {found}-channel latents and Z-Image's have {channels}: connect "
-                          "Z-Image's VAE (ae.safetensors), or leave vae unconnected for a cheap preview.")
 

@@ -12,7 +12,7 @@ from zerase_core.errors import ZEraseError
 from zerase_core.prompts import concept_token_indices
 
 from . import _render
-from .common import parse_list, told_as
+from .common import check_vae, parse_list, told_as
 
 NODE = "Attention Map Viewer"
 NODE_B = f"{NODE} (model_b)"  # what is refused of the second model
@@ -58,7 +58,7 @@ class AttentionMapViewer(io.ComfyNode):
         sigma_list = parse_list(NODE, sigmas, "sigmas", float)
         check_request(NODE, words, sigma_list)
         backend = ComfyZImageBackend(model, clip, node=NODE)
-        _render.check_vae(NODE, vae, backend.latent_channels)
+        check_vae(NODE, vae, backend.latent_channels)
         span = layer_range(NODE, backend.n_layers, layer_start, layer_end)
         other = None
         if model_b is not None:  # refused before any forward of the first model, and under its input's name

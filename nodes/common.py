@@ -121,3 +121,13 @@ def output_folder() -> Path:
 def pick_lora(node: str, lora_name: str = NONE, erasure_lora: ErasureLoRA | None = None) -> ErasureLoRA:
     """The socket input wins over the file choice; one of them is needed."""
     return erasure_lora if erasure_lora is not None else read_lora_file(lora_name, node)
+
+
+def check_vae(who: str, vae, channels: int) -> None:
+    """A connected VAE that takes the model's latents, told before the node's work: another model's (SD's, 4
+    channels) failed with torch's channel error only when it decoded, after Train had trained and the viewer had run
+    its forwards."""
+    found = getattr(vae, "latent_channels", None)  # ComfyUI's VAE says; anything else is left to its decode
+    if vae is not None and found is not None and found != channels:
+        raise ZEraseError(f"{who}: this VAE takes {found}-channel latents and Z-Image's have {channels}: connect "
+                          "Z-Image's VAE (ae.safetensors), or leave vae unconnected for a cheap preview.")

@@ -25,7 +25,7 @@ from zerase_core.xt_pool import PoolCancelled
 
 from . import _render
 from .apply_lora import apply_erasure
-from .common import ErasureLoRAType, listed, output_folder, parse_list, show_text
+from .common import ErasureLoRAType, check_vae, listed, output_folder, parse_list, show_text
 
 NODE = "Z-Erase Train"
 TARGETS = ["q,k,v", "q,k", "q,v", "k,v", "q", "k", "v"]  # every subset; the paper's first
@@ -218,7 +218,7 @@ class ZEraseTrain(io.ComfyNode):
         import comfy.model_management as mm
 
         probe = ComfyZImageBackend(model, clip, node=NODE)  # a clone: the input's architecture, digest and shift
-        _render.check_vae(NODE, vae, probe.latent_channels)
+        check_vae(NODE, vae, probe.latent_channels)
         # x_t on the σ schedule the model samples with (ModelSamplingAuraFlow's shift when it is patched)
         config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
                               targets, resolution, seed, gradient_checkpointing, xt_source, probe.flow_shift)

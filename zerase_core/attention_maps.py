@@ -13,7 +13,7 @@ import torch
 
 from .attention_mass import Recorder, attention_with_mass
 from .errors import ZEraseError
-from .layout import TokenLayout
+from .layout import TokenLayout, pad_to_multiple
 from .prompts import EncodedPrompt
 
 
@@ -38,7 +38,7 @@ def shown_share(latent_size: Sequence[int], patch: int) -> tuple[float, float]:
     """The share of a map's height and width a latent's picture shows: the model pads the latent up to whole patches
     (ComfyUI's NextDiT), so where a side is no multiple of ``patch`` the map's last tokens reach past the picture.
     Stretched over it instead, a token was drawn up to half a patch (8 px) toward the top-left."""
-    return tuple(n / (-(-n // patch) * patch) for n in latent_size)
+    return tuple(n / pad_to_multiple(n, patch) for n in latent_size)
 
 
 def check_comparable(who: str, ours: dict, theirs: dict) -> None:

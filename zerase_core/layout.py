@@ -134,4 +134,3 @@ class TokenLayout:
 @functools.lru_cache(maxsize=64)
 def _layout(cls: type, seq_len: int, text: tuple, image: tuple, image_tokens: tuple | None) -> TokenLayout:
     return cls(seq_len, text, image, image_tokens)
-

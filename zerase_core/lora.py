@@ -11,7 +11,6 @@ the base dtype; several adapters on one layer add up.
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import dataclass
 

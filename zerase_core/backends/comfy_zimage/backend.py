@@ -373,7 +373,6 @@ def _erasure_wrappers_only(wrappers: dict) -> list[str]:
 
     found = wrappers.get(WrappersMP.DIFFUSION_MODEL, {})
     kept = {key: [w for w in each if call_state_of(w) is not None] for key, each in found.items()}
-    wrappers[WrappersMP.DIFFUSION_MODEL] = {key: each for key, each in kept.items() if each}  # new lists: the
-    # merged dict shares the patcher's
+    wrappers[WrappersMP.DIFFUSION_MODEL] = {key: each for key, each in kept.items() if each}  # built anew, not
+    # filtered in place: nothing of the call's copy is shared with the patcher's, whatever ComfyUI's merge copies
     return sorted(key for key, each in kept.items() if len(each) < len(found[key]))
-

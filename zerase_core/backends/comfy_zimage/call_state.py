@@ -91,4 +91,3 @@ def call_state_of(wrapper: Any) -> CallState | None:
     """The erasure-LoRA installation a DIFFUSION_MODEL wrapper is the call state of; None for another node's."""
     owner = getattr(wrapper, "__self__", None)
     return owner if isinstance(owner, CallState) else None
-
