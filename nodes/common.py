@@ -10,7 +10,7 @@ from typing import Iterator
 
 from comfy_api.latest import io
 
-from zerase_core.errors import ZEraseError
+from zerase_core.errors import ZEraseError, shown
 from zerase_core.lora_file import ErasureLoRA, load_lora
 
 ErasureLoRAType = io.Custom("ZERASE_LORA")  # an in-memory zerase_core.lora_file.ErasureLoRA
@@ -54,7 +54,8 @@ def _found(node: str, name: str) -> tuple[str | None, str | None]:
     if name == NONE:
         return None, f"{node}: choose a LoRA file or connect an erasure LoRA."
     path = folder_paths.get_full_path("loras", name)
-    return (path, None) if path is not None else (None, f"{node}: LoRA file '{name}' is not in any loras folder.")
+    return (path, None) if path is not None else (None, f"{node}: LoRA file '{shown(name)}' is not in any loras "
+                                                        "folder.")
 
 
 def listed(path: Path) -> str:
@@ -104,6 +105,8 @@ def file_state(name: str):
     Train run rewrites the LoRA of its cancelled run under the same name; Apply and Load then read it again."""
     import folder_paths
 
+    if name is None:  # linked: no value while ComfyUI keys the node, so no file to key on; NaN ≠ NaN runs it again
+        return float("nan")
     path = folder_paths.get_full_path("loras", name) if name and name != NONE else None
     if path is None:
         return name

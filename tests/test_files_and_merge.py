@@ -711,6 +711,17 @@ def test_merge_refuses_different_architectures():
         merge([a, b])
 
 
+def test_a_shared_files_concept_reaches_the_console_escaped(caplog):
+    """A native file sets its concept and its source; one claiming to be official had its concept logged as it was:
+    terminal escape codes and line breaks (a fake log line) reached the console (a review)."""
+    hostile = "\x1b]0;PWNED\x07\x1b[31mRED\nFAKE LOG LINE: all good"
+    official = ErasureLoRA(_random_lora(KEYS).factors, concept=hostile, source="official-z-erase")
+    with caplog.at_level("WARNING"):
+        merge_exact([official, _random_lora(KEYS, seed=1)])
+    assert "official Z-Erase file" in caplog.text
+    assert "\x1b" not in caplog.text and "\nFAKE" not in caplog.text
+
+
 def test_merge_refuses_factors_that_do_not_fit_together_and_an_overflow():
     """An official file records no architecture: its widths still tell another model. Weights within bounds can
     still leave float32 once multiplied by a file's strength; that file no loader would take is refused at the

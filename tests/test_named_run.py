@@ -40,6 +40,23 @@ def _train(folder, config, resume=False, stop_after=None, backend=None):
     return run.save(result.lora), result
 
 
+def test_a_save_name_with_the_files_suffix_names_the_same_files_and_checkpoint(tmp_path):
+    """"cat.safetensors" wrote cat's LoRA files but a checkpoint of its own: queued again with resume on under that
+    natural spelling, a cancelled "cat" run trained from step 0 into cat_001 without a word (a review)."""
+    plain, suffixed = (NamedRun.plan(tmp_path, name, _config(), True) for name in ("cat", " cat.safetensors "))
+    assert (suffixed.name, suffixed.lora, suffixed.checkpoint) == (plain.name, plain.lora, plain.checkpoint)
+
+
+def test_a_link_to_nothing_under_the_next_name_is_taken(tmp_path):
+    """A dangling link looked free (Path.exists follows links); the exclusive save then refused it after the training,
+    with advice to choose another name that abandoned the run, and a resume picked the same link again (a review)."""
+    import os
+
+    (tmp_path / "cat.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    assert not os.path.exists(tmp_path / "cat.safetensors")
+    assert NamedRun.plan(tmp_path, "cat", _config(), False).lora == tmp_path / "cat_001.safetensors"
+
+
 def test_a_stopped_and_resumed_run_leaves_one_file_equal_to_an_uninterrupted_run(tmp_path):
     whole, _ = _train(tmp_path / "whole", _config())
     folder = tmp_path / "loras"

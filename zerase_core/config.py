@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ZEraseError
+from .errors import ZEraseError, shown
 from .lagrangian import MODES
 from .lora import LoRAConfig
 from .prompts import EMPTY_CONCEPT, concept_words, is_blank
@@ -139,7 +139,7 @@ class TrainConfig:
             raise ZEraseError("A preservation concept is empty; remove it or type a word.")
         if any(concept_words(p) == concept_words(self.concept) for p in self.preserve):
             raise ZEraseError(
-                f"'{self.concept}' is both the concept to erase and a preservation concept; "
+                f"'{shown(self.concept)}' is both the concept to erase and a preservation concept; "
                 "remove it from the preservation list (preserve what should stay, e.g. 'person' when erasing 'nude')."
             )
 

@@ -84,7 +84,7 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
         if lora.source == "official-z-erase":  # its code applies it at lora_scale 15; a file does not say so
             log.warning("'%s' is an official Z-Erase file, which its code applies at a strength of about 15: in this "
                         "merge it counts at its weight × 1. Give it a weight near 15 × the others' to keep its "
-                        "erasure.", lora.concept)
+                        "erasure.", shown(lora.concept))  # a shared file's text: no escape codes to the console
     fingerprint = _same_architecture(loras)
     factors = _concatenated(loras, weights)
     # What the merge preserves: every part's preservation concepts but those a part erases ("cat" keeping "dog"

@@ -39,7 +39,8 @@ class NamedRun:
     @classmethod
     def plan(cls, folder: Path, save_name: str, config: TrainConfig, resume: bool) -> "NamedRun":
         """The run's names, checked before any work (a name that would leave ``folder`` is refused)."""
-        name = save_name.strip() or name_from(config.concept)
+        # as path_inside reads it: "cat.safetensors" names cat's files, so it must name cat's checkpoint too
+        name = (save_name.strip() or name_from(config.concept)).removesuffix(".safetensors")
         return cls(folder, name, config, resume, safe_output_path(folder, name),
                    path_inside(folder / CHECKPOINTS, name, CHECKPOINT_SUFFIX))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .backends.base import Backend
 from .config import TrainConfig
+from .errors import shown
 from .prompts import (EncodedPrompt, concept_token_indices, fill_template, mentions, preservation_text,
                       shuffle_words)
 
@@ -41,7 +42,7 @@ class PromptPool:
             log.warning("The preservation concept %s contains the concept '%s': L_pr (Eq. 8) then keeps the very "
                         "tokens L_erase removes, and the two pull against each other. Preserve what should stay "
                         "without the concept (e.g. 'person' when erasing 'nude').",
-                        ", ".join(f"'{p}'" for p in holding), config.concept)
+                        ", ".join(f"'{shown(p)}'" for p in holding), shown(config.concept))
         return cls(erase, tokens, encoded[len(texts)], tuple(encoded[len(texts) + 1 :]))
 
     def pick(self, erase_index: int, keep_index: int | None) -> tuple[EncodedPrompt, list[int], EncodedPrompt | None]:

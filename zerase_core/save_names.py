@@ -94,8 +94,8 @@ def path_inside(folder: str | os.PathLike, name: str, suffix: str) -> Path:
 def _exists(path: Path, name: str) -> bool:
     """Whether ``path`` exists; one the system cannot look up (too long as a whole, 25 subfolders of 200 characters,
     each part short enough) is refused by the save ``name`` it is made of: Path.exists() raises on it."""
-    try:
-        return path.exists()
+    try:  # a link to nothing is taken too: the exclusive save refuses it, after the training
+        return path.exists() or path.is_symlink()
     except OSError as err:
         raise ZEraseError(f"The save name '{shown(name, 60)}' makes a path too long for the system, or one it cannot "
                           f"look up ({err.strerror or err}); choose a shorter save name, or fewer subfolders.") from err
