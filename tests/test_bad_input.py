@@ -1116,14 +1116,21 @@ def test_ctrl_c_is_held_back_only_where_python_lets_a_handler_be_set():
             signal.raise_signal(signal.SIGINT)
             raise RuntimeError("No space left on device")
     assert held == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    # Where Ctrl-C is ignored (a background job), what was held came from the command line's SIGTERM: sent to the
-    # ignoring handler put back, the stop was lost (a review); it is delivered as KeyboardInterrupt.
+    # Where Ctrl-C is ignored (a background job), a Ctrl-C held back stays ignored, but the command line's SIGTERM
+    # (stop_as_ctrl_c) stops: sent on as a SIGINT, it was lost (a review); held, it is delivered as KeyboardInterrupt.
+    from zerase_core.files import stop_as_ctrl_c
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        with ctrl_c_deferred():
+            signal.raise_signal(signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):
             with ctrl_c_deferred():
-                signal.raise_signal(signal.SIGINT)
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+                stop_as_ctrl_c()
+                done.append("held")
+        assert done[-1] == "held" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        with pytest.raises(KeyboardInterrupt):
+            stop_as_ctrl_c()  # outside a hold: at once
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     failed = []

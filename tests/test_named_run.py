@@ -43,8 +43,11 @@ def _train(folder, config, resume=False, stop_after=None, backend=None):
 def test_a_save_name_with_the_files_suffix_names_the_same_files_and_checkpoint(tmp_path):
     """"cat.safetensors" wrote cat's LoRA files but a checkpoint of its own: queued again with resume on under that
     natural spelling, a cancelled "cat" run trained from step 0 into cat_001 without a word (a review)."""
-    plain, suffixed = (NamedRun.plan(tmp_path, name, _config(), True) for name in ("cat", " cat.safetensors "))
-    assert (suffixed.name, suffixed.lora, suffixed.checkpoint) == (plain.name, plain.lora, plain.checkpoint)
+    plain, *others = (NamedRun.plan(tmp_path, name, _config(), True)
+                      for name in ("cat", " cat.safetensors ", "cat .safetensors"))
+    assert all((run.lora, run.checkpoint) == (plain.lora, plain.checkpoint) for run in others)
+    twice = NamedRun.plan(tmp_path, "cat.safetensors.safetensors", _config(), True)  # one suffix off, for both
+    assert (twice.lora.name, twice.checkpoint.name) == ("cat.safetensors.safetensors", "cat.safetensors.zerase-ckpt")
 
 
 def test_a_link_to_nothing_under_the_next_name_is_taken(tmp_path):

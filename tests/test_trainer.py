@@ -493,6 +493,11 @@ def test_a_ctrl_c_held_during_an_update_that_then_runs_out_of_memory_stops_the_r
     assert stepped == [1] and trainer.step == 2  # not taken again
     assert all(torch.equal(a, factors[k]) for k, (a, _) in trainer.export().factors.items())
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Where nothing would take the step again (checkpointing on), out of memory keeps its own message and advice.
+    trainer.checkpointing.can_retry = lambda: False
+    stepped.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train_step()
 
 
 def test_no_grad_preservation_changes_no_update(monkeypatch):

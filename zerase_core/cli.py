@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 from .config import CHECKPOINTING_MODES, PRESETS, XT_SOURCES, TrainConfig
 from .errors import STOPPED, ZEraseError
+from .files import stop_as_ctrl_c
 from .lagrangian import MODES
 from .lora import LoRAConfig
 
@@ -249,10 +250,7 @@ def _stops_as_ctrl_c() -> Iterator[None]:
 
 
 def _as_ctrl_c(signum: int, frame) -> None:
-    if callable(signal.getsignal(signal.SIGINT)):
-        signal.raise_signal(signal.SIGINT)  # to Ctrl-C's handler, held back while a stopped run writes its files
-    else:  # SIGINT ignored (a background job of a script): the stop must still stop
-        raise KeyboardInterrupt
+    stop_as_ctrl_c()  # held back, as Ctrl-C is, where a run holds it (from AdamW's update to the step's record)
 
 
 def _load_plugins() -> None:

@@ -18,7 +18,7 @@ from .config import TrainConfig
 from .errors import ZEraseError
 from .lora_file import ErasureLoRA, save_lora, save_new
 from .run_files import finished_lora, partial_lora
-from .save_names import name_from, path_inside, safe_output_path, saved_versions
+from .save_names import name_from, path_inside, safe_output_path, saved_versions, stem
 from .trainer import ZEraseTrainer
 
 # Beside the LoRAs (ComfyUI empties its temp folder at start-up), with a suffix no loader lists.
@@ -39,10 +39,10 @@ class NamedRun:
     @classmethod
     def plan(cls, folder: Path, save_name: str, config: TrainConfig, resume: bool) -> "NamedRun":
         """The run's names, checked before any work (a name that would leave ``folder`` is refused)."""
-        # as path_inside reads it: "cat.safetensors" names cat's files, so it must name cat's checkpoint too
-        name = (save_name.strip() or name_from(config.concept)).removesuffix(".safetensors")
+        name = save_name.strip() or name_from(config.concept)
+        # the checkpoint is named by the name's stem, as the LoRA's files are: "cat.safetensors" names cat's
         return cls(folder, name, config, resume, safe_output_path(folder, name),
-                   path_inside(folder / CHECKPOINTS, name, CHECKPOINT_SUFFIX))
+                   path_inside(folder / CHECKPOINTS, stem(name), CHECKPOINT_SUFFIX))
 
     def finished(self, backend: Backend) -> Path | None:
         """A file saved earlier under this name from exactly these settings on this very model, all steps done."""

@@ -62,14 +62,18 @@ def name_from(text: str, fallback: str = "zerase") -> str:
     return name if name.strip("_") else fallback
 
 
+def stem(name: str, suffix: str = ".safetensors") -> str:
+    """A typed save name as its files are named: around spaces and one trailing ``suffix`` off ("cat.safetensors ",
+    "cat .safetensors" and "cat" name one run)."""
+    return name.strip().removesuffix(suffix).strip()
+
+
 def path_inside(folder: str | os.PathLike, name: str, suffix: str) -> Path:
     """Exactly ``folder/name + suffix`` for a user-typed name, refused if it would leave ``folder``.
 
     Subfolders are allowed ("nsfw/nudity"); "..", absolute paths and odd characters are not.
     """
-    name = name.strip()
-    if name.endswith(suffix):
-        name = name[: -len(suffix)]
+    name = stem(name, suffix)
     parts = name.replace("\\", "/").split("/")
     if not name or os.path.isabs(name) or any(p in ("", ".", "..") or not _SAFE_NAME.fullmatch(p) for p in parts):
         raise ZEraseError(

@@ -35,7 +35,7 @@ from .apply import export_lora
 from .backends.base import Backend
 from .config import TrainConfig
 from .errors import ZEraseError
-from .files import ctrl_c_deferred
+from .files import ctrl_c_deferred, stops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .gradient_checkpointing import GradientCheckpointing, StepShape
 from .history import StepRecord, TrainResult, stored_series
@@ -374,7 +374,7 @@ class ZEraseTrainer:
             if undo is not None:
                 undo.restore()
             self.lambda_rule.load_state(lam_before)
-            if held and is_out_of_memory(err):  # train_step would take the step again, and the Ctrl-C was lost
+            if stops(held) and self._retried(err):  # taking the step again would lose the Ctrl-C held back
                 raise KeyboardInterrupt from err
             raise
         finally:
@@ -382,6 +382,11 @@ class ZEraseTrainer:
         if self.lambda_rule.observes_update:
             self.lambda_rule.observe(pr_before, pr_after)
         return lam, recomputed
+
+    def _retried(self, err: BaseException) -> bool:
+        """Whether :meth:`train_step` takes a step that failed with ``err`` again (out of memory under auto)."""
+        return (is_out_of_memory(err) and not isinstance(err, _OutOfMemoryInUpdate)
+                and self.checkpointing.can_retry())
 
     def _pr_before(self, l_pr: torch.Tensor, pr_value: float, batch: PrBatch) -> float:
         """L_pr of the step's batch before the update, measured as the after-update value will be."""
