@@ -74,11 +74,11 @@ def _atomic_write(path: Path, data: bytes, exclusive: bool = False) -> Path:
 
 
 # The lists of the ctrl_c_deferred bodies running now, innermost last: where stop_as_ctrl_c puts a stop it holds back.
-_HOLDING: list[list[int]] = []
+_HOLDING: list[list[int | str]] = []
 
 
 @contextmanager
-def ctrl_c_deferred(stopping: bool = False) -> Iterator[list[int]]:
+def ctrl_c_deferred(stopping: bool = False) -> Iterator[list[int | str]]:
     """Hold Ctrl-C (SIGINT) back while the body writes: pressed again while a stopped run saves what it has, it
     aborted that save, and the run's progress was lost. Held back, it is delivered once the body has ended, to the
     handler that was there (Python's raises KeyboardInterrupt; an ignoring one ignores it), so the user still stops;
@@ -93,7 +93,7 @@ def ctrl_c_deferred(stopping: bool = False) -> Iterator[list[int]]:
     """
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
-    held: list[int] = []
+    held: list[int | str] = []  # signal numbers, and the marks below
     if previous is None:
         yield held
         return
