@@ -1133,6 +1133,13 @@ def test_ctrl_c_is_held_back_only_where_python_lets_a_handler_be_set():
             stop_as_ctrl_c()  # outside a hold: at once
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Nested holds: a stop asked for after the inner one ended is the outer one's (removed by equality, the two empty
+    # lists were confused, and the outer's end raised ValueError).
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_deferred():
+            with ctrl_c_deferred():
+                pass
+            stop_as_ctrl_c()
     failed = []
 
     def worker():

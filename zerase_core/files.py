@@ -104,7 +104,7 @@ def ctrl_c_deferred(stopping: bool = False) -> Iterator[list[int | str]]:
     try:
         yield held
     finally:
-        _HOLDING.remove(held)
+        _HOLDING.pop()  # the innermost: bodies end in the order they began (remove() took the first equal list)
         signal.signal(signal.SIGINT, previous)  # handles a Ctrl-C still pending with ours first
     if stopping or not stops(held):
         return
