@@ -25,4 +25,3 @@ def decode(model, vae, latent: torch.Tensor) -> torch.Tensor:
     if vae is not None:
         return vae.decode(latent).cpu()  # render.to_pil, which every caller draws with, makes it RGB
     return latent_preview(model, latent)
-

@@ -8,7 +8,7 @@ from zerase_core.apply import check_applicable, install_lora
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend
 from zerase_core.lora_file import STRENGTH_MAX
 
-from .common import NONE, ErasureLoRAType, file_problem, file_state, lora_files, pick_lora, told_as
+from .common import NONE, ErasureLoRAType, checked_choice, file_state, lora_files, pick_lora, told_as
 
 NODE = "Apply Erasure LoRA"
 _UNLINKED = object()  # validate_inputs' erasure_lora when nothing is connected to it
@@ -65,9 +65,7 @@ class ApplyErasureLoRA(io.ComfyNode):
         """A file to read, or a LoRA linked, told when the prompt is queued. A linked input has no value yet (None
         here): a linked erasure_lora overrides the file, a linked lora_name is checked when the node runs. Taking
         lora_name here, the function replaces ComfyUI's own check that it is in the list."""
-        if erasure_lora is not _UNLINKED or lora_name is None:
-            return True
-        return file_problem(NODE, lora_name) or True
+        return True if erasure_lora is not _UNLINKED else checked_choice(NODE, lora_name)
 
     @classmethod
     def execute(cls, model, lora_name, strength, erasure_lora=None) -> io.NodeOutput:

@@ -30,6 +30,17 @@ def portable(name: str, sep: str = os.sep) -> str:
     return name.replace(sep, "/")
 
 
+def checked_choice(node: str, name: str | None) -> bool | str:
+    """``validate_inputs``' answer for a file choice: True, or why it cannot be read. A linked name has no value when
+    the prompt is queued (None) and is checked when the node runs."""
+    return name is None or file_problem(node, name) or True
+
+
+def node_id(node_class) -> str | None:
+    """The id of the node a V3 node class runs as (its hidden ``unique_id``), where its texts are shown."""
+    return getattr(node_class.hidden, "unique_id", None)
+
+
 def file_problem(node: str, name: str) -> str | None:
     """Why the file choice ``name`` cannot be read, or None. Told by the file nodes' ``validate_inputs`` when a
     prompt is queued (before the loaders read the model, minutes on Z-Image), and again when they run."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import SUBFOLDER, ErasureLoRAType, file_problem, file_state, lora_files, read_lora_file
+from .common import SUBFOLDER, ErasureLoRAType, checked_choice, file_state, lora_files, read_lora_file
 
 NODE = "Load Erasure LoRA"
 
@@ -38,7 +38,7 @@ class LoadErasureLoRA(io.ComfyNode):
     def validate_inputs(cls, lora_name) -> bool | str:
         """Told when the prompt is queued (this replaces ComfyUI's own check that the name is in the list); a linked
         name (None here: no value yet) is checked when the node runs."""
-        return lora_name is None or file_problem(NODE, lora_name) or True
+        return checked_choice(NODE, lora_name)
 
     @classmethod
     def execute(cls, lora_name) -> io.NodeOutput:

@@ -10,7 +10,7 @@ from zerase_core.errors import ZEraseError
 from zerase_core.lora_file import saved_or_new
 from zerase_core.merge import merge
 
-from .common import ErasureLoRAType, listed, output_folder, parse_list, show_text, told_as
+from .common import ErasureLoRAType, listed, node_id, output_folder, parse_list, show_text, told_as
 
 NODE = "Merge Erasure LoRAs"
 log = logging.getLogger(__name__)
@@ -63,5 +63,5 @@ class MergeErasureLoRAs(io.ComfyNode):
                 path, written = saved_or_new(merged, output_folder(), save_name)  # never over another file
                 text += f"; saved {listed(path)}" if written else f"; {listed(path)} holds this merge already"
                 log.info("Z-Erase: %s", text)
-        show_text(getattr(cls.hidden, "unique_id", None), text)  # seen on the node, wired onward or not
+        show_text(node_id(cls), text)  # seen on the node, wired onward or not
         return io.NodeOutput(merged, text)

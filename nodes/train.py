@@ -25,7 +25,7 @@ from zerase_core.xt_pool import PoolCancelled
 
 from . import _render
 from .apply_lora import apply_erasure
-from .common import ErasureLoRAType, check_vae, listed, output_folder, parse_list, show_text
+from .common import ErasureLoRAType, check_vae, listed, node_id, output_folder, parse_list, show_text
 
 NODE = "Z-Erase Train"
 TARGETS = ["q,k,v", "q,k", "q,v", "k,v", "q", "k", "v"]  # every subset; the paper's first
@@ -223,16 +223,16 @@ class ZEraseTrain(io.ComfyNode):
         config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
                               targets, resolution, seed, gradient_checkpointing, xt_source, probe.flow_shift)
         run = NamedRun.plan(output_folder(), save_name, config, resume)  # names checked before any work
-        node_id = getattr(cls.hidden, "unique_id", None)  # what it shows goes on this node (show_text)
+        shown_on = node_id(cls)  # what it shows goes on this node (show_text)
         finished = run.finished(probe)  # the file an earlier run of these settings saved, all steps done
         if finished is not None:
-            show_text(node_id, f"{listed(finished)}: a finished run of these settings on this model, reused")
+            show_text(shown_on, f"{listed(finished)}: a finished run of these settings on this model, reused")
             return _reused(cls, finished, probe, model, vae, config)
         run.check(probe, "Turn resume on to continue it; to start over instead, choose another save_name or delete "
                   "that file.")
         backend = ComfyZImageBackend.for_training(model, clip, node=NODE)
         with training_session(backend):
-            trainer, run = _trainer(backend, run, node_id)
+            trainer, run = _trainer(backend, run, shown_on)
             path = run.lora
             try:
                 result = trainer.run()
@@ -241,11 +241,11 @@ class ZEraseTrain(io.ComfyNode):
                     path = run.save(trainer.export())
                     log.warning("Z-Erase: training stopped at step %d; saved the last good LoRA to %s",
                                 trainer.step, path)
-                    show_text(node_id, f"stopped at step {trainer.step}; the LoRA so far: {listed(path)}")
+                    show_text(shown_on, f"stopped at step {trainer.step}; the LoRA so far: {listed(path)}")
                 raise
         if trainer.step > 0:  # a LoRA of zero steps is the base model: no file for it
             path = run.save(result.lora)
-            show_text(node_id, f"{'saved' if result.completed else 'cancelled; the LoRA so far'}: {listed(path)} "
+            show_text(shown_on, f"{'saved' if result.completed else 'cancelled; the LoRA so far'}: {listed(path)} "
                                f"({trainer.step} of {config.steps} steps)")  # its name may carry _001: Apply lists it
         if not result.completed:
             log.warning("Z-Erase: cancelled at step %d (LoRA so far saved when > 0: %s)", trainer.step, path)

@@ -270,10 +270,8 @@ class ZEraseTrainer:
         start = time.perf_counter()
         try:
             return self._step()
-        except _OutOfMemoryInUpdate:
-            raise
-        except torch.OutOfMemoryError:
-            if not self.checkpointing.can_retry():
+        except torch.OutOfMemoryError as err:
+            if not self._retried(err):
                 raise
         # Outside the except clause, whose traceback holds the failed forward's tensors: Python frees them here.
         # (What a failed backward leaves inside autograd's engine may outlive this; the retry's own backward
@@ -384,7 +382,8 @@ class ZEraseTrainer:
         return lam, recomputed
 
     def _retried(self, err: BaseException) -> bool:
-        """Whether :meth:`train_step` takes a step that failed with ``err`` again (out of memory under auto)."""
+        """Whether :meth:`train_step` takes a step that failed with ``err`` again: out of memory under auto, but not
+        inside AdamW's update, which may have moved part of the LoRA."""
         return (is_out_of_memory(err) and not isinstance(err, _OutOfMemoryInUpdate)
                 and self.checkpointing.can_retry())
 
