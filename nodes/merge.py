@@ -6,7 +6,6 @@ import logging
 
 from comfy_api.latest import io
 
-from zerase_core.errors import ZEraseError
 from zerase_core.lora_file import saved_or_new
 from zerase_core.merge import merge
 
@@ -16,13 +15,9 @@ NODE = "Merge Erasure LoRAs"
 log = logging.getLogger(__name__)
 
 
-def parse_weights(text: str, n: int) -> list[float] | None:
-    weights = parse_list(NODE, text, "weights", float)
-    if not weights:
-        return None  # 1/N each (paper App. F)
-    if len(weights) != n:
-        raise ZEraseError(f"{NODE}: {len(weights)} weights given for {n} connected LoRAs.")
-    return weights
+def parse_weights(text: str) -> list[float] | None:
+    """The typed weights; None when empty: 1/N each (paper App. F). merge() checks their count and range."""
+    return parse_list(NODE, text, "weights", float) or None
 
 
 class MergeErasureLoRAs(io.ComfyNode):
@@ -57,7 +52,7 @@ class MergeErasureLoRAs(io.ComfyNode):
     def execute(cls, lora_1, lora_2, weights, rank, save_name, lora_3=None, lora_4=None) -> io.NodeOutput:
         loras = [x for x in (lora_1, lora_2, lora_3, lora_4) if x is not None]
         with told_as(NODE):
-            merged, report = merge(loras, parse_weights(weights, len(loras)), rank or None)
+            merged, report = merge(loras, parse_weights(weights), rank or None)
             text = f"merged {len(loras)} LoRAs, rank {report.rank}, relative error {report.relative_error:.3g}"
             if save_name.strip():
                 path, written = saved_or_new(merged, output_folder(), save_name)  # never over another file

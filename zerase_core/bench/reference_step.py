@@ -1,6 +1,6 @@
 """A Z-Erase step done the way the official code does it: the benchmark's reference.
 
-Written from the paper's description and DESIGN.md §3 (not from the official source), on
+Written from the paper's description and the two backends' token layouts (not from the official source), on
 the same backend, LoRA, optimizer and λ rule as :class:`~zerase_core.trainer.ZEraseTrainer`,
 so that only the way the work is organised differs:
 

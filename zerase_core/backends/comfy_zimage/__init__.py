@@ -1,7 +1,7 @@
 """Backend for ComfyUI's Z-Image (``comfy.ldm.lumina.model.NextDiT`` with Z-Image modulation).
 
 ComfyUI is imported lazily, inside functions: ``import zerase_core`` works without it.
-Facts this relies on (ComfyUI v0.18.x, checked by running it; DESIGN §3):
+Facts this relies on (ComfyUI v0.18.x, checked by running it; README, "Token layout per call"):
 
 * the main-layer sequence is [caption | image]; the caption is padded to a multiple of
   ``pad_tokens_multiple`` (32), then the image tokens are padded the same way. The blocks

@@ -1,4 +1,5 @@
-"""Where caption and image tokens sit in NextDiT's main-layer sequence (DESIGN §3: [caption | image])."""
+"""Where caption and image tokens sit in NextDiT's main-layer sequence: [caption | image] (README, "Token layout
+per call")."""
 
 from __future__ import annotations
 
