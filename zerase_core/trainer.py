@@ -206,21 +206,7 @@ class ZEraseTrainer:
         if teacher is None:
             teacher = self.teacher_predictions(x_t, sigma, [er, *pr_prompts])
         want_mass = config.attn_weight > 0
-        n = len(pr_prompts)
-        v_pr = None
-        if self.lambda_rule.needs_pr_gradient():
-            # L_pr's gradient will count: every student prediction in one forward/backward.
-            prompts = [er, *pr_prompts]
-            v, mass = self.backend.velocity(
-                x_t.expand(n + 1, -1, -1, -1), sigma.expand(n + 1), prompts, lora=True,
-                concept_tokens=[tokens] + [[]] * n if want_mass else None, mass_layers=self.mass_layers,
-            )
-            v_er, v_pr, mass = v[:1], v[1:], (mass[:1] if want_mass else None)
-        else:
-            v_er, mass = self.backend.velocity(
-                x_t, sigma, [er], lora=True, concept_tokens=[tokens] if want_mass else None,
-                mass_layers=self.mass_layers,
-            )
+        v_er, v_pr, mass = self._student(er, tokens, pr_prompts, x_t, sigma, want_mass)
         batch = PrBatch(x_t, sigma, keep, Teacher.rows(teacher.to(v_er.device)))
         if v_pr is None:
             # λ = 0 is expected: L_pr's value is needed (for g̃), its graph is not. If λ turns out > 0 in this
@@ -232,6 +218,22 @@ class ZEraseTrainer:
         l_erase = loss_erase(v_er, batch.teacher.uncond, batch.teacher.concept, config.eta)
         l_attn = loss_attn(mass) if want_mass else l_erase.new_zeros(())
         return StepLosses(l_erase, l_attn, l_pr, batch)
+
+    def _student(self, er, tokens, pr_prompts, x_t, sigma, want_mass: bool):
+        """(v_{θ+Δθ}(x_t, c_er), the [∅, c_pr] predictions or None, c_er's attention mass or None) in one forward.
+
+        The [∅, c_pr] rows join c_er's only when L_pr's gradient is expected to count (λ > 0): every prediction
+        with a gradient then comes from one forward/backward. While λ = 0 only c_er's row runs here."""
+        if not self.lambda_rule.needs_pr_gradient():
+            v_er, mass = self.backend.velocity(x_t, sigma, [er], lora=True, mass_layers=self.mass_layers,
+                                               concept_tokens=[tokens] if want_mass else None)
+            return v_er, None, mass
+        n = len(pr_prompts)
+        v, mass = self.backend.velocity(
+            x_t.expand(n + 1, -1, -1, -1), sigma.expand(n + 1), [er, *pr_prompts], lora=True,
+            concept_tokens=[tokens] + [[]] * n if want_mass else None, mass_layers=self.mass_layers,
+        )
+        return v[:1], v[1:], (mass[:1] if want_mass else None)
 
     def _pr_loss(self, batch: PrBatch) -> torch.Tensor:
         """L_pr (Eq. 8) from the student's [∅, c_pr] predictions in one batched forward."""
@@ -354,20 +356,9 @@ class ZEraseTrainer:
                 pr_before = self._pr_before(l_pr, pr_value, batch)
                 undo = _OptimizerUndo(self.optimizer)  # the after-update forward below may still fail
             held = update_to_record.enter_context(ctrl_c_deferred())  # see _step; a failure after it still undoes
-            try:
-                with told_as_out_of_memory():
-                    self.optimizer.step()
-            except torch.OutOfMemoryError as err:
-                if undo is None:  # AdamW may have moved part of the LoRA: taking the step again would do it twice
-                    self.torn = True
-                    raise _OutOfMemoryInUpdate(str(err)) from err
-                raise
+            self._optimizer_step(undoable=undo is not None)
             if self.lambda_rule.observes_update:
-                with torch.no_grad():  # the same batch after the update: what d_t did to L_pr (Eq. 14)
-                    pr_after = self._pr_loss(batch).item()
-                if not math.isfinite(pr_before) or not math.isfinite(pr_after):  # else a NaN pair set λ to 0
-                    raise NonFiniteLoss(self._nan_message({"L_pr before the update": pr_before,
-                                                           "L_pr after it": pr_after}))
+                pr_after = self._pr_after(batch, pr_before)
         except BaseException as err:
             if undo is not None:
                 undo.restore()
@@ -380,6 +371,27 @@ class ZEraseTrainer:
         if self.lambda_rule.observes_update:
             self.lambda_rule.observe(pr_before, pr_after)
         return lam, recomputed
+
+    def _optimizer_step(self, undoable: bool) -> None:
+        """AdamW's update. Out of memory inside it, where nothing can undo it, marks the run torn and is not retried:
+        AdamW may have moved part of the LoRA, and taking the step again would move that part twice."""
+        try:
+            with told_as_out_of_memory():
+                self.optimizer.step()
+        except torch.OutOfMemoryError as err:
+            if not undoable:
+                self.torn = True
+                raise _OutOfMemoryInUpdate(str(err)) from err
+            raise
+
+    def _pr_after(self, batch: PrBatch, pr_before: float) -> float:
+        """L_pr of the same batch after the update: what d_t did to it (Eq. 14). A non-finite pair is refused (a NaN
+        in g̃ would set λ to 0 without a word)."""
+        with torch.no_grad():
+            pr_after = self._pr_loss(batch).item()
+        if not math.isfinite(pr_before) or not math.isfinite(pr_after):
+            raise NonFiniteLoss(self._nan_message({"L_pr before the update": pr_before, "L_pr after it": pr_after}))
+        return pr_after
 
     def _retried(self, err: BaseException) -> bool:
         """Whether :meth:`train_step` takes a step that failed with ``err`` again: out of memory under auto, but not
