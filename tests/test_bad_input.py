@@ -1098,7 +1098,7 @@ def test_ctrl_c_is_held_back_only_where_python_lets_a_handler_be_set():
     import signal
     import threading
 
-    from zerase_core.files import ctrl_c_deferred
+    from zerase_core.ctrl_c import ctrl_c_deferred
 
     done = []
     with pytest.raises(KeyboardInterrupt):
@@ -1118,7 +1118,7 @@ def test_ctrl_c_is_held_back_only_where_python_lets_a_handler_be_set():
     assert held == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     # Where Ctrl-C is ignored (a background job), a Ctrl-C held back stays ignored, but the command line's SIGTERM
     # (stop_as_ctrl_c) stops: sent on as a SIGINT, it was lost (a review); held, it is delivered as KeyboardInterrupt.
-    from zerase_core.files import stop_as_ctrl_c
+    from zerase_core.ctrl_c import stop_as_ctrl_c
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

@@ -11,16 +11,13 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from .config import CHECKPOINTING_MODES, PRESETS, XT_SOURCES, TrainConfig
 from .errors import STOPPED, ZEraseError
-from .files import stop_as_ctrl_c
+from .ctrl_c import other_stops_as_ctrl_c
 from .lagrangian import MODES
 from .lora import LoRAConfig
 
@@ -205,7 +202,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with _stops_as_ctrl_c():
+    with other_stops_as_ctrl_c():
         return _run(argv)
 
 
@@ -226,31 +223,6 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:  # outside a run's own handling: loading a model, a demo's measuring, a benchmark
         print(STOPPED, file=sys.stderr)
         return 130  # the shell's code for SIGINT
-
-
-@contextmanager
-def _stops_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM (``timeout``, ``docker stop``, a job scheduler) and SIGHUP (a closed terminal) take Ctrl-C's way while a
-    command runs: a stopped run saves its LoRA so far and its checkpoint and says how to resume. Left to the system
-    they ended the process at once, and the steps since the last checkpoint were lost (a review: 140 of 440). Only
-    where no one else set a handler (nohup's ignored SIGHUP stays ignored); put back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    kept = {}
-    for name in ("SIGTERM", "SIGHUP"):  # Windows has no SIGHUP
-        number = getattr(signal, name, None)
-        if number is not None and signal.getsignal(number) == signal.SIG_DFL:
-            kept[number] = signal.signal(number, _as_ctrl_c)
-    try:
-        yield
-    finally:
-        for number, handler in kept.items():
-            signal.signal(number, handler)
-
-
-def _as_ctrl_c(signum: int, frame) -> None:
-    stop_as_ctrl_c()  # held back, as Ctrl-C is, where a run holds it (from AdamW's update to the step's record)
 
 
 def _load_plugins() -> None:

@@ -1,5 +1,6 @@
-"""Atomic writes, safetensors metadata, what the file system allows, and Ctrl-C held back while a run's files are
-written: one way to put a file on disk.
+"""Atomic writes, safetensors metadata and what the file system allows: one way to put a file on disk.
+
+Ctrl-C held back while a run's files are written is in :mod:`.ctrl_c`.
 
 Save names users type (a node's ``save_name``) are in :mod:`.save_names`.
 """
@@ -9,12 +10,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
-import threading
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -71,64 +69,6 @@ def _atomic_write(path: Path, data: bytes, exclusive: bool = False) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-# The lists of the ctrl_c_deferred bodies running now, innermost last: where stop_as_ctrl_c puts a stop it holds back.
-_HOLDING: list[list[int | str]] = []
-
-
-@contextmanager
-def ctrl_c_deferred(stopping: bool = False) -> Iterator[list[int | str]]:
-    """Hold Ctrl-C (SIGINT) back while the body writes: pressed again while a stopped run saves what it has, it
-    aborted that save, and the run's progress was lost. Held back, it is delivered once the body has ended, to the
-    handler that was there (Python's raises KeyboardInterrupt; an ignoring one ignores it), so the user still stops;
-    unless ``stopping``: the caller is on its way out already, with what stopped it to tell, and a Ctrl-C asks for
-    nothing more. A stop asked for by :func:`stop_as_ctrl_c` is held alike and delivered as KeyboardInterrupt. A body
-    that raises goes on raising its own error, which ends the caller as the Ctrl-C would have; a caller that may take
-    the body again instead (a training step out of memory) asks :func:`stops` of the list given by ``as``.
-
-    Only in the main thread, the one Python runs signal handlers in and lets set them; elsewhere (ComfyUI runs nodes
-    in a worker thread and cancels them by other means) the body runs as it is. So does a handler not set from Python
-    (an embedding program's), which could not be put back.
-    """
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if main else None
-    held: list[int | str] = []  # signal numbers, and the marks below
-    if previous is None:
-        yield held
-        return
-    if previous == signal.SIG_IGN:
-        held.append(_IGNORED)  # a Ctrl-C held here would be ignored: stops() says so
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    _HOLDING.append(held)
-    try:
-        yield held
-    finally:
-        _HOLDING.pop()  # the innermost: bodies end in the order they began (remove() took the first equal list)
-        signal.signal(signal.SIGINT, previous)  # handles a Ctrl-C still pending with ours first
-    if stopping or not stops(held):
-        return
-    if _ASKED in held:
-        raise KeyboardInterrupt
-    signal.raise_signal(signal.SIGINT)  # to the handler put back; Python's raises KeyboardInterrupt here
-
-
-_IGNORED, _ASKED = "ignored", "asked"  # marks in a held list beside the signal numbers
-
-
-def stops(held: list) -> bool:
-    """Whether what a ctrl_c_deferred body held back stops its caller: a stop asked for, or a Ctrl-C not ignored."""
-    return _ASKED in held or (signal.SIGINT in held and _IGNORED not in held)
-
-
-def stop_as_ctrl_c() -> None:
-    """Stop as Ctrl-C does, for another signal (the command line's SIGTERM and SIGHUP): held back where a
-    ctrl_c_deferred body runs, else KeyboardInterrupt now. Sent as a SIGINT instead, it was ignored where Ctrl-C is (a
-    background job of a script), and the stop was lost."""
-    if _HOLDING:
-        _HOLDING[-1].append(_ASKED)
-    else:
-        raise KeyboardInterrupt
 
 
 def _publish_new(tmp: str, path: Path) -> None:

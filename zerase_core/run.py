@@ -14,7 +14,8 @@ from .backends.base import Backend
 from .config import TrainConfig
 from .checkpoint import check_run_files
 from .errors import ZEraseError
-from .files import atomic_write_text, check_writable, ctrl_c_deferred
+from .ctrl_c import ctrl_c_deferred
+from .files import atomic_write_text, check_writable
 from .history import TrainResult, loss_series
 from .lora_file import read_description, save_lora
 from .render import curves, save_png

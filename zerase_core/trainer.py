@@ -35,7 +35,7 @@ from .apply import export_lora
 from .backends.base import Backend
 from .config import TrainConfig
 from .errors import ZEraseError
-from .files import ctrl_c_deferred, stops
+from .ctrl_c import ctrl_c_deferred, stops
 from .checkpoint import load_checkpoint, save_checkpoint
 from .gradient_checkpointing import GradientCheckpointing, StepShape
 from .history import StepRecord, TrainResult, stored_series
