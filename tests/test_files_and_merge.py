@@ -235,6 +235,8 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     # ≤ 0 strengthens its concept: Apply refused it as "alpha", Load and Merge took it
     (dict(scale="0"), "'bad.safetensors': .*scale must be > 0 .*got 0[.] The file is damaged"),
     (dict(scale="-5"), "'bad.safetensors': .*scale must be > 0 .*got -5[.] The file is damaged"),
+    (dict(strength="-1"), "'bad.safetensors': .*strength must be > 0 and at most 20; got -1[.] .*The file is damaged"),
+    (dict(strength="0"), "'bad.safetensors': .*strength must be > 0 and at most 20; got 0[.] .*The file is damaged"),
     (dict(format="zerase-gated-lora-v2"), "metadata of format 'zerase-gated-lora-v2', where this pack reads .*update"),
     # no trained weight is an integer or a boolean: they were cast to float32 and applied
     (dict(tensors=lambda t: t | {"zerase.layers.0.k.A": t["zerase.layers.0.k.A"].to(torch.int8)}),
@@ -729,7 +731,7 @@ def test_merge_refuses_factors_that_do_not_fit_together_and_an_overflow():
     official = ErasureLoRA(_random_lora(KEYS, d_in=32, d_out=32).factors, source="official-z-erase")
     with pytest.raises(ZEraseError, match="layer 0 k maps 32→32 vs 64→64"):  # keys in order: (0, k) first
         merge_exact([_random_lora(KEYS), official])
-    strong = ErasureLoRA(_random_lora(KEYS).factors, strength=1e38)  # finite in float32, as a file may hold it
+    strong = ErasureLoRA(_random_lora(KEYS).factors, scale=1e38)  # finite in float32, as a file may hold it
     with pytest.raises(ZEraseError, match="overflows at layer 0 k"):
         merge_exact([strong, _random_lora(KEYS, seed=1)], [20.0, 1.0])
     with pytest.raises(ZEraseError, match="above 20"):  # the weights that overflowed before there was a bound

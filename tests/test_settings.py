@@ -39,6 +39,10 @@ def test_a_setting_of_the_wrong_type_is_refused_by_name(changes, message):
     (dict(sample_cfg=-5.0), r"sample_cfg must be ≥ 0"),
     (dict(attn_weight=-1.0), r"attn_weight must be ≥ 0"),  # would reward attention on the concept
     (dict(lambda_mode="fixed", fixed_lambda=-5.0), r"fixed_lambda must be ≥ 0"),  # was λ = 0, silently
+    # it multiplies ΔW: 0 trained nothing (no gradient), and the file of a negative one is refused after training
+    (dict(lora=LoRAConfig(strength=0.0)), r"lora\.strength must be > 0 and ≤ 20"),
+    (dict(lora=LoRAConfig(strength=-1.0)), r"lora\.strength must be > 0 and ≤ 20 .*got -1\.0"),
+    (dict(lora=LoRAConfig(strength=21.0)), r"lora\.strength must be > 0 and ≤ 20"),
     (dict(concept="\u200b"), r"The concept is empty"),  # a zero-width space: nothing a prompt shows
     (dict(preserve=("\u200e ",)), r"A preservation concept is empty"),
 ])
@@ -74,6 +78,11 @@ def test_an_erasure_lora_that_could_not_be_read_back_is_refused_when_made():
                              (dict(scale=1e20, strength=1e20), "their product 1e[+]40 must be finite numbers in"),
                              (dict(scale=0.0), "scale must be > 0"),  # alpha / rank: ≤ 0 would strengthen
                              (dict(scale=-1.0), "scale must be > 0 .*got -1"),
+                             # the pack writes 1: a negative one applied the erasure's opposite under the
+                             # concept's name, 0 nothing, and merges carried either past their weights' bounds
+                             (dict(strength=-1.0), "strength must be > 0 and at most 20; got -1"),
+                             (dict(strength=0.0), "strength must be > 0 and at most 20; got 0"),
+                             (dict(strength=1e30), "strength must be > 0 and at most 20; got 1e[+]30"),
                              (dict(concept=None), "concept must be a str"),
                              (dict(preserve=(1, 2)), "preserve must be a tuple of str")):
         with pytest.raises(ZEraseError, match=message):

@@ -14,6 +14,7 @@ from typing import Any
 from .errors import ZEraseError, shown
 from .lagrangian import MODES
 from .lora import LoRAConfig
+from .lora_file import STRENGTH_MAX
 from .prompts import EMPTY_CONCEPT, concept_words, is_blank
 from .seeds import SEED_RANGE, valid_seed
 from .typed import json_object, settle
@@ -116,7 +117,11 @@ class TrainConfig:
                   ("η (eta)", self.eta, self.eta >= 0, "≥ 0 (η < 0 would strengthen the concept, not erase it)"),
                   # < 0 would reward the attention on the concept (Eq. 6), or the rise of L_pr (Eq. 8)
                   ("attn_weight", self.attn_weight, self.attn_weight >= 0, "≥ 0 (0 switches L_attn off)"),
-                  ("fixed_lambda", self.fixed_lambda, self.fixed_lambda >= 0, "≥ 0 (0 switches L_pr off)"))
+                  ("fixed_lambda", self.fixed_lambda, self.fixed_lambda >= 0, "≥ 0 (0 switches L_pr off)"),
+                  # it multiplies ΔW in training and is stored in the file: 0 trains nothing (no gradient reaches
+                  # the LoRA), and a file is refused outside these bounds (lora_file.ErasureLoRA), after training
+                  ("lora.strength", self.lora.strength, 0 < self.lora.strength <= STRENGTH_MAX,
+                   f"> 0 and ≤ {STRENGTH_MAX:g} (1: as trained; Apply's strength scales it later)"))
         broken = [f"{name} must be {rule}; got {value}" for name, value, ok, rule in bounds if not ok]
         if broken:  # each named with its value: "--steps 0" is told as such
             raise ZEraseError("; ".join(broken) + ".")

@@ -77,6 +77,11 @@ class ErasureLoRA:
         if self.scale <= 0:  # alpha / rank of training, alpha > 0 (LoRAConfig): ≤ 0 would strengthen its concept
             raise ZEraseError(f"This erasure LoRA's scale must be > 0 (alpha / rank of its training); got "
                               f"{self.scale:g}.")
+        if not 0 < self.strength <= STRENGTH_MAX:  # the pack writes 1; another comes from the Python API or an edit
+            raise ZEraseError(f"This erasure LoRA's strength must be > 0 and at most {STRENGTH_MAX:g}; got "
+                              f"{self.strength:g}. A negative one would apply the opposite of the erasure under the concept's "
+                              "name, 0 nothing, and a merge would carry either into its file. Set strengths on Apply "
+                              "Erasure LoRA or as merge weights; the pack writes 1.")
         if self.scope not in _SCOPES.values():
             raise ZEraseError(f"Unknown LoRA scope {self.scope!r}; expected 'text' or 'all'.")
         for key, (a, b) in self.factors.items():
