@@ -679,6 +679,33 @@ def test_a_reranked_merge_says_in_its_file_that_it_approximates(tmp_path):
     assert kept.training["merged_from"] == merged.training["merged_from"] and report.relative_error > 0.1
 
 
+def test_a_merge_built_on_a_reranked_lora_keeps_the_record_of_its_loss(tmp_path):
+    """A merge is exact, so its own report says 0; it replaced its parts' training record, and a file built on a 67 %
+    re-rank said nothing of it (a review). Merged again, the record is carried on."""
+    lossy, report = rerank(merge_exact([_random_lora(KEYS, seed=s) for s in range(3)]), 3)
+    merged = load_lora(save_lora(merge_exact([lossy, _random_lora(KEYS, seed=5, concept="cow")]),
+                                 tmp_path / "on_lossy.safetensors"))
+    record = {"concept": lossy.concept, "rerank": {"rank": 3, "relative_error": pytest.approx(report.relative_error)}}
+    assert merged.training["lossy_parts"] == [record] and report.relative_error > 0.1
+    again = merge_exact([merged, _random_lora(KEYS, seed=6, concept="owl")])
+    assert again.training["lossy_parts"] == [record]
+    assert "lossy_parts" not in merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1)]).training
+
+
+def test_merge_refuses_a_part_that_does_not_fit_the_architecture_it_records():
+    """An official import records no architecture; with layers no other part has, nothing was compared, and the merge
+    wrote a file that said dim 64 and 2 layers while holding a 3840-wide layer 20 (refused only at Apply)."""
+    g = torch.Generator().manual_seed(0)
+    official = ErasureLoRA({(20, "q"): (torch.randn(4, 3840, generator=g), torch.randn(3840, 4, generator=g))},
+                           source="official-z-erase")
+    misfit = r"Cannot merge: layer 20 q \(3840 wide\) do not fit .*\(width 64, 2 layers\)"
+    with pytest.raises(ZEraseError, match=misfit):
+        merge_exact([_random_lora(KEYS), official])
+    fits = ErasureLoRA({(1, "q"): (torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g))},
+                       source="official-z-erase")
+    assert merge_exact([_random_lora(KEYS), fits]).layers == (0, 1)  # an official part that fits still merges
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_merge_refuses_weights_that_are_not_finite(bad):
     """A NaN weight would write a file every loader then refuses: refuse it at the merge, naming the weights."""

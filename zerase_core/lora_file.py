@@ -79,9 +79,9 @@ class ErasureLoRA:
                               f"{self.scale:g}.")
         if not 0 < self.strength <= STRENGTH_MAX:  # the pack writes 1; another comes from the Python API or an edit
             raise ZEraseError(f"This erasure LoRA's strength must be > 0 and at most {STRENGTH_MAX:g}; got "
-                              f"{self.strength:g}. A negative one would apply the opposite of the erasure under the concept's "
-                              "name, 0 nothing, and a merge would carry either into its file. Set strengths on Apply "
-                              "Erasure LoRA or as merge weights; the pack writes 1.")
+                              f"{self.strength:g}. A negative one would apply the opposite of the erasure under the "
+                              "concept's name, 0 nothing, and a merge would carry either into its file. Set strengths "
+                              "on Apply Erasure LoRA or as merge weights; the pack writes 1.")
         if self.scope not in _SCOPES.values():
             raise ZEraseError(f"Unknown LoRA scope {self.scope!r}; expected 'text' or 'all'.")
         for key, (a, b) in self.factors.items():
@@ -418,7 +418,7 @@ def check_fits(lora: ErasureLoRA, fingerprint: dict[str, Any], widths: dict[Key,
         trained = shown(str(lora.fingerprint.get("family", "another model")))
         raise ZEraseError(
             f"This erasure LoRA was made for a different architecture ({trained}) and does not fit this model: "
-            f"{_listed(problems)}. Use a LoRA trained on this model."
+            f"{listed_problems(problems)}. Use a LoRA trained on this model."
         )
     _check_ranks(lora)
 
@@ -430,10 +430,10 @@ def _check_ranks(lora: ErasureLoRA) -> None:
     over = [f"layer {i} {p}: rank {a.shape[0]} on a {a.shape[1]}→{b.shape[0]} projection"
             for (i, p), (a, b) in sorted(lora.factors.items()) if a.shape[0] > max_rank(a, b)]
     if over:
-        raise ZEraseError(f"This erasure LoRA's rank exceeds what its projections can hold ({_listed(over)}): a rank "
-                          "above min(in, out) of the matrix adds nothing (training refuses one). The file is damaged, "
-                          "or a merge of very many LoRAs: re-train or re-download it, or merge them again with a rank "
-                          "of at most min(in, out).")
+        raise ZEraseError(f"This erasure LoRA's rank exceeds what its projections can hold ({listed_problems(over)}): "
+                          "a rank above min(in, out) of the matrix adds nothing (training refuses one). The file is "
+                          "damaged, or a merge of very many LoRAs: re-train or re-download it, or merge them again "
+                          "with a rank of at most min(in, out).")
 
 
 def max_rank(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -441,6 +441,6 @@ def max_rank(a: torch.Tensor, b: torch.Tensor) -> int:
     return min(a.shape[1], b.shape[0])
 
 
-def _listed(problems: list[str]) -> str:
+def listed_problems(problems: list[str]) -> str:
     """The first six of ``problems``, then how many more."""
     return "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")

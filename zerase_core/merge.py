@@ -15,7 +15,7 @@ import torch
 
 from .prompts import concept_words
 from .errors import ZEraseError, shown
-from .lora_file import STRENGTH_MAX, ErasureLoRA, Key, differing_facts, max_rank
+from .lora_file import STRENGTH_MAX, ErasureLoRA, Key, differing_facts, listed_problems, max_rank
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,29 @@ def _same_base(loras: list[ErasureLoRA]) -> dict:
     return {"base": bases.pop()} if len(bases) == 1 and None not in bases else {}
 
 
+def _fits_agreed(factors: dict[Key, tuple[torch.Tensor, torch.Tensor]], fingerprint: dict) -> None:
+    """Every merged factor fits the architecture the merge records. An official import records none, so one made for
+    another model whose layers no other part has passed every comparison, and the file contradicted itself (refused
+    only at Apply, as the file's fault)."""
+    dim, n_layers = fingerprint.get("dim"), fingerprint.get("n_layers")
+    misfits = [f"layer {i} {p} ({a.shape[1]} wide)" for (i, p), (a, _) in sorted(factors.items())
+               if (isinstance(dim, int) and a.shape[1] != dim) or (isinstance(n_layers, int) and i >= n_layers)]
+    if misfits:
+        raise ZEraseError(f"Cannot merge: {listed_problems(misfits)} do not fit the model the other LoRAs were "
+                          f"trained on (width {dim}, {n_layers} layers), so a LoRA here was made for a different "
+                          "model. Merge only LoRAs trained on the same base model.")
+
+
+def _lossy_parts(loras: list[ErasureLoRA]) -> dict:
+    """The re-ranks inside the parts (their ``training.rerank``, and those their own parts had): the merge itself is
+    exact, and a file built on a lossy one still says so (``inspect`` shows it)."""
+    lossy = [{"concept": lora.concept, "rerank": lora.training["rerank"]} for lora in loras
+             if "rerank" in lora.training]
+    lossy += [part for lora in loras if isinstance(lora.training.get("lossy_parts"), list)
+              for part in lora.training["lossy_parts"]]
+    return {"lossy_parts": lossy} if lossy else {}
+
+
 def _same_widths(key: Key, loras: list[ErasureLoRA]) -> None:
     """The factors of one projection fit together (an official import records no architecture to compare)."""
     widths = {(lora.factors[key][0].shape[1], lora.factors[key][1].shape[0]) for lora in loras}
@@ -87,6 +110,7 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
                         "erasure.", shown(lora.concept))  # a shared file's text: no escape codes to the console
     fingerprint = _same_architecture(loras)
     factors = _concatenated(loras, weights)
+    _fits_agreed(factors, fingerprint)
     # What the merge preserves: every part's preservation concepts but those a part erases ("cat" keeping "dog"
     # merged with "dog" erases both); a part that is itself a merge erases each concept of its "a + b".
     concepts = list(dict.fromkeys(c for lora in loras for c in concepts_of(lora)))  # one LoRA twice: its own name
@@ -99,7 +123,8 @@ def merge_exact(loras: list[ErasureLoRA], weights: list[float] | None = None) ->
         preserve=tuple(dict.fromkeys(p for lora in loras for p in lora.preserve
                                      if tuple(concept_words(p)) not in erased)),
         fingerprint=fingerprint,
-        training={"merged_from": [lora.concept for lora in loras], "weights": weights} | _same_base(loras),
+        training={"merged_from": [lora.concept for lora in loras], "weights": weights} | _same_base(loras)
+        | _lossy_parts(loras),
         source="merge",
     )
 
