@@ -13,7 +13,7 @@ from zerase_core import render
 from zerase_core.backends.comfy_zimage import ComfyZImageBackend, as_tokenized, training_session
 from zerase_core.apply import install_lora
 from zerase_core.config import CHECKPOINTING_MODES, LR_RANGE, PRESETS, XT_SOURCES, TrainConfig
-from zerase_core.history import StepRecord, loss_series
+from zerase_core.history import StepRecord, loss_series, run_title
 from zerase_core.lora import LoRAConfig, targets_from
 from zerase_core.lora_file import load_lora
 from zerase_core.named_run import NamedRun
@@ -63,14 +63,9 @@ def _reused(cls, path: Path, backend: ComfyZImageBackend, model, vae, config) ->
     install_lora(backend, lora, name=backend.key)
     previews = _previews(backend, prompt, model, vae, config)
     steps = config.steps  # finished_lora takes only files with every step done
-    curves = render.curves(lora.history, title=f"{_title(config)}: {steps} steps\nreused: {listed(path)}", steps=steps)
+    title = f"{run_title(config)}: {steps} steps\nreused: {listed(path)}"
+    curves = render.curves(lora.history, title=title, steps=steps)
     return _outputs(cls, lora, curves, previews, model)
-
-
-def _title(config) -> str:
-    """The curves' title, trained or reused. The engine's warning of no preservation concepts goes to the console,
-    which ComfyUI users rarely read; the curves are shown on the node."""
-    return f"Z-Erase '{config.concept}'" + ("" if config.preserve else " (no preservation concepts)")
 
 
 def _outputs(cls, lora, curves, previews, model) -> io.NodeOutput:
@@ -250,11 +245,10 @@ class ZEraseTrain(io.ComfyNode):
         if not result.completed:
             log.warning("Z-Erase: cancelled at step %d (LoRA so far saved when > 0: %s)", trainer.step, path)
             mm.throw_exception_if_processing_interrupted()
-        switched = config.gradient_checkpointing == "auto" and trainer.checkpointing.from_step is not None
-        note = (f", checkpointing {backend.checkpointed_layers}/{backend.n_layers} layers from step "  # it is slower
-                f"{trainer.checkpointing.from_step} ({trainer.checkpointing.reason})") if switched else ""
+        note = trainer.checkpointing.auto_note()
+        note = f", {note}" if note else ""
         # the file's name on the curves too: v0.18.1's frontend shows no node text, and a taken name gets _001
-        curves = render.curves(loss_series(result.history), title=f"{_title(config)}: {len(result.history)} steps, "
-                                f"{result.seconds:.0f}s{note}\nsaved: {listed(path)}")
+        title = f"{run_title(config)}: {len(result.history)} steps, {result.seconds:.0f}s{note}\nsaved: {listed(path)}"
+        curves = render.curves(loss_series(result.history), title=title)
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)
         return _outputs(cls, result.lora, curves, previews, model)

@@ -1179,3 +1179,16 @@ def test_a_prompt_past_the_models_position_tables_is_refused_by_name(capsys):
     concept = " ".join(["cat"] * 250)
     assert main(["train", "--tiny", "--concept", concept, "--steps", "1"]) == 2
     assert "is 255 tokens; this model's position tables hold 224. Shorten the template" in capsys.readouterr().err
+
+
+def test_the_command_lines_curves_say_when_a_run_has_no_preservation_concepts(tmp_path, monkeypatch):
+    """The node's curves said so (the console's warning is easily missed) and the command line's did not: one title
+    for both (history.run_title)."""
+    from zerase_core import run
+    from zerase_core.run import PlannedRun, train_and_save
+
+    titles, real = [], run.curves
+    monkeypatch.setattr(run, "curves", lambda series, title="", **kw: titles.append(title) or real(series, title=title))
+    for folder, preserve in (("alone", ()), ("kept", ("blue",))):
+        train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=1, preserve=preserve), tmp_path / folder))
+    assert titles == ["Z-Erase 'red' (no preservation concepts): 1 steps", "Z-Erase 'red': 1 steps"]

@@ -44,6 +44,14 @@ class GradientCheckpointing:
         self.backend.set_gradient_checkpointing(self.backend.n_layers if layers is None else layers)
         self.from_step, self.reason = from_step, reason
 
+    def auto_note(self) -> str:
+        """What auto switched on, for a run's summary (it makes steps slower); "" where it checkpointed nothing."""
+        if self.mode != "auto" or self.from_step is None:
+            return ""
+        backend = self.backend
+        return (f"checkpointing {backend.checkpointed_layers}/{backend.n_layers} layers from step {self.from_step} "
+                f"({self.reason})")
+
     def before_step(self, step: int, shape: Callable[[], StepShape]) -> None:
         """auto's estimate, once, before the first step this trainer takes; not where a resumed run already
         checkpoints every layer because it ran out of memory."""

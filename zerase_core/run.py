@@ -16,7 +16,7 @@ from .checkpoint import check_run_files
 from .errors import ZEraseError
 from .ctrl_c import ctrl_c_deferred
 from .files import atomic_write_text, check_writable
-from .history import TrainResult, loss_series
+from .history import TrainResult, loss_series, run_title
 from .lora_file import read_description, save_lora
 from .render import curves, save_png
 from .run_lock import refuse_a_file
@@ -158,7 +158,7 @@ def _write_outputs(run: PlannedRun, result: TrainResult, trained: bool) -> None:
         save_lora(result.lora, run.lora)
         log.info("wrote %s", run.lora)
     if not (history_done and (run.folder / CURVES).exists()):
-        write_curves(result, run.folder / CURVES, f"Z-Erase '{run.config.concept}': {done} steps")
+        write_curves(result, run.folder / CURVES, f"{run_title(run.config)}: {done} steps")
     if not history_done:
         atomic_write_text(history, json.dumps([asdict(r) for r in result.history]))
 
