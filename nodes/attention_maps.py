@@ -54,19 +54,20 @@ class AttentionMapViewer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompt, words, sigmas, layer_start, layer_end, seed, latent=None, image=None,
                 vae=None, model_b=None) -> io.NodeOutput:
-        words = [as_tokenized(w) for w in parse_list(NODE, words, "words")]  # as the prompt is read: "\(cat\)"
-        sigma_list = parse_list(NODE, sigmas, "sigmas", float)
-        check_request(NODE, words, sigma_list)
-        backend = ComfyZImageBackend(model, clip, node=NODE)
-        check_vae(NODE, vae, backend.latent_channels)
-        span = layer_range(NODE, backend.n_layers, layer_start, layer_end)
-        other = None
-        if model_b is not None:  # refused before any forward of the first model, and under its input's name
-            other = ComfyZImageBackend(model_b, node=NODE_B)
-            check_comparable(NODE, backend.fingerprint(), other.fingerprint())
+        # Every check before any forward. The backends say which input they refuse (model_b's under its name); the
+        # rest is told under the node's.
+        other = None if model_b is None else ComfyZImageBackend(model_b, node=NODE_B)
         with told_as(NODE):
+            words = [as_tokenized(w) for w in parse_list(words, "words")]  # as the prompt is read: "\(cat\)"
+            sigma_list = parse_list(sigmas, "sigmas", float)
+            check_request(words, sigma_list)
+            backend = ComfyZImageBackend(model, clip, node=NODE)
+            check_vae(vae, backend.latent_channels)
+            span = layer_range(backend.n_layers, layer_start, layer_end)
+            if other is not None:
+                check_comparable(backend.fingerprint(), other.fingerprint())
             samples = _samples(latent, image, vae)
-            check_latent(NODE, samples, backend.latent_channels)
+            check_latent(samples, backend.latent_channels)
             (encoded,) = backend.encode([prompt])  # after the cheap checks: this runs the text encoder
             columns = [concept_token_indices(encoded, w, FIX, what="word") for w in words]
         x0 = backend.patcher.model.process_latent_in(samples.float()).cpu()

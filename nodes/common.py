@@ -103,12 +103,12 @@ def told_as(node: str) -> Iterator[None]:
         raise ZEraseError(f"{node}: {err}") from err
 
 
-def parse_list(node: str, text: str, what: str, cast=str) -> list:
+def parse_list(text: str, what: str, cast=str) -> list:
     """Comma-separated values of a text widget (';' too), each cast; empty items are skipped."""
     try:
         return [cast(t.strip()) for t in text.replace(";", ",").split(",") if t.strip()]
     except ValueError as err:
-        raise ZEraseError(f"{node}: {what} must be comma-separated values, e.g. '0.5, 0.5' ({err}).") from err
+        raise ZEraseError(f"{what} must be comma-separated values, e.g. '0.5, 0.5' ({err}).") from err
 
 
 def file_state(name: str):
@@ -137,11 +137,11 @@ def pick_lora(node: str, lora_name: str = NONE, erasure_lora: ErasureLoRA | None
     return erasure_lora if erasure_lora is not None else read_lora_file(lora_name, node)
 
 
-def check_vae(who: str, vae, channels: int) -> None:
+def check_vae(vae, channels: int) -> None:
     """A connected VAE that takes the model's latents, told before the node's work: another model's (SD's, 4
     channels) failed with torch's channel error only when it decoded, after Train had trained and the viewer had run
     its forwards."""
     found = getattr(vae, "latent_channels", None)  # ComfyUI's VAE says; anything else is left to its decode
     if vae is not None and found is not None and found != channels:
-        raise ZEraseError(f"{who}: this VAE takes {found}-channel latents and Z-Image's have {channels}: connect "
+        raise ZEraseError(f"this VAE takes {found}-channel latents and Z-Image's have {channels}: connect "
                           "Z-Image's VAE (ae.safetensors), or leave vae unconnected for a cheap preview.")

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def parse_weights(text: str) -> list[float] | None:
     """The typed weights; None when empty: 1/N each (paper App. F). merge() checks their count and range."""
-    return parse_list(NODE, text, "weights", float) or None
+    return parse_list(text, "weights", float) or None
 
 
 class MergeErasureLoRAs(io.ComfyNode):

@@ -25,7 +25,7 @@ from zerase_core.xt_pool import PoolCancelled
 
 from . import _render
 from .apply_lora import apply_erasure
-from .common import ErasureLoRAType, check_vae, listed, node_id, output_folder, parse_list, show_text
+from .common import ErasureLoRAType, check_vae, listed, node_id, output_folder, parse_list, show_text, told_as
 
 NODE = "Z-Erase Train"
 TARGETS = ["q,k,v", "q,k", "q,v", "k,v", "q", "k", "v"]  # every subset; the paper's first
@@ -39,7 +39,7 @@ def build_config(concept, preset, templates, preserve, steps, learning_rate, bet
         concept=as_tokenized(concept.strip()),
         preset=preset,
         templates=tuple(line.strip() for line in templates.splitlines() if line.strip()),
-        preserve=tuple(as_tokenized(p) for p in parse_list(NODE, preserve, "preservation concepts")),
+        preserve=tuple(as_tokenized(p) for p in parse_list(preserve, "preservation concepts")),
         steps=steps, lr=learning_rate, beta=beta, eta=eta,
         epsilon=None if epsilon < 0 else epsilon,
         height=resolution, width=resolution, seed=seed, gradient_checkpointing=gradient_checkpointing,
@@ -213,7 +213,8 @@ class ZEraseTrain(io.ComfyNode):
         import comfy.model_management as mm
 
         probe = ComfyZImageBackend(model, clip, node=NODE)  # a clone: the input's architecture, digest and shift
-        check_vae(NODE, vae, probe.latent_channels)
+        with told_as(NODE):
+            check_vae(vae, probe.latent_channels)
         # x_t on the σ schedule the model samples with (ModelSamplingAuraFlow's shift when it is patched)
         config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
                               targets, resolution, seed, gradient_checkpointing, xt_source, probe.flow_shift)

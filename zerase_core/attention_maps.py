@@ -17,19 +17,19 @@ from .layout import TokenLayout, pad_to_multiple
 from .prompts import EncodedPrompt
 
 
-def check_request(who: str, words: Sequence[str], sigmas: Sequence[float]) -> None:
+def check_request(words: Sequence[str], sigmas: Sequence[float]) -> None:
     """What a map request must hold before any model runs: a word and a noise level, each level in (0, 1]."""
     if not words or not sigmas:
-        raise ZEraseError(f"{who}: give at least one word and one noise level.")
+        raise ZEraseError("give at least one word and one noise level.")
     if any(not 0.0 < s <= 1.0 for s in sigmas):
-        raise ZEraseError(f"{who}: noise levels must lie in (0, 1]; got {list(sigmas)}.")
+        raise ZEraseError(f"noise levels must lie in (0, 1]; got {list(sigmas)}.")
 
 
-def layer_range(who: str, n_layers: int, start: int, end: int) -> range:
+def layer_range(n_layers: int, start: int, end: int) -> range:
     """Main layers ``start`` … ``end`` − 1 (``end`` < 0: to the last; past the last: cut there), refused when empty."""
     stop = n_layers if end < 0 else min(end, n_layers)
     if not 0 <= start < stop:
-        raise ZEraseError(f"{who}: layer range {start}..{end} is empty; the model has {n_layers} layers. Set "
+        raise ZEraseError(f"layer range {start}..{end} is empty; the model has {n_layers} layers. Set "
                           "layer_start below layer_end (which is exclusive; -1: to the last layer).")
     return range(start, stop)
 
@@ -41,21 +41,21 @@ def shown_share(latent_size: Sequence[int], patch: int) -> tuple[float, float]:
     return tuple(n / pad_to_multiple(n, patch) for n in latent_size)
 
 
-def check_comparable(who: str, ours: dict, theirs: dict) -> None:
+def check_comparable(ours: dict, theirs: dict) -> None:
     """A second model whose maps can be set beside the first's: the same architecture (``fingerprint``s), since the
     prompt is encoded once, for the first's caption width."""
     if theirs != ours:
-        raise ZEraseError(f"{who}: model_b is another architecture than model ({theirs} vs {ours}); compare two "
+        raise ZEraseError(f"model_b is another architecture than model ({theirs} vs {ours}); compare two "
                           "versions of one model, e.g. with and without an erasure LoRA.")
 
 
-def check_latent(who: str, samples: torch.Tensor, channels: int) -> None:
+def check_latent(samples: torch.Tensor, channels: int) -> None:
     """A latent batch the maps can be drawn over: at least one image of the model's latent channels, with pixels."""
     if samples.shape[0] == 0:
-        raise ZEraseError(f"{who}: the LATENT holds no image (batch size 0); connect one with at least one.")
+        raise ZEraseError("the LATENT holds no image (batch size 0); connect one with at least one.")
     if samples.ndim != 4 or samples.shape[1] != channels or 0 in samples.shape[2:]:
         raise ZEraseError(
-            f"{who}: the latent has shape {tuple(samples.shape)}; Z-Image's have {channels} channels. Make it with "
+            f"the latent has shape {tuple(samples.shape)}; Z-Image's have {channels} channels. Make it with "
             "EmptySD3LatentImage, or encode the image with Z-Image's VAE (ae.safetensors).")
 
 
