@@ -47,7 +47,7 @@ def file_problem(node: str, name: str) -> str | None:
     return _found(node, name)[1]
 
 
-def read_lora_file(name: str, node: str) -> ErasureLoRA:
+def read_lora_file(node: str, name: str) -> ErasureLoRA:
     path, problem = _found(node, name)
     if problem:
         raise ZEraseError(problem)
@@ -134,7 +134,7 @@ def output_folder() -> Path:
 
 def pick_lora(node: str, lora_name: str = NONE, erasure_lora: ErasureLoRA | None = None) -> ErasureLoRA:
     """The socket input wins over the file choice; one of them is needed."""
-    return erasure_lora if erasure_lora is not None else read_lora_file(lora_name, node)
+    return erasure_lora if erasure_lora is not None else read_lora_file(node, lora_name)
 
 
 def check_vae(vae, channels: int) -> None:

@@ -42,5 +42,5 @@ class LoadErasureLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name) -> io.NodeOutput:
-        lora = read_lora_file(lora_name, NODE)
+        lora = read_lora_file(NODE, lora_name)
         return io.NodeOutput(lora, lora.concept)

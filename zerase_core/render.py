@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import unicodedata
 from pathlib import Path
@@ -125,7 +126,8 @@ def curves(series: dict[str, list[float]], width: int = 640, panel_height: int =
         top = top_margin + k * panel_height
         bottom = top + panel_height - 18
         d.rectangle([left, top, right, bottom], outline=(160, 160, 160))
-        vals = [v for v in values if v == v]
+        # A NaN (a caller's gap; training records none) is skipped: the axis from min/max with it would be NaN.
+        vals = [v for v in values if not math.isnan(v)]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
         span = hi - lo or 1.0
         smooth = _smoothed(values, max(1, len(values) // 50))
@@ -134,7 +136,7 @@ def curves(series: dict[str, list[float]], width: int = 640, panel_height: int =
             return left + (right - left) * i / max(1, len(values) - 1), bottom - (bottom - top) * (v - lo) / span
 
         for line, fill, w in ((values, faint, 1), (smooth, colour, 2)):
-            pts = [point(i, v) for i, v in enumerate(line) if v == v]
+            pts = [point(i, v) for i, v in enumerate(line) if not math.isnan(v)]
             if len(pts) > 1:
                 d.line(pts, fill=fill, width=w)
         d.text((4, top), f"{hi:.3g}", fill=(90, 90, 90), font=_FONT)
