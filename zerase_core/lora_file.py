@@ -235,30 +235,35 @@ def load_lora(path: str | Path) -> ErasureLoRA:
         except ZEraseError as err:  # its factors' own complaint, which does not know the file
             raise ZEraseError(f"'{path.name}' has the official Z-Erase code's layout but cannot be used: {err} Export "
                               "it again from the official code.") from err
+    raise _not_a_lora(path, keys, meta)
+
+
+def _not_a_lora(path: Path, keys: list[str], meta: dict[str, str]) -> ZEraseError:
+    """Why a file that is neither a native nor an official Z-Erase LoRA is refused, by what it is instead."""
     from .checkpoint import KIND  # here: checkpoint.py imports this module
 
     if meta.get("kind") == KIND:
-        raise ZEraseError(f"'{path.name}' is a Z-Erase training checkpoint (for resuming a run), not a LoRA; use the "
-                          "run's LoRA file (erasure_lora.safetensors beside a command-line run's checkpoint; the "
-                          "node's under models/loras/zerase/).")
+        return ZEraseError(f"'{path.name}' is a Z-Erase training checkpoint (for resuming a run), not a LoRA; use the "
+                           "run's LoRA file (erasure_lora.safetensors beside a command-line run's checkpoint; the "
+                           "node's under models/loras/zerase/).")
     native = keys and all(_NATIVE.fullmatch(k) for k in keys)
     if native and "format" in meta:  # our tensors, described as another format: a later version's (or a tool's)
-        raise ZEraseError(f"'{path.name}' holds a Z-Erase LoRA's tensors with metadata of format "
-                          f"{shown(repr(meta['format']))}, where this pack reads {FORMAT!r}: update the Z-Erase pack "
-                          "to read it.")
+        return ZEraseError(f"'{path.name}' holds a Z-Erase LoRA's tensors with metadata of format "
+                           f"{shown(repr(meta['format']))}, where this pack reads {FORMAT!r}: update the Z-Erase pack "
+                           "to read it.")
     if native:  # re-saved by a tool that keeps tensors only (save_file)
-        raise ZEraseError(f"'{path.name}' holds a Z-Erase LoRA's tensors without its metadata (scale, concept, gate), "
-                          "so it cannot be applied as trained; it was re-saved by a tool that drops metadata. Use the "
-                          "file the training wrote, or re-train it.")
+        return ZEraseError(f"'{path.name}' holds a Z-Erase LoRA's tensors without its metadata (scale, concept, gate), "
+                           "so it cannot be applied as trained; it was re-saved by a tool that drops metadata. Use the "
+                           "file the training wrote, or re-train it.")
     if any(h in k for k in keys for h in _STOCK_HINTS):
-        raise ZEraseError(
+        return ZEraseError(
             f"'{path.name}' is an ordinary LoRA, not a Z-Erase erasure LoRA. Ordinary LoRAs act on every "
             "token; applied through the text-token gate they would be misused. Load it with ComfyUI's "
             "LoraLoader instead, or train an erasure LoRA (the Z-Erase Train node, or python -m zerase_core train)."
         )
-    raise ZEraseError(f"'{path.name}' is not a Z-Erase LoRA (no Z-Erase metadata and no known key layout): choose a "
-                      "LoRA saved by Z-Erase Train or Merge (in models/loras/zerase/; on the command line "
-                      "erasure_lora.safetensors) or one exported by the official Z-Erase code.")
+    return ZEraseError(f"'{path.name}' is not a Z-Erase LoRA (no Z-Erase metadata and no known key layout): choose a "
+                       "LoRA saved by Z-Erase Train or Merge (in models/loras/zerase/; on the command line "
+                       "erasure_lora.safetensors) or one exported by the official Z-Erase code.")
 
 
 def _finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
