@@ -66,6 +66,13 @@ class LoRAConfig:
         if self.layers is not None and not (0 <= self.layers[0] < self.layers[1]):
             raise ZEraseError(f"LoRA layer range must be [first, stop) with first < stop; got {self.layers}.")
 
+    def check_width(self, width: int | None) -> None:
+        """Refuse a rank above the model's width (None: the host cannot tell), beyond which a rank adds nothing: rank
+        10⁹ was an allocation failure after the x_t pool was sampled."""
+        if width is not None and self.rank > width:
+            raise ZEraseError(f"LoRA rank {self.rank} exceeds the model's width {width}, beyond which a rank adds "
+                              f"nothing; choose a rank ≤ {width} (the default is {LoRAConfig.rank}).")
+
     @property
     def scale(self) -> float:
         return (self.rank if self.alpha is None else self.alpha) / self.rank

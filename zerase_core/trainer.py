@@ -40,7 +40,6 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .gradient_checkpointing import GradientCheckpointing, StepShape
 from .history import StepRecord, TrainResult, stored_series
 from .lagrangian import direction, rule_for
-from .lora import LoRAConfig
 from .lora_file import ErasureLoRA
 from .objectives import loss_attn, loss_er, loss_erase, loss_pr, loss_total
 from .out_of_memory import is_out_of_memory, told_as_out_of_memory
@@ -120,10 +119,7 @@ class ZEraseTrainer:
     ):
         """``resume_from``: a checkpoint to continue, read before the x_t pool is sampled (minutes on the real model),
         which a run with every step done does not need."""
-        width = backend.fingerprint().get("dim")  # None where the host cannot tell
-        if width is not None and config.lora.rank > width:  # before any work: rank 10⁹ is an allocation failure later
-            raise ZEraseError(f"LoRA rank {config.lora.rank} exceeds the model's width {width}, beyond which a rank "
-                              f"adds nothing; choose a rank ≤ {width} (the default is {LoRAConfig.rank}).")
+        config.lora.check_width(backend.fingerprint().get("dim"))  # before any work
         self.latent_shape = backend.latent_shape(config.height, config.width)  # refuses a resolution before any work
         self.backend, self.config = backend, config
         self.callbacks, self.should_stop = list(callbacks), should_stop
