@@ -144,7 +144,11 @@ class DiffusersZImageBackend(Backend):
         self._blocked: torch.Tensor | None = None  # (B, L) key columns removed from attention
         self._row_groups: RowGroups | None = None  # rows of the running call with equal (x_t, σ); set per call
         self._zeroing: Callable[[Sequence[EncodedPrompt]], list[list[int]]] | None = None
-        # The newest backend over a transformer owns it: hooks and gated layers report to it.
+        self._take_over(transformer)
+
+    def _take_over(self, transformer: torch.nn.Module) -> None:
+        """The newest backend over a transformer owns it: its attention processors, noise refiners and gated layers
+        report to this one (an earlier backend's wrappers are re-pointed, not stacked)."""
         for i, layer in enumerate(transformer.layers):
             processor = layer.attention.processor
             if isinstance(processor, _WatchedProcessor):

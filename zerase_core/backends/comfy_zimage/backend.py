@@ -78,6 +78,11 @@ class ComfyZImageBackend(Backend):
         self.n_heads = int(unet["n_heads"])
         self.n_kv_heads = int(unet.get("n_kv_heads") or self.n_heads)
         self.cap_feat_dim = int(unet.get("cap_feat_dim", 0))
+        self._add_patches()
+
+    def _add_patches(self) -> None:
+        """The clone's own patches: the wrapper that tells the gate each call's layout, the callbacks that follow the
+        model when ComfyUI rebuilds or offloads it, and the noise refiners' row sharing."""
         from comfy.patcher_extension import CallbacksMP, WrappersMP
 
         self.patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, self.key, self.calls.diffusion_wrapper)
