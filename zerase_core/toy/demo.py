@@ -25,7 +25,7 @@ from ..run import CURVES, PlannedRun, every, train_and_save
 from ..run_lock import run_lock
 from ..sampling import preview_seed
 from .erasure_metrics import (
-    Concept, check_n_eval, erasure_report, generate, name_concept, parse_concept, prompt_sets, replace_word,
+    Concept, check_n_eval, erasure_report, generate_through, name_concept, parse_concept, prompt_sets, replace_word,
     weights_identity,
 )
 from .world import ATTRIBUTES, PROMPT_STYLES, Labels, make_prompt, random_labels
@@ -119,8 +119,8 @@ def comparison_grid(backend, bundle, concept: Concept, seed: int, n: int = 6):
     """Rows of (original | erased) at the same seed, the prompt as each row's caption."""
     _, named, _, other = prompt_sets(concept, n // 2, seed + 7)
     prompts = named + other
-    before = generate(backend, bundle, prompts, preview_seed(seed), lora=False)  # not the training noise
-    after = generate(backend, bundle, prompts, preview_seed(seed), lora=True)
+    before = generate_through(backend, bundle, prompts, preview_seed(seed), lora=False)  # not the training noise
+    after = generate_through(backend, bundle, prompts, preview_seed(seed), lora=True)
     cells = [[to_pil(b.permute(1, 2, 0)).resize((96, 96)), to_pil(a.permute(1, 2, 0)).resize((96, 96))]
              for b, a in zip(before, after)]
     return grid(cells, ["original", "erased"], row_labels=[p[:14] for p in prompts],
@@ -134,7 +134,7 @@ def attention_picture(backend, bundle, concept: Concept, seed: int):
     from ..render import word_map_rows
 
     words, prompts = map_words(concept, seed)
-    picture = generate(backend, bundle, prompts, preview_seed(seed), lora=False)  # (1, 3, 32, 32)
+    picture = generate_through(backend, bundle, prompts, preview_seed(seed), lora=False)  # (1, 3, 32, 32)
     (encoded,) = backend.encode(prompts)
     columns = [concept_token_indices(encoded, w) for w in words]
     x0 = bundle.to_latent(picture)
@@ -156,12 +156,12 @@ def map_words(concept: Concept, seed: int) -> tuple[list[str], list[str]]:
 def preview(backend, bundle, concept: Concept, seed: int, out: Path):
     """A training callback: the erased model on two prompts naming the concept, beside the original."""
     _, prompts, _, _ = prompt_sets(concept, 2, seed + 7)
-    original = generate(backend, bundle, prompts, preview_seed(seed), lora=False)
+    original = generate_through(backend, bundle, prompts, preview_seed(seed), lora=False)
 
     def show(record, trainer) -> None:
         # Made at the first preview: a run stopped before it leaves no folder that would refuse the next run.
         (out / PREVIEWS).mkdir(parents=True, exist_ok=True)
-        now = generate(backend, bundle, prompts, preview_seed(seed), lora=True)
+        now = generate_through(backend, bundle, prompts, preview_seed(seed), lora=True)
         cells = [[to_pil(o.permute(1, 2, 0)).resize((96, 96)), to_pil(n.permute(1, 2, 0)).resize((96, 96))]
                  for o, n in zip(original, now)]
         save_png(grid(cells, ["original", f"step {record.step}"], caption=" | ".join(prompts))[0],

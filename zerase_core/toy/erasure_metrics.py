@@ -116,8 +116,10 @@ def prompt_sets(concept: Concept, n: int, seed: int, style: str = "canonical"):
 
 
 @torch.no_grad()
-def generate(backend: Backend, bundle, prompts: list[str], seed: int, lora: bool, batch: int = 50) -> torch.Tensor:
-    """(N, 3, 32, 32) images with the toy's default sampler, through the engine (LoRA on or off)."""
+def generate_through(backend: Backend, bundle, prompts: list[str], seed: int, lora: bool,
+                     batch: int = 50) -> torch.Tensor:
+    """(N, 3, 32, 32) images with the toy's default sampler, through the engine's backend (LoRA on or off), as every
+    measurement is taken; ``zerase_core.toy.generate`` samples the bare transformer."""
     s = bundle.sampling
     sigmas = s.sigmas()
     uncond = backend.encode([s.negative_prompt])[0]
@@ -150,7 +152,7 @@ def erasure_report(backend: Backend, bundle, concept: Concept, n: int, seed: int
                    styles: tuple[str, ...] = ("canonical",)) -> dict[str, float]:
     """acc_e, acc_ir, h_a, fd for the model with the LoRA on or off; acc_e per extra prompt style."""
     named, named_prompts, other, other_prompts = prompt_sets(concept, n, seed)
-    images = generate(backend, bundle, named_prompts + other_prompts, seed, lora)
+    images = generate_through(backend, bundle, named_prompts + other_prompts, seed, lora)
     predicted = bundle.classifier.predict(images)
     pred_named = {a: p[:n] for a, p in predicted.items()}
     pred_other = {a: p[n:] for a, p in predicted.items()}
@@ -169,6 +171,7 @@ def erasure_report(backend: Backend, bundle, concept: Concept, n: int, seed: int
             continue
         m = max(1, n // 2)  # robustness sets are half size: they estimate acc_e alone
         _, prompts, _, _ = prompt_sets(concept, m, seed + 1, style)
-        predicted = bundle.classifier.predict(generate(backend, bundle, prompts, seed + 1, lora))[concept.attribute]
+        images = generate_through(backend, bundle, prompts, seed + 1, lora)
+        predicted = bundle.classifier.predict(images)[concept.attribute]
         report[f"acc_e_{style}"] = sum(v == concept.value for v in predicted) / m
     return report
