@@ -124,6 +124,24 @@ def test_pool_holds_the_frozen_teachers_predictions():
     assert torch.allclose(guided.x[0, 1], guided.x[0, 0] + step * (t_u + 2.0 * (t_c - t_u)), atol=1e-5)
 
 
+def test_the_pool_covers_every_erase_prompt_and_draws_preservation_prompts_from_all_of_d_pr():
+    """More erase prompts than trajectories (4 templates × 9 is 36 > the default 32): each still gets one; c_pr is
+    drawn per trajectory from all of D_pr; and the memory the pool is checked against is what it allocates (a
+    mutation audit found all three untested)."""
+    from zerase_core.xt_pool import pool_bytes
+
+    config = _config(templates=("a photo of a {} ball", "a {} car on a road"), preserve=("blue", "green", "tall"),
+                     shuffle_pool=2, xt_pool=2)
+    trainer = ZEraseTrainer(tiny_zimage_backend(), config)
+    xp, prompts = trainer.xt_pool, trainer.prompts
+    assert len(prompts.erase) == 6 and sorted(set(xp.erase_index)) == list(range(6)) and xp.trajectories == 6
+    many = ZEraseTrainer(tiny_zimage_backend(), _config(preserve=("blue", "green", "tall"), xt_pool=24)).xt_pool
+    assert set(many.keep_index) == set(range(3))
+    held = xp.x.numel() * xp.x.element_size() + xp.teacher.numel() * xp.teacher.element_size()
+    noise = xp.trajectories * xp.x[0, 0].numel() * 4  # each trajectory's starting noise, held while it is sampled
+    assert pool_bytes(xp.trajectories, xp.x.shape[1], xp.teacher.shape[2], xp.x.shape[2:]) == held + noise
+
+
 def test_cancel_while_the_pool_is_sampled():
     """Sampling the pool takes a while before step 1: should_stop is asked between trajectory batches."""
     asked = []

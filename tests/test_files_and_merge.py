@@ -13,7 +13,7 @@ from zerase_core.apply import export_lora, host_widths, install_lora
 from zerase_core.errors import ZEraseError
 from zerase_core.save_names import safe_output_path
 from zerase_core.lora_file import ErasureLoRA, check_fits, load_lora, save_lora
-from zerase_core.merge import merge, merge_exact, rerank
+from zerase_core.merge import MergeReport, merge, merge_exact, rerank
 
 
 def _random_lora(keys, d_in=64, d_out=64, rank=4, seed=0, scale=0.5, concept="red"):
@@ -670,6 +670,19 @@ def test_svd_rerank_reports_error_that_shrinks_with_rank():
     assert all(e1 > e2 for e1, e2 in zip(errors, errors[1:-1])) and errors[-1] < 1e-6
 
 
+def test_a_rerank_keeps_the_scale_it_is_given_and_a_rank_that_holds_all_is_no_rerank():
+    """rerank() is public: a trained file's ΔW carries its scale (alpha / rank), which the re-ranked factors must keep
+    (the merge path only ever hands it scale 1); a merge asked for the rank it already has is exact, and its file
+    must not say it approximates."""
+    lora = _random_lora(KEYS, rank=2, scale=0.5)
+    full, report = rerank(lora, 2)
+    for key in KEYS:
+        torch.testing.assert_close(full.delta_weight(key), lora.delta_weight(key), rtol=1e-5, atol=1e-6)
+    assert report.relative_error < 1e-6 and full.multiplier == 1.0
+    merged, report = merge([_random_lora(KEYS, rank=2), _random_lora(KEYS, rank=2, seed=1)], rank=4)
+    assert report == MergeReport(4, 0.0) and "rerank" not in merged.training
+
+
 def test_a_reranked_merge_says_in_its_file_that_it_approximates(tmp_path):
     """The relative error was printed once; the file itself did not tell that it is an approximation."""
     merged = merge_exact([_random_lora(KEYS, seed=s) for s in range(3)])
@@ -870,6 +883,16 @@ def test_an_applied_lora_adds_its_delta_weight_at_its_scale_and_strength():
         added = lora_set.slots[key].delta(key[1], x).double()
         expected = x.double() @ (2.0 * lora.delta_weight(key)).T  # delta_weight carries scale · strength
         assert torch.allclose(added, expected, rtol=1e-5, atol=1e-6)
+    # Apply's strength goes below 0 too (its widget: −20 … 20): the negated ΔW, not nothing
+    negative = install_lora(backend, lora, name="negative", multiplier=-1.0)
+    for key in [(0, "q"), (1, "v")]:
+        added = negative.slots[key].delta(key[1], x).double()
+        assert torch.allclose(added, x.double() @ (-lora.delta_weight(key)).T, rtol=1e-5, atol=1e-6)
+    # applied, not trained: frozen, so no graph is built for it (memory) and a LoRA trained on top leaves it alone
+    assert not any(p.requires_grad for p in lora_set.parameters())
+    v, _ = backend.velocity(torch.randn(1, *backend.latent_shape(64, 64)), torch.tensor([0.5]),
+                            backend.encode(["a red ball"]))
+    assert not v.requires_grad
 
 
 def test_a_merge_saved_again_under_its_name_is_the_file_it_wrote(tmp_path):

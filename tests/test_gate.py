@@ -161,6 +161,31 @@ def test_gated_layer_refuses_to_run_without_layout():
         layer(torch.randn(1, 3, 4))
 
 
+def test_a_layout_places_concept_columns_in_its_text_segment_and_refuses_what_lies_outside():
+    """diffusers' [image | caption]: a caption token's column is counted from the text segment's start, not from 0,
+    which is an image token (L_attn would then push the mass off an image token). Indices outside the caption, and a
+    layout whose segments overlap or an input of another shape, are refused: each would put a concept column or the
+    LoRA on an image token."""
+    from zerase_core.gate import TokenGate
+    from zerase_core.layout import TokenLayout
+
+    image_first = TokenLayout(8, ((4, 8),), ((0, 4),))
+    assert image_first.columns([[1]])[0].nonzero().flatten().tolist() == [5]
+    caption_first = TokenLayout(8, ((0, 4),), ((4, 8),))
+    assert caption_first.columns([[1]])[0].nonzero().flatten().tolist() == [1]
+    for layout, index in ((caption_first, 4), (image_first, 4), (image_first, -1)):
+        with pytest.raises(ValueError, match=f"caption token {index} lies outside the text segment"):
+            layout.columns([[index]])
+    with pytest.raises(ValueError, match="overlap"):
+        TokenLayout(8, ((0, 6),), ((4, 8),))
+    gate = TokenGate()
+    layer = GatedLoRALinear(torch.nn.Linear(4, 4), {"q": (0, 4)}, gate)
+    layer.add_adapter("a", ("q",), rank=1, scale=1.0)
+    with gate.active(TokenLayout(8, ((0, 4), (0, 4)), ((4, 8), (4, 8)))):
+        with pytest.raises(RuntimeError, match=r"input \(1, 16, 4\) does not match the layout \(batch 2, seq 8\)"):
+            layer(torch.randn(1, 16, 4))
+
+
 def test_ungated_ablation_changes_image_rows(tiny_backend):
     """scope='all' is the paper's naive fine-tuning: it must touch image rows (and the gate must not)."""
     lora_set = tiny_backend.install(LoRAConfig(rank=4, scope="all"))

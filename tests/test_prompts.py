@@ -188,3 +188,21 @@ def test_a_preservation_concept_around_the_concept_is_put_in_once():
     from zerase_core.prompts import preservation_text
 
     assert preservation_text("a photo of {}", "cat", "black cat") == "a photo of black cat"
+
+
+def test_every_prompt_of_the_pool_is_drawn_and_each_template_gets_its_shuffled_variants(tiny_backend):
+    """c_er ~ D_er and c_pr ~ D_pr (Algorithm 1): a draw that never reached the last erase prompt, or a pool one
+    shuffled variant short of ``shuffle_pool``, would train on less than the settings say (a mutation audit found
+    neither tested)."""
+    from zerase_core.config import TrainConfig
+    from zerase_core.prompt_pool import PromptPool, erase_texts
+
+    config = TrainConfig(concept="red", preserve=("blue", "green"), templates=("a photo of a {} ball on a table",
+                         "a {} car"), shuffle_pool=3, steps=1, height=64, width=64)
+    texts = erase_texts(config)
+    assert len(texts) == 2 * (1 + 3) and len(set(texts)) == len(texts)  # each template and its 3 shuffled variants
+    pool = PromptPool.build(tiny_backend, config)
+    rng = random.Random(0)
+    drawn = [pool.draw(rng) for _ in range(400)]
+    assert {p.text for p, _, _ in drawn} == set(texts)
+    assert {k.text for _, _, k in drawn} == {k.text for k in pool.keep} and len(pool.keep) == 4

@@ -44,6 +44,10 @@ def test_tags_keep_rows_apart():
     groups = RowGroups.of(x, torch.full((3,), 0.5), tags=[64, 32, 32])
     assert groups.first.tolist() == [0, 1] and groups.inverse.tolist() == [0, 1, 1]
     assert RowGroups.of(x[:2], torch.full((2,), 0.5), tags=[64, 32]) is None
+    # the trainer's own call, x_t and σ both expanded (no comparison at all): the tags still decide (a mutation audit
+    # found this path untested; without them the tiny model's ∅ and c_pr rows were off by 7e-2)
+    expanded = RowGroups.of(x, torch.full((1,), 0.5).expand(3), tags=[64, 32, 32])
+    assert expanded.first.tolist() == [0, 1] and expanded.inverse.tolist() == [0, 1, 1]
     copies = torch.cat([x[:1], x[:1].clone(), x[:1].clone()])  # the same values in separate rows: compared
     groups = RowGroups.of(copies, torch.full((3,), 0.5), tags=[32, 64, 32])
     assert groups.first.tolist() == [0, 1] and groups.inverse.tolist() == [0, 1, 0]
@@ -145,3 +149,16 @@ def test_captions_of_other_padded_lengths_are_not_shared_where_the_image_is_not_
     for hook in hooks:
         hook.remove()
     assert seen == [2] * len(backend.transformer.noise_refiner)
+
+
+def test_a_shared_refiner_runs_unshared_on_a_call_of_another_batch():
+    """The groups belong to the call that set them: a refiner call of another batch size (another model's call inside
+    it) runs as it is, not squeezed through groups made for other rows."""
+    from zerase_core.backends.row_sharing import SharedRowsForward
+
+    groups = RowGroups(torch.tensor([0]), torch.tensor([0, 0, 0]))  # three equal rows
+    shared = SharedRowsForward.around(lambda x: x * 2, lambda: groups)
+    x = torch.arange(4.0).reshape(2, 2)
+    assert shared(x).tolist() == [[0.0, 2.0], [4.0, 6.0]]
+    assert shared(torch.ones(3, 2)).tolist() == [[2.0, 2.0]] * 3  # the batch the groups were made for
+

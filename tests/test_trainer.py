@@ -966,6 +966,9 @@ def test_guidance_is_the_negative_prompt_plus_cfg_times_the_difference_also_in_e
     torch.testing.assert_close(x[0], pool.x[0, 2], rtol=1e-4, atol=1e-5)
     plain = euler(trainer.backend, pool.x[0, 0:1], pool.sigmas[:3], [erase])
     assert not torch.allclose(plain, x, atol=1e-3)
+    # a cfg below 1 (allowed: sample_cfg ≥ 0) guides too, toward the negative prompt, rather than sampling unguided
+    weak = euler(trainer.backend, pool.x[0, 0:1], pool.sigmas[:3], [erase], uncond=[prompts.uncond], cfg=0.5)
+    assert not torch.allclose(plain, weak, atol=1e-3) and not torch.allclose(weak, x, atol=1e-3)
 
 
 

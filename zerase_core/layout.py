@@ -125,7 +125,7 @@ class TokenLayout:
         for b, indices in enumerate(token_indices):
             start, end = self.text[b]
             for i in indices:
-                if not 0 <= start + i < end:
+                if not 0 <= i < end - start:  # a negative i too: from a text segment after the image, an image column
                     raise ValueError(f"caption token {i} lies outside the text segment of sample {b}")
                 out[b, start + i] = 1.0
         return out.to(device)
