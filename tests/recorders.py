@@ -7,8 +7,8 @@ def keeping_recorders(recorders: list):
     """A backend ``recorder_factory`` that also appends each MassRecorder it makes to ``recorders``."""
     from zerase_core.attention_mass import MassRecorder
 
-    def factory(*args):
-        recorders.append(MassRecorder(*args))
+    def factory(*args, **kwargs):
+        recorders.append(MassRecorder(*args, **kwargs))
         return recorders[-1]
 
     return factory

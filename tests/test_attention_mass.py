@@ -6,7 +6,7 @@ import pytest
 import torch
 from recorders import keeping_recorders
 
-from zerase_core.attention_mass import attention_with_mass, sdpa_attention
+from zerase_core.attention_mass import attention_with_mass, sdpa
 from zerase_core.errors import ZEraseError
 from zerase_core.lora import LoRAConfig
 
@@ -25,7 +25,7 @@ def test_one_widened_call_gives_the_attention_output_and_every_words_mass():
     scale = 0.3
     w_out, w_mass = torch.randn(2, 3, 24, 12, generator=g, dtype=torch.float64), torch.randn(3, 2, 3, 24, generator=g)
 
-    out, mass = attention_with_mass(sdpa_attention(keep[:, None, None, :]), q, k, v, columns, scale)
+    out, mass = attention_with_mass(sdpa, q, k, v, columns, scale, keep[:, None, None, :])
     probs = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1)
     ref_out = probs @ v
     ref_mass = torch.stack([(probs * c.double()[:, None, None, :]).sum(-1) for c in columns])  # (3, B, H, L)
@@ -47,7 +47,7 @@ def test_in_bf16_the_widened_call_is_as_accurate_as_the_stock_one():
     stock = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     columns = torch.zeros(1, 2, 256)
     columns[0, :, 200:210] = 1
-    ours, _ = attention_with_mass(sdpa_attention(), q, k, v, columns)
+    ours, _ = attention_with_mass(sdpa, q, k, v, columns)
     err_stock = (stock.double() - exact).abs().max()
     assert (ours.double() - exact).abs().max() <= 1.25 * err_stock
 
@@ -228,7 +228,7 @@ def test_a_map_request_is_checked_before_any_model_runs():
 def test_mass_recorder_averages_the_concept_mass_over_heads():
     """M3: MassRecorder.attend's per-query mass is the MEAN over heads of softmax(qkᵀ/√d)[:, concept columns],
     against a materialised softmax (heads made to differ, so max/sum/one head all miss by far more than 1e-5)."""
-    from zerase_core.attention_mass import MassRecorder, sdpa_attention
+    from zerase_core.attention_mass import MassRecorder, sdpa
 
     g = torch.Generator().manual_seed(0)
     b, h, n, d = 1, 4, 6, 8
@@ -237,8 +237,38 @@ def test_mass_recorder_averages_the_concept_mass_over_heads():
     columns[0, 1] = 1.0
     rows = torch.tensor([[0, 0, 1, 1, 1, 1]])
     recorder = MassRecorder(columns, rows)
-    recorder.attend(0, sdpa_attention(), q, k, v)
+    recorder.attend(0, sdpa, q, k, v)
     p = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1)[..., 1]  # (B, H, L)
     expected = (p.mean(dim=1) * rows).sum(dim=1) / rows.sum(dim=1)
     assert p.std(dim=1).mean() > 0.05  # heads really differ
     torch.testing.assert_close(recorder.result(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_without_concept_columns_are_attended_without_the_widened_heads():
+    """A training step's [c_er, ∅, c_pr]: only c_er's row has mass to measure, yet all three ran with heads widened
+    for the indicator channel (a quarter of their attention's cost at head size 32 on the CPU, a profile found). Now
+    the other rows are attended as the host attends: the same output and mass, the widened call on one row."""
+    from zerase_core.attention_mass import MassRecorder, sdpa
+    from zerase_core.backends.base import _leading_rows
+
+    cases = ([[3], [], []], [[3], [1], []], [[], [3]], [[3]], [[], []])
+    assert [_leading_rows(tokens) for tokens in cases] == [1, 2, None, 1, None]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 24, 32, generator=g) for _ in range(3))
+    columns, rows = torch.zeros(3, 24), torch.zeros(3, 24)
+    columns[0, 20], rows[:, :16] = 1.0, 1.0
+    mask = torch.ones(3, 1, 1, 24, dtype=torch.bool)
+    mask[1:, ..., 22:] = False  # shorter captions' padding: each row keeps its own mask
+    calls = []
+
+    def attention(q, k, v, scale, mask):
+        calls.append((q.shape[0], q.shape[-1]))
+        return sdpa(q, k, v, scale, mask)
+
+    whole, split = MassRecorder(columns, rows), MassRecorder(columns, rows, mass_rows=1)
+    out_whole = whole.attend(0, attention, q, k, v, None, mask)
+    out_split = split.attend(0, attention, q, k, v, None, mask)
+    assert calls == [(3, 40), (1, 40), (2, 32)]  # 32 + 1 indicator channel, aligned to 8; then each part
+    torch.testing.assert_close(out_split, out_whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(split.result(), whole.result(), atol=1e-7, rtol=0)
+    assert split.result()[1:].eq(0).all() and split.result()[0] > 0

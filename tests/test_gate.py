@@ -84,7 +84,11 @@ def test_attention_loss_queries_leave_image_padding_out(tiny_backend):
     assert layout.image == ((0, 64),) and layout.image_mask().sum() == 64
     assert layout.image_query_mask()[0, :36].all() and layout.image_query_mask().sum() == 36
     seen = []
-    tiny_backend.recorder_factory = lambda cols, rows, layers: seen.append(rows) or MassRecorder(cols, rows, layers)
+    def recorder(cols, rows, layers, **kw):
+        seen.append(rows)
+        return MassRecorder(cols, rows, layers, **kw)
+
+    tiny_backend.recorder_factory = recorder
     tiny_backend.velocity(torch.zeros(1, 4, 12, 12), torch.tensor([0.5]), enc, concept_tokens=[[0]])
     assert torch.equal(seen[0], layout.image_query_mask())
 

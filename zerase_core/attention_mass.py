@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from .layout import pad_to_multiple
 
-# An attention call on (B, H, L, D) q, k, v with an explicit softmax scale, returning (B, H, L, D):
-# the host's SDPA with its mask bound.
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# An attention call on (B, H, L, D) q, k, v with an explicit softmax scale and the host's mask (broadcastable to
+# (B, H, L, L), or None), returning (B, H, L, D): the host's SDPA.
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], torch.Tensor]
 
 CHANNEL_ALIGN = 8  # head sizes fused kernels accept: multiples of 8
 
@@ -32,19 +32,20 @@ def attention_with_mass(
     v: torch.Tensor,
     columns: torch.Tensor,
     scale: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention output and, per indicator, the mass each query puts on its columns.
 
     q, k, v: (B, H, L, D) as the host hands them to its kernel (after norms and RoPE).
     columns: (N, B, L) 0/1 indicators of key columns (N words, or 1 concept).
-    scale: the host's softmax scale if not the default 1/√D.
+    scale: the host's softmax scale if not the default 1/√D; mask: the host's attention mask.
     Returns out (B, H, L, D) and mass (N, B, H, L) float32.
     """
     n, d, dv = columns.shape[0], q.shape[-1], v.shape[-1]
     width = pad_to_multiple(max(d, dv + n), CHANNEL_ALIGN)
     indicators = columns.to(v.device, v.dtype).permute(1, 2, 0)[:, None].expand(-1, v.shape[1], -1, -1)
     value = torch.cat([v, indicators, v.new_zeros(*v.shape[:-1], width - dv - n)], dim=-1)  # (B, H, L, width)
-    out = attention(_widened(q, width), _widened(k, width), value, scale if scale is not None else d**-0.5)
+    out = attention(_widened(q, width), _widened(k, width), value, scale if scale is not None else d**-0.5, mask)
     return out[..., :dv], out[..., dv : dv + n].permute(3, 0, 1, 2).float()
 
 
@@ -54,9 +55,15 @@ def _widened(t: torch.Tensor, width: int) -> torch.Tensor:
     return t if extra == 0 else torch.cat([t, t.new_zeros(*t.shape[:-1], extra)], dim=-1)
 
 
-def sdpa_attention(attn_mask: torch.Tensor | None = None) -> Attention:
-    """torch's SDPA with a fixed mask, as an :data:`Attention`."""
-    return lambda q, k, v, scale: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """torch's SDPA as an :data:`Attention`."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def batch_rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """An attention mask for some rows of the batch: its rows, or itself where it is broadcast over the batch."""
+    return mask if mask is None or mask.shape[0] == 1 else mask[rows]
 
 
 class Recorder:
@@ -87,8 +94,8 @@ class Recorder:
         raise NotImplementedError
 
     def attend(self, layer: int, attention: Attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
-        """This layer's attention output, measured on the way. ``attention`` is the host's SDPA with its mask already
-        bound; ``attn_mask`` is given too for recorders that compute scores themselves (materialised maps)."""
+        """This layer's attention output, measured on the way. ``attention`` is the host's SDPA, called with
+        ``attn_mask`` (which recorders that compute scores themselves, materialised maps, apply too)."""
         raise NotImplementedError
 
 
@@ -97,12 +104,15 @@ class MassRecorder(Recorder):
 
     ``columns`` and ``query_rows`` are (B, L) masks for the batch being run; the loss is the
     mean over recorded layers of the per-sample mean over heads and image query rows. Rows
-    without concept columns (preservation prompts batched with the erase prompt) get mass 0.
-    Checkpointed layers reach it through :func:`checkpointed`.
+    without concept columns (preservation prompts batched with the erase prompt) get mass 0;
+    ``mass_rows``: how many leading rows have any (None: all), the rest are attended as the host
+    attends, without the widened heads. Checkpointed layers reach it through :func:`checkpointed`.
     """
 
-    def __init__(self, columns: torch.Tensor, query_rows: torch.Tensor, layers: set[int] | None = None):
+    def __init__(self, columns: torch.Tensor, query_rows: torch.Tensor, layers: set[int] | None = None,
+                 mass_rows: int | None = None):
         super().__init__(layers)
+        self.mass_rows = mass_rows
         self.columns = columns  # on the device the layers run on: no copy per layer
         self.query_rows = query_rows.float()
         self.n_queries = self.query_rows.sum(dim=1).clamp_min(1.0)  # (B,), once per call rather than per layer
@@ -112,9 +122,21 @@ class MassRecorder(Recorder):
 
     def attend(self, layer: int, attention: Attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
         """This layer's attention output; its mass on the concept columns is recorded on the way."""
-        out, mass = attention_with_mass(attention, q, k, v, self.columns[None].to(q.device), scale)
-        self.keep(layer, mass[0].mean(dim=1))
-        return out
+        b, r = q.shape[0], self.mass_rows
+        if r is None or r == b:
+            out, mass = attention_with_mass(attention, q, k, v, self.columns[None].to(q.device), scale, attn_mask)
+            self.keep(layer, mass[0].mean(dim=1))
+            return out
+        # The step's [c_er, ∅, c_pr]: only c_er's row has mass to measure. Widening the other two rows' heads cost a
+        # quarter of their attention (head size 32 → 40, CPU bench) to put mass 0 on no column.
+        head, tail = slice(0, r), slice(r, b)
+        out, mass = attention_with_mass(attention, q[head], k[head], v[head], self.columns[None, head].to(q.device),
+                                        scale, batch_rows(attn_mask, head))
+        rest = attention(q[tail], k[tail], v[tail], scale if scale is not None else q.shape[-1] ** -0.5,
+                         batch_rows(attn_mask, tail))
+        mass = mass[0].mean(dim=1)  # (r, L)
+        self.keep(layer, torch.cat([mass, mass.new_zeros(b - r, mass.shape[1])]))
+        return torch.cat([out, rest])
 
     def keep(self, layer: int, mass: torch.Tensor) -> None:
         """Record (B, L) per-query mass (mean over heads) as the per-sample mean over image queries."""

@@ -205,7 +205,14 @@ class Backend(ABC):
         if concept_tokens is None:
             return None
         return self.recorder_factory(layout.columns(concept_tokens, self.device), layout.image_query_mask(self.device),
-                                     mass_layers)
+                                     mass_layers, mass_rows=_leading_rows(concept_tokens))
+
+
+def _leading_rows(concept_tokens: list[list[int]]) -> int | None:
+    """How many leading rows have concept tokens, where none after them has (a training step's [c_er, ∅, c_pr]);
+    None (every row measured) otherwise. Read off the host's lists: no device sync."""
+    n = next((i for i, tokens in enumerate(concept_tokens) if not tokens), len(concept_tokens))
+    return n if n > 0 and not any(concept_tokens[n:]) else None
 
 
 def _resolve(root: nn.Module, path: str) -> tuple[nn.Module, str]:

@@ -19,7 +19,7 @@ import diffusers.models.transformers.transformer_z_image as z_image_module
 # Both segments are padded to the host's own multiple (32): read it from diffusers, do not restate it.
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF as SEQ_MULTIPLE
 
-from ..attention_mass import Recorder, checkpointed, sdpa_attention
+from ..attention_mass import Recorder, checkpointed, sdpa
 from ..errors import ZEraseError
 from ..gate import TokenGate
 from ..layout import TokenLayout, pad_to_multiple
@@ -61,11 +61,10 @@ class _AttentionCall:
         if self.blocked is not None:
             keep = ~self.blocked.to(q.device)[:, None, None, :]  # (B, 1, 1, L)
             attn_mask = keep if attn_mask is None else attn_mask & keep
-        attention = sdpa_attention(attn_mask)
         if self.recorder is not None and self.recorder.wants(self.layer):
-            out = self.recorder.attend(self.layer, attention, q, k, v, scale, attn_mask)
+            out = self.recorder.attend(self.layer, sdpa, q, k, v, scale, attn_mask)
         else:
-            out = attention(q, k, v, scale)
+            out = sdpa(q, k, v, scale, attn_mask)
         return out.transpose(1, 2)
 
 

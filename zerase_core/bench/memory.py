@@ -93,7 +93,7 @@ def attention_loss_bytes(image_tokens: int, text_tokens: int, heads: int, head_d
     Each is measured as everything autograd keeps for the layer's attention output plus its
     mass, minus what the attention output alone keeps.
     """
-    from ..attention_mass import MassRecorder, sdpa_attention
+    from ..attention_mass import MassRecorder, sdpa
     from .reference_step import MaterialisedMassRecorder
 
     tokens = image_tokens + text_tokens
@@ -101,7 +101,7 @@ def attention_loss_bytes(image_tokens: int, text_tokens: int, heads: int, head_d
     columns[0, image_tokens + 1] = 1.0  # one concept token in the caption
     rows = torch.zeros(1, tokens)
     rows[0, :image_tokens] = 1.0
-    attention = sdpa_attention()
+    attention = sdpa
 
     def kept(recorder_type) -> int:
         q, k, v = _qkv(tokens, heads, head_dim, dtype)

@@ -41,7 +41,7 @@ class MaterialisedMassRecorder(MassRecorder):
         probs = scores.softmax(dim=-1)  # the materialised map
         columns = self.columns.to(q.device, probs.dtype)[:, None, None, :]  # (B, 1, 1, L)
         self.keep(layer, (probs * columns).sum(dim=-1).float().mean(dim=1))
-        return attention(q, k, v, scale)  # output: the host's kernel
+        return attention(q, k, v, scale, attn_mask)  # output: the host's kernel
 
 
 @contextmanager

@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 
 
-def _comfy_sdpa(mask: torch.Tensor | None):
+def _comfy_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                mask: torch.Tensor | None) -> torch.Tensor:
     """ComfyUI's SDPA with an explicit scale, for the recorded layers' widened heads.
 
     ComfyUI's optimized attention functions take no scale (they use 1/√head size, wrong for
@@ -16,7 +17,7 @@ def _comfy_sdpa(mask: torch.Tensor | None):
     """
     import comfy.ops
 
-    return lambda q, k, v, scale: comfy.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return comfy.ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _differentiable() -> Callable:
@@ -64,7 +65,7 @@ def recording_override(inner: Callable | None, state: Callable[[], tuple], train
         if q.shape[2] != layout.seq_len:
             return run(q, k, v, heads, mask, **(kwargs | {"skip_reshape": True}))
         mask4 = _sdpa_mask(mask)  # the kernel and a recorder that computes scores itself see one mask
-        out = recorder.attend(int(layer), _comfy_sdpa(mask4), q, k, v, None, mask4)  # (B, H, L, D)
+        out = recorder.attend(int(layer), _comfy_sdpa, q, k, v, None, mask4)  # (B, H, L, D)
         if kwargs.get("skip_output_reshape", False):
             return out
         return out.transpose(1, 2).reshape(b, -1, heads * v.shape[-1])
