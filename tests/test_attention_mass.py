@@ -252,7 +252,7 @@ def test_rows_without_concept_columns_are_attended_without_the_widened_heads():
     from zerase_core.backends.base import _leading_rows
 
     cases = ([[3], [], []], [[3], [1], []], [[], [3]], [[3]], [[], []])
-    assert [_leading_rows(tokens) for tokens in cases] == [1, 2, None, 1, None]
+    assert [_leading_rows(tokens) for tokens in cases] == [1, 2, None, 1, 0]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, 24, 32, generator=g) for _ in range(3))
     columns, rows = torch.zeros(3, 24), torch.zeros(3, 24)
@@ -272,3 +272,8 @@ def test_rows_without_concept_columns_are_attended_without_the_widened_heads():
     torch.testing.assert_close(out_split, out_whole, atol=1e-6, rtol=0)
     torch.testing.assert_close(split.result(), whole.result(), atol=1e-7, rtol=0)
     assert split.result()[1:].eq(0).all() and split.result()[0] > 0
+    # ComfyUI runs ∅ alone when its caption pads shorter: a call without concept columns widens nothing
+    none = MassRecorder(torch.zeros(3, 24), rows, mass_rows=0)
+    calls.clear()
+    torch.testing.assert_close(none.attend(0, attention, q, k, v, None, mask), out_whole, atol=1e-6, rtol=0)
+    assert calls == [(3, 32)] and none.result().eq(0).all()

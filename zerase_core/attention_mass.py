@@ -130,13 +130,16 @@ class MassRecorder(Recorder):
         # The step's [c_er, ∅, c_pr]: only c_er's row has mass to measure. Widening the other two rows' heads cost a
         # quarter of their attention (head size 32 → 40, CPU bench) to put mass 0 on no column.
         head, tail = slice(0, r), slice(r, b)
-        out, mass = attention_with_mass(attention, q[head], k[head], v[head], self.columns[None, head].to(q.device),
-                                        scale, batch_rows(attn_mask, head))
-        rest = attention(q[tail], k[tail], v[tail], scale if scale is not None else q.shape[-1] ** -0.5,
-                         batch_rows(attn_mask, tail))
-        mass = mass[0].mean(dim=1)  # (r, L)
-        self.keep(layer, torch.cat([mass, mass.new_zeros(b - r, mass.shape[1])]))
-        return torch.cat([out, rest])
+        parts, masses = [], []
+        if r > 0:  # else a call of rows without concept columns (ComfyUI runs ∅ alone when its caption pads shorter)
+            out, mass = attention_with_mass(attention, q[head], k[head], v[head],
+                                            self.columns[None, head].to(q.device), scale, batch_rows(attn_mask, head))
+            parts, masses = [out], [mass[0].mean(dim=1)]
+        parts.append(attention(q[tail], k[tail], v[tail], scale if scale is not None else q.shape[-1] ** -0.5,
+                               batch_rows(attn_mask, tail)))
+        masses.append(q.new_zeros(b - r, q.shape[2], dtype=torch.float32))
+        self.keep(layer, torch.cat(masses) if r > 0 else masses[0])  # (B, L)
+        return torch.cat(parts) if r > 0 else parts[0]
 
     def keep(self, layer: int, mass: torch.Tensor) -> None:
         """Record (B, L) per-query mass (mean over heads) as the per-sample mean over image queries."""

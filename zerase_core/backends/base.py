@@ -209,10 +209,10 @@ class Backend(ABC):
 
 
 def _leading_rows(concept_tokens: list[list[int]]) -> int | None:
-    """How many leading rows have concept tokens, where none after them has (a training step's [c_er, ∅, c_pr]);
-    None (every row measured) otherwise. Read off the host's lists: no device sync."""
+    """How many leading rows have concept tokens, where none after them has (a training step's [c_er, ∅, c_pr]: 1;
+    a call of ∅ alone: 0); None (every row measured) otherwise. Read off the host's lists: no device sync."""
     n = next((i for i, tokens in enumerate(concept_tokens) if not tokens), len(concept_tokens))
-    return n if n > 0 and not any(concept_tokens[n:]) else None
+    return n if not any(concept_tokens[n:]) else None
 
 
 def _resolve(root: nn.Module, path: str) -> tuple[nn.Module, str]:
