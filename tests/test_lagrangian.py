@@ -83,3 +83,33 @@ def test_each_mode_asks_for_the_preservation_gradient_only_when_it_can_count():
     fixed = rules["fixed"]
     fixed.load_state({"value": 0.0, "previous_pr": None, "last_g": 0.0})  # a checkpoint cannot change a setting
     assert fixed.update(1.0) == 0.5
+
+
+def test_each_rule_is_built_with_the_settings_it_names():
+    """α is the learning rate (the Taylor step of Eq. 14), β the dual step, ε the preset's or the given one: swapped,
+    only one slow training test noticed (a mutation audit)."""
+    from zerase_core.config import TrainConfig
+    from zerase_core.lagrangian import ExactLambda, FixedLambda, PairedLambda, rule_for
+
+    def config(mode, **over):
+        return TrainConfig(concept="red", lambda_mode=mode, lr=2e-3, beta=0.3, epsilon=0.05, **over)
+
+    for mode, kind in (("paper", PaperLambda), ("paired", PairedLambda)):
+        rule = rule_for(config(mode))
+        assert type(rule) is kind and (rule.alpha, rule.beta, rule.epsilon) == (2e-3, 0.3, 0.05)
+    exact = rule_for(config("exact"))
+    assert type(exact) is ExactLambda and exact.epsilon == 0.05
+    fixed = rule_for(config("fixed", fixed_lambda=0.7))
+    assert type(fixed) is FixedLambda and fixed.value == 0.7
+
+
+def test_euler_steps_by_the_schedule_toward_sigma_zero():
+    """x_{k+1} = x_k + (σ_{k+1} − σ_k) v: with v = ε − x0 constant, from σ = 1 (noise) it lands on x0 at σ = 0."""
+    from zerase_core.sampling import flow_sigmas, integrate
+
+    x0, noise = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 0.25])
+    sigmas = flow_sigmas(4, 3.0).tolist()
+    assert sigmas[0] == 1.0 and sigmas[-1] == 0.0 and all(a > b for a, b in zip(sigmas, sigmas[1:]))
+    torch.testing.assert_close(integrate(lambda x, s: noise - x0, noise, sigmas), x0)
+    halfway = integrate(lambda x, s: noise - x0, noise, sigmas[:3])
+    torch.testing.assert_close(halfway, sigmas[2] * noise + (1 - sigmas[2]) * x0)
