@@ -10,37 +10,58 @@ SPLIT_ROWS = ("fresh_xt_mean", "teacher_fwd_b3", "teacher_fwd_b2", "student_er_f
 
 
 def table(result: dict) -> str:
-    """A readable summary of :func:`run`'s JSON."""
+    """A readable summary of :func:`run`'s JSON: a section per measurement."""
     lines = [f"device: {result['device']}", ""]
     for source in XT_SOURCES:
         lines += _source_lines(result["speed"], source)
-    lines += ["", "paper λ rule, step kinds weighed as on the toy: model  source  s/step  speedup  overhead"]
-    for r in result["speed"]:
+    lines += _weighted_lines(result["speed"]) + _split_lines(result["speed"])
+    lines += _memory_lines(result["attention_loss_memory"], result.get("real_zimage_memory_estimate"))
+    lines += _run_time_lines(result["real_zimage_run_time_estimate"])
+    return "\n".join(lines)
+
+
+def _weighted_lines(speed: list[dict]) -> list[str]:
+    """Seconds and ratios with the paper λ rule's step kinds weighed as on the toy."""
+    lines = ["", "paper λ rule, step kinds weighed as on the toy: model  source  s/step  speedup  overhead"]
+    for r in speed:
         for source in XT_SOURCES:
             w = r["paper_lambda_weighted"][source]
             lines.append(f"  {r['model']:<16} {r['image_tokens']:>5}  {source:<6} {w['seconds_per_step']:>8.3f}  "
                          f"{w['speedup_vs_reference']:>6.2f}×  {w['overhead_vs_gated_esd']:>6.2f}")
-    models = "  ".join(r["model"] + f"-{r['image_tokens']}" for r in result["speed"])
-    lines += ["", "cost split, s (median; x_t: mean over random levels): " + models]
+    return lines
+
+
+def _split_lines(speed: list[dict]) -> list[str]:
+    """Where a step's time goes, a column per model."""
+    models = "  ".join(r["model"] + f"-{r['image_tokens']}" for r in speed)
+    lines = ["", "cost split, s (median; x_t: mean over random levels): " + models]
     for part in SPLIT_ROWS:
-        lines.append(f"  {part:<24}" + "".join(f"{r['split_seconds'][part]:>12.4f}" for r in result["speed"]))
-    mem = result["attention_loss_memory"]
-    lines += ["", "attention loss, saved bytes per layer: image tokens  ours  materialised"]
+        lines.append(f"  {part:<24}" + "".join(f"{r['split_seconds'][part]:>12.4f}" for r in speed))
+    return lines
+
+
+def _memory_lines(mem: dict, estimate: dict | None) -> list[str]:
+    """The attention loss's saved bytes against materialised maps, and the real model's memory estimate if made."""
+    lines = ["", "attention loss, saved bytes per layer: image tokens  ours  materialised"]
     lines += [f"  {r['image_tokens']:>6}  {r['ours'] / 2**20:9.2f} MiB  {r['materialised'] / 2**20:9.2f} MiB"
               for r in mem["rows"]]
     g = mem["growth_exponent"]
     lines.append(f"  growth exponent: ours {g['ours']:.2f}, materialised {g['materialised']:.2f}")
-    est = result.get("real_zimage_memory_estimate")
-    if est:
+    if estimate:
         lines += ["", "real Z-Image (estimate): case  needs GiB  budget GB  fits"]
-        lines += [f"  {k:<20} {v['needs_gib']:>6.2f}  {v['budget_gb']:>4}  {v['fits']}" for k, v in est["fits"].items()]
-    t = result["real_zimage_run_time_estimate"]
+        lines += [f"  {k:<20} {v['needs_gib']:>6.2f}  {v['budget_gb']:>4}  {v['fits']}"
+                  for k, v in estimate["fits"].items()]
+    return lines
+
+
+def _run_time_lines(t: dict) -> list[str]:
+    """1000 steps at 512² on one H100, composed from the issue's figures."""
     comp = t["toy_lambda_fractions"]
     f = comp["fractions"]
-    lines += ["", f"1000 steps at 512² on one H100 (composed from the issue's H100 figures; λ step kinds from the toy: "
-                  f"batched {f['batched']:.2f}, recomputed {f['recomputed']:.2f}, λ=0 {f['lambda_zero']:.2f})",
-              "  config            minutes  (λ always 0 / always >0)  ESD min  overhead  ref min ≥  speedup ≥  "
-              "peak GB  ≤10 min"]
+    lines = ["", f"1000 steps at 512² on one H100 (composed from the issue's H100 figures; λ step kinds from the toy: "
+                 f"batched {f['batched']:.2f}, recomputed {f['recomputed']:.2f}, λ=0 {f['lambda_zero']:.2f})",
+             "  config            minutes  (λ always 0 / always >0)  ESD min  overhead  ref min ≥  speedup ≥  "
+             "peak GB  ≤10 min"]
     for k, r in comp["rows"].items():
         lo, hi = t["lambda_always_zero"]["rows"][k]["minutes"], t["lambda_always_positive"]["rows"][k]["minutes"]
         lines.append(f"  {k:<16} {r['minutes']:>8.1f}  ({lo:.1f} / {hi:.1f})  {r['gated_esd_minutes']:>14.1f}  "
@@ -50,8 +71,7 @@ def table(result: dict) -> str:
     lines.append(f"  the default settings ({d['xt_source']}, checkpointing auto) on {comp['memory_budget_gb']:g} GB "
                  f"checkpoint {d['checkpointed_layers']} of {d['of_layers']} layers: {d['minutes']:.1f} min, "
                  f"≤10 min {d['meets_10_min']}")
-    lines += [f"  {k}: {v}" for k, v in comp["assumptions"].items()]
-    return "\n".join(lines)
+    return lines + [f"  {k}: {v}" for k, v in comp["assumptions"].items()]
 
 
 def _source_lines(speed: list[dict], source: str) -> list[str]:
