@@ -54,16 +54,14 @@ class AttentionMapViewer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompt, words, sigmas, layer_start, layer_end, seed, latent=None, image=None,
                 vae=None, model_b=None) -> io.NodeOutput:
-        # Every check before any forward. The backends say which input they refuse (model_b's under its name); the
-        # rest is told under the node's.
-        other = None if model_b is None else ComfyZImageBackend(model_b, node=NODE_B)
-        with told_as(NODE):
+        with told_as(NODE):  # every check before any forward; model_b's backend tells its refusals by its name
             words = [as_tokenized(w) for w in parse_list(words, "words")]  # as the prompt is read: "\(cat\)"
             sigma_list = parse_list(sigmas, "sigmas", float)
             check_request(words, sigma_list)
             backend = ComfyZImageBackend(model, clip, node=NODE)
             check_vae(vae, backend.latent_channels)
             span = layer_range(backend.n_layers, layer_start, layer_end)
+            other = None if model_b is None else ComfyZImageBackend(model_b, node=NODE_B)
             if other is not None:
                 check_comparable(backend.fingerprint(), other.fingerprint())
             samples = _samples(latent, image, vae)

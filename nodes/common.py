@@ -98,7 +98,7 @@ def told_as(node: str) -> Iterator[None]:
     try:
         yield
     except ZEraseError as err:
-        if str(err).startswith(f"{node}:"):
+        if str(err).startswith(node):  # told by the node already, or by a backend under it ("… (model_b):")
             raise
         raise ZEraseError(f"{node}: {err}") from err
 

@@ -272,6 +272,11 @@ def test_rows_without_concept_columns_are_attended_without_the_widened_heads():
     torch.testing.assert_close(out_split, out_whole, atol=1e-6, rtol=0)
     torch.testing.assert_close(split.result(), whole.result(), atol=1e-7, rtol=0)
     assert split.result()[1:].eq(0).all() and split.result()[0] > 0
+    # a mask of fewer dimensions broadcasts over the batch: each part takes it whole, not cut along another axis
+    flat = torch.zeros(24, 24)
+    flat[:, 22:] = -1e4
+    torch.testing.assert_close(split.attend(0, sdpa, q, k, v, None, flat), whole.attend(0, sdpa, q, k, v, None, flat),
+                               atol=1e-6, rtol=0)
     # ComfyUI runs ∅ alone when its caption pads shorter: a call without concept columns widens nothing
     none = MassRecorder(torch.zeros(3, 24), rows, mass_rows=0)
     calls.clear()

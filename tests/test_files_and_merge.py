@@ -702,6 +702,9 @@ def test_a_merge_built_on_a_reranked_lora_keeps_the_record_of_its_loss(tmp_path)
     assert merged.training["lossy_parts"] == [record] and report.relative_error > 0.1
     again = merge_exact([merged, _random_lora(KEYS, seed=6, concept="owl")])
     assert again.training["lossy_parts"] == [record]
+    # a LoRA merged with itself, or with a merge holding it: each record once (the list doubled at every re-merge)
+    assert merge_exact([lossy, lossy]).training["lossy_parts"] == [record]
+    assert merge_exact([again, merged]).training["lossy_parts"] == [record]
     assert "lossy_parts" not in merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1)]).training
 
 

@@ -62,8 +62,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None 
 
 
 def batch_rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-    """An attention mask for some rows of the batch: its rows, or itself where it is broadcast over the batch."""
-    return mask if mask is None or mask.shape[0] == 1 else mask[rows]
+    """An attention mask for some rows of the batch: its rows, or itself where it is broadcast over the batch (fewer
+    than 4 dimensions broadcast from the right: none is the batch's)."""
+    return mask if mask is None or mask.ndim < 4 or mask.shape[0] == 1 else mask[rows]
 
 
 class Recorder:

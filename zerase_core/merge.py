@@ -7,6 +7,7 @@ Re-ranking truncates that product by SVD and reports the relative Frobenius erro
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -65,7 +66,7 @@ def _fits_agreed(factors: dict[Key, tuple[torch.Tensor, torch.Tensor]], fingerpr
     only at Apply, as the file's fault)."""
     dim, n_layers = fingerprint.get("dim"), fingerprint.get("n_layers")
     misfits = [f"layer {i} {p} ({a.shape[1]} wide)" for (i, p), (a, _) in sorted(factors.items())
-               if (isinstance(dim, int) and a.shape[1] != dim) or (isinstance(n_layers, int) and i >= n_layers)]
+               if (type(dim) is int and a.shape[1] != dim) or (type(n_layers) is int and i >= n_layers)]
     if misfits:
         raise ZEraseError(f"Cannot merge: {listed_problems(misfits)} do not fit the model the other LoRAs were "
                           f"trained on (width {dim}, {n_layers} layers), so a LoRA here was made for a different "
@@ -79,7 +80,9 @@ def _lossy_parts(loras: list[ErasureLoRA]) -> dict:
              if "rerank" in lora.training]
     lossy += [part for lora in loras if isinstance(lora.training.get("lossy_parts"), list)
               for part in lora.training["lossy_parts"]]
-    return {"lossy_parts": lossy} if lossy else {}
+    # Once each: a LoRA merged with itself, or with a merge that holds it, doubled the list at every re-merge.
+    unique = list({json.dumps(part, sort_keys=True): part for part in lossy}.values())
+    return {"lossy_parts": unique} if unique else {}
 
 
 def _same_widths(key: Key, loras: list[ErasureLoRA]) -> None:
