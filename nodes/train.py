@@ -212,20 +212,21 @@ class ZEraseTrain(io.ComfyNode):
                 xt_source=TrainConfig.xt_source, vae=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        probe = ComfyZImageBackend(model, clip, node=NODE)  # a clone: the input's architecture, digest and shift
-        with told_as(NODE):
+        with told_as(NODE):  # every refusal before the work under the node's name, as the other nodes' are
+            probe = ComfyZImageBackend(model, clip, node=NODE)  # a clone: the input's architecture, digest and shift
             check_vae(vae, probe.latent_channels)
-        # x_t on the σ schedule the model samples with (ModelSamplingAuraFlow's shift when it is patched)
-        config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon, rank,
-                              targets, resolution, seed, gradient_checkpointing, xt_source, probe.flow_shift)
-        run = NamedRun.plan(output_folder(), save_name, config, resume)  # names checked before any work
+            # x_t on the σ schedule the model samples with (ModelSamplingAuraFlow's shift when it is patched)
+            config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon,
+                                  rank, targets, resolution, seed, gradient_checkpointing, xt_source, probe.flow_shift)
+            run = NamedRun.plan(output_folder(), save_name, config, resume)  # names checked before any work
+            finished = run.finished(probe)  # the file an earlier run of these settings saved, all steps done
+            if finished is None:
+                run.check(probe, "Turn resume on to continue it; to start over instead, choose another save_name or "
+                          "delete that file.")
         shown_on = node_id(cls)  # what it shows goes on this node (show_text)
-        finished = run.finished(probe)  # the file an earlier run of these settings saved, all steps done
         if finished is not None:
             show_text(shown_on, f"{listed(finished)}: a finished run of these settings on this model, reused")
             return _reused(cls, finished, probe, model, vae, config)
-        run.check(probe, "Turn resume on to continue it; to start over instead, choose another save_name or delete "
-                  "that file.")
         backend = ComfyZImageBackend.for_training(model, clip, node=NODE)
         with training_session(backend):
             trainer, run = _trainer(backend, run, shown_on)

@@ -256,8 +256,11 @@ def test_train_outputs_and_files(pack, loras_dir):
     assert load_lora(loras_dir / "zerase" / "shifted.safetensors").training["shift"] == 6.0
     with pytest.raises(ZEraseError, match="not allowed|leave"):
         train.execute(model=model, clip=clip, **_train_inputs(save_name="../escape"))
-    with pytest.raises(ZEraseError, match="concept is empty"):
+    with pytest.raises(ZEraseError, match="^Z-Erase Train: The concept is empty"):
         train.execute(model=model, clip=clip, **_train_inputs(concept="  ", save_name="x"))
+    # the settings' refusals under the node's name, as every other refusal of the pack's nodes (they had none)
+    with pytest.raises(ZEraseError, match="^Z-Erase Train: The learning rate must be between"):
+        train.execute(model=model, clip=clip, **_train_inputs(learning_rate=5.0, save_name="x"))
     with pytest.raises(ZEraseError, match="not Z-Image"):
         train.execute(model=tiny_lumina2(comfy), clip=clip, **_train_inputs(save_name="y"))
 
