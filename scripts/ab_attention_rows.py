@@ -1,7 +1,7 @@
 """Same-process A/B of the attention-mass rows: the widened attention on every batch row (as before aebbb3e) against
 only the rows with concept columns (now), pool steps at λ > 0 on the tiny diffusers Z-Image of ``bench-cost``.
 
-    python scripts/ab_attention_rows.py --resolution 512 --rounds 6 --out docs/bench/attention_rows/ab_1024.json
+    python scripts/ab_attention_rows.py --resolution 512 --rounds 6 --out docs/bench/attention_rows/ab_1024_tokens.json
 
 Rounds alternate which side runs first; the times are CPU seconds (``time.process_time``), steadier than wall time on
 a shared machine. Prints one line per round and the median ratio (now ÷ before; below 1 is faster).

@@ -119,7 +119,8 @@ class TrainConfig:
                   ("attn_weight", self.attn_weight, self.attn_weight >= 0, "≥ 0 (0 switches L_attn off)"),
                   ("fixed_lambda", self.fixed_lambda, self.fixed_lambda >= 0, "≥ 0 (0 switches L_pr off)"),
                   # it multiplies ΔW in training and is stored in the file: 0 trains nothing (no gradient reaches
-                  # the LoRA), and a file is refused outside these bounds (lora_file.ErasureLoRA), after training
+                  # the LoRA), and outside these bounds the trained LoRA (lora_file.ErasureLoRA) is refused, after
+                  # the run
                   ("lora.strength", self.lora.strength, 0 < self.lora.strength <= STRENGTH_MAX,
                    f"> 0 and ≤ {STRENGTH_MAX:g} (1: as trained; Apply's strength scales it later)"))
         broken = [f"{name} must be {rule}; got {value}" for name, value, ok, rule in bounds if not ok]
