@@ -714,7 +714,8 @@ def test_merge_refuses_a_part_that_does_not_fit_the_architecture_it_records():
     g = torch.Generator().manual_seed(0)
     official = ErasureLoRA({(20, "q"): (torch.randn(4, 3840, generator=g), torch.randn(3840, 4, generator=g))},
                            source="official-z-erase")
-    misfit = r"Cannot merge: layer 20 q \(3840 wide\) do not fit .*\(width 64, 2 layers\)"
+    misfit = (r"Cannot merge: a LoRA here was made for a different model .*\(width 64, 2 layers\); it does not fit at "
+              r"layer 20 q \(3840 wide\)\.")
     with pytest.raises(ZEraseError, match=misfit):
         merge_exact([_random_lora(KEYS), official])
     fits = ErasureLoRA({(1, "q"): (torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g))},

@@ -68,9 +68,9 @@ def _fits_agreed(factors: dict[Key, tuple[torch.Tensor, torch.Tensor]], fingerpr
     misfits = [f"layer {i} {p} ({a.shape[1]} wide)" for (i, p), (a, _) in sorted(factors.items())
                if (type(dim) is int and a.shape[1] != dim) or (type(n_layers) is int and i >= n_layers)]
     if misfits:
-        raise ZEraseError(f"Cannot merge: {listed_problems(misfits)} do not fit the model the other LoRAs were "
-                          f"trained on (width {dim}, {n_layers} layers), so a LoRA here was made for a different "
-                          "model. Merge only LoRAs trained on the same base model.")
+        raise ZEraseError(f"Cannot merge: a LoRA here was made for a different model than the others were trained on "
+                          f"(width {dim}, {n_layers} layers); it does not fit at {listed_problems(misfits)}. Merge "
+                          "only LoRAs trained on the same base model.")
 
 
 def _lossy_parts(loras: list[ErasureLoRA]) -> dict:
