@@ -2,6 +2,7 @@
 only the rows with concept columns (now), pool steps at λ > 0 on the tiny diffusers Z-Image of ``bench-cost``.
 
     python scripts/ab_attention_rows.py --resolution 512 --rounds 6 --out docs/bench/attention_rows/ab_1024_tokens.json
+    python scripts/ab_attention_rows.py --toy --rounds 8          # bench-cost's toy row (64 image tokens)
 
 Rounds alternate which side runs first; the times are CPU seconds (``time.process_time``), steadier than wall time on
 a shared machine. Prints one line per round and the median ratio (now ÷ before; below 1 is faster).
@@ -10,6 +11,7 @@ a shared machine. Prints one line per round and the median ratio (now ÷ before;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -21,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zerase_core.backends import base  # noqa: E402
-from zerase_core.bench.cost import base_config  # noqa: E402
+from zerase_core.bench.cost import _toy_case, base_config  # noqa: E402
 from zerase_core.tiny import TinyZImageConfig, tiny_zimage_backend  # noqa: E402
 from zerase_core.trainer import ZEraseTrainer  # noqa: E402
 
@@ -40,14 +42,20 @@ def seconds_per_step(trainer: ZEraseTrainer, rows_only: bool, steps: int) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--toy", action="store_true", help="bench-cost's toy row instead of the tiny Z-Image")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=3, help="steps per side per round")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = base_config(height=args.resolution, width=args.resolution, xt_pool=2, lambda_mode="fixed",
-                         fixed_lambda=1.0)
-    trainer = ZEraseTrainer(tiny_zimage_backend(TinyZImageConfig(dim=128, n_heads=4)), config)
+    pinned = dict(xt_pool=2, lambda_mode="fixed", fixed_lambda=1.0)  # every step the batch-3 path
+    if args.toy:
+        case = _toy_case()
+        trainer = ZEraseTrainer(case.backend, dataclasses.replace(case.config, **pinned))
+        args.resolution = case.config.height
+    else:
+        config = base_config(height=args.resolution, width=args.resolution, **pinned)
+        trainer = ZEraseTrainer(tiny_zimage_backend(TinyZImageConfig(dim=128, n_heads=4)), config)
     for rows_only in (True, False):  # warm-up
         seconds_per_step(trainer, rows_only, 1)
     rounds = []
