@@ -80,14 +80,14 @@ def listed(path: Path) -> str:
         return Path(path).name
 
 
-def show_text(node_id: str | None, text: str) -> None:
+def show_text(shown_on: str | None, text: str) -> None:
     """``text`` on the node in the web UI (ComfyUI's progress text; v0.18.1's frontend 1.42.8 reads the message in
     another layout and shows nothing, later ones show it); nothing without a server (ComfyUI run as a library) or a
     node id. The server is looked up, not imported: ComfyUI's main imports it before any node runs, and
     importing it elsewhere starts its frontend management."""
     server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
-    if server is not None and node_id is not None:  # to the client that queued the prompt, as ComfyUI's progress
-        server.send_progress_text(text, node_id, getattr(server, "client_id", None))  # (names can be private)
+    if server is not None and shown_on is not None:  # to the client that queued the prompt, as ComfyUI's progress
+        server.send_progress_text(text, shown_on, getattr(server, "client_id", None))  # (names can be private)
 
 
 @contextmanager

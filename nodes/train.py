@@ -74,7 +74,7 @@ def _outputs(cls, lora, curves, previews, model) -> io.NodeOutput:
     return io.NodeOutput(lora, apply_erasure(model, lora, 1.0), curves, previews, ui={"images": shown[0] + shown[1]})
 
 
-def _progress_text(node_id: str | None, steps: int, every: float = 0.5):
+def _progress_text(shown_on: str | None, steps: int, every: float = 0.5):
     """A step callback showing the step's losses and λ on the node (the curves come only after minutes of training):
     at most every ``every`` seconds, and the last step."""
     last = [-math.inf]
@@ -84,13 +84,13 @@ def _progress_text(node_id: str | None, steps: int, every: float = 0.5):
         if now - last[0] < every and record.step < steps:
             return
         last[0] = now
-        show_text(node_id, f"step {record.step}/{steps} · L_erase {record.erase:.4g} · L_attn {record.attn:.3g} · "
+        show_text(shown_on, f"step {record.step}/{steps} · L_erase {record.erase:.4g} · L_attn {record.attn:.3g} · "
                            f"L_pr {record.pr:.3g} · λ {record.lam:.3g}")
 
     return tell
 
 
-def _trainer(backend, run: NamedRun, node_id: str | None = None) -> tuple[ZEraseTrainer, NamedRun]:
+def _trainer(backend, run: NamedRun, shown_on: str | None = None) -> tuple[ZEraseTrainer, NamedRun]:
     """The run's trainer, continued from its checkpoint when asked and one exists (and the run with the file its LoRA
     goes to). The node's bar counts the x_t pool's trajectories while they are sampled (minutes on a large model),
     then the training steps."""
@@ -106,7 +106,7 @@ def _trainer(backend, run: NamedRun, node_id: str | None = None) -> tuple[ZErase
         mm.throw_exception_if_processing_interrupted()
         raise
     pbar = comfy.utils.ProgressBar(run.config.steps)
-    trainer.callbacks += [lambda record, t: pbar.update_absolute(t.step), _progress_text(node_id, run.config.steps)]
+    trainer.callbacks += [lambda record, t: pbar.update_absolute(t.step), _progress_text(shown_on, run.config.steps)]
     run = run.attach(trainer)
     if trainer.step:
         pbar.update_absolute(trainer.step)
