@@ -62,10 +62,9 @@ class ApplyErasureLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name, erasure_lora=_UNLINKED) -> bool | str:
-        """A file to read, or a LoRA linked, told when the prompt is queued. A linked input has no value yet (None
-        here): a linked erasure_lora overrides the file, a linked lora_name is checked when the node runs. Taking
-        lora_name here, the function replaces ComfyUI's own check that it is in the list."""
-        return True if erasure_lora is not _UNLINKED else checked_choice(NODE, lora_name)
+        """A file to read (checked_choice), unless a linked erasure_lora overrides it. Taking lora_name here, the
+        function replaces ComfyUI's own check that it is in the list."""
+        return erasure_lora is not _UNLINKED or checked_choice(NODE, lora_name)
 
     @classmethod
     def execute(cls, model, lora_name, strength, erasure_lora=None) -> io.NodeOutput:

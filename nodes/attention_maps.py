@@ -69,7 +69,7 @@ class AttentionMapViewer(io.ComfyNode):
             (encoded,) = backend.encode([prompt])  # after the cheap checks: this runs the text encoder
             columns = [concept_token_indices(encoded, w, FIX, what="word") for w in words]
         x0 = backend.patcher.model.process_latent_in(samples.float()).cpu()
-        maps, labels = [], ["model"] if other is None else ["model A", "model B"]
+        maps, labels = [], ["model"] if other is None else ["model A", "model B", "A - B"]
         for who, each in ((NODE, backend), (NODE_B, other)):
             if each is not None:
                 with told_as(who):
@@ -78,8 +78,6 @@ class AttentionMapViewer(io.ComfyNode):
         picture = render.to_pil(image[0] if latent is None else _render.decode(model, vae, samples)[0])
         rows = render.word_map_rows(picture, maps, difference=other is not None,
                                     shown=shown_share(samples.shape[-2:], backend.patch))
-        if other is not None:
-            labels.append("A - B")
         levels = ", ".join(f"{s:g}" for s in sigma_list)
         # The settings first: a long prompt is cut at the caption's last line, and they tell two Viewer images apart.
         caption = f"sigma {levels} | layers {span.start}..{span.stop - 1} | {prompt}"

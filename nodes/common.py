@@ -31,20 +31,15 @@ def portable(name: str, sep: str = os.sep) -> str:
 
 
 def checked_choice(node: str, name: str | None) -> bool | str:
-    """``validate_inputs``' answer for a file choice: True, or why it cannot be read. A linked name has no value when
-    the prompt is queued (None) and is checked when the node runs."""
-    return name is None or file_problem(node, name) or True
+    """``validate_inputs``' answer for a file choice: True, or why it cannot be read, told when a prompt is queued
+    (before the loaders read the model, minutes on Z-Image). A linked name has no value then (None) and is checked
+    when the node runs."""
+    return name is None or _found(node, name)[1] or True
 
 
 def node_id(node_class) -> str | None:
     """The id of the node a V3 node class runs as (its hidden ``unique_id``), where its texts are shown."""
     return getattr(node_class.hidden, "unique_id", None)
-
-
-def file_problem(node: str, name: str) -> str | None:
-    """Why the file choice ``name`` cannot be read, or None. Told by the file nodes' ``validate_inputs`` when a
-    prompt is queued (before the loaders read the model, minutes on Z-Image), and again when they run."""
-    return _found(node, name)[1]
 
 
 def read_lora_file(node: str, name: str) -> ErasureLoRA:
@@ -141,7 +136,7 @@ def check_vae(vae, channels: int) -> None:
     """A connected VAE that takes the model's latents, told before the node's work: another model's (SD's, 4
     channels) failed with torch's channel error only when it decoded, after Train had trained and the viewer had run
     its forwards."""
-    found = getattr(vae, "latent_channels", None)  # ComfyUI's VAE says; anything else is left to its decode
-    if vae is not None and found is not None and found != channels:
+    found = getattr(vae, "latent_channels", None)  # ComfyUI's VAE says; anything else (or none) is left to its decode
+    if found is not None and found != channels:
         raise ZEraseError(f"this VAE takes {found}-channel latents and Z-Image's have {channels}: connect "
                           "Z-Image's VAE (ae.safetensors), or leave vae unconnected for a cheap preview.")

@@ -36,8 +36,7 @@ class LoadErasureLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name) -> bool | str:
-        """Told when the prompt is queued (this replaces ComfyUI's own check that the name is in the list); a linked
-        name (None here: no value yet) is checked when the node runs."""
+        """checked_choice; this replaces ComfyUI's own check that the name is in the list."""
         return checked_choice(NODE, lora_name)
 
     @classmethod

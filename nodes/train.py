@@ -63,7 +63,7 @@ def _reused(cls, path: Path, backend: ComfyZImageBackend, model, vae, config) ->
     install_lora(backend, lora, name=backend.key)
     previews = _previews(backend, prompt, model, vae, config)
     steps = config.steps  # finished_lora takes only files with every step done
-    title = f"{run_title(config)}: {steps} steps\nreused: {listed(path)}"
+    title = f"{run_title(config, steps)}\nreused: {listed(path)}"
     curves = render.curves(lora.history, title=title, steps=steps)
     return _outputs(cls, lora, curves, previews, model)
 
@@ -250,7 +250,7 @@ class ZEraseTrain(io.ComfyNode):
         note = trainer.checkpointing.auto_note()
         note = f", {note}" if note else ""
         # the file's name on the curves too: v0.18.1's frontend shows no node text, and a taken name gets _001
-        title = f"{run_title(config)}: {len(result.history)} steps, {result.seconds:.0f}s{note}\nsaved: {listed(path)}"
+        title = f"{run_title(config, len(result.history))}, {result.seconds:.0f}s{note}\nsaved: {listed(path)}"
         curves = render.curves(loss_series(result.history), title=title)
         previews = _previews(backend, trainer.prompts.erase[0], model, vae, config)
         return _outputs(cls, result.lora, curves, previews, model)

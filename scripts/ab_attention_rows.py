@@ -23,8 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zerase_core.backends import base  # noqa: E402
-from zerase_core.bench.cost import _toy_case, base_config  # noqa: E402
-from zerase_core.tiny import TinyZImageConfig, tiny_zimage_backend  # noqa: E402
+from zerase_core.bench.cost import _toy_case, base_config, bench_tiny_backend  # noqa: E402
 from zerase_core.trainer import ZEraseTrainer  # noqa: E402
 
 NOW = base._leading_rows
@@ -51,11 +50,13 @@ def main() -> None:
     pinned = dict(xt_pool=2, lambda_mode="fixed", fixed_lambda=1.0)  # every step the batch-3 path
     if args.toy:
         case = _toy_case()
+        if case is None:
+            sys.exit("--toy needs the toy's weights, which are not found (see zerase_core.toy.DIT_FILE)")
         trainer = ZEraseTrainer(case.backend, dataclasses.replace(case.config, **pinned))
         args.resolution = case.config.height
     else:
         config = base_config(height=args.resolution, width=args.resolution, **pinned)
-        trainer = ZEraseTrainer(tiny_zimage_backend(TinyZImageConfig(dim=128, n_heads=4)), config)
+        trainer = ZEraseTrainer(bench_tiny_backend(), config)
     for rows_only in (True, False):  # warm-up
         seconds_per_step(trainer, rows_only, 1)
     rounds = []

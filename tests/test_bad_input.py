@@ -1011,6 +1011,8 @@ def test_a_run_stopped_by_sigterm_or_sighup_keeps_its_work_as_ctrl_c_does(tmp_pa
     import subprocess
     import sys
 
+    from zerase_core.lora_file import load_lora
+
     for name in ("SIGTERM", "SIGHUP"):
         if not hasattr(signal, name):
             continue  # Windows has no SIGHUP
@@ -1030,8 +1032,6 @@ def test_a_run_stopped_by_sigterm_or_sighup_keeps_its_work_as_ctrl_c_does(tmp_pa
         assert done.returncode == 0 and done.stdout.split()[-2:] == ["130", "True"], (name, done.returncode,
                                                                                      done.stderr[-2000:])
         assert "Stopped at step 2 of 5" in done.stderr and "--resume" in done.stderr
-        from zerase_core.lora_file import load_lora
-
         assert load_lora(out / "erasure_lora.safetensors").training["steps_done"] == 2
 
 

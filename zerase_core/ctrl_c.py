@@ -11,6 +11,7 @@ from typing import Iterator
 
 # The lists of the ctrl_c_deferred bodies running now, innermost last: where stop_as_ctrl_c puts a stop it holds back.
 _HOLDING: list[list[int | str]] = []
+_IGNORED, _ASKED = "ignored", "asked"  # marks in a held list beside the signal numbers
 
 
 @contextmanager
@@ -47,9 +48,6 @@ def ctrl_c_deferred(stopping: bool = False) -> Iterator[list[int | str]]:
     if _ASKED in held:
         raise KeyboardInterrupt
     signal.raise_signal(signal.SIGINT)  # to the handler put back; Python's raises KeyboardInterrupt here
-
-
-_IGNORED, _ASKED = "ignored", "asked"  # marks in a held list beside the signal numbers
 
 
 def stops(held: list) -> bool:

@@ -43,8 +43,9 @@ def stored_series(history: Sequence[StepRecord], points: int = 2000) -> dict[str
     return {name: [float(f"{v:.6g}") for v in values[::stride]] for name, values in loss_series(history).items()}
 
 
-def run_title(config) -> str:
-    """A run's name on its loss curves (a TrainConfig's concept). Without preservation concepts the picture says so:
-    the engine's warning goes to the console, which ComfyUI users rarely read, and the curves are shown on the
-    node."""
-    return f"Z-Erase '{config.concept}'" + ("" if config.preserve else " (no preservation concepts)")
+def run_title(config, steps: int) -> str:
+    """A run's name on its loss curves (a TrainConfig's concept) and its steps. Without preservation concepts the
+    picture says so: the engine's warning goes to the console, which ComfyUI users rarely read, and the curves are
+    shown on the node."""
+    alone = "" if config.preserve else " (no preservation concepts)"
+    return f"Z-Erase '{config.concept}'{alone}: {steps} steps"

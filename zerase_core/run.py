@@ -158,7 +158,7 @@ def _write_outputs(run: PlannedRun, result: TrainResult, trained: bool) -> None:
         save_lora(result.lora, run.lora)
         log.info("wrote %s", run.lora)
     if not (history_done and (run.folder / CURVES).exists()):
-        write_curves(result, run.folder / CURVES, f"{run_title(run.config)}: {done} steps")
+        write_curves(result, run.folder / CURVES, run_title(run.config, done))
     if not history_done:
         atomic_write_text(history, json.dumps([asdict(r) for r in result.history]))
 

@@ -314,7 +314,7 @@ class DiffusersZImageBackend(Backend):
         self._place()
         captions = [p.features.to(self.device, self.dtype) for p in prompts]
         blocked = layout.columns(self._zeroing(prompts), self.device).bool() if self._zeroing is not None else None
-        groups = RowGroups.of(x, sigma, _refiner_tags(layout))
+        groups = RowGroups.of(x, sigma, _refiner_tags(layout), device=self.device)
         with scoped(self, _blocked=blocked, _row_groups=groups, _recorder=recorder), self.gate.active(layout, lora):
             return zimage_forward(self.transformer, x.to(self.device, self.dtype), sigma, captions)
 

@@ -11,7 +11,7 @@ main layers: ~6 % of a forward); on the tiny benchmark model (1 beside 2) it is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -21,30 +21,31 @@ import torch
 class RowGroups:
     """Rows of a batch with equal inputs: ``first[g]`` is group g's first row, ``inverse[i]`` row i's group."""
 
+    # Both made on the device the refiner runs on (``of``'s ``device``): every argument of every refiner layer uses
+    # them, and a host→device copy there would stall the host behind the GPU (a review counted 8 per call).
     first: torch.Tensor  # (G,)
     inverse: torch.Tensor  # (B,)
-    # Both on each device asked for, copied there once per call: every argument of every refiner layer asks, and a
-    # host→device copy stalls the host behind the GPU (a review counted 8 per call on the real model).
-    _copies: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def of(cls, x: torch.Tensor, sigma: torch.Tensor, tags: Sequence[int] | None = None) -> "RowGroups | None":
+    def of(cls, x: torch.Tensor, sigma: torch.Tensor, tags: Sequence[int] | None = None,
+           device: torch.device | None = None) -> "RowGroups | None":
         """Groups of rows equal in (x, σ) and in ``tags`` (what else of a row the shared layers see, if anything: see
-        the diffusers backend's ``_refiner_tags``), numbered by first appearance; None when every row is distinct."""
+        the diffusers backend's ``_refiner_tags``), numbered by first appearance, indexed on ``device`` (x's by
+        default; a host passes where the refiner runs when x is not there yet); None when every row is distinct."""
         if x.shape[0] < 2:
             return None  # nothing to share, and no host sync for it
         tags = list(tags) if tags is not None else [0] * x.shape[0]
         if _one_row_repeated(x) and _one_row_repeated(sigma.reshape(-1)):
             # The step's batches are x_t.expand(n, …): equal by construction, so no comparison and no
             # host sync (on a GPU a sync stalls the queue of kernels the step has launched).
-            return cls._numbered([tags.index(t) for t in tags], x.device)
+            return cls._numbered([tags.index(t) for t in tags], device or x.device)
         # σ compared at its own precision, not x's, on x's device (the pool and the sampler keep σ on the host)
         rows, sigma = x.flatten(1), sigma.reshape(-1).to(x.device)
         tag = torch.tensor(tags, device=x.device)
         # Row i against all rows: elementwise on the device; one host sync for the whole table.
         equal = torch.stack([(rows == rows[i]).all(dim=1) & (sigma == sigma[i]) & (tag == tag[i])
                              for i in range(rows.shape[0])])
-        return cls._numbered(equal.int().argmax(dim=1).tolist(), x.device)  # each row's first equal row
+        return cls._numbered(equal.int().argmax(dim=1).tolist(), device or x.device)  # each row's first equal row
 
     @classmethod
     def _numbered(cls, first_equal: list[int], device: torch.device) -> "RowGroups | None":
@@ -65,18 +66,11 @@ class RowGroups:
     def shrink(self, value: Any) -> Any:
         """One row per group of a per-row tensor; anything else unchanged."""
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.batch:
-            return value.index_select(0, self._on(value.device)[0])
+            return value.index_select(0, self.first.to(value.device))  # no-op: made where the refiner runs
         return value
 
     def expand(self, value: torch.Tensor) -> torch.Tensor:
-        return value.index_select(0, self._on(value.device)[1])
-
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device == self.first.device:
-            return self.first, self.inverse
-        if device not in self._copies:
-            self._copies[device] = (self.first.to(device), self.inverse.to(device))
-        return self._copies[device]
+        return value.index_select(0, self.inverse.to(value.device))
 
 
 def take_rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:

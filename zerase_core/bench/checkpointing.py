@@ -70,14 +70,13 @@ def _add(p: argparse.ArgumentParser) -> None:
 @command("bench-checkpointing", "seconds and peak memory of a step with k of the main layers checkpointed",
          _add)
 def _bench_checkpointing(args: argparse.Namespace) -> int:
-    from ..tiny import TinyZImageConfig, tiny_zimage_backend
-    from .cost import base_config
+    from .cost import base_config, bench_tiny_backend
 
     check_timing(args.steps, args.repeats)
     check_out(args.out)
     if args.layers < 1:
         raise ZEraseError(f"--layers must be at least 1; got {args.layers}.")
-    backend = tiny_zimage_backend(TinyZImageConfig(dim=128, n_heads=4, n_layers=args.layers))
+    backend = bench_tiny_backend(n_layers=args.layers)
     config = base_config(height=args.resolution, width=args.resolution, sample_steps=2, xt_pool=1)
     counts = sorted({round(args.layers * f) for f in (0, 0.25, 0.5, 0.75, 1)})
     result = measure(backend, config, counts, args.steps, args.repeats)

@@ -182,14 +182,20 @@ def base_config(**over) -> TrainConfig:
     return TrainConfig(**(base | over))
 
 
-def speed_cases(tiny: bool) -> list[SpeedCase]:
+def bench_tiny_backend(**over) -> Backend:
+    """The benches' tiny Z-Image (diffusers' class): dim 128, 4 heads, with ``over`` (e.g. ``n_layers``)."""
     from ..tiny import TinyZImageConfig, tiny_zimage_backend
+
+    return tiny_zimage_backend(TinyZImageConfig(**(dict(dim=128, n_heads=4) | over)))
+
+
+def speed_cases(tiny: bool) -> list[SpeedCase]:
+    from ..tiny import tiny_zimage_backend
 
     if tiny:  # seconds on a CPU: a correctness run of the command, not a measurement
         config = base_config(height=64, width=64, sample_steps=2, xt_pool=1, shuffle_pool=0)
         return [SpeedCase("tiny-diffusers", tiny_zimage_backend(), config)]
-    cfg = TinyZImageConfig(dim=128, n_heads=4)
-    cases = [SpeedCase("tiny-diffusers", tiny_zimage_backend(cfg), base_config(height=px, width=px))
+    cases = [SpeedCase("tiny-diffusers", bench_tiny_backend(), base_config(height=px, width=px))
              for px in (256, 512)]
     toy = _toy_case()
     return ([toy] if toy else []) + cases

@@ -250,7 +250,7 @@ class ComfyZImageBackend(Backend):
 
     def _sharing_rows(self, x: torch.Tensor, sigma: torch.Tensor) -> ContextManager:
         """While inside, the noise refiner runs once per distinct (x, σ) row (see row_sharing)."""
-        return scoped(self.calls, row_groups=RowGroups.of(x, sigma))
+        return scoped(self.calls, row_groups=RowGroups.of(x, sigma, device=self.patcher.load_device))
 
     # --- prompts and predictions ------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
