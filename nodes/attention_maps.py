@@ -64,7 +64,7 @@ class AttentionMapViewer(io.ComfyNode):
             other = None if model_b is None else ComfyZImageBackend(model_b, node=NODE_B)
             if other is not None:
                 check_comparable(backend.fingerprint(), other.fingerprint())
-            samples = _samples(latent, image, vae)
+            samples, pixels = _measured_on(latent, image, vae)
             check_latent(samples, backend.latent_channels)
             (encoded,) = backend.encode([prompt])  # after the cheap checks: this runs the text encoder
             columns = [concept_token_indices(encoded, w, FIX, what="word") for w in words]
@@ -75,7 +75,7 @@ class AttentionMapViewer(io.ComfyNode):
                 with told_as(who):
                     maps.append(word_maps(each, encoded, columns, x0, sigma_list, seed, set(span)))
         # Drawn over the picture the maps were measured on: the LATENT's when one is connected, even beside an IMAGE.
-        picture = render.to_pil(image[0] if latent is None else _render.decode(model, vae, samples)[0])
+        picture = render.to_pil(pixels[0] if latent is None else _render.decode(model, vae, samples)[0])
         rows = render.word_map_rows(picture, maps, difference=other is not None,
                                     shown=shown_share(samples.shape[-2:], backend.patch))
         levels = ", ".join(f"{s:g}" for s in sigma_list)
@@ -84,11 +84,14 @@ class AttentionMapViewer(io.ComfyNode):
         return io.NodeOutput(render.grid(rows, words, labels, caption=caption))
 
 
-def _samples(latent, image, vae):
-    """The latent the maps are measured on: the LATENT's first image, else the IMAGE's first encoded by the VAE."""
+def _measured_on(latent, image, vae):
+    """The latent the maps are measured on (the LATENT's first image, else the IMAGE's first encoded by the VAE) and,
+    for an IMAGE, the pixels it encodes: ComfyUI's VAE first crops each side to a multiple of its downscale, centred
+    (Z-Image's: up to 7 px off a side), so drawn over the whole IMAGE a map was shifted and stretched by up to 4 px."""
     if latent is not None:
-        return latent["samples"][:1]
+        return latent["samples"][:1], None
     if image is not None and vae is not None:
         render.check_images(image)
-        return vae.encode(render.rgb(image[:1]))
+        pixels = vae.vae_encode_crop_pixels(render.rgb(image[:1]))  # the crop encode makes (it crops again: a no-op)
+        return vae.encode(pixels), pixels
     raise ZEraseError("connect a LATENT, or an IMAGE together with a VAE.")

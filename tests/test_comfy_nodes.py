@@ -566,6 +566,26 @@ def test_a_concept_with_comfyuis_escaped_parentheses_is_read_as_its_prompts_are(
     assert config.concept == "Mickey Mouse (Disney)" and config.preserve == ("Donald (Duck)",)
 
 
+def test_the_viewer_draws_an_image_as_the_vae_cropped_it(pack):
+    """ComfyUI's VAE crops an IMAGE to a multiple of 8 px per side, centred, before it encodes: the maps cover that
+    crop, so that is the picture they are drawn over (over the whole 70 px IMAGE they were shifted and stretched)."""
+    # ComfyUI's class as it reads Z-Image's ae.safetensors: 16 channels, four levels (its x4 upscaler's has three)
+    vae = comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.randn(512, 16, 3, 3),
+                           "encoder.down.2.downsample.conv.weight": torch.randn(512, 512, 3, 3)})
+    assert vae.latent_channels == 16 and vae.spacial_compression_encode() == 8
+    torch.manual_seed(0)
+    for p in vae.first_stage_model.parameters():  # ComfyUI leaves weights a file did not hold uninitialised
+        p.data.normal_(0, 0.02)
+    inputs = dict(model=tiny_zimage(comfy), clip=tiny_clip(comfy), prompt="a photo of a cat", words="cat",
+                  sigmas="0.5", layer_start=0, layer_end=-1, seed=0, vae=vae)
+    image = torch.rand(1, 70, 70, 3, generator=torch.Generator().manual_seed(0))
+    (whole,) = pack["ZEraseAttentionMaps"].execute(**inputs, image=image)
+    (cropped,) = pack["ZEraseAttentionMaps"].execute(**inputs, image=image[:, 3:67, 3:67].clone())
+    assert torch.equal(whole, cropped)  # the same latent, maps and picture
+    (shifted,) = pack["ZEraseAttentionMaps"].execute(**inputs, image=image[:, :64, :64].clone())
+    assert not torch.equal(whole, shifted)  # another crop: another picture
+
+
 def test_attention_map_viewer_and_compare(pack):
     viewer, compare = pack["ZEraseAttentionMaps"], pack["ZEraseCompare"]
     model, clip = tiny_zimage(comfy), tiny_clip(comfy)
