@@ -220,6 +220,11 @@ def test_a_map_request_is_checked_before_any_model_runs():
         check_latent(torch.zeros(1, 4, 8, 8), 16)
     with pytest.raises(ZEraseError, match=r"the latent has shape \(1, 16, 8, 0\)"):  # was reshape's RuntimeError
         check_latent(torch.zeros(1, 16, 8, 0), 16)
+    for bad in (float("nan"), float("inf")):  # the maps' own check blamed the model's forward ("fp16 weights")
+        broken = torch.zeros(1, 16, 8, 8)
+        broken[0, 3, 2, 5] = bad
+        with pytest.raises(ZEraseError, match=r"^the latent is not finite numbers \(NaN or inf\): the LATENT, or the "):
+            check_latent(broken, 16)
     check_comparable({"dim": 64}, {"dim": 64})
     with pytest.raises(ZEraseError, match="model_b is another architecture than model"):
         check_comparable({"dim": 64}, {"dim": 3840})

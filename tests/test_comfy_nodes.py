@@ -526,6 +526,10 @@ def test_the_viewer_refuses_what_it_cannot_draw_under_the_input_it_came_from(pac
     with pytest.raises(ZEraseError, match=r"^Attention Map Viewer \(model_b\): this MODEL is Lumina2"):
         viewer.execute(model=model, model_b=tiny_lumina2(comfy), **inputs)
     assert forwards == []  # refused before model A ran
+    nan = {"samples": torch.full((1, 16, 8, 8), float("nan"))}  # was blamed on the model ("fp16 weights")
+    with pytest.raises(ZEraseError, match=r"^Attention Map Viewer: the latent is not finite numbers \(NaN or inf\)"):
+        viewer.execute(model=model, **inputs | dict(latent=nan))
+    assert forwards == []  # before any forward
     with pytest.raises(ZEraseError, match="^Attention Map Viewer: the text encoder's tokens do not spell out"):
         viewer.execute(model=model, **inputs | dict(prompt="embedding:cat a cat"))
     with pytest.raises(ZEraseError, match=r"^Attention Map Viewer: the latent has shape \(1, 16, 0, 8\)"):

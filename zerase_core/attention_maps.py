@@ -57,6 +57,10 @@ def check_latent(samples: torch.Tensor, channels: int) -> None:
         raise ZEraseError(
             f"the latent has shape {tuple(samples.shape)}; Z-Image's have {channels} channels. Make it with "
             "EmptySD3LatentImage, or encode the image with Z-Image's VAE (ae.safetensors).")
+    if not torch.isfinite(samples).all():  # the maps' own check would blame the model's forward for it
+        raise ZEraseError("the latent is not finite numbers (NaN or inf): the LATENT, or the IMAGE and VAE that "
+                          "made it, is broken (a VAE in fp16 can overflow). Connect another, or run the VAE in bf16 "
+                          "or fp32.")
 
 
 class WordMapRecorder(Recorder):
