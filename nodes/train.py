@@ -17,7 +17,7 @@ from zerase_core.history import StepRecord, loss_series, run_title
 from zerase_core.lora import LoRAConfig, targets_from
 from zerase_core.lora_file import load_lora
 from zerase_core.named_run import NamedRun
-from zerase_core.prompt_pool import first_erase_text
+from zerase_core.prompt_pool import check_erase_templates, first_erase_text
 from zerase_core.prompts import EMPTY_CONCEPT, is_blank
 from zerase_core.sampling import before_after
 from zerase_core.trainer import ZEraseTrainer
@@ -218,6 +218,7 @@ class ZEraseTrain(io.ComfyNode):
             # x_t on the σ schedule the model samples with (ModelSamplingAuraFlow's shift when it is patched)
             config = build_config(concept, preset, templates, preserve, steps, learning_rate, beta, eta, epsilon,
                                   rank, targets, resolution, seed, gradient_checkpointing, xt_source, probe.flow_shift)
+            check_erase_templates(config, as_tokenized)  # before the model is loaded for training and the prompts run
             run = NamedRun.plan(output_folder(), save_name, config, resume)  # names checked before any work
             finished = run.finished(probe)  # the file an earlier run of these settings saved, all steps done
             if finished is None:

@@ -738,15 +738,30 @@ def test_settings_that_would_not_train_what_they_say_are_refused(flags, message,
 
 
 def test_a_run_refused_after_its_files_were_checked_leaves_no_folder(tmp_path, capsys):
-    """The files' check makes --out to write a probe into; a run refused later (a template without its concept)
-    took the folder away again, where it used to leave an empty one behind."""
+    """The files' check makes --out to write a probe into; a run refused later (a resolution past the model's
+    position tables, told when the trainer is built) took the folder away again, where it used to leave an empty one
+    behind."""
     from zerase_core.cli import main
 
     out = tmp_path / "new" / "run"
-    assert main(["train", "--tiny", "--concept", "cat", "--template", "a painting", "--steps", "1",
+    assert main(["train", "--tiny", "--concept", "cat", "--resolution", "2048", "--steps", "1",
                  "--out", str(out)]) == 2
-    assert "cat" in capsys.readouterr().err
+    assert "Resolution 2048×2048 is past this model's position tables" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_a_template_without_the_concept_is_refused_before_a_model_is_built(tmp_path, monkeypatch, capsys):
+    """It was told by the token lookup after the text encoder ran (minutes of loading Z-Image's); the filled
+    template's text tells it before anything is loaded, in the lookup's words."""
+    import zerase_core.tiny
+    from zerase_core.cli import main
+
+    monkeypatch.setattr(zerase_core.tiny, "tiny_zimage_backend", lambda *a, **k: pytest.fail("a model was built"))
+    assert main(["train", "--tiny", "--concept", "cat", "--template", "a photo of {}", "--template",
+                 "a photo of cats", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    assert ("The concept 'cat' does not occur in the prompt 'a photo of cats'. Put the concept word into every erase "
+            "prompt template (use '{}' where it goes).") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_flow_shift_that_is_not_positive_is_refused():

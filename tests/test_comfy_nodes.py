@@ -399,6 +399,23 @@ def test_a_save_name_no_file_system_can_hold_is_refused_before_training(pack, lo
                                          save_name="y" * 250)
 
 
+def test_a_template_without_the_concept_is_refused_by_train_before_the_model_is_loaded(pack, loras_dir, monkeypatch):
+    """A review: it was told after the model was loaded for training (a second whole copy under dynamic VRAM) and
+    every prompt encoded, without the node's name. A template of escaped parentheses (read by ComfyUI as plain ones,
+    as the concept is) is not refused."""
+    from zerase_core.backends.comfy_zimage import ComfyZImageBackend
+
+    monkeypatch.setattr(ComfyZImageBackend, "for_training", lambda *a, **k: pytest.fail("loaded for training"))
+    with pytest.raises(ZEraseError, match=r"^Z-Erase Train: The concept 'cat' does not occur in the prompt 'a photo "
+                                          r"of a pet'\. Put the concept word into every erase prompt template"):
+        pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                    **_train_inputs(templates="A photo of {}\na photo of a pet"))
+    assert not (loras_dir / "zerase").exists() or not list((loras_dir / "zerase").iterdir())
+    with pytest.raises(pytest.fail.Exception, match="loaded for training"):  # past the check: it is found
+        pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                    **_train_inputs(concept="\\(cat\\)", templates="a photo of a \\(cat\\)"))
+
+
 def test_another_models_vae_is_refused_before_training_or_the_viewers_forwards(pack, loras_dir, monkeypatch):
     """An SD VAE (4-channel latents) failed with torch's channel error when the previews or the picture were decoded:
     Train after training and saving (and again on every queue, on the reuse path), the viewer after its forwards."""

@@ -206,3 +206,23 @@ def test_every_prompt_of_the_pool_is_drawn_and_each_template_gets_its_shuffled_v
     drawn = [pool.draw(rng) for _ in range(400)]
     assert {p.text for p, _, _ in drawn} == set(texts)
     assert {k.text for _, _, k in drawn} == {k.text for k in pool.keep} and len(pool.keep) == 4
+
+
+def test_erase_templates_are_checked_for_the_concept_as_the_token_lookup_reads_them():
+    """The text-only check before any model work refuses what PromptPool's token lookup would, in its words: a
+    template without the concept as a whole word; and nothing that lookup takes (escaped parentheses read as
+    ComfyUI reads them, another Unicode composition of the concept, spaces around it)."""
+    from zerase_core.backends.comfy_zimage.clip_prompts import as_tokenized
+    from zerase_core.config import TrainConfig
+    from zerase_core.prompt_pool import check_erase_templates
+
+    check_erase_templates(TrainConfig(concept="Van Gogh", templates=("{}", "a painting by van gogh", "{} style")))
+    check_erase_templates(TrainConfig(concept="cafe\u0301", templates=("a caf\u00e9 at night",)))  # NFD concept
+    check_erase_templates(TrainConfig(concept=" cat ", templates=("a {}",)))
+    for template, prompt in (("a photo of a pet", "a photo of a pet"), ("{}s", "cats")):
+        with pytest.raises(ZEraseError, match=rf"^The concept 'cat' does not occur in the prompt '{prompt}'\. Put"):
+            check_erase_templates(TrainConfig(concept="cat", templates=("a {}", template)))
+    escaped = TrainConfig(concept=as_tokenized("\\(cat\\)"), templates=("a photo of \\(cat\\)",))  # as the node
+    check_erase_templates(escaped, as_tokenized)  # ComfyUI's encoder reads "(cat)": found
+    with pytest.raises(ZEraseError, match=r"'\(cat\)' does not occur in the prompt 'a photo of \\\(cat\\\)'"):
+        check_erase_templates(escaped)  # read as written (diffusers' encoder), "\(cat\)" is not "(cat)"

@@ -171,6 +171,7 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
 
 @command("train", "train an erasure LoRA (Algorithm 1) on a tiny random or a diffusers Z-Image", _add_train)
 def _train(args: argparse.Namespace) -> int:
+    from .prompt_pool import check_erase_templates
     from .run import PlannedRun, check_folder, train_and_save
     from .run_lock import run_lock
 
@@ -184,6 +185,7 @@ def _train(args: argparse.Namespace) -> int:
         shift = check_model_folder(args.model)  # x_t as the model samples (there is no --shift flag)
         if shift is not None:
             config = dataclasses.replace(config, shift=shift)
+    check_erase_templates(config)  # text only: the text encoder would take minutes to load and run first
     with run_lock(args.out):  # a refusal inside leaves no folder it made
         if args.tiny:
             from .tiny import tiny_zimage_backend

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 from .backends.base import Backend
 from .config import TrainConfig
 from .errors import shown
-from .prompts import (EncodedPrompt, concept_token_indices, fill_template, mentions, preservation_text,
-                      shuffle_words)
+from .prompts import (EncodedPrompt, absent, as_read, concept_token_indices, fill_template, mentions,
+                      preservation_text, shuffle_words)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,18 @@ class PromptPool:
     def draw(self, rng: random.Random) -> tuple[EncodedPrompt, list[int], EncodedPrompt | None]:
         """:meth:`pick` at random: c_er ~ D_er and c_pr ~ D_pr (Algorithm 1)."""
         return self.pick(rng.randrange(len(self.erase)), rng.randrange(len(self.keep)) if self.keep else None)
+
+
+def check_erase_templates(config: TrainConfig, read: Callable[[str], str] = as_read) -> None:
+    """Every erase template, filled, holds the concept: told from the text, before a model is loaded. The token
+    lookup in :meth:`PromptPool.build` refuses the same prompt, but only after the text encoder ran (and, in ComfyUI,
+    the model was loaded for training): minutes on Z-Image. ``read``: a prompt as the backend's encoder reads it
+    (ComfyUI's un-escapes "\\(")."""
+    concept = as_read(config.concept.strip())  # as concept_token_indices looks it up
+    for template in config.erase_templates:
+        text = read(fill_template(template, config.concept))
+        if not mentions(text, concept):
+            raise absent(concept, text)
 
 
 def first_erase_text(config: TrainConfig) -> str:

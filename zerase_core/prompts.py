@@ -133,9 +133,7 @@ def concept_token_indices(prompt: EncodedPrompt, word: str, fix: str = TEMPLATE_
         raise ZEraseError(EMPTY_CONCEPT)
     hits = _occurrences(prompt.text, word)
     if not hits:
-        raise ZEraseError(
-            f"The {what} '{word}' does not occur in the prompt '{prompt.text}'. {fix}"
-        )
+        raise absent(word, prompt.text, fix, what)
     indices = [
         i
         for i, span in enumerate(prompt.spans)
@@ -147,6 +145,12 @@ def concept_token_indices(prompt: EncodedPrompt, word: str, fix: str = TEMPLATE_
             "this encoder cannot localise it. Report this with the prompt."
         )
     return indices
+
+
+def absent(word: str, text: str, fix: str = TEMPLATE_FIX, what: str = "concept") -> ZEraseError:
+    """The refusal of a prompt ``text`` that does not hold ``word``; ``fix``, ``what``: see
+    :func:`concept_token_indices`."""
+    return ZEraseError(f"The {what} '{word}' does not occur in the prompt '{text}'. {fix}")
 
 
 def fill_template(template: str, concept: str) -> str:
