@@ -326,6 +326,15 @@ def test_bench_result_records_its_command_and_threads(tmp_path, monkeypatch, cap
     monkeypatch.delenv("OMP_NUM_THREADS")
     emit({}, argparse.Namespace(argv=["bench-lambda"], out=None))
     assert json.loads(capsys.readouterr().out)["command"] == "python -m zerase_core bench-lambda"
+    import zerase_core.bench.report as report
+
+    def reader_gone(text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(report, "print_result", reader_gone)  # `bench-… | head`: minutes measured, then no reader
+    with pytest.raises(BrokenPipeError):
+        emit({"x": 2}, argparse.Namespace(argv=["bench-xt"], out=out))
+    assert json.loads(out.read_text())["x"] == 2  # written all the same
 
 
 def test_gpu_script_records_a_failed_row_and_goes_on(tmp_path, monkeypatch):

@@ -275,6 +275,30 @@ def test_a_demo_stopped_while_it_measures_says_that_resume_measures_it(tmp_path,
     assert report["steps"] == 2 and (tmp_path / "report.json").is_file()
 
 
+def test_a_demo_that_cannot_write_a_picture_says_that_resume_writes_it(tmp_path, random_toy, monkeypatch):
+    """A full disk after training and measuring: the LoRA and report.json are saved, a picture is not. The message
+    said only "free disk space or choose a folder", which means training again; --resume writes it without."""
+    import zerase_core.toy.demo as demo
+    from zerase_core import trainer
+
+    real_png = demo.save_png
+
+    def disk_full(image, path):  # the disk fills after training's previews
+        if Path(path).name != demo.GRID:
+            return real_png(image, path)
+        raise ZEraseError(f"Could not write {path}: No space left on device.")
+
+    monkeypatch.setattr(demo, "save_png", disk_full)
+    with pytest.raises(ZEraseError, match=r"(?s)No space left on device\.\nIts 2 steps are trained and saved in .*"
+                                          r"run the same command with --resume to write them once they can be"):
+        demo.run_demo("red", None, steps=2, seed=0, out=tmp_path, n_eval=2, bundle=random_toy)
+    assert (tmp_path / "report.json").is_file() and not (tmp_path / demo.GRID).exists()
+    monkeypatch.setattr(demo, "save_png", real_png)
+    monkeypatch.setattr(trainer.ZEraseTrainer, "train_step", lambda self: pytest.fail("trained again"))
+    demo.run_demo("red", None, steps=2, seed=0, out=tmp_path, n_eval=2, bundle=random_toy, resume=True)
+    assert (tmp_path / demo.GRID).is_file() and (tmp_path / demo.ATTENTION).is_file()
+
+
 def test_a_demo_stopped_before_its_first_step_leaves_nothing_that_refuses_the_next(tmp_path, random_toy, monkeypatch):
     """The previews folder was made before training: a run stopped before step 1 said "nothing was saved", and
     then refused its folder for holding previews/."""

@@ -322,6 +322,32 @@ def test_inspect_prints_the_metadata_as_stored(tmp_path, capsys):
     assert load_lora(tmp_path / "old.safetensors").metadata()["format_version"] == 1  # what it is read as
 
 
+@pytest.mark.parametrize("stdout", ["closed pipe", "full disk"])
+def test_inspect_into_a_closed_pipe_or_a_full_disk_ends_without_a_traceback(tmp_path, stdout):
+    """`inspect FILE | head -1` (the reader gone before the JSON is out) and `> /dev/full` ended in a traceback.
+    A closed pipe now stops quietly with the shell's code for SIGPIPE; a full disk is told in one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if stdout == "full disk" and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system (Linux has one)")
+    save_lora(_random_lora(KEYS), tmp_path / "a.safetensors")
+    command = [sys.executable, "-m", "zerase_core", "inspect", str(tmp_path / "a.safetensors")]
+    root = Path(__file__).parents[1]
+    if stdout == "closed pipe":
+        run = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        run.stdout.close()  # before it prints: every write meets a closed pipe
+        code, err = run.wait(timeout=120), run.stderr.read().decode()
+        assert (code, err) == (141, "")
+    else:
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(command, cwd=root, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr == "error: Could not print the result: No space left on device. Print it to a terminal, a " \
+                              "pipe or a file that can take it.\n"
+
+
 def test_a_second_lora_under_a_name_already_installed_is_refused_and_the_first_stays(tiny_backend):
     """Two LoRAs applied add up, each under its own name; the default name twice replaced the first, silently."""
     from zerase_core.lora import GatedLoRALinear

@@ -56,7 +56,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     lora = load_lora(args.file)  # refuses what is no erasure LoRA; an ungated one is shown (its gate says why not)
     # As stored (an older file shows its own format version); an official file stores none: as it is read.
-    print(json.dumps(read_description(args.file) or lora.metadata(), indent=2, sort_keys=True))
+    print_result(json.dumps(read_description(args.file) or lora.metadata(), indent=2, sort_keys=True))
     return 0
 
 
@@ -85,7 +85,7 @@ def _merge(args: argparse.Namespace) -> int:
     merged, report = merge([load_lora(f) for f in args.files], args.weights, args.rank)
     check_writable(args.out)  # a name too long, a folder that cannot be written: refused by name, nothing made before
     save_lora(merged, args.out, exclusive=True)  # also if a file appeared there during the merge
-    print(json.dumps({"out": str(args.out), "rank": report.rank, "relative_error": report.relative_error}))
+    print_result(json.dumps({"out": str(args.out), "rank": report.rank, "relative_error": report.relative_error}))
     return 0
 
 
@@ -197,7 +197,7 @@ def _train(args: argparse.Namespace) -> int:
         result, path = train_and_save(PlannedRun(backend, config, args.out, args.resume),
                                       release_encoder=not args.tiny)
     last = result.history[-1]
-    print(json.dumps({"lora": str(path), "steps": last.step, "L_erase": last.erase, "lambda": last.lam,
+    print_result(json.dumps({"lora": str(path), "steps": last.step, "L_erase": last.erase, "lambda": last.lam,
                       "seconds": round(result.seconds, 2)}))
     return 0
 
@@ -225,6 +225,21 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:  # outside a run's own handling: loading a model, a demo's measuring, a benchmark
         print(STOPPED, file=sys.stderr)
         return 130  # the shell's code for SIGINT
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else Python's flush at exit raises again
+        return 141  # 128 + SIGPIPE: what a shell reports for a tool a closed pipe stopped
+
+
+def print_result(text: str) -> None:
+    """A command's result on stdout. A full disk behind it is told in one line; a reader that went away is let
+    through as BrokenPipeError, which :func:`_run` ends quietly."""
+    try:
+        print(text, flush=True)  # flushed here: at exit, a failed write would be a traceback
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        raise ZEraseError(f"Could not print the result: {err.strerror or err}. Print it to a terminal, a pipe or a "
+                          "file that can take it.") from err
 
 
 def _load_plugins() -> None:

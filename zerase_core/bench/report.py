@@ -8,6 +8,7 @@ import os
 import shlex
 from pathlib import Path
 
+from ..cli import print_result
 from ..errors import ZEraseError
 from ..files import atomic_write_text, check_writable
 
@@ -51,9 +52,11 @@ def _json_file(path: Path) -> bool:
 
 def emit(result: dict, args: argparse.Namespace) -> None:
     """Add ``command`` to ``result``, print it (stdout stays valid JSON) and write it to ``args.out`` when given:
-    printed first, so that a failed write loses nothing measured."""
+    each though the other fails, so that a failed write or a closed pipe loses nothing measured."""
     result["command"] = command_line(args.argv)
     text = write_json(result, None)
-    print(text)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
+    try:
+        print_result(text)
+    finally:
+        if args.out:
+            atomic_write_text(args.out, text + "\n")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import command, out_path
+from ..cli import command, out_path, print_result
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_demo(args.concept, preserve, args.steps, args.seed, args.out, args.n_eval, resume=args.resume)
     keys = ("concept", "acc_e", "acc_ir", "h_a", "fd_before", "fd_after", "seconds")
     extra = {"original_acc_e": report["original"]["acc_e"], "out": str(args.out)}
-    print(json.dumps({k: report[k] for k in keys} | extra))
+    print_result(json.dumps({k: report[k] for k in keys} | extra))
     return 0
 
 
@@ -53,7 +53,7 @@ def _bench(args: argparse.Namespace) -> int:
     cmd = command_line(args.argv)
     run_bench(args.concepts, args.seeds, args.steps, args.n_eval, args.out, args.methods, cmd,
               assemble_only=args.assemble_only)
-    print((args.out / "bench.md").read_text(encoding="utf-8"))  # written as UTF-8 (↓, ±), whatever the locale
+    print_result((args.out / "bench.md").read_text(encoding="utf-8"))  # written as UTF-8 (↓, ±), whatever the locale
     return 0
 
 
@@ -69,5 +69,5 @@ def _add_measure(p: argparse.ArgumentParser) -> None:
 def _measure(args: argparse.Namespace) -> int:
     from .measure import measure
 
-    print(json.dumps(measure(args.files, args.concepts, args.n_eval, args.seed), indent=2))
+    print_result(json.dumps(measure(args.files, args.concepts, args.n_eval, args.seed), indent=2))
     return 0

@@ -202,9 +202,7 @@ def _measured_run(bundle, backend, concept, config: TrainConfig, out: Path, n_ev
     try:
         erased = erasure_report(backend, bundle, concept, n_eval, seed + 1000, lora=True, styles=PROMPT_STYLES)
     except KeyboardInterrupt as err:  # the run is trained and saved: only the measurement is lost
-        raise ZEraseError(f"Stopped while measuring the erased model. Its {steps} steps are trained and saved in "
-                          f"{out}: run the same command with --resume to measure it (nothing is trained again).") \
-            from err
+        raise ZEraseError(f"Stopped while measuring the erased model. {_kept(steps, out, 'measure it')}") from err
     report = {
         "concept": concept.word, "attribute": concept.attribute, "value": concept.value,
         "preserve": list(config.preserve), "steps": steps, "seed": seed, "n_eval": n_eval,
@@ -216,8 +214,17 @@ def _measured_run(bundle, backend, concept, config: TrainConfig, out: Path, n_ev
         "files": {"lora": lora_path.name, "grid": GRID, "curves": CURVES, "attention": ATTENTION,
                   "previews": PREVIEWS + "/"},
     }
-    atomic_write_text(out / REPORT, json.dumps(report, indent=2))  # first: what was measured outlives a failed picture
-    save_png(comparison_grid(backend, bundle, concept, seed)[0], out / GRID)
-    save_png(attention_picture(backend, bundle, concept, seed)[0], out / ATTENTION)
+    try:
+        atomic_write_text(out / REPORT, json.dumps(report, indent=2))  # first: what was measured outlives a picture
+        save_png(comparison_grid(backend, bundle, concept, seed)[0], out / GRID)
+        save_png(attention_picture(backend, bundle, concept, seed)[0], out / ATTENTION)
+    except ZEraseError as err:  # a full disk: "choose another folder" alone would mean training again
+        raise ZEraseError(f"{err}\n{_kept(steps, out, 'write them once they can be written')}") from err
     backend.uninstall()  # give the bundle back as it came
     return report
+
+
+def _kept(steps: int, out: Path, then: str) -> str:
+    """What a demo stopped after its training keeps, and how to finish it."""
+    return (f"Its {steps} steps are trained and saved in {out}: run the same command with --resume to {then} "
+            "(nothing is trained again).")
