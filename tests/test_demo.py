@@ -359,3 +359,8 @@ def test_measure_gives_the_demos_numbers_for_its_lora_and_the_original(tmp_path,
     for seed in (-1, 2**64):  # as the demo refuses it: its report could not be matched
         with pytest.raises(ZEraseError, match="--seed must be between 0 and 2"):
             measure([lora], [], n_eval=2, seed=seed, bundle=random_toy)
+    # Within float32 as a file, too large for the model: its pictures were NaN and the FD a linalg traceback
+    huge = {key: (a * 1e20, b * 1e20) for key, (a, b) in other.factors.items()}  # |ΔW| < 1e38
+    blown = save_lora(type(other)(huge, concept="red", fingerprint=other.fingerprint), tmp_path / "blown.safetensors")
+    with pytest.raises(ZEraseError, match="The toy model's pictures with the LoRA are not finite numbers .NaN or inf."):
+        measure([blown], [], n_eval=2, seed=0, bundle=random_toy)

@@ -209,6 +209,10 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.A": torch.full_like(t["zerase.layers.0.q.A"], float("nan"))}),
      "NaN or infinite"),
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.B": torch.zeros(64, 3)}), "'bad.safetensors': .*inconsistent"),
+    # each factor finite, ΔW = scale · strength · B A past float32 (a review: `measure` ended in a linalg traceback)
+    (dict(tensors=lambda t: t | {"zerase.layers.0.q.A": t["zerase.layers.0.q.A"].index_fill(1, torch.tensor([0]),
+                                                                                           3e38)}),
+     r"'bad.safetensors': .*change to layer 0 q \(ΔW = scale · strength · B A\) leaves float32's range"),
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.A": torch.zeros(0, 64), "zerase.layers.0.q.B": torch.zeros(64, 0)}),
      r"'bad.safetensors': .*A \(0, 64\), B \(64, 0\)"),  # rank 0: refused by the file's name, not at install
     # width 0: no bytes in the file, and a merge wrote it as rank 2**40
@@ -801,7 +805,9 @@ def test_merge_refuses_factors_that_do_not_fit_together_and_an_overflow():
     official = ErasureLoRA(_random_lora(KEYS, d_in=32, d_out=32).factors, source="official-z-erase")
     with pytest.raises(ZEraseError, match="layer 0 k maps 32→32 vs 64→64"):  # keys in order: (0, k) first
         merge_exact([_random_lora(KEYS), official])
-    strong = ErasureLoRA(_random_lora(KEYS).factors, scale=1e38)  # finite in float32, as a file may hold it
+    with pytest.raises(ZEraseError, match=r"change to layer 0 q \(ΔW = .*\) leaves float32's range"):  # its own
+        ErasureLoRA(_random_lora(KEYS).factors, scale=1e38)
+    strong = _near_float32_max(_random_lora(KEYS))  # ΔW 2.9e38: within float32, as a file may hold it
     with pytest.raises(ZEraseError, match="overflows at layer 0 k"):
         merge_exact([strong, _random_lora(KEYS, seed=1)], [20.0, 1.0])
     with pytest.raises(ZEraseError, match="above 20"):  # the weights that overflowed before there was a bound
@@ -822,12 +828,17 @@ def test_merge_refuses_a_weight_past_any_strength_and_factors_that_are_not_finit
     files = [str(save_lora(lora, tmp_path / f"{lora.concept}.safetensors")) for lora in (red, blue)]
     assert main(["merge", *files, "--weights", "1e38", "1", "--out", str(tmp_path / "both.safetensors")]) == 2
     assert "are above 20" in capsys.readouterr().err and not (tmp_path / "both.safetensors").exists()
-    nan = ErasureLoRA({k: (a.clone().fill_(float("nan")), b) for k, (a, b) in red.factors.items()}, concept="nan")
+    with pytest.raises(ZEraseError, match="change to layer 0 q .* or its factors are not finite numbers"):
+        ErasureLoRA({k: (a.clone().fill_(float("nan")), b) for k, (a, b) in red.factors.items()}, concept="nan")
     with pytest.raises(ZEraseError, match="overflows at layer 0 k: .*not finite.*no file was written"):
-        merge_exact([nan, blue])
-    huge = ErasureLoRA({k: (torch.full_like(a, 3e38), torch.full_like(b, 3e38)) for k, (a, b) in red.factors.items()})
-    with pytest.raises(ZEraseError, match="overflows at layer 0 k"):
-        merge([huge, blue], [1.0, 1.0], rank=1)
+        merge([_near_float32_max(red), blue], [20.0, 1.0], rank=1)
+
+
+def _near_float32_max(lora: ErasureLoRA) -> ErasureLoRA:
+    """``lora`` with every factor entry 1.2e19: ΔW's entries are rank · 1.44e38 · scale (2.9e38 at rank 4 and 0.5),
+    the most a LoRA may hold (float32's largest is 3.4e38)."""
+    return replace(lora, factors={k: (torch.full_like(a, 1.2e19), torch.full_like(b, 1.2e19))
+                                  for k, (a, b) in lora.factors.items()})
 
 
 def test_merge_refuses_a_weight_whose_lora_rounds_to_nothing():

@@ -51,6 +51,13 @@ _LAYER = re.compile(r"0|[1-9][0-9]{0,3}")
 _STOCK_HINTS = ("lora_A", "lora_B", "lora_up", "lora_down", "lora_unet", "lora_te", ".alpha", "hada_", "lokr_")
 
 
+def fits_float32(a: torch.Tensor, b: torch.Tensor, multiplier: float = 1.0) -> bool:
+    """Whether factors and every entry of their ΔW = multiplier · B A are finite in float32, where the model computes:
+    by the bound rank · max|A| · max|B| · |multiplier| on ΔW's entries, two reductions rather than the product."""
+    peaks = float(a.abs().max()), float(b.abs().max())  # NaN where a factor holds one: not finite
+    return finite_in_fp32(*peaks, a.shape[0] * peaks[0] * peaks[1] * abs(multiplier))
+
+
 @dataclass(frozen=True)
 class ErasureLoRA:
     """An erasure LoRA in memory: fp32 factors per (layer, projection) plus what describes it."""
@@ -89,6 +96,10 @@ class ErasureLoRA:
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or 0 in (*a.shape, *b.shape):
                 raise ZEraseError(f"LoRA factors for layer {key[0]} {key[1]} have inconsistent shapes "
                                   f"(A {tuple(a.shape)}, B {tuple(b.shape)}: rank × in and out × rank, each ≥ 1).")
+            if not fits_float32(a, b, self.multiplier):  # 3e38 in A alone, each factor finite, made ΔW inf
+                raise ZEraseError(f"This erasure LoRA's change to layer {key[0]} {key[1]} (ΔW = scale · strength · "
+                                  "B A) leaves float32's range, or its factors are not finite numbers. Re-train or "
+                                  "re-download it.")
 
     def require_gated(self) -> None:
         """Refuse to go on with a LoRA trained without the gate: every host applies LoRAs through it."""

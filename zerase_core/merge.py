@@ -16,7 +16,7 @@ import torch
 
 from .prompts import concept_words
 from .errors import ZEraseError, shown
-from .lora_file import STRENGTH_MAX, ErasureLoRA, Key, differing_facts, listed_problems, max_rank
+from .lora_file import STRENGTH_MAX, ErasureLoRA, Key, differing_facts, fits_float32, listed_problems, max_rank
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,9 @@ def _concatenated(loras: list[ErasureLoRA], weights: list[float]) -> dict[Key, t
 
 
 def _check_finite(key: Key, a: torch.Tensor, b: torch.Tensor, weights: list[float] | None) -> None:
-    """A merged factor must be finite in float32, where the model computes: inf or NaN there turns every image it
-    touches into NaN. Refused before the merge is returned, so no file of it is written."""
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # finite weights times a file's scale or strength
+    """A merged projection's factors and its ΔW must be finite in float32, where the model computes: inf or NaN there
+    turns every image it touches into NaN. Refused before the merge is returned, so no file of it is written."""
+    if not fits_float32(a, b):  # finite weights times a file's scale or strength, or factors whose product is not
         raise ZEraseError(f"The merge overflows at layer {key[0]} {key[1]}: weights {shown(str(weights))} times the "
                           "LoRAs' scales and strengths leave float32's range (or a LoRA's own factors are not "
                           "finite); no file was written. Use weights near 1, and check each LoRA's scale and strength "

@@ -129,6 +129,10 @@ def generate_through(backend: Backend, bundle, prompts: list[str], seed: int, lo
         g = torch.Generator().manual_seed(offset_seed(seed, start))
         noise = torch.randn((len(chunk), *bundle.latent_shape), generator=g)
         x0 = euler(backend, noise, sigmas, backend.encode(chunk), uncond=[uncond] * len(chunk), cfg=s.cfg, lora=lora)
+        if not torch.isfinite(x0).all():  # measured, NaN pictures ended in a linear-algebra traceback
+            raise ZEraseError(f"The toy model's pictures {'with the LoRA ' if lora else ''}are not finite numbers "
+                              "(NaN or inf): its weights are too large for the model (an edited or damaged file). "
+                              "Re-train it, or measure another file.")
         images.append(bundle.to_image(x0.cpu()))
     return torch.cat(images)
 
