@@ -503,6 +503,19 @@ def test_names_windows_cannot_hold_are_refused_everywhere(name, why, tmp_path):
     check_writable(tmp_path / "new" / ".." / "red.json")  # steps of a path, not names
 
 
+@pytest.mark.parametrize("folder", ["run\n", "run\r", "a\tb", "x\x1b"])
+def test_a_folder_to_make_with_a_control_character_is_refused(folder, tmp_path):
+    """`--out $'runs/nl\\n'` (a line break pasted after the name) made the folder "nl\\n"; save names refused it
+    already. Windows refuses characters 1–31 in names; a listing shows them as breaks."""
+    from zerase_core.cli import main
+    from zerase_core.files import check_writable
+
+    with pytest.raises(ZEraseError, match=r"holds a control character \(a line break, a tab\)"):
+        check_writable(tmp_path / folder / "red.safetensors")
+    assert main(["train", "--tiny", "--concept", "cat", "--steps", "1", "--out", str(tmp_path / folder)]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_place_with_no_folder_at_all_is_refused_by_name(monkeypatch):
     """A drive or share that is not there (Z:\\runs on Windows): no folder on the way exists to probe in."""
     import zerase_core.files as files

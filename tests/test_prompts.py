@@ -226,3 +226,12 @@ def test_erase_templates_are_checked_for_the_concept_as_the_token_lookup_reads_t
     check_erase_templates(escaped, as_tokenized)  # ComfyUI's encoder reads "(cat)": found
     with pytest.raises(ZEraseError, match=r"'\(cat\)' does not occur in the prompt 'a photo of \\\(cat\\\)'"):
         check_erase_templates(escaped)  # read as written (diffusers' encoder), "\(cat\)" is not "(cat)"
+
+
+def test_the_tiny_models_encoder_reads_a_decomposed_concept_as_the_real_one_does():
+    """`train --tiny --concept $'cafe\\u0301'` said "'café' does not occur in the prompt 'A photo of café'": the
+    stand-in encoder kept the prompt as typed, where the lookup (and Qwen's tokenizer) read NFC."""
+    from zerase_core.backends.text_encoders import HashWordEncoder
+
+    (prompt,) = HashWordEncoder(8).encode(["A photo of cafe\u0301"])
+    assert prompt.text == "A photo of caf\u00e9" and concept_token_indices(prompt, "cafe\u0301") == [4]

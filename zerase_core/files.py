@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import unicodedata
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from .errors import ZEraseError
+from .errors import ZEraseError, shown
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, Any],
@@ -145,6 +146,9 @@ def check_portable(name: str) -> None:
     if name.endswith((".", " ")):
         raise ZEraseError(f"The name '{name}' ends in {'a dot' if name.endswith('.') else 'a space'}, which Windows "
                           "drops from file names; choose a name without it.")
+    if any(unicodedata.category(ch) == "Cc" for ch in name):  # a line break pasted after a folder's name
+        raise ZEraseError(f"The name '{shown(name)}' holds a control character (a line break, a tab), which Windows "
+                          "refuses in file names and a listing shows as a break; choose a name without it.")
 
 
 NAME_MAX = 255  # one file name: bytes on ext4 and APFS, UTF-16 units on NTFS

@@ -70,7 +70,7 @@ class HashWordEncoder:
 
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
         out = []
-        for prompt in prompts:
+        for prompt in map(as_read, prompts):  # as Qwen's tokenizer reads: a concept typed decomposed is found
             words = [(m.group().lower(), m.span()) for m in re.finditer(r"\w+", prompt)]
             rows = [self._vector("<bos>")] + [self._vector(w) for w, _ in words] + [self._vector("<eos>")]
             spans = (None, *(s for _, s in words), None)
