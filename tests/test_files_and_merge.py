@@ -971,3 +971,15 @@ def test_a_merge_saved_again_under_its_name_is_the_file_it_wrote(tmp_path):
     (tmp_path / "cat_dog.safetensors").write_bytes(b"damaged")  # not this merge any more: a new file, none replaced
     assert saved_or_new(merged, tmp_path, "cat_dog") == (tmp_path / "cat_dog_004.safetensors", True)
     assert saved_or_new(merged, tmp_path, "cat_dog") == (tmp_path / "cat_dog_004.safetensors", False)
+
+
+def test_a_merge_rank_below_1_is_refused_before_the_merge_gives_its_advice(caplog):
+    """`merge A B --rank 0` logged the 1/N weights' advice, then refused the rank."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    with pytest.raises(ZEraseError, match="The merge rank must be at least 1, got 0"):
+        merge([_random_lora(KEYS), _random_lora(KEYS, seed=1)], rank=0)
+    assert caplog.records == []
+    assert merge([_random_lora(KEYS), _random_lora(KEYS, seed=1)], rank=1)[1].rank == 1
+    assert "1/2 each" in caplog.text  # what it logged before: said once the rank is fine

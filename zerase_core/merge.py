@@ -191,14 +191,18 @@ def concepts_of(lora: ErasureLoRA) -> list[str]:
     return lora.concept.split(JOIN) if lora.source == "merge" else [lora.concept]
 
 
+def check_rank(rank: int) -> None:
+    if rank < 1:
+        raise ZEraseError(f"The merge rank must be at least 1, got {rank}.")
+
+
 def rerank(lora: ErasureLoRA, rank: int) -> tuple[ErasureLoRA, MergeReport]:
     """Best rank-``rank`` approximation of every ΔW (Eckart–Young), via QR of the thin factors.
 
     ΔW = B A with B = Q_b R_b, Aᵀ = Q_a R_a, so the SVD of the small R_b R_aᵀ gives ΔW's;
     no out × in matrix is formed.
     """
-    if rank < 1:
-        raise ZEraseError(f"The merge rank must be at least 1, got {rank}.")
+    check_rank(rank)
     factors, err2, total2 = {}, 0.0, 0.0
     for key, (a, b) in lora.factors.items():
         a, b, sv = _best_rank(a, b * lora.multiplier, rank)
@@ -224,6 +228,8 @@ def _best_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tenso
 
 def merge(loras: list[ErasureLoRA], weights: list[float] | None = None, rank: int | None = None):
     """Exact merge, optionally re-ranked; returns (lora, report)."""
+    if rank is not None:
+        check_rank(rank)  # before the merge, which logs its advice on weights
     merged = merge_exact(loras, weights)
     if rank is None or rank >= merged.rank:
         return merged, MergeReport(merged.rank, 0.0)
