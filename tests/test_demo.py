@@ -359,6 +359,12 @@ def test_measure_gives_the_demos_numbers_for_its_lora_and_the_original(tmp_path,
     for seed in (-1, 2**64):  # as the demo refuses it: its report could not be matched
         with pytest.raises(ZEraseError, match="--seed must be between 0 and 2"):
             measure([lora], [], n_eval=2, seed=seed, bundle=random_toy)
+    unnamed = save_lora(type(other)(other.factors, concept="", fingerprint=other.fingerprint),
+                        tmp_path / "unnamed.safetensors")  # was "'' is not one concept of the toy world"
+    with pytest.raises(ZEraseError, match=f"{re.escape(str(unnamed))} names no concept in its metadata: give the "
+                                          "concepts to measure with --concepts"):
+        measure([unnamed], [], n_eval=2, seed=0, bundle=random_toy)
+    assert sorted(measure([unnamed], ["red"], n_eval=2, seed=0, bundle=random_toy)["concepts"]) == ["red"]
     # Within float32 as a file, too large for the model: its pictures were NaN and the FD a linalg traceback
     huge = {key: (a * 1e20, b * 1e20) for key, (a, b) in other.factors.items()}  # |ΔW| < 1e38
     blown = save_lora(type(other)(huge, concept="red", fingerprint=other.fingerprint), tmp_path / "blown.safetensors")

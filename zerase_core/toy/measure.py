@@ -35,6 +35,10 @@ def measure(files: Sequence[Path], concepts: Sequence[str], n_eval: int, seed: i
             check_applicable(backend, lora)
         except ZEraseError as err:
             raise ZEraseError(f"{path}: {err}") from err
+    unnamed = [str(path) for path, lora in zip(files, loras) if not lora.concept.strip()]
+    if unnamed and not concepts:  # a file's concept is metadata, which an edit or another tool may leave empty
+        raise ZEraseError(f"{unnamed[0]} names no concept in its metadata: give the concepts to measure with "
+                          "--concepts (e.g. --concepts red).")
     concepts = list(concepts) or list(dict.fromkeys(c for lora in loras for c in concepts_of(lora)))
     if not concepts:
         raise ZEraseError("Name the concepts to measure (--concepts red circle): without LoRA files there are none "
