@@ -198,7 +198,7 @@ def _train(args: argparse.Namespace) -> int:
                                       release_encoder=not args.tiny)
     last = result.history[-1]
     print_result(json.dumps({"lora": str(path), "steps": last.step, "L_erase": last.erase, "lambda": last.lam,
-                      "seconds": round(result.seconds, 2)}))
+                             "seconds": round(result.seconds, 2)}))
     return 0
 
 

@@ -93,8 +93,8 @@ def check_writable(path: str | os.PathLike) -> None:
 
     Nothing is left behind: the probe file goes into the deepest folder that exists, and folders still to be made
     are only checked (their names' lengths, no file in their place). The first real save makes them, so a run
-    refused later (a resolution past the model's position tables) leaves no empty folder, and no other writer's new folder is
-    taken away meanwhile.
+    refused later (a resolution past the model's position tables) leaves no empty folder, and no other writer's new
+    folder is taken away meanwhile.
     """
     path = Path(path)
     chain = (path.parent, *path.parent.parents)
