@@ -231,15 +231,16 @@ def _run(argv: list[str] | None) -> int:
 
 
 def print_result(text: str) -> None:
-    """A command's result on stdout. A full disk behind it is told in one line; a reader that went away is let
-    through as BrokenPipeError, which :func:`_run` ends quietly."""
+    """A command's result on stdout, printed after every file it writes. A full disk behind it is told in one line;
+    a reader that went away is let through as BrokenPipeError, which :func:`_run` ends quietly."""
     try:
         print(text, flush=True)  # flushed here: at exit, a failed write would be a traceback
     except BrokenPipeError:
         raise
     except OSError as err:
-        raise ZEraseError(f"Could not print the result: {err.strerror or err}. Print it to a terminal, a pipe or a "
-                          "file that can take it.") from err
+        raise ZEraseError(f"Could not print the result: {err.strerror or err}. Every file the command writes (a "
+                          "LoRA, a merge, a report, a benchmark's --out) is written: only this result line is lost, "
+                          "and running the command again is not needed for them.") from err
 
 
 def _load_plugins() -> None:
