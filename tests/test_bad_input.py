@@ -1207,3 +1207,26 @@ def test_the_command_lines_curves_say_when_a_run_has_no_preservation_concepts(tm
     for folder, preserve in (("alone", ()), ("kept", ("blue",))):
         train_and_save(PlannedRun(tiny_zimage_backend(), _config(steps=1, preserve=preserve), tmp_path / folder))
     assert titles == ["Z-Erase 'red' (no preservation concepts): 1 steps", "Z-Erase 'red': 1 steps"]
+
+
+
+@pytest.mark.parametrize("step", ['"abc"', "Infinity"])
+def test_a_fresh_run_beside_a_checkpoint_with_a_damaged_step_is_refused_by_name(tmp_path, step):
+    """A mutation audit: a ValueError or OverflowError from the damaged step was a traceback once only the pack's
+    own errors were caught."""
+    from zerase_core.checkpoint import check_run_files
+
+    ckpt = tmp_path / "checkpoint.safetensors"
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=1), checkpoint_path=ckpt).run()
+    _edited(ckpt, step=step)
+    with pytest.raises(ZEraseError, match="is a checkpoint that cannot be read"):
+        check_run_files(tmp_path / "l.safetensors", ckpt, _config(steps=1), tiny_zimage_backend(), False, "")
+
+
+def test_a_fresh_run_refuses_a_folder_holding_the_callers_own_files(tmp_path):
+    """The demo's report.md of an earlier run would be overwritten by a new run into its folder."""
+    from zerase_core.run import PlannedRun
+
+    (tmp_path / "report.md").write_text("an earlier demo's report")
+    with pytest.raises(ZEraseError, match="holds report.md of an earlier run"):
+        PlannedRun(tiny_zimage_backend(), _config(), tmp_path, also_writes=("report.md",))

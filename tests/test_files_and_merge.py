@@ -988,3 +988,20 @@ def test_a_merge_rank_below_1_is_refused_before_the_merge_gives_its_advice(caplo
     assert caplog.records == []
     assert merge([_random_lora(KEYS), _random_lora(KEYS, seed=1)], rank=1)[1].rank == 1
     assert "1/2 each" in caplog.text  # what it logged before: said once the rank is fine
+
+
+
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_an_atomic_save_is_on_disk_before_it_takes_its_name(tmp_path, monkeypatch, exclusive):
+    """Renamed before its data reached the disk, a power cut could leave an empty LoRA or checkpoint under the real
+    name, the old one gone (a mutation audit: dropping the fsync failed no test)."""
+    import os
+
+    import zerase_core.files as files
+
+    events = []
+    for name in ("fsync", "replace", "link", "rename"):
+        real = getattr(os, name)
+        monkeypatch.setattr(files.os, name, lambda *a, n=name, r=real: (events.append(n), r(*a))[1])
+    files.atomic_save({"x": torch.zeros(2)}, tmp_path / "a.safetensors", {"k": "v"}, exclusive=exclusive)
+    assert events[0] == "fsync" and len(events) == 2, events  # then the one rename (or link) that names it

@@ -160,3 +160,53 @@ def test_damaged_files_under_the_name_are_no_finished_run(tmp_path):
     for name, training in (("red", "[" * 100_000), ("red_001", "1" * 5000), ("red_002", "[1, 2]")):
         save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=meta | {"training": training})
     assert NamedRun.plan(tmp_path, "", _config(), False).finished(backend) == kept
+
+
+# Gaps a mutation audit of the files/resume layer found (each test fails under its mutant).
+
+def test_saved_versions_are_only_the_names_the_numbering_writes(tmp_path):
+    """cat_1 and cat_0001 are no Z-Erase numbering of "cat": taken for its versions, they could be reused as a
+    finished run or merged."""
+    from zerase_core.save_names import saved_versions
+
+    for name in ("cat", "cat_1", "cat_0001", "cat_002"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"x")
+    assert [p.name for p in saved_versions(tmp_path, "cat")] == ["cat.safetensors", "cat_002.safetensors"]
+
+
+def test_a_save_name_through_a_linked_subfolder_leading_outside_is_refused(tmp_path):
+    from zerase_core.save_names import safe_output_path
+
+    outside, folder = tmp_path / "outside", tmp_path / "loras"
+    outside.mkdir(), folder.mkdir()
+    (folder / "sub").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ZEraseError, match="would leave the folder"):
+        safe_output_path(folder, "sub/cat")
+
+
+def test_a_concept_exactly_as_long_as_a_name_may_be_is_kept_whole():
+    """Cut one character short, such a concept's runs would be renamed by a later fix."""
+    from zerase_core.save_names import _NAME_ROOM, name_from
+
+    assert name_from("a" * _NAME_ROOM) == "a" * _NAME_ROOM
+
+
+def test_a_run_without_resume_never_continues_the_checkpoint_under_its_name(tmp_path):
+    _train(tmp_path, _config(), stop_after=3)
+    run = NamedRun.plan(tmp_path, "", _config(), resume=False)
+    assert run.checkpoint.exists() and run.continues is None
+
+
+def test_no_finished_file_is_taken_for_a_model_without_a_digest(tmp_path):
+    """A model that cannot tell what it is (in memory, LoRAs stacked by hooks) may be another fine-tune: it trains."""
+    backend = tiny_zimage_backend()
+    assert backend.base_digest() is None
+    _train(tmp_path, _config(), backend=backend)
+    assert NamedRun.plan(tmp_path, "", _config(), False).finished(backend) is None
+
+
+def test_a_stopped_runs_partial_file_is_no_finished_run(tmp_path):
+    backend = tiny_zimage_backend()
+    backend.base_digest = lambda: "this-model"
+    _train(tmp_path, _config(), stop_after=3, backend=backend)
+    assert NamedRun.plan(tmp_path, "", _config(), False).finished(backend) is None
