@@ -1032,7 +1032,9 @@ def test_a_run_stopped_by_sigterm_or_sighup_keeps_its_work_as_ctrl_c_does(tmp_pa
         if not hasattr(signal, name):
             continue  # Windows has no SIGHUP
         out = tmp_path / name
-        code = ("import signal\nimport zerase_core.run as run\nfrom zerase_core.cli import main\n"
+        # the signal left to the system, as a terminal starts a command (under nohup SIGHUP stays ignored, by design)
+        code = (f"import signal\nsignal.signal(signal.{name}, signal.SIG_DFL)\n"
+                "import zerase_core.run as run\nfrom zerase_core.cli import main\n"
                 "bar = run.progress_bar\n"
                 "def stopped_at_2(total, initial=0, label=''):\n"
                 "    on_step, b = bar(total, initial, label)\n"
