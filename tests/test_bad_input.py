@@ -1232,3 +1232,41 @@ def test_a_fresh_run_refuses_a_folder_holding_the_callers_own_files(tmp_path):
     (tmp_path / "report.md").write_text("an earlier demo's report")
     with pytest.raises(ZEraseError, match="holds report.md of an earlier run"):
         PlannedRun(tiny_zimage_backend(), _config(), tmp_path, also_writes=("report.md",))
+
+
+
+def test_the_command_lines_stop_signals_leave_a_handler_someone_else_set():
+    """nohup's ignored SIGHUP stays ignored, a host's own SIGTERM handler stays its own, inside and after (a mutation
+    audit: taking them over failed no test)."""
+    import signal
+
+    from zerase_core.ctrl_c import other_stops_as_ctrl_c
+
+    def hosts(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, hosts), signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with other_stops_as_ctrl_c():
+            assert signal.getsignal(signal.SIGTERM) is hosts and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is hosts and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous[0]), signal.signal(signal.SIGHUP, previous[1])
+
+
+def test_a_ctrl_c_held_where_it_is_ignored_does_not_stop_and_a_nested_stop_ends_the_innermost_hold():
+    """A held-back Ctrl-C where SIGINT is ignored (a script's background job) stops nothing, which a step out of
+    memory reads before it is taken again; a stop asked for (SIGTERM's) inside nested holds is delivered when the
+    innermost ends, not after the outer body went on (a mutation audit: both changes failed no test)."""
+    import signal
+
+    from zerase_core.ctrl_c import _ASKED, _IGNORED, ctrl_c_deferred, stop_as_ctrl_c, stops
+
+    assert not stops([signal.SIGINT, _IGNORED]) and stops([signal.SIGINT]) and stops([_IGNORED, _ASKED])
+    went_on = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_deferred():
+            with ctrl_c_deferred():
+                stop_as_ctrl_c()
+            went_on.append("the outer body after the inner hold")
+    assert went_on == []
