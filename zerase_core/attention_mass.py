@@ -45,8 +45,17 @@ def attention_with_mass(
     width = pad_to_multiple(max(d, dv + n), CHANNEL_ALIGN)
     indicators = columns.to(v.device, v.dtype).permute(1, 2, 0)[:, None].expand(-1, v.shape[1], -1, -1)
     value = torch.cat([v, indicators, v.new_zeros(*v.shape[:-1], width - dv - n)], dim=-1)  # (B, H, L, width)
-    out = attention(_widened(q, width), _widened(k, width), value, scale if scale is not None else d**-0.5, mask)
+    out = attention(_widened(q, width), _widened(k, width), value, softmax_scale(scale, q), mask)
     return out[..., :dv], out[..., dv : dv + n].permute(3, 0, 1, 2).float()
+
+
+def softmax_scale(scale: float | None, q: torch.Tensor) -> float:
+    """The host's softmax scale, or the default 1/√D of q's own head size (not of widened heads)."""
+    return scale if scale is not None else q.shape[-1] ** -0.5
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # one part: itself, not a copy
 
 
 def _widened(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -136,11 +145,10 @@ class MassRecorder(Recorder):
             out, mass = attention_with_mass(attention, q[head], k[head], v[head],
                                             self.columns[None, head].to(q.device), scale, batch_rows(attn_mask, head))
             parts, masses = [out], [mass[0].mean(dim=1)]
-        parts.append(attention(q[tail], k[tail], v[tail], scale if scale is not None else q.shape[-1] ** -0.5,
-                               batch_rows(attn_mask, tail)))
+        parts.append(attention(q[tail], k[tail], v[tail], softmax_scale(scale, q), batch_rows(attn_mask, tail)))
         masses.append(q.new_zeros(b - r, q.shape[2], dtype=torch.float32))
-        self.keep(layer, torch.cat(masses) if r > 0 else masses[0])  # (B, L)
-        return torch.cat(parts) if r > 0 else parts[0]
+        self.keep(layer, _joined(masses))  # (B, L)
+        return _joined(parts)
 
     def keep(self, layer: int, mass: torch.Tensor) -> None:
         """Record (B, L) per-query mass (mean over heads) as the per-sample mean over image queries."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from ..attention_mass import MassRecorder
+from ..attention_mass import MassRecorder, softmax_scale
 from ..objectives import loss_attn, loss_er, loss_erase, loss_pr
 from ..scoped import scoped
 
@@ -33,8 +33,7 @@ class MaterialisedMassRecorder(MassRecorder):
     """Attention mass read off the full softmax map, as the official code does."""
 
     def attend(self, layer: int, attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, L, L)
+        scores = (q @ k.transpose(-1, -2)) * softmax_scale(scale, q)  # (B, H, L, L)
         if attn_mask is not None:
             bool_mask = attn_mask.dtype == torch.bool
             scores = scores.masked_fill(~attn_mask, float("-inf")) if bool_mask else scores + attn_mask
