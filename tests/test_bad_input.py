@@ -146,6 +146,36 @@ def test_a_lock_taken_on_a_lock_file_its_run_removed_meanwhile_is_refused(tmp_pa
         os.close(fd)
 
 
+@pytest.mark.skipif(os.name == "nt", reason="POSIX: Windows removes no open file, so the lock is released first there")
+def test_an_ending_run_still_holds_its_folder_while_it_removes_the_folder_it_made(tmp_path, monkeypatch):
+    """Released first, the lock let a second run take the folder and start writing in the moment before the ending
+    run removed the folder (and the second run's lock file with it)."""
+    import fcntl
+
+    import zerase_core.run_lock as run_lock_module
+    from zerase_core.run_lock import LOCK, run_lock
+
+    held_while_removing = []
+    real_remove_unused = run_lock_module._remove_unused
+
+    def remove_unused(folder, made):
+        fd = os.open(folder / LOCK, os.O_RDWR)  # a second run's open: flock refuses it while the first holds
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held_while_removing.append(False)
+        except BlockingIOError:
+            held_while_removing.append(True)
+        finally:
+            os.close(fd)
+        real_remove_unused(folder, made)
+
+    monkeypatch.setattr(run_lock_module, "_remove_unused", remove_unused)
+    with run_lock(tmp_path / "new" / "run"):
+        pass
+    assert held_while_removing == [True]
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_resumed_run_refuses_a_folder_in_its_files_place_before_training(tmp_path, capsys):
     """It trained every step, then could not write its LoRA: "Is a directory" (on the real model, hours lost). A
     folder named as the checkpoint was "No such device"."""
