@@ -198,37 +198,14 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
     """
     from . import load_toy
 
-    unknown = sorted(set(methods or ()) - {m.name for m in METHODS})
-    if unknown or methods == []:
-        raise ZEraseError(f"Unknown bench methods {unknown}; choose from {[m.name for m in METHODS]}.")
-    check_n_eval(n_eval)
-    check_grid(concept_words, seeds)
-    concepts = [parse_concept(w) for w in concept_words]
-    if os.path.isfile(out):
-        raise ZEraseError(f"{out} is a file; --out names a folder for the cells and the table.")
-    check_writable(out / "bench.json")  # a name too long, a folder that cannot be written: before hours of cells
+    chosen, concepts = _checked(concept_words, seeds, n_eval, out, methods)
     bundle = bundle or load_toy()
-    chosen = [m for m in METHODS if methods is None or m.name in methods]
     # Every cell's settings first: one that TrainConfig refuses (--steps 0) is told before any cell is measured.
     configs = {(m.name, c.word, seed): cell_config(bundle, m, c, seed, steps)
                for m in chosen for c in concepts for seed in seeds}
-    cells = {}  # cells/ is made by the first cell written: --assemble-only that finds none leaves nothing behind
     identity = weights_identity(bundle)  # at load time: the file may be replaced while the bench runs
-    weights = identity["sha256_16"]
-    for method in chosen:
-        for concept in concepts:
-            for seed in seeds:
-                # keyed by the weights and the settings too: a cell measured on other ones is not reused
-                config = configs[(method.name, concept.word, seed)]
-                key = config_key(config)
-                name = f"{method.name}__{concept.word}__{seed}__{steps}__{n_eval}__{weights}__{key}.json"
-                path = out / "cells" / name
-                if not path.exists():
-                    if assemble_only:
-                        continue
-                    log.info("bench cell: %s / %s / seed %d", method.name, concept.word, seed)
-                    atomic_write_text(path, json.dumps(run_cell(bundle, method, concept, seed, config, n_eval)))
-                cells[(method.name, concept.word, seed)] = _read_cell(path)
+    cells = _cells(bundle, configs, chosen, concepts, seeds, f"{steps}__{n_eval}__{identity['sha256_16']}", n_eval,
+                   out / "cells", assemble_only)
     if assemble_only and all(configs[key] is None for key in cells):  # an empty or untrained-only table
         raise ZEraseError(f"{out / 'cells'} holds no trained cell of these settings (concepts, seeds, --steps, "
                           "--n-eval, the toy's weights and the methods' training settings): nothing was written. Run "
@@ -240,3 +217,37 @@ def run_bench(concept_words: list[str], seeds: list[int], steps: int, n_eval: in
     atomic_write_text(out / "bench.json", json.dumps(table, indent=2))
     atomic_write_text(out / "bench.md", to_markdown(rows, kinds, command))
     return rows
+
+
+def _checked(concept_words, seeds, n_eval, out: Path, methods):
+    """The methods chosen and the concepts parsed, every argument checked before the toy loads."""
+    unknown = sorted(set(methods or ()) - {m.name for m in METHODS})
+    if unknown or methods == []:
+        raise ZEraseError(f"Unknown bench methods {unknown}; choose from {[m.name for m in METHODS]}.")
+    check_n_eval(n_eval)
+    check_grid(concept_words, seeds)
+    concepts = [parse_concept(w) for w in concept_words]
+    if os.path.isfile(out):
+        raise ZEraseError(f"{out} is a file; --out names a folder for the cells and the table.")
+    check_writable(out / "bench.json")  # a name too long, a folder that cannot be written: before hours of cells
+    return [m for m in METHODS if methods is None or m.name in methods], concepts
+
+
+def _cells(bundle, configs, chosen, concepts, seeds, run_key: str, n_eval: int, folder: Path, assemble_only: bool):
+    """Each cell's result, measured where its file is missing (unless ``assemble_only``): a cell is a file named by
+    its method, concept, seed, the run's steps, n_eval and the toy's weights (``run_key``), and its settings, so one
+    measured on other ones is not reused. ``folder`` is made by the first cell written: --assemble-only that finds
+    none leaves nothing behind."""
+    cells = {}
+    for method in chosen:
+        for concept in concepts:
+            for seed in seeds:
+                config = configs[(method.name, concept.word, seed)]
+                path = folder / f"{method.name}__{concept.word}__{seed}__{run_key}__{config_key(config)}.json"
+                if not path.exists():
+                    if assemble_only:
+                        continue
+                    log.info("bench cell: %s / %s / seed %d", method.name, concept.word, seed)
+                    atomic_write_text(path, json.dumps(run_cell(bundle, method, concept, seed, config, n_eval)))
+                cells[(method.name, concept.word, seed)] = _read_cell(path)
+    return cells
