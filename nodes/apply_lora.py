@@ -14,16 +14,16 @@ NODE = "Apply Erasure LoRA"
 _UNLINKED = object()  # validate_inputs' erasure_lora when nothing is connected to it
 
 
-def apply_erasure(model, lora, strength: float):
+def apply_erasure(model, lora, strength: float, node: str = NODE):
     """A clone of ``model`` carrying ``lora`` gated to text tokens; ``model`` itself is untouched. At strength 0 the
     model itself, once the LoRA is checked to fit it (as ComfyUI's LoraLoader, no clone; a wrong choice still says
-    so)."""
-    backend = ComfyZImageBackend(model, node=NODE)
-    with told_as(NODE):
+    so). ``node``: whose output the clone is, named in its refusals (in a sampler too)."""
+    backend = ComfyZImageBackend(model, node=node)
+    with told_as(node):
         if strength == 0:
             check_applicable(backend, lora)
             return model
-        install_lora(backend, lora, name=backend.key, multiplier=strength)
+        install_lora(backend, lora, name=backend.key, strength=strength)
     return backend.patcher
 
 

@@ -71,7 +71,8 @@ def _reused(cls, path: Path, backend: ComfyZImageBackend, model, vae, config) ->
 def _outputs(cls, lora, curves, previews, model) -> io.NodeOutput:
     """The node's outputs; the erased MODEL is made as Apply Erasure LoRA makes it, whether trained or reused."""
     shown = [ui.PreviewImage(image, cls=cls).values for image in (curves, previews)]  # on the node too, wired or not
-    return io.NodeOutput(lora, apply_erasure(model, lora, 1.0), curves, previews, ui={"images": shown[0] + shown[1]})
+    erased = apply_erasure(model, lora, 1.0, NODE)
+    return io.NodeOutput(lora, erased, curves, previews, ui={"images": shown[0] + shown[1]})
 
 
 def _progress_text(shown_on: str | None, steps: int, every: float = 0.5):

@@ -597,7 +597,7 @@ def test_the_model_digest_tells_the_file_and_its_patches(tmp_path):
     factors = {(0, "q"): (torch.randn(2, 256), torch.randn(256, 2))}
     for strength in (1.0, 0.5):
         erased = ComfyZImageBackend(model)
-        install_lora(erased, ErasureLoRA(factors), name=erased.key, multiplier=strength)
+        install_lora(erased, ErasureLoRA(factors), name=erased.key, strength=strength)
         applied.append(model_digest(erased.patcher))
     again = ComfyZImageBackend(model)  # the same LoRA applied anew: another random adapter name, the same model
     install_lora(again, ErasureLoRA(factors), name=again.key)

@@ -265,6 +265,24 @@ def test_train_outputs_and_files(pack, loras_dir):
         train.execute(model=tiny_lumina2(comfy), clip=clip, **_train_inputs(save_name="y"))
 
 
+def test_a_sampler_refuses_reference_latents_under_the_name_of_the_node_whose_model_it_samples(pack, loras_dir):
+    """Z-Image's edit mode (reference latents in the conditioning) is refused inside the sampler. Train's erased
+    MODEL is made as Apply makes it, and its refusals named Apply Erasure LoRA, a node the workflow may not have."""
+    with torch.inference_mode():
+        model, clip = tiny_zimage(comfy, inference_tensors=True), tiny_clip(comfy)
+        (_, from_train, *_) = pack["ZEraseTrain"].execute(model=model, clip=clip, **_train_inputs(steps=1))
+        (from_apply,) = pack["ZEraseApplyLoRA"].execute(model=model, lora_name="(none)", strength=1.0,
+                                                        erasure_lora=random_lora())
+    latent = empty_latent()
+    pos = [[features, {**extra, "reference_latents": [latent["samples"]]}]
+           for features, extra in encode(clip, "a photo of a cat")]
+    neg = encode(clip, "blurry")
+    for erased, node in ((from_train, "Z-Erase Train"), (from_apply, "Apply Erasure LoRA")):
+        with pytest.raises(ZEraseError, match=f"^{node}: erasure LoRAs do not support Z-Image reference latents"):
+            ksample(comfy, erased, pos, neg, latent, steps=1, cfg=2.0)
+    ksample(comfy, from_train, encode(clip, "a photo of a cat"), neg, latent, steps=1, cfg=2.0)  # and without, runs
+
+
 def test_cancel_during_training_leaves_a_loadable_lora_and_resume_finishes_the_run(pack, loras_dir, monkeypatch):
     train = pack["ZEraseTrain"]
     mm, utils = comfy.mm, comfy.utils

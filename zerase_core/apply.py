@@ -25,19 +25,20 @@ def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor
     return torch.cat([a, a.new_zeros(extra, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)
 
 
-def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", multiplier: float = 1.0) -> LoRASet:
-    """Check that ``lora`` fits, then install it gated, frozen, at its stored scale × strength × ``multiplier``.
+def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", strength: float = 1.0) -> LoRASet:
+    """Check that ``lora`` fits, then install it gated, frozen, at its stored scale × its strength × ``strength``
+    (Apply's).
     LoRAs installed under different ``name``s add up; a ``name`` already installed is refused.
 
     Built outside inference mode (ComfyUI runs nodes inside it): a LoRA trained later on top of
     this one back-propagates through it, and autograd cannot save inference tensors.
     """
     check_applicable(backend, lora)
-    if not finite_in_fp32(multiplier):  # before LoRAConfig, whose refusal would name alpha and scale
+    if not finite_in_fp32(strength):  # before LoRAConfig, whose refusal would name alpha and scale
         raise ZEraseError(f"The strength must be a finite number (it multiplies the LoRA's own scale); got "
-                          f"{multiplier}.")
+                          f"{strength}.")
     with torch.inference_mode(False), torch.no_grad():
-        return _installed(backend, lora, name, lora.strength * multiplier)
+        return _installed(backend, lora, name, lora.strength * strength)
 
 
 def check_applicable(backend: Backend, lora: ErasureLoRA) -> None:
