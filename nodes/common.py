@@ -109,11 +109,9 @@ def parse_list(text: str, what: str, cast=str) -> list:
 def file_state(name: str):
     """What ComfyUI's cache keys a file choice on: its name, and its size and time when it exists. A resumed
     Train run rewrites the LoRA of its cancelled run under the same name; Apply and Load then read it again."""
-    import folder_paths
-
     if name is None:  # linked: no value while ComfyUI keys the node, so no file to key on; NaN ≠ NaN runs it again
         return float("nan")
-    path = folder_paths.get_full_path("loras", name) if name and name != NONE else None
+    path, _ = _found("", name)
     if path is None:
         return name
     stat = os.stat(path)

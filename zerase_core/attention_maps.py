@@ -76,7 +76,7 @@ class WordMapRecorder(Recorder):
 
     def attend(self, layer: int, attention, q, k, v, scale=None, attn_mask=None) -> torch.Tensor:
         """This layer's attention output; every word's mass comes from the same call."""
-        columns = self.indicators.to(q.device)[:, None].expand(-1, q.shape[0], -1)  # (N, B, L)
+        columns = self.indicators.to(q.device)[:, None].expand(-1, q.shape[0], -1)  # (N, B, L); made there already
         out, mass = attention_with_mass(attention, q, k, v, columns, scale, attn_mask)  # mass (N, B, H, L)
         if not self.keeps:
             return out

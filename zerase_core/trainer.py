@@ -290,7 +290,8 @@ class ZEraseTrainer:
         """One iteration of Algorithm 1:
 
         1. c_er ~ D_er, c_pr ~ D_pr and x_t (:meth:`draw`; fresh x_t: :meth:`sample_xt` in :meth:`_losses`);
-        2. L_erase (Eq. 5), L_attn (Eq. 6) and L_pr (Eq. 8) in one student forward (:meth:`_losses`);
+        2. L_erase (Eq. 5), L_attn (Eq. 6) and L_pr (Eq. 8) (:meth:`_losses`): in one student forward when λ will
+           weigh L_pr; else c_er's with a graph and [∅, c_pr]'s without one (:meth:`_student`, :meth:`_pr_loss`);
         3. L_er = L_erase + L_attn (Eq. 7, ``loss_er``);
         4. λ by its rule (Eq. 15, or 11-12) and one AdamW step on L_total = L_er + λ L_pr (:meth:`_descend`,
            :meth:`_backward`).

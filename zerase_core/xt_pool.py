@@ -76,7 +76,7 @@ class PoolDraw:
     keep_index: int | None
     x_t: torch.Tensor
     sigma: torch.Tensor
-    teacher: torch.Tensor  # (1 + 1 + n_keep, C, H, W): v_θ(x_t, c_er), v_θ(x_t, ∅)[, v_θ(x_t, c_pr)]
+    teacher: torch.Tensor  # (2 or 3, C, H, W): v_θ(x_t, c_er), v_θ(x_t, ∅)[, v_θ(x_t, c_pr) of its one c_pr]
 
 
 class TrajectoryPool:
@@ -169,9 +169,6 @@ class TrajectoryPool:
     @property
     def trajectories(self) -> int:
         return self.x.shape[0]
-
-    def __len__(self) -> int:
-        return self.trajectories * self.x.shape[1]
 
     def draw(self, rng: random.Random, gen: torch.Generator, device: torch.device) -> PoolDraw:
         """A uniformly random (trajectory, level), as fresh sampling picks a random level."""

@@ -305,7 +305,7 @@ class DiffusersZImageBackend(Backend):
         from ..attention_maps import WordMapRecorder
 
         layout = self.layout(x[:1], [prompt])
-        recorder = WordMapRecorder([layout.columns([cols]) for cols in columns], layers)
+        recorder = WordMapRecorder([layout.columns([cols], self.device) for cols in columns], layers)
         self._run(x[:1], sigma[:1], [prompt], layout, lora, recorder)
         return recorder.image_maps(layout, x.shape[-2] // self.patch, x.shape[-1] // self.patch)
 

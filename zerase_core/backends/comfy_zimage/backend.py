@@ -360,7 +360,7 @@ class ComfyZImageBackend(Backend):
         self.load()
         feats = prompt.features[None]
         lay = self.layout(x, [prompt])
-        recorder = WordMapRecorder([lay.columns([cols]) for cols in columns], layers)
+        recorder = WordMapRecorder([lay.columns([cols], self.device) for cols in columns], layers)
         with self.recording(recorder):
             self.denoise(x[:1], sigma[:1].float(), feats)
         if not recorder.seen:

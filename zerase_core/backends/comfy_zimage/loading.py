@@ -137,12 +137,10 @@ def training_session(backend: "ComfyZImageBackend") -> Iterator[None]:
     import comfy.model_management as mm
 
     with torch.inference_mode(False), scoped(backend, _whole=True, _weights_owned=False, _frozen=[]), \
-            scoped(backend.calls, training=True):
-        mm.in_training = True
+            scoped(backend.calls, training=True), scoped(mm, in_training=True):
         try:
             yield
         finally:
-            mm.in_training = False
             for param in backend._frozen:
                 param.requires_grad_(True)
             mm.soft_empty_cache()

@@ -41,7 +41,7 @@ def rebind(source: Any, clone: Any) -> None:
     if patches is None:
         return  # every patch as it was: the call state refuses to run them on this model
     clone.object_patches.update(patches)
-    for key, found in wrappers.items():  # the clone's own lists (clone() copies them)
+    for found in wrappers.values():  # the clone's own lists (clone() copies them)
         found[:] = [calls[id(w.__self__)].diffusion_wrapper if id(getattr(w, "__self__", None)) in calls else w
                     for w in found]
 
