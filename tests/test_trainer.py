@@ -150,7 +150,7 @@ def test_a_run_stopped_mid_step_resumes_into_the_run_an_uninterrupted_one_takes(
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
 
 
-def test_ctrl_c_as_a_step_is_recorded_leaves_a_checkpoint_that_resumes_the_same_run(tmp_path, monkeypatch, request):
+def test_ctrl_c_as_a_step_is_recorded_leaves_a_checkpoint_that_resumes_the_same_run(tmp_path, monkeypatch):
     """Ctrl-C after step 3's update, while its record was being made. First the step count had moved and the
     history not, and the checkpoint was refused as damaged on --resume; then (the step read off the history) the
     LoRA was a step ahead of the checkpoint's step, and the resumed run took one update too many (two reviews
@@ -160,9 +160,6 @@ def test_ctrl_c_as_a_step_is_recorded_leaves_a_checkpoint_that_resumes_the_same_
 
     import zerase_core.trainer as trainer_module
 
-    # Ctrl-C as a terminal delivers it: a script's background job starts with SIGINT ignored (raise_signal: nothing)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     reference = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4)).run()
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4, checkpoint_every=10),
                             checkpoint_path=tmp_path / "a.ckpt")
