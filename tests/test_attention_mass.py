@@ -287,3 +287,24 @@ def test_rows_without_concept_columns_are_attended_without_the_widened_heads():
     calls.clear()
     torch.testing.assert_close(none.attend(0, attention, q, k, v, None, mask), out_whole, atol=1e-6, rtol=0)
     assert calls == [(3, 32)] and none.result().eq(0).all()
+
+
+def test_a_batch_one_4d_mask_reaches_both_parts_of_a_split_call_whole():
+    """MassRecorder's split call ([c_er] with mass, [∅, c_pr] without) with a 4-D mask of batch 1: ComfyUI's 2-D mask as
+    _sdpa_mask shapes it, (1, 1, L, L). batch_rows must hand each part the mask whole; cut along its batch axis the
+    tail's part got an empty mask (a mutation audit: dropping `mask.shape[0] == 1` failed no test)."""
+    from zerase_core.attention_mass import MassRecorder
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 24, 32, generator=g) for _ in range(3))
+    columns, rows = torch.zeros(3, 24), torch.zeros(3, 24)
+    columns[0, 20], rows[:, :16] = 1.0, 1.0
+    mask = torch.ones(1, 1, 24, 24, dtype=torch.bool)
+    mask[..., 22:] = False  # a caption's padding, the same for every row
+    whole, split = MassRecorder(columns, rows), MassRecorder(columns, rows, mass_rows=1)
+    out_whole = whole.attend(0, sdpa, q, k, v, None, mask)
+    out_split = split.attend(0, sdpa, q, k, v, None, mask)
+    torch.testing.assert_close(out_split, out_whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(split.result(), whole.result(), atol=1e-7, rtol=0)
+    unmasked = MassRecorder(columns, rows).attend(0, sdpa, q, k, v, None, None)
+    assert not torch.allclose(out_whole, unmasked, atol=1e-3)  # the mask matters

@@ -231,3 +231,55 @@ def test_fused_qkv_and_separate_projections_agree_from_the_same_weights():
         y_fused = fused_layer(x)
         y_separate = torch.cat([layer(x) for layer in outputs], dim=-1)
     assert torch.allclose(y_fused, y_separate, atol=1e-6)
+
+
+def test_two_adapters_on_one_layer_both_reach_the_text_rows():
+    """Several adapters on one gated layer add up (lora.py: an applied erasure LoRA and one trained on top of it, or two
+    applied ones): text rows get base + Σ ΔW_i x, image rows stay the base's (a mutation audit: a layer that used
+    only its first adapter failed no test)."""
+    from zerase_core.gate import TokenGate
+    from zerase_core.layout import TokenLayout
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 16, bias=False)
+    gate = TokenGate()
+    layer = GatedLoRALinear(base, {"q": (0, 8), "k": (8, 16)}, gate)
+    first = layer.add_adapter("applied", ("q",), rank=2, scale=1.0, strength=0.5)
+    second = layer.add_adapter("trained", ("q", "k"), rank=3, scale=2.0)
+    with torch.no_grad():
+        for p in (*first.parameters(), *second.parameters()):
+            p.normal_()
+    x = torch.randn(1, 6, 8)
+    with gate.active(TokenLayout(6, ((4, 6),), ((0, 4),))):
+        y = layer(x)
+    text = x[0, 4:]
+    expected_q = base(x)[0, 4:, :8] + first.delta("q", text) + second.delta("q", text)
+    expected_k = base(x)[0, 4:, 8:] + second.delta("k", text)
+    torch.testing.assert_close(y[0, 4:, :8], expected_q)
+    torch.testing.assert_close(y[0, 4:, 8:], expected_k)
+    assert torch.equal(y[0, :4], base(x)[0, :4])
+
+
+def test_input_gradient_includes_the_lora_on_text_rows_only():
+    """The gated layer's gradient reaches its input through the LoRA too: d(x ΔWᵀ)/dx on text rows. Cut there (a detach
+    of the text rows fed to the adapters), every LoRA before a later gated layer lost that path, and the update
+    differed from ∇L_total; a mutation audit found no test that noticed (each compared the trainer's gradient with
+    autograd's on the same, cut graph)."""
+    from zerase_core.gate import TokenGate
+    from zerase_core.layout import TokenLayout
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 8, bias=False).requires_grad_(False)
+    gate = TokenGate()
+    layer = GatedLoRALinear(base, {"q": (0, 8)}, gate)
+    adapter = layer.add_adapter("e", ("q",), rank=2, scale=0.5)
+    with torch.no_grad():
+        adapter.B["q"].normal_()
+    x = torch.randn(1, 6, 8, requires_grad=True)
+    w = torch.randn(1, 6, 8)
+    with gate.active(TokenLayout(6, ((4, 6),), ((0, 4),))):
+        (layer(x) * w).sum().backward()
+    delta_w = 0.5 * adapter.B["q"] @ adapter.A["q"]  # (out, in)
+    text = torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.float32)[None, :, None]
+    expected = w @ base.weight + text * (w @ delta_w)
+    torch.testing.assert_close(x.grad, expected.detach())

@@ -49,3 +49,12 @@ def test_the_sigma_schedule_is_time_shifted_by_the_models_shift():
 
     assert flow_sigmas(4, 3.0).tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
     assert flow_sigmas(4, 1.0).tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_loss_total_at_lambda_zero_does_not_back_propagate_l_pr():
+    """loss_total at λ = 0 leaves L_pr out, as its docstring says ("its graph is never walked"): L_er + 0·L_pr is the
+    same value, but a finite L_pr whose gradient is not (here √x at 0) made 0·∞ = NaN in the update."""
+    x = torch.zeros((), requires_grad=True)
+    l_er, l_pr = (x - 1.0).square(), x.sqrt()  # L_pr = 0, finite; dL_pr/dx = +inf at 0
+    loss_total(l_er, l_pr, 0.0).backward()
+    assert x.grad is not None and torch.isfinite(x.grad) and x.grad.item() == -2.0

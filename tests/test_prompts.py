@@ -235,3 +235,15 @@ def test_the_tiny_models_encoder_reads_a_decomposed_concept_as_the_real_one_does
 
     (prompt,) = HashWordEncoder(8).encode(["A photo of cafe\u0301"])
     assert prompt.text == "A photo of caf\u00e9" and concept_token_indices(prompt, "cafe\u0301") == [4]
+
+
+def test_a_two_word_erase_prompt_gets_its_shuffled_variant(caplog):
+    """§4.1's word shuffle applies to every erase prompt of more than one word: "a red" has the variant "red a" (a
+    mutation audit: shuffling only prompts of three or more words failed no test; every template the tests used had
+    more)."""
+    from zerase_core.config import TrainConfig
+    from zerase_core.prompt_pool import erase_texts
+
+    with caplog.at_level("WARNING", logger="zerase_core.prompt_pool"):
+        assert erase_texts(TrainConfig(concept="red", templates=("a {}",), shuffle_pool=1)) == ["a red", "red a"]
+    assert "nothing to shuffle" not in caplog.text

@@ -1022,3 +1022,120 @@ def test_previews_show_the_model_without_the_lora_before_and_with_it_after():
     off, on = (euler(backend, noise, sigmas, [prompt], lora=lora) for lora in (False, True))
     assert not torch.allclose(off, on, atol=1e-4)
     assert torch.equal(before, off) and torch.equal(after, on)
+
+
+def test_each_draw_carries_the_sigma_and_teacher_of_its_own_level():
+    """A pool draw hands the step x_t, σ and the teacher's predictions of one (trajectory, level): the teacher of
+    another level, or the σ of the next, trains on a target from elsewhere on the trajectory (a mutation audit: the
+    teacher one level off failed only the thirty-step learning threshold, by a 2 % margin)."""
+    import random
+
+    pool = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="pool", xt_pool=2)).xt_pool
+    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    levels = set()
+    for _ in range(40):
+        d = pool.draw(rng, gen, torch.device("cpu"))
+        (j, k), = [(j, k) for j in range(pool.trajectories) for k in range(pool.x.shape[1])
+                   if torch.equal(pool.x[j, k : k + 1], d.x_t)]
+        levels.add(k)
+        assert float(d.sigma) == float(pool.sigmas[k]) and torch.equal(d.teacher, pool.teacher[j, k])
+        assert d.erase_index == pool.erase_index[j] and d.keep_index == pool.keep_index[j]
+    assert len(levels) > 1
+
+
+def test_a_pool_step_trains_with_its_trajectorys_preservation_prompt():
+    """xt_source="pool" (the default): the step's c_pr is its trajectory's, so L_pr keeps Eq. 8's preservation term (a
+    mutation audit: a pool step without c_pr, L_pr on ∅ alone, failed no test)."""
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(xt_pool=2))
+    pool, prompts = trainer.xt_pool, trainer.prompts
+    assert pool is not None and prompts.keep
+    for _ in range(8):
+        draw = trainer.draw()
+        (j, k), = [(j, k) for j in range(pool.trajectories) for k in range(pool.x.shape[1])
+                   if torch.equal(pool.x[j, k : k + 1], draw.x_t)]
+        assert draw.erase is prompts.erase[pool.erase_index[j]], draw.erase.text
+        assert draw.keep is prompts.keep[pool.keep_index[j]], f"c_pr {draw.keep and draw.keep.text!r}"
+        assert torch.equal(draw.teacher, pool.teacher[j, k]) and len(draw.teacher) == 3  # [c_er, ∅, c_pr]
+    seen = []
+    real = trainer._losses
+    trainer._losses = lambda *a, **kw: (seen.append(real(*a, **kw)), seen[-1])[1]
+    trainer.train_step()
+    assert seen[0].pr_batch.keep is not None
+
+
+def test_fresh_x_t_is_sampled_with_the_configured_guidance():
+    """xt_source="fresh" at sample_cfg ≠ 1 samples x_t with classifier-free guidance against ∅, as the pool does (a
+    mutation audit: sample_xt handing euler no negative prompt, so sampling unguided whatever sample_cfg says,
+    failed no test; the tests of guided sampling called euler themselves)."""
+    from zerase_core.sampling import euler
+
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="fresh", sample_cfg=2.0))
+    er = trainer.prompts.erase[0]
+    state = trainer.gen.get_state()
+    x_t, _ = trainer.sample_xt(er)
+    trainer.gen.set_state(state)
+    noise = torch.randn((1, *trainer.latent_shape), generator=trainer.gen)
+    k = int(torch.randint(0, trainer.config.sample_steps, (1,), generator=trainer.gen))
+    assert k > 0  # at σ_0 = 1 x_t is the noise itself, however it is sampled
+    sigmas = trainer.sigmas[: k + 1]
+    guided = euler(trainer.backend, noise, sigmas, [er], uncond=[trainer.prompts.uncond], cfg=2.0, lora=True)
+    plain = euler(trainer.backend, noise, sigmas, [er], lora=True)
+    assert torch.equal(x_t, guided) and not torch.allclose(x_t, plain, atol=1e-4)
+
+
+def _concept_tokens_asked(trainer):
+    """Where the step asks for attention mass: only on c_er's row of the batched student forward (the [∅, c_pr] rows are
+    attended as the host attends, without widened heads), and not at all when attn_weight = 0 ("0 switches L_attn
+    off", ESD's objective: the step records L_attn = 0). A mutation audit found neither tested: marking the concept
+    in every row of the batched call, or measuring the mass at weight 0, changed no tested value (the extra work
+    only costs time, and the mass is multiplied by 0)."""
+    calls, real = [], trainer.backend.velocity
+
+    def velocity(*a, **kw):
+        calls.append(kw.get("concept_tokens"))
+        return real(*a, **kw)
+
+    trainer.backend.velocity = velocity
+    return calls
+
+
+def test_the_batched_student_forward_marks_the_concept_on_the_erase_row_only():
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, lambda_mode="fixed", fixed_lambda=0.5))
+    calls = _concept_tokens_asked(trainer)
+    trainer.train_step()
+    marked = [c for c in calls if c is not None]
+    assert len(marked) == 1 and len(marked[0]) == 3  # [c_er, ∅, c_pr] in one forward
+    assert marked[0][0] and marked[0][1:] == [[], []]
+
+
+def test_attn_weight_zero_measures_no_mass_and_records_l_attn_zero():
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, attn_weight=0.0))
+    calls = _concept_tokens_asked(trainer)
+    record = trainer.train_step()
+    assert calls and all(c is None for c in calls)
+    assert record.attn == 0.0
+
+
+class _Counting:
+    """A backend stand-in whose velocity is x·σ, counting the rows of each call."""
+
+    def __init__(self):
+        self.rows = []
+
+    def velocity(self, x, sigma, prompts, lora=False):
+        self.rows.append(len(prompts))
+        return x * sigma[:, None, None, None], None
+
+
+def test_euler_at_cfg_one_runs_the_prompt_alone_even_with_a_negative_prompt():
+    """sampling.euler guides only at cfg ≠ 1: at cfg = 1 (Turbo's, the default sample_cfg) the fresh x_t is sampled with
+    one row per step, not [c, ∅] — the same x_t up to rounding at twice the cost (a mutation audit: guiding at cfg =
+    1 failed no test)."""
+    from zerase_core.sampling import euler, flow_sigmas
+
+    backend = _Counting()
+    euler(backend, torch.ones(1, 4, 2, 2), flow_sigmas(3, 3.0), ["c"], uncond=["∅"], cfg=1.0)
+    assert backend.rows == [1, 1, 1]
+    backend.rows.clear()
+    euler(backend, torch.ones(1, 4, 2, 2), flow_sigmas(3, 3.0), ["c"], uncond=["∅"], cfg=2.0)
+    assert backend.rows == [2, 2, 2]
