@@ -220,7 +220,7 @@ def _measured_run(bundle, backend, concept, config: TrainConfig, out: Path, n_ev
         save_png(attention_picture(backend, bundle, concept, seed)[0], out / ATTENTION)
     except ZEraseError as err:  # a full disk: "choose another folder" alone would mean training again
         raise ZEraseError(f"{err}\n{_kept(steps, out, 'write them once they can be written')}") from err
-    backend.uninstall()  # give the bundle back as it came
+    backend.uninstall()  # its LoRA off the bundle's model (the watching wrappers stay, passing through when idle)
     return report
 
 
