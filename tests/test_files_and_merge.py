@@ -606,11 +606,11 @@ def test_an_exact_merge_past_what_a_projection_holds_stays_exact_and_applies(tin
     install_lora(tiny_backend, merged)
 
 
-@pytest.mark.parametrize("multiplier", [float("nan"), float("inf"), 1e39])
-def test_a_strength_that_is_not_a_finite_number_is_refused_as_the_strength(tiny_backend, multiplier):
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), 1e39])
+def test_a_strength_that_is_not_a_finite_number_is_refused_as_the_strength(tiny_backend, strength):
     """It was refused by LoRAConfig, as "alpha, strength and alpha / rank · strength", with an alpha never set."""
     with pytest.raises(ZEraseError, match="^The strength must be a finite number .*got"):
-        install_lora(tiny_backend, _random_lora(KEYS), multiplier=multiplier)
+        install_lora(tiny_backend, _random_lora(KEYS), strength=strength)
 
 
 def test_stock_loaders_do_not_recognise_native_files(tiny_backend, tmp_path):
@@ -927,7 +927,7 @@ def test_an_exclusive_save_writes_a_new_file_and_never_replaces_one(tmp_path, mo
 
 
 def test_an_applied_lora_adds_its_delta_weight_at_its_scale_and_strength():
-    """What the model adds on text rows is x (scale · strength · multiplier · B A)ᵀ, the ΔW the file describes: an
+    """What the model adds on text rows is x (scale · strength · Apply's strength · B A)ᵀ, the ΔW the file describes: an
     official file's alpha ≠ rank and a node's strength reach the forward (every other test applies scale 1)."""
     import dataclasses
 
@@ -936,14 +936,14 @@ def test_an_applied_lora_adds_its_delta_weight_at_its_scale_and_strength():
     backend = tiny_zimage_backend()
     dim = backend.fingerprint()["dim"]
     lora = dataclasses.replace(_random_lora([(0, "q"), (1, "v")], d_in=dim, d_out=dim, scale=0.5), strength=0.7)
-    lora_set = install_lora(backend, lora, multiplier=2.0)
+    lora_set = install_lora(backend, lora, strength=2.0)
     x = torch.randn(5, dim, generator=torch.Generator().manual_seed(3))
     for key in [(0, "q"), (1, "v")]:
         added = lora_set.slots[key].delta(key[1], x).double()
         expected = x.double() @ (2.0 * lora.delta_weight(key)).T  # delta_weight carries scale · strength
         assert torch.allclose(added, expected, rtol=1e-5, atol=1e-6)
     # Apply's strength goes below 0 too (its widget: −20 … 20): the negated ΔW, not nothing
-    negative = install_lora(backend, lora, name="negative", multiplier=-1.0)
+    negative = install_lora(backend, lora, name="negative", strength=-1.0)
     for key in [(0, "q"), (1, "v")]:
         added = negative.slots[key].delta(key[1], x).double()
         assert torch.allclose(added, x.double() @ (-lora.delta_weight(key)).T, rtol=1e-5, atol=1e-6)
