@@ -26,9 +26,8 @@ def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor
 
 
 def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", strength: float = 1.0) -> LoRASet:
-    """Check that ``lora`` fits, then install it gated, frozen, at its stored scale × its strength × ``strength``
-    (Apply's).
-    LoRAs installed under different ``name``s add up; a ``name`` already installed is refused.
+    """Check that ``lora`` fits, then install it gated, frozen, at the file's scale × the file's strength ×
+    ``strength`` (Apply's). LoRAs installed under different ``name``s add up; a ``name`` already installed is refused.
 
     Built outside inference mode (ComfyUI runs nodes inside it): a LoRA trained later on top of
     this one back-propagates through it, and autograd cannot save inference tensors.
