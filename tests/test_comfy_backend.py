@@ -86,6 +86,47 @@ def test_a_model_rebuilt_under_the_patches_is_followed_or_refused_never_run_sile
         ksample(comfy, stuck, cond, cond, empty_latent())
 
 
+class _HalvingQKV:  # another extension's qkv patch, given as its object's own forward
+    def __init__(self, qkv):
+        self.qkv = qkv
+
+    def forward(self, x):
+        return type(self.qkv).forward(self.qkv, x) / 2
+
+
+class _HalvingQKVWithoutForward:  # the same, under another method's name, its class without a forward
+    def __init__(self, qkv):
+        self.qkv = qkv
+
+    def run(self, x):
+        return type(self.qkv).forward(self.qkv, x) / 2
+
+
+@pytest.mark.parametrize("patch", ["forward", "run", "bound_to_the_module"])
+def test_another_extensions_bound_method_under_the_lora_is_refused_when_the_model_is_rebuilt(patch):
+    """Another object's bound method patched on a qkv was taken for the module's own forward when its class's forward
+    was the method: the rebuilt model sampled with the extension's patch silently dropped (the picture off by up to
+    0.05); with no forward on its class the clone failed with an AttributeError (a mutation audit found both). A
+    function bound to the module itself is not its forward either."""
+    import types
+
+    from comfy_support import empty_latent, ksample
+
+    cond = encode(tiny_clip(comfy), "a cat")
+    other = tiny_zimage(comfy)
+    qkv = other.get_model_object("diffusion_model.layers.0.attention.qkv")
+    if patch == "bound_to_the_module":
+        forward = types.MethodType(lambda module, x: type(module).forward(module, x) / 2, qkv)
+    else:
+        forward = getattr((_HalvingQKV if patch == "forward" else _HalvingQKVWithoutForward)(qkv), patch)
+    other.add_object_patch("diffusion_model.layers.0.attention.qkv.forward", forward)
+    backend = ComfyZImageBackend(other)
+    _randomise(backend.install(LoRAConfig(rank=2)))
+    stuck = backend.patcher.clone(model_override=tiny_zimage(comfy).get_clone_model_override())
+    with pytest.raises(ZEraseError, match="rebuilt the model after the erasure LoRA .* the LoRA cannot follow"):
+        ksample(comfy, stuck, cond, cond, empty_latent())
+
+
 @pytest.mark.parametrize("compile_first", [False, True], ids=["compile_after_apply", "compile_before_apply"])
 def test_torch_compile_wrapper_keeps_the_lora(compile_first):
     """ComfyUI's compile wrapper swaps the compiled module in while sampling: same model, same patched result."""
@@ -698,3 +739,45 @@ def test_other_nodes_diffusion_model_wrappers_stay_out_of_the_engines_calls():
         assert torch.equal(wrapped.velocity(x, sigma, prompts, lora=False)[0], plain.velocity(x, sigma, prompts)[0])
     assert wrapped.patcher.get_wrappers(WrappersMP.DIFFUSION_MODEL, "easycache")  # still there for samplers
     assert len(wrapped.patcher.get_wrappers(WrappersMP.DIFFUSION_MODEL, wrapped.key)) == 1
+
+
+def test_uninstall_on_a_model_without_erasure_loras_takes_every_wrapper_off():
+    """uninstall() on a clone that came with no erasure LoRA leaves no qkv patch behind (the stacked case alone
+    cannot tell a popped patch from one overwritten by the inherited one)."""
+    backend = ComfyZImageBackend(tiny_zimage(comfy))
+    backend.install(LoRAConfig(rank=2))
+    assert any(".qkv." in k for k in backend.patcher.object_patches)
+    backend.uninstall()
+    assert not any(".qkv." in k for k in backend.patcher.object_patches)
+
+
+def test_latent_shape_refuses_a_width_off_the_patch_grid():
+    """A width that is no multiple of the VAE's downscale times the patch size is refused, as a height is."""
+    backend = ComfyZImageBackend(tiny_zimage(comfy))
+    step = int(backend.patcher.model.latent_format.spacial_downscale_ratio) * backend.patch
+    backend.latent_shape(2 * step, 3 * step)  # on the grid: fine
+    with pytest.raises(ZEraseError, match="must be a multiple of"):
+        backend.latent_shape(2 * step, 3 * step + step // 2)
+
+
+def test_the_digest_tells_a_file_rewritten_in_place_and_the_clips_last_layer(tmp_path):
+    """A fine-tune saved over the model file (same path) is another model; CLIPSetLastLayer's layer gives other
+    prompt features: neither may reuse a LoRA trained before."""
+    import os
+
+    from zerase_core.backends.comfy_zimage.digest import model_digest, text_encoder_digest
+
+    weights = tmp_path / "z_image_turbo.safetensors"
+    weights.write_bytes(b"weights")
+    model = tiny_zimage(comfy)
+    model.cached_patcher_init = (lambda *a, **k: None, (str(weights), {}))
+    digest = model_digest(model)
+    weights.write_bytes(b"fine-tuned weights")
+    os.utime(weights, ns=(1, 1))
+    assert digest is not None and model_digest(model) != digest
+
+    clip = tiny_clip(comfy)
+    clip.patcher.cached_patcher_init = (lambda *a, **k: None, (str(weights), {}))
+    last = text_encoder_digest(clip)
+    clip.clip_layer(-2)
+    assert last is not None and text_encoder_digest(clip) != last

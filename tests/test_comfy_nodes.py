@@ -942,3 +942,26 @@ def test_the_step_text_is_sent_at_most_twice_a_second_and_at_the_last_step(pack,
     assert [(node, text.split(" · ")[0]) for node, text in told] == [("7", "step 1/6"), ("7", "step 4/6"),
                                                                      ("7", "step 6/6")]
     assert told[-1][1] == "step 6/6 · L_erase 0.25 · L_attn 0.0123 · L_pr 0.0001 · λ 0.5"
+
+
+def test_an_epsilon_of_zero_is_kept_and_only_a_negative_one_takes_the_presets(pack):
+    """The widget's -1 means the preset's ε; 0 is a tolerance the user typed (no preservation loss allowed)."""
+    build = _train_module().build_config
+    fixed = dict(concept="cat", preset="entity", templates="", preserve="dog", steps=2, learning_rate=1e-3,
+                 beta=0.1, eta=2.0, rank=2, targets="q,k,v", resolution=64, seed=0,
+                 gradient_checkpointing="off", xt_source="pool", shift=3.0)
+    assert build(epsilon=0.0, **fixed).epsilon == 0.0
+    assert build(epsilon=-1.0, **fixed).epsilon is None
+
+
+def test_the_viewer_measures_and_draws_a_latent_batchs_first_image(pack):
+    """A LATENT of two images (a KSampler's batch) is drawn from its first, as the node says (a mutation audit: handing
+    on the whole batch, which fails with "one index list per sample is needed", failed no test)."""
+    viewer = pack["ZEraseAttentionMaps"]
+    model, clip = tiny_zimage(comfy), tiny_clip(comfy)
+    batch = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    args = dict(model=model, clip=clip, prompt="a photo of a cat", words="cat", sigmas="0.5", layer_start=0,
+                layer_end=-1, seed=0)
+    (both,) = viewer.execute(latent={"samples": batch}, **args)
+    (first,) = viewer.execute(latent={"samples": batch[:1]}, **args)
+    assert torch.equal(both, first)

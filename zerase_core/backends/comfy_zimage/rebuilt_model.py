@@ -100,7 +100,9 @@ def _own(forward: Callable, host: Any) -> Callable:
     Its class's, not what the instance holds: a model object ComfyUI reuses (the cached non-dynamic delegate) may
     still carry the last run's patches on its modules, and a chain built on those would run the LoRA twice."""
     old = getattr(forward, "__self__", None)
-    if old is None or not own_forward(forward, old):  # another extension's patch: not ours to move
+    # The old model's module of the host's class: another object's bound method (an extension's wrapper) is its
+    # object's own forward too, and was taken for the module's, dropping that patch on the rebuilt model.
+    if type(old) is not type(host) or not own_forward(forward, old):  # another extension's patch: not ours to move
         raise _Unfollowed(forward)
     return types.MethodType(type(host).forward, host)
 
