@@ -1241,7 +1241,6 @@ def test_the_command_lines_curves_say_when_a_run_has_no_preservation_concepts(tm
     assert titles == ["Z-Erase 'red' (no preservation concepts): 1 steps", "Z-Erase 'red': 1 steps"]
 
 
-
 @pytest.mark.parametrize("step", ['"abc"', "Infinity"])
 def test_a_fresh_run_beside_a_checkpoint_with_a_damaged_step_is_refused_by_name(tmp_path, step):
     """A mutation audit: a ValueError or OverflowError from the damaged step was a traceback once only the pack's
@@ -1262,7 +1261,6 @@ def test_a_fresh_run_refuses_a_folder_holding_the_callers_own_files(tmp_path):
     (tmp_path / "report.md").write_text("an earlier demo's report")
     with pytest.raises(ZEraseError, match="holds report.md of an earlier run"):
         PlannedRun(tiny_zimage_backend(), _config(), tmp_path, also_writes=("report.md",))
-
 
 
 def test_the_command_lines_stop_signals_leave_a_handler_someone_else_set():

@@ -168,7 +168,6 @@ def test_encode_matches_clip_text_encode_and_localises_words():
         concept_token_indices(p, "cat")
 
 
-
 def test_escaped_parentheses_and_decomposed_letters_are_read_as_the_tokenizer_reads_them():
     """ComfyUI's tokenizer turns \\( \\) into plain parentheses and Qwen's normalises to NFC: the spans follow what
     was read, and a word is found whichever way it was composed (both were refused as 'weight syntax', which Z-Image's

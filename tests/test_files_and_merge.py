@@ -672,7 +672,6 @@ def test_exact_merge_is_the_weighted_sum_of_products():
     assert torch.allclose(alone.delta_weight(key), 0.3 * 0.5 * 0.4 * (up.double() @ down.double()), atol=1e-6)
 
 
-
 def test_a_merge_does_not_claim_to_preserve_what_it_erases():
     import dataclasses
 
@@ -988,7 +987,6 @@ def test_a_merge_rank_below_1_is_refused_before_the_merge_gives_its_advice(caplo
     assert caplog.records == []
     assert merge([_random_lora(KEYS), _random_lora(KEYS, seed=1)], rank=1)[1].rank == 1
     assert "1/2 each" in caplog.text  # what it logged before: said once the rank is fine
-
 
 
 @pytest.mark.parametrize("exclusive", [False, True])

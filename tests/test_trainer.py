@@ -929,7 +929,6 @@ def test_fresh_x_t_carries_the_sigma_it_was_sampled_to():
     trainer.gen.set_state(state)
 
 
-
 def test_the_trainer_weighs_l_attn_by_attn_weight():
     """T10: L_er handed to the update is L_erase + w·L_attn for the configured w (not the paper's 1)."""
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=1, attn_weight=0.25))
@@ -951,7 +950,6 @@ def test_the_trainer_weighs_l_attn_by_attn_weight():
     assert seen["l_er"] == pytest.approx(erase + 0.25 * attn, rel=1e-6)
 
 
-
 def test_guidance_is_the_negative_prompt_plus_cfg_times_the_difference_also_in_euler():
     """S4/S5: guide on hand numbers, and sampling.euler with cfg ≠ 1 takes the guided step (fresh x_t at
     sample_cfg ≠ 1 samples as the pool does)."""
@@ -969,7 +967,6 @@ def test_guidance_is_the_negative_prompt_plus_cfg_times_the_difference_also_in_e
     # a cfg below 1 (allowed: sample_cfg ≥ 0) guides too, toward the negative prompt, rather than sampling unguided
     weak = euler(trainer.backend, pool.x[0, 0:1], pool.sigmas[:3], [erase], uncond=[prompts.uncond], cfg=0.5)
     assert not torch.allclose(plain, weak, atol=1e-3) and not torch.allclose(weak, x, atol=1e-3)
-
 
 
 def test_every_step_marks_the_concept_in_the_prompt_it_draws():
@@ -991,7 +988,6 @@ def test_every_step_marks_the_concept_in_the_prompt_it_draws():
         assert {prompt.text[slice(*prompt.spans[i])].strip().lower() for i in tokens} == {"red"}, prompt.text
 
 
-
 def test_the_pool_draws_every_level_uniformly_including_pure_noise():
     """X5: a pool draw is uniform over levels k = 0 … K−1 (σ_0 = 1, x_t the noise itself, included), as fresh
     sampling draws k. 400 draws over 4 levels: 100 expected each, binomial sd ≈ 8.7; 60–140 is a 4.6 sd band."""
@@ -1003,7 +999,6 @@ def test_the_pool_draws_every_level_uniformly_including_pure_noise():
     counts = Counter(float(trainer.xt_pool.draw(rng, gen, torch.device("cpu")).sigma) for _ in range(400))
     assert sorted(counts) == sorted(trainer.sigmas[:-1].tolist())
     assert all(60 <= c <= 140 for c in counts.values()), counts
-
 
 
 def test_previews_show_the_model_without_the_lora_before_and_with_it_after():
