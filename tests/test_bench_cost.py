@@ -465,3 +465,207 @@ def test_ctrl_c_in_the_gpu_script_is_told_in_a_line_and_its_finished_rows_stay(t
                                             "was given.\n")
     (first,) = json.loads(out.read_text())["rows"]
     assert first["seconds_per_step"]["ours_pool_lambda_positive"] > 0
+
+
+def test_reference_step_samples_a_new_x_t_every_step(monkeypatch):
+    """The reference samples x_t anew on every step, not once (a cached x_t would make the yardstick cheaper)."""
+    from zerase_core.bench import reference_step as ref
+
+    trainer = _nudged(ZEraseTrainer(tiny_zimage_backend(), _config()))
+    sampled, sample = [], trainer.sample_xt
+    monkeypatch.setattr(trainer, "sample_xt", lambda prompt: (sampled.append(1), sample(prompt))[1])
+    for _ in range(3):
+        ref.reference_step(trainer)
+    assert sampled == [1, 1, 1]
+
+
+@pytest.mark.parametrize("source", ["fresh", "pool"])
+def test_gated_esd_step_does_l_erase_only(source, monkeypatch):
+    """The overhead yardstick does a plain gated ESD step: fresh, x_t sampled and one no-grad teacher forward of
+    [c_er, ∅]; pool, neither; then one batch-1 student forward of c_er, back-propagated, and one optimizer step."""
+    from zerase_core.bench.gated_esd import gated_esd_step
+
+    trainer = _nudged(ZEraseTrainer(tiny_zimage_backend(), _config(xt_source=source)))
+    calls, sampling, sampled, stepped = [], [], [], []
+    velocity, sample, step = trainer.backend.velocity, trainer.sample_xt, trainer.optimizer.step
+
+    def watched(x, sigma, prompts, **kw):
+        v, mass = velocity(x, sigma, prompts, **kw)
+        if not sampling:
+            calls.append((len(prompts), kw.get("lora", True), v.requires_grad))
+        return v, mass
+
+    def sample_xt(prompt):
+        sampled.append(1), sampling.append(1)
+        try:
+            return sample(prompt)
+        finally:
+            sampling.clear()
+
+    monkeypatch.setattr(trainer.backend, "velocity", watched)
+    monkeypatch.setattr(trainer, "sample_xt", sample_xt)
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: (stepped.append(1), step(*a, **k))[1])
+    gated_esd_step(trainer)
+    teacher = [(2, False, False)] if source == "fresh" else []
+    assert sampled == ([1] if source == "fresh" else [])
+    assert calls == teacher + [(1, True, True)] and stepped == [1]
+
+
+def _fake_seconds():
+    return {"ours_pool_lambda_positive": 2.0, "ours_pool_lambda_zero": 1.0, "gated_esd_pool": 1.5,
+            "ours_fresh_lambda_positive": 4.0, "ours_fresh_lambda_zero": 3.0, "gated_esd_fresh": 2.5,
+            "reference": 60.0}
+
+
+def test_time_case_warms_up_each_variant_and_takes_every_ratio_against_its_own_yardstick(monkeypatch):
+    """Timed after a warm-up (on the CPU the medians' own); the pool's build spread over the run for every pool
+    variant, ESD's included; each λ regime's overhead against ESD of its source; the paper-λ weighing as documented."""
+    from zerase_core.bench import cost
+
+    asked = []
+    monkeypatch.setattr(cost, "interleaved_medians", lambda timed, steps, repeats, sync, warm_up=True, on_oom=None:
+                        asked.append(warm_up) or {k: v for k, v in _fake_seconds().items() if k in timed})
+    case = cost.speed_cases(tiny=True)[0]
+    out = cost.time_case(case, steps=1, run_steps=10)
+    assert asked == [True]
+    build, raw, s = out["pool"]["build_s"] / 10, _fake_seconds(), out["seconds_per_step"]
+    assert build > 0
+    for name, v in raw.items():
+        assert s[name] == pytest.approx(v + (build if "_pool" in name else 0.0)), name
+    for source in ("pool", "fresh"):
+        for lam in ("lambda_positive", "lambda_zero"):
+            ours = s[f"ours_{source}_{lam}"]
+            assert out[f"speedup_vs_reference_{source}_{lam}"] == pytest.approx(s["reference"] / ours)
+            assert out[f"overhead_vs_gated_esd_{source}_{lam}"] == pytest.approx(ours / s[f"gated_esd_{source}"])
+        w = out["paper_lambda_weighted"]
+        f_b, f_r = w["fractions"]["batched"], w["fractions"]["recomputed"]
+        weighted = (f_b * s[f"ours_{source}_lambda_positive"] + (1 - f_b) * s[f"ours_{source}_lambda_zero"]
+                    + f_r * out["split_seconds"]["student_pr_fwd_bwd"])
+        assert w[source]["seconds_per_step"] == pytest.approx(weighted)
+        assert w[source]["minutes_per_run"] == pytest.approx(weighted * 10 / 60)
+        assert w[source]["speedup_vs_reference"] == pytest.approx(s["reference"] / weighted)
+        assert w[source]["overhead_vs_gated_esd"] == pytest.approx(weighted / s[f"gated_esd_{source}"])
+
+
+def test_each_variant_runs_the_step_its_name_says_with_its_x_t_source(monkeypatch):
+    from zerase_core.bench import cost
+
+    base = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="fresh"))
+    pool = base.build_pool()
+    trainers = cost._variant_trainers(base, pool)
+    ran = []
+    monkeypatch.setattr(cost, "gated_esd_step", lambda t: ran.append(("esd", t)))
+    monkeypatch.setattr(cost, "reference_step", lambda t: ran.append(("reference", t)))
+    for name, t in trainers.items():
+        assert t.xt_pool is (pool if "_pool" in name else None), name
+    for name, kind in (("gated_esd_pool", "esd"), ("gated_esd_fresh", "esd"), ("reference", "reference")):
+        ran.clear()
+        cost._step_of(name, trainers[name])()
+        assert ran == [(kind, trainers[name])], name
+    for name in ("ours_pool_lambda_positive", "ours_fresh_lambda_zero"):
+        assert cost._step_of(name, trainers[name]) == trainers[name].train_step
+
+
+def test_the_summary_takes_the_least_speedup_and_the_most_overhead_over_the_rows(monkeypatch):
+    from zerase_core.bench import cost
+
+    class Row:
+        def __init__(self, row):
+            self.row = row
+
+    rows = {"a": 1.0, "b": 2.0}
+    monkeypatch.setattr(cost, "speed_cases", lambda tiny: [Row("a"), Row("b")])
+
+    def fake(case, steps, repeats=1):
+        k = rows[case.row]
+        s = {name: v * (k if name.startswith("ours") else 1.0) for name, v in _fake_seconds().items()}
+        return cost._ratios(s, {"student_pr_fwd_bwd": 0.1}, 1000)
+
+    monkeypatch.setattr(cost, "time_case", fake)
+    result = cost.run(tiny=True)
+    summary, (a, b) = result["summary"], result["speed"]
+    for source in ("pool", "fresh"):
+        for lam in ("lambda_positive", "lambda_zero"):
+            sp, ov = f"speedup_vs_reference_{source}_{lam}", f"overhead_vs_gated_esd_{source}_{lam}"
+            assert summary[f"min_{sp}"] == b[sp] < a[sp] and summary[f"max_{ov}"] == b[ov] > a[ov]
+    assert summary["min_speedup_vs_reference"] == b["speedup_vs_reference"]
+    assert summary["max_overhead_vs_gated_esd"] == b["overhead_vs_gated_esd"]
+
+
+def test_interleaved_medians_are_medians_of_timed_calls_after_an_untimed_warm_up(monkeypatch):
+    from zerase_core.bench import timing
+
+    clock, order = [0.0], []
+    durations = {"a": iter([1000.0, 1000.0, 1.0, 2.0]), "b": iter([1000.0, 5.0, 6.0, 700.0])}
+
+    def fn(name):
+        def call():
+            order.append(name)
+            clock[0] += next(durations[name])
+        return call
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    s = timing.interleaved_medians({"a": fn("a"), "b": fn("b")}, steps=3, repeats=1, sync=lambda: None)
+    assert s == {"a": 2.0, "b": 6.0}
+    assert order == ["a", "b"] + ["a"] * 3 + ["b"] * 3
+
+
+def test_attention_memory_scales_one_layers_bytes_to_the_real_model_in_bf16():
+    from zerase_core.bench.cost import attention_memory
+
+    out = attention_memory(tokens=(64, 128), heads=1)
+    for row, real in zip(out["rows"], out["real_zimage_all_layers_no_checkpointing"]):
+        for ours, key in (("ours", "ours_gib"), ("materialised", "materialised_gib")):
+            assert real[key] == pytest.approx(row[ours] * 30 * 30 / 2 / 2**30)
+
+
+def test_the_composed_rows_follow_their_documented_parts():
+    """Each row's reference (fresh x_t + 3 batch-1 teacher forwards + 3 batch-1 student fwd+bwd) and gated ESD
+    (student fwd+bwd of batch 1 without the mass term; its x_t: sampling + a batch-2 teacher, or a pool of batch 2),
+    recomputed from the issue's H100 seconds; overhead = ours ÷ ESD, speedup = reference ÷ ours."""
+    from zerase_core.bench.estimate import run_time_composition
+
+    c = run_time_composition(0.97, 0.02, pool_trajectories=32, levels=8, steps=1000)
+    f1, f3 = 0.20 / 2, 0.19
+    f2 = (f1 + f3) / 2
+    fb1 = {True: 0.20 + f1, False: 0.20}
+    for key, row in c["rows"].items():
+        ckpt, fresh = row["gradient_checkpointing"], row["xt_source"] == "fresh"
+        sampling = 7 / 2 * f1
+        reference = sampling + 3 * f1 + 3 * fb1[ckpt]
+        esd = 1000 * (fb1[ckpt] + (sampling + f2 if fresh else 0.0)) + (0.0 if fresh else 32 * 8 * f2)
+        assert row["reference_minutes_lower_bound"] == pytest.approx(1000 * reference / 60), key
+        assert row["gated_esd_minutes"] == pytest.approx(esd / 60), key
+        assert row["overhead_vs_gated_esd"] == pytest.approx(row["minutes"] * 60 / esd), key
+        assert row["speedup_vs_reference_at_least"] == pytest.approx(1000 * reference / (row["minutes"] * 60)), key
+
+
+def test_attention_loss_bytes_are_what_the_mass_adds_to_the_plain_attention():
+    """"ours" is the bytes the mass adds beyond the plain attention's own (q, k, v, output...), not those included."""
+    from zerase_core.attention_mass import sdpa
+    from zerase_core.bench.memory import _qkv, saved_bytes
+
+    q, k, v = _qkv(256 + 64, 1, 32, torch.float32)
+    plain = saved_bytes(lambda: sdpa(q, k, v, 32**-0.5).sum())[0]
+    row = attention_loss_bytes(256, 64, heads=1, head_dim=32)
+    assert 0 < row["ours"] < plain / 2
+    assert row["materialised"] >= (256 + 64) ** 2 * 4  # at least the (L, L) fp32 map
+
+
+def test_the_memory_estimate_adds_its_terms_as_documented():
+    """Term by term on a given fit: a layer's bytes per token × tokens × batch; without checkpointing every layer's
+    plus two hidden states, with it every block input plus one layer plus two; the LoRA (rank 16 on 3 projections of
+    30 layers, 3840 → 3840) in fp32 with its gradient and AdamW's two moments."""
+    from zerase_core.bench.estimate import MemoryCase, estimate
+    from zerase_core.bench.memory import GiB
+
+    fit = {"slope_per_dim": 10.0, "intercept": 100.0}
+    for batch, ckpt in ((1, False), (3, True)):
+        est = estimate(MemoryCase(512, batch, ckpt), fit)
+        tokens = 32 * 32 + 64
+        layer, hidden = (10.0 * 3840 + 100.0) * tokens * batch, tokens * 3840 * 2 * batch
+        activations = (30 * hidden + layer if ckpt else 30 * layer) + 2 * hidden
+        assert est["tokens"] == tokens
+        assert est["activations_gib"] == pytest.approx(activations / GiB)
+        assert est["lora_and_adam_gib"] == pytest.approx(30 * 3 * 16 * 2 * 3840 * 16 / GiB)
+        assert est["total_gib"] == pytest.approx((6.15e9 * 2 + activations + 30 * 3 * 16 * 2 * 3840 * 16) / GiB + 1.0)

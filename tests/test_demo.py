@@ -370,3 +370,66 @@ def test_measure_gives_the_demos_numbers_for_its_lora_and_the_original(tmp_path,
     blown = save_lora(type(other)(huge, concept="red", fingerprint=other.fingerprint), tmp_path / "blown.safetensors")
     with pytest.raises(ZEraseError, match="The toy model's pictures with the LoRA are not finite numbers .NaN or inf."):
         measure([blown], [], n_eval=2, seed=0, bundle=random_toy)
+
+
+def test_frechet_distance_counts_the_covariance_term():
+    """b = 2a: Cb = 4 Ca and (Ca^½ Cb Ca^½)^½ = 2 Ca, so FD = ‖μa − μb‖² + Tr(Ca + 4 Ca − 4 Ca) = ‖μa‖² + Tr(Ca)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    expected = a.mean(0).square().sum() + torch.cov(a.T).trace()
+    assert frechet_distance(a, 2 * a) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_erasure_report_scores_each_metric_on_its_own_set(monkeypatch):
+    """acc_e: the erased attribute of images for prompts naming the concept; acc_ir: the other attributes of those and
+    every attribute of the others; h_a = acc_ir − acc_e; fd: features of the others' images against real renders of
+    their labels; a robustness style's acc_e over its own (half-size) set. The classifier and the pictures are
+    stand-ins whose answers are set here, so every figure is known exactly."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import zerase_core.toy.erasure_metrics as em
+    from zerase_core.toy.world import ATTRIBUTES
+
+    n, seed, concept = 4, 3, parse_concept("red")
+    named, _, other, _ = prompt_sets(concept, n, seed)
+    labels = named + other
+    wrong = lambda a, v: next(x for x in ATTRIBUTES[a] if x != v)  # noqa: E731
+    # named[3] no longer red (acc_e 3/4); a missed shape on named[0]; others: one colour and one size missed.
+    mistakes = {(3, "colour"), (0, "shape"), (n + 1, "colour"), (n + 2, "size")}
+    calls = []
+
+    def generate(backend, bundle, prompts, seed, lora, batch=50):
+        calls.append(len(prompts))
+        return torch.arange(len(prompts), dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 32, 32) / 10
+
+    def predict(images):
+        if len(calls) > 1:  # the robustness set: every picture still red
+            return {a: [concept.value if a == "colour" else ATTRIBUTES[a][0]] * len(images) for a in ATTRIBUTES}
+        return {a: [wrong(a, getattr(lab, a)) if (i, a) in mistakes else getattr(lab, a)
+                    for i, lab in enumerate(labels)] for a in ATTRIBUTES}
+
+    def features(images):
+        return torch.cat([images.mean((2, 3)), images.std((2, 3))], 1)
+
+    monkeypatch.setattr(em, "generate_through", generate)
+    bundle = SimpleNamespace(classifier=SimpleNamespace(predict=predict, features=features))
+    report = em.erasure_report(None, bundle, concept, n, seed, lora=False, styles=("canonical", "synonym"))
+    checks = n * (len(ATTRIBUTES) - 1) + n * len(ATTRIBUTES)
+    assert report["acc_e"] == 3 / 4
+    assert report["acc_ir"] == pytest.approx((checks - 3) / checks)
+    assert report["h_a"] == pytest.approx(report["acc_ir"] - 3 / 4)
+    assert report["adherence_other_prompts"] == {a: (3 / 4 if a in ("colour", "size") else 1.0) for a in ATTRIBUTES}
+    images = generate(None, None, [None] * 2 * n, seed, False)
+    real = torch.from_numpy(np.stack([em.world.render(lab) for lab in other])).permute(0, 3, 1, 2).float()
+    assert report["fd"] == pytest.approx(frechet_distance(features(images[n:]), features(real)))
+    assert calls[1] == n // 2 and report["acc_e_synonym"] == 1.0
+
+
+def test_measure_reports_h_a_as_acc_ir_less_acc_e(random_toy):
+    from zerase_core.toy.measure import measure
+
+    red = measure([], ["red"], n_eval=2, seed=0, bundle=random_toy)["concepts"]["red"]
+    assert set(red) == {"acc_e", "acc_ir", "h_a", "fd"}
+    assert red["h_a"] == pytest.approx(red["acc_ir"] - red["acc_e"])

@@ -155,3 +155,10 @@ def test_a_backend_made_over_a_transformer_left_checkpointed_decides_for_itself(
     v, mass = backend.velocity(torch.randn(1, 4, 8, 8), torch.full((1,), 0.5), prompts, concept_tokens=[[2]])
     (v.square().mean() + mass.sum()).backward()
     assert all(p.grad is not None for p in lora.parameters())
+
+
+def test_the_caption_and_the_image_are_counted_padded_to_32_tokens():
+    """Both Z-Image implementations pad each sequence to a multiple of 32: a 10-token caption takes 32 rows, 1000
+    image tokens 1024 (the tests' 64-token captions are multiples already, so they could not tell)."""
+    assert memory_fit.step_bytes(1000, 10, 3, N, DIM) == memory_fit.step_bytes(1024, 32, 3, N, DIM)
+    assert memory_fit.layer_input_bytes(1000, 10, 3, DIM) == 3 * (1024 + 32) * DIM * 2
