@@ -496,7 +496,8 @@ def test_gated_esd_step_does_l_erase_only(source, monkeypatch):
         return v, mass
 
     def sample_xt(prompt):
-        sampled.append(1), sampling.append(1)
+        sampled.append(1)
+        sampling.append(1)
         try:
             return sample(prompt)
         finally:
@@ -548,6 +549,8 @@ def test_time_case_warms_up_each_variant_and_takes_every_ratio_against_its_own_y
 
 
 def test_each_variant_runs_the_step_its_name_says_with_its_x_t_source(monkeypatch):
+    """Each timed variant is the step its name says (ESD, the reference, ours), on its x_t source: the pool only for
+    the `_pool` variants (a mutation audit: fresh ESD running our step, or pool ESD sampling fresh, failed nothing)."""
     from zerase_core.bench import cost
 
     base = ZEraseTrainer(tiny_zimage_backend(), _config(xt_source="fresh"))
@@ -567,6 +570,8 @@ def test_each_variant_runs_the_step_its_name_says_with_its_x_t_source(monkeypatc
 
 
 def test_the_summary_takes_the_least_speedup_and_the_most_overhead_over_the_rows(monkeypatch):
+    """The verdicts are the worst row's: the least speedup, the most overhead (the tiny run has one row, where the
+    least and the most are the same, so a summary taking the best passed)."""
     from zerase_core.bench import cost
 
     class Row:
@@ -593,6 +598,8 @@ def test_the_summary_takes_the_least_speedup_and_the_most_overhead_over_the_rows
 
 
 def test_interleaved_medians_are_medians_of_timed_calls_after_an_untimed_warm_up(monkeypatch):
+    """Medians, not means, of calls timed after one untimed warm-up call each, variants interleaved (a fake clock whose
+    durations give the median, the mean and a timed warm-up three different answers)."""
     from zerase_core.bench import timing
 
     clock, order = [0.0], []
@@ -611,6 +618,7 @@ def test_interleaved_medians_are_medians_of_timed_calls_after_an_untimed_warm_up
 
 
 def test_attention_memory_scales_one_layers_bytes_to_the_real_model_in_bf16():
+    """The real-model GiB: one layer's fp32 bytes per head (one head here) × 30 layers × 30 heads, halved (bf16)."""
     from zerase_core.bench.cost import attention_memory
 
     out = attention_memory(tokens=(64, 128), heads=1)
