@@ -620,23 +620,25 @@ def test_interleaved_medians_are_medians_of_timed_calls_after_an_untimed_warm_up
 def test_attention_memory_scales_one_layers_bytes_to_the_real_model_in_bf16():
     """The real-model GiB: one layer's fp32 bytes per head (one head here) × 30 layers × 30 heads, halved (bf16)."""
     from zerase_core.bench.cost import attention_memory
+    from zerase_core.bench.estimate import REAL
 
     out = attention_memory(tokens=(64, 128), heads=1)
     for row, real in zip(out["rows"], out["real_zimage_all_layers_no_checkpointing"]):
         for ours, key in (("ours", "ours_gib"), ("materialised", "materialised_gib")):
-            assert real[key] == pytest.approx(row[ours] * 30 * 30 / 2 / 2**30)
+            assert real[key] == pytest.approx(row[ours] * REAL["n_layers"] * REAL["n_heads"] / 2 / 2**30)
 
 
 def test_the_composed_rows_follow_their_documented_parts():
     """Each row's reference (fresh x_t + 3 batch-1 teacher forwards + 3 batch-1 student fwd+bwd) and gated ESD
     (student fwd+bwd of batch 1 without the mass term; its x_t: sampling + a batch-2 teacher, or a pool of batch 2),
     recomputed from the issue's H100 seconds; overhead = ours ÷ ESD, speedup = reference ÷ ours."""
-    from zerase_core.bench.estimate import run_time_composition
+    from zerase_core.bench.estimate import H100_SECONDS, run_time_composition
 
     c = run_time_composition(0.97, 0.02, pool_trajectories=32, levels=8, steps=1000)
-    f1, f3 = 0.20 / 2, 0.19
+    h100 = H100_SECONDS[512]
+    f1, f3 = h100["student_fwd_bwd_b1"] / 2, h100["teacher_fwd_b3"]  # a backward costs about one forward (A1)
     f2 = (f1 + f3) / 2
-    fb1 = {True: 0.20 + f1, False: 0.20}
+    fb1 = {True: h100["student_fwd_bwd_b1"] + f1, False: h100["student_fwd_bwd_b1"]}  # checkpointed: + a forward
     for key, row in c["rows"].items():
         ckpt, fresh = row["gradient_checkpointing"], row["xt_source"] == "fresh"
         sampling = 7 / 2 * f1
@@ -664,16 +666,19 @@ def test_the_memory_estimate_adds_its_terms_as_documented():
     """Term by term on a given fit: a layer's bytes per token × tokens × batch; without checkpointing every layer's
     plus two hidden states, with it every block input plus one layer plus two; the LoRA (rank 16 on 3 projections of
     30 layers, 3840 → 3840) in fp32 with its gradient and AdamW's two moments."""
-    from zerase_core.bench.estimate import MemoryCase, estimate
+    from zerase_core.bench.estimate import CONTEXT_ALLOWANCE_GIB, REAL, MemoryCase, estimate
     from zerase_core.bench.memory import GiB
 
+    dim, layers = REAL["dim"], REAL["n_layers"]
     fit = {"slope_per_dim": 10.0, "intercept": 100.0}
+    lora_and_adam = layers * 3 * 16 * 2 * dim * 16  # 16 bytes: fp32 parameter, gradient, m and v
     for batch, ckpt in ((1, False), (3, True)):
         est = estimate(MemoryCase(512, batch, ckpt), fit)
-        tokens = 32 * 32 + 64
-        layer, hidden = (10.0 * 3840 + 100.0) * tokens * batch, tokens * 3840 * 2 * batch
-        activations = (30 * hidden + layer if ckpt else 30 * layer) + 2 * hidden
+        tokens = 32 * 32 + REAL["caption_tokens"]  # 512² → 32 × 32 image tokens
+        layer, hidden = (10.0 * dim + 100.0) * tokens * batch, tokens * dim * 2 * batch
+        activations = (layers * hidden + layer if ckpt else layers * layer) + 2 * hidden
         assert est["tokens"] == tokens
         assert est["activations_gib"] == pytest.approx(activations / GiB)
-        assert est["lora_and_adam_gib"] == pytest.approx(30 * 3 * 16 * 2 * 3840 * 16 / GiB)
-        assert est["total_gib"] == pytest.approx((6.15e9 * 2 + activations + 30 * 3 * 16 * 2 * 3840 * 16) / GiB + 1.0)
+        assert est["lora_and_adam_gib"] == pytest.approx(lora_and_adam / GiB)
+        assert est["total_gib"] == pytest.approx((REAL["params"] * 2 + activations + lora_and_adam) / GiB
+                                                 + CONTEXT_ALLOWANCE_GIB)
