@@ -720,6 +720,18 @@ def test_cancel_keeps_a_loadable_checkpoint(tmp_path):
         assert torch.equal(a, a2) and torch.equal(b, b2)  # the resumed run starts from the cancelled one's LoRA
 
 
+def test_a_cancelled_run_keeps_its_x_t_pool_and_a_finished_one_frees_it():
+    """A cancelled run may be run on, from its pool; a finished one draws no x_t again, so its pool (about 1 GB of
+    host memory at 1024²) is freed before what follows, the node's previews."""
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(steps=4))
+    trainer.should_stop = lambda: trainer.step == 2  # Cancel after step 2
+    pool = weakref.ref(trainer.xt_pool)
+    assert not trainer.run().completed and trainer.xt_pool is pool()
+    trainer.should_stop = None
+    assert trainer.run().completed and trainer.step == 4
+    assert trainer.xt_pool is None and pool() is None  # no reference left anywhere, not only the trainer's
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads, runs = [], []
     for ckpt in ("off", "on"):

@@ -435,6 +435,10 @@ class ZEraseTrainer:
                 with ctrl_c_deferred(stopping=True):  # a second Ctrl-C would abort it; the run stops with ``err``
                     self.save_checkpoint(non_finite_stop=isinstance(err, NonFiniteLoss))
             raise
+        if self.step >= self.config.steps:
+            # No step draws from the pool again (a finished run resumed builds none): its host memory, about 1 GB at
+            # 1024², is free for what follows, the node's previews.
+            self.xt_pool = None
         return TrainResult(self.export(), tuple(self.history), self.seconds, completed)
 
     def params_finite(self) -> bool:

@@ -41,11 +41,11 @@ def compare(concepts: list[str], seeds: list[int], steps: int, n_eval: int, pool
                 backend = toy_backend(bundle)
                 start = time.perf_counter()
                 trainer = ZEraseTrainer(backend, dataclasses.replace(base, xt_source=source, xt_pool=pool))
-                trainer.run()
+                pool_run = trainer.xt_pool  # at least one trajectory per erase prompt: may exceed --pool
+                trainer.run()  # a finished run drops its pool
                 seconds = time.perf_counter() - start
                 report = erasure_report(backend, bundle, concept, n_eval, EVAL_SEED_OFFSET + seed, lora=True)
                 backend.uninstall()
-                pool_run = trainer.xt_pool  # at least one trajectory per erase prompt: may exceed --pool
                 cells.append({"concept": word, "seed": seed, "xt_source": source, "seconds": seconds,
                               "pool_trajectories": pool_run.trajectories if pool_run else 0,
                               "pool_build_s": pool_run.seconds if pool_run else 0.0,
