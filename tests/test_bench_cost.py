@@ -682,3 +682,53 @@ def test_the_memory_estimate_adds_its_terms_as_documented():
         assert est["lora_and_adam_gib"] == pytest.approx(lora_and_adam / GiB)
         assert est["total_gib"] == pytest.approx((REAL["params"] * 2 + activations + lora_and_adam) / GiB
                                                  + CONTEXT_ALLOWANCE_GIB)
+
+
+def test_the_pool_reports_its_progress_after_each_batch_and_ends_at_the_total():
+    """The Train node's bar is update_absolute(done, total): each batch's end, the last one the whole pool."""
+    from zerase_core.xt_pool import TrajectoryPool
+
+    backend = tiny_zimage_backend()
+    trainer = ZEraseTrainer(backend, _config())
+    prompts, seen = trainer.prompts, []
+    TrajectoryPool(backend, prompts.erase, prompts.uncond, prompts.keep, trainer.latent_shape, trainer.sigmas, 6,
+                   1.0, 0, batch=4, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(4, 6), (6, 6)]
+
+
+def test_a_pool_that_fits_exactly_one_trajectory_per_erase_prompt_still_says_how_many_fit(monkeypatch):
+    """The refusal names 'at most N trajectories' whenever N covers every erase prompt, N equal to their count too."""
+    import psutil
+
+    from zerase_core import memory_fit, xt_pool
+    from zerase_core.errors import ZEraseError
+
+    latent = (4, 8, 8)
+    one = xt_pool.pool_bytes(1, levels=2, predictions=3, latent_shape=latent)
+    memory = type("Memory", (), {"available": int(3.5 * one * memory_fit.MARGIN)})
+    swap = type("Swap", (), {"free": 0})
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory)
+    monkeypatch.setattr(psutil, "swap_memory", lambda: swap)
+    with pytest.raises(ZEraseError, match=r"Choose at most 3 trajectories"):
+        xt_pool.check_host_memory(5, 3, levels=2, predictions=3, latent_shape=latent)
+
+
+def test_pool_halves_its_batch_down_to_one_trajectory_at_a_time(monkeypatch):
+    """Where only one trajectory's forward fits, the pool still samples (batch 8 → 4 → 2 → 1), the same pool."""
+    from zerase_core.xt_pool import TrajectoryPool
+
+    backend = tiny_zimage_backend()
+    trainer = ZEraseTrainer(backend, _config())
+    prompts = trainer.prompts
+    args = (backend, prompts.erase, prompts.uncond, prompts.keep, trainer.latent_shape, trainer.sigmas, 3, 1.0, 0)
+    reference = TrajectoryPool(*args)
+    real = backend.velocity
+
+    def one_at_a_time(x, sigma, prompts, **kw):
+        if x.shape[0] > 3:  # one trajectory's three predictions
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x, sigma, prompts, **kw)
+
+    monkeypatch.setattr(backend, "velocity", one_at_a_time)
+    pool = TrajectoryPool(*args, batch=8)
+    torch.testing.assert_close(pool.x, reference.x, rtol=0, atol=1e-5)

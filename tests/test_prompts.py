@@ -247,3 +247,33 @@ def test_a_two_word_erase_prompt_gets_its_shuffled_variant(caplog):
     with caplog.at_level("WARNING", logger="zerase_core.prompt_pool"):
         assert erase_texts(TrainConfig(concept="red", templates=("a {}",), shuffle_pool=1)) == ["a red", "red a"]
     assert "nothing to shuffle" not in caplog.text
+
+
+def test_a_concept_in_the_text_that_no_token_covers_is_refused_not_given_no_columns():
+    """An encoder whose tokens all lie outside the prompt (spans None) cannot localise the concept: an attention loss
+    on no columns would silently do nothing, so the lookup refuses instead of returning []."""
+    from zerase_core.prompts import EncodedPrompt
+
+    prompt = EncodedPrompt("a red cat", torch.zeros(3, 4), (None, None, None))
+    with pytest.raises(ZEraseError, match="no token of the encoder covers it"):
+        concept_token_indices(prompt, "red")
+
+
+def test_no_shuffle_warning_when_shuffling_is_switched_off(caplog):
+    """shuffle_pool=0 asks for no shuffled variants: the erase prompts then staying put is what was asked, not a
+    problem to warn about."""
+    from zerase_core.config import TrainConfig
+    from zerase_core.prompt_pool import erase_texts
+
+    with caplog.at_level("WARNING", logger="zerase_core.prompt_pool"):
+        assert erase_texts(TrainConfig(concept="red", templates=("a {} car",), shuffle_pool=0)) == ["a red car"]
+    assert "nothing to shuffle" not in caplog.text
+
+
+def test_the_first_erase_text_is_the_first_template_filled_unshuffled():
+    """The Train node encodes first_erase_text for its preview: the first template, as erase_texts puts it first."""
+    from zerase_core.config import TrainConfig
+    from zerase_core.prompt_pool import erase_texts, first_erase_text
+
+    config = TrainConfig(concept="red", templates=("a {} car", "a painting of {} apples"), shuffle_pool=2)
+    assert first_erase_text(config) == "a red car" == erase_texts(config)[0]

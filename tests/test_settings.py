@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -101,3 +103,58 @@ def test_numpy_numbers_are_taken_as_pythons_and_a_numpy_nan_is_refused():
             _config(**changes)
     with pytest.raises(ZEraseError, match="steps must be an int; got float64"):
         _config(steps=np.float64(2.0))
+
+
+@pytest.mark.parametrize("preset, eps, prompt", [
+    ("nsfw", 1e-3, "nude"),
+    ("style", 1e-3, "An art in the style of nude"),
+    ("entity", 1e-2, "A photo of nude"),
+    ("abstract", 1e-2, "A close scene of nude"),
+    ("celebrity", 1e-2, "A photo of nude"),
+    ("utility", 5e-3, "nude"),
+])
+def test_each_preset_gives_the_papers_tolerance_and_template(preset, eps, prompt):
+    """Table 6's ε and Table 7's template per concept type, what a run gets when it leaves them out (nsfw's and
+    utility's template, the bare concept, is ours: the paper gives none)."""
+    config = TrainConfig(concept="nude", preset=preset)
+    assert config.eps == eps
+    assert [t.replace("{}", "nude") for t in config.erase_templates] == [prompt]
+
+
+def test_an_epsilon_of_zero_is_used_as_given_not_replaced_by_the_presets():
+    """ε = 0 (no rise of L_pr allowed) is a valid setting, not 'unset'."""
+    config = TrainConfig(concept="red", preset="entity", epsilon=0.0)
+    assert config.eps == 0.0 and config.to_dict()["epsilon"] == 0.0
+
+
+@pytest.mark.parametrize("changes", [
+    dict(sample_cfg=0.0),  # "≥ 0": guidance 0 samples with the empty prompt's prediction
+    dict(epsilon=0.0),
+    dict(shuffle_pool=0),
+    dict(eta=0.0),
+    dict(xt_pool=1),
+])
+def test_a_setting_on_the_edge_of_its_range_is_taken(changes):
+    """Each range's closed end is a valid setting, taken as given."""
+    config = TrainConfig(**({"concept": "red"} | changes))
+    assert all(getattr(config, name) == value for name, value in changes.items())
+
+
+@pytest.mark.parametrize("changes", [dict(height=0), dict(width=0), dict(width=-64)])
+def test_a_training_resolution_that_is_not_positive_is_refused_on_either_side(changes):
+    with pytest.raises(ZEraseError, match="The training resolution must be positive"):
+        TrainConfig(**({"concept": "red"} | changes))
+
+
+@pytest.mark.parametrize("shift, steps", [(1e-8, 8), (1e8, 8), (1e8, 4)])
+def test_a_flow_shift_whose_levels_float32_cannot_hold_apart_is_refused(shift, steps):
+    """σ₀ infinite (shift ≈ 6e-8 or less) or levels rounded to one σ (about 1e7 or more): the x_t pool finds a level by
+    its σ, so the earlier of two equal levels was never sampled, and training drew uninitialised memory as x_t."""
+    from zerase_core.sampling import flow_sigmas
+
+    sigmas = flow_sigmas(steps, shift)
+    assert not sigmas.isfinite().all() or (sigmas[1:] == sigmas[:-1]).any()  # what the refusal is for
+    with pytest.raises(ZEraseError, match=re.escape(f"A flow shift of {shift:g} with {steps} sampling steps")):
+        TrainConfig(concept="red", shift=shift, sample_steps=steps)
+    for kept in (0.01, 3.0, 100.0):  # the range the message offers, ComfyUI's ModelSamplingAuraFlow's up to 100
+        assert TrainConfig(concept="red", shift=kept, sample_steps=steps).shift == kept

@@ -16,6 +16,7 @@ from .lagrangian import MODES
 from .lora import LoRAConfig
 from .lora_file import STRENGTH_MAX
 from .prompts import EMPTY_CONCEPT, concept_words, is_blank
+from .sampling import flow_sigmas
 from .seeds import SEED_RANGE, valid_seed
 from .typed import json_object, settle
 
@@ -137,6 +138,11 @@ class TrainConfig:
         if self.shift <= 0:  # σ' = shift·σ/(1 + (shift − 1)·σ) is 0/0 at σ = 1 for shift 0
             raise ZEraseError(f"The flow shift must be > 0; got {self.shift} (Z-Image's is 3: check "
                               "ModelSamplingAuraFlow).")
+        if not _falling(flow_sigmas(self.sample_steps, self.shift)):
+            raise ZEraseError(f"A flow shift of {self.shift:g} with {self.sample_steps} sampling steps gives σ levels "
+                              "that float32 cannot tell apart or hold (the x_t pool keeps x_t at each level); choose a "
+                              "shift between 0.01 and 100 (Z-Image's is 3; ComfyUI's ModelSamplingAuraFlow takes up "
+                              "to 100) or fewer sample_steps.")
         if self.height < 1 or self.width < 1:
             raise ZEraseError(f"The training resolution must be positive; got {self.height}×{self.width}.")
 
@@ -168,3 +174,10 @@ class TrainConfig:
         if isinstance(data.get("gradient_checkpointing"), bool):  # files before "auto" stored on/off as a bool
             data["gradient_checkpointing"] = "on" if data["gradient_checkpointing"] else "off"
         return cls(**data, lora=lora)
+
+
+def _falling(sigmas) -> bool:
+    """Whether a σ schedule is finite and strictly falling. The x_t pool finds each level by its σ: where two levels
+    rounded to one float32 (a shift of about 1e7 or more) the earlier ones were never sampled and training drew
+    uninitialised memory as x_t; a shift of about 6e-8 or less made σ₀ infinite."""
+    return bool(sigmas.isfinite().all()) and bool((sigmas[1:] < sigmas[:-1]).all())
