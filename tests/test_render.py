@@ -148,3 +148,63 @@ def test_a_title_of_two_lines_gets_a_row_for_each():
     assert torch.equal(two[0, 14 + 22:], one[0, 22:])
     blank = curves(series, title="Z-Erase 'cat'\n")  # the same rows, nothing written in the second
     assert (two[0, 22:36] < 0.5).any() and not (blank[0, 22:36] < 0.5).any()  # drawn there, above the first panel
+
+
+def test_the_colour_scale_spans_every_models_maps_not_only_the_first():
+    """Model B attending MORE than model A is drawn hotter than A, not clipped to A's maximum."""
+    picture = Image.new("RGB", (16, 16), (128, 128, 128))
+    a = torch.zeros(1, 4, 4)
+    a[0, 1, 1] = 0.4
+    rows = word_map_rows(picture, [a, a * 2])
+    assert _red(rows[0][0]) < _red(rows[1][0])
+
+
+def test_a_map_padded_on_one_side_only_is_cut_on_that_side():
+    """A 9 × 4 latent with patches of 2 is padded in height only (shown (0.9, 1)); token (2, 0) covers rows 32-47."""
+    from zerase_core.attention_maps import shown_share
+
+    picture = Image.new("RGB", (32, 72), (128, 128, 128))
+    heat = torch.zeros(1, 5, 2)
+    heat[0, 2, 0] = 1.0
+    shown = shown_share((9, 4), patch=2)
+    assert shown == (0.9, 1.0)
+    red = np.asarray(word_map_rows(picture, [heat], shown=shown)[0][0], dtype=np.float32)[..., 0]
+    rows, cols = np.nonzero(red == red.max())
+    assert abs(rows.mean() - 39.5) <= 1 and cols.max() < 16, (rows.mean(), cols.max())
+
+
+def test_the_step_axis_ends_at_the_runs_step_count_when_given():
+    """``steps`` labels the axis of curves that hold every k-th step only; without it, the series' length."""
+    series = {"L_erase": [1.0, 0.5, 0.25, 0.2]}
+    plain = curves(series)
+    assert torch.equal(curves(series, steps=4), plain)  # "step 1 .. 4" either way
+    assert not torch.equal(curves(series, steps=400), plain)  # "step 1 .. 400"
+
+
+def test_a_curve_spans_the_panel_to_its_last_step():
+    """The last value is drawn at the panel's right edge (x = width - 10)."""
+    pixels = (curves({"L_erase": [0.0, 1.0, 0.5]})[0].numpy() * 255).round()
+    red = (abs(pixels[..., 0] - 220) < 30) & (pixels[..., 1] < 110) & (pixels[..., 2] < 110)
+    columns = np.nonzero(red[22:115].any(axis=0))[0]  # the first panel's box, below the title row
+    assert columns.max() >= 627, columns.max()  # the last of 3 values, not 2/3 of the way
+
+
+def test_text_that_fits_its_lines_is_not_cut():
+    """Only text left out ends in "...": a word label that fits its cell, or a caption of exactly the most lines."""
+    from zerase_core.render import _wrap
+
+    assert _wrap("cat", 10, 1) == ["cat"]
+    assert _wrap("one two three", 5, 3) == ["one", "two", "three"]
+    assert _wrap("one two three four", 5, 3) == ["one", "two", "th..."]
+
+
+def test_a_nan_gap_spoils_only_its_own_window_of_the_smoothed_curve():
+    """A NaN (a caller's gap) is left out of the windows that hold it; the smoothed line goes on after it."""
+    import math
+
+    from zerase_core.render import _smoothed
+
+    smooth = _smoothed([1.0, float("nan")] + [2.0] * 200, 4)
+    assert smooth[:3] == [1.0, 1.0, 1.5] and smooth[-1] == 2.0
+    assert _smoothed([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]  # the trailing mean, the first windows shorter
+    assert math.isnan(_smoothed([float("nan")], 3)[0])  # a window of gaps only: nothing to draw

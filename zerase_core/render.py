@@ -99,13 +99,13 @@ def latent_rgb(latent: torch.Tensor, factors: Sequence[Sequence[float]], bias: S
 
 
 def _smoothed(values: list[float], window: int) -> list[float]:
-    """Trailing moving average: per-step losses are noisy (a new x_t and σ every step)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
+    """Trailing moving average: per-step losses are noisy (a new x_t and σ every step). Each window averages the
+    values it holds that are not NaN (a caller's gap): a running sum kept the NaN, and the bold line vanished from the
+    gap on, its label "last nan"."""
+    out = []
+    for i in range(len(values)):
+        kept = [v for v in values[max(0, i + 1 - window) : i + 1] if not math.isnan(v)]
+        out.append(sum(kept) / len(kept) if kept else math.nan)
     return out
 
 
