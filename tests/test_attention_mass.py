@@ -308,3 +308,59 @@ def test_a_batch_one_4d_mask_reaches_both_parts_of_a_split_call_whole():
     torch.testing.assert_close(split.result(), whole.result(), atol=1e-7, rtol=0)
     unmasked = MassRecorder(columns, rows).attend(0, sdpa, q, k, v, None, None)
     assert not torch.allclose(out_whole, unmasked, atol=1e-3)  # the mask matters
+
+
+def test_layer_range_end_is_exclusive_and_zero_is_empty():
+    """layer_end is exclusive (the Viewer's tooltip); 0 is an empty range, not "to the last layer" (only -1 is)."""
+    from zerase_core.attention_maps import layer_range
+
+    assert layer_range(30, 0, 10) == range(0, 10) and layer_range(30, 29, 30) == range(29, 30)
+    assert list(layer_range(30, 3, 5)) == [3, 4]
+    with pytest.raises(ZEraseError, match=r"layer range 0..0 is empty"):
+        layer_range(30, 0, 0)
+    with pytest.raises(ZEraseError, match=r"layer range 5..5 is empty"):
+        layer_range(30, 5, 5)
+
+
+def test_image_maps_are_the_image_tokens_row_major_averaged_over_the_layers_seen():
+    """A map's token (r, c) is image token r·w + c, and a map is the MEAN over the recorded layers (not their sum)."""
+    from types import SimpleNamespace
+
+    from zerase_core.attention_maps import WordMapRecorder
+
+    recorder = WordMapRecorder([torch.ones(1, 10)], None)
+    recorder.forget()
+    recorder.sums, recorder.seen = [torch.arange(10.0) * 2], {0, 1}  # two layers' sums
+    maps = recorder.image_maps(SimpleNamespace(image=((3, 9),)), 2, 3)
+    assert torch.equal(maps, torch.tensor([[[3.0, 4.0, 5.0], [6.0, 7.0, 8.0]]]))
+
+
+def test_word_map_recorder_averages_each_words_mass_over_heads():
+    """WordMapRecorder's per-query map is the MEAN over heads of softmax(qkᵀ/√d)[:, the word's columns]."""
+    from zerase_core.attention_maps import WordMapRecorder
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 6, 8, generator=g) * 2 for _ in range(3))
+    first, second = torch.zeros(1, 6), torch.zeros(1, 6)
+    first[0, 1], second[0, [2, 3]] = 1.0, 1.0
+    recorder = WordMapRecorder([first, second], None)
+    recorder.forget()
+    recorder.attend(0, sdpa, q, k, v)
+    p = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)[0]  # (H, L, L)
+    expected = torch.stack([p[..., 1].mean(dim=0), p[..., 2:4].sum(dim=-1).mean(dim=0)])
+    torch.testing.assert_close(recorder.per_query(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_word_maps_average_the_maps_at_each_noise_level_of_one_seeded_noise(tiny_backend):
+    """x_σ = σ·ε + (1 − σ)·x0 with ε from ``seed``, and the maps' mean over the levels."""
+    from zerase_core.attention_maps import word_maps
+    from zerase_core.prompts import concept_token_indices
+
+    (enc,) = tiny_backend.encode(["a red circle"])
+    columns = [concept_token_indices(enc, "red")]
+    x0 = torch.randn(1, 4, 8, 8)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    at = {s: tiny_backend.attention_maps(s * noise + (1 - s) * x0, torch.tensor([s]), enc, columns, None)
+          for s in (0.3, 0.7)}
+    torch.testing.assert_close(word_maps(tiny_backend, enc, columns, x0, [0.3], seed=5), at[0.3])
+    torch.testing.assert_close(word_maps(tiny_backend, enc, columns, x0, [0.3, 0.7], seed=5), (at[0.3] + at[0.7]) / 2)

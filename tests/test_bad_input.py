@@ -1298,3 +1298,34 @@ def test_a_ctrl_c_held_where_it_is_ignored_does_not_stop_and_a_nested_stop_ends_
                 stop_as_ctrl_c()
             went_on.append("the outer body after the inner hold")
     assert went_on == []
+
+
+def test_the_gradient_checkpointing_flag_alone_means_on_and_its_default_is_auto():
+    assert _cli_config().gradient_checkpointing == "auto"
+    assert _cli_config("--gradient-checkpointing").gradient_checkpointing == "on"
+    assert _cli_config("--gradient-checkpointing", "off").gradient_checkpointing == "off"
+
+
+def test_a_rank_of_zero_is_refused_not_taken_for_not_given():
+    with pytest.raises(ZEraseError, match="LoRA rank must be at least 1, got 0"):
+        _cli_config("--rank", "0")
+
+
+def test_flags_given_with_tiny_override_tinys_settings_and_targets_keep_its_rank():
+    """`train --tiny` builds its config over TINY's settings (cli._train): a flag given wins over them, and --targets
+    alone keeps TINY's rank 4."""
+    import argparse
+
+    from zerase_core.cli import TINY, _add_train, train_config_from_args
+
+    parser = argparse.ArgumentParser()
+    _add_train(parser)
+
+    def tiny(*flags):
+        return train_config_from_args(parser.parse_args(["--tiny", "--concept", "cat", *flags]), **TINY)
+
+    assert tiny().steps == TINY["steps"] and tiny().lora.rank == 4
+    config = tiny("--steps", "3", "--resolution", "32", "--targets", "q")
+    assert (config.steps, config.height, config.width) == (3, 32, 32)
+    assert config.lora.rank == 4 and config.lora.targets == ("q",)  # TINY's rank 4, not LoRAConfig's default
+    assert tiny("--rank", "2", "--targets", "qk").lora.rank == 2

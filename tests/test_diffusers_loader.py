@@ -271,3 +271,15 @@ def test_the_run_folder_is_checked_before_the_model_is_loaded(folder, tmp_path, 
                            (["--out", str(out), "--resume", "--rank", "3"],
                             "different settings (lora.rank: 2 then, 3 now)")):  # was two whole LoRA settings dicts
         assert main([*flags, *extra]) == 2 and message in capsys.readouterr().err
+
+
+def test_parts_whose_configs_do_not_record_their_widths_are_not_refused(tmp_path):
+    """The widths are compared only where both configs record them: a transformer config without cap_feat_dim is
+    checked by the loads, not refused as another model's part."""
+    from zerase_core.backends.diffusers_loader import check_parts_agree
+
+    for part, config in (("transformer", {"_class_name": "ZImageTransformer2DModel"}),
+                         ("text_encoder", {"model_type": "qwen3", "hidden_size": 32})):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text(json.dumps(config))
+    check_parts_agree(tmp_path)

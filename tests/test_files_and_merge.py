@@ -1003,3 +1003,12 @@ def test_an_atomic_save_is_on_disk_before_it_takes_its_name(tmp_path, monkeypatc
         monkeypatch.setattr(files.os, name, lambda *a, n=name, r=real: (events.append(n), r(*a))[1])
     files.atomic_save({"x": torch.zeros(2)}, tmp_path / "a.safetensors", {"k": "v"}, exclusive=exclusive)
     assert events[0] == "fsync" and len(events) == 2, events  # then the one rename (or link) that names it
+
+
+def test_every_describing_field_survives_a_save(tmp_path):
+    """A LoRA saved with a strength other than 1 (the Python API's) is read back with it, and its preservation
+    concepts and curves too."""
+    lora = replace(_random_lora(KEYS), strength=2.5, preserve=("dog", "cat"), history={"L_erase": [0.5, 0.25]})
+    back = load_lora(save_lora(lora, tmp_path / "s.safetensors"))
+    assert (back.strength, back.preserve, back.history) == (2.5, ("dog", "cat"), {"L_erase": [0.5, 0.25]})
+    assert back.metadata() == lora.metadata()

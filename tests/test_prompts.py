@@ -277,3 +277,20 @@ def test_the_first_erase_text_is_the_first_template_filled_unshuffled():
 
     config = TrainConfig(concept="red", templates=("a {} car", "a painting of {} apples"), shuffle_pool=2)
     assert first_erase_text(config) == "a red car" == erase_texts(config)[0]
+
+
+def test_the_chat_encoder_reads_prompts_up_to_its_length_and_gives_the_penultimate_hidden_state(chat_encoder):
+    """A prompt of exactly ``max_length`` tokens in the template is read (the pipeline cuts only past it); the features
+    are the text model's penultimate hidden state, as Z-Image's pipeline takes them."""
+    from zerase_core.backends.text_encoders import CHAT_PREFIX, CHAT_SUFFIX
+
+    prompt = "a red ball"
+    tok = chat_encoder.tokenizer(CHAT_PREFIX + prompt + CHAT_SUFFIX, return_tensors="pt")
+    n = tok["input_ids"].shape[1]
+    (enc,) = ChatTemplateEncoder(chat_encoder.tokenizer, chat_encoder.text_model, max_length=n).encode([prompt])
+    with pytest.raises(ZEraseError, match=f"is {n} tokens in Z-Image's chat template; its text encoder reads at most"):
+        ChatTemplateEncoder(chat_encoder.tokenizer, chat_encoder.text_model, max_length=n - 1).encode([prompt])
+    with torch.no_grad():
+        hidden = chat_encoder.text_model(**tok, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(enc.features, hidden[-2][0].float())
+    assert not torch.allclose(enc.features, hidden[-1][0].float())

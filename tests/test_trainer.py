@@ -1146,3 +1146,30 @@ def test_euler_at_cfg_one_runs_the_prompt_alone_even_with_a_negative_prompt():
     backend.rows.clear()
     euler(backend, torch.ones(1, 4, 2, 2), flow_sigmas(3, 3.0), ["c"], uncond=["∅"], cfg=2.0)
     assert backend.rows == [2, 2, 2]
+
+
+def test_a_resumed_run_that_ran_out_of_memory_keeps_every_layer_and_does_not_estimate_again():
+    """auto's estimate was short on this card: the resumed run keeps every layer checkpointed from the step that ran
+    out, and its first step does not estimate again (a partial plan there would replace the full one)."""
+    from zerase_core.gradient_checkpointing import GradientCheckpointing
+
+    backend = tiny_zimage_backend()
+    checkpointing = GradientCheckpointing(backend, "auto")
+    checkpointing.resume(next_step=3, out_of_memory_from=2)
+    checkpointing.estimate = lambda shape, step: pytest.fail("estimated again")
+    checkpointing.before_step(3, lambda: pytest.fail("shape asked"))
+    assert backend.checkpointed_layers == backend.n_layers
+    assert (checkpointing.from_step, checkpointing.reason) == (2, OUT_OF_MEMORY)
+
+
+def test_auto_does_not_retry_a_step_that_ran_out_of_memory_with_every_layer_checkpointed():
+    """Taken again with the same plan, the step would only run out once more: retried only while a layer is left."""
+    from zerase_core.gradient_checkpointing import GradientCheckpointing
+
+    backend = tiny_zimage_backend()
+    checkpointing = GradientCheckpointing(backend, "auto")
+    assert checkpointing.can_retry()
+    checkpointing.start(TOO_LITTLE_MEMORY, 1, layers=backend.n_layers - 1)
+    assert checkpointing.can_retry()
+    checkpointing.start(TOO_LITTLE_MEMORY, 1)  # nothing fitted: every layer from the start
+    assert not checkpointing.can_retry()
