@@ -1301,12 +1301,14 @@ def test_a_ctrl_c_held_where_it_is_ignored_does_not_stop_and_a_nested_stop_ends_
 
 
 def test_the_gradient_checkpointing_flag_alone_means_on_and_its_default_is_auto():
+    """`--gradient-checkpointing` given bare asks for it (on); left out, the run decides (auto)."""
     assert _cli_config().gradient_checkpointing == "auto"
     assert _cli_config("--gradient-checkpointing").gradient_checkpointing == "on"
     assert _cli_config("--gradient-checkpointing", "off").gradient_checkpointing == "off"
 
 
 def test_a_rank_of_zero_is_refused_not_taken_for_not_given():
+    """`--rank 0` is a wrong rank, told as such, not read as the flag left out (the default rank)."""
     with pytest.raises(ZEraseError, match="LoRA rank must be at least 1, got 0"):
         _cli_config("--rank", "0")
 
