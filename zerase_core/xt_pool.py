@@ -154,7 +154,7 @@ class TrajectoryPool:
         prompts = [*er, *([uncond] * b), *keep]  # (b erase | b uncond | b keep)
         n_p = len(prompts) // b
         sigmas = self.sigmas.tolist()
-        level = {s: k for k, s in enumerate(sigmas[:-1])}  # σ strictly falls: each level has its own
+        level = {s: k for k, s in enumerate(sigmas[:-1])}  # σ strictly falls (TrainConfig refuses a shift where not)
 
         def velocity(x: torch.Tensor, s: float) -> torch.Tensor:
             k = level[s]
