@@ -501,7 +501,7 @@ def test_names_windows_cannot_hold_are_refused_everywhere(name, why, tmp_path):
         check_writable(tmp_path / f"{fine}.safetensors")
     (tmp_path / "aux").mkdir()  # a folder that exists was made by someone who could
     check_writable(tmp_path / "aux" / "red.safetensors")
-    check_writable(tmp_path / "new" / ".." / "red.json")  # steps of a path, not names
+    check_writable(tmp_path / "aux" / ".." / "red.json")  # a step of a path, not a name
 
 
 @pytest.mark.parametrize("folder", ["run\n", "run\r", "a\tb", "x\x1b"])
@@ -1012,3 +1012,18 @@ def test_every_describing_field_survives_a_save(tmp_path):
     back = load_lora(save_lora(lora, tmp_path / "s.safetensors"))
     assert (back.strength, back.preserve, back.history) == (2.5, ("dog", "cat"), {"L_erase": [0.5, 0.25]})
     assert back.metadata() == lora.metadata()
+
+
+def test_a_path_stepping_back_out_of_a_folder_still_to_be_made_is_refused(tmp_path):
+    """"new/../red.safetensors" with no folder new: the system itself refuses to open it, and saving would make new
+    only to step out of it, leaving an empty folder beside the file. Refused before any work, nothing made; through
+    a folder that exists the same step is an ordinary path."""
+    from zerase_core.files import check_writable
+
+    with pytest.raises(ZEraseError, match="steps back out of .*new with '..', and that folder does not exist"):
+        check_writable(tmp_path / "new" / ".." / "red.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "there").mkdir()
+    check_writable(tmp_path / "there" / ".." / "red.safetensors")
+    save_lora(_random_lora(KEYS), tmp_path / "there" / ".." / "red.safetensors", exclusive=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["red.safetensors", "there"]

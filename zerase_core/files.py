@@ -101,12 +101,16 @@ def check_writable(path: str | os.PathLike) -> None:
     if len(to_make) == len(chain):
         raise ZEraseError(f"No folder on the way to {path} exists (a drive or share that is not there?); choose a "
                           "place that exists.")
+    back_out = [p for p in to_make if p.name == ".."]
+    if back_out:  # the system refuses "new/../x" while new does not exist; making new to step out of it left it empty
+        raise ZEraseError(f"{path} steps back out of {back_out[-1].parent} with '..', and that folder does not exist; "
+                          "write the path without that step.")
     for name in (path.name, *(p.name for p in to_make)):
         length = name_length(name)
         if length > NAME_MAX:
             raise ZEraseError(f"The name '{name}' is too long ({length} {NAME_UNIT}; file systems allow "
                               f"{NAME_MAX}); choose a shorter name.")
-        if name not in (".", ".."):  # "new/../x": steps of the path, not names
+        if name != ".":  # "new/./x": a step of the path, not a name
             check_portable(name)
     blocked = [p for p in to_make if os.path.lexists(p)]
     if blocked:
