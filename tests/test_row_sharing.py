@@ -38,6 +38,21 @@ def test_groups_of_equal_rows():
     assert RowGroups.of(same_x, torch.tensor([0.6, 0.6])).inverse.tolist() == [0, 0]
 
 
+def test_a_guided_batch_is_grouped_by_first_appearance_and_by_bits():
+    """A CFG call's torch.cat([x, x]) (the sampler's, the toy's measurements at 100 rows): each row with its copy, the
+    groups numbered by first appearance whatever order sorting the rows gives them. Rows are equal by their bits,
+    which is what makes the refiner's outputs equal: 0.0 and -0.0 (equal as numbers) stay apart, and a row holding a
+    NaN is shared with its exact copy."""
+    x = torch.randn(50, 3, 4, 4)
+    x[7, 0, 0, 0] = float("nan")
+    groups = RowGroups.of(torch.cat([x, x]), torch.full((100,), 0.25))
+    assert groups.first.tolist() == list(range(50)) and groups.inverse.tolist() == list(range(50)) * 2
+    zeros = torch.zeros(3, 2, 2, 2)
+    zeros[1, 0, 0, 0] = -0.0
+    signed = RowGroups.of(zeros, torch.full((3,), 0.5))
+    assert signed.first.tolist() == [0, 1] and signed.inverse.tolist() == [0, 1, 0]
+
+
 def test_tags_keep_rows_apart():
     """Rows equal in (x, σ) but of other tags (diffusers: captions padded to other lengths beside a padded image)."""
     x = torch.randn(1, 4, 8, 8).expand(3, -1, -1, -1)  # expanded: grouped without reading the rows
