@@ -427,9 +427,49 @@ def test_erasure_report_scores_each_metric_on_its_own_set(monkeypatch):
     assert calls[1] == n // 2 and report["acc_e_synonym"] == 1.0
 
 
+def test_measure_draws_only_the_pictures_its_numbers_are_measured_on(random_toy, monkeypatch):
+    """acc_e, acc_ir, h_a and fd come from n pictures naming the concept and n naming none; the demo's other prompt
+    styles (acc_e per style, from their own stream) are shown by the demo only, so `measure` draws no more (it drew
+    75 % more, unshown). The numbers shown stay the demo's: the first measure test above."""
+    from zerase_core.toy import erasure_metrics
+    from zerase_core.toy.measure import measure
+
+    drawn: list[int] = []
+    generate = erasure_metrics.generate_through
+    monkeypatch.setattr(erasure_metrics, "generate_through",
+                        lambda backend, bundle, prompts, *a, **k: drawn.append(len(prompts)) or
+                        generate(backend, bundle, prompts, *a, **k))
+    measure([], ["red", "circle"], n_eval=4, seed=0, bundle=random_toy)
+    assert drawn == [8, 8]
+
+
 def test_measure_reports_h_a_as_acc_ir_less_acc_e(random_toy):
     from zerase_core.toy.measure import measure
 
     red = measure([], ["red"], n_eval=2, seed=0, bundle=random_toy)["concepts"]["red"]
     assert set(red) == {"acc_e", "acc_ir", "h_a", "fd"}
     assert red["h_a"] == pytest.approx(red["acc_ir"] - red["acc_e"])
+
+
+# --- from a mutation audit: each kills a mutant the suite let through -------------------------------------------
+
+def test_measure_refuses_an_evaluation_too_small_before_applying_anything(random_toy, monkeypatch):
+    """`measure --n-eval 1` is refused by name, as the demo refuses it, before any LoRA is read or image generated."""
+    import zerase_core.toy.measure as measure_module
+
+    monkeypatch.setattr(measure_module, "load_lora", lambda *a: pytest.fail("read a LoRA"))
+    monkeypatch.setattr(measure_module, "erasure_report", lambda *a, **k: pytest.fail("measured"))
+    for n_eval in (1, 0):
+        with pytest.raises(ZEraseError, match="--n-eval must be at least 2"):
+            measure_module.measure([Path("x.safetensors")], ["red"], n_eval=n_eval, seed=0, bundle=random_toy)
+
+
+def test_an_empty_preserve_list_stays_empty_and_only_none_means_the_default():
+    """`--preserve` with no words asks for no preservation concept; only a missing --preserve (None) takes the other
+    values of the attribute."""
+    from zerase_core.toy.demo import toy_train_config
+    from zerase_core.toy.sampling import SamplerConfig
+
+    red = parse_concept("red")
+    assert toy_train_config(red, (), 10, 0, SamplerConfig()).preserve == ()
+    assert toy_train_config(red, None, 10, 0, SamplerConfig()).preserve == red.others
