@@ -364,3 +364,18 @@ def test_word_maps_average_the_maps_at_each_noise_level_of_one_seeded_noise(tiny
           for s in (0.3, 0.7)}
     torch.testing.assert_close(word_maps(tiny_backend, enc, columns, x0, [0.3], seed=5), at[0.3])
     torch.testing.assert_close(word_maps(tiny_backend, enc, columns, x0, [0.3, 0.7], seed=5), (at[0.3] + at[0.7]) / 2)
+
+
+def test_scoped_puts_the_old_values_back_when_the_body_raises():
+    """A cancelled or failed forward must not leave its per-call state (a layout, a recorder) on the backend: the next
+    call would be gated by it."""
+    from types import SimpleNamespace
+
+    from zerase_core.scoped import scoped
+
+    obj = SimpleNamespace(layout="old", recorder=None)
+    with pytest.raises(KeyboardInterrupt):
+        with scoped(obj, layout="new", recorder="r") as inside:
+            assert (inside.layout, inside.recorder) == ("new", "r")
+            raise KeyboardInterrupt
+    assert (obj.layout, obj.recorder) == ("old", None)

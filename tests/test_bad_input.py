@@ -1331,3 +1331,56 @@ def test_flags_given_with_tiny_override_tinys_settings_and_targets_keep_its_rank
     assert (config.steps, config.height, config.width) == (3, 32, 32)
     assert config.lora.rank == 4 and config.lora.targets == ("q",)  # TINY's rank 4, not LoRAConfig's default
     assert tiny("--rank", "2", "--targets", "qk").lora.rank == 2
+
+
+# --- from a mutation audit (toy and helpers): each kills a mutant the suite let through ---------------------------
+
+def test_a_ctrl_c_held_where_sigint_is_ignored_is_marked_so_a_retried_step_goes_on():
+    """ctrl_c_deferred itself marks the held list where SIGINT is ignored: without the mark, stops() read the held
+    Ctrl-C as a stop, and a step out of memory that ignores Ctrl-C gave up instead of being taken again."""
+    import signal
+
+    from zerase_core.ctrl_c import ctrl_c_deferred, stops
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with ctrl_c_deferred() as held:
+            signal.raise_signal(signal.SIGINT)
+        assert signal.SIGINT in held and not stops(held)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_sigterm_and_sighup_take_ctrl_c_s_way_only_where_no_one_set_a_handler():
+    """nohup's ignored SIGHUP (or an embedding program's handler) stays as it was inside the command, and the
+    system's default comes back after it."""
+    import signal
+
+    from zerase_core.ctrl_c import other_stops_as_ctrl_c
+
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    kept = {n: signal.getsignal(getattr(signal, n)) for n in names}
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if "SIGHUP" in names:
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with other_stops_as_ctrl_c():
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+            if "SIGHUP" in names:
+                assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        if "SIGHUP" in names:
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        for n, handler in kept.items():
+            signal.signal(getattr(signal, n), handler)
+
+
+def test_a_seed_is_valid_from_zero_to_two_to_the_64_minus_one():
+    """torch's generators take seeds below 2**64: 2**64 itself is refused with the others, as -1 is."""
+    from zerase_core.seeds import offset_seed, valid_seed
+
+    assert valid_seed(0) and valid_seed(2**64 - 1)
+    assert not valid_seed(2**64) and not valid_seed(-1)
+    assert offset_seed(2**64 - 1, 1) == 0 and offset_seed(5, 3) == 8

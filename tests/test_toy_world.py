@@ -92,3 +92,40 @@ def test_vocabulary_covers_every_generated_word():
         text = make_prompt(lab, rng.choice(PROMPT_STYLES), rng, omit=rng.sample(list(ATTRIBUTES), 1))
         words = set(text.lower().replace(",", " , ").replace(":", " : ").split())
         assert words <= vocab, words - vocab
+
+
+# --- from a mutation audit: each kills a mutant the suite let through -------------------------------------------
+
+def test_random_labels_draw_every_value_of_every_attribute():
+    """Training batches and evaluation sets come from ``sample``: a value it never draws (the last of a list, say) is
+    never trained nor measured, and nothing else would tell."""
+    _, labels = sample(300, seed=5)
+    for attribute, values in ATTRIBUTES.items():
+        assert {getattr(lab, attribute) for lab in labels} == set(values), attribute
+
+
+def test_different_seeds_draw_different_labels_not_only_different_jitter():
+    """The seed chooses what is drawn, not only where: a labels stream fixed to one seed passed the seed test above,
+    since the jitter alone made the pixels differ."""
+    _, a = sample(16, seed=3)
+    _, b = sample(16, seed=4)
+    assert a != b
+
+
+def test_shuffled_prompts_are_the_canonical_words_in_another_order():
+    """The "shuffled" benchmark style is the canonical prompt's words (canonical phrase templates included) in a random
+    order: not the canonical order itself, nor other templates' words."""
+    lab = Labels(colour="red", shape="circle", size="large", position="top", background="white")
+    canonical = make_prompt(lab)
+    shuffled = [make_prompt(lab, "shuffled", random.Random(i)) for i in range(20)]
+    assert all(sorted(t.split()) == sorted(canonical.split()) for t in shuffled), shuffled
+    assert any(t != canonical for t in shuffled)
+
+
+def test_a_paraphrase_without_its_position_leaves_no_dangling_and():
+    """"{s} and {p}" with the position left out reads "small, on a ..." not "small and, on a ...": the tidy-up drops
+    the "and" the gap leaves."""
+    lab = Labels(colour="red", shape="circle", size="small", position="left", background="white")
+    texts = {make_prompt(lab, "paraphrase", random.Random(i), omit=["position"]) for i in range(200)}
+    assert any(t.startswith("red colored circle, small") for t in texts), texts  # the "and" template was drawn
+    assert not any("and," in t or t.endswith(" and") for t in texts), texts

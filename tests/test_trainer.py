@@ -1173,3 +1173,43 @@ def test_auto_does_not_retry_a_step_that_ran_out_of_memory_with_every_layer_chec
     assert checkpointing.can_retry()
     checkpointing.start(TOO_LITTLE_MEMORY, 1)  # nothing fitted: every layer from the start
     assert not checkpointing.can_retry()
+
+
+# --- from a mutation audit (toy and helpers): each kills a mutant the suite let through ---------------------------
+
+def test_an_allocators_runtime_error_is_told_as_out_of_memory_with_the_original_chained():
+    """The CPU's plain RuntimeError becomes torch.OutOfMemoryError with the allocator's own error as its cause (what
+    a bug report needs); CUDA's own and any other error pass as they were raised."""
+    from zerase_core.out_of_memory import told_as_out_of_memory
+
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
+    with pytest.raises(torch.OutOfMemoryError) as told:
+        with told_as_out_of_memory():
+            raise cpu
+    assert told.value.__cause__ is cpu
+    cuda = torch.OutOfMemoryError("CUDA out of memory")
+    for raised in (cuda, RuntimeError("shape mismatch")):
+        with pytest.raises(type(raised)) as passed:
+            with told_as_out_of_memory():
+                raise raised
+        assert passed.value is raised
+
+
+def test_emptying_the_cache_reaches_the_devices_allocator_only(monkeypatch):
+    """After a failed attempt the cached blocks go back on CUDA and MPS (the retry's layout must fit), and the CPU's
+    allocator, which has no cache, is left alone."""
+    from zerase_core.out_of_memory import empty_cache
+
+    called = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: called.append("cuda"))
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: called.append("mps"))
+    for device in ("cpu", "cuda", "mps"):
+        empty_cache(torch.device(device))
+    assert called == ["cuda", "mps"]
+
+
+def test_the_tiny_model_is_another_model_for_another_seed_encoder_included():
+    """`--tiny` is deterministic by its seed: the same seed, the same word vectors; another seed, others (the encoder
+    ignored it and only the transformer changed)."""
+    a, b, c = (tiny_zimage_backend(seed=s).encode(["a cat"])[0].features for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
