@@ -46,8 +46,8 @@ def tiny_zimage_backend(config: TinyZImageConfig = TinyZImageConfig(), seed: int
         axes_dims=config.axes_dims, axes_lens=(256, 64, 64), in_channels=config.in_channels, patch_size=2,
         cap_feat_dim=config.cap_feat_dim,
     )
-    # Random init leaves the pad tokens and final layer at zero; give them values so that
-    # outputs depend on every input and tests can see a difference.
+    # Parameters that diffusers' init leaves all zero (its pad tokens; in other diffusers versions more, e.g. a final
+    # layer) get small random values, so that outputs depend on every input and tests can see a difference.
     with torch.no_grad():
         for p in transformer.parameters():
             if p.abs().sum() == 0:
