@@ -446,6 +446,18 @@ def test_a_damaged_checkpoint_says_what_is_damaged(tmp_path, damage, reason):
         ZEraseTrainer(tiny_zimage_backend(), _config(steps=4)).resume(out / "checkpoint.safetensors")
 
 
+def test_a_checkpoint_at_step_minus_one_is_refused_when_the_run_is_planned(tmp_path):
+    """Step -1 is as impossible as -3: refused by the folder's checks, before the model is loaded and the x_t pool is
+    sampled, and by name; not only later, when loading finds its history one record longer than its step."""
+    from zerase_core.run import PlannedRun
+
+    out = tmp_path / "run"
+    ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=out / "checkpoint.safetensors").run()
+    _edited(out / "checkpoint.safetensors", step="-1")
+    with pytest.raises(ZEraseError, match="is damaged .*step -1 is negative"):
+        PlannedRun(tiny_zimage_backend(), _config(steps=4), out, resume=True)
+
+
 def test_a_damaged_checkpoints_text_reaches_the_message_with_its_control_characters_escaped(tmp_path):
     """Python quotes an unknown keyword as it is: a record's field named with escape codes reached the terminal."""
     out = tmp_path / "run"
@@ -1384,3 +1396,40 @@ def test_a_seed_is_valid_from_zero_to_two_to_the_64_minus_one():
     assert valid_seed(0) and valid_seed(2**64 - 1)
     assert not valid_seed(2**64) and not valid_seed(-1)
     assert offset_seed(2**64 - 1, 1) == 0 and offset_seed(5, 3) == 8
+
+
+def test_an_out_that_is_a_file_is_refused_as_the_folder_out_names(tmp_path, capsys):
+    """The run's lock is taken first (before the model loads), so its check is what a file given as --out meets: told
+    as --out naming a folder, not as a lock file that cannot be made inside it; the file is left as it was."""
+    from zerase_core.cli import main
+    from zerase_core.run_lock import run_lock
+
+    (tmp_path / "a_file").write_text("mine")
+    assert main(["train", "--tiny", "--concept", "red", "--steps", "1", "--out", str(tmp_path / "a_file")]) == 2
+    assert f"{tmp_path / 'a_file'} is a file; --out names a folder for the run's files." in capsys.readouterr().err
+    with pytest.raises(ZEraseError, match="is a file; --out names a folder"):
+        with run_lock(tmp_path / "a_file"):
+            pass
+    assert (tmp_path / "a_file").read_text() == "mine" and os.listdir(tmp_path) == ["a_file"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's open files in /proc")
+def test_a_run_refused_by_the_lock_keeps_no_file_open(tmp_path):
+    """A refused run closes the lock file it opened: a ComfyUI process whose queued runs were refused kept one open
+    per refusal (on Windows an open file cannot be removed, so the folder could not be cleaned up either)."""
+    from zerase_core.run_lock import run_lock
+
+    def open_files():
+        return len(os.listdir("/proc/self/fd"))
+
+    (tmp_path / "run").mkdir()  # the user's: its lock file stays after each run
+    with run_lock(tmp_path / "run"):  # flock: a second open of the file in this process is refused too
+        before = open_files()
+        for _ in range(3):
+            with pytest.raises(ZEraseError, match="Another run is writing into"):
+                with run_lock(tmp_path / "run"):
+                    pass
+        assert open_files() == before
+    with run_lock(tmp_path / "run"):  # released at the end, the same lock file taken again
+        pass
+    assert open_files() == before - 1

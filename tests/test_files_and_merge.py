@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -151,6 +152,26 @@ def test_refusals(tmp_path):
         load_lora(tmp_path)
 
 
+def test_a_file_holding_no_tensors_is_told_as_no_z_erase_lora(tmp_path):
+    """An empty safetensors file (no tensors, no metadata) has no layout at all: told as not a Z-Erase LoRA, not as a
+    file of the official code's layout to export again from it."""
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(ZEraseError, match="'empty.safetensors' is not a Z-Erase LoRA \\(no Z-Erase metadata"):
+        load_lora(tmp_path / "empty.safetensors")
+
+
+def test_a_damaged_file_with_its_suffix_in_capitals_is_told_damaged_not_another_format(tmp_path):
+    """"LORA.SAFETENSORS" (a copy from Windows, which keeps names as typed) is a safetensors file: damaged, it is told
+    damaged, not sent to look for a .safetensors file it already is; a .ckpt is told it is another format."""
+    header = b"\x08\x00\x00\x00\x00\x00\x00\x00{notjson"
+    (tmp_path / "broken.SAFETENSORS").write_bytes(header)
+    with pytest.raises(ZEraseError, match="'broken.SAFETENSORS' is not a readable safetensors file"):
+        load_lora(tmp_path / "broken.SAFETENSORS")
+    (tmp_path / "broken.ckpt").write_bytes(header)
+    with pytest.raises(ZEraseError, match="'broken.ckpt' is not a safetensors file"):
+        load_lora(tmp_path / "broken.ckpt")
+
+
 def test_a_refused_file_is_refused_from_its_header_without_loading_its_tensors(tmp_path, monkeypatch):
     """An ordinary LoRA (or a whole model picked by mistake) can be gigabytes: its names decide, not its tensors."""
     from contextlib import contextmanager
@@ -270,6 +291,30 @@ def test_damaged_native_files_are_refused_by_name(tmp_path, damage, message):
         load_lora(tmp_path / "bad.safetensors")
 
 
+def test_the_first_format_version_past_this_packs_is_refused_as_newer(tmp_path):
+    """Version 3, the next one a later pack writes, is as unreadable here as 99: told to update the pack, not read
+    as if it were version 2 (a newer format may mean what the same fields say differently)."""
+    from zerase_core.lora_file import FORMAT_VERSION, read_description
+
+    tensors, meta = _damaged(_random_lora(KEYS), format_version=str(FORMAT_VERSION + 1))
+    save_file(tensors, str(tmp_path / "newer.safetensors"), metadata=meta)
+    with pytest.raises(ZEraseError, match=f"format version {FORMAT_VERSION + 1}; update the Z-Erase pack"):
+        load_lora(tmp_path / "newer.safetensors")
+    assert read_description(tmp_path / "newer.safetensors") == {}
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symbolic links need privileges on Windows")
+def test_a_link_to_nothing_where_a_folder_is_to_be_made_is_refused_before_any_work(tmp_path):
+    """A dangling link named as a folder of the output path passed the check (it followed the link and found
+    nothing); the save after the training then could not make the folder there, and the run's work was lost."""
+    from zerase_core.files import check_writable
+
+    (tmp_path / "runs").symlink_to(tmp_path / "gone")
+    with pytest.raises(ZEraseError, match="runs is a file, where a folder is needed"):
+        check_writable(tmp_path / "runs" / "red.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
 def test_a_file_whose_training_is_no_object_describes_no_run(tmp_path):
     """Train looks for a finished run among the files under its save name by their description; one whose training
     record was a list of pairs was described as that list, and the lookup stopped with an AttributeError."""
@@ -279,6 +324,20 @@ def test_a_file_whose_training_is_no_object_describes_no_run(tmp_path):
         tensors, meta = _damaged(_random_lora(KEYS), **damage)
         save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
         assert read_description(tmp_path / "bad.safetensors") == {}
+
+
+def test_a_file_of_another_format_describes_no_run(tmp_path):
+    """Train takes a finished run under its save name by the file's description: a file whose metadata names another
+    format (a later version's, a tool's), however like ours the rest is, describes none; it would be taken as the
+    finished run and then refused when loaded."""
+    from zerase_core.lora_file import read_description
+
+    for other in ("zerase-gated-lora-v3", None):
+        tensors, meta = _damaged(_random_lora(KEYS), format=other)
+        save_file(tensors, str(tmp_path / "other.safetensors"), metadata=meta)
+        assert read_description(tmp_path / "other.safetensors") == {}
+        with pytest.raises(ZEraseError, match="update the Z-Erase pack|without its metadata"):
+            load_lora(tmp_path / "other.safetensors")
 
 
 def test_text_from_a_file_reaches_messages_with_its_control_characters_escaped(tmp_path, capsys, tiny_backend):
@@ -502,6 +561,17 @@ def test_names_windows_cannot_hold_are_refused_everywhere(name, why, tmp_path):
     (tmp_path / "aux").mkdir()  # a folder that exists was made by someone who could
     check_writable(tmp_path / "aux" / "red.safetensors")
     check_writable(tmp_path / "aux" / ".." / "red.json")  # a step of a path, not a name
+
+
+def test_every_character_windows_refuses_below_the_space_is_refused_in_a_name():
+    """Windows refuses each of the characters 1 to 31 in a file name, the last of them (unit separator, 0x1f) as much
+    as a line break: a name holding one works here and not in a shared workflow there. The space itself is fine."""
+    from zerase_core.files import check_portable
+
+    for code in range(1, 32):
+        with pytest.raises(ZEraseError, match="holds a control character"):
+            check_portable(f"run{chr(code)}x")
+    check_portable("run x")
 
 
 @pytest.mark.parametrize("folder", ["run\n", "run\r", "a\tb", "x\x1b"])
@@ -923,6 +993,23 @@ def test_an_exclusive_save_writes_a_new_file_and_never_replaces_one(tmp_path, mo
         save_lora(lora, tmp_path / "taken.safetensors", exclusive=True)
     assert (tmp_path / "taken.safetensors").read_text() == "kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.safetensors", "taken.safetensors"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symbolic links need privileges on Windows")
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_an_exclusive_save_never_replaces_a_link_to_nothing(tmp_path, monkeypatch, hard_links):
+    """A link whose target is gone is still a name taken (the user's, or another tool's): without hard links the check
+    before the rename followed the link, found nothing there and replaced the link with the new file."""
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    if not hard_links:
+        monkeypatch.setattr(os, "link", no_links)
+    (tmp_path / "taken.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(ZEraseError, match="it was not replaced"):
+        save_lora(_random_lora(KEYS), tmp_path / "taken.safetensors", exclusive=True)
+    assert os.readlink(tmp_path / "taken.safetensors") == str(tmp_path / "gone.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.safetensors"]
 
 
 def test_an_applied_lora_adds_its_delta_weight_at_its_scale_and_strength():

@@ -210,3 +210,37 @@ def test_a_stopped_runs_partial_file_is_no_finished_run(tmp_path):
     backend.base_digest = lambda: "this-model"
     _train(tmp_path, _config(), stop_after=3, backend=backend)
     assert NamedRun.plan(tmp_path, "", _config(), False).finished(backend) is None
+
+
+def test_a_blank_save_name_falls_back_to_the_name_made_from_the_concept(tmp_path):
+    """A save_name of only spaces (a cleared widget) is no name: the run is saved under its concept's name, as an empty
+    one is, not refused as a name that is not allowed."""
+    for blank in ("", "   ", "\t"):
+        run = NamedRun.plan(tmp_path, blank, _config(concept="red"), False)
+        assert (run.name, run.lora, run.checkpoint.name) == ("red", tmp_path / "red.safetensors", "red.zerase-ckpt")
+
+
+def test_a_save_name_ending_in_the_suffix_twice_resumes_into_its_partial_file(tmp_path):
+    """The checkpoint recorded its LoRA's name without ".safetensors" and read it back through path_inside, which
+    takes that suffix off once more: a run saved as "cat.safetensors.safetensors" (the file the name gives, see above),
+    stopped and resumed, did not find its partial file and saved a second one, cat.safetensors_001.safetensors (a
+    mutation audit). A checkpoint of the earlier kind, recording "cat", still finds cat.safetensors."""
+    def train(name, resume, stop_after=None):
+        run = NamedRun.plan(tmp_path, name, _config(), resume)
+        run.check(tiny_zimage_backend(), ADVICE)
+        trainer = ZEraseTrainer(tiny_zimage_backend(), _config(), resume_from=run.continues)
+        if stop_after:
+            trainer.should_stop = lambda: trainer.step >= stop_after
+        run = run.attach(trainer)
+        return run, run.save(trainer.run().lora)
+
+    train("cat.safetensors.safetensors", False, stop_after=2)
+    _, final = train("cat.safetensors.safetensors", True)
+    assert final.name == "cat.safetensors.safetensors"
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["cat.safetensors.safetensors"]
+    assert load_lora(final).training["steps_done"] == 6
+    train("cat", False, stop_after=2)
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config(), resume_from=tmp_path / ".checkpoints" / "cat.zerase-ckpt")
+    trainer.checkpoint_meta[LORA_FILE] = "cat"  # as checkpoints recorded it before
+    run = NamedRun.plan(tmp_path, "cat", _config(), True).attach(trainer)
+    assert run.replaces_partial and run.lora == (tmp_path / "cat.safetensors").resolve()

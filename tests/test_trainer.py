@@ -572,6 +572,27 @@ def test_the_partial_lora_of_a_resumed_run_is_found_and_no_other(tmp_path):
     assert partial_lora(fresh, [tmp_path / "mine.safetensors"]) is None
 
 
+def test_a_file_recording_no_step_done_or_a_step_that_is_no_count_is_no_partial_lora(tmp_path):
+    """The partial file a resumed run replaces holds at least one step of it, counted as a whole number: a file of the
+    same settings recording 0 steps done (no stopped run writes one) or a count edited to 2.0 or "2" is another
+    file, kept; only the stopped run's own is replaced."""
+    import dataclasses
+
+    from zerase_core.run_files import partial_lora
+
+    stopped = ZEraseTrainer(tiny_zimage_backend(), _config(steps=2), checkpoint_path=tmp_path / "p.ckpt")
+    lora = stopped.run().lora
+    save_lora(lora, tmp_path / "mine.safetensors")
+    for name, done in (("none", 0), ("float", 2.0), ("text", "2")):
+        edited = dataclasses.replace(lora, training=lora.training | {"steps_done": done})
+        save_lora(edited, tmp_path / f"{name}.safetensors")
+    resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6))
+    resumed.resume(tmp_path / "p.ckpt")
+    for name in ("none", "float", "text"):
+        assert partial_lora(resumed, [tmp_path / f"{name}.safetensors"]) is None, name
+    assert partial_lora(resumed, [tmp_path / "mine.safetensors"]) == tmp_path / "mine.safetensors"
+
+
 def test_exact_and_fixed_modes_run():
     for mode in ("exact", "fixed"):
         result = ZEraseTrainer(tiny_zimage_backend(), _config(steps=3, lambda_mode=mode, fixed_lambda=0.5)).run()
@@ -1213,3 +1234,19 @@ def test_the_tiny_model_is_another_model_for_another_seed_encoder_included():
     ignored it and only the transformer changed)."""
     a, b, c = (tiny_zimage_backend(seed=s).encode(["a cat"])[0].features for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_a_lora_file_keeps_at_most_its_points_of_each_curve_evenly_spaced():
+    """A long run's curves are thinned to at most 2000 points per series in its LoRA file; a stride rounded down
+    (3000 steps: stride 1) kept every step, and the file's metadata grew with the run."""
+    from zerase_core.history import StepRecord, stored_series
+
+    def records(n):
+        return [StepRecord(step=i, erase=float(i), attn=0.5, pr=0.25, lam=0.0, g=0.0, sigma=0.5, seconds=0.1)
+                for i in range(1, n + 1)]
+
+    for n, stride in ((2000, 1), (2001, 2), (3000, 2), (4001, 3)):
+        series = stored_series(records(n))
+        assert len(series["L_erase"]) <= 2000 and series["L_erase"][:2] == [1.0, 1.0 + stride]
+        assert sorted(series) == ["L_attn", "L_erase", "L_pr", "lambda"]
+    assert stored_series(records(10), points=4)["L_erase"] == [1.0, 4.0, 7.0, 10.0]

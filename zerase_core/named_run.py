@@ -66,7 +66,10 @@ class NamedRun:
         trainer.checkpoint_path = self.checkpoint
         partial = self._partial_file(trainer)
         run = replace(self, lora=partial, replaces_partial=True) if partial else self
-        trainer.checkpoint_meta[LORA_FILE] = run.lora.relative_to(self.folder.resolve()).with_suffix("").as_posix()
+        # The file's whole name: read back by path_inside, which takes one ".safetensors" off a name that ends in it
+        # (checkpoints that recorded the name without it read as before). Recorded without it, "cat.safetensors" as a
+        # save name's file was read back as cat.safetensors' partial file: never found, the resumed run saved anew.
+        trainer.checkpoint_meta[LORA_FILE] = run.lora.relative_to(self.folder.resolve()).as_posix()
         return run
 
     def _partial_file(self, trainer: ZEraseTrainer) -> Path | None:
