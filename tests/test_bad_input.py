@@ -62,6 +62,73 @@ def test_the_command_line_sets_beta_eta_and_the_attention_weight_and_refuses_a_n
         _cli_config("--attn-weight", "-1")
 
 
+def test_every_train_flag_reaches_the_setting_it_names():
+    """Each `train` flag the README lists must land in the TrainConfig field it names; a flag dropped (or wired to
+    another field) in train_config_from_args silently trained with the default instead."""
+    config = _cli_config("--lr", "0.02", "--epsilon", "0.004", "--lambda-mode", "exact", "--template", "a {} toy",
+                         "--template", "the {} here", "--xt-source", "fresh", "--xt-pool", "5", "--resolution", "96",
+                         "--preserve", "dog", "bird", "--steps", "7", "--seed", "3", "--preset", "style",
+                         "--rank", "3", "--targets", "qk", "--eta", "2.5")
+    assert (config.lr, config.epsilon, config.lambda_mode) == (0.02, 0.004, "exact")
+    assert config.templates == ("a {} toy", "the {} here")
+    assert (config.xt_source, config.xt_pool) == ("fresh", 5)
+    assert (config.height, config.width) == (96, 96)
+    assert config.preserve == ("dog", "bird")
+    assert (config.steps, config.seed, config.preset, config.eta) == (7, 3, "style", 2.5)
+    assert (config.lora.rank, config.lora.targets) == (3, ("q", "k"))
+
+
+def test_train_prints_the_last_steps_record_and_builds_the_tiny_model_from_its_seed(tmp_path, capsys):
+    """`train`'s result line reports the run's last record (step, L_erase, λ as history.json holds them), and
+    --seed also seeds the tiny random model (cli._train: tiny_zimage_backend(seed=args.seed)): the LoRA is the one
+    trained on that model; the default --out is out/train (README)."""
+    import json
+
+    from zerase_core.cli import _add_train, main
+    from zerase_core.lora_file import load_lora
+    from zerase_core.tiny import tiny_zimage_backend
+
+    out = tmp_path / "run"
+    assert main(["train", "--tiny", "--concept", "red", "--steps", "2", "--seed", "5", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    last = json.loads((out / "history.json").read_text())[-1]
+    assert (printed["steps"], printed["L_erase"], printed["lambda"]) == (2, last["erase"], last["lam"])
+    assert printed["lora"] == str(out / "erasure_lora.safetensors")
+    import argparse
+
+    from zerase_core.cli import TINY, train_config_from_args
+    from zerase_core.run import PlannedRun, train_and_save
+
+    parser = argparse.ArgumentParser()
+    _add_train(parser)
+    assert parser.parse_args(["--tiny", "--concept", "red"]).out == Path("out/train")
+    config = train_config_from_args(parser.parse_args(["--tiny", "--concept", "red", "--steps", "2", "--seed", "5"]),
+                                    **TINY)
+    _, reference = train_and_save(PlannedRun(tiny_zimage_backend(seed=5), config, tmp_path / "reference"))
+    trained, expected = load_lora(out / "erasure_lora.safetensors"), load_lora(reference)
+    assert all(torch.equal(trained.factors[k][1], expected.factors[k][1]) for k in expected.factors)
+
+
+def _tiny_cli_config(*flags: str) -> TrainConfig:
+    """The TrainConfig `train --tiny --concept cat FLAGS` builds, with --tiny's own defaults (cli.TINY)."""
+    import argparse
+
+    from zerase_core.cli import TINY, _add_train, train_config_from_args
+
+    parser = argparse.ArgumentParser()
+    _add_train(parser)
+    return train_config_from_args(parser.parse_args(["--tiny", "--concept", "cat", *flags]), **TINY)
+
+
+def test_train_tiny_defaults_are_the_documented_ones_and_a_zero_flag_is_taken():
+    """--tiny's documented defaults (--help: 50 steps, 64 px, rank 4) are those numbers; a flag's 0 is a value, not
+    "not given" (README: --attn-weight 0 is L_erase alone, as ESD)."""
+    plain = _tiny_cli_config()
+    assert (plain.steps, plain.height, plain.width, plain.lora.rank) == (50, 64, 64, 4)
+    assert _tiny_cli_config("--attn-weight", "0").attn_weight == 0.0
+    assert _tiny_cli_config("--beta", "0").beta == 0.0
+
+
 def test_a_second_run_into_the_folder_a_run_is_writing_into_is_refused_at_once(tmp_path, capsys):
     """Two runs into one --out (two terminals) both passed the folder's checks until the first one's checkpoint was
     written, then wrote the same files: one run was lost without a word. The folder is locked for a run; a process
@@ -590,6 +657,21 @@ def test_a_merge_never_replaces_a_file_that_appeared_while_it_ran(tmp_path, caps
     assert "appeared while this was written); it was not replaced" in capsys.readouterr().err
     assert out.read_text() == "written by someone else"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_a_merge_onto_an_existing_file_is_refused_before_any_lora_is_merged(tmp_path, capsys, monkeypatch):
+    """--out that exists is refused by name before the LoRAs are read and merged (README: merge refuses before any
+    work; files are never overwritten), not only by the exclusive write at the end."""
+    import zerase_core.merge as merge_module
+    from zerase_core.cli import main
+
+    parts = _two_lora_files(tmp_path)
+    out = tmp_path / "merged.safetensors"
+    out.write_text("an earlier file")
+    monkeypatch.setattr(merge_module, "merge", lambda *a, **k: pytest.fail("merged onto an existing --out"))
+    assert main(["merge", *map(str, parts), "--out", str(out)]) == 2
+    assert "exists; choose another --out" in capsys.readouterr().err
+    assert out.read_text() == "an earlier file"
 
 
 @pytest.mark.parametrize("resolution", ["0", "-64"])
@@ -1433,3 +1515,45 @@ def test_a_run_refused_by_the_lock_keeps_no_file_open(tmp_path):
     with run_lock(tmp_path / "run"):  # released at the end, the same lock file taken again
         pass
     assert open_files() == before - 1
+
+
+def _stopped_trainer(tmp_path, checkpointed: int, n_layers: int = 4):
+    """What run._stopped and run._out_of_memory read of a trainer stopped at step 3 of 10, its checkpoint written."""
+    from types import SimpleNamespace
+
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    checkpoint.write_bytes(b"written")
+    backend = SimpleNamespace(checkpointed_layers=checkpointed, n_layers=n_layers)
+    return SimpleNamespace(step=3, torn=False, params_finite=lambda: True, config=SimpleNamespace(steps=10),
+                           export=lambda: None, checkpoint_path=checkpoint, backend=backend)
+
+
+def test_a_nan_stop_whose_lora_cannot_be_saved_says_to_start_anew_not_to_resume(tmp_path, monkeypatch):
+    """After NaN the checkpoint would run into the same step with the same settings, so even when the LoRA so far
+    cannot be written (a full disk) the message must not send the user to --resume; a Ctrl-C stop in the same state
+    is resumable and says so (a mutation audit: dropping the NaN case passed every test)."""
+    from zerase_core import run
+    from zerase_core.trainer import NonFiniteLoss
+
+    def full_disk(*args, **kwargs):
+        raise ZEraseError("Could not write it: No space left on device.")
+
+    monkeypatch.setattr(run, "save_lora", full_disk)
+    trainer = _stopped_trainer(tmp_path, checkpointed=0)
+    nan = run._stopped(trainer, tmp_path / "lora.safetensors", NonFiniteLoss("L_erase is NaN at step 4."))
+    assert "start the run anew elsewhere" in nan and "--resume" not in nan
+    stopped = run._stopped(trainer, tmp_path / "lora.safetensors", KeyboardInterrupt())
+    assert "run the same command with --resume" in stopped
+
+
+def test_out_of_memory_advises_checkpointing_only_where_a_layer_is_left_to_checkpoint(tmp_path):
+    """With every main layer checkpointed already, "--gradient-checkpointing on" would change nothing: the advice
+    is resolution and rank only; with fewer, checkpointing is advised, with --resume where a checkpoint was written
+    (a mutation audit: advising it always passed every test)."""
+    from zerase_core.run import _out_of_memory
+
+    err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    every = _out_of_memory(err, _stopped_trainer(tmp_path, checkpointed=4))
+    assert "--resolution or --rank." in every and "--gradient-checkpointing" not in every
+    part = _out_of_memory(err, _stopped_trainer(tmp_path, checkpointed=2))
+    assert part.endswith("or run again with --gradient-checkpointing on (every main layer) and --resume.")

@@ -473,3 +473,80 @@ def test_an_empty_preserve_list_stays_empty_and_only_none_means_the_default():
     red = parse_concept("red")
     assert toy_train_config(red, (), 10, 0, SamplerConfig()).preserve == ()
     assert toy_train_config(red, None, 10, 0, SamplerConfig()).preserve == red.others
+
+
+def _fake_trainers(monkeypatch, lams_for):
+    """ZEraseTrainer replaced by one that records its config and returns a history of the given λ per step."""
+    from types import SimpleNamespace
+
+    import zerase_core.trainer as trainer_module
+
+    made = []
+
+    class FakeTrainer:
+        def __init__(self, backend, config):
+            self.config = config
+            made.append(config)
+            pool = config.xt_source == "pool"
+            self.xt_pool = SimpleNamespace(trajectories=config.xt_pool, seconds=0.25) if pool else None
+
+        def run(self):
+            lams = lams_for(self.config)
+            return SimpleNamespace(history=[SimpleNamespace(lam=x) for x in lams])
+
+    monkeypatch.setattr(trainer_module, "ZEraseTrainer", FakeTrainer)
+    return made
+
+
+def test_bench_xt_summarises_the_mean_of_its_cells_and_the_speedup_as_fresh_over_pool(random_toy, monkeypatch):
+    """bench-xt's summary is what it claims: per x_t source the mean over cells of seconds and of acc_e/acc_ir/h_a,
+    pool_speedup = fresh seconds / pool seconds; each run gets --pool as its xt_pool and is measured at the
+    evaluation seed (EVAL_SEED_OFFSET + seed), not the training one."""
+    import statistics
+    from types import SimpleNamespace
+
+    import zerase_core.toy as toy
+    import zerase_core.toy.erasure_metrics as metrics
+    from zerase_core.bench import xt
+
+    monkeypatch.setattr(toy, "load_toy", lambda: random_toy)
+    made = _fake_trainers(monkeypatch, lambda config: [0.0])
+    seeds_measured = []
+
+    def report(backend, bundle, concept, n_eval, seed, lora):
+        seeds_measured.append(seed)
+        k = len(seeds_measured)
+        return {"acc_e": k / 10, "acc_ir": 1 - k / 100, "h_a": k ** 2 / 100}
+
+    monkeypatch.setattr(metrics, "erasure_report", report)
+    # seconds per run (start, end pairs), pool then fresh for seeds 0, 1, 2: pool 1, 1, 4; fresh 3, 3, 9
+    ticks = iter([0, 1, 10, 13, 20, 21, 30, 33, 40, 44, 50, 59])
+    monkeypatch.setattr(xt, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    result = xt.compare(["red"], [0, 1, 2], steps=1, n_eval=4, pool=3)
+    assert [c.xt_pool for c in made] == [3] * 6
+    assert seeds_measured == [metrics.EVAL_SEED_OFFSET + s for s in (0, 0, 1, 1, 2, 2)]
+    summary = result["summary"]
+    for source in ("fresh", "pool"):
+        cells = [c for c in result["cells"] if c["xt_source"] == source]
+        for key in ("seconds", "acc_e", "acc_ir", "h_a"):
+            assert summary[source][key] == pytest.approx(statistics.fmean(c[key] for c in cells))
+    assert summary["fresh"]["seconds"] == pytest.approx(5.0) and summary["pool"]["seconds"] == pytest.approx(2.0)
+    assert summary["pool_speedup"] == pytest.approx(2.5)
+    assert [c["pool_trajectories"] for c in result["cells"]] == [3, 0] * 3
+
+
+def test_bench_lambda_weighs_each_cells_fraction_by_its_steps(random_toy, monkeypatch):
+    """bench-lambda's summary fraction of steps with λ > 0 is over all steps of all cells (each cell's fraction
+    weighted by its steps), and the counts are summed over cells."""
+    import zerase_core.toy as toy
+    from zerase_core.bench import lambda_kinds
+
+    monkeypatch.setattr(toy, "load_toy", lambda: random_toy)
+    histories = {"pool": [0.0, 0.5, 0.2, 0.0], "fresh": [0.0, 0.0, 0.0, 0.3]}
+    _fake_trainers(monkeypatch, lambda config: histories[config.xt_source])
+    result = lambda_kinds.measure(["red"], [0], steps=4, sources=["pool", "fresh"])
+    summary = result["summary"]
+    assert (summary["steps"], summary["lambda_zero"], summary["recomputed"], summary["batched"]) == (8, 4, 2, 2)
+    assert summary["fraction_lambda_positive"] == pytest.approx(3 / 8)
+    assert summary["fraction_batched"] == pytest.approx(2 / 8)
+    assert [c["lambda_last"] for c in result["cells"]] == [0.0, 0.3]

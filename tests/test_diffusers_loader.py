@@ -83,6 +83,20 @@ def test_train_on_a_model_folder_writes_the_lora(folder, tmp_path):
     assert len(json.loads((out / "history.json").read_text())) == 2
 
 
+def test_train_on_a_model_folder_releases_the_text_encoder_once(folder, tmp_path, monkeypatch):
+    """`train --model` frees the text encoder as soon as the run's prompts are encoded (Qwen3-4B: 8 GB in bf16 that
+    the transformer's training needs on a 16-24 GB card); nothing tested that the command asks for it (a mutation
+    audit: `release_encoder=False` passed every test)."""
+    from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
+    from zerase_core.cli import main
+
+    released = []
+    real = DiffusersZImageBackend.release_encoder
+    monkeypatch.setattr(DiffusersZImageBackend, "release_encoder", lambda self: released.append(self) or real(self))
+    assert main([*_train_argv(folder), "--out", str(tmp_path / "run")]) == 0
+    assert len(released) == 1
+
+
 def _fine_tuned(folder, part: str, prefix: str) -> None:
     """One tensor of ``part``'s weights moved, as a fine-tune would."""
     from safetensors.torch import load_file, save_file

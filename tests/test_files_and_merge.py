@@ -847,6 +847,27 @@ def test_merge_refuses_weights_that_are_not_finite(bad):
         merge_exact([_random_lora(KEYS, seed=0), _random_lora(KEYS, seed=1)], [bad, 1.0])
 
 
+def test_the_merge_command_passes_weights_and_rank_on_and_prints_the_rerank_error(tmp_path, capsys):
+    """`merge A B --weights … --rank R --out F` (README): the rank reaches the SVD re-rank, the weights the blend,
+    and the printed JSON names the file, its rank and the relative_error the file records in training.rerank."""
+    import json
+
+    from zerase_core.cli import main
+    from zerase_core.merge import merge
+
+    loras = [_random_lora(KEYS, seed=1, concept="red"), _random_lora(KEYS, seed=2, concept="blue")]
+    parts = [save_lora(lora, tmp_path / f"{lora.concept}.safetensors") for lora in loras]
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", *map(str, parts), "--weights", "1", "0.5", "--rank", "3", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected, report = merge(loras, [1.0, 0.5], 3)
+    assert printed == {"out": str(out), "rank": 3, "relative_error": pytest.approx(report.relative_error)}
+    assert printed["relative_error"] > 0.1
+    written = load_lora(out)
+    assert written.rank == 3 and written.training["weights"] == [1.0, 0.5]
+    assert written.training["rerank"]["relative_error"] == pytest.approx(report.relative_error)
+
+
 def test_merge_refuses_a_negative_weight_and_the_command_an_out_that_is_not_a_lora_file(tmp_path, capsys):
     """A negative weight adds its concept back (train refuses η < 0 for the same reason); `--out newdir/` wrote a
     file named newdir, as Path drops the slash."""

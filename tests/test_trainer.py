@@ -1250,3 +1250,34 @@ def test_a_lora_file_keeps_at_most_its_points_of_each_curve_evenly_spaced():
         assert len(series["L_erase"]) <= 2000 and series["L_erase"][:2] == [1.0, 1.0 + stride]
         assert sorted(series) == ["L_attn", "L_erase", "L_pr", "lambda"]
     assert stored_series(records(10), points=4)["L_erase"] == [1.0, 4.0, 7.0, 10.0]
+
+
+def test_every_calls_back_on_the_multiples_of_n_only():
+    """run.every(n, cb): cb runs at steps n, 2n, … (previews, custom checkpoints), never for n ≤ 0."""
+    from types import SimpleNamespace
+
+    from zerase_core.run import every
+
+    seen = []
+    maybe = every(3, lambda record, trainer: seen.append(record.step))
+    for step in range(1, 10):
+        maybe(SimpleNamespace(step=step), None)
+    assert seen == [3, 6, 9]
+    never = every(0, lambda record, trainer: seen.append("zero"))
+    never(SimpleNamespace(step=3), None)
+    assert seen == [3, 6, 9]
+
+
+def test_a_finished_run_resumed_writes_again_only_its_deleted_curves(tmp_path, capsys):
+    """README: `--resume` with every step done trains nothing and leaves the run's files as they are, but for one
+    that was deleted, which is written again: curves.png deleted alone comes back; history.json is not rewritten."""
+    from zerase_core.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--tiny", "--concept", "red", "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    history = (out / "history.json").stat().st_mtime_ns
+    (out / "curves.png").unlink()
+    assert main([*argv, "--resume"]) == 0
+    assert (out / "curves.png").is_file()
+    assert (out / "history.json").stat().st_mtime_ns == history
