@@ -1557,3 +1557,37 @@ def test_out_of_memory_advises_checkpointing_only_where_a_layer_is_left_to_check
     assert "--resolution or --rank." in every and "--gradient-checkpointing" not in every
     part = _out_of_memory(err, _stopped_trainer(tmp_path, checkpointed=2))
     assert part.endswith("or run again with --gradient-checkpointing on (every main layer) and --resume.")
+
+
+def test_bench_refuses_a_file_or_a_name_too_long_as_its_out_before_measuring(tmp_path, capsys, monkeypatch):
+    """bench's --out is a folder for its cells and table: a file given there, or a name the file system cannot hold,
+    is told before the first cell is measured, not after hours of them when bench.json cannot be written."""
+    import zerase_core.toy.bench as toy_bench
+    from zerase_core.cli import main
+
+    monkeypatch.setattr(toy_bench, "run_cell", lambda *a, **k: pytest.fail("measured a cell"))
+    (tmp_path / "a_file").write_text("mine")
+    assert main(["bench", "--concepts", "red", "--methods", "original", "--out", str(tmp_path / "a_file")]) == 2
+    assert "a_file is a file; --out names a folder for the cells and the table." in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "mine"
+    assert main(["bench", "--concepts", "red", "--methods", "original", "--out", str(tmp_path / ("x" * 300))]) == 2
+    assert "is too long" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layers", "0"], "--layers must be at least 1; got 0"),
+    (["--steps", "0"], "--steps and --repeats must be at least 1"),
+    (["--repeats", "0"], "--steps and --repeats must be at least 1"),
+])
+def test_bench_checkpointing_refuses_no_layers_and_no_timed_steps_before_building_a_model(argv, message, capsys,
+                                                                                            monkeypatch):
+    """No layers leaves nothing to checkpoint (and ratios against an empty model); no timed step gives no median: each
+    is told before a model is built or a step is timed."""
+    import zerase_core.bench.checkpointing as checkpointing
+    import zerase_core.bench.cost as cost
+    from zerase_core.cli import main
+
+    monkeypatch.setattr(cost, "bench_tiny_backend", lambda *a, **k: pytest.fail("built a model"))
+    monkeypatch.setattr(checkpointing, "measure", lambda *a, **k: pytest.fail("measured"))
+    assert main(["bench-checkpointing", *argv]) == 2
+    assert message in capsys.readouterr().err

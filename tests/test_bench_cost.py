@@ -732,3 +732,38 @@ def test_pool_halves_its_batch_down_to_one_trajectory_at_a_time(monkeypatch):
     monkeypatch.setattr(backend, "velocity", one_at_a_time)
     pool = TrajectoryPool(*args, batch=8)
     torch.testing.assert_close(pool.x, reference.x, rtol=0, atol=1e-5)
+
+
+def test_step_kinds_fractions_are_each_kinds_own_share_of_the_steps():
+    """The composed run times weigh the recomputed and the batched steps by their own fractions
+    (estimate.TOY_STEP_KINDS): here 1 of 4 steps recomputes L_pr and 2 of 4 are batched, so a fraction taken from
+    the other kind shows."""
+    from zerase_core.bench.lambda_kinds import step_kinds
+
+    kinds = step_kinds([0.0, 0.5, 0.2, 0.3])
+    assert kinds == {"steps": 4, "lambda_zero": 1, "recomputed": 1, "batched": 2, "fraction_lambda_positive": 0.75,
+                     "fraction_batched": 0.5, "fraction_recomputed": 0.25}
+
+
+def test_bench_checkpointing_takes_time_ratios_and_the_per_layer_time_from_the_timings(tmp_path, capsys, monkeypatch):
+    """Timings are not deterministic, so the test pins them: 1 s per step plus 0.5 s per checkpointed layer must read
+    as ratios 1, 1.5, 2 against none checkpointed and 0.5 s added per layer (the slope of the time, not the memory).
+    Each peak's ratio is against none checkpointed too, and the step measured is the batch-3 one (λ pinned at 1)."""
+    import zerase_core.bench.checkpointing as checkpointing
+    import zerase_core.trainer as trainer_module
+    from zerase_core.cli import main
+
+    monkeypatch.setattr(checkpointing, "interleaved_medians",
+                        lambda variants, *a, **k: {n: 1.0 + 0.5 * n for n in variants})
+    configs, init = [], trainer_module.ZEraseTrainer.__init__
+    monkeypatch.setattr(trainer_module.ZEraseTrainer, "__init__",
+                        lambda self, backend, config, *a, **k: configs.append(config) or init(self, backend, config,
+                                                                                              *a, **k))
+    assert main(["bench-checkpointing", "--layers", "2", "--resolution", "64", "--steps", "1", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = result["rows"]
+    assert [(r["checkpointed_layers"], r["time_ratio"]) for r in rows] == [(0, 1.0), (1, 1.5), (2, 2.0)]
+    assert result["added_time_per_layer_s"] == pytest.approx(0.5)
+    assert [r["peak_ratio"] for r in rows] == pytest.approx([r["peak_mib"] / rows[0]["peak_mib"] for r in rows])
+    assert rows[-1]["peak_ratio"] < 1
+    assert [(c.lambda_mode, c.fixed_lambda, c.gradient_checkpointing) for c in configs] == [("fixed", 1.0, "off")]

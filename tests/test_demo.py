@@ -550,3 +550,51 @@ def test_bench_lambda_weighs_each_cells_fraction_by_its_steps(random_toy, monkey
     assert summary["fraction_lambda_positive"] == pytest.approx(3 / 8)
     assert summary["fraction_batched"] == pytest.approx(2 / 8)
     assert [c["lambda_last"] for c in result["cells"]] == [0.0, 0.3]
+
+
+def test_bench_json_records_the_settings_its_rows_were_measured_under(tmp_path, random_toy):
+    """bench.json is the record of a table: the concepts, seeds, steps and n_eval its rows come from, beside them."""
+    from zerase_core.toy.bench import run_bench
+
+    run_bench(["red", "circle"], [0], steps=2, n_eval=4, out=tmp_path, methods=["original"], command="cmd",
+              bundle=random_toy)
+    table = json.loads((tmp_path / "bench.json").read_text())
+    assert (table["concepts"], table["seeds"], table["steps"], table["n_eval"], table["command"]) == (
+        ["red", "circle"], [0], 2, 4, "cmd")
+
+
+def test_a_bench_cell_is_measured_anew_for_another_n_eval_and_untrained_cells_alone_assemble_nothing(
+        tmp_path, random_toy):
+    """A cell is keyed by n_eval (its numbers are counts over that many pictures): one of another n_eval is not reused.
+    And --assemble-only that finds only the untrained rows' cells refuses, as it does when it finds none: a table of
+    the original model alone would stand for the comparison."""
+    from zerase_core.toy.bench import run_bench
+
+    for n_eval in (4, 6):
+        run_bench(["red"], [0], steps=2, n_eval=n_eval, out=tmp_path, methods=["original"], command="t",
+                  bundle=random_toy)
+    assert len(list((tmp_path / "cells").iterdir())) == 2
+    with pytest.raises(ZEraseError, match="holds no trained cell of these settings"):
+        run_bench(["red"], [0], steps=2, n_eval=4, out=tmp_path, methods=None, command="t", bundle=random_toy,
+                  assemble_only=True)
+
+
+def test_a_bench_cell_is_measured_on_evaluation_seeds_and_leaves_the_shared_model_as_it_was(random_toy, monkeypatch):
+    """Cells share the bundle's model: a trained cell must restore its modules, or every later cell wraps the layers
+    of the one before (gated layers nesting deeper with each cell, their LoRAs kept alive and back-propagated through
+    while inert). And a cell is measured on seeds EVAL_SEED_OFFSET apart from those it trains on."""
+    import zerase_core.toy.bench as bench
+    from zerase_core.lora import GatedLoRALinear
+    from zerase_core.toy.erasure_metrics import EVAL_SEED_OFFSET
+
+    original, zerase = (next(m for m in bench.METHODS if m.name == name) for name in ("original", "zerase"))
+    red = parse_concept("red")
+    modules = dict(random_toy.transformer.named_modules())
+    bench.run_cell(random_toy, zerase, red, 0, bench.cell_config(random_toy, zerase, red, 0, 2), 4)
+    assert dict(random_toy.transformer.named_modules()) == modules
+    assert not any(isinstance(m, GatedLoRALinear) for m in random_toy.transformer.modules())
+    seeds = []
+    monkeypatch.setattr(bench, "erasure_report",
+                        lambda backend, bundle, concept, n, seed, **k: seeds.append(seed) or {})
+    bench.run_cell(random_toy, original, red, 3, None, 4)
+    assert seeds == [EVAL_SEED_OFFSET + 3]

@@ -1135,3 +1135,66 @@ def test_a_path_stepping_back_out_of_a_folder_still_to_be_made_is_refused(tmp_pa
     check_writable(tmp_path / "there" / ".." / "red.safetensors")
     save_lora(_random_lora(KEYS), tmp_path / "there" / ".." / "red.safetensors", exclusive=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["red.safetensors", "there"]
+
+
+def test_a_merge_needs_two_loras_and_exactly_one_weight_each():
+    """One LoRA is no merge (it would only be rewritten under a merge's name), and a weight left over names a LoRA that
+    is not there: zip would drop it silently and the file would record a weight that was never applied."""
+    with pytest.raises(ZEraseError, match="at least two erasure LoRAs"):
+        merge_exact([_random_lora(KEYS)])
+    with pytest.raises(ZEraseError, match="Got 3 weights for 2 LoRAs"):
+        merge_exact([_random_lora(KEYS, seed=1), _random_lora(KEYS, seed=2)], [1.0, 1.0, 1.0])
+
+
+def test_a_merge_of_parts_recording_no_base_records_none_and_loads_back(tmp_path):
+    """Parts from before the base digest record no "base": the merge must leave it out, not write null, which the
+    file reader refuses (training.base must be a string)."""
+    merged = merge_exact([_random_lora(KEYS, seed=1), _random_lora(KEYS, seed=2)])
+    assert "base" not in merged.training
+    assert "base" not in load_lora(save_lora(merged, tmp_path / "m.safetensors")).training
+
+
+def test_an_official_part_is_refused_at_the_first_layer_past_the_model_and_at_another_width():
+    """An official import records no architecture, so each of its factors is checked against the others' fingerprint
+    (64 wide, 2 layers) on its own: layer 2 is the first one past the model, and a 32-wide factor at a projection no
+    other part holds meets no width clash there."""
+    g = torch.Generator().manual_seed(0)
+
+    def official(key, width):
+        return ErasureLoRA({key: (torch.randn(4, width, generator=g), torch.randn(64, 4, generator=g))},
+                           source="official-z-erase")
+
+    with pytest.raises(ZEraseError, match=r"does not fit at layer 2 q \(64 wide\)"):
+        merge_exact([_random_lora(KEYS), official((2, "q"), 64)])
+    with pytest.raises(ZEraseError, match=r"does not fit at layer 1 q \(32 wide\)"):
+        merge_exact([_random_lora(KEYS), official((1, "q"), 32)])
+
+
+def test_host_widths_of_a_fused_qkv_layer_are_each_slices_own_width():
+    """ComfyUI's model fuses q, k and v into one linear layer whose slices start past 0: each projection's width is
+    its slice's length, not where it ends (k and v would be refused as twice and three times too wide)."""
+    from types import SimpleNamespace
+
+    from zerase_core.backends.base import HostSlot
+
+    fused = SimpleNamespace(host_slots=lambda: [HostSlot(3, "qkv", {"q": (0, 8), "k": (8, 16), "v": (16, 24)}, 8)])
+    assert host_widths(fused) == {(3, "q"): (8, 8), (3, "k"): (8, 8), (3, "v"): (8, 8)}
+
+
+def test_an_installed_lora_exports_at_the_strength_it_was_installed_at(tiny_backend):
+    """export_lora snapshots a LoRASet as it acts: its strength (a run's lora.strength, or an applied file's strength
+    times Apply's) is kept, so the exported file changes the model as the installed set did."""
+    lora = replace(_random_lora(KEYS), strength=0.5)
+    again = export_lora(install_lora(tiny_backend, lora, strength=0.4))
+    assert again.strength == pytest.approx(0.2)
+    for key in KEYS:
+        assert torch.allclose(again.delta_weight(key), lora.delta_weight(key) * 0.4, atol=1e-5)
+
+
+def test_an_applied_lora_is_put_to_rest_by_its_backend(tiny_backend, monkeypatch):
+    """install_lora hands the frozen set to backend.rest, where a host that loads its model only to run it (ComfyUI)
+    moves it beside the model's offloaded weights; skipped, the LoRA stayed where it was built."""
+    rested = []
+    monkeypatch.setattr(tiny_backend, "rest", rested.append)
+    lora_set = install_lora(tiny_backend, _random_lora(KEYS))
+    assert rested == [lora_set]
