@@ -47,7 +47,7 @@ def measure(files: Sequence[Path], concepts: Sequence[str], n_eval: int, seed: i
         for i, lora in enumerate(loras):
             install_lora(backend, lora, name=f"measured_{i}")
         # seed + 1000: the stream the demo's report is measured on. Its other prompt styles are drawn after the
-        # numbers shown, from their own stream (seed + 1), and give only acc_e per style: left out, they cost 75 %
+        # numbers shown, from a stream of their own, and give only acc_e per style: left out, they cost 75 %
         # more pictures for nothing shown.
         reports = {c.word: erasure_report(backend, bundle, c, n_eval, seed + 1000, lora=bool(loras))
                    for c in parsed}
