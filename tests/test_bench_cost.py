@@ -767,3 +767,204 @@ def test_bench_checkpointing_takes_time_ratios_and_the_per_layer_time_from_the_t
     assert [r["peak_ratio"] for r in rows] == pytest.approx([r["peak_mib"] / rows[0]["peak_mib"] for r in rows])
     assert rows[-1]["peak_ratio"] < 1
     assert [(c.lambda_mode, c.fixed_lambda, c.gradient_checkpointing) for c in configs] == [("fixed", 1.0, "off")]
+
+
+def test_cost_split_times_each_part_with_its_own_prompts_and_derives_the_differences(monkeypatch):
+    """Each part of the split runs the call its name says (teacher batch 2 = [c_er, ∅], batch 3 = [c_er, ∅, c_pr];
+    the concept's tokens on the erase prompt only; the λ_t = 0 forward without a graph), and the derived rows are
+    the right differences of the timed ones (an inverted difference or a wrong base reads as a plausible number)."""
+    from zerase_core.bench import cost_split as split
+
+    trainer = ZEraseTrainer(tiny_zimage_backend(), _config())
+    pool = trainer.prompts
+    er, tokens, keep = pool.erase[0], list(pool.erase_tokens[0]), pool.keep[0]
+    calls: dict[str, list] = {}
+    velocity, teacher = trainer.backend.velocity, trainer.teacher_predictions
+    current = [None]
+
+    def recording_velocity(x, sigma, prompts, **kw):
+        calls.setdefault(current[0], []).append(("student", list(prompts), kw.get("concept_tokens"),
+                                                 torch.is_grad_enabled()))
+        return velocity(x, sigma, prompts, **kw)
+
+    def recording_teacher(x_t, sigma, prompts):
+        calls.setdefault(current[0], []).append(("teacher", list(prompts)))
+        with monkeypatch.context() as m:
+            m.setattr(trainer.backend, "velocity", velocity)
+            return teacher(x_t, sigma, prompts)
+
+    monkeypatch.setattr(trainer.backend, "velocity", recording_velocity)
+    monkeypatch.setattr(trainer, "teacher_predictions", recording_teacher)
+    seconds = {"student_er_fwd": 1.0, "student_er_fwd_attn": 3.0, "student_er_fwd_attn_bwd": 10.0,
+               "student_b3_fwd_attn": 20.0, "student_b3_fwd_attn_bwd": 50.0}
+
+    left: dict[str, list] = {}  # gradients a part leaves for the next part's backward to add to
+
+    def fake_medians(parts, steps, repeats, sync):
+        for name, fn in parts.items():
+            current[0] = name
+            fn()
+            left[name] = [p for p in trainer.params if p.grad is not None]
+        current[0] = None
+        return {name: seconds.get(name, 0.5) for name in parts}
+
+    monkeypatch.setattr(split, "interleaved_medians", fake_medians)
+    from zerase_core.bench import memory
+
+    saved, real_saved_bytes = [], memory.saved_bytes
+    monkeypatch.setattr(memory, "saved_bytes", lambda *a, **k: saved.append(real_saved_bytes(*a, **k)) or saved[-1])
+    clock, sample_xt = [0.0], trainer.sample_xt
+    durations = iter([0.0] + [1.0] * 7 + [9.0])  # x_t sampling is timed by its mean (2), not its median (1)
+
+    def timed_sample_xt(prompt):
+        clock[0] += next(durations)
+        return sample_xt(prompt)
+
+    monkeypatch.setattr(trainer, "sample_xt", timed_sample_xt)
+    monkeypatch.setattr(split.time, "perf_counter", lambda: clock[0])
+    out = split.cost_split(trainer, 1, 1, lambda: None)
+    assert out["fresh_xt_mean"] == 2.0
+    (held,) = saved
+    assert held[0] > 0 and out["student_pr_graph_saved_mib"] == held[0] / 2**20  # MiB
+    assert (out["attn_mass_fwd"], out["student_er_bwd"], out["student_b3_bwd"]) == (2.0, 7.0, 30.0)
+    assert calls["teacher_fwd_b2"] == [("teacher", [er, pool.uncond])]
+    assert calls["teacher_fwd_b3"] == [("teacher", [er, pool.uncond, keep])]
+    assert calls["student_er_fwd"] == [("student", [er], None, True)]
+    assert calls["student_er_fwd_attn"] == [("student", [er], [tokens], True)]
+    assert calls["student_b3_fwd_attn"] == [("student", [er, pool.uncond, keep], [tokens, [], []], True)]
+    assert calls["student_pr_fwd_nograd"] == [("student", [pool.uncond, keep], None, False)]
+    assert calls["student_pr_fwd_graph"] == [("student", [pool.uncond, keep], None, True)]
+    assert not any(left.values()) and all(p.grad is None for p in trainer.params)
+
+
+def test_the_cpu_peak_is_an_error_not_zero_where_the_profiler_records_no_allocation(monkeypatch):
+    """A peak of 0 would read as "this step needs no memory": a run that allocates nothing, or a torch whose profiler
+    lacks the event tree (AttributeError as well as ImportError), is refused by name instead."""
+    import torch.profiler
+
+    from zerase_core.bench.memory import cpu_peak_bytes
+    from zerase_core.errors import ZEraseError
+
+    with pytest.raises(ZEraseError, match="recorded no allocation"):
+        cpu_peak_bytes(lambda: None)
+
+    class NoEventTree:
+        profiler = argparse.Namespace(kineto_results=object())  # no experimental_event_tree
+
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.profiler, "profile", NoEventTree)
+    with pytest.raises(ZEraseError, match="does not record allocations the way the CPU peak is read"):
+        cpu_peak_bytes(lambda: torch.zeros(1000))
+
+
+def test_the_cost_table_prints_each_figure_in_its_own_column():
+    """bench-cost's stderr table, from a result whose every figure differs: a swapped column, an inverted default
+    marker, a dropped split row, a wrong unit or λ regime would print a plausible table with the wrong numbers."""
+    from zerase_core.bench.cost_table import SPLIT_ROWS, table
+
+    s = {"reference": 9.0, "ours_pool_lambda_positive": 3.0, "ours_pool_lambda_zero": 1.5, "gated_esd_pool": 2.0,
+         "ours_fresh_lambda_positive": 4.0, "ours_fresh_lambda_zero": 2.5, "gated_esd_fresh": 3.2}
+    row = {"model": "tiny", "image_tokens": 16, "default_xt_source": "pool", "seconds_per_step": s,
+           "split_seconds": {part: 0.0001 * (i + 1) for i, part in enumerate(SPLIT_ROWS)},
+           "paper_lambda_weighted": {src: {"seconds_per_step": w, "speedup_vs_reference": 9.0 / w,
+                                           "overhead_vs_gated_esd": w / s[f"gated_esd_{src}"]}
+                                     for src, w in (("pool", 2.5), ("fresh", 3.5))}}
+    for src in ("pool", "fresh"):
+        for lam in ("lambda_positive", "lambda_zero"):
+            row[f"speedup_vs_reference_{src}_{lam}"] = 9.0 / s[f"ours_{src}_{lam}"]
+            row[f"overhead_vs_gated_esd_{src}_{lam}"] = s[f"ours_{src}_{lam}"] / s[f"gated_esd_{src}"]
+    rows = {k: {"minutes": m, "gated_esd_minutes": 5.0, "overhead_vs_gated_esd": 1.1,
+                "reference_minutes_lower_bound": 30.0, "speedup_vs_reference_at_least": 4.0,
+                "peak_gb_estimate": 40.0, "meets_10_min": True}
+            for k, m in (("pool_ckpt", 8.0), ("pool_no_ckpt", 7.0))}
+    regime = lambda minutes: {"rows": {k: {"minutes": minutes} for k in rows}}  # noqa: E731
+    result = {"device": "cpu", "speed": [row],
+              "attention_loss_memory": {"rows": [{"image_tokens": 256, "ours": 3 * 2**20, "materialised": 5 * 2**20}],
+                                        "growth_exponent": {"ours": 1.01, "materialised": 1.98}},
+              "real_zimage_run_time_estimate": {
+                  "toy_lambda_fractions": {"fractions": {"batched": 0.97, "recomputed": 0.02, "lambda_zero": 0.01},
+                                           "rows": rows, "memory_budget_gb": 80, "assumptions": {"a": "b"},
+                                           "default_settings": {"xt_source": "pool", "checkpointed_layers": 0,
+                                                                "of_layers": 30, "minutes": 7.0, "meets_10_min": True}},
+                  "lambda_always_zero": regime(6.0), "lambda_always_positive": regime(9.0)}}
+    lines = table(result).splitlines()
+    assert "x_t source: pool (default)" in lines and "x_t source: fresh" in lines
+    assert any(line.split() == ["tiny", "16", "9.000", "3.000", "/", "1.500", "2.000", "3.00×", "/", "6.00×",
+                                "1.50", "/", "0.75"] for line in lines)
+    assert any(line.split() == ["tiny", "16", "pool", "2.500", "3.60×", "1.25"] for line in lines)
+    split = {line.split()[0]: line.split()[1] for line in lines if line.split()[:1] and line.split()[0] in SPLIT_ROWS}
+    assert {"fresh_xt_mean", "teacher_fwd_b3", "teacher_fwd_b2", "attn_mass_fwd", "student_er_bwd",
+            "student_pr_graph_saved_mib", "student_b3_bwd", "adamw"} <= set(split)
+    assert split == {part: f"{0.0001 * (i + 1):.4f}" for i, part in enumerate(SPLIT_ROWS)}
+    assert "     256       3.00 MiB       5.00 MiB" in lines
+    assert any(line.split()[:4] == ["pool_ckpt", "8.0", "(6.0", "/"] and line.split()[4] == "9.0)" for line in lines)
+
+
+def test_saved_bytes_count_the_whole_storage_a_saved_view_keeps_alive():
+    """A saved slice holds its whole storage for backward: the activation memory is the storage's bytes, not the
+    slice's (counting t.nbytes read a step that saves views of a big buffer as nearly free)."""
+    from zerase_core.bench.memory import saved_bytes
+
+    y = torch.randn(1000, requires_grad=True) * 2  # a 4000-byte storage
+    assert saved_bytes(lambda: y[:10] ** 2)[0] == 4000
+
+
+def test_growth_exponent_takes_a_zero_measurement_as_flat_not_an_error():
+    """A layer whose attention loss saves 0 bytes (nothing beyond the attention itself) has no logarithm: it counts
+    as 1 byte, a flat growth, instead of failing the benchmark after its measurements."""
+    assert growth_exponent([256, 512, 1024], [0.0, 0.0, 0.0]) == 0.0
+
+
+def test_interleaved_medians_drop_a_variant_that_runs_out_and_switch_before_each_round(monkeypatch):
+    """A variant out of memory at its warm-up is reported once and timed no more (NaN); each round switches to a
+    variant before its timed calls; without warm-up the first call is timed; repeats < 1 is refused like steps < 1."""
+    from zerase_core.bench import timing
+    from zerase_core.errors import ZEraseError
+
+    with pytest.raises(ZEraseError, match="must be at least 1"):
+        timing.check_timing(3, 0)
+    events, oom = [], []
+
+    def out_of_memory():
+        raise ran_out()
+
+    s = timing.interleaved_medians({"big": out_of_memory, "a": lambda: events.append("a")}, steps=2, repeats=2,
+                                   sync=lambda: None, on_oom=oom.append,
+                                   switch=lambda name: events.append(name[0] + "!"))
+    assert oom == ["big"] and s["big"] != s["big"] and s["a"] >= 0  # NaN: no timing of a variant that ran out
+    assert events == ["b!", "a!", "a"] + ["a!", "a", "a"] * 2  # warm-up, then each round switches first
+    clock = [0.0]
+    durations = iter([7.0, 1.0, 1.0])
+
+    def tick():
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    assert timing.interleaved_medians({"c": tick}, steps=3, repeats=1, sync=lambda: None, warm_up=False) == {"c": 1.0}
+
+
+def test_peak_gib_is_above_what_is_resident(monkeypatch):
+    """A variant's peak is what it adds above the weights and pool already held, in GiB; inf where it runs out."""
+    from zerase_core.bench import timing
+
+    allocated = {"now": 5 * 2**30, "peak": 5 * 2**30}
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: allocated["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: allocated.update(peak=allocated["now"]))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def step():
+        allocated["peak"] = allocated["now"] + 2**29
+
+    def too_big():
+        raise ran_out()
+
+    assert timing.peak_gib({"step": step, "big": too_big}, sync=lambda: None) == {"step": 0.5, "big": float("inf")}

@@ -283,3 +283,38 @@ def test_input_gradient_includes_the_lora_on_text_rows_only():
     text = torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.float32)[None, :, None]
     expected = w @ base.weight + text * (w @ delta_w)
     torch.testing.assert_close(x.grad, expected.detach())
+
+
+def test_a_new_backend_over_a_transformer_with_a_lora_owns_its_gates_and_can_remove_it(tiny_backend):
+    """A second backend made over a transformer whose layers an earlier backend gated takes those layers over: they
+    read its gate (the earlier backend's has no layout for the new backend's calls) and its uninstall() puts the
+    stock Linears back (else the LoRA could never be removed through the backend that now runs the model)."""
+    before = {n: m for n, m in tiny_backend.transformer.named_modules()}
+    v0 = _run(tiny_backend, (64, 64), ["a red circle"])
+    _randomise_lora(tiny_backend.install(LoRAConfig(rank=4)))
+    lora_v = _run(tiny_backend, (64, 64), ["a red circle"])
+    second = DiffusersZImageBackend(tiny_backend.transformer, tiny_backend.encoder, tiny_backend.latent, "z-image")
+    assert torch.equal(_run(second, (64, 64), ["a red circle"]), lora_v)  # the LoRA, gated by the new backend
+    second.uninstall()
+    after = {n: m for n, m in second.transformer.named_modules()}
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert torch.equal(_run(second, (64, 64), ["a red circle"]), v0)
+
+
+def test_fingerprint_and_latent_shape_read_the_models_own_sizes():
+    """The fingerprint (what a resumed run or a LoRA file is matched against) names each size from its own field, and
+    latent_shape refuses a width as well as a height off the patch grid, allows exactly the longest side RoPE's
+    tables hold (the shorter of the two axes), and keeps height before width."""
+    from zerase_core.errors import ZEraseError
+    from zerase_core.tiny import HashWordEncoder, LatentSpec, small_zimage
+
+    transformer = small_zimage(dim=64, n_layers=3, n_refiner_layers=1, n_heads=2, axes_dims=(8, 12, 12),
+                               axes_lens=(256, 32, 64), in_channels=4, patch_size=2, cap_feat_dim=48)
+    backend = DiffusersZImageBackend(transformer, HashWordEncoder(48, 0), LatentSpec(4, 8), "z-image-odd")
+    assert backend.fingerprint() == {"family": "z-image-odd", "dim": 64, "n_layers": 3, "n_heads": 2,
+                                     "cap_feat_dim": 48}
+    assert backend.latent_shape(64, 128) == (4, 8, 16)
+    assert backend.latent_shape(512, 16) == (4, 64, 2)  # 32 positions of 16 pixels: 512 is the most
+    for height, width in ((64, 72), (72, 64), (528, 16), (16, 528)):
+        with pytest.raises(ZEraseError):
+            backend.latent_shape(height, width)

@@ -368,3 +368,21 @@ def test_export_keeps_the_best_weights_only(tmp_path, monkeypatch):
     trainer.step = 2
     trainer.evaluate_and_export(export)
     assert load_weights(export)[1]["step"] == "1" and trainer.best == 0.9
+
+
+def test_the_adherence_report_evaluates_the_styles_seed_and_threads_it_is_given(monkeypatch, capsys):
+    """`python -m zerase_core.toy.report` passes its --n, --seed and --styles through to evaluate_adherence and sets
+    --threads (a report that ignored them would print the default run's figures under the asked-for heading)."""
+    from types import SimpleNamespace
+
+    from zerase_core.toy import report
+
+    calls, threads = [], []
+    monkeypatch.setattr(report, "load_toy", lambda: SimpleNamespace(sampling="euler", metadata={"step": 7}))
+    monkeypatch.setattr(report, "evaluate_adherence", lambda bundle, n, seed, style: calls.append((n, seed, style))
+                        or {"colour": 0.5})
+    monkeypatch.setattr(report.torch, "set_num_threads", threads.append)
+    report.main(["--n", "5", "--seed", "3", "--styles", "synonym", "--threads", "2"])
+    assert calls == [(5, 3, "synonym")] and threads == [2]
+    out = capsys.readouterr().out
+    assert "weights step 7" in out and "synonym" in out and "colour 0.500" in out and "n=5" in out
