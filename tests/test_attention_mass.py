@@ -379,3 +379,43 @@ def test_scoped_puts_the_old_values_back_when_the_body_raises():
             assert (inside.layout, inside.recorder) == ("new", "r")
             raise KeyboardInterrupt
     assert (obj.layout, obj.recorder) == ("old", None)
+
+
+def test_token_zeroing_applies_without_measuring_mass(tiny_backend):
+    """Zeroing is the §3 baseline's own forward: it removes the columns whether or not the call also measures the
+    concept's attention mass (a sampling call measures none)."""
+    enc = tiny_backend.encode(["a red circle"])
+    x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([0.5])
+    with torch.no_grad():
+        bare, _ = tiny_backend.velocity(x, sigma, enc)
+        with tiny_backend.zeroing_tokens(lambda prompts: [[2]]):
+            zeroed, _ = tiny_backend.velocity(x, sigma, enc)
+            measured, mass = tiny_backend.velocity(x, sigma, enc, concept_tokens=[[2]])
+    assert float(mass) == 0.0 and not torch.allclose(zeroed, bare, atol=1e-3)
+    torch.testing.assert_close(zeroed, measured, rtol=0, atol=1e-5)
+
+
+def test_token_zeroing_keeps_the_batchs_padding_mask(tiny_backend):
+    """Zeroing adds its blocked columns to diffusers' own mask of each row's padding: a short prompt batched beside a
+    long one (a longer padded sequence) gets the same zeroed prediction as alone, not attention on padding."""
+    short, long = tiny_backend.encode(["a red circle", " ".join(["red"] * 40)])
+    x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([0.5])
+    with torch.no_grad(), tiny_backend.zeroing_tokens(lambda prompts: [[2]] * len(prompts)):
+        alone, _ = tiny_backend.velocity(x, sigma, [short])
+        batched, _ = tiny_backend.velocity(x.expand(2, -1, -1, -1), sigma.expand(2), [short, long])
+    torch.testing.assert_close(batched[:1], alone, rtol=0, atol=1e-5)
+
+
+def test_attention_maps_see_the_lora_unless_told_not_to(tiny_backend):
+    """Backend.attention_maps documents ``lora=True`` as its default: a caller that does not say (a script drawing
+    the erased model's maps) sees the trained LoRA, not the base model."""
+    (enc,) = tiny_backend.encode(["a red circle"])
+    lora_set = tiny_backend.install(LoRAConfig(rank=4))
+    with torch.no_grad():
+        for p in lora_set.parameters():
+            p.normal_()
+    x, sigma, columns = torch.randn(1, 4, 8, 8), torch.tensor([0.5]), [[2]]
+    default = tiny_backend.attention_maps(x, sigma, enc, columns)
+    on = tiny_backend.attention_maps(x, sigma, enc, columns, lora=True)
+    off = tiny_backend.attention_maps(x, sigma, enc, columns, lora=False)
+    assert torch.equal(default, on) and not torch.allclose(default, off)

@@ -1591,3 +1591,11 @@ def test_bench_checkpointing_refuses_no_layers_and_no_timed_steps_before_buildin
     monkeypatch.setattr(checkpointing, "measure", lambda *a, **k: pytest.fail("measured"))
     assert main(["bench-checkpointing", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_velocity_refuses_a_latent_batch_that_does_not_match_its_prompts():
+    """One prompt per latent row: a mismatch is refused by name before any work, not a shape error deep inside."""
+    backend = tiny_zimage_backend()
+    prompts = backend.encode(["a red circle"])
+    with pytest.raises(ValueError, match="2 latents but 1 prompts"):
+        backend.velocity(torch.randn(2, 4, 8, 8), torch.full((2,), 0.5), prompts)

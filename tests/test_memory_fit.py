@@ -162,3 +162,52 @@ def test_the_caption_and_the_image_are_counted_padded_to_32_tokens():
     image tokens 1024 (the tests' 64-token captions are multiples already, so they could not tell)."""
     assert memory_fit.step_bytes(1000, 10, 3, N, DIM) == memory_fit.step_bytes(1024, 32, 3, N, DIM)
     assert memory_fit.layer_input_bytes(1000, 10, 3, DIM) == 3 * (1024 + 32) * DIM * 2
+
+
+def test_a_backend_for_another_device_reports_it_and_moves_there_when_the_encoder_is_released():
+    """A loader leaves the transformer on the CPU while the text encoder has the GPU: the backend reports the device
+    it is to run on from the start (captions and latents go there), and releasing the encoder puts the transformer
+    there at once (before the LoRA and the optimizer are made), not at some later first use. "meta" stands in for
+    the GPU: no weights move."""
+    from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
+
+    tiny = tiny_zimage_backend()
+    backend = DiffusersZImageBackend(tiny.transformer, tiny.encoder, tiny.latent, "z-image-tiny", device="meta")
+    assert backend.device == torch.device("meta") and backend.transformer.x_pad_token.device.type == "cpu"
+    assert backend.encode(["a red circle"])[0].n_tokens > 0  # the encoder still works before the release
+    backend.release_encoder()
+    assert backend.encoder is None and backend.transformer.x_pad_token.device.type == "meta"
+    assert backend.device == torch.device("meta")
+
+
+def test_checkpointed_layers_reads_the_transformers_own_switch():
+    """A later backend over the same transformer switches its checkpointing off: the earlier backend then says no
+    layer is checkpointed (its remembered choice no longer runs), rather than its stale count."""
+    from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
+
+    first = tiny_zimage_backend()
+    first.set_gradient_checkpointing(first.n_layers)
+    assert first.checkpointed_layers == first.n_layers
+    DiffusersZImageBackend(first.transformer, first.encoder, first.latent, "z-image-tiny")
+    assert not first.transformer.gradient_checkpointing and first.checkpointed_layers == 0
+
+
+def test_a_checkpointed_layer_is_recomputed_with_the_lora_as_the_call_had_it():
+    """Backward recomputes a checkpointed layer under the call's own gate state: a call with the LoRA off (with
+    gradients, e.g. to x) must recompute with it off too, or its gradients are those of another function."""
+    backend = tiny_zimage_backend()
+    lora = backend.install(LoRAConfig(rank=2))
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.5)
+    prompts = backend.encode(["a red circle"])
+    x0, sigma = torch.randn(1, 4, 8, 8), torch.full((1,), 0.5)
+    grads = []
+    for layers in (0, backend.n_layers):
+        backend.set_gradient_checkpointing(layers)
+        x = x0.clone().requires_grad_(True)
+        v, _ = backend.velocity(x, sigma, prompts, lora=False)
+        v.square().sum().backward()
+        grads.append(x.grad)
+    assert backend.checkpointed_layers == backend.n_layers
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
