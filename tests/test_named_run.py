@@ -27,10 +27,10 @@ def _config(**over) -> TrainConfig:
     return TrainConfig(**(base | over))
 
 
-def _train(folder, config, resume=False, stop_after=None, backend=None):
+def _train(folder, config, resume=False, stop_after=None, backend=None, name=""):
     """What the node does with a NamedRun: plan, check, attach, train, save (also when stopped)."""
     backend = backend or tiny_zimage_backend()
-    run = NamedRun.plan(folder, "", config, resume)
+    run = NamedRun.plan(folder, name, config, resume)
     run.check(backend, ADVICE)
     trainer = ZEraseTrainer(backend, config, resume_from=run.continues)
     if stop_after:  # a Cancel after that step
@@ -225,21 +225,12 @@ def test_a_save_name_ending_in_the_suffix_twice_resumes_into_its_partial_file(tm
     takes that suffix off once more: a run saved as "cat.safetensors.safetensors" (the file the name gives, see above),
     stopped and resumed, did not find its partial file and saved a second one, cat.safetensors_001.safetensors (a
     mutation audit). A checkpoint of the earlier kind, recording "cat", still finds cat.safetensors."""
-    def train(name, resume, stop_after=None):
-        run = NamedRun.plan(tmp_path, name, _config(), resume)
-        run.check(tiny_zimage_backend(), ADVICE)
-        trainer = ZEraseTrainer(tiny_zimage_backend(), _config(), resume_from=run.continues)
-        if stop_after:
-            trainer.should_stop = lambda: trainer.step >= stop_after
-        run = run.attach(trainer)
-        return run, run.save(trainer.run().lora)
-
-    train("cat.safetensors.safetensors", False, stop_after=2)
-    _, final = train("cat.safetensors.safetensors", True)
+    _train(tmp_path, _config(), stop_after=2, name="cat.safetensors.safetensors")
+    final, _ = _train(tmp_path, _config(), resume=True, name="cat.safetensors.safetensors")
     assert final.name == "cat.safetensors.safetensors"
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["cat.safetensors.safetensors"]
     assert load_lora(final).training["steps_done"] == 6
-    train("cat", False, stop_after=2)
+    _train(tmp_path, _config(), stop_after=2, name="cat")
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(), resume_from=tmp_path / ".checkpoints" / "cat.zerase-ckpt")
     trainer.checkpoint_meta[LORA_FILE] = "cat"  # as checkpoints recorded it before
     run = NamedRun.plan(tmp_path, "cat", _config(), True).attach(trainer)
