@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from zerase_core.lagrangian import PaperLambda, direction, exact_lambda
+from zerase_core.lagrangian import PaperLambda, direction, exact_lambda, rule_for
 
 
 def test_paper_rule_reproduces_eq15_step_by_step():
@@ -113,3 +114,26 @@ def test_euler_steps_by_the_schedule_toward_sigma_zero():
     torch.testing.assert_close(integrate(lambda x, s: noise - x0, noise, sigmas), x0)
     halfway = integrate(lambda x, s: noise - x0, noise, sigmas[:3])
     torch.testing.assert_close(halfway, sigmas[2] * noise + (1 - sigmas[2]) * x0)
+
+
+@pytest.mark.parametrize("mode", ["paper", "paired"])
+def test_a_rules_state_loads_back_as_it_was_and_each_wrong_entry_is_named(mode):
+    """What a checkpoint keeps of λ (state → JSON → load_state) gives back the rule it was; an entry that is not a
+    finite number (a bool, inf, a string, a list where a number goes) is refused by its name, not taken."""
+    import json
+    from types import SimpleNamespace
+    config = SimpleNamespace(lambda_mode=mode, lr=1e-3, beta=0.1, eps=1e-3, fixed_lambda=0.0)
+    rule = rule_for(config)
+    for pr in (0.2, 0.5):  # L_pr rose: λ > 0
+        if rule.observes_update:
+            rule.observe(pr, pr + 0.3)
+        rule.update(pr)
+    again = rule_for(config)
+    again.load_state(json.loads(json.dumps(rule.state())))
+    assert again == rule and again.value > 0
+    for name, wrong in [("value", True), ("last_g", float("inf")), ("previous_pr", "0.1"), ("value", [0.5])]:
+        with pytest.raises(ValueError, match=f"λ's state: {name} must be a finite number"):
+            rule_for(config).load_state(rule.state() | {name: wrong})
+    if mode == "paired":
+        with pytest.raises(ValueError, match="λ's state: pair must be a finite number"):
+            rule_for(config).load_state(rule.state() | {"pair": [0.1, None]})

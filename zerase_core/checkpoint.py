@@ -291,26 +291,11 @@ def _name(key: tuple[int, str], part: str) -> str:
     return f"lora.{key[0]}.{key[1]}.{part}"
 
 
-# λ-state entries a real run may leave unset: no L_pr before the first step, no observed pair before a paired step
-_UNSET_AT_FIRST = ("previous_pr", "pair")
-
-
 def _lambda_rule(trainer: "ZEraseTrainer", state):
-    """A λ rule of the run's settings holding ``state``: each entry a finite number (``pair``: two), None only where a
-    run leaves one unset. A null, a list or a dict there passed, and the first step failed with a traceback."""
+    """A λ rule of the run's settings holding ``state`` (the rule checks each entry: ValueError)."""
     lam = rule_for(trainer.config)
-    lam.load_state(state)
-    for name, value in lam.state().items():
-        if value is None and name in _UNSET_AT_FIRST:
-            continue
-        numbers = value if name == "pair" and isinstance(value, list) and len(value) == 2 else [value]
-        if (name == "pair") != (numbers is value) or not all(_is_number(v) for v in numbers):
-            raise ValueError(f"λ's state {shown(repr(state))}")
+    lam.load_state(json_object(state, "λ's state"))
     return lam
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _damaged(path: Path, err: BaseException) -> str:

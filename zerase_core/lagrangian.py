@@ -19,10 +19,13 @@ needs L_pr's gradient (``needs_pr_gradient``), gives λ for the step's objective
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+from .errors import shown
 
 MODES = ("paper", "paired", "exact", "fixed")
 
@@ -55,7 +58,8 @@ class _Rule:
         return {}
 
     def load_state(self, state: dict) -> None:
-        pass
+        """Take ``state`` as :meth:`state` gave it (read back from a checkpoint's JSON), or ValueError naming the entry
+        that is wrong (a null, a list or a dict where a number goes was taken once, and the first step failed)."""
 
 
 @dataclass
@@ -91,7 +95,9 @@ class PaperLambda(_Rule):
         return {"value": self.value, "previous_pr": self.previous_pr, "last_g": self.last_g}
 
     def load_state(self, state: dict) -> None:
-        self.value, self.previous_pr, self.last_g = state["value"], state["previous_pr"], state["last_g"]
+        # previous_pr is unset before the first step (no L_pr yet); the others are set from the start
+        self.value, self.last_g = _number(state, "value"), _number(state, "last_g")
+        self.previous_pr = None if state["previous_pr"] is None else _number(state, "previous_pr")
 
 
 @dataclass
@@ -115,7 +121,10 @@ class PairedLambda(PaperLambda):
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
-        self.pair = tuple(state["pair"]) if state.get("pair") is not None else None
+        pair = state.get("pair")  # unset before a paired step has been observed
+        if pair is not None and not (isinstance(pair, list) and len(pair) == 2):
+            raise ValueError(f"λ's state: pair must be two numbers, got {shown(repr(pair))}")
+        self.pair = None if pair is None else (_number(pair, 0, "pair"), _number(pair, 1, "pair"))
 
 
 @dataclass
@@ -144,6 +153,14 @@ class FixedLambda(_Rule):
 
     def update(self, pr_now: float) -> float:
         return self.value
+
+
+def _number(holder, key, name: str | None = None) -> float:
+    """``holder[key]`` as a finite float, or ValueError naming it (a bool is not taken for a number)."""
+    value = holder[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"λ's state: {name or key} must be a finite number, got {shown(repr(value))}")
+    return float(value)
 
 
 def rule_for(config) -> _Rule:
