@@ -42,11 +42,22 @@ def folder(tmp_path_factory):
             if not p.abs().sum():
                 p.normal_(0, 0.02)  # diffusers zero-initialises some layers; a trained model has none
     transformer.save_pretrained(root / "transformer")
+    _vae().save_pretrained(root / "vae")
     (root / "scheduler").mkdir()  # Z-Image Turbo's has shift 3; another value shows it is read
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": SHIFT,
          "use_dynamic_shifting": False}))
     return root
+
+
+def _vae(latent_channels: int = 16):
+    """A tiny AutoencoderKL as Z-Image's (Flux's) VAE is laid out: 8 pixels per latent cell, scaled and shifted."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    return AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=latent_channels, norm_num_groups=4,
+                         scaling_factor=0.3611, shift_factor=0.1159)
 
 
 def test_loaded_folder_encodes_through_the_chat_template_and_finds_the_concept(folder):
@@ -279,8 +290,8 @@ def test_the_run_folder_is_checked_before_the_model_is_loaded(folder, tmp_path, 
     assert main([*flags, "--out", str(out)]) == 0
     capsys.readouterr()
     monkeypatch.setattr(loader, "load_diffusers_zimage", lambda *a, **k: pytest.fail("loaded before the check"))
-    for extra, message in ((["--out", str(out)], "holds erasure_lora.safetensors, curves.png, history.json of an "
-                                                 "earlier run"),
+    for extra, message in ((["--out", str(out)], "holds erasure_lora.safetensors, curves.png, history.json, "
+                                                 "before_after.png of an earlier run"),
                            (["--out", str(tmp_path / "none"), "--resume"], "No checkpoint to resume"),
                            (["--out", str(out), "--resume", "--rank", "3"],
                             "different settings (lora.rank: 2 then, 3 now)")):  # was two whole LoRA settings dicts
@@ -297,3 +308,104 @@ def test_parts_whose_configs_do_not_record_their_widths_are_not_refused(tmp_path
         (tmp_path / part).mkdir()
         (tmp_path / part / "config.json").write_text(json.dumps(config))
     check_parts_agree(tmp_path)
+
+
+def _cell(picture, row: int, column: int, size: int = 64):
+    """The pixels of one cell of a before_after grid (render.grid: 90 px of row labels, 18 of column labels)."""
+    import numpy as np
+
+    left, top = 90 + column * size, 18 + row * size
+    return np.asarray(picture.convert("RGB"))[top:top + size, left:left + size]
+
+
+def test_train_on_a_model_folder_draws_original_and_erased_with_the_folders_vae(folder, tmp_path):
+    """`train --model` has no node to show what it erased, so it draws before_after.png: the erase prompt and the
+    preservation prompt (rows), original | erased (columns), on the run's sampler from its preview noise, decoded
+    by the folder's VAE as ZImagePipeline decodes. The original cells are the pictures made again here, bit for bit."""
+    import numpy as np
+    from PIL import Image
+
+    from zerase_core.backends.diffusers_loader import load_decoder, load_diffusers_zimage
+    from zerase_core.cli import main
+    from zerase_core.comparison import comparison_texts
+    from zerase_core.config import TrainConfig
+    from zerase_core.render import to_pil
+    from zerase_core.sampling import before_after
+
+    out = tmp_path / "run"
+    assert main([*_train_argv(folder), "--out", str(out)]) == 0
+    picture = Image.open(out / "before_after.png")
+    assert picture.width == 90 + 2 * 64 and picture.height > 18 + 2 * 64  # two rows, a caption below
+
+    config = TrainConfig(concept="red", preserve=("blue",), templates=("a photo of a {} ball",), height=64, width=64,
+                         shift=SHIFT)  # what the picture's sampling reads of the run's settings
+    assert comparison_texts(config) == ["a photo of a red ball", "a photo of a blue ball"]
+    backend = load_diffusers_zimage(folder)
+    decode = load_decoder(folder, backend.device, backend.dtype)
+    for row, prompt in enumerate(backend.encode(comparison_texts(config))):
+        original = to_pil(decode(before_after(backend, prompt, config)[0])[0])
+        assert np.array_equal(_cell(picture, row, 0), np.asarray(original))
+    # The decoding is ZImagePipeline's: latents / scaling_factor + shift_factor through the VAE, [-1, 1] to [0, 1].
+    from diffusers import AutoencoderKL
+    from diffusers.image_processor import VaeImageProcessor
+
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pixels = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+    expected = VaeImageProcessor().postprocess(pixels, output_type="pt").permute(0, 2, 3, 1)
+    torch.testing.assert_close(decode(latents), expected)
+
+
+def test_the_picture_of_a_trained_lora_differs_where_it_erases(folder):
+    """comparison() puts the LoRA's pictures in the erased column: with a LoRA that changes the model, each row's
+    erased cell differs from its original one, and the original cells are those of the model without it."""
+    import numpy as np
+
+    from zerase_core.backends.diffusers_loader import load_decoder, load_diffusers_zimage
+    from zerase_core.comparison import comparison
+    from zerase_core.config import TrainConfig
+    from zerase_core.lora import LoRAConfig
+    from zerase_core.render import to_pil
+
+    backend = load_diffusers_zimage(folder)
+    decode = load_decoder(folder, backend.device, backend.dtype)
+    config = TrainConfig(concept="red", preserve=("blue",), templates=("a photo of a {} ball",), height=64, width=64)
+    prompts = backend.encode(["a photo of a red ball", "a photo of a blue ball"])
+    plain = to_pil(comparison(backend, prompts, config, decode)[0])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in backend.install(LoRAConfig(rank=2)).parameters():  # B ≠ 0: a LoRA that changes the model
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    erased = to_pil(comparison(backend, prompts, config, decode)[0])
+    for row in range(2):
+        assert np.array_equal(_cell(plain, row, 0), _cell(plain, row, 1))  # no LoRA: both columns the same model
+        assert np.array_equal(_cell(erased, row, 0), _cell(plain, row, 0))
+        assert not np.array_equal(_cell(erased, row, 1), _cell(erased, row, 0))
+
+
+def test_a_vae_of_another_model_is_refused_before_loading_and_a_folder_without_one_draws_nothing(
+        folder, tmp_path, monkeypatch, caplog):
+    """vae/ is optional (the LoRA is the run's result; the picture shows it), but one whose latents are not the
+    transformer's is refused before the run, not after it has trained."""
+    import shutil
+
+    import zerase_core.backends.diffusers_loader as loader
+    from zerase_core.cli import main
+
+    copy = _copy(folder, tmp_path)
+    shutil.rmtree(copy / "vae")
+    _vae(latent_channels=4).save_pretrained(copy / "vae")
+    with monkeypatch.context() as m:
+        m.setattr(loader, "_loaded_whole", lambda *a, **k: pytest.fail("a model loaded before the check"))
+        with pytest.raises(ZEraseError, match="vae/ makes 4-channel latents and the transformer takes 16"):
+            loader.load_decoder(copy, torch.device("cpu"), torch.float32)
+    assert main([*_train_argv(copy), "--out", str(tmp_path / "refused")]) == 2
+    assert not (tmp_path / "refused").exists()  # refused before the run made its folder
+
+    shutil.rmtree(copy / "vae")
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="zerase_core.comparison"):
+        assert main([*_train_argv(copy), "--out", str(out)]) == 0
+    assert (out / "erasure_lora.safetensors").is_file() and not (out / "before_after.png").exists()
+    assert "no vae/: no before_after.png" in caplog.text

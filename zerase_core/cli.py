@@ -172,14 +172,14 @@ def train_config_from_args(args: argparse.Namespace, **defaults):
 @command("train", "train an erasure LoRA (Algorithm 1) on a tiny random or a diffusers Z-Image", _add_train)
 def _train(args: argparse.Namespace) -> int:
     from .prompt_pool import check_erase_templates
-    from .run import PlannedRun, check_folder, train_and_save
+    from .run import PlannedRun, train_and_save
     from .run_lock import run_lock
 
     # The settings and the run's folder are checked before a model is built: loading Z-Image takes minutes.
     if args.tiny:
         config = train_config_from_args(args, **TINY)
     else:
-        from .backends.diffusers_loader import check_model_folder, load_diffusers_zimage
+        from .backends.diffusers_loader import check_model_folder
 
         config = train_config_from_args(args)
         shift = check_model_folder(args.model)  # x_t as the model samples (there is no --shift flag)
@@ -190,16 +190,30 @@ def _train(args: argparse.Namespace) -> int:
         if args.tiny:
             from .tiny import tiny_zimage_backend
 
-            backend = tiny_zimage_backend(seed=args.seed)
+            backend, also_writes, afterwards = tiny_zimage_backend(seed=args.seed), (), lambda: None
         else:
-            check_folder(args.out, config, args.resume)  # before minutes of loading; PlannedRun adds the model's
-            backend = load_diffusers_zimage(args.model)
-        result, path = train_and_save(PlannedRun(backend, config, args.out, args.resume),
+            backend, also_writes, afterwards = _from_folder(args, config)
+        result, path = train_and_save(PlannedRun(backend, config, args.out, args.resume, also_writes),
                                       release_encoder=not args.tiny)
+        afterwards()
     last = result.history[-1]
     print_result(json.dumps({"lora": str(path), "steps": last.step, "L_erase": last.erase, "lambda": last.lam,
                              "seconds": round(result.seconds, 2)}))
     return 0
+
+
+def _from_folder(args: argparse.Namespace, config: TrainConfig):
+    """The diffusers Z-Image of ``--model``, the file the run writes beside its own, and what draws that file, the
+    before/after picture with the folder's VAE, once the run is trained."""
+    from .backends.diffusers_loader import load_decoder, load_diffusers_zimage
+    from .comparison import GRID, comparison_texts, write_comparison
+    from .run import check_folder
+
+    check_folder(args.out, config, args.resume, (GRID,))  # before minutes of loading; PlannedRun adds the model's
+    backend = load_diffusers_zimage(args.model)
+    decode = load_decoder(args.model, backend.device, backend.dtype)  # a damaged vae/ is told before the run
+    prompts = backend.encode(comparison_texts(config))  # now: the run releases the text encoder once it has its own
+    return backend, (GRID,), lambda: write_comparison(backend, prompts, config, decode, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

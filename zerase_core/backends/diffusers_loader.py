@@ -66,6 +66,33 @@ def load_diffusers_zimage(folder: Path, device: str | None = None, dtype: torch.
                                   device=device, flow_shift=shift, digest=folder_digest(folder))
 
 
+def load_decoder(folder: Path, device: torch.device, dtype: torch.dtype):
+    """The folder's VAE as latents → (B, H, W, 3) pictures in [0, 1], decoded as ZImagePipeline decodes; None where
+    the folder has no ``vae/``. Loaded on the CPU (a damaged file is refused before the run, not after it) and moved
+    to ``device`` at the first decode, so it holds no GPU memory while the transformer trains."""
+    folder = Path(folder)
+    if not (folder / "vae").is_dir():
+        return None
+    config, transformer = _config(folder / "vae"), _config(folder / "transformer")
+    latent, taken = config.get("latent_channels"), transformer.get("in_channels")
+    if None not in (latent, taken) and latent != taken:
+        raise ZEraseError(f"{folder / 'vae'}/ makes {latent}-channel latents and the transformer takes {taken}: they "
+                          "are not one model's parts. Restore vae/ from the model's download.")
+    from diffusers import AutoencoderKL
+
+    vae = _loaded_whole(AutoencoderKL, folder, "vae", torch_dtype=dtype).eval()
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        vae.to(device)
+        c = vae.config  # the model's latents are the VAE's scaled and shifted (Flux's VAE: 0.3611, 0.1159)
+        z = latents.to(device, dtype) / c.scaling_factor + (c.shift_factor or 0.0)
+        pixels = vae.decode(z, return_dict=False)[0].float()  # [-1, 1]
+        return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+    return decode
+
+
 # The weight files each part loads: one file, or its shards (diffusers' names, then transformers').
 LOADED = {"transformer": re.compile(r"^diffusion_pytorch_model(-\d{5}-of-\d{5})?\.safetensors$"),
           "text_encoder": re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")}

@@ -1,0 +1,60 @@
+"""``train --model``'s before_after.png: the run's prompts, each from one noise, without and with its LoRA.
+
+The nodes draw their pictures with the workflow's VAE (Z-Erase Train's previews, Z-Erase Compare); the command line
+has only the model folder, so it decodes with the folder's own VAE (``vae/``), as ZImagePipeline does.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .backends.base import Backend
+from .config import TrainConfig
+from .out_of_memory import is_out_of_memory
+from .prompt_pool import first_erase_text
+from .prompts import EncodedPrompt, preservation_text
+from .render import grid, save_png, to_pil
+from .sampling import before_after
+
+log = logging.getLogger(__name__)
+
+GRID = "before_after.png"
+MOST_KEPT = 3  # preservation prompts shown beside the erase prompt: each costs two samplings of the model
+
+Decode = Callable[[torch.Tensor], torch.Tensor]  # (B, C, h, w) latents -> (B, H, W, 3) pictures in [0, 1]
+
+
+def comparison_texts(config: TrainConfig) -> list[str]:
+    """The first erase prompt and, from the same template, up to MOST_KEPT preservation prompts (Eq. 8's c_pr)."""
+    template = config.erase_templates[0]
+    kept = [preservation_text(template, config.concept, keep) for keep in config.preserve[:MOST_KEPT]]
+    return [first_erase_text(config), *kept]
+
+
+def comparison(backend: Backend, prompts: Sequence[EncodedPrompt], config: TrainConfig, decode: Decode) -> torch.Tensor:
+    """(1, H, W, 3): a row per prompt, original | erased, on the run's sampler from its preview noise."""
+    cells = [[to_pil(decode(x0)[0]) for x0 in before_after(backend, prompt, config)] for prompt in prompts]
+    return grid(cells, ["original", "erased"], row_labels=[p.text[:14] for p in prompts],
+                caption=" | ".join(f"{i + 1}: {p.text}" for i, p in enumerate(prompts)))
+
+
+def write_comparison(backend: Backend, prompts: Sequence[EncodedPrompt], config: TrainConfig, decode: Decode | None,
+                     folder: Path) -> Path | None:
+    """``folder``/before_after.png, or None where the model has no VAE or the pictures do not fit in memory: the
+    run's LoRA and files are written before, and a picture is not worth failing the command for."""
+    if decode is None:
+        log.info("The model folder has no vae/: no %s (the LoRA is written; Apply it in ComfyUI to see it).", GRID)
+        return None
+    try:
+        picture = comparison(backend, prompts, config, decode)
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(err):
+            raise
+        log.warning("%s was not drawn: out of memory while sampling or decoding it (the LoRA and the run's files are "
+                    "written).", GRID)
+        return None
+    return save_png(picture[0], folder / GRID)
