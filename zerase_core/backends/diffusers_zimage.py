@@ -97,6 +97,46 @@ class _WatchedProcessor:
             return self.inner(*args)
 
 
+def unified_layout(image_tokens: Sequence[int], caption_tokens: Sequence[int]) -> TokenLayout:
+    """[image | caption] per sample, each padded to 32, the batch to its longest sample (diffusers'
+    _build_unified_sequence)."""
+    image = tuple((0, pad_to_multiple(n, SEQ_MULTIPLE)) for n in image_tokens)
+    text = tuple((end, end + pad_to_multiple(n, SEQ_MULTIPLE)) for (_, end), n in zip(image, caption_tokens))
+    return TokenLayout.of(max(end for _, end in text), text, image, tuple(image_tokens))
+
+
+class _LaidOutCalls:
+    """The transformer's forward, so that calls the engine does not make (a ``ZImagePipeline``'s) run the gated LoRA:
+    their token layout is read off the call's own latents and caption features, laid out as diffusers lays them out.
+    The engine's own calls set theirs (``_run``) and pass through. A plain callable patched onto the transformer."""
+
+    def __init__(self, inner: Callable[..., Any], backend: "DiffusersZImageBackend"):
+        self.inner, self.backend = inner, backend
+
+    @classmethod
+    def around(cls, forward: Callable[..., Any], backend: "DiffusersZImageBackend") -> "_LaidOutCalls":
+        """Wrap the transformer's forward; an earlier backend's wrapper is replaced, not nested."""
+        return cls(forward.inner if isinstance(forward, cls) else forward, backend)
+
+    def __call__(self, x, t, cap_feats, *args, **kwargs):
+        gate = self.backend.gate
+        if gate.layout is not None:  # the engine's own call, laid out by the backend
+            return self.inner(x, t, cap_feats, *args, **kwargs)
+        if isinstance(x[0], list):
+            raise ZEraseError("Z-Image's omni mode (reference images in the call) is not supported with an erasure "
+                              "LoRA: its gate knows the token layout of a text-to-image call (one caption, one image).")
+        patch, frames = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)  # the forward's own defaults
+        images = [(s.shape[-3] // frames) * (s.shape[-2] // patch) * (s.shape[-1] // patch) for s in x]
+        with gate.active(unified_layout(images, [c.shape[0] for c in cap_feats])):
+            return self.inner(x, t, cap_feats, *args, **kwargs)
+
+
+def owner(transformer: nn.Module) -> "DiffusersZImageBackend | None":
+    """The backend that took ``transformer`` over last (its calls report to that one), or None."""
+    forward = transformer.__dict__.get("forward")
+    return forward.backend if isinstance(forward, _LaidOutCalls) else None
+
+
 def zimage_forward(transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, captions: list[torch.Tensor],
                    **kwargs) -> torch.Tensor:
     """diffusers' Z-Image on (N, C, h, w) latents at noise levels σ (N,): its raw output, x0 − ε, as (N, C, h, w).
@@ -156,6 +196,7 @@ class DiffusersZImageBackend(Backend):
                 layer.attention.set_processor(_WatchedProcessor(processor, i, self))
         for layer in transformer.noise_refiner:
             layer.forward = SharedRowsForward.around(layer.forward, self._current_row_groups)
+        transformer.forward = _LaidOutCalls.around(transformer.forward, self)
         for path, module in transformer.named_modules():
             if isinstance(module, GatedLoRALinear):
                 module.gate = self.gate
@@ -282,12 +323,8 @@ class DiffusersZImageBackend(Backend):
         self._place()
 
     def layout(self, x: torch.Tensor, prompts: Sequence[EncodedPrompt]) -> TokenLayout:
-        """[image | caption] per sample, each padded to 32 (diffusers' _build_unified_sequence)."""
         n_image = (x.shape[-2] // self.patch) * (x.shape[-1] // self.patch)
-        image_len = pad_to_multiple(n_image, SEQ_MULTIPLE)
-        text = [(image_len, image_len + pad_to_multiple(p.n_tokens, SEQ_MULTIPLE)) for p in prompts]
-        seq_len = max(end for _, end in text)
-        return TokenLayout.of(seq_len, tuple(text), tuple((0, image_len) for _ in prompts), (n_image,) * len(prompts))
+        return unified_layout([n_image] * len(prompts), [p.n_tokens for p in prompts])
 
     @contextmanager
     def zeroing_tokens(self, token_indices: Callable[[Sequence[EncodedPrompt]], list[list[int]]]) -> Iterator[None]:

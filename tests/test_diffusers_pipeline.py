@@ -1,0 +1,94 @@
+"""Erasure LoRAs in a plain diffusers ZImagePipeline (`zerase_core.diffusers_pipeline`): the gate reads each call's
+token layout off the call's own inputs, so `pipe(...)` samples the erased model exactly as the engine predicts it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zerase_core.errors import ZEraseError
+from zerase_core.lora import LoRAConfig
+from zerase_core.tiny import TinyZImageConfig, small_zimage, tiny_zimage_backend
+
+TINY = TinyZImageConfig()
+
+
+def _erasure_lora():
+    """A LoRA that changes the tiny model (B ≠ 0), as a file would hold it, and the backend it was made on."""
+    from zerase_core.apply import export_lora
+
+    backend = tiny_zimage_backend()
+    g = torch.Generator().manual_seed(5)
+    lora_set = backend.install(LoRAConfig(rank=4))
+    with torch.no_grad():
+        for p in lora_set.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    # as trained on a diffusers Z-Image folder: the tiny model is named "z-image-tiny" by its own loader
+    lora = export_lora(lora_set, concept="red", fingerprint=backend.fingerprint() | {"family": "z-image"})
+    backend.uninstall()
+    return lora, backend
+
+
+def _pipeline(weights: dict):
+    """A ZImagePipeline around a transformer no backend has touched, with the tiny model's weights; no text encoder
+    (the tests hand it caption features)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    transformer = small_zimage(dim=TINY.dim, n_layers=TINY.n_layers, n_refiner_layers=TINY.n_refiner_layers,
+                               n_heads=TINY.n_heads, axes_dims=TINY.axes_dims, axes_lens=(256, 64, 64),
+                               in_channels=TINY.in_channels, patch_size=2, cap_feat_dim=TINY.cap_feat_dim)
+    transformer.load_state_dict(weights)
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
+                          tokenizer=None, transformer=transformer.eval())
+
+
+def _sample(pipe, captions, guidance: float = 0.0):
+    return pipe(prompt_embeds=captions[:1], negative_prompt_embeds=captions[1:] or None, guidance_scale=guidance,
+                num_inference_steps=2, height=64, width=64, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def test_a_pipeline_call_is_gated_as_the_engines_own_call_and_uninstall_gives_the_original_back():
+    """Through the pipeline's transformer call the LoRA acts on text tokens only, laid out from the call's inputs:
+    the prediction equals the engine's (backend.velocity, LoRA on) bit for bit, also for a batch of captions of
+    different lengths (classifier-free guidance); sampling changes, and uninstall() restores the original pictures."""
+    from zerase_core.backends.diffusers_zimage import zimage_forward
+    from zerase_core.diffusers_pipeline import apply_erasure
+
+    lora, engine = _erasure_lora()
+    pipe = _pipeline(engine.transformer.state_dict())
+    prompts = engine.encode(["a red circle on the left", "blue"])  # 2 rows, captions of other lengths
+    captions = [p.features for p in prompts]
+    original = _sample(pipe, captions, guidance=2.0)
+
+    backend = apply_erasure(pipe, lora)
+    x = torch.randn(2, TINY.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.7, 0.7])
+    with torch.no_grad():
+        direct = -zimage_forward(pipe.transformer, x, sigma, captions).float()  # as the pipeline calls it
+    engine_v, _ = backend.velocity(x, sigma, prompts, lora=True)
+    without, _ = backend.velocity(x, sigma, prompts, lora=False)
+    assert torch.equal(direct, engine_v) and not torch.allclose(direct, without, atol=1e-3)
+
+    erased = _sample(pipe, captions, guidance=2.0)
+    assert not torch.allclose(erased, original, atol=1e-3)
+    backend.uninstall()
+    assert torch.equal(_sample(pipe, captions, guidance=2.0), original)
+
+
+def test_a_second_lora_on_the_same_pipeline_adds_up_under_its_own_name_and_omni_calls_are_refused():
+    """apply_erasure twice reuses the backend that owns the transformer (one gate for both LoRAs); the same name twice
+    is refused; a call in Z-Image's omni mode (reference images) cannot be laid out by the gate and is refused."""
+    from zerase_core.diffusers_pipeline import apply_erasure
+
+    lora, engine = _erasure_lora()
+    pipe = _pipeline(engine.transformer.state_dict())
+    captions = [engine.encode(["a red circle"])[0].features]
+    first = apply_erasure(pipe, lora, strength=0.5)
+    half = _sample(pipe, captions)
+    assert apply_erasure(pipe, lora, strength=0.5, name="again") is first
+    assert not torch.allclose(_sample(pipe, captions), half, atol=1e-3)  # 0.5 + 0.5: the two add up
+    with pytest.raises(ZEraseError, match="already installed"):
+        apply_erasure(pipe, lora, name="again")
+    with pytest.raises(ZEraseError, match="omni mode"):
+        pipe.transformer([[torch.zeros(TINY.in_channels, 1, 8, 8)]], torch.tensor([0.5]), [[captions[0]]])
