@@ -618,6 +618,7 @@ def test_a_result_is_printed_before_it_is_written(tmp_path, capsys, monkeypatch)
 
 @pytest.mark.parametrize("empty", ["", " "])
 @pytest.mark.parametrize("argv", [["train", "--tiny", "--concept", "red"], ["demo"], ["merge", "a", "b"],
+                                  ["compare", "a", "--model", "m", "--prompts", "p"],
                                   ["bench-cost"], ["bench"], ["bench-xt"], ["bench-lambda"], ["bench-checkpointing"]])
 def test_an_empty_out_is_refused_not_taken_for_the_current_folder(argv, empty, tmp_path, monkeypatch, capsys):
     """Path("") is ".": `train --out ""` wrote its LoRA, checkpoint, curves and history into the current folder."""

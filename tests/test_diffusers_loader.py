@@ -409,3 +409,113 @@ def test_a_vae_of_another_model_is_refused_before_loading_and_a_folder_without_o
         assert main([*_train_argv(copy), "--out", str(out)]) == 0
     assert (out / "erasure_lora.safetensors").is_file() and not (out / "before_after.png").exists()
     assert "no vae/: no before_after.png" in caplog.text
+
+
+def _random_lora_file(folder, path):
+    """An erasure LoRA of the folder's model that changes it (B ≠ 0), saved as a file."""
+    from zerase_core.apply import export_lora
+    from zerase_core.backends.diffusers_loader import load_diffusers_zimage
+    from zerase_core.lora import LoRAConfig
+    from zerase_core.lora_file import save_lora
+
+    backend = load_diffusers_zimage(folder)
+    g = torch.Generator().manual_seed(4)
+    lora_set = backend.install(LoRAConfig(rank=2))
+    with torch.no_grad():
+        for p in lora_set.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return save_lora(export_lora(lora_set, concept="red", fingerprint=backend.fingerprint()), path)
+
+
+def test_compare_draws_prompts_original_and_with_the_files_applied(folder, tmp_path, capsys):
+    """`compare` is before_after.png for any prompts and LoRA files: rows of prompts, original | erased, the original
+    cells the folder's model without LoRA (bit for bit), the erased ones with the files applied at their strengths."""
+    import numpy as np
+    from PIL import Image
+
+    from zerase_core.backends.diffusers_loader import load_decoder, load_diffusers_zimage
+    from zerase_core.cli import main
+    from zerase_core.config import TrainConfig
+    from zerase_core.render import to_pil
+    from zerase_core.sampling import before_after
+
+    lora = _random_lora_file(folder, tmp_path / "red.safetensors")
+    texts = ["a photo of a red ball", "blue sky at night"]
+    out = tmp_path / "compare.png"
+    argv = ["compare", str(lora), "--model", str(folder), "--prompts", *texts, "--resolution", "64", "--steps", "2",
+            "--seed", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == str(out)
+    picture = Image.open(out)
+    config = TrainConfig(concept="red", height=64, width=64, seed=3, sample_steps=2, shift=SHIFT)
+    backend = load_diffusers_zimage(folder)
+    decode = load_decoder(folder, backend.device, backend.dtype)
+    for row, prompt in enumerate(backend.encode(texts)):
+        original = np.asarray(to_pil(decode(before_after(backend, prompt, config)[0])[0]))
+        assert np.array_equal(_cell(picture, row, 0), original)
+        assert not np.array_equal(_cell(picture, row, 1), original)
+    weaker = tmp_path / "weaker.png"  # strength 0: the LoRA changes nothing, so both columns are the original
+    assert main([*argv, "--strengths", "0", "--out", str(weaker)]) == 0
+    for row in range(2):
+        assert np.array_equal(_cell(Image.open(weaker), row, 1), _cell(picture, row, 0))
+
+
+def test_compare_refuses_before_the_model_loads(folder, tmp_path, monkeypatch, capsys):
+    """What would fail after the loads (minutes on the real model) is told first: an --out that exists or is no .png,
+    strengths that are not one per file, a resolution off Z-Image's 16-pixel grid, a folder without vae/."""
+    import shutil
+
+    import zerase_core.backends.diffusers_loader as loader
+    from zerase_core.cli import main
+
+    lora = _random_lora_file(folder, tmp_path / "red.safetensors")
+    copy = _copy(folder, tmp_path)
+    shutil.rmtree(copy / "vae")
+    (tmp_path / "taken.png").write_bytes(b"")
+    monkeypatch.setattr(loader, "load_diffusers_zimage", lambda *a, **k: pytest.fail("loaded before the check"))
+    base = ["compare", str(lora), "--prompts", "a red ball", "--resolution", "64"]
+    for extra, message in (
+            (["--model", str(folder), "--out", str(tmp_path / "taken.png")], "taken.png exists"),
+            (["--model", str(folder), "--out", str(tmp_path / "a.jpg")], "ending in .png"),
+            (["--model", str(folder), "--strengths", "1", "1", "--out", str(tmp_path / "a.png")],
+             "--strengths gives 2 values for 1 files"),
+            (["--model", str(copy), "--out", str(tmp_path / "a.png")], "has no vae/"),
+    ):
+        assert main([*base, *extra]) == 2 and message in capsys.readouterr().err
+    assert main([*base[:-1], "72", "--model", str(folder), "--out", str(tmp_path / "a.png")]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_a_vae_out_of_memory_decodes_again_in_tiles(folder, monkeypatch):
+    """At 1024² the VAE decodes beside the loaded transformer; on a 16 GB card that may not fit. Then the picture is
+    decoded again in tiles (diffusers' enable_tiling) instead of lost; what is not out of memory is raised as it is."""
+    from diffusers import AutoencoderKL
+
+    from zerase_core.backends.diffusers_loader import load_decoder
+
+    from diffusers.image_processor import VaeImageProcessor
+
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    vae.enable_tiling()  # the tiny VAE's tiles are 4 latent cells a side: this latent is decoded as 4 tiles
+    with torch.no_grad():
+        tiled = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+    tiled = VaeImageProcessor().postprocess(tiled, output_type="pt").permute(0, 2, 3, 1)
+    tiling, real = [], AutoencoderKL.decode
+
+    def short_of_memory(self, z, *args, **kwargs):
+        tiling.append(self.use_tiling)
+        if not self.use_tiling:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "decode", short_of_memory)
+    decode = load_decoder(folder, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(decode(latents), tiled)
+    assert tiling == [False, True]
+    decode(latents)
+    assert tiling == [False, True, True]  # in tiles from then on
+    monkeypatch.setattr(AutoencoderKL, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):
+        load_decoder(folder, torch.device("cpu"), torch.float32)(latents)

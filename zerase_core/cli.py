@@ -89,6 +89,43 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- compare -------------------------------------------------------------------------------
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", type=Path, nargs="+", help="erasure LoRAs, applied together")
+    p.add_argument("--model", type=Path, required=True, help="a diffusers Z-Image folder (with vae/)")
+    p.add_argument("--prompts", nargs="+", required=True, help="one row of pictures per prompt")
+    p.add_argument("--strengths", type=float, nargs="+", help="one per file (default 1 each)")
+    p.add_argument("--seed", type=int, default=0, help="the noise of every row (default 0)")
+    p.add_argument("--resolution", type=int, default=1024, help="pixels a side (default 1024)")
+    p.add_argument("--steps", type=int, default=TrainConfig.sample_steps,
+                   help=f"sampling steps (default {TrainConfig.sample_steps}, Turbo's)")
+    p.add_argument("--out", type=out_path, required=True, help="output .png (never overwritten)")
+
+
+@command("compare", "original | erased pictures of prompts on a diffusers Z-Image, LoRA files applied together",
+         _add_compare)
+def _compare(args: argparse.Namespace) -> int:
+    from .comparison import compare_files
+    from .files import check_writable
+
+    if args.out.suffix.lower() != ".png":
+        raise ZEraseError(f"--out names the picture, ending in .png (e.g. compare.png); got {args.out}.")
+    if os.path.lexists(args.out):
+        raise ZEraseError(f"{args.out} exists; choose another --out (files are never overwritten).")
+    if args.resolution % 16:  # told before the loads: Z-Image has 8 pixels a latent cell, 2×2 cells a token
+        raise ZEraseError(f"--resolution must be a multiple of 16 for Z-Image; got {args.resolution}.")
+    strengths = args.strengths or [1.0] * len(args.files)
+    if len(strengths) != len(args.files):
+        raise ZEraseError(f"--strengths gives {len(strengths)} values for {len(args.files)} files: give one per file.")
+    # Sampling settings checked as a run's are (size, steps, seed); the concept is only a name here.
+    sampling = TrainConfig(concept="compared", height=args.resolution, width=args.resolution, seed=args.seed,
+                           sample_steps=args.steps)
+    check_writable(args.out)
+    out = compare_files(args.model, args.files, args.prompts, strengths, sampling, args.out)
+    print_result(json.dumps({"out": str(out), "prompts": len(args.prompts), "files": [str(f) for f in args.files]}))
+    return 0
+
+
 # --- train ---------------------------------------------------------------------------------
 # train --tiny's settings, where they differ from TrainConfig's: seconds on a CPU
 TINY = dict(steps=50, height=64, width=64, sample_steps=4, lora=LoRAConfig(rank=4))

@@ -1,4 +1,5 @@
-"""``train --model``'s before_after.png: the run's prompts, each from one noise, without and with its LoRA.
+"""Original | erased pictures on a diffusers Z-Image: ``train --model``'s before_after.png (the run's prompts) and
+``compare`` (any prompts, any LoRA files applied together), each prompt from one noise, without and with the LoRAs.
 
 The nodes draw their pictures with the workflow's VAE (Z-Erase Train's previews, Z-Erase Compare); the command line
 has only the model folder, so it decodes with the folder's own VAE (``vae/``), as ZImagePipeline does.
@@ -7,6 +8,7 @@ has only the model folder, so it decodes with the folder's own VAE (``vae/``), a
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,6 +16,7 @@ import torch
 
 from .backends.base import Backend
 from .config import TrainConfig
+from .errors import ZEraseError
 from .out_of_memory import is_out_of_memory
 from .prompt_pool import first_erase_text
 from .prompts import EncodedPrompt, preservation_text
@@ -58,3 +61,29 @@ def write_comparison(backend: Backend, prompts: Sequence[EncodedPrompt], config:
                     "written).", GRID)
         return None
     return save_png(picture[0], folder / GRID)
+
+
+def compare_files(folder: Path, files: Sequence[Path], texts: Sequence[str], strengths: Sequence[float],
+                  sampling: TrainConfig, out: Path) -> Path:
+    """``out``: ``texts`` as rows, original | with every file in ``files`` applied (each at its strength), sampled
+    as ``sampling`` says (seed, size, steps; the folder's shift). Files and folder are checked before the loads."""
+    from .apply import check_applicable, install_lora
+    from .backends.diffusers_loader import check_model_folder, load_decoder, load_diffusers_zimage
+    from .lora_file import load_lora
+
+    loras = [load_lora(f) for f in files]  # a damaged or foreign file is told before minutes of loading
+    shift = check_model_folder(folder)
+    if not (Path(folder) / "vae").is_dir():
+        raise ZEraseError(f"{folder} has no vae/ to decode the pictures with; restore it from the model's download.")
+    backend = load_diffusers_zimage(folder)
+    decode = load_decoder(folder, backend.device, backend.dtype)
+    prompts = backend.encode(texts)
+    backend.release_encoder()
+    for i, (path, lora) in enumerate(zip(files, loras)):
+        try:
+            check_applicable(backend, lora)
+        except ZEraseError as err:
+            raise ZEraseError(f"{path}: {err}") from err
+        install_lora(backend, lora, name=f"compared_{i}", strength=strengths[i])
+    sampling = replace(sampling, shift=shift if shift is not None else sampling.shift)
+    return save_png(comparison(backend, prompts, sampling, decode)[0], out)

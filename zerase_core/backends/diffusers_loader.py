@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ZEraseError
+from ..out_of_memory import empty_cache, is_out_of_memory
 from ..typed import json_object
 from .base import combined_digest
 from .diffusers_zimage import DiffusersZImageBackend, LatentSpec
@@ -87,10 +88,24 @@ def load_decoder(folder: Path, device: torch.device, dtype: torch.dtype):
         vae.to(device)
         c = vae.config  # the model's latents are the VAE's scaled and shifted (Flux's VAE: 0.3611, 0.1159)
         z = latents.to(device, dtype) / c.scaling_factor + (c.shift_factor or 0.0)
-        pixels = vae.decode(z, return_dict=False)[0].float()  # [-1, 1]
+        pixels = _decoded(vae, z, device).float()  # [-1, 1]
         return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
     return decode
+
+
+def _decoded(vae, z: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``vae.decode(z)``; where that runs out of memory (1024² beside the transformer on a 16 GB card), again in tiles,
+    and in tiles from then on: a fraction of the memory, the seams blended by diffusers."""
+    try:
+        return vae.decode(z, return_dict=False)[0]
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(err) or vae.use_tiling:
+            raise
+    empty_cache(device)  # outside the handler: the failed call's frames are gone
+    log.warning("The VAE ran out of memory decoding a %d×%d-cell latent: decoding in tiles.", *z.shape[-2:])
+    vae.enable_tiling()
+    return vae.decode(z, return_dict=False)[0]
 
 
 # The weight files each part loads: one file, or its shards (diffusers' names, then transformers').
