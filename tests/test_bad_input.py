@@ -480,9 +480,11 @@ def test_a_checkpoint_with_damaged_contents_is_refused_by_name_and_the_trainer_i
             assert trainer.step == 0 and all(torch.equal(p, q) for p, q in zip(trainer.params, before))
 
 
-@pytest.mark.parametrize("pair", ["[]", "[0.1]", "[[0.1, 0.2], [0.3, 0.4]]", "[0.1, [0.2]]", '{"a": 1, "b": 2}'])
+@pytest.mark.parametrize("pair", ["[]", "[0.1]", "[0.1, 0.2, 0.3]", "[[0.1, 0.2], [0.3, 0.4]]", "[0.1, [0.2]]",
+                                  '{"a": 1, "b": 2}'])
 def test_a_paired_rules_pair_must_be_two_numbers(tmp_path, pair):
-    """The paired λ rule's observed pair: an empty one, nested lists or a dict passed and failed in the first step."""
+    """The paired λ rule's observed pair: an empty one, nested lists or a dict passed and failed in the first step;
+    three numbers are no pair either (the third was dropped without a word)."""
     config = _config(steps=2, lambda_mode="paired")
     out = tmp_path / "run"
     ZEraseTrainer(tiny_zimage_backend(), config, checkpoint_path=out / "checkpoint.safetensors").run()
@@ -497,6 +499,7 @@ def test_a_paired_rules_pair_must_be_two_numbers(tmp_path, pair):
     (dict(step="-3"), "step -3 is negative"),  # the history-length rule alone would also refuse it, less clearly
     (dict(caller='[["lora_file", "red"]]'), "its notes of the run's files must be a JSON object, got list"),
     (dict(history='["step"]'), "a step record must be a JSON object, got str"),
+    ({"lambda": '"x"'}, "λ's state must be a JSON object, got str"),  # not "string indices must be integers"
     *[(dict(history=_history(**{name: float("nan")})), f"step 1's {name} is nan")
       for name in ("erase", "attn", "pr", "lam", "g", "sigma", "seconds")],
 ])

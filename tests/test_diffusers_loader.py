@@ -462,7 +462,8 @@ def test_compare_draws_prompts_original_and_with_the_files_applied(folder, tmp_p
 
 def test_compare_refuses_before_the_model_loads(folder, tmp_path, monkeypatch, capsys):
     """What would fail after the loads (minutes on the real model) is told first: an --out that exists or is no .png,
-    strengths that are not one per file, a resolution off Z-Image's 16-pixel grid, a folder without vae/."""
+    strengths that are not one per file, a resolution off Z-Image's 16-pixel grid, a folder without vae/, an --out
+    that cannot be written (a name too long)."""
     import shutil
 
     import zerase_core.backends.diffusers_loader as loader
@@ -480,6 +481,7 @@ def test_compare_refuses_before_the_model_loads(folder, tmp_path, monkeypatch, c
             (["--model", str(folder), "--strengths", "1", "1", "--out", str(tmp_path / "a.png")],
              "--strengths gives 2 values for 1 files"),
             (["--model", str(copy), "--out", str(tmp_path / "a.png")], "has no vae/"),
+            (["--model", str(folder), "--out", str(tmp_path / ("x" * 300 + ".png"))], "is too long"),  # unwritable
     ):
         assert main([*base, *extra]) == 2 and message in capsys.readouterr().err
     assert main([*base[:-1], "72", "--model", str(folder), "--out", str(tmp_path / "a.png")]) == 2
@@ -519,3 +521,180 @@ def test_a_vae_out_of_memory_decodes_again_in_tiles(folder, monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "decode", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
     with pytest.raises(RuntimeError, match="other"):
         load_decoder(folder, torch.device("cpu"), torch.float32)(latents)
+
+
+def test_the_picture_shows_the_first_erase_prompt_and_at_most_three_kept_concepts():
+    """before_after.png's rows: the first template filled with the concept, then the first three preservation concepts
+    in that same template (each row costs two samplings of the model), however many templates and concepts the run
+    has (the other tests have one of each, so a fourth row or another template passed them)."""
+    from zerase_core.comparison import comparison_texts
+    from zerase_core.config import TrainConfig
+
+    config = TrainConfig(concept="red", preserve=("blue", "green", "white", "black"),
+                         templates=("a photo of a {} ball", "a {} painting"))
+    assert comparison_texts(config) == ["a photo of a red ball", "a photo of a blue ball", "a photo of a green ball",
+                                        "a photo of a white ball"]
+
+
+def test_a_picture_that_runs_out_of_memory_is_skipped_and_other_errors_are_raised(tmp_path, caplog):
+    """write_comparison runs after the LoRA is written: a picture that does not fit in memory is not worth failing the
+    command for (a warning, no file), but an error that is not out of memory is a bug and is raised as it is."""
+    from zerase_core.comparison import write_comparison
+    from zerase_core.config import TrainConfig
+    from zerase_core.tiny import tiny_zimage_backend
+
+    backend = tiny_zimage_backend()
+    config = TrainConfig(concept="red", height=64, width=64, sample_steps=2)
+    prompts = backend.encode(["a red ball"])
+
+    def short_of_memory(latents):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def broken(latents):
+        raise RuntimeError("a bug")
+
+    with caplog.at_level("WARNING", logger="zerase_core.comparison"):
+        assert write_comparison(backend, prompts, config, short_of_memory, tmp_path) is None
+    assert "before_after.png was not drawn: out of memory" in caplog.text and not any(tmp_path.iterdir())
+    with pytest.raises(RuntimeError, match="a bug"):
+        write_comparison(backend, prompts, config, broken, tmp_path)
+
+
+def test_compare_applies_every_file_each_at_its_strength_and_frees_the_text_encoder(folder, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """Files given together are applied together, each under its own name at its own strength: two files at 0 and 1
+    draw what the second alone draws, not the original (the other test gives one file, so applying only the first or
+    all under one name passed it). The text encoder is freed once the prompts are encoded (Qwen3-4B: 8 GB beside the
+    sampling transformer on a 16-24 GB card), and the printed result names what was drawn."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
+    from zerase_core.cli import main
+
+    lora = _random_lora_file(folder, tmp_path / "red.safetensors")
+    other = shutil.copy(lora, tmp_path / "other.safetensors")
+    flags = ["--model", str(folder), "--prompts", "a photo of a red ball", "--resolution", "64", "--steps", "2"]
+    alone, together = tmp_path / "alone.png", tmp_path / "together.png"
+    assert main(["compare", str(lora), *flags, "--out", str(alone)]) == 0
+    capsys.readouterr()
+    released, real = [], DiffusersZImageBackend.release_encoder
+    monkeypatch.setattr(DiffusersZImageBackend, "release_encoder", lambda self: released.append(self) or real(self))
+    assert main(["compare", str(other), str(lora), *flags, "--strengths", "0", "1", "--out", str(together)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"out": str(together), "prompts": 1,
+                                                   "files": [str(other), str(lora)]}
+    assert len(released) == 1
+    one, both = Image.open(alone), Image.open(together)
+    assert np.array_equal(_cell(both, 0, 0), _cell(one, 0, 0))
+    assert np.array_equal(_cell(both, 0, 1), _cell(one, 0, 1)) and not np.array_equal(_cell(both, 0, 1),
+                                                                                      _cell(both, 0, 0))
+
+
+def test_compare_refuses_a_lora_of_another_model_and_names_the_file(folder, tmp_path, capsys):
+    """A file made for another model is refused, naming the file (which of several does not fit), not applied: a LoRA
+    of the tiny built-in model has this folder's widths and would install without a word."""
+    from zerase_core.apply import export_lora
+    from zerase_core.cli import main
+    from zerase_core.lora import LoRAConfig
+    from zerase_core.lora_file import save_lora
+    from zerase_core.tiny import tiny_zimage_backend
+
+    tiny = tiny_zimage_backend()
+    foreign = save_lora(export_lora(tiny.install(LoRAConfig(rank=2)), concept="red", fingerprint=tiny.fingerprint()),
+                        tmp_path / "tiny.safetensors")
+    good = _random_lora_file(folder, tmp_path / "red.safetensors")
+    out = tmp_path / "compare.png"
+    assert main(["compare", str(good), str(foreign), "--model", str(folder), "--prompts", "a red ball",
+                 "--resolution", "64", "--steps", "2", "--out", str(out)]) == 2
+    assert f"{foreign}: This erasure LoRA was made for a different architecture" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_compare_draws_as_its_help_says_without_the_optional_flags(folder, tmp_path, monkeypatch):
+    """compare's defaults, handed on to the drawing: 1024 pixels a side, Turbo's 8 steps, seed 0, every file at
+    strength 1 (every other test gives its own, so other defaults passed them)."""
+    import zerase_core.comparison as comparison
+    from zerase_core.cli import main
+
+    seen = {}
+
+    def drawn(model, files, texts, strengths, sampling, out):
+        seen.update(strengths=list(strengths), sampling=sampling)
+        return out
+
+    monkeypatch.setattr(comparison, "compare_files", drawn)
+    assert main(["compare", "a.safetensors", "b.safetensors", "--model", str(folder), "--prompts", "a red ball",
+                 "--out", str(tmp_path / "compare.png")]) == 0
+    sampling = seen["sampling"]
+    assert (sampling.height, sampling.width, sampling.sample_steps, sampling.seed) == (1024, 1024, 8, 0)
+    assert seen["strengths"] == [1.0, 1.0]
+
+
+def test_a_vae_is_compared_with_the_transformer_only_where_both_configs_record_their_channels(folder, tmp_path):
+    """The channels are compared only where both configs record them: a transformer config without in_channels is
+    checked by the loads, not refused as another model's VAE."""
+    from zerase_core.backends.diffusers_loader import load_decoder
+
+    copy = _copy(folder, tmp_path)
+    path = copy / "transformer" / "config.json"
+    config = json.loads(path.read_text())
+    del config["in_channels"]
+    path.write_text(json.dumps(config))
+    assert callable(load_decoder(copy, torch.device("cpu"), torch.float32))
+
+
+def test_the_vae_moves_to_the_device_at_its_first_decode_not_when_loaded(folder, monkeypatch):
+    """load_decoder loads the VAE on the CPU and moves it to the run's device when it first decodes, after the
+    training: moved at load, it held GPU memory through the whole run beside the transformer; never moved, the GPU's
+    latents met a CPU VAE. On a CPU machine both pass unless the moves are watched."""
+    from diffusers import AutoencoderKL
+
+    from zerase_core.backends.diffusers_loader import load_decoder
+
+    moves, real = [], AutoencoderKL.to
+
+    def to(self, *args, **kwargs):
+        moves.extend(a for a in (*args, *kwargs.values()) if isinstance(a, torch.device))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "to", to)
+    device = torch.device("cpu")
+    decode = load_decoder(folder, device, torch.float32)
+    assert moves == []
+    decode(torch.zeros(1, 16, 8, 8))
+    assert moves == [device]
+
+
+def test_only_a_first_out_of_memory_is_decoded_again_and_the_cache_is_emptied_before(folder, monkeypatch):
+    """The tiled retry is for an out of memory of the whole picture's decoding: an error that is not out of memory is
+    raised after one try, tiling left off; the failed try's cache is emptied before the tiles (else they meet the same
+    full card); an out of memory while already decoding in tiles is raised, not tried again."""
+    from diffusers import AutoencoderKL
+
+    import zerase_core.backends.diffusers_loader as loader
+
+    tries, emptied = [], []
+
+    def failing(error):
+        def decode(self, z, *args, **kwargs):
+            tries.append(self.use_tiling)
+            raise error
+        return decode
+
+    monkeypatch.setattr(loader, "empty_cache", emptied.append)
+    device, latents = torch.device("cpu"), torch.zeros(1, 16, 8, 8)
+    monkeypatch.setattr(AutoencoderKL, "decode", failing(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):
+        loader.load_decoder(folder, device, torch.float32)(latents)
+    assert tries == [False] and emptied == []
+    tries.clear()
+    monkeypatch.setattr(AutoencoderKL, "decode", failing(torch.OutOfMemoryError("CUDA out of memory")))
+    decode = loader.load_decoder(folder, device, torch.float32)
+    with pytest.raises(torch.OutOfMemoryError):
+        decode(latents)
+    assert tries == [False, True] and emptied == [device]
+    with pytest.raises(torch.OutOfMemoryError):
+        decode(latents)  # in tiles from the first out of memory on: nothing left to try
+    assert tries == [False, True, True] and emptied == [device]

@@ -92,3 +92,72 @@ def test_a_second_lora_on_the_same_pipeline_adds_up_under_its_own_name_and_omni_
         apply_erasure(pipe, lora, name="again")
     with pytest.raises(ZEraseError, match="omni mode"):
         pipe.transformer([[torch.zeros(TINY.in_channels, 1, 8, 8)]], torch.tensor([0.5]), [[captions[0]]])
+
+
+def test_a_file_is_loaded_its_strength_applies_and_the_backend_knows_the_transformers_latents(tmp_path):
+    """apply_erasure takes the file's path (str or Path), as the module's example does; at strength 0 the pipeline's
+    pictures are the original ones bit for bit (the LoRA's delta is scaled to 0), where the file at strength 1 changes
+    them exactly as the loaded LoRA does. The backend made for a pipeline has the transformer's latent channels (4
+    here), not Z-Image's default 16 (a mutation audit: a dropped strength, a path left unloaded and LatentSpec()
+    passed every test)."""
+    from pathlib import Path
+
+    from zerase_core.diffusers_pipeline import apply_erasure
+    from zerase_core.lora_file import save_lora
+
+    lora, engine = _erasure_lora()
+    path = save_lora(lora, tmp_path / "red.safetensors")
+    pipe = _pipeline(engine.transformer.state_dict())
+    captions = [engine.encode(["a red circle"])[0].features]
+    original = _sample(pipe, captions)
+    backend = apply_erasure(pipe, str(path), strength=0.0)
+    assert torch.equal(_sample(pipe, captions), original)
+    assert backend.latent_shape(64, 64) == (TINY.in_channels, 8, 8)
+    backend.uninstall()
+    assert apply_erasure(pipe, Path(path)) is backend
+    from_file = _sample(pipe, captions)
+    backend.uninstall()
+    apply_erasure(pipe, lora)
+    assert torch.equal(_sample(pipe, captions), from_file) and not torch.allclose(from_file, original, atol=1e-3)
+
+
+def test_a_non_square_call_with_a_caption_past_32_tokens_is_laid_out_as_the_engine_lays_it_out():
+    """The layout read off a pipeline call counts the image's tokens per axis ((h/2)·(w/2), not one side squared) and
+    the caption's tokens (its rows, not its feature width, which is 32 here): on an 8×12-cell latent with a caption
+    of more than 32 tokens, whose padded segments differ from those of a square picture and of a 32-token caption, the
+    pipeline's call predicts as the engine does, bit for bit (the other test's pictures are square, its captions
+    short, so either slip passed it)."""
+    from zerase_core.backends.diffusers_zimage import zimage_forward
+    from zerase_core.diffusers_pipeline import apply_erasure
+
+    lora, engine = _erasure_lora()
+    pipe = _pipeline(engine.transformer.state_dict())
+    prompts = engine.encode(["a red circle " * 12])
+    assert prompts[0].n_tokens > 32 == TINY.cap_feat_dim
+    backend = apply_erasure(pipe, lora)
+    x = torch.randn(1, TINY.in_channels, 8, 12, generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([0.6])
+    with torch.no_grad():
+        direct = -zimage_forward(pipe.transformer, x, sigma, [prompts[0].features]).float()
+    engine_v, _ = backend.velocity(x, sigma, prompts, lora=True)
+    without, _ = backend.velocity(x, sigma, prompts, lora=False)
+    assert torch.equal(direct, engine_v) and not torch.allclose(direct, without, atol=1e-3)
+
+
+def test_a_later_backend_replaces_the_earlier_ones_wrapper_and_lets_it_go():
+    """A second backend over the same transformer (a pipeline's, after the engine's) owns its calls, and its wrapper
+    replaces the earlier backend's instead of wrapping it: nested, every call also ran each earlier backend's layout
+    work, and the transformer kept every earlier backend (its LoRAs, its recorder) alive."""
+    import gc
+    import weakref
+
+    from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend, LatentSpec, owner
+
+    first = tiny_zimage_backend()
+    transformer = first.transformer
+    second = DiffusersZImageBackend(transformer, None, LatentSpec(TINY.in_channels))
+    assert owner(transformer) is second
+    earlier = weakref.ref(first)
+    del first
+    gc.collect()
+    assert earlier() is None

@@ -137,3 +137,28 @@ def test_a_rules_state_loads_back_as_it_was_and_each_wrong_entry_is_named(mode):
     if mode == "paired":
         with pytest.raises(ValueError, match="λ's state: pair must be a finite number"):
             rule_for(config).load_state(rule.state() | {"pair": [0.1, None]})
+
+
+@pytest.mark.parametrize("mode", ["paper", "paired"])
+def test_an_unset_previous_pr_and_one_of_zero_load_back_as_they_were(mode):
+    """previous_pr loads back as it was saved: unset (a rule before its first step) as unset, and 0.0 as 0.0, not as
+    unset. L_pr(θ₀) is 0 at a run's first step (B = 0), so 0.0 is what a checkpoint written then holds; read back as
+    unset, the resumed run's next g̃ was ε instead of (0 − L_pr)/α + ε, and its λ stayed 0 where the uninterrupted
+    run's rose (a mutation audit: `if not previous_pr` and a required previous_pr passed every test)."""
+    import json
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(lambda_mode=mode, lr=1e-3, beta=0.1, eps=1e-3, fixed_lambda=0.0)
+    fresh, again = rule_for(config), rule_for(config)
+    again.load_state(json.loads(json.dumps(fresh.state())))
+    assert again == fresh and again.previous_pr is None
+    rule = rule_for(config)
+    if rule.observes_update:
+        rule.observe(0.0, 0.0)
+    rule.update(0.0)  # the first step: L_pr(θ₀) = 0
+    resumed = rule_for(config)
+    resumed.load_state(json.loads(json.dumps(rule.state())))
+    assert resumed == rule and resumed.previous_pr == 0.0
+    assert resumed.update(0.5) == rule.update(0.5)
+    if mode == "paper":
+        assert rule.value > 0  # L_pr rose from 0: λ rises, in the resumed run as in the uninterrupted one
