@@ -462,8 +462,8 @@ def test_compare_draws_prompts_original_and_with_the_files_applied(folder, tmp_p
 
 def test_compare_refuses_before_the_model_loads(folder, tmp_path, monkeypatch, capsys):
     """What would fail after the loads (minutes on the real model) is told first: an --out that exists or is no .png,
-    strengths that are not one per file, a resolution off Z-Image's 16-pixel grid, a folder without vae/, an --out
-    that cannot be written (a name too long)."""
+    strengths that are not one per file or not finite, a resolution off Z-Image's 16-pixel grid, a folder without
+    vae/, an --out that cannot be written (a name too long)."""
     import shutil
 
     import zerase_core.backends.diffusers_loader as loader
@@ -482,6 +482,11 @@ def test_compare_refuses_before_the_model_loads(folder, tmp_path, monkeypatch, c
              "--strengths gives 2 values for 1 files"),
             (["--model", str(copy), "--out", str(tmp_path / "a.png")], "has no vae/"),
             (["--model", str(folder), "--out", str(tmp_path / ("x" * 300 + ".png"))], "is too long"),  # unwritable
+            # LoRAConfig refused these too, but only at install_lora, after the model and the text encoder had loaded
+            (["--model", str(folder), "--strengths", "nan", "--out", str(tmp_path / "a.png")],
+             "--strengths must be finite numbers"),
+            (["--model", str(folder), "--strengths", "1e39", "--out", str(tmp_path / "a.png")],
+             "--strengths must be finite numbers"),
     ):
         assert main([*base, *extra]) == 2 and message in capsys.readouterr().err
     assert main([*base[:-1], "72", "--model", str(folder), "--out", str(tmp_path / "a.png")]) == 2

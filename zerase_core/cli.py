@@ -19,7 +19,7 @@ from .config import CHECKPOINTING_MODES, PRESETS, XT_SOURCES, TrainConfig
 from .errors import STOPPED, ZEraseError
 from .ctrl_c import other_stops_as_ctrl_c
 from .lagrangian import MODES
-from .lora import LoRAConfig
+from .lora import FP32_MAX, LoRAConfig, finite_in_fp32
 
 log = logging.getLogger("zerase_core")
 
@@ -117,6 +117,9 @@ def _compare(args: argparse.Namespace) -> int:
     strengths = args.strengths or [1.0] * len(args.files)
     if len(strengths) != len(args.files):
         raise ZEraseError(f"--strengths gives {len(strengths)} values for {len(args.files)} files: give one per file.")
+    if not finite_in_fp32(*strengths):  # LoRAConfig refuses them too, but at install_lora: after the loads
+        raise ZEraseError(f"--strengths must be finite numbers (|x| ≤ {FP32_MAX:.1e}); got "
+                          f"{' '.join(map(str, strengths))}.")
     # Sampling settings checked as a run's are (size, steps, seed); the concept is only a name here.
     sampling = TrainConfig(concept="compared", height=args.resolution, width=args.resolution, seed=args.seed,
                            sample_steps=args.steps)
