@@ -330,9 +330,19 @@ def test_cancel_during_training_leaves_a_loadable_lora_and_resume_finishes_the_r
     steps_run = []
     real_step = trainer_class.train_step
     monkeypatch.setattr(trainer_class, "train_step", lambda self: steps_run.append(1) or real_step(self))
-    resumed, *_ = train.execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
-                                **_train_inputs(steps=6, save_name="stop", resume=True))
+    resumed_bar = []  # the node's bar starts where the run resumes, not at 0 until a step is done
+
+    def record(value, total, preview, node_id=None):
+        resumed_bar.append((value, total))
+
+    utils.set_progress_bar_global_hook(record)
+    try:
+        resumed, *_ = train.execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                    **_train_inputs(steps=6, save_name="stop", resume=True))
+    finally:
+        utils.set_progress_bar_global_hook(old)
     monkeypatch.undo()
+    assert next((v, t) for v, t in resumed_bar if t == 6) == (calls[-1][0], 6)  # ComfyUI's bar may skip later steps
     assert len(steps_run) == 6 - calls[-1][0]  # continued, not started again
     assert resumed.training["steps_done"] == 6 and not checkpoint.exists()
     # The finished LoRA replaces the one saved at Cancel instead of landing beside it as stop_001.
@@ -608,13 +618,8 @@ def test_a_concept_with_comfyuis_escaped_parentheses_is_read_as_its_prompts_are(
 def test_the_viewer_draws_an_image_as_the_vae_cropped_it(pack):
     """ComfyUI's VAE crops an IMAGE to a multiple of 8 px per side, centred, before it encodes: the maps cover that
     crop, so that is the picture they are drawn over (over the whole 70 px IMAGE they were shifted and stretched)."""
-    # ComfyUI's class as it reads Z-Image's ae.safetensors: 16 channels, four levels (its x4 upscaler's has three)
-    vae = comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.randn(512, 16, 3, 3),
-                           "encoder.down.2.downsample.conv.weight": torch.randn(512, 512, 3, 3)})
+    vae = _zimage_vae()
     assert vae.latent_channels == 16 and vae.spacial_compression_encode() == 8
-    torch.manual_seed(0)
-    for p in vae.first_stage_model.parameters():  # ComfyUI leaves weights a file did not hold uninitialised
-        p.data.normal_(0, 0.02)
     inputs = dict(model=tiny_zimage(comfy), clip=tiny_clip(comfy), prompt="a photo of a cat", words="cat",
                   sigmas="0.5", layer_start=0, layer_end=-1, seed=0, vae=vae)
     image = torch.rand(1, 70, 70, 3, generator=torch.Generator().manual_seed(0))
@@ -965,3 +970,343 @@ def test_the_viewer_measures_and_draws_a_latent_batchs_first_image(pack):
     (both,) = viewer.execute(latent={"samples": batch}, **args)
     (first,) = viewer.execute(latent={"samples": batch[:1]}, **args)
     assert torch.equal(both, first)
+
+
+# From a mutation audit of the nodes' own code: each test below pins a behaviour that a single change to that code
+# broke without failing any test.
+
+
+def _node_module(name: str):
+    """The pack's nodes/<name>.py as ComfyUI imported it (under custom_nodes.<folder>)."""
+    import sys
+
+    return next(mod for n, mod in sys.modules.items() if n.endswith(f".nodes.{name}"))
+
+
+def _zimage_vae():
+    """ComfyUI's VAE class as it reads Z-Image's ae.safetensors (16 channels, four levels: its x4 upscaler's has
+    three), its weights seeded: ComfyUI leaves those a file did not hold uninitialised."""
+    vae = comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.randn(512, 16, 3, 3),
+                           "encoder.down.2.downsample.conv.weight": torch.randn(512, 512, 3, 3)})
+    torch.manual_seed(0)
+    for p in vae.first_stage_model.parameters():
+        p.data.normal_(0, 0.02)
+    return vae
+
+
+def test_apply_offers_none_first_and_load_every_file_taking_the_lists_first_when_none_is_ours(pack, loras_dir):
+    """Apply's list is "(none)" (its default: a connected LoRA needs no file) and then every file; Load's is every file
+    and nothing else, a new node taking the first Train or Merge saved, else the list's first, as ComfyUI's own
+    combos do. Without "(none)" in the shared list, Load dropped the first file and Apply's default was no option."""
+    (loras_dir / "a_stock_lora.safetensors").write_bytes(b"")
+    (loras_dir / "b_stock_lora.safetensors").write_bytes(b"")
+    comfy.folder_paths.filename_list_cache.clear()
+    apply_choice = pack["ZEraseApplyLoRA"].define_schema().inputs[1]
+    load_choice = pack["ZEraseLoadLoRA"].define_schema().inputs[0]
+    files = ["a_stock_lora.safetensors", "b_stock_lora.safetensors"]
+    assert (apply_choice.options, apply_choice.default) == (["(none)", *files], "(none)")
+    assert (load_choice.options, load_choice.default) == (files, "a_stock_lora.safetensors")
+
+
+def test_node_text_goes_to_the_node_with_an_id_and_nowhere_without_one(pack, loras_dir, monkeypatch):
+    """ComfyUI run as a library (no executor) gives a node no id: its text has no node to go to and is not sent
+    (ComfyUI's server sends it to a node named "None", str(None)); with an id, to that node only."""
+    told, merge = node_texts(monkeypatch), pack["ZEraseMergeLoRAs"]
+    inputs = dict(lora_1=random_lora(3), lora_2=random_lora(4), weights="", rank=0, save_name="")
+    monkeypatch.setattr(merge, "hidden", io.HiddenHolder.from_dict({}), raising=False)
+    merge.execute(**inputs)
+    assert told == []
+    monkeypatch.setattr(merge, "hidden", io.HiddenHolder.from_dict({io.Hidden.unique_id: "7"}), raising=False)
+    (_, report) = merge.execute(**inputs)
+    assert told == [("7", report)]
+
+
+def test_typed_lists_take_semicolons_and_refuse_what_is_no_number_under_the_nodes_name(pack):
+    """Merge's weights and the viewer's sigmas (and words) are lists typed into a text widget: ';' separates as ','
+    does, and an item that is not a number is told as that input's, under the node's name, before any work (a bare
+    ValueError would reach the user as a traceback)."""
+    merge, a, b = pack["ZEraseMergeLoRAs"], random_lora(3, concept="cat"), random_lora(4, concept="dog")
+    semicolons, _ = merge.execute(lora_1=a, lora_2=b, weights="1; 3", rank=0, save_name="")
+    key = (1, "k")
+    torch.testing.assert_close(semicolons.delta_weight(key), a.delta_weight(key) + 3 * b.delta_weight(key))
+    with pytest.raises(ZEraseError, match=r"^Merge Erasure LoRAs: weights must be comma-separated values, e\.g\. "):
+        merge.execute(lora_1=a, lora_2=b, weights="1, half", rank=0, save_name="")
+    with pytest.raises(ZEraseError, match=r"^Attention Map Viewer: sigmas must be comma-separated values"):
+        pack["ZEraseAttentionMaps"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy), prompt="a cat",
+                                            words="cat", sigmas="0.5, high", layer_start=0, layer_end=-1, seed=0,
+                                            latent={"samples": torch.randn(1, 16, 8, 8)})
+
+
+def test_files_are_saved_under_the_first_loras_folder(pack, loras_dir):
+    """With several loras folders (extra_model_paths.yaml) files go to the first's zerase/ (README): ComfyUI looks a
+    name up in the folders in order, so a file saved in a later one is shadowed by one of its name in the first."""
+    later = loras_dir.parent / "more_loras"
+    later.mkdir()
+    comfy.folder_paths.folder_names_and_paths["loras"][0][:] = [str(loras_dir), str(later)]  # the fixture restores
+    _, report = pack["ZEraseMergeLoRAs"].execute(lora_1=random_lora(3), lora_2=random_lora(4), weights="", rank=0,
+                                                 save_name="both")
+    assert report.endswith("; saved zerase/both.safetensors")
+    assert (loras_dir / "zerase" / "both.safetensors").is_file() and not (later / "zerase").exists()
+
+
+def test_a_connected_lora_overrides_the_file_choice(pack, loras_dir):
+    """Apply's erasure_lora wins over lora_name (its tooltip: "Overrides the file"): the file is not read, so a file
+    that fits, one of another model or one no longer there all give the connected LoRA's model."""
+    apply, model, clip = pack["ZEraseApplyLoRA"], tiny_zimage(comfy), tiny_clip(comfy)
+    save_lora(random_lora(1), loras_dir / "native.safetensors")
+    save_lora(random_lora(2, dim=64), loras_dir / "small.safetensors")
+    comfy.folder_paths.filename_list_cache.clear()
+    pos, neg, lat, connected = encode(clip, "a photo of a cat"), encode(clip, ""), empty_latent(), random_lora(5)
+
+    def sampled(lora_name):
+        (erased,) = apply.execute(model=model, lora_name=lora_name, strength=1.0, erasure_lora=connected)
+        return ksample(comfy, erased, pos, neg, lat, seed=1)
+
+    expected = sampled("(none)")
+    for name in ("native.safetensors", "small.safetensors", "gone.safetensors"):
+        assert torch.equal(sampled(name), expected), name
+
+
+def test_a_vae_of_more_latent_channels_than_z_images_is_refused_too(pack, loras_dir, monkeypatch):
+    """Not only fewer channels (SD's 4): Flux 2's VAE (128-channel latents, ComfyUI's class as it reads that file's
+    keys) is another model's too, refused before any forward instead of failing in the decode."""
+    from zerase_core.backends.comfy_zimage import ComfyZImageBackend
+
+    flux2 = comfy.sd.VAE(sd={"decoder.conv_in.weight": torch.randn(512, 32, 3, 3), "bn.running_mean": torch.zeros(128)})
+    assert flux2.latent_channels == 128
+    monkeypatch.setattr(_train_module().ZEraseTrainer, "__init__", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(ComfyZImageBackend, "attention_maps", lambda *a, **k: pytest.fail("a forward ran"))
+    told = "this VAE takes 128-channel latents and Z-Image's have 16"
+    with pytest.raises(ZEraseError, match=f"^Z-Erase Train: {told}"):
+        pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy), vae=flux2, **_train_inputs())
+    with pytest.raises(ZEraseError, match=f"^Attention Map Viewer: {told}"):
+        pack["ZEraseAttentionMaps"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy), prompt="a cat",
+                                            words="cat", sigmas="0.5", layer_start=0, layer_end=-1, seed=0,
+                                            latent={"samples": torch.randn(1, 16, 8, 8)}, vae=flux2)
+
+
+def test_compare_heads_its_columns_and_rows_and_captions_the_prompt(pack, monkeypatch):
+    """The columns are headed by the two labels in input order, the rows by batch index from 0 ("batch i", README),
+    none for a single row, and the prompt is the caption: the pixel tests see only the pictures, not the text."""
+    module, drawn = _node_module("compare"), []
+    real_grid = module.render.grid
+
+    def grid(rows, columns, labels=(), caption=""):
+        drawn.append((len(rows), list(columns), list(labels), caption))
+        return real_grid(rows, columns, labels, caption=caption)
+
+    monkeypatch.setattr(module.render, "grid", grid)
+    pics = torch.rand(2, 16, 16, 3)
+    for batch in (pics, pics[:1]):
+        pack["ZEraseCompare"].execute(original=batch, erased=batch.flip(0), prompt="a photo of a cat",
+                                      label_original="before", label_erased="after")
+    assert drawn == [(2, ["before", "after"], ["batch 0", "batch 1"], "a photo of a cat"),
+                     (1, ["before", "after"], [], "a photo of a cat")]
+
+
+def test_a_negative_strength_applies_the_lora_reversed(pack):
+    """Apply's strength runs from -20 to 20 (README: ±20); below 0 the LoRA's change is subtracted: +0.5 and -0.5
+    stacked sample as the model alone, and -0.5 alone as neither the model nor +0.5 (a negative strength passed the
+    model through unpatched, or applied at its size, and no test failed)."""
+    apply = pack["ZEraseApplyLoRA"]
+    strength = next(i for i in apply.define_schema().inputs if i.id == "strength")
+    assert (strength.min, strength.max) == (-20.0, 20.0)
+    model, clip, lora = tiny_zimage(comfy), tiny_clip(comfy), random_lora(1)
+    pos, neg, lat = encode(clip, "a photo of a cat"), encode(clip, ""), empty_latent()
+
+    def applied(base, s):
+        return apply.execute(model=base, lora_name="(none)", strength=s, erasure_lora=lora)[0]
+
+    original, plus, minus, undone = (ksample(comfy, m, pos, neg, lat, seed=1) for m in (
+        model, applied(model, 0.5), applied(model, -0.5), applied(applied(model, 0.5), -0.5)))
+    torch.testing.assert_close(undone, original, rtol=1e-4, atol=1e-4)
+    assert (minus - original).abs().max() > 1e-2 and (minus - plus).abs().max() > 1e-2
+
+
+def test_merge_takes_its_third_and_fourth_loras_and_saves_nothing_under_a_blank_name(pack, loras_dir):
+    """lora_3 and lora_4 count in the merge, 1/4 each by default; a save name of spaces is empty (README: empty =
+    don't save), not a name to refuse or save under."""
+    loras = [random_lora(seed, concept=c) for seed, c in enumerate(("cat", "dog", "cow", "owl"), start=3)]
+    merged, report = pack["ZEraseMergeLoRAs"].execute(lora_1=loras[0], lora_2=loras[1], lora_3=loras[2],
+                                                      lora_4=loras[3], weights="", rank=0, save_name="  ")
+    assert report == "merged 4 LoRAs, rank 8, relative error 0" and merged.concept == "cat + dog + cow + owl"
+    key = (1, "v")
+    torch.testing.assert_close(merged.delta_weight(key), sum(lora.delta_weight(key) for lora in loras) / 4)
+    assert not (loras_dir / "zerase").exists()
+
+
+def test_a_new_nodes_inputs_start_at_the_defaults_the_readme_documents(pack):
+    """README's node reference gives these defaults (Train's paper settings, resume off, ε -1 = the preset's; Merge's
+    rank 0 = exact; the viewer's layers 0 to -1 = all): a workflow made from a new node runs with them."""
+    def defaults(node, names):
+        inputs = {i.id: i for i in pack[node].define_schema().inputs}
+        return {name: inputs[name].default for name in names}
+
+    train = dict(preset="entity", templates="", preserve="", steps=1000, learning_rate=1e-3, beta=0.1, eta=2.0,
+                 epsilon=-1.0, rank=16, targets="q,k,v", resolution=512, save_name="", gradient_checkpointing="auto",
+                 resume=False, xt_source="pool")
+    assert defaults("ZEraseTrain", train) == train
+    assert defaults("ZEraseApplyLoRA", ["lora_name", "strength"]) == {"lora_name": "(none)", "strength": 1.0}
+    assert defaults("ZEraseMergeLoRAs", ["weights", "rank", "save_name"]) == {"weights": "", "rank": 0, "save_name": ""}
+    assert defaults("ZEraseAttentionMaps", ["layer_start", "layer_end"]) == {"layer_start": 0, "layer_end": -1}
+
+
+def test_the_viewers_seed_noise_levels_and_layers_reach_both_models_maps_and_a_difference_row(pack, monkeypatch):
+    """Every map is measured at the seed, every noise level and the layers from layer_start to layer_end as typed,
+    for model_b as for model; with model_b the picture has a third row, A - B (only the first level, layer 0 or a
+    fixed seed gave pictures no test told apart)."""
+    module, measured, drawn = _node_module("attention_maps"), [], []
+    real_maps, real_grid = module.word_maps, module.render.grid
+
+    def word_maps(backend, encoded, columns, x0, sigmas, seed, layers):
+        measured.append((list(sigmas), seed, sorted(layers)))
+        return real_maps(backend, encoded, columns, x0, sigmas, seed, layers)
+
+    def grid(rows, columns, labels=(), caption=""):
+        drawn.append((len(rows), list(labels)))
+        return real_grid(rows, columns, labels, caption=caption)
+
+    monkeypatch.setattr(module, "word_maps", word_maps)
+    monkeypatch.setattr(module.render, "grid", grid)
+    inputs = dict(clip=tiny_clip(comfy), prompt="a photo of a cat", words="cat", sigmas="0.3; 0.7", layer_start=1,
+                  layer_end=-1, seed=5, latent={"samples": torch.randn(1, 16, 8, 8)})
+    model = tiny_zimage(comfy)
+    pack["ZEraseAttentionMaps"].execute(model=model, **inputs)
+    pack["ZEraseAttentionMaps"].execute(model=model, model_b=tiny_zimage(comfy, seed=1), **inputs)
+    assert measured == [([0.3, 0.7], 5, [1])] * 3
+    assert drawn == [(1, ["model"]), (3, ["model A", "model B", "A - B"])]
+
+
+def test_the_viewer_measures_an_images_first_picture_and_draws_it_as_given(pack, monkeypatch):
+    """An IMAGE batch (a sampler's, decoded) is measured on its first picture, as a LATENT batch is, and drawn from its
+    pixels, with no VAE decode (a second, lossy copy, seconds on the real VAE); a LATENT with a VAE is decoded once.
+    An IMAGE needs a VAE to be measured: without one, or with neither input, the node says what to connect."""
+    viewer, vae = pack["ZEraseAttentionMaps"], _zimage_vae()
+    decoded, real_decode = [], vae.decode
+    monkeypatch.setattr(vae, "decode", lambda samples: decoded.append(samples.shape) or real_decode(samples))
+    inputs = dict(model=tiny_zimage(comfy), clip=tiny_clip(comfy), prompt="a photo of a cat", words="cat",
+                  sigmas="0.5", layer_start=0, layer_end=-1, seed=0)
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    (both,) = viewer.execute(**inputs, image=images, vae=vae)
+    (first,) = viewer.execute(**inputs, image=images[:1].clone(), vae=vae)
+    assert torch.equal(both, first) and decoded == []
+    viewer.execute(**inputs, latent={"samples": torch.randn(2, 16, 8, 8)}, vae=vae)
+    assert decoded == [(1, 16, 8, 8)]
+    for missing in (dict(image=images), {}):
+        with pytest.raises(ZEraseError, match=r"^Attention Map Viewer: connect a LATENT, or an IMAGE together with a "
+                                              r"VAE\.$"):
+            viewer.execute(**inputs, **missing)
+
+
+def test_train_reads_its_text_inputs_without_spaces_around_them_or_blank_template_lines(pack):
+    """The concept, each template line and each preservation concept are read without the spaces around them, and a
+    blank line of the templates (one typed after the last) is no template: refused as holding no concept, it failed
+    the run; a concept " cat" was another setting than "cat" (no reuse) and the file's concept read " cat"."""
+    build = _train_module().build_config
+    fixed = dict(preset="entity", steps=2, learning_rate=1e-3, beta=0.1, eta=2.0, epsilon=-1.0, rank=2,
+                 targets="q,k,v", resolution=64, seed=0, gradient_checkpointing="off", xt_source="pool", shift=3.0)
+    config = build(concept="  cat ", templates="A photo of {}\n  \na painting of {} \n\n", preserve=" dog ;person,",
+                   **fixed)
+    assert config.concept == "cat" and config.preserve == ("dog", "person")
+    assert config.templates == ("A photo of {}", "a painting of {}")
+    assert build(concept="cat", templates=" \n", preserve="", **fixed).templates == ()  # blank: the preset's
+
+
+def test_train_releases_its_text_encoder_and_its_erased_model_is_applys_at_strength_1(pack, loras_dir, monkeypatch):
+    """The prompts are encoded once and the run lets the CLIP go before its steps (README: "then is released"; the
+    memory is the x_t pool's and the LoRA's); the erased MODEL is the LoRA applied as Apply applies it at strength 1."""
+    train, trainer_class = pack["ZEraseTrain"], _train_module().ZEraseTrainer
+    held, real_step = [], trainer_class.train_step
+    monkeypatch.setattr(trainer_class, "train_step", lambda self: held.append(self.backend.clip) or real_step(self))
+    with torch.inference_mode():
+        model, clip = tiny_zimage(comfy, inference_tensors=True), tiny_clip(comfy)
+        lora, erased, *_ = train.execute(model=model, clip=clip, **_train_inputs(steps=1, learning_rate=1e-2))
+        (applied,) = pack["ZEraseApplyLoRA"].execute(model=model, lora_name="(none)", strength=1.0, erasure_lora=lora)
+    assert held == [None]
+    pos, neg, lat = encode(clip, "a photo of a cat"), encode(clip, "blurry"), empty_latent()
+    original, trained, expected = (ksample(comfy, m, pos, neg, lat, seed=3, cfg=2.0) for m in (model, erased, applied))
+    assert torch.equal(trained, expected) and not torch.equal(trained, original)
+
+
+def test_a_run_that_fails_in_its_first_step_saves_nothing(pack, loras_dir, monkeypatch):
+    """An error before any step is done (here a RuntimeError; out of memory, a NaN in step 1) leaves no LoRA file:
+    one saved there would be the untrained LoRA, the model unchanged under an erasure's name."""
+    trainer_class = _train_module().ZEraseTrainer
+
+    def failing_step(self):
+        raise RuntimeError("the first step failed")
+
+    monkeypatch.setattr(trainer_class, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="the first step failed"):
+        pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                    **_train_inputs(steps=3, save_name="failed"))
+    assert not list((loras_dir / "zerase").glob("*.safetensors"))
+
+
+def test_a_cancel_seen_between_the_pools_batches_is_comfyuis_interrupt(pack, loras_dir):
+    """Cancel while the x_t pool is sampled, seen by the pool between two batches of trajectories (not by one of
+    ComfyUI's ops, which raises the interrupt itself, nor by a progress hook that raises): the pool's own stop
+    reaches ComfyUI as its interrupt, which the UI shows as a cancel, not as the node's error; nothing is saved."""
+    mm, utils = comfy.mm, comfy.utils
+    seen = []
+
+    def hook(value, total, preview, node_id=None):  # a Cancel pressed after the first of the pool's 4 batches
+        seen.append((value, total))
+        if (value, total) == (8, 32):
+            mm.interrupt_current_processing(True)
+
+    old = utils.PROGRESS_BAR_HOOK
+    utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
+                                        **_train_inputs(steps=5, save_name="early"))
+    finally:
+        utils.set_progress_bar_global_hook(old)
+        mm.interrupt_current_processing(False)
+    assert seen == [(8, 32)] and not list(loras_dir.rglob("*.safetensors"))
+
+
+def test_trains_previews_draw_the_sampled_x0_as_a_latent_holds_it(pack, monkeypatch):
+    """before_after samples x0 in the model's space; the previews draw it as a LATENT holds it (VAE space), the space
+    the decode (and the cheap preview) takes, as a sampler's output goes to VAE Decode."""
+    from zerase_core.backends.comfy_zimage import ComfyZImageBackend
+
+    module, render = _train_module(), _node_module("_render")
+    model, gen = tiny_zimage(comfy), torch.Generator().manual_seed(0)
+    x0s = [torch.randn(1, 16, 8, 8, generator=gen) for _ in range(2)]
+    monkeypatch.setattr(module, "before_after", lambda backend, prompt, config: iter(x0s))
+    backend = ComfyZImageBackend(model, tiny_clip(comfy))
+    (prompt,) = backend.encode(["a photo of a cat"])
+    config = module.build_config("cat", "entity", "", "", 2, 1e-3, 0.1, 2.0, -1.0, 2, "q,k,v", 64, 0, "off", "pool",
+                                 3.0)
+    pictures = module._previews(backend, prompt, model, None, config)
+    for column, x0 in enumerate(x0s):  # 64 px cells below the 18 px label strip
+        expected = render.latent_preview(model, model.model.process_latent_out(x0))[0].clamp(0, 1)
+        torch.testing.assert_close(pictures[0, 18:82, 64 * column:64 * (column + 1)], expected, rtol=0,
+                                   atol=0.5 / 255)
+
+
+def test_a_reused_runs_previews_show_its_lora(pack, loras_dir, tmp_path, monkeypatch):
+    """Queued again, a finished run's previews are drawn as a trained run's are: "after" with the file's LoRA on
+    (without it, "before" twice, the same bits: the model unchanged). The file's LoRA is made strong enough to move
+    the tiny model's picture by a few of 255 levels (the one step trained moves it by none)."""
+    import dataclasses
+
+    weights, encoder = tmp_path / "z.safetensors", tmp_path / "qwen.safetensors"
+    weights.write_bytes(b"weights")
+    encoder.write_bytes(b"text encoder")
+    model, clip = tiny_zimage(comfy), tiny_clip(comfy)  # known by their files, so a repeat is reused
+    model.cached_patcher_init = (lambda *a, **k: None, (str(weights), {}))
+    clip.patcher.cached_patcher_init = (lambda *a, **k: None, ([str(encoder)], None, comfy.sd.CLIPType.LUMINA2, {}))
+    with torch.inference_mode():
+        pack["ZEraseTrain"].execute(model=model, clip=clip, **_train_inputs(steps=1, save_name="strong"))
+    path = loras_dir / "zerase" / "strong.safetensors"
+    trained, strong = load_lora(path), random_lora(7)
+    factors = {key: (strong.factors[key][0], 10 * strong.factors[key][1]) for key in trained.factors}
+    save_lora(dataclasses.replace(trained, factors=factors), path)
+    monkeypatch.setattr(_train_module().ZEraseTrainer, "__init__", lambda *a, **k: pytest.fail("trained again"))
+    with torch.inference_mode():
+        previews = pack["ZEraseTrain"].execute(model=model, clip=clip, **_train_inputs(steps=1, save_name="strong"))[3]
+    before, after = previews[0, 18:82, :64], previews[0, 18:82, 64:128]
+    assert not torch.equal(before, after)

@@ -121,6 +121,41 @@ def test_a_zerase_core_imported_from_elsewhere_before_the_pack_is_told(tmp_path)
     assert f"zerase_core was already imported from {other}, not from this pack" in done.stderr, done.stderr[-2000:]
 
 
+FAIL_ONCE_THEN_LOAD_AGAIN = """
+import importlib.abc, importlib.util, sys
+class FailOnce(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "zerase_core.errors":
+            sys.meta_path.remove(self)
+            raise ImportError("a broken install")
+sys.meta_path.insert(0, FailOnce())
+def load():
+    spec = importlib.util.spec_from_file_location("ComfyUI-Z-Erase", {init!r}, submodule_search_locations=[{repo!r}])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pack
+    spec.loader.exec_module(pack)
+try:
+    load()
+except ImportError as err:
+    print("failed:", err)
+print("zerase_core" in sys.modules)
+load()
+import zerase_core
+print(zerase_core.ZEraseError.__name__)
+"""
+
+
+def test_an_engine_that_fails_while_it_is_imported_leaves_nothing_half_made(tmp_path):
+    """An engine import that fails part way (a file missing from a broken install, Ctrl-C) leaves no zerase_core in
+    sys.modules: the pack loaded again would take that half-made module for its engine without a word, and every
+    node would fail on a name it lacks."""
+    code = FAIL_ONCE_THEN_LOAD_AGAIN.format(init=str(REPO / "__init__.py"), repo=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:3] == ["failed: a broken install", "False", "ZEraseError"]
+
+
 def test_the_version_is_one_in_pyproject_and_the_engine():
     """Stated twice (the registry reads pyproject.toml, Python the engine's __version__): a release bump must move
     both."""
