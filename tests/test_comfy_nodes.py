@@ -855,15 +855,21 @@ def test_train_runs_a_compiled_model_uncompiled_and_leaves_its_input_compiled(pa
         assert torch.equal(a, trained[True].factors[key][0]) and torch.equal(b, trained[True].factors[key][1])
 
 
-def test_the_curves_say_when_nothing_but_the_empty_prompt_is_preserved(pack, loras_dir, titles, tmp_path):
-    """The paper always trains with preservation concepts; without them the engine's warning went to the console
-    only. The curves, shown on the node, say it, also for a finished run taken again (a review: its title did not)."""
+def _known_by_their_files(tmp_path):
+    """A tiny model and CLIP that ComfyUI would know by the files they were loaded from (the reuse digest reads them)."""
     weights, encoder = tmp_path / "z.safetensors", tmp_path / "qwen.safetensors"
     weights.write_bytes(b"weights")
     encoder.write_bytes(b"text encoder")
-    model, clip = tiny_zimage(comfy), tiny_clip(comfy)  # known by their files, so a repeat is reused
+    model, clip = tiny_zimage(comfy), tiny_clip(comfy)
     model.cached_patcher_init = (lambda *a, **k: None, (str(weights), {}))
     clip.patcher.cached_patcher_init = (lambda *a, **k: None, ([str(encoder)], None, comfy.sd.CLIPType.LUMINA2, {}))
+    return model, clip
+
+
+def test_the_curves_say_when_nothing_but_the_empty_prompt_is_preserved(pack, loras_dir, titles, tmp_path):
+    """The paper always trains with preservation concepts; without them the engine's warning went to the console
+    only. The curves, shown on the node, say it, also for a finished run taken again (a review: its title did not)."""
+    model, clip = _known_by_their_files(tmp_path)  # so a repeat is reused
     for preserve, name in (("", "alone"), ("dog", "kept"), ("", "alone")):
         with torch.inference_mode():
             pack["ZEraseTrain"].execute(model=model, clip=clip,
@@ -1293,12 +1299,7 @@ def test_a_reused_runs_previews_show_its_lora(pack, loras_dir, tmp_path, monkeyp
     the tiny model's picture by a few of 255 levels (the one step trained moves it by none)."""
     import dataclasses
 
-    weights, encoder = tmp_path / "z.safetensors", tmp_path / "qwen.safetensors"
-    weights.write_bytes(b"weights")
-    encoder.write_bytes(b"text encoder")
-    model, clip = tiny_zimage(comfy), tiny_clip(comfy)  # known by their files, so a repeat is reused
-    model.cached_patcher_init = (lambda *a, **k: None, (str(weights), {}))
-    clip.patcher.cached_patcher_init = (lambda *a, **k: None, ([str(encoder)], None, comfy.sd.CLIPType.LUMINA2, {}))
+    model, clip = _known_by_their_files(tmp_path)  # so a repeat is reused
     with torch.inference_mode():
         pack["ZEraseTrain"].execute(model=model, clip=clip, **_train_inputs(steps=1, save_name="strong"))
     path = loras_dir / "zerase" / "strong.safetensors"
