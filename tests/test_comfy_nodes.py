@@ -856,7 +856,7 @@ def test_train_runs_a_compiled_model_uncompiled_and_leaves_its_input_compiled(pa
 
 
 def _known_by_their_files(tmp_path):
-    """A tiny model and CLIP that ComfyUI would know by the files they were loaded from (the reuse digest reads them)."""
+    """A tiny model and CLIP that ComfyUI knows by the files they were loaded from (the reuse digest reads them)."""
     weights, encoder = tmp_path / "z.safetensors", tmp_path / "qwen.safetensors"
     weights.write_bytes(b"weights")
     encoder.write_bytes(b"text encoder")
