@@ -3,6 +3,7 @@
     python scripts/gpu_bench.py --out docs/bench/gpu.json          # one GPU with >= 40 GB (about 6 min on an H200)
     COMFYUI_PATH=~/ComfyUI python scripts/gpu_bench.py --host comfy --weights bf16 fp8 --resolutions 512 \
         --no-ckpt-resolutions --out docs/bench/gpu_comfy.json      # the nodes' backend on ComfyUI's class
+    python scripts/gpu_bench.py --resolutions --partial-resolutions 512   # only what "auto" chooses between (~1 min)
     python scripts/gpu_bench.py --tiny [--host comfy]              # CPU, seconds: checks the script
 
 ``--host diffusers`` (the default) measures the CLI's backend on diffusers' class; ``--host comfy``
@@ -183,7 +184,9 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", choices=["bf16", "fp8"], nargs="+", default=["bf16"],
                         help="base weights, one model after the other; fp8 is ComfyUI's weight_dtype fp8_e4m3fn "
                              "(stored in fp8, each layer cast to bf16 as it runs), so it needs --host comfy")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--resolutions", type=int, nargs="*", default=[512, 1024],
+                        help="the full rows (with checkpointing, and without for those also in --no-ckpt-resolutions); "
+                             "none (--resolutions alone) measures only the --partial-resolutions rows")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant after one warm-up")
     parser.add_argument("--pool", type=int, default=TrainConfig.xt_pool, help="trajectories in the x_t pool "
                         "(TrainConfig's default)")
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
         parser.error(str(err))
 
     device = "cpu" if args.tiny else "cuda"
-    res = [64] if args.tiny else args.resolutions
+    res = ([64] if args.resolutions else []) if args.tiny else args.resolutions  # none: the partial rows alone
     no_ckpt = res if args.tiny else args.no_ckpt_resolutions  # the check runs both kinds of row
     # Cheapest first, so a run cut off by the device's time limit has the 512² rows (the 10-minute question).
     runs = sorted([(px, True) for px in res] + [(px, False) for px in res if px in no_ckpt],

@@ -362,6 +362,17 @@ def test_gpu_script_records_a_failed_row_and_goes_on(tmp_path, monkeypatch):
     assert [r["checkpointed_layers"] for r in partial["rows"]] == [0, 1, 2] and peaks[0] > peaks[1]
 
 
+def test_gpu_script_measures_only_the_partial_rows_without_resolutions(tmp_path):
+    """`--resolutions` with none: what gradient checkpointing "auto" chooses between, without the full rows' minutes
+    (their pool build) on a device slot."""
+    from gpu_script import load_gpu_bench
+
+    out = tmp_path / "gpu.json"
+    assert load_gpu_bench().main(["--tiny", "--resolutions", "--steps", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["rows"] == [] and [len(c["rows"]) for c in result["checkpointing"]] == [3]
+
+
 def test_gpu_script_refuses_fp8_weights_outside_comfyui(capsys):
     """fp8 base weights are ComfyUI's weight_dtype: asked of the diffusers host, the script says so and stops."""
     from gpu_script import load_gpu_bench
