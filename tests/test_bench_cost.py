@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import weakref
 
 import pytest
 import torch
@@ -161,17 +162,20 @@ def test_pool_halves_its_batch_when_memory_runs_out(device, monkeypatch):
     prompts = trainer.prompts
     args = (backend, prompts.erase, prompts.uncond, prompts.keep, trainer.latent_shape, trainer.sigmas, 6, 1.0, 0)
     reference = TrajectoryPool(*args)  # the default batch, which fits here
-    real, rows_seen = backend.velocity, []
+    real, rows_seen, failed, held = backend.velocity, [], [], []
 
     def small_memory(x, sigma, prompts, **kw):
         rows_seen.append(x.shape[0])
         if x.shape[0] > 6:  # room for two trajectories' three predictions, not more
-            raise ran_out(device)
+            failed.append(weakref.ref(x))
+            held.append(ran_out(device))  # the error outlives its except clause: its frames must not keep x
+            raise held[-1]
         return real(x, sigma, prompts, **kw)
 
     monkeypatch.setattr(backend, "velocity", small_memory)
     pool = TrajectoryPool(*args, batch=8)
     assert rows_seen[:2] == [18, 12] and set(rows_seen[2:]) == {6}  # 6 trajectories at a time, then 4, then 2
+    assert len(held) == 2 and [ref() for ref in failed] == [None, None]  # each failed batch freed
     torch.testing.assert_close(pool.x, reference.x, rtol=0, atol=1e-5)  # batch sizes round differently
     torch.testing.assert_close(pool.teacher, reference.teacher, rtol=0, atol=1e-5)
 

@@ -345,7 +345,9 @@ def test_train_on_a_model_folder_draws_original_and_erased_with_the_folders_vae(
     for row, prompt in enumerate(backend.encode(comparison_texts(config))):
         original = to_pil(decode(before_after(backend, prompt, config)[0])[0])
         assert np.array_equal(_cell(picture, row, 0), np.asarray(original))
-    # The decoding is ZImagePipeline's: latents / scaling_factor + shift_factor through the VAE, [-1, 1] to [0, 1].
+    # The decoding is ZImagePipeline's: latents / scaling_factor + shift_factor through the VAE, [-1, 1] to [0, 1]
+    # (in fp32 on the CPU, as the reference below runs: on a GPU the run decodes in bf16).
+    decode = load_decoder(folder, torch.device("cpu"), torch.float32)
     from diffusers import AutoencoderKL
     from diffusers.image_processor import VaeImageProcessor
 

@@ -42,7 +42,7 @@ from .history import StepRecord, TrainResult, stored_series
 from .lagrangian import direction, rule_for
 from .lora_file import ErasureLoRA
 from .objectives import loss_attn, loss_er, loss_erase, loss_pr, loss_total
-from .out_of_memory import is_out_of_memory, told_as_out_of_memory
+from .out_of_memory import is_out_of_memory, release, told_as_out_of_memory
 from .prompt_pool import PromptPool
 from .prompts import EncodedPrompt
 from .sampling import euler, flow_sigmas
@@ -271,6 +271,7 @@ class ZEraseTrainer:
         except torch.OutOfMemoryError as err:
             if not self._retried(err):
                 raise
+            release(err)  # its frames hold the failed forward's activations, which the retry needs the room of
         # Outside the except clause, whose traceback holds the failed forward's tensors: Python frees them here.
         # (What a failed backward leaves inside autograd's engine may outlive this; the retry's own backward
         # releases it.)

@@ -28,7 +28,7 @@ import torch
 from . import memory_fit
 from .backends.base import Backend
 from .errors import ZEraseError
-from .out_of_memory import empty_cache, told_as_out_of_memory
+from .out_of_memory import empty_cache, release, told_as_out_of_memory
 from .prompts import EncodedPrompt
 from .sampling import guide, integrate
 
@@ -144,7 +144,8 @@ class TrajectoryPool:
             with told_as_out_of_memory():
                 self._trajectories(*args)
             return True
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as err:
+            release(err)  # the failed batch's activations, before a smaller batch is tried
             return False
 
     @torch.no_grad()
