@@ -172,9 +172,9 @@ class ZEraseTrain(io.ComfyNode):
                                default=TrainConfig.gradient_checkpointing,
                                tooltip="Saves most activation memory for up to a third more time per step: at 512² "
                                "on the real model it is what fits a 16 GB card. auto: from the start, as few main "
-                               "layers as let a step fit the memory free on the device (estimated), or all from a "
-                               "step that runs out of memory (same gradients). on: all, always. off: never (README, "
-                               "VRAM)."),
+                               "layers as let a step fit the memory free on the device (estimated), or as many as on "
+                               "from a step that runs out of memory (same gradients). on: all but the last (whose "
+                               "checkpointing saves nothing), always. off: never (README, VRAM)."),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue an interrupted run of this save_name (cancelled, crashed, "
                                  "ComfyUI restarted) with the same settings from its last checkpoint (every "

@@ -971,7 +971,7 @@ def test_a_command_line_run_out_of_memory_keeps_its_work_and_says_what_to_do(dev
     config = _config(steps=4, gradient_checkpointing="off", lambda_mode="fixed", fixed_lambda=1.0)
     told = re.escape(str(ran_out(device)))
     with pytest.raises(ZEraseError, match=rf"Out of memory \({told}\). .* a lower --resolution or --rank; or run again "
-                                          r"with --gradient-checkpointing on \(every main layer\) and --resume.\n"
+                                          r"with --gradient-checkpointing on \(the least memory\) and --resume.\n"
                                           r"Stopped at step 2 of 4"):
         train_and_save(PlannedRun(backend, config, out))
     assert load_lora(out / "erasure_lora.safetensors").training["steps_done"] == 2
@@ -986,7 +986,7 @@ def test_a_command_line_run_out_of_memory_keeps_its_work_and_says_what_to_do(dev
                                           r"\(while preparing the run\);"):
         train_and_save(PlannedRun(backend, _config(steps=2), tmp_path / "other"))
     # At the first step nothing can be resumed: run again, not --resume (which finds no checkpoint)
-    with pytest.raises(ZEraseError, match=r"or run again with --gradient-checkpointing on \(every main layer\).\n"
+    with pytest.raises(ZEraseError, match=r"or run again with --gradient-checkpointing on \(the least memory\).\n"
                                           r"Stopped before the first step; nothing was saved"):
         train_and_save(PlannedRun(backend, _config(steps=2, xt_source="fresh", gradient_checkpointing="off"),
                                   tmp_path / "third"))
@@ -1551,16 +1551,17 @@ def test_a_nan_stop_whose_lora_cannot_be_saved_says_to_start_anew_not_to_resume(
 
 
 def test_out_of_memory_advises_checkpointing_only_where_a_layer_is_left_to_checkpoint(tmp_path):
-    """With every main layer checkpointed already, "--gradient-checkpointing on" would change nothing: the advice
-    is resolution and rank only; with fewer, checkpointing is advised, with --resume where a checkpoint was written
-    (a mutation audit: advising it always passed every test)."""
+    """With as many main layers checkpointed as "on" checkpoints (all but the last) or more, "--gradient-checkpointing
+    on" would change nothing: the advice is resolution and rank only; with fewer, checkpointing is advised, with
+    --resume where a checkpoint was written (a mutation audit: advising it always passed every test)."""
     from zerase_core.run import _out_of_memory
 
     err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    every = _out_of_memory(err, _stopped_trainer(tmp_path, checkpointed=4))
-    assert "--resolution or --rank." in every and "--gradient-checkpointing" not in every
+    for checkpointed in (3, 4):  # of 4
+        every = _out_of_memory(err, _stopped_trainer(tmp_path, checkpointed=checkpointed))
+        assert "--resolution or --rank." in every and "--gradient-checkpointing" not in every
     part = _out_of_memory(err, _stopped_trainer(tmp_path, checkpointed=2))
-    assert part.endswith("or run again with --gradient-checkpointing on (every main layer) and --resume.")
+    assert part.endswith("or run again with --gradient-checkpointing on (the least memory) and --resume.")
 
 
 def test_bench_refuses_a_file_or_a_name_too_long_as_its_out_before_measuring(tmp_path, capsys, monkeypatch):

@@ -831,7 +831,8 @@ def test_the_curves_say_when_auto_checkpointing_switched_on(pack, loras_dir, mon
     with torch.inference_mode():
         pack["ZEraseTrain"].execute(model=tiny_zimage(comfy), clip=tiny_clip(comfy),
                                     **_train_inputs(steps=3, save_name="switched"))
-    assert titles[-1].split("\n")[0].endswith(", checkpointing 2/2 layers from step 2 (out of memory without it)")
+    # 1 of 2: as many as "on", all but the last
+    assert titles[-1].split("\n")[0].endswith(", checkpointing 1/2 layers from step 2 (out of memory without it)")
     assert load_lora(loras_dir / "zerase" / "switched.safetensors").training["steps_done"] == 3
 
 
@@ -921,7 +922,8 @@ def test_the_curves_say_when_auto_checkpointed_from_the_start(pack, loras_dir, m
                                     **_train_inputs(steps=2, save_name="small_card"))
     assert len(loaded) == 1 and "Lumina2" in loaded[0]  # asked once, with the diffusion model loaded
     first_line = titles[-1].split("\n")[0]
-    assert first_line.endswith(", checkpointing 2/2 layers from step 1 (too little memory free without it)")
+    # nothing fits: as many as "on", all but the last of 2
+    assert first_line.endswith(", checkpointing 1/2 layers from step 1 (too little memory free without it)")
 
 
 def test_a_saved_file_is_named_as_apply_lists_it_wherever_it_links(pack, loras_dir, tmp_path):

@@ -51,14 +51,14 @@ def test_the_peak_model_checkpointing_every_layer_matches_the_issues_measurement
     (16, 1024, "some"),
     (80, 4096, "some"),  # 1024² on an 80 GB card
     (141, 4096, "none"),  # 1024² on an H200
-    (12, 4096, "all"),  # nothing fits: every layer, as "on"
+    (12, 4096, "all"),  # nothing fits: all worth it (all but the last), as "on"
 ])
 def test_auto_checkpoints_the_fewest_layers_that_fit(card_gib, image_tokens, expected):
     """Each layer checkpointed costs its forward again, so auto takes the fewest that fit with the margin: one fewer
     would not fit. Where some must be checkpointed it is rarely all: at 512² a 24 GB card checkpoints 17 of 30."""
     free = card_gib - WEIGHTS_GIB - CONTEXT_GIB
     layers, needed, _ = _real(image_tokens, free_gib=free)
-    assert {0: "none", N: "all"}.get(layers, "some") == expected
+    assert {0: "none", memory_fit.most_checkpointed(N): "all"}.get(layers, "some") == expected
     per_layer = needed / N
     kept = memory_fit.layer_input_bytes(image_tokens, CAPTION, 3, DIM)
     if expected != "all":
@@ -211,3 +211,24 @@ def test_a_checkpointed_layer_is_recomputed_with_the_lora_as_the_call_had_it():
         grads.append(x.grad)
     assert backend.checkpointed_layers == backend.n_layers
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_checkpointing_the_last_main_layer_saves_no_memory_so_on_stops_before_it():
+    """Backward begins with the last layer: recomputing it rebuilds at once what it would have kept, so its peak is
+    that of one layer fewer checkpointed (measured: the CPU's allocation events here, on the H200 1673.1 vs 1673.2
+    MiB), while every layer before it still takes its share off; "on" and "nothing fits" therefore stop at all but
+    the last, which saves one layer's recomputation a step (0.416 vs 0.450 s on the H200 at 512²)."""
+    from zerase_core.bench.checkpointing import measure
+    from zerase_core.bench.cost import base_config
+
+    backend = tiny_zimage_backend(TinyZImageConfig(n_layers=4), seed=0)
+    rows = measure(backend, base_config(height=64, width=64, xt_pool=1, shuffle_pool=2), [2, 3, 4], steps=1,
+                   repeats=1)["rows"]
+    peak = {r["checkpointed_layers"]: r["peak_mib"] for r in rows}
+    assert peak[4] >= peak[3]  # the fourth (last) layer took nothing off
+    assert peak[3] < 0.75 * peak[2]  # the third still took its share (measured here: 1.60 vs 2.62 MiB)
+    assert [memory_fit.most_checkpointed(n) for n in (1, 2, 4, 30)] == [0, 1, 3, 29]
+    # the peak model agrees: all but the last is never above all, for any layer size and input kept
+    for per_layer, kept in ((748.0, 23.9), (28.0, 0.3), (1.0, 1.0)):
+        assert memory_fit.peak_bytes(30, 29, per_layer, kept) <= memory_fit.peak_bytes(30, 30, per_layer, kept)
+

@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from zerase_core import memory_fit
 from zerase_core.config import OUT_OF_MEMORY, TOO_LITTLE_MEMORY, TrainConfig
 from zerase_core.errors import ZEraseError
 from zerase_core.lora import LoRAConfig
@@ -197,7 +198,7 @@ def _out_of_memory_unless_checkpointing(trainer, from_step: int, where: str = "f
 
     def hook(module, *args):
         if (torch.is_grad_enabled() or where == "backward") and trainer.step + 1 >= from_step \
-                and backend.checkpointed_layers < backend.n_layers:
+                and backend.checkpointed_layers < memory_fit.most_checkpointed(backend.n_layers):
             if where == "forward":
                 failed.append(weakref.ref(args[0][0]))
             err = ran_out(device)
@@ -248,7 +249,8 @@ def test_auto_checkpointing_takes_a_step_that_ran_out_of_memory_again_with_check
     hook.remove()
     # The failed forward's activations are freed before the step is taken again, not held by its traceback.
     assert freed_at_retry == ([True] if where == "forward" else [])
-    assert trainer.checkpointing.from_step == 4 and backend.checkpointed_layers == backend.n_layers
+    assert trainer.checkpointing.from_step == 4
+    assert backend.checkpointed_layers == memory_fit.most_checkpointed(backend.n_layers) == 1  # of 2: not the last
     assert trainer.checkpointing.reason == OUT_OF_MEMORY and "Out of memory on cpu at step 4" in caplog.text
     assert len(result.history) == 8 and [r.step for r in result.history] == list(range(1, 9))
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
@@ -272,7 +274,7 @@ def test_auto_checkpointing_is_kept_by_a_resumed_run_that_ran_out_of_memory(tmp_
     for name, on in (("a.ckpt", True), ("b.ckpt", False)):
         resumed = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6))
         resumed.resume(tmp_path / name)
-        assert resumed.backend.checkpointed_layers == (resumed.backend.n_layers if on else 0)
+        assert resumed.backend.checkpointed_layers == (memory_fit.most_checkpointed(2) if on else 0)
         assert (resumed.checkpointing.from_step, resumed.checkpointing.reason) == \
             ((2, OUT_OF_MEMORY) if on else (None, None))
     off = ZEraseTrainer(tiny_zimage_backend(), _config(steps=6, gradient_checkpointing="off"))
@@ -343,7 +345,6 @@ def _free_for(layers: int) -> int:
     """Memory free in which auto must checkpoint ``layers`` of the tiny model's 2 main layers at _config's step
     (16 image tokens, 3 rows of the longest caption, width 64, fp32 on the CPU): the peak of that many, with the
     margin, and a byte."""
-    from zerase_core import memory_fit
 
     caption, tiny = memory_fit.PAD, TinyZImageConfig()  # every _config caption pads to 32 tokens
     per_layer = memory_fit.step_bytes(16, caption, 3, tiny.n_layers, tiny.dim, 4) / tiny.n_layers
@@ -351,16 +352,15 @@ def _free_for(layers: int) -> int:
     return int(memory_fit.peak_bytes(tiny.n_layers, layers, per_layer, kept) * memory_fit.MARGIN) + 1
 
 
-@pytest.mark.parametrize("checkpointed", [0, 1, 2])
+@pytest.mark.parametrize("checkpointed", [0, 1, None])  # None: nothing fits
 def test_auto_checkpointing_decides_before_the_first_step_by_the_memory_free(checkpointed, monkeypatch, caplog):
     """Running out of memory is not a sign everywhere: on Windows NVIDIA's driver spills to system memory instead and
     the step just runs slowly. So auto compares the step's estimated activations with the GPU memory free before the
     first step (the model loaded first), and checkpoints from the start as few main layers as let them fit."""
-    from zerase_core import memory_fit
 
     caplog.set_level("INFO", logger="zerase_core")
     asked = []
-    free = _free_for(checkpointed) if checkpointed < 2 else 1024  # nothing fits: every layer
+    free = _free_for(checkpointed) if checkpointed is not None else 1024  # nothing fits: as many as "on"
     monkeypatch.setattr(memory_fit, "available_bytes", lambda device: asked.append(device) or free)
     estimated, real_estimate = [], memory_fit.step_bytes
     monkeypatch.setattr(memory_fit, "step_bytes", lambda *a: estimated.append(a) or real_estimate(*a))
@@ -375,18 +375,18 @@ def test_auto_checkpointing_decides_before_the_first_step_by_the_memory_free(che
     # [c_er, ∅, c_pr]; the model's layers and width; 4 bytes per activation (the tiny model computes in fp32).
     caption = max(p.n_tokens for p in (*trainer.prompts.erase, trainer.prompts.uncond, *trainer.prompts.keep))
     assert estimated == [(16, caption, 3, 2, 64, 4)] and caption <= 32  # as _free_for takes it
-    assert backend.checkpointed_layers == checkpointed
+    expected = memory_fit.most_checkpointed(2) if checkpointed is None else checkpointed
+    assert backend.checkpointed_layers == expected
     assert (trainer.checkpointing.from_step, trainer.checkpointing.reason) == \
-        ((1, TOO_LITTLE_MEMORY) if checkpointed else (None, None))
-    assert (f"checkpointing {checkpointed} of 2 main layers from the start" in caplog.text) == bool(checkpointed)
+        ((1, TOO_LITTLE_MEMORY) if expected else (None, None))
+    assert (f"checkpointing {expected} of 2 main layers from the start" in caplog.text) == bool(expected)
     # nothing fits even checkpointed: said before the step that swaps or fails
-    assert ("even with every main layer checkpointed" in caplog.text) == (checkpointed == 2)
+    assert ("even with gradient checkpointing" in caplog.text) == (checkpointed is None)
 
 
 def test_auto_checkpointing_on_a_cpu_decides_by_the_system_memory_available(monkeypatch):
     """A CPU run past the memory available swaps, or the system stops it (ComfyUI's server with it): auto checkpoints
     there too, by what the system says is available."""
-    from zerase_core import memory_fit
 
     free = _free_for(1)
     monkeypatch.setattr(memory_fit.psutil, "virtual_memory", lambda: type("Memory", (), {"available": free}))
@@ -397,19 +397,20 @@ def test_auto_checkpointing_on_a_cpu_decides_by_the_system_memory_available(monk
     assert (trainer.checkpointing.from_step, trainer.checkpointing.reason) == (1, TOO_LITTLE_MEMORY)
 
 
-def test_out_of_memory_with_part_of_the_layers_checkpointed_checkpoints_them_all(caplog):
-    """An estimate that was short for a partial plan: the step that ran out is taken again with every layer
-    checkpointed, from then on (the curves' title and a resumed run take that step); the run is the one that never
-    ran out."""
+def test_out_of_memory_with_part_of_the_layers_checkpointed_checkpoints_as_many_as_on(caplog):
+    """An estimate that was short for a partial plan: the step that ran out is taken again with as many layers
+    checkpointed as "on" checkpoints (all but the last), from then on (the curves' title and a resumed run take that
+    step); the run is the one that never ran out. Three layers: 1 checkpointed, then 2."""
     config = _config(steps=6, lr=1e-2)
-    reference = ZEraseTrainer(tiny_zimage_backend(), config).run()
-    backend = tiny_zimage_backend()
+    reference = ZEraseTrainer(tiny_zimage_backend(TinyZImageConfig(n_layers=3)), config).run()
+    backend = tiny_zimage_backend(TinyZImageConfig(n_layers=3))
     trainer = ZEraseTrainer(backend, config)
     trainer.checkpointing.estimate = lambda shape, step: trainer.checkpointing.start(TOO_LITTLE_MEMORY, step, layers=1)
     hook, _ = _out_of_memory_unless_checkpointing(trainer, 3)
     result = trainer.run()
     hook.remove()
-    assert backend.checkpointed_layers == 2 and "with 1 of 2 main layers checkpointed" in caplog.text
+    assert backend.checkpointed_layers == 2
+    assert "with 1 of 3 main layers checkpointed; taking it again with 2" in caplog.text
     assert (trainer.checkpointing.from_step, trainer.checkpointing.reason) == (3, OUT_OF_MEMORY)
     assert _flat(result.history) == pytest.approx(_flat(reference.history), rel=1e-5, abs=1e-8)
 
@@ -428,7 +429,7 @@ def test_out_of_memory_is_raised_when_checkpointing_is_not_auto(mode):
     backend.transformer.layers[-1].register_forward_pre_hook(always)
     with pytest.raises(torch.OutOfMemoryError):
         trainer.train_step()
-    assert trainer.step == 0 and backend.checkpointed_layers == (backend.n_layers if mode == "on" else 0)
+    assert trainer.step == 0 and backend.checkpointed_layers == (1 if mode == "on" else 0)  # on: all but the last
 
 
 def test_checkpointing_settings_of_older_files_read_as_on_and_off():
@@ -1193,8 +1194,8 @@ def test_euler_at_cfg_one_runs_the_prompt_alone_even_with_a_negative_prompt():
 
 
 def test_a_resumed_run_that_ran_out_of_memory_keeps_every_layer_and_does_not_estimate_again():
-    """auto's estimate was short on this card: the resumed run keeps every layer checkpointed from the step that ran
-    out, and its first step does not estimate again (a partial plan there would replace the full one)."""
+    """auto's estimate was short on this card: the resumed run keeps as many layers checkpointed as "on" from the step
+    that ran out, and its first step does not estimate again (a partial plan there would replace the full one)."""
     from zerase_core.gradient_checkpointing import GradientCheckpointing
 
     backend = tiny_zimage_backend()
@@ -1202,21 +1203,22 @@ def test_a_resumed_run_that_ran_out_of_memory_keeps_every_layer_and_does_not_est
     checkpointing.resume(next_step=3, out_of_memory_from=2)
     checkpointing.estimate = lambda shape, step: pytest.fail("estimated again")
     checkpointing.before_step(3, lambda: pytest.fail("shape asked"))
-    assert backend.checkpointed_layers == backend.n_layers
+    assert backend.checkpointed_layers == memory_fit.most_checkpointed(backend.n_layers)
     assert (checkpointing.from_step, checkpointing.reason) == (2, OUT_OF_MEMORY)
 
 
 def test_auto_does_not_retry_a_step_that_ran_out_of_memory_with_every_layer_checkpointed():
-    """Taken again with the same plan, the step would only run out once more: retried only while a layer is left."""
+    """Taken again with the same plan, the step would only run out once more: retried only while fewer layers are
+    checkpointed than "on" checkpoints (all but the last of 3)."""
     from zerase_core.gradient_checkpointing import GradientCheckpointing
 
-    backend = tiny_zimage_backend()
+    backend = tiny_zimage_backend(TinyZImageConfig(n_layers=3))
     checkpointing = GradientCheckpointing(backend, "auto")
     assert checkpointing.can_retry()
-    checkpointing.start(TOO_LITTLE_MEMORY, 1, layers=backend.n_layers - 1)
+    checkpointing.start(TOO_LITTLE_MEMORY, 1, layers=1)
     assert checkpointing.can_retry()
-    checkpointing.start(TOO_LITTLE_MEMORY, 1)  # nothing fitted: every layer from the start
-    assert not checkpointing.can_retry()
+    checkpointing.start(TOO_LITTLE_MEMORY, 1)  # nothing fitted: as many as "on" from the start
+    assert backend.checkpointed_layers == 2 and not checkpointing.can_retry()
 
 
 # --- from a mutation audit (toy and helpers): each kills a mutant the suite let through ---------------------------

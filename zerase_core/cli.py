@@ -167,7 +167,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help=f"seeds the LoRA's init, the prompt order and x_t (default {TrainConfig.seed})")
     p.add_argument("--gradient-checkpointing", nargs="?", const="on", default=TrainConfig.gradient_checkpointing,
                    choices=CHECKPOINTING_MODES, help="auto (default): as few main layers as let a step fit the memory "
-                   "free (estimated; all from a step that runs out); on (also the flag alone): all, always; off: never")
+                   "free (estimated; as many as on from a step that runs out); on (also the flag alone): all but the "
+                   "last (checkpointing it saves nothing), always; off: never")
     p.add_argument("--xt-source", default=None, choices=list(XT_SOURCES),
                    help="x_t: sampled every step (fresh, ESD) or from trajectories sampled once (pool, the default)")
     p.add_argument("--xt-pool", type=int, default=None, help=f"trajectories in the x_t pool (default "

@@ -24,7 +24,8 @@ from .typed import json_object, settle
 XT_SOURCES = ("pool", "fresh")  # where x_t comes from, the default first: see trainer.py and xt_pool.py
 # Gradient checkpointing, the default first. auto: from the start where a step would not fit the memory free on the
 # device without it (memory_fit.py), else without it (faster), or from a step that runs out of memory after all (the
-# same gradients; trainer.py). on: from the start. off: never.
+# same gradients; trainer.py). on: from the start, every main layer but the last (whose checkpointing saves nothing:
+# memory_fit.most_checkpointed). off: never.
 CHECKPOINTING_MODES = ("auto", "on", "off")
 # Why "auto" turned it on (kept beside the step, in checkpoints too; the Train node's curves say it).
 TOO_LITTLE_MEMORY = "too little memory free without it"

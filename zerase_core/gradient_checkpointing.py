@@ -1,10 +1,11 @@
 """A run's gradient checkpointing: how many main layers are recomputed in backward, from which step, and why.
 
-``on``: every main layer, from the first step. ``off``: never. ``auto`` decides twice: before the first step, as few
-layers as let the step's estimated activations fit the memory free on the device (:mod:`.memory_fit`); and at a step
-that runs out of memory after all, every layer, the step then taken again by the trainer (checkpointing changes where
-activations are kept, not the gradients). Each decision holds for the rest of the run; a resumed run keeps the second
-(checkpoint.py), since its estimate was short on that card.
+``on``: every main layer but the last (checkpointing the last saves no memory: :func:`.memory_fit.most_checkpointed`),
+from the first step. ``off``: never. ``auto`` decides twice: before the first step, as few layers as let the step's
+estimated activations fit the memory free on the device (:mod:`.memory_fit`); and at a step that runs out of memory
+after all, as many as ``on``, the step then taken again by the trainer (checkpointing changes where activations are
+kept, not the gradients). Each decision holds for the rest of the run; a resumed run keeps the second (checkpoint.py),
+since its estimate was short on that card.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ class GradientCheckpointing:
             self.start("on", 1)
 
     def start(self, reason: str, from_step: int, layers: int | None = None) -> None:
-        """Checkpoint the first ``layers`` main layers (all by default) from ``from_step`` on, for ``reason``: the
-        plan in force, replacing a partial one."""
-        self.backend.set_gradient_checkpointing(self.backend.n_layers if layers is None else layers)
+        """Checkpoint the first ``layers`` main layers (by default all worth it: all but the last) from
+        ``from_step`` on, for ``reason``: the plan in force, replacing a partial one."""
+        most = memory_fit.most_checkpointed(self.backend.n_layers)
+        self.backend.set_gradient_checkpointing(most if layers is None else layers)
         self.from_step, self.reason = from_step, reason
 
     def auto_note(self) -> str:
@@ -54,7 +56,7 @@ class GradientCheckpointing:
 
     def before_step(self, step: int, shape: Callable[[], StepShape]) -> None:
         """auto's estimate, once, before the first step this trainer takes; not where a resumed run already
-        checkpoints every layer because it ran out of memory."""
+        checkpoints all it would because it ran out of memory."""
         if not self.pending:
             return
         self.pending = False
@@ -79,14 +81,14 @@ class GradientCheckpointing:
                      layers)
             self.start(TOO_LITTLE_MEMORY, step, layers=plan.checkpointed)
         if not memory_fit.fits(plan.peak, available):  # told before a step that fails, swaps or spills
-            log.warning("A step needs about %.1f GiB even with every main layer checkpointed and %.1f GiB are free on "
+            log.warning("A step needs about %.1f GiB even with gradient checkpointing and %.1f GiB are free on "
                         "%s: it may run out of memory, or spill into system memory or swap and run many times slower. "
                         "A lower resolution (height, width) takes less.", plan.peak / 2**30, available / 2**30,
                         backend.device)
 
     def resume(self, next_step: int, out_of_memory_from: int | None) -> None:
         """A resumed run continuing with ``next_step``. Under auto, one that ran out of memory with fewer layers
-        checkpointed (``out_of_memory_from``: the step it began) keeps every layer from that step: its estimate was
+        checkpointed (``out_of_memory_from``: the step it began) keeps all it would from that step: its estimate was
         short on this card, and trying again would fail once more (and on ComfyUI reload the model). Any other auto
         run decides again at its first step; "on" checkpoints from the step the run continues with."""
         if self.mode == "on":
@@ -95,15 +97,18 @@ class GradientCheckpointing:
             self.start(OUT_OF_MEMORY, out_of_memory_from)
 
     def can_retry(self) -> bool:
-        """Whether a step that ran out of memory is taken again: auto's answer, while some layer is not checkpointed."""
-        return self.mode == "auto" and self.backend.checkpointed_layers < self.backend.n_layers
+        """Whether a step that ran out of memory is taken again: auto's answer, while fewer layers are checkpointed
+        than would be."""
+        backend = self.backend
+        return self.mode == "auto" and backend.checkpointed_layers < memory_fit.most_checkpointed(backend.n_layers)
 
     def after_out_of_memory(self, step: int) -> None:
-        """Every main layer from ``step``, which ran out of memory and is taken again, for the rest of the run. Called
-        once the failed attempt's tensors are freed, so that the device's cache can be given back."""
+        """All main layers worth it from ``step``, which ran out of memory and is taken again, for the rest of the run.
+        Called once the failed attempt's tensors are freed, so that the device's cache can be given back."""
         backend = self.backend
-        log.warning("Out of memory on %s at step %d with %d of %d main layers checkpointed; taking it again with all "
-                    "of them, which stays so for the rest of the run (the same gradients, up to a third more time per "
-                    "step).", backend.device, step, backend.checkpointed_layers, backend.n_layers)
+        log.warning("Out of memory on %s at step %d with %d of %d main layers checkpointed; taking it again with %d "
+                    "(all but the last, whose checkpointing saves nothing), which stays so for the rest of the run "
+                    "(the same gradients, up to a third more time per step).", backend.device, step,
+                    backend.checkpointed_layers, backend.n_layers, memory_fit.most_checkpointed(backend.n_layers))
         self.start(OUT_OF_MEMORY, step)
         empty_cache(backend.device)

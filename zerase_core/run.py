@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import memory_fit
 from .backends.base import Backend
 from .config import TrainConfig
 from .checkpoint import check_run_files
@@ -211,15 +212,15 @@ def _why(err: BaseException, trainer: ZEraseTrainer | None = None) -> str:
 
 
 def _out_of_memory(err: torch.OutOfMemoryError, trainer: ZEraseTrainer | None = None) -> str:
-    """What to do when the device ran out of memory after the trainer's own answer (auto: every layer checkpointed,
-    the step taken again), or while the x_t pool was sampled (``trainer`` None). Resolution and rank decide what a run
-    trains, so a resumed run keeps them: only a new run can lower them."""
+    """What to do when the device ran out of memory after the trainer's own answer (auto: as many layers
+    checkpointed as on, the step taken again), or while the x_t pool was sampled (``trainer`` None). Resolution and
+    rank decide what a run trains, so a resumed run keeps them: only a new run can lower them."""
     detail = str(err).splitlines()[0] if str(err) else "no detail"
     if trainer is None:  # the pool is sampled without the LoRA, one trajectory at a time by then
         return f"Out of memory ({detail}). Free what other programs hold, or choose a lower --resolution."
     backend, more = trainer.backend, ""
-    if backend.checkpointed_layers < backend.n_layers:
+    if backend.checkpointed_layers < memory_fit.most_checkpointed(backend.n_layers):
         resumable = trainer.step > 0 and trainer.checkpoint_path.exists()
-        more = f"; or run again with --gradient-checkpointing on (every main layer){' and --resume' * resumable}"
+        more = f"; or run again with --gradient-checkpointing on (the least memory){' and --resume' * resumable}"
     return (f"Out of memory ({detail}). Free what other programs hold, or start a new run with a lower "
             f"--resolution or --rank{more}.")

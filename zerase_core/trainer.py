@@ -256,8 +256,8 @@ class ZEraseTrainer:
 
     def train_step(self) -> StepRecord:
         """One step of Algorithm 1 (:meth:`_step`) under the run's gradient checkpointing (gradient_checkpointing.py):
-        auto's estimate before the first step, and a step that runs out of memory taken again with every main layer
-        checkpointed.
+        auto's estimate before the first step, and a step that runs out of memory taken again with all main layers
+        checkpointed that are worth it (all but the last).
 
         The failed step left the run as it was (:meth:`_step`), so the retry is the step an uninterrupted run takes.
         Out of memory inside AdamW's own update (not undone but under the paired rule; unlikely, as the step's
