@@ -465,7 +465,7 @@ def test_compare_draws_prompts_original_and_with_the_files_applied(folder, tmp_p
 def test_compare_refuses_before_the_model_loads(folder, tmp_path, monkeypatch, capsys):
     """What would fail after the loads (minutes on the real model) is told first: an --out that exists or is no .png,
     strengths that are not one per file or not finite, a resolution off Z-Image's 16-pixel grid, a folder without
-    vae/, an --out that cannot be written (a name too long)."""
+    vae/, an --out that cannot be written (a name too long), a LoRA made for a model of other sizes."""
     import shutil
 
     import zerase_core.backends.diffusers_loader as loader
@@ -493,7 +493,33 @@ def test_compare_refuses_before_the_model_loads(folder, tmp_path, monkeypatch, c
         assert main([*base, *extra]) == 2 and message in capsys.readouterr().err
     assert main([*base[:-1], "72", "--model", str(folder), "--out", str(tmp_path / "a.png")]) == 2
     assert "multiple of 16" in capsys.readouterr().err
+    # a LoRA of another model's sizes, read off transformer/config.json (it was told after the loads)
+    import dataclasses
+
+    from zerase_core.lora_file import load_lora, save_lora
+
+    made = load_lora(lora)
+    foreign = save_lora(dataclasses.replace(made, fingerprint={**made.fingerprint, "n_layers": 30}),
+                        tmp_path / "foreign.safetensors")
+    assert main(["compare", str(lora), str(foreign), "--prompts", "a red ball", "--resolution", "64", "--model",
+                 str(folder), "--out", str(tmp_path / "a.png")]) == 2
+    told = capsys.readouterr().err
+    assert "foreign.safetensors: This erasure LoRA was made for a different architecture" in told
+    assert "n_layers: LoRA 30 vs model 2" in told
     assert not (tmp_path / "a.png").exists()
+
+
+def test_a_folder_is_known_by_the_sizes_its_loaded_model_reports(folder, tmp_path):
+    """compare checks LoRA files against transformer/config.json before loading and against the loaded model after:
+    the same facts either way; a size the config leaves out is not compared."""
+    from zerase_core.backends.diffusers_loader import folder_fingerprint, load_diffusers_zimage
+
+    assert folder_fingerprint(folder) == load_diffusers_zimage(folder).fingerprint()
+    copy = _copy(folder, tmp_path)
+    config = json.loads((copy / "transformer" / "config.json").read_text())
+    del config["n_heads"]
+    (copy / "transformer" / "config.json").write_text(json.dumps(config))
+    assert "n_heads" not in folder_fingerprint(copy) and folder_fingerprint(copy)["n_layers"] == 2
 
 
 def test_a_vae_out_of_memory_decodes_again_in_tiles(folder, monkeypatch):

@@ -46,6 +46,13 @@ def check_applicable(backend: Backend, lora: ErasureLoRA) -> None:
     check_fits(lora, backend.fingerprint(), host_widths(backend))
 
 
+def check_before_loading(lora: ErasureLoRA, fingerprint: dict) -> None:
+    """:func:`check_applicable` as far as a model not loaded yet can tell, by its ``fingerprint`` (read off its
+    config): gated, and made for a model of these sizes. Its projections' widths are checked once it is loaded."""
+    lora.require_gated()
+    check_fits(lora, fingerprint, None)
+
+
 def _installed(backend: Backend, lora: ErasureLoRA, name: str, strength: float) -> LoRASet:
     layers = lora.layers
     config = LoRAConfig(

@@ -415,14 +415,15 @@ def differing_facts(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
 
 
-def check_fits(lora: ErasureLoRA, fingerprint: dict[str, Any], widths: dict[Key, tuple[int, int]]) -> None:
+def check_fits(lora: ErasureLoRA, fingerprint: dict[str, Any], widths: dict[Key, tuple[int, int]] | None) -> None:
     """Refuse a LoRA that does not fit the target model, saying exactly what does not fit.
 
-    ``widths`` maps each (layer, proj) the model can host to (in_features, out_width).
+    ``widths`` maps each (layer, proj) the model can host to (in_features, out_width); None before the model is
+    loaded, when only its fingerprint is known.
     """
     problems = [f"{name}: LoRA {shown(str(lora.fingerprint[name]))} vs model {fingerprint[name]}"
                 for name in differing_facts(lora.fingerprint, fingerprint)]
-    for key, (a, b) in sorted(lora.factors.items()):
+    for key, (a, b) in sorted(lora.factors.items()) if widths is not None else ():
         if key not in widths:
             problems.append(f"layer {key[0]} {key[1]}: the model has no such projection")
         elif (a.shape[1], b.shape[0]) != widths[key]:

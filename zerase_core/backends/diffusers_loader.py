@@ -20,7 +20,7 @@ from ..errors import ZEraseError
 from ..out_of_memory import empty_cache, is_out_of_memory
 from ..typed import json_object
 from .base import combined_digest
-from .diffusers_zimage import DiffusersZImageBackend, LatentSpec
+from .diffusers_zimage import DiffusersZImageBackend, LatentSpec, zimage_fingerprint
 from .text_encoders import ChatTemplateEncoder
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,11 @@ def check_vocabulary(folder: Path, tokens: int) -> None:
     if vocabulary is not None and tokens > vocabulary:
         raise ZEraseError(f"{folder / 'tokenizer'}/ has {tokens} tokens and the text encoder embeds {vocabulary}: they "
                           "are not one model's parts. Restore tokenizer/ from the model's download.")
+
+
+def folder_fingerprint(folder: Path) -> dict:
+    """What a LoRA file is checked against, read off transformer/config.json before the model is loaded."""
+    return zimage_fingerprint(_config(Path(folder) / "transformer"))
 
 
 def _config(part: Path) -> dict:

@@ -149,6 +149,15 @@ def zimage_forward(transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor,
     return torch.stack(out).squeeze(2)
 
 
+FINGERPRINT_SIZES = ("dim", "n_layers", "n_heads", "cap_feat_dim")  # what a LoRA file records of the model
+
+
+def zimage_fingerprint(config: Any, family: str = "z-image") -> dict[str, Any]:
+    """The architecture facts an erasure LoRA records and is checked against, read off a transformer config: the
+    loaded model's, or its folder's config.json before the minutes of loading (a size it leaves out is not compared)."""
+    return {"family": family, **{k: int(config[k]) for k in FINGERPRINT_SIZES if k in config}}
+
+
 class DiffusersZImageBackend(Backend):
     """Engine view of a ``ZImageTransformer2DModel`` plus a prompt encoder."""
 
@@ -229,14 +238,7 @@ class DiffusersZImageBackend(Backend):
         return self.transformer.x_pad_token.dtype
 
     def fingerprint(self) -> dict[str, Any]:
-        c = self.transformer.config
-        return {
-            "family": self.family,
-            "dim": int(c.dim),
-            "n_layers": int(c.n_layers),
-            "n_heads": int(c.n_heads),
-            "cap_feat_dim": int(c.cap_feat_dim),
-        }
+        return zimage_fingerprint(self.transformer.config, self.family)
 
     def host_slots(self) -> list[HostSlot]:
         dim = self.transformer.config.dim
