@@ -161,3 +161,47 @@ def test_a_later_backend_replaces_the_earlier_ones_wrapper_and_lets_it_go():
     del first
     gc.collect()
     assert earlier() is None
+
+
+@pytest.mark.parametrize("order", ["offload, then apply", "apply, then offload"])
+def test_a_pipeline_offloaded_whole_samples_the_erased_model_and_one_offloaded_layer_by_layer_is_refused(order):
+    """16 GB cards run Z-Image with CPU offload. enable_model_cpu_offload moves the whole transformer for its calls
+    (accelerate's cpu_offload_with_hook): the erased pictures are those of a pipeline never offloaded, bit for bit,
+    whether the LoRA is applied before or after. enable_sequential_cpu_offload keeps each layer's weights on the
+    meta device until it runs (accelerate's cpu_offload): there the gated layers computed another model without an
+    error, so it is refused, at apply_erasure or, offloaded after it, at the first call. (Executed on the CPU here,
+    which exercises the hooks, not a device move.)"""
+    import accelerate
+
+    from zerase_core.diffusers_pipeline import apply_erasure
+
+    lora, engine = _erasure_lora()
+    captions = [p.features for p in engine.encode(["a red circle on the left", "blue"])]
+    plain = _pipeline(engine.transformer.state_dict())
+    apply_erasure(plain, lora)
+    want = _sample(plain, captions, guidance=2.0)
+
+    def offload(pipe, how):
+        if how == "whole":
+            accelerate.cpu_offload_with_hook(pipe.transformer, execution_device="cpu")
+        else:
+            accelerate.cpu_offload(pipe.transformer, execution_device="cpu")
+
+    for how in ("whole", "layer by layer"):
+        pipe = _pipeline(engine.transformer.state_dict())
+        if order == "offload, then apply":
+            offload(pipe, how)
+            if how != "whole":
+                with pytest.raises(ZEraseError, match="enable_sequential_cpu_offload.*enable_model_cpu_offload"):
+                    apply_erasure(pipe, lora)
+                continue
+            apply_erasure(pipe, lora)
+        else:
+            apply_erasure(pipe, lora)
+            offload(pipe, how)
+        if how == "whole":
+            assert torch.equal(_sample(pipe, captions, guidance=2.0), want)
+        else:
+            with pytest.raises(ZEraseError, match="offloaded layer by layer"):
+                _sample(pipe, captions, guidance=2.0)
+

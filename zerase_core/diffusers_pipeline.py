@@ -15,7 +15,9 @@ import os
 from typing import Any
 
 from .apply import install_lora
-from .backends.diffusers_zimage import DiffusersZImageBackend, LatentSpec, owner
+from .backends.diffusers_zimage import (LAYER_BY_LAYER_OFFLOAD, DiffusersZImageBackend, LatentSpec,
+                                        offloaded_layer_by_layer, owner)
+from .errors import ZEraseError
 from .lora_file import ErasureLoRA, load_lora
 
 
@@ -26,6 +28,8 @@ def apply_erasure(pipe: Any, lora: ErasureLoRA | str | os.PathLike, strength: fl
     its ``uninstall()`` takes every erasure LoRA off."""
     lora = load_lora(lora) if isinstance(lora, (str, os.PathLike)) else lora
     transformer = pipe.transformer
+    if offloaded_layer_by_layer(transformer):
+        raise ZEraseError(LAYER_BY_LAYER_OFFLOAD)
     # The pipeline encodes its own prompts: a backend made here has no text encoder.
     backend = owner(transformer) or DiffusersZImageBackend(transformer, None,
                                                            LatentSpec(transformer.config.in_channels))

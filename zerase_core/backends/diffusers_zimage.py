@@ -105,6 +105,20 @@ def unified_layout(image_tokens: Sequence[int], caption_tokens: Sequence[int]) -
     return TokenLayout.of(max(end for _, end in text), text, image, tuple(image_tokens))
 
 
+LAYER_BY_LAYER_OFFLOAD = (
+    "An erasure LoRA does not run on a transformer offloaded layer by layer (diffusers' enable_sequential_cpu_offload, "
+    "accelerate's cpu_offload: its weights wait on the meta device): the gated layers would compute another model "
+    "without an error. Use pipe.enable_model_cpu_offload() instead (the whole transformer moves to the GPU for its "
+    "calls; tested), or move the pipeline to the GPU.")
+
+
+def offloaded_layer_by_layer(transformer: nn.Module) -> bool:
+    """Whether accelerate keeps ``transformer``'s weights on the meta device until each layer runs. The first main
+    layer's tell, also inside a call: the root's own parameters are brought in for the whole call, a layer's only
+    while it runs."""
+    return any(p.device.type == "meta" for p in transformer.layers[0].parameters())
+
+
 class _LaidOutCalls:
     """The transformer's forward, so that calls the engine does not make (a ``ZImagePipeline``'s) run the gated LoRA:
     their token layout is read off the call's own latents and caption features, laid out as diffusers lays them out.
@@ -122,6 +136,8 @@ class _LaidOutCalls:
         gate = self.backend.gate
         if gate.layout is not None:  # the engine's own call, laid out by the backend
             return self.inner(x, t, cap_feats, *args, **kwargs)
+        if self.backend.holds_lora and offloaded_layer_by_layer(self.backend.transformer):  # offloaded after it
+            raise ZEraseError(LAYER_BY_LAYER_OFFLOAD)
         if isinstance(x[0], list):
             raise ZEraseError("Z-Image's omni mode (reference images in the call) is not supported with an erasure "
                               "LoRA: its gate knows the token layout of a text-to-image call (one caption, one image).")
@@ -266,6 +282,11 @@ class DiffusersZImageBackend(Backend):
 
     def uninstall(self) -> None:
         self._installer.uninstall()
+
+    @property
+    def holds_lora(self) -> bool:
+        """Whether a gated LoRA sits on the transformer (installed, not yet uninstalled)."""
+        return bool(self._installer.originals)
 
     def _current_row_groups(self) -> RowGroups | None:
         """What a refiner wrapped by SharedRowsForward reads while the backend's call runs."""
