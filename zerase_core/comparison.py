@@ -95,4 +95,3 @@ def _named(path: Path, check: Callable[..., None], *args) -> None:
         check(*args)
     except ZEraseError as err:
         raise ZEraseError(f"{path}: {err}") from err
-

@@ -423,14 +423,8 @@ def check_fits(lora: ErasureLoRA, fingerprint: dict[str, Any], widths: dict[Key,
     """
     problems = [f"{name}: LoRA {shown(str(lora.fingerprint[name]))} vs model {fingerprint[name]}"
                 for name in differing_facts(lora.fingerprint, fingerprint)]
-    for key, (a, b) in sorted(lora.factors.items()) if widths is not None else ():
-        if key not in widths:
-            problems.append(f"layer {key[0]} {key[1]}: the model has no such projection")
-        elif (a.shape[1], b.shape[0]) != widths[key]:
-            problems.append(
-                f"layer {key[0]} {key[1]}: LoRA maps {a.shape[1]}→{b.shape[0]}, model needs "
-                f"{widths[key][0]}→{widths[key][1]}"
-            )
+    if widths is not None:
+        problems += _width_problems(lora, widths)
     if problems:
         trained = shown(str(lora.fingerprint.get("family", "another model")))
         raise ZEraseError(
@@ -438,6 +432,18 @@ def check_fits(lora: ErasureLoRA, fingerprint: dict[str, Any], widths: dict[Key,
             f"{listed_problems(problems)}. Use a LoRA trained on this model."
         )
     _check_ranks(lora)
+
+
+def _width_problems(lora: ErasureLoRA, widths: dict[Key, tuple[int, int]]) -> list[str]:
+    """Each factor pair the model has no projection for, or whose in→out widths are not the projection's."""
+    problems = []
+    for key, (a, b) in sorted(lora.factors.items()):
+        if key not in widths:
+            problems.append(f"layer {key[0]} {key[1]}: the model has no such projection")
+        elif (a.shape[1], b.shape[0]) != widths[key]:
+            problems.append(f"layer {key[0]} {key[1]}: LoRA maps {a.shape[1]}→{b.shape[0]}, model needs "
+                            f"{widths[key][0]}→{widths[key][1]}")
+    return problems
 
 
 def _check_ranks(lora: ErasureLoRA) -> None:

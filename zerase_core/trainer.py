@@ -271,10 +271,9 @@ class ZEraseTrainer:
         except torch.OutOfMemoryError as err:
             if not self._retried(err):
                 raise
-            release(err)  # its frames hold the failed forward's activations, which the retry needs the room of
-        # Outside the except clause, whose traceback holds the failed forward's tensors: Python frees them here.
-        # (What a failed backward leaves inside autograd's engine may outlive this; the retry's own backward
-        # releases it.)
+            release(err)  # its frames hold the failed forward's activations, whatever else still holds the error
+        # Outside the except clause, which held the error: the retry needs the failed forward's room. (What a failed
+        # backward leaves inside autograd's engine may outlive this; the retry's own backward releases it.)
         self.seconds += time.perf_counter() - start  # the failed attempt is part of the run's time
         self.checkpointing.after_out_of_memory(self.step + 1)
         return self._step()
