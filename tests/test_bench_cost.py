@@ -341,6 +341,29 @@ def test_bench_result_records_its_command_and_threads(tmp_path, monkeypatch, cap
     assert json.loads(out.read_text())["x"] == 2  # written all the same
 
 
+def test_a_variant_out_of_memory_leaves_the_next_one_its_room_even_where_its_error_is_held():
+    """A benchmark variant that runs out of memory is left out and the others are timed: before they run, what the
+    failed one allocated is freed, even where its error outlives the except clause (out_of_memory.release), or on a
+    GPU the next variants would measure, or run out, beside it."""
+    from zerase_core.bench.timing import interleaved_medians
+
+    held, failed, freed_when_next_ran = [], [], []
+
+    def too_big():
+        activations = torch.ones(1000)
+        failed.append(weakref.ref(activations))
+        held.append(ran_out())
+        raise held[-1]
+
+    def fits():
+        freed_when_next_ran.append(failed[0]() is None)
+
+    seconds = interleaved_medians({"too_big": too_big, "fits": fits}, steps=1, repeats=1, sync=lambda: None,
+                                  on_oom=lambda name: None)
+    assert len(held) == 1 and freed_when_next_ran and all(freed_when_next_ran)
+    assert seconds["fits"] >= 0 and seconds["too_big"] != seconds["too_big"]  # NaN: not timed
+
+
 def test_gpu_script_records_a_failed_row_and_goes_on(tmp_path, monkeypatch):
     """scripts/gpu_bench.py may get one device slot: a row that fails is written with its error, later rows run."""
     from gpu_script import load_gpu_bench
@@ -979,7 +1002,13 @@ def test_peak_gib_is_above_what_is_resident(monkeypatch):
     def step():
         allocated["peak"] = allocated["now"] + 2**29
 
+    held, failed = [], []
+
     def too_big():
-        raise ran_out()
+        activations = torch.ones(1000)
+        failed.append(weakref.ref(activations))
+        held.append(ran_out())  # outlives the except clause: its frames must not keep the activations
+        raise held[-1]
 
     assert timing.peak_gib({"step": step, "big": too_big}, sync=lambda: None) == {"step": 0.5, "big": float("inf")}
+    assert failed[0]() is None

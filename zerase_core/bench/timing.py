@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from ..errors import ZEraseError
+from ..out_of_memory import release
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def interleaved_medians(variants: dict[str, Callable[[], object]], steps: int, r
         try:
             if warm_up:
                 switch(name), fn(), sync()
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as err:
+            release(err)  # the next variants get the room back, whatever still holds the error
             del live[name]
             if on_oom:
                 on_oom(name)
@@ -71,7 +73,8 @@ def peak_gib(variants: dict[str, Callable[[], object]], sync: Callable[[], None]
         try:
             fn(), sync()
             peaks[name] = (torch.cuda.max_memory_allocated() - resident) / 2**30
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as err:
+            release(err)
             peaks[name] = float("inf")
             log.warning("%s ran out of memory: not timed", name)
     return peaks
