@@ -400,6 +400,25 @@ def test_gpu_script_measures_only_the_partial_rows_without_resolutions(tmp_path)
     assert result["rows"] == [] and [len(c["rows"]) for c in result["checkpointing"]] == [3]
 
 
+def test_gpu_script_on_a_gpu_leaves_the_full_rows_out_with_resolutions_alone(monkeypatch):
+    """On the GPU (not --tiny, whose rows are fixed at 64²) `--resolutions` with none plans no full row: the device
+    slot goes to the partial rows alone, not to the default resolutions' pool builds; by default 512² without and with
+    checkpointing, cheapest first, then 1024² with it (a mutation audit: an empty list read as the default passed every
+    test, which run --tiny)."""
+    from gpu_script import load_gpu_bench
+
+    script = load_gpu_bench()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    planned = []
+    monkeypatch.setattr(script, "_measure_model", lambda args, weights, device, runs, result: planned.append(runs))
+    for argv, runs in ((["--resolutions"], []), ([], [(512, False), (512, True), (1024, True)])):
+        planned.clear()
+        assert script.main(argv) == 0
+        assert planned == [runs]
+
+
 def test_gpu_script_refuses_fp8_weights_outside_comfyui(capsys):
     """fp8 base weights are ComfyUI's weight_dtype: asked of the diffusers host, the script says so and stops."""
     from gpu_script import load_gpu_bench

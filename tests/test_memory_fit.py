@@ -232,3 +232,9 @@ def test_checkpointing_the_last_main_layer_saves_no_memory_so_on_stops_before_it
     for per_layer, kept in ((748.0, 23.9), (28.0, 0.3), (1.0, 1.0)):
         assert memory_fit.peak_bytes(30, 29, per_layer, kept) <= memory_fit.peak_bytes(30, 30, per_layer, kept)
 
+
+def test_a_model_without_main_layers_checkpoints_none_never_a_negative_count():
+    """"All but the last" of no layers is none, not -1: a count set_gradient_checkpointing refuses, which "on" and
+    auto would pass it (a stub backend, not Z-Image; a mutation audit: dropping the floor passed every test)."""
+    assert memory_fit.most_checkpointed(0) == 0
+    assert memory_fit.layers_to_checkpoint(0, per_layer=1e12, kept=1e9, available=1) == 0

@@ -159,3 +159,17 @@ def test_a_flow_shift_whose_levels_float32_cannot_hold_apart_is_refused(shift, s
         TrainConfig(concept="red", shift=shift, sample_steps=steps)
     for kept in (0.01, 3.0, 100.0):  # the range the message offers, ComfyUI's ModelSamplingAuraFlow's up to 100
         assert TrainConfig(concept="red", shift=kept, sample_steps=steps).shift == kept
+
+
+def test_the_help_says_gradient_checkpointing_on_stops_before_the_last_layer():
+    """`--help` tells "on" and auto's answer to running out as the run does them (memory_fit.most_checkpointed): all
+    main layers but the last, not all (a mutation audit: the help's earlier "all" passed every test)."""
+    import argparse
+
+    from zerase_core.cli import _add_train
+
+    parser = argparse.ArgumentParser()
+    _add_train(parser)
+    text = " ".join(parser.format_help().split())
+    assert "as many as on from a step that runs out" in text
+    assert "on (also the flag alone): all but the last (checkpointing it saves nothing), always" in text

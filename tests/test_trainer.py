@@ -1254,6 +1254,121 @@ def test_emptying_the_cache_reaches_the_devices_allocator_only(monkeypatch):
     assert called == ["cuda", "mps"]
 
 
+def _failed_forward(refs: list, device: str = "cuda"):
+    """A forward that runs out of memory holding its activations in a local; a weak reference to them in ``refs``."""
+    activations = torch.ones(1024)
+    refs.append(weakref.ref(activations))
+    raise ran_out(device)
+
+
+def test_releasing_an_error_frees_its_frames_even_where_a_log_record_keeps_its_traceback(caplog):
+    """A log handler that keeps its records (ComfyUI's log window, pytest's caplog) holds the traceback itself, not
+    only the error: release clears the frames' locals, so the failed forward's activations go all the same (a
+    mutation audit: dropping clear_frames passed every test)."""
+    import logging
+
+    from zerase_core.out_of_memory import release
+
+    refs = []
+    try:
+        _failed_forward(refs)
+    except torch.OutOfMemoryError as err:
+        logging.getLogger("zerase_core.test").error("step failed", exc_info=True)
+        held = err
+    assert caplog.records[0].exc_info[2] is not None and refs[0]() is not None  # kept, by the record
+    release(held)
+    assert refs[0]() is None
+
+
+def test_releasing_an_error_frees_what_it_was_raised_from_and_while():
+    """The failed attempt's frames may hang off the error two ways: an error raised while another was handled (its
+    __context__: a fallback that ran out too) and one raised from another (its __cause__, also where another was
+    being handled); release follows the cause, else the context (a mutation audit: following one link only, or the
+    context before the cause, passed every test, since told_as_out_of_memory sets both to the same error)."""
+    from zerase_core.out_of_memory import release
+
+    refs = []
+    try:
+        try:
+            _failed_forward(refs, "mps")
+        except RuntimeError:
+            _failed_forward(refs)  # the fallback runs out too: the first error is its __context__ only
+    except torch.OutOfMemoryError as err:
+        implicit = err
+    try:
+        _failed_forward(refs, "mps")
+    except RuntimeError as err:
+        earlier = err
+    try:
+        raise torch.OutOfMemoryError("out of memory, told later") from earlier  # a __cause__, no __context__
+    except torch.OutOfMemoryError as err:
+        explicit = err
+    del earlier
+    try:
+        _failed_forward(refs, "mps")
+    except RuntimeError as err:
+        allocators = err
+    try:
+        try:
+            raise ValueError("being handled when it is told")
+        except ValueError:
+            raise torch.OutOfMemoryError(str(allocators)) from allocators  # the context: the ValueError
+    except torch.OutOfMemoryError as err:
+        both = err
+    del allocators
+    assert implicit.__cause__ is None and explicit.__context__ is None and both.__cause__ is not both.__context__
+    assert all(ref() is not None for ref in refs)  # 4 forwards' activations, each held through an error's frames
+    for err in (implicit, explicit, both):
+        release(err)
+    assert [ref() is None for ref in refs] == [True, True, True, True]
+
+
+def test_releasing_errors_chained_in_a_cycle_ends():
+    """Re-raising the original error from the one raised from it chains the two both ways (Python breaks cycles of
+    __context__ only): release frees both and returns instead of following the cycle for ever."""
+    import threading
+
+    from zerase_core.out_of_memory import release
+
+    refs = []
+    try:
+        try:
+            _failed_forward(refs)
+        except torch.OutOfMemoryError as original:
+            try:
+                raise torch.OutOfMemoryError("again") from original
+            except torch.OutOfMemoryError as again:
+                raise original from again
+    except torch.OutOfMemoryError as err:
+        held = err
+    assert held.__cause__.__cause__ is held  # the cycle
+    releasing = threading.Thread(target=release, args=(held,), daemon=True)
+    releasing.start()
+    releasing.join(timeout=10)
+    assert not releasing.is_alive() and refs[0]() is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_memory_that_is_not_retried_is_raised_with_its_traceback(device):
+    """Under "off" a step that runs out of memory fails as it is, with its traceback down to the layer that ran out
+    (on MPS and the CPU in the allocator's own error, chained under torch's), what a bug report needs; only an error
+    the trainer takes again is released (a mutation audit: releasing before deciding to retry passed every test)."""
+    import traceback
+
+    backend = tiny_zimage_backend()
+    trainer = ZEraseTrainer(backend, _config(steps=3, gradient_checkpointing="off"))
+
+    def ran_out_here(module, args):
+        if torch.is_grad_enabled():
+            raise ran_out(device)
+
+    backend.transformer.layers[-1].register_forward_pre_hook(ran_out_here)
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        trainer.train_step()
+    allocators = raised.value.__cause__ if device == "mps" else raised.value  # MPS's: chained under torch's
+    assert "ran_out_here" in [frame.name for frame in traceback.extract_tb(allocators.__traceback__)]
+
+
 def test_the_tiny_model_is_another_model_for_another_seed_encoder_included():
     """`--tiny` is deterministic by its seed: the same seed, the same word vectors; another seed, others (the encoder
     ignored it and only the transformer changed)."""
