@@ -1283,8 +1283,8 @@ def test_releasing_an_error_frees_its_frames_even_where_a_log_record_keeps_its_t
 def test_releasing_an_error_frees_what_it_was_raised_from_and_while():
     """The failed attempt's frames may hang off the error two ways: an error raised while another was handled (its
     __context__: a fallback that ran out too) and one raised from another (its __cause__, also where another was
-    being handled); release follows the cause, else the context (a mutation audit: following one link only, or the
-    context before the cause, passed every test, since told_as_out_of_memory sets both to the same error)."""
+    being handled, which then holds frames of its own); release follows both (a mutation audit: following one link
+    only passed every test, since told_as_out_of_memory sets both to the same error)."""
     from zerase_core.out_of_memory import release
 
     refs = []
@@ -1310,17 +1310,17 @@ def test_releasing_an_error_frees_what_it_was_raised_from_and_while():
         allocators = err
     try:
         try:
-            raise ValueError("being handled when it is told")
-        except ValueError:
-            raise torch.OutOfMemoryError(str(allocators)) from allocators  # the context: the ValueError
+            _failed_forward(refs, "mps")  # another failure, being handled when the allocator's error is told
+        except RuntimeError:
+            raise torch.OutOfMemoryError(str(allocators)) from allocators  # its context: that other failure
     except torch.OutOfMemoryError as err:
         both = err
     del allocators
     assert implicit.__cause__ is None and explicit.__context__ is None and both.__cause__ is not both.__context__
-    assert all(ref() is not None for ref in refs)  # 4 forwards' activations, each held through an error's frames
+    assert all(ref() is not None for ref in refs)  # 5 forwards' activations, each held through an error's frames
     for err in (implicit, explicit, both):
         release(err)
-    assert [ref() is None for ref in refs] == [True, True, True, True]
+    assert [ref() is None for ref in refs] == [True] * 5
 
 
 def test_releasing_errors_chained_in_a_cycle_ends():

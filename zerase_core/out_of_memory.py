@@ -42,8 +42,8 @@ def told_as_out_of_memory() -> Iterator[None]:
 
 def release(err: BaseException) -> None:
     """Free what the failed attempt behind ``err`` still holds (its tensors, through its frames), before it is tried
-    again: the tracebacks of ``err`` and of what it was raised from are cleared and dropped (the caller tells of the
-    failure in its own words).
+    again: the tracebacks of ``err``, of what it was raised from and of what was being handled when it was raised are
+    cleared and dropped (the caller tells of the failure in its own words).
 
     Python frees them with the exception once the except clause ends, unless something still holds the exception: a
     debugger, a log handler, or a reference cycle through its frames, which waits for the garbage collector. With a
@@ -52,12 +52,15 @@ def release(err: BaseException) -> None:
     it there was not found). Clearing the frames' locals is not enough: a frame keeps its function, and torch's
     Module.__call__ runs hooks in a closure whose cells hold the layer's inputs; dropping the tracebacks frees those
     frames whatever holds the exception."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
+    pending, seen = [err], set()
+    while pending:  # both links: raised from one error while another was handled, each holds frames
+        err = pending.pop()
+        if err is None or id(err) in seen:  # chains can loop (one re-raised from the other)
+            continue
         seen.add(id(err))
         traceback.clear_frames(err.__traceback__)  # locals first: a cycle through them needs no collector then
         err.__traceback__ = None
-        err = err.__cause__ or err.__context__
+        pending += [err.__cause__, err.__context__]
 
 
 def empty_cache(device: torch.device) -> None:
