@@ -802,6 +802,20 @@ def test_step_kinds_fractions_are_each_kinds_own_share_of_the_steps():
                      "fraction_batched": 0.5, "fraction_recomputed": 0.25}
 
 
+def test_bench_checkpointing_measures_what_on_checkpoints_beside_the_quarters(tmp_path, monkeypatch):
+    """On 8 layers the quarters are 0, 2, 4, 6, 8; "on" checkpoints 7 (all but the last), so that count is measured
+    too: the command's table shows what the default setting costs and that the eighth layer saves nothing."""
+    import zerase_core.bench.checkpointing as checkpointing
+    from zerase_core.cli import main
+
+    asked = []
+    monkeypatch.setattr(checkpointing, "measure", lambda backend, config, counts, steps, repeats: asked.append(counts)
+                        or {"rows": [], "layers": 8})
+    assert main(["bench-checkpointing", "--layers", "8", "--resolution", "64", "--steps", "1", "--repeats", "1",
+                 "--out", str(tmp_path / "ckpt.json")]) == 0
+    assert asked == [[0, 2, 4, 6, 7, 8]]
+
+
 def test_bench_checkpointing_takes_time_ratios_and_the_per_layer_time_from_the_timings(tmp_path, capsys, monkeypatch):
     """Timings are not deterministic, so the test pins them: 1 s per step plus 0.5 s per checkpointed layer must read
     as ratios 1, 1.5, 2 against none checkpointed and 0.5 s added per layer (the slope of the time, not the memory).

@@ -17,6 +17,7 @@ import sys
 
 from ..cli import command, out_path
 from ..errors import ZEraseError
+from ..memory_fit import most_checkpointed
 from .memory import cpu_peak_bytes, least_squares_slope
 from .report import check_out, emit
 from .timing import check_timing, device_sync, interleaved_medians, peak_gib
@@ -78,7 +79,8 @@ def _bench_checkpointing(args: argparse.Namespace) -> int:
         raise ZEraseError(f"--layers must be at least 1; got {args.layers}.")
     backend = bench_tiny_backend(n_layers=args.layers)
     config = base_config(height=args.resolution, width=args.resolution, sample_steps=2, xt_pool=1)
-    counts = sorted({round(args.layers * f) for f in (0, 0.25, 0.5, 0.75, 1)})
+    # quarters of the layers, and all but the last: what "on" checkpoints (memory_fit.most_checkpointed)
+    counts = sorted({round(args.layers * f) for f in (0, 0.25, 0.5, 0.75, 1)} | {most_checkpointed(args.layers)})
     result = measure(backend, config, counts, args.steps, args.repeats)
     emit(result, args)
     for r in result["rows"]:
