@@ -112,8 +112,6 @@ def _compare(args: argparse.Namespace) -> int:
         raise ZEraseError(f"--out names the picture, ending in .png (e.g. compare.png); got {args.out}.")
     if os.path.lexists(args.out):
         raise ZEraseError(f"{args.out} exists; choose another --out (files are never overwritten).")
-    if args.resolution % 16:  # told before the loads: Z-Image has 8 pixels a latent cell, 2×2 cells a token
-        raise ZEraseError(f"--resolution must be a multiple of 16 for Z-Image; got {args.resolution}.")
     strengths = args.strengths or [1.0] * len(args.files)
     if len(strengths) != len(args.files):
         raise ZEraseError(f"--strengths gives {len(strengths)} values for {len(args.files)} files: give one per file.")

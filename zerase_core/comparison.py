@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -67,14 +67,19 @@ def compare_files(folder: Path, files: Sequence[Path], texts: Sequence[str], str
                   sampling: TrainConfig, out: Path) -> Path:
     """``out``: ``texts`` as rows, original | with every file in ``files`` applied (each at its strength), sampled
     as ``sampling`` says (seed, size, steps; the folder's shift). Files and folder are checked before the loads."""
-    from .apply import check_applicable, check_before_loading, install_lora
-    from .backends.diffusers_loader import check_model_folder, folder_fingerprint, load_decoder, load_diffusers_zimage
+    from .apply import check_before_loading, install_lora
+    from .backends.diffusers_loader import (check_model_folder, folder_fingerprint, load_decoder, load_diffusers_zimage,
+                                            pixels_per_token)
     from .lora_file import load_lora
 
     loras = [load_lora(f) for f in files]  # a damaged or foreign file is told before minutes of loading
     shift = check_model_folder(folder)
     if not (Path(folder) / "vae").is_dir():
         raise ZEraseError(f"{folder} has no vae/ to decode the pictures with; restore it from the model's download.")
+    step = pixels_per_token(folder)
+    if sampling.height % step or sampling.width % step:
+        raise ZEraseError(f"The pictures' size must be a multiple of {step} for this Z-Image (its pixels per token); "
+                          f"got {sampling.height}×{sampling.width}.")
     model = folder_fingerprint(folder)
     for path, lora in zip(files, loras):
         _named(path, check_before_loading, lora, model)
@@ -82,16 +87,15 @@ def compare_files(folder: Path, files: Sequence[Path], texts: Sequence[str], str
     decode = load_decoder(folder, backend.device, backend.dtype)
     prompts = backend.encode(texts)
     backend.release_encoder()
-    for i, (path, lora) in enumerate(zip(files, loras)):
-        _named(path, check_applicable, backend, lora)  # the projections' widths, now that the model is here
-        install_lora(backend, lora, name=f"compared_{i}", strength=strengths[i])
+    for i, (path, lora) in enumerate(zip(files, loras)):  # install checks the projections' widths, now loaded
+        _named(path, install_lora, backend, lora, name=f"compared_{i}", strength=strengths[i])
     sampling = replace(sampling, shift=shift if shift is not None else sampling.shift)
     return save_png(comparison(backend, prompts, sampling, decode)[0], out)
 
 
-def _named(path: Path, check: Callable[..., None], *args) -> None:
-    """``check(*args)``, its refusal prefixed with the file it is about (several are compared at once)."""
+def _named(path: Path, work: Callable[..., Any], *args, **kwargs) -> Any:
+    """``work(*args, **kwargs)``, its refusal prefixed with the file it is about (several are compared at once)."""
     try:
-        check(*args)
+        return work(*args, **kwargs)
     except ZEraseError as err:
         raise ZEraseError(f"{path}: {err}") from err

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import ZEraseError
-from ..out_of_memory import empty_cache, is_out_of_memory
+from ..out_of_memory import empty_cache, is_out_of_memory, release
 from ..typed import json_object
 from .base import combined_digest
 from .diffusers_zimage import DiffusersZImageBackend, LatentSpec, zimage_fingerprint
@@ -102,7 +102,8 @@ def _decoded(vae, z: torch.Tensor, device: torch.device) -> torch.Tensor:
     except RuntimeError as err:  # torch.OutOfMemoryError is one
         if not is_out_of_memory(err) or vae.use_tiling:
             raise
-    empty_cache(device)  # outside the handler: the failed call's frames are gone
+        release(err)  # the failed decode's tensors, as every retry after running out of memory frees them
+    empty_cache(device)
     log.warning("The VAE ran out of memory decoding a %d×%d-cell latent: decoding in tiles.", *z.shape[-2:])
     vae.enable_tiling()
     return vae.decode(z, return_dict=False)[0]
@@ -172,6 +173,13 @@ def check_vocabulary(folder: Path, tokens: int) -> None:
     if vocabulary is not None and tokens > vocabulary:
         raise ZEraseError(f"{folder / 'tokenizer'}/ has {tokens} tokens and the text encoder embeds {vocabulary}: they "
                           "are not one model's parts. Restore tokenizer/ from the model's download.")
+
+
+def pixels_per_token(folder: Path) -> int:
+    """Image pixels a side per transformer token, read off the folder before loading: the VAE's downsampling (the
+    backend's LatentSpec) times the transformer's patch (its config's all_patch_size, 2 where it says none)."""
+    patch = _config(Path(folder) / "transformer").get("all_patch_size", [2])[0]
+    return LatentSpec.downsample * int(patch)
 
 
 def folder_fingerprint(folder: Path) -> dict:
