@@ -571,7 +571,7 @@ def test_applied_lora_weights_leave_the_gpu_with_the_model():
 def test_an_applied_lora_waits_on_the_offload_device_until_the_model_runs():
     """Made on the compute device at Apply, an erasure LoRA held GPU memory outside ComfyUI's accounting until the
     model's first unload, though ComfyUI loads the model only when a sampler runs. ("meta" stands for the offload
-    device: a CPU has no second one; GatedForward's way back is a move to the input's device.)"""
+    device: a CPU has no second one; the way back is the gated layer's move to the input's device.)"""
     from zerase_core.apply import export_lora, install_lora
 
     trained = ComfyZImageBackend(tiny_zimage(comfy))

@@ -163,6 +163,37 @@ def test_a_later_backend_replaces_the_earlier_ones_wrapper_and_lets_it_go():
     assert earlier() is None
 
 
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+@pytest.mark.parametrize("order", ["offload, then apply", "apply, then offload"])
+def test_a_transformer_with_group_offloading_samples_the_erased_model(offload_type, order):
+    """diffusers' group offloading (``transformer.enable_group_offload``), the other way to run Z-Image on a small
+    card, moves the parameters its hooks know of: block by block, or Linear by Linear, where the LoRA's factors, in
+    ParameterDicts no hook is ever called on or added after the hooks were set, are not among them; the gated layer
+    brings its factors to the input's device itself. Here the hooks run (onload and offload device the CPU, which
+    exercises them, not a move): the erased latents are a never offloaded pipeline's, bit for bit, and not the
+    original's."""
+    from zerase_core.diffusers_pipeline import apply_erasure
+
+    lora, engine = _erasure_lora()
+    captions = [p.features for p in engine.encode(["a red circle on the left", "blue"])]
+    plain = _pipeline(engine.transformer.state_dict())
+    original = _sample(plain, captions, guidance=2.0)
+    apply_erasure(plain, lora)
+    want = _sample(plain, captions, guidance=2.0)
+
+    pipe = _pipeline(engine.transformer.state_dict())
+    offload = {"onload_device": torch.device("cpu"), "offload_type": offload_type}
+    if offload_type == "block_level":
+        offload["num_blocks_per_group"] = 1
+    if order == "apply, then offload":
+        apply_erasure(pipe, lora)
+    pipe.transformer.enable_group_offload(**offload)
+    if order == "offload, then apply":
+        apply_erasure(pipe, lora)
+    got = _sample(pipe, captions, guidance=2.0)
+    assert torch.equal(got, want) and not torch.equal(got, original)
+
+
 @pytest.mark.parametrize("order", ["offload, then apply", "apply, then offload"])
 def test_a_pipeline_offloaded_whole_samples_the_erased_model_and_one_offloaded_layer_by_layer_is_refused(order):
     """16 GB cards run Z-Image with CPU offload. enable_model_cpu_offload moves the whole transformer for its calls

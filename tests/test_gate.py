@@ -156,6 +156,24 @@ def test_lora_stays_fp32_on_low_precision_base(dtype):
     assert not torch.equal(y[0, 5:, :16], base_y[0, 5:, :16])
 
 
+def test_a_gated_layer_brings_its_adapters_to_the_device_it_computes_on():
+    """A host that offloads (ComfyUI, diffusers' group offloading) may leave the adapters where they were made: the
+    layer moves them to its input's device and, called while sampling (inference mode), without making them inference
+    tensors. A CPU has no second device: "meta" stands in (a move onto it makes new Parameters, where one between a
+    CPU and a GPU keeps them, so the Parameters are not compared)."""
+    from zerase_core.gate import TokenGate
+    from zerase_core.layout import TokenLayout
+
+    gate = TokenGate()
+    layer = GatedLoRALinear(torch.nn.Linear(16, 16, device="meta"), {"q": (0, 16)}, gate)
+    adapter = layer.add_adapter("a", ("q",), rank=2, scale=1.0, device=torch.device("cpu"))
+    with torch.inference_mode(), gate.active(TokenLayout(8, ((5, 8),), ((0, 5),))):
+        y = layer(torch.randn(1, 8, 16, device="meta"))
+    params = list(adapter.parameters())
+    assert y.device.type == "meta" and len(params) == 2
+    assert all(p.device.type == "meta" and not p.is_inference() for p in params)
+
+
 def test_gated_layer_refuses_to_run_without_layout():
     from zerase_core.gate import TokenGate
 

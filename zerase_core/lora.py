@@ -135,6 +135,15 @@ class GatedLoRALinear(nn.Module):
         self.adapters[name] = adapter.to(device or self.base_layer.weight.device)
         return self.adapters[name]
 
+    def _follow(self, device: torch.device) -> None:
+        """Adapters onto the device the layer computes on, once. A host that offloads its weights (ComfyUI, diffusers'
+        group offloading) moves the modules it knows, and the adapters, added later or held where its hooks never
+        fire, may be left behind. The move keeps each Parameter (training holds references), outside inference mode,
+        where it would make them inference tensors that a LoRA trained later on top could not back-propagate."""
+        if next(self.adapters.parameters()).device != device:
+            with torch.inference_mode(False):
+                self.adapters.to(device)
+
     def _delta(self, x_text: torch.Tensor) -> torch.Tensor:
         """Sum of all adapters' updates for text rows, laid out over the full output width."""
         chunks = []
@@ -149,6 +158,7 @@ class GatedLoRALinear(nn.Module):
         y = self.base_layer(x)
         if not self.gate.lora_on or len(self.adapters) == 0:
             return y
+        self._follow(x.device)
         rows = self.gate.text_rows(x) if self.scope == "text" else self.gate.token_rows(x)  # S_T as (N,) indices
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         y_text = (flat_y.index_select(0, rows).float() + self._delta(flat_x.index_select(0, rows).float()))

@@ -182,7 +182,8 @@ class ComfyZImageBackend(Backend):
     def rest(self, lora_set: LoRASet) -> None:
         """An applied LoRA waits on the offload device, as the model's weights do until a sampler loads them: made on
         the GPU at Apply, it held ~44 MB there (rank 16) outside ComfyUI's accounting until the model's first unload.
-        GatedForward brings it in at the model's first call; ON_DETACH takes it back out (object_patches)."""
+        The gated layer brings it in at the model's first call (GatedLoRALinear._follow); ON_DETACH takes it back out
+        (object_patches)."""
         for adapter in set(lora_set.slots.values()):
             adapter.to(self.patcher.offload_device)
 

@@ -47,13 +47,7 @@ class GatedForward:
         self.lora = lora
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        adapters = self.lora.adapters
-        if len(adapters):
-            p = next(adapters.parameters())
-            if p.device != x.device:  # keeps Parameter identity (training holds references)
-                with torch.inference_mode(False):  # moved while sampling, they would become inference tensors,
-                    adapters.to(x.device)  # and a LoRA trained later on top of this one could not back-propagate
-        return self.lora(x)
+        return self.lora(x)  # which brings its adapters to x's device (GatedLoRALinear._follow)
 
 
 def erasure_chain(forward: Any) -> Iterator[GatedLoRALinear]:
@@ -65,7 +59,7 @@ def erasure_chain(forward: Any) -> Iterator[GatedLoRALinear]:
 
 def offload_adapters(patcher: Any, unpatch_all: bool = True) -> None:
     """ON_DETACH: applied erasure LoRAs leave the GPU with the model. They sit in object patches, outside the module
-    tree ComfyUI moves and outside its memory accounting; GatedForward brings them back at the next call. A LoRA
+    tree ComfyUI moves and outside its memory accounting; the gated layer brings them back at the next call. A LoRA
     being trained stays where it is, beside its optimizer state."""
     if not unpatch_all:  # ComfyUI keeps the weights where they are too
         return
