@@ -265,6 +265,23 @@ def test_train_outputs_and_files(pack, loras_dir):
         train.execute(model=tiny_lumina2(comfy), clip=clip, **_train_inputs(save_name="y"))
 
 
+def test_train_runs_after_a_sampler_met_its_token_layout_in_inference_mode(pack, loras_dir):
+    """ComfyUI runs every node in inference mode. A KSampler with an applied erasure LoRA at the training size, on a
+    prompt that pads as the concept's does, meets the token layout of Train's first step first, and the layout's row
+    indices, shared by every call with that layout, were made as inference tensors: Train then stopped at its first
+    step ("Inference tensors cannot be saved for backward")."""
+    from zerase_core.layout import _layout
+
+    _layout.cache_clear()  # the layout met first by the sampler, whatever earlier tests in this process met
+    apply, train = pack["ZEraseApplyLoRA"], pack["ZEraseTrain"]
+    with torch.inference_mode():
+        model, clip = tiny_zimage(comfy, inference_tensors=True), tiny_clip(comfy)
+        (erased,) = apply.execute(model=model, lora_name="(none)", strength=1.0, erasure_lora=random_lora(seed=4))
+        ksample(comfy, erased, encode(clip, "A photo of cat"), encode(clip, ""), empty_latent(1, 64, 64), cfg=1.0)
+        train.execute(model=erased, clip=clip, **_train_inputs(steps=1, save_name="after_sampling"))
+    assert load_lora(loras_dir / "zerase" / "after_sampling.safetensors").training["steps_done"] == 1
+
+
 def test_a_sampler_refuses_reference_latents_under_the_name_of_the_node_whose_model_it_samples(pack, loras_dir):
     """Z-Image's edit mode (reference latents in the conditioning) is refused inside the sampler. Train's erased
     MODEL is made as Apply makes it, and its refusals named Apply Erasure LoRA, a node the workflow may not have."""

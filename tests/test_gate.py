@@ -174,6 +174,25 @@ def test_a_gated_layer_brings_its_adapters_to_the_device_it_computes_on():
     assert all(p.device.type == "meta" and not p.is_inference() for p in params)
 
 
+def test_a_layout_first_met_in_inference_mode_serves_a_later_training_call(tiny_backend):
+    """One layout object serves every call with its segments (TokenLayout.of). Met first while sampling in inference
+    mode (every ComfyUI node runs so: a sampler with an applied LoRA), its row indices were inference tensors, and a
+    training call with the same layout could not save them for backward (tests/test_comfy_nodes.py has the nodes'
+    case: Train after a KSampler)."""
+    from zerase_core.layout import _layout
+
+    _layout.cache_clear()  # the layout met first here, whatever earlier tests in this process met
+    lora_set = tiny_backend.install(LoRAConfig(rank=2))
+    prompts = tiny_backend.encode(["a red circle seen in inference mode"])
+    x, sigma = torch.randn(1, *tiny_backend.latent_shape(64, 64)), torch.tensor([0.5])
+    with torch.inference_mode():
+        tiny_backend.velocity(x, sigma, prompts, lora=True)
+    v, _ = tiny_backend.velocity(x, sigma, prompts, lora=True)
+    v.float().square().sum().backward()
+    assert all(p.grad is not None for p in lora_set.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in lora_set.parameters())
+
+
 def test_gated_layer_refuses_to_run_without_layout():
     from zerase_core.gate import TokenGate
 

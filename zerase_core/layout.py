@@ -9,6 +9,7 @@ segment to a multiple of 32 and pad the batch to its longest sample.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from functools import cached_property
@@ -75,10 +76,11 @@ class TokenLayout:
         return self._segments_mask(self.image)
 
     def _segments_mask(self, segments: tuple[Segment, ...]) -> torch.Tensor:
-        positions = torch.arange(self.seq_len)  # (L,)
-        starts = torch.tensor([s for s, _ in segments])[:, None]  # (B, 1)
-        ends = torch.tensor([e for _, e in segments])[:, None]
-        return (positions >= starts) & (positions < ends)  # (B, L)
+        with _outside_inference_mode():
+            positions = torch.arange(self.seq_len)  # (L,)
+            starts = torch.tensor([s for s, _ in segments])[:, None]  # (B, 1)
+            ends = torch.tensor([e for _, e in segments])[:, None]
+            return (positions >= starts) & (positions < ends)  # (B, L)
 
     @cached_property
     def _on_device(self) -> dict:
@@ -89,7 +91,8 @@ class TokenLayout:
         and each host→device copy would stall the host behind the GPU."""
         key = (name, str(torch.device(device)))
         if key not in self._on_device:
-            self._on_device[key] = make().to(device)
+            with _outside_inference_mode():
+                self._on_device[key] = make().to(device)
         return self._on_device[key]
 
     def text_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -129,6 +132,13 @@ class TokenLayout:
                     raise ValueError(f"caption token {i} lies outside the text segment of sample {b}")
                 out[b, start + i] = 1.0
         return out.to(device)
+
+
+def _outside_inference_mode():
+    """Where a layout's tensors are made: a layout is shared by every call with its segments, and one first met while
+    sampling in inference mode (ComfyUI runs nodes so) made inference tensors that a later training call with the same
+    layout could not save for backward (index_select's indices): Z-Erase Train after sampling with an applied LoRA."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=64)
