@@ -9,6 +9,8 @@ from zerase_core.attention_mass import MassRecorder
 from zerase_core.backends.diffusers_zimage import DiffusersZImageBackend
 from zerase_core.lora import GatedLoRALinear, LoRAConfig
 
+from devices import ON_DEVICES
+
 
 def _randomise_lora(lora_set, seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -172,6 +174,32 @@ def test_a_gated_layer_brings_its_adapters_to_the_device_it_computes_on():
     params = list(adapter.parameters())
     assert y.device.type == "meta" and len(params) == 2
     assert all(p.device.type == "meta" and not p.is_inference() for p in params)
+
+
+@pytest.mark.parametrize("device", ON_DEVICES)
+def test_adapters_brought_to_the_layers_device_while_sampling_still_train_with_their_optimizer(device):
+    """A LoRA applied while another trains on top (ComfyUI: Apply, then Z-Erase Train) is called first in inference
+    mode and moved then: the move keeps each Parameter, so an optimizer made before it steps the moved factors, and
+    leaves them trainable (not inference tensors)."""
+    from zerase_core.gate import TokenGate
+    from zerase_core.layout import TokenLayout
+
+    gate = TokenGate()
+    layer = GatedLoRALinear(torch.nn.Linear(16, 16, device=device), {"q": (0, 16)}, gate)
+    adapter = layer.add_adapter("a", ("q",), rank=2, scale=1.0, device=torch.device("cpu"))
+    params = [adapter.A["q"], adapter.B["q"]]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    x = torch.randn(1, 8, 16, device=device)
+    layout = TokenLayout(8, ((5, 8),), ((0, 5),))
+    with torch.inference_mode(), gate.active(layout):
+        layer(x)
+    assert adapter.A["q"] is params[0] and adapter.B["q"] is params[1]
+    assert all(p.device.type == device and not p.is_inference() for p in params)
+    with gate.active(layout):
+        layer(x).sum().backward()
+    before = params[1].detach().clone()
+    optimizer.step()
+    assert not torch.equal(params[1].detach(), before)
 
 
 def test_a_layout_first_met_in_inference_mode_serves_a_later_training_call(tiny_backend):
