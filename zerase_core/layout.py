@@ -9,7 +9,6 @@ segment to a multiple of 32 and pad the batch to its longest sample.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from functools import cached_property
@@ -138,7 +137,7 @@ def _outside_inference_mode():
     """Where a layout's tensors are made: a layout is shared by every call with its segments, and one first met while
     sampling in inference mode (ComfyUI runs nodes so) made inference tensors that a later training call with the same
     layout could not save for backward (index_select's indices): Z-Erase Train after sampling with an applied LoRA."""
-    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
+    return torch.inference_mode(False)
 
 
 @functools.lru_cache(maxsize=64)
