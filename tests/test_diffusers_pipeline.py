@@ -165,6 +165,27 @@ def test_a_later_backend_replaces_the_earlier_ones_wrapper_and_lets_it_go():
     assert earlier() is None
 
 
+def test_a_pipeline_cast_to_bfloat16_after_apply_samples_as_one_cast_before():
+    """``pipe.to(torch.bfloat16)`` after ``apply_erasure`` reaches the adapters (submodules of the transformer): the
+    cast factors met fp32 text rows and the next call failed. They stay fp32, with their values: the pictures are
+    those of a pipeline cast before the LoRA was applied, bit for bit."""
+    from zerase_core.diffusers_pipeline import apply_erasure
+
+    lora, engine = _erasure_lora()
+    captions = [engine.encode(["a red circle"])[0].features.to(torch.bfloat16)]
+    cast_first = _pipeline(engine.transformer.state_dict()).to(torch.bfloat16)
+    original = _sample(cast_first, captions)
+    apply_erasure(cast_first, lora)
+    applied_first = _pipeline(engine.transformer.state_dict())
+    apply_erasure(applied_first, lora)
+    applied_first.to(torch.bfloat16)
+    factors = list(applied_first.transformer.layers[0].attention.to_q.adapters.parameters())
+    assert factors and all(f.dtype == torch.float32 for f in factors)
+    assert applied_first.transformer.layers[0].attention.to_q.base_layer.weight.dtype == torch.bfloat16
+    want = _sample(cast_first, captions)
+    assert torch.equal(_sample(applied_first, captions), want) and not torch.equal(want, original)
+
+
 @pytest.mark.parametrize("device", ON_DEVICES)
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
 @pytest.mark.parametrize("order", ["offload, then apply", "apply, then offload"])

@@ -102,6 +102,15 @@ class LoRAAdapter(nn.Module):
             self.A[name] = nn.Parameter(a)
             self.B[name] = nn.Parameter(torch.zeros(width, rank, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        """Moves go through; casts do not: ``pipe.to(torch.bfloat16)`` after applying reaches the adapters as submodules
+        of the transformer, and factors cast to bf16 both lost their precision and met fp32 text rows in ``delta``."""
+        def kept_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(out.device)
+
+        return super()._apply(kept_fp32, recurse)
+
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """(N, in) fp32 -> (N, width) fp32 update for slice ``name``."""
         return (x @ self.A[name].T) @ self.B[name].T * (self.scale * self.strength)
