@@ -165,6 +165,39 @@ def test_a_later_backend_replaces_the_earlier_ones_wrapper_and_lets_it_go():
     assert earlier() is None
 
 
+def test_an_erased_transformer_deep_copies_and_pickles_as_itself_and_its_copy_uninstalls_alone():
+    """copy.deepcopy, pickle and torch.save of the transformer recursed without end after apply_erasure, and after
+    uninstall() too (the attention processors' wrappers stay): an EMA copy or a saved pipeline object failed. A copy
+    predicts as the erased original, bit for bit, and belongs to a backend of its own: uninstalling the copy's LoRA
+    leaves the original erased."""
+    import copy
+    import pickle
+
+    from zerase_core.backends.diffusers_zimage import owner, zimage_forward
+    from zerase_core.diffusers_pipeline import apply_erasure
+
+    lora, engine = _erasure_lora()
+    captions = [p.features for p in engine.encode(["a red circle on the left", "blue"])]
+    x = torch.randn(2, TINY.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.7, 0.7])
+
+    def predict(transformer):
+        with torch.no_grad():
+            return zimage_forward(transformer, x, sigma, captions)
+
+    pipe = _pipeline(engine.transformer.state_dict())
+    original = predict(pipe.transformer)
+    backend = apply_erasure(pipe, lora)
+    erased = predict(pipe.transformer)
+    copied, unpickled = copy.deepcopy(pipe.transformer), pickle.loads(pickle.dumps(pipe.transformer))
+    for other in (copied, unpickled):
+        assert torch.equal(predict(other), erased) and owner(other) not in (None, backend)
+    owner(copied).uninstall()
+    assert torch.equal(predict(copied), original) and torch.equal(predict(pipe.transformer), erased)
+    backend.uninstall()
+    assert torch.equal(predict(copy.deepcopy(pipe.transformer)), original)
+
+
 def test_a_pipeline_cast_to_bfloat16_after_apply_samples_as_one_cast_before():
     """``pipe.to(torch.bfloat16)`` after ``apply_erasure`` reaches the adapters (submodules of the transformer): the
     cast factors met fp32 text rows and the next call failed. They stay fp32, with their values: the pictures are

@@ -75,6 +75,8 @@ class _WatchedProcessor:
         self.inner, self.layer, self.backend = inner, layer, backend
 
     def __getattr__(self, name):  # _attention_backend etc. stay the stock processor's
+        if name in ("inner", "layer", "backend"):  # not set yet: copy and pickle make the object empty first, and
+            raise AttributeError(name)  # looking them up here again recursed without end (no deepcopy, no torch.save)
         return getattr(self.inner, name)
 
     def __setattr__(self, name, value):  # and are set there (set_attention_backend sets them on every processor)
