@@ -198,6 +198,20 @@ def test_an_erased_transformer_deep_copies_and_pickles_as_itself_and_its_copy_un
     assert torch.equal(predict(copy.deepcopy(pipe.transformer)), original)
 
 
+@pytest.mark.parametrize("name", ["red.safetensors", "train", "to", ""])
+def test_a_name_no_adapter_can_take_is_refused_before_any_layer_is_wrapped(name):
+    """The name keys the LoRA's adapter in every layer (a torch ModuleDict): a file's name, a torch module's attribute
+    or nothing raised torch's bare KeyError with the first layer already wrapped."""
+    from zerase_core.diffusers_pipeline import apply_erasure
+
+    lora, engine = _erasure_lora()
+    pipe = _pipeline(engine.transformer.state_dict())
+    with pytest.raises(ZEraseError, match=f"LoRA's name must be a word.*Got {name!r}"):
+        apply_erasure(pipe, lora, name=name)
+    assert type(pipe.transformer.layers[0].attention.to_q) is torch.nn.Linear
+    apply_erasure(pipe, lora, name="red")
+
+
 def test_a_pipeline_cast_to_bfloat16_after_apply_samples_as_one_cast_before():
     """``pipe.to(torch.bfloat16)`` after ``apply_erasure`` reaches the adapters (submodules of the transformer): the
     cast factors met fp32 text rows and the next call failed. They stay fp32, with their values: the pictures are

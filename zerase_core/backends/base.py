@@ -267,6 +267,10 @@ def install_on(slots: list[HostSlot], config: LoRAConfig, name: str, n_layers: i
     """One adapter named ``name`` on every slot ``config`` targets, each slot made gated by the host's ``wrap``;
     ``device``: where the adapters live (default: the base weight's); ``replace``: see Backend.install, against the
     host's gated layers so far (``installed``): the name is the model's, not a layer's."""
+    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):  # torch's KeyError
+        raise ZEraseError(f"A LoRA's name must be a word without dots that no torch module's attribute has (not "
+                          f"'train' or 'to'): it names the LoRA's adapter in every layer. Got {name!r}; use e.g. "
+                          "'van_gogh', or the default.")
     if not replace and any(name in layer.adapters for layer in installed):  # before anything is wrapped
         raise ZEraseError(f"A LoRA named '{name}' is already installed on this model, and a second under the same "
                           "name would replace it; give each LoRA its own name (install_lora(..., name=...)).")
