@@ -198,6 +198,37 @@ def test_an_erased_transformer_deep_copies_and_pickles_as_itself_and_its_copy_un
     assert torch.equal(predict(copy.deepcopy(pipe.transformer)), original)
 
 
+def test_an_erased_transformer_saves_the_original_model_and_loads_weights_under_the_erasure(tmp_path):
+    """The erasure is its LoRA file, not the weights (as in ComfyUI): the gated layer cannot be merged into them. Saved
+    under the wrapper's names, save_pretrained reloaded with randomly initialised q/k/v projections and a warning.
+    The state of an erased transformer is the original's, keys in order and values; save_pretrained reloads the
+    original model; the original's state loads strictly into the erased transformer, which stays erased."""
+    from diffusers import ZImageTransformer2DModel
+
+    from zerase_core.backends.diffusers_zimage import zimage_forward
+    from zerase_core.diffusers_pipeline import apply_erasure
+
+    lora, engine = _erasure_lora()
+    captions = [p.features for p in engine.encode(["a red circle on the left", "blue"])]
+    x = torch.randn(2, TINY.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.7, 0.7])
+
+    def predict(transformer):
+        with torch.no_grad():
+            return zimage_forward(transformer, x, sigma, captions)
+
+    pipe = _pipeline(engine.transformer.state_dict())
+    state, original = pipe.transformer.state_dict(), predict(pipe.transformer)
+    apply_erasure(pipe, lora)
+    erased = predict(pipe.transformer)
+    saved = pipe.transformer.state_dict()
+    assert list(saved) == list(state) and all(torch.equal(saved[k], state[k]) for k in state)
+    pipe.transformer.save_pretrained(tmp_path / "saved")
+    assert torch.equal(predict(ZImageTransformer2DModel.from_pretrained(tmp_path / "saved")), original)
+    pipe.transformer.load_state_dict(state, strict=True)
+    assert torch.equal(predict(pipe.transformer), erased) and not torch.equal(erased, original)
+
+
 @pytest.mark.parametrize("name", ["red.safetensors", "train", "to", ""])
 def test_a_name_no_adapter_can_take_is_refused_before_any_layer_is_wrapped(name):
     """The name keys the LoRA's adapter in every layer (a torch ModuleDict): a file's name, a torch module's attribute

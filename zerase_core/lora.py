@@ -126,6 +126,10 @@ class GatedLoRALinear(nn.Module):
         self.gate = gate
         self.scope = scope  # see LoRAConfig.scope
         self.adapters = nn.ModuleDict()
+        # Saved, this layer is its base layer (see _saved_as_base); loaded, the base layer's weights go into it.
+        self.register_state_dict_post_hook(_saved_as_base)
+        self.register_load_state_dict_pre_hook(_loaded_into_base)
+        self.register_load_state_dict_post_hook(_adapters_not_loaded)
 
     @property
     def in_features(self) -> int:
@@ -173,3 +177,31 @@ class GatedLoRALinear(nn.Module):
         y_text = (flat_y.index_select(0, rows).float() + self._delta(flat_x.index_select(0, rows).float()))
         # Out-of-place write: image rows of the result are y's rows, untouched.
         return flat_y.index_copy(0, rows, y_text.to(y.dtype)).view_as(y)
+
+
+def _saved_as_base(layer: GatedLoRALinear, state: dict, prefix: str, _metadata) -> None:
+    """A model's weights, saved, are the original model's under its own names: a gated LoRA cannot be merged into
+    them (it changes text rows only) and lives in its own file. Under the wrapper's names (``base_layer.weight``,
+    ``adapters.…``) a pipeline's ``save_pretrained`` reloaded with random q/k/v projections and only a warning."""
+    items = list(state.items())
+    state.clear()
+    for key, value in items:
+        rest = key[len(prefix):] if key.startswith(prefix) else None
+        if rest is not None and rest.startswith("adapters."):
+            continue
+        if rest is not None and rest.startswith("base_layer."):
+            key = prefix + rest[len("base_layer."):]
+        state[key] = value
+
+
+def _loaded_into_base(layer: GatedLoRALinear, state: dict, prefix: str, *_) -> None:
+    """The original model's weights (what :func:`_saved_as_base` writes) load into the base layer."""
+    layer._loading_prefix = prefix
+    for name in [key[len(prefix):] for key in state if key.startswith(prefix) and "." not in key[len(prefix):]]:
+        state[f"{prefix}base_layer.{name}"] = state.pop(prefix + name)
+
+
+def _adapters_not_loaded(layer: GatedLoRALinear, incompatible) -> None:
+    """The adapters are no weights of the model: a state without them (an original model's) misses nothing."""
+    adapters = f"{layer.__dict__.pop('_loading_prefix', '')}adapters."
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(adapters)]
