@@ -60,7 +60,7 @@ def _reused(cls, path: Path, backend: ComfyZImageBackend, model, vae, config) ->
     log.info("Z-Erase: %s is a finished run of these settings on this model; using it (change the seed or the "
              "save_name to train again)", path.name)
     (prompt,) = backend.encode([first_erase_text(config)])
-    install_lora(backend, lora, name=backend.key)
+    install_lora(backend, lora, name=backend.key, frozen_in=False)  # the previews switch it: before | after
     previews = _previews(backend, prompt, model, vae, config)
     steps = config.steps  # finished_lora takes only files with every step done
     title = f"{run_title(config, steps)}\nreused: {listed(path)}"

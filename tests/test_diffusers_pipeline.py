@@ -69,8 +69,10 @@ def test_a_pipeline_call_is_gated_as_the_engines_own_call_and_uninstall_gives_th
     with torch.no_grad():
         direct = -zimage_forward(pipe.transformer, x, sigma, captions).float()  # as the pipeline calls it
     engine_v, _ = backend.velocity(x, sigma, prompts, lora=True)
-    without, _ = backend.velocity(x, sigma, prompts, lora=False)
+    without, _ = engine.velocity(x, sigma, prompts, lora=False)  # the same weights, no LoRA
     assert torch.equal(direct, engine_v) and not torch.allclose(direct, without, atol=1e-3)
+    # Applied, the LoRA is part of the model θ: what a LoRA trained on top switches off is its own, not this one
+    assert torch.equal(backend.velocity(x, sigma, prompts, lora=False)[0], engine_v)
 
     erased = _sample(pipe, captions, guidance=2.0)
     assert not torch.allclose(erased, original, atol=1e-3)
@@ -142,7 +144,7 @@ def test_a_non_square_call_with_a_caption_past_32_tokens_is_laid_out_as_the_engi
     with torch.no_grad():
         direct = -zimage_forward(pipe.transformer, x, sigma, [prompts[0].features]).float()
     engine_v, _ = backend.velocity(x, sigma, prompts, lora=True)
-    without, _ = backend.velocity(x, sigma, prompts, lora=False)
+    without, _ = engine.velocity(x, sigma, prompts, lora=False)  # the same weights, no LoRA
     assert torch.equal(direct, engine_v) and not torch.allclose(direct, without, atol=1e-3)
 
 

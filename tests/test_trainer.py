@@ -53,6 +53,27 @@ def _fixed_erase_loss(trainer: ZEraseTrainer) -> float:
     return float(loss_erase(v_s, v_u, v_c, trainer.config.eta))
 
 
+def test_a_lora_trained_on_top_of_an_applied_one_learns_against_the_model_as_applied():
+    """θ of Eq. 5 and Eq. 8 is the frozen model being erased. Trained on top of an erasure LoRA applied on the same
+    backend (diffusers' and the toy's backends hold every LoRA on one gate), the teacher and the x_t pool switched
+    every LoRA off and learned against the bare base: L_pr pulled the new LoRA towards undoing the applied erasure.
+    At θ₀ (B = 0) the student is the model as applied, and so is the teacher now: the first step's L_pr is 0, as on a
+    bare model; the applied LoRA stays as it was."""
+    from zerase_core.apply import export_lora, install_lora
+
+    donor = tiny_zimage_backend()
+    donor_set = donor.install(LoRAConfig(rank=2))
+    with torch.no_grad():
+        for p in donor_set.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.5)
+    backend = tiny_zimage_backend()
+    applied = install_lora(backend, export_lora(donor_set, concept="blue", fingerprint=donor.fingerprint()))
+    before = [p.clone() for p in applied.parameters()]
+    result = ZEraseTrainer(backend, _config(steps=2)).run()
+    assert result.history[0].pr < 1e-10 and result.history[1].pr > 0
+    assert all(torch.equal(p, q) for p, q in zip(applied.parameters(), before))
+
+
 def test_thirty_steps_lower_erase_loss_and_keep_lambda_valid():
     trainer = ZEraseTrainer(tiny_zimage_backend(), _config(lr=1e-2))
     before = _fixed_erase_loss(trainer)

@@ -25,9 +25,13 @@ def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor
     return torch.cat([a, a.new_zeros(extra, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)
 
 
-def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", strength: float = 1.0) -> LoRASet:
+def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", strength: float = 1.0,
+                 frozen_in: bool = True) -> LoRASet:
     """Check that ``lora`` fits, then install it gated, frozen, at the file's scale × the file's strength ×
     ``strength`` (Apply's). LoRAs installed under different ``name``s add up; a ``name`` already installed is refused.
+    ``frozen_in``: it becomes part of the model θ, on also where a call switches the LoRA off (``lora=False``: a LoRA
+    trained on top learns against the model as applied, as in ComfyUI); False: it is what ``lora`` switches (original
+    | erased pictures of one backend).
 
     Built outside inference mode (ComfyUI runs nodes inside it): a LoRA trained later on top of
     this one back-propagates through it, and autograd cannot save inference tensors.
@@ -37,7 +41,7 @@ def install_lora(backend: Backend, lora: ErasureLoRA, name: str = "erasure", str
         raise ZEraseError(f"The strength must be a finite number (it multiplies the LoRA's own scale); got "
                           f"{strength}.")
     with torch.inference_mode(False), torch.no_grad():
-        return _installed(backend, lora, name, lora.strength * strength)
+        return _installed(backend, lora, name, lora.strength * strength, frozen_in)
 
 
 def check_applicable(backend: Backend, lora: ErasureLoRA) -> None:
@@ -53,7 +57,7 @@ def check_before_loading(lora: ErasureLoRA, fingerprint: dict) -> None:
     check_fits(lora, fingerprint, None)
 
 
-def _installed(backend: Backend, lora: ErasureLoRA, name: str, strength: float) -> LoRASet:
+def _installed(backend: Backend, lora: ErasureLoRA, name: str, strength: float, frozen_in: bool) -> LoRASet:
     layers = lora.layers
     config = LoRAConfig(
         rank=lora.rank,
@@ -69,6 +73,8 @@ def _installed(backend: Backend, lora: ErasureLoRA, name: str, strength: float) 
     lora_set.load_factors(factors)
     for p in lora_set.parameters():
         p.requires_grad_(False)  # applied, not trained: no gradient is computed or kept for it
+    for adapter in set(lora_set.slots.values()):
+        adapter.frozen_in = frozen_in
     backend.rest(lora_set)
     return lora_set
 

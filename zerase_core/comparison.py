@@ -88,7 +88,7 @@ def compare_files(folder: Path, files: Sequence[Path], texts: Sequence[str], str
     prompts = backend.encode(texts)
     backend.release_encoder()
     for i, (path, lora) in enumerate(zip(files, loras)):  # install checks the projections' widths, now loaded
-        _named(path, install_lora, backend, lora, name=f"compared_{i}", strength=strengths[i])
+        _named(path, install_lora, backend, lora, name=f"compared_{i}", strength=strengths[i], frozen_in=False)
     sampling = replace(sampling, shift=shift if shift is not None else sampling.shift)
     return save_png(comparison(backend, prompts, sampling, decode)[0], out)
 

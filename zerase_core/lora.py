@@ -94,6 +94,9 @@ class LoRAAdapter(nn.Module):
     def __init__(self, in_features: int, widths: dict[str, int], rank: int, scale: float, strength: float = 1.0):
         super().__init__()
         self.rank, self.scale, self.strength = rank, scale, strength
+        # Part of the model θ (an applied LoRA): it stays on when the gate switches the LoRA off, so the frozen
+        # teacher of a LoRA trained on top is the model as applied (see GatedLoRALinear.forward, apply.install_lora).
+        self.frozen_in = False
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         for name, width in widths.items():
@@ -157,24 +160,29 @@ class GatedLoRALinear(nn.Module):
             with torch.inference_mode(False):
                 self.adapters.to(device)
 
-    def _delta(self, x_text: torch.Tensor) -> torch.Tensor:
-        """Sum of all adapters' updates for text rows, laid out over the full output width."""
+    def _delta(self, x_text: torch.Tensor, adapters: list[LoRAAdapter]) -> torch.Tensor:
+        """Sum of ``adapters``' updates for text rows, laid out over the full output width."""
         chunks = []
         for name, (start, end) in self.slices.items():
-            parts = [a.delta(name, x_text) for a in self.adapters.values() if name in a.A and a.strength != 0]
+            parts = [a.delta(name, x_text) for a in adapters if name in a.A]
             # No zeros added to and no one-chunk cat: three kernels per gated layer and call on a GPU, for nothing.
             width = end - start
             chunks.append(functools.reduce(torch.add, parts) if parts else x_text.new_zeros(x_text.shape[0], width))
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)  # (N, out)
 
+    def _switched_on(self) -> list[LoRAAdapter]:
+        """Adapters that change this call: all, or with the LoRA switched off (the frozen model θ) the applied ones."""
+        return [a for a in self.adapters.values() if a.strength != 0 and (self.gate.lora_on or a.frozen_in)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if not self.gate.lora_on or len(self.adapters) == 0:
+        adapters = self._switched_on()
+        if not adapters:
             return y
         self._follow(x.device)
         rows = self.gate.text_rows(x) if self.scope == "text" else self.gate.token_rows(x)  # S_T as (N,) indices
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        y_text = (flat_y.index_select(0, rows).float() + self._delta(flat_x.index_select(0, rows).float()))
+        y_text = (flat_y.index_select(0, rows).float() + self._delta(flat_x.index_select(0, rows).float(), adapters))
         # Out-of-place write: image rows of the result are y's rows, untouched.
         return flat_y.index_copy(0, rows, y_text.to(y.dtype)).view_as(y)
 
