@@ -381,6 +381,24 @@ def test_scoped_puts_the_old_values_back_when_the_body_raises():
     assert (obj.layout, obj.recorder) == ("old", None)
 
 
+def test_token_zeroing_zeroes_the_columns_after_the_softmax_as_the_paper_does():
+    """§3 zeroes the concept's attention columns, A_attn[:, :, idx] = 0, leaving the other columns' weights as they
+    were; the baseline removed the keys before the softmax instead, which hands their weight to the other columns."""
+    from zerase_core.backends.diffusers_zimage import _AttentionCall
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 3, 8, generator=g) for _ in range(3))  # diffusers' (B, L, H, D)
+    blocked = torch.zeros(2, 6, dtype=torch.bool)
+    blocked[0, 2] = blocked[1, 4] = True
+    out = _AttentionCall(None, 0, blocked)(q, k, v)
+    weights = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k) / 8 ** 0.5, dim=-1)  # (B, H, L, L)
+    zeroed = weights.masked_fill(blocked[:, None, None, :], 0)
+    removed = zeroed / zeroed.sum(dim=-1, keepdim=True)
+    want, renormalised = (torch.einsum("bhlm,bmhd->blhd", w, v) for w in (zeroed, removed))
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+    assert not torch.allclose(out, renormalised, atol=1e-3)
+
+
 def test_token_zeroing_applies_without_measuring_mass(tiny_backend):
     """Zeroing is the §3 baseline's own forward: it removes the columns whether or not the call also measures the
     concept's attention mass (a sampling call measures none)."""

@@ -47,7 +47,7 @@ class _AttentionCall:
     code the only copy and costs nothing per op (a torch-function mode watching for SDPA would
     see every op of the layer). It runs torch's SDPA itself, so it works whatever attention
     backend diffusers is set to, hands the call to a recorder (which measures attention mass on
-    the way), and, for the paper's token-zeroing baseline (§3), removes chosen key columns.
+    the way), and, for the paper's token-zeroing baseline (§3), zeroes chosen attention columns.
     """
 
     def __init__(self, recorder: Recorder | None, layer: int, blocked: torch.Tensor | None = None):
@@ -58,9 +58,9 @@ class _AttentionCall:
         if dropout_p or is_causal or enable_gqa or attention_kwargs:
             raise NotImplementedError("Z-Image's processor asks for plain attention; this call asks for more")
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # diffusers (B, L, H, D) -> SDPA's (B, H, L, D)
-        if self.blocked is not None:
-            keep = ~self.blocked.to(q.device)[:, None, None, :]  # (B, 1, 1, L)
-            attn_mask = keep if attn_mask is None else attn_mask & keep
+        if self.blocked is not None:  # §3: A_attn[:, :, idx] = 0 after the softmax, the other columns' weights as
+            # they were (not renormalised): the same as those keys' values at zero, which fused kernels can run
+            v = v.masked_fill(self.blocked.to(v.device)[:, None, :, None], 0)  # (B, 1, L, 1) over (B, H, L, D)
         if self.recorder is not None and self.recorder.wants(self.layer):
             out = self.recorder.attend(self.layer, sdpa, q, k, v, scale, attn_mask)
         else:
@@ -207,7 +207,7 @@ class DiffusersZImageBackend(Backend):
         self.patch = transformer.config.all_patch_size[0]
         self._installer = InPlaceInstaller(transformer, self.gate)
         self._recorder: Recorder | None = None
-        self._blocked: torch.Tensor | None = None  # (B, L) key columns removed from attention
+        self._blocked: torch.Tensor | None = None  # (B, L) attention columns zeroed (§3 baseline)
         self._row_groups: RowGroups | None = None  # rows of the running call with equal (x_t, σ); set per call
         self._zeroing: Callable[[Sequence[EncodedPrompt]], list[list[int]]] | None = None
         self._take_over(transformer)
@@ -353,9 +353,9 @@ class DiffusersZImageBackend(Backend):
 
     @contextmanager
     def zeroing_tokens(self, token_indices: Callable[[Sequence[EncodedPrompt]], list[list[int]]]) -> Iterator[None]:
-        """The paper's §3 baseline: remove the concept's key columns from every main-layer attention.
+        """The paper's §3 baseline: zero the concept's attention columns (after the softmax) in every main layer.
 
-        ``token_indices`` maps each call's prompts to the caption tokens to remove (it may find
+        ``token_indices`` maps each call's prompts to the caption tokens to zero (it may find
         none, e.g. for a synonym: that is exactly the baseline's brittleness).
         """
         with scoped(self, _zeroing=token_indices):
@@ -384,6 +384,8 @@ class DiffusersZImageBackend(Backend):
         if x.shape[0] != len(prompts):
             raise ValueError(f"{x.shape[0]} latents but {len(prompts)} prompts")
         layout = self.layout(x, prompts)
+        if concept_tokens is not None and self._zeroing is not None:  # zeroed columns hold no mass (A_attn = 0 there)
+            concept_tokens = [[i for i in c if i not in z] for c, z in zip(concept_tokens, self._zeroing(prompts))]
         recorder = self._mass_recorder(layout, concept_tokens, mass_layers)
         # diffusers predicts x0 − ε; the engine's velocity is ε − x0, hence the minus.
         v = -self._run(x, sigma, prompts, layout, lora, recorder).float()

@@ -50,7 +50,7 @@ class Method:
 ESD = {"attn_weight": 0.0, "lambda_mode": "fixed", "fixed_lambda": 0.0}
 METHODS = (
     Method("original", "the toy model as shipped"),
-    Method("token_zeroing", "concept key columns removed from attention at inference (§3)", zero_tokens=True),
+    Method("token_zeroing", "concept attention columns zeroed after the softmax at inference (§3)", zero_tokens=True),
     Method("naive_ungated", "LoRA on shared q/k/v for all tokens, L_erase only (§3: collapses)", ESD, {"scope": "all"}),
     Method("gated_erase", "gated LoRA, L_erase only (ESD in the safe subspace)", ESD),
     Method("gated_erase_attn", "gated, L_erase + L_attn, no preservation",
