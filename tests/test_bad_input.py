@@ -354,9 +354,10 @@ def test_a_resume_refusal_tells_another_architecture_first_and_cuts_long_setting
     assert "…, 40 in all now" in message and len(message) < 400
 
 
-@pytest.mark.parametrize("written", ["qk", "q,k", "q, k"])
+@pytest.mark.parametrize("written", ["qk", "q,k", "q, k", "kq", "k,q"])
 def test_cli_targets_take_the_nodes_comma_list_too(written):
-    """The README and the Train node write targets as "q,k,v"; the CLI takes that as well as "qkv"."""
+    """The README and the Train node write targets as "q,k,v"; the CLI takes that as well as "qkv". They are a set,
+    held in q, k, v order: a run resumed with "kq" where it began with "qk" was refused as changed settings."""
     assert _cli_config("--targets", written).lora.targets == ("q", "k")
 
 
@@ -1323,7 +1324,7 @@ def test_a_prompt_past_the_models_position_tables_is_refused_by_name(capsys):
     assert torch.isfinite(v).all()
     concept = " ".join(["cat"] * 250)
     assert main(["train", "--tiny", "--concept", concept, "--steps", "1"]) == 2
-    assert "is 255 tokens; this model's position tables hold 224. Shorten the template" in capsys.readouterr().err
+    assert "is 255 tokens; this model's position tables hold 224. Shorten it (in training: the template" in capsys.readouterr().err
 
 
 def test_the_command_lines_curves_say_when_a_run_has_no_preservation_concepts(tmp_path, monkeypatch):

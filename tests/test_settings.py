@@ -143,7 +143,7 @@ def test_a_setting_on_the_edge_of_its_range_is_taken(changes):
 @pytest.mark.parametrize("changes", [dict(height=0), dict(width=0), dict(width=-64)])
 def test_a_training_resolution_that_is_not_positive_is_refused_on_either_side(changes):
     """Height and width are checked each on its own (the CLI's --resolution sets both, the Python API either)."""
-    with pytest.raises(ZEraseError, match="The training resolution must be positive"):
+    with pytest.raises(ZEraseError, match="The resolution must be positive"):
         TrainConfig(**({"concept": "red"} | changes))
 
 

@@ -578,7 +578,7 @@ def test_resume_takes_execution_settings_and_refuses_steps_already_passed(tmp_pa
     on = ZEraseTrainer(tiny_zimage_backend(), _config(steps=3, gradient_checkpointing="on", checkpoint_every=1))
     on.resume(tmp_path / "c.ckpt")
     assert on.step == 2 and on.run().lora.training["steps_done"] == 3
-    with pytest.raises(ZEraseError, match="at step 2, past this run's 1 steps; set steps to 2 or more"):
+    with pytest.raises(ZEraseError, match=r"past this run's 1 steps; set the steps \(--steps\) to 2 or more"):
         ZEraseTrainer(tiny_zimage_backend(), _config(steps=1)).resume(tmp_path / "c.ckpt")
 
 

@@ -171,7 +171,7 @@ def _refuse_other_settings(path: Path, meta: dict, config: TrainConfig) -> None:
     if step > config.steps:  # the loop would not run, and the LoRA would be past its steps
         raise ZEraseError(
             f"The checkpoint {path.name} is at step {step}, past this run's {config.steps} steps; "
-            f"set steps to {step} or more to continue it, or start a fresh run.")
+            f"set the steps (--steps) to {step} or more to continue it, or start a fresh run.")
 
 
 def _brief(value, most: int = 80) -> str:

@@ -145,7 +145,7 @@ class TrainConfig:
                               "shift between 0.01 and 100 (Z-Image's is 3; ComfyUI's ModelSamplingAuraFlow takes up "
                               "to 100) or fewer sample_steps.")
         if self.height < 1 or self.width < 1:
-            raise ZEraseError(f"The training resolution must be positive; got {self.height}×{self.width}.")
+            raise ZEraseError(f"The resolution must be positive; got {self.height}×{self.width}.")
 
     def _check_preserve(self) -> None:
         if any(is_blank(p) for p in self.preserve):

@@ -61,6 +61,8 @@ class LoRAConfig:
         bad = [t for t in self.targets if t not in PROJECTIONS]
         if bad or not self.targets or len(set(self.targets)) != len(self.targets):
             raise ZEraseError(f"LoRA targets must be a non-empty subset of q, k, v; got {self.targets}.")
+        # A set, kept in q, k, v order: "kq" trains what "qk" trains, and a run resumed with it was refused as changed
+        object.__setattr__(self, "targets", tuple(t for t in PROJECTIONS if t in self.targets))
         if self.scope not in ("text", "all"):
             raise ZEraseError(f"LoRA scope must be 'text' (Z-Erase) or 'all' (ungated ablation); got {self.scope!r}.")
         if self.layers is not None and not (0 <= self.layers[0] < self.layers[1]):
@@ -71,7 +73,7 @@ class LoRAConfig:
         10⁹ was an allocation failure after the x_t pool was sampled."""
         if width is not None and self.rank > width:
             raise ZEraseError(f"LoRA rank {self.rank} exceeds the model's width {width}, beyond which a rank adds "
-                              f"nothing; choose a rank ≤ {width} (the default is {LoRAConfig.rank}).")
+                              f"nothing; choose a rank ≤ {width}.")
 
     @property
     def scale(self) -> float:

@@ -336,8 +336,8 @@ class DiffusersZImageBackend(Backend):
         for prompt in encoded:  # past it, an IndexError inside diffusers (the tiny model holds 224 caption tokens)
             if pad_to_multiple(prompt.n_tokens, SEQ_MULTIPLE) > most:
                 raise ZEraseError(f"The prompt '{prompt.text[:60]}…' is {prompt.n_tokens} tokens; this model's "
-                                  f"position tables hold {most}. Shorten the template, the concept or the preservation "
-                                  "concept.")
+                                  f"position tables hold {most}. Shorten it (in training: the template, the concept or "
+                                  "the preservation concept).")
         return encoded
 
     def release_encoder(self) -> None:

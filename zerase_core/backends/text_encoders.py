@@ -37,7 +37,8 @@ class ChatTemplateEncoder:
             n = tok["input_ids"].shape[1]
             if n > self.max_length:  # the pipeline cuts it there; a concept past the cut could not be found
                 raise ZEraseError(f"The prompt '{prompt[:60]}…' is {n} tokens in Z-Image's chat template; its text "
-                                  f"encoder reads at most {self.max_length}. Shorten the template or the concept.")
+                                  f"encoder reads at most {self.max_length}. Shorten it (in training: the template or "
+                                  "the concept).")
             hidden = self.text_model(
                 input_ids=tok["input_ids"].to(device),
                 attention_mask=tok["attention_mask"].to(device),
