@@ -832,9 +832,14 @@ def test_merge_refuses_a_part_that_does_not_fit_the_architecture_it_records():
     official = ErasureLoRA({(20, "q"): (torch.randn(4, 3840, generator=g), torch.randn(3840, 4, generator=g))},
                            source="official-z-erase")
     misfit = (r"Cannot merge: a LoRA here was made for a different model .*\(width 64, 2 layers\); it does not fit at "
-              r"layer 20 q \(3840 wide\)\.")
+              r"layer 20 q \(3840→3840\)\.")
     with pytest.raises(ZEraseError, match=misfit):
         merge_exact([_random_lora(KEYS), official])
+    # Its output side too: a q of 64→96 where no other part has one passed, as only the input was compared (a review)
+    wide_out = ErasureLoRA({(1, "q"): (torch.randn(4, 64, generator=g), torch.randn(96, 4, generator=g))},
+                           source="official-z-erase")
+    with pytest.raises(ZEraseError, match=r"does not fit at layer 1 q \(64→96\)"):
+        merge_exact([_random_lora(KEYS), wide_out])
     fits = ErasureLoRA({(1, "q"): (torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g))},
                        source="official-z-erase")
     assert merge_exact([_random_lora(KEYS), fits]).layers == (0, 1)  # an official part that fits still merges

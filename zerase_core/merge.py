@@ -65,8 +65,10 @@ def _fits_agreed(factors: dict[Key, tuple[torch.Tensor, torch.Tensor]], fingerpr
     another model whose layers no other part has passed every comparison, and the file contradicted itself (refused
     only at Apply, as the file's fault)."""
     dim, n_layers = fingerprint.get("dim"), fingerprint.get("n_layers")
-    misfits = [f"layer {i} {p} ({a.shape[1]} wide)" for (i, p), (a, _) in sorted(factors.items())
-               if (type(dim) is int and a.shape[1] != dim) or (type(n_layers) is int and i >= n_layers)]
+    # q, k and v each map dim → dim in Z-Image (its heads span the width; no grouped keys): both sides are checked
+    misfits = [f"layer {i} {p} ({a.shape[1]}→{b.shape[0]})" for (i, p), (a, b) in sorted(factors.items())
+               if (type(dim) is int and (a.shape[1], b.shape[0]) != (dim, dim))
+               or (type(n_layers) is int and i >= n_layers)]
     if misfits:
         raise ZEraseError(f"Cannot merge: a LoRA here was made for a different model than the others were trained on "
                           f"(width {dim}, {n_layers} layers); it does not fit at {listed_problems(misfits)}. Merge "
