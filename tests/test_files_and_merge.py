@@ -267,6 +267,10 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     (dict(tensors=lambda t: t | {"zerase.layers.0.k.A": t["zerase.layers.0.k.A"].to(torch.int8)}),
      "'bad.safetensors' holds zerase.layers.0.k.A as torch.int8, not as floating point weights; the file is damaged"),
     (dict(tensors=lambda t: t | {"zerase.layers.0.q.B": t["zerase.layers.0.q.B"] > 0}), "as torch.bool, not as float"),
+    # a float type torch cannot convert to float32 (4-bit, two to a byte): a NotImplementedError traceback (a review)
+    (dict(tensors=lambda t: t | {"zerase.layers.0.k.A": torch.zeros(t["zerase.layers.0.k.A"].shape,
+                                                                    dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}),
+     "holds zerase.layers.0.k.A as torch.float4_e2m1fn_x2, which cannot be read as float32 weights"),
     # training refuses a non-finite loss, so a recorded NaN is an edit (inspect printed it as invalid JSON)
     (dict(history='{"L_erase": [0.5, NaN]}'), "damaged Z-Erase metadata .*history values must be finite, got .nan"),
     # past the JSON parser's limits (shared files are untrusted): a RecursionError and a ValueError traceback

@@ -285,9 +285,19 @@ def _finite(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     if not_float:
         raise ZEraseError(f"'{path.name}' holds {shown(not_float[0])} as {tensors[not_float[0]].dtype}, not as "
                           "floating point weights; the file is damaged. Re-train or re-download it.")
-    if any(not torch.isfinite(t.float()).all() for t in tensors.values()):
+    if any(not torch.isfinite(_in_fp32(path, name, t)).all() for name, t in tensors.items()):
         raise ZEraseError(f"'{path.name}' contains NaN or infinite weights; it cannot be used.")
     return tensors
+
+
+def _in_fp32(path: Path, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the float32 the model computes with; a float type torch cannot convert (4-bit, packed two to a byte)
+    was a NotImplementedError traceback out of load, inspect and merge."""
+    try:
+        return t.float()
+    except (NotImplementedError, RuntimeError) as err:
+        raise ZEraseError(f"'{path.name}' holds {shown(name)} as {t.dtype}, which cannot be read as float32 weights; "
+                          "the file is damaged or from another tool. Re-train or re-download it.") from err
 
 
 def _from_native(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> ErasureLoRA:
