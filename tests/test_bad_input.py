@@ -1324,7 +1324,8 @@ def test_a_prompt_past_the_models_position_tables_is_refused_by_name(capsys):
     assert torch.isfinite(v).all()
     concept = " ".join(["cat"] * 250)
     assert main(["train", "--tiny", "--concept", concept, "--steps", "1"]) == 2
-    assert "is 255 tokens; this model's position tables hold 224. Shorten it (in training: the template" in capsys.readouterr().err
+    told = capsys.readouterr().err
+    assert "is 255 tokens; this model's position tables hold 224. Shorten it (in training: the template" in told
 
 
 def test_the_command_lines_curves_say_when_a_run_has_no_preservation_concepts(tmp_path, monkeypatch):
