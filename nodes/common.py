@@ -109,8 +109,9 @@ def parse_list(text: str, what: str, cast=str) -> list:
 def file_state(name: str):
     """What ComfyUI's cache keys a file choice on: its name, and its size and time when it exists. A resumed
     Train run rewrites the LoRA of its cancelled run under the same name; Apply and Load then read it again."""
-    if name is None:  # linked: no value while ComfyUI keys the node, so no file to key on; NaN ≠ NaN runs it again
-        return float("nan")
+    if name is None:  # linked: no value while ComfyUI keys the node, so keyed on every file it may name. A NaN
+        # (≠ itself) re-ran the node, and every sampler after it, at every queue.
+        return tuple(file_state(listed_name) for listed_name in lora_files()[1:])
     path, _ = _found("", name)
     if path is None:
         return name

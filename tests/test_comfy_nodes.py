@@ -186,10 +186,17 @@ def test_file_choices_are_cached_on_the_files_contents(pack, loras_dir):
     after = (apply.fingerprint_inputs(lora_name="run.safetensors", strength=1.0),
              load.fingerprint_inputs(lora_name="run.safetensors"))
     assert before[0] != after[0] and before[1] != after[1]
-    # A linked name has no value while ComfyUI keys the node (None): no file to key on, so the node runs each time
-    # (NaN ≠ NaN). It was keyed as a constant, and a file rewritten under the linked name was served from the cache.
-    linked = (apply.fingerprint_inputs(lora_name=None, strength=1.0), load.fingerprint_inputs(lora_name=None))
-    assert linked != (apply.fingerprint_inputs(lora_name=None, strength=1.0), load.fingerprint_inputs(lora_name=None))
+    # A linked name has no value while ComfyUI keys the node (None), so it is keyed on every file it may name. Keyed
+    # as a constant, a file rewritten under the linked name was served from the cache; keyed as NaN (≠ itself), the
+    # node and every sampler after it ran again at every queue (a review).
+    def linked():
+        return apply.fingerprint_inputs(lora_name=None, strength=1.0), load.fingerprint_inputs(lora_name=None)
+
+    unchanged = linked()
+    assert unchanged == linked()
+    save_lora(random_lora(3), path)
+    os.utime(path, ns=(2, 2))
+    assert linked()[0] != unchanged[0] and linked()[1] != unchanged[1]
 
 
 def test_a_connected_lora_is_not_keyed_on_the_file_it_overrides(pack, loras_dir):
