@@ -64,7 +64,7 @@ class AttentionMapViewer(io.ComfyNode):
             other = None if model_b is None else ComfyZImageBackend(model_b, node=NODE_B)
             if other is not None:
                 check_comparable(backend.fingerprint(), other.fingerprint())
-            samples, pixels = _measured_on(latent, image, vae)
+            samples, pixels = _measured_on(model, latent, image, vae)
             check_latent(samples, backend.latent_channels)
             (encoded,) = backend.encode([prompt])  # after the cheap checks: this runs the text encoder
             columns = [concept_token_indices(encoded, w, FIX, what="word") for w in words]
@@ -84,12 +84,14 @@ class AttentionMapViewer(io.ComfyNode):
         return io.NodeOutput(render.grid(rows, words, labels, caption=caption))
 
 
-def _measured_on(latent, image, vae):
+def _measured_on(model, latent, image, vae):
     """The latent the maps are measured on (the LATENT's first image, else the IMAGE's first encoded by the VAE) and,
     for an IMAGE, the pixels it encodes: ComfyUI's VAE first crops each side to a multiple of its downscale, centred
     (Z-Image's: up to 7 px off a side), so drawn over the whole IMAGE a map was shifted and stretched by up to 4 px."""
-    if latent is not None:
-        return latent["samples"][:1], None
+    if latent is not None:  # an empty one of other channels (EmptyLatentImage's 4) as KSampler takes it: Z-Image's
+        import comfy.sample
+
+        return comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1]), None
     if image is not None and vae is not None:
         render.check_images(image)
         pixels = vae.vae_encode_crop_pixels(render.rgb(image[:1]))  # the crop encode makes (it crops again: a no-op)

@@ -681,9 +681,14 @@ def test_attention_map_viewer_and_compare(pack):
     with pytest.raises(ZEraseError, match="holds no image .batch size 0."):
         viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="cat", sigmas="0.5",
                        layer_start=0, layer_end=-1, seed=0, latent={"samples": torch.randn(0, 16, 8, 8)})
-    with pytest.raises(ZEraseError, match=r"shape \(1, 4, 8, 8\); Z-Image's have 16 channels"):  # EmptyLatentImage's
+    with pytest.raises(ZEraseError, match=r"shape \(1, 4, 8, 8\); Z-Image's have 16 channels"):  # another's latent
         viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="cat", sigmas="0.5",
                        layer_start=0, layer_end=-1, seed=0, latent={"samples": torch.randn(1, 4, 8, 8)})
+    # EmptyLatentImage's empty 4 channels are taken as KSampler takes them (16 empty ones); they were refused
+    empties = [viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="cat", sigmas="0.5",
+                              layer_start=0, layer_end=-1, seed=0, latent={"samples": torch.zeros(1, c, 8, 8)})[0]
+               for c in (4, 16)]
+    assert torch.equal(*empties)
     pics = torch.rand(2, 64, 64, 3)
     (grid,) = compare.execute(original=pics, erased=pics.flip(0), prompt="a photo of a cat",
                               label_original="original", label_erased="erased")
