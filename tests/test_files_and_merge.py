@@ -829,6 +829,16 @@ def test_a_merge_built_on_a_reranked_lora_keeps_the_record_of_its_loss(tmp_path)
     assert "lossy_parts" not in merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1)]).training
 
 
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_a_save_under_a_file_says_the_file_is_in_the_way(tmp_path, exclusive):
+    """A folder on the way that is a file: the save said the file to write had "appeared while this was written",
+    which nothing had (callers without a check beforehand: the Python API, a run's saves)."""
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ZEraseError, match=r"notes.txt is a file, where a folder is needed; choose another place"):
+        save_lora(_random_lora(KEYS), tmp_path / "notes.txt" / "deeper" / "cat.safetensors", exclusive=exclusive)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_merge_refuses_a_part_that_does_not_fit_the_architecture_it_records():
     """An official import records no architecture; with layers no other part has, nothing was compared, and the merge
     wrote a file that said dim 64 and 2 layers while holding a 3840-wide layer 20 (refused only at Apply)."""
