@@ -829,6 +829,15 @@ def test_a_merge_built_on_a_reranked_lora_keeps_the_record_of_its_loss(tmp_path)
     assert "lossy_parts" not in merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1)]).training
 
 
+def test_factors_that_share_memory_are_saved_and_read_back(tmp_path):
+    """One tensor for two projections, or slices of one (the Python API allows both): safetensors refused to write
+    tensors that share memory, a RuntimeError traceback."""
+    a, b = torch.randn(4, 128), torch.randn(64, 4)
+    shared = ErasureLoRA({(0, "q"): (a[:, :64], b), (0, "k"): (a[:, 64:], b)}, concept="cat")
+    loaded = load_lora(save_lora(shared, tmp_path / "shared.safetensors"))
+    assert all(torch.equal(loaded.factors[k][i], shared.factors[k][i]) for k in shared.factors for i in (0, 1))
+
+
 @pytest.mark.parametrize("exclusive", [False, True])
 def test_a_save_under_a_file_says_the_file_is_in_the_way(tmp_path, exclusive):
     """A folder on the way that is a file: the save said the file to write had "appeared while this was written",

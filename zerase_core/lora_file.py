@@ -153,9 +153,9 @@ class ErasureLoRA:
 def save_lora(lora: ErasureLoRA, path: str | Path, exclusive: bool = False) -> Path:
     """Write ``lora`` atomically; ``exclusive``: as a new file, refusing to replace one (see files.atomic_save)."""
     tensors = {}
-    for (layer, proj), (a, b) in sorted(lora.factors.items()):
-        tensors[f"zerase.layers.{layer}.{proj}.A"] = a.float()
-        tensors[f"zerase.layers.{layer}.{proj}.B"] = b.float()
+    for (layer, proj), (a, b) in sorted(lora.factors.items()):  # copies: factors that share memory (one tensor for
+        tensors[f"zerase.layers.{layer}.{proj}.A"] = a.float().clone()  # two projections, slices of one) are refused
+        tensors[f"zerase.layers.{layer}.{proj}.B"] = b.float().clone()  # by safetensors
     return atomic_save(tensors, path, lora.metadata(), exclusive)
 
 
