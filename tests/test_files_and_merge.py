@@ -1201,9 +1201,9 @@ def test_an_official_part_is_refused_at_the_first_layer_past_the_model_and_at_an
         return ErasureLoRA({key: (torch.randn(4, width, generator=g), torch.randn(64, 4, generator=g))},
                            source="official-z-erase")
 
-    with pytest.raises(ZEraseError, match=r"does not fit at layer 2 q \(64 wide\)"):
+    with pytest.raises(ZEraseError, match=r"does not fit at layer 2 q \(64→64\)"):
         merge_exact([_random_lora(KEYS), official((2, "q"), 64)])
-    with pytest.raises(ZEraseError, match=r"does not fit at layer 1 q \(32 wide\)"):
+    with pytest.raises(ZEraseError, match=r"does not fit at layer 1 q \(32→64\)"):
         merge_exact([_random_lora(KEYS), official((1, "q"), 32)])
 
 
