@@ -284,6 +284,15 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     (dict(training='[["steps_done", 3]]'), "damaged Z-Erase metadata .*training must be a JSON object, got list"),
     (dict(fingerprint='[["dim", 64]]'), "damaged Z-Erase metadata .*fingerprint must be a JSON object, got list"),
     (dict(history='[["L_erase", [0.5]]]'), "damaged Z-Erase metadata .*history must be a JSON object, got list"),
+    # hand-edited values of another type were taken (true as scale 1.0, a string curve letter by letter, an object
+    # concept as its repr) or printed by inspect as invalid JSON (NaN, Infinity) (a review)
+    (dict(scale="true"), "damaged Z-Erase metadata .*scale must be a number, got True"),
+    (dict(strength='"2"'), "damaged Z-Erase metadata .*strength must be a number, got '2'"),
+    (dict(concept='{"a": 1}'), "damaged Z-Erase metadata .*concept must be a string"),
+    (dict(history='{"L_erase": "123"}'), "damaged Z-Erase metadata .*history values must be lists of numbers"),
+    (dict(history='{"L_erase": {"1": 2}}'), "damaged Z-Erase metadata .*history values must be lists of numbers"),
+    (dict(training='{"lr": NaN}'), "damaged Z-Erase metadata .*training holds nan, not a finite number"),
+    (dict(fingerprint='{"dim": Infinity}'), "damaged Z-Erase metadata .*fingerprint holds inf, not a finite number"),
     # integers JSON reads, past float's range: an OverflowError traceback
     (dict(scale="1" + "0" * 400), "damaged Z-Erase metadata .*OverflowError"),
     (dict(history='{"L_erase": [1' + "0" * 400 + "]}"), "damaged Z-Erase metadata .*OverflowError"),

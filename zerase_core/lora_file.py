@@ -336,13 +336,13 @@ def _description(path: Path, meta: dict[str, str], info: dict[str, Any]) -> dict
         if version < 0:
             raise ValueError(f"format_version {meta['format_version']!r}")
         described = dict(
-            scale=float(info["scale"]),
-            strength=float(info.get("strength", 1.0)),
-            concept=str(info.get("concept", "")),
+            scale=_number(info["scale"], "scale"),
+            strength=_number(info.get("strength", 1.0), "strength"),
+            concept=_string(info.get("concept", ""), "concept"),
             preserve=_strings(info.get("preserve", [])),
-            fingerprint=json_object(info.get("fingerprint", {}), "fingerprint"),
+            fingerprint=_finite_json(json_object(info.get("fingerprint", {}), "fingerprint"), "fingerprint"),
             training=_training(info.get("training", {})),
-            source=str(info.get("source", "native")),
+            source=_string(info.get("source", "native"), "source"),
             history={str(k): _finite_numbers(vs) for k, vs in json_object(info.get("history", {}), "history").items()},
             scope=_SCOPES[kind],
         )
@@ -360,10 +360,38 @@ def _gate_kind(info: dict[str, Any]) -> Any:
     return gate.get("kind") if isinstance(gate, dict) else None
 
 
+def _number(value: Any, name: str) -> float:
+    """A number from metadata: ``true`` was read as 1.0 and a string of digits as its value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _string(value: Any, name: str) -> str:
+    """A string from metadata: an object was kept as its Python repr."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _finite_json(value: Any, name: str) -> Any:
+    """``value`` once no number in it is NaN or infinite: training writes none, and ``inspect`` printed them as
+    invalid JSON."""
+    inner = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    if inner is not None:
+        for item in inner:
+            _finite_json(item, name)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} holds {value}, not a finite number")
+    return value
+
+
 def _finite_numbers(values: Any) -> list[float]:
     """A recorded curve: training refuses a non-finite loss, so a NaN here was written by hand (and would print as
-    invalid JSON in ``inspect``)."""
-    numbers = [float(v) for v in values]
+    invalid JSON in ``inspect``); a string was read letter by letter, an object by its keys."""
+    if not isinstance(values, list):
+        raise TypeError(f"history values must be lists of numbers, got {values!r}")
+    numbers = [_number(v, "a history value") for v in values]
     if not all(map(math.isfinite, numbers)):
         raise ValueError(f"history values must be finite, got {[v for v in numbers if not math.isfinite(v)][:3]}")
     return numbers
@@ -372,7 +400,7 @@ def _finite_numbers(values: Any) -> list[float]:
 def _training(value: Any) -> dict[str, Any]:
     """The training record from metadata; its ``base`` (the model's digest, or None) a string: merge compares and
     sorts the parts' digests, and a list or an int there stopped it with a traceback."""
-    training = json_object(value, "training")
+    training = _finite_json(json_object(value, "training"), "training")
     base = training.get("base")
     if base is not None and not isinstance(base, str):
         raise TypeError(f"training.base must be a string (the base model's digest), got {base!r}")
