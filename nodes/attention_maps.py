@@ -91,7 +91,8 @@ def _measured_on(model, latent, image, vae):
     if latent is not None:  # an empty one of other channels (EmptyLatentImage's 4) as KSampler takes it: Z-Image's
         import comfy.sample
 
-        return comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1]), None
+        return comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1],
+                                                      latent.get("downscale_ratio_spacial")), None
     if image is not None and vae is not None:
         render.check_images(image)
         pixels = vae.vae_encode_crop_pixels(render.rgb(image[:1]))  # the crop encode makes (it crops again: a no-op)

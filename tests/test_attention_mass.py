@@ -399,6 +399,17 @@ def test_token_zeroing_zeroes_the_columns_after_the_softmax_as_the_paper_does():
     assert not torch.allclose(out, renormalised, atol=1e-3)
 
 
+def test_attention_maps_under_token_zeroing_show_no_mass_on_the_zeroed_word(tiny_backend):
+    """The maps, like the mass, read A_attn: zeroed columns hold none. Zeroing acts on the values, so the recorders
+    see the softmax before it, and the maps drew the word's attention as if nothing were zeroed (a review)."""
+    enc = tiny_backend.encode(["a red circle"])[0]
+    x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([0.5])
+    plain = tiny_backend.attention_maps(x, sigma, enc, [[2], [3]])
+    with tiny_backend.zeroing_tokens(lambda prompts: [[2]]):
+        zeroed = tiny_backend.attention_maps(x, sigma, enc, [[2], [3]])
+    assert float(plain[0].sum()) > 0 and float(zeroed[0].sum()) == 0.0 and float(zeroed[1].sum()) > 0
+
+
 def test_token_zeroing_applies_without_measuring_mass(tiny_backend):
     """Zeroing is the §3 baseline's own forward: it removes the columns whether or not the call also measures the
     concept's attention mass (a sampling call measures none)."""
@@ -414,8 +425,8 @@ def test_token_zeroing_applies_without_measuring_mass(tiny_backend):
 
 
 def test_token_zeroing_keeps_the_batchs_padding_mask(tiny_backend):
-    """Zeroing adds its blocked columns to diffusers' own mask of each row's padding: a short prompt batched beside a
-    long one (a longer padded sequence) gets the same zeroed prediction as alone, not attention on padding."""
+    """Zeroing leaves diffusers' own mask of each row's padding in place: a short prompt batched beside a long one (a
+    longer padded sequence) gets the same zeroed prediction as alone, not attention on padding."""
     short, long = tiny_backend.encode(["a red circle", " ".join(["red"] * 40)])
     x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([0.5])
     with torch.no_grad(), tiny_backend.zeroing_tokens(lambda prompts: [[2]] * len(prompts)):

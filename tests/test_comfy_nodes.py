@@ -685,10 +685,12 @@ def test_attention_map_viewer_and_compare(pack):
         viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="cat", sigmas="0.5",
                        layer_start=0, layer_end=-1, seed=0, latent={"samples": torch.randn(1, 4, 8, 8)})
     # EmptyLatentImage's empty 4 channels are taken as KSampler takes them (16 empty ones); they were refused
+    # (and at the spatial ratio the latent records, as KSampler reads it: 4×4 at 16 px per cell is Z-Image's 8×8)
     empties = [viewer.execute(model=model, clip=clip, prompt="a photo of a cat", words="cat", sigmas="0.5",
-                              layer_start=0, layer_end=-1, seed=0, latent={"samples": torch.zeros(1, c, 8, 8)})[0]
-               for c in (4, 16)]
-    assert torch.equal(*empties)
+                              layer_start=0, layer_end=-1, seed=0, latent=empty)[0]
+               for empty in ({"samples": torch.zeros(1, 4, 8, 8)}, {"samples": torch.zeros(1, 16, 8, 8)},
+                             {"samples": torch.zeros(1, 4, 4, 4), "downscale_ratio_spacial": 16})]
+    assert torch.equal(empties[0], empties[1]) and torch.equal(empties[0], empties[2])
     pics = torch.rand(2, 64, 64, 3)
     (grid,) = compare.execute(original=pics, erased=pics.flip(0), prompt="a photo of a cat",
                               label_original="original", label_erased="erased")

@@ -838,6 +838,15 @@ def test_a_merge_built_on_a_reranked_lora_keeps_the_record_of_its_loss(tmp_path)
     assert "lossy_parts" not in merge_exact([_random_lora(KEYS), _random_lora(KEYS, seed=1)]).training
 
 
+@pytest.mark.parametrize("stored, concept", [("1984", "1984"), ("null", "null"), ("true", "true")])
+def test_a_concept_an_earlier_version_stored_bare_reads_back_as_its_text(tmp_path, stored, concept):
+    """Before strings that read as JSON were quoted, a concept "1984" was stored bare and reads as a number: it is its
+    text again (a concept must be a string, which refused such files as damaged)."""
+    tensors, meta = _damaged(_random_lora(KEYS))
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta | {"concept": stored})
+    assert load_lora(tmp_path / "old.safetensors").concept == concept
+
+
 def test_factors_that_share_memory_are_saved_and_read_back(tmp_path):
     """One tensor for two projections, or slices of one (the Python API allows both): safetensors refused to write
     tensors that share memory, a RuntimeError traceback."""

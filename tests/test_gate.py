@@ -174,6 +174,12 @@ def test_a_gated_layer_brings_its_adapters_to_the_device_it_computes_on():
     params = list(adapter.parameters())
     assert y.device.type == "meta" and len(params) == 2
     assert all(p.device.type == "meta" and not p.is_inference() for p in params)
+    # A second adapter made later where the base's weights wait (a second LoRA under leaf-level offloading) is
+    # brought along, though the first is there already (only the first was looked at: a review)
+    later = layer.add_adapter("b", ("q",), rank=2, scale=1.0, device=torch.device("cpu"))
+    with gate.active(TokenLayout(8, ((5, 8),), ((0, 5),))):
+        layer(torch.randn(1, 8, 16, device="meta"))
+    assert all(p.device.type == "meta" for p in later.parameters())
 
 
 @pytest.mark.parametrize("device", ON_DEVICES)

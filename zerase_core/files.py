@@ -173,7 +173,7 @@ def _create(tmp: str) -> int:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as err:  # was told as the file to write having "appeared"
-        blocked = next(p for p in (folder, *folder.parents) if os.path.lexists(p) and not os.path.isdir(p))
+        blocked = next((p for p in (folder, *folder.parents) if os.path.lexists(p) and not os.path.isdir(p)), folder)
         raise ZEraseError(f"{blocked} is a file, where a folder is needed; choose another place.") from err
     return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
 

@@ -158,7 +158,7 @@ class GatedLoRALinear(nn.Module):
         group offloading) moves the modules it knows, and the adapters, added later or held where its hooks never
         fire, may be left behind. The move keeps each Parameter (training holds references), outside inference mode,
         where it would make them inference tensors that a LoRA trained later on top could not back-propagate."""
-        if next(self.adapters.parameters()).device != device:
+        if any(p.device != device for p in self.adapters.parameters()):  # each: one added later may lag behind
             with torch.inference_mode(False):
                 self.adapters.to(device)
 

@@ -10,6 +10,7 @@ recognise it at all.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -295,7 +296,7 @@ def _in_fp32(path: Path, name: str, t: torch.Tensor) -> torch.Tensor:
     was a NotImplementedError traceback out of load, inspect and merge."""
     try:
         return t.float()
-    except (NotImplementedError, RuntimeError) as err:
+    except NotImplementedError as err:  # not RuntimeError: running out of memory is no damaged file
         raise ZEraseError(f"'{path.name}' holds {shown(name)} as {t.dtype}, which cannot be read as float32 weights; "
                           "the file is damaged or from another tool. Re-train or re-download it.") from err
 
@@ -368,10 +369,13 @@ def _number(value: Any, name: str) -> float:
 
 
 def _string(value: Any, name: str) -> str:
-    """A string from metadata: an object was kept as its Python repr."""
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, got {value!r}")
-    return value
+    """A string from metadata: an object was kept as its Python repr. A JSON scalar is its text: files written before
+    strings that read as JSON were quoted stored a concept "1984" or "null" bare."""
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    raise TypeError(f"{name} must be a string, got {value!r}")
 
 
 def _finite_json(value: Any, name: str) -> Any:

@@ -366,16 +366,21 @@ class DiffusersZImageBackend(Backend):
         """(n_words, h, w): mean over heads and ``layers`` of the mass each image token puts on each word."""
         from ..attention_maps import WordMapRecorder
 
-        layout = self.layout(x[:1], [prompt])
-        recorder = WordMapRecorder([layout.columns([cols], self.device) for cols in columns], layers)
-        self._run(x[:1], sigma[:1], [prompt], layout, lora, recorder)
+        layout, zeroed = self.layout(x[:1], [prompt]), self._zeroed([prompt])
+        kept = [_outside(cols, zeroed[0]) if zeroed else cols for cols in columns]
+        recorder = WordMapRecorder([layout.columns([cols], self.device) for cols in kept], layers)
+        self._run(x[:1], sigma[:1], [prompt], layout, lora, recorder, zeroed)
         return recorder.image_maps(layout, x.shape[-2] // self.patch, x.shape[-1] // self.patch)
 
-    def _run(self, x, sigma, prompts, layout, lora, recorder):
+    def _zeroed(self, prompts: Sequence[EncodedPrompt]) -> list[list[int]] | None:
+        """Each prompt's caption tokens the token-zeroing baseline zeroes (None: it is off)."""
+        return self._zeroing(prompts) if self._zeroing is not None else None
+
+    def _run(self, x, sigma, prompts, layout, lora, recorder, zeroed=None):
         """One transformer call under the gate, the attention watch and any token zeroing; raw output."""
         self._place()
         captions = [p.features.to(self.device, self.dtype) for p in prompts]
-        blocked = layout.columns(self._zeroing(prompts), self.device).bool() if self._zeroing is not None else None
+        blocked = layout.columns(zeroed, self.device).bool() if zeroed is not None else None
         groups = RowGroups.of(x, sigma, _refiner_tags(layout), device=self.device)
         with scoped(self, _blocked=blocked, _row_groups=groups, _recorder=recorder), self.gate.active(layout, lora):
             return zimage_forward(self.transformer, x.to(self.device, self.dtype), sigma, captions)
@@ -383,13 +388,19 @@ class DiffusersZImageBackend(Backend):
     def velocity(self, x, sigma, prompts, *, lora=True, concept_tokens=None, mass_layers=None):
         if x.shape[0] != len(prompts):
             raise ValueError(f"{x.shape[0]} latents but {len(prompts)} prompts")
-        layout = self.layout(x, prompts)
-        if concept_tokens is not None and self._zeroing is not None:  # zeroed columns hold no mass (A_attn = 0 there)
-            concept_tokens = [[i for i in c if i not in z] for c, z in zip(concept_tokens, self._zeroing(prompts))]
+        layout, zeroed = self.layout(x, prompts), self._zeroed(prompts)
+        if concept_tokens is not None and zeroed is not None:
+            concept_tokens = [_outside(c, z) for c, z in zip(concept_tokens, zeroed)]
         recorder = self._mass_recorder(layout, concept_tokens, mass_layers)
         # diffusers predicts x0 − ε; the engine's velocity is ε − x0, hence the minus.
-        v = -self._run(x, sigma, prompts, layout, lora, recorder).float()
+        v = -self._run(x, sigma, prompts, layout, lora, recorder, zeroed).float()
         return v, (recorder.result() if recorder is not None else None)
+
+
+def _outside(columns: list[int], zeroed: list[int]) -> list[int]:
+    """The measured columns the token-zeroing baseline leaves: a zeroed column holds no mass (A_attn = 0 there); the
+    recorders see the softmax before it, as zeroing acts on the values."""
+    return [i for i in columns if i not in zeroed]
 
 
 def _refiner_tags(layout: TokenLayout) -> list[int]:
