@@ -293,6 +293,10 @@ def _damaged(lora: ErasureLoRA, tensors=None, **meta) -> tuple[dict, dict]:
     (dict(history='{"L_erase": {"1": 2}}'), "damaged Z-Erase metadata .*history values must be lists of numbers"),
     (dict(training='{"lr": NaN}'), "damaged Z-Erase metadata .*training holds nan, not a finite number"),
     (dict(fingerprint='{"dim": Infinity}'), "damaged Z-Erase metadata .*fingerprint holds inf, not a finite number"),
+    # the source is a string as the concept is (an object was kept as its repr, which inspect printed and merge wrote
+    # on), and a NaN nested in a list of the training record is as invalid JSON for inspect as one at its top
+    (dict(source='{"a": 1}'), "damaged Z-Erase metadata .*source must be a string, got \\{'a': 1\\}"),
+    (dict(training='{"losses": [0.5, NaN]}'), "damaged Z-Erase metadata .*training holds nan, not a finite number"),
     # integers JSON reads, past float's range: an OverflowError traceback
     (dict(scale="1" + "0" * 400), "damaged Z-Erase metadata .*OverflowError"),
     (dict(history='{"L_erase": [1' + "0" * 400 + "]}"), "damaged Z-Erase metadata .*OverflowError"),
