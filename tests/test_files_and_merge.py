@@ -860,6 +860,16 @@ def test_factors_that_share_memory_are_saved_and_read_back(tmp_path):
     assert all(torch.equal(loaded.factors[k][i], shared.factors[k][i]) for k in shared.factors for i in (0, 1))
 
 
+def test_one_down_factor_for_two_projections_is_saved_and_read_back(tmp_path):
+    """The same contiguous A for q and k (slices are copied on the way by the save's contiguous(), so they do not
+    check it): each A is copied as each B is, else safetensors refused the two names of one tensor."""
+    a = torch.randn(4, 64)
+    shared = ErasureLoRA({(0, "q"): (a, torch.randn(64, 4)), (0, "k"): (a, torch.randn(64, 4))}, concept="cat")
+    loaded = load_lora(save_lora(shared, tmp_path / "shared_a.safetensors"))
+    assert torch.equal(loaded.factors[(0, "q")][0], a) and torch.equal(loaded.factors[(0, "k")][0], a)
+    assert not torch.equal(loaded.factors[(0, "q")][1], loaded.factors[(0, "k")][1])
+
+
 @pytest.mark.parametrize("exclusive", [False, True])
 def test_a_save_under_a_file_says_the_file_is_in_the_way(tmp_path, exclusive):
     """A folder on the way that is a file: the save said the file to write had "appeared while this was written",
@@ -868,6 +878,16 @@ def test_a_save_under_a_file_says_the_file_is_in_the_way(tmp_path, exclusive):
     with pytest.raises(ZEraseError, match=r"notes.txt is a file, where a folder is needed; choose another place"):
         save_lora(_random_lora(KEYS), tmp_path / "notes.txt" / "deeper" / "cat.safetensors", exclusive=exclusive)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_save_into_a_file_as_its_folder_names_that_file(tmp_path):
+    """The file in the way may be the save's own folder, not one above it: it is named too (looked for among the
+    folder's parents alone, nothing was found and a StopIteration escaped in place of the refusal)."""
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ZEraseError, match=r"notes.txt is a file, where a folder is needed; choose another place"):
+        save_lora(_random_lora(KEYS), tmp_path / "notes.txt" / "cat.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "x"
 
 
 def test_merge_refuses_a_part_that_does_not_fit_the_architecture_it_records():
