@@ -182,6 +182,19 @@ def test_a_gated_layer_brings_its_adapters_to_the_device_it_computes_on():
     assert all(p.device.type == "meta" for p in later.parameters())
 
 
+def test_a_cast_with_a_move_moves_the_adapters_and_keeps_them_fp32():
+    """``pipe.to(device, torch.bfloat16)`` reaches the adapters as submodules: the cast is refused them (their
+    factors stay fp32) but the move in the same call goes through, else they stayed behind until the first call
+    fetched them. "meta" stands in for a second device."""
+    from zerase_core.gate import TokenGate
+
+    layer = GatedLoRALinear(torch.nn.Linear(16, 16), {"q": (0, 16)}, TokenGate())
+    adapter = layer.add_adapter("a", ("q",), rank=2, scale=1.0)
+    layer.to("meta", torch.bfloat16)
+    assert layer.base_layer.weight.device.type == "meta" and layer.base_layer.weight.dtype == torch.bfloat16
+    assert [(p.device.type, p.dtype) for p in adapter.parameters()] == [("meta", torch.float32)] * 2
+
+
 @pytest.mark.parametrize("device", ON_DEVICES)
 def test_adapters_brought_to_the_layers_device_while_sampling_still_train_with_their_optimizer(device):
     """A LoRA applied while another trains on top (ComfyUI: Apply, then Z-Erase Train) is called first in inference
