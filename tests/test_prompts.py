@@ -294,3 +294,11 @@ def test_the_chat_encoder_reads_prompts_up_to_its_length_and_gives_the_penultima
         hidden = chat_encoder.text_model(**tok, output_hidden_states=True).hidden_states
     torch.testing.assert_close(enc.features, hidden[-2][0].float())
     assert not torch.allclose(enc.features, hidden[-1][0].float())
+
+
+def test_the_chat_encoders_length_refusal_tells_to_shorten_the_prompt_and_training_its_parts(chat_encoder):
+    """compare encodes prompts that no template made: the refusal says to shorten the prompt, and names the template
+    and the concept only for training (it told a compare user to shorten a template there was none of)."""
+    with pytest.raises(ZEraseError, match=r"its text encoder reads at most 2\. Shorten it \(in training: the template "
+                                          r"or the concept\)\.$"):
+        ChatTemplateEncoder(chat_encoder.tokenizer, chat_encoder.text_model, max_length=2).encode(["a red ball"])
