@@ -748,6 +748,14 @@ def test_a_rank_beyond_the_models_width_is_refused_before_any_work():
         ZEraseTrainer(tiny_zimage_backend(), _config(lora=LoRAConfig(rank=width + 1)))
 
 
+def test_the_rank_refusal_names_the_bound_and_no_default():
+    """The refusal named LoRAConfig's default rank, the full model's, also where another was in force (--tiny):
+    it names the model's width, the bound the rank must keep, and ends there."""
+    width = tiny_zimage_backend().fingerprint()["dim"]
+    with pytest.raises(ZEraseError, match=f"rank {width + 1} exceeds .*; choose a rank ≤ {width}\\.$"):
+        LoRAConfig(rank=width + 1).check_width(width)
+
+
 def test_ctrl_c_while_a_run_is_prepared_is_told_not_a_traceback(tmp_path, monkeypatch):
     """Encoding the prompts and sampling the x_t pool take minutes on the real model, before the first step."""
     import zerase_core.run as run_module
