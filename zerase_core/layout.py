@@ -75,11 +75,11 @@ class TokenLayout:
         return self._segments_mask(self.image)
 
     def _segments_mask(self, segments: tuple[Segment, ...]) -> torch.Tensor:
-        with _outside_inference_mode():
-            positions = torch.arange(self.seq_len)  # (L,)
-            starts = torch.tensor([s for s, _ in segments])[:, None]  # (B, 1)
-            ends = torch.tensor([e for _, e in segments])[:, None]
-            return (positions >= starts) & (positions < ends)  # (B, L)
+        """Made only inside :meth:`_cached`, so outside inference mode as the rest of a layout's tensors."""
+        positions = torch.arange(self.seq_len)  # (L,)
+        starts = torch.tensor([s for s, _ in segments])[:, None]  # (B, 1)
+        ends = torch.tensor([e for _, e in segments])[:, None]
+        return (positions >= starts) & (positions < ends)  # (B, L)
 
     @cached_property
     def _on_device(self) -> dict:
