@@ -44,6 +44,21 @@ def _pipeline(weights: dict):
                           tokenizer=None, transformer=transformer.eval())
 
 
+def _predictor(engine, device: str = "cpu"):
+    """One fixed call of a transformer, no gradient: two captions of different lengths (a guidance batch) on one x_t."""
+    from zerase_core.backends.diffusers_zimage import zimage_forward
+
+    captions = [p.features.to(device) for p in engine.encode(["a red circle on the left", "blue"])]
+    x = torch.randn(2, TINY.in_channels, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
+    sigma = torch.tensor([0.7, 0.7], device=device)
+
+    def predict(transformer):
+        with torch.no_grad():
+            return zimage_forward(transformer, x, sigma, captions)
+
+    return predict
+
+
 def _sample(pipe, captions, guidance: float = 0.0):
     return pipe(prompt_embeds=captions[:1], negative_prompt_embeds=captions[1:] or None, guidance_scale=guidance,
                 num_inference_steps=2, height=64, width=64, output_type="latent",
@@ -175,17 +190,11 @@ def test_an_erased_transformer_deep_copies_and_pickles_as_itself_and_its_copy_un
     import copy
     import pickle
 
-    from zerase_core.backends.diffusers_zimage import owner, zimage_forward
+    from zerase_core.backends.diffusers_zimage import owner
     from zerase_core.diffusers_pipeline import apply_erasure
 
     lora, engine = _erasure_lora()
-    captions = [p.features for p in engine.encode(["a red circle on the left", "blue"])]
-    x = torch.randn(2, TINY.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
-    sigma = torch.tensor([0.7, 0.7])
-
-    def predict(transformer):
-        with torch.no_grad():
-            return zimage_forward(transformer, x, sigma, captions)
+    predict = _predictor(engine)
 
     pipe = _pipeline(engine.transformer.state_dict())
     original = predict(pipe.transformer)
@@ -207,17 +216,10 @@ def test_an_erased_transformer_saves_the_original_model_and_loads_weights_under_
     original model; the original's state loads strictly into the erased transformer, which stays erased."""
     from diffusers import ZImageTransformer2DModel
 
-    from zerase_core.backends.diffusers_zimage import zimage_forward
     from zerase_core.diffusers_pipeline import apply_erasure
 
     lora, engine = _erasure_lora()
-    captions = [p.features for p in engine.encode(["a red circle on the left", "blue"])]
-    x = torch.randn(2, TINY.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
-    sigma = torch.tensor([0.7, 0.7])
-
-    def predict(transformer):
-        with torch.no_grad():
-            return zimage_forward(transformer, x, sigma, captions)
+    predict = _predictor(engine)
 
     pipe = _pipeline(engine.transformer.state_dict())
     state, original = pipe.transformer.state_dict(), predict(pipe.transformer)
@@ -276,17 +278,13 @@ def test_a_transformer_with_group_offloading_predicts_as_the_erased_model(order,
     gated layer brings its factors to the input's device itself. Offloaded to the CPU and computing on ``device``, the
     transformer predicts as one never offloaded with the LoRA applied, bit for bit, at its first call and at its second
     (after the hooks have put the weights back), and not as the original. On the CPU the hooks run and nothing moves."""
-    from zerase_core.backends.diffusers_zimage import zimage_forward
     from zerase_core.diffusers_pipeline import apply_erasure
 
     lora, engine = _erasure_lora()
-    captions = [p.features.to(device) for p in engine.encode(["a red circle on the left", "blue"])]
-    x = torch.randn(2, TINY.in_channels, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
-    sigma = torch.tensor([0.7, 0.7], device=device)
+    on_device = _predictor(engine, device)
 
     def predict(pipe):
-        with torch.no_grad():
-            return zimage_forward(pipe.transformer, x, sigma, captions)
+        return on_device(pipe.transformer)
 
     never_offloaded = _pipeline(engine.transformer.state_dict()).to(device)
     original = predict(never_offloaded)
