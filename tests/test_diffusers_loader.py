@@ -462,6 +462,22 @@ def test_compare_draws_prompts_original_and_with_the_files_applied(folder, tmp_p
         assert np.array_equal(_cell(Image.open(weaker), row, 1), _cell(picture, row, 0))
 
 
+def test_train_refuses_a_size_off_the_token_grid_before_the_model_loads(folder, tmp_path, monkeypatch, capsys):
+    """compare checked the size against the folder's pixels per token first; train --model told it only once the
+    tokenizer, transformer, text encoder and VAE had loaded (minutes and ~40 GB of RAM on the CPU for a typo; a
+    review). Nothing is left behind."""
+    import zerase_core.backends.diffusers_loader as loader
+    from zerase_core.cli import main
+
+    monkeypatch.setattr(loader, "load_diffusers_zimage", lambda *a, **k: pytest.fail("loaded before the check"))
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(folder), "--concept", "red", "--resolution", "72", "--out", str(out)]
+    assert main(argv) == 2
+    told = capsys.readouterr().err
+    assert "The size must be a multiple of 16 for this Z-Image (its pixels per token); got 72×72" in told
+    assert not out.exists()
+
+
 def test_compare_refuses_before_the_model_loads(folder, tmp_path, monkeypatch, capsys):
     """What would fail after the loads (minutes on the real model) is told first: an --out that exists or is no .png,
     strengths that are not one per file or not finite, a resolution off Z-Image's 16-pixel grid, a folder without

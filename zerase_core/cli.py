@@ -218,10 +218,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.tiny:
         config = train_config_from_args(args, **TINY)
     else:
-        from .backends.diffusers_loader import check_model_folder
+        from .backends.diffusers_loader import check_model_folder, check_size
 
         config = train_config_from_args(args)
         shift = check_model_folder(args.model)  # x_t as the model samples (there is no --shift flag)
+        check_size(args.model, config.height, config.width)
         if shift is not None:
             config = dataclasses.replace(config, shift=shift)
     check_erase_templates(config)  # text only: the text encoder would take minutes to load and run first

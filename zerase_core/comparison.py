@@ -68,18 +68,15 @@ def compare_files(folder: Path, files: Sequence[Path], texts: Sequence[str], str
     """``out``: ``texts`` as rows, original | with every file in ``files`` applied (each at its strength), sampled
     as ``sampling`` says (seed, size, steps; the folder's shift). Files and folder are checked before the loads."""
     from .apply import check_before_loading, install_lora
-    from .backends.diffusers_loader import (check_model_folder, folder_fingerprint, load_decoder, load_diffusers_zimage,
-                                            pixels_per_token)
+    from .backends.diffusers_loader import (check_model_folder, check_size, folder_fingerprint, load_decoder,
+                                            load_diffusers_zimage)
     from .lora_file import load_lora
 
     loras = [load_lora(f) for f in files]  # a damaged or foreign file is told before minutes of loading
     shift = check_model_folder(folder)
     if not (Path(folder) / "vae").is_dir():
         raise ZEraseError(f"{folder} has no vae/ to decode the pictures with; restore it from the model's download.")
-    step = pixels_per_token(folder)
-    if sampling.height % step or sampling.width % step:
-        raise ZEraseError(f"The pictures' size must be a multiple of {step} for this Z-Image (its pixels per token); "
-                          f"got {sampling.height}×{sampling.width}.")
+    check_size(folder, sampling.height, sampling.width)
     model = folder_fingerprint(folder)
     for path, lora in zip(files, loras):
         _named(path, check_before_loading, lora, model)

@@ -182,6 +182,14 @@ def pixels_per_token(folder: Path) -> int:
     return LatentSpec.downsample * int(patch)
 
 
+def check_size(folder: Path, height: int, width: int) -> None:
+    """Refuse, before minutes of loading, a picture size off the folder's token grid (``pixels_per_token``)."""
+    step = pixels_per_token(folder)
+    if height % step or width % step:
+        raise ZEraseError(f"The size must be a multiple of {step} for this Z-Image (its pixels per token); got "
+                          f"{height}×{width}.")
+
+
 def folder_fingerprint(folder: Path) -> dict:
     """What a LoRA file is checked against, read off transformer/config.json before the model is loaded."""
     return zimage_fingerprint(_config(Path(folder) / "transformer"))
