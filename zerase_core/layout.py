@@ -90,7 +90,10 @@ class TokenLayout:
         and each host→device copy would stall the host behind the GPU."""
         key = (name, str(torch.device(device)))
         if key not in self._on_device:
-            with _outside_inference_mode():
+            # Outside inference mode: a layout is shared by every call with its segments, and one first met while
+            # sampling in inference mode (ComfyUI runs nodes so) made inference tensors that a later training call
+            # with the same layout could not save for backward (Z-Erase Train after sampling with an applied LoRA).
+            with torch.inference_mode(False):
                 self._on_device[key] = make().to(device)
         return self._on_device[key]
 
@@ -131,13 +134,6 @@ class TokenLayout:
                     raise ValueError(f"caption token {i} lies outside the text segment of sample {b}")
                 out[b, start + i] = 1.0
         return out.to(device)
-
-
-def _outside_inference_mode():
-    """Where a layout's tensors are made: a layout is shared by every call with its segments, and one first met while
-    sampling in inference mode (ComfyUI runs nodes so) made inference tensors that a later training call with the same
-    layout could not save for backward (index_select's indices): Z-Erase Train after sampling with an applied LoRA."""
-    return torch.inference_mode(False)
 
 
 @functools.lru_cache(maxsize=64)

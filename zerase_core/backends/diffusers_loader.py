@@ -20,7 +20,7 @@ from ..errors import ZEraseError
 from ..out_of_memory import empty_cache, is_out_of_memory, release
 from ..typed import json_object
 from .base import combined_digest
-from .diffusers_zimage import DiffusersZImageBackend, LatentSpec, zimage_fingerprint
+from .diffusers_zimage import DiffusersZImageBackend, LatentSpec, check_on_grid, zimage_fingerprint
 from .text_encoders import ChatTemplateEncoder
 
 log = logging.getLogger(__name__)
@@ -184,10 +184,7 @@ def pixels_per_token(folder: Path) -> int:
 
 def check_size(folder: Path, height: int, width: int) -> None:
     """Refuse, before minutes of loading, a picture size off the folder's token grid (``pixels_per_token``)."""
-    step = pixels_per_token(folder)
-    if height % step or width % step:
-        raise ZEraseError(f"The size must be a multiple of {step} for this Z-Image (its pixels per token); got "
-                          f"{height}×{width}.")
+    check_on_grid(height, width, pixels_per_token(folder))
 
 
 def folder_fingerprint(folder: Path) -> dict:

@@ -167,6 +167,14 @@ def zimage_forward(transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor,
     return torch.stack(out).squeeze(2)
 
 
+def check_on_grid(height: int, width: int, step: int) -> None:
+    """A picture size the model's tokens tile: each side a multiple of ``step``, its pixels per token (the VAE's
+    downsampling × the patch); told before loading from a folder's configs, and by a loaded model."""
+    if height % step or width % step:
+        raise ZEraseError(f"The size must be a multiple of {step} for this Z-Image (its pixels per token); got "
+                          f"{height}×{width}.")
+
+
 FINGERPRINT_SIZES = ("dim", "n_layers", "n_heads", "cap_feat_dim")  # what a LoRA file records of the model
 
 
@@ -268,8 +276,7 @@ class DiffusersZImageBackend(Backend):
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         step = self.latent.downsample * self.patch
-        if height % step or width % step:
-            raise ZEraseError(f"Resolution {height}×{width} must be a multiple of {step} for this model.")
+        check_on_grid(height, width, step)
         # RoPE's tables hold axes_lens positions per axis; an image past them was an IndexError inside diffusers.
         most = min(self.transformer.config.axes_lens[1:]) * step
         if max(height, width) > most:
